@@ -1,0 +1,101 @@
+"""Hybrid tree attention behind one function, with a backend switch.
+
+A block of T new query rows (pending tokens + tree nodes) attends to
+  * a prefix of P cached positions, all visible (no mask needed), and
+  * the block's own T keys, under a boolean mask (causal, or the tree mask).
+Each part gives an output `o` and a log-sum-exp `lse`; they merge exactly (LongSpec,
+arXiv 2502.17421, §3 of shared/LONGSPEC.md):
+
+    w = sigmoid(lse_prefix - lse_block);   o = w * o_prefix + (1 - w) * o_block
+
+Backends
+  "torch"  : the split + merge above in plain PyTorch (the readable reference path)
+  "sdpa"   : one `scaled_dot_product_attention` call with a dense [T, P+T] bool mask
+  "triton" : `longspec_lab.kernels.tree_attention` (split-KV, GQA-shared tiles, one pass)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch", "sdpa", "triton")
+
+
+def default_backend(device) -> str:
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _part(qg, k, v, mask, scale):
+    """Softmax attention of grouped queries over one key range.
+    qg [B, Hkv, G*T, D], k/v [B, Hkv, N, D], mask [G*T, N] bool or None -> o (fp32), lse (fp32)."""
+    s = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*T, N]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G*T]
+    p = torch.exp(s - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key
+    return torch.matmul(p, v.float()), lse
+
+
+def hybrid_torch(q, k, v, prefix_len: int, block_len: int, block_mask, scale):
+    """Plain-PyTorch hybrid attention. Returns o [B, Hq, T, D] (fp32) and lse [B, Hq, T] (fp32)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)  # query head h uses kv head h // G
+    parts = []
+    if prefix_len > 0:
+        parts.append(_part(qg, k[:, :, :prefix_len], v[:, :, :prefix_len], None, scale))
+    if block_len > 0:
+        kb = k[:, :, prefix_len:prefix_len + block_len]
+        vb = v[:, :, prefix_len:prefix_len + block_len]
+        m = block_mask.to(q.device).repeat(G, 1) if block_mask is not None else None  # [G*T, Tb]
+        parts.append(_part(qg, kb, vb, m, scale))
+    if len(parts) == 1:
+        o, lse = parts[0]
+    else:
+        (o_p, lse_p), (o_t, lse_t) = parts
+        w = torch.sigmoid(lse_p - lse_t)[..., None]  # share of the prefix in the softmax mass
+        o = w * o_p + (1 - w) * o_t
+        lse = torch.logaddexp(lse_p, lse_t)
+    return o.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)
+
+
+def _dense_mask(prefix_len, block_len, block_mask, T, device):
+    full = torch.ones(T, prefix_len + block_len, dtype=torch.bool, device=device)
+    if block_len:
+        full[:, prefix_len:] = block_mask
+    return full
+
+
+def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", block_len=None,
+           return_lse: bool = False):
+    """Attention of q [B, Hq, T, D] over cache slots [0, prefix_len) (all visible) plus the
+    block of `block_len` (default T) keys at [prefix_len, prefix_len + block_len) under
+    `block_mask` [T, block_len] (True = visible; None = causal). Returns [B, Hq, T, D] in q.dtype."""
+    B, Hq, T, D = q.shape
+    block_len = T if block_len is None else block_len
+    scale = D ** -0.5
+    if block_mask is None and block_len:
+        block_mask = torch.ones(T, block_len, dtype=torch.bool, device=q.device).tril(block_len - T)
+    if backend == "triton" and block_len == T:
+        from .kernels.tree_attention import tree_attention
+
+        out = tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
+        return out
+    if backend == "sdpa" and not return_lse:
+        n = prefix_len + block_len
+        mask = _dense_mask(prefix_len, block_len, block_mask, T, q.device)
+        return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask,
+                                              scale=scale, enable_gqa=True)
+    if backend not in BACKENDS:
+        check_backend(backend)
+    o, lse = hybrid_torch(q, k, v, prefix_len, block_len, block_mask, scale)
+    return (o.to(q.dtype), lse) if return_lse else o.to(q.dtype)

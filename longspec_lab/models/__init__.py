@@ -1,0 +1,7 @@
+"""Models: the compact target (`Target`), its static KV cache, the HF loader, and the GliDe draft."""
+
+from .cache import KVCache
+from .loader import load_target, pick_device, pick_dtype, read_config, save_hf
+from .target import Target
+
+__all__ = ["KVCache", "Target", "load_target", "save_hf", "read_config", "pick_device", "pick_dtype"]

@@ -1,0 +1,105 @@
+"""A compact Llama/Qwen2-family causal LM with a static KV cache (gpt-fast style).
+
+One `forward` serves every stage of speculative decoding:
+  * training           : no cache, causal attention over the whole sequence;
+  * prefill            : cache, start=0, causal;
+  * 1-token decode     : cache, start=L, T=1;
+  * tree verification  : cache, start=L, a block of pending tokens + tree nodes under a boolean
+                         mask, each with its own RoPE position (prefix_len + depth).
+Attention goes through `longspec_lab.attention.attend`, so the backend (torch / sdpa / triton)
+is one argument. Module and parameter names match Hugging Face's `LlamaForCausalLM` and
+`Qwen2ForCausalLM`, so a checkpoint's state dict loads by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention import attend
+from ..config import ModelConfig
+from .cache import KVCache
+from .layers import MLP, QKVO, RMSNorm, Rotary, apply_rope
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = QKVO(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              bias=cfg.attention_bias)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend):
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        q = apply_rope(a.split_q(h), cos, sin)  # [B, Hq, T, D]
+        k, v = a.split_kv(h)  # [B, Hkv, T, D]
+        k = apply_rope(k, cos, sin)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True)
+        else:
+            cache.write(layer_idx, start, k, v)
+            o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
+        x = x + a.merge(o)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Target(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int | None = None, mask=None,
+                backend: str = "torch", return_hidden: bool = False, last_only: bool = False):
+        """input_ids [B, T]; positions [B, T] or [T] (default start + arange(T));
+        mask [T, T] bool over the block (None = causal). Returns logits [B, T, V]
+        (or [B, 1, V] with last_only), and the final hidden states if return_hidden."""
+        B, T = input_ids.shape
+        if cache is not None:
+            start = cache.length if start is None else start
+            cache.check_room(start, T)
+        else:
+            start = 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        if positions.dim() == 1:
+            positions = positions[None].expand(B, T)
+        cos, sin = self.rotary(positions, self.dtype)
+        x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, i, cache, start, mask, backend)
+        if last_only:
+            x = x[:, -1:]
+        h = self.model.norm(x)
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
