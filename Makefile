@@ -1,0 +1,46 @@
+# longspec_lab: two commands do everything on a fresh machine.
+#   make demo   install into .venv and run ar / chain / tree side by side on the embedded model
+#   make test   install, add the Debian packages the tests need (as root), run every test
+#   make lab    open JupyterLab on notebooks/
+
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install sysdeps demo test lab clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# the pinned CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# graphviz renders the tree diagrams; chromium runs the real-browser notebook test
+sysdeps:
+	@missing=""; \
+	command -v dot >/dev/null 2>&1 || missing="$$missing graphviz"; \
+	[ -x /usr/lib/chromium/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "warning: missing Debian packages:$$missing (run as root or install them)"; fi; \
+	fi
+
+demo: install
+	$(VENV)/bin/longspec-lab demo
+
+test: install sysdeps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) build *.egg-info

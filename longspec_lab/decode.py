@@ -1,0 +1,188 @@
+"""The generation loops: autoregressive, chain and tree speculative decoding (greedy).
+
+Every loop is the same pipeline of short stages (LongSpec, arXiv 2502.17421; shared/LONGSPEC.md §1):
+
+    prefill -> [ draft (beam tree) -> verify (one target pass) -> accept -> commit ] * steps
+
+State between steps: the target's cache holds every committed token except the newest one, the
+*root*: the target's own last prediction. The draft's ring buffer lags further behind: it still has
+to ingest the tokens emitted last step (`draft_pending`). A chain of gamma is the tree of widths
+[1] * gamma, so chain and tree share one code path. This module holds no maths of its own: the tree
+comes from `tree.py`, acceptance from `verify.py`, attention from `attention.py`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .attention import check_backend, default_backend
+from .timing import StageTimer
+from .trace import GenerationResult, StepRecord
+from .tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape, grow_beam_tree
+from .verify import accept_greedy
+
+METHODS = ("ar", "chain", "tree")
+
+
+def _as_prompt(prompt_ids, device) -> torch.Tensor:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"prompt_ids must be a 1-D list of token ids (batch 1), got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty; give at least one token (e.g. the BOS token or some text)")
+    return ids.to(device)
+
+
+class SpecDecoder:
+    """Greedy decoding of one sequence with a target, and optionally a GliDe draft.
+
+    `generate` validates everything before it touches a cache, and rebuilds its caches on each call,
+    so a call that raised leaves the decoder usable."""
+
+    def __init__(self, target, draft=None, backend: str | None = None, tokenizer=None,
+                 max_cache_len: int | None = None):
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.backend = check_backend(backend or default_backend(target.device))
+        self.max_cache_len = max_cache_len  # None: sized per call from the prompt and the tree
+
+    # ------------------------------------------------------------------ checks
+    def _plan(self, prompt, method, max_new_tokens, shape):
+        cfg = self.target.config
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
+        if method != "ar" and self.draft is None:
+            raise ValueError(f"method={method!r} needs a draft model; load one (e.g. load_draft) or use method='ar'")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        total = prompt.numel() + max_new_tokens
+        if total > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({prompt.numel()} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"model's context of {cfg.max_position_embeddings}; shorten the prompt or ask for fewer tokens")
+        reserve = shape.num_nodes if shape is not None else 1
+        need = total + reserve  # a full tree always fits after the last committed token
+        if self.max_cache_len is not None and need > self.max_cache_len:
+            raise ValueError(
+                f"the cache holds {self.max_cache_len} slots but this call needs {need} (prompt {prompt.numel()} + "
+                f"{max_new_tokens} new + {reserve} for the tree); use a smaller tree_shape, fewer tokens, or a "
+                "larger max_cache_len")
+        if shape is not None:
+            shape.check_fits(cfg.vocab_size)
+        return self.max_cache_len or need
+
+    # ------------------------------------------------------------------ stages
+    def _prefill(self, prompt, cache_len, timer):
+        t = self.target
+        with timer.stage("prefill"):
+            tcache = t.new_cache(cache_len)
+            logits = t(prompt[None], cache=tcache, start=0, backend=self.backend, last_only=True)
+            tcache.length = prompt.numel()
+            dcache = None
+            if self.draft is not None:
+                dcache = self.draft.new_cache(batch=1, max_tree_nodes=self._max_nodes)
+                self.draft.ingest(prompt[None], dcache, tcache, backend=self.backend)
+        return tcache, dcache, int(logits[0, -1].argmax())
+
+    def _draft_tree(self, root, draft_pending, shape, tcache, dcache) -> DraftTree:
+        d = self.draft
+        dev = self.target.device
+        P = tcache.length
+        logits = d.ingest(torch.tensor([draft_pending], device=dev), dcache, tcache, backend=self.backend)
+        root_lp = torch.log_softmax(logits[0, -1:].float(), dim=-1)  # [1, V]
+
+        def level_logprobs(partial: DraftTree, node_ids: torch.Tensor) -> torch.Tensor:
+            if node_ids.numel() == 1 and int(node_ids[0]) == 0:
+                return root_lp
+            m = partial.num_nodes - 1  # scratch slots hold nodes 1..N-1
+            mask = partial.mask[node_ids][:, 1:]  # [n, m] ancestors within the scratch
+            lg = d.tree_forward(partial.tokens[node_ids][None], node_ids - 1, P + partial.depths[node_ids],
+                                mask, dcache, tcache, backend=self.backend)
+            return torch.log_softmax(lg[0].float(), dim=-1)
+
+        return grow_beam_tree(root, shape, level_logprobs, device=dev)
+
+    def _verify(self, tree: DraftTree, tcache) -> torch.Tensor:
+        P = tcache.length
+        logits = self.target(tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P,
+                             mask=tree.mask, backend=self.backend)
+        return logits[0].argmax(-1)  # [N] the target's next token after each node's path
+
+    @staticmethod
+    def _commit(tcache, path: torch.Tensor) -> None:
+        # accepted nodes sit at slots P + node_id; move them (root first) to P, P+1, ...
+        P = tcache.length
+        tcache.commit(P + path, P)
+
+    def _cut(self, emitted: list[int], room: int):
+        """Respect max_new_tokens exactly and stop after the first EOS."""
+        emitted = emitted[:room]
+        eos = set(self.target.config.eos_ids)
+        for i, tok in enumerate(emitted):
+            if tok in eos:
+                return emitted[: i + 1], True
+        return emitted, False
+
+    def _text(self, tokens):
+        return self.tokenizer.decode(tokens) if self.tokenizer is not None else None
+
+    # ------------------------------------------------------------------ loops
+    @torch.inference_mode()
+    def generate(self, prompt_ids, method: str = "tree", max_new_tokens: int = 64,
+                 tree_shape=DEFAULT_TREE_SHAPE, gamma: int = 4, trace: bool = False,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        dev = self.target.device
+        prompt = _as_prompt(prompt_ids, dev)
+        shape = None
+        if method == "tree":
+            shape = TreeShape.of(tree_shape)
+        elif method == "chain":
+            shape = TreeShape.chain(gamma)
+        cache_len = self._plan(prompt, method, max_new_tokens, shape)
+        self._max_nodes = shape.num_draft_nodes if shape is not None else 1
+        timer = StageTimer(dev)
+        t0 = time.perf_counter()
+        tcache, dcache, root = self._prefill(prompt, cache_len, timer)
+        out, _ = self._cut([root], max_new_tokens)
+        stopped = stop_at_eos and out[-1] in self.target.config.eos_ids
+        res = GenerationResult(method, out, 1, [], {}, 0.0,
+                               tree_shape=list(shape.widths) if method == "tree" else None,
+                               gamma=gamma if method == "chain" else None)
+        draft_pending = [root]
+        while len(out) < max_new_tokens and not stopped:
+            room = max_new_tokens - len(out)
+            if method == "ar":
+                with timer.stage("verify"):
+                    P = tcache.length
+                    logits = self.target(torch.tensor([[root]], device=dev), cache=tcache, start=P,
+                                         backend=self.backend)
+                    tcache.length = P + 1
+                    new = [int(logits[0, -1].argmax())]
+                res.target_calls += 1
+            else:
+                with timer.stage("draft"):
+                    tree = self._draft_tree(root, draft_pending, shape, tcache, dcache)
+                res.draft_calls += shape.depth
+                with timer.stage("verify"):
+                    preds = self._verify(tree, tcache)
+                    result = accept_greedy(tree, preds)
+                res.target_calls += 1
+                with timer.stage("commit"):
+                    self._commit(tcache, result.path)
+                new = result.emitted.tolist()
+            new, hit_eos = self._cut(new, room)
+            stopped = stop_at_eos and hit_eos
+            out.extend(new)
+            res.accepted_lengths.append(len(new))
+            root = new[-1]
+            draft_pending = new
+            if trace and method != "ar":
+                res.trace.append(StepRecord(len(res.trace), tcache.length - len(result.path), tree.to("cpu"),
+                                            preds.cpu(), result, new, self._text(out)))
+        res.new_tokens, res.stopped_at_eos = out, stopped
+        res.stage_seconds = timer.as_dict()
+        res.wall_seconds = time.perf_counter() - t0
+        return res

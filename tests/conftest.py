@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def embedded_pair():
+    """The shipped target + draft + tokenizer, in float32 on the CPU."""
+    from longspec_lab.load import load_pair
+
+    return load_pair(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_embedded():
+    from transformers import AutoModelForCausalLM
+
+    from longspec_lab.load import EMBEDDED_TARGET
+
+    return AutoModelForCausalLM.from_pretrained(str(EMBEDDED_TARGET), dtype=torch.float32).eval()
