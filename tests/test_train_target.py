@@ -9,7 +9,7 @@ from safetensors import safe_open
 from longspec_lab.config import PRESETS
 from longspec_lab.models.loader import load_target
 from longspec_lab.tokenizer import TOKENIZER_FILES, load_tokenizer
-from longspec_lab.train_target import build_parser, lr_at, main, smoke_tokens, train_target
+from longspec_lab.train_target import DEFAULTS, build_parser, lr_at, main, smoke_tokens, train_target
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def test_bad_arguments(tmp_path, tiny_cfg, trained):
 
 def test_cli_help_and_smoke(tmp_path, capsys):
     helptext = build_parser().format_help()
-    assert "--tokens-dir" in helptext and "--smoke" in helptext and "(default:" in helptext
+    assert "--tokens-dir" in helptext and "--smoke" in helptext
+    assert f"(default: {DEFAULTS['steps']})" in helptext
     assert main(["--smoke", "--quiet", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert json.loads(capsys.readouterr().out)["steps"] == 20
