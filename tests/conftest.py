@@ -17,6 +17,15 @@ def embedded_pair():
 
 
 @pytest.fixture(scope="session")
+def embedded_target():
+    """The shipped target + tokenizer (no draft), in float32 on the CPU."""
+    from longspec_lab.load import load_pair
+
+    target, _, tok = load_pair(device="cpu", dtype="float32", need_draft=False)
+    return target, tok
+
+
+@pytest.fixture(scope="session")
 def hf_embedded():
     from transformers import AutoModelForCausalLM
 
