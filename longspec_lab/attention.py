@@ -38,10 +38,13 @@ def _part(qg, k, v, mask, scale):
     s = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*T, N]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G*T]
-    p = torch.exp(s - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
-    p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key
-    return torch.matmul(p, v.float()), lse
+    m = s.amax(dim=-1, keepdim=True)  # [B, Hkv, G*T, 1] row max
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no visible key
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, v.float()) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    lse = (m + torch.log(denom)).squeeze(-1)  # [B, Hkv, G*T]; -inf where nothing is visible
+    return o, lse
 
 
 def hybrid_torch(q, k, v, prefix_len: int, block_len: int, block_mask, scale):
@@ -90,7 +93,8 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
 
         out = tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
         return out
-    if backend == "sdpa" and not return_lse:
+    # a block with no prefix (prefill) has nothing to merge: one fused call does the same maths
+    if (backend == "sdpa" or prefix_len == 0) and not return_lse and block_len > 0:
         n = prefix_len + block_len
         mask = _dense_mask(prefix_len, block_len, block_mask, T, q.device)
         return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask,

@@ -1,0 +1,133 @@
+"""Chain and tree speculative decoding are lossless: token for token equal to transformers'
+greedy `generate` on the same float32 weights, on held-out long prompts."""
+
+import pytest
+import torch
+
+from longspec_lab.corpus import load_prompts
+from longspec_lab.decode import SpecDecoder
+
+SHAPES = [[1], [4, 16, 16, 16, 16], [2, 2, 2, 2, 2, 2, 2, 2], [32], [1, 3, 9]]
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def prompts(embedded_pair):
+    _, _, tok = embedded_pair
+    ps = [tok.encode(p["text"]) for p in load_prompts(max_tokens=4096 - N_NEW - 80)]
+    assert len(ps) >= 10 and sum(len(p) >= 2000 for p in ps) >= 3
+    return ps[:10]
+
+
+@pytest.fixture(scope="module")
+def references(prompts, hf_embedded):
+    refs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = hf_embedded.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)
+            refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tree_is_lossless(embedded_pair, prompts, references, shape):
+    target, draft, _ = embedded_pair
+    dec = SpecDecoder(target, draft, backend="torch")
+    calls = 0
+    for ids, ref in zip(prompts, references):
+        res = dec.generate(ids, method="tree", tree_shape=shape, max_new_tokens=N_NEW, stop_at_eos=False)
+        assert res.new_tokens == ref
+        assert sum(res.accepted_lengths) + 1 == N_NEW
+        calls += res.target_calls
+    assert calls < len(prompts) * N_NEW  # the draft did save target passes
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_chain_is_lossless(embedded_pair, prompts, references, gamma):
+    target, draft, _ = embedded_pair
+    dec = SpecDecoder(target, draft, backend="torch")
+    for ids, ref in zip(prompts, references):
+        assert dec.generate(ids, method="chain", gamma=gamma, max_new_tokens=N_NEW,
+                            stop_at_eos=False).new_tokens == ref
+
+
+def test_sdpa_backend_agrees(embedded_pair, prompts, references):
+    target, draft, _ = embedded_pair
+    dec = SpecDecoder(target, draft, backend="sdpa")
+    res = dec.generate(prompts[0], method="tree", max_new_tokens=N_NEW, stop_at_eos=False)
+    assert res.new_tokens == references[0]
+
+
+def test_commit_equals_fresh_prefill(embedded_pair, prompts):
+    """After tree steps with commits, the target's cache equals a fresh prefill of the committed text."""
+    target, draft, _ = embedded_pair
+    dec = SpecDecoder(target, draft, backend="torch")
+    ids = prompts[1][:600]
+    captured = {}
+    orig = SpecDecoder._commit
+
+    def spy(tcache, path):
+        orig(tcache, path)
+        captured["cache"] = tcache
+
+    dec._commit = spy
+    res = dec.generate(ids, method="tree", max_new_tokens=40, stop_at_eos=False)
+    cache = captured["cache"]
+    committed = ids + res.new_tokens[:-1]  # the newest token (root) is not in the cache yet
+    assert cache.length == len(committed)
+    fresh = target.new_cache(len(committed) + 8)
+    with torch.no_grad():
+        target(torch.tensor([committed]), cache=fresh, start=0)
+    L = cache.length
+    assert torch.allclose(cache.k[:, :, :, :L], fresh.k[:, :, :, :L], atol=1e-4)
+    assert torch.allclose(cache.v[:, :, :, :L], fresh.v[:, :, :, :L], atol=1e-4)
+
+
+def test_trace_records_are_consistent(embedded_pair, prompts):
+    target, draft, tok = embedded_pair
+    dec = SpecDecoder(target, draft, tokenizer=tok)
+    res = dec.generate(prompts[2], method="tree", max_new_tokens=30, trace=True, stop_at_eos=False)
+    assert len(res.trace) == len(res.accepted_lengths) == res.target_calls - 1
+    produced = [res.new_tokens[0]]
+    for rec in res.trace:
+        assert rec.tree.num_nodes == 69 and rec.mask.shape == (69, 69)
+        assert rec.tree.tokens[0] == produced[-1]  # root = the last committed token
+        path = rec.result.path.tolist()
+        assert rec.tree.tokens[path[1:]].tolist() == rec.result.emitted[:-1].tolist()
+        produced += rec.emitted
+        assert rec.text == tok.decode(produced)
+    assert produced == res.new_tokens
+
+
+def test_max_new_tokens_exact_and_eos(embedded_pair, prompts):
+    target, draft, _ = embedded_pair
+    dec = SpecDecoder(target, draft)
+    for n in (1, 2, 7):
+        assert len(dec.generate(prompts[0], max_new_tokens=n, stop_at_eos=False).new_tokens) == n
+    full = dec.generate(prompts[0], max_new_tokens=20, stop_at_eos=False).new_tokens
+    eos_tok = full[5]  # pretend this token is EOS: generation must stop right after it
+    old = target.config.eos_token_id
+    target.config.eos_token_id = eos_tok
+    try:
+        res = dec.generate(prompts[0], max_new_tokens=20)
+    finally:
+        target.config.eos_token_id = old
+    assert res.stopped_at_eos and res.new_tokens == full[: full.index(eos_tok) + 1]
+
+
+def test_bad_input_leaves_decoder_usable(embedded_pair, prompts):
+    target, draft, _ = embedded_pair
+    dec = SpecDecoder(target, draft)
+    ids = prompts[0][:200]
+    good = dec.generate(ids, max_new_tokens=10).new_tokens
+    for bad, msg in [([4, 0, 16], "width 0"), ([4, -2], "width -2"), ([4, 2.5], "2.5")]:
+        with pytest.raises(ValueError, match=msg):
+            dec.generate(ids, tree_shape=bad, max_new_tokens=10)
+    with pytest.raises(ValueError, match="vocab"):
+        dec.generate(ids, tree_shape=[target.config.vocab_size + 1], max_new_tokens=10)
+    small = SpecDecoder(target, draft, max_cache_len=len(ids) + 40)
+    with pytest.raises(ValueError, match="cache holds"):
+        small.generate(ids, tree_shape=[4, 16, 16, 16, 16], max_new_tokens=10)
+    assert small.generate(ids, tree_shape=[2, 2], max_new_tokens=10).new_tokens == good
+    assert dec.generate(ids, max_new_tokens=10).new_tokens == good
