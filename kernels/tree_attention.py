@@ -1,0 +1,486 @@
+"""Tree-verification attention for LongSpec (arXiv 2502.17421, section 3 of shared/LONGSPEC.md).
+
+One verification step feeds T new query rows (the pending tokens, then the tree nodes) per sequence.
+Each row attends to the whole committed prefix, slots [0, P), with no mask, and to the T new keys at
+slots [P, P + T) through the tree mask. With P in the tens of thousands and T ~ 72 the work is
+"read the K/V cache once": the kernel is built to move those bytes once, at full bandwidth.
+
+- Split-KV (flash-decoding): the prefix is cut into `n_splits` chunks of `split_len` keys. A program
+  owns (query tile, split, batch x kv-head); extra split index `n_splits` is the masked tree block.
+  With T*G rows per kv head the grid is m_tiles * (n_splits + 1) * B * Hkv programs, enough to fill
+  every SM even at P = 1k.
+- GQA sharing: the query tile runs over the G = Hq / Hkv heads of one kv head and the T rows,
+  flattened as r = g * T + t (ROWS = G * T). Each K/V tile is loaded once for the whole group, and
+  the m-tiles of one split are neighbours in the launch order, so their re-reads hit L2.
+- Online softmax in fp32 (exp2, scale folded into log2 units). Each program writes a normalised
+  partial output and its natural-log LSE to fp32 scratch.
+- A second, small launch merges the partials by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s
+  e^(lse_s - lse) o_s, exactly the sigmoid merge of LONGSPEC.md section 3 generalised to many parts.
+  Two launches in all; empty splits of shorter (ragged) sequences are skipped, never read.
+- The tree mask is bit-packed on the host (int32 words, cached across the layers of a step): a key
+  tile reads BLOCK_N / 32 words per row instead of gathering BLOCK_M x BLOCK_N bytes, which spilled.
+- A row that sees no key at all (P = 0 and an all-False mask row) gets o = 0 and lse = -inf.
+
+Choice of the query tile: for Llama-3-8B (Hq 32, Hkv 8) and 72 rows, ROWS = 288. BLOCK_M = 128
+holds a 128 x 128 fp32 accumulator in 8 warps (64 registers a thread), as the Triton tutorial does;
+BLOCK_M = 64 wastes fewer padded rows (320 vs 384) but re-reads each K/V tile 5 times from L2.
+Autotune picks. Roofline: per key and kv head, QK^T + PV cost 4 * ROWS * D FLOP for 4 * D bytes of
+fp16 K/V, i.e. ROWS = 288 FLOP/byte, above the H200's ridge (~790 TFLOP/s / 4.3 TB/s ~ 185): for this
+tree the kernel is tensor-core bound, and the benchmark reports the compute floor beside the
+bandwidth floor.
+
+`tree_attention_reference` is the plain PyTorch (float64) version written as LONGSPEC.md states it,
+and `longspec_lab.kernels.bench_tree_attention` is the benchmark.
+"""
+import math
+import numbers
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # fixed when the kernels below are defined
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
+                 TREE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # One online-softmax step over keys [start, start + BLOCK_N) (those < hi if CHECK).
+    # acc [BLOCK_M, HEAD_DIM] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and denominator;
+    # q [BLOCK_M, HEAD_DIM]; K/V point at this (batch, kv head); key0: slot of tree key 0 (TREE only);
+    # offs_t [BLOCK_M] token index of each row; MASK: this sequence's bit-packed mask, int32 [T, n_words]
+    # (bit j % 32 of word j // 32 of row t = row t may see tree key j).
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n = start + offs_n                                                  # [BLOCK_N] key slots
+    n_ok = n < hi
+    k_ptrs = K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if CHECK:
+        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale                          # [BLOCK_M, BLOCK_N]
+    if TREE:
+        j = n - key0                                                    # tree key index
+        if CAUSAL:
+            ok = (j[None, :] <= offs_t[:, None]) & n_ok[None, :]
+        else:   # BLOCK_N // 32 word loads of [BLOCK_M] (a [BLOCK_M, BLOCK_N] byte gather spills registers)
+            ok = (offs_t[:, None] < 0) & (offs_n[None, :] < 0)           # all False [BLOCK_M, BLOCK_N]
+            for w in tl.static_range(BLOCK_N // 32):
+                widx = (start - key0) // 32 + w
+                word = tl.load(MASK + offs_t * stride_mq + widx, mask=row_ok, other=0)   # W % 4 == 0
+                bit = (word[:, None] >> (offs_n % 32)[None, :]) & 1
+                ok = ok | (((offs_n // 32) == w)[None, :] & (bit != 0))
+            ok = ok & n_ok[None, :]
+        s = tl.where(ok, s, float("-inf"))
+    elif CHECK:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)               # all-masked rows stay 0
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if CHECK:
+        v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, K, V, lo, hi, key0, offs_t, row_ok, MASK,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
+                  TREE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    # Keys [lo, hi) in BLOCK_N steps. Only the long unmasked prefix loop (CHECK False) is software-
+    # pipelined (kernel num_stages); the tail (<= 1 step) and the tree block (a few steps, a gathered
+    # mask) run unpipelined, which keeps their buffers out of registers and shared memory.
+    if CHECK:
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
+                                         qk_scale, HEAD_DIM, BLOCK_N, CHECK, TREE, CAUSAL, IEEE)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
+                                         qk_scale, HEAD_DIM, BLOCK_N, CHECK, TREE, CAUSAL, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tree_attn_split_kernel(
+    Q, K, V,                     # q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides)
+    PREFIX,                      # int32 [B] prefix lengths (read only if RAGGED)
+    MASK,                        # int32 [B or 1, T, n_words] bit-packed tree mask (unused if CAUSAL)
+    O_PART, LSE_PART,            # fp32 scratch [B*Hkv, n_splits+1, ROWS, D] and [B*Hkv, n_splits+1, ROWS]
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mq, n_words,   # packed mask strides (batch, row) and words per row
+    prefix_len,                  # common prefix length (if not RAGGED)
+    split_len,                   # keys per prefix split
+    n_splits,                    # number of prefix splits; split index n_splits = tree block
+    T,                           # new rows (= new keys) per sequence
+    ROWS,                        # G * T query rows per kv head
+    H_KV,                        # kv heads
+    qk_scale,                    # softmax scale * log2(e)
+    split_bucket,                # split_len.bit_length(): unused in the body, an autotune key only
+    GROUP: tl.constexpr,         # Hq // Hkv
+    HEAD_DIM: tl.constexpr,      # D
+    BLOCK_M: tl.constexpr,       # flattened (head, row) query rows per program
+    BLOCK_N: tl.constexpr,       # keys per inner step
+    RAGGED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H_KV).to(tl.int64)
+    h = (pid_bh % H_KV).to(tl.int64)
+    if RAGGED:
+        P = tl.load(PREFIX + b)
+    else:
+        P = prefix_len
+    is_tree = pid_s == n_splits
+    lo = pid_s * split_len
+    hi = tl.minimum(lo + split_len, P)
+    if is_tree | (lo < hi):
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                  # [BLOCK_M]
+        row_ok = rows < ROWS
+        g = rows // T
+        t = rows % T
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = (Q + b * stride_qb + ((h * GROUP + g) * stride_qh + t * stride_qt)[:, None]
+                  + offs_d[None, :] * stride_qd)
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)            # [BLOCK_M, D]
+        Kb = K + b * stride_kb + h * stride_kh
+        Vb = V + b * stride_vb + h * stride_vh
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if is_tree:
+            Mb = MASK + b * stride_mb
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, P, P + T, P, t, row_ok, Mb,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
+                                          qk_scale, HEAD_DIM, BLOCK_N, True, True, CAUSAL, IEEE)
+        else:
+            full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N                # unmasked whole tiles, then tail
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, lo, full, 0, t, row_ok, MASK,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
+                                          qk_scale, HEAD_DIM, BLOCK_N, False, False, CAUSAL, IEEE)
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, full, hi, 0, t, row_ok, MASK,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
+                                          qk_scale, HEAD_DIM, BLOCK_N, True, False, CAUSAL, IEEE)
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        part = (pid_bh.to(tl.int64) * (n_splits + 1) + pid_s) * ROWS + rows   # [BLOCK_M]
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _tree_attn_merge_kernel(
+    O_PART, LSE_PART,            # fp32 scratch written by the split kernel
+    PREFIX,                      # int32 [B] (if RAGGED)
+    OUT,                         # [B, Hq, T, D] output, q's dtype
+    LSE_OUT,                     # fp32 [B, Hq, T] (if WRITE_LSE)
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_lb, stride_lh, stride_lt,
+    prefix_len, split_len, n_splits, T, ROWS, H_KV,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,       # query rows per program
+    RAGGED: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)
+    h = (pid_bh % H_KV).to(tl.int64)
+    if RAGGED:
+        P = tl.load(PREFIX + b)
+    else:
+        P = prefix_len
+    n_used = (P + split_len - 1) // split_len                          # non-empty prefix splits
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < ROWS
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = pid_bh.to(tl.int64) * (n_splits + 1) * ROWS + rows         # [BLOCK_R] split 0 of each row
+    lse_tree = tl.load(LSE_PART + base + n_splits * ROWS, mask=row_ok, other=float("-inf"))
+    m = lse_tree
+    for s in range(0, n_used):
+        m = tl.maximum(m, tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_tree - m_safe)
+    den = w
+    o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]
+    acc = w[:, None] * tl.load(o_ptrs + n_splits * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0)
+    for s in range(0, n_used):
+        w = tl.exp(tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf")) - m_safe)
+        acc += w[:, None] * tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0)
+        den += w
+    empty = den == 0.0
+    o = acc / tl.where(empty, 1.0, den)[:, None]
+    g = rows // T
+    t = rows % T
+    out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
+    tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
+        tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
+
+
+# Hopper configurations (H100/H200). Keyed on the row count, head dim, dtypes (added by autotune) and the
+# power-of-two bucket of split_len, so a growing prefix retunes at most ~10 times, not every step.
+# Autotuning runs on the first call of each key: warm up before capturing a CUDA graph.
+_HOPPER_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3),
+                          (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
+]
+if _INTERPRET:
+    _split_kernel = _tree_attn_split_kernel            # autotune bypassed: tiles chosen in _launch
+else:
+    _split_kernel = triton.autotune(configs=_HOPPER_CONFIGS,
+                                    key=["ROWS", "HEAD_DIM", "CAUSAL", "IEEE", "split_bucket"])(
+        _tree_attn_split_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: checks, split planning, launch.
+
+_SPLIT_OVERHEAD_KEYS = 384   # cost of writing + merging one partial, in "keys of work" (H200 estimate)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4                                      # interpreter: few, large programs
+    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_SM_CACHE: dict = {}
+
+
+def _sm_count_cuda(index: int) -> int:
+    if index not in _SM_CACHE:
+        _SM_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_CACHE[index]
+
+
+def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_splits=None):
+    """(n_splits, split_len) for the prefix. Default: minimise waves * (split_len + overhead), with
+    waves = ceil(n_splits * programs_per_split / SMs), so P = 1k still fills the GPU and long prefixes
+    get whole waves. `num_splits` forces a count (the result may be lower after rounding)."""
+    if max_prefix <= 0:
+        return 0, 1
+    align = 16 if _INTERPRET else 128
+    if num_splits is None:
+        slots = _sm_count(torch.device(device))
+        base = batch_kv_heads * (1 if _INTERPRET else _cdiv(rows, 128))
+        best = None
+        for s in range(1, min(_cdiv(max_prefix, align), 8 * slots // base + 2) + 1):
+            cost = _cdiv(s * base, slots) * (_cdiv(_cdiv(max_prefix, s), align) * align + _SPLIT_OVERHEAD_KEYS)
+            if best is None or cost < best[0]:
+                best = (cost, s)
+        num_splits = best[1]
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}; pass None to let the planner choose")
+    split_len = _cdiv(_cdiv(max_prefix, num_splits), align) * align
+    return _cdiv(max_prefix, split_len), split_len
+
+
+def _prefix_list(prefix_lens, B: int) -> list:
+    if isinstance(prefix_lens, numbers.Integral) and not isinstance(prefix_lens, bool):
+        return [int(prefix_lens)] * B
+    if isinstance(prefix_lens, torch.Tensor) and prefix_lens.dim() == 1 and not prefix_lens.is_floating_point() \
+            and prefix_lens.dtype != torch.bool and prefix_lens.numel() == B:
+        return [int(p) for p in prefix_lens.tolist()]          # CUDA tensor: one host sync
+    raise ValueError(f"prefix_lens must be an int or an integer tensor of shape [B]={B}, got {prefix_lens!r}; "
+                     "pass one committed length per sequence")
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q, k, v, prefix_lens, block_mask, dtypes=_KERNEL_DTYPES):
+    """Validate shapes/dtypes/devices; returns (B, Hq, Hkv, T, S, D, prefix list)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor ([B, H, T or S, D]), got "
+                             f"{getattr(x, 'shape', type(x))}; reshape it to [batch, heads, length, head_dim]")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, S, D={D}]; "
+                         "pass the cache tensors of the same layer and batch as q")
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among {[str(d) for d in dtypes]}, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}; cast them with .to(q.dtype)")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with .to()")
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv} (GQA); check the head counts")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS}); use backend 'torch'")
+    if T < 1:
+        raise ValueError("q has no query rows (T = 0); call attention only with at least one new token")
+    plist = _prefix_list(prefix_lens, B)
+    for b, p in enumerate(plist):
+        if p < 0 or p + T > S:
+            raise ValueError(f"prefix_lens[{b}] + T = {p} + {T} must lie in [T, S={S}]: the block's keys live at slots "
+                             "[P, P+T) of the cache; grow the cache or pass the right prefix length")
+    if block_mask is not None:
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            raise ValueError(f"block_mask must be a bool tensor (True = may attend), got "
+                             f"{getattr(block_mask, 'dtype', type(block_mask))}; convert with mask.bool()")
+        if tuple(block_mask.shape) not in ((T, T), (B, T, T)):
+            raise ValueError(f"block_mask shape {tuple(block_mask.shape)} must be [T, T] or [B, T, T] with T={T}, "
+                             f"B={B}; build it for the T new rows")
+        if block_mask.device != q.device:
+            raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}; move it with .to(q.device)")
+    return B, Hq, Hkv, T, S, D, plist
+
+
+def _check_buffer(name, x, shape, dtype, device):
+    if x is not None and (tuple(x.shape) != tuple(shape) or x.dtype != dtype or x.device != device):
+        raise ValueError(f"{name} must be {dtype} of shape {list(shape)} on {device}, got {x.dtype} "
+                         f"{list(x.shape)} on {x.device}; allocate it like that (or pass None)")
+
+
+_PACKED = {"mask": None, "version": -1, "packed": None}   # last mask packed: one verify step, all layers
+
+
+def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
+    """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W]: bit j % 32 of word j // 32 of row t is mask[t, j];
+    W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. The last mask is cached by identity and version, so the layers of one step pack it once."""
+    if _PACKED["mask"] is block_mask and _PACKED["version"] == block_mask._version:
+        return _PACKED["packed"]
+    m = block_mask if block_mask.dim() == 3 else block_mask[None]
+    T = m.shape[-1]
+    W = 4 * _cdiv(T, 128)
+    bits = torch.nn.functional.pad(m.to(torch.int64), (0, W * 32 - T)).view(m.shape[0], m.shape[1], W, 32)
+    words = (bits << torch.arange(32, device=m.device)).sum(-1)         # [B, T, W] in [0, 2^32)
+    packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+    _PACKED.update(mask=block_mask, version=block_mask._version, packed=packed)
+    return packed
+
+
+def make_scratch(q, k, prefix_lens, num_splits=None):
+    """Allocate the fp32 partial buffers (o [B*Hkv, n+1, G*T, D], lse [B*Hkv, n+1, G*T]) that
+    `tree_attention(..., scratch=...)` uses for these inputs."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    p = max(_prefix_list(prefix_lens, B))
+    n, _ = plan_splits(p, Hq // Hkv * T, B * Hkv, q.device, num_splits)
+    o_part = torch.empty(B * Hkv, n + 1, Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
+    return o_part, torch.empty(o_part.shape[:3], dtype=torch.float32, device=q.device)
+
+
+def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse=False, *,
+                   out=None, lse_out=None, num_splits=None, scratch=None):
+    """Attention of q [B, Hq, T, D] to cache slots [0, P_b) (all visible) and [P_b, P_b+T) (block_mask,
+    True = may attend; None = causal). Returns o [B, Hq, T, D] (q.dtype) and, if return_lse, the natural
+    log-sum-exp [B, Hq, T] float32 of the scaled scores. Rows that see no key: o = 0, lse = -inf."""
+    B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError("tree_attention runs Triton kernels: on CPU set TRITON_INTERPRET=1 before importing "
+                           "longspec_lab.kernels.tree_attention, or use attention backend 'torch'")
+    G, rows = Hq // Hkv, Hq // Hkv * T
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    n_splits, split_len = plan_splits(max(plist), rows, B * Hkv, q.device, num_splits)
+    _check_buffer("out", out, (B, Hq, T, D), q.dtype, q.device)
+    _check_buffer("lse_out", lse_out, (B, Hq, T), torch.float32, q.device)
+    o = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device) if out is None else out
+    lse = None
+    if return_lse or lse_out is not None:
+        lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    if scratch is None:
+        o_part = torch.empty(B * Hkv, n_splits + 1, rows, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B * Hkv, n_splits + 1, rows, dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = scratch
+        _check_buffer("scratch[0]", o_part, (B * Hkv, n_splits + 1, rows, D), torch.float32, q.device)
+        _check_buffer("scratch[1]", lse_part, (B * Hkv, n_splits + 1, rows), torch.float32, q.device)
+        if not (o_part.is_contiguous() and lse_part.is_contiguous()):
+            raise ValueError("scratch tensors must be contiguous; allocate them with make_scratch()")
+    ragged = isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1
+    pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else q
+    causal = block_mask is None
+    mask = q if causal else pack_block_mask(block_mask)                 # int32 [B or 1, T, W]
+    sm_b = 0 if causal or mask.shape[0] == 1 else mask.stride(0)
+    sm_q, n_words = (0, 0) if causal else (mask.stride(1), mask.shape[2])
+    ieee = q.dtype == torch.float32
+    args = (q, k, v, pref, mask, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), sm_b, sm_q, n_words,
+            plist[0], split_len, n_splits, T, rows, Hkv, scale * _LOG2E, split_len.bit_length())
+    consts = dict(GROUP=G, HEAD_DIM=D, RAGGED=ragged, CAUSAL=causal, IEEE=ieee)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), n_splits + 1, B * Hkv)  # noqa: E731
+    if _INTERPRET:
+        bm = min(128, max(16, triton.next_power_of_2(rows)))
+        _split_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=64)
+        block_r = bm
+    else:
+        _split_kernel[grid](*args, **consts)
+        block_r = 16
+    lse_arg = lse if lse is not None else o_part
+    lse_strides = lse.stride() if lse is not None else (0, 0, 0)
+    _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
+        o_part, lse_part, pref, o, lse_arg, *o.stride(), *lse_strides,
+        plist[0], split_len, n_splits, T, rows, Hkv,
+        GROUP=G, HEAD_DIM=D, BLOCK_R=block_r, RAGGED=ragged, WRITE_LSE=lse is not None, num_warps=4)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (LONGSPEC.md section 3): prefix part, tree part, sigmoid merge, in float64.
+
+def _softmax_part(q, k, v, allowed, scale):
+    # q [H, T, D], k/v [H, N, D], allowed [T, N] bool or None -> o [H, T, D], lse [H, T]
+    s = q @ k.transpose(-1, -2) * scale                                 # [H, T, N]
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(s - finite[..., None]) @ v, lse
+
+
+def tree_attention_reference(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse=False, *,
+                             compute_dtype=torch.float64, out_dtype=None):
+    """Plain PyTorch version of tree_attention (same arguments). Computes in `compute_dtype`; returns o in
+    `out_dtype` (default q.dtype) and lse float32. Any device; used by the tests and the benchmark."""
+    B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask, _KERNEL_DTYPES + (torch.float64,))
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if block_mask is None:
+        block_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = block_mask.expand(B, T, T)
+    outs, lses = [], []
+    for b, P in enumerate(plist):
+        qb = q[b].to(compute_dtype)                                     # [Hq, T, D]
+        kb = k[b, :, :P + T].to(compute_dtype).repeat_interleave(G, 0)  # [Hq, P+T, D]
+        vb = v[b, :, :P + T].to(compute_dtype).repeat_interleave(G, 0)
+        o_p, lse_p = _softmax_part(qb, kb[:, :P], vb[:, :P], None, scale)
+        o_t, lse_t = _softmax_part(qb, kb[:, P:], vb[:, P:], mask[b], scale)
+        w = torch.sigmoid(lse_p - lse_t)                                # = e^lse_p / (e^lse_p + e^lse_t)
+        w = torch.where(torch.isinf(lse_p) & torch.isinf(lse_t), torch.zeros_like(w), w)[..., None]
+        outs.append(w * o_p + (1 - w) * o_t)
+        lses.append(torch.logaddexp(lse_p, lse_t))
+    o = torch.stack(outs).to(out_dtype or q.dtype)
+    return (o, torch.stack(lses).float()) if return_lse else o
