@@ -9,10 +9,17 @@ State between steps: the target's cache holds every committed token except the n
 to ingest the tokens emitted last step (`draft_pending`). A chain of gamma is the tree of widths
 [1] * gamma, so chain and tree share one code path. This module holds no maths of its own: the tree
 comes from `tree.py`, acceptance from `verify.py`, attention from `attention.py`.
+
+Sampling (temperature > 0, `verify=`; shared/LONGSPEC.md §4): the target's tokens come from
+`sampling.probs_from_logits` (temperature, top-k, top-p as transformers applies them) with an explicit
+seeded torch.Generator. Drafting depends on the rule: "target-sample" verifies the usual beam tree,
+"rrs" / "chain" a tree / chain SAMPLED from the draft (`sample_tree.py`, q recorded per node), and the
+biased counter-example "naive-topk" the beam tree with q recorded. "greedy" at temperature > 0 is an error.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -21,9 +28,30 @@ from .attention import check_backend, default_backend
 from .timing import StageTimer
 from .trace import GenerationResult, StepRecord
 from .tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape, grow_beam_tree
-from .verify import accept_greedy
+from .sample_tree import grow_beam_tree_q, grow_sampled_tree
+from .sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
+from .verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, accept_greedy, acceptance_counts
 
 METHODS = ("ar", "chain", "tree")
+
+
+def check_verify(method: str, verify: str, params: SamplingParams, shape) -> None:
+    """Which verification rules fit which method and temperature (raises ValueError naming the fix)."""
+    lossless = ", ".join(repr(r) for r in LOSSLESS_SAMPLING_RULES)
+    if verify not in VERIFY_RULES:
+        raise ValueError(f"verify={verify!r} is unknown; use one of {', '.join(map(repr, VERIFY_RULES))}")
+    if verify == "greedy" and not params.greedy:
+        raise ValueError(f"verify='greedy' is only lossless at temperature 0 (got {params.temperature}); "
+                         f"use temperature=0, or a lossless sampling rule: {lossless}")
+    if method == "ar" and verify not in ("greedy", "target-sample"):
+        raise ValueError(f"method='ar' drafts nothing for verify={verify!r} to check; use verify='target-sample' "
+                         "(plain sampling) or 'greedy'")
+    if method == "chain" and verify == "rrs":
+        raise ValueError("verify='rrs' needs a tree of sampled siblings, but method='chain' drafts a chain; use "
+                         "verify='chain' (rrs on a chain is the chain rule) or method='tree'")
+    if verify == "chain" and method != "chain" and any(w != 1 for w in shape.widths):
+        raise ValueError(f"verify='chain' needs a chain, got tree_shape {list(shape.widths)}; use method='chain' "
+                         "or verify='rrs' / 'target-sample' for a tree")
 
 
 def _as_prompt(prompt_ids, device) -> torch.Tensor:
@@ -75,7 +103,7 @@ class SpecDecoder:
         return self.max_cache_len or need
 
     # ------------------------------------------------------------------ stages
-    def _prefill(self, prompt, cache_len, timer):
+    def _prefill(self, prompt, cache_len, timer, pick=None):
         t = self.target
         with timer.stage("prefill"):
             tcache = t.new_cache(cache_len)
@@ -85,9 +113,9 @@ class SpecDecoder:
             if self.draft is not None:
                 dcache = self.draft.new_cache(batch=1, max_tree_nodes=self._max_nodes)
                 self.draft.ingest(prompt[None], dcache, tcache, backend=self.backend)
-        return tcache, dcache, int(logits[0, -1].argmax())
+        return tcache, dcache, (pick(logits[0, -1]) if pick else int(logits[0, -1].argmax()))
 
-    def _draft_tree(self, root, draft_pending, shape, tcache, dcache) -> DraftTree:
+    def _draft_tree(self, root, draft_pending, shape, tcache, dcache, grow=None):
         d = self.draft
         dev = self.target.device
         P = tcache.length
@@ -103,13 +131,36 @@ class SpecDecoder:
                                 mask, dcache, tcache, backend=self.backend)
             return torch.log_softmax(lg[0].float(), dim=-1)
 
-        return grow_beam_tree(root, shape, level_logprobs, device=dev)
+        return (grow or grow_beam_tree)(root, shape, level_logprobs, device=dev)
 
     def _verify(self, tree: DraftTree, tcache) -> torch.Tensor:
         P = tcache.length
         logits = self.target(tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P,
                              mask=tree.mask, backend=self.backend)
         return logits[0].argmax(-1)  # [N] the target's next token after each node's path
+
+    def _target_probs(self, tree: DraftTree, tcache, params: SamplingParams) -> torch.Tensor:
+        P = tcache.length
+        logits = self.target(tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P,
+                             mask=tree.mask, backend=self.backend)
+        return probs_from_logits(logits[0], params)  # [N, V] the target's sampling distribution per node
+
+    def _sampler(self, verify, params, seed, generator):
+        """(drafting function or None for the beam tree, the generator, its seed)."""
+        dev = self.target.device
+        if generator is None:
+            if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still fixes a run
+                seed = int(torch.randint(0, 2 ** 62, (1,)))
+            generator = make_generator(seed, dev)
+        elif torch.device(generator.device).type != torch.device(dev).type:
+            raise ValueError(f"generator is on {generator.device} but the target is on {dev}; create it with "
+                             f"make_generator(seed, device='{dev}')")
+        grow = None
+        if verify in ("rrs", "chain"):
+            grow = functools.partial(grow_sampled_tree, params=params, generator=generator)
+        elif verify == "naive-topk":
+            grow = functools.partial(grow_beam_tree_q, params=params)
+        return grow, generator, seed
 
     @staticmethod
     def _commit(tcache, path: torch.Tensor) -> None:
@@ -133,7 +184,11 @@ class SpecDecoder:
     @torch.inference_mode()
     def generate(self, prompt_ids, method: str = "tree", max_new_tokens: int = 64,
                  tree_shape=DEFAULT_TREE_SHAPE, gamma: int = 4, trace: bool = False,
-                 stop_at_eos: bool = True) -> GenerationResult:
+                 stop_at_eos: bool = True, verify: str = "greedy", temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None) -> GenerationResult:
+        """verify: "greedy" (temperature 0) or a sampling rule of verify.VERIFY_RULES; temperature /
+        top_k / top_p as transformers' warpers; seed or generator (on the target's device) fix the run."""
         dev = self.target.device
         prompt = _as_prompt(prompt_ids, dev)
         shape = None
@@ -141,16 +196,22 @@ class SpecDecoder:
             shape = TreeShape.of(tree_shape)
         elif method == "chain":
             shape = TreeShape.chain(gamma)
+        params = SamplingParams(temperature, top_k, top_p)
+        check_verify(method, verify, params, shape or TreeShape.root_only())
         cache_len = self._plan(prompt, method, max_new_tokens, shape)
+        grow, gen, seed = self._sampler(verify, params, seed, generator)
+        sampling = verify != "greedy"
+        pick = (lambda lg: int(sample_categorical(probs_from_logits(lg, params), gen))) if sampling else None
         self._max_nodes = shape.num_draft_nodes if shape is not None else 1
         timer = StageTimer(dev)
         t0 = time.perf_counter()
-        tcache, dcache, root = self._prefill(prompt, cache_len, timer)
+        tcache, dcache, root = self._prefill(prompt, cache_len, timer, pick)
         out, _ = self._cut([root], max_new_tokens)
         stopped = stop_at_eos and out[-1] in self.target.config.eos_ids
         res = GenerationResult(method, out, 1, [], {}, 0.0,
                                tree_shape=list(shape.widths) if method == "tree" else None,
-                               gamma=gamma if method == "chain" else None)
+                               gamma=gamma if method == "chain" else None, verify=verify,
+                               seed=seed if sampling else None, **params.as_dict())
         draft_pending = [root]
         while len(out) < max_new_tokens and not stopped:
             room = max_new_tokens - len(out)
@@ -160,27 +221,35 @@ class SpecDecoder:
                     logits = self.target(torch.tensor([[root]], device=dev), cache=tcache, start=P,
                                          backend=self.backend)
                     tcache.length = P + 1
-                    new = [int(logits[0, -1].argmax())]
+                    new = [pick(logits[0, -1]) if pick else int(logits[0, -1].argmax())]
                 res.target_calls += 1
             else:
                 with timer.stage("draft"):
-                    tree = self._draft_tree(root, draft_pending, shape, tcache, dcache)
+                    tree = self._draft_tree(root, draft_pending, shape, tcache, dcache, grow)
+                    tree, q = tree if isinstance(tree, tuple) else (tree, None)  # q: sampled / naive-topk
                 res.draft_calls += shape.depth
                 with timer.stage("verify"):
-                    preds = self._verify(tree, tcache)
-                    result = accept_greedy(tree, preds)
+                    if sampling:
+                        p = self._target_probs(tree, tcache, params)
+                        result = VERIFY_RULES[verify](tree, p, q, gen)
+                        preds = p.argmax(-1)  # the target's likeliest token per node (for traces)
+                    else:
+                        preds = self._verify(tree, tcache)
+                        result = accept_greedy(tree, preds)
                 res.target_calls += 1
-                with timer.stage("commit"):
-                    self._commit(tcache, result.path)
+                res.add_acceptance(acceptance_counts(tree, result))
                 new = result.emitted.tolist()
             new, hit_eos = self._cut(new, room)
+            if method != "ar":
+                with timer.stage("commit"):  # keep only what is emitted: root + accepted nodes before a cut
+                    self._commit(tcache, result.path[: len(new)])
             stopped = stop_at_eos and hit_eos
             out.extend(new)
             res.accepted_lengths.append(len(new))
             root = new[-1]
             draft_pending = new
             if trace and method != "ar":
-                res.trace.append(StepRecord(len(res.trace), tcache.length - len(result.path), tree.to("cpu"),
+                res.trace.append(StepRecord(len(res.trace), tcache.length - len(new), tree.to("cpu"),
                                             preds.cpu(), result, new, self._text(out)))
         res.new_tokens, res.stopped_at_eos = out, stopped
         res.stage_seconds = timer.as_dict()

@@ -216,9 +216,9 @@ def main(argv=None) -> int:
         description="Train the one-layer GliDe draft (LongSpec §2) against a frozen target: anchor-offset "
                     "positions, CE + KD loss, staleness-aware cross-attention. Writes draft.safetensors, "
                     "draft_config.json and train_log.json into --out.")
-    ap.add_argument("--target", default=str(DATA_DIR / "embedded" / "target"),
+    ap.add_argument("--target", default=str(DATA_DIR / "embedded"),
                     help="target checkpoint folder (config.json + *.safetensors)")
-    ap.add_argument("--out", default=str(DATA_DIR / "embedded" / "draft"), help="output folder for the draft")
+    ap.add_argument("--out", default=str(DATA_DIR / "embedded-draft"), help="output folder for the draft")
     ap.add_argument("--tokens", default=str(DATA_DIR / "tokens"),
                     help="folder with train.u16 / heldout.u16 (python -m longspec_lab.corpus --tokenize)")
     ap.add_argument("--steps", type=int, default=4000, help="optimizer steps")

@@ -1,0 +1,211 @@
+"""What verifying a 69-node tree costs on an 8B-shaped target, next to one decode step.
+
+Builds a Llama-3-8B-shaped target (32 layers, 32/8 heads, head dim 128, vocab 128,256) with random
+bf16 weights and a KV cache filled with random entries up to a context P, then times (medians of
+`triton.testing.do_bench`, device synchronised):
+
+  decode   one 1-token forward at position P
+  verify   one forward over 4 pending tokens + a 68-node [4,16,16,16] tree... i.e. the pending
+           tokens causal and the [4,16,16,16,16] tree (root = last pending token) under its mask
+for our target with each attention backend, eager and CUDA-graph captured, and the same two steps
+with stock `transformers` (DynamicCache, SDPA, a 4D mask for the tree) sharing the same weights.
+The floor of each step is the bytes it must read (weights + KV cache) over the copy bandwidth
+measured in the same run. A projected end-to-end speedup for such a target,
+tau x t_decode / (t_draft + t_verify + t_commit), is reported and labelled as a projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .bench import environment
+from .config import PRESETS
+from .models.layers import Rotary
+from .models.target import Target
+from .tree import DEFAULT_TREE_SHAPE, DraftTree
+
+
+def random_target(cfg, device, dtype, seed=0) -> Target:
+    with torch.device("meta"):
+        m = Target(cfg)
+    m = m.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    m.rotary = Rotary(cfg).to(device)
+    return m.to(dtype).eval()
+
+
+def verify_block(n_pending=4, shape=DEFAULT_TREE_SHAPE, device="cpu"):
+    """Mask [T, T] and depth offsets [T] for pending tokens followed by a random tree whose root is
+    the last pending token (random parents, numbered level by level)."""
+    g = torch.Generator().manual_seed(0)
+    off = shape.level_offsets
+    parents = [-1]
+    for l in range(1, shape.depth + 1):
+        lo, hi = off[l - 1], off[l]
+        parents += [int(torch.randint(lo, hi, (1,), generator=g)) for _ in range(off[l + 1] - off[l])]
+    tree = DraftTree.from_parents(torch.zeros(len(parents), dtype=torch.long), parents)
+    N, p = tree.num_nodes, n_pending - 1  # the root is the last pending token
+    T = p + N
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    mask[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    mask[p:, :p] = True
+    mask[p:, p:] = tree.mask
+    offsets = torch.cat([torch.arange(p), p + tree.depths])
+    return mask.to(device), offsets.to(device)
+
+
+def copy_bandwidth(device, nbytes=2 << 30) -> float:
+    import triton
+
+    a = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=200)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def graphed(fn):
+    """Capture fn() in a CUDA graph (after warm-up on a side stream); return replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16,
+            progress=True) -> dict:
+    import triton
+    from tqdm.auto import tqdm
+
+    dev = torch.device("cuda")
+    cfg = PRESETS["llama3-8b"]
+    target = random_target(cfg, dev, dtype)
+    bw = copy_bandwidth(dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    mask, offsets = verify_block(n_pending, device=dev)
+    T = mask.shape[0]
+    hf = None
+    if with_hf:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hcfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+        hcfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            hf = LlamaForCausalLM(hcfg)
+        hf.load_state_dict(target.state_dict(), assign=True, strict=False)
+        hf.lm_head.weight = target.lm_head.weight
+        hf.model.rotary_emb = hf.model.rotary_emb.__class__(config=hcfg, device=dev)
+        hf = hf.to(dev).eval()
+    rows = []
+    bar = tqdm(contexts, disable=not progress, desc="contexts")
+    for P in bar:
+        cache = target.new_cache(P + T + 8)
+        cache.k[:, :, :, :P].normal_(0, 1)
+        cache.v[:, :, :, :P].normal_(0, 1)
+        x1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        xT = torch.zeros(1, T, dtype=torch.long, device=dev)
+        pos = P + offsets
+        row = {"context": P, "floor_decode_ms": (weight_bytes + P * kv_per_token) / bw * 1e3,
+               "floor_verify_ms": (weight_bytes + (P + T) * kv_per_token) / bw * 1e3}
+        with torch.inference_mode():
+            for be in backends:
+                dec = lambda: target(x1, cache=cache, start=P, backend=be, last_only=True)  # noqa: E731
+                ver = lambda: target(xT, positions=pos, cache=cache, start=P, mask=mask, backend=be)  # noqa: E731
+                row[f"{be}_decode_ms"] = triton.testing.do_bench(dec, warmup=5, rep=40)
+                row[f"{be}_verify_ms"] = triton.testing.do_bench(ver, warmup=5, rep=40)
+                try:
+                    row[f"{be}_decode_graph_ms"] = triton.testing.do_bench(graphed(dec), warmup=5, rep=40)
+                    row[f"{be}_verify_graph_ms"] = triton.testing.do_bench(graphed(ver), warmup=5, rep=40)
+                except Exception as e:  # record why a backend cannot be captured
+                    row[f"{be}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+                torch.cuda.synchronize()
+            if hf is not None:
+                row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev))
+        for be in backends:
+            for kind in ("decode", "verify"):
+                key = f"{be}_{kind}_graph_ms" if f"{be}_{kind}_graph_ms" in row else f"{be}_{kind}_ms"
+                row[f"{be}_{kind}_vs_floor"] = row[key] / row[f"floor_{kind}_ms"]
+            best = lambda k: row.get(f"{be}_{k}_graph_ms", row[f"{be}_{k}_ms"])  # noqa: E731
+            row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
+        rows.append(row)
+        del cache
+        torch.cuda.empty_cache()
+    return {"rows": rows, "copy_bandwidth_TBps": bw / 1e12, "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": kv_per_token, "verify_rows": T, "n_pending": n_pending,
+            "tree_shape": list(DEFAULT_TREE_SHAPE.widths), "dtype": str(dtype).replace("torch.", "")}
+
+
+def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev) -> dict:
+    import triton
+    from transformers import DynamicCache
+
+    T = mask.shape[0]
+    cache = DynamicCache(config=hf.config)
+    for layer in range(cfg.num_layers):
+        k = torch.randn(1, cfg.num_kv_heads, P, cfg.head_dim, dtype=dtype, device=dev)
+        cache.update(k, torch.randn_like(k), layer)
+    full = torch.ones(T, P + T, dtype=torch.bool, device=dev)
+    full[:, P:] = mask
+    add = torch.zeros(1, 1, T, P + T, dtype=dtype, device=dev).masked_fill(~full, torch.finfo(dtype).min)
+    x1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    xT = torch.zeros(1, T, dtype=torch.long, device=dev)
+
+    def dec():
+        hf(input_ids=x1, past_key_values=cache, use_cache=True,
+           position_ids=torch.full((1, 1), P, device=dev), logits_to_keep=1)
+        cache.crop(P)
+
+    def ver():
+        hf(input_ids=xT, past_key_values=cache, use_cache=True, attention_mask=add,
+           position_ids=(P + offsets)[None])
+        cache.crop(P)
+
+    out = {}
+    try:
+        out["hf_decode_ms"] = triton.testing.do_bench(dec, warmup=3, rep=30)
+        out["hf_verify_ms"] = triton.testing.do_bench(ver, warmup=3, rep=30)
+        out["hf_verify_over_decode"] = out["hf_verify_ms"] / out["hf_decode_ms"]
+    except Exception as e:
+        out["hf_error"] = f"{type(e).__name__}: {e}"[:300]
+    del cache
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench_verify", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="4096,32768,131072", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--backends", default="triton,sdpa", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--no-hf", action="store_true", help="skip stock transformers")
+    ap.add_argument("--out", default="data/results/verify_8b_h200.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_verify needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB)")
+    rep = measure([int(c) for c in args.contexts.split(",")], args.backends.split(","),
+                  with_hf=not args.no_hf)
+    rep["environment"] = environment("cuda")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
+    for r in rep["rows"]:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
