@@ -42,6 +42,39 @@ class GenerationResult:
     gamma: int | None = None
     stopped_at_eos: bool = False
     trace: list[StepRecord] = field(default_factory=list)
+    # sampling (verify.py): the rule, the target/draft sampling settings, the seed of the run
+    verify: str = "greedy"
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    # acceptance counts summed over steps: index d = depth d+1, index r = sibling rank r
+    depth_tried: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
+    rank_tried: list[int] = field(default_factory=list)
+    rank_accepted: list[int] = field(default_factory=list)
+
+    def add_acceptance(self, counts: dict[str, list[int]]) -> None:
+        """Add one step's verify.acceptance_counts to the running totals."""
+        for name, new in counts.items():
+            old = getattr(self, name)
+            old.extend([0] * (len(new) - len(old)))
+            for i, c in enumerate(new):
+                old[i] += c
+
+    @staticmethod
+    def _rates(acc: list[int], tried: list[int]) -> list[float | None]:
+        return [a / t if t else None for a, t in zip(acc, tried)]
+
+    @property
+    def acceptance_by_depth(self) -> list[float | None]:
+        """P(a child at depth d+1 is accepted | the path reached depth d at a node with children)."""
+        return self._rates(self.depth_accepted, self.depth_tried)
+
+    @property
+    def acceptance_by_rank(self) -> list[float | None]:
+        """P(a child of sibling rank r is accepted | the rule looked at it)."""
+        return self._rates(self.rank_accepted, self.rank_tried)
 
     @property
     def tau(self) -> float:
@@ -72,4 +105,13 @@ class GenerationResult:
             "tree_shape": self.tree_shape,
             "gamma": self.gamma,
             "stopped_at_eos": self.stopped_at_eos,
+            "verify": self.verify,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "acceptance_by_depth": self.acceptance_by_depth,
+            "acceptance_by_rank": self.acceptance_by_rank,
+            "depth_tried": list(self.depth_tried),
+            "rank_tried": list(self.rank_tried),
         }

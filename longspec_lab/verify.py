@@ -1,4 +1,4 @@
-"""Acceptance rules: which path of a verified draft tree is kept (greedy rule).
+"""Acceptance rules: which path of a verified draft tree is kept (greedy, and lossless sampling).
 
 After one target forward pass over a draft tree (LongSpec, arXiv 2502.17421, section 1 step 5 of
 LONGSPEC.md) we know, for every node i, the target's next-token prediction t[i] after the path
@@ -19,6 +19,28 @@ t[nk] are therefore y1..y(k+1), the first k+1 tokens of greedy decoding, whateve
 proposed. The draft only changes how many tokens one target pass yields (>= 1, the bonus token),
 never which tokens. (In floating point this needs the tree pass to produce the same argmax as a
 plain pass, which holds up to numerically tied logits.)
+
+Sampling (temperature > 0; shared/LONGSPEC.md §4). Every rule in `VERIFY_RULES` has the signature
+`rule(tree, p, q=None, generator=None) -> AcceptResult`, p [N, V] the target's sampling distribution
+at every node (sampling.probs_from_logits), q [N, V] the draft's, processed the same way (rows of
+expanded nodes only). `verify_batch` runs the same walk on B trees at once (the statistical tests).
+All sampling rules walk down from the root and emit one token per visited node:
+  * "target-sample"  x ~ p(node); descend into the child whose token is x; else stop. The emitted
+                     tokens are exactly an autoregressive sample from p: lossless for ANY tree.
+  * "rrs"            recursive rejection sampling over the children c1, c2, ... (drafted from q WITHOUT
+                     replacement, in that order, their number fixed before they were drawn):
+                     accept ci w.p. min(1, p'(ci)/q'(ci)); on rejection p' <- norm(max(p' - q', 0)) and
+                     ci is removed from q' (renormalised); all rejected -> emit x ~ p'. Lossless
+                     (SpecInfer / "Recursive Speculative Decoding"): by induction over the children,
+                     each emitted token is distributed exactly as p given the prefix.
+  * "chain"          the same rule with one child per node: the standard min(1, p/q) rule of chain
+                     speculative sampling, the draft having SAMPLED its gamma tokens from q.
+  * "naive-topk"     min(1, p'/q) applied to beam (top-k) siblings, q never updated: what the reference
+                     code does. BIASED, a labelled counter-example: a top-k sibling x was not drawn
+                     from q, it is there with probability 1, so the ratio p/q corrects for a proposal
+                     that never happened. With p == q it accepts the draft's first choice every time.
+For the sampling rules `verified` and `accepted` both mark the emitted path; `tried` marks the
+children the rule looked at (for acceptance rates by depth and sibling rank).
 """
 from __future__ import annotations
 
@@ -26,7 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import DraftTree
+from .sampling import sample_categorical, uniform
+from .tree import DraftTree, TreeShape
 
 
 @dataclass
@@ -36,6 +59,7 @@ class AcceptResult:
     verified: torch.Tensor  # [N] bool, t[parent] == token (root True)
     accepted: torch.Tensor  # [N] bool, node and all its ancestors verified
     accept_length: int      # len(emitted) = depth(winner) + 1
+    tried: torch.Tensor | None = None  # [N] bool, offered to the rule (None: children of path nodes)
 
     @property
     def winner(self) -> int:
@@ -88,3 +112,196 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
     path = torch.tensor(tree.path(winner), dtype=torch.long, device=tree.device)
     emitted = t[path]                                     # [depth(winner) + 1]
     return AcceptResult(path, emitted, verified, accepted, int(emitted.numel()))
+
+
+# ----------------------------------------------------------------------------- sampling rules
+
+@dataclass
+class TreeBatch:
+    """B trees of one shape (same level offsets): tokens [B, N], parents [B, N]."""
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    shape: TreeShape
+
+    @classmethod
+    def of(cls, trees) -> "TreeBatch":
+        trees = [trees] if isinstance(trees, DraftTree) else list(trees)
+        if any(t.shape != trees[0].shape for t in trees):
+            raise ValueError("a TreeBatch needs trees of one shape; group the trees by shape first")
+        return cls(torch.stack([t.tokens for t in trees]), torch.stack([t.parents for t in trees]),
+                   trees[0].shape)
+
+
+@dataclass
+class BatchAccept:
+    emitted: torch.Tensor  # [B, D+1] long, -1 after lengths[b]
+    lengths: torch.Tensor  # [B] long, tokens emitted (>= 1)
+    path: torch.Tensor     # [B, D+1] long node ids root..winner, -1 after lengths[b]
+    tried: torch.Tensor    # [B, N] bool
+    on_path: torch.Tensor  # [B, N] bool
+
+
+MODES = {"greedy": "argmax", "target-sample": "sample", "rrs": "rrs", "chain": "rrs", "naive-topk": "naive"}
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(p - q, 0)) per row; a row with no residual mass (p == q up to round-off) keeps p."""
+    r = (p - q).clamp_min(0)
+    s = r.sum(-1, keepdim=True)
+    return torch.where(s > 0, r / s.clamp_min(torch.finfo(r.dtype).tiny), p)
+
+
+def _offer_children(pr, qr, kids, ktok, live, mode, generator):
+    """Offer the children in rank order; -> (found [B], child position in level [B], residual p [B, V],
+    tried [B, w]). pr, qr [B, V] (copies, updated in place of rejections); kids, ktok [B, w]."""
+    B, w = kids.shape
+    ar = torch.arange(B, device=kids.device)
+    rank = kids.long().cumsum(1) - 1                                   # [B, w] sibling rank
+    found = torch.zeros(B, dtype=torch.bool, device=kids.device)
+    pos = torch.zeros(B, dtype=torch.long, device=kids.device)
+    tried = torch.zeros_like(kids)
+    for j in range(w):
+        sel = kids & (rank == j)                                       # [B, w] the j-th child
+        has = sel.any(1) & live & ~found
+        if not bool(has.any()):
+            break
+        cpos = sel.to(torch.int8).argmax(1)                            # [B]
+        x = ktok[ar, cpos]
+        px, qx = pr[ar, x], qr[ar, x]
+        offer = has & (qx > 0)            # a zero-mass child (gumbel_topk padding) is never accepted
+        tried[ar, cpos] |= offer
+        u = uniform((B,), generator, pr.device, pr.dtype)
+        acc = offer & (u * qx < px)                                    # w.p. min(1, p'(x) / q'(x))
+        found, pos = found | acc, torch.where(acc, cpos, pos)
+        rej = offer & ~acc
+        if bool(rej.any()):
+            pr = torch.where(rej[:, None], _residual(pr, qr), pr)
+            if mode == "rrs":                                          # remove x from q', renormalise
+                q2 = qr.clone()
+                q2[ar, x] = 0
+                q2 = q2 / q2.sum(-1, keepdim=True).clamp_min(torch.finfo(q2.dtype).tiny)
+                qr = torch.where(rej[:, None], q2, qr)
+    return found, pos, pr, tried
+
+
+def verify_batch(rule: str, batch: TreeBatch, p: torch.Tensor, q: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> BatchAccept:
+    """Run `rule` on B trees at once; p, q [B, N, V]. One walk, root to leaf, vectorised over B."""
+    if rule not in MODES:
+        raise ValueError(f"verify rule {rule!r} is unknown; use one of {', '.join(MODES)}")
+    mode = MODES[rule]
+    B, N = batch.tokens.shape
+    if p.shape[:2] != (B, N):
+        raise ValueError(f"p must be [B, N, V] = [{B}, {N}, V] (the target's distribution at every node), "
+                         f"got {tuple(p.shape)}")
+    if mode in ("rrs", "naive") and (q is None or q.shape != p.shape):
+        raise ValueError(f"verify={rule!r} needs the draft distribution q [B, N, V] like p {tuple(p.shape)}; "
+                         "draft with sample_tree.grow_sampled_tree (rrs, chain) or grow_beam_tree_q (naive-topk)")
+    if rule == "chain" and any(w != 1 for w in batch.shape.widths):
+        raise ValueError(f"verify='chain' needs a chain (one child per node), got tree_shape "
+                         f"{list(batch.shape.widths)}; use method='chain', or verify='rrs' for a tree")
+    dev, off, D = p.device, batch.shape.level_offsets, batch.shape.depth
+    ar = torch.arange(B, device=dev)
+    cur = torch.zeros(B, dtype=torch.long, device=dev)
+    live = torch.ones(B, dtype=torch.bool, device=dev)
+    emitted = torch.full((B, D + 1), -1, dtype=torch.long, device=dev)
+    path = emitted.clone()
+    path[:, 0] = 0
+    tried = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    on_path = tried.clone()
+    on_path[:, 0] = True
+    for l in range(D + 1):
+        pr = p[ar, cur]                                                # [B, V]
+        lo, hi = (off[l + 1], off[l + 2]) if l < D else (N, N)
+        kids = (batch.parents[:, lo:hi] == cur[:, None]) & live[:, None]  # [B, w] children of cur
+        ktok = batch.tokens[:, lo:hi]
+        if mode in ("argmax", "sample"):
+            x = pr.argmax(-1) if mode == "argmax" else sample_categorical(pr, generator)
+            hit = kids & (ktok == x[:, None])                          # first child with token x
+            found, pos = hit.any(1), hit.to(torch.int8).argmax(1) if hi > lo else cur
+            tried[:, lo:hi] |= kids
+        else:
+            found, pos, pr, t = _offer_children(pr, q[ar, cur], kids, ktok, live, mode, generator)
+            tried[:, lo:hi] |= t
+            x = sample_categorical(pr, generator)                      # from the residual
+            if hi > lo:
+                x = torch.where(found, ktok[ar, pos], x)
+        emitted[:, l] = torch.where(live, x, emitted[:, l])
+        go = live & found
+        if not bool(go.any()):
+            break
+        child = lo + pos
+        path[:, l + 1] = torch.where(go, child, -1)
+        on_path[ar[go], child[go]] = True
+        cur, live = torch.where(go, child, cur), go
+    return BatchAccept(emitted, (emitted >= 0).sum(1), path, tried, on_path)
+
+
+def _single(rule: str, tree: DraftTree, p, q, generator) -> AcceptResult:
+    if p.shape[0] != tree.num_nodes:
+        raise ValueError(f"p must be [N, V] = [{tree.num_nodes}, V], one row per tree node; got "
+                         f"{tuple(p.shape)}")
+    r = verify_batch(rule, TreeBatch.of(tree), p[None], None if q is None else q[None], generator)
+    n = int(r.lengths[0])
+    return AcceptResult(r.path[0, :n], r.emitted[0, :n], r.on_path[0], r.on_path[0], n, r.tried[0])
+
+
+def verify_greedy(tree: DraftTree, p, q=None, generator=None) -> AcceptResult:
+    """Temperature 0: accept_greedy on argmax(p) (p may be logits or probabilities)."""
+    return accept_greedy(tree, p.argmax(-1))
+
+
+def verify_target_sample(tree: DraftTree, p, q=None, generator=None) -> AcceptResult:
+    """x ~ p at each node, descend into the child with token x; lossless for any tree."""
+    return _single("target-sample", tree, p, q, generator)
+
+
+def verify_rrs(tree: DraftTree, p, q=None, generator=None) -> AcceptResult:
+    """Recursive rejection sampling; the children must be drafted from q without replacement."""
+    return _single("rrs", tree, p, q, generator)
+
+
+def verify_chain(tree: DraftTree, p, q=None, generator=None) -> AcceptResult:
+    """min(1, p/q) on a chain whose tokens were sampled from q."""
+    return _single("chain", tree, p, q, generator)
+
+
+def verify_naive_topk(tree: DraftTree, p, q=None, generator=None) -> AcceptResult:
+    """BIASED counter-example: min(1, p/q) on deterministic (beam) siblings; never use it for output."""
+    return _single("naive-topk", tree, p, q, generator)
+
+
+VERIFY_RULES = {"greedy": verify_greedy, "target-sample": verify_target_sample, "rrs": verify_rrs,
+                "chain": verify_chain, "naive-topk": verify_naive_topk}
+LOSSLESS_SAMPLING_RULES = ("target-sample", "rrs", "chain")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def sibling_ranks(parents: torch.Tensor) -> torch.Tensor:
+    """[N] long: a node's index among its parent's children (root 0), children in node order."""
+    n = parents.numel()
+    same = parents[:, None] == parents[None, :]                        # [N, N]
+    return (same & torch.ones(n, n, dtype=torch.bool, device=parents.device).tril(-1)).sum(1)
+
+
+def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[int]]:
+    """Per step: depth d (1..D) tried if the path reached depth d-1 at a node with children, accepted
+    if it reached depth d; rank r tried/accepted over the children the rule looked at."""
+    path = result.path.to(tree.device)
+    on_path = torch.zeros(tree.num_nodes, dtype=torch.bool, device=tree.device)
+    on_path[path] = True
+    tried = result.tried
+    if tried is None:                                                  # greedy: children of path nodes
+        tried = on_path[tree.parents.clamp(min=0)] & (tree.parents >= 0)
+    tried = tried.to(tree.device)
+    D = tree.shape.depth
+    d_tried = torch.zeros(D + 1, dtype=torch.long).index_add_(0, tree.depths[tried].cpu(),
+                                                              torch.ones(int(tried.sum()), dtype=torch.long))
+    d_tried = (d_tried[1:] > 0).long().tolist()
+    d_acc = [int(len(path) - 1 > d) for d in range(D)]
+    ranks = sibling_ranks(tree.parents)
+    R = int(ranks.max()) + 1 if tree.num_nodes > 1 else 0
+    r_tried = torch.bincount(ranks[tried].cpu(), minlength=R).tolist()
+    r_acc = torch.bincount(ranks[path[1:]].cpu(), minlength=R).tolist()
+    return {"depth_tried": d_tried, "depth_accepted": d_acc, "rank_tried": r_tried, "rank_accepted": r_acc}
