@@ -46,6 +46,28 @@ _LN2 = 0.6931471805599453
 SUPPORTED_HEAD_DIMS = (64, 128)
 
 
+# Row reductions. On the GPU: tl.max / tl.sum. Under the interpreter: tl.reduce with the standard
+# library's combine functions, which the interpreter maps to numpy by identity, never calling them:
+# tl.max itself is an @jit function of Triton's library, compiled rather than interpreted when triton
+# was imported before TRITON_INTERPRET=1 was set (then an importlib.reload of this module still works).
+if _INTERPRET:
+    @triton.jit
+    def _row_max(x):
+        return tl.reduce(x, 1, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _row_sum(x):
+        return tl.reduce(x, 1, tl.standard._sum_combine)
+else:
+    @triton.jit
+    def _row_max(x):
+        return tl.max(x, 1)
+
+    @triton.jit
+    def _row_sum(x):
+        return tl.sum(x, 1)
+
+
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words, qk_scale,
@@ -85,11 +107,11 @@ def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
         s = tl.where(ok, s, float("-inf"))
     elif CHECK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, _row_max(s))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)               # all-masked rows stay 0
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + _row_sum(p)
     if CHECK:
         v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
     else:
@@ -169,9 +191,9 @@ def _tree_attn_split_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)            # [BLOCK_M, D]
         Kb = K + b * stride_kb + h * stride_kh
         Vb = V + b * stride_vb + h * stride_vh
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         if is_tree:
             Mb = MASK + b * stride_mb
             acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, P, P + T, P, t, row_ok, Mb,

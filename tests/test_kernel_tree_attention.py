@@ -231,7 +231,7 @@ def test_bench_quick_dry_run(tmp_path):
     res = bench.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "r.png")])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res, default=str))
-    assert data["cases"] and data["plot"]["format"] in ("png", "html", "svg")
+    assert data["complete"] and data["cases"] and data["plot"]["format"] in ("png", "html", "svg")
     assert os.path.exists(data["plot"]["path"])
     for case in data["cases"]:
         assert case["methods"]["triton_tree"]["max_rel_err"] < 1e-4
