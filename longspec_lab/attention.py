@@ -86,13 +86,13 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
     B, Hq, T, D = q.shape
     block_len = T if block_len is None else block_len
     scale = D ** -0.5
-    if block_mask is None and block_len:
-        block_mask = torch.ones(T, block_len, dtype=torch.bool, device=q.device).tril(block_len - T)
     if backend == "triton" and block_len == T:
         from .kernels.tree_attention import tree_attention
 
-        out = tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
-        return out
+        # block_mask None = causal, handled inside the kernel without a mask tensor
+        return tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
+    if block_mask is None and block_len:
+        block_mask = torch.ones(T, block_len, dtype=torch.bool, device=q.device).tril(block_len - T)
     # a block with no prefix (prefill) has nothing to merge: one fused call does the same maths
     if (backend == "sdpa" or prefix_len == 0) and not return_lse and block_len > 0:
         n = prefix_len + block_len
