@@ -37,6 +37,21 @@ def _add_decode_args(p, default_method="tree"):
                    help="widths of the draft tree levels (default: 4 16 16 16 16 = 69 nodes with the root)")
     p.add_argument("--gamma", type=int, default=4, help="chain length for --method chain (default: 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    _add_sampling_args(p)
+
+
+VERIFY_CHOICES = ("greedy", "target-sample", "rrs", "chain", "naive-topk")  # = verify.VERIFY_RULES
+
+
+def _add_sampling_args(p):
+    p.add_argument("--verify", default="greedy", choices=VERIFY_CHOICES,
+                   help="acceptance rule: greedy (temperature 0, default); lossless sampling: target-sample "
+                        "(any tree), rrs (sampled tree, recursive rejection sampling), chain (sampled chain, "
+                        "--method chain); naive-topk = min(1,p/q) on beam siblings, BIASED, for comparison only")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, >= 0 (default: 0 = greedy); > 0 needs a sampling --verify rule")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
 
 
 def _seed(seed):
@@ -71,7 +86,8 @@ def cmd_generate(args) -> int:
     ids = tok.encode(text)
     dec = SpecDecoder(target, draft, backend=args.attention_backend, tokenizer=tok)
     res = dec.generate(ids, method=args.method, max_new_tokens=args.max_new_tokens,
-                       tree_shape=args.tree_shape, gamma=args.gamma)
+                       tree_shape=args.tree_shape, gamma=args.gamma, verify=args.verify,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     out_text = tok.decode(res.new_tokens)
     model_path = str(Path(args.model).resolve() if args.model else EMBEDDED_TARGET.resolve())
     if args.json:
@@ -82,7 +98,8 @@ def cmd_generate(args) -> int:
         print(json.dumps(obj))
     else:
         print(out_text)
-        print(f"\n[{args.method}] {len(res.new_tokens)} tokens, tau {res.tau:.2f}, "
+        print(f"\n[{args.method}, verify {args.verify}, temperature {args.temperature:g}] "
+              f"{len(res.new_tokens)} tokens, tau {res.tau:.2f}, "
               f"{res.tokens_per_s:.1f} tokens/s, {res.target_calls} target calls", file=sys.stderr)
     return 0
 
