@@ -1,0 +1,275 @@
+"""Notebook widgets that wire the pure figures of `viz.py` to ipywidgets controls.
+
+* `TreeShapeExplorer`: choose a tree shape (depth + one width per level, or a preset) and see its
+  node count, the mask's size in bytes, the tree diagram and the mask. Updates on slider release.
+* `TreeGrowth`: one drafted beam tree shown level by level (how the beam grows).
+* `StepPlayer`: play through the trace of a real generation, one verification step at a time.
+
+No maths lives here: trees, masks and acceptance come from the library, pictures from `viz.py`.
+Every widget exposes its state as attributes (`node_count_label.value`, `diagram_source`, ...) so
+tests can drive it without a browser.
+"""
+from __future__ import annotations
+
+import html
+from typing import Callable
+
+import ipywidgets as W
+import plotly.graph_objects as go
+
+from . import viz
+from .trace import GenerationResult, StepRecord
+from .tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
+
+PRESETS = {
+    "LongSpec [4, 16, 16, 16, 16]": (4, 16, 16, 16, 16),
+    "chain of 4 [1, 1, 1, 1]": (1, 1, 1, 1),
+    "wide and shallow [16, 16]": (16, 16),
+    "narrow [2, 4, 4, 4]": (2, 4, 4, 4),
+    "deep [2, 4, 8, 8, 8, 8, 8]": (2, 4, 8, 8, 8, 8, 8),
+}
+_ERR = '<div style="color:#b00020;font-weight:bold">{}</div>'
+
+
+def _svg_box(svg: str, max_height: int = 620) -> str:
+    return f'<div style="overflow:auto;max-height:{max_height}px;max-width:100%">{svg}</div>'
+
+
+def _render(dot) -> str:
+    """SVG for an HTML widget; without the `dot` program, the DOT source with a hint."""
+    try:
+        return _svg_box(viz.diagram_svg(dot))
+    except Exception as e:  # graphviz.ExecutableNotFound, or a rendering failure
+        return (_ERR.format(f"cannot render the diagram ({type(e).__name__}); install Graphviz "
+                            "(apt-get install graphviz) to see it. DOT source:")
+                + f"<pre>{html.escape(dot.source)}</pre>")
+
+
+class TreeShapeExplorer(W.VBox):
+    """Depth slider + one width slider per level + presets -> node count, mask bytes, diagram, mask.
+
+    tree_fn(shape) may return a real drafted tree (DraftTree or StepRecord) for the shape; without
+    it the diagram shows a placeholder layout. cache_limit: the most tree nodes the cache reserves
+    room for (the reference reserves 256 slots); larger trees are refused with a message."""
+
+    def __init__(self, shape=DEFAULT_TREE_SHAPE, max_depth: int = 8, max_width: int = 64,
+                 cache_limit: int = 256, max_children: int = 4,
+                 tree_fn: Callable[[TreeShape], DraftTree | StepRecord] | None = None, tokenizer=None):
+        widths = list(TreeShape.of(shape).widths)
+        if not 1 <= len(widths) <= max_depth:
+            raise ValueError(f"shape {widths} has depth {len(widths)}; use max_depth >= {len(widths)}")
+        self.cache_limit, self.tree_fn, self.tokenizer = int(cache_limit), tree_fn, tokenizer
+        self.shape: TreeShape | None = None
+        self.error: str | None = None
+        self.diagram_source = ""
+        self._hold = False
+        style = {"description_width": "70px"}
+        self.depth_slider = W.IntSlider(value=len(widths), min=0, max=max_depth, description="depth",
+                                        continuous_update=False, style=style)
+        self.width_sliders = [
+            W.IntSlider(value=widths[l] if l < len(widths) else 4, min=0, max=max_width,
+                        description=f"level {l + 1}", continuous_update=False, style=style)
+            for l in range(max_depth)]
+        self.preset = W.Dropdown(options=["(custom)"] + list(PRESETS), value="(custom)", description="preset",
+                                 style=style)
+        self.max_children_slider = W.IntSlider(value=max_children, min=1, max=16, continuous_update=False,
+                                               description="siblings", style=style,
+                                               tooltip="children drawn per node before '+k more'")
+        self.node_count_label = W.HTML()
+        self.mask_label = W.HTML()
+        self.message = W.HTML()
+        self.diagram = W.HTML()
+        self.mask_fig = go.FigureWidget(viz.mask_figure([[1]]))
+        for s in [self.depth_slider, self.max_children_slider, *self.width_sliders]:
+            s.observe(self._on_change, names="value")
+        self.preset.observe(self._on_preset, names="value")
+        controls = W.VBox([self.preset, self.depth_slider, *self.width_sliders, self.max_children_slider],
+                          layout=W.Layout(min_width="330px"))
+        info = W.VBox([self.node_count_label, self.mask_label, self.message])
+        super().__init__([W.HBox([controls, info]), self.diagram, self.mask_fig])
+        self.update()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def widths(self) -> list[int]:
+        return [s.value for s in self.width_sliders[: self.depth_slider.value]]
+
+    def set_shape(self, widths) -> None:
+        """Set depth and widths at once (one update)."""
+        widths = list(widths)
+        if len(widths) > len(self.width_sliders):
+            raise ValueError(f"shape {widths} is deeper than this explorer's {len(self.width_sliders)} "
+                             "levels; build it with a larger max_depth")
+        self._hold = True
+        try:
+            self.depth_slider.value = len(widths)
+            for s, w in zip(self.width_sliders, widths):
+                s.value = min(max(int(w), s.min), s.max)
+        finally:
+            self._hold = False
+        self.update()
+
+    def _on_preset(self, change) -> None:
+        if change["new"] in PRESETS:
+            self.set_shape(PRESETS[change["new"]])
+
+    def _on_change(self, change) -> None:
+        if not self._hold:
+            self.update()
+
+    def _check(self) -> TreeShape:
+        d = self.depth_slider.value
+        if d == 0:
+            raise ValueError("depth 0 means no draft tree at all (that is plain decoding, one token per "
+                             "target pass); set depth to 1 or more")
+        shape = TreeShape(tuple(self.widths))  # width 0 -> ValueError naming the level
+        if shape.num_nodes > self.cache_limit:
+            raise ValueError(f"this tree has {shape.num_nodes} nodes but the cache reserves only "
+                             f"{self.cache_limit} slots for the tree; lower a width or the depth")
+        return shape
+
+    # ------------------------------------------------------------------ drawing
+    def update(self) -> None:
+        for l, s in enumerate(self.width_sliders):
+            s.layout.display = None if l < self.depth_slider.value else "none"
+        try:
+            shape = self._check()
+            tree = self.tree_fn(shape) if self.tree_fn is not None else shape
+        except ValueError as e:
+            self.shape, self.error = None, str(e)
+            self.message.value = _ERR.format(html.escape(self.error))
+            self.node_count_label.value = "<b>nodes: —</b> (fix the shape)"
+            self.mask_label.value = ""
+            self.diagram.value = ""
+            self.diagram_source = ""
+            return
+        self.shape, self.error = shape, None
+        self.message.value = ""
+        n, plus = shape.num_nodes, " + ".join(map(str, shape.widths))
+        self.node_count_label.value = f"<b>nodes: {n}</b> = 1 root + {plus}"
+        self.mask_label.value = (f"mask: {n} × {n} = {n * n:,} entries = <b>{shape.mask_bytes:,} bytes</b> as bool "
+                                 f"({2 * n * n:,} as float16, the reference's layout)")
+        dot = viz.tree_diagram(tree, tokenizer=self.tokenizer, max_children=self.max_children_slider.value)
+        self.diagram_source = dot.source
+        self.diagram.value = _render(dot)
+        new = viz.mask_figure(tree if not isinstance(tree, TreeShape) else viz.balanced_tree(shape),
+                              title=f"Tree mask for {list(shape.widths)}: {n} × {n}")
+        refresh_figure(self.mask_fig, new)
+
+
+def refresh_figure(fig: go.FigureWidget, new: go.Figure) -> None:
+    """Update a FigureWidget in place to show `new` (same trace kinds: update; else replace)."""
+    if [t.type for t in fig.data] != [t.type for t in new.data]:
+        fig.data = []
+        fig.add_traces(list(new.data))
+    else:
+        with fig.batch_update():
+            for old, tr in zip(fig.data, new.data):
+                js = tr.to_plotly_json()
+                js.pop("type", None)
+                old.update(js, overwrite=True)
+    with fig.batch_update():
+        fig.layout.shapes = new.layout.shapes
+        fig.layout.annotations = new.layout.annotations
+        fig.update_layout(title=new.layout.title, width=new.layout.width, height=new.layout.height)
+        fig.update_xaxes(new.layout.xaxis.to_plotly_json())
+        fig.update_yaxes(new.layout.yaxis.to_plotly_json())
+
+
+class TreeGrowth(W.VBox):
+    """One drafted tree shown level by level: level l's nodes are the global top-w_l (parent, token)
+    pairs by cumulative draft log-prob over all nodes of level l-1."""
+
+    def __init__(self, tree: DraftTree | StepRecord, tokenizer=None, max_children: int = 4):
+        self.tree = tree.tree if isinstance(tree, StepRecord) else tree
+        if self.tree.shape.depth < 1:
+            raise ValueError("this tree has only its root; draft a tree with at least one level")
+        self.tokenizer, self.max_children = tokenizer, max_children
+        self.level_slider = W.IntSlider(value=1, min=1, max=self.tree.shape.depth, description="levels",
+                                        continuous_update=False)
+        self.diagram = W.HTML()
+        self.diagram_source = ""
+        self.level_slider.observe(lambda c: self.update(), names="value")
+        super().__init__([self.level_slider, self.diagram])
+        self.update()
+
+    def update(self) -> None:
+        l = self.level_slider.value
+        part = viz.truncate_tree(self.tree, l)
+        title = f"beam tree after {l} of {self.tree.shape.depth} levels: widths {list(part.shape.widths)}"
+        dot = viz.tree_diagram(part, tokenizer=self.tokenizer, max_children=self.max_children, title=title)
+        self.diagram_source = dot.source
+        self.diagram.value = _render(dot)
+
+
+class StepPlayer(W.VBox):
+    """Play / step through `GenerationResult.trace`: per step the drafted tree with real tokens, the
+    target's prediction at each node, the accepted path, the committed text so far and tau so far."""
+
+    def __init__(self, result: GenerationResult, tokenizer=None, max_children: int = 4,
+                 interval_ms: int = 1800):
+        if not isinstance(result, GenerationResult) or not result.trace:
+            raise ValueError("StepPlayer needs a GenerationResult with a trace; call "
+                             "SpecDecoder.generate(..., method='tree', trace=True)")
+        self.result, self.tokenizer, self.max_children = result, tokenizer, max_children
+        n = len(result.trace)
+        self.play = W.Play(value=0, min=0, max=n - 1, interval=interval_ms, description="play")
+        self.slider = W.IntSlider(value=0, min=0, max=n - 1, description="step", continuous_update=False)
+        self.prev_button = W.Button(description="◀ prev", layout=W.Layout(width="80px"))
+        self.next_button = W.Button(description="next ▶", layout=W.Layout(width="80px"))
+        self.header, self.text, self.diagram, self.path_table = W.HTML(), W.HTML(), W.HTML(), W.HTML()
+        self.diagram_source = ""
+        self.play.observe(lambda c: setattr(self.slider, "value", c["new"]), names="value")
+        self.slider.observe(self._on_step, names="value")
+        self.prev_button.on_click(lambda _: self.go(self.slider.value - 1))
+        self.next_button.on_click(lambda _: self.go(self.slider.value + 1))
+        bar = W.HBox([self.play, self.prev_button, self.next_button, self.slider])
+        super().__init__([bar, self.header, self.text, self.diagram, self.path_table])
+        self.update()
+
+    @property
+    def step(self) -> int:
+        return self.slider.value
+
+    def go(self, k: int) -> None:
+        self.slider.value = min(max(int(k), 0), self.slider.max)
+
+    def _on_step(self, change) -> None:
+        self.play.value = change["new"]
+        self.update()
+
+    def tau_so_far(self, k: int | None = None) -> float:
+        """Tokens so far / target passes so far (the prefill's pass and token included), as result.tau."""
+        k = self.step if k is None else k
+        made = 1 + sum(len(s.emitted) for s in self.result.trace[: k + 1])
+        return made / (2 + k)
+
+    def committed_tokens(self, k: int | None = None) -> tuple[list[int], list[int]]:
+        """(tokens committed before step k, tokens step k added)."""
+        k = self.step if k is None else k
+        before = 1 + sum(len(s.emitted) for s in self.result.trace[:k])
+        added = len(self.result.trace[k].emitted)
+        return self.result.new_tokens[:before], self.result.new_tokens[before: before + added]
+
+    def update(self) -> None:
+        k = self.step
+        st = self.result.trace[k]
+        before, added = self.committed_tokens(k)
+        self.header.value = (f"<b>step {k + 1} of {len(self.result.trace)}</b> · committed tokens before: "
+                             f"{st.prefix_len} · this step emitted <b>{len(added)}</b> tokens "
+                             f"({len(added) - 1} drafted + 1 bonus) · τ so far <b>{self.tau_so_far(k):.2f}</b>")
+        if self.tokenizer is not None:
+            old, new = self.tokenizer.decode(before), self.tokenizer.decode(added)
+            self.text.value = (
+                '<div style="font-family:monospace;white-space:pre-wrap;max-height:160px;overflow:auto;'
+                f'border:1px solid #ddd;padding:4px">{html.escape(old[-600:])}'
+                f'<span style="background:{viz.COLORS["accepted"]}">{html.escape(new)}</span></div>')
+        dot = viz.tree_diagram(st, tokenizer=self.tokenizer, max_children=self.max_children)
+        self.diagram_source = dot.source
+        self.diagram.value = _render(dot)
+        rows = "".join(
+            f"<tr><td>{d}</td><td>#{i}</td><td>{html.escape(viz.token_label(st.tree.tokens[i], self.tokenizer))}"
+            f"</td><td>{html.escape(viz.token_label(st.target_tokens[i], self.tokenizer))}</td></tr>"
+            for d, i in enumerate(st.result.path.tolist()))
+        self.path_table.value = ("<table><tr><th>depth</th><th>node</th><th>drafted token</th>"
+                                 f"<th>target's next token (emitted)</th></tr>{rows}</table>")

@@ -1,0 +1,62 @@
+"""Every notebook runs top to bottom on CPU within its time budget, and is stored without outputs.
+
+Parametrised over notebooks/*.ipynb, so new notebooks are picked up automatically. Executed with
+nbclient in a fresh kernel with CI=1 (each notebook's first cell then shrinks the work).
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+BUDGET_S = 90
+ALLOWED_NB_METADATA = {"kernelspec", "language_info"}
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+def test_notebooks_exist_and_are_numbered():
+    assert len(NOTEBOOKS) >= 3, "notebooks/01..03 are missing"
+    prefixes = [p.name[:3] for p in NOTEBOOKS]
+    assert all(p[:2].isdigit() and p[2] == "_" for p in prefixes), prefixes
+    assert len(set(prefixes)) == len(prefixes), f"duplicate notebook numbers: {prefixes}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_is_stripped(path):
+    nb = json.loads(path.read_text())
+    assert set(nb["metadata"]) <= ALLOWED_NB_METADATA, f"metadata noise: {sorted(nb['metadata'])}"
+    for cell in nb["cells"]:
+        assert not cell.get("metadata"), f"cell {cell.get('id')} carries metadata {cell['metadata']}"
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, \
+                f"cell {cell.get('id')} has outputs; strip them before committing"
+    first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    assert "setup(" in "".join(first_code["source"]), "the first code cell must call setup() (CPU/CI detection)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_executes(path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("CI", "1")
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NB_DIR)}})
+    t0 = time.perf_counter()
+    client.execute()
+    took = time.perf_counter() - t0
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors, errors
+    assert took < BUDGET_S, f"{path.name} took {took:.0f} s on this machine (budget {BUDGET_S} s)"
+    # every code cell ran and the figure cells produced something to look at
+    assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
+    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if o.get("output_type") in ("display_data", "execute_result")]
+    assert shown, f"{path.name} displays nothing"
