@@ -417,11 +417,24 @@ def make_scratch(q, k, prefix_lens, num_splits=None):
 
 
 def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse=False, *,
-                   out=None, lse_out=None, num_splits=None, scratch=None):
+                   out=None, lse_out=None, num_splits=None, scratch=None, max_prefix=None):
     """Attention of q [B, Hq, T, D] to cache slots [0, P_b) (all visible) and [P_b, P_b+T) (block_mask,
     True = may attend; None = causal). Returns o [B, Hq, T, D] (q.dtype) and, if return_lse, the natural
-    log-sum-exp [B, Hq, T] float32 of the scaled scores. Rows that see no key: o = 0, lse = -inf."""
-    B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
+    log-sum-exp [B, Hq, T] float32 of the scaled scores. Rows that see no key: o = 0, lse = -inf.
+
+    `max_prefix`: with `prefix_lens` an integer tensor on the device, plan the splits for this upper
+    bound and read the lengths only inside the kernel, so the call never waits on the host (CUDA-graph
+    capture). The caller guarantees prefix_lens[b] <= max_prefix."""
+    device_lens = max_prefix is not None
+    if device_lens:
+        if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.is_floating_point():
+            raise ValueError("max_prefix needs prefix_lens as an integer tensor [B] on the device; "
+                             "pass an int prefix without max_prefix otherwise")
+        B = q.shape[0]
+        B, Hq, Hkv, T, S, D, plist = _check(q, k, v, int(max_prefix), block_mask)
+        dev_pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
+    else:
+        B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
     if q.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError("tree_attention runs Triton kernels: on CPU set TRITON_INTERPRET=1 before importing "
                            "longspec_lab.kernels.tree_attention, or use attention backend 'torch'")
@@ -443,8 +456,11 @@ def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse
         _check_buffer("scratch[1]", lse_part, (B * Hkv, n_splits + 1, rows), torch.float32, q.device)
         if not (o_part.is_contiguous() and lse_part.is_contiguous()):
             raise ValueError("scratch tensors must be contiguous; allocate them with make_scratch()")
-    ragged = isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1
-    pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else q
+    ragged = device_lens or (isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1)
+    if device_lens:
+        pref = dev_pref
+    else:
+        pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else q
     causal = block_mask is None
     mask = q if causal else pack_block_mask(block_mask)                 # int32 [B or 1, T, W]
     sm_b = 0 if causal or mask.shape[0] == 1 else mask.stride(0)

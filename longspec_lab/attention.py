@@ -78,6 +78,26 @@ def _dense_mask(prefix_len, block_len, block_mask, T, device):
     return full
 
 
+def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, block_len: int):
+    """The same attention with the prefix length in a device tensor [1] and shapes that do not
+    depend on it (for CUDA graphs): keys are all S cache slots, hidden by a mask built on the device."""
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    if backend == "triton" and block_len == T and q.device.type == "cuda":
+        from .kernels.tree_attention import tree_attention
+
+        return tree_attention(q, k, v, prefix_len, block_mask, max_prefix=S - T)
+    j = torch.arange(S, device=q.device)
+    vis = (j < prefix_len)[None].expand(T, S)  # [T, S] the prefix, all visible
+    if block_len:
+        if block_mask is None:
+            block_mask = torch.ones(T, block_len, dtype=torch.bool, device=q.device).tril(block_len - T)
+        rel = j - prefix_len  # slot -> index inside the block
+        inside = (rel >= 0) & (rel < block_len)
+        vis = vis | (block_mask[:, rel.clamp(0, block_len - 1)] & inside)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=D ** -0.5, enable_gqa=True)
+
+
 def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", block_len=None,
            return_lse: bool = False):
     """Attention of q [B, Hq, T, D] over cache slots [0, prefix_len) (all visible) plus the
@@ -85,6 +105,8 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
     `block_mask` [T, block_len] (True = visible; None = causal). Returns [B, Hq, T, D] in q.dtype."""
     B, Hq, T, D = q.shape
     block_len = T if block_len is None else block_len
+    if isinstance(prefix_len, torch.Tensor):
+        return attend_static(q, k, v, prefix_len, block_mask, backend, block_len)
     scale = D ** -0.5
     if backend == "triton" and block_len == T:
         from .kernels.tree_attention import tree_attention

@@ -132,6 +132,23 @@ def test_many_splits_ragged_tail():
         torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_device_prefix_lengths_with_max_prefix():
+    """CUDA-graph mode: lengths stay in a tensor, splits are planned for an upper bound."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, D = 2, 8, 2, 9, 64
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k, v = torch.randn(B, Hkv, 300, D, generator=gen), torch.randn(B, Hkv, 300, D, generator=gen)
+    mask = random_tree_mask(T, gen, n_pending=3)
+    for lens in ([0, 0], [5, 250], [291, 17]):
+        pref = torch.tensor(lens)
+        o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, max_prefix=300 - T)
+        ro, rlse = ta.tree_attention_reference(q, k, v, pref, mask, return_lse=True, out_dtype=torch.float64)
+        torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="integer tensor"):
+        ta.tree_attention(q, k, v, 5, mask, max_prefix=200)
+
+
 def test_empty_rows_give_zero_and_minus_inf():
     gen = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, 2, 4, 64, generator=gen), torch.randn(1, 1, 8, 64, generator=gen), \

@@ -38,9 +38,15 @@ class KVCache:
                 f"the cache holds {self.max_len}; allocate a larger cache (max_len) or generate fewer tokens"
             )
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v [B, Hkv, T, D] -> slots [start, start+T) of this layer
+    def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [B, Hkv, T, D] -> slots [start, start+T) of this layer; `start` may be a device
+        # tensor [1] (static shapes for CUDA graphs), then the write is an index_copy
         T = k.shape[2]
+        if isinstance(start, torch.Tensor):
+            idx = start + torch.arange(T, device=k.device)
+            self.k[layer].index_copy_(2, idx, k)
+            self.v[layer].index_copy_(2, idx, v)
+            return
         self.k[layer, :, :, start:start + T] = k
         self.v[layer, :, :, start:start + T] = v
 

@@ -87,7 +87,11 @@ class Target(nn.Module):
         B, T = input_ids.shape
         if cache is not None:
             start = cache.length if start is None else start
-            cache.check_room(start, T)
+            if isinstance(start, torch.Tensor):  # static-shape path: the caller guarantees room
+                if positions is None:
+                    raise ValueError("a tensor `start` needs explicit positions")
+            else:
+                cache.check_room(start, T)
         else:
             start = 0
         if positions is None:
