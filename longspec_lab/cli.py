@@ -2,6 +2,8 @@
 
     longspec-lab generate   greedy generation (ar / chain / tree) with the embedded or a local HF model
     longspec-lab demo       ar, chain and tree side by side on a held-out long code prompt
+    longspec-lab bench      end-to-end tokens/s against transformers (greedy, prompt lookup)
+    longspec-lab tune       search tree shapes for the most tokens/s on this device
     longspec-lab train-target / train-draft   train the embedded pair (GPU recommended)
 Every subcommand explains itself with --help.
 """
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, helptext in [
         ("train-target", "train_target", "train the embedded target model (GPU recommended)"),
         ("train-draft", "train_draft", "train the GliDe draft against the frozen target (GPU recommended)"),
+        ("bench", "bench", "end-to-end benchmark against transformers generate (writes JSON)"),
+        ("tune", "tune", "search tree shapes for the most tokens/s on this device"),
     ]:
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.set_defaults(func=None, module=module)
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("train-target", "train-draft"):
+    if argv and argv[0] in ("train-target", "train-draft", "bench", "tune"):
         import importlib
 
         mod = importlib.import_module(f"longspec_lab.{argv[0].replace('-', '_')}")

@@ -77,8 +77,8 @@ class _Plan:
         sk = (1, dc.num_kv_heads, N - 1, dc.head_dim)
         self.sk = torch.zeros(sk, dtype=d.dtype, device=dev)
         self.sv = torch.zeros_like(self.sk)
-        self.stages = [("draft", _Stage(self._draft_root))]
-        self.stages += [("draft", _Stage(lambda l=l: self._draft_level(l))) for l in range(2, D + 1)]
+        self.stages = [("draft1", _Stage(self._draft_root))]  # ingest + level 1
+        self.stages += [(f"draft{l}", _Stage(lambda l=l: self._draft_level(l))) for l in range(2, D + 1)]
         self.stages += [("verify", _Stage(self._verify)), ("commit", _Stage(self._commit))]
 
     def capture(self):
@@ -304,8 +304,11 @@ class FastDecoder(SpecDecoder):
                 toks, stopped = toks[: i + 1], True
                 break
         stages = {"prefill": t_prefill}
-        for name, evs in stage_events.items():
-            stages[name] = sum(a.elapsed_time(b) for a, b in evs) / 1e3
+        for name, evs in stage_events.items():  # per-level draft times also summed into "draft"
+            secs = sum(a.elapsed_time(b) for a, b in evs) / 1e3
+            stages[name] = secs
+            if name.startswith("draft"):
+                stages["draft"] = stages.get("draft", 0.0) + secs
         res = GenerationResult(method, toks, 1 + steps, [], stages, wall,
                                draft_calls=steps * (shape.depth if shape is not None else 0),
                                tree_shape=list(shape.widths) if method == "tree" else None,

@@ -1,0 +1,193 @@
+"""Tree-shape tuner: which [w1, ..., wD] gives the most tokens per second on this device?
+
+Method (a model-guided exhaustive search, then measurement):
+1. Acceptance. Decode a few held-out prompts with a wide *probe* tree and, at every step, follow
+   the target's greedy path through the tree, recording the sibling rank (position inside its beam
+   level) of the path's node at each depth. A narrower shape W keeps the path to depth l iff every
+   rank r_j <= w_j for j <= l, so its expected accepted length is 1 + mean_steps sum_l
+   prod_{j<=l} [r_j < w_j]. (Conservative: in a narrower tree the path's node has fewer rivals.)
+2. Latency. Time whole decoding steps for a set of calibration shapes with the decoder in use
+   (CUDA-graph fast path on the GPU, the eager loop on the CPU) and fit
+       t_step = a + b * depth + c * nodes + d * (nodes drafted from, i.e. w_1 + ... + w_{D-1})
+   by least squares: the verify pass grows with the node count, each draft level costs a launch
+   sequence plus its width.
+3. Search. Score every shape on a width grid (depth <= max_depth, nodes <= max_nodes) by
+   expected accepted length / predicted step time, exhaustively.
+4. Validate. Run the top candidates and the default [4, 16, 16, 16, 16] for real and rank them by
+   measured tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from .tree import DEFAULT_TREE_SHAPE, TreeShape
+
+CALIBRATION_SHAPES = ([1], [4], [16], [64], [1, 1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16, 32],
+                      [4, 16, 16, 16, 16], [8, 8, 8, 8, 8, 8], [16, 32, 32])
+WIDTH_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def path_ranks(trace, depth: int) -> torch.Tensor:
+    """[steps, depth] sibling ranks of the target's greedy path through each traced tree (inf where
+    the path has left the tree)."""
+    out = torch.full((len(trace), depth), float("inf"))
+    for s, rec in enumerate(trace):
+        tree, preds = rec.tree, rec.target_tokens.tolist()
+        off = tree.shape.level_offsets
+        toks, pars = tree.tokens.tolist(), tree.parents.tolist()
+        node = 0
+        for l in range(1, tree.shape.depth + 1):
+            nxt = [c for c in range(off[l], off[l + 1]) if pars[c] == node and toks[c] == preds[node]]
+            if not nxt:
+                break
+            node = nxt[0]
+            out[s, l - 1] = node - off[l]
+    return out
+
+
+def expected_accept(ranks: torch.Tensor, shapes: list) -> torch.Tensor:
+    """Mean accepted length (bonus token included) of each shape under the recorded ranks."""
+    D = ranks.shape[1]
+    W = torch.full((len(shapes), D), -1.0)
+    for i, s in enumerate(shapes):
+        W[i, : len(s)] = torch.tensor(s, dtype=torch.float)
+    out = []
+    for chunk in W.split(4096):
+        kept = (ranks[None] < chunk[:, None]).cumprod(-1)  # [S, steps, D]
+        out.append(1 + kept.sum(-1).double().mean(-1))
+    return torch.cat(out)
+
+
+def features(shape) -> list[float]:
+    s = TreeShape.of(shape)
+    return [1.0, float(s.depth), float(s.num_nodes), float(sum(s.widths[:-1]))]
+
+
+def fit_latency(step_times: dict) -> torch.Tensor:
+    X = torch.tensor([features(json.loads(k)) for k in step_times], dtype=torch.float64)
+    y = torch.tensor(list(step_times.values()), dtype=torch.float64)
+    return torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+
+
+def candidate_shapes(max_depth: int, max_nodes: int, probe) -> list:
+    shapes = []
+    for d in range(1, max_depth + 1):
+        for ws in itertools.product(WIDTH_GRID, repeat=d):
+            if sum(ws) + 1 > max_nodes or any(w > p for w, p in zip(ws, probe)):
+                continue
+            shapes.append(list(ws))
+    return shapes
+
+
+def measure(dec, prompts, shape, n_tokens) -> dict:
+    toks = secs = calls = 0
+    for ids in prompts:
+        r = dec.generate(ids, method="tree", tree_shape=shape, max_new_tokens=n_tokens, stop_at_eos=False)
+        toks += len(r.new_tokens) - 1
+        secs += r.decode_seconds
+        calls += r.target_calls - 1
+    return {"tokens_per_s": toks / secs, "tau": toks / max(calls, 1), "step_seconds": secs / max(calls, 1)}
+
+
+def tune(target, draft, prompts, probe_shape=(16, 32, 32, 32, 32, 32, 32), max_depth=6, max_nodes=160,
+         n_tokens=64, top=5, fast=None, progress=True, calibration=CALIBRATION_SHAPES) -> dict:
+    from tqdm.auto import tqdm
+
+    from .decode import SpecDecoder
+
+    probe = TreeShape.of(list(probe_shape))
+    eager = SpecDecoder(target, draft)
+    if fast is None:
+        fast = target.device.type == "cuda"
+    if fast:
+        from .fast import FastDecoder
+
+        timer_dec = FastDecoder(target, draft)
+    else:
+        timer_dec = eager
+    bar = tqdm(total=len(prompts) + len(calibration) + top + 1, disable=not progress, desc="tune")
+    trace = []
+    for ids in prompts:  # 1. acceptance ranks from probe traces
+        trace += eager.generate(ids, method="tree", tree_shape=probe, max_new_tokens=n_tokens,
+                                trace=True, stop_at_eos=False).trace
+        bar.update()
+    ranks = path_ranks(trace, probe.depth)
+    timer_dec.generate(prompts[0][:256], method="tree", max_new_tokens=8)  # warm-up
+    steps = {}
+    for s in calibration:  # 2. step latency against tree size
+        timer_dec.generate(prompts[0], method="tree", tree_shape=s, max_new_tokens=8, stop_at_eos=False)
+        steps[json.dumps(list(s))] = measure(timer_dec, prompts[:1], list(s), n_tokens)["step_seconds"]
+        bar.update()
+    coef = fit_latency(steps)
+    shapes = candidate_shapes(max_depth, max_nodes, probe.widths)  # 3. exhaustive model search
+    acc = expected_accept(ranks, shapes)
+    t = torch.tensor([features(s) for s in shapes], dtype=torch.float64) @ coef
+    score = acc.double() / t.clamp_min(1e-9)
+    order = score.argsort(descending=True).tolist()
+    best = [shapes[i] for i in order[:top]]
+    model = {json.dumps(shapes[i]): {"expected_accept": float(acc[i]), "predicted_step_s": float(t[i]),
+                                     "predicted_tokens_per_s": float(score[i])} for i in order[:top]}
+    default = list(DEFAULT_TREE_SHAPE.widths)
+    validated = {}
+    for s in best + ([default] if default not in best else []):  # 4. measure for real
+        validated[json.dumps(s)] = measure(timer_dec, prompts, s, n_tokens)
+        bar.update()
+    bar.close()
+    winner = max(validated, key=lambda k: validated[k]["tokens_per_s"])
+    return {"method": "exhaustive search on a width grid, scored by recorded path ranks x fitted step latency; "
+                      "top candidates validated by running them",
+            "probe_shape": list(probe.widths), "probe_steps": len(trace),
+            "acceptance_by_depth": [float((ranks[:, :l + 1] < float("inf")).all(-1).float().mean())
+                                    for l in range(probe.depth)],
+            "calibration_step_seconds": steps, "latency_coef": coef.tolist(),
+            "searched_shapes": len(shapes), "model_top": model, "validated": validated,
+            "best_shape": json.loads(winner), "default_shape": default,
+            "best_vs_default": validated[winner]["tokens_per_s"] / validated[json.dumps(default)]["tokens_per_s"],
+            "decoder": type(timer_dec).__name__}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="longspec-lab tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="target folder (default: data/embedded)")
+    ap.add_argument("--draft", default=None, help="draft folder (default: data/embedded-draft)")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: auto)")
+    ap.add_argument("--dtype", default=None, help="float32 / bf16 / fp16")
+    ap.add_argument("--num-prompts", type=int, default=3, help="held-out prompts (default: 3)")
+    ap.add_argument("--prompt-tokens", type=int, default=2000, help="prompt length (default: 2000)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per run (default: 64)")
+    ap.add_argument("--probe-shape", default="16,32,32,32,32,32,32", help="wide tree for acceptance ranks")
+    ap.add_argument("--max-depth", type=int, default=6)
+    ap.add_argument("--max-nodes", type=int, default=160)
+    ap.add_argument("--top", type=int, default=5, help="candidates validated by running (default: 5)")
+    ap.add_argument("--out", default=None, help="write the JSON report here")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    from .bench import environment
+    from .corpus import load_prompts
+    from .load import load_pair
+
+    target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
+    prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in load_prompts(min_tokens=1000)]
+    rep = tune(target, draft, prompts[: args.num_prompts], [int(x) for x in args.probe_shape.split(",")],
+               args.max_depth, args.max_nodes, args.new_tokens, args.top, progress=not args.quiet)
+    rep["environment"] = environment(target.device)
+    print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
+    for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):
+        print(f"{k:<32}{v['tokens_per_s']:>10.1f}{v['tau']:>7.2f}")
+    print(f"best {rep['best_shape']}: {rep['best_vs_default']:.2f}x the default {rep['default_shape']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The tuner's acceptance model against brute force and against real traces, and a CPU smoke run."""
+
+import json
+
+import torch
+
+from longspec_lab.corpus import load_prompts
+from longspec_lab.decode import SpecDecoder
+from longspec_lab.tune import candidate_shapes, expected_accept, fit_latency, path_ranks, tune
+
+
+def test_expected_accept_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    ranks = torch.randint(0, 12, (200, 5), generator=g).float()
+    ranks[ranks > 9] = float("inf")
+    shapes = [[1], [4, 4], [16, 2, 8], [3, 3, 3, 3, 3], [10, 10, 10, 10, 10]]
+    got = expected_accept(ranks, shapes)
+    for s, v in zip(shapes, got):
+        total = 0
+        for row in ranks.tolist():
+            n = 1
+            for r, w in zip(row, s):
+                if r < w:
+                    n += 1
+                else:
+                    break
+            total += n
+        assert abs(v.item() - total / len(ranks)) < 1e-9
+
+
+def test_probe_model_reproduces_real_acceptance(embedded_pair):
+    """On the probe shape itself, the rank model must give exactly the accepted lengths observed."""
+    target, draft, tok = embedded_pair
+    ids = tok.encode(load_prompts(min_tokens=1000)[0]["text"])[:400]
+    shape = [4, 8, 8, 8]
+    res = SpecDecoder(target, draft).generate(ids, tree_shape=shape, max_new_tokens=40, trace=True,
+                                              stop_at_eos=False)
+    ranks = path_ranks(res.trace, 4)
+    real = [len(r.result.emitted) for r in res.trace]
+    assert abs(expected_accept(ranks, [shape]).item() - sum(real) / len(real)) < 1e-9
+
+
+def test_latency_fit_recovers_a_linear_model():
+    shapes = [[1], [4], [16], [1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16]]
+    true = torch.tensor([2e-3, 5e-4, 1e-5, 3e-6], dtype=torch.float64)
+    from longspec_lab.tune import features
+
+    times = {json.dumps(s): float(torch.tensor(features(s), dtype=torch.float64) @ true) for s in shapes}
+    assert torch.allclose(fit_latency(times), true, rtol=1e-6, atol=1e-12)
+    assert all(sum(s) + 1 <= 30 and len(s) <= 2 for s in candidate_shapes(2, 30, (8, 8)))
+
+
+def test_tune_smoke_cpu(embedded_pair):
+    target, draft, tok = embedded_pair
+    prompts = [tok.encode(p["text"])[:300] for p in load_prompts(min_tokens=1000)[:1]]
+    rep = tune(target, draft, prompts, probe_shape=(4, 8, 8), max_depth=3, max_nodes=40, n_tokens=12,
+               top=2, progress=False, calibration=([1], [4], [4, 4], [2, 4, 8]))
+    assert rep["best_shape"] in [json.loads(k) for k in rep["validated"]]
+    assert json.dumps(rep["default_shape"]) in rep["validated"]
+    assert rep["searched_shapes"] == len(candidate_shapes(3, 40, (4, 8, 8)))
