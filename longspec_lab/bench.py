@@ -68,36 +68,62 @@ def _hf_time(hf, ids, n, device, **kw):
     return max(total - first, 1e-9), out[0, len(ids):].tolist()
 
 
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shapes=DEFAULT_SHAPES,
-              gammas=(4,), hf_model=None, backend=None, progress=True, decoder_cls=None) -> dict:
+              gammas=(4,), hf_model=None, backend=None, progress=True, fast=None,
+              extra_backends=()) -> dict:
+    """Our loops: the CUDA-graph fast path on the GPU (`fast=None` -> on CUDA), else the eager loop.
+    Per-stage times come from a second, separately timed run with per-stage CUDA events (or the
+    eager loop's synchronised timers), so the tokens/s runs carry no timing overhead."""
     from tqdm.auto import tqdm
 
     from .decode import SpecDecoder
+    from .fast import FastDecoder
 
-    dec = (decoder_cls or SpecDecoder)(target, draft, backend=backend)
-    configs = [("ar", dict(method="ar"))]
-    configs += [(f"chain-g{g}", dict(method="chain", gamma=g)) for g in gammas]
-    configs += [("tree-" + "-".join(map(str, s)), dict(method="tree", tree_shape=list(s))) for s in shapes]
-    rows = {name: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}} for name, _ in configs}
+    fast = target.device.type == "cuda" if fast is None else fast
+    make = (lambda be, **kw: FastDecoder(target, draft, backend=be, **kw)) if fast else \
+        (lambda be, **kw: SpecDecoder(target, draft, backend=be))
+    dec = make(backend)
+    timed = make(backend, stage_timing=True) if fast else dec
+    configs = [("ar", dict(method="ar"), dec)]
+    configs += [(f"chain-g{g}", dict(method="chain", gamma=g), dec) for g in gammas]
+    configs += [("tree-" + "-".join(map(str, s)), dict(method="tree", tree_shape=list(s)), dec) for s in shapes]
+    for be in extra_backends:
+        configs.append((f"tree-{'-'.join(map(str, shapes[0]))}-{be}", dict(method="tree", tree_shape=list(shapes[0])),
+                        make(be)))
+    rows = {name: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}, "stage_seconds_total": 0.0}
+            for name, _, _ in configs}
     hf_rows = {}
     dec.generate(prompts[0][:128], method="tree", max_new_tokens=16)  # global warm-up
     bar = tqdm(total=len(prompts) * (len(configs) + (2 if hf_model is not None else 0)),
                disable=not progress, desc="bench")
-    agree = True
+    agree, same_prefix = True, []
     for ids in prompts:
         ref = None
-        for name, kw in configs:
-            dec.generate(ids, max_new_tokens=min(32, max_new_tokens), stop_at_eos=False, **kw)  # warm-up
-            res = dec.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
+        for name, kw, d in configs:
+            d.generate(ids, max_new_tokens=min(32, max_new_tokens), stop_at_eos=False, **kw)  # warm-up
+            res = d.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
             ref = res.new_tokens if ref is None else ref
             agree &= res.new_tokens == ref
+            same_prefix.append(_common_prefix(res.new_tokens, ref))
             r = rows[name]
             r["tokens"] += len(res.new_tokens) - 1
             r["seconds"] += res.decode_seconds
             r["target_calls"] += res.target_calls - 1
-            for k, v in res.stage_seconds.items():
-                if k != "prefill":
+            st = timed.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw) \
+                if (fast and d is dec) else res
+            for k, v in st.stage_seconds.items():
+                if k in ("draft", "verify", "commit"):
                     r["stages"][k] = r["stages"].get(k, 0.0) + v
+            r["stage_seconds_total"] += st.decode_seconds
             bar.update()
         if hf_model is not None:
             for name, kw in [("hf-greedy", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10})]:
@@ -113,8 +139,9 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
         o = {"tokens_per_s": r["tokens"] / r["seconds"], "tokens": r["tokens"], "seconds": r["seconds"]}
         if "target_calls" in r:
             o["tau"] = (r["tokens"]) / max(r["target_calls"], 1)
-            other = r["seconds"] - sum(r["stages"].values())
-            o["stage_seconds"] = {**r["stages"], "overhead": max(other, 0.0)}
+            if r["stages"]:
+                other = r["stage_seconds_total"] - sum(r["stages"].values())
+                o["stage_seconds"] = {**r["stages"], "overhead": max(other, 0.0)}
         out[name] = o
     ar = out["ar"]["tokens_per_s"]
     hf = out.get("hf-greedy", {}).get("tokens_per_s")
@@ -124,8 +151,38 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
             o["speedup_vs_hf"] = o["tokens_per_s"] / hf
         if "tau" in o:
             o["efficiency"] = o["speedup_vs_ar"] / o["tau"]
-    return {"results": out, "outputs_identical": bool(agree), "backend": dec.backend,
+    return {"results": out, "outputs_identical": bool(agree),
+            "min_common_prefix_with_ar": min(same_prefix) if same_prefix else None,
+            "backend": dec.backend, "decoder": type(dec).__name__,
             "max_new_tokens": max_new_tokens, "num_prompts": len(prompts)}
+
+
+def write_plot(rep: dict, path) -> str:
+    """tokens/s (bars) and tau (markers) per method; HTML unless kaleido can write images."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(rep["results"])
+    res = rep["results"]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_bar(x=names, y=[res[n]["tokens_per_s"] for n in names], name="tokens/s")
+    fig.add_scatter(x=names, y=[res[n].get("tau") for n in names], mode="markers", name="tau",
+                    marker={"size": 12, "symbol": "diamond"}, secondary_y=True)
+    env = rep.get("environment", {})
+    fig.update_layout(title=f"End-to-end greedy decoding, {env.get('gpu') or 'CPU'} "
+                            f"({rep['max_new_tokens']} new tokens, {rep['num_prompts']} held-out prompts)",
+                      xaxis_title="method", legend_title="measure")
+    fig.update_yaxes(title_text="tokens per second", secondary_y=False)
+    fig.update_yaxes(title_text="tau (tokens per target pass)", secondary_y=True)
+    path = str(path)
+    try:
+        if not path.endswith(".html"):
+            fig.write_image(path)
+            return path
+    except Exception:
+        path = path.rsplit(".", 1)[0] + ".html"
+    fig.write_html(path, include_plotlyjs="cdn")
+    return path
 
 
 def main(argv=None) -> int:
@@ -141,7 +198,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
                     help="tree shapes, ';'-separated (default: %(default)s)")
+    ap.add_argument("--gammas", default="4,5", help="chain lengths (default: %(default)s)")
+    ap.add_argument("--extra-backends", default="", help="also run the first tree shape with these backends")
+    ap.add_argument("--eager", action="store_true", help="use the eager loop even on CUDA")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--plot", default=None, help="write a tokens/s + tau figure (HTML, or PNG/SVG if kaleido exists)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -162,8 +223,11 @@ def main(argv=None) -> int:
         hf = AutoModelForCausalLM.from_pretrained(str(args.model or EMBEDDED_TARGET), dtype=target.dtype)
         hf = hf.to(target.device).eval()
     shapes = [list(map(int, s.split(","))) for s in args.shapes.split(";") if s]
-    rep = run_bench(target, draft, prompts, args.max_new_tokens, shapes, hf_model=hf,
-                    backend=args.attention_backend, progress=not args.quiet)
+    rep = run_bench(target, draft, prompts, args.max_new_tokens, shapes,
+                    gammas=[int(g) for g in args.gammas.split(",") if g], hf_model=hf,
+                    backend=args.attention_backend, progress=not args.quiet,
+                    fast=False if args.eager else None,
+                    extra_backends=[b for b in args.extra_backends.split(",") if b])
     rep["environment"] = environment(target.device)
     rep["prompt_tokens"] = [len(p) for p in prompts]
     rep["dtype"] = str(target.dtype).replace("torch.", "")
@@ -177,6 +241,8 @@ def main(argv=None) -> int:
               f"{o['speedup_vs_ar']:>8.2f}{o.get('speedup_vs_hf', float('nan')):>8.2f}"
               f"{o.get('efficiency', float('nan')):>7.2f}")
     print(f"outputs identical across methods: {rep['outputs_identical']}")
+    if args.plot:
+        write_plot(rep, args.plot)
     return 0
 
 

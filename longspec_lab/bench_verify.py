@@ -110,7 +110,8 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
             hf = LlamaForCausalLM(hcfg)
         hf.load_state_dict(target.state_dict(), assign=True, strict=False)
         hf.lm_head.weight = target.lm_head.weight
-        hf.model.rotary_emb = hf.model.rotary_emb.__class__(config=hcfg, device=dev)
+        with torch.device(dev):  # its inv_freq buffer was created on the meta device
+            hf.model.rotary_emb = hf.model.rotary_emb.__class__(config=hcfg)
         hf = hf.to(dev).eval()
     rows = []
     bar = tqdm(contexts, disable=not progress, desc="contexts")
@@ -135,14 +136,22 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
                 except Exception as e:  # record why a backend cannot be captured
                     row[f"{be}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
                 torch.cuda.synchronize()
+            try:
+                row.update(_draft_and_commit(target, cache, P, dtype, dev))
+            except Exception as e:
+                row["draft_error"] = f"{type(e).__name__}: {e}"[:300]
             if hf is not None:
-                row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev))
+                ours = target(xT, positions=pos, cache=cache, start=P, mask=mask, backend=backends[0])
+                row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev, cache, ours))
         for be in backends:
             for kind in ("decode", "verify"):
                 key = f"{be}_{kind}_graph_ms" if f"{be}_{kind}_graph_ms" in row else f"{be}_{kind}_ms"
                 row[f"{be}_{kind}_vs_floor"] = row[key] / row[f"floor_{kind}_ms"]
             best = lambda k: row.get(f"{be}_{k}_graph_ms", row[f"{be}_{k}_ms"])  # noqa: E731
             row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
+            if tau and "draft_step_graph_ms" in row:  # a projection, not a measurement
+                step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
+                row[f"{be}_projected_speedup"] = tau * best("decode") / step
         rows.append(row)
         del cache
         torch.cuda.empty_cache()
@@ -151,15 +160,54 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
             "tree_shape": list(DEFAULT_TREE_SHAPE.widths), "dtype": str(dtype).replace("torch.", "")}
 
 
-def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev) -> dict:
+def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
+    """Graph-captured cost of one tree step's drafting (an 8B-shaped one-layer GliDe draft: ingest of
+    5 tokens + levels over 4, 16, 16, 16 nodes, each with its top-k) and of the commit gather."""
+    import triton
+
+    from .models.glide import DraftConfig, Glide
+
+    torch.manual_seed(0)
+    d = Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval()
+    dc = d.config
+    W = dc.window
+    rk = torch.randn(1, dc.num_kv_heads, W + 69, dc.head_dim, dtype=dtype, device=dev)
+    rv = torch.randn_like(rk)
+    vis_cross = (torch.arange(cache.k.shape[3], device=dev) < P)[None]
+
+    def cross(q):
+        return torch.nn.functional.scaled_dot_product_attention(q, cache.k[-1], cache.v[-1], attn_mask=vis_cross,
+                                                                enable_gqa=True)
+
+    def level(n):
+        toks = torch.zeros(1, n, dtype=torch.long, device=dev)
+        pos = torch.full((1, n), P, device=dev)
+        selfa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, rk, rv, enable_gqa=True)
+        return lambda: torch.topk(d._layer(toks, pos, selfa, cross)[0].float().log_softmax(-1).flatten(), 16)
+
+    fns = [level(n) for n in (5, 4, 16, 16, 16)]
+    draft_ms = sum(triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns)
+    path = torch.arange(6, device=dev)
+    Pt = torch.tensor([P], device=dev)
+
+    def commit():
+        for t in (cache.k, cache.v):
+            t.index_copy_(3, Pt + path, t.index_select(3, Pt + path))
+
+    return {"draft_step_graph_ms": draft_ms, "commit_graph_ms": triton.testing.do_bench(graphed(commit), warmup=5, rep=40)}
+
+
+def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) -> dict:
+    """Stock transformers on the same weights and the same cached K/V; also checks that its verify
+    logits agree with ours."""
     import triton
     from transformers import DynamicCache
 
     T = mask.shape[0]
     cache = DynamicCache(config=hf.config)
     for layer in range(cfg.num_layers):
-        k = torch.randn(1, cfg.num_kv_heads, P, cfg.head_dim, dtype=dtype, device=dev)
-        cache.update(k, torch.randn_like(k), layer)
+        cache.update(ours_cache.k[layer, :, :, :P].clone(), ours_cache.v[layer, :, :, :P].clone(), layer)
     full = torch.ones(T, P + T, dtype=torch.bool, device=dev)
     full[:, P:] = mask
     add = torch.zeros(1, 1, T, P + T, dtype=dtype, device=dev).masked_fill(~full, torch.finfo(dtype).min)
@@ -169,15 +217,19 @@ def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev) -> dict:
     def dec():
         hf(input_ids=x1, past_key_values=cache, use_cache=True,
            position_ids=torch.full((1, 1), P, device=dev), logits_to_keep=1)
-        cache.crop(P)
+        cache.crop(-1)
 
     def ver():
-        hf(input_ids=xT, past_key_values=cache, use_cache=True, attention_mask=add,
-           position_ids=(P + offsets)[None])
-        cache.crop(P)
+        out = hf(input_ids=xT, past_key_values=cache, use_cache=True, attention_mask=add,
+                 position_ids=(P + offsets)[None]).logits
+        cache.crop(-T)
+        return out
 
     out = {}
     try:
+        ref = ver().float()
+        out["hf_vs_ours_verify_logits_max_abs_diff"] = float((ref - ours_logits.float()).abs().max())
+        out["logits_max_abs"] = float(ref.abs().max())
         out["hf_decode_ms"] = triton.testing.do_bench(dec, warmup=3, rep=30)
         out["hf_verify_ms"] = triton.testing.do_bench(ver, warmup=3, rep=30)
         out["hf_verify_over_decode"] = out["hf_verify_ms"] / out["hf_decode_ms"]
@@ -193,12 +245,17 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="4096,32768,131072", help="comma-separated (default: %(default)s)")
     ap.add_argument("--backends", default="triton,sdpa", help="comma-separated (default: %(default)s)")
     ap.add_argument("--no-hf", action="store_true", help="skip stock transformers")
+    ap.add_argument("--tau", type=float, default=5.0,
+                    help="accepted length used for the projected speedup (default: the embedded pair's "
+                         "measured tree tau, about 5)")
     ap.add_argument("--out", default="data/results/verify_8b_h200.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_verify needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB)")
-    rep = measure([int(c) for c in args.contexts.split(",")], args.backends.split(","),
+    rep = measure([int(c) for c in args.contexts.split(",")], args.backends.split(","), tau=args.tau,
                   with_hf=not args.no_hf)
+    rep["projection_note"] = ("projected_speedup = tau x t_decode / (t_draft + t_verify + t_commit) with random "
+                              "weights: a projection from measured step costs, not a measured speedup")
     rep["environment"] = environment("cuda")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")

@@ -1,0 +1,60 @@
+"""The GPU measurement jobs, in the order the project runs them on a rented H200.
+
+    python -m longspec_lab.gpu_jobs --out OUT_DIR [--only kernel,verify,e2e,tune]
+
+Each job is a subprocess with its own time limit and log file, so one failure does not lose the
+others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
+  kernel  python -m longspec_lab.kernels.bench_tree_attention   (tree attention against SDPA, Flex, floor)
+  verify  python -m longspec_lab.bench_verify                   (8B-shaped verify vs decode cost)
+  e2e     python -m longspec_lab.bench                          (embedded pair against transformers)
+  tune    python -m longspec_lab.tune                           (tree-shape search, validated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def jobs(out: Path) -> dict:
+    py = sys.executable
+    return {
+        "kernel": ([py, "-m", "longspec_lab.kernels.bench_tree_attention", "--out", str(out / "tree_attention_h200.json"),
+                    "--plot", str(out / "tree_attention_h200.svg")], 420, {}),
+        "verify": ([py, "-m", "longspec_lab.bench_verify", "--out", str(out / "verify_8b_h200.json")], 200, {}),
+        "e2e": ([py, "-m", "longspec_lab.bench", "--device", "cuda", "--num-prompts", "4", "--max-new-tokens", "256",
+                 "--extra-backends", "sdpa", "--quiet", "--out", str(out / "e2e_h200.json")], 240,
+                {"LONGSPEC_AUTOTUNE": "0"}),
+        "tune": ([py, "-m", "longspec_lab.tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
+                 200, {"LONGSPEC_AUTOTUNE": "0"}),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for the JSON files and logs")
+    ap.add_argument("--only", default="kernel,verify,e2e,tune", help="comma-separated job names")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = jobs(out)
+    for name in args.only.split(","):
+        cmd, limit, env = table[name]
+        t0 = time.time()
+        with open(out / f"{name}.log", "w") as log:
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **env}).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        print(f"[{name}] rc={rc} in {time.time() - t0:.0f}s", flush=True)
+        print("".join(open(out / f"{name}.log").readlines()[-12:]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
