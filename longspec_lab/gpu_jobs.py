@@ -25,9 +25,9 @@ def jobs(out: Path) -> dict:
     return {
         "kernel": ([py, "-m", "longspec_lab.kernels.bench_tree_attention", "--out", str(out / "tree_attention_h200.json"),
                     "--plot", str(out / "tree_attention_h200.svg")], 420, {}),
-        "verify": ([py, "-m", "longspec_lab.bench_verify", "--out", str(out / "verify_8b_h200.json")], 200, {}),
+        "verify": ([py, "-m", "longspec_lab.bench_verify", "--out", str(out / "verify_8b_h200.json")], 180, {}),
         "e2e": ([py, "-m", "longspec_lab.bench", "--device", "cuda", "--num-prompts", "4", "--max-new-tokens", "256",
-                 "--extra-backends", "sdpa", "--quiet", "--out", str(out / "e2e_h200.json")], 240,
+                 "--extra-backends", "sdpa", "--quiet", "--out", str(out / "e2e_h200.json")], 210,
                 {"LONGSPEC_AUTOTUNE": "0"}),
         "tune": ([py, "-m", "longspec_lab.tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
                  200, {"LONGSPEC_AUTOTUNE": "0"}),
