@@ -287,21 +287,23 @@ def sibling_ranks(parents: torch.Tensor) -> torch.Tensor:
 
 def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[int]]:
     """Per step: depth d (1..D) tried if the path reached depth d-1 at a node with children, accepted
-    if it reached depth d; rank r tried/accepted over the children the rule looked at."""
-    path = result.path.to(tree.device)
-    on_path = torch.zeros(tree.num_nodes, dtype=torch.bool, device=tree.device)
-    on_path[path] = True
+    if it reached depth d; rank r (0..max width-1) tried/accepted over the children the rule looked
+    at. Computed on the tree's device with a single transfer at the end."""
+    dev, D = tree.device, tree.shape.depth
+    path = result.path.to(dev)
     tried = result.tried
     if tried is None:                                                  # greedy: children of path nodes
+        on_path = torch.zeros(tree.num_nodes, dtype=torch.bool, device=dev)
+        on_path[path] = True
         tried = on_path[tree.parents.clamp(min=0)] & (tree.parents >= 0)
-    tried = tried.to(tree.device)
-    D = tree.shape.depth
-    d_tried = torch.zeros(D + 1, dtype=torch.long).index_add_(0, tree.depths[tried].cpu(),
-                                                              torch.ones(int(tried.sum()), dtype=torch.long))
-    d_tried = (d_tried[1:] > 0).long().tolist()
-    d_acc = [int(len(path) - 1 > d) for d in range(D)]
+    tried = tried.to(dev).long()
+    R = max(tree.shape.widths, default=0)
     ranks = sibling_ranks(tree.parents)
-    R = int(ranks.max()) + 1 if tree.num_nodes > 1 else 0
-    r_tried = torch.bincount(ranks[tried].cpu(), minlength=R).tolist()
-    r_acc = torch.bincount(ranks[path[1:]].cpu(), minlength=R).tolist()
-    return {"depth_tried": d_tried, "depth_accepted": d_acc, "rank_tried": r_tried, "rank_accepted": r_acc}
+    d_tried = torch.zeros(D + 1, dtype=torch.long, device=dev).index_add_(0, tree.depths, tried)[1:]
+    r_tried = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, ranks[1:], tried[1:])
+    r_acc = torch.zeros(R, dtype=torch.long, device=dev).index_add_(
+        0, ranks[path[1:]], torch.ones(path.numel() - 1, dtype=torch.long, device=dev))
+    flat = torch.cat([(d_tried > 0).long(), r_tried, r_acc]).tolist()  # the one device -> host transfer
+    d_tried, r_tried, r_acc = flat[:D], flat[D:D + R], flat[D + R:]
+    return {"depth_tried": d_tried, "depth_accepted": [int(path.numel() - 1 > d) for d in range(D)],
+            "rank_tried": r_tried, "rank_accepted": r_acc}

@@ -200,4 +200,6 @@ def test_acceptance_counts_brute_force():
     assert res.path.tolist() == [0, 2]
     c = acceptance_counts(tree, res)
     # depth 1: tried (root's children), accepted (node 2); depth 2: node 2's child 5 tried, rejected
-    assert c == {"depth_tried": [1, 1], "depth_accepted": [1, 0], "rank_tried": [2, 1], "rank_accepted": [0, 1]}
+    # ranks 0..2 (the widest level has 3 nodes)
+    assert c == {"depth_tried": [1, 1], "depth_accepted": [1, 0], "rank_tried": [2, 1, 0],
+                 "rank_accepted": [0, 1, 0]}
