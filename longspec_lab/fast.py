@@ -52,6 +52,8 @@ class _Plan:
         L = lambda *s: torch.zeros(*s, dtype=torch.long, device=dev)  # noqa: E731
         self.P, self.root, self.out_len, self.seen, self.pend_n = L(1), L(1), L(1), L(1), L(1)
         self.out = L(dec.capacity)
+        self.P.fill_(1)  # a valid (garbage) state for the capture warm-up; generate() resets it
+        self.pend_n.fill_(1)
         if shape is None:  # autoregressive
             self.stages = [("verify", _Stage(self._ar_step))]
             return
