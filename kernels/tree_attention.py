@@ -398,7 +398,9 @@ _PACKED = {"mask": None, "version": -1, "packed": None}   # last mask packed: on
 def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W]: bit j % 32 of word j // 32 of row t is mask[t, j];
     W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. The last mask is cached by identity and version, so the layers of one step pack it once."""
-    if _PACKED["mask"] is block_mask and _PACKED["version"] == block_mask._version:
+    # inference tensors carry no version counter: pack them every call (a few tiny ops per layer)
+    version = None if block_mask.is_inference() else block_mask._version
+    if version is not None and _PACKED["mask"] is block_mask and _PACKED["version"] == version:
         return _PACKED["packed"]
     m = block_mask if block_mask.dim() == 3 else block_mask[None]
     T = m.shape[-1]
@@ -406,7 +408,8 @@ def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     bits = torch.nn.functional.pad(m.to(torch.int64), (0, W * 32 - T)).view(m.shape[0], m.shape[1], W, 32)
     words = (bits << torch.arange(32, device=m.device)).sum(-1)         # [B, T, W] in [0, 2^32)
     packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
-    _PACKED.update(mask=block_mask, version=block_mask._version, packed=packed)
+    if version is not None:
+        _PACKED.update(mask=block_mask, version=version, packed=packed)
     return packed
 
 
