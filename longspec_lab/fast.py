@@ -143,10 +143,10 @@ class _Plan:
         last = logits[0].index_select(0, self.pend_n - 1)  # [1, V] at the root (last pending token)
         self.seen.add_(self.pend_n)
         self.tokens[:1].copy_(self.root)
-        self.parents[0] = -1
-        self.scores[0] = 0.0
+        self.parents[:1].fill_(-1)  # fill_ on a slice: no host-to-device copy inside a graph
+        self.scores[:1].fill_(0.0)
         self.anc.zero_()
-        self.anc[0, 0] = True
+        self.anc[0, :1].fill_(True)
         self._grow(1, torch.zeros(1, dtype=torch.long, device=last.device), torch.log_softmax(last.float(), -1))
 
     def _draft_level(self, l):
@@ -190,7 +190,7 @@ class _Plan:
         preds = logits[0].argmax(-1)  # [N] the target's next token after each node's path
         self.preds.copy_(preds)
         ok = preds[self.parents.clamp_min(0)] == self.tokens
-        ok[0] = True
+        ok[:1].fill_(True)
         for lo, hi in self.levels[1:]:  # accepted = verified and parent accepted
             ok[lo:hi] &= ok[self.parents[lo:hi]]
         N = self.N
@@ -199,7 +199,7 @@ class _Plan:
         row = self.anc[win]  # the winner's ancestors (and itself)
         for dpt, (lo, hi) in enumerate(self.levels):
             hit = row[lo:hi]
-            self.path[dpt] = torch.where(hit.any(), lo + hit.int().argmax(), win)
+            self.path[dpt:dpt + 1].copy_(torch.where(hit.any(), lo + hit.int().argmax(), win)[None])
         self.n_acc.copy_(self.depths[win][None] + 1)
 
     # --------------------------------------------------------------- commit
