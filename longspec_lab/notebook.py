@@ -146,9 +146,9 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
             fig.add_trace(go.Scatter(x=xs, y=[1] * len(xs), mode="markers", name=viz.STATUS_TEXT[st],
                                      marker=dict(symbol="square", size=11, color=viz.COLORS[st],
                                                  line=dict(width=1, color="#555"))))
-    fig.add_trace(go.Scatter(x=list(range(len(path))), y=[0] * len(path), mode="markers+text", name="committed",
-                             text=[viz.token_label(int(tree.tokens[i]), tokenizer, 6) for i in path],
-                             textposition="bottom center", hovertext=[f"node #{i}" for i in path],
+    toks = [viz.token_label(int(tree.tokens[i]), tokenizer, 12) for i in path]
+    fig.add_trace(go.Scatter(x=list(range(len(path))), y=[0] * len(path), mode="markers", name="committed",
+                             hovertext=[f"node #{i}: {t}" for i, t in zip(path, toks)], hoverinfo="text",
                              marker=dict(symbol="square", size=11, color=viz.COLORS["accepted"],
                                          line=dict(width=1.5, color=viz.PATH_EDGE))))
     rest = list(range(len(path), n))
@@ -157,10 +157,14 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
     for k, i in enumerate(path):
         fig.add_annotation(x=k, y=0.08, ax=i, ay=0.92, xref="x", yref="y", axref="x", ayref="y",
                            showarrow=True, arrowhead=2, arrowcolor=viz.PATH_EDGE, text="")
+    fig.add_annotation(x=0, y=-0.45, xanchor="left", showarrow=False, font=dict(size=11),
+                       text="committed tokens: " + " ".join(html.escape(t) for t in toks))
     fig.update_layout(title=f"KV commit at step {step.step}: accepted nodes {path} move to slots P..P+{len(path) - 1}"
-                            f" (P = {P})", height=300, width=900, legend_title="cache slot holds",
-                      xaxis_title="cache slot − P (before: node id; after: position after the prefix)")
-    fig.update_yaxes(tickvals=[0, 1], ticktext=["after commit", "after verify"], range=[-0.6, 1.4],
+                            f" (P = {P})", height=380, width=900,
+                      legend=dict(title="cache slot holds", orientation="h", y=-0.35, x=0),
+                      xaxis_title="cache slot − P (before: node id; after: position after the prefix)",
+                      margin=dict(b=120))
+    fig.update_yaxes(tickvals=[0, 1], ticktext=["after commit", "after verify"], range=[-0.7, 1.4],
                      title="")
     fig.update_xaxes(range=[-1, n], zeroline=False)
     return fig

@@ -28,8 +28,8 @@ COLORS = {  # fill colours by node status
     "drafted": "#cfe2f3", "more": "#ffffff",
 }
 STATUS_TEXT = {
-    "root": "root (last committed token)", "accepted": "accepted path",
-    "verified": "verified, not accepted (an ancestor was rejected)", "rejected": "rejected",
+    "root": "root (last token)", "accepted": "accepted path",
+    "verified": "verified, but an ancestor was rejected", "rejected": "rejected",
     "drafted": "drafted (not verified here)", "more": "collapsed siblings",
 }
 PATH_EDGE = "#1b7837"
@@ -158,7 +158,7 @@ def _legend_html(title: str, statuses: Sequence[str], note: str = "") -> str:
 
 def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=None, max_children: int = 4,
                  show_scores: bool = True, title: str | None = None, rankdir: str = "LR",
-                 token_len: int = 12) -> graphviz.Digraph:
+                 token_len: int = 12, size: str | None = "10,30") -> graphviz.Digraph:
     """Draw a draft tree level by level (one column per level, `rank=same`).
 
     tree_or_shape: a DraftTree, a StepRecord (tree + verification) or a shape such as [4, 16, 16]
@@ -166,7 +166,7 @@ def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=
     it (`→ tok`) and is coloured by status; the accepted path's edges are drawn thick. Siblings
     beyond `max_children` collapse into one '+k more' node (accepted-path nodes are always drawn).
     Graph node names: `n{i}` for tree nodes, `more{parent}` for collapsed groups, `level{l}` for
-    the column headers."""
+    the column headers. `size` (inches, "w,h") shrinks big drawings to fit a notebook column."""
     tree, step, placeholder = _unpack(tree_or_shape)
     step = trace_step if trace_step is not None else step
     if step is not None and step.tree.num_nodes != tree.num_nodes:
@@ -190,6 +190,8 @@ def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=
     drawn = {status[i] for i in shown} | ({"more"} if hidden else set())
     present = [s for s in STATUS_TEXT if s in drawn]
     g = graphviz.Digraph("draft_tree")
+    if size:
+        g.attr(size=size)
     g.attr(rankdir=rankdir, nodesep="0.08", ranksep="0.35", labelloc="t", fontname="DejaVu Sans",
            fontsize="12", label=_legend_html(title, present, note))
     g.attr("node", shape="box", style="rounded,filled", fontname="DejaVu Sans Mono", fontsize="10",
@@ -354,7 +356,7 @@ def stage_times_figure(results, title: str = "Where the decoding time goes") -> 
     for k, st in enumerate(stages):
         fig.add_trace(go.Bar(y=list(rows), x=[rows[l][st] for l in rows], name=st, orientation="h",
                              marker_color=METHOD_COLORS[k]))
-    fig.update_layout(barmode="stack", title=title, legend_title="stage", height=140 + 50 * len(rows),
+    fig.update_layout(barmode="stack", title=title, legend_title="stage", legend_traceorder="normal", height=140 + 50 * len(rows),
                       width=820, xaxis_title="milliseconds per new token", yaxis_title="method")
     fig.update_yaxes(autorange="reversed")
     return fig
@@ -367,7 +369,7 @@ def accepted_lengths_figure(result, title: str | None = None) -> go.Figure:
         raise ValueError("this result has no verification steps; generate more than one token")
     fig = go.Figure(go.Bar(x=list(range(len(acc))), y=acc, name="tokens this step", marker_color=METHOD_COLORS[0]))
     mean = sum(acc) / len(acc)
-    fig.add_trace(go.Scatter(x=[-0.5, len(acc) - 0.5], y=[mean, mean], mode="lines", name=f"mean {mean:.2f}",
+    fig.add_trace(go.Scatter(x=[-0.5, len(acc) - 0.5], y=[mean, mean], mode="lines", name=f"mean per step {mean:.2f}",
                              line=dict(color=METHOD_COLORS[3], dash="dash")))
     fig.update_layout(title=title or f"Tokens per target pass, step by step ({result.method})", height=320,
                       width=820, xaxis_title="verification step", yaxis_title="tokens emitted (incl. bonus)",

@@ -207,11 +207,12 @@ class StepPlayer(W.VBox):
     target's prediction at each node, the accepted path, the committed text so far and tau so far."""
 
     def __init__(self, result: GenerationResult, tokenizer=None, max_children: int = 4,
-                 interval_ms: int = 1800):
+                 interval_ms: int = 1800, prompt_ids=None):
         if not isinstance(result, GenerationResult) or not result.trace:
             raise ValueError("StepPlayer needs a GenerationResult with a trace; call "
                              "SpecDecoder.generate(..., method='tree', trace=True)")
         self.result, self.tokenizer, self.max_children = result, tokenizer, max_children
+        self.context = tokenizer.decode(list(prompt_ids)[-120:]) if (tokenizer and prompt_ids is not None) else ""
         n = len(result.trace)
         self.play = W.Play(value=0, min=0, max=n - 1, interval=interval_ms, description="play")
         self.slider = W.IntSlider(value=0, min=0, max=n - 1, description="step", continuous_update=False)
@@ -260,10 +261,15 @@ class StepPlayer(W.VBox):
                              f"({len(added) - 1} drafted + 1 bonus) · τ so far <b>{self.tau_so_far(k):.2f}</b>")
         if self.tokenizer is not None:
             old, new = self.tokenizer.decode(before), self.tokenizer.decode(added)
+            esc = lambda t: html.escape(t).replace("\n", "<br>")
+            ctx = self.context[-400:]
+            ctx = ctx[ctx.find("\n") + 1:] if "\n" in ctx else ctx  # start on a whole line
+            # column-reverse keeps the box scrolled to its end, where this step's tokens are
             self.text.value = (
-                '<div style="font-family:monospace;white-space:pre-wrap;max-height:160px;overflow:auto;'
-                f'border:1px solid #ddd;padding:4px">{html.escape(old[-600:])}'
-                f'<span style="background:{viz.COLORS["accepted"]}">{html.escape(new)}</span></div>')
+                '<div style="display:flex;flex-direction:column-reverse;max-height:170px;overflow:auto;'
+                'border:1px solid #ddd;padding:4px"><div style="font-family:monospace;white-space:pre-wrap;line-height:1.35">'
+                f'<span style="color:#999">{esc(ctx)}</span>{esc(old[-600:])}'
+                f'<span style="background:{viz.COLORS["accepted"]}">{esc(new)}</span></div></div>')
         dot = viz.tree_diagram(st, tokenizer=self.tokenizer, max_children=self.max_children)
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
