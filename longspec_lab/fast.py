@@ -195,12 +195,12 @@ class _Plan:
             ok[lo:hi] &= ok[self.parents[lo:hi]]
         N = self.N
         key = torch.where(ok, self.depths * N + (N - 1 - torch.arange(N, device=ok.device)), -1)
-        win = key.argmax()
-        row = self.anc[win]  # the winner's ancestors (and itself)
+        win = key.argmax()[None]  # [1]; indexing with a 0-d tensor would read it on the host
+        row = self.anc.index_select(0, win)[0]  # the winner's ancestors (and itself)
         for dpt, (lo, hi) in enumerate(self.levels):
             hit = row[lo:hi]
-            self.path[dpt:dpt + 1].copy_(torch.where(hit.any(), lo + hit.int().argmax(), win)[None])
-        self.n_acc.copy_(self.depths[win][None] + 1)
+            self.path[dpt:dpt + 1].copy_(torch.where(hit.any(), lo + hit.int().argmax(), win[0])[None])
+        self.n_acc.copy_(self.depths.index_select(0, win) + 1)
 
     # --------------------------------------------------------------- commit
     def _commit(self):
