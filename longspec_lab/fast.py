@@ -30,6 +30,15 @@ from .trace import GenerationResult
 from .tree import DEFAULT_TREE_SHAPE, TreeShape
 
 
+def _sdpa(q, k, v, mask):
+    """Masked attention with the KV heads expanded to the query heads: SDPA's memory-efficient
+    kernel takes a boolean mask but not `enable_gqa`, and the fallback costs a dozen launches."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class _Stage:
     """One stage function; replayed from its CUDA graph once `_Plan.capture` has recorded it."""
 
@@ -72,13 +81,14 @@ class _Plan:
         dc = d.config
         self.W = dc.window
         self.R = dc.window + D + 1  # ring slots: the window plus room for padded pending tokens
-        kv = (1, dc.num_kv_heads, self.R, dc.head_dim)
-        self.rk = torch.zeros(kv, dtype=d.dtype, device=dev)
-        self.rv = torch.zeros_like(self.rk)
+        # one buffer per K and V: ring slots [0, R), then the tree scratch [R, R + N - 1), so a
+        # tree level attends to both without concatenating them
+        kv = (1, dc.num_kv_heads, self.R + N - 1, dc.head_dim)
+        self.kbuf = torch.zeros(kv, dtype=d.dtype, device=dev)
+        self.vbuf = torch.zeros_like(self.kbuf)
+        self.rk, self.rv = self.kbuf[:, :, :self.R], self.vbuf[:, :, :self.R]
+        self.sk, self.sv = self.kbuf[:, :, self.R:], self.vbuf[:, :, self.R:]
         self.rpos = torch.full((self.R,), -1, dtype=torch.long, device=dev)  # position held by each slot
-        sk = (1, dc.num_kv_heads, N - 1, dc.head_dim)
-        self.sk = torch.zeros(sk, dtype=d.dtype, device=dev)
-        self.sv = torch.zeros_like(self.sk)
         self.stages = [("draft1", _Stage(self._draft_root))]  # ingest + level 1
         self.stages += [(f"draft{l}", _Stage(lambda l=l: self._draft_level(l))) for l in range(2, D + 1)]
         self.stages += [("verify", _Stage(self._verify)), ("commit", _Stage(self._commit))]
@@ -113,11 +123,23 @@ class _Plan:
 
     # --------------------------------------------------------------- draft
     def _cross(self, q):
+        """Cross-attention over the target's committed slots [0, P) of its last layer."""
         tc = self.dec.tcache
-        S = tc.k.shape[3]
+        S, n = tc.k.shape[3], q.shape[2]
+        tk, tv = tc.k[-1].to(q.dtype), tc.v[-1].to(q.dtype)
+        if self.dec.backend == "triton" and q.device.type == "cuda" and q.shape[-1] in (64, 128):
+            from .kernels.tree_attention import tree_attention
+
+            # the prefix-only case of the tree kernel: an all-False block mask hides slots [P, P+n)
+            return tree_attention(q, tk, tv, self.P, self._no_block(n, q.device), max_prefix=S - n)
         vis = (torch.arange(S, device=q.device) < self.P)[None]  # [1, S] committed target slots
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, tc.k[-1].to(q.dtype), tc.v[-1].to(q.dtype), attn_mask=vis, enable_gqa=True)
+        return _sdpa(q, tk, tv, vis)
+
+    def _no_block(self, n, device):
+        key = ("no_block", n)
+        if key not in self.__dict__:
+            self.__dict__[key] = torch.zeros(n, n, dtype=torch.bool, device=device)
+        return self.__dict__[key]
 
     def _ring_vis(self, qpos, committed_only=False):
         """[n, R] ring slots a query at position qpos [n] sees: valid, not after it, inside the window;
@@ -136,8 +158,7 @@ class _Plan:
             self.rk.index_copy_(2, slots, k.to(self.rk.dtype))
             self.rv.index_copy_(2, slots, v.to(self.rv.dtype))
             self.rpos.index_copy_(0, slots, pos)
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, self.rk.to(q.dtype), self.rv.to(q.dtype), attn_mask=self._ring_vis(pos), enable_gqa=True)
+            return _sdpa(q, self.rk.to(q.dtype), self.rv.to(q.dtype), self._ring_vis(pos))
 
         logits = d._layer(self.pend[None], pos[None], self_fn, self._cross)  # [1, D+1, V]
         last = logits[0].index_select(0, self.pend_n - 1)  # [1, V] at the root (last pending token)
@@ -159,11 +180,8 @@ class _Plan:
         def self_fn(q, k, v):
             self.sk[:, :, lo - 1:hi - 1] = k.to(self.sk.dtype)
             self.sv[:, :, lo - 1:hi - 1] = v.to(self.sv.dtype)
-            keys = torch.cat([self.rk, self.sk], 2).to(q.dtype)
-            vals = torch.cat([self.rv, self.sv], 2).to(q.dtype)
             vis = torch.cat([self._ring_vis(qpos, committed_only=True), self.anc[lo:hi, 1:]], 1)  # [n, R + N - 1]
-            return torch.nn.functional.scaled_dot_product_attention(q, keys, vals, attn_mask=vis,
-                                                                    enable_gqa=True)
+            return _sdpa(q, self.kbuf.to(q.dtype), self.vbuf.to(q.dtype), vis)
 
         logits = d._layer(self.tokens[lo:hi][None], qpos[None], self_fn, self._cross)[0]  # [n, V]
         self._grow(l, ids, torch.log_softmax(logits.float(), -1))

@@ -42,8 +42,8 @@ class KVCache:
         # k, v [B, Hkv, T, D] -> slots [start, start+T) of this layer; `start` may be a device
         # tensor [1] (static shapes for CUDA graphs), then the write is an index_copy
         T = k.shape[2]
-        if isinstance(start, torch.Tensor):
-            idx = start + torch.arange(T, device=k.device)
+        if isinstance(start, torch.Tensor):  # [1] start, or the [T] slots themselves
+            idx = start if start.numel() == T and T > 1 else start + torch.arange(T, device=k.device)
             self.k[layer].index_copy_(2, idx, k)
             self.v[layer].index_copy_(2, idx, v)
             return

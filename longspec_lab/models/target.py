@@ -32,7 +32,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend):
+    def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None):
         a = self.self_attn
         h = self.input_layernorm(x)
         q = apply_rope(a.split_q(h), cos, sin)  # [B, Hq, T, D]
@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=True)
         else:
-            cache.write(layer_idx, start, k, v)
+            cache.write(layer_idx, slots if slots is not None else start, k, v)
             o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
         x = x + a.merge(o)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -100,8 +100,10 @@ class Target(nn.Module):
             positions = positions[None].expand(B, T)
         cos, sin = self.rotary(positions, self.dtype)
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        # with a device-tensor start, the cache slots to write are computed once for all layers
+        slots = start + torch.arange(T, device=x.device) if isinstance(start, torch.Tensor) else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, start, mask, backend)
+            x = layer(x, cos, sin, i, cache, start, mask, backend, slots)
         if last_only:
             x = x[:, -1:]
         h = self.model.norm(x)
