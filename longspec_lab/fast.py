@@ -353,3 +353,40 @@ class FastDecoder(SpecDecoder):
         plan.pend.zero_()
         plan.pend[:1].copy_(plan.root)
         plan.pend_n.fill_(1)
+
+
+def check_against_eager(prompts, target, draft, max_new_tokens=64) -> dict:
+    """Run the fast path and the eager loop on the same prompts; report whether tokens agree."""
+    cases = [("ar", {}), ("chain", {"gamma": 4}), ("tree", {}), ("tree", {"tree_shape": [1, 3, 9]})]
+    eager, fast = SpecDecoder(target, draft), FastDecoder(target, draft)
+    rows = []
+    for ids in prompts:
+        for method, kw in cases:
+            a = eager.generate(ids, method=method, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
+            b = fast.generate(ids, method=method, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
+            rows.append({"method": method, **kw, "prompt_tokens": len(ids), "identical": a.new_tokens == b.new_tokens,
+                         "target_calls": [a.target_calls, b.target_calls]})
+    return {"rows": rows, "all_identical": all(r["identical"] for r in rows), "graphs": fast.graphs,
+            "dtype": str(target.dtype).replace("torch.", ""), "backend": fast.backend}
+
+
+if __name__ == "__main__":  # python -m longspec_lab.fast --out FILE: fast path vs eager loop on this device
+    import argparse
+    import json
+
+    from .bench import environment
+    from .corpus import load_prompts
+    from .load import load_pair
+
+    ap = argparse.ArgumentParser(description="check that the fast path gives the eager loop's tokens")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    tgt, drf, tk = load_pair(device=a.device, dtype=a.dtype)
+    rep = check_against_eager([tk.encode(p["text"]) for p in load_prompts(min_tokens=2000)[:2]], tgt, drf)
+    rep["environment"] = environment(tgt.device)
+    print(json.dumps(rep, indent=1))
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(rep, fh, indent=2)
