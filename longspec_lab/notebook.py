@@ -168,3 +168,125 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
                      title="")
     fig.update_xaxes(range=[-1, n], zeroline=False)
     return fig
+
+
+# ----------------------------------------------------------------------------- recorded results
+
+RESULTS_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "data" / "results"
+PROVENANCE_KEYS = ("gpu", "device", "device_name", "torch", "triton", "cuda", "transformers", "python", "date",
+                   "git_commit", "command")
+
+
+def load_result(name: str, folder=None) -> dict:
+    """data/results/<name>.json (name with or without '.json') as a dict."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder) if folder is not None else RESULTS_DIR
+    path = folder / (name if name.endswith(".json") else name + ".json")
+    if not path.is_file():
+        have = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        raise ValueError(f"no recorded result {path}; pick one of {have} or run the benchmark that writes it")
+    return json.loads(path.read_text())
+
+
+def provenance(result: dict) -> dict:
+    """Where a recorded result comes from: the environment block's GPU, versions, date and command
+    (top-level 'command' / 'device' when the environment block lacks them)."""
+    env = dict(result.get("environment") or {})
+    for k in ("command", "device", "dtype"):
+        if k not in env and k in result:
+            env[k] = result[k]
+    if not env:
+        raise ValueError("this result has no 'environment' block; it cannot show where it was measured")
+    keys = [k for k in PROVENANCE_KEYS if env.get(k) is not None]
+    return {k: env[k] for k in keys + [k for k in ("dtype",) if k in env and k not in keys]}
+
+
+def provenance_html(result: dict, title: str = "Provenance") -> str:
+    rows = [{"field": k, "value": v} for k, v in provenance(result).items()]
+    return viz.html_table(rows, ["field", "value"], title=title)
+
+
+def shape_of_method(name: str) -> list[int] | None:
+    """'tree-4-16-16' -> [4, 16, 16]; 'chain-g4' -> [1, 1, 1, 1]; 'ar' -> []; a backend suffix
+    ('tree-4-16-sdpa') is ignored; None for other names (e.g. 'hf-greedy')."""
+    if name == "ar":
+        return []
+    if name.startswith("chain-g") and name[7:].isdigit():
+        return [1] * int(name[7:])
+    if name.startswith("tree-"):
+        parts = name[5:].split("-")
+        widths = [int(p) for p in parts if p.isdigit()]
+        return widths or None
+    return None
+
+
+def shape_points(results: dict, source: str = "") -> list[dict]:
+    """One point per ar / chain / tree entry of a bench.run_bench 'results' dict: label, shape,
+    num_nodes (root included), tau, tokens_per_s, step_ms (decode seconds per target pass)."""
+    pts = []
+    for name, r in results.items():
+        shape = shape_of_method(name)
+        if shape is None or "tau" not in r:
+            continue
+        steps = r["tokens"] / r["tau"] if r.get("tau") else None
+        pts.append(dict(label=name, shape=shape, num_nodes=1 + sum(shape), tau=r["tau"],
+                        tokens_per_s=r["tokens_per_s"], step_ms=1e3 * r["seconds"] / steps if steps else None,
+                        source=source, backend=name.rsplit("-", 1)[1] if not name.split("-")[-1].isdigit()
+                        and name.startswith("tree-") else "default"))
+    return pts
+
+
+def tune_points(tune: dict) -> tuple[list[dict], list[dict]]:
+    """From tune.py's JSON: (validated shapes: label, num_nodes, tau, tokens_per_s, step_ms),
+    (calibration shapes: label, num_nodes, step_ms)."""
+    import json
+
+    val = [dict(label=str(json.loads(k)), shape=json.loads(k), num_nodes=1 + sum(json.loads(k)), tau=v["tau"],
+                tokens_per_s=v["tokens_per_s"], step_ms=1e3 * v["step_seconds"], source="tuner, validated")
+           for k, v in tune.get("validated", {}).items()]
+    cal = [dict(label=str(json.loads(k)), shape=json.loads(k), num_nodes=1 + sum(json.loads(k)), step_ms=1e3 * s,
+                source="tuner, calibration") for k, s in tune.get("calibration_step_seconds", {}).items()]
+    return sorted(val, key=lambda p: p["num_nodes"]), sorted(cal, key=lambda p: p["num_nodes"])
+
+
+def stage_results(results: dict) -> dict:
+    """bench.run_bench 'results' entries that carry a stage breakdown, as the dicts
+    viz.stage_times_figure takes (draft / verify / commit; 'overhead' becomes the 'other' bar)."""
+    out = {}
+    for name, r in results.items():
+        st = r.get("stage_seconds")
+        if not st:
+            continue
+        out[name] = dict(tau=r.get("tau", 1.0), tokens_per_s=r["tokens_per_s"], stage_seconds=dict(st),
+                         new_tokens=r["tokens"] + 1, wall_seconds=sum(st.values()))
+    if not out:
+        raise ValueError("no entry has stage_seconds; run bench with stage timing (the default on CUDA)")
+    return out
+
+
+def cache_growth(target, draft, ids, contexts, max_tree_nodes: int = 69) -> list[dict]:
+    """Prefill `ids` chunk by chunk up to each length in `contexts` (target pass, then the draft
+    ingests the same tokens) and measure, after each: the bytes of the target's KV entries that hold
+    the context (all layers, K and V) and `DraftCache.nbytes` (ring of W slots + tree scratch)."""
+    contexts = sorted(int(c) for c in contexts)
+    if not contexts or contexts[0] < 1 or contexts[-1] > len(ids):
+        raise ValueError(f"contexts {contexts} must lie in 1..{len(ids)} (the prompt's length); pass a longer "
+                         "prompt or smaller contexts")
+    dev = target.device
+    x = torch.as_tensor(ids, device=dev)[None]
+    tcache = target.new_cache(contexts[-1])
+    dcache = draft.new_cache(batch=1, max_tree_nodes=max_tree_nodes)
+    rows, done = [], 0
+    with torch.inference_mode():
+        for n in contexts:
+            if n > done:
+                target(x[:, done:n], cache=tcache, start=done, last_only=True)
+                tcache.length = n
+                draft.ingest(x[:, done:n], dcache, tcache)
+                done = n
+            used = tcache.k[..., :n, :].nbytes + tcache.v[..., :n, :].nbytes
+            rows.append(dict(context=n, target_kv_bytes=used, draft_cache_bytes=dcache.nbytes,
+                             draft_window=draft.config.window))
+    return rows

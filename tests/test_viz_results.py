@@ -1,0 +1,195 @@
+"""The helpers behind notebooks 04-07: result loading and provenance, shape sweeps, cache growth,
+and the figures for kernels, the draft, sampling and GPU runs.
+
+Figures are checked by their data against the inputs (plotted values equal the numbers given, floors
+and Pareto points where they belong); the cache measurement against the byte count implied by the
+model's shapes; name parsing against hand-written cases.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from longspec_lab import notebook as nb
+from longspec_lab import viz
+from longspec_lab.config import PRESETS
+from longspec_lab.models.glide import DraftConfig, Glide
+from longspec_lab.models.target import Target
+
+
+def _trace(fig, name):
+    return next(t for t in fig.data if t.name == name)
+
+
+# ----------------------------------------------------------------------------- loading and provenance
+
+def test_load_result_and_provenance(tmp_path):
+    rec = {"environment": {"gpu": "G", "torch": "2.x", "date": "d", "command": "c", "noise": 1}, "rows": []}
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    got = nb.load_result("r", tmp_path)
+    assert got == rec and nb.load_result("r.json", tmp_path) == rec
+    prov = nb.provenance(got)
+    assert prov == {"gpu": "G", "torch": "2.x", "date": "d", "command": "c"}
+    html = nb.provenance_html(got)
+    assert all(v in html for v in prov.values()) and "noise" not in html
+    with pytest.raises(ValueError, match="pick one of"):
+        nb.load_result("missing", tmp_path)
+    with pytest.raises(ValueError, match="environment"):
+        nb.provenance({"rows": []})
+    # top-level command / device complete an environment block that lacks them
+    assert nb.provenance({"environment": {"torch": "t"}, "command": "x", "device": "cpu"}) == \
+        {"device": "cpu", "torch": "t", "command": "x"}
+
+
+@pytest.mark.parametrize("name", ["tree_attention_h200", "e2e_h200", "tune_h200", "verify_8b_h200",
+                                  "sampling_tau_cpu"])
+def test_recorded_results_carry_provenance(name):
+    prov = nb.provenance(nb.load_result(name))
+    assert "command" in prov and "torch" in prov
+
+
+def test_html_table_formats_and_escapes():
+    html = viz.html_table([{"a": 1.23456, "b": "<x>"}, {"a": None, "b": "y"}], formats={"a": "{:.2f}"}, title="T")
+    assert "1.23" in html and "1.2345" not in html and "&lt;x&gt;" in html and "–" in html and "T" in html
+    assert html.count("<tr>") == 3
+    with pytest.raises(ValueError, match="no rows"):
+        viz.html_table([])
+
+
+# ----------------------------------------------------------------------------- shape sweeps
+
+@pytest.mark.parametrize("name,shape", [("ar", []), ("chain-g4", [1, 1, 1, 1]), ("tree-4-16-16", [4, 16, 16]),
+                                        ("tree-2-4-sdpa", [2, 4]), ("hf-greedy", None), ("chain-gx", None)])
+def test_shape_of_method(name, shape):
+    assert nb.shape_of_method(name) == shape
+
+
+def test_shape_points_and_stage_results():
+    res = {"hf-greedy": {"tokens_per_s": 10.0, "tokens": 100, "seconds": 10.0},
+           "ar": {"tokens_per_s": 50.0, "tokens": 100, "seconds": 2.0, "tau": 1.0,
+                  "stage_seconds": {"verify": 1.5, "overhead": 0.5}},
+           "tree-2-4": {"tokens_per_s": 100.0, "tokens": 100, "seconds": 1.0, "tau": 4.0,
+                        "stage_seconds": {"draft": 0.4, "verify": 0.4, "commit": 0.1, "overhead": 0.1}}}
+    pts = {p["label"]: p for p in nb.shape_points(res, "s")}
+    assert set(pts) == {"ar", "tree-2-4"}
+    assert pts["tree-2-4"]["num_nodes"] == 7 and pts["ar"]["num_nodes"] == 1
+    assert math.isclose(pts["tree-2-4"]["step_ms"], 1e3 * 1.0 / (100 / 4.0))  # seconds per target pass
+    st = nb.stage_results(res)
+    assert set(st) == {"ar", "tree-2-4"}
+    fig = viz.stage_times_figure(st)
+    other = _trace(fig, "other")
+    draft = _trace(fig, "draft")
+    # ms per new token: stage seconds / tokens; "overhead" is what stage_times_figure calls "other"
+    assert np.allclose(list(draft.x), [0.0, 1e3 * 0.4 / 100]) and np.allclose(list(other.x), [5.0, 1.0])
+    with pytest.raises(ValueError, match="stage_seconds"):
+        nb.stage_results({"hf": {"tokens_per_s": 1.0, "tokens": 1, "seconds": 1.0}})
+
+
+def test_tune_points():
+    tune = {"validated": {"[4, 8]": {"tokens_per_s": 9.0, "tau": 3.0, "step_seconds": 0.002},
+                          "[2]": {"tokens_per_s": 5.0, "tau": 2.0, "step_seconds": 0.001}},
+            "calibration_step_seconds": {"[1]": 0.001, "[16, 32]": 0.003}}
+    val, cal = nb.tune_points(tune)
+    assert [p["num_nodes"] for p in val] == [3, 13] and val[1]["step_ms"] == 2.0
+    assert [p["num_nodes"] for p in cal] == [2, 49] and cal[1]["step_ms"] == 3.0
+
+
+# ----------------------------------------------------------------------------- cache growth
+
+def test_cache_growth_measures_a_constant_draft_cache():
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    target = Target(cfg).eval()
+    draft = Glide(DraftConfig.from_target(cfg, window=8), target).eval()
+    ids = torch.randint(0, cfg.vocab_size, (40,)).tolist()
+    rows = nb.cache_growth(target, draft, ids, [5, 20, 40], max_tree_nodes=7)
+    el = target.model.embed_tokens.weight.element_size()
+    for r in rows:  # K and V, every layer, every kv head, head_dim values per token
+        assert r["target_kv_bytes"] == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * el * r["context"]
+    d = draft.config
+    assert {r["draft_cache_bytes"] for r in rows} == {2 * d.num_kv_heads * (8 + 7) * d.head_dim * el}
+    with pytest.raises(ValueError, match="contexts"):
+        nb.cache_growth(target, draft, ids, [41])
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _cases():
+    out = []
+    for P in (1024, 4096, 16384):
+        out.append(dict(name="m", dtype="fp16", P=P, T=72, Hq=32, Hkv=8, floor_us=P / 1000, compute_floor_us=P / 500,
+                        methods={"triton_tree": {"us": P / 100, "us_graph": P / 200},
+                                 "sdpa_dense": {"us": P / 50, "us_graph": P / 60}}))
+    out.append(dict(out[0], dtype="bf16"))
+    return out
+
+
+def test_kernel_timing_figure_plots_the_recorded_numbers():
+    cases = _cases()
+    fig = viz.kernel_timing_figure(cases, "m", "fp16")
+    tri = [t for t in fig.data if t.name == viz.KERNEL_METHODS["triton_tree"]]
+    assert len(tri) == 2  # do_bench and CUDA graph panels
+    assert list(tri[0].y) == [c["methods"]["triton_tree"]["us"] for c in cases[:3]]
+    assert list(tri[1].y) == [c["methods"]["triton_tree"]["us_graph"] for c in cases[:3]]
+    floors = [t for t in fig.data if t.name and t.name.startswith("compute floor")]
+    assert list(floors[0].y) == [c["compute_floor_us"] for c in cases[:3]]
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    with pytest.raises(ValueError, match="pick one of"):
+        viz.kernel_timing_figure(cases, "m", "fp8")
+
+
+def test_glide_diagram_names_the_window_and_shared_parts():
+    dot = viz.glide_diagram(DraftConfig(window=37), PRESETS["tiny"]).source
+    assert "W = 37" in dot and "embed_tokens" in dot and "lm_head" in dot and "-> ca" in dot
+
+
+def test_anchor_positions_figure_counts_sinks():
+    pos = torch.tensor([[0, 1, 50, 51, 52], [10, 11, 12, 13, 14], [0, 1, 2, 3, 4]])
+    fig = viz.anchor_positions_figure(pos, max_pos=64)
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    assert names == ["row 0: 2 sink(s), offset 48", "row 1: 0 sink(s), offset 10", "row 2: 5 sink(s), offset 0"]
+    assert list(fig.data[0].y) == [0, 1, 50, 51, 52]
+    with pytest.raises(ValueError, match="B, T"):
+        viz.anchor_positions_figure(torch.arange(5))
+
+
+def test_distribution_figure_and_tau_by_rule():
+    exact = [0.5, 0.3, 0.2]
+    fig = viz.distribution_figure(exact, {"rrs": [0.49, 0.31, 0.2]}, labels=["a", "b", "c"])
+    assert list(fig.data[0].y) == exact and list(fig.data[1].y) == [0.49, 0.31, 0.2]
+    with pytest.raises(ValueError, match="same length"):
+        viz.distribution_figure(exact, {"x": [1.0]})
+    rows = [dict(rule="greedy", temperature=0.0, tau=5.0, lossless=True),
+            dict(rule="rrs", temperature=1.0, tau=3.0, lossless=True),
+            dict(rule="naive-topk", temperature=1.0, tau=4.0, lossless=False)]
+    fig = viz.tau_by_rule_figure(rows)
+    t1 = _trace(fig, "temperature 1")
+    assert list(t1.x) == ["rrs", "naive-topk"] and list(t1.y) == [3.0, 4.0]
+    assert list(t1.marker.pattern.shape) == ["", "/"] and "biased" in t1.text[1]
+
+
+def test_speed_bars_and_verify_decode_figures():
+    res = {"hf-greedy": {"tokens_per_s": 100.0}, "ar": {"tokens_per_s": 400.0, "tau": 1.0},
+           "tree-4": {"tokens_per_s": 800.0, "tau": 3.0}}
+    fig = viz.speed_bars_figure(res, baseline="hf-greedy")
+    assert list(fig.data[0].x) == [100.0, 400.0, 800.0] and fig.data[0].text[2] == "800 · τ 3.00 · 8.0×"
+    with pytest.raises(ValueError, match="baseline"):
+        viz.speed_bars_figure(res, baseline="nope")
+    rows = [dict(context=c, floor_verify_ms=1.0, triton_verify_graph_ms=2.0 * k, triton_decode_graph_ms=1.5 * k)
+            for k, c in enumerate((4096, 32768), start=1)]
+    fig = viz.verify_decode_figure(rows, backends=("triton",))
+    ratio = [t for t in fig.data if t.xaxis == "x2"][0]
+    assert np.allclose(list(ratio.y), [2.0 / 1.5, 2.0 / 1.5])
+    assert list(_trace(fig, "bandwidth floor (weights + KV / copy BW)").y) == [1.0, 1.0]
+
+
+def test_tick_helpers_and_spread_labels():
+    assert viz.log_ticks([3.0, 40.0]) == [2, 5, 10, 20, 50, 100]
+    assert viz.log_ticks([]) == []
+    assert [viz.tokens_label(n) for n in (1000, 4096, 131072)] == ["1000", "4k", "128k"]
+    fig = viz.pareto_figure([{"n": 3, "v": 1.0, "label": "c"}, {"n": 1, "v": 2.0, "label": "a"},
+                             {"n": 2, "v": 1.5, "label": "b"}], x="n", y="v")
+    viz.spread_labels(fig)
+    assert list(fig.data[0].textposition) == ["top center", "top center", "bottom center"]  # x order: a, b, c
