@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -159,7 +158,6 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
 
 def write_plot(rep: dict, path) -> str:
     """tokens/s (bars) and tau (markers) per method; HTML unless kaleido can write images."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     names = list(rep["results"])

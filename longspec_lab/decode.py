@@ -125,8 +125,7 @@ class SpecDecoder:
         def level_logprobs(partial: DraftTree, node_ids: torch.Tensor) -> torch.Tensor:
             if node_ids.numel() == 1 and int(node_ids[0]) == 0:
                 return root_lp
-            m = partial.num_nodes - 1  # scratch slots hold nodes 1..N-1
-            mask = partial.mask[node_ids][:, 1:]  # [n, m] ancestors within the scratch
+            mask = partial.mask[node_ids][:, 1:]  # [n, N-1] ancestors; scratch slots hold nodes 1..N-1
             lg = d.tree_forward(partial.tokens[node_ids][None], node_ids - 1, P + partial.depths[node_ids],
                                 mask, dcache, tcache, backend=self.backend)
             return torch.log_softmax(lg[0].float(), dim=-1)

@@ -24,7 +24,6 @@ import time
 
 import torch
 
-from .attention import check_backend, default_backend
 from .decode import SpecDecoder, _as_prompt
 from .trace import GenerationResult
 from .tree import DEFAULT_TREE_SHAPE, TreeShape
@@ -56,7 +55,7 @@ class _Plan:
     """Static buffers and stages for one method + tree shape."""
 
     def __init__(self, dec: "FastDecoder", shape: TreeShape | None):
-        t, dev = dec.target, dec.device
+        dev = dec.device
         self.dec, self.shape = dec, shape
         L = lambda *s: torch.zeros(*s, dtype=torch.long, device=dev)  # noqa: E731
         self.P, self.root, self.out_len, self.seen, self.pend_n = L(1), L(1), L(1), L(1), L(1)

@@ -4,7 +4,6 @@ Parametrised over notebooks/*.ipynb, so new notebooks are picked up automaticall
 nbclient in a fresh kernel with CI=1 (each notebook's first cell then shrinks the work).
 """
 import json
-import os
 import time
 from pathlib import Path
 

@@ -140,7 +140,7 @@ def test_gpt2_refused(tmp_path):
 
 
 def test_pickle_only_refused(tmp_path):
-    hf = _hf_llama(tmp_path)
+    _hf_llama(tmp_path)
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
