@@ -167,11 +167,13 @@ def write_plot(rep: dict, path) -> str:
     fig.add_scatter(x=names, y=[res[n].get("tau") for n in names], mode="markers", name="tau",
                     marker={"size": 12, "symbol": "diamond"}, secondary_y=True)
     env = rep.get("environment", {})
-    fig.update_layout(title=f"End-to-end greedy decoding, {env.get('gpu') or 'CPU'} "
-                            f"({rep['max_new_tokens']} new tokens, {rep['num_prompts']} held-out prompts)",
-                      xaxis_title="method", legend_title="measure")
-    fig.update_yaxes(title_text="tokens per second", secondary_y=False)
-    fig.update_yaxes(title_text="tau (tokens per target pass)", secondary_y=True)
+    fig.update_layout(title=f"End-to-end greedy decoding on {env.get('gpu') or 'CPU'}<br><sup>"
+                            f"{rep['max_new_tokens']} new tokens, {rep['num_prompts']} held-out prompts, "
+                            f"{rep.get('dtype', '')}, {rep.get('decoder', '')}</sup>",
+                      xaxis_title="method", legend_title="measure", width=1000, height=520)
+    fig.update_yaxes(title_text="tokens per second", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="tau (tokens per target pass)", rangemode="tozero", dtick=1,
+                     showgrid=False, secondary_y=True)
     path = str(path)
     try:
         if not path.endswith(".html"):
