@@ -39,13 +39,12 @@ class KVCache:
             )
 
     def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v [B, Hkv, T, D] -> slots [start, start+T) of this layer; `start` may be a device
-        # tensor [1] (static shapes for CUDA graphs), then the write is an index_copy
+        # k, v [B, Hkv, T, D] -> slots [start, start+T) of this layer. `start` may instead be a
+        # device tensor of the T slots (static shapes for CUDA graphs): then an index_copy
         T = k.shape[2]
-        if isinstance(start, torch.Tensor):  # [1] start, or the [T] slots themselves
-            idx = start if start.numel() == T and T > 1 else start + torch.arange(T, device=k.device)
-            self.k[layer].index_copy_(2, idx, k)
-            self.v[layer].index_copy_(2, idx, v)
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
             return
         self.k[layer, :, :, start:start + T] = k
         self.v[layer, :, :, start:start + T] = v

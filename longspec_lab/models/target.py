@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=True)
         else:
-            cache.write(layer_idx, slots if slots is not None else start, k, v)
+            cache.write(layer_idx, slots if slots is not None else start, k, v)  # slots: [T] tensor
             o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
         x = x + a.merge(o)
         return x + self.mlp(self.post_attention_layernorm(x))
