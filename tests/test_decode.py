@@ -14,9 +14,9 @@ N_NEW = 24
 @pytest.fixture(scope="module")
 def prompts(embedded_pair):
     _, _, tok = embedded_pair
-    ps = [tok.encode(p["text"]) for p in load_prompts(max_tokens=4096 - N_NEW - 80)]
-    assert len(ps) >= 10 and sum(len(p) >= 2000 for p in ps) >= 3
-    return ps[:10]
+    ps = [tok.encode(p["text"]) for p in load_prompts(max_tokens=4096 - N_NEW - 80)][:10]
+    assert len(ps) == 10 and sum(len(p) >= 2000 for p in ps) >= 3
+    return ps
 
 
 @pytest.fixture(scope="module")
