@@ -39,8 +39,9 @@ demo: install
 test: install sysdeps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# as root (containers), JupyterLab refuses to start without --allow-root
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = "0" ] && echo --allow-root )
 
 clean:
 	rm -rf $(VENV) build *.egg-info
