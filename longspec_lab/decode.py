@@ -112,7 +112,7 @@ class SpecDecoder:
             dcache = None
             if self.draft is not None:
                 dcache = self.draft.new_cache(batch=1, max_tree_nodes=self._max_nodes)
-                self.draft.ingest(prompt[None], dcache, tcache, backend=self.backend)
+                self.draft.ingest(prompt[None], dcache, tcache, backend=self.backend, logits=False)
         return tcache, dcache, (pick(logits[0, -1]) if pick else int(logits[0, -1].argmax()))
 
     def _draft_tree(self, root, draft_pending, shape, tcache, dcache, grow=None):

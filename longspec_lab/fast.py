@@ -339,7 +339,7 @@ class FastDecoder(SpecDecoder):
         d = self.draft
         dc = d.new_cache(batch=1, max_tree_nodes=1)
         self.tcache.length = prompt.numel()
-        d.ingest(prompt[None], dc, self.tcache, backend=self.backend)
+        d.ingest(prompt[None], dc, self.tcache, backend=self.backend, logits=False)
         k, v = dc.ring()  # [1, Hkv, R0, D] in position order, newest last
         R0 = k.shape[2]
         pos = torch.arange(prompt.numel() - R0, prompt.numel(), device=self.device)

@@ -139,6 +139,25 @@ def test_ingest_matches_naive_one_by_one_and_in_chunks(chunks):
             close(got, draft.forward_train(ids, pos, tcache.k[-1][:, :, :T], tcache.v[-1][:, :, :T], 0).double())
 
 
+@pytest.mark.parametrize("prefill_len", [5, 8, 21])
+def test_ring_only_prefill_gives_the_same_state(prefill_len):
+    """ingest(..., logits=False) fills the ring without computing outputs: later logits are the same
+    as after a full ingest (prefills shorter than, equal to and longer than the window W=8)."""
+    target, draft = make_pair(window=8)
+    B = 2
+    ids = torch.randint(0, TINY.vocab_size, (B, prefill_len + 6), generator=torch.Generator().manual_seed(9))
+    tcache = target_cache_with_random_kv(target, B, prefill_len + 6)
+    with torch.no_grad():
+        full, ring_only = draft.new_cache(batch=B), draft.new_cache(batch=B)
+        tcache.length = prefill_len
+        draft.ingest(ids[:, :prefill_len], full, tcache)
+        assert draft.ingest(ids[:, :prefill_len], ring_only, tcache, logits=False) is None
+        assert ring_only.seen == full.seen == prefill_len
+        a = draft.ingest(ids[:, prefill_len:], full, tcache)
+        b = draft.ingest(ids[:, prefill_len:], ring_only, tcache)
+    close(b, a.double(), tol=1e-6)
+
+
 def random_tree(n_levels, gen):
     """Level-ordered parents of non-root nodes 1..N (0 = root) and their levels."""
     parents, levels, prev = [], [], [0]

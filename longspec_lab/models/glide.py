@@ -231,11 +231,22 @@ class Glide(nn.Module):
                              f"({target_cache.k.shape[1]}); allocate both caches with batch={B}")
 
     # ------------------------------------------------------------------ decoding API
-    def ingest(self, tokens, dcache: DraftCache, target_cache, backend: str = "torch"):
-        """Committed tokens [B, T] at positions seen + arange(T) -> logits [B, T, V]; writes the ring."""
+    def ingest(self, tokens, dcache: DraftCache, target_cache, backend: str = "torch", logits: bool = True):
+        """Committed tokens [B, T] at positions seen + arange(T) -> logits [B, T, V]; writes the ring.
+        With logits=False (a prefill whose outputs nobody reads) only the ring is filled: in one layer
+        the self-attention keys and values depend on nothing but the token and its position."""
         B, T = tokens.shape
         self._check_batch(B, dcache, target_cache)
         W = self.config.window
+        if not logits:
+            keep = min(T, W)  # only the last W positions can ever be seen again
+            pos = torch.arange(dcache.seen + T - keep, dcache.seen + T, device=tokens.device)[None].expand(B, keep)
+            cos, sin = self.target.rotary(pos, self.dtype)
+            x = self.input_layernorm(self.target.model.embed_tokens(tokens[:, T - keep:]).to(self.dtype))
+            k, v = self.self_attn.split_kv(x)  # [B, Hkv, keep, D]
+            dcache.write(dcache.seen + T - keep, apply_rope(k, cos, sin), v)
+            dcache.seen += T
+            return None
         if T > W:  # long prefill: chunks of W keep the masks small; the result is the same
             return torch.cat([self.ingest(tokens[:, i:i + W], dcache, target_cache, backend)
                               for i in range(0, T, W)], dim=1)
