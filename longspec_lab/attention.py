@@ -113,6 +113,10 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
 
         # block_mask None = causal, handled inside the kernel without a mask tensor
         return tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
+    if block_mask is None and prefix_len == 0 and block_len == T and not return_lse:
+        # causal prefill: SDPA's causal kernels need no mask tensor at all
+        return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale,
+                                              enable_gqa=True)
     if block_mask is None and block_len:
         block_mask = torch.ones(T, block_len, dtype=torch.bool, device=q.device).tril(block_len - T)
     # a block with no prefix (prefill) has nothing to merge: one fused call does the same maths
