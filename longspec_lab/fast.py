@@ -316,12 +316,11 @@ class FastDecoder(SpecDecoder):
             done = done or produced >= max_new_tokens
         sync()
         wall = time.perf_counter() - t0
-        toks = plan.out[:min(produced, max_new_tokens)].tolist()
-        stopped = False
-        for i, x in enumerate(toks):
-            if x in eos:
-                toks, stopped = toks[: i + 1], True
-                break
+        toks = plan.out[:produced].tolist()
+        if stop_at_eos:
+            toks, stopped = self._cut(toks, max_new_tokens)  # the eager loop's cut: length, then EOS
+        else:
+            toks, stopped = toks[:max_new_tokens], False
         stages = {"prefill": t_prefill}
         for name, evs in stage_events.items():  # per-level draft times also summed into "draft"
             secs = sum(a.elapsed_time(b) for a, b in evs) / 1e3
