@@ -72,14 +72,15 @@ def _prompt_text(args) -> str:
         return path.read_text()
     if args.prompt is not None:
         return args.prompt
-    from .corpus import load_prompts
+    from longspec_lab.paths import load_prompts
 
     return load_prompts(min_tokens=1000)[0]["text"]
 
 
 def cmd_generate(args) -> int:
-    from .decode import SpecDecoder
-    from .load import EMBEDDED_TARGET, load_pair
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.paths import EMBEDDED_TARGET
+    from longspec_lab.models.pair import load_pair
 
     _seed(args.seed)
     text = _prompt_text(args)
@@ -107,9 +108,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .corpus import load_prompts
-    from .decode import SpecDecoder
-    from .load import load_pair
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.models.pair import load_pair
 
     _seed(args.seed)
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)

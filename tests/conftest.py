@@ -11,7 +11,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def embedded_pair():
     """The shipped target + draft + tokenizer, in float32 on the CPU."""
-    from longspec_lab.load import load_pair
+    from longspec_lab.models.pair import load_pair
 
     return load_pair(device="cpu", dtype="float32")
 
@@ -19,7 +19,7 @@ def embedded_pair():
 @pytest.fixture(scope="session")
 def embedded_target():
     """The shipped target + tokenizer (no draft), in float32 on the CPU."""
-    from longspec_lab.load import load_pair
+    from longspec_lab.models.pair import load_pair
 
     target, _, tok = load_pair(device="cpu", dtype="float32", need_draft=False)
     return target, tok
@@ -29,6 +29,6 @@ def embedded_target():
 def hf_embedded():
     from transformers import AutoModelForCausalLM
 
-    from longspec_lab.load import EMBEDDED_TARGET
+    from longspec_lab.paths import EMBEDDED_TARGET
 
     return AutoModelForCausalLM.from_pretrained(str(EMBEDDED_TARGET), dtype=torch.float32).eval()

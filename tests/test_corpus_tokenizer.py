@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab import corpus
-from longspec_lab.corpus import (ENDOFTEXT, HELD_OUT_MODULES, PROMPTS_DIR, TokenDataset, corpus_files,
-                                 encode_documents, load_prompts, resolve_module, write_tokens)
-from longspec_lab.tokenizer import (TOKENIZER_DIR, TOKENIZER_FILES, load_hf_tokenizer, load_tokenizer,
-                                    train_tokenizer)
+from longspec_lab.train import corpus
+from longspec_lab.train.corpus import ENDOFTEXT, HELD_OUT_MODULES, TokenDataset, corpus_files, encode_documents, resolve_module, write_tokens
+from longspec_lab.paths import PROMPTS_DIR, load_prompts
+from longspec_lab.paths import TOKENIZER_DIR
+from longspec_lab.models.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_tokenizer
+from longspec_lab.train.tokenizer import train_tokenizer
 
 ODD_TEXTS = [
     "",

@@ -4,8 +4,8 @@ greedy `generate` on the same float32 weights, on held-out long prompts."""
 import pytest
 import torch
 
-from longspec_lab.corpus import load_prompts
-from longspec_lab.decode import SpecDecoder
+from longspec_lab.paths import load_prompts
+from longspec_lab.decoding.eager import SpecDecoder
 
 SHAPES = [[1], [4, 16, 16, 16, 16], [2, 2, 2, 2, 2, 2, 2, 2], [32], [1, 3, 9]]
 N_NEW = 24

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from longspec_lab.corpus import load_prompts
-from longspec_lab.decode import SpecDecoder
-from longspec_lab.load import EMBEDDED_TARGET
+from longspec_lab.paths import load_prompts
+from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.paths import EMBEDDED_TARGET
 
 
 def test_embedded_logits_match_transformers(embedded_target, hf_embedded):
@@ -17,7 +17,7 @@ def test_embedded_logits_match_transformers(embedded_target, hf_embedded):
 
 
 def test_embedded_config_is_what_the_issue_asks():
-    from longspec_lab.models import read_config
+    from longspec_lab.models.loaders import read_config
 
     cfg = read_config(EMBEDDED_TARGET)
     assert cfg.num_layers >= 8 and cfg.num_kv_heads < cfg.num_heads and cfg.head_dim == 64

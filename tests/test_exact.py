@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab import exact
-from longspec_lab.sampling import SamplingParams
+from longspec_lab.teach import toy_lm as exact
+from longspec_lab.ops.sampling import SamplingParams
 
 
 def brute_force(model, temperature, n_tokens):

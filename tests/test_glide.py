@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from longspec_lab.config import PRESETS
-from longspec_lab.models.glide import DraftConfig, Glide, load_draft, save_draft
+from longspec_lab.models.config import PRESETS
+from longspec_lab.models.glide import DraftConfig, Glide
+from longspec_lab.models.draft_io import load_draft, save_draft
 from longspec_lab.models.target import Target
 
 TINY = PRESETS["tiny"]

@@ -10,13 +10,12 @@ from scipy import stats
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from longspec_lab.sample_tree import (allocate_children, grow_beam_tree_q, grow_sampled_tree,
-                                      sampled_parents)
-from longspec_lab.sampling import (SamplingParams, gumbel_topk, make_generator, probs_from_logits,
-                                   sample_categorical, warp_logits)
-from longspec_lab.tree import DraftTree, grow_beam_tree
-from longspec_lab.verify import (VERIFY_RULES, TreeBatch, acceptance_counts, sibling_ranks, verify_batch,
-                                 verify_chain, verify_rrs)
+from longspec_lab.spec.draft import allocate_children, grow_beam_tree_q, grow_sampled_tree, sampled_parents
+from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, make_generator, probs_from_logits, sample_categorical, warp_logits
+from longspec_lab.spec.tree import DraftTree
+from longspec_lab.spec.draft import grow_beam_tree
+from longspec_lab.spec.verify import VERIFY_RULES, acceptance_counts, sibling_ranks, verify_batch, verify_chain, verify_rrs
+from longspec_lab.spec.tree import TreeBatch
 
 
 def hf_warp(logits, t, k, p):

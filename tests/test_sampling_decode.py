@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from longspec_lab.cli import main as cli_main
-from longspec_lab.corpus import load_prompts
-from longspec_lab.decode import SpecDecoder
-from longspec_lab.sampling import make_generator
+from longspec_lab.paths import load_prompts
+from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.ops.sampling import make_generator
 
 N_NEW = 16
 RULES = [("tree", "target-sample"), ("tree", "rrs"), ("chain", "chain"), ("tree", "naive-topk"),

@@ -13,8 +13,8 @@ import pytest
 import torch
 from scipy import stats
 
-from longspec_lab.decode import SpecDecoder
-from longspec_lab.sampling import SamplingParams, probs_from_logits
+from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
 
 N, N_HF, N_NAIVE = 800, 2000, 200
 CASES = [("def parse_args(argv):\n    ", "tree", "rrs"), ("class Config:\n    def __init__(self", "chain", "chain")]

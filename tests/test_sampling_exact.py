@@ -15,11 +15,11 @@ import math
 import pytest
 import torch
 
-from longspec_lab import exact
-from longspec_lab.exact import TableLM
-from longspec_lab.sample_tree import grow_sampled_batch
-from longspec_lab.sampling import SamplingParams, make_generator, probs_from_logits
-from longspec_lab.verify import verify_batch
+from longspec_lab.teach import toy_lm as exact
+from longspec_lab.teach.toy_lm import TableLM
+from longspec_lab.spec.draft import grow_sampled_batch
+from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits
+from longspec_lab.spec.verify import verify_batch
 
 N_SAMPLES = 20_000
 T = 3  # tokens compared

@@ -7,9 +7,10 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from longspec_lab.config import PRESETS, ModelConfig
-from longspec_lab.models import Target, load_target, save_hf
-from longspec_lab.tree import DraftTree
+from longspec_lab.models.config import PRESETS, ModelConfig
+from longspec_lab.models.target import Target
+from longspec_lab.models.loaders import load_target, save_hf
+from longspec_lab.spec.tree import DraftTree
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

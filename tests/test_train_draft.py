@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab.config import PRESETS
-from longspec_lab.models.glide import load_draft
-from longspec_lab.models.loader import load_target, save_hf
+from longspec_lab.models.config import PRESETS
+from longspec_lab.models.draft_io import load_draft
+from longspec_lab.models.loaders import load_target, save_hf
 from longspec_lab.models.target import Target
-from longspec_lab.train_draft import anchor_positions, main, train_draft
+from longspec_lab.train.draft import anchor_positions, main, train_draft
 
 
 def test_anchor_positions_keep_sinks_and_reach_the_end():

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from longspec_lab.config import PRESETS
-from longspec_lab.models.loader import load_target
-from longspec_lab.tokenizer import TOKENIZER_FILES, load_tokenizer
-from longspec_lab.train_target import DEFAULTS, build_parser, lr_at, main, smoke_tokens, train_target
+from longspec_lab.models.config import PRESETS
+from longspec_lab.models.loaders import load_target
+from longspec_lab.models.tokenizer import TOKENIZER_FILES, load_tokenizer
+from longspec_lab.train.target import DEFAULTS, build_parser, lr_at, main, smoke_tokens, train_target
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_saved_folder_is_hf_checkpoint(trained):
 def test_best_checkpoint_is_saved(trained, tiny_cfg):
     """The saved weights reproduce the best held-out loss (up to bf16 rounding), not just the last step."""
     summary, out, tokens = trained
-    from longspec_lab.corpus import TokenDataset
-    from longspec_lab.train_target import evaluate
+    from longspec_lab.train.corpus import TokenDataset
+    from longspec_lab.train.target import evaluate
     model = load_target(out, device="cpu", dtype="float32")
     held = TokenDataset(tokens / "heldout.u16", 128).eval_windows(4)
     loss = evaluate(model, held, 4, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))

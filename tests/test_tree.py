@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from longspec_lab.tree import (DEFAULT_TREE_SHAPE, DraftTree, TreeShape, beam_level, chain_tree,
-                               grow_beam_tree, tree_mask, tree_positions)
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape, chain_tree, tree_mask, tree_positions
+from longspec_lab.spec.draft import beam_level, grow_beam_tree
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

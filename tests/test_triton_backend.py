@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 if "longspec_lab.kernels.tree_attention" in sys.modules:  # imported earlier without the interpreter
     importlib.reload(sys.modules["longspec_lab.kernels.tree_attention"])
 
-from longspec_lab.decode import SpecDecoder  # noqa: E402
+from longspec_lab.decoding.eager import SpecDecoder  # noqa: E402
 
 
 @pytest.mark.parametrize("text", ["import os\nimport sys\n\n\ndef main(argv):\n    ",
@@ -27,7 +27,7 @@ def test_triton_backend_matches_torch(embedded_pair, text):
 
 def test_triton_static_attention_matches_torch():
     """The graph-capturable path (device prefix length) against the eager hybrid attention."""
-    from longspec_lab.attention import attend
+    from longspec_lab.ops.attention import attend
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 9, 64, generator=g)

@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from longspec_lab.corpus import load_prompts
-from longspec_lab.decode import SpecDecoder
-from longspec_lab.tune import candidate_shapes, expected_accept, fit_latency, path_ranks, tune
+from longspec_lab.paths import load_prompts
+from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.bench.tune import candidate_shapes, expected_accept, fit_latency, path_ranks, tune
 
 
 def test_expected_accept_matches_brute_force():
@@ -43,7 +43,7 @@ def test_probe_model_reproduces_real_acceptance(embedded_pair):
 def test_latency_fit_recovers_a_linear_model():
     shapes = [[1], [4], [16], [1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16]]
     true = torch.tensor([2e-3, 5e-4, 1e-5, 3e-6], dtype=torch.float64)
-    from longspec_lab.tune import features
+    from longspec_lab.bench.tune import features
 
     times = {json.dumps(s): float(torch.tensor(features(s), dtype=torch.float64) @ true) for s in shapes}
     assert torch.allclose(fit_latency(times), true, rtol=1e-6, atol=1e-12)

@@ -6,8 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longspec_lab.tree import DraftTree, chain_tree, grow_beam_tree
-from longspec_lab.verify import accept_greedy
+from longspec_lab.spec.tree import DraftTree, chain_tree
+from longspec_lab.spec.draft import grow_beam_tree
+from longspec_lab.spec.verify import accept_greedy
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab import viz
-from longspec_lab.trace import GenerationResult, StepRecord
-from longspec_lab.tree import DraftTree, TreeShape
-from longspec_lab.verify import accept_greedy
+from longspec_lab.teach import palette, viz_results, viz_trees
+from longspec_lab.spec.trace import GenerationResult, StepRecord
+from longspec_lab.spec.tree import DraftTree, TreeShape
+from longspec_lab.spec.verify import accept_greedy
 
 NODE = re.compile(r'^\s*(\w+) \[(.*)\]\s*$')
 EDGE = re.compile(r'^\s*(\w+) -> (\w+)(?: \[(.*)\])?\s*$')
@@ -72,7 +72,7 @@ def brute_status(tree, target):
 @pytest.mark.parametrize("seed", range(12))
 def test_diagram_counts_equal_the_tree_without_collapsing(seed):
     tree = random_tree(seed)
-    dot = viz.tree_diagram(tree, max_children=tree.num_nodes)
+    dot = viz_trees.tree_diagram(tree, max_children=tree.num_nodes)
     nodes, edges = parse(dot)
     real = {k for k in nodes if k.startswith("n")}
     assert real == {f"n{i}" for i in range(tree.num_nodes)}
@@ -87,7 +87,7 @@ def test_diagram_counts_equal_the_tree_without_collapsing(seed):
 def test_collapsed_diagram_accounts_for_every_node(seed, max_children):
     tree = random_tree(seed, shape=[4, 8, 8, 6])
     step = random_step(seed, tree)
-    nodes, edges = parse(viz.tree_diagram(step, max_children=max_children))
+    nodes, edges = parse(viz_trees.tree_diagram(step, max_children=max_children))
     shown = sorted(int(k[1:]) for k in nodes if re.fullmatch(r"n\d+", k))
     hidden = 0
     for name, attrs in nodes.items():
@@ -112,47 +112,47 @@ def test_collapsed_diagram_accounts_for_every_node(seed, max_children):
 def test_status_colours_match_brute_force(seed):
     tree = random_tree(seed)
     step = random_step(seed, tree)
-    dot = viz.tree_diagram(step, max_children=tree.num_nodes)
+    dot = viz_trees.tree_diagram(step, max_children=tree.num_nodes)
     nodes, edges = parse(dot)
     fill = {int(k[1:]): re.search(r'fillcolor="([^"]+)"', a).group(1) for k, a in nodes.items()
             if re.fullmatch(r"n\d+", k)}
     path = step.result.path.tolist()
     want = brute_status(tree, step.target_tokens.tolist())
     # the accepted colour is on exactly the path's nodes (root excluded: it has its own colour)
-    assert {i for i, c in fill.items() if c == viz.COLORS["accepted"]} == set(path[1:])
-    assert fill[0] == viz.COLORS["root"]
+    assert {i for i, c in fill.items() if c == palette.COLORS["accepted"]} == set(path[1:])
+    assert fill[0] == palette.COLORS["root"]
     for i in range(1, tree.num_nodes):
         if want[i] in ("verified", "rejected"):
-            assert fill[i] == viz.COLORS[want[i]], (i, want[i])
-    thick = {(t, h) for t, h, a in edges if viz.PATH_EDGE in a}
+            assert fill[i] == palette.COLORS[want[i]], (i, want[i])
+    thick = {(t, h) for t, h, a in edges if palette.PATH_EDGE in a}
     assert thick == {(f"n{a}", f"n{b}") for a, b in zip(path, path[1:])}
     for s in {want[i] for i in range(1, tree.num_nodes)} - {"accepted_any"}:
-        assert viz.STATUS_TEXT[s] in dot.source  # the legend names every colour used
+        assert palette.STATUS_TEXT[s] in dot.source  # the legend names every colour used
 
 
 def test_placeholder_shape_diagram_and_bad_inputs():
-    nodes, edges = parse(viz.tree_diagram([4, 16, 16, 16, 16], max_children=16))
+    nodes, edges = parse(viz_trees.tree_diagram([4, 16, 16, 16, 16], max_children=16))
     assert len([k for k in nodes if re.fullmatch(r"n\d+", k)]) == 69
     assert len([e for e in edges if "invis" not in e[2]]) == 68
     with pytest.raises(ValueError, match="width"):
-        viz.tree_diagram([4, 0, 16])
+        viz_trees.tree_diagram([4, 0, 16])
     with pytest.raises(ValueError, match="max_children"):
-        viz.tree_diagram([4, 16], max_children=0)
+        viz_trees.tree_diagram([4, 16], max_children=0)
     with pytest.raises(ValueError, match="DraftTree"):
-        viz.tree_diagram(3.5)
+        viz_trees.tree_diagram(3.5)
 
 
 def test_balanced_tree_and_children_per_node():
     for shape in ([4, 16, 16, 16, 16], [3, 7, 2], [1, 1, 1], [5]):
-        t = viz.balanced_tree(shape)
+        t = viz_trees.balanced_tree(shape)
         assert list(t.shape.widths) == shape
         for l in range(1, len(shape) + 1):
-            kids = viz.children_per_node(t, l)
+            kids = viz_trees.children_per_node(t, l)
             assert sum(kids) == shape[l - 1] and max(kids) - min(kids) <= 1
     real = random_tree(3, shape=[3, 9])
-    assert viz.children_per_node(real, 2) == [real.parents.tolist().count(p) for p in (1, 2, 3)]
+    assert viz_trees.children_per_node(real, 2) == [real.parents.tolist().count(p) for p in (1, 2, 3)]
     with pytest.raises(ValueError, match="level"):
-        viz.children_per_node(real, 3)
+        viz_trees.children_per_node(real, 3)
 
 
 class FakeTok:
@@ -165,20 +165,20 @@ class FakeTok:
 
 def test_token_label_makes_whitespace_visible():
     tok = FakeTok({0: "\n", 1: "  x", 2: "\tif", 3: "", 4: "a\x00b", 5: "abcdefghijklmnopqrstuvwxyz"})
-    assert viz.token_label(0, tok) == "↵"
-    assert viz.token_label(1, tok) == "··x"
-    assert viz.token_label(2, tok) == "⇥if"
-    assert viz.token_label(3, tok) == "∅"
-    assert viz.token_label(4, tok) == "a\\x00b"
-    assert viz.token_label(5, tok, max_len=6) == "abcde…"
-    assert viz.token_label(7) == "<7>"
+    assert viz_trees.token_label(0, tok) == "↵"
+    assert viz_trees.token_label(1, tok) == "··x"
+    assert viz_trees.token_label(2, tok) == "⇥if"
+    assert viz_trees.token_label(3, tok) == "∅"
+    assert viz_trees.token_label(4, tok) == "a\\x00b"
+    assert viz_trees.token_label(5, tok, max_len=6) == "abcde…"
+    assert viz_trees.token_label(7) == "<7>"
 
 
 @needs_dot
 def test_awkward_tokens_render_through_dot():
     table = {0: "\n", 1: 'say "hi"', 2: "back\\slash", 3: "<b>html</b>", 4: "{rec|ord}", 5: "\\n"}
     tree = DraftTree.from_parents([0, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2])
-    svg = viz.diagram_svg(viz.tree_diagram(tree, tokenizer=FakeTok(table)))
+    svg = viz_trees.diagram_svg(viz_trees.tree_diagram(tree, tokenizer=FakeTok(table)))
     for text in ("say·&quot;hi&quot;", "back\\slash", "&lt;b&gt;html&lt;/b&gt;", "{rec|ord}", "\\n"):
         assert text in svg, text
     assert svg.startswith("<svg")
@@ -188,7 +188,7 @@ def test_awkward_tokens_render_through_dot():
 def test_mask_figure_z_is_the_mask(seed):
     tree = random_tree(seed)
     step = random_step(seed, tree)
-    fig = viz.mask_figure(step)
+    fig = viz_trees.mask_figure(step)
     m = tree.mask
     # independent reference: j is i or an ancestor of i
     ref = np.zeros((tree.num_nodes,) * 2, dtype=int)
@@ -207,13 +207,13 @@ def test_mask_figure_z_is_the_mask(seed):
 
 def test_mask_figure_plain_arrays_and_errors():
     m = [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
-    fig = viz.mask_figure(m, levels=[2], path=[0, 1])
+    fig = viz_trees.mask_figure(m, levels=[2], path=[0, 1])
     assert np.array_equal(np.asarray(fig.data[0].z), np.array(m))
     assert len(fig.layout.shapes) == 2  # root | level 1, on both axes
-    fig = viz.mask_figure(torch.tensor(m, dtype=torch.bool), levels=[1, 1])
+    fig = viz_trees.mask_figure(torch.tensor(m, dtype=torch.bool), levels=[1, 1])
     assert len(fig.layout.shapes) == 4
     with pytest.raises(ValueError, match="square"):
-        viz.mask_figure([[1, 0, 0], [1, 1, 0]])
+        viz_trees.mask_figure([[1, 0, 0], [1, 1, 0]])
 
 
 def fake_result(method, n_new, calls, stages, wall):
@@ -223,41 +223,41 @@ def fake_result(method, n_new, calls, stages, wall):
 def test_tau_and_stage_figures_show_the_numbers():
     rs = {"ar": fake_result("ar", 33, 33, {"prefill": 0.5, "verify": 3.2}, 4.0),
           "tree": fake_result("tree", 33, 11, {"prefill": 0.5, "draft": 0.9, "verify": 1.1, "commit": 0.1}, 2.8)}
-    fig = viz.tau_figure(rs)
+    fig = viz_results.tau_figure(rs)
     bars = {(t.name, t.xaxis): t.y[0] for t in fig.data}
     assert bars[("ar", "x")] == pytest.approx(1.0) and bars[("tree", "x")] == pytest.approx(3.0)
     assert bars[("tree", "x2")] == pytest.approx(32 / 2.3)
     assert fig.layout.title.text and fig.layout.legend.title.text == "method"
-    fig = viz.stage_times_figure(rs)
+    fig = viz_results.stage_times_figure(rs)
     per = {t.name: dict(zip(t.y, t.x)) for t in fig.data}
     assert per["draft"]["tree"] == pytest.approx(900 / 32)
     total_tree = sum(per[s]["tree"] for s in per)
     assert total_tree == pytest.approx((2.8 - 0.5) * 1000 / 32)
     assert fig.layout.xaxis.title.text and fig.layout.legend.title.text == "stage"
     with pytest.raises(ValueError, match="no results"):
-        viz.tau_figure({})
+        viz_results.tau_figure({})
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_pareto_front_matches_the_definition(seed):
     rng = random.Random(seed)
     pts = [dict(x=rng.randint(1, 20), y=rng.randint(1, 20), label=str(i)) for i in range(30)]
-    front = viz.pareto_front(pts, "x", "y")
+    front = viz_results.pareto_front(pts, "x", "y")
 
     def beats(a, b):  # a dominates b: x no larger, y no smaller, one strictly
         return a["x"] <= b["x"] and a["y"] >= b["y"] and (a["x"] < b["x"] or a["y"] > b["y"])
     for i in range(len(pts)):
         dominated = any(beats(q, pts[i]) for q in pts)
         assert (i in front) == (not dominated)
-    fig = viz.pareto_figure(pts, x="x", y="y")
+    fig = viz_results.pareto_figure(pts, x="x", y="y")
     line = [t for t in fig.data if t.name == "Pareto front"][0]
     assert list(line.x) == sorted(pts[i]["x"] for i in front)
 
 
 def test_line_and_accepted_lengths_figures():
-    fig = viz.line_figure({"a": ([1, 2], [3, 4]), "b": ([1, 2], [5, 6])}, "t", "x", "y", log_x=True)
+    fig = viz_results.line_figure({"a": ([1, 2], [3, 4]), "b": ([1, 2], [5, 6])}, "t", "x", "y", log_x=True)
     assert [t.name for t in fig.data] == ["a", "b"] and fig.layout.xaxis.type == "log"
     r = fake_result("tree", 10, 4, {}, 1.0)
     r.accepted_lengths = [3, 4, 2]
-    fig = viz.accepted_lengths_figure(r)
+    fig = viz_results.accepted_lengths_figure(r)
     assert list(fig.data[0].y) == [3, 4, 2] and fig.data[1].y[0] == pytest.approx(3.0)

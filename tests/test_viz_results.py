@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab import notebook as nb
-from longspec_lab import viz
-from longspec_lab.config import PRESETS
+from longspec_lab.teach import setup as nb
+from longspec_lab.teach import viz_results
+from longspec_lab.models.config import PRESETS
 from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.target import Target
 
@@ -51,11 +51,11 @@ def test_recorded_results_carry_provenance(name):
 
 
 def test_html_table_formats_and_escapes():
-    html = viz.html_table([{"a": 1.23456, "b": "<x>"}, {"a": None, "b": "y"}], formats={"a": "{:.2f}"}, title="T")
+    html = viz_results.html_table([{"a": 1.23456, "b": "<x>"}, {"a": None, "b": "y"}], formats={"a": "{:.2f}"}, title="T")
     assert "1.23" in html and "1.2345" not in html and "&lt;x&gt;" in html and "–" in html and "T" in html
     assert html.count("<tr>") == 3
     with pytest.raises(ValueError, match="no rows"):
-        viz.html_table([])
+        viz_results.html_table([])
 
 
 # ----------------------------------------------------------------------------- shape sweeps
@@ -78,7 +78,7 @@ def test_shape_points_and_stage_results():
     assert math.isclose(pts["tree-2-4"]["step_ms"], 1e3 * 1.0 / (100 / 4.0))  # seconds per target pass
     st = nb.stage_results(res)
     assert set(st) == {"ar", "tree-2-4"}
-    fig = viz.stage_times_figure(st)
+    fig = viz_results.stage_times_figure(st)
     other = _trace(fig, "other")
     draft = _trace(fig, "draft")
     # ms per new token: stage seconds / tokens; "overhead" is what stage_times_figure calls "other"
@@ -128,8 +128,8 @@ def _cases():
 
 def test_kernel_timing_figure_plots_the_recorded_numbers():
     cases = _cases()
-    fig = viz.kernel_timing_figure(cases, "m", "fp16")
-    tri = [t for t in fig.data if t.name == viz.KERNEL_METHODS["triton_tree"]]
+    fig = viz_results.kernel_timing_figure(cases, "m", "fp16")
+    tri = [t for t in fig.data if t.name == viz_results.KERNEL_METHODS["triton_tree"]]
     assert len(tri) == 2  # do_bench and CUDA graph panels
     assert list(tri[0].y) == [c["methods"]["triton_tree"]["us"] for c in cases[:3]]
     assert list(tri[1].y) == [c["methods"]["triton_tree"]["us_graph"] for c in cases[:3]]
@@ -137,34 +137,34 @@ def test_kernel_timing_figure_plots_the_recorded_numbers():
     assert list(floors[0].y) == [c["compute_floor_us"] for c in cases[:3]]
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     with pytest.raises(ValueError, match="pick one of"):
-        viz.kernel_timing_figure(cases, "m", "fp8")
+        viz_results.kernel_timing_figure(cases, "m", "fp8")
 
 
 def test_glide_diagram_names_the_window_and_shared_parts():
-    dot = viz.glide_diagram(DraftConfig(window=37), PRESETS["tiny"]).source
+    dot = viz_results.glide_diagram(DraftConfig(window=37), PRESETS["tiny"]).source
     assert "W = 37" in dot and "embed_tokens" in dot and "lm_head" in dot and "-> ca" in dot
 
 
 def test_anchor_positions_figure_counts_sinks():
     pos = torch.tensor([[0, 1, 50, 51, 52], [10, 11, 12, 13, 14], [0, 1, 2, 3, 4]])
-    fig = viz.anchor_positions_figure(pos, max_pos=64)
+    fig = viz_results.anchor_positions_figure(pos, max_pos=64)
     names = [t.name for t in fig.data if t.showlegend is not False]
     assert names == ["row 0: 2 sink(s), offset 48", "row 1: 0 sink(s), offset 10", "row 2: 5 sink(s), offset 0"]
     assert list(fig.data[0].y) == [0, 1, 50, 51, 52]
     with pytest.raises(ValueError, match="B, T"):
-        viz.anchor_positions_figure(torch.arange(5))
+        viz_results.anchor_positions_figure(torch.arange(5))
 
 
 def test_distribution_figure_and_tau_by_rule():
     exact = [0.5, 0.3, 0.2]
-    fig = viz.distribution_figure(exact, {"rrs": [0.49, 0.31, 0.2]}, labels=["a", "b", "c"])
+    fig = viz_results.distribution_figure(exact, {"rrs": [0.49, 0.31, 0.2]}, labels=["a", "b", "c"])
     assert list(fig.data[0].y) == exact and list(fig.data[1].y) == [0.49, 0.31, 0.2]
     with pytest.raises(ValueError, match="same length"):
-        viz.distribution_figure(exact, {"x": [1.0]})
+        viz_results.distribution_figure(exact, {"x": [1.0]})
     rows = [dict(rule="greedy", temperature=0.0, tau=5.0, lossless=True),
             dict(rule="rrs", temperature=1.0, tau=3.0, lossless=True),
             dict(rule="naive-topk", temperature=1.0, tau=4.0, lossless=False)]
-    fig = viz.tau_by_rule_figure(rows)
+    fig = viz_results.tau_by_rule_figure(rows)
     t1 = _trace(fig, "temperature 1")
     assert list(t1.x) == ["rrs", "naive-topk"] and list(t1.y) == [3.0, 4.0]
     assert list(t1.marker.pattern.shape) == ["", "/"] and "biased" in t1.text[1]
@@ -173,23 +173,23 @@ def test_distribution_figure_and_tau_by_rule():
 def test_speed_bars_and_verify_decode_figures():
     res = {"hf-greedy": {"tokens_per_s": 100.0}, "ar": {"tokens_per_s": 400.0, "tau": 1.0},
            "tree-4": {"tokens_per_s": 800.0, "tau": 3.0}}
-    fig = viz.speed_bars_figure(res, baseline="hf-greedy")
+    fig = viz_results.speed_bars_figure(res, baseline="hf-greedy")
     assert list(fig.data[0].x) == [100.0, 400.0, 800.0] and fig.data[0].text[2] == "800 · τ 3.00 · 8.0×"
     with pytest.raises(ValueError, match="baseline"):
-        viz.speed_bars_figure(res, baseline="nope")
+        viz_results.speed_bars_figure(res, baseline="nope")
     rows = [dict(context=c, floor_verify_ms=1.0, triton_verify_graph_ms=2.0 * k, triton_decode_graph_ms=1.5 * k)
             for k, c in enumerate((4096, 32768), start=1)]
-    fig = viz.verify_decode_figure(rows, backends=("triton",))
+    fig = viz_results.verify_decode_figure(rows, backends=("triton",))
     ratio = [t for t in fig.data if t.xaxis == "x2"][0]
     assert np.allclose(list(ratio.y), [2.0 / 1.5, 2.0 / 1.5])
     assert list(_trace(fig, "bandwidth floor (weights + KV / copy BW)").y) == [1.0, 1.0]
 
 
 def test_tick_helpers_and_spread_labels():
-    assert viz.log_ticks([3.0, 40.0]) == [2, 5, 10, 20, 50, 100]
-    assert viz.log_ticks([]) == []
-    assert [viz.tokens_label(n) for n in (1000, 4096, 131072)] == ["1000", "4k", "128k"]
-    fig = viz.pareto_figure([{"n": 3, "v": 1.0, "label": "c"}, {"n": 1, "v": 2.0, "label": "a"},
+    assert viz_results.log_ticks([3.0, 40.0]) == [2, 5, 10, 20, 50, 100]
+    assert viz_results.log_ticks([]) == []
+    assert [viz_results.tokens_label(n) for n in (1000, 4096, 131072)] == ["1000", "4k", "128k"]
+    fig = viz_results.pareto_figure([{"n": 3, "v": 1.0, "label": "c"}, {"n": 1, "v": 2.0, "label": "a"},
                              {"n": 2, "v": 1.5, "label": "b"}], x="n", y="v")
-    viz.spread_labels(fig)
+    viz_results.spread_labels(fig)
     assert list(fig.data[0].textposition) == ["top center", "top center", "bottom center"]  # x order: a, b, c

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from longspec_lab.widgets import PRESETS, StepPlayer, TreeGrowth, TreeShapeExplorer
+from longspec_lab.teach.widgets import PRESETS, StepPlayer, TreeGrowth, TreeShapeExplorer
 
 
 def count(explorer) -> int:
@@ -106,8 +106,8 @@ def test_siblings_limit_collapses_the_placeholder():
 
 @pytest.fixture(scope="module")
 def traced(embedded_pair):
-    from longspec_lab.decode import SpecDecoder
-    from longspec_lab.notebook import held_out_prompt
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.teach.setup import held_out_prompt
 
     target, draft, tok = embedded_pair
     ids, _ = held_out_prompt(tok, 192)
@@ -116,7 +116,7 @@ def traced(embedded_pair):
 
 
 def test_explorer_with_real_trees(traced):
-    from longspec_lab.notebook import first_step_fn
+    from longspec_lab.teach.setup import first_step_fn
 
     dec, ids, tok, _ = traced
     e = TreeShapeExplorer([2, 4], tree_fn=first_step_fn(dec, ids), tokenizer=tok)

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .glide import DraftConfig, Glide, check_fits
-from .loader import pick_device, pick_dtype
+from longspec_lab.models.glide import DraftConfig, Glide, check_fits
+from longspec_lab.models.loaders import pick_device, pick_dtype
 
 _ROOTS = ("self_attn.", "cross_attn.", "mlp.", "input_layernorm.", "post_self_attention_layernorm.",
           "post_cross_attention_layernorm.")
@@ -53,7 +53,7 @@ def _strip(name: str) -> str | None:
 def _draft_files(path: Path) -> list[Path]:
     if not path.exists():
         raise MissingCheckpointError(f"draft checkpoint {str(path)!r} does not exist; pass a folder written "
-                                     "by save_draft / python -m longspec_lab.train_draft")
+                                     "by save_draft / python -m longspec_lab.train.draft")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"{path} is not a .safetensors file; drafts load from safetensors only")
@@ -68,7 +68,7 @@ def _draft_files(path: Path) -> list[Path]:
                          "(unpickling can run arbitrary code). Convert once: load the state dict in a trusted "
                          "environment and write it with safetensors.torch.save_file")
     raise MissingCheckpointError(f"no draft.safetensors (or *.safetensors) in {path}; train one with "
-                                 "python -m longspec_lab.train_draft or point at the right folder")
+                                 "python -m longspec_lab.train.draft or point at the right folder")
 
 
 def load_draft(path, target, device=None, dtype=None) -> Glide:
@@ -120,7 +120,7 @@ def load_draft(path, target, device=None, dtype=None) -> Glide:
             raise ValueError(f"draft tensor {name} has shape {shapes[name]} but this target needs {shape} "
                              f"(target hidden {tcfg.hidden_size}, {tcfg.num_heads}/{tcfg.num_kv_heads} heads of "
                              f"dim {tcfg.head_dim}); the draft was trained for another target: train a draft "
-                             "for this one (python -m longspec_lab.train_draft)")
+                             "for this one (python -m longspec_lab.train.draft)")
     draft = Glide(dcfg, target)
     state = {}
     for f in files:

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import attend
-from ..config import ModelConfig
-from .layers import MLP, QKVO, RMSNorm, apply_rope
+from longspec_lab.ops.attention import attend
+from longspec_lab.models.config import ModelConfig
+from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
 
 
 @dataclass
@@ -67,7 +67,7 @@ class DraftConfig:
 
 def check_fits(dcfg: DraftConfig, tcfg: ModelConfig) -> None:
     """The draft shares the target's embedding, RoPE, LM head and last-layer KV: these must agree."""
-    fix = "train a draft for this target (python -m longspec_lab.train_draft --target DIR)"
+    fix = "train a draft for this target (python -m longspec_lab.train.draft --target DIR)"
     for name, d, t in (("hidden size", dcfg.hidden_size, tcfg.hidden_size),
                        ("vocabulary size", dcfg.vocab_size, tcfg.vocab_size),
                        ("head_dim", dcfg.head_dim, tcfg.head_dim)):
@@ -327,5 +327,3 @@ class Glide(nn.Module):
         return self._layer(input_ids, positions, self_fn, cross_fn)
 
 
-# checkpoint IO lives in draft_io.py; re-exported here for `from longspec_lab.models.glide import load_draft`
-from .draft_io import MissingCheckpointError, load_draft, save_draft  # noqa: E402,F401

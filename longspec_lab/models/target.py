@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import attend
-from ..config import ModelConfig
-from .cache import KVCache
-from .layers import MLP, QKVO, RMSNorm, Rotary, apply_rope
+from longspec_lab.ops.attention import attend
+from longspec_lab.models.config import ModelConfig
+from longspec_lab.models.cache import KVCache
+from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope
 
 
 class DecoderLayer(nn.Module):

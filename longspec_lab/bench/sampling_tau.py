@@ -1,7 +1,7 @@
 """Tau of every verification rule at temperatures 0.5 and 1.0 on the held-out long prompts.
 
-    python -m longspec_lab.sampling_report                       # GPU: data/results/sampling_tau.json
-    python -m longspec_lab.sampling_report --device cpu --prompts 3 --max-new-tokens 128 \\
+    python -m longspec_lab.bench.sampling_tau                       # GPU: data/results/sampling_tau.json
+    python -m longspec_lab.bench.sampling_tau --device cpu --prompts 3 --max-new-tokens 128 \\
         --out data/results/sampling_tau_cpu.json
 
 Rows: "greedy" at temperature 0 (the reference), then for each temperature the lossless sampling
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 
-from .corpus import DATA_DIR, load_prompts
-from .tree import DEFAULT_TREE_SHAPE, TreeShape
+from longspec_lab.paths import DATA_DIR, load_prompts
+from longspec_lab.provenance import environment
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 RULES = (("target-sample", "tree"), ("rrs", "tree"), ("chain", "chain"), ("naive-topk", "tree"))
 BIASED = {"naive-topk": "BIASED: min(1, p/q) on deterministic top-k siblings; not a valid sampler, "
@@ -75,19 +72,6 @@ def measure_tau(dec, prompts: list[list[int]], temperatures=(0.5, 1.0), rules=RU
     return rows
 
 
-def environment(target) -> dict:
-    dev = target.device
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-            platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "dtype": str(target.dtype).replace("torch.", ""), "git_commit": commit}
-
-
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'rule':<15}{'method':<8}{'T':>5}{'tau':>7}   acceptance by depth"]
     for r in rows:
@@ -98,7 +82,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.sampling_report", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench.sampling_tau", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=None, help="number of held-out prompts (default: all that fit)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens per run (default: 256)")
@@ -111,12 +95,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DATA_DIR / "results" / "sampling_tau.json"), help="JSON output path")
     args = ap.parse_args(argv)
 
-    from .decode import SpecDecoder
-    from .load import load_pair
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.models.pair import load_pair
 
     target, draft, tok = load_pair(device=args.device, dtype=args.dtype)
     if draft is None:
-        raise SystemExit("error: no draft model; train one (python -m longspec_lab.train_draft) first")
+        raise SystemExit("error: no draft model; train one (python -m longspec_lab.train.draft) first")
     room = target.config.max_position_embeddings - args.max_new_tokens - TreeShape.of(args.tree_shape).num_nodes
     specs = [p for p in load_prompts(min_tokens=1000) if p["n_tokens"] < room][: args.prompts]
     prompts = [tok.encode(p["text"])[:room] for p in specs]
@@ -124,7 +108,7 @@ def main(argv=None) -> int:
     dec.generate(prompts[0][:64], method="tree", max_new_tokens=8)  # warm-up
     rows = measure_tau(dec, prompts, args.temperatures, max_new_tokens=args.max_new_tokens,
                        tree_shape=args.tree_shape, gamma=args.gamma, seed=args.seed)
-    out = {"command": "python -m longspec_lab.sampling_report " + shlex.join(sys.argv[1:] if argv is None else argv),
+    out = {"command": "python -m longspec_lab.bench.sampling_tau " + shlex.join(sys.argv[1:] if argv is None else argv),
            "environment": environment(target), "prompts": [p["name"] for p in specs],
            "prompt_tokens": [len(p) for p in prompts], "max_new_tokens": args.max_new_tokens,
            "definition": "tau = generated tokens / target forward passes (prefill included), summed over prompts",

@@ -14,39 +14,16 @@ speedup / tau, and a per-stage breakdown. Every timed run is preceded by a warm-
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .timing import sync
+from longspec_lab.decoding.timing import sync
+from longspec_lab.provenance import environment
 
 DEFAULT_SHAPES = ([4, 16, 16, 16, 16], [4, 8, 8, 8], [2, 4, 8, 8, 8, 8], [8, 16, 32])
-
-
-def environment(device) -> dict:
-    import transformers
-
-    env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "platform": platform.platform(),
-           "device": str(device), "command": " ".join(sys.argv)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.device(device).type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, sm_count=p.multi_processor_count, cuda=torch.version.cuda)
-    else:
-        env.update(gpu=None, cpu_threads=torch.get_num_threads())
-    return env
 
 
 def _hf_time(hf, ids, n, device, **kw):
@@ -84,8 +61,8 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
     eager loop's synchronised timers), so the tokens/s runs carry no timing overhead."""
     from tqdm.auto import tqdm
 
-    from .decode import SpecDecoder
-    from .fast import FastDecoder
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.decoding.graphs import FastDecoder
 
     fast = target.device.type == "cuda" if fast is None else fast
     make = (lambda be, **kw: FastDecoder(target, draft, backend=be, **kw)) if fast else \
@@ -207,8 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    from .corpus import load_prompts
-    from .load import EMBEDDED_TARGET, load_pair
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.paths import EMBEDDED_TARGET
+    from longspec_lab.models.pair import load_pair
 
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     room = target.config.max_position_embeddings - args.max_new_tokens - 80

@@ -4,14 +4,13 @@ Byte-level BPE (GPT-2 style: bytes mapped to printable characters, regex pre-spl
 any UTF-8 text exactly, which a code model needs for indentation, tabs, form feeds and odd unicode.
 ``<|endoftext|>`` has id 0 and serves as BOS, EOS and pad. Encoding adds no special tokens by itself.
 
-Train (CPU, ~1 min): ``python -m longspec_lab.tokenizer --train`` -> ``data/tokenizer/`` with
+Train (CPU, ~1 min): ``python -m longspec_lab.train.tokenizer --train`` -> ``data/tokenizer/`` with
 ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` (loadable by
 ``transformers.AutoTokenizer``) and ``PROVENANCE.md``.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -19,11 +18,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from longspec_lab.corpus import DATA_DIR, ENDOFTEXT, EOS_ID, HELD_OUT_MODULES, corpus_files, read_corpus
+from longspec_lab.models.tokenizer import tokenizer_fingerprint
+from longspec_lab.paths import TOKENIZER_DIR
+from longspec_lab.train.corpus import ENDOFTEXT, EOS_ID, HELD_OUT_MODULES, corpus_files, read_corpus
 
-TOKENIZER_DIR = DATA_DIR / "tokenizer"
 VOCAB_SIZE = 4096
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def build_tokenizer() -> Tokenizer:
@@ -58,46 +57,13 @@ def save_tokenizer(tok: Tokenizer, out_dir=TOKENIZER_DIR) -> Path:
     return out_dir
 
 
-def load_tokenizer(path=None) -> Tokenizer:
-    """The fast ``tokenizers.Tokenizer`` (no transformers import). ``path``: folder or tokenizer.json."""
-    path = Path(path) if path is not None else TOKENIZER_DIR
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"no tokenizer at {file}; train one with `python -m longspec_lab.tokenizer --train` "
-                         f"or pass the folder that holds tokenizer.json")
-    return Tokenizer.from_file(str(file))
-
-
-def load_hf_tokenizer(path=None):
-    """The same tokenizer as a ``transformers`` fast tokenizer (via ``AutoTokenizer``)."""
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(Path(path) if path is not None else TOKENIZER_DIR))
-
-
-def tokenizer_fingerprint(path=None) -> str:
-    path = Path(path) if path is not None else TOKENIZER_DIR
-    file = path / "tokenizer.json" if path.is_dir() else path
-    return hashlib.sha256(file.read_bytes()).hexdigest()
-
-
-def copy_tokenizer_files(dst, src=None) -> None:
-    """Copy tokenizer.json + configs into a model folder so ``from_pretrained(model_dir)`` finds them."""
-    src = Path(src) if src is not None else TOKENIZER_DIR
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if not (src / name).is_file():
-            raise ValueError(f"{src / name} missing; run `python -m longspec_lab.tokenizer --train` first")
-        (dst / name).write_bytes((src / name).read_bytes())
-
-
 def _count(tok: Tokenizer, texts: list[str]) -> tuple[int, int]:
     n_tok = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     return sum(len(t.encode("utf-8")) for t in texts), n_tok
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.tokenizer",
+    ap = argparse.ArgumentParser(prog="python -m longspec_lab.train.tokenizer",
                                  description="Train the embedded model's byte-level BPE on the stdlib train split.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--train", action="store_true", help="train and save the tokenizer")
@@ -115,7 +81,7 @@ def main(argv=None) -> int:
     (tb, tt), (hb, ht) = _count(tok, train_texts), _count(tok, held_texts)
     prov = f"""# data/tokenizer provenance
 
-Command: `python -m longspec_lab.tokenizer --train{' --vocab-size ' + str(args.vocab_size) if args.vocab_size != VOCAB_SIZE else ''}`
+Command: `python -m longspec_lab.train.tokenizer --train{' --vocab-size ' + str(args.vocab_size) if args.vocab_size != VOCAB_SIZE else ''}`
 (run from the repo root; training took {train_s:.0f} s on CPU)
 
 - Python {sys.version.split()[0]} standard library (`{corpus_files.__module__}.stdlib_root()`), test suites

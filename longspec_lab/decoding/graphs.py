@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from .decode import SpecDecoder, _as_prompt
-from .trace import GenerationResult
-from .tree import DEFAULT_TREE_SHAPE, TreeShape
+from longspec_lab.decoding.eager import SpecDecoder, _as_prompt
+from longspec_lab.spec.trace import GenerationResult
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 
 def _sdpa(q, k, v, mask):
@@ -127,7 +127,7 @@ class _Plan:
         S, n = tc.k.shape[3], q.shape[2]
         tk, tv = tc.k[-1].to(q.dtype), tc.v[-1].to(q.dtype)
         if self.dec.backend == "triton" and q.device.type == "cuda" and q.shape[-1] in (64, 128):
-            from .kernels.tree_attention import tree_attention
+            from longspec_lab.kernels.tree_attention import tree_attention
 
             # the prefix-only case of the tree kernel: an all-False block mask hides slots [P, P+n)
             return tree_attention(q, tk, tv, self.P, self._no_block(n, q.device), max_prefix=S - n)
@@ -368,13 +368,13 @@ def check_against_eager(prompts, target, draft, max_new_tokens=64) -> dict:
             "dtype": str(target.dtype).replace("torch.", ""), "backend": fast.backend}
 
 
-if __name__ == "__main__":  # python -m longspec_lab.fast --out FILE: fast path vs eager loop on this device
+if __name__ == "__main__":  # python -m longspec_lab.decoding.graphs --out FILE: fast path vs eager loop on this device
     import argparse
     import json
 
-    from .bench import environment
-    from .corpus import load_prompts
-    from .load import load_pair
+    from longspec_lab.provenance import environment
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.models.pair import load_pair
 
     ap = argparse.ArgumentParser(description="check that the fast path gives the eager loop's tokens")
     ap.add_argument("--device", default=None)

@@ -15,7 +15,7 @@ Corpus rules (deterministic, no downloads):
 Token stream convention: ``<|endoftext|>`` (id 0) goes before every file and once at the very end:
 ``[EOS] file_1 [EOS] file_2 ... [EOS] file_n [EOS]``. So EOS doubles as BOS for a document.
 
-CLI: ``python -m longspec_lab.corpus --tokenize --out data/tokens`` writes ``train.u16`` and ``heldout.u16``
+CLI: ``python -m longspec_lab.train.corpus --tokenize --out data/tokens`` writes ``train.u16`` and ``heldout.u16``
 (uint16 token ids) plus ``meta.json``; the GPU box reads those, so its own (different) stdlib never matters.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from longspec_lab.paths import DATA_DIR, PROMPTS_DIR
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-PROMPTS_DIR = DATA_DIR / "prompts"
 ENDOFTEXT = "<|endoftext|>"
 EOS_ID = 0
 HELD_OUT_MODULES = ("json.decoder", "argparse", "textwrap", "csv", "heapq", "string", "dataclasses", "shlex")
@@ -122,7 +122,7 @@ def load_tokens(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"token file {path} not found; make it with "
-                         f"`python -m longspec_lab.corpus --tokenize --out {path.parent}`")
+                         f"`python -m longspec_lab.train.corpus --tokenize --out {path.parent}`")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -225,24 +225,8 @@ def make_prompts(tokenizer, out_dir=PROMPTS_DIR, specs=PROMPT_SPECS) -> list[dic
     return entries
 
 
-def load_prompts(min_tokens: int | None = None, max_tokens: int | None = None, prompts_dir=PROMPTS_DIR) -> list[dict]:
-    """Shipped long prompts -> [{name, text, n_tokens, module, line_start, line_end}], sorted by length."""
-    index_path = Path(prompts_dir) / "index.json"
-    if not index_path.is_file():
-        raise ValueError(f"{index_path} missing; regenerate with `python -m longspec_lab.corpus --make-prompts`")
-    out = []
-    for e in json.loads(index_path.read_text())["prompts"]:
-        if (min_tokens is not None and e["n_tokens"] < min_tokens) or \
-                (max_tokens is not None and e["n_tokens"] > max_tokens):
-            continue
-        text = (Path(prompts_dir) / e["file"]).read_bytes().decode("utf-8")
-        out.append(dict(name=Path(e["file"]).stem, text=text, n_tokens=e["n_tokens"], module=e["module"],
-                        line_start=e["line_start"], line_end=e["line_end"]))
-    return sorted(out, key=lambda d: (d["n_tokens"], d["name"]))
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.corpus",
+    ap = argparse.ArgumentParser(prog="python -m longspec_lab.train.corpus",
                                  description="Stdlib corpus tools: token files for training, long prompts.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tokenize", action="store_true", help="write OUT/train.u16, OUT/heldout.u16, OUT/meta.json")
@@ -253,7 +237,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.tokenize or args.make_prompts or args.stats):
         ap.error("nothing to do: pass --tokenize, --make-prompts and/or --stats")
-    from longspec_lab.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from longspec_lab.models.tokenizer import load_tokenizer, tokenizer_fingerprint
     if args.stats:
         for s in SPLITS:
             files = corpus_files(s)

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sample_tree import grow_beam_tree_q, grow_sampled_batch
-from .sampling import SamplingParams, make_generator, probs_from_logits
-from .tree import TreeShape, grow_beam_tree
-from .verify import MODES, TreeBatch, verify_batch
+from longspec_lab.spec.draft import grow_beam_tree_q, grow_sampled_batch
+from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits
+from longspec_lab.spec.tree import TreeShape
+from longspec_lab.spec.draft import grow_beam_tree
+from longspec_lab.spec.verify import MODES, verify_batch
+from longspec_lab.spec.tree import TreeBatch
 
 DRAFTING = {"target-sample": "beam", "rrs": "sampled", "chain": "sampled", "naive-topk": "beam", "greedy": "beam"}
 

@@ -84,7 +84,7 @@ def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, b
     B, Hq, T, D = q.shape
     S = k.shape[2]
     if backend == "triton" and block_len == T and q.device.type == "cuda":
-        from .kernels.tree_attention import tree_attention
+        from longspec_lab.kernels.tree_attention import tree_attention
 
         return tree_attention(q, k, v, prefix_len, block_mask, max_prefix=S - T)
     j = torch.arange(S, device=q.device)
@@ -109,7 +109,7 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
         return attend_static(q, k, v, prefix_len, block_mask, backend, block_len)
     scale = D ** -0.5
     if backend == "triton" and block_len == T:
-        from .kernels.tree_attention import tree_attention
+        from longspec_lab.kernels.tree_attention import tree_attention
 
         # block_mask None = causal, handled inside the kernel without a mask tensor
         return tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)

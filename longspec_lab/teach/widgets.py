@@ -17,9 +17,9 @@ from typing import Callable
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from . import viz
-from .trace import GenerationResult, StepRecord
-from .tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
+from longspec_lab.teach import palette, viz_trees
+from longspec_lab.spec.trace import GenerationResult, StepRecord
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
 
 PRESETS = {
     "LongSpec [4, 16, 16, 16, 16]": (4, 16, 16, 16, 16),
@@ -38,7 +38,7 @@ def _svg_box(svg: str, max_height: int = 620) -> str:
 def _render(dot) -> str:
     """SVG for an HTML widget; without the `dot` program, the DOT source with a hint."""
     try:
-        return _svg_box(viz.diagram_svg(dot))
+        return _svg_box(viz_trees.diagram_svg(dot))
     except Exception as e:  # graphviz.ExecutableNotFound, or a rendering failure
         return (_ERR.format(f"cannot render the diagram ({type(e).__name__}); install Graphviz "
                             "(apt-get install graphviz) to see it. DOT source:")
@@ -79,7 +79,7 @@ class TreeShapeExplorer(W.VBox):
         self.mask_label = W.HTML()
         self.message = W.HTML()
         self.diagram = W.HTML()
-        self.mask_fig = go.FigureWidget(viz.mask_figure([[1]]))
+        self.mask_fig = go.FigureWidget(viz_trees.mask_figure([[1]]))
         for s in [self.depth_slider, self.max_children_slider, *self.width_sliders]:
             s.observe(self._on_change, names="value")
         self.preset.observe(self._on_preset, names="value")
@@ -149,10 +149,10 @@ class TreeShapeExplorer(W.VBox):
         self.node_count_label.value = f"<b>nodes: {n}</b> = 1 root + {plus}"
         self.mask_label.value = (f"mask: {n} × {n} = {n * n:,} entries = <b>{shape.mask_bytes:,} bytes</b> as bool "
                                  f"({2 * n * n:,} as float16, the reference's layout)")
-        dot = viz.tree_diagram(tree, tokenizer=self.tokenizer, max_children=self.max_children_slider.value)
+        dot = viz_trees.tree_diagram(tree, tokenizer=self.tokenizer, max_children=self.max_children_slider.value)
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
-        new = viz.mask_figure(tree if not isinstance(tree, TreeShape) else viz.balanced_tree(shape),
+        new = viz_trees.mask_figure(tree if not isinstance(tree, TreeShape) else viz_trees.balanced_tree(shape),
                               title=f"Tree mask for {list(shape.widths)}: {n} × {n}")
         refresh_figure(self.mask_fig, new)
 
@@ -195,9 +195,9 @@ class TreeGrowth(W.VBox):
 
     def update(self) -> None:
         l = self.level_slider.value
-        part = viz.truncate_tree(self.tree, l)
+        part = viz_trees.truncate_tree(self.tree, l)
         title = f"beam tree after {l} of {self.tree.shape.depth} levels: widths {list(part.shape.widths)}"
-        dot = viz.tree_diagram(part, tokenizer=self.tokenizer, max_children=self.max_children, title=title)
+        dot = viz_trees.tree_diagram(part, tokenizer=self.tokenizer, max_children=self.max_children, title=title)
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
 
@@ -269,13 +269,13 @@ class StepPlayer(W.VBox):
                 '<div style="display:flex;flex-direction:column-reverse;max-height:170px;overflow:auto;'
                 'border:1px solid #ddd;padding:4px"><div style="font-family:monospace;white-space:pre-wrap;line-height:1.35">'
                 f'<span style="color:#999">{esc(ctx)}</span>{esc(old[-600:])}'
-                f'<span style="background:{viz.COLORS["accepted"]}">{esc(new)}</span></div></div>')
-        dot = viz.tree_diagram(st, tokenizer=self.tokenizer, max_children=self.max_children)
+                f'<span style="background:{palette.COLORS["accepted"]}">{esc(new)}</span></div></div>')
+        dot = viz_trees.tree_diagram(st, tokenizer=self.tokenizer, max_children=self.max_children)
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
         rows = "".join(
-            f"<tr><td>{d}</td><td>#{i}</td><td>{html.escape(viz.token_label(st.tree.tokens[i], self.tokenizer))}"
-            f"</td><td>{html.escape(viz.token_label(st.target_tokens[i], self.tokenizer))}</td></tr>"
+            f"<tr><td>{d}</td><td>#{i}</td><td>{html.escape(viz_trees.token_label(st.tree.tokens[i], self.tokenizer))}"
+            f"</td><td>{html.escape(viz_trees.token_label(st.target_tokens[i], self.tokenizer))}</td></tr>"
             for d, i in enumerate(st.result.path.tolist()))
         self.path_table.value = ("<table><tr><th>depth</th><th>node</th><th>drafted token</th>"
                                  f"<th>target's next token (emitted)</th></tr>{rows}</table>")

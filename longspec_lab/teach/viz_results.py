@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .viz import METHOD_COLORS, _html
+from longspec_lab.teach.palette import METHOD_COLORS, _html
 
 def _stats(r) -> dict:
     """A GenerationResult or its summary() dict -> the numbers the plots need."""

@@ -11,7 +11,7 @@ Per batch:
 Held-out evaluation reports the loss and how often the target's greedy token is in the draft's
 top-1 / top-4 / top-16: the quantities that bound a tree's acceptance.
 
-    python -m longspec_lab.train_draft --help
+    python -m longspec_lab.train.draft --help
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .corpus import DATA_DIR, TokenDataset
-from .models.cache import KVCache
-from .models.glide import DraftConfig, Glide, save_draft
-from .models.loader import load_target, pick_device, pick_dtype
+from longspec_lab.paths import DATA_DIR
+from longspec_lab.train.corpus import TokenDataset
+from longspec_lab.models.cache import KVCache
+from longspec_lab.models.glide import DraftConfig, Glide
+from longspec_lab.models.draft_io import save_draft
+from longspec_lab.models.loaders import load_target, pick_device, pick_dtype
 
 TOPK = (1, 4, 16)
 
@@ -200,9 +202,9 @@ def train_draft(target_dir, out_dir, steps=4000, batch_size=32, seq_len=1024, lr
 
 def _smoke_target(tmp: Path) -> Path:
     """A small random target (vocab 4096, so it reads the shipped token files) for --smoke."""
-    from .config import PRESETS
-    from .models.loader import save_hf
-    from .models.target import Target
+    from longspec_lab.models.config import PRESETS
+    from longspec_lab.models.loaders import save_hf
+    from longspec_lab.models.target import Target
 
     torch.manual_seed(0)
     t = Target(PRESETS["tiny"].replace(vocab_size=4096))
@@ -212,7 +214,7 @@ def _smoke_target(tmp: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m longspec_lab.train_draft", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m longspec_lab.train.draft", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the one-layer GliDe draft (LongSpec §2) against a frozen target: anchor-offset "
                     "positions, CE + KD loss, staleness-aware cross-attention. Writes draft.safetensors, "
                     "draft_config.json and train_log.json into --out.")
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
                     help="target checkpoint folder (config.json + *.safetensors)")
     ap.add_argument("--out", default=str(DATA_DIR / "embedded-draft"), help="output folder for the draft")
     ap.add_argument("--tokens", default=str(DATA_DIR / "tokens"),
-                    help="folder with train.u16 / heldout.u16 (python -m longspec_lab.corpus --tokenize)")
+                    help="folder with train.u16 / heldout.u16 (python -m longspec_lab.train.corpus --tokenize)")
     ap.add_argument("--steps", type=int, default=4000, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
               kd_weight=args.kd_weight, window=args.window, max_staleness=args.max_staleness,
               progress=not args.no_progress, eval_every=args.eval_every, eval_windows=args.eval_windows,
               max_sinks=args.max_sinks, weight_decay=args.weight_decay, max_seconds=args.max_seconds,
-              command="python -m longspec_lab.train_draft " + " ".join(sys.argv[1:] if argv is None else argv))
+              command="python -m longspec_lab.train.draft " + " ".join(sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory() as tmp:
         target, out = args.target, args.out
         if args.smoke:

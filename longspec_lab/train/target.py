@@ -17,8 +17,8 @@ Output folder (Hugging Face layout): config.json (LlamaForCausalLM, bfloat16), m
 tied weight stored once), generation_config.json, the tokenizer files, and train_log.json.
 
 GPU run (token files made elsewhere, since the GPU host's stdlib differs):
-    python -m longspec_lab.corpus --tokenize --out data/tokens
-    python -m longspec_lab.train_target --tokens-dir data/tokens --out data/embedded --device cuda
+    python -m longspec_lab.train.corpus --tokenize --out data/tokens
+    python -m longspec_lab.train.target --tokens-dir data/tokens --out data/embedded --device cuda
 """
 from __future__ import annotations
 
@@ -36,11 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longspec_lab.config import PRESETS, ModelConfig
-from longspec_lab.corpus import DATA_DIR, TokenDataset, corpus_files, load_tokens, write_tokens
-from longspec_lab.models.loader import pick_device, save_hf
+from longspec_lab.models.config import PRESETS, ModelConfig
+from longspec_lab.paths import DATA_DIR
+from longspec_lab.train.corpus import TokenDataset, corpus_files, load_tokens, write_tokens
+from longspec_lab.models.loaders import pick_device, save_hf
 from longspec_lab.models.target import Target
-from longspec_lab.tokenizer import TOKENIZER_DIR, copy_tokenizer_files, load_tokenizer, tokenizer_fingerprint
+from longspec_lab.paths import TOKENIZER_DIR
+from longspec_lab.models.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_fingerprint
 
 # The recommended run: ~52M tokens (~5.6 epochs of the 9.3M-token train split); about 1-2 min on one H200.
 DEFAULTS = dict(steps=800, batch_size=16, seq_len=4096, lr=2e-3, min_lr_frac=0.1, warmup=50,
@@ -107,7 +109,7 @@ def _check_tokens(tokens_dir: Path, cfg: ModelConfig, tokenizer_dir: Path) -> di
     want = tokenizer_fingerprint(tokenizer_dir)
     if meta.get("tokenizer_sha256", want) != want:
         raise ValueError(f"{tokens_dir} was tokenized with a different tokenizer than {tokenizer_dir}; "
-                         f"re-run `python -m longspec_lab.corpus --tokenize --out {tokens_dir}`")
+                         f"re-run `python -m longspec_lab.train.corpus --tokenize --out {tokens_dir}`")
     for split in ("train", "heldout"):
         top = int(load_tokens(tokens_dir / f"{split}.u16").max())
         if top >= cfg.vocab_size:
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     ap.add_argument("--out", default=str(DATA_DIR / "embedded"), help="output model folder")
     ap.add_argument("--tokens-dir", default=str(DATA_DIR / "tokens"),
-                    help="folder with train.u16/heldout.u16 from `python -m longspec_lab.corpus --tokenize`")
+                    help="folder with train.u16/heldout.u16 from `python -m longspec_lab.train.corpus --tokenize`")
     ap.add_argument("--tokenizer-dir", default=str(TOKENIZER_DIR), help="tokenizer copied into --out")
     ap.add_argument("--preset", default="embedded", choices=sorted(PRESETS), help="model shape")
     ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps (~5.6 epochs at the defaults)")

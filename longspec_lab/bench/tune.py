@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .tree import DEFAULT_TREE_SHAPE, TreeShape
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 CALIBRATION_SHAPES = ([1], [4], [16], [64], [1, 1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16, 32],
                       [4, 16, 16, 16, 16], [8, 8, 8, 8, 8, 8], [16, 32, 32])
@@ -99,14 +99,14 @@ def tune(target, draft, prompts, probe_shape=(16, 32, 32, 32, 32, 32, 32), max_d
          n_tokens=64, top=5, fast=None, progress=True, calibration=CALIBRATION_SHAPES) -> dict:
     from tqdm.auto import tqdm
 
-    from .decode import SpecDecoder
+    from longspec_lab.decoding.eager import SpecDecoder
 
     probe = TreeShape.of(list(probe_shape))
     eager = SpecDecoder(target, draft)
     if fast is None:
         fast = target.device.type == "cuda"
     if fast:
-        from .fast import FastDecoder
+        from longspec_lab.decoding.graphs import FastDecoder
 
         timer_dec = FastDecoder(target, draft)
     else:
@@ -170,9 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    from .bench import environment
-    from .corpus import load_prompts
-    from .load import load_pair
+    from longspec_lab.provenance import environment
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.models.pair import load_pair
 
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in load_prompts(min_tokens=1000)]

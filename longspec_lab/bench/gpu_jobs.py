@@ -1,13 +1,13 @@
 """The GPU measurement jobs, in the order the project runs them on a rented H200.
 
-    python -m longspec_lab.gpu_jobs --out OUT_DIR [--only kernel,verify,e2e,tune]
+    python -m longspec_lab.bench.gpu_jobs --out OUT_DIR [--only kernel,verify,e2e,tune]
 
 Each job is a subprocess with its own time limit and log file, so one failure does not lose the
 others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
   kernel  python -m longspec_lab.kernels.bench_tree_attention   (tree attention against SDPA, Flex, floor)
-  verify  python -m longspec_lab.bench_verify                   (8B-shaped verify vs decode cost)
-  e2e     python -m longspec_lab.bench                          (embedded pair against transformers)
-  tune    python -m longspec_lab.tune                           (tree-shape search, validated)
+  verify  python -m longspec_lab.bench.verify_cost                   (8B-shaped verify vs decode cost)
+  e2e     python -m longspec_lab.bench.e2e                          (embedded pair against transformers)
+  tune    python -m longspec_lab.bench.tune                           (tree-shape search, validated)
 """
 
 from __future__ import annotations

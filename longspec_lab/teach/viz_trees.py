@@ -19,20 +19,10 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from .trace import StepRecord
-from .tree import DraftTree, TreeShape
+from longspec_lab.spec.trace import StepRecord
+from longspec_lab.teach.palette import COLORS, PATH_EDGE, STATUS_TEXT, _html
+from longspec_lab.spec.tree import DraftTree, TreeShape
 
-COLORS = {  # fill colours by node status
-    "root": "#ffd966", "accepted": "#7fc97f", "verified": "#fdc086", "rejected": "#f4cccc",
-    "drafted": "#cfe2f3", "more": "#ffffff",
-}
-STATUS_TEXT = {
-    "root": "root (last token)", "accepted": "accepted path",
-    "verified": "verified, but an ancestor was rejected", "rejected": "rejected",
-    "drafted": "drafted (not verified here)", "more": "collapsed siblings",
-}
-PATH_EDGE = "#1b7837"
-METHOD_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
 _VISIBLE = {"\n": "↵", " ": "·", "\t": "⇥", "\r": "␍"}
 
 
@@ -141,10 +131,6 @@ def _subtree_size(tree: DraftTree, roots: list[int]) -> int:
             inside.add(i)
             n += 1
     return n
-
-
-def _html(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _legend_html(title: str, statuses: Sequence[str], note: str = "") -> str:
@@ -300,5 +286,3 @@ def mask_figure(mask, levels=None, path: Sequence[int] | None = None, title: str
 
 
 # the results figures live in viz_plots.py; re-exported so notebooks use one namespace
-from .viz_plots import *  # noqa: E402,F401,F403
-from .viz_plots import _items, _stats  # noqa: E402,F401

@@ -30,9 +30,74 @@ from typing import Callable
 
 import torch
 
-from .sampling import SamplingParams, gumbel_topk, probs_from_logits
-from .tree import DraftTree, TreeShape, grow_beam_tree
-from .verify import TreeBatch
+from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
+from longspec_lab.spec.tree import DraftTree, TreeShape
+from longspec_lab.spec.tree import TreeBatch
+
+
+
+def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
+    """Global top-`width` (node, token) pairs by parent_score + logprob.
+
+    parent_scores [n], logprobs [n, V] -> (parent_local_idx [w], tokens [w], scores [w]) in descending
+    score; equal scores are ordered by lower flat index n_i * V + token (deterministic).
+    """
+    n, V = logprobs.shape
+    if parent_scores.shape != (n,):
+        raise ValueError(f"parent_scores {tuple(parent_scores.shape)} must be [n] = [{n}] to match "
+                         f"logprobs {tuple(logprobs.shape)}")
+    if not 1 <= width <= n * V:
+        raise ValueError(f"a level of width {width} needs that many (node, token) pairs but only "
+                         f"{n} nodes x {V} tokens = {n * V} exist; use a width in [1, {n * V}]")
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    flat = (parent_scores.to(dtype)[:, None] + logprobs.to(dtype)).flatten()  # [n * V]
+    top = torch.topk(flat, width).values                                      # [w], sorted desc
+    if bool(torch.isnan(top).any()):
+        raise ValueError("draft log-probs contain NaN; check the draft logits (overflow in fp16?) "
+                         "and use log_softmax in float32")
+    thr = top[-1]
+    above = (flat > thr).nonzero().flatten()                                  # all of these are kept
+    tied = (flat == thr).nonzero().flatten()[: width - above.numel()]         # lowest indices first
+    idx = torch.cat([above, tied]).sort().values                              # flat index ascending
+    order = torch.sort(flat[idx], descending=True, stable=True).indices       # stable: ties by index
+    idx = idx[order]
+    return idx // V, idx % V, flat[idx]
+
+
+
+LevelLogprobs = Callable[[DraftTree, torch.Tensor], torch.Tensor]
+
+
+
+def grow_beam_tree(root_token: int, shape, level_logprobs: LevelLogprobs, device=None) -> DraftTree:
+    """Grow a beam tree (LONGSPEC.md section 1, steps 1-2).
+
+    `level_logprobs(partial_tree, node_ids) -> [len(node_ids), V]` returns the draft's log-probs
+    for the next token after each listed node's path; it is called once per level, with the root
+    (tensor([0])) for level 1 and with all nodes of level l-1 for level l. `partial_tree` holds the
+    nodes built so far, so its mask and positions are valid for a draft forward over them.
+    """
+    shape = TreeShape.of(shape)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    tree = DraftTree(torch.tensor([int(root_token)], device=device),
+                     torch.tensor([-1], device=device), torch.tensor([0], device=device),
+                     torch.zeros(1, device=device), TreeShape.root_only())
+    off = shape.level_offsets
+    for l, w in enumerate(shape.widths, start=1):
+        node_ids = torch.arange(off[l - 1], off[l], device=device)          # level l-1
+        lp = level_logprobs(tree, node_ids)                                 # [n, V]
+        if lp.dim() != 2 or lp.shape[0] != node_ids.numel():
+            raise ValueError(f"level_logprobs must return [{node_ids.numel()}, V] for level {l}, got "
+                             f"{tuple(lp.shape)}; return one row of log-probs per requested node")
+        if w > node_ids.numel() * lp.shape[1]:
+            shape.check_fits(lp.shape[1])  # raises, naming the level
+        pidx, tok, sc = beam_level(tree.scores[node_ids], lp, w)
+        scores = torch.cat([tree.scores.to(sc.dtype), sc])
+        tree = DraftTree(torch.cat([tree.tokens, tok.to(tree.tokens.dtype)]),
+                         torch.cat([tree.parents, node_ids[pidx]]),
+                         torch.cat([tree.depths, torch.full((w,), l, device=device)]),
+                         scores, TreeShape(shape.widths[:l]))
+    return tree
 
 
 def allocate_children(num_parents: int, width: int) -> list[int]:

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
-from .target import Target
+from longspec_lab.models.config import ModelConfig
+from longspec_lab.models.target import Target
 
 
 def pick_device(device=None) -> torch.device:

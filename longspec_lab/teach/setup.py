@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 
-from . import viz
-from .trace import StepRecord
-from .tree import TreeShape
+from longspec_lab.teach import palette, viz_results, viz_trees
+from longspec_lab.spec.trace import StepRecord
+from longspec_lab.spec.tree import TreeShape
 
 
 def _flag(name: str) -> bool | None:
@@ -71,7 +71,7 @@ def setup(seed: int = 0, prompt_tokens: tuple[int, int] = (384, 2048),
 
 def load_embedded(settings: Settings | None = None, need_draft: bool = True):
     """(target, draft, tokenizer) of the embedded pair in data/, float32 on CPU, bf16 on CUDA."""
-    from .load import load_pair
+    from longspec_lab.models.pair import load_pair
 
     device = settings.device if settings is not None else None
     dtype = "float32" if device in (None, "cpu") else None
@@ -80,7 +80,7 @@ def load_embedded(settings: Settings | None = None, need_draft: bool = True):
 
 def held_out_prompt(tokenizer, n_tokens: int) -> tuple[list[int], str]:
     """The last `n_tokens` tokens of the shortest shipped held-out prompt that has that many."""
-    from .corpus import load_prompts
+    from longspec_lab.paths import load_prompts
 
     prompts = load_prompts()
     fit = [p for p in prompts if p["n_tokens"] >= n_tokens] or prompts[-1:]
@@ -104,7 +104,7 @@ def first_step_fn(decoder, prompt_ids):
 def describe_step(step: StepRecord, tokenizer=None) -> str:
     """HTML: the accepted path node by node, why it stops, the bonus token, the KV commit."""
     tree, t, res = step.tree, step.target_tokens.tolist(), step.result
-    tok = lambda i: f"<code>{html.escape(viz.token_label(i, tokenizer, 24))}</code>"
+    tok = lambda i: f"<code>{html.escape(viz_trees.token_label(i, tokenizer, 24))}</code>"
     toks, path = tree.tokens.tolist(), res.path.tolist()
     lines = [f"The root (node #0) is the last committed token {tok(toks[0])}; after it the target predicts "
              f"{tok(t[0])}."]
@@ -137,26 +137,26 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
     """The target cache slots P..P+N-1 before the commit (node i at P+i, coloured by status) and
     after it (the accepted path packed at P..P+k), with arrows for the moves."""
     tree, path, P = step.tree, step.result.path.tolist(), step.prefix_len
-    status = viz.node_statuses(tree, step)
+    status = viz_trees.node_statuses(tree, step)
     n = tree.num_nodes
     fig = go.Figure()
     for st in ("root", "accepted", "verified", "rejected"):
         xs = [i for i in range(n) if status[i] == st]
         if xs:
-            fig.add_trace(go.Scatter(x=xs, y=[1] * len(xs), mode="markers", name=viz.STATUS_TEXT[st],
-                                     marker=dict(symbol="square", size=11, color=viz.COLORS[st],
+            fig.add_trace(go.Scatter(x=xs, y=[1] * len(xs), mode="markers", name=palette.STATUS_TEXT[st],
+                                     marker=dict(symbol="square", size=11, color=palette.COLORS[st],
                                                  line=dict(width=1, color="#555"))))
-    toks = [viz.token_label(int(tree.tokens[i]), tokenizer, 12) for i in path]
+    toks = [viz_trees.token_label(int(tree.tokens[i]), tokenizer, 12) for i in path]
     fig.add_trace(go.Scatter(x=list(range(len(path))), y=[0] * len(path), mode="markers", name="committed",
                              hovertext=[f"node #{i}: {t}" for i, t in zip(path, toks)], hoverinfo="text",
-                             marker=dict(symbol="square", size=11, color=viz.COLORS["accepted"],
-                                         line=dict(width=1.5, color=viz.PATH_EDGE))))
+                             marker=dict(symbol="square", size=11, color=palette.COLORS["accepted"],
+                                         line=dict(width=1.5, color=palette.PATH_EDGE))))
     rest = list(range(len(path), n))
     fig.add_trace(go.Scatter(x=rest, y=[0] * len(rest), mode="markers", name="free (overwritten next step)",
                              marker=dict(symbol="square-open", size=11, color="#bbbbbb")))
     for k, i in enumerate(path):
         fig.add_annotation(x=k, y=0.08, ax=i, ay=0.92, xref="x", yref="y", axref="x", ayref="y",
-                           showarrow=True, arrowhead=2, arrowcolor=viz.PATH_EDGE, text="")
+                           showarrow=True, arrowhead=2, arrowcolor=palette.PATH_EDGE, text="")
     fig.add_annotation(x=0, y=-0.45, xanchor="left", showarrow=False, font=dict(size=11),
                        text="committed tokens: " + " ".join(html.escape(t) for t in toks))
     fig.update_layout(title=f"KV commit at step {step.step}: accepted nodes {path} move to slots P..P+{len(path) - 1}"
@@ -172,7 +172,7 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
 
 # ----------------------------------------------------------------------------- recorded results
 
-RESULTS_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "data" / "results"
+from longspec_lab.paths import RESULTS_DIR  # noqa: E402
 PROVENANCE_KEYS = ("gpu", "device", "device_name", "torch", "triton", "cuda", "transformers", "python", "date",
                    "git_commit", "command")
 
@@ -205,7 +205,7 @@ def provenance(result: dict) -> dict:
 
 def provenance_html(result: dict, title: str = "Provenance") -> str:
     rows = [{"field": k, "value": v} for k, v in provenance(result).items()]
-    return viz.html_table(rows, ["field", "value"], title=title)
+    return viz_results.html_table(rows, ["field", "value"], title=title)
 
 
 def shape_of_method(name: str) -> list[int] | None:
@@ -253,7 +253,7 @@ def tune_points(tune: dict) -> tuple[list[dict], list[dict]]:
 
 def stage_results(results: dict) -> dict:
     """bench.run_bench 'results' entries that carry a stage breakdown, as the dicts
-    viz.stage_times_figure takes (draft / verify / commit; 'overhead' becomes the 'other' bar)."""
+    viz_results.stage_times_figure takes (draft / verify / commit; 'overhead' becomes the 'other' bar)."""
     out = {}
     for name, r in results.items():
         st = r.get("stage_seconds")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tree import DraftTree
-from .verify import AcceptResult
+from longspec_lab.spec.tree import DraftTree
+from longspec_lab.spec.verify import AcceptResult
 
 
 @dataclass

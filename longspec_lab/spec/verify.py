@@ -48,8 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import sample_categorical, uniform
-from .tree import DraftTree, TreeShape
+from longspec_lab.ops.sampling import sample_categorical, uniform
+from longspec_lab.spec.tree import DraftTree, TreeBatch
 
 
 @dataclass
@@ -115,21 +115,6 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
 
 
 # ----------------------------------------------------------------------------- sampling rules
-
-@dataclass
-class TreeBatch:
-    """B trees of one shape (same level offsets): tokens [B, N], parents [B, N]."""
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    shape: TreeShape
-
-    @classmethod
-    def of(cls, trees) -> "TreeBatch":
-        trees = [trees] if isinstance(trees, DraftTree) else list(trees)
-        if any(t.shape != trees[0].shape for t in trees):
-            raise ValueError("a TreeBatch needs trees of one shape; group the trees by shape first")
-        return cls(torch.stack([t.tokens for t in trees]), torch.stack([t.parents for t in trees]),
-                   trees[0].shape)
 
 
 @dataclass

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .bench import environment
-from .config import PRESETS
-from .models.layers import Rotary
-from .models.target import Target
-from .tree import DEFAULT_TREE_SHAPE, DraftTree
+from longspec_lab.provenance import environment
+from longspec_lab.models.config import PRESETS
+from longspec_lab.models.layers import Rotary
+from longspec_lab.models.target import Target
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree
 
 
 def random_target(cfg, device, dtype, seed=0) -> Target:
@@ -165,7 +165,7 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
     5 tokens + levels over 4, 16, 16, 16 nodes, each with its top-k) and of the commit gather."""
     import triton
 
-    from .models.glide import DraftConfig, Glide
+    from longspec_lab.models.glide import DraftConfig, Glide
 
     torch.manual_seed(0)
     d = Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval()
@@ -240,7 +240,7 @@ def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench_verify", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench.verify_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="4096,32768,131072", help="comma-separated (default: %(default)s)")
     ap.add_argument("--backends", default="triton,sdpa", help="comma-separated (default: %(default)s)")

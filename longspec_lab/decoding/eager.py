@@ -24,13 +24,14 @@ import time
 
 import torch
 
-from .attention import check_backend, default_backend
-from .timing import StageTimer
-from .trace import GenerationResult, StepRecord
-from .tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape, grow_beam_tree
-from .sample_tree import grow_beam_tree_q, grow_sampled_tree
-from .sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
-from .verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, accept_greedy, acceptance_counts
+from longspec_lab.ops.attention import check_backend, default_backend
+from longspec_lab.decoding.timing import StageTimer
+from longspec_lab.spec.trace import GenerationResult, StepRecord
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
+from longspec_lab.spec.draft import grow_beam_tree
+from longspec_lab.spec.draft import grow_beam_tree_q, grow_sampled_tree
+from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
+from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, accept_greedy, acceptance_counts
 
 METHODS = ("ar", "chain", "tree")
 

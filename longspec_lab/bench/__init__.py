@@ -1,0 +1,1 @@
+"""Measurements: end to end, verification cost, the tree-shape tuner, sampling tau, GPU jobs."""

@@ -1,0 +1,1 @@
+"""The loops: the eager decoder runs the stage functions; the graph decoder captures the same ones."""

@@ -1,0 +1,1 @@
+"""Leaf operations with no state: hybrid tree attention and the sampling warpers."""

@@ -1,0 +1,1 @@
+"""Training: the code corpus, the tokenizer, the target and the GliDe draft."""
