@@ -8,7 +8,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps demo test lab clean
+.PHONY: install sysdeps demo test test-fast lint lab clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,8 +36,17 @@ sysdeps:
 demo: install
 	$(VENV)/bin/longspec-lab demo
 
-test: install sysdeps
+# lint and format check (ruff, line length 120), then every tier: unit, integration, notebooks, browser
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install sysdeps lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the quick tier for your own loop: unit tests on CPU, under a minute
+test-fast: install
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 # as root (containers), JupyterLab refuses to start without --allow-root
 lab: install

@@ -18,6 +18,7 @@ FLOPs(QK^T + PV) / bf16 matmul rate. Times are medians of triton.testing.do_benc
 calls) and of do_bench_cudagraph (no host overhead, L2 warm). Without CUDA, --quick runs a tiny
 correctness-only dry run under the Triton interpreter (no timing).
 """
+
 import argparse
 import datetime
 import json
@@ -29,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")     # before the kernel module defines its kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
 import triton  # noqa: E402
 
-try:                                                    # installed package (pip install -e . --no-deps)
+try:  # installed package (pip install -e . --no-deps)
     from longspec_lab.kernels import tree_attention as ta  # noqa: E402
-except ImportError:                                     # or from the repo root: python3 -m kernels.bench_...
+except ImportError:  # or from the repo root: python3 -m kernels.bench_...
     from kernels import tree_attention as ta  # noqa: E402
 
 TREE_SHAPE = [4, 16, 16, 16, 16]
@@ -72,14 +73,14 @@ def two_pass(q, k, v, P, tree_bias, scale):
     masked matmul, merged by w = sigmoid(lse_p - lse_t). tree_bias: float [G*T, T], 0 or -inf."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    qf = q.reshape(B, Hkv, Hq // Hkv * T, D)                   # prefix has no mask: fold heads into rows
+    qf = q.reshape(B, Hkv, Hq // Hkv * T, D)  # prefix has no mask: fold heads into rows
     kp, vp = k[:, :, :P], v[:, :, :P]
     if q.is_cuda:
         o_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention(qf, kp, vp, scale=scale)[:2]
-    else:                                                      # CPU dry run: plain matmuls
+    else:  # CPU dry run: plain matmuls
         s = qf.float() @ kp.float().transpose(-1, -2) * scale
         lse_p, o_p = torch.logsumexp(s, -1), torch.softmax(s, -1) @ vp.float()
-    kt, vt = k[:, :, P:P + T], v[:, :, P:P + T]
+    kt, vt = k[:, :, P : P + T], v[:, :, P : P + T]
     s = (qf @ kt.transpose(-1, -2)).float() * scale + tree_bias  # [B, Hkv, G*T, T]
     lse_t = torch.logsumexp(s, -1)
     o_t = torch.softmax(s, -1).to(q.dtype) @ vt
@@ -90,15 +91,24 @@ def two_pass(q, k, v, P, tree_bias, scale):
 def make_flex(q, k, v, P, mask, scale, errors):
     """Compiled FlexAttention closure; default kernel options first, then BLOCK_M/N = 64."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     T = mask.shape[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx < P) | mask[q_idx, (kv_idx - P).clamp(min=0)]
+
     bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=P + T, device=q.device)
     compiled = torch.compile(flex_attention, dynamic=False)
     for opts in (None, {"BLOCK_M": 64, "BLOCK_N": 64}):
-        fn = lambda opts=opts: compiled(q, k, v, block_mask=bm, scale=scale, enable_gqa=True,  # noqa: E731
-                                         kernel_options=opts)
+        fn = lambda opts=opts: compiled(
+            q,
+            k,
+            v,
+            block_mask=bm,
+            scale=scale,
+            enable_gqa=True,  # noqa: E731
+            kernel_options=opts,
+        )
         try:
             fn()
             torch.cuda.synchronize()
@@ -130,7 +140,7 @@ def run_case(spec, env, args, gen):
     scale = 1.0 / math.sqrt(D)
     ref = ta.tree_attention_reference(q, k, v, P, mask, compute_dtype=torch.float32, out_dtype=torch.float32)
     out, scratch = torch.empty_like(q), ta.make_scratch(q, k, P)
-    dense = torch.cat([torch.ones(T, P, dtype=torch.bool, device=dev), mask], 1)      # [T, P+T]
+    dense = torch.cat([torch.ones(T, P, dtype=torch.bool, device=dev), mask], 1)  # [T, P+T]
     bias = torch.zeros(T, T, device=dev).masked_fill(~mask, float("-inf")).repeat(Hq // Hkv, 1)
     methods = {
         "triton_tree": lambda: ta.tree_attention(q, k, v, P, mask, out=out, scratch=scratch),
@@ -138,8 +148,13 @@ def run_case(spec, env, args, gen):
         "two_pass": lambda: two_pass(q, k, v, P, bias, scale),
     }
     n_splits, split_len = ta.plan_splits(P, Hq // Hkv * T, Hkv, q.device)
-    case = {**{kk: (str(vv) if kk == "dtype" else vv) for kk, vv in spec.items()}, "T": T,
-            "n_splits": n_splits, "split_len": split_len, "methods": {}}
+    case = {
+        **{kk: (str(vv) if kk == "dtype" else vv) for kk, vv in spec.items()},
+        "T": T,
+        "n_splits": n_splits,
+        "split_len": split_len,
+        "methods": {},
+    }
     flex_errors = []
     if spec["flex"] and dev == "cuda":
         fn, opts = make_flex(q, k, v, P, mask, scale, flex_errors)
@@ -163,7 +178,7 @@ def run_case(spec, env, args, gen):
         except Exception as e:  # noqa: BLE001 - a failing baseline is a result, not a crash
             r["error"] = f"{type(e).__name__}: {str(e)[:600]}"
         case["methods"][mname] = r
-    best = getattr(ta._split_kernel, "best_config", None)          # set by triton.autotune on the GPU
+    best = getattr(ta._split_kernel, "best_config", None)  # set by triton.autotune on the GPU
     case["triton_config"] = str(best) if best is not None else "interpreter (BLOCK_M<=128, BLOCK_N 64)"
     sdpa_us = case["methods"]["sdpa_dense"].get("us")
     for r in case["methods"].values():
@@ -174,8 +189,10 @@ def run_case(spec, env, args, gen):
                 r["ratio_to_floor_graph"] = r["us_graph"] / case["floor_us"]
             if sdpa_us:
                 r["speedup_vs_sdpa"] = sdpa_us / r["us"]
-    msg = [f"{m}: {r['us']:.1f}us" if "us" in r else f"{m}: {r.get('error', 'untimed')[:60]}" for m, r
-           in case["methods"].items()]
+    msg = [
+        f"{m}: {r['us']:.1f}us" if "us" in r else f"{m}: {r.get('error', 'untimed')[:60]}"
+        for m, r in case["methods"].items()
+    ]
     print(f"[{name} {case['dtype']} P={P}] " + "  ".join(msg), flush=True)
     return case
 
@@ -183,68 +200,121 @@ def run_case(spec, env, args, gen):
 def gpu_checks(gen):
     """Ragged batches, GQA 1/2/4, D 64/128, fp16/bf16/fp32 on the GPU against the fp32 reference."""
     res = []
-    for B, Hq, Hkv, D, dtype, plist, npend in [(3, 32, 8, 128, torch.float16, [1000, 5000, 77], 4),
-                                               (2, 4, 2, 64, torch.bfloat16, [0, 300], 0),
-                                               (2, 8, 8, 64, torch.float16, [129, 4097], 2),
-                                               (2, 8, 2, 128, torch.float32, [640, 0], 1)]:
+    for B, Hq, Hkv, D, dtype, plist, npend in [
+        (3, 32, 8, 128, torch.float16, [1000, 5000, 77], 4),
+        (2, 4, 2, 64, torch.bfloat16, [0, 300], 0),
+        (2, 8, 8, 64, torch.float16, [129, 4097], 2),
+        (2, 8, 2, 128, torch.float32, [640, 0], 1),
+    ]:
         masks = torch.stack([verify_mask(npend, beam_tree_parents([2, 4, 4], gen)) for _ in range(B)]).cuda()
         T, S = masks.shape[1], max(plist) + masks.shape[1]
         q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype)
         k, v = (torch.randn(2, B, Hkv, S, D, device="cuda", dtype=dtype)[1] for _ in range(2))
         p = torch.tensor(plist)
         o, lse = ta.tree_attention(q, k, v, p, masks, return_lse=True)
-        ro, rl = ta.tree_attention_reference(q, k, v, p, masks, return_lse=True, compute_dtype=torch.float32,
-                                             out_dtype=torch.float32)
+        ro, rl = ta.tree_attention_reference(
+            q, k, v, p, masks, return_lse=True, compute_dtype=torch.float32, out_dtype=torch.float32
+        )
         err = ((o.float() - ro).abs().max() / ro.abs().max()).item()
         lerr = (lse - rl).abs().max().item()
-        res.append({"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": str(dtype), "P": plist, "T": T,
-                    "max_rel_err": err, "max_lse_err": lerr})
+        res.append(
+            {
+                "B": B,
+                "Hq": Hq,
+                "Hkv": Hkv,
+                "D": D,
+                "dtype": str(dtype),
+                "P": plist,
+                "T": T,
+                "max_rel_err": err,
+                "max_lse_err": lerr,
+            }
+        )
     return res
 
 
 def measure_env(args):
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": " ".join(sys.argv),
-           "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "triton_interpret": ta._INTERPRET, "python": sys.version.split()[0]}
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "triton_interpret": ta._INTERPRET,
+        "python": sys.version.split()[0],
+    }
     if not torch.cuda.is_available():
         env["gpu"], env["timing"] = None, "skipped: no CUDA device"
         return env
     props = torch.cuda.get_device_properties(0)
-    env.update(gpu=props.name, sm_count=props.multi_processor_count,
-               timing="triton.testing.do_bench median (warmup 25 ms, rep 100 ms, L2 flushed) and "
-                      "do_bench_cudagraph median (rep 50 ms, L2 warm)")
+    env.update(
+        gpu=props.name,
+        sm_count=props.multi_processor_count,
+        timing="triton.testing.do_bench median (warmup 25 ms, rep 100 ms, L2 flushed) and "
+        "do_bench_cudagraph median (rep 50 ms, L2 warm)",
+    )
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    env["copy_bw_Bps"] = 2 * src.numel() / (ms * 1e-3)            # bytes read + written
-    del src, dst
+    env["copy_bw_Bps"] = 2 * src.numel() / (ms * 1e-3)  # bytes read + written
+    src = dst = None  # free 2 GiB before the matmul floor
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-    env["matmul_flops"] = 2 * 8192 ** 3 / (ms * 1e-3)
-    print(f"copy {env['copy_bw_Bps'] / 1e12:.2f} TB/s, bf16 matmul {env['matmul_flops'] / 1e12:.0f} TFLOP/s",
-          flush=True)
+    env["matmul_flops"] = 2 * 8192**3 / (ms * 1e-3)
+    print(
+        f"copy {env['copy_bw_Bps'] / 1e12:.2f} TB/s, bf16 matmul {env['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True
+    )
     return env
 
 
 def case_specs(args):
     cuda = torch.cuda.is_available()
-    if not cuda:   # interpreter dry run: tiny shapes, fp32
-        return [dict(name="tiny", Hq=4, Hkv=2, D=64, dtype=torch.float32, P=p, n_pending=2, tree=[2, 2],
-                     flex=False) for p in (64, 200)]
+    if not cuda:  # interpreter dry run: tiny shapes, fp32
+        return [
+            dict(name="tiny", Hq=4, Hkv=2, D=64, dtype=torch.float32, P=p, n_pending=2, tree=[2, 2], flex=False)
+            for p in (64, 200)
+        ]
     llama_ps = [1024, 16384] if args.quick else [1024, 4096, 16384, 65536, 131072]
     flex_ps = {"all": set(llama_ps), "some": {4096, 16384 if args.quick else 65536}, "none": set()}[args.flex]
     dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
-    specs = [dict(name="llama3-8b", Hq=32, Hkv=8, D=128, dtype=dt, P=p, n_pending=N_PENDING, tree=TREE_SHAPE,
-                  flex=(p in flex_ps and dt == torch.float16)) for dt in dtypes for p in llama_ps]
-    specs += [dict(name="embedded", Hq=4, Hkv=2, D=64, dtype=torch.bfloat16, P=p, n_pending=N_PENDING,
-                   tree=TREE_SHAPE, flex=(p == 4096 and args.flex != "none"))
-              for p in ([2048] if args.quick else [2048, 4096])]
+    specs = [
+        dict(
+            name="llama3-8b",
+            Hq=32,
+            Hkv=8,
+            D=128,
+            dtype=dt,
+            P=p,
+            n_pending=N_PENDING,
+            tree=TREE_SHAPE,
+            flex=(p in flex_ps and dt == torch.float16),
+        )
+        for dt in dtypes
+        for p in llama_ps
+    ]
+    specs += [
+        dict(
+            name="embedded",
+            Hq=4,
+            Hkv=2,
+            D=64,
+            dtype=torch.bfloat16,
+            P=p,
+            n_pending=N_PENDING,
+            tree=TREE_SHAPE,
+            flex=(p == 4096 and args.flex != "none"),
+        )
+        for p in ([2048] if args.quick else [2048, 4096])
+    ]
     return specs
 
 
 def goals(cases):
-    rows = {c["P"]: c["methods"]["triton_tree"] for c in cases if c["name"] == "llama3-8b" and c["dtype"] ==
-            str(torch.float16)}
+    rows = {
+        c["P"]: c["methods"]["triton_tree"]
+        for c in cases
+        if c["name"] == "llama3-8b" and c["dtype"] == str(torch.float16)
+    }
     out = {"targets": GOALS}
     big = [r.get("ratio_to_floor") for p, r in rows.items() if p >= 16384]
     if big and None not in big:
@@ -269,7 +339,7 @@ def write_plot(path, cases):
     if "floor_us" in first:
         series["bandwidth floor"] = [c["floor_us"] for c in sel]
         series["compute floor"] = [c["compute_floor_us"] for c in sel]
-    if all(v is None for s in series.values() for v in s):     # no timings (CPU): plot errors instead
+    if all(v is None for s in series.values() for v in s):  # no timings (CPU): plot errors instead
         series = {m: [c["methods"][m].get("max_rel_err") for c in sel] for m in first["methods"]}
         ylabel = "max relative error"
     else:
@@ -278,11 +348,12 @@ def write_plot(path, cases):
     root, _ = os.path.splitext(path)
     try:
         import plotly.graph_objects as go
+
         fig = go.Figure([go.Scatter(x=xs, y=ys, mode="lines+markers", name=n) for n, ys in series.items()])
-        fig.update_layout(title=title, xaxis_title="prefix P", yaxis_title=ylabel, xaxis_type="log",
-                          yaxis_type="log")
+        fig.update_layout(title=title, xaxis_title="prefix P", yaxis_title=ylabel, xaxis_type="log", yaxis_type="log")
         try:
             import kaleido  # noqa: F401
+
             fig.write_image(root + ".png")
             return {"path": root + ".png", "format": "png"}
         except Exception:  # noqa: BLE001 - no kaleido / no browser for it: fall back to HTML
@@ -297,10 +368,12 @@ def _write_svg(path, xs, series, title, ylabel, w=720, h=440, pad=70):
     lx = [math.log10(x) for x in xs]
     ly0, ly1 = math.log10(min(vals)), math.log10(max(vals)) + 1e-9
     px = lambda x: pad + (math.log10(x) - lx[0]) / max(lx[-1] - lx[0], 1e-9) * (w - 2 * pad)  # noqa: E731
-    py = lambda y: h - pad - (math.log10(y) - ly0) / max(ly1 - ly0, 1e-9) * (h - 2 * pad)     # noqa: E731
+    py = lambda y: h - pad - (math.log10(y) - ly0) / max(ly1 - ly0, 1e-9) * (h - 2 * pad)  # noqa: E731
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#7f7f7f", "#000000", "#ff7f0e"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="12"><text x="{pad}" y="25">{title} (log-log; y: {ylabel})</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+        f'font-size="12"><text x="{pad}" y="25">{title} (log-log; y: {ylabel})</text>'
+    ]
     for x in xs:
         parts.append(f'<text x="{px(x):.0f}" y="{h - pad + 18}" text-anchor="middle">{x}</text>')
     for i, (name, ys) in enumerate(series.items()):
@@ -320,13 +393,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes (and, without CUDA, a tiny dry run)")
     ap.add_argument("--out", default="data/results/tree_attention_h200.json")
     ap.add_argument("--plot", default="data/results/tree_attention_h200.png")
-    ap.add_argument("--flex", choices=["all", "some", "none"], default="some",
-                    help="which Llama fp16 prefixes also run FlexAttention (each compiles anew)")
+    ap.add_argument(
+        "--flex",
+        choices=["all", "some", "none"],
+        default="some",
+        help="which Llama fp16 prefixes also run FlexAttention (each compiles anew)",
+    )
     ap.add_argument("--no-graph", dest="graph", action="store_false", help="skip do_bench_cudagraph timings")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.quick:
         ap.error("no CUDA device: only --quick (an interpreter dry run without timing) works here")
-    for knob in ("cache_size_limit", "recompile_limit"):    # one compile per flex shape
+    for knob in ("cache_size_limit", "recompile_limit"):  # one compile per flex shape
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
     gen = torch.Generator().manual_seed(0)
@@ -336,16 +413,17 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
 
-    def save():                                   # after every case: a run cut short still leaves data
+    def save():  # after every case: a run cut short still leaves data
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
+
     for spec in case_specs(args):
         result["cases"].append(run_case(spec, env, args, gen))
         save()
     result["goals"] = goals(result["cases"])
     result["plot"] = write_plot(args.plot, result["cases"])
     if torch.cuda.is_available():
-        try:                                      # ragged / GQA / D 64 / fp32 correctness on the GPU
+        try:  # ragged / GQA / D 64 / fp32 correctness on the GPU
             result["gpu_checks"] = gpu_checks(gen)
         except Exception as e:  # noqa: BLE001
             result["gpu_checks"] = f"{type(e).__name__}: {str(e)[:600]}"

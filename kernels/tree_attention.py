@@ -32,6 +32,7 @@ bandwidth floor.
 `tree_attention_reference` is the plain PyTorch (float64) version written as LONGSPEC.md states it,
 and `longspec_lab.kernels.bench_tree_attention` is the benchmark.
 """
+
 import math
 import numbers
 import os
@@ -40,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # fixed when the kernels below are defined
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels below are defined
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -51,6 +52,7 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # tl.max itself is an @jit function of Triton's library, compiled rather than interpreted when triton
 # was imported before TRITON_INTERPRET=1 was set (then an importlib.reload of this module still works).
 if _INTERPRET:
+
     @triton.jit
     def _row_max(x):
         return tl.reduce(x, 1, tl.standard._elementwise_max)
@@ -59,6 +61,7 @@ if _INTERPRET:
     def _row_sum(x):
         return tl.reduce(x, 1, tl.standard._sum_combine)
 else:
+
     @triton.jit
     def _row_max(x):
         return tl.max(x, 1)
@@ -69,10 +72,33 @@ else:
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
-                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
-                 TREE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    start,
+    hi,
+    key0,
+    offs_t,
+    row_ok,
+    MASK,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mq,
+    n_words,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHECK: tl.constexpr,
+    TREE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     # One online-softmax step over keys [start, start + BLOCK_N) (those < hi if CHECK).
     # acc [BLOCK_M, HEAD_DIM] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and denominator;
     # q [BLOCK_M, HEAD_DIM]; K/V point at this (batch, kv head); key0: slot of tree key 0 (TREE only);
@@ -80,7 +106,7 @@ def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
     # (bit j % 32 of word j // 32 of row t = row t may see tree key j).
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    n = start + offs_n                                                  # [BLOCK_N] key slots
+    n = start + offs_n  # [BLOCK_N] key slots
     n_ok = n < hi
     k_ptrs = K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -91,16 +117,16 @@ def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale                          # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
     if TREE:
-        j = n - key0                                                    # tree key index
+        j = n - key0  # tree key index
         if CAUSAL:
             ok = (j[None, :] <= offs_t[:, None]) & n_ok[None, :]
-        else:   # BLOCK_N // 32 word loads of [BLOCK_M] (a [BLOCK_M, BLOCK_N] byte gather spills registers)
-            ok = (offs_t[:, None] < 0) & (offs_n[None, :] < 0)           # all False [BLOCK_M, BLOCK_N]
+        else:  # BLOCK_N // 32 word loads of [BLOCK_M] (a [BLOCK_M, BLOCK_N] byte gather spills registers)
+            ok = (offs_t[:, None] < 0) & (offs_n[None, :] < 0)  # all False [BLOCK_M, BLOCK_N]
             for w in tl.static_range(BLOCK_N // 32):
                 widx = (start - key0) // 32 + w
-                word = tl.load(MASK + offs_t * stride_mq + widx, mask=row_ok, other=0)   # W % 4 == 0
+                word = tl.load(MASK + offs_t * stride_mq + widx, mask=row_ok, other=0)  # W % 4 == 0
                 bit = (word[:, None] >> (offs_n % 32)[None, :]) & 1
                 ok = ok | (((offs_n // 32) == w)[None, :] & (bit != 0))
             ok = ok & n_ok[None, :]
@@ -108,7 +134,7 @@ def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
     elif CHECK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, _row_max(s))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)               # all-masked rows stay 0
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay 0
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + _row_sum(p)
@@ -124,49 +150,136 @@ def _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
 
 
 @triton.jit
-def _attend_range(acc, m_i, l_i, q, K, V, lo, hi, key0, offs_t, row_ok, MASK,
-                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
-                  TREE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _attend_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    lo,
+    hi,
+    key0,
+    offs_t,
+    row_ok,
+    MASK,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mq,
+    n_words,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHECK: tl.constexpr,
+    TREE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     # Keys [lo, hi) in BLOCK_N steps. Only the long unmasked prefix loop (CHECK False) is software-
     # pipelined (kernel num_stages); the tail (<= 1 step) and the tree block (a few steps, a gathered
     # mask) run unpipelined, which keeps their buffers out of registers and shared memory.
     if CHECK:
         for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
-                                         qk_scale, HEAD_DIM, BLOCK_N, CHECK, TREE, CAUSAL, IEEE)
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K,
+                V,
+                start,
+                hi,
+                key0,
+                offs_t,
+                row_ok,
+                MASK,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_mq,
+                n_words,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                CHECK,
+                TREE,
+                CAUSAL,
+                IEEE,
+            )
     else:
         for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, start, hi, key0, offs_t, row_ok, MASK,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
-                                         qk_scale, HEAD_DIM, BLOCK_N, CHECK, TREE, CAUSAL, IEEE)
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K,
+                V,
+                start,
+                hi,
+                key0,
+                offs_t,
+                row_ok,
+                MASK,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_mq,
+                n_words,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                CHECK,
+                TREE,
+                CAUSAL,
+                IEEE,
+            )
     return acc, m_i, l_i
 
 
 @triton.jit
 def _tree_attn_split_kernel(
-    Q, K, V,                     # q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides)
-    PREFIX,                      # int32 [B] prefix lengths (read only if RAGGED)
-    MASK,                        # int32 [B or 1, T, n_words] bit-packed tree mask (unused if CAUSAL)
-    O_PART, LSE_PART,            # fp32 scratch [B*Hkv, n_splits+1, ROWS, D] and [B*Hkv, n_splits+1, ROWS]
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mq, n_words,   # packed mask strides (batch, row) and words per row
-    prefix_len,                  # common prefix length (if not RAGGED)
-    split_len,                   # keys per prefix split
-    n_splits,                    # number of prefix splits; split index n_splits = tree block
-    T,                           # new rows (= new keys) per sequence
-    ROWS,                        # G * T query rows per kv head
-    H_KV,                        # kv heads
-    qk_scale,                    # softmax scale * log2(e)
-    split_bucket,                # split_len.bit_length(): unused in the body, an autotune key only
-    GROUP: tl.constexpr,         # Hq // Hkv
-    HEAD_DIM: tl.constexpr,      # D
-    BLOCK_M: tl.constexpr,       # flattened (head, row) query rows per program
-    BLOCK_N: tl.constexpr,       # keys per inner step
-    RAGGED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    Q,
+    K,
+    V,  # q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides)
+    PREFIX,  # int32 [B] prefix lengths (read only if RAGGED)
+    MASK,  # int32 [B or 1, T, n_words] bit-packed tree mask (unused if CAUSAL)
+    O_PART,
+    LSE_PART,  # fp32 scratch [B*Hkv, n_splits+1, ROWS, D] and [B*Hkv, n_splits+1, ROWS]
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mq,
+    n_words,  # packed mask strides (batch, row) and words per row
+    prefix_len,  # common prefix length (if not RAGGED)
+    split_len,  # keys per prefix split
+    n_splits,  # number of prefix splits; split index n_splits = tree block
+    T,  # new rows (= new keys) per sequence
+    ROWS,  # G * T query rows per kv head
+    H_KV,  # kv heads
+    qk_scale,  # softmax scale * log2(e)
+    split_bucket,  # split_len.bit_length(): unused in the body, an autotune key only
+    GROUP: tl.constexpr,  # Hq // Hkv
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_M: tl.constexpr,  # flattened (head, row) query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    RAGGED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -181,14 +294,15 @@ def _tree_attn_split_kernel(
     lo = pid_s * split_len
     hi = tl.minimum(lo + split_len, P)
     if is_tree | (lo < hi):
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                  # [BLOCK_M]
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         row_ok = rows < ROWS
         g = rows // T
         t = rows % T
         offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = (Q + b * stride_qb + ((h * GROUP + g) * stride_qh + t * stride_qt)[:, None]
-                  + offs_d[None, :] * stride_qd)
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)            # [BLOCK_M, D]
+        q_ptrs = (
+            Q + b * stride_qb + ((h * GROUP + g) * stride_qh + t * stride_qt)[:, None] + offs_d[None, :] * stride_qd
+        )
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
         Kb = K + b * stride_kb + h * stride_kh
         Vb = V + b * stride_vb + h * stride_vh
         acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
@@ -196,37 +310,122 @@ def _tree_attn_split_kernel(
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         if is_tree:
             Mb = MASK + b * stride_mb
-            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, P, P + T, P, t, row_ok, Mb,
-                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
-                                          qk_scale, HEAD_DIM, BLOCK_N, True, True, CAUSAL, IEEE)
+            acc, m_i, l_i = _attend_range(
+                acc,
+                m_i,
+                l_i,
+                q,
+                Kb,
+                Vb,
+                P,
+                P + T,
+                P,
+                t,
+                row_ok,
+                Mb,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_mq,
+                n_words,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                True,
+                True,
+                CAUSAL,
+                IEEE,
+            )
         else:
-            full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N                # unmasked whole tiles, then tail
-            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, lo, full, 0, t, row_ok, MASK,
-                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
-                                          qk_scale, HEAD_DIM, BLOCK_N, False, False, CAUSAL, IEEE)
-            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, Kb, Vb, full, hi, 0, t, row_ok, MASK,
-                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, n_words,
-                                          qk_scale, HEAD_DIM, BLOCK_N, True, False, CAUSAL, IEEE)
+            full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N  # unmasked whole tiles, then tail
+            acc, m_i, l_i = _attend_range(
+                acc,
+                m_i,
+                l_i,
+                q,
+                Kb,
+                Vb,
+                lo,
+                full,
+                0,
+                t,
+                row_ok,
+                MASK,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_mq,
+                n_words,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                False,
+                False,
+                CAUSAL,
+                IEEE,
+            )
+            acc, m_i, l_i = _attend_range(
+                acc,
+                m_i,
+                l_i,
+                q,
+                Kb,
+                Vb,
+                full,
+                hi,
+                0,
+                t,
+                row_ok,
+                MASK,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_mq,
+                n_words,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                True,
+                False,
+                CAUSAL,
+                IEEE,
+            )
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        part = (pid_bh.to(tl.int64) * (n_splits + 1) + pid_s) * ROWS + rows   # [BLOCK_M]
+        part = (pid_bh.to(tl.int64) * (n_splits + 1) + pid_s) * ROWS + rows  # [BLOCK_M]
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
         tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
 @triton.jit
 def _tree_attn_merge_kernel(
-    O_PART, LSE_PART,            # fp32 scratch written by the split kernel
-    PREFIX,                      # int32 [B] (if RAGGED)
-    OUT,                         # [B, Hq, T, D] output, q's dtype
-    LSE_OUT,                     # fp32 [B, Hq, T] (if WRITE_LSE)
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_lb, stride_lh, stride_lt,
-    prefix_len, split_len, n_splits, T, ROWS, H_KV,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr,       # query rows per program
-    RAGGED: tl.constexpr, WRITE_LSE: tl.constexpr,
+    O_PART,
+    LSE_PART,  # fp32 scratch written by the split kernel
+    PREFIX,  # int32 [B] (if RAGGED)
+    OUT,  # [B, Hq, T, D] output, q's dtype
+    LSE_OUT,  # fp32 [B, Hq, T] (if WRITE_LSE)
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    prefix_len,
+    split_len,
+    n_splits,
+    T,
+    ROWS,
+    H_KV,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # query rows per program
+    RAGGED: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -236,11 +435,11 @@ def _tree_attn_merge_kernel(
         P = tl.load(PREFIX + b)
     else:
         P = prefix_len
-    n_used = (P + split_len - 1) // split_len                          # non-empty prefix splits
+    n_used = (P + split_len - 1) // split_len  # non-empty prefix splits
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
     offs_d = tl.arange(0, HEAD_DIM)
-    base = pid_bh.to(tl.int64) * (n_splits + 1) * ROWS + rows         # [BLOCK_R] split 0 of each row
+    base = pid_bh.to(tl.int64) * (n_splits + 1) * ROWS + rows  # [BLOCK_R] split 0 of each row
     lse_tree = tl.load(LSE_PART + base + n_splits * ROWS, mask=row_ok, other=float("-inf"))
     m = lse_tree
     for s in range(0, n_used):
@@ -259,8 +458,7 @@ def _tree_attn_merge_kernel(
     g = rows // T
     t = rows % T
     out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
-    tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
         lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
         tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
@@ -271,26 +469,33 @@ def _tree_attn_merge_kernel(
 # Autotuning runs on the first call of each key: warm up before capturing a CUDA graph.
 _HOPPER_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-    for bm, bn, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3),
-                          (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
+    for bm, bn, w, st in [
+        (64, 64, 4, 2),
+        (64, 64, 4, 3),
+        (64, 128, 8, 3),
+        (128, 128, 8, 3),
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+    ]
 ]
 if _INTERPRET:
-    _split_kernel = _tree_attn_split_kernel            # autotune bypassed: tiles chosen in _launch
+    _split_kernel = _tree_attn_split_kernel  # autotune bypassed: tiles chosen in _launch
 elif os.environ.get("LONGSPEC_AUTOTUNE", "1") == "0":
     # one fixed Hopper config (the one autotune picked most often on the H200): no tuning compiles,
     # for runs that meet many distinct tree sizes (the shape tuner, end-to-end sweeps)
-    _split_kernel = triton.autotune(configs=_HOPPER_CONFIGS[1:2], key=["ROWS", "HEAD_DIM"])(
-        _tree_attn_split_kernel)
+    _split_kernel = triton.autotune(configs=_HOPPER_CONFIGS[1:2], key=["ROWS", "HEAD_DIM"])(_tree_attn_split_kernel)
 else:
-    _split_kernel = triton.autotune(configs=_HOPPER_CONFIGS,
-                                    key=["ROWS", "HEAD_DIM", "CAUSAL", "IEEE", "split_bucket"])(
-        _tree_attn_split_kernel)
+    _split_kernel = triton.autotune(
+        configs=_HOPPER_CONFIGS, key=["ROWS", "HEAD_DIM", "CAUSAL", "IEEE", "split_bucket"]
+    )(_tree_attn_split_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side: checks, split planning, launch.
 
-_SPLIT_OVERHEAD_KEYS = 384   # cost of writing + merging one partial, in "keys of work" (H200 estimate)
+_SPLIT_OVERHEAD_KEYS = 384  # cost of writing + merging one partial, in "keys of work" (H200 estimate)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -299,7 +504,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4                                      # interpreter: few, large programs
+        return 4  # interpreter: few, large programs
     return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -337,11 +542,18 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
 def _prefix_list(prefix_lens, B: int) -> list:
     if isinstance(prefix_lens, numbers.Integral) and not isinstance(prefix_lens, bool):
         return [int(prefix_lens)] * B
-    if isinstance(prefix_lens, torch.Tensor) and prefix_lens.dim() == 1 and not prefix_lens.is_floating_point() \
-            and prefix_lens.dtype != torch.bool and prefix_lens.numel() == B:
-        return [int(p) for p in prefix_lens.tolist()]          # CUDA tensor: one host sync
-    raise ValueError(f"prefix_lens must be an int or an integer tensor of shape [B]={B}, got {prefix_lens!r}; "
-                     "pass one committed length per sequence")
+    if (
+        isinstance(prefix_lens, torch.Tensor)
+        and prefix_lens.dim() == 1
+        and not prefix_lens.is_floating_point()
+        and prefix_lens.dtype != torch.bool
+        and prefix_lens.numel() == B
+    ):
+        return [int(p) for p in prefix_lens.tolist()]  # CUDA tensor: one host sync
+    raise ValueError(
+        f"prefix_lens must be an int or an integer tensor of shape [B]={B}, got {prefix_lens!r}; "
+        "pass one committed length per sequence"
+    )
 
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -351,15 +563,21 @@ def _check(q, k, v, prefix_lens, block_mask, dtypes=_KERNEL_DTYPES):
     """Validate shapes/dtypes/devices; returns (B, Hq, Hkv, T, S, D, prefix list)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor ([B, H, T or S, D]), got "
-                             f"{getattr(x, 'shape', type(x))}; reshape it to [batch, heads, length, head_dim]")
+            raise ValueError(
+                f"{name} must be a 4-D tensor ([B, H, T or S, D]), got "
+                f"{getattr(x, 'shape', type(x))}; reshape it to [batch, heads, length, head_dim]"
+            )
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, S, D={D}]; "
-                         "pass the cache tensors of the same layer and batch as q")
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, S, D={D}]; "
+            "pass the cache tensors of the same layer and batch as q"
+        )
     if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype among {[str(d) for d in dtypes]}, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}; cast them with .to(q.dtype)")
+        raise ValueError(
+            f"q, k, v must share one dtype among {[str(d) for d in dtypes]}, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}; cast them with .to(q.dtype)"
+        )
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with .to()")
     Hkv, S = k.shape[1], k.shape[2]
@@ -372,15 +590,21 @@ def _check(q, k, v, prefix_lens, block_mask, dtypes=_KERNEL_DTYPES):
     plist = _prefix_list(prefix_lens, B)
     for b, p in enumerate(plist):
         if p < 0 or p + T > S:
-            raise ValueError(f"prefix_lens[{b}] + T = {p} + {T} must lie in [T, S={S}]: the block's keys live at slots "
-                             "[P, P+T) of the cache; grow the cache or pass the right prefix length")
+            raise ValueError(
+                f"prefix_lens[{b}] + T = {p} + {T} must lie in [T, S={S}]: the block's keys live at slots "
+                "[P, P+T) of the cache; grow the cache or pass the right prefix length"
+            )
     if block_mask is not None:
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-            raise ValueError(f"block_mask must be a bool tensor (True = may attend), got "
-                             f"{getattr(block_mask, 'dtype', type(block_mask))}; convert with mask.bool()")
+            raise ValueError(
+                f"block_mask must be a bool tensor (True = may attend), got "
+                f"{getattr(block_mask, 'dtype', type(block_mask))}; convert with mask.bool()"
+            )
         if tuple(block_mask.shape) not in ((T, T), (B, T, T)):
-            raise ValueError(f"block_mask shape {tuple(block_mask.shape)} must be [T, T] or [B, T, T] with T={T}, "
-                             f"B={B}; build it for the T new rows")
+            raise ValueError(
+                f"block_mask shape {tuple(block_mask.shape)} must be [T, T] or [B, T, T] with T={T}, "
+                f"B={B}; build it for the T new rows"
+            )
         if block_mask.device != q.device:
             raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}; move it with .to(q.device)")
     return B, Hq, Hkv, T, S, D, plist
@@ -388,16 +612,19 @@ def _check(q, k, v, prefix_lens, block_mask, dtypes=_KERNEL_DTYPES):
 
 def _check_buffer(name, x, shape, dtype, device):
     if x is not None and (tuple(x.shape) != tuple(shape) or x.dtype != dtype or x.device != device):
-        raise ValueError(f"{name} must be {dtype} of shape {list(shape)} on {device}, got {x.dtype} "
-                         f"{list(x.shape)} on {x.device}; allocate it like that (or pass None)")
+        raise ValueError(
+            f"{name} must be {dtype} of shape {list(shape)} on {device}, got {x.dtype} "
+            f"{list(x.shape)} on {x.device}; allocate it like that (or pass None)"
+        )
 
 
-_PACKED = {"mask": None, "version": -1, "packed": None}   # last mask packed: one verify step, all layers
+_PACKED = {"mask": None, "version": -1, "packed": None}  # last mask packed: one verify step, all layers
 
 
 def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W]: bit j % 32 of word j // 32 of row t is mask[t, j];
-    W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. The last mask is cached by identity and version, so the layers of one step pack it once."""
+    W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. The last mask is cached by
+    identity and version, so the layers of one step pack it once."""
     # inference tensors carry no version counter: pack them every call (a few tiny ops per layer)
     version = None if block_mask.is_inference() else block_mask._version
     if version is not None and _PACKED["mask"] is block_mask and _PACKED["version"] == version:
@@ -406,8 +633,8 @@ def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     T = m.shape[-1]
     W = 4 * _cdiv(T, 128)
     bits = torch.nn.functional.pad(m.to(torch.int64), (0, W * 32 - T)).view(m.shape[0], m.shape[1], W, 32)
-    words = (bits << torch.arange(32, device=m.device)).sum(-1)         # [B, T, W] in [0, 2^32)
-    packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+    words = (bits << torch.arange(32, device=m.device)).sum(-1)  # [B, T, W] in [0, 2^32)
+    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
     if version is not None:
         _PACKED.update(mask=block_mask, version=version, packed=packed)
     return packed
@@ -424,8 +651,21 @@ def make_scratch(q, k, prefix_lens, num_splits=None):
     return o_part, torch.empty(o_part.shape[:3], dtype=torch.float32, device=q.device)
 
 
-def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse=False, *,
-                   out=None, lse_out=None, num_splits=None, scratch=None, max_prefix=None):
+def tree_attention(
+    q,
+    k,
+    v,
+    prefix_lens,
+    block_mask=None,
+    scale=None,
+    return_lse=False,
+    *,
+    out=None,
+    lse_out=None,
+    num_splits=None,
+    scratch=None,
+    max_prefix=None,
+):
     """Attention of q [B, Hq, T, D] to cache slots [0, P_b) (all visible) and [P_b, P_b+T) (block_mask,
     True = may attend; None = causal). Returns o [B, Hq, T, D] (q.dtype) and, if return_lse, the natural
     log-sum-exp [B, Hq, T] float32 of the scaled scores. Rows that see no key: o = 0, lse = -inf.
@@ -436,16 +676,20 @@ def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse
     device_lens = max_prefix is not None
     if device_lens:
         if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.is_floating_point():
-            raise ValueError("max_prefix needs prefix_lens as an integer tensor [B] on the device; "
-                             "pass an int prefix without max_prefix otherwise")
+            raise ValueError(
+                "max_prefix needs prefix_lens as an integer tensor [B] on the device; "
+                "pass an int prefix without max_prefix otherwise"
+            )
         B = q.shape[0]
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, int(max_prefix), block_mask)
         dev_pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
     else:
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
     if q.device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError("tree_attention runs Triton kernels: on CPU set TRITON_INTERPRET=1 before importing "
-                           "longspec_lab.kernels.tree_attention, or use attention backend 'torch'")
+        raise RuntimeError(
+            "tree_attention runs Triton kernels: on CPU set TRITON_INTERPRET=1 before importing "
+            "longspec_lab.kernels.tree_attention, or use attention backend 'torch'"
+        )
     G, rows = Hq // Hkv, Hq // Hkv * T
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     n_splits, split_len = plan_splits(max(plist), rows, B * Hkv, q.device, num_splits)
@@ -470,12 +714,33 @@ def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse
     else:
         pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else q
     causal = block_mask is None
-    mask = q if causal else pack_block_mask(block_mask)                 # int32 [B or 1, T, W]
+    mask = q if causal else pack_block_mask(block_mask)  # int32 [B or 1, T, W]
     sm_b = 0 if causal or mask.shape[0] == 1 else mask.stride(0)
     sm_q, n_words = (0, 0) if causal else (mask.stride(1), mask.shape[2])
     ieee = q.dtype == torch.float32
-    args = (q, k, v, pref, mask, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), sm_b, sm_q, n_words,
-            plist[0], split_len, n_splits, T, rows, Hkv, scale * _LOG2E, split_len.bit_length())
+    args = (
+        q,
+        k,
+        v,
+        pref,
+        mask,
+        o_part,
+        lse_part,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        sm_b,
+        sm_q,
+        n_words,
+        plist[0],
+        split_len,
+        n_splits,
+        T,
+        rows,
+        Hkv,
+        scale * _LOG2E,
+        split_len.bit_length(),
+    )
     consts = dict(GROUP=G, HEAD_DIM=D, RAGGED=ragged, CAUSAL=causal, IEEE=ieee)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), n_splits + 1, B * Hkv)  # noqa: E731
     if _INTERPRET:
@@ -488,18 +753,36 @@ def tree_attention(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse
     lse_arg = lse if lse is not None else o_part
     lse_strides = lse.stride() if lse is not None else (0, 0, 0)
     _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
-        o_part, lse_part, pref, o, lse_arg, *o.stride(), *lse_strides,
-        plist[0], split_len, n_splits, T, rows, Hkv,
-        GROUP=G, HEAD_DIM=D, BLOCK_R=block_r, RAGGED=ragged, WRITE_LSE=lse is not None, num_warps=4)
+        o_part,
+        lse_part,
+        pref,
+        o,
+        lse_arg,
+        *o.stride(),
+        *lse_strides,
+        plist[0],
+        split_len,
+        n_splits,
+        T,
+        rows,
+        Hkv,
+        GROUP=G,
+        HEAD_DIM=D,
+        BLOCK_R=block_r,
+        RAGGED=ragged,
+        WRITE_LSE=lse is not None,
+        num_warps=4,
+    )
     return (o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference (LONGSPEC.md section 3): prefix part, tree part, sigmoid merge, in float64.
 
+
 def _softmax_part(q, k, v, allowed, scale):
     # q [H, T, D], k/v [H, N, D], allowed [T, N] bool or None -> o [H, T, D], lse [H, T]
-    s = q @ k.transpose(-1, -2) * scale                                 # [H, T, N]
+    s = q @ k.transpose(-1, -2) * scale  # [H, T, N]
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
@@ -507,8 +790,9 @@ def _softmax_part(q, k, v, allowed, scale):
     return torch.exp(s - finite[..., None]) @ v, lse
 
 
-def tree_attention_reference(q, k, v, prefix_lens, block_mask=None, scale=None, return_lse=False, *,
-                             compute_dtype=torch.float64, out_dtype=None):
+def tree_attention_reference(
+    q, k, v, prefix_lens, block_mask=None, scale=None, return_lse=False, *, compute_dtype=torch.float64, out_dtype=None
+):
     """Plain PyTorch version of tree_attention (same arguments). Computes in `compute_dtype`; returns o in
     `out_dtype` (default q.dtype) and lse float32. Any device; used by the tests and the benchmark."""
     B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask, _KERNEL_DTYPES + (torch.float64,))
@@ -519,12 +803,12 @@ def tree_attention_reference(q, k, v, prefix_lens, block_mask=None, scale=None, 
     mask = block_mask.expand(B, T, T)
     outs, lses = [], []
     for b, P in enumerate(plist):
-        qb = q[b].to(compute_dtype)                                     # [Hq, T, D]
-        kb = k[b, :, :P + T].to(compute_dtype).repeat_interleave(G, 0)  # [Hq, P+T, D]
-        vb = v[b, :, :P + T].to(compute_dtype).repeat_interleave(G, 0)
+        qb = q[b].to(compute_dtype)  # [Hq, T, D]
+        kb = k[b, :, : P + T].to(compute_dtype).repeat_interleave(G, 0)  # [Hq, P+T, D]
+        vb = v[b, :, : P + T].to(compute_dtype).repeat_interleave(G, 0)
         o_p, lse_p = _softmax_part(qb, kb[:, :P], vb[:, :P], None, scale)
         o_t, lse_t = _softmax_part(qb, kb[:, P:], vb[:, P:], mask[b], scale)
-        w = torch.sigmoid(lse_p - lse_t)                                # = e^lse_p / (e^lse_p + e^lse_t)
+        w = torch.sigmoid(lse_p - lse_t)  # = e^lse_p / (e^lse_p + e^lse_t)
         w = torch.where(torch.isinf(lse_p) & torch.isinf(lse_t), torch.zeros_like(w), w)[..., None]
         outs.append(w * o_p + (1 - w) * o_t)
         lses.append(torch.logaddexp(lse_p, lse_t))

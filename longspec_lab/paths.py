@@ -26,10 +26,19 @@ def load_prompts(min_tokens: int | None = None, max_tokens: int | None = None, p
         raise ValueError(f"{index_path} missing; regenerate with `python -m longspec_lab.train.corpus --make-prompts`")
     out = []
     for e in json.loads(index_path.read_text())["prompts"]:
-        if (min_tokens is not None and e["n_tokens"] < min_tokens) or \
-                (max_tokens is not None and e["n_tokens"] > max_tokens):
+        if (min_tokens is not None and e["n_tokens"] < min_tokens) or (
+            max_tokens is not None and e["n_tokens"] > max_tokens
+        ):
             continue
         text = (Path(prompts_dir) / e["file"]).read_bytes().decode("utf-8")
-        out.append(dict(name=Path(e["file"]).stem, text=text, n_tokens=e["n_tokens"], module=e["module"],
-                        line_start=e["line_start"], line_end=e["line_end"]))
+        out.append(
+            dict(
+                name=Path(e["file"]).stem,
+                text=text,
+                n_tokens=e["n_tokens"],
+                module=e["module"],
+                line_start=e["line_start"],
+                line_end=e["line_end"],
+            )
+        )
     return sorted(out, key=lambda d: (d["n_tokens"], d["name"]))

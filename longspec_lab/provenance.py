@@ -22,8 +22,9 @@ SCHEMA_VERSION = 1
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -31,11 +32,17 @@ def _git_commit() -> str | None:
 
 def environment(device=None, dtype=None, command: str | None = None) -> dict:
     """Versions, device, date, command line and git commit of the running process."""
-    env = {"schema_version": SCHEMA_VERSION,
-           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": command if command is not None else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "git_commit": _git_commit(), "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads()}
+    env = {
+        "schema_version": SCHEMA_VERSION,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "cpu_count": os.cpu_count(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     for mod in ("transformers", "triton", "numpy"):
         try:
             env[mod] = __import__(mod).__version__

@@ -41,7 +41,7 @@ def _hf_time(hf, ids, n, device, **kw):
         hf.generate(x, max_new_tokens=1, **common)
         sync(device)
         first = time.perf_counter() - t0
-    return max(total - first, 1e-9), out[0, len(ids):].tolist()
+    return max(total - first, 1e-9), out[0, len(ids) :].tolist()
 
 
 def _common_prefix(a, b) -> int:
@@ -53,9 +53,19 @@ def _common_prefix(a, b) -> int:
     return n
 
 
-def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shapes=DEFAULT_SHAPES,
-              gammas=(4,), hf_model=None, backend=None, progress=True, fast=None,
-              extra_backends=()) -> dict:
+def run_bench(
+    target,
+    draft,
+    prompts: list[list[int]],
+    max_new_tokens=256,
+    shapes=DEFAULT_SHAPES,
+    gammas=(4,),
+    hf_model=None,
+    backend=None,
+    progress=True,
+    fast=None,
+    extra_backends=(),
+) -> dict:
     """Our loops: the CUDA-graph fast path on the GPU (`fast=None` -> on CUDA), else the eager loop.
     Per-stage times come from a second, separately timed run with per-stage CUDA events (or the
     eager loop's synchronised timers), so the tokens/s runs carry no timing overhead."""
@@ -65,22 +75,29 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
     from longspec_lab.decoding.graphs import FastDecoder
 
     fast = target.device.type == "cuda" if fast is None else fast
-    make = (lambda be, **kw: FastDecoder(target, draft, backend=be, **kw)) if fast else \
-        (lambda be, **kw: SpecDecoder(target, draft, backend=be))
+    make = (
+        (lambda be, **kw: FastDecoder(target, draft, backend=be, **kw))
+        if fast
+        else (lambda be, **kw: SpecDecoder(target, draft, backend=be))
+    )
     dec = make(backend)
     timed = make(backend, stage_timing=True) if fast else dec
     configs = [("ar", dict(method="ar"), dec)]
     configs += [(f"chain-g{g}", dict(method="chain", gamma=g), dec) for g in gammas]
     configs += [("tree-" + "-".join(map(str, s)), dict(method="tree", tree_shape=list(s)), dec) for s in shapes]
     for be in extra_backends:
-        configs.append((f"tree-{'-'.join(map(str, shapes[0]))}-{be}", dict(method="tree", tree_shape=list(shapes[0])),
-                        make(be)))
-    rows = {name: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}, "stage_seconds_total": 0.0}
-            for name, _, _ in configs}
+        configs.append(
+            (f"tree-{'-'.join(map(str, shapes[0]))}-{be}", dict(method="tree", tree_shape=list(shapes[0])), make(be))
+        )
+    rows = {
+        name: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}, "stage_seconds_total": 0.0}
+        for name, _, _ in configs
+    }
     hf_rows = {}
     dec.generate(prompts[0][:128], method="tree", max_new_tokens=16)  # global warm-up
-    bar = tqdm(total=len(prompts) * (len(configs) + (2 if hf_model is not None else 0)),
-               disable=not progress, desc="bench")
+    bar = tqdm(
+        total=len(prompts) * (len(configs) + (2 if hf_model is not None else 0)), disable=not progress, desc="bench"
+    )
     agree, same_prefix = True, []
     for ids in prompts:
         ref = None
@@ -94,8 +111,11 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
             r["tokens"] += len(res.new_tokens) - 1
             r["seconds"] += res.decode_seconds
             r["target_calls"] += res.target_calls - 1
-            st = timed.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw) \
-                if (fast and d is dec) else res
+            st = (
+                timed.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
+                if (fast and d is dec)
+                else res
+            )
             for k, v in st.stage_seconds.items():
                 if k in ("draft", "verify", "commit"):
                     r["stages"][k] = r["stages"].get(k, 0.0) + v
@@ -127,10 +147,15 @@ def run_bench(target, draft, prompts: list[list[int]], max_new_tokens=256, shape
             o["speedup_vs_hf"] = o["tokens_per_s"] / hf
         if "tau" in o:
             o["efficiency"] = o["speedup_vs_ar"] / o["tau"]
-    return {"results": out, "outputs_identical": bool(agree),
-            "min_common_prefix_with_ar": min(same_prefix) if same_prefix else None,
-            "backend": dec.backend, "decoder": type(dec).__name__,
-            "max_new_tokens": max_new_tokens, "num_prompts": len(prompts)}
+    return {
+        "results": out,
+        "outputs_identical": bool(agree),
+        "min_common_prefix_with_ar": min(same_prefix) if same_prefix else None,
+        "backend": dec.backend,
+        "decoder": type(dec).__name__,
+        "max_new_tokens": max_new_tokens,
+        "num_prompts": len(prompts),
+    }
 
 
 def write_plot(rep: dict, path) -> str:
@@ -141,16 +166,28 @@ def write_plot(rep: dict, path) -> str:
     res = rep["results"]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_bar(x=names, y=[res[n]["tokens_per_s"] for n in names], name="tokens/s")
-    fig.add_scatter(x=names, y=[res[n].get("tau") for n in names], mode="markers", name="tau",
-                    marker={"size": 12, "symbol": "diamond"}, secondary_y=True)
+    fig.add_scatter(
+        x=names,
+        y=[res[n].get("tau") for n in names],
+        mode="markers",
+        name="tau",
+        marker={"size": 12, "symbol": "diamond"},
+        secondary_y=True,
+    )
     env = rep.get("environment", {})
-    fig.update_layout(title=f"End-to-end greedy decoding on {env.get('gpu') or 'CPU'}<br><sup>"
-                            f"{rep['max_new_tokens']} new tokens, {rep['num_prompts']} held-out prompts, "
-                            f"{rep.get('dtype', '')}, {rep.get('decoder', '')}</sup>",
-                      xaxis_title="method", legend_title="measure", width=1000, height=520)
+    fig.update_layout(
+        title=f"End-to-end greedy decoding on {env.get('gpu') or 'CPU'}<br><sup>"
+        f"{rep['max_new_tokens']} new tokens, {rep['num_prompts']} held-out prompts, "
+        f"{rep.get('dtype', '')}, {rep.get('decoder', '')}</sup>",
+        xaxis_title="method",
+        legend_title="measure",
+        width=1000,
+        height=520,
+    )
     fig.update_yaxes(title_text="tokens per second", rangemode="tozero", secondary_y=False)
-    fig.update_yaxes(title_text="tau (tokens per target pass)", rangemode="tozero", dtick=1,
-                     showgrid=False, secondary_y=True)
+    fig.update_yaxes(
+        title_text="tau (tokens per target pass)", rangemode="tozero", dtick=1, showgrid=False, secondary_y=True
+    )
     path = str(path)
     try:
         if not path.endswith(".html"):
@@ -163,8 +200,9 @@ def write_plot(rep: dict, path) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="longspec-lab bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="longspec-lab bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="target folder (default: data/embedded)")
     ap.add_argument("--draft", default=None, help="draft folder (default: data/embedded-draft)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: auto)")
@@ -173,8 +211,11 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prompts", type=int, default=4, help="held-out prompts of 2k-4k tokens (default: 4)")
     ap.add_argument("--min-prompt-tokens", type=int, default=2000)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
-                    help="tree shapes, ';'-separated (default: %(default)s)")
+    ap.add_argument(
+        "--shapes",
+        default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
+        help="tree shapes, ';'-separated (default: %(default)s)",
+    )
     ap.add_argument("--gammas", default="4,5", help="chain lengths (default: %(default)s)")
     ap.add_argument("--extra-backends", default="", help="also run the first tree shape with these backends")
     ap.add_argument("--eager", action="store_true", help="use the eager loop even on CUDA")
@@ -184,9 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    from longspec_lab.paths import load_prompts
-    from longspec_lab.paths import EMBEDDED_TARGET
     from longspec_lab.models.pair import load_pair
+    from longspec_lab.paths import EMBEDDED_TARGET, load_prompts
 
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     room = target.config.max_position_embeddings - args.max_new_tokens - 80
@@ -201,11 +241,19 @@ def main(argv=None) -> int:
         hf = AutoModelForCausalLM.from_pretrained(str(args.model or EMBEDDED_TARGET), dtype=target.dtype)
         hf = hf.to(target.device).eval()
     shapes = [list(map(int, s.split(","))) for s in args.shapes.split(";") if s]
-    rep = run_bench(target, draft, prompts, args.max_new_tokens, shapes,
-                    gammas=[int(g) for g in args.gammas.split(",") if g], hf_model=hf,
-                    backend=args.attention_backend, progress=not args.quiet,
-                    fast=False if args.eager else None,
-                    extra_backends=[b for b in args.extra_backends.split(",") if b])
+    rep = run_bench(
+        target,
+        draft,
+        prompts,
+        args.max_new_tokens,
+        shapes,
+        gammas=[int(g) for g in args.gammas.split(",") if g],
+        hf_model=hf,
+        backend=args.attention_backend,
+        progress=not args.quiet,
+        fast=False if args.eager else None,
+        extra_backends=[b for b in args.extra_backends.split(",") if b],
+    )
     rep["environment"] = environment(target.device)
     rep["prompt_tokens"] = [len(p) for p in prompts]
     rep["dtype"] = str(target.dtype).replace("torch.", "")
@@ -215,9 +263,11 @@ def main(argv=None) -> int:
         Path(args.out).write_text(text + "\n")
     print(f"{'method':<24}{'tok/s':>10}{'tau':>7}{'vs ar':>8}{'vs hf':>8}{'eff':>7}")
     for name, o in rep["results"].items():
-        print(f"{name:<24}{o['tokens_per_s']:>10.1f}{o.get('tau', float('nan')):>7.2f}"
-              f"{o['speedup_vs_ar']:>8.2f}{o.get('speedup_vs_hf', float('nan')):>8.2f}"
-              f"{o.get('efficiency', float('nan')):>7.2f}")
+        print(
+            f"{name:<24}{o['tokens_per_s']:>10.1f}{o.get('tau', float('nan')):>7.2f}"
+            f"{o['speedup_vs_ar']:>8.2f}{o.get('speedup_vs_hf', float('nan')):>8.2f}"
+            f"{o.get('efficiency', float('nan')):>7.2f}"
+        )
     print(f"outputs identical across methods: {rep['outputs_identical']}")
     if args.plot:
         write_plot(rep, args.plot)

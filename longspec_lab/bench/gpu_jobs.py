@@ -23,14 +23,45 @@ from pathlib import Path
 def jobs(out: Path) -> dict:
     py = sys.executable
     return {
-        "kernel": ([py, "-m", "longspec_lab.kernels.bench_tree_attention", "--out", str(out / "tree_attention_h200.json"),
-                    "--plot", str(out / "tree_attention_h200.svg")], 420, {}),
+        "kernel": (
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.bench_tree_attention",
+                "--out",
+                str(out / "tree_attention_h200.json"),
+                "--plot",
+                str(out / "tree_attention_h200.svg"),
+            ],
+            420,
+            {},
+        ),
         "verify": ([py, "-m", "longspec_lab.bench_verify", "--out", str(out / "verify_8b_h200.json")], 180, {}),
-        "e2e": ([py, "-m", "longspec_lab.bench", "--device", "cuda", "--num-prompts", "4", "--max-new-tokens", "256",
-                 "--extra-backends", "sdpa", "--quiet", "--out", str(out / "e2e_h200.json")], 210,
-                {"LONGSPEC_AUTOTUNE": "0"}),
-        "tune": ([py, "-m", "longspec_lab.tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
-                 200, {"LONGSPEC_AUTOTUNE": "0"}),
+        "e2e": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench",
+                "--device",
+                "cuda",
+                "--num-prompts",
+                "4",
+                "--max-new-tokens",
+                "256",
+                "--extra-backends",
+                "sdpa",
+                "--quiet",
+                "--out",
+                str(out / "e2e_h200.json"),
+            ],
+            210,
+            {"LONGSPEC_AUTOTUNE": "0"},
+        ),
+        "tune": (
+            [py, "-m", "longspec_lab.tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
+            200,
+            {"LONGSPEC_AUTOTUNE": "0"},
+        ),
     }
 
 
@@ -47,8 +78,13 @@ def main(argv=None) -> int:
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
             try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **env}).returncode
+                rc = subprocess.run(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=limit,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         print(f"[{name}] rc={rc} in {time.time() - t0:.0f}s", flush=True)

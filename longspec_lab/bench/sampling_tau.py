@@ -22,14 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-
 from longspec_lab.paths import DATA_DIR, load_prompts
 from longspec_lab.provenance import environment
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 RULES = (("target-sample", "tree"), ("rrs", "tree"), ("chain", "chain"), ("naive-topk", "tree"))
-BIASED = {"naive-topk": "BIASED: min(1, p/q) on deterministic top-k siblings; not a valid sampler, "
-                        "tau shown for comparison only"}
+BIASED = {
+    "naive-topk": "BIASED: min(1, p/q) on deterministic top-k siblings; not a valid sampler, "
+    "tau shown for comparison only"
+}
 
 
 def _ratio(a, t):
@@ -42,8 +43,18 @@ def _add(tot: list[int], new: list[int]) -> None:
         tot[i] += c
 
 
-def measure_tau(dec, prompts: list[list[int]], temperatures=(0.5, 1.0), rules=RULES, max_new_tokens=128,
-                tree_shape=DEFAULT_TREE_SHAPE, gamma=4, seed=0, top_k=None, top_p=None) -> list[dict]:
+def measure_tau(
+    dec,
+    prompts: list[list[int]],
+    temperatures=(0.5, 1.0),
+    rules=RULES,
+    max_new_tokens=128,
+    tree_shape=DEFAULT_TREE_SHAPE,
+    gamma=4,
+    seed=0,
+    top_k=None,
+    top_p=None,
+) -> list[dict]:
     """One row per (rule, method, temperature), greedy at 0 first; runs are seeded per prompt."""
     runs = [("greedy", "tree", 0.0)] + [(r, m, float(t)) for t in temperatures for r, m in rules]
     rows = []
@@ -52,23 +63,50 @@ def measure_tau(dec, prompts: list[list[int]], temperatures=(0.5, 1.0), rules=RU
         d_try, d_acc, r_try, r_acc, per_prompt = [], [], [], [], []
         t0 = time.perf_counter()
         for i, ids in enumerate(prompts):
-            res = dec.generate(ids, method=method, verify=rule, temperature=temp, top_k=top_k, top_p=top_p,
-                               max_new_tokens=max_new_tokens, tree_shape=tree_shape, gamma=gamma,
-                               seed=seed + i, stop_at_eos=False)
+            res = dec.generate(
+                ids,
+                method=method,
+                verify=rule,
+                temperature=temp,
+                top_k=top_k,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                tree_shape=tree_shape,
+                gamma=gamma,
+                seed=seed + i,
+                stop_at_eos=False,
+            )
             tokens, calls = tokens + len(res.new_tokens), calls + res.target_calls
-            for tot, new in ((d_try, res.depth_tried), (d_acc, res.depth_accepted),
-                             (r_try, res.rank_tried), (r_acc, res.rank_accepted)):
+            for tot, new in (
+                (d_try, res.depth_tried),
+                (d_acc, res.depth_accepted),
+                (r_try, res.rank_tried),
+                (r_acc, res.rank_accepted),
+            ):
                 _add(tot, new)
             per_prompt.append(round(res.tau, 4))
-        rows.append({
-            "rule": rule, "method": method, "temperature": temp, "top_k": top_k, "top_p": top_p,
-            "tree_shape": list(TreeShape.of(tree_shape).widths) if method == "tree" else None,
-            "gamma": gamma if method == "chain" else None,
-            "tau": tokens / calls, "tau_per_prompt": per_prompt, "new_tokens": tokens, "target_calls": calls,
-            "acceptance_by_depth": _ratio(d_acc, d_try), "acceptance_by_rank": _ratio(r_acc, r_try),
-            "depth_tried": d_try, "rank_tried": r_try, "lossless": rule not in BIASED,
-            "note": BIASED.get(rule, ""), "seconds": time.perf_counter() - t0,
-        })
+        rows.append(
+            {
+                "rule": rule,
+                "method": method,
+                "temperature": temp,
+                "top_k": top_k,
+                "top_p": top_p,
+                "tree_shape": list(TreeShape.of(tree_shape).widths) if method == "tree" else None,
+                "gamma": gamma if method == "chain" else None,
+                "tau": tokens / calls,
+                "tau_per_prompt": per_prompt,
+                "new_tokens": tokens,
+                "target_calls": calls,
+                "acceptance_by_depth": _ratio(d_acc, d_try),
+                "acceptance_by_rank": _ratio(r_acc, r_try),
+                "depth_tried": d_try,
+                "rank_tried": r_try,
+                "lossless": rule not in BIASED,
+                "note": BIASED.get(rule, ""),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     return rows
 
 
@@ -76,14 +114,19 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'rule':<15}{'method':<8}{'T':>5}{'tau':>7}   acceptance by depth"]
     for r in rows:
         acc = " ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_by_depth"])
-        lines.append(f"{r['rule']:<15}{r['method']:<8}{r['temperature']:>5.2f}{r['tau']:>7.2f}   {acc}"
-                     + ("   (biased)" if not r["lossless"] else ""))
+        lines.append(
+            f"{r['rule']:<15}{r['method']:<8}{r['temperature']:>5.2f}{r['tau']:>7.2f}   {acc}"
+            + ("   (biased)" if not r["lossless"] else "")
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench.sampling_tau", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.bench.sampling_tau",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--prompts", type=int, default=None, help="number of held-out prompts (default: all that fit)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens per run (default: 256)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 1.0], help="default: 0.5 1.0")
@@ -106,13 +149,24 @@ def main(argv=None) -> int:
     prompts = [tok.encode(p["text"])[:room] for p in specs]
     dec = SpecDecoder(target, draft)
     dec.generate(prompts[0][:64], method="tree", max_new_tokens=8)  # warm-up
-    rows = measure_tau(dec, prompts, args.temperatures, max_new_tokens=args.max_new_tokens,
-                       tree_shape=args.tree_shape, gamma=args.gamma, seed=args.seed)
-    out = {"command": "python -m longspec_lab.bench.sampling_tau " + shlex.join(sys.argv[1:] if argv is None else argv),
-           "environment": environment(target), "prompts": [p["name"] for p in specs],
-           "prompt_tokens": [len(p) for p in prompts], "max_new_tokens": args.max_new_tokens,
-           "definition": "tau = generated tokens / target forward passes (prefill included), summed over prompts",
-           "rows": rows}
+    rows = measure_tau(
+        dec,
+        prompts,
+        args.temperatures,
+        max_new_tokens=args.max_new_tokens,
+        tree_shape=args.tree_shape,
+        gamma=args.gamma,
+        seed=args.seed,
+    )
+    out = {
+        "command": "python -m longspec_lab.bench.sampling_tau " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "environment": environment(target),
+        "prompts": [p["name"] for p in specs],
+        "prompt_tokens": [len(p) for p in prompts],
+        "max_new_tokens": args.max_new_tokens,
+        "definition": "tau = generated tokens / target forward passes (prefill included), summed over prompts",
+        "rows": rows,
+    }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

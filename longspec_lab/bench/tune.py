@@ -28,8 +28,18 @@ import torch
 
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
-CALIBRATION_SHAPES = ([1], [4], [16], [64], [1, 1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16, 32],
-                      [4, 16, 16, 16, 16], [8, 8, 8, 8, 8, 8], [16, 32, 32])
+CALIBRATION_SHAPES = (
+    [1],
+    [4],
+    [16],
+    [64],
+    [1, 1, 1, 1],
+    [4, 4, 4, 4],
+    [2, 4, 8, 16, 32],
+    [4, 16, 16, 16, 16],
+    [8, 8, 8, 8, 8, 8],
+    [16, 32, 32],
+)
 WIDTH_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -95,8 +105,19 @@ def measure(dec, prompts, shape, n_tokens) -> dict:
     return {"tokens_per_s": toks / secs, "tau": toks / max(calls, 1), "step_seconds": secs / max(calls, 1)}
 
 
-def tune(target, draft, prompts, probe_shape=(16, 32, 32, 32, 32, 32, 32), max_depth=6, max_nodes=160,
-         n_tokens=64, top=5, fast=None, progress=True, calibration=CALIBRATION_SHAPES) -> dict:
+def tune(
+    target,
+    draft,
+    prompts,
+    probe_shape=(16, 32, 32, 32, 32, 32, 32),
+    max_depth=6,
+    max_nodes=160,
+    n_tokens=64,
+    top=5,
+    fast=None,
+    progress=True,
+    calibration=CALIBRATION_SHAPES,
+) -> dict:
     from tqdm.auto import tqdm
 
     from longspec_lab.decoding.eager import SpecDecoder
@@ -114,8 +135,9 @@ def tune(target, draft, prompts, probe_shape=(16, 32, 32, 32, 32, 32, 32), max_d
     bar = tqdm(total=len(prompts) + len(calibration) + top + 1, disable=not progress, desc="tune")
     trace = []
     for ids in prompts:  # 1. acceptance ranks from probe traces
-        trace += eager.generate(ids, method="tree", tree_shape=probe, max_new_tokens=n_tokens,
-                                trace=True, stop_at_eos=False).trace
+        trace += eager.generate(
+            ids, method="tree", tree_shape=probe, max_new_tokens=n_tokens, trace=True, stop_at_eos=False
+        ).trace
         bar.update()
     ranks = path_ranks(trace, probe.depth)
     timer_dec.generate(prompts[0][:256], method="tree", max_new_tokens=8)  # warm-up
@@ -131,8 +153,14 @@ def tune(target, draft, prompts, probe_shape=(16, 32, 32, 32, 32, 32, 32), max_d
     score = acc.double() / t.clamp_min(1e-9)
     order = score.argsort(descending=True).tolist()
     best = [shapes[i] for i in order[:top]]
-    model = {json.dumps(shapes[i]): {"expected_accept": float(acc[i]), "predicted_step_s": float(t[i]),
-                                     "predicted_tokens_per_s": float(score[i])} for i in order[:top]}
+    model = {
+        json.dumps(shapes[i]): {
+            "expected_accept": float(acc[i]),
+            "predicted_step_s": float(t[i]),
+            "predicted_tokens_per_s": float(score[i]),
+        }
+        for i in order[:top]
+    }
     default = list(DEFAULT_TREE_SHAPE.widths)
     validated = {}
     for s in best + ([default] if default not in best else []):  # 4. measure for real
@@ -140,21 +168,30 @@ def tune(target, draft, prompts, probe_shape=(16, 32, 32, 32, 32, 32, 32), max_d
         bar.update()
     bar.close()
     winner = max(validated, key=lambda k: validated[k]["tokens_per_s"])
-    return {"method": "exhaustive search on a width grid, scored by recorded path ranks x fitted step latency; "
-                      "top candidates validated by running them",
-            "probe_shape": list(probe.widths), "probe_steps": len(trace),
-            "acceptance_by_depth": [float((ranks[:, :l + 1] < float("inf")).all(-1).float().mean())
-                                    for l in range(probe.depth)],
-            "calibration_step_seconds": steps, "latency_coef": coef.tolist(),
-            "searched_shapes": len(shapes), "model_top": model, "validated": validated,
-            "best_shape": json.loads(winner), "default_shape": default,
-            "best_vs_default": validated[winner]["tokens_per_s"] / validated[json.dumps(default)]["tokens_per_s"],
-            "decoder": type(timer_dec).__name__}
+    return {
+        "method": "exhaustive search on a width grid, scored by recorded path ranks x fitted step latency; "
+        "top candidates validated by running them",
+        "probe_shape": list(probe.widths),
+        "probe_steps": len(trace),
+        "acceptance_by_depth": [
+            float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
+        ],
+        "calibration_step_seconds": steps,
+        "latency_coef": coef.tolist(),
+        "searched_shapes": len(shapes),
+        "model_top": model,
+        "validated": validated,
+        "best_shape": json.loads(winner),
+        "default_shape": default,
+        "best_vs_default": validated[winner]["tokens_per_s"] / validated[json.dumps(default)]["tokens_per_s"],
+        "decoder": type(timer_dec).__name__,
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="longspec-lab tune", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="longspec-lab tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="target folder (default: data/embedded)")
     ap.add_argument("--draft", default=None, help="draft folder (default: data/embedded-draft)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: auto)")
@@ -170,14 +207,23 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    from longspec_lab.provenance import environment
-    from longspec_lab.paths import load_prompts
     from longspec_lab.models.pair import load_pair
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.provenance import environment
 
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in load_prompts(min_tokens=1000)]
-    rep = tune(target, draft, prompts[: args.num_prompts], [int(x) for x in args.probe_shape.split(",")],
-               args.max_depth, args.max_nodes, args.new_tokens, args.top, progress=not args.quiet)
+    rep = tune(
+        target,
+        draft,
+        prompts[: args.num_prompts],
+        [int(x) for x in args.probe_shape.split(",")],
+        args.max_depth,
+        args.max_nodes,
+        args.new_tokens,
+        args.top,
+        progress=not args.quiet,
+    )
     rep["environment"] = environment(target.device)
     print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
     for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from longspec_lab.provenance import environment
 from longspec_lab.models.config import PRESETS
 from longspec_lab.models.layers import Rotary
 from longspec_lab.models.target import Target
+from longspec_lab.provenance import environment
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree
 
 
@@ -87,8 +87,7 @@ def graphed(fn):
     return g.replay
 
 
-def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16,
-            progress=True) -> dict:
+def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16, progress=True) -> dict:
     import triton
     from tqdm.auto import tqdm
 
@@ -122,8 +121,11 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
         x1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
         xT = torch.zeros(1, T, dtype=torch.long, device=dev)
         pos = P + offsets
-        row = {"context": P, "floor_decode_ms": (weight_bytes + P * kv_per_token) / bw * 1e3,
-               "floor_verify_ms": (weight_bytes + (P + T) * kv_per_token) / bw * 1e3}
+        row = {
+            "context": P,
+            "floor_decode_ms": (weight_bytes + P * kv_per_token) / bw * 1e3,
+            "floor_verify_ms": (weight_bytes + (P + T) * kv_per_token) / bw * 1e3,
+        }
         with torch.inference_mode():
             for be in backends:
                 dec = lambda: target(x1, cache=cache, start=P, backend=be, last_only=True)  # noqa: E731
@@ -153,11 +155,18 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
                 step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
                 row[f"{be}_projected_speedup"] = tau * best("decode") / step
         rows.append(row)
-        del cache
+        cache = None  # free the context before the next one
         torch.cuda.empty_cache()
-    return {"rows": rows, "copy_bandwidth_TBps": bw / 1e12, "weight_bytes": weight_bytes,
-            "kv_bytes_per_token": kv_per_token, "verify_rows": T, "n_pending": n_pending,
-            "tree_shape": list(DEFAULT_TREE_SHAPE.widths), "dtype": str(dtype).replace("torch.", "")}
+    return {
+        "rows": rows,
+        "copy_bandwidth_TBps": bw / 1e12,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_per_token,
+        "verify_rows": T,
+        "n_pending": n_pending,
+        "tree_shape": list(DEFAULT_TREE_SHAPE.widths),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
@@ -176,14 +185,16 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
     vis_cross = (torch.arange(cache.k.shape[3], device=dev) < P)[None]
 
     def cross(q):
-        return torch.nn.functional.scaled_dot_product_attention(q, cache.k[-1], cache.v[-1], attn_mask=vis_cross,
-                                                                enable_gqa=True)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, cache.k[-1], cache.v[-1], attn_mask=vis_cross, enable_gqa=True
+        )
 
     def level(n):
         toks = torch.zeros(1, n, dtype=torch.long, device=dev)
         pos = torch.full((1, n), P, device=dev)
         selfa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            q, rk, rv, enable_gqa=True)
+            q, rk, rv, enable_gqa=True
+        )
         return lambda: torch.topk(d._layer(toks, pos, selfa, cross)[0].float().log_softmax(-1).flatten(), 16)
 
     fns = [level(n) for n in (5, 4, 16, 16, 16)]
@@ -195,7 +206,10 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
         for t in (cache.k, cache.v):
             t.index_copy_(3, Pt + path, t.index_select(3, Pt + path))
 
-    return {"draft_step_graph_ms": draft_ms, "commit_graph_ms": triton.testing.do_bench(graphed(commit), warmup=5, rep=40)}
+    return {
+        "draft_step_graph_ms": draft_ms,
+        "commit_graph_ms": triton.testing.do_bench(graphed(commit), warmup=5, rep=40),
+    }
 
 
 def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) -> dict:
@@ -215,13 +229,19 @@ def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) ->
     xT = torch.zeros(1, T, dtype=torch.long, device=dev)
 
     def dec():
-        hf(input_ids=x1, past_key_values=cache, use_cache=True,
-           position_ids=torch.full((1, 1), P, device=dev), logits_to_keep=1)
+        hf(
+            input_ids=x1,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=torch.full((1, 1), P, device=dev),
+            logits_to_keep=1,
+        )
         cache.crop(-1)
 
     def ver():
-        out = hf(input_ids=xT, past_key_values=cache, use_cache=True, attention_mask=add,
-                 position_ids=(P + offsets)[None]).logits
+        out = hf(
+            input_ids=xT, past_key_values=cache, use_cache=True, attention_mask=add, position_ids=(P + offsets)[None]
+        ).logits
         cache.crop(-T)
         return out
 
@@ -235,27 +255,36 @@ def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) ->
         out["hf_verify_over_decode"] = out["hf_verify_ms"] / out["hf_decode_ms"]
     except Exception as e:
         out["hf_error"] = f"{type(e).__name__}: {e}"[:300]
-    del cache
+    cache = None
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench.verify_cost", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.bench.verify_cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--contexts", default="4096,32768,131072", help="comma-separated (default: %(default)s)")
     ap.add_argument("--backends", default="triton,sdpa", help="comma-separated (default: %(default)s)")
     ap.add_argument("--no-hf", action="store_true", help="skip stock transformers")
-    ap.add_argument("--tau", type=float, default=5.0,
-                    help="accepted length used for the projected speedup (default: the embedded pair's "
-                         "measured tree tau, about 5)")
+    ap.add_argument(
+        "--tau",
+        type=float,
+        default=5.0,
+        help="accepted length used for the projected speedup (default: the embedded pair's measured tree tau, about 5)",
+    )
     ap.add_argument("--out", default="data/results/verify_8b_h200.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_verify needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB)")
-    rep = measure([int(c) for c in args.contexts.split(",")], args.backends.split(","), tau=args.tau,
-                  with_hf=not args.no_hf)
-    rep["projection_note"] = ("projected_speedup = tau x t_decode / (t_draft + t_verify + t_commit) with random "
-                              "weights: a projection from measured step costs, not a measured speedup")
+    rep = measure(
+        [int(c) for c in args.contexts.split(",")], args.backends.split(","), tau=args.tau, with_hf=not args.no_hf
+    )
+    rep["projection_note"] = (
+        "projected_speedup = tau x t_decode / (t_draft + t_verify + t_commit) with random "
+        "weights: a projection from measured step costs, not a measured speedup"
+    )
     rep["environment"] = environment("cuda")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")

@@ -24,13 +24,12 @@ import time
 
 import torch
 
-from longspec_lab.ops.attention import check_backend, default_backend
 from longspec_lab.decoding.timing import StageTimer
+from longspec_lab.ops.attention import check_backend, default_backend
+from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
+from longspec_lab.spec.draft import grow_beam_tree, grow_beam_tree_q, grow_sampled_tree
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
-from longspec_lab.spec.draft import grow_beam_tree
-from longspec_lab.spec.draft import grow_beam_tree_q, grow_sampled_tree
-from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
 from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, accept_greedy, acceptance_counts
 
 METHODS = ("ar", "chain", "tree")
@@ -42,17 +41,25 @@ def check_verify(method: str, verify: str, params: SamplingParams, shape) -> Non
     if verify not in VERIFY_RULES:
         raise ValueError(f"verify={verify!r} is unknown; use one of {', '.join(map(repr, VERIFY_RULES))}")
     if verify == "greedy" and not params.greedy:
-        raise ValueError(f"verify='greedy' is only lossless at temperature 0 (got {params.temperature}); "
-                         f"use temperature=0, or a lossless sampling rule: {lossless}")
+        raise ValueError(
+            f"verify='greedy' is only lossless at temperature 0 (got {params.temperature}); "
+            f"use temperature=0, or a lossless sampling rule: {lossless}"
+        )
     if method == "ar" and verify not in ("greedy", "target-sample"):
-        raise ValueError(f"method='ar' drafts nothing for verify={verify!r} to check; use verify='target-sample' "
-                         "(plain sampling) or 'greedy'")
+        raise ValueError(
+            f"method='ar' drafts nothing for verify={verify!r} to check; use verify='target-sample' "
+            "(plain sampling) or 'greedy'"
+        )
     if method == "chain" and verify == "rrs":
-        raise ValueError("verify='rrs' needs a tree of sampled siblings, but method='chain' drafts a chain; use "
-                         "verify='chain' (rrs on a chain is the chain rule) or method='tree'")
+        raise ValueError(
+            "verify='rrs' needs a tree of sampled siblings, but method='chain' drafts a chain; use "
+            "verify='chain' (rrs on a chain is the chain rule) or method='tree'"
+        )
     if verify == "chain" and method != "chain" and any(w != 1 for w in shape.widths):
-        raise ValueError(f"verify='chain' needs a chain, got tree_shape {list(shape.widths)}; use method='chain' "
-                         "or verify='rrs' / 'target-sample' for a tree")
+        raise ValueError(
+            f"verify='chain' needs a chain, got tree_shape {list(shape.widths)}; use method='chain' "
+            "or verify='rrs' / 'target-sample' for a tree"
+        )
 
 
 def _as_prompt(prompt_ids, device) -> torch.Tensor:
@@ -72,8 +79,9 @@ class SpecDecoder:
     `generate` validates everything before it touches a cache, and rebuilds its caches on each call,
     so a call that raised leaves the decoder usable."""
 
-    def __init__(self, target, draft=None, backend: str | None = None, tokenizer=None,
-                 max_cache_len: int | None = None):
+    def __init__(
+        self, target, draft=None, backend: str | None = None, tokenizer=None, max_cache_len: int | None = None
+    ):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.backend = check_backend(backend or default_backend(target.device))
         self.max_cache_len = max_cache_len  # None: sized per call from the prompt and the tree
@@ -91,14 +99,16 @@ class SpecDecoder:
         if total > cfg.max_position_embeddings:
             raise ValueError(
                 f"prompt ({prompt.numel()} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"model's context of {cfg.max_position_embeddings}; shorten the prompt or ask for fewer tokens")
+                f"model's context of {cfg.max_position_embeddings}; shorten the prompt or ask for fewer tokens"
+            )
         reserve = shape.num_nodes if shape is not None else 1
         need = total + reserve  # a full tree always fits after the last committed token
         if self.max_cache_len is not None and need > self.max_cache_len:
             raise ValueError(
                 f"the cache holds {self.max_cache_len} slots but this call needs {need} (prompt {prompt.numel()} + "
                 f"{max_new_tokens} new + {reserve} for the tree); use a smaller tree_shape, fewer tokens, or a "
-                "larger max_cache_len")
+                "larger max_cache_len"
+            )
         if shape is not None:
             shape.check_fits(cfg.vocab_size)
         return self.max_cache_len or need
@@ -127,22 +137,31 @@ class SpecDecoder:
             if node_ids.numel() == 1 and int(node_ids[0]) == 0:
                 return root_lp
             mask = partial.mask[node_ids][:, 1:]  # [n, N-1] ancestors; scratch slots hold nodes 1..N-1
-            lg = d.tree_forward(partial.tokens[node_ids][None], node_ids - 1, P + partial.depths[node_ids],
-                                mask, dcache, tcache, backend=self.backend)
+            lg = d.tree_forward(
+                partial.tokens[node_ids][None],
+                node_ids - 1,
+                P + partial.depths[node_ids],
+                mask,
+                dcache,
+                tcache,
+                backend=self.backend,
+            )
             return torch.log_softmax(lg[0].float(), dim=-1)
 
         return (grow or grow_beam_tree)(root, shape, level_logprobs, device=dev)
 
     def _verify(self, tree: DraftTree, tcache) -> torch.Tensor:
         P = tcache.length
-        logits = self.target(tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P,
-                             mask=tree.mask, backend=self.backend)
+        logits = self.target(
+            tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P, mask=tree.mask, backend=self.backend
+        )
         return logits[0].argmax(-1)  # [N] the target's next token after each node's path
 
     def _target_probs(self, tree: DraftTree, tcache, params: SamplingParams) -> torch.Tensor:
         P = tcache.length
-        logits = self.target(tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P,
-                             mask=tree.mask, backend=self.backend)
+        logits = self.target(
+            tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P, mask=tree.mask, backend=self.backend
+        )
         return probs_from_logits(logits[0], params)  # [N, V] the target's sampling distribution per node
 
     def _sampler(self, verify, params, seed, generator):
@@ -150,11 +169,13 @@ class SpecDecoder:
         dev = self.target.device
         if generator is None:
             if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still fixes a run
-                seed = int(torch.randint(0, 2 ** 62, (1,)))
+                seed = int(torch.randint(0, 2**62, (1,)))
             generator = make_generator(seed, dev)
         elif torch.device(generator.device).type != torch.device(dev).type:
-            raise ValueError(f"generator is on {generator.device} but the target is on {dev}; create it with "
-                             f"make_generator(seed, device='{dev}')")
+            raise ValueError(
+                f"generator is on {generator.device} but the target is on {dev}; create it with "
+                f"make_generator(seed, device='{dev}')"
+            )
         grow = None
         if verify in ("rrs", "chain"):
             grow = functools.partial(grow_sampled_tree, params=params, generator=generator)
@@ -182,11 +203,22 @@ class SpecDecoder:
 
     # ------------------------------------------------------------------ loops
     @torch.inference_mode()
-    def generate(self, prompt_ids, method: str = "tree", max_new_tokens: int = 64,
-                 tree_shape=DEFAULT_TREE_SHAPE, gamma: int = 4, trace: bool = False,
-                 stop_at_eos: bool = True, verify: str = "greedy", temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt_ids,
+        method: str = "tree",
+        max_new_tokens: int = 64,
+        tree_shape=DEFAULT_TREE_SHAPE,
+        gamma: int = 4,
+        trace: bool = False,
+        stop_at_eos: bool = True,
+        verify: str = "greedy",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
         """verify: "greedy" (temperature 0) or a sampling rule of verify.VERIFY_RULES; temperature /
         top_k / top_p as transformers' warpers; seed or generator (on the target's device) fix the run."""
         dev = self.target.device
@@ -208,18 +240,28 @@ class SpecDecoder:
         tcache, dcache, root = self._prefill(prompt, cache_len, timer, pick)
         out, _ = self._cut([root], max_new_tokens)
         stopped = stop_at_eos and out[-1] in self.target.config.eos_ids
-        res = GenerationResult(method, out, 1, [], {}, 0.0,
-                               tree_shape=list(shape.widths) if method == "tree" else None,
-                               gamma=gamma if method == "chain" else None, verify=verify,
-                               seed=seed if sampling else None, **params.as_dict())
+        res = GenerationResult(
+            method,
+            out,
+            1,
+            [],
+            {},
+            0.0,
+            tree_shape=list(shape.widths) if method == "tree" else None,
+            gamma=gamma if method == "chain" else None,
+            verify=verify,
+            seed=seed if sampling else None,
+            **params.as_dict(),
+        )
         draft_pending = [root]
         while len(out) < max_new_tokens and not stopped:
             room = max_new_tokens - len(out)
             if method == "ar":
                 with timer.stage("verify"):
                     P = tcache.length
-                    logits = self.target(torch.tensor([[root]], device=dev), cache=tcache, start=P,
-                                         backend=self.backend)
+                    logits = self.target(
+                        torch.tensor([[root]], device=dev), cache=tcache, start=P, backend=self.backend
+                    )
                     tcache.length = P + 1
                     new = [pick(logits[0, -1]) if pick else int(logits[0, -1].argmax())]
                 res.target_calls += 1
@@ -249,8 +291,17 @@ class SpecDecoder:
             root = new[-1]
             draft_pending = new
             if trace and method != "ar":
-                res.trace.append(StepRecord(len(res.trace), tcache.length - len(new), tree.to("cpu"),
-                                            preds.cpu(), result, new, self._text(out)))
+                res.trace.append(
+                    StepRecord(
+                        len(res.trace),
+                        tcache.length - len(new),
+                        tree.to("cpu"),
+                        preds.cpu(),
+                        result,
+                        new,
+                        self._text(out),
+                    )
+                )
         res.new_tokens, res.stopped_at_eos = out, stopped
         res.stage_seconds = timer.as_dict()
         res.wall_seconds = time.perf_counter() - t0

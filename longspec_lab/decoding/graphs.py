@@ -71,8 +71,9 @@ class _Plan:
         self.pend = L(D + 1)
         off = shape.level_offsets
         self.levels = [(off[l], off[l + 1]) for l in range(D + 1)]  # node id ranges per level
-        self.depths = torch.cat([torch.full((hi - lo,), l, dtype=torch.long)
-                                 for l, (lo, hi) in enumerate(self.levels)]).to(dev)
+        self.depths = torch.cat(
+            [torch.full((hi - lo,), l, dtype=torch.long) for l, (lo, hi) in enumerate(self.levels)]
+        ).to(dev)
         self.tokens, self.parents = L(N), L(N)
         self.scores = torch.zeros(N, device=dev)
         self.anc = torch.zeros(N, N, dtype=torch.bool, device=dev)  # tree mask, built level by level
@@ -85,8 +86,8 @@ class _Plan:
         kv = (1, dc.num_kv_heads, self.R + N - 1, dc.head_dim)
         self.kbuf = torch.zeros(kv, dtype=d.dtype, device=dev)
         self.vbuf = torch.zeros_like(self.kbuf)
-        self.rk, self.rv = self.kbuf[:, :, :self.R], self.vbuf[:, :, :self.R]
-        self.sk, self.sv = self.kbuf[:, :, self.R:], self.vbuf[:, :, self.R:]
+        self.rk, self.rv = self.kbuf[:, :, : self.R], self.vbuf[:, :, : self.R]
+        self.sk, self.sv = self.kbuf[:, :, self.R :], self.vbuf[:, :, self.R :]
         self.rpos = torch.full((self.R,), -1, dtype=torch.long, device=dev)  # position held by each slot
         self.stages = [("draft1", _Stage(self._draft_root))]  # ingest + level 1
         self.stages += [(f"draft{l}", _Stage(lambda l=l: self._draft_level(l))) for l in range(2, D + 1)]
@@ -112,8 +113,9 @@ class _Plan:
     # --------------------------------------------------------------- AR
     def _ar_step(self):
         t, dec = self.dec.target, self.dec
-        logits = t(self.root[None], positions=self.P, cache=dec.tcache, start=self.P, backend=dec.backend,
-                   last_only=True)
+        logits = t(
+            self.root[None], positions=self.P, cache=dec.tcache, start=self.P, backend=dec.backend, last_only=True
+        )
         tok = logits[0, -1].argmax()
         self.out.index_copy_(0, self.out_len, tok[None])
         self.root.copy_(tok[None])
@@ -177,8 +179,8 @@ class _Plan:
         qpos = self.P + self.depths[lo:hi]  # = seen - 1 + depth
 
         def self_fn(q, k, v):
-            self.sk[:, :, lo - 1:hi - 1] = k.to(self.sk.dtype)
-            self.sv[:, :, lo - 1:hi - 1] = v.to(self.sv.dtype)
+            self.sk[:, :, lo - 1 : hi - 1] = k.to(self.sk.dtype)
+            self.sv[:, :, lo - 1 : hi - 1] = v.to(self.sv.dtype)
             vis = torch.cat([self._ring_vis(qpos, committed_only=True), self.anc[lo:hi, 1:]], 1)  # [n, R + N - 1]
             return _sdpa(q, self.kbuf.to(q.dtype), self.vbuf.to(q.dtype), vis)
 
@@ -202,8 +204,14 @@ class _Plan:
     # --------------------------------------------------------------- verify + accept
     def _verify(self):
         t, dec = self.dec.target, self.dec
-        logits = t(self.tokens[None], positions=(self.P + self.depths)[None], cache=dec.tcache,
-                   start=self.P, mask=self.anc, backend=dec.backend)
+        logits = t(
+            self.tokens[None],
+            positions=(self.P + self.depths)[None],
+            cache=dec.tcache,
+            start=self.P,
+            mask=self.anc,
+            backend=dec.backend,
+        )
         preds = logits[0].argmax(-1)  # [N] the target's next token after each node's path
         self.preds.copy_(preds)
         ok = preds[self.parents.clamp_min(0)] == self.tokens
@@ -216,7 +224,7 @@ class _Plan:
         row = self.anc.index_select(0, win)[0]  # the winner's ancestors (and itself)
         for dpt, (lo, hi) in enumerate(self.levels):
             hit = row[lo:hi]
-            self.path[dpt:dpt + 1].copy_(torch.where(hit.any(), lo + hit.int().argmax(), win[0])[None])
+            self.path[dpt : dpt + 1].copy_(torch.where(hit.any(), lo + hit.int().argmax(), win[0])[None])
         self.n_acc.copy_(self.depths.index_select(0, win) + 1)
 
     # --------------------------------------------------------------- commit
@@ -239,8 +247,16 @@ class _Plan:
 class FastDecoder(SpecDecoder):
     """Greedy ar / chain / tree decoding with static shapes; CUDA graphs on the GPU."""
 
-    def __init__(self, target, draft=None, backend: str | None = None, tokenizer=None,
-                 capacity: int | None = None, graphs: bool | None = None, stage_timing: bool = False):
+    def __init__(
+        self,
+        target,
+        draft=None,
+        backend: str | None = None,
+        tokenizer=None,
+        capacity: int | None = None,
+        graphs: bool | None = None,
+        stage_timing: bool = False,
+    ):
         super().__init__(target, draft, backend, tokenizer)
         self.device = target.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
@@ -262,19 +278,28 @@ class FastDecoder(SpecDecoder):
         return self._plans[key]
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, method: str = "tree", max_new_tokens: int = 64,
-                 tree_shape=DEFAULT_TREE_SHAPE, gamma: int = 4, trace: bool = False,
-                 stop_at_eos: bool = True, **kw) -> GenerationResult:
+    def generate(
+        self,
+        prompt_ids,
+        method: str = "tree",
+        max_new_tokens: int = 64,
+        tree_shape=DEFAULT_TREE_SHAPE,
+        gamma: int = 4,
+        trace: bool = False,
+        stop_at_eos: bool = True,
+        **kw,
+    ) -> GenerationResult:
         if trace or kw.get("verify", "greedy") != "greedy" or kw.get("temperature", 0.0):
-            return super().generate(prompt_ids, method, max_new_tokens, tree_shape, gamma, trace,
-                                    stop_at_eos, **kw)
+            return super().generate(prompt_ids, method, max_new_tokens, tree_shape, gamma, trace, stop_at_eos, **kw)
         prompt = _as_prompt(prompt_ids, self.device)
         shape = TreeShape.of(tree_shape) if method == "tree" else TreeShape.chain(gamma) if method == "chain" else None
         need = self._plan(prompt, method, max_new_tokens, shape)
         extra = (shape.depth + 1) if shape is not None else 0
         if need + extra > self.capacity:
-            raise ValueError(f"this call needs {need + extra} cache slots but the fast decoder holds "
-                             f"{self.capacity}; build FastDecoder(capacity=...) larger")
+            raise ValueError(
+                f"this call needs {need + extra} cache slots but the fast decoder holds "
+                f"{self.capacity}; build FastDecoder(capacity=...) larger"
+            )
         plan = self._plan_for(method, shape)
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         sync()
@@ -327,10 +352,18 @@ class FastDecoder(SpecDecoder):
             stages[name] = secs
             if name.startswith("draft"):
                 stages["draft"] = stages.get("draft", 0.0) + secs
-        res = GenerationResult(method, toks, 1 + steps, [], stages, wall,
-                               draft_calls=steps * (shape.depth if shape is not None else 0),
-                               tree_shape=list(shape.widths) if method == "tree" else None,
-                               gamma=gamma if method == "chain" else None, stopped_at_eos=stopped)
+        res = GenerationResult(
+            method,
+            toks,
+            1 + steps,
+            [],
+            stages,
+            wall,
+            draft_calls=steps * (shape.depth if shape is not None else 0),
+            tree_shape=list(shape.widths) if method == "tree" else None,
+            gamma=gamma if method == "chain" else None,
+            stopped_at_eos=stopped,
+        )
         return res
 
     def _prefill_draft(self, plan: _Plan, prompt):
@@ -362,19 +395,31 @@ def check_against_eager(prompts, target, draft, max_new_tokens=64) -> dict:
         for method, kw in cases:
             a = eager.generate(ids, method=method, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
             b = fast.generate(ids, method=method, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
-            rows.append({"method": method, **kw, "prompt_tokens": len(ids), "identical": a.new_tokens == b.new_tokens,
-                         "target_calls": [a.target_calls, b.target_calls]})
-    return {"rows": rows, "all_identical": all(r["identical"] for r in rows), "graphs": fast.graphs,
-            "dtype": str(target.dtype).replace("torch.", ""), "backend": fast.backend}
+            rows.append(
+                {
+                    "method": method,
+                    **kw,
+                    "prompt_tokens": len(ids),
+                    "identical": a.new_tokens == b.new_tokens,
+                    "target_calls": [a.target_calls, b.target_calls],
+                }
+            )
+    return {
+        "rows": rows,
+        "all_identical": all(r["identical"] for r in rows),
+        "graphs": fast.graphs,
+        "dtype": str(target.dtype).replace("torch.", ""),
+        "backend": fast.backend,
+    }
 
 
 if __name__ == "__main__":  # python -m longspec_lab.decoding.graphs --out FILE: fast path vs eager loop on this device
     import argparse
     import json
 
-    from longspec_lab.provenance import environment
-    from longspec_lab.paths import load_prompts
     from longspec_lab.models.pair import load_pair
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.provenance import environment
 
     ap = argparse.ArgumentParser(description="check that the fast path gives the eager loop's tokens")
     ap.add_argument("--device", default=None)

@@ -13,8 +13,16 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int,
-                 head_dim: int, dtype=torch.float32, device="cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype=torch.float32,
+        device="cpu",
+    ):
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -46,8 +54,8 @@ class KVCache:
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
             return
-        self.k[layer, :, :, start:start + T] = k
-        self.v[layer, :, :, start:start + T] = v
+        self.k[layer, :, :, start : start + T] = k
+        self.v[layer, :, :, start : start + T] = v
 
     def commit(self, src_slots: torch.Tensor, dst_start: int) -> None:
         """Move the entries at `src_slots` [n] (ascending or not) to [dst_start, dst_start + n)
@@ -56,5 +64,5 @@ class KVCache:
         self.check_room(dst_start, n)
         idx = src_slots.to(self.k.device)
         for t in (self.k, self.v):
-            t[:, :, :, dst_start:dst_start + n] = t.index_select(3, idx)  # gather, then write
+            t[:, :, :, dst_start : dst_start + n] = t.index_select(3, idx)  # gather, then write
         self.length = dst_start + n

@@ -46,8 +46,16 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}. Convert the checkpoint to one of these or "
                 "use transformers directly for other families."
             )
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"config field {name}={v!r} must be a positive integer")
@@ -59,8 +67,7 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"RoPE scaling type {rope_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+                f"RoPE scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
 
     @property
@@ -76,8 +83,14 @@ class ModelConfig:
         return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
 
     def num_parameters(self) -> int:
-        d, h, kv, hd, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.intermediate_size, self.vocab_size)
+        d, h, kv, hd, f, v = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size,
+        )
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.attention_bias:
             attn += h * hd + 2 * kv * hd
@@ -92,8 +105,13 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         archs = d.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            d.get("model_type", ""), d.get("model_type", "<missing>"))
+        arch = (
+            archs[0]
+            if archs
+            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+                d.get("model_type", ""), d.get("model_type", "<missing>")
+            )
+        )
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {arch!r} (model_type={d.get('model_type')!r}); "
@@ -169,14 +187,36 @@ PRESETS: dict[str, ModelConfig] = {
     "embedded": ModelConfig(),
     # Llama-3-8B shapes, for cost measurements with random weights
     "llama3-8b": ModelConfig(
-        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        head_dim=128, intermediate_size=14336, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001,
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
     ),
     # for unit tests: small enough to run hundreds of forwards on a CPU in seconds
-    "tiny": ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=16, intermediate_size=128, max_position_embeddings=512),
+    "tiny": ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    ),
 }

@@ -20,8 +20,14 @@ from safetensors.torch import save_file
 from longspec_lab.models.glide import DraftConfig, Glide, check_fits
 from longspec_lab.models.loaders import pick_device, pick_dtype
 
-_ROOTS = ("self_attn.", "cross_attn.", "mlp.", "input_layernorm.", "post_self_attention_layernorm.",
-          "post_cross_attention_layernorm.")
+_ROOTS = (
+    "self_attn.",
+    "cross_attn.",
+    "mlp.",
+    "input_layernorm.",
+    "post_self_attention_layernorm.",
+    "post_cross_attention_layernorm.",
+)
 _UNUSED = ("cross_attn.k_proj.", "cross_attn.v_proj.")
 
 
@@ -46,14 +52,16 @@ def _strip(name: str) -> str | None:
             return name
         i = name.find("." + root)
         if i >= 0:
-            return name[i + 1:]
+            return name[i + 1 :]
     return None
 
 
 def _draft_files(path: Path) -> list[Path]:
     if not path.exists():
-        raise MissingCheckpointError(f"draft checkpoint {str(path)!r} does not exist; pass a folder written "
-                                     "by save_draft / python -m longspec_lab.train.draft")
+        raise MissingCheckpointError(
+            f"draft checkpoint {str(path)!r} does not exist; pass a folder written "
+            "by save_draft / python -m longspec_lab.train.draft"
+        )
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"{path} is not a .safetensors file; drafts load from safetensors only")
@@ -64,11 +72,15 @@ def _draft_files(path: Path) -> list[Path]:
     if files:
         return files
     if any(any(path.glob(p)) for p in ("*.bin", "*.pt", "*.pth", "*.pkl")):
-        raise ValueError(f"{path} holds only pickle weights (*.bin/*.pt); longspec_lab loads safetensors only "
-                         "(unpickling can run arbitrary code). Convert once: load the state dict in a trusted "
-                         "environment and write it with safetensors.torch.save_file")
-    raise MissingCheckpointError(f"no draft.safetensors (or *.safetensors) in {path}; train one with "
-                                 "python -m longspec_lab.train.draft or point at the right folder")
+        raise ValueError(
+            f"{path} holds only pickle weights (*.bin/*.pt); longspec_lab loads safetensors only "
+            "(unpickling can run arbitrary code). Convert once: load the state dict in a trusted "
+            "environment and write it with safetensors.torch.save_file"
+        )
+    raise MissingCheckpointError(
+        f"no draft.safetensors (or *.safetensors) in {path}; train one with "
+        "python -m longspec_lab.train.draft or point at the right folder"
+    )
 
 
 def load_draft(path, target, device=None, dtype=None) -> Glide:
@@ -88,8 +100,10 @@ def load_draft(path, target, device=None, dtype=None) -> Glide:
                     shapes[short] = tuple(fh.get_slice(name).get_shape())
                     where[short] = (f, name)
     if unused:
-        warnings.warn(f"ignoring {unused}: the draft's cross-attention reads the target's K/V cache "
-                      "directly (already projected and rotated), so these projections are never used")
+        warnings.warn(
+            f"ignoring {unused}: the draft's cross-attention reads the target's K/V cache "
+            "directly (already projected and rotated), so these projections are never used"
+        )
     tcfg = target.config
     cfg_file = folder / "draft_config.json"
     if cfg_file.is_file():
@@ -98,29 +112,40 @@ def load_draft(path, target, device=None, dtype=None) -> Glide:
         dcfg = DraftConfig(**{k: v for k, v in raw.items() if k in fields})
     else:
         if "mlp.gate_proj.weight" not in shapes:
-            raise ValueError(f"{folder} has no draft_config.json and no mlp.gate_proj weight to infer the "
-                             "draft's shape from; is this a GliDe draft checkpoint?")
+            raise ValueError(
+                f"{folder} has no draft_config.json and no mlp.gate_proj weight to infer the "
+                "draft's shape from; is this a GliDe draft checkpoint?"
+            )
         q = shapes.get("self_attn.q_proj.weight", (tcfg.num_heads * tcfg.head_dim,))
         kv = shapes.get("self_attn.k_proj.weight", (tcfg.num_kv_heads * tcfg.head_dim,))
         dcfg = DraftConfig(
-            hidden_size=shapes["mlp.gate_proj.weight"][1], num_heads=max(1, q[0] // tcfg.head_dim),
-            num_kv_heads=max(1, kv[0] // tcfg.head_dim), head_dim=tcfg.head_dim,
-            intermediate_size=shapes["mlp.gate_proj.weight"][0], vocab_size=tcfg.vocab_size,
-            window=512, rms_norm_eps=tcfg.rms_norm_eps)
+            hidden_size=shapes["mlp.gate_proj.weight"][1],
+            num_heads=max(1, q[0] // tcfg.head_dim),
+            num_kv_heads=max(1, kv[0] // tcfg.head_dim),
+            head_dim=tcfg.head_dim,
+            intermediate_size=shapes["mlp.gate_proj.weight"][0],
+            vocab_size=tcfg.vocab_size,
+            window=512,
+            rms_norm_eps=tcfg.rms_norm_eps,
+        )
         warnings.warn(f"{folder} has no draft_config.json; inferred {dcfg} from the tensor shapes and the target")
     check_fits(dcfg, tcfg)
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in Glide(dcfg, target).state_dict().items()}
     missing = sorted(set(want) - set(shapes))
     if missing:
-        raise ValueError(f"draft checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}; "
-                         "it is not a complete GliDe draft (expected names like self_attn.q_proj.weight)")
+        raise ValueError(
+            f"draft checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}; "
+            "it is not a complete GliDe draft (expected names like self_attn.q_proj.weight)"
+        )
     for name, shape in want.items():
         if shapes[name] != shape:
-            raise ValueError(f"draft tensor {name} has shape {shapes[name]} but this target needs {shape} "
-                             f"(target hidden {tcfg.hidden_size}, {tcfg.num_heads}/{tcfg.num_kv_heads} heads of "
-                             f"dim {tcfg.head_dim}); the draft was trained for another target: train a draft "
-                             "for this one (python -m longspec_lab.train.draft)")
+            raise ValueError(
+                f"draft tensor {name} has shape {shapes[name]} but this target needs {shape} "
+                f"(target hidden {tcfg.hidden_size}, {tcfg.num_heads}/{tcfg.num_kv_heads} heads of "
+                f"dim {tcfg.head_dim}); the draft was trained for another target: train a draft "
+                "for this one (python -m longspec_lab.train.draft)"
+            )
     draft = Glide(dcfg, target)
     state = {}
     for f in files:

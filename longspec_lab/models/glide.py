@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longspec_lab.ops.attention import attend
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
+from longspec_lab.ops.attention import attend
 
 
 @dataclass
@@ -49,33 +49,53 @@ class DraftConfig:
     rms_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-                     "vocab_size", "window"):
+        for name in (
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "window",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"draft config field {name}={v!r} must be a positive integer")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"draft num_heads={self.num_heads} is not a multiple of num_kv_heads="
-                             f"{self.num_kv_heads}; pick head counts that form whole GQA groups")
+            raise ValueError(
+                f"draft num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{self.num_kv_heads}; pick head counts that form whole GQA groups"
+            )
 
     @classmethod
     def from_target(cls, cfg: ModelConfig, window: int = 512) -> "DraftConfig":
-        return cls(hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                   head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
-                   vocab_size=cfg.vocab_size, window=window, rms_norm_eps=cfg.rms_norm_eps)
+        return cls(
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            intermediate_size=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            window=window,
+            rms_norm_eps=cfg.rms_norm_eps,
+        )
 
 
 def check_fits(dcfg: DraftConfig, tcfg: ModelConfig) -> None:
     """The draft shares the target's embedding, RoPE, LM head and last-layer KV: these must agree."""
     fix = "train a draft for this target (python -m longspec_lab.train.draft --target DIR)"
-    for name, d, t in (("hidden size", dcfg.hidden_size, tcfg.hidden_size),
-                       ("vocabulary size", dcfg.vocab_size, tcfg.vocab_size),
-                       ("head_dim", dcfg.head_dim, tcfg.head_dim)):
+    for name, d, t in (
+        ("hidden size", dcfg.hidden_size, tcfg.hidden_size),
+        ("vocabulary size", dcfg.vocab_size, tcfg.vocab_size),
+        ("head_dim", dcfg.head_dim, tcfg.head_dim),
+    ):
         if d != t:
             raise ValueError(f"draft {name} {d} does not fit the target's {t}; {fix}")
     if dcfg.num_heads % tcfg.num_kv_heads:
-        raise ValueError(f"draft num_heads={dcfg.num_heads} cannot cross-attend over the target's "
-                         f"{tcfg.num_kv_heads} KV heads (not a multiple); {fix}")
+        raise ValueError(
+            f"draft num_heads={dcfg.num_heads} cannot cross-attend over the target's "
+            f"{tcfg.num_kv_heads} KV heads (not a multiple); {fix}"
+        )
 
 
 class DraftCache:
@@ -221,14 +241,18 @@ class Glide(nn.Module):
             if P == 0:
                 return torch.zeros_like(q)
             # block_len=0: "triton" does not fit this layout and `attend` uses the torch path
-            return attend(q, tk.to(q.dtype), tv.to(q.dtype), prefix_len=P, block_mask=None,
-                          backend=backend, block_len=0)
+            return attend(
+                q, tk.to(q.dtype), tv.to(q.dtype), prefix_len=P, block_mask=None, backend=backend, block_len=0
+            )
+
         return cross
 
     def _check_batch(self, B, dcache, target_cache):
         if dcache.batch != B or target_cache.k.shape[1] != B:
-            raise ValueError(f"batch {B} does not match the draft cache ({dcache.batch}) / target cache "
-                             f"({target_cache.k.shape[1]}); allocate both caches with batch={B}")
+            raise ValueError(
+                f"batch {B} does not match the draft cache ({dcache.batch}) / target cache "
+                f"({target_cache.k.shape[1]}); allocate both caches with batch={B}"
+            )
 
     # ------------------------------------------------------------------ decoding API
     def ingest(self, tokens, dcache: DraftCache, target_cache, backend: str = "torch", logits: bool = True):
@@ -242,14 +266,15 @@ class Glide(nn.Module):
             keep = min(T, W)  # only the last W positions can ever be seen again
             pos = torch.arange(dcache.seen + T - keep, dcache.seen + T, device=tokens.device)[None].expand(B, keep)
             cos, sin = self.target.rotary(pos, self.dtype)
-            x = self.input_layernorm(self.target.model.embed_tokens(tokens[:, T - keep:]).to(self.dtype))
+            x = self.input_layernorm(self.target.model.embed_tokens(tokens[:, T - keep :]).to(self.dtype))
             k, v = self.self_attn.split_kv(x)  # [B, Hkv, keep, D]
             dcache.write(dcache.seen + T - keep, apply_rope(k, cos, sin), v)
             dcache.seen += T
             return None
         if T > W:  # long prefill: chunks of W keep the masks small; the result is the same
-            return torch.cat([self.ingest(tokens[:, i:i + W], dcache, target_cache, backend)
-                              for i in range(0, T, W)], dim=1)
+            return torch.cat(
+                [self.ingest(tokens[:, i : i + W], dcache, target_cache, backend) for i in range(0, T, W)], dim=1
+            )
         seen = dcache.seen
         positions = torch.arange(seen, seen + T, device=tokens.device)[None].expand(B, T)
         ring_k, ring_v = dcache.ring()  # a copy, so writing the ring below is safe
@@ -265,8 +290,7 @@ class Glide(nn.Module):
         dcache.seen = seen + T
         return logits
 
-    def tree_forward(self, tokens, slots, positions, mask, dcache: DraftCache, target_cache,
-                     backend: str = "torch"):
+    def tree_forward(self, tokens, slots, positions, mask, dcache: DraftCache, target_cache, backend: str = "torch"):
         """One tree level: tokens [B, n] written to scratch `slots` [n]; each node attends to the
         ring (committed tokens, sliding window) plus scratch [0, m) under mask [n, m] (its ancestors
         and itself). A node's depth is its mask row count, so it sits at position seen - 1 + depth
@@ -277,12 +301,16 @@ class Glide(nn.Module):
         mask = torch.as_tensor(mask, device=tokens.device).bool()
         m = mask.shape[1]
         if mask.shape[0] != n or slots.numel() != n:
-            raise ValueError(f"tree_forward got {n} tokens but mask {tuple(mask.shape)} and {slots.numel()} "
-                             "slots; pass mask [n, m] and one scratch slot per node")
+            raise ValueError(
+                f"tree_forward got {n} tokens but mask {tuple(mask.shape)} and {slots.numel()} "
+                "slots; pass mask [n, m] and one scratch slot per node"
+            )
         N = dcache.max_tree_nodes
         if m > N or (n and int(slots.max()) >= N):
-            raise ValueError(f"tree needs {max(m, int(slots.max()) + 1)} scratch slots but the draft cache "
-                             f"holds max_tree_nodes={N}; allocate draft.new_cache(max_tree_nodes=...) larger")
+            raise ValueError(
+                f"tree needs {max(m, int(slots.max()) + 1)} scratch slots but the draft cache "
+                f"holds max_tree_nodes={N}; allocate draft.new_cache(max_tree_nodes=...) larger"
+            )
         positions = _expand_positions(positions, B, n, tokens.device)
         ring_k, ring_v = dcache.ring()
         depth = mask.sum(-1)  # [n]
@@ -290,8 +318,17 @@ class Glide(nn.Module):
         def self_fn(q, k, v):
             dcache.tree_k[:, :, slots] = k.to(dcache.tree_k.dtype)
             dcache.tree_v[:, :, slots] = v.to(dcache.tree_v.dtype)
-            return window_attend(q, ring_k, ring_v, dcache.tree_k[:, :, :m], dcache.tree_v[:, :, :m],
-                                 mask, depth, self.config.window, backend)
+            return window_attend(
+                q,
+                ring_k,
+                ring_v,
+                dcache.tree_k[:, :, :m],
+                dcache.tree_v[:, :, :m],
+                mask,
+                depth,
+                self.config.window,
+                backend,
+            )
 
         return self._layer(tokens, positions, self_fn, self._cross_cache(target_cache, backend))
 
@@ -325,5 +362,3 @@ class Glide(nn.Module):
             return o * has[:, None].to(o.dtype)
 
         return self._layer(input_ids, positions, self_fn, cross_fn)
-
-

@@ -85,8 +85,9 @@ class MLP(nn.Module):
 class QKVO(nn.Module):
     """The four projections of grouped-query attention, with optional q/k/v biases."""
 
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 bias: bool, kv_in: int | None = None):
+    def __init__(
+        self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, kv_in: int | None = None
+    ):
         super().__init__()
         kv_in = hidden if kv_in is None else kv_in
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

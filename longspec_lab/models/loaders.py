@@ -22,8 +22,10 @@ def pick_device(device=None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but this torch build sees no CUDA GPU; "
-                         "use --device cpu (or leave it unset to choose automatically)")
+        raise ValueError(
+            "device='cuda' was asked for but this torch build sees no CUDA GPU; "
+            "use --device cpu (or leave it unset to choose automatically)"
+        )
     return dev
 
 
@@ -33,8 +35,14 @@ def pick_dtype(dtype=None, device=None) -> torch.dtype:
         return torch.bfloat16 if pick_device(device).type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(names)}")
     return names[dtype]
@@ -43,12 +51,15 @@ def pick_dtype(dtype=None, device=None) -> torch.dtype:
 def read_config(path) -> ModelConfig:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist; pass a local folder "
-                                "holding config.json and *.safetensors (nothing is downloaded)")
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} does not exist; pass a local folder "
+            "holding config.json and *.safetensors (nothing is downloaded)"
+        )
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{str(cfg_file)!r} is missing; a Hugging Face checkpoint folder "
-                                "needs config.json next to its weights")
+        raise FileNotFoundError(
+            f"{str(cfg_file)!r} is missing; a Hugging Face checkpoint folder needs config.json next to its weights"
+        )
     return ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
 
 
@@ -59,8 +70,10 @@ def weight_files(path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise FileNotFoundError(f"the shard index names {missing} but they are not in {path}; "
-                                    "copy every shard listed in model.safetensors.index.json")
+            raise FileNotFoundError(
+                f"the shard index names {missing} but they are not in {path}; "
+                "copy every shard listed in model.safetensors.index.json"
+            )
         return [path / s for s in shards]
     files = sorted(path.glob("*.safetensors"))
     if files:
@@ -71,8 +84,10 @@ def weight_files(path) -> list[Path]:
             "because unpickling can run arbitrary code. Convert once with transformers: "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
         )
-    raise FileNotFoundError(f"no *.safetensors weights in {path}; a checkpoint folder needs "
-                            "model.safetensors or a sharded model.safetensors.index.json")
+    raise FileNotFoundError(
+        f"no *.safetensors weights in {path}; a checkpoint folder needs "
+        "model.safetensors or a sharded model.safetensors.index.json"
+    )
 
 
 def load_target(path, device=None, dtype=None) -> Target:
@@ -95,13 +110,17 @@ def load_target(path, device=None, dtype=None) -> Target:
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(state))
     if missing:
-        raise ValueError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}; "
-                         "is it a complete LlamaForCausalLM/Qwen2ForCausalLM checkpoint?")
+        raise ValueError(
+            f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}; "
+            "is it a complete LlamaForCausalLM/Qwen2ForCausalLM checkpoint?"
+        )
     for name, t in state.items():
         want = model.state_dict()[name].shape
         if tuple(t.shape) != tuple(want):
-            raise ValueError(f"tensor {name} has shape {tuple(t.shape)} but config.json implies "
-                             f"{tuple(want)}; config.json and the weights do not belong together")
+            raise ValueError(
+                f"tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(want)}; config.json and the weights do not belong together"
+            )
     model = model.to_empty(device=dev)
     model.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=False, assign=False)
     if cfg.tie_word_embeddings:
@@ -122,7 +141,11 @@ def save_hf(model: Target, out_dir, dtype=torch.bfloat16, extra_config: dict | N
     d = cfg.to_hf_dict(str(dtype).replace("torch.", ""))
     d.update(extra_config or {})
     (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-           "pad_token_id": cfg.eos_ids[0] if cfg.eos_ids else None, "do_sample": False}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.eos_ids[0] if cfg.eos_ids else None,
+        "do_sample": False,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longspec_lab.models.loaders import load_target
 from longspec_lab.models.tokenizer import load_tokenizer_for
 from longspec_lab.paths import EMBEDDED_DRAFT, EMBEDDED_TARGET
-from longspec_lab.models.loaders import load_target
-
 
 
 def load_pair(model_dir=None, draft_dir=None, device=None, dtype=None, need_draft=True):
@@ -21,8 +20,13 @@ def load_pair(model_dir=None, draft_dir=None, device=None, dtype=None, need_draf
     if not model_dir.exists():
         raise FileNotFoundError(
             f"model folder {model_dir} does not exist"
-            + ("; the embedded model ships in data/embedded (run from a full checkout, or train it "
-               "with `longspec-lab train-target`)" if model_dir == EMBEDDED_TARGET else ""))
+            + (
+                "; the embedded model ships in data/embedded (run from a full checkout, or train it "
+                "with `longspec-lab train-target`)"
+                if model_dir == EMBEDDED_TARGET
+                else ""
+            )
+        )
     target = load_target(model_dir, device=device, dtype=dtype)
     draft = None
     if need_draft:

@@ -17,17 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longspec_lab.ops.attention import attend
-from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.cache import KVCache
+from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope
+from longspec_lab.ops.attention import attend
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = QKVO(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              bias=cfg.attention_bias)
+        self.self_attn = QKVO(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bias=cfg.attention_bias)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -39,8 +38,7 @@ class DecoderLayer(nn.Module):
         k, v = a.split_kv(h)  # [B, Hkv, T, D]
         k = apply_rope(k, cos, sin)
         if cache is None:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=True)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             cache.write(layer_idx, slots if slots is not None else start, k, v)  # slots: [T] tensor
             o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
@@ -78,9 +76,17 @@ class Target(nn.Module):
         c = self.config
         return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int | None = None, mask=None,
-                backend: str = "torch", return_hidden: bool = False, last_only: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int | None = None,
+        mask=None,
+        backend: str = "torch",
+        return_hidden: bool = False,
+        last_only: bool = False,
+    ):
         """input_ids [B, T]; positions [B, T] or [T] (default start + arange(T));
         mask [T, T] bool over the block (None = causal). Returns logits [B, T, V]
         (or [B, 1, V] with last_only), and the final hidden states if return_hidden."""

@@ -12,9 +12,7 @@ from tokenizers import Tokenizer
 
 from longspec_lab.paths import TOKENIZER_DIR
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 
 def load_tokenizer(path=None) -> Tokenizer:
@@ -22,24 +20,24 @@ def load_tokenizer(path=None) -> Tokenizer:
     path = Path(path) if path is not None else TOKENIZER_DIR
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"no tokenizer at {file}; train one with `python -m longspec_lab.train.tokenizer --train` "
-                         f"or pass the folder that holds tokenizer.json")
+        raise ValueError(
+            f"no tokenizer at {file}; train one with `python -m longspec_lab.train.tokenizer --train` "
+            f"or pass the folder that holds tokenizer.json"
+        )
     return Tokenizer.from_file(str(file))
-
 
 
 def load_hf_tokenizer(path=None):
     """The same tokenizer as a ``transformers`` fast tokenizer (via ``AutoTokenizer``)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(Path(path) if path is not None else TOKENIZER_DIR))
 
+    return AutoTokenizer.from_pretrained(str(Path(path) if path is not None else TOKENIZER_DIR))
 
 
 def tokenizer_fingerprint(path=None) -> str:
     path = Path(path) if path is not None else TOKENIZER_DIR
     file = path / "tokenizer.json" if path.is_dir() else path
     return hashlib.sha256(file.read_bytes()).hexdigest()
-
 
 
 def copy_tokenizer_files(dst, src=None) -> None:
@@ -82,10 +80,10 @@ class Tok:
         return self._hf.decode(ids)
 
 
-
 def load_tokenizer_for(model_dir) -> Tok:
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {model_dir}; put tokenizer.json (or a transformers "
-                                "tokenizer) next to the weights")
+        raise FileNotFoundError(
+            f"no tokenizer in {model_dir}; put tokenizer.json (or a transformers tokenizer) next to the weights"
+        )
     return Tok(model_dir)

@@ -57,8 +57,8 @@ def hybrid_torch(q, k, v, prefix_len: int, block_len: int, block_mask, scale):
     if prefix_len > 0:
         parts.append(_part(qg, k[:, :, :prefix_len], v[:, :, :prefix_len], None, scale))
     if block_len > 0:
-        kb = k[:, :, prefix_len:prefix_len + block_len]
-        vb = v[:, :, prefix_len:prefix_len + block_len]
+        kb = k[:, :, prefix_len : prefix_len + block_len]
+        vb = v[:, :, prefix_len : prefix_len + block_len]
         m = block_mask.to(q.device).repeat(G, 1) if block_mask is not None else None  # [G*T, Tb]
         parts.append(_part(qg, kb, vb, m, scale))
     if len(parts) == 1:
@@ -95,11 +95,10 @@ def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, b
         rel = j - prefix_len  # slot -> index inside the block
         inside = (rel >= 0) & (rel < block_len)
         vis = vis | (block_mask[:, rel.clamp(0, block_len - 1)] & inside)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=D ** -0.5, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=D**-0.5, enable_gqa=True)
 
 
-def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", block_len=None,
-           return_lse: bool = False):
+def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", block_len=None, return_lse: bool = False):
     """Attention of q [B, Hq, T, D] over cache slots [0, prefix_len) (all visible) plus the
     block of `block_len` (default T) keys at [prefix_len, prefix_len + block_len) under
     `block_mask` [T, block_len] (True = visible; None = causal). Returns [B, Hq, T, D] in q.dtype."""
@@ -107,7 +106,7 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
     block_len = T if block_len is None else block_len
     if isinstance(prefix_len, torch.Tensor):
         return attend_static(q, k, v, prefix_len, block_mask, backend, block_len)
-    scale = D ** -0.5
+    scale = D**-0.5
     if backend == "triton" and block_len == T:
         from longspec_lab.kernels.tree_attention import tree_attention
 
@@ -115,16 +114,14 @@ def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", bl
         return tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
     if block_mask is None and prefix_len == 0 and block_len == T and not return_lse:
         # causal prefill: SDPA's causal kernels need no mask tensor at all
-        return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale,
-                                              enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale, enable_gqa=True)
     if block_mask is None and block_len:
         block_mask = torch.ones(T, block_len, dtype=torch.bool, device=q.device).tril(block_len - T)
     # a block with no prefix (prefill) has nothing to merge: one fused call does the same maths
     if (backend == "sdpa" or prefix_len == 0) and not return_lse and block_len > 0:
         n = prefix_len + block_len
         mask = _dense_mask(prefix_len, block_len, block_mask, T, q.device)
-        return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask,
-                                              scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask, scale=scale, enable_gqa=True)
     if backend not in BACKENDS:
         check_backend(backend)
     o, lse = hybrid_torch(q, k, v, prefix_len, block_len, block_mask, scale)

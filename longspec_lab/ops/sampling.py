@@ -69,6 +69,7 @@ def _check_top_p(p) -> float | None:
 @dataclass(frozen=True)
 class SamplingParams:
     """Validated sampling settings; temperature 0 is greedy (top_k / top_p then change nothing)."""
+
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -88,6 +89,7 @@ class SamplingParams:
 
 # ----------------------------------------------------------------------------- the warpers
 
+
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     return scores if temperature == 1.0 else scores / temperature
 
@@ -97,7 +99,7 @@ def apply_top_k(scores: torch.Tensor, top_k: int | None) -> torch.Tensor:
     if top_k is None:
         return scores
     k = min(top_k, scores.shape[-1])
-    kth = torch.topk(scores, k).values[..., -1:]                      # [..., 1]
+    kth = torch.topk(scores, k).values[..., -1:]  # [..., 1]
     return scores.masked_fill(scores < kth, -math.inf)
 
 
@@ -105,10 +107,10 @@ def apply_top_p(scores: torch.Tensor, top_p: float | None) -> torch.Tensor:
     """Nucleus filtering: drop the ascending-sorted tail with cumulative mass <= 1 - top_p."""
     if top_p is None or top_p >= 1.0:
         return scores
-    sorted_scores, order = torch.sort(scores, descending=False)       # [..., V]
+    sorted_scores, order = torch.sort(scores, descending=False)  # [..., V]
     cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
     drop_sorted = cum <= (1 - top_p)
-    drop_sorted[..., -1:] = False                                      # keep at least the best token
+    drop_sorted[..., -1:] = False  # keep at least the best token
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, -math.inf)
 
@@ -116,8 +118,10 @@ def apply_top_p(scores: torch.Tensor, top_p: float | None) -> torch.Tensor:
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature -> top-k -> top-p on logits [..., V] (computed in at least float32)."""
     if params.greedy:
-        raise ValueError("temperature 0 is greedy and has no warped logits; call probs_from_logits, "
-                         "which returns the one-hot argmax distribution")
+        raise ValueError(
+            "temperature 0 is greedy and has no warped logits; call probs_from_logits, "
+            "which returns the one-hot argmax distribution"
+        )
     scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
     scores = apply_temperature(scores, params.temperature)
     scores = apply_top_k(scores, params.top_k)
@@ -134,6 +138,7 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams, dtype=None) 
 
 # ----------------------------------------------------------------------------- samplers
 
+
 def make_generator(seed: int, device="cpu") -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed={seed!r} must be an integer; pass e.g. seed=0")
@@ -142,8 +147,10 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
 
 def _check_generator(generator, device) -> None:
     if generator is not None and torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(f"the torch.Generator is on {generator.device} but the probabilities are on {device}; "
-                         f"create it with make_generator(seed, device='{device}')")
+        raise ValueError(
+            f"the torch.Generator is on {generator.device} but the probabilities are on {device}; "
+            f"create it with make_generator(seed, device='{device}')"
+        )
 
 
 def uniform(shape, generator, device, dtype=torch.float64) -> torch.Tensor:
@@ -154,11 +161,11 @@ def uniform(shape, generator, device, dtype=torch.float64) -> torch.Tensor:
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of probs [..., V] (need not be normalised) -> long [...]."""
-    cdf = probs.cumsum(-1)                                             # [..., V]
+    cdf = probs.cumsum(-1)  # [..., V]
     u = uniform(probs.shape[:-1] + (1,), generator, probs.device, cdf.dtype) * cdf[..., -1:]
     idx = torch.searchsorted(cdf.contiguous(), u, right=True).squeeze(-1)  # first i with cdf[i] > u
     V = probs.shape[-1]
-    last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)      # last token with mass (round-off)
+    last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)  # last token with mass (round-off)
     return torch.minimum(idx, last)
 
 
@@ -168,9 +175,10 @@ def gumbel_topk(probs: torch.Tensor, k: int, generator: torch.Generator | None =
     The i-th token is distributed as probs with the first i-1 removed and renormalised. If a row has
     fewer than k tokens with mass, the remaining picks are zero-probability tokens (padding)."""
     if not 1 <= k <= probs.shape[-1]:
-        raise ValueError(f"cannot draw {k} distinct tokens from a vocabulary of {probs.shape[-1]}; "
-                         f"use 1 <= k <= {probs.shape[-1]}")
+        raise ValueError(
+            f"cannot draw {k} distinct tokens from a vocabulary of {probs.shape[-1]}; use 1 <= k <= {probs.shape[-1]}"
+        )
     u = uniform(probs.shape, generator, probs.device, torch.float64)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))              # [..., V] Gumbel(0, 1)
-    keys = torch.log(probs.to(torch.float64)) + gumbel                 # zero mass -> -inf
-    return torch.topk(keys, k, dim=-1).indices                         # sorted by key, descending
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))  # [..., V] Gumbel(0, 1)
+    keys = torch.log(probs.to(torch.float64)) + gumbel  # zero mass -> -inf
+    return torch.topk(keys, k, dim=-1).indices  # sorted by key, descending

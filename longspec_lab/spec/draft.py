@@ -31,9 +31,7 @@ from typing import Callable
 import torch
 
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
-from longspec_lab.spec.tree import DraftTree, TreeShape
-from longspec_lab.spec.tree import TreeBatch
-
+from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
 
 def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
@@ -44,29 +42,31 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
     """
     n, V = logprobs.shape
     if parent_scores.shape != (n,):
-        raise ValueError(f"parent_scores {tuple(parent_scores.shape)} must be [n] = [{n}] to match "
-                         f"logprobs {tuple(logprobs.shape)}")
+        raise ValueError(
+            f"parent_scores {tuple(parent_scores.shape)} must be [n] = [{n}] to match logprobs {tuple(logprobs.shape)}"
+        )
     if not 1 <= width <= n * V:
-        raise ValueError(f"a level of width {width} needs that many (node, token) pairs but only "
-                         f"{n} nodes x {V} tokens = {n * V} exist; use a width in [1, {n * V}]")
+        raise ValueError(
+            f"a level of width {width} needs that many (node, token) pairs but only "
+            f"{n} nodes x {V} tokens = {n * V} exist; use a width in [1, {n * V}]"
+        )
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     flat = (parent_scores.to(dtype)[:, None] + logprobs.to(dtype)).flatten()  # [n * V]
-    top = torch.topk(flat, width).values                                      # [w], sorted desc
+    top = torch.topk(flat, width).values  # [w], sorted desc
     if bool(torch.isnan(top).any()):
-        raise ValueError("draft log-probs contain NaN; check the draft logits (overflow in fp16?) "
-                         "and use log_softmax in float32")
+        raise ValueError(
+            "draft log-probs contain NaN; check the draft logits (overflow in fp16?) and use log_softmax in float32"
+        )
     thr = top[-1]
-    above = (flat > thr).nonzero().flatten()                                  # all of these are kept
-    tied = (flat == thr).nonzero().flatten()[: width - above.numel()]         # lowest indices first
-    idx = torch.cat([above, tied]).sort().values                              # flat index ascending
-    order = torch.sort(flat[idx], descending=True, stable=True).indices       # stable: ties by index
+    above = (flat > thr).nonzero().flatten()  # all of these are kept
+    tied = (flat == thr).nonzero().flatten()[: width - above.numel()]  # lowest indices first
+    idx = torch.cat([above, tied]).sort().values  # flat index ascending
+    order = torch.sort(flat[idx], descending=True, stable=True).indices  # stable: ties by index
     idx = idx[order]
     return idx // V, idx % V, flat[idx]
 
 
-
 LevelLogprobs = Callable[[DraftTree, torch.Tensor], torch.Tensor]
-
 
 
 def grow_beam_tree(root_token: int, shape, level_logprobs: LevelLogprobs, device=None) -> DraftTree:
@@ -79,32 +79,43 @@ def grow_beam_tree(root_token: int, shape, level_logprobs: LevelLogprobs, device
     """
     shape = TreeShape.of(shape)
     device = torch.device("cpu") if device is None else torch.device(device)
-    tree = DraftTree(torch.tensor([int(root_token)], device=device),
-                     torch.tensor([-1], device=device), torch.tensor([0], device=device),
-                     torch.zeros(1, device=device), TreeShape.root_only())
+    tree = DraftTree(
+        torch.tensor([int(root_token)], device=device),
+        torch.tensor([-1], device=device),
+        torch.tensor([0], device=device),
+        torch.zeros(1, device=device),
+        TreeShape.root_only(),
+    )
     off = shape.level_offsets
     for l, w in enumerate(shape.widths, start=1):
-        node_ids = torch.arange(off[l - 1], off[l], device=device)          # level l-1
-        lp = level_logprobs(tree, node_ids)                                 # [n, V]
+        node_ids = torch.arange(off[l - 1], off[l], device=device)  # level l-1
+        lp = level_logprobs(tree, node_ids)  # [n, V]
         if lp.dim() != 2 or lp.shape[0] != node_ids.numel():
-            raise ValueError(f"level_logprobs must return [{node_ids.numel()}, V] for level {l}, got "
-                             f"{tuple(lp.shape)}; return one row of log-probs per requested node")
+            raise ValueError(
+                f"level_logprobs must return [{node_ids.numel()}, V] for level {l}, got "
+                f"{tuple(lp.shape)}; return one row of log-probs per requested node"
+            )
         if w > node_ids.numel() * lp.shape[1]:
             shape.check_fits(lp.shape[1])  # raises, naming the level
         pidx, tok, sc = beam_level(tree.scores[node_ids], lp, w)
         scores = torch.cat([tree.scores.to(sc.dtype), sc])
-        tree = DraftTree(torch.cat([tree.tokens, tok.to(tree.tokens.dtype)]),
-                         torch.cat([tree.parents, node_ids[pidx]]),
-                         torch.cat([tree.depths, torch.full((w,), l, device=device)]),
-                         scores, TreeShape(shape.widths[:l]))
+        tree = DraftTree(
+            torch.cat([tree.tokens, tok.to(tree.tokens.dtype)]),
+            torch.cat([tree.parents, node_ids[pidx]]),
+            torch.cat([tree.depths, torch.full((w,), l, device=device)]),
+            scores,
+            TreeShape(shape.widths[:l]),
+        )
     return tree
 
 
 def allocate_children(num_parents: int, width: int) -> list[int]:
     """Children per parent rank for one level: round robin, earlier ranks get the remainder."""
     if num_parents < 1 or width < 1:
-        raise ValueError(f"a level needs >= 1 parent and width >= 1, got {num_parents} parents and width "
-                         f"{width}; check the tree_shape")
+        raise ValueError(
+            f"a level needs >= 1 parent and width >= 1, got {num_parents} parents and width "
+            f"{width}; check the tree_shape"
+        )
     base, extra = divmod(width, num_parents)
     return [base + (r < extra) for r in range(num_parents)]
 
@@ -122,8 +133,9 @@ def sampled_parents(shape) -> torch.Tensor:
 BatchLevelProbs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def grow_sampled_batch(root_tokens: torch.Tensor, shape, level_probs: BatchLevelProbs,
-                       generator: torch.Generator | None = None):
+def grow_sampled_batch(
+    root_tokens: torch.Tensor, shape, level_probs: BatchLevelProbs, generator: torch.Generator | None = None
+):
     """B sampled trees at once -> (TreeBatch, q [B, N, V]).
 
     `level_probs(tokens [B, n_so_far], parents [n_so_far], node_ids [n]) -> [B, n, V]`: the draft's
@@ -137,42 +149,52 @@ def grow_sampled_batch(root_tokens: torch.Tensor, shape, level_probs: BatchLevel
     qs = []
     for l, w in enumerate(shape.widths, start=1):
         node_ids = torch.arange(off[l - 1], off[l], device=dev)
-        q = level_probs(tokens, parents_all[:off[l]], node_ids)        # [B, n, V]
+        q = level_probs(tokens, parents_all[: off[l]], node_ids)  # [B, n, V]
         n, V = node_ids.numel(), q.shape[-1]
         if q.shape[:2] != (B, n):
-            raise ValueError(f"level_probs must return [B, n, V] = [{B}, {n}, V] for level {l}, got "
-                             f"{tuple(q.shape)}; return one distribution per batch row and node")
+            raise ValueError(
+                f"level_probs must return [B, n, V] = [{B}, {n}, V] for level {l}, got "
+                f"{tuple(q.shape)}; return one distribution per batch row and node"
+            )
         counts = allocate_children(n, w)
         if max(counts) > V:
             shape.check_fits(V)  # raises, naming the level
-            raise ValueError(f"level {l}: {max(counts)} children of one parent exceed the vocabulary of {V}; "
-                             "use a narrower level")
-        drawn = gumbel_topk(q, max(counts), generator)                  # [B, n, c_max] in draw order
+            raise ValueError(
+                f"level {l}: {max(counts)} children of one parent exceed the vocabulary of {V}; use a narrower level"
+            )
+        drawn = gumbel_topk(q, max(counts), generator)  # [B, n, c_max] in draw order
         keep = torch.cat([drawn[:, r, :c] for r, c in enumerate(counts)], dim=1)  # [B, w]
         tokens = torch.cat([tokens, keep], dim=1)
         qs.append(q)
     V = qs[0].shape[-1] if qs else 1
-    leaves = torch.zeros(B, shape.num_nodes - sum(x.shape[1] for x in qs), V, dtype=qs[0].dtype if qs else
-                         torch.float32, device=dev)
-    q_all = torch.cat(qs + [leaves], dim=1)                             # [B, N, V]
+    leaves = torch.zeros(
+        B, shape.num_nodes - sum(x.shape[1] for x in qs), V, dtype=qs[0].dtype if qs else torch.float32, device=dev
+    )
+    q_all = torch.cat(qs + [leaves], dim=1)  # [B, N, V]
     return TreeBatch(tokens, parents_all[None].expand(B, -1), shape), q_all
 
 
 def _with_scores(tokens: torch.Tensor, parents: torch.Tensor, q: torch.Tensor) -> DraftTree:
     """The DraftTree of tokens [N], parents [N], scored by cumulative log q (padding: -inf)."""
     tree = DraftTree.from_parents(tokens, parents)
-    lq = torch.log(q[parents.clamp(min=0), tokens].double())           # [N] log q(token | parent path)
+    lq = torch.log(q[parents.clamp(min=0), tokens].double())  # [N] log q(token | parent path)
     scores = torch.zeros(tree.num_nodes, dtype=torch.float64, device=tokens.device)
     off = tree.shape.level_offsets
-    for l in range(1, tree.shape.depth + 1):                            # parents sit one level up
+    for l in range(1, tree.shape.depth + 1):  # parents sit one level up
         lvl = slice(off[l], off[l + 1])
         scores[lvl] = scores[parents[lvl]] + lq[lvl]
     tree.scores = scores
     return tree
 
 
-def grow_sampled_tree(root_token: int, shape, level_logprobs, params: SamplingParams,
-                      generator: torch.Generator | None = None, device=None):
+def grow_sampled_tree(
+    root_token: int,
+    shape,
+    level_logprobs,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    device=None,
+):
     """One sampled tree -> (DraftTree, q [N, V]).
 
     `level_logprobs(partial_tree, node_ids) -> [n, V]` is tree.grow_beam_tree's callback (log-probs or
@@ -201,8 +223,9 @@ def grow_beam_tree_q(root_token: int, shape, level_logprobs, params: SamplingPar
 
     tree = grow_beam_tree(root_token, shape, recording, device=device)
     V = next(iter(rows.values())).shape[-1] if rows else 1
-    q = torch.zeros(tree.num_nodes, V, dtype=next(iter(rows.values())).dtype if rows else torch.float32,
-                    device=tree.device)
+    q = torch.zeros(
+        tree.num_nodes, V, dtype=next(iter(rows.values())).dtype if rows else torch.float32, device=tree.device
+    )
     for nid, row in rows.items():
         q[nid] = row
     return tree, q

@@ -17,12 +17,12 @@ from longspec_lab.spec.verify import AcceptResult
 @dataclass
 class StepRecord:
     step: int
-    prefix_len: int            # committed tokens in the target cache before this step
-    tree: DraftTree            # the drafted tree (root = last committed token), on the CPU
+    prefix_len: int  # committed tokens in the target cache before this step
+    tree: DraftTree  # the drafted tree (root = last committed token), on the CPU
     target_tokens: torch.Tensor  # [N] the target's prediction after each node's path
-    result: AcceptResult       # verified / accepted nodes, path, emitted tokens
-    emitted: list[int]         # tokens this step added (after max_new_tokens/EOS cuts)
-    text: str | None = None    # decoded text of all new tokens so far (if a tokenizer was given)
+    result: AcceptResult  # verified / accepted nodes, path, emitted tokens
+    emitted: list[int]  # tokens this step added (after max_new_tokens/EOS cuts)
+    text: str | None = None  # decoded text of all new tokens so far (if a tokenizer was given)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -33,10 +33,10 @@ class StepRecord:
 class GenerationResult:
     method: str
     new_tokens: list[int]
-    target_calls: int                      # target forward passes, prefill included
-    accepted_lengths: list[int]            # tokens emitted per verification step
-    stage_seconds: dict[str, float]        # prefill / draft / verify / commit, device-synchronised
-    wall_seconds: float                    # whole call, prefill included
+    target_calls: int  # target forward passes, prefill included
+    accepted_lengths: list[int]  # tokens emitted per verification step
+    stage_seconds: dict[str, float]  # prefill / draft / verify / commit, device-synchronised
+    wall_seconds: float  # whole call, prefill included
     draft_calls: int = 0
     tree_shape: list[int] | None = None
     gamma: int | None = None

@@ -16,6 +16,7 @@ ancestor of i (`mask[i, j]`), and node i sits at RoPE position `prefix_len + dep
 Everything here is pure torch, no model: the draft model enters `grow_beam_tree` only through
 the `level_logprobs` callback.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,6 +31,7 @@ _EXAMPLE = "e.g. [4, 16, 16, 16, 16]"
 
 
 # ----------------------------------------------------------------------------- shapes
+
 
 def _parse_width(level: int, w) -> int:
     """One level's width as a python int, or a ValueError naming the level and the fix."""
@@ -57,7 +59,8 @@ def _parse_widths(x) -> tuple[int, ...]:
     else:
         raise ValueError(
             f"tree_shape must be a list/tuple of level widths or a string like '4,16,16', got "
-            f"{type(x).__name__} {x!r}; for a chain of gamma tokens use [1] * gamma, {_EXAMPLE}")
+            f"{type(x).__name__} {x!r}; for a chain of gamma tokens use [1] * gamma, {_EXAMPLE}"
+        )
     if not parts:
         raise ValueError(f"tree_shape is empty; give at least one level width, {_EXAMPLE}")
     return tuple(_parse_width(l, w) for l, w in enumerate(parts, start=1))
@@ -66,6 +69,7 @@ def _parse_widths(x) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class TreeShape:
     """Level widths of a draft tree (root excluded): widths[l-1] nodes at depth l."""
+
     widths: tuple[int, ...]
 
     def __post_init__(self):
@@ -113,12 +117,13 @@ class TreeShape:
 
     @property
     def mask_bytes(self) -> int:
-        return self.num_nodes ** 2
+        return self.num_nodes**2
 
     def level_of(self, node: int) -> int:
         if not 0 <= node < self.num_nodes:
-            raise ValueError(f"node {node} is outside this tree of {self.num_nodes} nodes; "
-                             f"use 0 <= node < {self.num_nodes}")
+            raise ValueError(
+                f"node {node} is outside this tree of {self.num_nodes} nodes; use 0 <= node < {self.num_nodes}"
+            )
         return bisect.bisect_right(self.level_offsets, node) - 1
 
     def check_fits(self, vocab_size: int) -> None:
@@ -126,10 +131,14 @@ class TreeShape:
         prev = 1
         for l, w in enumerate(self.widths, start=1):
             if w > prev * vocab_size:
-                what = (f"the vocabulary has only {vocab_size} tokens" if l == 1 else
-                        f"level {l - 1} has {prev} nodes x {vocab_size} tokens = {prev * vocab_size} pairs")
-                raise ValueError(f"tree_shape level {l} has width {w} but {what}; "
-                                 f"use a width <= {prev * vocab_size} at level {l}")
+                what = (
+                    f"the vocabulary has only {vocab_size} tokens"
+                    if l == 1
+                    else f"level {l - 1} has {prev} nodes x {vocab_size} tokens = {prev * vocab_size} pairs"
+                )
+                raise ValueError(
+                    f"tree_shape level {l} has width {w} but {what}; use a width <= {prev * vocab_size} at level {l}"
+                )
             prev = w
 
 
@@ -138,21 +147,25 @@ DEFAULT_TREE_SHAPE = TreeShape((4, 16, 16, 16, 16))
 
 # ----------------------------------------------------------------------------- masks & positions
 
+
 def _check_parents(parents: torch.Tensor) -> None:
     if not isinstance(parents, torch.Tensor) or parents.dim() != 1 or parents.numel() == 0:
-        raise ValueError("parents must be a non-empty 1-D LongTensor [N] with parents[0] = -1 (root); "
-                         f"got {getattr(parents, 'shape', type(parents).__name__)}")
+        raise ValueError(
+            "parents must be a non-empty 1-D LongTensor [N] with parents[0] = -1 (root); "
+            f"got {getattr(parents, 'shape', type(parents).__name__)}"
+        )
     if parents.dtype.is_floating_point or parents.dtype == torch.bool:
         raise ValueError(f"parents must be an integer tensor, got {parents.dtype}; pass parents.long()")
     if int(parents[0]) != -1:
-        raise ValueError(f"parents[0] must be -1 (node 0 is the root), got {int(parents[0])}; "
-                         "number the root 0")
+        raise ValueError(f"parents[0] must be -1 (node 0 is the root), got {int(parents[0])}; number the root 0")
     idx = torch.arange(parents.numel(), device=parents.device)
     bad = ((parents[1:] < 0) | (parents[1:] >= idx[1:])).nonzero()
     if bad.numel():
         i = int(bad[0]) + 1
-        raise ValueError(f"node {i} has parent {int(parents[i])}; every non-root node needs a parent "
-                         f"index in [0, {i}) (number nodes so that parents come first)")
+        raise ValueError(
+            f"node {i} has parent {int(parents[i])}; every non-root node needs a parent "
+            f"index in [0, {i}) (number nodes so that parents come first)"
+        )
 
 
 def tree_mask(parents: torch.Tensor) -> torch.Tensor:
@@ -164,7 +177,7 @@ def tree_mask(parents: torch.Tensor) -> torch.Tensor:
     n = parents.numel()
     rows = torch.arange(n, device=parents.device)
     mask = torch.eye(n, dtype=torch.bool, device=parents.device)  # [N, N]
-    anc = parents.long().clone()                                    # [N] current ancestor, -1 = done
+    anc = parents.long().clone()  # [N] current ancestor, -1 = done
     while True:
         live = anc >= 0
         if not bool(live.any()):
@@ -180,6 +193,7 @@ def tree_positions(depths: torch.Tensor, prefix_len: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the tree
 
+
 def _depths_from_parents(parents: torch.Tensor) -> torch.Tensor:
     depths = torch.zeros_like(parents, dtype=torch.long)
     for i, p in enumerate(parents.tolist()[1:], start=1):  # parent < child: one forward pass
@@ -190,10 +204,11 @@ def _depths_from_parents(parents: torch.Tensor) -> torch.Tensor:
 @dataclass
 class DraftTree:
     """A drafted tree: node 0 = root (last committed/pending token), then level by level."""
-    tokens: torch.Tensor   # [N] long
+
+    tokens: torch.Tensor  # [N] long
     parents: torch.Tensor  # [N] long, root -1
-    depths: torch.Tensor   # [N] long, root 0
-    scores: torch.Tensor   # [N] float, cumulative draft log-prob, root 0.0
+    depths: torch.Tensor  # [N] long, root 0
+    scores: torch.Tensor  # [N] float, cumulative draft log-prob, root 0.0
     shape: TreeShape
 
     def __post_init__(self):
@@ -201,9 +216,11 @@ class DraftTree:
         for name in ("tokens", "parents", "depths", "scores"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != n:
-                raise ValueError(f"DraftTree.{name} must be a 1-D tensor of {n} nodes (shape "
-                                 f"{self.shape.widths} + root), got {getattr(t, 'shape', type(t).__name__)}; "
-                                 "build trees with DraftTree.from_parents or grow_beam_tree")
+                raise ValueError(
+                    f"DraftTree.{name} must be a 1-D tensor of {n} nodes (shape "
+                    f"{self.shape.widths} + root), got {getattr(t, 'shape', type(t).__name__)}; "
+                    "build trees with DraftTree.from_parents or grow_beam_tree"
+                )
 
     @classmethod
     def from_parents(cls, tokens, parents, scores=None, shape=None) -> "DraftTree":
@@ -211,18 +228,24 @@ class DraftTree:
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         parents = torch.as_tensor(parents, dtype=torch.long, device=tokens.device)
         if tokens.shape != parents.shape:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and parents {tuple(parents.shape)} must both "
-                             "be [N] (one entry per node, root first)")
+            raise ValueError(
+                f"tokens {tuple(tokens.shape)} and parents {tuple(parents.shape)} must both "
+                "be [N] (one entry per node, root first)"
+            )
         _check_parents(parents)
         depths = _depths_from_parents(parents.cpu()).to(tokens.device)
         if bool((depths[1:] < depths[:-1]).any()):
-            raise ValueError("nodes must be numbered level by level (depths non-decreasing); got depths "
-                             f"{depths.tolist()}; renumber: root, then all depth-1 nodes, then depth-2, ...")
+            raise ValueError(
+                "nodes must be numbered level by level (depths non-decreasing); got depths "
+                f"{depths.tolist()}; renumber: root, then all depth-1 nodes, then depth-2, ..."
+            )
         counts = torch.bincount(depths)[1:].tolist()
         derived = TreeShape(counts) if counts else TreeShape.root_only()
         if shape is not None and TreeShape.of(shape) != derived:
-            raise ValueError(f"shape {TreeShape.of(shape).widths} does not match the parents, whose level "
-                             f"widths are {derived.widths}; pass shape=None to derive it")
+            raise ValueError(
+                f"shape {TreeShape.of(shape).widths} does not match the parents, whose level "
+                f"widths are {derived.widths}; pass shape=None to derive it"
+            )
         if scores is None:
             scores = torch.zeros(tokens.numel(), device=tokens.device)
         scores = torch.as_tensor(scores, device=tokens.device)
@@ -249,8 +272,9 @@ class DraftTree:
     def path(self, node: int) -> list[int]:
         """Node ids root..node."""
         if not 0 <= node < self.num_nodes:
-            raise ValueError(f"node {node} is outside this tree of {self.num_nodes} nodes; "
-                             f"use 0 <= node < {self.num_nodes}")
+            raise ValueError(
+                f"node {node} is outside this tree of {self.num_nodes} nodes; use 0 <= node < {self.num_nodes}"
+            )
         par = self.parents.tolist()
         out = [node]
         while par[out[-1]] >= 0:
@@ -265,8 +289,9 @@ class DraftTree:
         return (self.parents == node).nonzero().flatten().tolist()
 
     def to(self, device) -> "DraftTree":
-        return DraftTree(self.tokens.to(device), self.parents.to(device), self.depths.to(device),
-                         self.scores.to(device), self.shape)
+        return DraftTree(
+            self.tokens.to(device), self.parents.to(device), self.depths.to(device), self.scores.to(device), self.shape
+        )
 
 
 # ----------------------------------------------------------------------------- beam growth
@@ -288,8 +313,10 @@ def chain_tree(root_token: int, tokens: Sequence[int] | torch.Tensor, scores=Non
     else:
         s = torch.as_tensor(scores, device=dev).flatten()
         if s.numel() != gamma:
-            raise ValueError(f"chain_tree got {gamma} tokens but {s.numel()} scores; pass one "
-                             "cumulative score per draft token (the root's 0.0 is added for you)")
+            raise ValueError(
+                f"chain_tree got {gamma} tokens but {s.numel()} scores; pass one "
+                "cumulative score per draft token (the root's 0.0 is added for you)"
+            )
         s = s if s.dtype.is_floating_point else s.float()
         sc = torch.cat([torch.zeros(1, dtype=s.dtype, device=dev), s])
     return DraftTree(all_toks, parents, depths, sc, TreeShape.chain(gamma))
@@ -298,6 +325,7 @@ def chain_tree(root_token: int, tokens: Sequence[int] | torch.Tensor, scores=Non
 @dataclass
 class TreeBatch:
     """B trees of one shape (same level offsets): tokens [B, N], parents [B, N]."""
+
     tokens: torch.Tensor
     parents: torch.Tensor
     shape: TreeShape
@@ -307,5 +335,4 @@ class TreeBatch:
         trees = [trees] if isinstance(trees, DraftTree) else list(trees)
         if any(t.shape != trees[0].shape for t in trees):
             raise ValueError("a TreeBatch needs trees of one shape; group the trees by shape first")
-        return cls(torch.stack([t.tokens for t in trees]), torch.stack([t.parents for t in trees]),
-                   trees[0].shape)
+        return cls(torch.stack([t.tokens for t in trees]), torch.stack([t.parents for t in trees]), trees[0].shape)

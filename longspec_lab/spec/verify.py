@@ -42,6 +42,7 @@ All sampling rules walk down from the root and emit one token per visited node:
 For the sampling rules `verified` and `accepted` both mark the emitted path; `tried` marks the
 children the rule looked at (for acceptance rates by depth and sibling rank).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,11 +55,11 @@ from longspec_lab.spec.tree import DraftTree, TreeBatch
 
 @dataclass
 class AcceptResult:
-    path: torch.Tensor      # [k+1] long, node ids root..winner
-    emitted: torch.Tensor   # [k+1] long, target predictions along the path (last = bonus token)
+    path: torch.Tensor  # [k+1] long, node ids root..winner
+    emitted: torch.Tensor  # [k+1] long, target predictions along the path (last = bonus token)
     verified: torch.Tensor  # [N] bool, t[parent] == token (root True)
     accepted: torch.Tensor  # [N] bool, node and all its ancestors verified
-    accept_length: int      # len(emitted) = depth(winner) + 1
+    accept_length: int  # len(emitted) = depth(winner) + 1
     tried: torch.Tensor | None = None  # [N] bool, offered to the rule (None: children of path nodes)
 
     @property
@@ -75,19 +76,23 @@ def _check_targets(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor
     if not isinstance(target_tokens, torch.Tensor):
         target_tokens = torch.as_tensor(target_tokens)
     if target_tokens.dtype.is_floating_point:
-        raise TypeError(f"target_tokens must be token ids (long), got {target_tokens.dtype}; "
-                        "pass logits.argmax(-1) rather than the logits")
+        raise TypeError(
+            f"target_tokens must be token ids (long), got {target_tokens.dtype}; "
+            "pass logits.argmax(-1) rather than the logits"
+        )
     if target_tokens.shape != (tree.num_nodes,):
-        raise ValueError(f"target_tokens must be [N] = [{tree.num_nodes}] (one prediction per tree "
-                         f"node), got {tuple(target_tokens.shape)}; for batch 1 pass "
-                         "logits[0, -N:].argmax(-1)")
+        raise ValueError(
+            f"target_tokens must be [N] = [{tree.num_nodes}] (one prediction per tree "
+            f"node), got {tuple(target_tokens.shape)}; for batch 1 pass "
+            "logits[0, -N:].argmax(-1)"
+        )
     return target_tokens.to(device=tree.device, dtype=torch.long)
 
 
 def verified_nodes(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor:
     """bool [N]: the target's prediction at each node's parent equals the node's token."""
-    par = tree.parents.clamp(min=0)                     # root -> itself (overwritten below)
-    ok = target_tokens[par] == tree.tokens              # [N]
+    par = tree.parents.clamp(min=0)  # root -> itself (overwritten below)
+    ok = target_tokens[par] == tree.tokens  # [N]
     ok[0] = True
     return ok
 
@@ -104,13 +109,13 @@ def accepted_nodes(tree: DraftTree, verified: torch.Tensor) -> torch.Tensor:
 
 def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
     """Greedy (temperature 0) acceptance; target_tokens[i] = target argmax after node i's path."""
-    t = _check_targets(tree, target_tokens)              # [N]
-    verified = verified_nodes(tree, t)                    # [N]
-    accepted = accepted_nodes(tree, verified)             # [N]
+    t = _check_targets(tree, target_tokens)  # [N]
+    verified = verified_nodes(tree, t)  # [N]
+    accepted = accepted_nodes(tree, verified)  # [N]
     depth_if_acc = torch.where(accepted, tree.depths, torch.full_like(tree.depths, -1))
-    winner = int(torch.argmax(depth_if_acc))              # first (lowest index) of the deepest
+    winner = int(torch.argmax(depth_if_acc))  # first (lowest index) of the deepest
     path = torch.tensor(tree.path(winner), dtype=torch.long, device=tree.device)
-    emitted = t[path]                                     # [depth(winner) + 1]
+    emitted = t[path]  # [depth(winner) + 1]
     return AcceptResult(path, emitted, verified, accepted, int(emitted.numel()))
 
 
@@ -121,8 +126,8 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
 class BatchAccept:
     emitted: torch.Tensor  # [B, D+1] long, -1 after lengths[b]
     lengths: torch.Tensor  # [B] long, tokens emitted (>= 1)
-    path: torch.Tensor     # [B, D+1] long node ids root..winner, -1 after lengths[b]
-    tried: torch.Tensor    # [B, N] bool
+    path: torch.Tensor  # [B, D+1] long node ids root..winner, -1 after lengths[b]
+    tried: torch.Tensor  # [B, N] bool
     on_path: torch.Tensor  # [B, N] bool
 
 
@@ -141,27 +146,27 @@ def _offer_children(pr, qr, kids, ktok, live, mode, generator):
     tried [B, w]). pr, qr [B, V] (copies, updated in place of rejections); kids, ktok [B, w]."""
     B, w = kids.shape
     ar = torch.arange(B, device=kids.device)
-    rank = kids.long().cumsum(1) - 1                                   # [B, w] sibling rank
+    rank = kids.long().cumsum(1) - 1  # [B, w] sibling rank
     found = torch.zeros(B, dtype=torch.bool, device=kids.device)
     pos = torch.zeros(B, dtype=torch.long, device=kids.device)
     tried = torch.zeros_like(kids)
     for j in range(w):
-        sel = kids & (rank == j)                                       # [B, w] the j-th child
+        sel = kids & (rank == j)  # [B, w] the j-th child
         has = sel.any(1) & live & ~found
         if not bool(has.any()):
             break
-        cpos = sel.to(torch.int8).argmax(1)                            # [B]
+        cpos = sel.to(torch.int8).argmax(1)  # [B]
         x = ktok[ar, cpos]
         px, qx = pr[ar, x], qr[ar, x]
-        offer = has & (qx > 0)            # a zero-mass child (gumbel_topk padding) is never accepted
+        offer = has & (qx > 0)  # a zero-mass child (gumbel_topk padding) is never accepted
         tried[ar, cpos] |= offer
         u = uniform((B,), generator, pr.device, pr.dtype)
-        acc = offer & (u * qx < px)                                    # w.p. min(1, p'(x) / q'(x))
+        acc = offer & (u * qx < px)  # w.p. min(1, p'(x) / q'(x))
         found, pos = found | acc, torch.where(acc, cpos, pos)
         rej = offer & ~acc
         if bool(rej.any()):
             pr = torch.where(rej[:, None], _residual(pr, qr), pr)
-            if mode == "rrs":                                          # remove x from q', renormalise
+            if mode == "rrs":  # remove x from q', renormalise
                 q2 = qr.clone()
                 q2[ar, x] = 0
                 q2 = q2 / q2.sum(-1, keepdim=True).clamp_min(torch.finfo(q2.dtype).tiny)
@@ -169,22 +174,32 @@ def _offer_children(pr, qr, kids, ktok, live, mode, generator):
     return found, pos, pr, tried
 
 
-def verify_batch(rule: str, batch: TreeBatch, p: torch.Tensor, q: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> BatchAccept:
+def verify_batch(
+    rule: str,
+    batch: TreeBatch,
+    p: torch.Tensor,
+    q: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> BatchAccept:
     """Run `rule` on B trees at once; p, q [B, N, V]. One walk, root to leaf, vectorised over B."""
     if rule not in MODES:
         raise ValueError(f"verify rule {rule!r} is unknown; use one of {', '.join(MODES)}")
     mode = MODES[rule]
     B, N = batch.tokens.shape
     if p.shape[:2] != (B, N):
-        raise ValueError(f"p must be [B, N, V] = [{B}, {N}, V] (the target's distribution at every node), "
-                         f"got {tuple(p.shape)}")
+        raise ValueError(
+            f"p must be [B, N, V] = [{B}, {N}, V] (the target's distribution at every node), got {tuple(p.shape)}"
+        )
     if mode in ("rrs", "naive") and (q is None or q.shape != p.shape):
-        raise ValueError(f"verify={rule!r} needs the draft distribution q [B, N, V] like p {tuple(p.shape)}; "
-                         "draft with sample_tree.grow_sampled_tree (rrs, chain) or grow_beam_tree_q (naive-topk)")
+        raise ValueError(
+            f"verify={rule!r} needs the draft distribution q [B, N, V] like p {tuple(p.shape)}; "
+            "draft with sample_tree.grow_sampled_tree (rrs, chain) or grow_beam_tree_q (naive-topk)"
+        )
     if rule == "chain" and any(w != 1 for w in batch.shape.widths):
-        raise ValueError(f"verify='chain' needs a chain (one child per node), got tree_shape "
-                         f"{list(batch.shape.widths)}; use method='chain', or verify='rrs' for a tree")
+        raise ValueError(
+            f"verify='chain' needs a chain (one child per node), got tree_shape "
+            f"{list(batch.shape.widths)}; use method='chain', or verify='rrs' for a tree"
+        )
     dev, off, D = p.device, batch.shape.level_offsets, batch.shape.depth
     ar = torch.arange(B, device=dev)
     cur = torch.zeros(B, dtype=torch.long, device=dev)
@@ -196,19 +211,19 @@ def verify_batch(rule: str, batch: TreeBatch, p: torch.Tensor, q: torch.Tensor |
     on_path = tried.clone()
     on_path[:, 0] = True
     for l in range(D + 1):
-        pr = p[ar, cur]                                                # [B, V]
+        pr = p[ar, cur]  # [B, V]
         lo, hi = (off[l + 1], off[l + 2]) if l < D else (N, N)
         kids = (batch.parents[:, lo:hi] == cur[:, None]) & live[:, None]  # [B, w] children of cur
         ktok = batch.tokens[:, lo:hi]
         if mode in ("argmax", "sample"):
             x = pr.argmax(-1) if mode == "argmax" else sample_categorical(pr, generator)
-            hit = kids & (ktok == x[:, None])                          # first child with token x
+            hit = kids & (ktok == x[:, None])  # first child with token x
             found, pos = hit.any(1), hit.to(torch.int8).argmax(1) if hi > lo else cur
             tried[:, lo:hi] |= kids
         else:
             found, pos, pr, t = _offer_children(pr, q[ar, cur], kids, ktok, live, mode, generator)
             tried[:, lo:hi] |= t
-            x = sample_categorical(pr, generator)                      # from the residual
+            x = sample_categorical(pr, generator)  # from the residual
             if hi > lo:
                 x = torch.where(found, ktok[ar, pos], x)
         emitted[:, l] = torch.where(live, x, emitted[:, l])
@@ -224,8 +239,7 @@ def verify_batch(rule: str, batch: TreeBatch, p: torch.Tensor, q: torch.Tensor |
 
 def _single(rule: str, tree: DraftTree, p, q, generator) -> AcceptResult:
     if p.shape[0] != tree.num_nodes:
-        raise ValueError(f"p must be [N, V] = [{tree.num_nodes}, V], one row per tree node; got "
-                         f"{tuple(p.shape)}")
+        raise ValueError(f"p must be [N, V] = [{tree.num_nodes}, V], one row per tree node; got {tuple(p.shape)}")
     r = verify_batch(rule, TreeBatch.of(tree), p[None], None if q is None else q[None], generator)
     n = int(r.lengths[0])
     return AcceptResult(r.path[0, :n], r.emitted[0, :n], r.on_path[0], r.on_path[0], n, r.tried[0])
@@ -256,17 +270,23 @@ def verify_naive_topk(tree: DraftTree, p, q=None, generator=None) -> AcceptResul
     return _single("naive-topk", tree, p, q, generator)
 
 
-VERIFY_RULES = {"greedy": verify_greedy, "target-sample": verify_target_sample, "rrs": verify_rrs,
-                "chain": verify_chain, "naive-topk": verify_naive_topk}
+VERIFY_RULES = {
+    "greedy": verify_greedy,
+    "target-sample": verify_target_sample,
+    "rrs": verify_rrs,
+    "chain": verify_chain,
+    "naive-topk": verify_naive_topk,
+}
 LOSSLESS_SAMPLING_RULES = ("target-sample", "rrs", "chain")
 
 
 # ----------------------------------------------------------------------------- statistics
 
+
 def sibling_ranks(parents: torch.Tensor) -> torch.Tensor:
     """[N] long: a node's index among its parent's children (root 0), children in node order."""
     n = parents.numel()
-    same = parents[:, None] == parents[None, :]                        # [N, N]
+    same = parents[:, None] == parents[None, :]  # [N, N]
     return (same & torch.ones(n, n, dtype=torch.bool, device=parents.device).tril(-1)).sum(1)
 
 
@@ -277,7 +297,7 @@ def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[i
     dev, D = tree.device, tree.shape.depth
     path = result.path.to(dev)
     tried = result.tried
-    if tried is None:                                                  # greedy: children of path nodes
+    if tried is None:  # greedy: children of path nodes
         on_path = torch.zeros(tree.num_nodes, dtype=torch.bool, device=dev)
         on_path[path] = True
         tried = on_path[tree.parents.clamp(min=0)] & (tree.parents >= 0)
@@ -287,8 +307,13 @@ def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[i
     d_tried = torch.zeros(D + 1, dtype=torch.long, device=dev).index_add_(0, tree.depths, tried)[1:]
     r_tried = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, ranks[1:], tried[1:])
     r_acc = torch.zeros(R, dtype=torch.long, device=dev).index_add_(
-        0, ranks[path[1:]], torch.ones(path.numel() - 1, dtype=torch.long, device=dev))
+        0, ranks[path[1:]], torch.ones(path.numel() - 1, dtype=torch.long, device=dev)
+    )
     flat = torch.cat([(d_tried > 0).long(), r_tried, r_acc]).tolist()  # the one device -> host transfer
-    d_tried, r_tried, r_acc = flat[:D], flat[D:D + R], flat[D + R:]
-    return {"depth_tried": d_tried, "depth_accepted": [int(path.numel() - 1 > d) for d in range(D)],
-            "rank_tried": r_tried, "rank_accepted": r_acc}
+    d_tried, r_tried, r_acc = flat[:D], flat[D : D + R], flat[D + R :]
+    return {
+        "depth_tried": d_tried,
+        "depth_accepted": [int(path.numel() - 1 > d) for d in range(D)],
+        "rank_tried": r_tried,
+        "rank_accepted": r_acc,
+    }

@@ -9,6 +9,7 @@ top to bottom on a laptop CPU in well under 90 seconds. `LONGSPEC_SMALL=0/1` for
 arXiv 2502.17421, shared/LONGSPEC.md section 1 steps 5-6): which node matched, why the path
 stops, the bonus token, and how the accepted nodes' KV entries are moved.
 """
+
 from __future__ import annotations
 
 import html
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 
-from longspec_lab.teach import palette, viz_results, viz_trees
 from longspec_lab.spec.trace import StepRecord
 from longspec_lab.spec.tree import TreeShape
+from longspec_lab.teach import palette, viz_results, viz_trees
 
 
 def _flag(name: str) -> bool | None:
@@ -47,17 +48,23 @@ class Settings:
     small: bool
     reason: str
     device: str
-    prompt_tokens: int     # prompt length the notebooks use
-    max_new_tokens: int    # tokens per generation
+    prompt_tokens: int  # prompt length the notebooks use
+    max_new_tokens: int  # tokens per generation
 
     def __str__(self) -> str:
         mode = "small (CPU/CI)" if self.small else "full"
-        return (f"{mode} mode because {self.reason}: device {self.device}, prompts of {self.prompt_tokens} tokens, "
-                f"{self.max_new_tokens} new tokens per generation")
+        return (
+            f"{mode} mode because {self.reason}: device {self.device}, prompts of {self.prompt_tokens} tokens, "
+            f"{self.max_new_tokens} new tokens per generation"
+        )
 
 
-def setup(seed: int = 0, prompt_tokens: tuple[int, int] = (384, 2048),
-          max_new_tokens: tuple[int, int] = (32, 128), quiet: bool = False) -> Settings:
+def setup(
+    seed: int = 0,
+    prompt_tokens: tuple[int, int] = (384, 2048),
+    max_new_tokens: tuple[int, int] = (32, 128),
+    quiet: bool = False,
+) -> Settings:
     """Seed, pick the device and the sizes: (small, full) pairs for prompt and generation lengths."""
     small, why = small_run()
     torch.manual_seed(seed)
@@ -92,44 +99,59 @@ def held_out_prompt(tokenizer, n_tokens: int) -> tuple[list[int], str]:
 def first_step_fn(decoder, prompt_ids):
     """shape -> the StepRecord of the first tree step on `prompt_ids` (a real drafted and verified
     tree), for `TreeShapeExplorer(tree_fn=...)`."""
+
     def fn(shape) -> StepRecord:
-        res = decoder.generate(prompt_ids, method="tree", tree_shape=TreeShape.of(shape), max_new_tokens=2,
-                               trace=True, stop_at_eos=False)
+        res = decoder.generate(
+            prompt_ids, method="tree", tree_shape=TreeShape.of(shape), max_new_tokens=2, trace=True, stop_at_eos=False
+        )
         return res.trace[0]
+
     return fn
 
 
 # ----------------------------------------------------------------------------- one step, explained
+
 
 def describe_step(step: StepRecord, tokenizer=None) -> str:
     """HTML: the accepted path node by node, why it stops, the bonus token, the KV commit."""
     tree, t, res = step.tree, step.target_tokens.tolist(), step.result
     tok = lambda i: f"<code>{html.escape(viz_trees.token_label(i, tokenizer, 24))}</code>"
     toks, path = tree.tokens.tolist(), res.path.tolist()
-    lines = [f"The root (node #0) is the last committed token {tok(toks[0])}; after it the target predicts "
-             f"{tok(t[0])}."]
+    lines = [
+        f"The root (node #0) is the last committed token {tok(toks[0])}; after it the target predicts {tok(t[0])}."
+    ]
     for a, b in zip(path, path[1:]):
-        lines.append(f"Node #{b} (level {int(tree.depths[b])}) drafted {tok(toks[b])} = the target's prediction "
-                     f"after node #{a}: <b>verified</b>; after it the target predicts {tok(t[b])}.")
+        lines.append(
+            f"Node #{b} (level {int(tree.depths[b])}) drafted {tok(toks[b])} = the target's prediction "
+            f"after node #{a}: <b>verified</b>; after it the target predicts {tok(t[b])}."
+        )
     w = path[-1]
     kids = tree.children(w)
     if not kids:
         why = f"node #{w} is on the last level ({tree.shape.depth}): the tree has nothing deeper to check."
     else:
         kt = ", ".join(tok(toks[c]) for c in kids[:8]) + (" …" if len(kids) > 8 else "")
-        why = (f"node #{w} has {len(kids)} drafted children ({kt}) and none of them is {tok(t[w])}, "
-               "so no deeper node can be verified.")
+        why = (
+            f"node #{w} has {len(kids)} drafted children ({kt}) and none of them is {tok(t[w])}, "
+            "so no deeper node can be verified."
+        )
     lines.append(f"<b>Why the path stops:</b> {why}")
-    lines.append(f"<b>Bonus token:</b> the target's own prediction after node #{w}, {tok(t[w])}, is emitted too, "
-                 f"so this step emits {len(path)} tokens from one target pass ({len(path) - 1} drafted + 1).")
+    lines.append(
+        f"<b>Bonus token:</b> the target's own prediction after node #{w}, {tok(t[w])}, is emitted too, "
+        f"so this step emits {len(path)} tokens from one target pass ({len(path) - 1} drafted + 1)."
+    )
     off = sum(bool(v) for v in res.verified.tolist()[1:]) - (len(path) - 1)
     if off:
-        lines.append(f"{off} other node(s) also matched the target's prediction at their parent, but a parent "
-                     "of theirs was rejected, so they cannot be used (orange in the diagram).")
+        lines.append(
+            f"{off} other node(s) also matched the target's prediction at their parent, but a parent "
+            "of theirs was rejected, so they cannot be used (orange in the diagram)."
+        )
     P = step.prefix_len
-    lines.append(f"<b>KV commit:</b> verification wrote node i's keys and values at cache slot {P} + i. The accepted "
-                 f"nodes {path} move to slots {P}..{P + len(path) - 1}; the other {tree.num_nodes - len(path)} "
-                 "entries are simply left behind and overwritten by the next step's tree.")
+    lines.append(
+        f"<b>KV commit:</b> verification wrote node i's keys and values at cache slot {P} + i. The accepted "
+        f"nodes {path} move to slots {P}..{P + len(path) - 1}; the other {tree.num_nodes - len(path)} "
+        "entries are simply left behind and overwritten by the next step's tree."
+    )
     return "<ol>" + "".join(f"<li>{s}</li>" for s in lines) + "</ol>"
 
 
@@ -143,29 +165,74 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
     for st in ("root", "accepted", "verified", "rejected"):
         xs = [i for i in range(n) if status[i] == st]
         if xs:
-            fig.add_trace(go.Scatter(x=xs, y=[1] * len(xs), mode="markers", name=palette.STATUS_TEXT[st],
-                                     marker=dict(symbol="square", size=11, color=palette.COLORS[st],
-                                                 line=dict(width=1, color="#555"))))
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=[1] * len(xs),
+                    mode="markers",
+                    name=palette.STATUS_TEXT[st],
+                    marker=dict(symbol="square", size=11, color=palette.COLORS[st], line=dict(width=1, color="#555")),
+                )
+            )
     toks = [viz_trees.token_label(int(tree.tokens[i]), tokenizer, 12) for i in path]
-    fig.add_trace(go.Scatter(x=list(range(len(path))), y=[0] * len(path), mode="markers", name="committed",
-                             hovertext=[f"node #{i}: {t}" for i, t in zip(path, toks)], hoverinfo="text",
-                             marker=dict(symbol="square", size=11, color=palette.COLORS["accepted"],
-                                         line=dict(width=1.5, color=palette.PATH_EDGE))))
+    fig.add_trace(
+        go.Scatter(
+            x=list(range(len(path))),
+            y=[0] * len(path),
+            mode="markers",
+            name="committed",
+            hovertext=[f"node #{i}: {t}" for i, t in zip(path, toks)],
+            hoverinfo="text",
+            marker=dict(
+                symbol="square",
+                size=11,
+                color=palette.COLORS["accepted"],
+                line=dict(width=1.5, color=palette.PATH_EDGE),
+            ),
+        )
+    )
     rest = list(range(len(path), n))
-    fig.add_trace(go.Scatter(x=rest, y=[0] * len(rest), mode="markers", name="free (overwritten next step)",
-                             marker=dict(symbol="square-open", size=11, color="#bbbbbb")))
+    fig.add_trace(
+        go.Scatter(
+            x=rest,
+            y=[0] * len(rest),
+            mode="markers",
+            name="free (overwritten next step)",
+            marker=dict(symbol="square-open", size=11, color="#bbbbbb"),
+        )
+    )
     for k, i in enumerate(path):
-        fig.add_annotation(x=k, y=0.08, ax=i, ay=0.92, xref="x", yref="y", axref="x", ayref="y",
-                           showarrow=True, arrowhead=2, arrowcolor=palette.PATH_EDGE, text="")
-    fig.add_annotation(x=0, y=-0.45, xanchor="left", showarrow=False, font=dict(size=11),
-                       text="committed tokens: " + " ".join(html.escape(t) for t in toks))
-    fig.update_layout(title=f"KV commit at step {step.step}: accepted nodes {path} move to slots P..P+{len(path) - 1}"
-                            f" (P = {P})", height=380, width=900,
-                      legend=dict(title="cache slot holds", orientation="h", y=-0.35, x=0),
-                      xaxis_title="cache slot − P (before: node id; after: position after the prefix)",
-                      margin=dict(b=120))
-    fig.update_yaxes(tickvals=[0, 1], ticktext=["after commit", "after verify"], range=[-0.7, 1.4],
-                     title="")
+        fig.add_annotation(
+            x=k,
+            y=0.08,
+            ax=i,
+            ay=0.92,
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=2,
+            arrowcolor=palette.PATH_EDGE,
+            text="",
+        )
+    fig.add_annotation(
+        x=0,
+        y=-0.45,
+        xanchor="left",
+        showarrow=False,
+        font=dict(size=11),
+        text="committed tokens: " + " ".join(html.escape(t) for t in toks),
+    )
+    fig.update_layout(
+        title=f"KV commit at step {step.step}: accepted nodes {path} move to slots P..P+{len(path) - 1} (P = {P})",
+        height=380,
+        width=900,
+        legend=dict(title="cache slot holds", orientation="h", y=-0.35, x=0),
+        xaxis_title="cache slot − P (before: node id; after: position after the prefix)",
+        margin=dict(b=120),
+    )
+    fig.update_yaxes(tickvals=[0, 1], ticktext=["after commit", "after verify"], range=[-0.7, 1.4], title="")
     fig.update_xaxes(range=[-1, n], zeroline=False)
     return fig
 
@@ -173,8 +240,20 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
 # ----------------------------------------------------------------------------- recorded results
 
 from longspec_lab.paths import RESULTS_DIR  # noqa: E402
-PROVENANCE_KEYS = ("gpu", "device", "device_name", "torch", "triton", "cuda", "transformers", "python", "date",
-                   "git_commit", "command")
+
+PROVENANCE_KEYS = (
+    "gpu",
+    "device",
+    "device_name",
+    "torch",
+    "triton",
+    "cuda",
+    "transformers",
+    "python",
+    "date",
+    "git_commit",
+    "command",
+)
 
 
 def load_result(name: str, folder=None) -> dict:
@@ -231,10 +310,20 @@ def shape_points(results: dict, source: str = "") -> list[dict]:
         if shape is None or "tau" not in r:
             continue
         steps = r["tokens"] / r["tau"] if r.get("tau") else None
-        pts.append(dict(label=name, shape=shape, num_nodes=1 + sum(shape), tau=r["tau"],
-                        tokens_per_s=r["tokens_per_s"], step_ms=1e3 * r["seconds"] / steps if steps else None,
-                        source=source, backend=name.rsplit("-", 1)[1] if not name.split("-")[-1].isdigit()
-                        and name.startswith("tree-") else "default"))
+        pts.append(
+            dict(
+                label=name,
+                shape=shape,
+                num_nodes=1 + sum(shape),
+                tau=r["tau"],
+                tokens_per_s=r["tokens_per_s"],
+                step_ms=1e3 * r["seconds"] / steps if steps else None,
+                source=source,
+                backend=name.rsplit("-", 1)[1]
+                if not name.split("-")[-1].isdigit() and name.startswith("tree-")
+                else "default",
+            )
+        )
     return pts
 
 
@@ -243,11 +332,28 @@ def tune_points(tune: dict) -> tuple[list[dict], list[dict]]:
     (calibration shapes: label, num_nodes, step_ms)."""
     import json
 
-    val = [dict(label=str(json.loads(k)), shape=json.loads(k), num_nodes=1 + sum(json.loads(k)), tau=v["tau"],
-                tokens_per_s=v["tokens_per_s"], step_ms=1e3 * v["step_seconds"], source="tuner, validated")
-           for k, v in tune.get("validated", {}).items()]
-    cal = [dict(label=str(json.loads(k)), shape=json.loads(k), num_nodes=1 + sum(json.loads(k)), step_ms=1e3 * s,
-                source="tuner, calibration") for k, s in tune.get("calibration_step_seconds", {}).items()]
+    val = [
+        dict(
+            label=str(json.loads(k)),
+            shape=json.loads(k),
+            num_nodes=1 + sum(json.loads(k)),
+            tau=v["tau"],
+            tokens_per_s=v["tokens_per_s"],
+            step_ms=1e3 * v["step_seconds"],
+            source="tuner, validated",
+        )
+        for k, v in tune.get("validated", {}).items()
+    ]
+    cal = [
+        dict(
+            label=str(json.loads(k)),
+            shape=json.loads(k),
+            num_nodes=1 + sum(json.loads(k)),
+            step_ms=1e3 * s,
+            source="tuner, calibration",
+        )
+        for k, s in tune.get("calibration_step_seconds", {}).items()
+    ]
     return sorted(val, key=lambda p: p["num_nodes"]), sorted(cal, key=lambda p: p["num_nodes"])
 
 
@@ -259,8 +365,13 @@ def stage_results(results: dict) -> dict:
         st = r.get("stage_seconds")
         if not st:
             continue
-        out[name] = dict(tau=r.get("tau", 1.0), tokens_per_s=r["tokens_per_s"], stage_seconds=dict(st),
-                         new_tokens=r["tokens"] + 1, wall_seconds=sum(st.values()))
+        out[name] = dict(
+            tau=r.get("tau", 1.0),
+            tokens_per_s=r["tokens_per_s"],
+            stage_seconds=dict(st),
+            new_tokens=r["tokens"] + 1,
+            wall_seconds=sum(st.values()),
+        )
     if not out:
         raise ValueError("no entry has stage_seconds; run bench with stage timing (the default on CUDA)")
     return out
@@ -272,8 +383,10 @@ def cache_growth(target, draft, ids, contexts, max_tree_nodes: int = 69) -> list
     the context (all layers, K and V) and `DraftCache.nbytes` (ring of W slots + tree scratch)."""
     contexts = sorted(int(c) for c in contexts)
     if not contexts or contexts[0] < 1 or contexts[-1] > len(ids):
-        raise ValueError(f"contexts {contexts} must lie in 1..{len(ids)} (the prompt's length); pass a longer "
-                         "prompt or smaller contexts")
+        raise ValueError(
+            f"contexts {contexts} must lie in 1..{len(ids)} (the prompt's length); pass a longer "
+            "prompt or smaller contexts"
+        )
     dev = target.device
     x = torch.as_tensor(ids, device=dev)[None]
     tcache = target.new_cache(contexts[-1])
@@ -287,6 +400,7 @@ def cache_growth(target, draft, ids, contexts, max_tree_nodes: int = 69) -> list
                 draft.ingest(x[:, done:n], dcache, tcache)
                 done = n
             used = tcache.k[..., :n, :].nbytes + tcache.v[..., :n, :].nbytes
-            rows.append(dict(context=n, target_kv_bytes=used, draft_cache_bytes=dcache.nbytes,
-                             draft_window=draft.config.window))
+            rows.append(
+                dict(context=n, target_kv_bytes=used, draft_cache_bytes=dcache.nbytes, draft_window=draft.config.window)
+            )
     return rows

@@ -18,6 +18,7 @@ tested against the truth:
 `gof_pvalue` (chi-square goodness of fit) and `total_variation` compare the two. Used by
 notebooks/06 and tests/test_exact.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,12 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from longspec_lab.spec.draft import grow_beam_tree_q, grow_sampled_batch
 from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits
-from longspec_lab.spec.tree import TreeShape
-from longspec_lab.spec.draft import grow_beam_tree
+from longspec_lab.spec.draft import grow_beam_tree, grow_beam_tree_q, grow_sampled_batch
+from longspec_lab.spec.tree import TreeBatch, TreeShape
 from longspec_lab.spec.verify import MODES, verify_batch
-from longspec_lab.spec.tree import TreeBatch
 
 DRAFTING = {"target-sample": "beam", "rrs": "sampled", "chain": "sampled", "naive-topk": "beam", "greedy": "beam"}
 
@@ -38,23 +37,26 @@ DRAFTING = {"target-sample": "beam", "rrs": "sampled", "chain": "sampled", "naiv
 @dataclass
 class TableLM:
     target: torch.Tensor  # [n_contexts, V] float64 logits
-    draft: torch.Tensor   # [n_contexts, V]
-    max_len: int          # longest context with its own row
+    draft: torch.Tensor  # [n_contexts, V]
+    max_len: int  # longest context with its own row
 
     @classmethod
-    def random(cls, vocab: int = 8, max_len: int = 5, seed: int = 0, scale: float = 1.5,
-               same: bool = False, mix: float = 0.6) -> "TableLM":
+    def random(
+        cls, vocab: int = 8, max_len: int = 5, seed: int = 0, scale: float = 1.5, same: bool = False, mix: float = 0.6
+    ) -> "TableLM":
         """Gaussian logits; draft = mix * target + sqrt(1 - mix^2) * noise (or the target itself)."""
         if vocab < 2 or max_len < 1:
-            raise ValueError(f"TableLM needs vocab >= 2 and max_len >= 1, got {vocab} and {max_len}; "
-                             "e.g. TableLM.random(vocab=8, max_len=5)")
-        n = sum(vocab ** i for i in range(max_len + 1))
+            raise ValueError(
+                f"TableLM needs vocab >= 2 and max_len >= 1, got {vocab} and {max_len}; "
+                "e.g. TableLM.random(vocab=8, max_len=5)"
+            )
+        n = sum(vocab**i for i in range(max_len + 1))
         if n * vocab > 50_000_000:
             raise ValueError(f"{n} contexts x {vocab} tokens is too large to enumerate; lower vocab or max_len")
         g = torch.Generator().manual_seed(seed)
         target = scale * torch.randn(n, vocab, generator=g, dtype=torch.float64)
         noise = scale * torch.randn(n, vocab, generator=g, dtype=torch.float64)
-        draft = target.clone() if same else mix * target + (1 - mix ** 2) ** 0.5 * noise
+        draft = target.clone() if same else mix * target + (1 - mix**2) ** 0.5 * noise
         return cls(target, draft, max_len)
 
     @property
@@ -65,7 +67,7 @@ class TableLM:
         """Code of the first context of `length` tokens (int or tensor): sum_{i<length} V^i."""
         V = self.vocab
         if isinstance(length, torch.Tensor):
-            return (V ** length - 1) // (V - 1)
+            return (V**length - 1) // (V - 1)
         return (V ** int(length) - 1) // (V - 1)
 
     def child_code(self, code, length, x):
@@ -93,8 +95,9 @@ class TableLM:
     def exact(self, params: SamplingParams, n_tokens: int) -> torch.Tensor:
         """P(first n_tokens tokens) [V ** n_tokens], sequence x1..xn at index (x1..xn in base V)."""
         if not 1 <= n_tokens <= self.max_len:
-            raise ValueError(f"n_tokens={n_tokens} must be in 1..max_len={self.max_len}; build the table with a "
-                             "larger max_len")
+            raise ValueError(
+                f"n_tokens={n_tokens} must be in 1..max_len={self.max_len}; build the table with a larger max_len"
+            )
         P = self.probs(params)
         V = self.vocab
         prob, code = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
@@ -114,16 +117,28 @@ def _draft_beam(model: TableLM, rule, rc, rl, shape, params):
         def level_logprobs(partial, node_ids, c=c, l=l):
             codes, _ = model.node_codes(torch.tensor([c]), torch.tensor([l]), partial.tokens[None], partial.parents)
             return torch.log_softmax(model.draft[codes[0, node_ids]], -1)
-        trees.append(grow_beam_tree_q(0, shape, level_logprobs, params) if rule == "naive-topk" else
-                     (grow_beam_tree(0, shape, level_logprobs), None))
+
+        trees.append(
+            grow_beam_tree_q(0, shape, level_logprobs, params)
+            if rule == "naive-topk"
+            else (grow_beam_tree(0, shape, level_logprobs), None)
+        )
     ub = TreeBatch.of([t for t, _ in trees])
     batch = TreeBatch(ub.tokens[inv], ub.parents[inv], ub.shape)
     q = torch.stack([q for _, q in trees])[inv] if rule == "naive-topk" else None
     return batch, q
 
 
-def speculative_samples(model: TableLM, rule: str, shape, params: SamplingParams, n_tokens: int = 3,
-                        n: int = 20_000, seed: int = 0, drafting: str | None = None) -> torch.Tensor:
+def speculative_samples(
+    model: TableLM,
+    rule: str,
+    shape,
+    params: SamplingParams,
+    n_tokens: int = 3,
+    n: int = 20_000,
+    seed: int = 0,
+    drafting: str | None = None,
+) -> torch.Tensor:
     """n speculative generations of n_tokens tokens -> index [n] of each sequence in `exact`'s order.
 
     rule: a key of verify.VERIFY_RULES; drafting "beam" (deterministic top-k tree) or "sampled"
@@ -135,9 +150,11 @@ def speculative_samples(model: TableLM, rule: str, shape, params: SamplingParams
         raise ValueError(f"drafting={drafting!r} is unknown; use 'beam' or 'sampled'")
     shape = TreeShape.of(shape)
     if n_tokens - 1 + shape.depth > model.max_len:
-        raise ValueError(f"{n_tokens} tokens with a tree of depth {shape.depth} reach contexts of "
-                         f"{n_tokens - 1 + shape.depth} tokens but the table stops at max_len={model.max_len}; "
-                         "use a shallower tree, fewer tokens, or a larger max_len")
+        raise ValueError(
+            f"{n_tokens} tokens with a tree of depth {shape.depth} reach contexts of "
+            f"{n_tokens - 1 + shape.depth} tokens but the table stops at max_len={model.max_len}; "
+            "use a shallower tree, fewer tokens, or a larger max_len"
+        )
     V = model.vocab
     gen = make_generator(seed)
     P, Q = model.probs(params), model.probs(params, "draft")
@@ -148,8 +165,10 @@ def speculative_samples(model: TableLM, rule: str, shape, params: SamplingParams
         rows = (count < n_tokens).nonzero().flatten()
         rc, rl = code[rows], count[rows]
         if drafting == "sampled":
+
             def level_probs(tokens, parents, node_ids):
                 return Q[model.node_codes(rc, rl, tokens, parents)[0][:, node_ids]]
+
             batch, q = grow_sampled_batch(torch.zeros(len(rows), dtype=torch.long), shape, level_probs, gen)
         else:
             batch, q = _draft_beam(model, rule, rc, rl, shape, params)

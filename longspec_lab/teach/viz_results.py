@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from longspec_lab.teach.palette import METHOD_COLORS, _html
 
+
 def _stats(r) -> dict:
     """A GenerationResult or its summary() dict -> the numbers the plots need."""
     d = r.summary() if hasattr(r, "summary") else dict(r)
@@ -30,8 +31,11 @@ def _stats(r) -> dict:
 
 
 def _items(results) -> list[tuple[str, dict]]:
-    pairs = list(results.items()) if isinstance(results, Mapping) else [(getattr(r, "method", None) or
-                                                                         r["method"], r) for r in results]
+    pairs = (
+        list(results.items())
+        if isinstance(results, Mapping)
+        else [(getattr(r, "method", None) or r["method"], r) for r in results]
+    )
     if not pairs:
         raise ValueError("no results to plot; pass {label: GenerationResult} with at least one entry")
     return [(str(k), _stats(v)) for k, v in pairs]
@@ -40,14 +44,29 @@ def _items(results) -> list[tuple[str, dict]]:
 def tau_figure(results, title: str = "Speculative decoding: tokens per target pass and speed") -> go.Figure:
     """Side by side: mean accepted length tau and tokens/s per method ({label: result})."""
     items = _items(results)
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.15, subplot_titles=(
-        "τ = generated tokens / target forward passes", "decoding speed (prefill excluded)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.15,
+        subplot_titles=("τ = generated tokens / target forward passes", "decoding speed (prefill excluded)"),
+    )
     for k, (label, s) in enumerate(items):
         c = METHOD_COLORS[k % len(METHOD_COLORS)]
         for col, key, fmt in ((1, "tau", "{:.2f}"), (2, "tokens_per_s", "{:.0f}")):
-            fig.add_trace(go.Bar(x=[label], y=[s[key]], name=label, marker_color=c, legendgroup=label,
-                                 showlegend=col == 1, text=[fmt.format(s[key])], textposition="outside"),
-                          row=1, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=[label],
+                    y=[s[key]],
+                    name=label,
+                    marker_color=c,
+                    legendgroup=label,
+                    showlegend=col == 1,
+                    text=[fmt.format(s[key])],
+                    textposition="outside",
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_yaxes(title_text="τ (tokens per target pass)", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="new tokens per second", rangemode="tozero", row=1, col=2)
     fig.update_xaxes(title_text="method")
@@ -71,10 +90,19 @@ def stage_times_figure(results, title: str = "Where the decoding time goes") -> 
         rows[label] = {k: 1e3 * v / n for k, v in parts.items()}
     fig = go.Figure()
     for k, st in enumerate(stages):
-        fig.add_trace(go.Bar(y=list(rows), x=[rows[l][st] for l in rows], name=st, orientation="h",
-                             marker_color=METHOD_COLORS[k]))
-    fig.update_layout(barmode="stack", title=title, legend_title="stage", legend_traceorder="normal", height=140 + 50 * len(rows),
-                      width=820, xaxis_title="milliseconds per new token", yaxis_title="method")
+        fig.add_trace(
+            go.Bar(y=list(rows), x=[rows[l][st] for l in rows], name=st, orientation="h", marker_color=METHOD_COLORS[k])
+        )
+    fig.update_layout(
+        barmode="stack",
+        title=title,
+        legend_title="stage",
+        legend_traceorder="normal",
+        height=140 + 50 * len(rows),
+        width=820,
+        xaxis_title="milliseconds per new token",
+        yaxis_title="method",
+    )
     fig.update_yaxes(autorange="reversed")
     return fig
 
@@ -86,28 +114,49 @@ def accepted_lengths_figure(result, title: str | None = None) -> go.Figure:
         raise ValueError("this result has no verification steps; generate more than one token")
     fig = go.Figure(go.Bar(x=list(range(len(acc))), y=acc, name="tokens this step", marker_color=METHOD_COLORS[0]))
     mean = sum(acc) / len(acc)
-    fig.add_trace(go.Scatter(x=[-0.5, len(acc) - 0.5], y=[mean, mean], mode="lines", name=f"mean per step {mean:.2f}",
-                             line=dict(color=METHOD_COLORS[3], dash="dash")))
-    fig.update_layout(title=title or f"Tokens per target pass, step by step ({result.method})", height=320,
-                      width=820, xaxis_title="verification step", yaxis_title="tokens emitted (incl. bonus)",
-                      legend_title="")
+    fig.add_trace(
+        go.Scatter(
+            x=[-0.5, len(acc) - 0.5],
+            y=[mean, mean],
+            mode="lines",
+            name=f"mean per step {mean:.2f}",
+            line=dict(color=METHOD_COLORS[3], dash="dash"),
+        )
+    )
+    fig.update_layout(
+        title=title or f"Tokens per target pass, step by step ({result.method})",
+        height=320,
+        width=820,
+        xaxis_title="verification step",
+        yaxis_title="tokens emitted (incl. bonus)",
+        legend_title="",
+    )
     return fig
 
 
-def pareto_front(points: Sequence[Mapping], x: str, y: str, minimize_x: bool = True,
-                 maximize_y: bool = True) -> list[int]:
+def pareto_front(
+    points: Sequence[Mapping], x: str, y: str, minimize_x: bool = True, maximize_y: bool = True
+) -> list[int]:
     """Indices of the points no other point beats on both x and y, sorted by x."""
     sx, sy = (1 if minimize_x else -1), (-1 if maximize_y else 1)
     key = [(sx * float(p[x]), sy * float(p[y])) for p in points]  # both "smaller is better" now
-    front = [i for i, (a, b) in enumerate(key)
-             if not any((c <= a and d <= b) and (c < a or d < b) for c, d in key)]
+    front = [i for i, (a, b) in enumerate(key) if not any((c <= a and d <= b) and (c < a or d < b) for c, d in key)]
     return sorted(front, key=lambda i: float(points[i][x]))
 
 
-def pareto_figure(points: Sequence[Mapping], x: str = "num_nodes", y: str = "tokens_per_s",
-                  label: str | None = "label", group: str | None = None, title: str | None = None,
-                  x_title: str | None = None, y_title: str | None = None, minimize_x: bool = True,
-                  maximize_y: bool = True, log_x: bool = False) -> go.Figure:
+def pareto_figure(
+    points: Sequence[Mapping],
+    x: str = "num_nodes",
+    y: str = "tokens_per_s",
+    label: str | None = "label",
+    group: str | None = None,
+    title: str | None = None,
+    x_title: str | None = None,
+    y_title: str | None = None,
+    minimize_x: bool = True,
+    maximize_y: bool = True,
+    log_x: bool = False,
+) -> go.Figure:
     """Scatter of `points` (dicts) with the Pareto front drawn as a line."""
     if not points:
         raise ValueError("no points to plot; pass a list of dicts with the x and y keys")
@@ -115,37 +164,76 @@ def pareto_figure(points: Sequence[Mapping], x: str = "num_nodes", y: str = "tok
     groups = sorted({str(p.get(group, "")) for p in points}) if group else [""]
     for k, gname in enumerate(groups):
         sel = [p for p in points if not group or str(p.get(group, "")) == gname]
-        fig.add_trace(go.Scatter(x=[p[x] for p in sel], y=[p[y] for p in sel], mode="markers+text",
-                                 name=gname or "runs", marker=dict(size=9, color=METHOD_COLORS[k % 6]),
-                                 text=[str(p.get(label, "")) for p in sel] if label else None,
-                                 textposition="top center", textfont=dict(size=9)))
+        fig.add_trace(
+            go.Scatter(
+                x=[p[x] for p in sel],
+                y=[p[y] for p in sel],
+                mode="markers+text",
+                name=gname or "runs",
+                marker=dict(size=9, color=METHOD_COLORS[k % 6]),
+                text=[str(p.get(label, "")) for p in sel] if label else None,
+                textposition="top center",
+                textfont=dict(size=9),
+            )
+        )
     front = [points[i] for i in pareto_front(points, x, y, minimize_x, maximize_y)]
-    fig.add_trace(go.Scatter(x=[p[x] for p in front], y=[p[y] for p in front], mode="lines", name="Pareto front",
-                             line=dict(color="#333333", dash="dash")))
-    fig.update_layout(title=title or f"{y} against {x}", xaxis_title=x_title or x, yaxis_title=y_title or y,
-                      legend_title=group or "", height=440, width=820)
+    fig.add_trace(
+        go.Scatter(
+            x=[p[x] for p in front],
+            y=[p[y] for p in front],
+            mode="lines",
+            name="Pareto front",
+            line=dict(color="#333333", dash="dash"),
+        )
+    )
+    fig.update_layout(
+        title=title or f"{y} against {x}",
+        xaxis_title=x_title or x,
+        yaxis_title=y_title or y,
+        legend_title=group or "",
+        height=440,
+        width=820,
+    )
     if log_x:
         fig.update_xaxes(type="log")
     return fig
 
 
-def line_figure(series: Mapping[str, tuple[Sequence, Sequence]], title: str, x_title: str, y_title: str,
-                log_x: bool = False, log_y: bool = False) -> go.Figure:
+def line_figure(
+    series: Mapping[str, tuple[Sequence, Sequence]],
+    title: str,
+    x_title: str,
+    y_title: str,
+    log_x: bool = False,
+    log_y: bool = False,
+) -> go.Figure:
     """Generic lines: {name: (xs, ys)}."""
     fig = go.Figure()
     for k, (name, (xs, ys)) in enumerate(series.items()):
-        fig.add_trace(go.Scatter(x=list(xs), y=list(ys), mode="lines+markers", name=name,
-                                 line=dict(color=METHOD_COLORS[k % len(METHOD_COLORS)])))
+        fig.add_trace(
+            go.Scatter(
+                x=list(xs),
+                y=list(ys),
+                mode="lines+markers",
+                name=name,
+                line=dict(color=METHOD_COLORS[k % len(METHOD_COLORS)]),
+            )
+        )
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=420, width=820)
     fig.update_xaxes(type="log" if log_x else "linear")
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig
 
 
-# ----------------------------------------------------------------------------- tables, kernels, draft, sampling, GPU runs
+# ------------------------------------------------------------ tables, kernels, draft, sampling, GPU runs
 
-def html_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
-               formats: Mapping[str, str] | None = None, title: str | None = None) -> str:
+
+def html_table(
+    rows: Sequence[Mapping],
+    columns: Sequence[str] | None = None,
+    formats: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> str:
     """A small HTML table of dicts (for `IPython.display.HTML`): `columns` picks and orders the keys,
     `formats` maps a key to a format spec ("{:.2f}"); missing values show as "–"."""
     if not rows:
@@ -158,9 +246,11 @@ def html_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
         if v is None:
             return "–"
         return _html(formats[c].format(v) if c in formats else str(v))
+
     head = "".join(f"<th style='text-align:left;padding:2px 8px'>{_html(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{cell(r, c)}</td>" for c in columns) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='padding:2px 8px'>{cell(r, c)}</td>" for c in columns) + "</tr>" for r in rows
+    )
     cap = f"<caption style='text-align:left;font-weight:bold'>{_html(title)}</caption>" if title else ""
     return f"<table style='border-collapse:collapse;font-size:13px'>{cap}<tr>{head}</tr>{body}</table>"
 
@@ -171,7 +261,7 @@ def log_ticks(values) -> list[float]:
     if not vals:
         return []
     lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
-    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in (1, 2, 5)]
+    ticks = [m * 10.0**e for e in range(lo, hi + 1) for m in (1, 2, 5)]
     keep = [t for t in ticks if min(vals) / 2.5 <= t <= max(vals) * 2.5]
     return [int(t) if t >= 1 and t == int(t) else t for t in keep]
 
@@ -195,12 +285,17 @@ def spread_labels(fig: go.Figure) -> go.Figure:
     return fig
 
 
-KERNEL_METHODS = {"triton_tree": "Triton split-KV tree kernel", "sdpa_dense": "SDPA, dense [T, P+T] mask",
-                  "two_pass": "flash prefix + masked tree + LSE merge", "flex": "FlexAttention"}
+KERNEL_METHODS = {
+    "triton_tree": "Triton split-KV tree kernel",
+    "sdpa_dense": "SDPA, dense [T, P+T] mask",
+    "two_pass": "flash prefix + masked tree + LSE merge",
+    "flex": "FlexAttention",
+}
 
 
-def kernel_timing_figure(cases: Sequence[Mapping], name: str | None = None, dtype: str | None = None,
-                         title: str | None = None) -> go.Figure:
+def kernel_timing_figure(
+    cases: Sequence[Mapping], name: str | None = None, dtype: str | None = None, title: str | None = None
+) -> go.Figure:
     """Tree-attention time against prefix length (log-log), one line per method, with the bandwidth
     floor (bytes / copy bandwidth) and the compute floor (FLOPs / matmul rate). Left: do_bench
     (L2 flushed, launch overhead included); right: CUDA-graph replay (no host overhead).
@@ -213,30 +308,63 @@ def kernel_timing_figure(cases: Sequence[Mapping], name: str | None = None, dtyp
         raise ValueError(f"no cases for name={name!r}, dtype={dtype!r}; pick one of {have}")
     xs = [c["P"] for c in sel]
     methods = [m for m in KERNEL_METHODS if any(m in c["methods"] for c in sel)]
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06, subplot_titles=(
-        "do_bench median (L2 flushed, with launch overhead)", "CUDA-graph replay (no host overhead)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        subplot_titles=("do_bench median (L2 flushed, with launch overhead)", "CUDA-graph replay (no host overhead)"),
+    )
     for col, key in ((1, "us"), (2, "us_graph")):
         for k, m in enumerate(methods):
             pts = [(c["P"], c["methods"][m].get(key)) for c in sel if m in c["methods"]]
             pts = [(x, y) for x, y in pts if y is not None]
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                     name=KERNEL_METHODS[m], legendgroup=m, showlegend=col == 1,
-                                     line=dict(color=METHOD_COLORS[k % len(METHOD_COLORS)])), row=1, col=col)
-        for fk, label, dash in (("floor_us", "bandwidth floor (bytes / copy BW)", "dot"),
-                                ("compute_floor_us", "compute floor (FLOPs / matmul rate)", "dash")):
+            fig.add_trace(
+                go.Scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    mode="lines+markers",
+                    name=KERNEL_METHODS[m],
+                    legendgroup=m,
+                    showlegend=col == 1,
+                    line=dict(color=METHOD_COLORS[k % len(METHOD_COLORS)]),
+                ),
+                row=1,
+                col=col,
+            )
+        for fk, label, dash in (
+            ("floor_us", "bandwidth floor (bytes / copy BW)", "dot"),
+            ("compute_floor_us", "compute floor (FLOPs / matmul rate)", "dash"),
+        ):
             if all(fk in c for c in sel):
-                fig.add_trace(go.Scatter(x=xs, y=[c[fk] for c in sel], mode="lines", name=label, legendgroup=fk,
-                                         showlegend=col == 1, line=dict(color="#333333", dash=dash)),
-                              row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs,
+                        y=[c[fk] for c in sel],
+                        mode="lines",
+                        name=label,
+                        legendgroup=fk,
+                        showlegend=col == 1,
+                        line=dict(color="#333333", dash=dash),
+                    ),
+                    row=1,
+                    col=col,
+                )
     ys = [y for t in fig.data for y in t.y if y is not None]
-    fig.update_xaxes(type="log", title_text="prefix length P (cached tokens)", tickvals=xs,
-                     ticktext=[tokens_label(x) for x in xs])
+    fig.update_xaxes(
+        type="log", title_text="prefix length P (cached tokens)", tickvals=xs, ticktext=[tokens_label(x) for x in xs]
+    )
     fig.update_yaxes(type="log", tickvals=log_ticks(ys))
     fig.update_yaxes(title_text="microseconds per call", row=1, col=1)
     T = sel[0].get("T")
-    fig.update_layout(title=title or f"Tree attention, {name} ({sel[0].get('Hq')} q heads / {sel[0].get('Hkv')} kv "
-                                     f"heads, {dtype.replace('torch.', '')}), T = {T} query rows",
-                      legend=dict(title="method", orientation="h", y=-0.25), height=520, width=980)
+    fig.update_layout(
+        title=title
+        or f"Tree attention, {name} ({sel[0].get('Hq')} q heads / {sel[0].get('Hkv')} kv "
+        f"heads, {dtype.replace('torch.', '')}), T = {T} query rows",
+        legend=dict(title="method", orientation="h", y=-0.25),
+        height=520,
+        width=980,
+    )
     return fig
 
 
@@ -247,19 +375,34 @@ def glide_diagram(draft_config, target_config=None) -> graphviz.Digraph:
     W = d.window
     own, shared = "#cfe2f3", "#ffd966"
     g = graphviz.Digraph("glide")
-    g.attr(rankdir="TB", fontname="DejaVu Sans", fontsize="12", labelloc="t", nodesep="0.3", ranksep="0.25",
-           label=_legend_html_colors("GliDe draft: one decoder layer, everything else borrowed from the target",
-                                     [(own, "the draft's own weights"), (shared, "shared with / read from the target")]))
+    g.attr(
+        rankdir="TB",
+        fontname="DejaVu Sans",
+        fontsize="12",
+        labelloc="t",
+        nodesep="0.3",
+        ranksep="0.25",
+        label=_legend_html_colors(
+            "GliDe draft: one decoder layer, everything else borrowed from the target",
+            [(own, "the draft's own weights"), (shared, "shared with / read from the target")],
+        ),
+    )
     g.attr("node", shape="box", style="rounded,filled", fontname="DejaVu Sans", fontsize="11")
     tgt = f" ({target_config.num_layers} layers)" if target_config is not None else ""
     g.node("tok", "tokens (committed, or one tree level)", fillcolor="#ffffff")
     g.node("emb", "embed_tokens (target's)", fillcolor=shared)
-    g.node("sa", f"self-attention, sliding window W = {W}\\n{d.num_heads} q heads / {d.num_kv_heads} kv heads\\n"
-                 f"own ring-buffer cache of W slots", fillcolor=own)
-    g.node("ca", f"cross-attention: q_proj, o_proj only\\nkeys/values = target's LAST-layer KV cache{tgt}",
-           fillcolor=own)
-    g.node("kv", "target KV cache, last layer\\n(whole context, already RoPE-rotated)", fillcolor=shared,
-           shape="cylinder")
+    g.node(
+        "sa",
+        f"self-attention, sliding window W = {W}\\n{d.num_heads} q heads / {d.num_kv_heads} kv heads\\n"
+        f"own ring-buffer cache of W slots",
+        fillcolor=own,
+    )
+    g.node(
+        "ca", f"cross-attention: q_proj, o_proj only\\nkeys/values = target's LAST-layer KV cache{tgt}", fillcolor=own
+    )
+    g.node(
+        "kv", "target KV cache, last layer\\n(whole context, already RoPE-rotated)", fillcolor=shared, shape="cylinder"
+    )
     g.node("mlp", f"SwiGLU MLP ({d.hidden_size} → {d.intermediate_size} → {d.hidden_size})", fillcolor=own)
     g.node("head", "lm_head (target's) → draft logits", fillcolor=shared)
     for a, b in (("tok", "emb"), ("emb", "sa"), ("sa", "ca"), ("ca", "mlp"), ("mlp", "head")):
@@ -270,56 +413,105 @@ def glide_diagram(draft_config, target_config=None) -> graphviz.Digraph:
 
 def _legend_html_colors(title: str, items: Sequence[tuple[str, str]]) -> str:
     cells = "".join(f'<td bgcolor="{c}" border="1"> {_html(t)} </td>' for c, t in items)
-    return (f'<<table border="0" cellspacing="6"><tr><td colspan="{len(items)}"><b>{_html(title)}</b></td></tr>'
-            f"<tr>{cells}</tr></table>>")
+    return (
+        f'<<table border="0" cellspacing="6"><tr><td colspan="{len(items)}"><b>{_html(title)}</b></td></tr>'
+        f"<tr>{cells}</tr></table>>"
+    )
 
 
-def anchor_positions_figure(positions, max_pos: int | None = None, zoom: int = 8,
-                            title: str = "Anchor-offset position ids of one training batch") -> go.Figure:
+def anchor_positions_figure(
+    positions,
+    max_pos: int | None = None,
+    zoom: int = 8,
+    title: str = "Anchor-offset position ids of one training batch",
+) -> go.Figure:
     """positions [B, T] (train_draft.anchor_positions): left, position id against token index for
     each row; right, the first `zoom` tokens, where the unshifted "sink" positions 0..k-1 sit."""
     pos = positions.detach().cpu().numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
     if pos.ndim != 2:
         raise ValueError(f"positions must be [B, T], got shape {pos.shape}")
     B, T = pos.shape
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1, subplot_titles=(
-        "whole window: the rest is shifted by a random offset", f"first {min(zoom, T)} tokens: the sinks"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.62, 0.38],
+        horizontal_spacing=0.1,
+        subplot_titles=(
+            "whole window: the rest is shifted by a random offset",
+            f"first {min(zoom, T)} tokens: the sinks",
+        ),
+    )
     idx = np.arange(T)
     for b in range(B):
         sinks = int(np.argmax(pos[b] != idx)) if (pos[b] != idx).any() else T
         c = METHOD_COLORS[b % len(METHOD_COLORS)]
         name = f"row {b}: {sinks} sink(s), offset {int(pos[b, -1] - (T - 1))}"
-        fig.add_trace(go.Scatter(x=idx, y=pos[b], mode="lines", name=name, legendgroup=str(b), line=dict(color=c)),
-                      row=1, col=1)
+        fig.add_trace(
+            go.Scatter(x=idx, y=pos[b], mode="lines", name=name, legendgroup=str(b), line=dict(color=c)), row=1, col=1
+        )
         z = idx[: min(zoom, T)]
-        fig.add_trace(go.Scatter(x=z, y=pos[b, : len(z)], mode="lines+markers", name=name, legendgroup=str(b),
-                                 showlegend=False, line=dict(color=c)), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=z,
+                y=pos[b, : len(z)],
+                mode="lines+markers",
+                name=name,
+                legendgroup=str(b),
+                showlegend=False,
+                line=dict(color=c),
+            ),
+            row=1,
+            col=2,
+        )
     if max_pos is not None:
-        fig.add_hline(y=max_pos - 1, line=dict(color="#d62728", dash="dot"), row=1, col=1,
-                      annotation_text=f"max position {max_pos - 1}", annotation_position="bottom right")
+        fig.add_hline(
+            y=max_pos - 1,
+            line=dict(color="#d62728", dash="dot"),
+            row=1,
+            col=1,
+            annotation_text=f"max position {max_pos - 1}",
+            annotation_position="bottom right",
+        )
     fig.update_xaxes(title_text="token index in the training window")
     fig.update_yaxes(title_text="position id given to RoPE", row=1, col=1)
     zoomed = [int(y) for y in pos[:, : min(zoom, T)].ravel() if y > 0]
-    fig.update_yaxes(type="log", title_text="position id (log; 0 not drawn)", tickvals=log_ticks(zoomed),
-                     row=1, col=2)
+    fig.update_yaxes(type="log", title_text="position id (log; 0 not drawn)", tickvals=log_ticks(zoomed), row=1, col=2)
     fig.update_layout(title=title, legend=dict(title="batch row", orientation="h", y=-0.25), height=480, width=980)
     return fig
 
 
-def distribution_figure(exact, empirical: Mapping[str, Sequence[float]], labels: Sequence[str] | None = None,
-                        title: str = "Empirical distributions against the exact target distribution",
-                        x_title: str = "token") -> go.Figure:
+def distribution_figure(
+    exact,
+    empirical: Mapping[str, Sequence[float]],
+    labels: Sequence[str] | None = None,
+    title: str = "Empirical distributions against the exact target distribution",
+    x_title: str = "token",
+) -> go.Figure:
     """Grouped bars: the exact probabilities (outlined) and each sampler's empirical frequencies."""
     exact = np.asarray(exact, dtype=float)
     labels = list(labels) if labels is not None else [str(i) for i in range(exact.size)]
     if len(labels) != exact.size or any(len(v) != exact.size for v in empirical.values()):
         raise ValueError("exact, every empirical distribution and labels must have the same length")
-    fig = go.Figure(go.Bar(x=labels, y=exact, name="exact target p", marker=dict(color="#ffffff",
-                                                                                 line=dict(color="#000000", width=1.5))))
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=exact,
+            name="exact target p",
+            marker=dict(color="#ffffff", line=dict(color="#000000", width=1.5)),
+        )
+    )
     for k, (name, freq) in enumerate(empirical.items()):
         fig.add_trace(go.Bar(x=labels, y=list(freq), name=name, marker_color=METHOD_COLORS[k % len(METHOD_COLORS)]))
-    fig.update_layout(title=title, barmode="group", xaxis_title=x_title, yaxis_title="probability",
-                      legend_title="distribution", height=430, width=980, bargap=0.2)
+    fig.update_layout(
+        title=title,
+        barmode="group",
+        xaxis_title=x_title,
+        yaxis_title="probability",
+        legend_title="distribution",
+        height=430,
+        width=980,
+        bargap=0.2,
+    )
     return fig
 
 
@@ -334,19 +526,33 @@ def tau_by_rule_figure(rows: Sequence[Mapping], title: str = "τ per verificatio
     for k, t in enumerate(temps):
         sel = {r["rule"]: r for r in rows if float(r["temperature"]) == t}
         xs = [x for x in rules if x in sel]
-        fig.add_trace(go.Bar(
-            x=xs, y=[sel[x]["tau"] for x in xs], name=f"temperature {t:g}", marker_color=METHOD_COLORS[k % 6],
-            marker_pattern_shape=["/" if not sel[x].get("lossless", True) else "" for x in xs],
-            text=[f"{sel[x]['tau']:.2f}" + ("<br>biased" if not sel[x].get("lossless", True) else "") for x in xs],
-            textposition="outside"))
-    fig.update_layout(title=title, barmode="group", xaxis_title="verification rule",
-                      yaxis_title="τ (tokens per target pass)", legend_title="sampling", height=450, width=900)
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=[sel[x]["tau"] for x in xs],
+                name=f"temperature {t:g}",
+                marker_color=METHOD_COLORS[k % 6],
+                marker_pattern_shape=["/" if not sel[x].get("lossless", True) else "" for x in xs],
+                text=[f"{sel[x]['tau']:.2f}" + ("<br>biased" if not sel[x].get("lossless", True) else "") for x in xs],
+                textposition="outside",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        barmode="group",
+        xaxis_title="verification rule",
+        yaxis_title="τ (tokens per target pass)",
+        legend_title="sampling",
+        height=450,
+        width=900,
+    )
     fig.update_yaxes(range=[0, max(r["tau"] for r in rows) * 1.25])
     return fig
 
 
-def speed_bars_figure(results: Mapping[str, Mapping], title: str = "Decoding speed",
-                      baseline: str | None = None) -> go.Figure:
+def speed_bars_figure(
+    results: Mapping[str, Mapping], title: str = "Decoding speed", baseline: str | None = None
+) -> go.Figure:
     """Horizontal bars of tokens/s per method ({name: {"tokens_per_s": ..}}), with tau and the speedup
     over `baseline` (a key of results) written on each bar."""
     names = list(results)
@@ -364,33 +570,60 @@ def speed_bars_figure(results: Mapping[str, Mapping], title: str = "Decoding spe
         if base:
             t += f" · {r['tokens_per_s'] / base:.1f}×"
         text.append(t)
-    colors = [METHOD_COLORS[1] if n.startswith("hf") else METHOD_COLORS[0] if n == "ar" else METHOD_COLORS[2]
-              for n in names]
-    fig = go.Figure(go.Bar(y=names, x=[results[n]["tokens_per_s"] for n in names], orientation="h", text=text,
-                           textposition="outside", marker_color=colors, showlegend=False))
-    for c, label in ((METHOD_COLORS[1], "transformers"), (METHOD_COLORS[0], "ours, autoregressive"),
-                     (METHOD_COLORS[2], "ours, speculative")):
+    colors = [
+        METHOD_COLORS[1] if n.startswith("hf") else METHOD_COLORS[0] if n == "ar" else METHOD_COLORS[2] for n in names
+    ]
+    fig = go.Figure(
+        go.Bar(
+            y=names,
+            x=[results[n]["tokens_per_s"] for n in names],
+            orientation="h",
+            text=text,
+            textposition="outside",
+            marker_color=colors,
+            showlegend=False,
+        )
+    )
+    for c, label in (
+        (METHOD_COLORS[1], "transformers"),
+        (METHOD_COLORS[0], "ours, autoregressive"),
+        (METHOD_COLORS[2], "ours, speculative"),
+    ):
         fig.add_trace(go.Bar(x=[None], y=[None], name=label, marker_color=c, orientation="h"))
     top = max(results[n]["tokens_per_s"] for n in names)
     if base:
         title += f" (bar text: tokens/s · τ · speedup over {baseline})"
-    fig.update_layout(title=title, xaxis_title="new tokens per second (decode phase)", yaxis_title="method",
-                      height=160 + 36 * len(names), width=980, legend_title="implementation", barmode="overlay")
+    fig.update_layout(
+        title=title,
+        xaxis_title="new tokens per second (decode phase)",
+        yaxis_title="method",
+        height=160 + 36 * len(names),
+        width=980,
+        legend_title="implementation",
+        barmode="overlay",
+    )
     fig.update_xaxes(range=[0, top * 1.4])
     fig.update_yaxes(autorange="reversed")
     return fig
 
 
-def verify_decode_figure(rows: Sequence[Mapping], backends: Sequence[str] = ("triton", "sdpa", "hf"),
-                         title: str = "Llama-3-8B shapes: one decode step vs one tree-verify step") -> go.Figure:
+def verify_decode_figure(
+    rows: Sequence[Mapping],
+    backends: Sequence[str] = ("triton", "sdpa", "hf"),
+    title: str = "Llama-3-8B shapes: one decode step vs one tree-verify step",
+) -> go.Figure:
     """Left: ms per step of a 1-token decode and a 72-row tree verify per backend and context, with
     the bandwidth floor (weights + KV bytes / copy bandwidth). Right: verify / decode ratio (1 = the
     tree is free). `rows`: data/results/verify_8b_h200.json's rows (graph timings where recorded)."""
     if not rows:
         raise ValueError("no rows; pass verify_8b_h200.json's 'rows'")
     ctx = [r["context"] for r in rows]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-        "milliseconds per step (solid: verify, dotted: decode)", "verify / decode time ratio"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.1,
+        subplot_titles=("milliseconds per step (solid: verify, dotted: decode)", "verify / decode time ratio"),
+    )
     for k, b in enumerate(backends):
         c = METHOD_COLORS[k % len(METHOD_COLORS)]
         graph = f"{b}_verify_graph_ms" in rows[0]
@@ -401,24 +634,60 @@ def verify_decode_figure(rows: Sequence[Mapping], backends: Sequence[str] = ("tr
             continue
         ver = [r[f"{b}_verify{sfx}"] for r in rows]
         dec = [r[f"{b}_decode{sfx}"] for r in rows]
-        fig.add_trace(go.Scatter(x=ctx, y=ver, mode="lines+markers", name=label, legendgroup=b,
-                                 line=dict(color=c)), row=1, col=1)
-        fig.add_trace(go.Scatter(x=ctx, y=dec, mode="lines+markers", name=label + " decode", legendgroup=b,
-                                 showlegend=False, line=dict(color=c, dash="dot")), row=1, col=1)
-        fig.add_trace(go.Scatter(x=ctx, y=[v / d for v, d in zip(ver, dec)], mode="lines+markers", name=label,
-                                 legendgroup=b, showlegend=False, line=dict(color=c)), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(x=ctx, y=ver, mode="lines+markers", name=label, legendgroup=b, line=dict(color=c)), row=1, col=1
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=ctx,
+                y=dec,
+                mode="lines+markers",
+                name=label + " decode",
+                legendgroup=b,
+                showlegend=False,
+                line=dict(color=c, dash="dot"),
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=ctx,
+                y=[v / d for v, d in zip(ver, dec)],
+                mode="lines+markers",
+                name=label,
+                legendgroup=b,
+                showlegend=False,
+                line=dict(color=c),
+            ),
+            row=1,
+            col=2,
+        )
     if "floor_verify_ms" in rows[0]:
-        fig.add_trace(go.Scatter(x=ctx, y=[r["floor_verify_ms"] for r in rows], mode="lines",
-                                 name="bandwidth floor (weights + KV / copy BW)",
-                                 line=dict(color="#333333", dash="dash")), row=1, col=1)
-    fig.add_hline(y=1.0, line=dict(color="#333333", dash="dash"), row=1, col=2,
-                  annotation_text="ratio 1: verifying the tree costs one decode step")
+        fig.add_trace(
+            go.Scatter(
+                x=ctx,
+                y=[r["floor_verify_ms"] for r in rows],
+                mode="lines",
+                name="bandwidth floor (weights + KV / copy BW)",
+                line=dict(color="#333333", dash="dash"),
+            ),
+            row=1,
+            col=1,
+        )
+    fig.add_hline(
+        y=1.0,
+        line=dict(color="#333333", dash="dash"),
+        row=1,
+        col=2,
+        annotation_text="ratio 1: verifying the tree costs one decode step",
+    )
     left = [y for t in fig.data if t.xaxis in (None, "x") for y in t.y]
     right = [y for t in fig.data if t.xaxis == "x2" for y in t.y] + [1.0]
-    fig.update_xaxes(type="log", title_text="context length (cached tokens)", tickvals=ctx,
-                     ticktext=[tokens_label(c) for c in ctx])
+    fig.update_xaxes(
+        type="log", title_text="context length (cached tokens)", tickvals=ctx, ticktext=[tokens_label(c) for c in ctx]
+    )
     fig.update_yaxes(type="log", title_text="ms per step", tickvals=log_ticks(left), row=1, col=1)
     fig.update_yaxes(type="log", title_text="verify time / decode time", tickvals=log_ticks(right), row=1, col=2)
-    fig.update_layout(title=title, legend=dict(title="implementation", orientation="h", y=-0.25), height=500,
-                      width=980)
+    fig.update_layout(title=title, legend=dict(title="implementation", orientation="h", y=-0.25), height=500, width=980)
     return fig

@@ -10,6 +10,7 @@ Node colours (legend in every diagram): root, accepted path, verified but not ac
 matches the target's prediction at its parent, but an ancestor was rejected), rejected, and plain
 drafted nodes when no verification is shown.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,13 +21,14 @@ import plotly.graph_objects as go
 import torch
 
 from longspec_lab.spec.trace import StepRecord
-from longspec_lab.teach.palette import COLORS, PATH_EDGE, STATUS_TEXT, _html
 from longspec_lab.spec.tree import DraftTree, TreeShape
+from longspec_lab.teach.palette import COLORS, PATH_EDGE, STATUS_TEXT, _html
 
 _VISIBLE = {"\n": "↵", " ": "·", "\t": "⇥", "\r": "␍"}
 
 
 # ----------------------------------------------------------------------------- token labels
+
 
 def visible_text(s: str, max_len: int | None = None) -> str:
     """Make whitespace visible (newline -> ↵, space -> ·, tab -> ⇥); other control chars -> \\xNN."""
@@ -49,6 +51,7 @@ def _dot_escape(s: str) -> str:
 
 
 # ----------------------------------------------------------------------------- trees
+
 
 def balanced_tree(shape) -> DraftTree:
     """A placeholder tree of `shape`: level l's nodes spread evenly over level l-1's nodes.
@@ -76,7 +79,7 @@ def children_per_node(tree: DraftTree, level: int) -> list[int]:
     off = tree.shape.level_offsets
     if not 1 <= level <= tree.shape.depth:
         raise ValueError(f"level {level} is outside 1..{tree.shape.depth}; pick a level of this tree")
-    par = tree.parents[off[level]: off[level + 1]].tolist()
+    par = tree.parents[off[level] : off[level + 1]].tolist()
     return [par.count(p) for p in range(off[level - 1], off[level])]
 
 
@@ -98,8 +101,9 @@ def node_statuses(tree: DraftTree, step: StepRecord | None = None) -> list[str]:
         return ["root"] + ["drafted"] * (tree.num_nodes - 1)
     path = set(step.result.path.tolist())
     ver = step.result.verified.tolist()
-    return ["root"] + ["accepted" if i in path else "verified" if ver[i] else "rejected"
-                       for i in range(1, tree.num_nodes)]
+    return ["root"] + [
+        "accepted" if i in path else "verified" if ver[i] else "rejected" for i in range(1, tree.num_nodes)
+    ]
 
 
 def visible_nodes(tree: DraftTree, max_children: int, keep=()) -> tuple[list[int], dict[int, list[int]]]:
@@ -137,13 +141,23 @@ def _legend_html(title: str, statuses: Sequence[str], note: str = "") -> str:
     cells = "".join(f'<td bgcolor="{COLORS[s]}" border="1"> {STATUS_TEXT[s]} </td>' for s in statuses)
     k = len(statuses)
     note = f'<tr><td colspan="{k}"><font point-size="10">{_html(note)}</font></td></tr>' if note else ""
-    return (f'<<table border="0" cellspacing="6"><tr><td colspan="{k}"><b>{_html(title)}</b></td></tr>'
-            f"{note}<tr>{cells}</tr></table>>")
+    return (
+        f'<<table border="0" cellspacing="6"><tr><td colspan="{k}"><b>{_html(title)}</b></td></tr>'
+        f"{note}<tr>{cells}</tr></table>>"
+    )
 
 
-def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=None, max_children: int = 4,
-                 show_scores: bool = True, title: str | None = None, rankdir: str = "LR",
-                 token_len: int = 12, size: str | None = "10,30") -> graphviz.Digraph:
+def tree_diagram(
+    tree_or_shape,
+    trace_step: StepRecord | None = None,
+    tokenizer=None,
+    max_children: int = 4,
+    show_scores: bool = True,
+    title: str | None = None,
+    rankdir: str = "LR",
+    token_len: int = 12,
+    size: str | None = "10,30",
+) -> graphviz.Digraph:
     """Draw a draft tree level by level (one column per level, `rank=same`).
 
     tree_or_shape: a DraftTree, a StepRecord (tree + verification) or a shape such as [4, 16, 16]
@@ -155,8 +169,10 @@ def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=
     tree, step, placeholder = _unpack(tree_or_shape)
     step = trace_step if trace_step is not None else step
     if step is not None and step.tree.num_nodes != tree.num_nodes:
-        raise ValueError(f"trace_step has a tree of {step.tree.num_nodes} nodes but the tree has "
-                         f"{tree.num_nodes}; pass the step's own tree (or the step alone)")
+        raise ValueError(
+            f"trace_step has a tree of {step.tree.num_nodes} nodes but the tree has "
+            f"{tree.num_nodes}; pass the step's own tree (or the step alone)"
+        )
     status = node_statuses(tree, step)
     path = step.result.path.tolist() if step is not None else []
     shown, hidden = visible_nodes(tree, max_children, keep=path)
@@ -168,19 +184,41 @@ def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=
         kind = "placeholder layout of shape" if placeholder else "draft tree"
         title = f"{kind} {list(shape.widths)}: {tree.num_nodes} nodes"
         if step is not None:
-            title += (f" · step {step.step}: {len(path) - 1} drafted token(s) accepted + 1 bonus token"
-                      f" = {len(path)} emitted")
-    note = "" if placeholder else ("each node: its token / node id and cumulative draft log-prob"
-                                   + (" / → the target's prediction after it" if step is not None else ""))
+            title += (
+                f" · step {step.step}: {len(path) - 1} drafted token(s) accepted + 1 bonus token = {len(path)} emitted"
+            )
+    note = (
+        ""
+        if placeholder
+        else (
+            "each node: its token / node id and cumulative draft log-prob"
+            + (" / → the target's prediction after it" if step is not None else "")
+        )
+    )
     drawn = {status[i] for i in shown} | ({"more"} if hidden else set())
     present = [s for s in STATUS_TEXT if s in drawn]
     g = graphviz.Digraph("draft_tree")
     if size:
         g.attr(size=size)
-    g.attr(rankdir=rankdir, nodesep="0.08", ranksep="0.35", labelloc="t", fontname="DejaVu Sans",
-           fontsize="12", label=_legend_html(title, present, note))
-    g.attr("node", shape="box", style="rounded,filled", fontname="DejaVu Sans Mono", fontsize="10",
-           margin="0.06,0.03", height="0.3", color="#555555")
+    g.attr(
+        rankdir=rankdir,
+        nodesep="0.08",
+        ranksep="0.35",
+        labelloc="t",
+        fontname="DejaVu Sans",
+        fontsize="12",
+        label=_legend_html(title, present, note),
+    )
+    g.attr(
+        "node",
+        shape="box",
+        style="rounded,filled",
+        fontname="DejaVu Sans Mono",
+        fontsize="10",
+        margin="0.06,0.03",
+        height="0.3",
+        color="#555555",
+    )
     g.attr("edge", color="#9a9a9a", arrowsize="0.5")
     levels: dict[int, list[str]] = {}
     for i in shown:
@@ -205,14 +243,19 @@ def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=
     for p, kids in sorted(hidden.items()):
         below = _subtree_size(tree, kids) - len(kids)
         label = f"+{len(kids)} more" + (f"\\n(+{below} below)" if below else "")
-        g.node(f"more{p}", label=label, fillcolor=COLORS["more"], style="rounded,dashed,filled",
-               fontcolor="#555555")
+        g.node(f"more{p}", label=label, fillcolor=COLORS["more"], style="rounded,dashed,filled", fontcolor="#555555")
         g.edge(f"n{p}", f"more{p}", style="dashed")
         levels.setdefault(depths[p] + 1, []).append(f"more{p}")
     for l in range(shape.depth + 1):  # column headers, chained invisibly so they keep their order
         n = shape.level_offsets[l + 1] - shape.level_offsets[l]
-        g.node(f"level{l}", label="root" if l == 0 else f"level {l}\\n{n} nodes", shape="plaintext",
-               style="", fontname="DejaVu Sans", fontsize="11")
+        g.node(
+            f"level{l}",
+            label="root" if l == 0 else f"level {l}\\n{n} nodes",
+            shape="plaintext",
+            style="",
+            fontname="DejaVu Sans",
+            fontsize="11",
+        )
         if l:
             g.edge(f"level{l - 1}", f"level{l}", style="invis")
         with g.subgraph() as s:
@@ -225,13 +268,20 @@ def tree_diagram(tree_or_shape, trace_step: StepRecord | None = None, tokenizer=
 def diagram_svg(dot: graphviz.Digraph) -> str:
     """Render with the `dot` program to an SVG string (no XML prologue), for HTML widgets."""
     svg = dot.pipe(format="svg", encoding="utf-8")
-    return svg[svg.find("<svg"):]
+    return svg[svg.find("<svg") :]
 
 
 # ----------------------------------------------------------------------------- masks
 
-def mask_figure(mask, levels=None, path: Sequence[int] | None = None, title: str | None = None,
-                labels: Sequence[str] | None = None, size: int = 560) -> go.Figure:
+
+def mask_figure(
+    mask,
+    levels=None,
+    path: Sequence[int] | None = None,
+    title: str | None = None,
+    labels: Sequence[str] | None = None,
+    size: int = 560,
+) -> go.Figure:
     """Heatmap of a tree mask (row i = query node, column j = key node, 1 = i may attend to j).
 
     mask: bool/int [N, N] (tensor or array), or a DraftTree / StepRecord (then levels and path are
@@ -259,27 +309,66 @@ def mask_figure(mask, levels=None, path: Sequence[int] | None = None, title: str
     if labels is not None:
         custom = np.array([[f"{labels[i]} → {labels[j]}" for j in ids] for i in ids], dtype=object)
         hover = "query %{y} → key %{x} (%{customdata}): %{z}<extra></extra>"
-    fig = go.Figure(go.Heatmap(z=m, x=ids, y=ids, zmin=0, zmax=1, showscale=False, customdata=custom,
-                               colorscale=[[0, "#f2f2f2"], [1, "#3b6fb6"]], hovertemplate=hover,
-                               xgap=1 if n <= 80 else 0, ygap=1 if n <= 80 else 0, name="mask"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=m,
+            x=ids,
+            y=ids,
+            zmin=0,
+            zmax=1,
+            showscale=False,
+            customdata=custom,
+            colorscale=[[0, "#f2f2f2"], [1, "#3b6fb6"]],
+            hovertemplate=hover,
+            xgap=1 if n <= 80 else 0,
+            ygap=1 if n <= 80 else 0,
+            name="mask",
+        )
+    )
     for name, color in (("1: may attend (self or ancestor)", "#3b6fb6"), ("0: masked", "#f2f2f2")):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
-                                 marker=dict(symbol="square", size=12, color=color, line=dict(width=1, color="#888"))))
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=name,
+                marker=dict(symbol="square", size=12, color=color, line=dict(width=1, color="#888")),
+            )
+        )
     if path is not None and len(path):
         pts = [(j, i) for i in path for j in path if m[i, j]]
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers",
-                                 name="accepted path", hoverinfo="skip",
-                                 marker=dict(symbol="square-open", size=max(4, min(12, 520 // n)),
-                                             color=PATH_EDGE, line=dict(width=2))))
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in pts],
+                y=[p[1] for p in pts],
+                mode="markers",
+                name="accepted path",
+                hoverinfo="skip",
+                marker=dict(symbol="square-open", size=max(4, min(12, 520 // n)), color=PATH_EDGE, line=dict(width=2)),
+            )
+        )
     for k, o in enumerate(offsets[1:-1], start=1):
-        for line in (dict(x0=o - 0.5, x1=o - 0.5, y0=-0.5, y1=n - 0.5),
-                     dict(y0=o - 0.5, y1=o - 0.5, x0=-0.5, x1=n - 0.5)):
+        for line in (
+            dict(x0=o - 0.5, x1=o - 0.5, y0=-0.5, y1=n - 0.5),
+            dict(y0=o - 0.5, y1=o - 0.5, x0=-0.5, x1=n - 0.5),
+        ):
             fig.add_shape(type="line", line=dict(color="#d62728", width=1, dash="dot"), **line)
-        fig.add_annotation(x=(o + offsets[k + 1] - 1) / 2, y=-0.5, yshift=10, text=f"L{k}", showarrow=False,
-                           font=dict(size=10, color="#d62728"))
-    fig.update_layout(title=title or f"Tree mask: {n} × {n} (row attends to column)", width=size + 180,
-                      height=size, legend=dict(title="cell", x=1.02, y=1), margin=dict(l=60, r=20, t=60, b=50),
-                      plot_bgcolor="white")
+        fig.add_annotation(
+            x=(o + offsets[k + 1] - 1) / 2,
+            y=-0.5,
+            yshift=10,
+            text=f"L{k}",
+            showarrow=False,
+            font=dict(size=10, color="#d62728"),
+        )
+    fig.update_layout(
+        title=title or f"Tree mask: {n} × {n} (row attends to column)",
+        width=size + 180,
+        height=size,
+        legend=dict(title="cell", x=1.02, y=1),
+        margin=dict(l=60, r=20, t=60, b=50),
+        plot_bgcolor="white",
+    )
     fig.update_xaxes(title="key node j (attended to)", range=[-0.5, n - 0.5], constrain="domain", side="bottom")
     fig.update_yaxes(title="query node i", autorange="reversed", scaleanchor="x", constrain="domain")
     return fig

@@ -9,6 +9,7 @@ No maths lives here: trees, masks and acceptance come from the library, pictures
 Every widget exposes its state as attributes (`node_count_label.value`, `diagram_source`, ...) so
 tests can drive it without a browser.
 """
+
 from __future__ import annotations
 
 import html
@@ -17,9 +18,9 @@ from typing import Callable
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from longspec_lab.teach import palette, viz_trees
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
+from longspec_lab.teach import palette, viz_trees
 
 PRESETS = {
     "LongSpec [4, 16, 16, 16, 16]": (4, 16, 16, 16, 16),
@@ -40,9 +41,13 @@ def _render(dot) -> str:
     try:
         return _svg_box(viz_trees.diagram_svg(dot))
     except Exception as e:  # graphviz.ExecutableNotFound, or a rendering failure
-        return (_ERR.format(f"cannot render the diagram ({type(e).__name__}); install Graphviz "
-                            "(apt-get install graphviz) to see it. DOT source:")
-                + f"<pre>{html.escape(dot.source)}</pre>")
+        return (
+            _ERR.format(
+                f"cannot render the diagram ({type(e).__name__}); install Graphviz "
+                "(apt-get install graphviz) to see it. DOT source:"
+            )
+            + f"<pre>{html.escape(dot.source)}</pre>"
+        )
 
 
 class TreeShapeExplorer(W.VBox):
@@ -52,9 +57,16 @@ class TreeShapeExplorer(W.VBox):
     it the diagram shows a placeholder layout. cache_limit: the most tree nodes the cache reserves
     room for (the reference reserves 256 slots); larger trees are refused with a message."""
 
-    def __init__(self, shape=DEFAULT_TREE_SHAPE, max_depth: int = 8, max_width: int = 64,
-                 cache_limit: int = 256, max_children: int = 4,
-                 tree_fn: Callable[[TreeShape], DraftTree | StepRecord] | None = None, tokenizer=None):
+    def __init__(
+        self,
+        shape=DEFAULT_TREE_SHAPE,
+        max_depth: int = 8,
+        max_width: int = 64,
+        cache_limit: int = 256,
+        max_children: int = 4,
+        tree_fn: Callable[[TreeShape], DraftTree | StepRecord] | None = None,
+        tokenizer=None,
+    ):
         widths = list(TreeShape.of(shape).widths)
         if not 1 <= len(widths) <= max_depth:
             raise ValueError(f"shape {widths} has depth {len(widths)}; use max_depth >= {len(widths)}")
@@ -64,17 +76,32 @@ class TreeShapeExplorer(W.VBox):
         self.diagram_source = ""
         self._hold = False
         style = {"description_width": "70px"}
-        self.depth_slider = W.IntSlider(value=len(widths), min=0, max=max_depth, description="depth",
-                                        continuous_update=False, style=style)
+        self.depth_slider = W.IntSlider(
+            value=len(widths), min=0, max=max_depth, description="depth", continuous_update=False, style=style
+        )
         self.width_sliders = [
-            W.IntSlider(value=widths[l] if l < len(widths) else 4, min=0, max=max_width,
-                        description=f"level {l + 1}", continuous_update=False, style=style)
-            for l in range(max_depth)]
-        self.preset = W.Dropdown(options=["(custom)"] + list(PRESETS), value="(custom)", description="preset",
-                                 style=style)
-        self.max_children_slider = W.IntSlider(value=max_children, min=1, max=16, continuous_update=False,
-                                               description="siblings", style=style,
-                                               tooltip="children drawn per node before '+k more'")
+            W.IntSlider(
+                value=widths[l] if l < len(widths) else 4,
+                min=0,
+                max=max_width,
+                description=f"level {l + 1}",
+                continuous_update=False,
+                style=style,
+            )
+            for l in range(max_depth)
+        ]
+        self.preset = W.Dropdown(
+            options=["(custom)"] + list(PRESETS), value="(custom)", description="preset", style=style
+        )
+        self.max_children_slider = W.IntSlider(
+            value=max_children,
+            min=1,
+            max=16,
+            continuous_update=False,
+            description="siblings",
+            style=style,
+            tooltip="children drawn per node before '+k more'",
+        )
         self.node_count_label = W.HTML()
         self.mask_label = W.HTML()
         self.message = W.HTML()
@@ -83,8 +110,10 @@ class TreeShapeExplorer(W.VBox):
         for s in [self.depth_slider, self.max_children_slider, *self.width_sliders]:
             s.observe(self._on_change, names="value")
         self.preset.observe(self._on_preset, names="value")
-        controls = W.VBox([self.preset, self.depth_slider, *self.width_sliders, self.max_children_slider],
-                          layout=W.Layout(min_width="330px"))
+        controls = W.VBox(
+            [self.preset, self.depth_slider, *self.width_sliders, self.max_children_slider],
+            layout=W.Layout(min_width="330px"),
+        )
         info = W.VBox([self.node_count_label, self.mask_label, self.message])
         super().__init__([W.HBox([controls, info]), self.diagram, self.mask_fig])
         self.update()
@@ -98,8 +127,10 @@ class TreeShapeExplorer(W.VBox):
         """Set depth and widths at once (one update)."""
         widths = list(widths)
         if len(widths) > len(self.width_sliders):
-            raise ValueError(f"shape {widths} is deeper than this explorer's {len(self.width_sliders)} "
-                             "levels; build it with a larger max_depth")
+            raise ValueError(
+                f"shape {widths} is deeper than this explorer's {len(self.width_sliders)} "
+                "levels; build it with a larger max_depth"
+            )
         self._hold = True
         try:
             self.depth_slider.value = len(widths)
@@ -120,12 +151,16 @@ class TreeShapeExplorer(W.VBox):
     def _check(self) -> TreeShape:
         d = self.depth_slider.value
         if d == 0:
-            raise ValueError("depth 0 means no draft tree at all (that is plain decoding, one token per "
-                             "target pass); set depth to 1 or more")
+            raise ValueError(
+                "depth 0 means no draft tree at all (that is plain decoding, one token per "
+                "target pass); set depth to 1 or more"
+            )
         shape = TreeShape(tuple(self.widths))  # width 0 -> ValueError naming the level
         if shape.num_nodes > self.cache_limit:
-            raise ValueError(f"this tree has {shape.num_nodes} nodes but the cache reserves only "
-                             f"{self.cache_limit} slots for the tree; lower a width or the depth")
+            raise ValueError(
+                f"this tree has {shape.num_nodes} nodes but the cache reserves only "
+                f"{self.cache_limit} slots for the tree; lower a width or the depth"
+            )
         return shape
 
     # ------------------------------------------------------------------ drawing
@@ -147,13 +182,17 @@ class TreeShapeExplorer(W.VBox):
         self.message.value = ""
         n, plus = shape.num_nodes, " + ".join(map(str, shape.widths))
         self.node_count_label.value = f"<b>nodes: {n}</b> = 1 root + {plus}"
-        self.mask_label.value = (f"mask: {n} × {n} = {n * n:,} entries = <b>{shape.mask_bytes:,} bytes</b> as bool "
-                                 f"({2 * n * n:,} as float16, the reference's layout)")
+        self.mask_label.value = (
+            f"mask: {n} × {n} = {n * n:,} entries = <b>{shape.mask_bytes:,} bytes</b> as bool "
+            f"({2 * n * n:,} as float16, the reference's layout)"
+        )
         dot = viz_trees.tree_diagram(tree, tokenizer=self.tokenizer, max_children=self.max_children_slider.value)
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
-        new = viz_trees.mask_figure(tree if not isinstance(tree, TreeShape) else viz_trees.balanced_tree(shape),
-                              title=f"Tree mask for {list(shape.widths)}: {n} × {n}")
+        new = viz_trees.mask_figure(
+            tree if not isinstance(tree, TreeShape) else viz_trees.balanced_tree(shape),
+            title=f"Tree mask for {list(shape.widths)}: {n} × {n}",
+        )
         refresh_figure(self.mask_fig, new)
 
 
@@ -185,8 +224,9 @@ class TreeGrowth(W.VBox):
         if self.tree.shape.depth < 1:
             raise ValueError("this tree has only its root; draft a tree with at least one level")
         self.tokenizer, self.max_children = tokenizer, max_children
-        self.level_slider = W.IntSlider(value=1, min=1, max=self.tree.shape.depth, description="levels",
-                                        continuous_update=False)
+        self.level_slider = W.IntSlider(
+            value=1, min=1, max=self.tree.shape.depth, description="levels", continuous_update=False
+        )
         self.diagram = W.HTML()
         self.diagram_source = ""
         self.level_slider.observe(lambda c: self.update(), names="value")
@@ -206,11 +246,14 @@ class StepPlayer(W.VBox):
     """Play / step through `GenerationResult.trace`: per step the drafted tree with real tokens, the
     target's prediction at each node, the accepted path, the committed text so far and tau so far."""
 
-    def __init__(self, result: GenerationResult, tokenizer=None, max_children: int = 4,
-                 interval_ms: int = 1800, prompt_ids=None):
+    def __init__(
+        self, result: GenerationResult, tokenizer=None, max_children: int = 4, interval_ms: int = 1800, prompt_ids=None
+    ):
         if not isinstance(result, GenerationResult) or not result.trace:
-            raise ValueError("StepPlayer needs a GenerationResult with a trace; call "
-                             "SpecDecoder.generate(..., method='tree', trace=True)")
+            raise ValueError(
+                "StepPlayer needs a GenerationResult with a trace; call "
+                "SpecDecoder.generate(..., method='tree', trace=True)"
+            )
         self.result, self.tokenizer, self.max_children = result, tokenizer, max_children
         self.context = tokenizer.decode(list(prompt_ids)[-120:]) if (tokenizer and prompt_ids is not None) else ""
         n = len(result.trace)
@@ -250,32 +293,39 @@ class StepPlayer(W.VBox):
         k = self.step if k is None else k
         before = 1 + sum(len(s.emitted) for s in self.result.trace[:k])
         added = len(self.result.trace[k].emitted)
-        return self.result.new_tokens[:before], self.result.new_tokens[before: before + added]
+        return self.result.new_tokens[:before], self.result.new_tokens[before : before + added]
 
     def update(self) -> None:
         k = self.step
         st = self.result.trace[k]
         before, added = self.committed_tokens(k)
-        self.header.value = (f"<b>step {k + 1} of {len(self.result.trace)}</b> · committed tokens before: "
-                             f"{st.prefix_len} · this step emitted <b>{len(added)}</b> tokens "
-                             f"({len(added) - 1} drafted + 1 bonus) · τ so far <b>{self.tau_so_far(k):.2f}</b>")
+        self.header.value = (
+            f"<b>step {k + 1} of {len(self.result.trace)}</b> · committed tokens before: "
+            f"{st.prefix_len} · this step emitted <b>{len(added)}</b> tokens "
+            f"({len(added) - 1} drafted + 1 bonus) · τ so far <b>{self.tau_so_far(k):.2f}</b>"
+        )
         if self.tokenizer is not None:
             old, new = self.tokenizer.decode(before), self.tokenizer.decode(added)
             esc = lambda t: html.escape(t).replace("\n", "<br>")
             ctx = self.context[-400:]
-            ctx = ctx[ctx.find("\n") + 1:] if "\n" in ctx else ctx  # start on a whole line
+            ctx = ctx[ctx.find("\n") + 1 :] if "\n" in ctx else ctx  # start on a whole line
             # column-reverse keeps the box scrolled to its end, where this step's tokens are
             self.text.value = (
                 '<div style="display:flex;flex-direction:column-reverse;max-height:170px;overflow:auto;'
-                'border:1px solid #ddd;padding:4px"><div style="font-family:monospace;white-space:pre-wrap;line-height:1.35">'
+                'border:1px solid #ddd;padding:4px">'
+                '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.35">'
                 f'<span style="color:#999">{esc(ctx)}</span>{esc(old[-600:])}'
-                f'<span style="background:{palette.COLORS["accepted"]}">{esc(new)}</span></div></div>')
+                f'<span style="background:{palette.COLORS["accepted"]}">{esc(new)}</span></div></div>'
+            )
         dot = viz_trees.tree_diagram(st, tokenizer=self.tokenizer, max_children=self.max_children)
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
         rows = "".join(
             f"<tr><td>{d}</td><td>#{i}</td><td>{html.escape(viz_trees.token_label(st.tree.tokens[i], self.tokenizer))}"
             f"</td><td>{html.escape(viz_trees.token_label(st.target_tokens[i], self.tokenizer))}</td></tr>"
-            for d, i in enumerate(st.result.path.tolist()))
-        self.path_table.value = ("<table><tr><th>depth</th><th>node</th><th>drafted token</th>"
-                                 f"<th>target's next token (emitted)</th></tr>{rows}</table>")
+            for d, i in enumerate(st.result.path.tolist())
+        )
+        self.path_table.value = (
+            "<table><tr><th>depth</th><th>node</th><th>drafted token</th>"
+            f"<th>target's next token (emitted)</th></tr>{rows}</table>"
+        )

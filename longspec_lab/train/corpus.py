@@ -18,6 +18,7 @@ Token stream convention: ``<|endoftext|>`` (id 0) goes before every file and onc
 CLI: ``python -m longspec_lab.train.corpus --tokenize --out data/tokens`` writes ``train.u16`` and ``heldout.u16``
 (uint16 token ids) plus ``meta.json``; the GPU box reads those, so its own (different) stdlib never matters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from longspec_lab.paths import DATA_DIR, PROMPTS_DIR
-import torch
 
 ENDOFTEXT = "<|endoftext|>"
 EOS_ID = 0
@@ -51,8 +52,10 @@ def resolve_module(name: str, root: Path | None = None) -> Path:
     for cand in (base.with_suffix(".py"), base / "__init__.py"):
         if cand.is_file():
             return cand
-    raise ValueError(f"held-out module {name!r} has no source file under {root}; "
-                     f"fix HELD_OUT_MODULES or run with a CPython that ships its stdlib sources")
+    raise ValueError(
+        f"held-out module {name!r} has no source file under {root}; "
+        f"fix HELD_OUT_MODULES or run with a CPython that ships its stdlib sources"
+    )
 
 
 def _is_utf8(path: Path) -> bool:
@@ -121,8 +124,10 @@ def tokenize_corpus(tokenizer, split: str, out_path) -> int:
 def load_tokens(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"token file {path} not found; make it with "
-                         f"`python -m longspec_lab.train.corpus --tokenize --out {path.parent}`")
+        raise ValueError(
+            f"token file {path} not found; make it with "
+            f"`python -m longspec_lab.train.corpus --tokenize --out {path.parent}`"
+        )
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -139,8 +144,10 @@ class TokenDataset:
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if len(self.tokens) < self.seq_len + 1:
-            raise ValueError(f"{path} has {len(self.tokens)} tokens, fewer than seq_len+1={self.seq_len + 1}; "
-                             f"use a shorter seq_len or a bigger token file")
+            raise ValueError(
+                f"{path} has {len(self.tokens)} tokens, fewer than seq_len+1={self.seq_len + 1}; "
+                f"use a shorter seq_len or a bigger token file"
+            )
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __len__(self) -> int:
@@ -149,19 +156,21 @@ class TokenDataset:
     def batch(self, batch_size: int) -> torch.Tensor:
         hi = len(self.tokens) - self.seq_len - 1
         starts = torch.randint(0, hi + 1, (batch_size,), generator=self.generator)
-        rows = [np.asarray(self.tokens[s: s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()]
+        rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()]
         return torch.from_numpy(np.stack(rows))  # [B, T+1]
 
     def eval_windows(self, max_windows: int | None = None) -> torch.Tensor:
         n = (len(self.tokens) - 1) // self.seq_len
         if max_windows is not None:
             n = min(n, max_windows)
-        rows = [np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
-                for i in range(n)]
+        rows = [
+            np.asarray(self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1], dtype=np.int64) for i in range(n)
+        ]
         return torch.from_numpy(np.stack(rows))  # [N, T+1]
 
 
 # ---------------------------------------------------------------- sample long prompts (held-out code)
+
 
 @dataclass(frozen=True)
 class PromptSpec:
@@ -214,21 +223,34 @@ def make_prompts(tokenizer, out_dir=PROMPTS_DIR, specs=PROMPT_SPECS) -> list[dic
         text, end, n = _cut_chunk(tokenizer, lines, spec.start_line - 1, spec.target_tokens)
         name = f"{spec.module.replace('.', '_')}_L{spec.start_line}-{end}.txt"
         (out_dir / name).write_bytes(text.encode("utf-8"))
-        entries.append(dict(file=name, module=spec.module, source=str(path.relative_to(root)),
-                            line_start=spec.start_line, line_end=end, n_tokens=n,
-                            sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                            source_sha256=hashlib.sha256(raw).hexdigest()))
-    index = dict(python_version=sys.version.split()[0], stdlib=str(root),
-                 note="contiguous whole-line chunks of held-out modules; n_tokens without BOS",
-                 prompts=entries)
+        entries.append(
+            dict(
+                file=name,
+                module=spec.module,
+                source=str(path.relative_to(root)),
+                line_start=spec.start_line,
+                line_end=end,
+                n_tokens=n,
+                sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                source_sha256=hashlib.sha256(raw).hexdigest(),
+            )
+        )
+    index = dict(
+        python_version=sys.version.split()[0],
+        stdlib=str(root),
+        note="contiguous whole-line chunks of held-out modules; n_tokens without BOS",
+        prompts=entries,
+    )
     (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return entries
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.train.corpus",
-                                 description="Stdlib corpus tools: token files for training, long prompts.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.train.corpus",
+        description="Stdlib corpus tools: token files for training, long prompts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--tokenize", action="store_true", help="write OUT/train.u16, OUT/heldout.u16, OUT/meta.json")
     ap.add_argument("--out", default=str(DATA_DIR / "tokens"), help="output folder for --tokenize")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: data/tokenizer)")
@@ -238,6 +260,7 @@ def main(argv=None) -> int:
     if not (args.tokenize or args.make_prompts or args.stats):
         ap.error("nothing to do: pass --tokenize, --make-prompts and/or --stats")
     from longspec_lab.models.tokenizer import load_tokenizer, tokenizer_fingerprint
+
     if args.stats:
         for s in SPLITS:
             files = corpus_files(s)
@@ -246,9 +269,14 @@ def main(argv=None) -> int:
         tok = load_tokenizer(args.tokenizer)
     if args.tokenize:
         out = Path(args.out)
-        meta = dict(python_version=sys.version.split()[0], stdlib=str(stdlib_root()),
-                    tokenizer_sha256=tokenizer_fingerprint(args.tokenizer), eos_id=EOS_ID, dtype="uint16",
-                    held_out_modules=list(HELD_OUT_MODULES))
+        meta = dict(
+            python_version=sys.version.split()[0],
+            stdlib=str(stdlib_root()),
+            tokenizer_sha256=tokenizer_fingerprint(args.tokenizer),
+            eos_id=EOS_ID,
+            dtype="uint16",
+            held_out_modules=list(HELD_OUT_MODULES),
+        )
         for s in SPLITS:
             texts = read_corpus(s)
             n = write_tokens(tok, texts, out / f"{s}.u16")

@@ -20,6 +20,7 @@ GPU run (token files made elsewhere, since the GPU host's stdlib differs):
     python -m longspec_lab.train.corpus --tokenize --out data/tokens
     python -m longspec_lab.train.target --tokens-dir data/tokens --out data/embedded --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longspec_lab.models.config import PRESETS, ModelConfig
-from longspec_lab.paths import DATA_DIR
-from longspec_lab.train.corpus import TokenDataset, corpus_files, load_tokens, write_tokens
 from longspec_lab.models.loaders import pick_device, save_hf
 from longspec_lab.models.target import Target
-from longspec_lab.paths import TOKENIZER_DIR
 from longspec_lab.models.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_fingerprint
+from longspec_lab.paths import DATA_DIR, TOKENIZER_DIR
+from longspec_lab.train.corpus import TokenDataset, corpus_files, load_tokens, write_tokens
 
 # The recommended run: ~52M tokens (~5.6 epochs of the 9.3M-token train split); about 1-2 min on one H200.
-DEFAULTS = dict(steps=800, batch_size=16, seq_len=4096, lr=2e-3, min_lr_frac=0.1, warmup=50,
-                weight_decay=0.1, grad_clip=1.0, seed=0, eval_every=50)
+DEFAULTS = dict(
+    steps=800,
+    batch_size=16,
+    seq_len=4096,
+    lr=2e-3,
+    min_lr_frac=0.1,
+    warmup=50,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    seed=0,
+    eval_every=50,
+)
 
 
 def init_weights(model: Target) -> None:
@@ -88,7 +98,7 @@ def evaluate(model: Target, windows: torch.Tensor, batch_size: int, device, auto
     """Mean next-token loss over fixed windows [N, T+1] (all windows have equal length)."""
     total, n = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        b = windows[i: i + batch_size].to(device, non_blocking=True)
+        b = windows[i : i + batch_size].to(device, non_blocking=True)
         with autocast():
             total += lm_loss(model, b).item() * len(b)
         n += len(b)
@@ -108,30 +118,46 @@ def _check_tokens(tokens_dir: Path, cfg: ModelConfig, tokenizer_dir: Path) -> di
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     want = tokenizer_fingerprint(tokenizer_dir)
     if meta.get("tokenizer_sha256", want) != want:
-        raise ValueError(f"{tokens_dir} was tokenized with a different tokenizer than {tokenizer_dir}; "
-                         f"re-run `python -m longspec_lab.train.corpus --tokenize --out {tokens_dir}`")
+        raise ValueError(
+            f"{tokens_dir} was tokenized with a different tokenizer than {tokenizer_dir}; "
+            f"re-run `python -m longspec_lab.train.corpus --tokenize --out {tokens_dir}`"
+        )
     for split in ("train", "heldout"):
         top = int(load_tokens(tokens_dir / f"{split}.u16").max())
         if top >= cfg.vocab_size:
-            raise ValueError(f"{split}.u16 holds token id {top} but vocab_size={cfg.vocab_size}; "
-                             f"use a config whose vocab_size covers the tokenizer")
+            raise ValueError(
+                f"{split}.u16 holds token id {top} but vocab_size={cfg.vocab_size}; "
+                f"use a config whose vocab_size covers the tokenizer"
+            )
     return meta
 
 
-def train_target(cfg: ModelConfig, out_dir, steps: int = DEFAULTS["steps"],
-                 batch_size: int = DEFAULTS["batch_size"], seq_len: int = DEFAULTS["seq_len"],
-                 lr: float = DEFAULTS["lr"], warmup: int = DEFAULTS["warmup"],
-                 weight_decay: float = DEFAULTS["weight_decay"], seed: int = DEFAULTS["seed"],
-                 device=None, dtype: str = "bf16", eval_every: int = DEFAULTS["eval_every"],
-                 tokens_dir=DATA_DIR / "tokens", tokenizer_dir=TOKENIZER_DIR,
-                 min_lr_frac: float = DEFAULTS["min_lr_frac"], grad_clip: float = DEFAULTS["grad_clip"],
-                 max_eval_windows: int | None = None, save_dtype=torch.bfloat16, progress: bool = True) -> dict:
+def train_target(
+    cfg: ModelConfig,
+    out_dir,
+    steps: int = DEFAULTS["steps"],
+    batch_size: int = DEFAULTS["batch_size"],
+    seq_len: int = DEFAULTS["seq_len"],
+    lr: float = DEFAULTS["lr"],
+    warmup: int = DEFAULTS["warmup"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    seed: int = DEFAULTS["seed"],
+    device=None,
+    dtype: str = "bf16",
+    eval_every: int = DEFAULTS["eval_every"],
+    tokens_dir=DATA_DIR / "tokens",
+    tokenizer_dir=TOKENIZER_DIR,
+    min_lr_frac: float = DEFAULTS["min_lr_frac"],
+    grad_clip: float = DEFAULTS["grad_clip"],
+    max_eval_windows: int | None = None,
+    save_dtype=torch.bfloat16,
+    progress: bool = True,
+) -> dict:
     """Train ``Target(cfg)`` and save the best-held-out checkpoint to ``out_dir``. Returns a summary dict."""
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise ValueError(f"steps, batch_size, eval_every must be >= 1 (got {steps}, {batch_size}, {eval_every})")
     if seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model context {cfg.max_position_embeddings}; "
-                         f"lower --seq-len")
+        raise ValueError(f"seq_len={seq_len} exceeds the model context {cfg.max_position_embeddings}; lower --seq-len")
     tokens_dir, tokenizer_dir, out_dir = Path(tokens_dir), Path(tokenizer_dir), Path(out_dir)
     meta = _check_tokens(tokens_dir, cfg, tokenizer_dir)
     dev = pick_device(device)
@@ -168,6 +194,7 @@ def train_target(cfg: ModelConfig, out_dir, steps: int = DEFAULTS["steps"],
     bar = range(steps)
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(bar, desc="train-target", unit="step", dynamic_ncols=True)
     h = float("nan")
     for step in bar:
@@ -185,30 +212,61 @@ def train_target(cfg: ModelConfig, out_dir, steps: int = DEFAULTS["steps"],
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             h = run_eval(step + 1)
         if progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", heldout=f"{h:.3f}", best=f"{best['loss']:.3f}",
-                            lr=f"{opt.param_groups[0]['lr']:.1e}")
+            bar.set_postfix(
+                loss=f"{losses[-1]:.3f}",
+                heldout=f"{h:.3f}",
+                best=f"{best['loss']:.3f}",
+                lr=f"{opt.param_groups[0]['lr']:.1e}",
+            )
     wall = time.time() - t0
 
     model.load_state_dict(best["state"])
     save_hf(model, out_dir, save_dtype)
     copy_tokenizer_files(out_dir, tokenizer_dir)
-    summary = dict(out_dir=str(out_dir), steps=steps, tokens_seen=steps * tokens_per_step,
-                   epochs=steps * tokens_per_step / len(train), params=n_params,
-                   final_train_loss=float(np.mean(losses[-10:])), best_heldout_loss=best["loss"],
-                   best_step=best["step"], final_heldout_loss=evals[-1]["heldout_loss"], wall_s=wall)
-    log = dict(summary=summary, model_config=cfg.to_hf_dict(str(save_dtype).replace("torch.", "")),
-               hparams=dict(batch_size=batch_size, seq_len=seq_len, lr=lr, min_lr_frac=min_lr_frac,
-                            warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
-                            eval_every=eval_every, dtype=dtype, betas=[0.9, 0.95], schedule="warmup+cosine"),
-               tokens=dict(dir=str(tokens_dir), train_tokens=len(train), heldout_windows=len(held), meta=meta),
-               loss_curve=losses, evals=evals,
-               device=dict(type=dev.type, name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                           platform.processor() or platform.machine()),
-               versions=dict(python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__))
+    summary = dict(
+        out_dir=str(out_dir),
+        steps=steps,
+        tokens_seen=steps * tokens_per_step,
+        epochs=steps * tokens_per_step / len(train),
+        params=n_params,
+        final_train_loss=float(np.mean(losses[-10:])),
+        best_heldout_loss=best["loss"],
+        best_step=best["step"],
+        final_heldout_loss=evals[-1]["heldout_loss"],
+        wall_s=wall,
+    )
+    log = dict(
+        summary=summary,
+        model_config=cfg.to_hf_dict(str(save_dtype).replace("torch.", "")),
+        hparams=dict(
+            batch_size=batch_size,
+            seq_len=seq_len,
+            lr=lr,
+            min_lr_frac=min_lr_frac,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            seed=seed,
+            eval_every=eval_every,
+            dtype=dtype,
+            betas=[0.9, 0.95],
+            schedule="warmup+cosine",
+        ),
+        tokens=dict(dir=str(tokens_dir), train_tokens=len(train), heldout_windows=len(held), meta=meta),
+        loss_curve=losses,
+        evals=evals,
+        device=dict(
+            type=dev.type,
+            name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        ),
+        versions=dict(python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__),
+    )
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     if progress:
-        print(f"saved {out_dir}: best held-out loss {best['loss']:.4f} at step {best['step']}, "
-              f"train loss {summary['final_train_loss']:.4f}, {wall:.0f} s")
+        print(
+            f"saved {out_dir}: best held-out loss {best['loss']:.4f} at step {best['step']}, "
+            f"train loss {summary['final_train_loss']:.4f}, {wall:.0f} s"
+        )
     return summary
 
 
@@ -217,19 +275,26 @@ def smoke_tokens(out_dir, n_train_files: int = 40, tokenizer_dir=TOKENIZER_DIR) 
     tok, out_dir = load_tokenizer(tokenizer_dir), Path(out_dir)
     write_tokens(tok, [p.read_text("utf-8") for p in corpus_files("train")[:n_train_files]], out_dir / "train.u16")
     write_tokens(tok, [p.read_text("utf-8") for p in corpus_files("heldout")], out_dir / "heldout.u16")
-    (out_dir / "meta.json").write_text(json.dumps(dict(tokenizer_sha256=tokenizer_fingerprint(tokenizer_dir), smoke=True)))
+    (out_dir / "meta.json").write_text(
+        json.dumps(dict(tokenizer_sha256=tokenizer_fingerprint(tokenizer_dir), smoke=True))
+    )
     return out_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="longspec-lab train-target",
-                                 description="Train the embedded target model on pre-tokenized stdlib code and "
-                                             "save a Hugging Face folder (best held-out checkpoint).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="longspec-lab train-target",
+        description="Train the embedded target model on pre-tokenized stdlib code and "
+        "save a Hugging Face folder (best held-out checkpoint).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     d = DEFAULTS
     ap.add_argument("--out", default=str(DATA_DIR / "embedded"), help="output model folder")
-    ap.add_argument("--tokens-dir", default=str(DATA_DIR / "tokens"),
-                    help="folder with train.u16/heldout.u16 from `python -m longspec_lab.train.corpus --tokenize`")
+    ap.add_argument(
+        "--tokens-dir",
+        default=str(DATA_DIR / "tokens"),
+        help="folder with train.u16/heldout.u16 from `python -m longspec_lab.train.corpus --tokenize`",
+    )
     ap.add_argument("--tokenizer-dir", default=str(TOKENIZER_DIR), help="tokenizer copied into --out")
     ap.add_argument("--preset", default="embedded", choices=sorted(PRESETS), help="model shape")
     ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps (~5.6 epochs at the defaults)")
@@ -244,8 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=d["seed"], help="init and data-order seed")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "float32"], help="bf16 = autocast on CUDA")
-    ap.add_argument("--smoke", action="store_true",
-                    help="a few CPU steps of the tiny preset on a handful of files (checks the pipeline)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few CPU steps of the tiny preset on a handful of files (checks the pipeline)",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -253,18 +321,41 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = PRESETS[args.preset]
-    kw = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-              weight_decay=args.weight_decay, seed=args.seed, device=args.device, dtype=args.dtype,
-              eval_every=args.eval_every, tokens_dir=args.tokens_dir, tokenizer_dir=args.tokenizer_dir,
-              min_lr_frac=args.min_lr_frac, grad_clip=args.grad_clip, progress=not args.quiet)
+    kw = dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        eval_every=args.eval_every,
+        tokens_dir=args.tokens_dir,
+        tokenizer_dir=args.tokenizer_dir,
+        min_lr_frac=args.min_lr_frac,
+        grad_clip=args.grad_clip,
+        progress=not args.quiet,
+    )
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = PRESETS["tiny"].replace(vocab_size=load_tokenizer(args.tokenizer_dir).get_vocab_size())
-            kw.update(steps=20, batch_size=4, seq_len=128, lr=3e-3, warmup=2, eval_every=10, device="cpu",
-                      dtype="float32", tokens_dir=smoke_tokens(Path(tmp) / "tokens", tokenizer_dir=args.tokenizer_dir),
-                      max_eval_windows=8)
-            summary = train_target(cfg, args.out if args.out != str(DATA_DIR / "embedded") else
-                                   Path(tmp) / "model", **kw)
+            kw.update(
+                steps=20,
+                batch_size=4,
+                seq_len=128,
+                lr=3e-3,
+                warmup=2,
+                eval_every=10,
+                device="cpu",
+                dtype="float32",
+                tokens_dir=smoke_tokens(Path(tmp) / "tokens", tokenizer_dir=args.tokenizer_dir),
+                max_eval_windows=8,
+            )
+            summary = train_target(
+                cfg, args.out if args.out != str(DATA_DIR / "embedded") else Path(tmp) / "model", **kw
+            )
     else:
         summary = train_target(cfg, args.out, **kw)
     print(json.dumps(summary, indent=1))

@@ -8,6 +8,7 @@ Train (CPU, ~1 min): ``python -m longspec_lab.train.tokenizer --train`` -> ``dat
 ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` (loadable by
 ``transformers.AutoTokenizer``) and ``PROVENANCE.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE, min_frequenc
     if vocab_size < 256 + 1:
         raise ValueError(f"vocab_size must be >= 257 (256 byte symbols + {ENDOFTEXT}), got {vocab_size}")
     tok = build_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=[ENDOFTEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     assert tok.token_to_id(ENDOFTEXT) == EOS_ID
     return tok
@@ -50,8 +56,14 @@ def save_tokenizer(tok: Tokenizer, out_dir=TOKENIZER_DIR) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     special = dict(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, unk_token=ENDOFTEXT)
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=4096, add_bos_token=False,
-                  add_eos_token=False, clean_up_tokenization_spaces=False, **special)
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=4096,
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **special,
+    )
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=1) + "\n")
     return out_dir
@@ -63,9 +75,11 @@ def _count(tok: Tokenizer, texts: list[str]) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longspec_lab.train.tokenizer",
-                                 description="Train the embedded model's byte-level BPE on the stdlib train split.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.train.tokenizer",
+        description="Train the embedded model's byte-level BPE on the stdlib train split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--train", action="store_true", help="train and save the tokenizer")
     ap.add_argument("--out", default=str(TOKENIZER_DIR), help="output folder")
     ap.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
@@ -79,15 +93,16 @@ def main(argv=None) -> int:
     train_s = time.time() - t0
     held_texts = read_corpus("heldout")
     (tb, tt), (hb, ht) = _count(tok, train_texts), _count(tok, held_texts)
+    vocab_flag = f" --vocab-size {args.vocab_size}" if args.vocab_size != VOCAB_SIZE else ""
     prov = f"""# data/tokenizer provenance
 
-Command: `python -m longspec_lab.train.tokenizer --train{' --vocab-size ' + str(args.vocab_size) if args.vocab_size != VOCAB_SIZE else ''}`
+Command: `python -m longspec_lab.train.tokenizer --train{vocab_flag}`
 (run from the repo root; training took {train_s:.0f} s on CPU)
 
 - Python {sys.version.split()[0]} standard library (`{corpus_files.__module__}.stdlib_root()`), test suites
   included, site-packages and non-UTF-8 files skipped.
 - Byte-level BPE, vocab {tok.get_vocab_size()}, `{ENDOFTEXT}` = id {EOS_ID} (BOS/EOS/pad), min_frequency 2.
-- Held-out modules (not seen by the tokenizer): {', '.join(HELD_OUT_MODULES)}.
+- Held-out modules (not seen by the tokenizer): {", ".join(HELD_OUT_MODULES)}.
 
 | split | files | bytes | tokens (no EOS) | bytes/token |
 |---|---:|---:|---:|---:|

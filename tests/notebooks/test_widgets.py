@@ -3,6 +3,7 @@
 The expected numbers come from the tree shape arithmetic (1 + sum of widths), not from viz.py.
 The StepPlayer and the real-tree explorer run on a real generation of the embedded pair.
 """
+
 import re
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_width_slider_updates_count_diagram_and_mask(level, value):
     assert count(e) == n
     assert f"{n * n:,} bytes" in e.mask_label.value
     assert e.diagram_source != before
-    assert f'level {level + 1}\\n{value} nodes' in e.diagram_source
+    assert f"level {level + 1}\\n{value} nodes" in e.diagram_source
     z = np.asarray(e.mask_fig.data[0].z)
     assert z.shape == (n, n) and z[:, 0].all() and np.diag(z).all()
 
@@ -90,6 +91,7 @@ def test_cache_limit_is_configurable_and_presets_apply():
 def test_tree_fn_errors_are_shown():
     def boom(shape):
         raise ValueError(f"cannot draft {shape.widths}; fix: smaller tree")
+
     e = TreeShapeExplorer([2, 2], tree_fn=boom)
     assert "cannot draft" in e.message.value and e.shape is None
 
@@ -103,6 +105,7 @@ def test_siblings_limit_collapses_the_placeholder():
 
 
 # ----------------------------------------------------------------------------- real generations
+
 
 @pytest.fixture(scope="module")
 def traced(embedded_pair):

@@ -8,13 +8,19 @@ import pytest
 import torch
 
 from longspec_lab.cli import main as cli_main
-from longspec_lab.paths import load_prompts
 from longspec_lab.decoding.eager import SpecDecoder
 from longspec_lab.ops.sampling import make_generator
+from longspec_lab.paths import load_prompts
 
 N_NEW = 16
-RULES = [("tree", "target-sample"), ("tree", "rrs"), ("chain", "chain"), ("tree", "naive-topk"),
-         ("ar", "target-sample"), ("chain", "target-sample")]
+RULES = [
+    ("tree", "target-sample"),
+    ("tree", "rrs"),
+    ("chain", "chain"),
+    ("tree", "naive-topk"),
+    ("ar", "target-sample"),
+    ("chain", "target-sample"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +109,33 @@ def test_result_records_rule_and_acceptance_rates(setup):
 
 
 def test_cli_sampling_flags(capsys):
-    rc = cli_main(["generate", "--device", "cpu", "--dtype", "float32", "--prompt", "def main(argv):\n",
-                   "--max-new-tokens", "6", "--tree-shape", "4", "4", "--verify", "rrs", "--temperature", "0.8",
-                   "--top-k", "40", "--top-p", "0.9", "--seed", "2", "--json"])
+    rc = cli_main(
+        [
+            "generate",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--prompt",
+            "def main(argv):\n",
+            "--max-new-tokens",
+            "6",
+            "--tree-shape",
+            "4",
+            "4",
+            "--verify",
+            "rrs",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "2",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["verify"], out["temperature"], out["top_k"], out["top_p"], out["seed"]) == ("rrs", 0.8, 40, 0.9, 2)

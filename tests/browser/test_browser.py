@@ -5,6 +5,7 @@ never writes outputs into the repository), opens 02_tree_shapes.ipynb, runs all 
 slider and the depth slider with the mouse, and checks that the node count and the diagram follow.
 A screenshot goes to tests/artifacts/. The server is stopped by its PID.
 """
+
 import json
 import os
 import re
@@ -19,10 +20,17 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/lib/chromium/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = REPO / "tests" / "artifacts"
 NOTEBOOK = "02_tree_shapes.ipynb"
 
@@ -50,11 +58,23 @@ def lab(tmp_path_factory):
     shutil.copy(REPO / "notebooks" / NOTEBOOK, root / NOTEBOOK)
     cfg = root / ".jupyter"
     port = _free_port()
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-           f"--ServerApp.root_dir={root}", "--IdentityProvider.token=", "--ServerApp.password=",
-           "--ServerApp.disable_check_xsrf=True", f"--LabApp.user_settings_dir={cfg / 'settings'}",
-           f"--LabApp.workspaces_dir={cfg / 'workspaces'}",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=None"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        f"--port={port}",
+        "--ip=127.0.0.1",
+        f"--ServerApp.root_dir={root}",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        "--ServerApp.disable_check_xsrf=True",
+        f"--LabApp.user_settings_dir={cfg / 'settings'}",
+        f"--LabApp.workspaces_dir={cfg / 'workspaces'}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=None",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     env = dict(os.environ, CI="1", JUPYTER_CONFIG_DIR=str(cfg), PYDEVD_DISABLE_FILE_VALIDATION="1")

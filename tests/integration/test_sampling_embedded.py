@@ -48,20 +48,53 @@ def _draw(dec, tok, hf_embedded, target):
     out = []
     for text, method, verify in CASES:
         ids = tok.encode(text)
-        ours = [tuple(dec.generate(ids, method=method, verify=verify, temperature=1.0, max_new_tokens=2,
-                                   tree_shape=[4, 4], gamma=2, seed=s, stop_at_eos=False).new_tokens)
-                for s in range(N)]
+        ours = [
+            tuple(
+                dec.generate(
+                    ids,
+                    method=method,
+                    verify=verify,
+                    temperature=1.0,
+                    max_new_tokens=2,
+                    tree_shape=[4, 4],
+                    gamma=2,
+                    seed=s,
+                    stop_at_eos=False,
+                ).new_tokens
+            )
+            for s in range(N)
+        ]
         torch.manual_seed(0)
         with torch.no_grad():
-            hf = hf_embedded.generate(torch.tensor([ids]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                      max_new_tokens=2, num_return_sequences=N_HF, pad_token_id=0)
-        theirs = [tuple(r) for r in hf[:, len(ids):].tolist()]
+            hf = hf_embedded.generate(
+                torch.tensor([ids]),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=2,
+                num_return_sequences=N_HF,
+                pad_token_id=0,
+            )
+        theirs = [tuple(r) for r in hf[:, len(ids) :].tolist()]
         with torch.no_grad():
             p0 = probs_from_logits(target(torch.tensor([ids]))[0, -1], SamplingParams(1.0), torch.float64)
         out.append((verify, ours, theirs, p0))
-    naive = [tuple(dec.generate(tok.encode(CASES[0][0]), method="tree", verify="naive-topk", temperature=1.0,
-                                max_new_tokens=2, tree_shape=[4, 4], seed=s, stop_at_eos=False).new_tokens)
-             for s in range(N_NAIVE)]
+    naive = [
+        tuple(
+            dec.generate(
+                tok.encode(CASES[0][0]),
+                method="tree",
+                verify="naive-topk",
+                temperature=1.0,
+                max_new_tokens=2,
+                tree_shape=[4, 4],
+                seed=s,
+                stop_at_eos=False,
+            ).new_tokens
+        )
+        for s in range(N_NAIVE)
+    ]
     return out, naive
 
 

@@ -4,23 +4,37 @@ import json
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from longspec_lab.models.config import PRESETS, ModelConfig
-from longspec_lab.models.target import Target
 from longspec_lab.models.loaders import load_target, save_hf
+from longspec_lab.models.target import Target
 from longspec_lab.spec.tree import DraftTree
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def _hf_llama(tmp_path, **kw):
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                      rope_scaling=LLAMA3_SCALING, rope_theta=50000.0, tie_word_embeddings=False, **kw)
+    cfg = LlamaConfig(
+        vocab_size=120,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_scaling=LLAMA3_SCALING,
+        rope_theta=50000.0,
+        tie_word_embeddings=False,
+        **kw,
+    )
     m = LlamaForCausalLM(cfg).eval()
     m.save_pretrained(tmp_path)
     return m
@@ -28,9 +42,16 @@ def _hf_llama(tmp_path, **kw):
 
 def _hf_qwen(tmp_path):
     torch.manual_seed(2)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     m = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # random init leaves biases at zero: make them matter
         for layer in m.model.layers:
@@ -82,7 +103,7 @@ def test_prefill_then_decode_equals_full_forward(backend):
         cache = m.new_cache(64)
         parts = [m(x[:, :25], cache=cache, start=0, backend=backend)]
         for i in range(25, 40):
-            parts.append(m(x[:, i:i + 1], cache=cache, start=i, backend=backend))
+            parts.append(m(x[:, i : i + 1], cache=cache, start=i, backend=backend))
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
@@ -107,8 +128,9 @@ def test_tree_block_equals_path_forwards(seed, backend):
     with torch.no_grad():
         cache = m.new_cache(64)
         m(prefix, cache=cache, start=0, backend=backend)
-        got = m(tree.tokens[None], positions=tree.positions(P), cache=cache, start=P, mask=tree.mask,
-                backend=backend)[0]
+        got = m(tree.tokens[None], positions=tree.positions(P), cache=cache, start=P, mask=tree.mask, backend=backend)[
+            0
+        ]
         for i in range(n):
             path = torch.tensor(tree.path_tokens(i))[None]
             ref = m(torch.cat([prefix, path], 1))[0, -1]
@@ -133,6 +155,7 @@ def test_save_hf_loads_in_transformers(tmp_path):
 
 
 # ---------------------------------------------------------------------- bad input
+
 
 def test_gpt2_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)

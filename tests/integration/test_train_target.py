@@ -1,4 +1,5 @@
 """Target training: a tiny CPU run learns, and the saved folder is a valid HF checkpoint."""
+
 import json
 import math
 
@@ -22,9 +23,23 @@ def trained(tmp_path_factory, tiny_cfg):
     tmp = tmp_path_factory.mktemp("train")
     tokens = smoke_tokens(tmp / "tokens", n_train_files=20)
     out = tmp / "model"
-    summary = train_target(tiny_cfg, out, steps=20, batch_size=4, seq_len=128, lr=3e-3, warmup=2,
-                           weight_decay=0.1, seed=0, device="cpu", dtype="float32", eval_every=10,
-                           tokens_dir=tokens, max_eval_windows=4, progress=False)
+    summary = train_target(
+        tiny_cfg,
+        out,
+        steps=20,
+        batch_size=4,
+        seq_len=128,
+        lr=3e-3,
+        warmup=2,
+        weight_decay=0.1,
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        eval_every=10,
+        tokens_dir=tokens,
+        max_eval_windows=4,
+        progress=False,
+    )
     return summary, out, tokens
 
 
@@ -67,6 +82,7 @@ def test_best_checkpoint_is_saved(trained, tiny_cfg):
     summary, out, tokens = trained
     from longspec_lab.train.corpus import TokenDataset
     from longspec_lab.train.target import evaluate
+
     model = load_target(out, device="cpu", dtype="float32")
     held = TokenDataset(tokens / "heldout.u16", 128).eval_windows(4)
     loss = evaluate(model, held, 4, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
@@ -87,8 +103,9 @@ def test_bad_arguments(tmp_path, tiny_cfg, trained):
     with pytest.raises(ValueError, match="vocab_size"):
         train_target(PRESETS["tiny"], tmp_path, steps=1, seq_len=64, tokens_dir=tokens, device="cpu", progress=False)
     with pytest.raises(ValueError, match="--tokenize"):
-        train_target(tiny_cfg, tmp_path, steps=1, seq_len=64, tokens_dir=tmp_path / "none", device="cpu",
-                     progress=False)
+        train_target(
+            tiny_cfg, tmp_path, steps=1, seq_len=64, tokens_dir=tmp_path / "none", device="cpu", progress=False
+        )
 
 
 def test_cli_help_and_smoke(tmp_path, capsys):

@@ -5,6 +5,7 @@ Figures are checked by their data against the inputs (plotted values equal the n
 and Pareto points where they belong); the cache measurement against the byte count implied by the
 model's shapes; name parsing against hand-written cases.
 """
+
 import json
 import math
 
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab.teach import setup as nb
-from longspec_lab.teach import viz_results
 from longspec_lab.models.config import PRESETS
 from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.target import Target
+from longspec_lab.teach import setup as nb
+from longspec_lab.teach import viz_results
 
 
 def _trace(fig, name):
@@ -24,6 +25,7 @@ def _trace(fig, name):
 
 
 # ----------------------------------------------------------------------------- loading and provenance
+
 
 def test_load_result_and_provenance(tmp_path):
     rec = {"environment": {"gpu": "G", "torch": "2.x", "date": "d", "command": "c", "noise": 1}, "rows": []}
@@ -39,19 +41,23 @@ def test_load_result_and_provenance(tmp_path):
     with pytest.raises(ValueError, match="environment"):
         nb.provenance({"rows": []})
     # top-level command / device complete an environment block that lacks them
-    assert nb.provenance({"environment": {"torch": "t"}, "command": "x", "device": "cpu"}) == \
-        {"device": "cpu", "torch": "t", "command": "x"}
+    assert nb.provenance({"environment": {"torch": "t"}, "command": "x", "device": "cpu"}) == {
+        "device": "cpu",
+        "torch": "t",
+        "command": "x",
+    }
 
 
-@pytest.mark.parametrize("name", ["tree_attention_h200", "e2e_h200", "tune_h200", "verify_8b_h200",
-                                  "sampling_tau_cpu"])
+@pytest.mark.parametrize("name", ["tree_attention_h200", "e2e_h200", "tune_h200", "verify_8b_h200", "sampling_tau_cpu"])
 def test_recorded_results_carry_provenance(name):
     prov = nb.provenance(nb.load_result(name))
     assert "command" in prov and "torch" in prov
 
 
 def test_html_table_formats_and_escapes():
-    html = viz_results.html_table([{"a": 1.23456, "b": "<x>"}, {"a": None, "b": "y"}], formats={"a": "{:.2f}"}, title="T")
+    html = viz_results.html_table(
+        [{"a": 1.23456, "b": "<x>"}, {"a": None, "b": "y"}], formats={"a": "{:.2f}"}, title="T"
+    )
     assert "1.23" in html and "1.2345" not in html and "&lt;x&gt;" in html and "–" in html and "T" in html
     assert html.count("<tr>") == 3
     with pytest.raises(ValueError, match="no rows"):
@@ -60,18 +66,40 @@ def test_html_table_formats_and_escapes():
 
 # ----------------------------------------------------------------------------- shape sweeps
 
-@pytest.mark.parametrize("name,shape", [("ar", []), ("chain-g4", [1, 1, 1, 1]), ("tree-4-16-16", [4, 16, 16]),
-                                        ("tree-2-4-sdpa", [2, 4]), ("hf-greedy", None), ("chain-gx", None)])
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("ar", []),
+        ("chain-g4", [1, 1, 1, 1]),
+        ("tree-4-16-16", [4, 16, 16]),
+        ("tree-2-4-sdpa", [2, 4]),
+        ("hf-greedy", None),
+        ("chain-gx", None),
+    ],
+)
 def test_shape_of_method(name, shape):
     assert nb.shape_of_method(name) == shape
 
 
 def test_shape_points_and_stage_results():
-    res = {"hf-greedy": {"tokens_per_s": 10.0, "tokens": 100, "seconds": 10.0},
-           "ar": {"tokens_per_s": 50.0, "tokens": 100, "seconds": 2.0, "tau": 1.0,
-                  "stage_seconds": {"verify": 1.5, "overhead": 0.5}},
-           "tree-2-4": {"tokens_per_s": 100.0, "tokens": 100, "seconds": 1.0, "tau": 4.0,
-                        "stage_seconds": {"draft": 0.4, "verify": 0.4, "commit": 0.1, "overhead": 0.1}}}
+    res = {
+        "hf-greedy": {"tokens_per_s": 10.0, "tokens": 100, "seconds": 10.0},
+        "ar": {
+            "tokens_per_s": 50.0,
+            "tokens": 100,
+            "seconds": 2.0,
+            "tau": 1.0,
+            "stage_seconds": {"verify": 1.5, "overhead": 0.5},
+        },
+        "tree-2-4": {
+            "tokens_per_s": 100.0,
+            "tokens": 100,
+            "seconds": 1.0,
+            "tau": 4.0,
+            "stage_seconds": {"draft": 0.4, "verify": 0.4, "commit": 0.1, "overhead": 0.1},
+        },
+    }
     pts = {p["label"]: p for p in nb.shape_points(res, "s")}
     assert set(pts) == {"ar", "tree-2-4"}
     assert pts["tree-2-4"]["num_nodes"] == 7 and pts["ar"]["num_nodes"] == 1
@@ -88,15 +116,20 @@ def test_shape_points_and_stage_results():
 
 
 def test_tune_points():
-    tune = {"validated": {"[4, 8]": {"tokens_per_s": 9.0, "tau": 3.0, "step_seconds": 0.002},
-                          "[2]": {"tokens_per_s": 5.0, "tau": 2.0, "step_seconds": 0.001}},
-            "calibration_step_seconds": {"[1]": 0.001, "[16, 32]": 0.003}}
+    tune = {
+        "validated": {
+            "[4, 8]": {"tokens_per_s": 9.0, "tau": 3.0, "step_seconds": 0.002},
+            "[2]": {"tokens_per_s": 5.0, "tau": 2.0, "step_seconds": 0.001},
+        },
+        "calibration_step_seconds": {"[1]": 0.001, "[16, 32]": 0.003},
+    }
     val, cal = nb.tune_points(tune)
     assert [p["num_nodes"] for p in val] == [3, 13] and val[1]["step_ms"] == 2.0
     assert [p["num_nodes"] for p in cal] == [2, 49] and cal[1]["step_ms"] == 3.0
 
 
 # ----------------------------------------------------------------------------- cache growth
+
 
 def test_cache_growth_measures_a_constant_draft_cache():
     cfg = PRESETS["tiny"]
@@ -116,12 +149,26 @@ def test_cache_growth_measures_a_constant_draft_cache():
 
 # ----------------------------------------------------------------------------- figures
 
+
 def _cases():
     out = []
     for P in (1024, 4096, 16384):
-        out.append(dict(name="m", dtype="fp16", P=P, T=72, Hq=32, Hkv=8, floor_us=P / 1000, compute_floor_us=P / 500,
-                        methods={"triton_tree": {"us": P / 100, "us_graph": P / 200},
-                                 "sdpa_dense": {"us": P / 50, "us_graph": P / 60}}))
+        out.append(
+            dict(
+                name="m",
+                dtype="fp16",
+                P=P,
+                T=72,
+                Hq=32,
+                Hkv=8,
+                floor_us=P / 1000,
+                compute_floor_us=P / 500,
+                methods={
+                    "triton_tree": {"us": P / 100, "us_graph": P / 200},
+                    "sdpa_dense": {"us": P / 50, "us_graph": P / 60},
+                },
+            )
+        )
     out.append(dict(out[0], dtype="bf16"))
     return out
 
@@ -161,9 +208,11 @@ def test_distribution_figure_and_tau_by_rule():
     assert list(fig.data[0].y) == exact and list(fig.data[1].y) == [0.49, 0.31, 0.2]
     with pytest.raises(ValueError, match="same length"):
         viz_results.distribution_figure(exact, {"x": [1.0]})
-    rows = [dict(rule="greedy", temperature=0.0, tau=5.0, lossless=True),
-            dict(rule="rrs", temperature=1.0, tau=3.0, lossless=True),
-            dict(rule="naive-topk", temperature=1.0, tau=4.0, lossless=False)]
+    rows = [
+        dict(rule="greedy", temperature=0.0, tau=5.0, lossless=True),
+        dict(rule="rrs", temperature=1.0, tau=3.0, lossless=True),
+        dict(rule="naive-topk", temperature=1.0, tau=4.0, lossless=False),
+    ]
     fig = viz_results.tau_by_rule_figure(rows)
     t1 = _trace(fig, "temperature 1")
     assert list(t1.x) == ["rrs", "naive-topk"] and list(t1.y) == [3.0, 4.0]
@@ -171,14 +220,19 @@ def test_distribution_figure_and_tau_by_rule():
 
 
 def test_speed_bars_and_verify_decode_figures():
-    res = {"hf-greedy": {"tokens_per_s": 100.0}, "ar": {"tokens_per_s": 400.0, "tau": 1.0},
-           "tree-4": {"tokens_per_s": 800.0, "tau": 3.0}}
+    res = {
+        "hf-greedy": {"tokens_per_s": 100.0},
+        "ar": {"tokens_per_s": 400.0, "tau": 1.0},
+        "tree-4": {"tokens_per_s": 800.0, "tau": 3.0},
+    }
     fig = viz_results.speed_bars_figure(res, baseline="hf-greedy")
     assert list(fig.data[0].x) == [100.0, 400.0, 800.0] and fig.data[0].text[2] == "800 · τ 3.00 · 8.0×"
     with pytest.raises(ValueError, match="baseline"):
         viz_results.speed_bars_figure(res, baseline="nope")
-    rows = [dict(context=c, floor_verify_ms=1.0, triton_verify_graph_ms=2.0 * k, triton_decode_graph_ms=1.5 * k)
-            for k, c in enumerate((4096, 32768), start=1)]
+    rows = [
+        dict(context=c, floor_verify_ms=1.0, triton_verify_graph_ms=2.0 * k, triton_decode_graph_ms=1.5 * k)
+        for k, c in enumerate((4096, 32768), start=1)
+    ]
     fig = viz_results.verify_decode_figure(rows, backends=("triton",))
     ratio = [t for t in fig.data if t.xaxis == "x2"][0]
     assert np.allclose(list(ratio.y), [2.0 / 1.5, 2.0 / 1.5])
@@ -189,7 +243,10 @@ def test_tick_helpers_and_spread_labels():
     assert viz_results.log_ticks([3.0, 40.0]) == [2, 5, 10, 20, 50, 100]
     assert viz_results.log_ticks([]) == []
     assert [viz_results.tokens_label(n) for n in (1000, 4096, 131072)] == ["1000", "4k", "128k"]
-    fig = viz_results.pareto_figure([{"n": 3, "v": 1.0, "label": "c"}, {"n": 1, "v": 2.0, "label": "a"},
-                             {"n": 2, "v": 1.5, "label": "b"}], x="n", y="v")
+    fig = viz_results.pareto_figure(
+        [{"n": 3, "v": 1.0, "label": "c"}, {"n": 1, "v": 2.0, "label": "a"}, {"n": 2, "v": 1.5, "label": "b"}],
+        x="n",
+        y="v",
+    )
     viz_results.spread_labels(fig)
     assert list(fig.data[0].textposition) == ["top center", "top center", "bottom center"]  # x order: a, b, c

@@ -1,4 +1,5 @@
 """Tests for greedy acceptance (longspec_lab.verify.accept_greedy) against brute force, and losslessness."""
+
 import zlib
 
 import pytest
@@ -6,12 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longspec_lab.spec.tree import DraftTree, chain_tree
 from longspec_lab.spec.draft import grow_beam_tree
+from longspec_lab.spec.tree import DraftTree, chain_tree
 from longspec_lab.spec.verify import accept_greedy
 
-SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -135,9 +135,10 @@ def tree_decode(prompt, n, widths, hit_rate, seed):
     g = torch.Generator().manual_seed(seed)
     seq, passes = list(prompt), 0
     while len(seq) < len(prompt) + n:
+
         def level_logprobs(partial, node_ids):
-            return torch.stack([draft_logprobs(seq + partial.path_tokens(int(i))[1:], hit_rate, g)
-                                for i in node_ids])
+            return torch.stack([draft_logprobs(seq + partial.path_tokens(int(i))[1:], hit_rate, g) for i in node_ids])
+
         tree = grow_beam_tree(seq[-1], widths, level_logprobs)
         # "one target pass": the target's next token after every node's path
         target = torch.tensor([target_next(seq + tree.path_tokens(i)[1:]) for i in range(tree.num_nodes)])
@@ -146,8 +147,9 @@ def tree_decode(prompt, n, widths, hit_rate, seed):
     return seq[: len(prompt) + n], passes
 
 
-@pytest.mark.parametrize("widths, hit_rate", [([1, 1, 1, 1], 0.8), ([3, 4, 4], 0.6), ([2, 2, 2, 2, 2], 0.3),
-                                              ([4], 0.0)])
+@pytest.mark.parametrize(
+    "widths, hit_rate", [([1, 1, 1, 1], 0.8), ([3, 4, 4], 0.6), ([2, 2, 2, 2, 2], 0.3), ([4], 0.0)]
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tree_decoding_is_lossless(widths, hit_rate, seed):
     prompt = [seed % VOCAB, 1, 2]

@@ -1,4 +1,5 @@
 """Corpus splits, the shipped tokenizer, the shipped prompts and the token dataset."""
+
 import hashlib
 import json
 import random
@@ -8,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab.train import corpus
-from longspec_lab.train.corpus import ENDOFTEXT, HELD_OUT_MODULES, TokenDataset, corpus_files, encode_documents, resolve_module, write_tokens
-from longspec_lab.paths import PROMPTS_DIR, load_prompts
-from longspec_lab.paths import TOKENIZER_DIR
 from longspec_lab.models.tokenizer import TOKENIZER_FILES, load_hf_tokenizer, load_tokenizer
+from longspec_lab.paths import PROMPTS_DIR, TOKENIZER_DIR, load_prompts
+from longspec_lab.train import corpus
+from longspec_lab.train.corpus import (
+    ENDOFTEXT,
+    HELD_OUT_MODULES,
+    TokenDataset,
+    corpus_files,
+    encode_documents,
+    resolve_module,
+    write_tokens,
+)
 from longspec_lab.train.tokenizer import train_tokenizer
 
 ODD_TEXTS = [
@@ -31,8 +39,12 @@ ODD_TEXTS = [
 
 def _random_texts(n=30, seed=0):
     rng = random.Random(seed)
-    pool = [chr(c) for c in range(0x20, 0x7F)] + list(" \t\n\r\x0c") + [
-        chr(rng.randrange(0xA0, 0xD7FF)) for _ in range(50)] + [chr(rng.randrange(0x10000, 0x10FFFF)) for _ in range(10)]
+    pool = (
+        [chr(c) for c in range(0x20, 0x7F)]
+        + list(" \t\n\r\x0c")
+        + [chr(rng.randrange(0xA0, 0xD7FF)) for _ in range(50)]
+        + [chr(rng.randrange(0x10000, 0x10FFFF)) for _ in range(10)]
+    )
     return ["".join(rng.choice(pool) for _ in range(rng.randrange(1, 200))) for _ in range(n)]
 
 
@@ -122,7 +134,7 @@ def test_prompts_index_consistent(tok):
         counts.append(n)
         if index["python_version"] == sys.version.split()[0]:  # same stdlib: the chunk is verbatim
             lines = resolve_module(e["module"]).read_text("utf-8").splitlines(keepends=True)
-            assert "".join(lines[e["line_start"] - 1: e["line_end"]]) == text
+            assert "".join(lines[e["line_start"] - 1 : e["line_end"]]) == text
     assert sum(c >= 1000 for c in counts) >= 10 and sum(c >= 2000 for c in counts) >= 5
     assert max(counts) + 256 + 1 <= 4096 and min(counts) >= 400
     assert sum((PROMPTS_DIR / e["file"]).stat().st_size for e in entries) < 400_000

@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from longspec_lab.paths import load_prompts
-from longspec_lab.decoding.eager import SpecDecoder
 from longspec_lab.bench.tune import candidate_shapes, expected_accept, fit_latency, path_ranks, tune
+from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.paths import load_prompts
 
 
 def test_expected_accept_matches_brute_force():
@@ -33,8 +33,7 @@ def test_probe_model_reproduces_real_acceptance(embedded_pair):
     target, draft, tok = embedded_pair
     ids = tok.encode(load_prompts(min_tokens=1000)[0]["text"])[:400]
     shape = [4, 8, 8, 8]
-    res = SpecDecoder(target, draft).generate(ids, tree_shape=shape, max_new_tokens=40, trace=True,
-                                              stop_at_eos=False)
+    res = SpecDecoder(target, draft).generate(ids, tree_shape=shape, max_new_tokens=40, trace=True, stop_at_eos=False)
     ranks = path_ranks(res.trace, 4)
     real = [len(r.result.emitted) for r in res.trace]
     assert abs(expected_accept(ranks, [shape]).item() - sum(real) / len(real)) < 1e-9
@@ -53,8 +52,18 @@ def test_latency_fit_recovers_a_linear_model():
 def test_tune_smoke_cpu(embedded_pair):
     target, draft, tok = embedded_pair
     prompts = [tok.encode(p["text"])[:300] for p in load_prompts(min_tokens=1000)[:1]]
-    rep = tune(target, draft, prompts, probe_shape=(4, 8, 8), max_depth=3, max_nodes=40, n_tokens=12,
-               top=2, progress=False, calibration=([1], [4], [4, 4], [2, 4, 8]))
+    rep = tune(
+        target,
+        draft,
+        prompts,
+        probe_shape=(4, 8, 8),
+        max_depth=3,
+        max_nodes=40,
+        n_tokens=12,
+        top=2,
+        progress=False,
+        calibration=([1], [4], [4, 4], [2, 4, 8]),
+    )
     assert rep["best_shape"] in [json.loads(k) for k in rep["validated"]]
     assert json.dumps(rep["default_shape"]) in rep["validated"]
     assert rep["searched_shapes"] == len(candidate_shapes(3, 40, (4, 8, 8)))

@@ -1,4 +1,5 @@
 """Tests for longspec_lab.tree: shapes, masks, beam growth, each against a naive python reference."""
+
 import itertools
 import math
 import re
@@ -9,14 +10,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape, chain_tree, tree_mask, tree_positions
 from longspec_lab.spec.draft import beam_level, grow_beam_tree
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape, chain_tree, tree_mask, tree_positions
 
-SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ----------------------------------------------------------------------------- TreeShape
+
 
 def test_default_shape_counts():
     s = DEFAULT_TREE_SHAPE
@@ -37,7 +38,7 @@ def test_shape_properties_match_naive(widths):
     off = s.level_offsets
     assert len(off) == s.depth + 2 and off[-1] == s.num_nodes
     for l in range(s.depth + 1):
-        assert levels[off[l]:off[l + 1]] == [l] * (off[l + 1] - off[l])
+        assert levels[off[l] : off[l + 1]] == [l] * (off[l + 1] - off[l])
     assert TreeShape.of(",".join(map(str, widths))) == s == TreeShape.of(" ".join(map(str, widths)))
     assert TreeShape.of(tuple(widths)) == s and TreeShape.of(s) is s and TreeShape(s) == s
     assert TreeShape.of(str(s)) == s
@@ -49,19 +50,22 @@ def test_shape_accepts_spaced_and_bracketed_strings():
     assert TreeShape.chain(0).depth == 0 and TreeShape.chain(0).num_nodes == 1
 
 
-@pytest.mark.parametrize("bad, needles", [
-    ([4, 0, 16], ["level 2", "width 0", ">= 1", "e.g."]),
-    ([-3], ["level 1", "width -3", ">= 1"]),
-    ([4, 2.5], ["level 2", "2.5", "integer"]),
-    ([True, 4], ["level 1", "True", "integer"]),
-    (["a"], ["level 1", "'a'", "integer"]),
-    ("4,a,16", ["level 2", "'a'", "integer"]),
-    ("4,0", ["level 2", "width 0"]),
-    ([], ["empty", "e.g."]),
-    ("", ["empty"]),
-    (5, ["list", "[1] * gamma"]),
-    (None, ["list"]),
-])
+@pytest.mark.parametrize(
+    "bad, needles",
+    [
+        ([4, 0, 16], ["level 2", "width 0", ">= 1", "e.g."]),
+        ([-3], ["level 1", "width -3", ">= 1"]),
+        ([4, 2.5], ["level 2", "2.5", "integer"]),
+        ([True, 4], ["level 1", "True", "integer"]),
+        (["a"], ["level 1", "'a'", "integer"]),
+        ("4,a,16", ["level 2", "'a'", "integer"]),
+        ("4,0", ["level 2", "width 0"]),
+        ([], ["empty", "e.g."]),
+        ("", ["empty"]),
+        (5, ["list", "[1] * gamma"]),
+        (None, ["list"]),
+    ],
+)
 def test_shape_validation_messages(bad, needles):
     with pytest.raises(ValueError) as e:
         TreeShape.of(bad)
@@ -92,6 +96,7 @@ def test_check_fits_matches_naive(widths, vocab):
 
 # ----------------------------------------------------------------------------- masks
 
+
 @st.composite
 def parent_arrays(draw, max_nodes=30):
     n = draw(st.integers(1, max_nodes))
@@ -117,12 +122,15 @@ def test_tree_mask_matches_ancestor_walk(parents):
     assert bool(m[:, 0].all())  # everyone sees the root
 
 
-@pytest.mark.parametrize("parents, needle", [
-    ([0, 0], "parents[0] must be -1"),
-    ([-1, 1], "node 1 has parent 1"),
-    ([-1, 0, 3, 1], "node 2 has parent 3"),
-    ([-1, -1], "node 1 has parent -1"),
-])
+@pytest.mark.parametrize(
+    "parents, needle",
+    [
+        ([0, 0], "parents[0] must be -1"),
+        ([-1, 1], "node 1 has parent 1"),
+        ([-1, 0, 3, 1], "node 2 has parent 3"),
+        ([-1, -1], "node 1 has parent -1"),
+    ],
+)
 def test_tree_mask_rejects_bad_parents(parents, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         tree_mask(torch.tensor(parents))
@@ -136,6 +144,7 @@ def test_tree_mask_rejects_float_parents():
 
 
 # ----------------------------------------------------------------------------- DraftTree
+
 
 @st.composite
 def level_ordered_parents(draw):
@@ -183,8 +192,13 @@ def test_from_parents_rejects_bad_numbering_and_shape():
     with pytest.raises(ValueError, match=r"\[N\]"):
         DraftTree.from_parents([0, 1, 2], [-1, 0])
     with pytest.raises(ValueError, match="1-D tensor of 3 nodes"):
-        DraftTree(torch.zeros(2, dtype=torch.long), torch.tensor([-1, 0]), torch.tensor([0, 1]),
-                  torch.zeros(2), TreeShape([2]))
+        DraftTree(
+            torch.zeros(2, dtype=torch.long),
+            torch.tensor([-1, 0]),
+            torch.tensor([0, 1]),
+            torch.zeros(2),
+            TreeShape([2]),
+        )
 
 
 def test_chain_tree():
@@ -200,6 +214,7 @@ def test_chain_tree():
 
 
 # ----------------------------------------------------------------------------- beam growth
+
 
 def path_logprobs(path, vocab, seed, ties):
     """Deterministic draft log-probs [V] (float64) as a function of the root..node token path."""
@@ -240,12 +255,12 @@ def make_callback(vocab, seed, ties, calls):
         assert torch.equal(partial.mask, brute_mask(partial.parents.tolist()))
         assert torch.equal(partial.depths[node_ids], torch.full((len(node_ids),), partial.shape.depth))
         return torch.stack([path_logprobs(partial.path_tokens(int(i)), vocab, seed, ties) for i in node_ids])
+
     return level_logprobs
 
 
 @SETTINGS
-@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(5, 12),
-       st.integers(0, 10_000), st.booleans())
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(5, 12), st.integers(0, 10_000), st.booleans())
 def test_grow_beam_tree_matches_reference(widths, vocab, seed, ties):
     assume(all(w <= p * vocab for w, p in zip(widths, [1] + widths)))  # every level fits the vocab
     shape = TreeShape(widths)
@@ -266,7 +281,7 @@ def test_grow_beam_tree_matches_reference(widths, vocab, seed, ties):
         s = sum(float(path_logprobs(p[:k], vocab, seed, ties)[p[k]]) for k in range(1, len(p)))
         assert math.isclose(float(tree.scores[i]), s, rel_tol=1e-12, abs_tol=1e-12)
     for l in range(1, shape.depth + 1):  # beam order inside each level
-        lvl = tree.scores[off[l]:off[l + 1]]
+        lvl = tree.scores[off[l] : off[l + 1]]
         assert bool((lvl[:-1] >= lvl[1:]).all())
 
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from longspec_lab.paths import load_prompts
 from longspec_lab.decoding.eager import SpecDecoder
-from longspec_lab.paths import EMBEDDED_TARGET
+from longspec_lab.paths import EMBEDDED_TARGET, load_prompts
 
 
 def test_embedded_logits_match_transformers(embedded_target, hf_embedded):
@@ -36,10 +35,10 @@ def test_ar_matches_transformers_generate(embedded_target, hf_embedded, idx):
     assert len(ids) >= 1000
     n = 48
     with torch.no_grad():
-        ref = hf_embedded.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    res = SpecDecoder(target, None, backend="torch").generate(ids, method="ar", max_new_tokens=n,
-                                                              stop_at_eos=False)
+        ref = hf_embedded.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    res = SpecDecoder(target, None, backend="torch").generate(ids, method="ar", max_new_tokens=n, stop_at_eos=False)
     assert res.new_tokens == ref
     assert res.target_calls == n and res.tau == 1.0
 
@@ -66,11 +65,9 @@ def test_cli_generate_json(capsys):
 
     from longspec_lab.cli import main
 
-    assert main(["generate", "--prompt", "def add(a, b):\n", "--max-new-tokens", "12", "--json",
-                 "--method", "ar"]) == 0
+    assert main(["generate", "--prompt", "def add(a, b):\n", "--max-new-tokens", "12", "--json", "--method", "ar"]) == 0
     obj = json.loads(capsys.readouterr().out)
-    for key in ("method", "model_path", "new_tokens", "text", "target_calls", "tokens_per_s",
-                "attention_backend"):
+    for key in ("method", "model_path", "new_tokens", "text", "target_calls", "tokens_per_s", "attention_backend"):
         assert key in obj
     assert obj["model_path"] == str(EMBEDDED_TARGET.resolve()) and len(obj["new_tokens"]) <= 12
     assert main(["generate", "--prompt", "", "--method", "ar"]) == 2

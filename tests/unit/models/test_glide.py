@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from longspec_lab.models.config import PRESETS
-from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.draft_io import load_draft, save_draft
+from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.target import Target
 
 TINY = PRESETS["tiny"]
@@ -39,7 +39,7 @@ def naive_logits(draft, target, ids, pos, tk, tv, cross_len, window):
     def rope(x, p):  # x [T, H, D], p [T]
         ang = p.double()[:, None] * inv  # [T, D/2]
         cs, sn = ang.cos()[:, None], ang.sin()[:, None]
-        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
         return torch.cat([x1 * cs - x2 * sn, x2 * cs + x1 * sn], -1)
 
     def rms(x, w):
@@ -110,8 +110,7 @@ def test_forward_train_matches_naive_with_offset_positions(staleness):
     cache = target_cache_with_random_kv(target, B, T)
     with torch.no_grad():
         got = draft.forward_train(ids, pos, cache.k[-1], cache.v[-1], staleness)
-    want = naive_logits(draft, target, ids, pos, cache.k[-1], cache.v[-1],
-                        [max(0, i - staleness) for i in range(T)], 8)
+    want = naive_logits(draft, target, ids, pos, cache.k[-1], cache.v[-1], [max(0, i - staleness) for i in range(T)], 8)
     close(got, want)
 
 
@@ -128,7 +127,7 @@ def test_ingest_matches_naive_one_by_one_and_in_chunks(chunks):
     with torch.no_grad():
         for n in chunks:
             tcache.length = start
-            outs.append(draft.ingest(ids[:, start:start + n], dcache, tcache))
+            outs.append(draft.ingest(ids[:, start : start + n], dcache, tcache))
             cross_len += [start] * n
             start += n
         got = torch.cat(outs, 1)
@@ -200,8 +199,15 @@ def test_tree_forward_matches_ingesting_each_path(window, backend):
         for lvl in levels:
             m = lvl[-1]
             idx = torch.tensor(lvl)
-            out = draft.tree_forward(tokens[:, idx], idx - 1, torch.tensor([seen - 1 + depth[i] for i in lvl]),
-                                     anc[idx][:, 1:m + 1], dcache, tcache, backend=backend)
+            out = draft.tree_forward(
+                tokens[:, idx],
+                idx - 1,
+                torch.tensor([seen - 1 + depth[i] for i in lvl]),
+                anc[idx][:, 1 : m + 1],
+                dcache,
+                tcache,
+                backend=backend,
+            )
             got.update({i: out[:, j] for j, i in enumerate(lvl)})
         assert dcache.seen == seen and torch.equal(dcache.k, ring_before)
         for i in range(1, N + 1):
@@ -216,8 +222,14 @@ def test_tree_forward_rejects_too_many_nodes():
     dcache = draft.new_cache(max_tree_nodes=4)
     draft.ingest(torch.tensor([[1, 2]]), dcache, tcache)
     with pytest.raises(ValueError, match="max_tree_nodes"):
-        draft.tree_forward(torch.ones(1, 5, dtype=torch.long), torch.arange(5), torch.full((5,), 2),
-                           torch.eye(5, dtype=torch.bool), dcache, tcache)
+        draft.tree_forward(
+            torch.ones(1, 5, dtype=torch.long),
+            torch.arange(5),
+            torch.full((5,), 2),
+            torch.eye(5, dtype=torch.bool),
+            dcache,
+            tcache,
+        )
 
 
 def test_draft_cache_bytes_constant_as_context_grows():
@@ -236,6 +248,7 @@ def test_draft_cache_bytes_constant_as_context_grows():
 
 
 # ---------------------------------------------------------------------- checkpoints
+
 
 def test_save_load_round_trip(tmp_path):
     target, draft = make_pair(window=8)
@@ -256,8 +269,10 @@ def test_reference_names_load(tmp_path, prefix):
     state[prefix + "cross_attn.v_proj.weight"] = torch.randn(kv, TINY.hidden_size)
     state["model.embed_tokens.weight"] = torch.randn(TINY.vocab_size, TINY.hidden_size)  # shared: skipped
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.warns(UserWarning, match="cross_attn.k_proj"), \
-            pytest.warns(UserWarning, match="no draft_config.json; inferred"):
+    with (
+        pytest.warns(UserWarning, match="cross_attn.k_proj"),
+        pytest.warns(UserWarning, match="no draft_config.json; inferred"),
+    ):
         loaded = load_draft(tmp_path, target)
     assert loaded.config == draft.config
     for k, v in draft.state_dict().items():
@@ -267,9 +282,11 @@ def test_reference_names_load(tmp_path, prefix):
 def test_mismatched_target_raises(tmp_path):
     _, draft = make_pair(window=8)
     save_draft(draft, tmp_path)
-    for cfg, what in ((TINY.replace(hidden_size=32), "hidden size"),
-                      (TINY.replace(num_heads=2, num_kv_heads=1, head_dim=32), "head_dim"),
-                      (TINY.replace(vocab_size=80), "vocabulary")):
+    for cfg, what in (
+        (TINY.replace(hidden_size=32), "hidden size"),
+        (TINY.replace(num_heads=2, num_kv_heads=1, head_dim=32), "head_dim"),
+        (TINY.replace(vocab_size=80), "vocabulary"),
+    ):
         with pytest.raises(ValueError, match=what):
             load_draft(tmp_path, Target(cfg))
     # config claims the right layout but the tensors show another head count

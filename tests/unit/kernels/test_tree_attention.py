@@ -1,8 +1,9 @@
 """Triton tree attention (kernels/tree_attention.py) under the CPU interpreter, against a float64
 reference, which is itself checked against a naive dense softmax(QK^T + mask)."""
+
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"          # must precede the kernel module's @triton.jit definitions
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel module's @triton.jit definitions
 
 import importlib  # noqa: E402
 import json  # noqa: E402
@@ -14,7 +15,7 @@ import torch  # noqa: E402
 
 _MOD = "longspec_lab.kernels.tree_attention"
 if _MOD in sys.modules and not sys.modules[_MOD]._INTERPRET:
-    importlib.reload(sys.modules[_MOD])       # imported earlier without the interpreter: redefine kernels
+    importlib.reload(sys.modules[_MOD])  # imported earlier without the interpreter: redefine kernels
 import longspec_lab.kernels.tree_attention as ta  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def random_tree_mask(T, gen, n_pending=0):
         parents.append(int(torch.randint(low, i, (1,), generator=gen)) if i > 0 else -1)
     m = ancestor_mask(parents)
     if n_pending:
-        m[n_pending:, :n_pending] = True       # tree rows see every pending row
+        m[n_pending:, :n_pending] = True  # tree rows see every pending row
     return m
 
 
@@ -51,9 +52,9 @@ def naive_dense(q, k, v, plist, mask, scale):
     G = Hq // k.shape[1]
     outs, lses = [], []
     for b, P in enumerate(plist):
-        kb = k[b, :, :P + T].double().repeat_interleave(G, 0)
-        vb = v[b, :, :P + T].double().repeat_interleave(G, 0)
-        full = torch.cat([torch.ones(T, P, dtype=torch.bool), mask[b]], dim=1)   # [T, P+T]
+        kb = k[b, :, : P + T].double().repeat_interleave(G, 0)
+        vb = v[b, :, : P + T].double().repeat_interleave(G, 0)
+        full = torch.cat([torch.ones(T, P, dtype=torch.bool), mask[b]], dim=1)  # [T, P+T]
         s = (q[b].double() @ kb.transpose(-1, -2) * scale).masked_fill(~full, float("-inf"))
         lse = torch.logsumexp(s, -1)
         p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
@@ -72,16 +73,16 @@ CASES = [
     (3, 8, 4, 16, 64, [97, 255, 3], "pending_tree", 5),
     (1, 32, 8, 5, 128, [129], "pending_tree", None),
     (2, 2, 2, 1, 64, [33, 1], "causal", 2),
-    (1, 4, 2, 72, 64, [100], "pending_tree", None),             # the [4,16,16,16,16] verify size
-    (2, 4, 1, 40, 128, [65, 190], "tree_batched", 2),           # > 32 keys: two mask words
+    (1, 4, 2, 72, 64, [100], "pending_tree", None),  # the [4,16,16,16,16] verify size
+    (2, 4, 1, 40, 128, [65, 190], "tree_batched", 2),  # > 32 keys: two mask words
 ]
 
 
 def _inputs(case_id, B, Hq, Hkv, T, D, plist, kind):
     gen = torch.Generator().manual_seed(1000 + case_id)
     S = max(plist) + T + 5
-    L = 2                                                       # cache.k[layer]-style strided views
-    q = torch.randn(B, T, Hq, D, generator=gen).transpose(1, 2)             # [B, Hq, T, D], non-contiguous
+    L = 2  # cache.k[layer]-style strided views
+    q = torch.randn(B, T, Hq, D, generator=gen).transpose(1, 2)  # [B, Hq, T, D], non-contiguous
     k = torch.randn(L, B, Hkv, S, D, generator=gen)[1]
     v = torch.randn(L, B, Hkv, S, D, generator=gen)[0]
     if kind == "causal":
@@ -106,25 +107,33 @@ def test_kernel_matches_reference(case_id):
     lse_out = torch.full((B, Hq, T), float("nan"))
     scratch = ta.make_scratch(q, k, prefix, num_splits)
     for s in scratch:
-        s.fill_(float("nan"))                                   # unused slots must never be read
-    o, lse = ta.tree_attention(q, k, v, prefix, mask, return_lse=True, out=out, lse_out=lse_out,
-                               num_splits=num_splits, scratch=scratch)
+        s.fill_(float("nan"))  # unused slots must never be read
+    o, lse = ta.tree_attention(
+        q, k, v, prefix, mask, return_lse=True, out=out, lse_out=lse_out, num_splits=num_splits, scratch=scratch
+    )
     assert o is out and lse is lse_out
     assert not torch.isnan(o).any() and not torch.isnan(lse).any(), "some output element was not written"
     ro, rlse = ta.tree_attention_reference(q, k, v, prefix, mask, return_lse=True, out_dtype=torch.float64)
     torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
-    o2 = ta.tree_attention(q, k, v, prefix, mask, scale=0.3)     # default buffers, other scale
-    torch.testing.assert_close(o2.double(), ta.tree_attention_reference(q, k, v, prefix, mask, scale=0.3,
-                                                                        out_dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    o2 = ta.tree_attention(q, k, v, prefix, mask, scale=0.3)  # default buffers, other scale
+    torch.testing.assert_close(
+        o2.double(),
+        ta.tree_attention_reference(q, k, v, prefix, mask, scale=0.3, out_dtype=torch.float64),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_many_splits_ragged_tail():
     """Prefix lengths not multiples of the tile, forced split counts, a sequence with fewer splits."""
     gen = torch.Generator().manual_seed(7)
     B, Hq, Hkv, T, D = 2, 4, 2, 6, 64
-    q, k, v = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, 400, D, generator=gen), \
-        torch.randn(B, Hkv, 400, D, generator=gen)
+    q, k, v = (
+        torch.randn(B, Hq, T, D, generator=gen),
+        torch.randn(B, Hkv, 400, D, generator=gen),
+        torch.randn(B, Hkv, 400, D, generator=gen),
+    )
     mask = random_tree_mask(T, gen, n_pending=2)
     ref = ta.tree_attention_reference(q, k, v, torch.tensor([333, 70]), mask, out_dtype=torch.float64)
     for n in (1, 2, 7, 40):
@@ -151,16 +160,19 @@ def test_device_prefix_lengths_with_max_prefix():
 
 def test_empty_rows_give_zero_and_minus_inf():
     gen = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(1, 2, 4, 64, generator=gen), torch.randn(1, 1, 8, 64, generator=gen), \
-        torch.randn(1, 1, 8, 64, generator=gen)
+    q, k, v = (
+        torch.randn(1, 2, 4, 64, generator=gen),
+        torch.randn(1, 1, 8, 64, generator=gen),
+        torch.randn(1, 1, 8, 64, generator=gen),
+    )
     mask = torch.eye(4, dtype=torch.bool)
-    mask[2, 2] = False                                          # row 2 sees nothing when P = 0
+    mask[2, 2] = False  # row 2 sees nothing when P = 0
     o, lse = ta.tree_attention(q, k, v, 0, mask, return_lse=True)
     ro, rlse = ta.tree_attention_reference(q, k, v, 0, mask, return_lse=True)
     assert torch.all(o[:, :, 2] == 0) and torch.all(torch.isneginf(lse[:, :, 2]))
     assert torch.all(ro[:, :, 2] == 0) and torch.all(torch.isneginf(rlse[:, :, 2]))
     torch.testing.assert_close(o, ro, atol=1e-4, rtol=1e-4)
-    o, lse = ta.tree_attention(q, k, v, 3, mask, return_lse=True)    # with a prefix the row is not empty
+    o, lse = ta.tree_attention(q, k, v, 3, mask, return_lse=True)  # with a prefix the row is not empty
     assert torch.isfinite(lse).all()
     torch.testing.assert_close(o, ta.tree_attention_reference(q, k, v, 3, mask), atol=1e-4, rtol=1e-4)
 
@@ -175,7 +187,7 @@ def test_reference_matches_naive_dense(seed):
     k = torch.randn(B, Hkv, 50, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, Hkv, 50, D, generator=gen, dtype=torch.float64)
     mask = torch.stack([random_mask(T, gen), random_tree_mask(T, gen, n_pending=2)])
-    mask[0, 1] = False                                          # an empty row (all-masked when P = 0)
+    mask[0, 1] = False  # an empty row (all-masked when P = 0)
     scale = 1 / math.sqrt(D) * (0.5 + seed)
     ro, rlse = ta.tree_attention_reference(q, k, v, torch.tensor(plist), mask, scale, return_lse=True)
     no, nlse = naive_dense(q, k, v, plist, mask, scale)
@@ -189,12 +201,13 @@ def test_pack_block_mask(T):
     m = torch.rand(2, T, T, generator=gen) < 0.5
     packed = ta.pack_block_mask(m)
     assert packed.dtype == torch.int32 and packed.shape[2] % 4 == 0 and packed.shape[2] * 32 >= T
-    bits = (packed.to(torch.int64)[..., None] >> torch.arange(32)) & 1            # [2, T, W, 32]
+    bits = (packed.to(torch.int64)[..., None] >> torch.arange(32)) & 1  # [2, T, W, 32]
     unpacked = bits.flatten(2)[..., :T].bool()
     assert torch.equal(unpacked, m) and not bits.flatten(2)[..., T:].any()
-    m[0, 0, 0] = ~m[0, 0, 0]                                    # in-place edit must invalidate the cache
-    assert torch.equal(((ta.pack_block_mask(m).to(torch.int64)[..., None] >> torch.arange(32)) & 1
-                        ).flatten(2)[..., :T].bool(), m)
+    m[0, 0, 0] = ~m[0, 0, 0]  # in-place edit must invalidate the cache
+    assert torch.equal(
+        ((ta.pack_block_mask(m).to(torch.int64)[..., None] >> torch.arange(32)) & 1).flatten(2)[..., :T].bool(), m
+    )
 
 
 def test_plan_splits_covers_prefix():
@@ -211,20 +224,28 @@ def _good():
     return q, k, k.clone()
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda q, k, v: (q[0], k, v, 2, None), "4-D"),
-    (lambda q, k, v: (q, k[:, :, :, :32], v[:, :, :, :32], 2, None), "k .* and v"),
-    (lambda q, k, v: (q.half(), k, v, 2, None), "dtype"),
-    (lambda q, k, v: (q, k.repeat(1, 2, 1, 1)[:, :3], v.repeat(1, 2, 1, 1)[:, :3], 2, None), "multiple of kv heads"),
-    (lambda q, k, v: (torch.randn(1, 4, 3, 32), torch.randn(1, 2, 10, 32), torch.randn(1, 2, 10, 32), 2, None),
-     "head dim 32"),
-    (lambda q, k, v: (q, k, v, 8, None), "grow the cache"),
-    (lambda q, k, v: (q, k, v, -1, None), "prefix_lens"),
-    (lambda q, k, v: (q, k, v, torch.tensor([1, 2]), None), "one committed length"),
-    (lambda q, k, v: (q, k, v, 2.0, None), "prefix_lens must be an int"),
-    (lambda q, k, v: (q, k, v, 2, torch.ones(3, 3)), "bool"),
-    (lambda q, k, v: (q, k, v, 2, torch.ones(4, 4, dtype=torch.bool)), r"\[T, T\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda q, k, v: (q[0], k, v, 2, None), "4-D"),
+        (lambda q, k, v: (q, k[:, :, :, :32], v[:, :, :, :32], 2, None), "k .* and v"),
+        (lambda q, k, v: (q.half(), k, v, 2, None), "dtype"),
+        (
+            lambda q, k, v: (q, k.repeat(1, 2, 1, 1)[:, :3], v.repeat(1, 2, 1, 1)[:, :3], 2, None),
+            "multiple of kv heads",
+        ),
+        (
+            lambda q, k, v: (torch.randn(1, 4, 3, 32), torch.randn(1, 2, 10, 32), torch.randn(1, 2, 10, 32), 2, None),
+            "head dim 32",
+        ),
+        (lambda q, k, v: (q, k, v, 8, None), "grow the cache"),
+        (lambda q, k, v: (q, k, v, -1, None), "prefix_lens"),
+        (lambda q, k, v: (q, k, v, torch.tensor([1, 2]), None), "one committed length"),
+        (lambda q, k, v: (q, k, v, 2.0, None), "prefix_lens must be an int"),
+        (lambda q, k, v: (q, k, v, 2, torch.ones(3, 3)), "bool"),
+        (lambda q, k, v: (q, k, v, 2, torch.ones(4, 4, dtype=torch.bool)), r"\[T, T\]"),
+    ],
+)
 def test_bad_inputs_raise_value_error(mutate, match):
     args = mutate(*_good())
     with pytest.raises(ValueError, match=match):
@@ -244,6 +265,7 @@ def test_bad_buffers_and_backend_errors(monkeypatch):
 
 def test_bench_quick_dry_run(tmp_path):
     from longspec_lab.kernels import bench_tree_attention as bench
+
     out = tmp_path / "r.json"
     res = bench.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "r.png")])
     data = json.loads(out.read_text())
@@ -260,10 +282,21 @@ def test_bench_plot_svg_fallback(tmp_path, monkeypatch):
     import xml.dom.minidom
 
     from longspec_lab.kernels import bench_tree_attention as bench
+
     monkeypatch.setitem(sys.modules, "plotly", None)
     monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)
-    cases = [{"name": "x", "dtype": "fp16", "T": 72, "P": p, "floor_us": p / 100, "compute_floor_us": p / 70,
-              "methods": {"triton_tree": {"us": p / 50}, "sdpa_dense": {"us": p}}} for p in (1024, 4096, 65536)]
+    cases = [
+        {
+            "name": "x",
+            "dtype": "fp16",
+            "T": 72,
+            "P": p,
+            "floor_us": p / 100,
+            "compute_floor_us": p / 70,
+            "methods": {"triton_tree": {"us": p / 50}, "sdpa_dense": {"us": p}},
+        }
+        for p in (1024, 4096, 65536)
+    ]
     plot = bench.write_plot(str(tmp_path / "p.png"), cases)
     assert plot["format"] == "svg" and plot["path"].endswith(".svg")
     doc = xml.dom.minidom.parse(plot["path"])

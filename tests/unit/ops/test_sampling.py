@@ -7,15 +7,37 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from longspec_lab.spec.draft import allocate_children, grow_beam_tree_q, grow_sampled_tree, sampled_parents
-from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, make_generator, probs_from_logits, sample_categorical, warp_logits
-from longspec_lab.spec.tree import DraftTree
-from longspec_lab.spec.draft import grow_beam_tree
-from longspec_lab.spec.verify import VERIFY_RULES, acceptance_counts, sibling_ranks, verify_batch, verify_chain, verify_rrs
-from longspec_lab.spec.tree import TreeBatch
+from longspec_lab.ops.sampling import (
+    SamplingParams,
+    gumbel_topk,
+    make_generator,
+    probs_from_logits,
+    sample_categorical,
+    warp_logits,
+)
+from longspec_lab.spec.draft import (
+    allocate_children,
+    grow_beam_tree,
+    grow_beam_tree_q,
+    grow_sampled_tree,
+    sampled_parents,
+)
+from longspec_lab.spec.tree import DraftTree, TreeBatch
+from longspec_lab.spec.verify import (
+    VERIFY_RULES,
+    acceptance_counts,
+    sibling_ranks,
+    verify_batch,
+    verify_chain,
+    verify_rrs,
+)
 
 
 def hf_warp(logits, t, k, p):
@@ -30,8 +52,19 @@ def hf_warp(logits, t, k, p):
     return procs(torch.zeros(logits.shape[0], 1, dtype=torch.long), logits.clone())
 
 
-@pytest.mark.parametrize("t,k,p", [(1.0, None, None), (0.7, None, None), (1.3, 5, None), (0.9, None, 0.8),
-                                   (0.6, 20, 0.9), (2.0, 1, 0.5), (1.0, 50, 0.95), (0.8, 3, 1.0)])
+@pytest.mark.parametrize(
+    "t,k,p",
+    [
+        (1.0, None, None),
+        (0.7, None, None),
+        (1.3, 5, None),
+        (0.9, None, 0.8),
+        (0.6, 20, 0.9),
+        (2.0, 1, 0.5),
+        (1.0, 50, 0.95),
+        (0.8, 3, 1.0),
+    ],
+)
 def test_warpers_match_transformers(t, k, p):
     g = torch.Generator().manual_seed(zlib.crc32(repr((t, k, p)).encode()))
     logits = 3 * torch.randn(16, 40, generator=g)
@@ -61,19 +94,22 @@ def test_temperature_zero_is_one_hot_argmax():
     assert torch.equal(sample_categorical(p, make_generator(0)), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("kw,words", [
-    ({"temperature": -0.5}, ["temperature", "negative", "e.g."]),
-    ({"temperature": float("nan")}, ["temperature", "finite"]),
-    ({"temperature": float("inf")}, ["temperature", "finite"]),
-    ({"temperature": "hot"}, ["temperature", "not a number"]),
-    ({"temperature": 1.0, "top_p": 0.0}, ["top_p", "(0, 1]", "None"]),
-    ({"temperature": 1.0, "top_p": 1.5}, ["top_p", "(0, 1]"]),
-    ({"temperature": 1.0, "top_p": float("nan")}, ["top_p"]),
-    ({"temperature": 1.0, "top_k": 0}, ["top_k", ">= 1", "None"]),
-    ({"temperature": 1.0, "top_k": -3}, ["top_k"]),
-    ({"temperature": 1.0, "top_k": 2.5}, ["top_k", "integer"]),
-    ({"temperature": 1.0, "top_k": True}, ["top_k"]),
-])
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        ({"temperature": -0.5}, ["temperature", "negative", "e.g."]),
+        ({"temperature": float("nan")}, ["temperature", "finite"]),
+        ({"temperature": float("inf")}, ["temperature", "finite"]),
+        ({"temperature": "hot"}, ["temperature", "not a number"]),
+        ({"temperature": 1.0, "top_p": 0.0}, ["top_p", "(0, 1]", "None"]),
+        ({"temperature": 1.0, "top_p": 1.5}, ["top_p", "(0, 1]"]),
+        ({"temperature": 1.0, "top_p": float("nan")}, ["top_p"]),
+        ({"temperature": 1.0, "top_k": 0}, ["top_k", ">= 1", "None"]),
+        ({"temperature": 1.0, "top_k": -3}, ["top_k"]),
+        ({"temperature": 1.0, "top_k": 2.5}, ["top_k", "integer"]),
+        ({"temperature": 1.0, "top_k": True}, ["top_k"]),
+    ],
+)
 def test_bad_settings_raise_naming_the_fix(kw, words):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kw)
@@ -97,8 +133,9 @@ def test_gumbel_topk_is_ordered_sampling_without_replacement():
     n = 40_000
     pairs = gumbel_topk(q.expand(n, -1), 2, make_generator(0))
     assert bool((pairs[:, 0] != pairs[:, 1]).all())
-    exact = torch.tensor([[0.0 if a == b else float(q[a] * q[b] / (1 - q[a])) for b in range(5)]
-                          for a in range(5)], dtype=torch.float64)
+    exact = torch.tensor(
+        [[0.0 if a == b else float(q[a] * q[b] / (1 - q[a])) for b in range(5)] for a in range(5)], dtype=torch.float64
+    )
     obs = np.bincount((pairs[:, 0] * 5 + pairs[:, 1]).numpy(), minlength=25)
     keep = exact.flatten().numpy() > 0
     assert obs[~keep].sum() == 0
@@ -130,6 +167,7 @@ def _table_draft(V=12, seed=0):
     def level_logprobs(partial, node_ids):  # depends on the node's whole path
         rows = [sum(partial.path_tokens(int(i))) * 7 % 64 for i in node_ids]
         return torch.log_softmax(table[rows], -1)
+
     return level_logprobs
 
 
@@ -143,7 +181,7 @@ def test_sampled_tree_records_q_and_distinct_children():
         assert torch.allclose(q[node], probs_from_logits(lp(tree, torch.tensor([node])), params)[0])
         kids = tree.children(node)
         assert len(set(tree.tokens[kids].tolist())) == len(kids)
-    assert bool((q[off[-2]:] == 0).all())
+    assert bool((q[off[-2] :] == 0).all())
     for i in range(1, tree.num_nodes):  # scores = cumulative log q
         want = tree.scores[int(tree.parents[i])] + torch.log(q[int(tree.parents[i]), tree.tokens[i]])
         assert math.isclose(float(tree.scores[i]), float(want), rel_tol=1e-9)
@@ -160,6 +198,7 @@ def test_beam_tree_q_is_the_beam_tree():
 def test_registry_and_rule_errors():
     assert list(VERIFY_RULES) == ["greedy", "target-sample", "rrs", "chain", "naive-topk"]
     from longspec_lab.cli import VERIFY_CHOICES
+
     assert tuple(VERIFY_RULES) == VERIFY_CHOICES
     tree, q = grow_sampled_tree(1, [2, 2], _table_draft(), SamplingParams(1.0), make_generator(0))
     p = torch.softmax(torch.randn(tree.num_nodes, 12, dtype=torch.float64), -1)
@@ -173,8 +212,9 @@ def test_registry_and_rule_errors():
 
 def test_rule_results_are_consistent_and_reproducible():
     tree, q = grow_sampled_tree(1, [3, 2, 2], _table_draft(), SamplingParams(1.0), make_generator(0))
-    noise = torch.softmax(torch.randn(tree.num_nodes, 12, dtype=torch.float64,
-                                      generator=torch.Generator().manual_seed(0)), -1)
+    noise = torch.softmax(
+        torch.randn(tree.num_nodes, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), -1
+    )
     p = 0.6 * q + 0.4 * noise + 0.6 * noise * (q.sum(-1, keepdim=True) == 0)  # near the draft, leaves random
     for rule in ("target-sample", "rrs", "naive-topk"):
         lengths = set()
@@ -200,5 +240,4 @@ def test_acceptance_counts_brute_force():
     c = acceptance_counts(tree, res)
     # depth 1: tried (root's children), accepted (node 2); depth 2: node 2's child 5 tried, rejected
     # ranks 0..2 (the widest level has 3 nodes)
-    assert c == {"depth_tried": [1, 1], "depth_accepted": [1, 0], "rank_tried": [2, 1, 0],
-                 "rank_accepted": [0, 1, 0]}
+    assert c == {"depth_tried": [1, 1], "depth_accepted": [1, 0], "rank_tried": [2, 1, 0], "rank_accepted": [0, 1, 0]}

@@ -4,8 +4,8 @@ greedy `generate` on the same float32 weights, on held-out long prompts."""
 import pytest
 import torch
 
-from longspec_lab.paths import load_prompts
 from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.paths import load_prompts
 
 SHAPES = [[1], [4, 16, 16, 16, 16], [2, 2, 2, 2, 2, 2, 2, 2], [32], [1, 3, 9]]
 N_NEW = 24
@@ -24,9 +24,10 @@ def references(prompts, hf_embedded):
     refs = []
     with torch.no_grad():
         for ids in prompts:
-            out = hf_embedded.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0)
-            refs.append(out[0, len(ids):].tolist())
+            out = hf_embedded.generate(
+                torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+            refs.append(out[0, len(ids) :].tolist())
     return refs
 
 
@@ -48,8 +49,7 @@ def test_chain_is_lossless(embedded_pair, prompts, references, gamma):
     target, draft, _ = embedded_pair
     dec = SpecDecoder(target, draft, backend="torch")
     for ids, ref in zip(prompts, references):
-        assert dec.generate(ids, method="chain", gamma=gamma, max_new_tokens=N_NEW,
-                            stop_at_eos=False).new_tokens == ref
+        assert dec.generate(ids, method="chain", gamma=gamma, max_new_tokens=N_NEW, stop_at_eos=False).new_tokens == ref
 
 
 def test_sdpa_backend_agrees(embedded_pair, prompts, references):

@@ -4,6 +4,7 @@ References: a brute-force recursion over explicit token tuples with a plain soft
 with exact.py's vectorised enumeration), numpy sums for marginals, and the rules' known behaviour
 (lossless rules fit the exact distribution, naive-topk with draft == target does not).
 """
+
 import itertools
 import math
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab.teach import toy_lm as exact
 from longspec_lab.ops.sampling import SamplingParams
+from longspec_lab.teach import toy_lm as exact
 
 
 def brute_force(model, temperature, n_tokens):
@@ -96,13 +97,16 @@ def test_gof_pvalue_zero_for_impossible_sequence():
     assert exact.gof_pvalue(torch.tensor([0, 1, 2, 0]), ref) == 0.0
 
 
-@pytest.mark.parametrize("call,words", [
-    (lambda m: exact.speculative_samples(m, "bogus", [2], SamplingParams(1.0)), "unknown"),
-    (lambda m: exact.speculative_samples(m, "rrs", [2], SamplingParams(1.0), drafting="x"), "drafting"),
-    (lambda m: exact.speculative_samples(m, "rrs", [2, 2, 2], SamplingParams(1.0), n_tokens=3), "max_len"),
-    (lambda m: m.exact(SamplingParams(1.0), 9), "max_len"),
-    (lambda m: exact.marginal(np.ones(4) / 4, 2, 2, 5), "position"),
-])
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        (lambda m: exact.speculative_samples(m, "bogus", [2], SamplingParams(1.0)), "unknown"),
+        (lambda m: exact.speculative_samples(m, "rrs", [2], SamplingParams(1.0), drafting="x"), "drafting"),
+        (lambda m: exact.speculative_samples(m, "rrs", [2, 2, 2], SamplingParams(1.0), n_tokens=3), "max_len"),
+        (lambda m: m.exact(SamplingParams(1.0), 9), "max_len"),
+        (lambda m: exact.marginal(np.ones(4) / 4, 2, 2, 5), "position"),
+    ],
+)
 def test_bad_input_names_the_fix(call, words):
     model = exact.TableLM.random(vocab=4, max_len=3)
     with pytest.raises(ValueError, match=words):

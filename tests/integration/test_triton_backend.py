@@ -15,8 +15,13 @@ if "longspec_lab.kernels.tree_attention" in sys.modules:  # imported earlier wit
 from longspec_lab.decoding.eager import SpecDecoder  # noqa: E402
 
 
-@pytest.mark.parametrize("text", ["import os\nimport sys\n\n\ndef main(argv):\n    ",
-                                  "class Stack:\n    def __init__(self):\n        self.items = []\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "import os\nimport sys\n\n\ndef main(argv):\n    ",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    ],
+)
 def test_triton_backend_matches_torch(embedded_pair, text):
     target, draft, tok = embedded_pair
     ids = tok.encode(text)
@@ -37,5 +42,4 @@ def test_triton_static_attention_matches_torch():
     with torch.inference_mode():
         ref = attend(q, k, v, 30, mask, backend="torch")
         for be in ("torch", "sdpa"):
-            torch.testing.assert_close(attend(q, k, v, torch.tensor([30]), mask, backend=be), ref,
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attend(q, k, v, torch.tensor([30]), mask, backend=be), ref, atol=1e-5, rtol=1e-5)

@@ -3,13 +3,14 @@
 Parametrised over notebooks/*.ipynb, so new notebooks are picked up automatically. Executed with
 nbclient in a fresh kernel with CI=1 (each notebook's first cell then shrinks the work).
 """
+
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NB_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 BUDGET_S = 90
 ALLOWED_NB_METADATA = {"kernelspec", "language_info"}
@@ -33,8 +34,9 @@ def test_notebook_is_stripped(path):
     for cell in nb["cells"]:
         assert not cell.get("metadata"), f"cell {cell.get('id')} carries metadata {cell['metadata']}"
         if cell["cell_type"] == "code":
-            assert cell["outputs"] == [] and cell["execution_count"] is None, \
+            assert cell["outputs"] == [] and cell["execution_count"] is None, (
                 f"cell {cell.get('id')} has outputs; strip them before committing"
+            )
     first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     assert "setup(" in "".join(first_code["source"]), "the first code cell must call setup() (CPU/CI detection)"
 
@@ -46,8 +48,9 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("CI", "1")
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NB_DIR)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=BUDGET_S, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}
+    )
     t0 = time.perf_counter()
     client.execute()
     took = time.perf_counter() - t0
@@ -56,6 +59,11 @@ def test_notebook_executes(path, monkeypatch):
     assert took < BUDGET_S, f"{path.name} took {took:.0f} s on this machine (budget {BUDGET_S} s)"
     # every code cell ran and the figure cells produced something to look at
     assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
-    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-             if o.get("output_type") in ("display_data", "execute_result")]
+    shown = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") in ("display_data", "execute_result")
+    ]
     assert shown, f"{path.name} displays nothing"

@@ -48,9 +48,26 @@ def smoke_run(tmp_path_factory):
     (root / "tokens").mkdir()
     write_tokens(root / "tokens" / "train.u16", 20000, 64, 1)
     write_tokens(root / "tokens" / "heldout.u16", 2000, 64, 2)
-    log = train_draft(root / "target", root / "draft", steps=20, batch_size=4, seq_len=48, lr=3e-3, warmup=2,
-                      seed=0, device="cpu", dtype="float32", tokens_dir=root / "tokens", kd_weight=0.5,
-                      window=16, max_staleness=2, progress=False, eval_every=10, eval_windows=4, log_every=1)
+    log = train_draft(
+        root / "target",
+        root / "draft",
+        steps=20,
+        batch_size=4,
+        seq_len=48,
+        lr=3e-3,
+        warmup=2,
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        tokens_dir=root / "tokens",
+        kd_weight=0.5,
+        window=16,
+        max_staleness=2,
+        progress=False,
+        eval_every=10,
+        eval_windows=4,
+        log_every=1,
+    )
     return root, log
 
 

@@ -3,6 +3,7 @@
 References are independent of viz.py: node/edge counts from the tree itself, statuses by brute
 force over ancestors, Pareto fronts from the definition of dominance.
 """
+
 import random
 import re
 import shutil
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from longspec_lab.teach import palette, viz_results, viz_trees
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DraftTree, TreeShape
 from longspec_lab.spec.verify import accept_greedy
+from longspec_lab.teach import palette, viz_results, viz_trees
 
-NODE = re.compile(r'^\s*(\w+) \[(.*)\]\s*$')
-EDGE = re.compile(r'^\s*(\w+) -> (\w+)(?: \[(.*)\])?\s*$')
+NODE = re.compile(r"^\s*(\w+) \[(.*)\]\s*$")
+EDGE = re.compile(r"^\s*(\w+) -> (\w+)(?: \[(.*)\])?\s*$")
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` not installed")
 
 
@@ -25,7 +26,7 @@ def parse(dot):
     """{node name: attr string}, [(tail, head, attr string)] from a DOT source."""
     nodes, edges = {}, []
     for line in dot.source.splitlines():
-        if (m := EDGE.match(line)):
+        if m := EDGE.match(line):
             edges.append((m.group(1), m.group(2), m.group(3) or ""))
         elif (m := NODE.match(line)) and m.group(1) not in ("node", "edge", "graph"):
             nodes[m.group(1)] = m.group(2)
@@ -114,8 +115,9 @@ def test_status_colours_match_brute_force(seed):
     step = random_step(seed, tree)
     dot = viz_trees.tree_diagram(step, max_children=tree.num_nodes)
     nodes, edges = parse(dot)
-    fill = {int(k[1:]): re.search(r'fillcolor="([^"]+)"', a).group(1) for k, a in nodes.items()
-            if re.fullmatch(r"n\d+", k)}
+    fill = {
+        int(k[1:]): re.search(r'fillcolor="([^"]+)"', a).group(1) for k, a in nodes.items() if re.fullmatch(r"n\d+", k)
+    }
     path = step.result.path.tolist()
     want = brute_status(tree, step.target_tokens.tolist())
     # the accepted colour is on exactly the path's nodes (root excluded: it has its own colour)
@@ -221,8 +223,10 @@ def fake_result(method, n_new, calls, stages, wall):
 
 
 def test_tau_and_stage_figures_show_the_numbers():
-    rs = {"ar": fake_result("ar", 33, 33, {"prefill": 0.5, "verify": 3.2}, 4.0),
-          "tree": fake_result("tree", 33, 11, {"prefill": 0.5, "draft": 0.9, "verify": 1.1, "commit": 0.1}, 2.8)}
+    rs = {
+        "ar": fake_result("ar", 33, 33, {"prefill": 0.5, "verify": 3.2}, 4.0),
+        "tree": fake_result("tree", 33, 11, {"prefill": 0.5, "draft": 0.9, "verify": 1.1, "commit": 0.1}, 2.8),
+    }
     fig = viz_results.tau_figure(rs)
     bars = {(t.name, t.xaxis): t.y[0] for t in fig.data}
     assert bars[("ar", "x")] == pytest.approx(1.0) and bars[("tree", "x")] == pytest.approx(3.0)
@@ -246,6 +250,7 @@ def test_pareto_front_matches_the_definition(seed):
 
     def beats(a, b):  # a dominates b: x no larger, y no smaller, one strictly
         return a["x"] <= b["x"] and a["y"] >= b["y"] and (a["x"] < b["x"] or a["y"] > b["y"])
+
     for i in range(len(pts)):
         dominated = any(beats(q, pts[i]) for q in pts)
         assert (i in front) == (not dominated)

@@ -3,12 +3,17 @@ calls; on the CPU its stage functions run eagerly."""
 
 import pytest
 
-from longspec_lab.paths import load_prompts
 from longspec_lab.decoding.eager import SpecDecoder
 from longspec_lab.decoding.graphs import FastDecoder
+from longspec_lab.paths import load_prompts
 
-CASES = [("ar", {}), ("chain", {"gamma": 4}), ("tree", {}), ("tree", {"tree_shape": [1, 3, 9]}),
-         ("tree", {"tree_shape": [2, 2, 2, 2, 2, 2, 2, 2]})]
+CASES = [
+    ("ar", {}),
+    ("chain", {"gamma": 4}),
+    ("tree", {}),
+    ("tree", {"tree_shape": [1, 3, 9]}),
+    ("tree", {"tree_shape": [2, 2, 2, 2, 2, 2, 2, 2]}),
+]
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import math
 import pytest
 import torch
 
+from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits
+from longspec_lab.spec.draft import grow_sampled_batch
+from longspec_lab.spec.verify import verify_batch
 from longspec_lab.teach import toy_lm as exact
 from longspec_lab.teach.toy_lm import TableLM
-from longspec_lab.spec.draft import grow_sampled_batch
-from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits
-from longspec_lab.spec.verify import verify_batch
 
 N_SAMPLES = 20_000
 T = 3  # tokens compared
@@ -106,16 +106,20 @@ def test_speculation_saves_steps():
     Q = probs_from_logits(MODEL.draft, params, torch.float64)
     P = probs_from_logits(MODEL.target, params, torch.float64)
     n = 4000
-    batch, q = grow_sampled_batch(torch.zeros(n, dtype=torch.long), [3, 4, 2],
-                                  lambda t, p, ids: Q[MODEL.node_codes(torch.zeros(n, dtype=torch.long),
-                                                                 torch.zeros(n, dtype=torch.long), t, p)[0][:, ids]],
-                                  gen)
-    codes, _ = MODEL.node_codes(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), batch.tokens,
-                          batch.parents)
+    batch, q = grow_sampled_batch(
+        torch.zeros(n, dtype=torch.long),
+        [3, 4, 2],
+        lambda t, p, ids: Q[
+            MODEL.node_codes(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), t, p)[0][:, ids]
+        ],
+        gen,
+    )
+    codes, _ = MODEL.node_codes(
+        torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), batch.tokens, batch.parents
+    )
     res = verify_batch("rrs", batch, P[codes], q, gen)
     assert 1.3 < res.lengths.double().mean() <= 4
-    assert math.isclose(float((res.lengths >= 2).double().mean()),
-                        float(res.on_path[:, 1:4].any(1).double().mean()))
+    assert math.isclose(float((res.lengths >= 2).double().mean()), float(res.on_path[:, 1:4].any(1).double().mean()))
 
 
 def test_rrs_without_removing_rejected_tokens_is_rejected():
