@@ -143,6 +143,24 @@ class TreeShape:
 
 
 DEFAULT_TREE_SHAPE = TreeShape((4, 16, 16, 16, 16))
+# Documented caps, checked before any work: a step's tree (root included) and its depth. A tree this
+# large already costs more per step than it can win back on any model this package serves.
+MAX_TREE_NODES = 1024
+MAX_TREE_DEPTH = 64
+
+
+def check_tree_limits(shape: TreeShape, max_nodes: int = MAX_TREE_NODES, max_depth: int = MAX_TREE_DEPTH) -> None:
+    """Raise ValueError if `shape` exceeds the node or depth cap, naming a shape that would fit."""
+    if shape.num_nodes > max_nodes:
+        raise ValueError(
+            f"tree_shape {list(shape.widths)} has {shape.num_nodes} nodes (root included), above the "
+            f"cap of {max_nodes}; use fewer or narrower levels, e.g. {list(DEFAULT_TREE_SHAPE.widths)}"
+        )
+    if shape.depth > max_depth:
+        raise ValueError(
+            f"tree_shape has depth {shape.depth}, above the cap of {max_depth}; use at most "
+            f"{max_depth} levels, e.g. {list(DEFAULT_TREE_SHAPE.widths)}"
+        )
 
 
 # ----------------------------------------------------------------------------- masks & positions
