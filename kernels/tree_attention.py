@@ -36,6 +36,7 @@ and `longspec_lab.kernels.bench_tree_attention` is the benchmark.
 import math
 import numbers
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -621,6 +622,17 @@ def _check_buffer(name, x, shape, dtype, device):
 _PACKED = {"mask": None, "version": -1, "packed": None}  # last mask packed: one verify step, all layers
 
 
+def _pack_bits(block_mask: torch.Tensor) -> torch.Tensor:
+    """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W] with W = 4 * ceil(T / 128). Plain tensor code
+    (no cache), so torch.compile can trace it and merge the identical packs of all layers into one."""
+    m = block_mask if block_mask.dim() == 3 else block_mask[None]
+    T = m.shape[-1]
+    W = 4 * _cdiv(T, 128)
+    bits = torch.nn.functional.pad(m.to(torch.int64), (0, W * 32 - T)).view(m.shape[0], m.shape[1], W, 32)
+    words = (bits << torch.arange(32, device=m.device)).sum(-1)  # [B, T, W] in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
 def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W]: bit j % 32 of word j // 32 of row t is mask[t, j];
     W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. The last mask is cached by
@@ -629,12 +641,7 @@ def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     version = None if block_mask.is_inference() else block_mask._version
     if version is not None and _PACKED["mask"] is block_mask and _PACKED["version"] == version:
         return _PACKED["packed"]
-    m = block_mask if block_mask.dim() == 3 else block_mask[None]
-    T = m.shape[-1]
-    W = 4 * _cdiv(T, 128)
-    bits = torch.nn.functional.pad(m.to(torch.int64), (0, W * 32 - T)).view(m.shape[0], m.shape[1], W, 32)
-    words = (bits << torch.arange(32, device=m.device)).sum(-1)  # [B, T, W] in [0, 2^32)
-    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    packed = _pack_bits(block_mask)
     if version is not None:
         _PACKED.update(mask=block_mask, version=version, packed=packed)
     return packed
@@ -672,7 +679,9 @@ def tree_attention(
 
     `max_prefix`: with `prefix_lens` an integer tensor on the device, plan the splits for this upper
     bound and read the lengths only inside the kernel, so the call never waits on the host (CUDA-graph
-    capture). The caller guarantees prefix_lens[b] <= max_prefix."""
+    capture). The caller guarantees prefix_lens[b] <= max_prefix. Under torch.compile this form goes
+    through the registered op `torch.ops.longspec.tree_attention_packed` (see `tree_attention_packed`),
+    so Dynamo traces it with fullgraph=True; `scratch` and `num_splits` are then ignored."""
     device_lens = max_prefix is not None
     if device_lens:
         if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.is_floating_point():
@@ -682,9 +691,34 @@ def tree_attention(
             )
         B = q.shape[0]
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, int(max_prefix), block_mask)
-        dev_pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
+        if torch.compiler.is_compiling():
+            packed = None if block_mask is None else _pack_bits(block_mask)
+            o, lse = torch.ops.longspec.tree_attention_packed(
+                q, k, v, prefix_lens, packed, int(max_prefix), None if scale is None else float(scale)
+            )
+            if out is not None:
+                _check_buffer("out", out, (B, Hq, T, D), q.dtype, q.device)
+                o = out.copy_(o)
+            if lse_out is not None:
+                _check_buffer("lse_out", lse_out, (B, Hq, T), torch.float32, q.device)
+                lse = lse_out.copy_(lse)
+            return (o, lse) if return_lse else o
+        pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
     else:
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
+        ragged = isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1
+        pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else None
+    packed = None if block_mask is None else pack_block_mask(block_mask)  # int32 [B or 1, T, W]
+    return _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch)
+
+
+def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch):
+    """Run the split and merge kernels on checked inputs. plist: prefix lengths (host ints, or the upper
+    bound for every sequence when `pref` is given); pref: int32 [B] device lengths read by the kernel
+    (ragged / CUDA-graph mode) or None (all sequences have plist[0]); packed: int32 [B or 1, T, W] bit-packed
+    tree mask or None (causal)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
     if q.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(
             "tree_attention runs Triton kernels: on CPU set TRITON_INTERPRET=1 before importing "
@@ -708,13 +742,11 @@ def tree_attention(
         _check_buffer("scratch[1]", lse_part, (B * Hkv, n_splits + 1, rows), torch.float32, q.device)
         if not (o_part.is_contiguous() and lse_part.is_contiguous()):
             raise ValueError("scratch tensors must be contiguous; allocate them with make_scratch()")
-    ragged = device_lens or (isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1)
-    if device_lens:
-        pref = dev_pref
-    else:
-        pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else q
-    causal = block_mask is None
-    mask = q if causal else pack_block_mask(block_mask)  # int32 [B or 1, T, W]
+    ragged = pref is not None
+    if not ragged:
+        pref = q
+    causal = packed is None
+    mask = q if causal else packed
     sm_b = 0 if causal or mask.shape[0] == 1 else mask.stride(0)
     sm_q, n_words = (0, 0) if causal else (mask.stride(1), mask.shape[2])
     ieee = q.dtype == torch.float32
@@ -774,6 +806,65 @@ def tree_attention(
         num_warps=4,
     )
     return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered op: what torch.compile sees. Dynamo cannot trace a Triton launch through autotune and
+# host-side planning, so the CUDA-graph entry point (device prefix lengths, `max_prefix`) is one opaque
+# op with a fake (meta) version that only states the output shapes. The mask arrives bit-packed: the
+# caller packs it with plain tensor code (`_pack_bits`), which Inductor fuses and which the graph's
+# common-subexpression pass shares across the layers of a step.
+
+
+def _check_packed(packed_mask, B: int, T: int, device):
+    if packed_mask is None:
+        return
+    W = 4 * _cdiv(T, 128)
+    if (
+        packed_mask.dtype != torch.int32
+        or packed_mask.dim() != 3
+        or packed_mask.shape[0] not in (1, B)
+        or tuple(packed_mask.shape[1:]) != (T, W)
+        or packed_mask.device != device
+        or packed_mask.stride(2) != 1
+    ):
+        raise ValueError(
+            f"packed_mask must be int32 [1 or B={B}, T={T}, {W}] on {device} with unit last stride, got "
+            f"{packed_mask.dtype} {list(packed_mask.shape)} on {packed_mask.device}; build it with "
+            "_pack_bits(block_mask) (or pass None for a causal block)"
+        )
+
+
+@torch.library.custom_op("longspec::tree_attention_packed", mutates_args=())
+def tree_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    packed_mask: Optional[torch.Tensor],
+    max_prefix: int,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.ops.longspec.tree_attention_packed`: tree attention with device prefix lengths, as
+    `tree_attention(q, k, v, prefix_lens, block_mask, scale, return_lse=True, max_prefix=max_prefix)`.
+    prefix_lens: integer tensor [1] or [B] on q's device, each <= max_prefix; packed_mask: `_pack_bits(mask)`
+    (int32 [1 or B, T, W]) or None (causal block). Returns o [B, Hq, T, D] (q.dtype) and lse [B, Hq, T] fp32."""
+    B, Hq, Hkv, T, S, D, plist = _check(q, k, v, max_prefix, None)
+    _check_packed(packed_mask, B, T, q.device)
+    if prefix_lens.is_floating_point() or prefix_lens.numel() not in (1, B):
+        raise ValueError(
+            f"prefix_lens must be an integer tensor with 1 or B={B} elements, got {prefix_lens.dtype} "
+            f"{list(prefix_lens.shape)}; pass the committed length(s) as a device tensor"
+        )
+    pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
+    return _launch(q, k, v, plist, pref, packed_mask, scale, True, None, None, None, None)
+
+
+@tree_attention_packed.register_fake
+def _tree_attention_packed_fake(q, k, v, prefix_lens, packed_mask, max_prefix, scale=None):
+    B, Hq, T, D = q.shape
+    _check_packed(packed_mask, B, T, q.device)
+    return q.new_empty(B, Hq, T, D), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

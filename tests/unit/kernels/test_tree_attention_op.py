@@ -1,0 +1,109 @@
+"""The registered op `torch.ops.longspec.tree_attention_packed` (kernels/tree_attention.py) under the CPU
+interpreter: it matches the float64 reference, its fake version agrees with the real one (opcheck), and
+torch.compile(fullgraph=True) traces `tree_attention(..., max_prefix=...)` into one graph holding the op."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel module's @triton.jit definitions
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_MOD = "longspec_lab.kernels.tree_attention"
+if _MOD in sys.modules and not sys.modules[_MOD]._INTERPRET:
+    importlib.reload(sys.modules[_MOD])  # imported earlier without the interpreter: redefine kernels
+import longspec_lab.kernels.tree_attention as ta  # noqa: E402
+
+OP = torch.ops.longspec.tree_attention_packed
+
+
+def _tree_mask(T, gen, n_pending):
+    """n_pending causal rows, then random parents; mask[i, j] = j is i or one of its ancestors."""
+    m = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        if i < n_pending:
+            p = i - 1
+        else:
+            p = int(torch.randint(n_pending - 1, i, (1,), generator=gen))
+        if p >= 0:
+            m[i] = m[p]
+        m[i, i] = True
+    return m
+
+
+def _inputs(seed, B=2, Hq=8, Hkv=2, T=9, D=64, S=200):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, D, generator=gen).transpose(1, 2)  # [B, Hq, T, D] strided like a projection
+    k = torch.randn(2, B, Hkv, S, D, generator=gen)[1]  # cache.k[layer]-style view
+    v = torch.randn(2, B, Hkv, S, D, generator=gen)[0]
+    return q, k, v, _tree_mask(T, gen, n_pending=3)
+
+
+@pytest.mark.parametrize("lens, causal, scale", [([150, 37], False, None), ([0, 191], True, 0.2), ([64], False, None)])
+def test_op_matches_float64_reference(lens, causal, scale):
+    q, k, v, mask = _inputs(len(lens) + sum(lens))
+    if len(lens) == 1:
+        q, k, v = q[:1], k[:1], v[:1]
+    block = None if causal else mask
+    pref = torch.tensor(lens)
+    max_prefix = k.shape[2] - q.shape[2]
+    packed = None if causal else ta._pack_bits(mask)
+    o, lse = OP(q, k, v, pref, packed, max_prefix, scale)
+    assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
+    ro, rlse = ta.tree_attention_reference(q, k, v, pref, block, scale, return_lse=True, out_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+
+
+def test_op_opcheck_fake_matches_real():
+    """torch.library.opcheck: schema, fake (meta) shapes/strides against the real op, AOT dispatch."""
+    q, k, v, mask = _inputs(5, B=2, Hq=4, Hkv=2, T=6, D=64, S=80)
+    torch.library.opcheck(OP, (q, k, v, torch.tensor([30, 74]), ta._pack_bits(mask[:6, :6]), 74, None))
+    torch.library.opcheck(OP, (q, k, v, torch.tensor([12]), None, 74, 0.3))
+
+
+def test_op_bad_packed_mask_and_lengths():
+    q, k, v, mask = _inputs(6)
+    with pytest.raises(ValueError, match="packed_mask must be int32"):
+        OP(q, k, v, torch.tensor([3, 4]), mask, 100)  # a bool mask where the packed one belongs
+    with pytest.raises(ValueError, match="integer tensor with 1 or B"):
+        OP(q, k, v, torch.tensor([3, 4, 5]), ta._pack_bits(mask), 100)
+
+
+@pytest.mark.parametrize("backend, scale", [("eager", None), ("aot_eager", 0.3)])
+def test_compile_fullgraph_traces_the_op(backend, scale):
+    """fullgraph=True raises on any graph break; the captured graph must call the registered op, and the
+    compiled function must equal eager (and the float64 reference)."""
+    q, k, v, mask = _inputs(7)
+    S, T = k.shape[2], q.shape[2]
+    pref = torch.tensor([120, 5])
+
+    def step(q, k, v, pref, mask):
+        o, lse = ta.tree_attention(q, k, v, pref, mask, scale, return_lse=True, max_prefix=S - T)
+        return o * 2.0, lse  # surrounding tensor code stays in the same graph
+
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=spy)
+    o, lse = compiled(q, k, v, pref, mask)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert OP.default in targets or OP in targets, targets
+    eo, else_ = step(q, k, v, pref, mask)
+    torch.testing.assert_close(o, eo, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, else_, atol=1e-6, rtol=1e-6)
+    ro = ta.tree_attention_reference(q, k, v, pref, mask, scale, out_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), 2 * ro, atol=2e-4, rtol=1e-4)
+    pref.copy_(torch.tensor([3, 191]))  # new lengths in the same tensor: no retrace, new result
+    o2, _ = compiled(q, k, v, pref, mask)
+    assert len(graphs) == 1
+    ro2 = ta.tree_attention_reference(q, k, v, pref, mask, scale, out_dtype=torch.float64)
+    torch.testing.assert_close(o2.double(), 2 * ro2, atol=2e-4, rtol=1e-4)
