@@ -1,9 +1,26 @@
-"""One dataclass that describes a Llama/Qwen2-family decoder, with presets.
+"""One dataclass that describes a dense Llama-family decoder (Llama, Qwen2, Qwen3, Mistral), with presets.
 
-The same `ModelConfig` describes the embedded code model that ships in `data/`, a real
-Llama-3-8B, and the tiny models the tests build. It converts to and from the `config.json`
-that Hugging Face checkpoints carry, in both the transformers 4.x spelling
-(`rope_theta` + `rope_scaling`) and the 5.x spelling (`rope_parameters`).
+The same `ModelConfig` describes the embedded code model that ships with the package, a real
+Llama-3-8B, and the tiny models the tests build. It converts to and from the `config.json` that
+Hugging Face checkpoints carry, in both the transformers 4.x spelling (`rope_theta` + `rope_scaling`)
+and the 5.x spelling (`rope_parameters`). The four families differ only in small options:
+
+| family | q/k/v bias | o_proj bias | q/k RMSNorm | MLP bias |
+|---|---|---|---|---|
+| Llama | `attention_bias` | `attention_bias` | no | `mlp_bias` |
+| Qwen2 | always | no | no | no |
+| Qwen3 | `attention_bias` | `attention_bias` | always | no |
+| Mistral | no | no | no | no |
+
+What the decoder cannot reproduce exactly is refused here, with the reason and the fix: mixtures of
+experts, sliding-window attention that is actually in use (a window shorter than the context), RoPE
+scaling other than linear and llama3 (yarn, dynamic, longrope), partial rotary embeddings.
+
+`context_length` is the usable context: `max_position_embeddings`, stretched by a linear RoPE factor
+(Vicuna-7B-v1.5-16k: 4,096 x 4 = 16,384 positions). `GenerationSettings` reads
+`generation_config.json`: its EOS ids and default sampling settings, as transformers applies them.
+
+Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb (the embedded pair).
 """
 
 from __future__ import annotations
@@ -12,8 +29,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_NO_CONFIG_FIX = "use transformers directly for this checkpoint"
+
+
+def _family(arch: str) -> str:
+    return {v: k for k, v in MODEL_TYPES.items()}[arch]
 
 
 @dataclass
@@ -30,10 +58,13 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
-    attention_bias: bool = False  # Qwen2 puts biases on q/k/v (not o)
+    attention_bias: bool = False  # biases on q/k/v (Qwen2 always; Llama/Qwen3 with attention_bias)
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0
+    o_proj_bias: bool = False  # Llama and Qwen3 with attention_bias=True
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    mlp_bias: bool = False  # Llama mlp_bias=True
 
     def __post_init__(self):
         self.validate()
@@ -64,10 +95,29 @@ class ModelConfig:
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
                 "grouped-query attention needs each KV head shared by a whole number of query heads"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is odd; rotary embeddings rotate pairs of channels")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
+            orig = (self.rope_scaling or {}).get("original_max_position_embeddings")
+            native = f"its native {orig} positions" if orig else "its native context"
             raise ValueError(
-                f"RoPE scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                f"RoPE scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
+                f"remove the rope_scaling entry from config.json to run the model at {native}, "
+                f"or {_NO_CONFIG_FIX}"
+            )
+        fam = _family(self.architecture)
+        want = {
+            "llama": dict(o_proj_bias=self.attention_bias, qk_norm=False),
+            "qwen2": dict(attention_bias=True, o_proj_bias=False, qk_norm=False, mlp_bias=False),
+            "qwen3": dict(o_proj_bias=self.attention_bias, qk_norm=True, mlp_bias=False),
+            "mistral": dict(attention_bias=False, o_proj_bias=False, qk_norm=False, mlp_bias=False),
+        }[fam]
+        wrong = {k: v for k, v in want.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(
+                f"{self.architecture} cannot have {', '.join(f'{k}={getattr(self, k)}' for k in wrong)}; "
+                f"that family has {', '.join(f'{k}={v}' for k, v in wrong.items())}"
             )
 
     @property
@@ -82,6 +132,17 @@ class ModelConfig:
             return ()
         return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model can use: max_position_embeddings, or for linear RoPE scaling the
+        factor times the positions it was trained on (`original_max_position_embeddings` when the
+        config gives it, else max_position_embeddings, transformers' convention)."""
+        sc = self.rope_scaling or {}
+        if sc.get("rope_type") == "linear":
+            orig = sc.get("original_max_position_embeddings") or self.max_position_embeddings
+            return max(self.max_position_embeddings, int(sc["factor"] * orig))
+        return self.max_position_embeddings
+
     def num_parameters(self) -> int:
         d, h, kv, hd, f, v = (
             self.hidden_size,
@@ -94,7 +155,9 @@ class ModelConfig:
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.attention_bias:
             attn += h * hd + 2 * kv * hd
-        layer = attn + 3 * d * f + 2 * d
+        attn += d * self.o_proj_bias + 2 * hd * self.qk_norm
+        mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+        layer = attn + mlp + 2 * d
         emb = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + d
 
@@ -105,37 +168,46 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         archs = d.get("architectures") or []
-        arch = (
-            archs[0]
-            if archs
-            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-                d.get("model_type", ""), d.get("model_type", "<missing>")
+        mt = d.get("model_type", "")
+        arch = archs[0] if archs else MODEL_TYPES.get(mt, mt or "<missing>")
+        n_experts = d.get("num_experts") or d.get("num_local_experts") or d.get("n_routed_experts")
+        if n_experts or "moe" in arch.lower() or "mixtral" in arch.lower() or "moe" in str(mt).lower():
+            raise ValueError(
+                f"{arch} (model_type={mt!r}) is a mixture-of-experts model"
+                + (f" with {n_experts} experts per layer" if n_experts else "")
+                + "; longspec_lab serves dense decoders only (one MLP per layer), so "
+                f"{_NO_CONFIG_FIX} or pick a dense model of the family"
             )
-        )
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {arch!r} (model_type={d.get('model_type')!r}); "
+                f"unsupported architecture {arch!r} (model_type={mt!r}); "
                 f"longspec_lab loads {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints only"
             )
+        fam = _family(arch)
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported; the SwiGLU MLP here uses 'silu'")
-        if d.get("mlp_bias"):
-            raise ValueError("mlp_bias=True is not supported (Llama/Qwen2 MLPs have no biases)")
-        if d.get("use_sliding_window"):
-            raise ValueError("Qwen2 use_sliding_window=True is not supported; set it to false")
+        if d.get("mlp_bias") and fam != "llama":
+            raise ValueError(f"mlp_bias=True is not supported for {arch} (transformers builds it without MLP biases)")
+        prf = d.get("partial_rotary_factor", 1.0)
+        if prf not in (None, 1, 1.0):
+            raise ValueError(
+                f"partial_rotary_factor={prf} is not supported: RoPE here rotates every channel; {_NO_CONFIG_FIX}"
+            )
         # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling
         rp = dict(d.get("rope_parameters") or {})
-        theta = rp.pop("rope_theta", d.get("rope_theta", 10000.0))
+        theta = rp.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
         scaling = d.get("rope_scaling") or (rp if rp else None)
         if scaling is not None:
             scaling = dict(scaling)
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            scaling.pop("type", None)
             scaling.pop("rope_theta", None)
             if scaling["rope_type"] == "default":
                 scaling = None
         heads = d["num_attention_heads"]
-        return cls(
+        bias = bool(d.get("attention_bias", False))
+        cfg = cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             num_layers=d["num_hidden_layers"],
@@ -148,17 +220,29 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
+            attention_bias={"llama": bias, "qwen2": True, "qwen3": bias, "mistral": False}[fam],
             architecture=arch,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            o_proj_bias=bias and fam in ("llama", "qwen3"),
+            qk_norm=fam == "qwen3",
+            mlp_bias=bool(d.get("mlp_bias", False)),
         )
+        window = _sliding_window_in_use(d, fam, cfg.num_layers, cfg.context_length)
+        if window is not None:
+            raise ValueError(
+                f"{arch} uses sliding-window attention here (window {window} < context "
+                f"{cfg.context_length}); longspec_lab attends over the whole context, so its tokens would "
+                "differ from transformers past the window. Use a checkpoint without a window "
+                "(sliding_window null, or use_sliding_window false) or " + _NO_CONFIG_FIX
+            )
+        return cfg
 
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-        qwen = self.architecture == "Qwen2ForCausalLM"
+        fam = _family(self.architecture)
         d = {
             "architectures": [self.architecture],
-            "model_type": "qwen2" if qwen else "llama",
+            "model_type": fam,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -176,10 +260,82 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": torch_dtype,
         }
-        if not qwen:
+        if fam in ("llama", "qwen3"):
             d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = False
+        if fam == "llama":
+            d["mlp_bias"] = self.mlp_bias
+        if fam in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = False
+        if fam == "mistral":
+            d["sliding_window"] = None
         return d
+
+
+def _sliding_window_in_use(d: dict, fam: str, num_layers: int, context: int) -> int | None:
+    """The window size if some layer attends over a window shorter than the context, else None."""
+    w = d.get("sliding_window")
+    if fam in ("qwen2", "qwen3"):
+        types = d.get("layer_types")
+        if types is not None:
+            used = "sliding_attention" in types
+        else:
+            used = bool(d.get("use_sliding_window")) and d.get("max_window_layers", num_layers) < num_layers
+        if not (used and w):
+            return None
+    elif fam != "mistral" or not w:
+        return None
+    return int(w) if int(w) < context else None
+
+
+@dataclass
+class GenerationSettings:
+    """What `generation_config.json` asks of generate: EOS ids and the default sampling settings.
+
+    Missing fields take transformers' defaults (greedy; when sampling: temperature 1, top-k 50,
+    top-p 1). temperature 0 means greedy; top_k / top_p None mean off. `unsupported` lists settings
+    the file gives that longspec_lab does not apply (repetition_penalty, min_p, ...)."""
+
+    eos_token_id: tuple[int, ...] | None = None
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    unsupported: dict = dataclasses.field(default_factory=dict)
+
+    # fields that change the tokens and that longspec_lab does not implement, with their no-op values
+    _NEUTRAL = {
+        "repetition_penalty": 1.0,
+        "min_p": None,
+        "typical_p": 1.0,
+        "epsilon_cutoff": 0.0,
+        "eta_cutoff": 0.0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "length_penalty": 1.0,
+        "bad_words_ids": None,
+        "suppress_tokens": None,
+        "begin_suppress_tokens": None,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        "min_new_tokens": None,
+        "min_length": 0,
+    }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "GenerationSettings":
+        e = d.get("eos_token_id")
+        eos = None if e is None else tuple(int(x) for x in (e if isinstance(e, (list, tuple)) else [e]))
+        do_sample = bool(d.get("do_sample", False))
+        temperature = d.get("temperature")
+        top_k = d.get("top_k")
+        top_p = d.get("top_p")
+        unsupported = {k: d[k] for k, v in cls._NEUTRAL.items() if k in d and d[k] not in (v, None)}
+        if not do_sample:
+            return cls(eos, False, 0.0, None, None, unsupported)
+        temperature = 1.0 if temperature is None else float(temperature)
+        top_k = 50 if top_k is None else int(top_k)
+        top_p = 1.0 if top_p is None else float(top_p)
+        return cls(eos, True, temperature, top_k or None, top_p if top_p < 1.0 else None, unsupported)
 
 
 PRESETS: dict[str, ModelConfig] = {

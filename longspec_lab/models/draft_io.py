@@ -1,15 +1,26 @@
 """Draft checkpoints: save and load the GliDe draft in safetensors (never pickle).
 
 Names follow LongSpec's released drafts (`self_attn.*`, `cross_attn.*`, `mlp.*`, `input_layernorm`,
-`post_self_attention_layernorm`, `post_cross_attention_layernorm`), with or without a prefix such as
-`model.` or `model.layers.0.`, so a LongSpec draft for a Llama target loads as it is. Everything is
-checked from the tensor shapes before the model is built.
+`post_self_attention_layernorm`, `post_cross_attention_layernorm`), so a LongSpec draft for a Llama
+target loads as it is. Everything is checked from the tensor shapes before the model is built.
+
+The one prefix rule. Only a GliDe draft has a tensor ending in `cross_attn.q_proj.weight`; the text
+before it in that one name is the draft prefix P (empty for the released drafts; `model.`,
+`model.layers.0.` or `draft_model.` in other state dicts). A tensor belongs to the draft if and only
+if its name is P followed by one of the draft's own names, exactly. So a state dict that holds the
+target next to the draft (`model.layers.7.self_attn.*` beside `draft_model.self_attn.*`) loads the
+draft's tensors only; the target's are skipped and listed in a warning, never mapped onto the draft.
+Refused: no such tensor, two of them (two drafts or two prefixes), a name appearing twice, and a
+name under P that is neither the draft's nor a target tensor (`embed_tokens`, `layers.N.`, ...).
+
+Taught in: notebooks/05_the_glide_draft.ipynb
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -18,17 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from longspec_lab.models.glide import DraftConfig, Glide, check_fits
+from longspec_lab.models.layers import fuse_projections
 from longspec_lab.models.loaders import pick_device, pick_dtype
 
-_ROOTS = (
-    "self_attn.",
-    "cross_attn.",
-    "mlp.",
-    "input_layernorm.",
-    "post_self_attention_layernorm.",
-    "post_cross_attention_layernorm.",
-)
-_UNUSED = ("cross_attn.k_proj.", "cross_attn.v_proj.")
+ANCHOR = "cross_attn.q_proj.weight"  # the one name only a GliDe draft has: it fixes the prefix
+_UNUSED = ("cross_attn.k_proj.weight", "cross_attn.v_proj.weight", "cross_attn.k_proj.bias", "cross_attn.v_proj.bias")
+# a tensor of the target (shared embedding, LM head, final norm, its layers), written with or without `model.`
+_TARGET_NAME = re.compile(r"^(model\.)?(embed_tokens|lm_head|norm|layers\.\d+|rotary_emb)\.")
 
 
 class MissingCheckpointError(FileNotFoundError, ValueError):
@@ -38,22 +45,28 @@ class MissingCheckpointError(FileNotFoundError, ValueError):
 def save_draft(draft: Glide, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in draft.state_dict().items()}
+    # clone: the names of a fused module are views of one tensor, and safetensors stores no shared memory
+    state = {k: v.detach().to("cpu").clone() for k, v in draft.state_dict().items()}
     save_file(state, str(out / "draft.safetensors"), metadata={"format": "pt"})
     meta = dict(dataclasses.asdict(draft.config), model_type="longspec_lab-glide")
     (out / "draft_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def _strip(name: str) -> str | None:
-    """'model.layers.0.self_attn.q_proj.weight' -> 'self_attn.q_proj.weight'; None if not a draft name."""
-    for root in _ROOTS:
-        if name.startswith(root):
-            return name
-        i = name.find("." + root)
-        if i >= 0:
-            return name[i + 1 :]
-    return None
+def draft_prefix(names) -> str:
+    """The prefix P of the draft's tensors: the text before the one name ending in cross_attn.q_proj.weight."""
+    anchors = sorted(n for n in names if n == ANCHOR or n.endswith("." + ANCHOR))
+    if not anchors:
+        raise ValueError(
+            f"no tensor named [prefix.]{ANCHOR} in the draft checkpoint; it is not a GliDe draft "
+            "(train one with python -m longspec_lab.train.draft)"
+        )
+    if len(anchors) > 1:
+        raise ValueError(
+            f"the checkpoint holds {len(anchors)} GliDe drafts ({anchors}); keep one draft per folder "
+            "so that its prefix is unambiguous"
+        )
+    return anchors[0][: -len(ANCHOR)]
 
 
 def _draft_files(path: Path) -> list[Path]:
@@ -83,26 +96,53 @@ def _draft_files(path: Path) -> list[Path]:
     )
 
 
-def load_draft(path, target, device=None, dtype=None) -> Glide:
+def load_draft(path, target, device=None, dtype=None, fuse: bool = True) -> Glide:
     """Read a draft folder (draft.safetensors + draft_config.json, or a reference checkpoint whose
-    names carry a prefix such as `model.layers.0.`). Every check runs before anything is allocated."""
+    names carry one prefix, see the module docstring). Every check runs before anything is allocated.
+    `fuse` (default) joins the self-attention's q/k/v and the MLP's gate/up into one matmul each."""
     path = Path(path)
     files = _draft_files(path)
     folder = path if path.is_dir() else path.parent
-    shapes, where, unused = {}, {}, []
+    names = {}  # checkpoint name -> file
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             for name in fh.keys():
-                short = _strip(name)  # None: shared with the target (embed, lm_head) or foreign
-                if short is not None and short.startswith(_UNUSED):
-                    unused.append(name)
-                elif short is not None:
-                    shapes[short] = tuple(fh.get_slice(name).get_shape())
-                    where[short] = (f, name)
+                if name in names:
+                    raise ValueError(
+                        f"tensor {name} is in both {names[name].name} and {f.name}; keep one copy "
+                        "(the last one read would win)"
+                    )
+                names[name] = f
+    prefix = draft_prefix(names)
+    with torch.device("meta"):
+        own = set(Glide(DraftConfig.from_target(target.config), target).state_dict())
+    shapes, where, unused, skipped, foreign = {}, {}, [], [], []
+    for name, f in names.items():
+        short = name[len(prefix) :] if name.startswith(prefix) else None
+        if short in own:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                shapes[short] = tuple(fh.get_slice(name).get_shape())
+            where[short] = (f, name)
+        elif short in _UNUSED:
+            unused.append(name)
+        elif short is None or _TARGET_NAME.match(short) or _TARGET_NAME.match(name):
+            skipped.append(name)
+        else:
+            foreign.append(name)
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} tensors under the draft prefix {prefix!r} are not GliDe draft tensors, e.g. "
+            f"{sorted(foreign)[:3]}; the draft's names are {sorted(own)[:3]}...: is this another draft design?"
+        )
     if unused:
         warnings.warn(
             f"ignoring {unused}: the draft's cross-attention reads the target's K/V cache "
             "directly (already projected and rotated), so these projections are never used"
+        )
+    if skipped:
+        warnings.warn(
+            f"loading only the draft's tensors (prefix {prefix!r}); skipped {len(skipped)} others, "
+            f"e.g. {sorted(skipped)[:3]} (the target's, which the draft shares rather than owns)"
         )
     tcfg = target.config
     cfg_file = folder / "draft_config.json"
@@ -153,4 +193,5 @@ def load_draft(path, target, device=None, dtype=None) -> Glide:
             state.update({n: fh.get_tensor(orig) for n, (ff, orig) in where.items() if ff == f})
     draft.load_state_dict(state)
     dev = target.device if device is None else pick_device(device)
-    return draft.to(device=dev, dtype=target.dtype if dtype is None else pick_dtype(dtype)).eval()
+    draft = draft.to(device=dev, dtype=target.dtype if dtype is None else pick_dtype(dtype)).eval()
+    return fuse_projections(draft) if fuse else draft

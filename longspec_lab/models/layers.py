@@ -1,7 +1,20 @@
-"""Building blocks shared by the target and the GliDe draft: RMSNorm, rotary embeddings
-(with Llama-3 and linear scaling), the SwiGLU MLP, and the q/k/v/o projections of
-grouped-query attention. Parameter names follow Hugging Face's Llama/Qwen2 modules so that
-checkpoints load by name.
+"""Building blocks shared by the target and the GliDe draft: RMSNorm, rotary embeddings (with
+Llama-3 and linear scaling), the SwiGLU MLP, and the q/k/v/o projections of grouped-query attention.
+
+Parameter names follow Hugging Face's Llama / Qwen2 / Qwen3 / Mistral modules, so checkpoints load by
+name. The optional parts of those families live here too: q/k/v biases (Qwen2), an o_proj bias
+(Llama `attention_bias`, Qwen3), a per-head RMSNorm of queries and keys before RoPE (Qwen3 `q_norm`,
+`k_norm`) and MLP biases (Llama `mlp_bias`).
+
+Fused projections. A decode step of a small model is launch-bound: each matmul costs a kernel launch
+whatever its size. q, k and v read the same input, and so do gate and up, so `fuse()` concatenates
+their weights into one `qkv_proj` [(Hq + 2 Hkv) D, hidden] and one `gate_up_proj` [2 F, hidden]:
+one matmul each instead of three and two. The fused weight is the only copy (no extra memory), and
+the state dict still reads and writes the Hugging Face names (`q_proj.weight`, ...): hooks split
+the fused tensor on save and concatenate the parts on load. The loaders fuse by default;
+`unfuse()` gives the separate modules back.
+
+Taught in: notebooks/03_one_step_slowly.ipynb
 """
 
 from __future__ import annotations
@@ -22,9 +35,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32, as the reference implementations do, then cast back; one fused
-        # kernel (torch.rms_norm) instead of five small ones: decoding is launch-bound
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        # normalise in float32 (float64 stays float64), as the reference implementations do, then cast
+        # back; one fused kernel (torch.rms_norm) instead of five small ones: decoding is launch-bound
+        xf = F.rms_norm(x if x.dtype == torch.float64 else x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -69,42 +82,197 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+# ---------------------------------------------------------------------- fusing linears by name
 
-    def __init__(self, hidden: int, inter: int):
+
+class _Fusable(nn.Module):
+    """A module whose sibling linears (same input) can be fused into one, keeping HF names.
+
+    `_FUSE` maps the fused module's name to the names of its parts, in concatenation order."""
+
+    _FUSE: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self._fused_sizes: dict[str, tuple[int, ...]] = {}  # fused name -> output rows of each part
+        self.register_state_dict_post_hook(_split_fused_state)
+        self.register_load_state_dict_pre_hook(_join_fused_state)
+
+    @property
+    def fused(self) -> bool:
+        return bool(self._fused_sizes)
+
+    def fuse(self):
+        """Replace each group of parts by one linear over the concatenated weights (in place)."""
+        for name, parts in self._FUSE.items():
+            if name in self._fused_sizes:
+                continue
+            lins = [getattr(self, p) for p in parts]
+            w = torch.cat([lin.weight.detach() for lin in lins])  # [sum out, in]
+            has_bias = lins[0].bias is not None
+            with torch.device("meta"):
+                one = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+            one.weight = nn.Parameter(w, requires_grad=lins[0].weight.requires_grad)
+            if has_bias:
+                one.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in lins]))
+            self._fused_sizes[name] = tuple(lin.out_features for lin in lins)
+            for p in parts:
+                delattr(self, p)
+            setattr(self, name, one)
+        return self
+
+    def unfuse(self):
+        """The separate Hugging Face modules again (copies of the fused rows)."""
+        for name, sizes in list(self._fused_sizes.items()):
+            one = getattr(self, name)
+            ws = one.weight.detach().split(sizes)
+            bs = one.bias.detach().split(sizes) if one.bias is not None else [None] * len(sizes)
+            for p, w, b in zip(self._FUSE[name], ws, bs):
+                with torch.device("meta"):
+                    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+                lin.weight = nn.Parameter(w.clone(), requires_grad=one.weight.requires_grad)
+                if b is not None:
+                    lin.bias = nn.Parameter(b.clone())
+                setattr(self, p, lin)
+            delattr(self, name)
+            del self._fused_sizes[name]
+        return self
+
+    def _rows(self, name: str, i: int, j: int | None = None):
+        """(weight, bias) of parts i..j (exclusive; j None = i + 1) of the fused `name`, as views."""
+        sizes = self._fused_sizes[name]
+        j = i + 1 if j is None else j
+        lo, hi = sum(sizes[:i]), sum(sizes[:j])
+        one = getattr(self, name)
+        return one.weight[lo:hi], None if one.bias is None else one.bias[lo:hi]
+
+
+def _split_fused_state(module, state_dict, prefix, local_metadata):
+    for name, sizes in module._fused_sizes.items():
+        for suffix in ("weight", "bias"):
+            t = state_dict.pop(f"{prefix}{name}.{suffix}", None)
+            if t is not None:
+                for p, part in zip(module._FUSE[name], t.split(sizes)):
+                    state_dict[f"{prefix}{p}.{suffix}"] = part
+
+
+def _join_fused_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    for name in module._fused_sizes:
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{p}.{suffix}" for p in module._FUSE[name]]
+            if all(k in state_dict for k in keys):  # otherwise the strict check names what is missing
+                state_dict[f"{prefix}{name}.{suffix}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse every QKVO and MLP inside `model` (see the module docstring); returns `model`."""
+    for mod in list(model.modules()):
+        if isinstance(mod, _Fusable) and mod.can_fuse:
+            mod.fuse()
+    return model
+
+
+def unfuse_projections(model: nn.Module) -> nn.Module:
+    for mod in list(model.modules()):
+        if isinstance(mod, _Fusable):
+            mod.unfuse()
+    return model
+
+
+# ---------------------------------------------------------------------- MLP and attention projections
+
+
+class MLP(_Fusable):
+    """SwiGLU: down(silu(gate(x)) * up(x)); fused, gate and up are one matmul."""
+
+    _FUSE = {"gate_up_proj": ("gate_proj", "up_proj")}
+    can_fuse = True
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, F] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
-class QKVO(nn.Module):
-    """The four projections of grouped-query attention, with optional q/k/v biases."""
+class QKVO(_Fusable):
+    """The four projections of grouped-query attention.
+
+    Options: `bias` on q/k/v, `o_bias` on o_proj, `qk_norm_eps` (not None: Qwen3's RMSNorm over
+    each head's D channels of q and k, applied before RoPE). `kv_in` lets k/v read an input of
+    another width (then q and k/v cannot be fused). Fused, `split_qkv` is one matmul; `split_q`
+    and `split_kv` keep working on row slices of the fused weight."""
+
+    _FUSE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(
-        self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, kv_in: int | None = None
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        kv_in: int | None = None,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
     ):
         super().__init__()
         kv_in = hidden if kv_in is None else kv_in
+        self.can_fuse = kv_in == hidden
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(kv_in, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(kv_in, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=o_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def split_q(self, x):  # [B, T, Hq*D] -> [B, Hq, T, D]
-        B, T, _ = x.shape
-        return self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+    def fuse(self):
+        if not self.can_fuse:
+            raise ValueError(
+                "error: q_proj and k/v_proj read inputs of different widths (kv_in), so they cannot be "
+                "one matmul; leave this module unfused"
+            )
+        return super().fuse()
+
+    def _heads(self, y, n, norm):  # [B, T, n*D] -> [B, n, T, D], with the per-head norm if any
+        B, T, _ = y.shape
+        y = y.view(B, T, n, self.head_dim)
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(1, 2)
+
+    def split_q(self, x):  # [B, T, hidden] -> [B, Hq, T, D]
+        y = F.linear(x, *self._rows("qkv_proj", 0)) if self.fused else self.q_proj(x)
+        return self._heads(y, self.num_heads, self.q_norm)
 
     def split_kv(self, x):  # -> k, v [B, Hkv, T, D]
-        B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        if self.fused:
+            k, v = F.linear(x, *self._rows("qkv_proj", 1, 3)).chunk(2, dim=-1)
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
+        return self._heads(k, self.num_kv_heads, self.k_norm), self._heads(v, self.num_kv_heads, None)
+
+    def split_qkv(self, x):  # -> q [B, Hq, T, D], k, v [B, Hkv, T, D]; one matmul when fused
+        if not self.fused:
+            return (self.split_q(x), *self.split_kv(x))
+        nq, nk, nv = self._fused_sizes["qkv_proj"]
+        q, k, v = self.qkv_proj(x).split((nq, nk, nv), dim=-1)  # [B, T, (Hq + 2 Hkv) D] -> parts
+        return (
+            self._heads(q, self.num_heads, self.q_norm),
+            self._heads(k, self.num_kv_heads, self.k_norm),
+            self._heads(v, self.num_kv_heads, None),
+        )
 
     def merge(self, o):  # [B, Hq, T, D] -> [B, T, hidden]
         B, H, T, D = o.shape

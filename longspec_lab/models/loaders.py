@@ -1,19 +1,28 @@
 """Load and save Hugging Face checkpoint folders (safetensors only, never pickle).
 
 A folder holds `config.json` and either `model.safetensors`, several `*.safetensors` files, or a
-sharded index `model.safetensors.index.json`. Names map one to one onto `Target`'s modules.
+sharded index `model.safetensors.index.json`; `generation_config.json` is read when present (its
+EOS ids replace config.json's, as in transformers' `generate`, and its sampling settings become
+`target.generation`). Names map one to one onto `Target`'s modules, and nothing is dropped or mixed
+silently: every tensor in the files is either loaded, or equal to what it would be recomputed as
+(a tied `lm_head.weight`, a stored `rotary_emb.inv_freq`), or named in an error together with the
+config flag that would explain it. Checks run before any tensor is allocated on the device.
+
+Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb (the embedded pair).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from longspec_lab.models.config import ModelConfig
+from longspec_lab.models.config import GenerationSettings, ModelConfig
+from longspec_lab.models.layers import rope_inv_freq
 from longspec_lab.models.target import Target
 
 
@@ -90,51 +99,136 @@ def weight_files(path) -> list[Path]:
     )
 
 
-def load_target(path, device=None, dtype=None) -> Target:
+def read_generation(path) -> GenerationSettings | None:
+    """`generation_config.json` of a model folder, or None when there is none."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return None
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); fix or delete the file") from None
+    return GenerationSettings.from_hf_dict(raw)
+
+
+def check_head_dim(cfg: ModelConfig, device=None, attention_backend=None) -> str:
+    """The attention backend the model will run with; refuses a head dim the Triton kernel does not take."""
+    from longspec_lab.ops.attention import check_backend, default_backend
+
+    backend = check_backend(attention_backend or default_backend(pick_device(device)))
+    if backend == "triton":
+        from longspec_lab.kernels.tree_attention import SUPPORTED_HEAD_DIMS
+
+        if cfg.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"head_dim {cfg.head_dim} is not taken by the Triton tree-attention kernel (it takes "
+                f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}); run with --attention-backend sdpa (or torch)"
+            )
+    return backend
+
+
+def _unexpected_hint(names: list[str], cfg: ModelConfig) -> str:
+    if any(n.endswith("o_proj.bias") for n in names) and not cfg.o_proj_bias:
+        return f"o_proj biases while {cfg.architecture} here has none (attention_bias: true in config.json?)"
+    if any(".q_norm." in n or ".k_norm." in n for n in names) and not cfg.qk_norm:
+        return 'q/k norms: a Qwen3 checkpoint? config.json should say "architectures": ["Qwen3ForCausalLM"]'
+    if any(n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for n in names) and not cfg.attention_bias:
+        return "q/k/v biases while config.json declares none (attention_bias: true?)"
+    if any(".mlp." in n and n.endswith(".bias") for n in names) and not cfg.mlp_bias:
+        return "MLP biases while config.json declares none (mlp_bias: true?)"
+    return "tensors of another architecture or format (quantized weights, another family's names)"
+
+
+def load_target(path, device=None, dtype=None, fuse: bool = True, attention_backend=None) -> Target:
     """Build a `Target` from a local HF folder. Everything is checked before any tensor is
-    allocated, so a failed load leaves nothing half-built."""
+    allocated, so a failed load leaves nothing half-built. `fuse` (default) joins q/k/v and gate/up
+    into one matmul each; `attention_backend` (default: by device) is only checked here."""
+    path = Path(path)
     cfg = read_config(path)
+    gen = read_generation(path)
+    if gen is not None and gen.eos_token_id is not None:
+        cfg.eos_token_id = list(gen.eos_token_id) if len(gen.eos_token_id) > 1 else gen.eos_token_id[0]
+    if gen is not None and gen.unsupported:
+        warnings.warn(
+            f"{path / 'generation_config.json'} sets {gen.unsupported}; longspec_lab does not apply these "
+            "(only EOS ids, temperature, top-k and top-p), so sampled text can differ from transformers'"
+        )
+    check_head_dim(cfg, device, attention_backend)
     files = weight_files(path)
     dev, dt = pick_device(device), pick_dtype(dtype, device)
     with torch.device("meta"):
         model = Target(cfg)
-    expected = {k for k in model.state_dict().keys()}
-    state = {}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del want["lm_head.weight"]
+    state, source, unexpected, inv_freq = {}, {}, [], rope_inv_freq(cfg)
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             for name in fh.keys():
-                if name in expected:
+                if name in source:
+                    raise ValueError(
+                        f"tensor {name} is in both {source[name].name} and {f.name}; keep one copy of the "
+                        "weights in the folder (the last one read would win)"
+                    )
+                source[name] = f
+                if name in want:
                     state[name] = fh.get_tensor(name)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing = sorted(expected - set(state))
+                elif name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    state[name] = fh.get_tensor(name)  # must equal the embedding: checked below
+                elif name.endswith("rotary_emb.inv_freq"):
+                    t = fh.get_tensor(name).float()
+                    if t.shape != inv_freq.shape or not torch.allclose(t, inv_freq, rtol=1e-2):
+                        raise ValueError(
+                            f"{name} in {f.name} differs from the RoPE frequencies config.json implies; "
+                            "config.json (rope_theta, rope_scaling, head_dim) does not describe these weights"
+                        )
+                else:
+                    unexpected.append(name)
+    if unexpected:
+        raise ValueError(
+            f"checkpoint in {path} holds {len(unexpected)} tensors that {cfg.architecture} as configured "
+            f"does not use, e.g. {sorted(unexpected)[:4]}: {_unexpected_hint(unexpected, cfg)}; fix config.json "
+            "or convert the checkpoint (nothing is dropped silently)"
+        )
+    missing = sorted(set(want) - set(state))
     if missing:
         raise ValueError(
-            f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}; "
-            "is it a complete LlamaForCausalLM/Qwen2ForCausalLM checkpoint?"
+            f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}; is it a complete "
+            f"{cfg.architecture} checkpoint, and does config.json (biases, layers) describe it?"
         )
     for name, t in state.items():
-        want = model.state_dict()[name].shape
-        if tuple(t.shape) != tuple(want):
+        shape = want.get(name, want.get("model.embed_tokens.weight"))
+        if tuple(t.shape) != shape:
             raise ValueError(
                 f"tensor {name} has shape {tuple(t.shape)} but config.json implies "
-                f"{tuple(want)}; config.json and the weights do not belong together"
+                f"{shape}; config.json and the weights do not belong together"
             )
-    model = model.to_empty(device=dev)
+    if "lm_head.weight" in state and cfg.tie_word_embeddings:
+        if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
+            raise ValueError(
+                f"config.json in {path} says tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings to false to use both"
+            )
+    model = model.to(dt).to_empty(device=dev)  # in the target dtype first: float64 stays exact
     model.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=False, assign=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = model.rotary.__class__(cfg).to(dev)
-    return model.to(dt).eval()
+    model = model.to(dt).eval()
+    if fuse:
+        model.fuse()
+    model.generation = gen if gen is not None else GenerationSettings(eos_token_id=cfg.eos_ids or None)
+    return model
 
 
 def save_hf(model: Target, out_dir, dtype=torch.bfloat16, extra_config: dict | None = None) -> Path:
-    """Write config.json + model.safetensors that transformers' from_pretrained loads."""
+    """Write config.json + model.safetensors + generation_config.json that transformers' from_pretrained
+    loads (Hugging Face names, fused or not)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    # clone: the names of a fused module are views of one tensor, and safetensors stores no shared memory
+    state = {k: v.detach().to("cpu", dtype).clone() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -147,5 +241,8 @@ def save_hf(model: Target, out_dir, dtype=torch.bfloat16, extra_config: dict | N
         "pad_token_id": cfg.eos_ids[0] if cfg.eos_ids else None,
         "do_sample": False,
     }
+    g = getattr(model, "generation", None)
+    if g is not None and g.do_sample:
+        gen.update(do_sample=True, temperature=g.temperature, top_k=g.top_k or 0, top_p=g.top_p or 1.0)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

@@ -1,4 +1,4 @@
-"""A compact Llama/Qwen2-family causal LM with a static KV cache (gpt-fast style).
+"""A compact Llama-family causal LM (Llama, Qwen2, Qwen3, Mistral) with a static KV cache (gpt-fast style).
 
 One `forward` serves every stage of speculative decoding:
   * training           : no cache, causal attention over the whole sequence;
@@ -6,9 +6,13 @@ One `forward` serves every stage of speculative decoding:
   * 1-token decode     : cache, start=L, T=1;
   * tree verification  : cache, start=L, a block of pending tokens + tree nodes under a boolean
                          mask, each with its own RoPE position (prefix_len + depth).
-Attention goes through `longspec_lab.attention.attend`, so the backend (torch / sdpa / triton)
-is one argument. Module and parameter names match Hugging Face's `LlamaForCausalLM` and
-`Qwen2ForCausalLM`, so a checkpoint's state dict loads by name.
+Attention goes through `longspec_lab.ops.attention.attend`, so the backend (torch / sdpa / triton)
+is one argument. Module and parameter names match Hugging Face's `LlamaForCausalLM`,
+`Qwen2ForCausalLM`, `Qwen3ForCausalLM` and `MistralForCausalLM`, so a checkpoint's state dict loads
+by name. `fuse()` turns each layer's q/k/v and gate/up projections into one matmul each (the state
+dict keeps the Hugging Face names); the loaders call it for inference.
+
+Taught in: notebooks/03_one_step_slowly.ipynb
 """
 
 from __future__ import annotations
@@ -19,24 +23,31 @@ import torch.nn.functional as F
 
 from longspec_lab.models.cache import KVCache
 from longspec_lab.models.config import ModelConfig
-from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope
+from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope, fuse_projections, unfuse_projections
 from longspec_lab.ops.attention import attend
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = QKVO(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bias=cfg.attention_bias)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = QKVO(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            bias=cfg.attention_bias,
+            o_bias=cfg.o_proj_bias,
+            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+        )
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None):
         a = self.self_attn
         h = self.input_layernorm(x)
-        q = apply_rope(a.split_q(h), cos, sin)  # [B, Hq, T, D]
-        k, v = a.split_kv(h)  # [B, Hkv, T, D]
-        k = apply_rope(k, cos, sin)
+        q, k, v = a.split_qkv(h)  # [B, Hq, T, D], [B, Hkv, T, D] x 2 (one matmul when fused)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
@@ -71,6 +82,13 @@ class Target(nn.Module):
     @property
     def dtype(self):
         return self.lm_head.weight.dtype
+
+    def fuse(self) -> "Target":
+        """One qkv and one gate_up matmul per layer (in place; state dict names unchanged)."""
+        return fuse_projections(self)
+
+    def unfuse(self) -> "Target":
+        return unfuse_projections(self)
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         c = self.config
