@@ -1,36 +1,43 @@
-"""Tree-verification attention for LongSpec (arXiv 2502.17421, section 3 of shared/LONGSPEC.md).
+"""Tree-verification attention for LongSpec (arXiv 2502.17421, section 3: hybrid tree attention).
 
 One verification step feeds T new query rows (the pending tokens, then the tree nodes) per sequence.
 Each row attends to the whole committed prefix, slots [0, P), with no mask, and to the T new keys at
-slots [P, P + T) through the tree mask. With P in the tens of thousands and T ~ 72 the work is
-"read the K/V cache once": the kernel is built to move those bytes once, at full bandwidth.
+slots [P, P + T) through the tree mask. With P in the tens of thousands and T ~ 72 the prefix part is
+almost all of the work, and it needs no mask at all.
 
-- Split-KV (flash-decoding): the prefix is cut into `n_splits` chunks of `split_len` keys. A program
-  owns (query tile, split, batch x kv-head); extra split index `n_splits` is the masked tree block.
-  With T*G rows per kv head the grid is m_tiles * (n_splits + 1) * B * Hkv programs, enough to fill
-  every SM even at P = 1k.
-- GQA sharing: the query tile runs over the G = Hq / Hkv heads of one kv head and the T rows,
-  flattened as r = g * T + t (ROWS = G * T). Each K/V tile is loaded once for the whole group, and
-  the m-tiles of one split are neighbours in the launch order, so their re-reads hit L2.
-- Online softmax in fp32 (exp2, scale folded into log2 units). Each program writes a normalised
-  partial output and its natural-log LSE to fp32 scratch.
+How the kernel is laid out (Hopper-class, H100/H200):
+- GQA packing: the G = Hq / Hkv query heads of one kv head and the T rows are flattened into one row
+  axis, r = g * T + t (ROWS = G * T = 288 for Llama-3-8B and a 72-row verify), and cut into BLOCK_M row
+  tiles, so every K/V tile is loaded once for all the heads that share it and feeds a tall matrix product.
+- Split-KV (flash-decoding): the prefix is cut into `n_splits` chunks of `split_len` keys, planned from
+  the SM count so that (row tiles x splits x batch x kv heads) programs fill whole waves. A program owns
+  (row tile, split, batch x kv head).
+- The tree part is fused into the last non-empty split of each sequence: after its share of the prefix
+  that program also runs the T tree keys under the mask, so the tree costs no extra program and no
+  extra partial. With one split the program writes the final output itself (no merge launch).
+- K/V tiles stream through a software pipeline (`tl.range(..., num_stages)`); with `USE_TMA` they are read
+  through tensor descriptors (TMA on Hopper), zero-filled past the sequence's last key.
+- Online softmax in fp32 with exp2 (the scale folded into log2 units); the P.V product accumulates into
+  the running output in place (`tl.dot(p, v, acc)`). Each split writes a normalised partial output and
+  its natural-log LSE to fp32 scratch.
 - A second, small launch merges the partials by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s
-  e^(lse_s - lse) o_s, exactly the sigmoid merge of LONGSPEC.md section 3 generalised to many parts.
-  Two launches in all; empty splits of shorter (ragged) sequences are skipped, never read.
-- The tree mask is bit-packed on the host (int32 words, cached across the layers of a step): a key
-  tile reads BLOCK_N / 32 words per row instead of gathering BLOCK_M x BLOCK_N bytes, which spilled.
+  e^(lse_s - lse) o_s, the paper's prefix/tree merge generalised to many parts. Empty splits of shorter
+  (ragged) sequences are skipped, never read.
+- The tree mask is bit-packed on the host (int32 words): a key tile reads BLOCK_N / 32 words per row
+  instead of gathering BLOCK_M x BLOCK_N bytes.
 - A row that sees no key at all (P = 0 and an all-False mask row) gets o = 0 and lse = -inf.
 
-Choice of the query tile: for Llama-3-8B (Hq 32, Hkv 8) and 72 rows, ROWS = 288. BLOCK_M = 128
-holds a 128 x 128 fp32 accumulator in 8 warps (64 registers a thread), as the Triton tutorial does;
-BLOCK_M = 64 wastes fewer padded rows (320 vs 384) but re-reads each K/V tile 5 times from L2.
-Autotune picks. Roofline: per key and kv head, QK^T + PV cost 4 * ROWS * D FLOP for 4 * D bytes of
-fp16 K/V, i.e. ROWS = 288 FLOP/byte, above the H200's ridge (~790 TFLOP/s / 4.3 TB/s ~ 185): for this
-tree the kernel is tensor-core bound, and the benchmark reports the compute floor beside the
-bandwidth floor.
+Roofline: per key and kv head, QK^T + PV cost 4 * ROWS * D FLOP for 4 * D bytes of fp16 K/V, i.e. ROWS
+FLOP per byte; ROWS = 288 is above the H200's ridge (~790 TFLOP/s / 4.3 TB/s ~ 185), so this tree is
+tensor-core bound and the benchmark reports the compute floor beside the bandwidth floor.
+Tile sizes: BLOCK_M is chosen on the host (`_pick_block_m`, least padding); BLOCK_N, warps, stages and TMA
+are autotuned per (rows, head dim, dtype, BLOCK_M, split-length bucket), and the benchmark records the
+config chosen for each prefix.
 
-`tree_attention_reference` is the plain PyTorch (float64) version written as LONGSPEC.md states it,
-and `longspec_lab.kernels.bench_tree_attention` is the benchmark.
+`tree_attention_reference` is the plain PyTorch (float64) version written as the paper states it, and
+`longspec_lab.kernels.bench_tree_attention` is the benchmark.
+
+Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb
 """
 
 import math
@@ -80,6 +87,8 @@ def _attend_tile(
     q,
     K,
     V,
+    k_desc,
+    v_desc,
     start,
     hi,
     key0,
@@ -91,7 +100,6 @@ def _attend_tile(
     stride_vn,
     stride_vd,
     stride_mq,
-    n_words,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -99,26 +107,27 @@ def _attend_tile(
     TREE: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # One online-softmax step over keys [start, start + BLOCK_N) (those < hi if CHECK).
     # acc [BLOCK_M, HEAD_DIM] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and denominator;
-    # q [BLOCK_M, HEAD_DIM]; K/V point at this (batch, kv head); key0: slot of tree key 0 (TREE only);
-    # offs_t [BLOCK_M] token index of each row; MASK: this sequence's bit-packed mask, int32 [T, n_words]
-    # (bit j % 32 of word j // 32 of row t = row t may see tree key j).
+    # q [BLOCK_M, HEAD_DIM]; K/V point at this (batch, kv head), k_desc/v_desc are its descriptors (USE_TMA);
+    # key0: slot of tree key 0 (TREE only); offs_t [BLOCK_M] token index of each row; MASK: this sequence's
+    # bit-packed mask, int32 [T, n_words] (bit j % 32 of word j // 32 of row t = row t may see tree key j).
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     n = start + offs_n  # [BLOCK_N] key slots
     n_ok = n < hi
-    k_ptrs = K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if CHECK:
-        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+    if USE_TMA:
+        k = k_desc.load([start, 0])  # [BLOCK_N, D]; rows past the sequence's last key read as 0
+    elif CHECK:
+        k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
     else:
-        k = tl.load(k_ptrs)
+        k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
     if TREE:
         j = n - key0  # tree key index
         if CAUSAL:
@@ -139,14 +148,19 @@ def _attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + _row_sum(p)
-    if CHECK:
-        v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None]
+    if USE_TMA:
+        v = v_desc.load([start, 0])
+        if CHECK:  # keys past hi may be stale slots: p is 0 there, and 0 * NaN must not reach acc
+            v = tl.where(n_ok[:, None], v, 0.0)
+    elif CHECK:
+        v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
     else:
-        v = tl.load(v_ptrs)
+        v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in place (wgmma C operand)
     return acc, m_new, l_i
 
 
@@ -158,6 +172,8 @@ def _attend_range(
     q,
     K,
     V,
+    k_desc,
+    v_desc,
     lo,
     hi,
     key0,
@@ -169,7 +185,6 @@ def _attend_range(
     stride_vn,
     stride_vd,
     stride_mq,
-    n_words,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -177,10 +192,12 @@ def _attend_range(
     TREE: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    # Keys [lo, hi) in BLOCK_N steps. Only the long unmasked prefix loop (CHECK False) is software-
-    # pipelined (kernel num_stages); the tail (<= 1 step) and the tree block (a few steps, a gathered
-    # mask) run unpipelined, which keeps their buffers out of registers and shared memory.
+    # Keys [lo, hi) in BLOCK_N steps. The long unmasked prefix loop (CHECK False) is software-pipelined
+    # STAGES deep; the tail (<= 1 step) and the tree block (a few steps, a gathered mask) run unpipelined,
+    # which keeps their buffers out of registers and shared memory.
     if CHECK:
         for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
             acc, m_i, l_i = _attend_tile(
@@ -190,6 +207,8 @@ def _attend_range(
                 q,
                 K,
                 V,
+                k_desc,
+                v_desc,
                 start,
                 hi,
                 key0,
@@ -201,7 +220,6 @@ def _attend_range(
                 stride_vn,
                 stride_vd,
                 stride_mq,
-                n_words,
                 qk_scale,
                 HEAD_DIM,
                 BLOCK_N,
@@ -209,9 +227,10 @@ def _attend_range(
                 TREE,
                 CAUSAL,
                 IEEE,
+                USE_TMA,
             )
     else:
-        for start in range(lo, hi, BLOCK_N):
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
             acc, m_i, l_i = _attend_tile(
                 acc,
                 m_i,
@@ -219,6 +238,8 @@ def _attend_range(
                 q,
                 K,
                 V,
+                k_desc,
+                v_desc,
                 start,
                 hi,
                 key0,
@@ -230,7 +251,6 @@ def _attend_range(
                 stride_vn,
                 stride_vd,
                 stride_mq,
-                n_words,
                 qk_scale,
                 HEAD_DIM,
                 BLOCK_N,
@@ -238,6 +258,7 @@ def _attend_range(
                 TREE,
                 CAUSAL,
                 IEEE,
+                USE_TMA,
             )
     return acc, m_i, l_i
 
@@ -246,11 +267,13 @@ def _attend_range(
 def _tree_attn_split_kernel(
     Q,
     K,
-    V,  # q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides)
+    V,  # q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides; unit last stride for TMA)
     PREFIX,  # int32 [B] prefix lengths (read only if RAGGED)
     MASK,  # int32 [B or 1, T, n_words] bit-packed tree mask (unused if CAUSAL)
     O_PART,
-    LSE_PART,  # fp32 scratch [B*Hkv, n_splits+1, ROWS, D] and [B*Hkv, n_splits+1, ROWS]
+    LSE_PART,  # fp32 scratch [B*Hkv, n_splits, ROWS, D] and [B*Hkv, n_splits, ROWS] (unused if DIRECT)
+    OUT,  # [B, Hq, T, D] output (written here only if DIRECT)
+    LSE_OUT,  # fp32 [B, Hq, T] (written here only if DIRECT and WRITE_LSE)
     stride_qb,
     stride_qh,
     stride_qt,
@@ -263,12 +286,18 @@ def _tree_attn_split_kernel(
     stride_vh,
     stride_vn,
     stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_lt,
     stride_mb,
     stride_mq,
-    n_words,  # packed mask strides (batch, row) and words per row
     prefix_len,  # common prefix length (if not RAGGED)
     split_len,  # keys per prefix split
-    n_splits,  # number of prefix splits; split index n_splits = tree block
+    n_splits,  # number of prefix splits (>= 1); the tree runs in each sequence's last non-empty one
     T,  # new rows (= new keys) per sequence
     ROWS,  # G * T query rows per kv head
     H_KV,  # kv heads
@@ -281,6 +310,10 @@ def _tree_attn_split_kernel(
     RAGGED: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,  # n_splits == 1: write the final output, no merge launch
+    WRITE_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -291,10 +324,11 @@ def _tree_attn_split_kernel(
         P = tl.load(PREFIX + b)
     else:
         P = prefix_len
-    is_tree = pid_s == n_splits
-    lo = pid_s * split_len
-    hi = tl.minimum(lo + split_len, P)
-    if is_tree | (lo < hi):
+    n_used = (P + split_len - 1) // split_len  # non-empty prefix splits of this sequence
+    last = tl.maximum(n_used - 1, 0)  # the split that also runs the tree keys
+    if pid_s <= last:
+        lo = pid_s * split_len
+        hi = tl.minimum(lo + split_len, P)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         row_ok = rows < ROWS
         g = rows // T
@@ -306,11 +340,77 @@ def _tree_attn_split_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
         Kb = K + b * stride_kb + h * stride_kh
         Vb = V + b * stride_vb + h * stride_vh
+        if USE_TMA:  # this (batch, kv head)'s keys [0, P + T): loads past them come back as zeros
+            k_desc = tl.make_tensor_descriptor(Kb, [P + T, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(Vb, [P + T, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+        else:
+            k_desc = Kb
+            v_desc = Vb
         acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-        if is_tree:
-            Mb = MASK + b * stride_mb
+        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # unmasked whole tiles, then the tail
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            Kb,
+            Vb,
+            k_desc,
+            v_desc,
+            lo,
+            full,
+            0,
+            t,
+            row_ok,
+            MASK,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_mq,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_N,
+            False,
+            False,
+            CAUSAL,
+            IEEE,
+            USE_TMA,
+            STAGES,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            Kb,
+            Vb,
+            k_desc,
+            v_desc,
+            full,
+            hi,
+            0,
+            t,
+            row_ok,
+            MASK,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_mq,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            False,
+            CAUSAL,
+            IEEE,
+            USE_TMA,
+            STAGES,
+        )
+        if pid_s == last:  # the tree keys [P, P + T), fused into this split
             acc, m_i, l_i = _attend_range(
                 acc,
                 m_i,
@@ -318,18 +418,19 @@ def _tree_attn_split_kernel(
                 q,
                 Kb,
                 Vb,
+                k_desc,
+                v_desc,
                 P,
                 P + T,
                 P,
                 t,
                 row_ok,
-                Mb,
+                MASK + b * stride_mb,
                 stride_kn,
                 stride_kd,
                 stride_vn,
                 stride_vd,
                 stride_mq,
-                n_words,
                 qk_scale,
                 HEAD_DIM,
                 BLOCK_N,
@@ -337,69 +438,25 @@ def _tree_attn_split_kernel(
                 True,
                 CAUSAL,
                 IEEE,
-            )
-        else:
-            full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N  # unmasked whole tiles, then tail
-            acc, m_i, l_i = _attend_range(
-                acc,
-                m_i,
-                l_i,
-                q,
-                Kb,
-                Vb,
-                lo,
-                full,
-                0,
-                t,
-                row_ok,
-                MASK,
-                stride_kn,
-                stride_kd,
-                stride_vn,
-                stride_vd,
-                stride_mq,
-                n_words,
-                qk_scale,
-                HEAD_DIM,
-                BLOCK_N,
-                False,
-                False,
-                CAUSAL,
-                IEEE,
-            )
-            acc, m_i, l_i = _attend_range(
-                acc,
-                m_i,
-                l_i,
-                q,
-                Kb,
-                Vb,
-                full,
-                hi,
-                0,
-                t,
-                row_ok,
-                MASK,
-                stride_kn,
-                stride_kd,
-                stride_vn,
-                stride_vd,
-                stride_mq,
-                n_words,
-                qk_scale,
-                HEAD_DIM,
-                BLOCK_N,
-                True,
-                False,
-                CAUSAL,
-                IEEE,
+                USE_TMA,
+                STAGES,
             )
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        part = (pid_bh.to(tl.int64) * (n_splits + 1) + pid_s) * ROWS + rows  # [BLOCK_M]
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
-        tl.store(LSE_PART + part, lse, mask=row_ok)
+        if DIRECT:
+            out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
+            tl.store(
+                OUT + out_rows[:, None] + offs_d[None, :] * stride_od,
+                o.to(OUT.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
+            if WRITE_LSE:
+                tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
+        else:
+            part = (pid_bh.to(tl.int64) * n_splits + pid_s) * ROWS + rows  # [BLOCK_M]
+            tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+            tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
 @triton.jit
@@ -436,20 +493,18 @@ def _tree_attn_merge_kernel(
         P = tl.load(PREFIX + b)
     else:
         P = prefix_len
-    n_used = (P + split_len - 1) // split_len  # non-empty prefix splits
+    n_used = tl.maximum((P + split_len - 1) // split_len, 1)  # splits written (the tree is in the last)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
     offs_d = tl.arange(0, HEAD_DIM)
-    base = pid_bh.to(tl.int64) * (n_splits + 1) * ROWS + rows  # [BLOCK_R] split 0 of each row
-    lse_tree = tl.load(LSE_PART + base + n_splits * ROWS, mask=row_ok, other=float("-inf"))
-    m = lse_tree
+    base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_R] split 0 of each row
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s in range(0, n_used):
         m = tl.maximum(m, tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_tree - m_safe)
-    den = w
+    den = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
     o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]
-    acc = w[:, None] * tl.load(o_ptrs + n_splits * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0)
     for s in range(0, n_used):
         w = tl.exp(tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf")) - m_safe)
         acc += w[:, None] * tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0)
@@ -465,38 +520,54 @@ def _tree_attn_merge_kernel(
         tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
 
 
-# Hopper configurations (H100/H200). Keyed on the row count, head dim, dtypes (added by autotune) and the
-# power-of-two bucket of split_len, so a growing prefix retunes at most ~10 times, not every step.
+# Hopper configurations (H100/H200), autotuned per (rows, head dim, dtypes, BLOCK_M, causal, ieee, power-of-two
+# bucket of split_len), so a growing prefix retunes at most ~10 times, not every step. BLOCK_M comes from the
+# host (it fixes the split plan); the configs choose the key tile, warps, pipeline depth and TMA or plain loads.
 # Autotuning runs on the first call of each key: warm up before capturing a CUDA graph.
+def _cfg(bn, warps, stages, tma):
+    return triton.Config({"BLOCK_N": bn, "STAGES": stages, "USE_TMA": tma}, num_warps=warps, num_stages=stages)
+
+
 _HOPPER_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-    for bm, bn, w, st in [
-        (64, 64, 4, 2),
-        (64, 64, 4, 3),
-        (64, 128, 8, 3),
-        (128, 128, 8, 3),
-        (128, 64, 8, 2),
-        (128, 64, 8, 3),
-        (128, 64, 8, 4),
-        (128, 128, 8, 2),
-    ]
+    _cfg(64, 4, 3, False),  # the old kernel's most frequent pick
+    _cfg(64, 4, 3, True),
+    _cfg(64, 4, 4, True),
+    _cfg(128, 8, 2, False),
+    _cfg(128, 8, 3, False),
+    _cfg(128, 8, 2, True),
+    _cfg(128, 8, 3, True),
+    _cfg(64, 8, 3, True),
 ]
-if _INTERPRET:
-    _split_kernel = _tree_attn_split_kernel  # autotune bypassed: tiles chosen in _launch
+_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "IEEE", "split_bucket"]
+
+
+def _prune(configs, named_args, **kwargs):
+    # 8 warps only for 128-row tiles (a 64 x BLOCK_N tile leaves too little work per warp)
+    keep = [c for c in configs if not (kwargs.get("BLOCK_M") == 64 and c.num_warps == 8)]
+    return keep or configs[:1]
+
+
+def _autotuned(configs):
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
+        _tree_attn_split_kernel
+    )
+
+
+if _INTERPRET:  # autotune bypassed: tiles chosen in _launch
+    _split_kernel = _split_kernel_plain = _tree_attn_split_kernel
 elif os.environ.get("LONGSPEC_AUTOTUNE", "1") == "0":
-    # one fixed Hopper config (the one autotune picked most often on the H200): no tuning compiles,
-    # for runs that meet many distinct tree sizes (the shape tuner, end-to-end sweeps)
-    _split_kernel = triton.autotune(configs=_HOPPER_CONFIGS[1:2], key=["ROWS", "HEAD_DIM"])(_tree_attn_split_kernel)
+    # one fixed Hopper config: no tuning compiles, for runs that meet many distinct tree sizes
+    _split_kernel = _split_kernel_plain = _autotuned(_HOPPER_CONFIGS[:1])
 else:
-    _split_kernel = triton.autotune(
-        configs=_HOPPER_CONFIGS, key=["ROWS", "HEAD_DIM", "CAUSAL", "IEEE", "split_bucket"]
-    )(_tree_attn_split_kernel)
+    _split_kernel = _autotuned(_HOPPER_CONFIGS)  # TMA and plain-load configs
+    _split_kernel_plain = _autotuned([c for c in _HOPPER_CONFIGS if not c.kwargs["USE_TMA"]])  # unaligned views
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side: checks, split planning, launch.
 
-_SPLIT_OVERHEAD_KEYS = 384  # cost of writing + merging one partial, in "keys of work" (H200 estimate)
+_SPLIT_OVERHEAD_KEYS = 256  # cost of writing + merging one partial, in "keys of work" (H200 estimate)
+_ALLOCATOR_SET = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -518,18 +589,36 @@ def _sm_count_cuda(index: int) -> int:
     return _SM_CACHE[index]
 
 
-def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_splits=None):
-    """(n_splits, split_len) for the prefix. Default: minimise waves * (split_len + overhead), with
-    waves = ceil(n_splits * programs_per_split / SMs), so P = 1k still fills the GPU and long prefixes
-    get whole waves. `num_splits` forces a count (the result may be lower after rounding)."""
-    if max_prefix <= 0:
-        return 0, 1
+_BLOCK_M_CHOICES = (64, 128)
+
+
+def _pick_block_m(rows: int) -> int:
+    """Row tile for ROWS = G * T packed rows: the candidate with the least padding (ties: the larger tile,
+    which reads each K/V tile for more rows). LONGSPEC_BLOCK_M overrides it (benchmark sweeps)."""
+    forced = os.environ.get("LONGSPEC_BLOCK_M")
+    if forced:
+        return int(forced)
+    if _INTERPRET:
+        return min(128, max(16, triton.next_power_of_2(rows)))
+    if rows <= 64:
+        return 64
+    return min(_BLOCK_M_CHOICES, key=lambda bm: (_cdiv(rows, bm) * bm, -bm))
+
+
+def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_splits=None, block_m=None):
+    """(n_splits, split_len) for the prefix, n_splits >= 1. Default: minimise waves * (split_len + overhead),
+    waves = ceil(n_splits * programs_per_split / SMs) with programs_per_split = row tiles * batch * kv heads,
+    so P = 1k still fills the GPU and long prefixes get whole waves. `num_splits` forces a count (the result
+    may be lower after rounding)."""
     align = 16 if _INTERPRET else 128
+    if max_prefix <= 0:
+        return 1, align
     if num_splits is None:
         slots = _sm_count(torch.device(device))
-        base = batch_kv_heads * (1 if _INTERPRET else _cdiv(rows, 128))
+        bm = block_m or _pick_block_m(rows)
+        base = batch_kv_heads * _cdiv(rows, bm)
         best = None
-        for s in range(1, min(_cdiv(max_prefix, align), 8 * slots // base + 2) + 1):
+        for s in range(1, min(_cdiv(max_prefix, align), 16 * slots // base + 2) + 1):
             cost = _cdiv(s * base, slots) * (_cdiv(_cdiv(max_prefix, s), align) * align + _SPLIT_OVERHEAD_KEYS)
             if best is None or cost < best[0]:
                 best = (cost, s)
@@ -648,13 +737,13 @@ def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
 
 
 def make_scratch(q, k, prefix_lens, num_splits=None):
-    """Allocate the fp32 partial buffers (o [B*Hkv, n+1, G*T, D], lse [B*Hkv, n+1, G*T]) that
-    `tree_attention(..., scratch=...)` uses for these inputs."""
+    """Allocate the fp32 partial buffers (o [B*Hkv, n, G*T, D], lse [B*Hkv, n, G*T]) that
+    `tree_attention(..., scratch=...)` uses for these inputs (n = the planned split count)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     p = max(_prefix_list(prefix_lens, B))
     n, _ = plan_splits(p, Hq // Hkv * T, B * Hkv, q.device, num_splits)
-    o_part = torch.empty(B * Hkv, n + 1, Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(B * Hkv, n, Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
     return o_part, torch.empty(o_part.shape[:3], dtype=torch.float32, device=q.device)
 
 
@@ -712,11 +801,32 @@ def tree_attention(
     return _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch)
 
 
+def _tma_ok(*xs) -> bool:
+    """Tensor descriptors need a unit last stride and 16-byte aligned bases and strides."""
+    for x in xs:
+        es = x.element_size()
+        if x.stride(3) != 1 or x.data_ptr() % 16 or any(st * es % 16 for st in x.stride()[:3]):
+            return False
+    return True
+
+
+def _ensure_allocator():
+    # device-side tensor descriptors (tl.make_tensor_descriptor) need a little global scratch per launch
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+_INTERPRET_TMA = True  # interpreter: read K/V through tensor descriptors when aligned (tests flip it)
+LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmark records it)
+
+
 def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch):
-    """Run the split and merge kernels on checked inputs. plist: prefix lengths (host ints, or the upper
-    bound for every sequence when `pref` is given); pref: int32 [B] device lengths read by the kernel
-    (ragged / CUDA-graph mode) or None (all sequences have plist[0]); packed: int32 [B or 1, T, W] bit-packed
-    tree mask or None (causal)."""
+    """Run the split (and, with several splits, merge) kernels on checked inputs. plist: prefix lengths
+    (host ints, or the upper bound for every sequence when `pref` is given); pref: int32 [B] device lengths
+    read by the kernel (ragged / CUDA-graph mode) or None (all sequences have plist[0]); packed: int32
+    [B or 1, T, W] bit-packed tree mask or None (causal)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if q.device.type != "cuda" and not _INTERPRET:
@@ -726,20 +836,25 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         )
     G, rows = Hq // Hkv, Hq // Hkv * T
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    n_splits, split_len = plan_splits(max(plist), rows, B * Hkv, q.device, num_splits)
+    block_m = _pick_block_m(rows)
+    n_splits, split_len = plan_splits(max(plist), rows, B * Hkv, q.device, num_splits, block_m)
     _check_buffer("out", out, (B, Hq, T, D), q.dtype, q.device)
     _check_buffer("lse_out", lse_out, (B, Hq, T), torch.float32, q.device)
     o = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device) if out is None else out
     lse = None
     if return_lse or lse_out is not None:
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    direct = n_splits == 1
     if scratch is None:
-        o_part = torch.empty(B * Hkv, n_splits + 1, rows, D, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(B * Hkv, n_splits + 1, rows, dtype=torch.float32, device=q.device)
+        if direct:  # never written: the split kernel stores the output itself
+            o_part = lse_part = o
+        else:
+            o_part = torch.empty(B * Hkv, n_splits, rows, D, dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(B * Hkv, n_splits, rows, dtype=torch.float32, device=q.device)
     else:
         o_part, lse_part = scratch
-        _check_buffer("scratch[0]", o_part, (B * Hkv, n_splits + 1, rows, D), torch.float32, q.device)
-        _check_buffer("scratch[1]", lse_part, (B * Hkv, n_splits + 1, rows), torch.float32, q.device)
+        _check_buffer("scratch[0]", o_part, (B * Hkv, n_splits, rows, D), torch.float32, q.device)
+        _check_buffer("scratch[1]", lse_part, (B * Hkv, n_splits, rows), torch.float32, q.device)
         if not (o_part.is_contiguous() and lse_part.is_contiguous()):
             raise ValueError("scratch tensors must be contiguous; allocate them with make_scratch()")
     ragged = pref is not None
@@ -748,8 +863,10 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     causal = packed is None
     mask = q if causal else packed
     sm_b = 0 if causal or mask.shape[0] == 1 else mask.stride(0)
-    sm_q, n_words = (0, 0) if causal else (mask.stride(1), mask.shape[2])
+    sm_q = 0 if causal else mask.stride(1)
     ieee = q.dtype == torch.float32
+    lse_arg = lse if lse is not None else o
+    lse_strides = lse.stride() if lse is not None else (0, 0, 0)
     args = (
         q,
         k,
@@ -758,12 +875,15 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         mask,
         o_part,
         lse_part,
+        o,
+        lse_arg,
         *q.stride(),
         *k.stride(),
         *v.stride(),
+        *o.stride(),
+        *lse_strides,
         sm_b,
         sm_q,
-        n_words,
         plist[0],
         split_len,
         n_splits,
@@ -773,38 +893,51 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         scale * _LOG2E,
         split_len.bit_length(),
     )
-    consts = dict(GROUP=G, HEAD_DIM=D, RAGGED=ragged, CAUSAL=causal, IEEE=ieee)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), n_splits + 1, B * Hkv)  # noqa: E731
-    if _INTERPRET:
-        bm = min(128, max(16, triton.next_power_of_2(rows)))
-        _split_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=64)
-        block_r = bm
-    else:
-        _split_kernel[grid](*args, **consts)
-        block_r = 16
-    lse_arg = lse if lse is not None else o_part
-    lse_strides = lse.stride() if lse is not None else (0, 0, 0)
-    _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
-        o_part,
-        lse_part,
-        pref,
-        o,
-        lse_arg,
-        *o.stride(),
-        *lse_strides,
-        plist[0],
-        split_len,
-        n_splits,
-        T,
-        rows,
-        Hkv,
+    consts = dict(
         GROUP=G,
         HEAD_DIM=D,
-        BLOCK_R=block_r,
+        BLOCK_M=block_m,
         RAGGED=ragged,
+        CAUSAL=causal,
+        IEEE=ieee,
+        DIRECT=direct,
         WRITE_LSE=lse is not None,
-        num_warps=4,
     )
+    grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
+    tma = _tma_ok(k, v)
+    if _INTERPRET:
+        use_tma = tma and _INTERPRET_TMA
+        _split_kernel[grid](*args, **consts, BLOCK_N=64, USE_TMA=use_tma, STAGES=1)
+        kern = None
+    else:
+        kern = _split_kernel if tma else _split_kernel_plain
+        if tma:
+            _ensure_allocator()
+        kern[grid](*args, **consts)
+    LAST_LAUNCH.update(n_splits=n_splits, split_len=split_len, BLOCK_M=block_m, grid=grid, tma_ok=tma, kernel=kern)
+    if not direct:
+        block_r = 16 if not _INTERPRET else block_m
+        _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
+            o_part,
+            lse_part,
+            pref,
+            o,
+            lse_arg,
+            *o.stride(),
+            *lse_strides,
+            plist[0],
+            split_len,
+            n_splits,
+            T,
+            rows,
+            Hkv,
+            GROUP=G,
+            HEAD_DIM=D,
+            BLOCK_R=block_r,
+            RAGGED=ragged,
+            WRITE_LSE=lse is not None,
+            num_warps=4,
+        )
     return (o, lse) if return_lse else o
 
 
@@ -868,7 +1001,7 @@ def _tree_attention_packed_fake(q, k, v, prefix_lens, packed_mask, max_prefix, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference (LONGSPEC.md section 3): prefix part, tree part, sigmoid merge, in float64.
+# Reference (the paper's section 3): prefix part, tree part, sigmoid merge, in float64.
 
 
 def _softmax_part(q, k, v, allowed, scale):

@@ -215,7 +215,7 @@ def test_plan_splits_covers_prefix():
         for forced in (None, 1, 3, 50):
             n, L = ta.plan_splits(p, 40, 4, "cpu", forced)
             assert n >= 1 and n * L >= p and (n - 1) * L < p and L % 16 == 0
-    assert ta.plan_splits(0, 40, 4, "cpu") == (0, 1)
+    assert ta.plan_splits(0, 40, 4, "cpu") == (1, 16)
 
 
 def _good():
@@ -301,3 +301,49 @@ def test_bench_plot_svg_fallback(tmp_path, monkeypatch):
     assert plot["format"] == "svg" and plot["path"].endswith(".svg")
     doc = xml.dom.minidom.parse(plot["path"])
     assert len(doc.getElementsByTagName("polyline")) == 4
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_tile_paths_gqa_head_dims_ragged(G, D, monkeypatch):
+    """GQA 1/2/4/8 packed into the row tiles, head dims 64 and 128, ragged prefixes with a 0, through
+    tensor-descriptor (TMA) loads or plain loads, one split (output written directly) or several (merge).
+    Cache slots past each sequence's P + T are NaN: no path may read them into the result."""
+    tma = (G + D // 64) % 2 == 0
+    num_splits = 1 if G in (1, 4) else 3
+    monkeypatch.setattr(ta, "_INTERPRET_TMA", tma)
+    gen = torch.Generator().manual_seed(100 * G + D)
+    B, Hkv, T = 3, 2, 9 + G  # G = 8: 136 packed rows, two row tiles
+    plist = [0, 37, 130]
+    S = max(plist) + T + 7
+    q = torch.randn(B, Hkv * G, T, D, generator=gen)
+    k = torch.randn(B, Hkv, S, D, generator=gen)
+    v = torch.randn(B, Hkv, S, D, generator=gen)
+    for b, p in enumerate(plist):
+        k[b, :, p + T :] = float("nan")
+        v[b, :, p + T :] = float("nan")
+    mask = torch.stack([random_tree_mask(T, gen, n_pending=1 + b) for b in range(B)])
+    pref = torch.tensor(plist)
+    o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=num_splits)
+    assert ta.LAST_LAUNCH["n_splits"] == num_splits and ta.LAST_LAUNCH["tma_ok"]
+    ro, rlse = ta.tree_attention_reference(
+        q, k.nan_to_num(0.0), v.nan_to_num(0.0), pref, mask, return_lse=True, out_dtype=torch.float64
+    )
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+
+
+def test_unaligned_cache_view_uses_plain_loads():
+    """A K/V view whose rows are not 16-byte aligned cannot be read through a tensor descriptor: the host
+    falls back to plain loads, with the same result."""
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, T, D, P = 1, 4, 2, 5, 64, 50
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    big = torch.randn(B, Hkv, P + T, D + 1, generator=gen)
+    k, v = big[..., 1:], big[..., :-1]  # row stride D + 1 floats: not a multiple of 16 bytes
+    mask = random_tree_mask(T, gen, n_pending=2)
+    o = ta.tree_attention(q, k, v, P, mask)
+    assert not ta.LAST_LAUNCH["tma_ok"]
+    torch.testing.assert_close(
+        o.double(), ta.tree_attention_reference(q, k, v, P, mask, out_dtype=torch.float64), atol=1e-4, rtol=1e-4
+    )
