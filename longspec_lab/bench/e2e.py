@@ -13,7 +13,6 @@ speedup / tau, and a per-stage breakdown. Every timed run is preceded by a warm-
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -159,7 +158,8 @@ def run_bench(
 
 
 def write_plot(rep: dict, path) -> str:
-    """tokens/s (bars) and tau (markers) per method; HTML unless kaleido can write images."""
+    """tokens/s (bars) and tau (markers) per method, written to `path` (.html, or an image through kaleido).
+    Returns the path written; raises ValueError rather than writing a different file."""
     from plotly.subplots import make_subplots
 
     names = list(rep["results"])
@@ -189,70 +189,54 @@ def write_plot(rep: dict, path) -> str:
         title_text="tau (tokens per target pass)", rangemode="tozero", dtick=1, showgrid=False, secondary_y=True
     )
     path = str(path)
+    if path.lower().endswith(".html"):
+        fig.write_html(path, include_plotlyjs="cdn")
+        return path
     try:
-        if not path.endswith(".html"):
-            fig.write_image(path)
-            return path
-    except Exception:
-        path = path.rsplit(".", 1)[0] + ".html"
-    fig.write_html(path, include_plotlyjs="cdn")
+        fig.write_image(path)
+    except Exception as e:  # kaleido missing or broken: say so, never write another file instead
+        raise ValueError(
+            f"could not write the figure {path} ({e}); install kaleido, or ask for an interactive "
+            f"{path.rsplit('.', 1)[0]}.html"
+        ) from e
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="longspec-lab bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default=None, help="target folder (default: data/embedded)")
-    ap.add_argument("--draft", default=None, help="draft folder (default: data/embedded-draft)")
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: auto)")
-    ap.add_argument("--dtype", default=None, help="float32 / bf16 / fp16 (default: fp32 CPU, bf16 GPU)")
-    ap.add_argument("--attention-backend", default=None, choices=["torch", "sdpa", "triton"])
-    ap.add_argument("--num-prompts", type=int, default=4, help="held-out prompts of 2k-4k tokens (default: 4)")
-    ap.add_argument("--min-prompt-tokens", type=int, default=2000)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument(
-        "--shapes",
-        default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
-        help="tree shapes, ';'-separated (default: %(default)s)",
-    )
-    ap.add_argument("--gammas", default="4,5", help="chain lengths (default: %(default)s)")
-    ap.add_argument("--extra-backends", default="", help="also run the first tree shape with these backends")
-    ap.add_argument("--eager", action="store_true", help="use the eager loop even on CUDA")
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
-    ap.add_argument("--plot", default=None, help="write a tokens/s + tau figure (HTML, or PNG/SVG if kaleido exists)")
-    ap.add_argument("--out", default=None, help="write the JSON here")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-
+def run_cli(args) -> int:
+    """`longspec-lab bench` after its flags are parsed and checked (the parser is in longspec_lab.cli)."""
     from longspec_lab.models.pair import load_pair
     from longspec_lab.paths import EMBEDDED_TARGET, load_prompts
 
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
-    room = target.config.max_position_embeddings - args.max_new_tokens - 80
+    widest = max([1 + sum(s) for s in args.tree_shapes] + [1 + g for g in args.gammas])
+    room = target.config.max_position_embeddings - args.max_new_tokens - widest
     prompts = [tok.encode(p["text"]) for p in load_prompts(min_tokens=args.min_prompt_tokens)]
     prompts = [p for p in prompts if len(p) <= room][: args.num_prompts]
     if not prompts:
-        raise SystemExit("no held-out prompt fits; lower --min-prompt-tokens or --max-new-tokens")
+        raise ValueError(
+            f"no held-out prompt of at least --min-prompt-tokens {args.min_prompt_tokens} tokens fits the model's "
+            f"context with --max-new-tokens {args.max_new_tokens} and the widest tree ({widest} nodes); lower "
+            "--min-prompt-tokens or --max-new-tokens"
+        )
     hf = None
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(args.model or EMBEDDED_TARGET), dtype=target.dtype)
         hf = hf.to(target.device).eval()
-    shapes = [list(map(int, s.split(","))) for s in args.shapes.split(";") if s]
+    shapes = args.tree_shapes
     rep = run_bench(
         target,
         draft,
         prompts,
         args.max_new_tokens,
         shapes,
-        gammas=[int(g) for g in args.gammas.split(",") if g],
+        gammas=args.gammas,
         hf_model=hf,
         backend=args.attention_backend,
         progress=not args.quiet,
         fast=False if args.eager else None,
-        extra_backends=[b for b in args.extra_backends.split(",") if b],
+        extra_backends=args.extra_backends,
     )
     rep["environment"] = environment(target.device)
     rep["prompt_tokens"] = [len(p) for p in prompts]
@@ -261,6 +245,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+        print(f"wrote the report to {args.out}")
     print(f"{'method':<24}{'tok/s':>10}{'tau':>7}{'vs ar':>8}{'vs hf':>8}{'eff':>7}")
     for name, o in rep["results"].items():
         print(
@@ -270,9 +255,13 @@ def main(argv=None) -> int:
         )
     print(f"outputs identical across methods: {rep['outputs_identical']}")
     if args.plot:
-        write_plot(rep, args.plot)
+        print(f"wrote the figure to {write_plot(rep, args.plot)}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the old spelling, `python -m longspec_lab.bench.e2e`, runs the CLI's subcommand
+    import runpy
+    import sys
+
+    sys.argv = ["longspec-lab", "bench", *sys.argv[1:]]
+    runpy.run_module("longspec_lab", run_name="__main__", alter_sys=True)

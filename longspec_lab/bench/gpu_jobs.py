@@ -6,8 +6,10 @@ Each job is a subprocess with its own time limit and log file, so one failure do
 others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
   kernel  python -m longspec_lab.kernels.bench_tree_attention   (tree attention against SDPA, Flex, floor)
   verify  python -m longspec_lab.bench.verify_cost                   (8B-shaped verify vs decode cost)
-  e2e     python -m longspec_lab.bench.e2e                          (embedded pair against transformers)
-  tune    python -m longspec_lab.bench.tune                           (tree-shape search, validated)
+  e2e     longspec-lab bench                                     (embedded pair against transformers)
+  tune    longspec-lab tune                                      (tree-shape search, validated)
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ def jobs(out: Path) -> dict:
             420,
             {},
         ),
-        "verify": ([py, "-m", "longspec_lab.bench_verify", "--out", str(out / "verify_8b_h200.json")], 180, {}),
+        "verify": ([py, "-m", "longspec_lab.bench.verify_cost", "--out", str(out / "verify_8b_h200.json")], 180, {}),
         "e2e": (
             [
                 py,
                 "-m",
-                "longspec_lab.bench",
+                "longspec_lab",
+                "bench",
                 "--device",
                 "cuda",
                 "--num-prompts",
@@ -58,7 +61,7 @@ def jobs(out: Path) -> dict:
             {"LONGSPEC_AUTOTUNE": "0"},
         ),
         "tune": (
-            [py, "-m", "longspec_lab.tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
+            [py, "-m", "longspec_lab", "tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
             200,
             {"LONGSPEC_AUTOTUNE": "0"},
         ),
@@ -66,14 +69,22 @@ def jobs(out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.bench.gpu_jobs",
+        description=__doc__.split("\n\nTaught in")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs")
-    ap.add_argument("--only", default="kernel,verify,e2e,tune", help="comma-separated job names")
+    ap.add_argument("--only", default="kernel,verify,e2e,tune", help="comma-separated job names (default: all)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = jobs(out)
-    for name in args.only.split(","):
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        ap.error(f"--only names unknown jobs {unknown}; choose from {', '.join(table)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
         cmd, limit, env = table[name]
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:

@@ -1,30 +1,33 @@
 """Tau of every verification rule at temperatures 0.5 and 1.0 on the held-out long prompts.
 
-    python -m longspec_lab.bench.sampling_tau                       # GPU: data/results/sampling_tau.json
+    python -m longspec_lab.bench.sampling_tau --out sampling_tau.json            # GPU
     python -m longspec_lab.bench.sampling_tau --device cpu --prompts 3 --max-new-tokens 128 \\
-        --out data/results/sampling_tau_cpu.json
+        --out sampling_tau_cpu.json
 
 Rows: "greedy" at temperature 0 (the reference), then for each temperature the lossless sampling
 rules "target-sample" (beam tree), "rrs" (sampled tree), "chain" (sampled chain of gamma) and the
 BIASED "naive-topk" (min(1, p/q) on beam siblings, as the LongSpec reference code does; arXiv
-2502.17421, shared/LONGSPEC.md §4). naive-topk's tau is recorded for comparison only: its output is
+2502.17421). naive-topk's tau is recorded for comparison only: its output is
 not a sample of the target's distribution (tests/test_sampling_exact.py rejects it), so its tau is
 not an achievable speed-up. tau = generated tokens / target forward passes (prefill included),
 summed over the prompts; acceptance rates are by depth and by sibling rank (GenerationResult).
+
+Taught in: notebooks/06_sampling_without_bias.ipynb
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from longspec_lab.paths import DATA_DIR, load_prompts
+from longspec_lab.paths import load_prompts
 from longspec_lab.provenance import environment
-from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape, check_tree_limits
 
 RULES = (("target-sample", "tree"), ("rrs", "tree"), ("chain", "chain"), ("naive-topk", "tree"))
 BIASED = {
@@ -135,15 +138,27 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bf16", "fp16"])
     ap.add_argument("--seed", type=int, default=0, help="run i uses seed + i (default: 0)")
-    ap.add_argument("--out", default=str(DATA_DIR / "results" / "sampling_tau.json"), help="JSON output path")
+    ap.add_argument("--out", required=True, help="JSON output path (an existing file is not replaced)")
     args = ap.parse_args(argv)
+    if args.prompts is not None and args.prompts < 1:
+        ap.error(f"argument --prompts: {args.prompts} is out of range; give an integer >= 1")
+    if args.max_new_tokens < 1:
+        ap.error(f"argument --max-new-tokens: {args.max_new_tokens} is out of range; give an integer >= 1")
+    if not all(math.isfinite(t) and t > 0 for t in args.temperatures):
+        ap.error(f"argument --temperatures: {args.temperatures} must be finite and > 0")
+    if Path(args.out).exists():
+        ap.error(f"argument --out: {args.out} already exists; choose a new file name")
+    try:
+        check_tree_limits(TreeShape.of(args.tree_shape))
+    except ValueError as e:
+        ap.error(f"argument --tree-shape: {e}")
 
     from longspec_lab.decoding.eager import SpecDecoder
     from longspec_lab.models.pair import load_pair
 
     target, draft, tok = load_pair(device=args.device, dtype=args.dtype)
     if draft is None:
-        raise SystemExit("error: no draft model; train one (python -m longspec_lab.train.draft) first")
+        raise SystemExit("error: no draft model; train one with `longspec-lab train-draft` first")
     room = target.config.max_position_embeddings - args.max_new_tokens - TreeShape.of(args.tree_shape).num_nodes
     specs = [p for p in load_prompts(min_tokens=1000) if p["n_tokens"] < room][: args.prompts]
     prompts = [tok.encode(p["text"])[:room] for p in specs]

@@ -19,7 +19,6 @@ Method (a model-guided exhaustive search, then measurement):
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -188,25 +187,8 @@ def tune(
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="longspec-lab tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default=None, help="target folder (default: data/embedded)")
-    ap.add_argument("--draft", default=None, help="draft folder (default: data/embedded-draft)")
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: auto)")
-    ap.add_argument("--dtype", default=None, help="float32 / bf16 / fp16")
-    ap.add_argument("--num-prompts", type=int, default=3, help="held-out prompts (default: 3)")
-    ap.add_argument("--prompt-tokens", type=int, default=2000, help="prompt length (default: 2000)")
-    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per run (default: 64)")
-    ap.add_argument("--probe-shape", default="16,32,32,32,32,32,32", help="wide tree for acceptance ranks")
-    ap.add_argument("--max-depth", type=int, default=6)
-    ap.add_argument("--max-nodes", type=int, default=160)
-    ap.add_argument("--top", type=int, default=5, help="candidates validated by running (default: 5)")
-    ap.add_argument("--out", default=None, help="write the JSON report here")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-
+def run_cli(args) -> int:
+    """`longspec-lab tune` after its flags are parsed and checked (the parser is in longspec_lab.cli)."""
     from longspec_lab.models.pair import load_pair
     from longspec_lab.paths import load_prompts
     from longspec_lab.provenance import environment
@@ -217,10 +199,10 @@ def main(argv=None) -> int:
         target,
         draft,
         prompts[: args.num_prompts],
-        [int(x) for x in args.probe_shape.split(",")],
+        args.probe_shape,
         args.max_depth,
         args.max_nodes,
-        args.new_tokens,
+        args.max_new_tokens,
         args.top,
         progress=not args.quiet,
     )
@@ -232,8 +214,13 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
+        print(f"wrote the report to {args.out}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the old spelling, `python -m longspec_lab.bench.tune`, runs the CLI's subcommand
+    import runpy
+    import sys
+
+    sys.argv = ["longspec-lab", "tune", *sys.argv[1:]]
+    runpy.run_module("longspec_lab", run_name="__main__", alter_sys=True)

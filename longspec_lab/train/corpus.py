@@ -121,14 +121,27 @@ def tokenize_corpus(tokenizer, split: str, out_path) -> int:
     return write_tokens(tokenizer, read_corpus(split), out_path)
 
 
+def token_file(tokens_dir, split: str) -> Path:
+    """`split`.u16, or `split`.u32 for vocabularies above 65,536 ids, in `tokens_dir`."""
+    tokens_dir = Path(tokens_dir)
+    for ext in ("u16", "u32"):
+        if (tokens_dir / f"{split}.{ext}").is_file():
+            return tokens_dir / f"{split}.{ext}"
+    return tokens_dir / f"{split}.u16"
+
+
 def load_tokens(path) -> np.ndarray:
+    """A token file as a read-only memmap: uint16 (.u16) or uint32 (.u32) ids."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(
             f"token file {path} not found; make it with "
             f"`python -m longspec_lab.train.corpus --tokenize --out {path.parent}`"
         )
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    dtype = np.uint32 if path.suffix == ".u32" else np.uint16
+    if path.stat().st_size % np.dtype(dtype).itemsize or path.stat().st_size == 0:
+        raise ValueError(f"token file {path} is empty or truncated; make it again")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class TokenDataset:

@@ -11,12 +11,18 @@ Per batch:
 Held-out evaluation reports the loss and how often the target's greedy token is in the draft's
 top-1 / top-4 / top-16: the quantities that bound a tree's acceptance.
 
-    python -m longspec_lab.train.draft --help
+Training data: token files (`tokens_dir`, the stdlib corpus of `corpus.py`) or your own text
+(`text`: a folder of files or a JSONL, tokenized with the target's tokenizer by `text.py`).
+The draft is written whole or not at all (`output.py`): an occupied folder needs overwrite=True, and a
+non-finite loss or weight stops the run with an error before anything is saved.
+
+    longspec-lab train-draft --help
+
+Taught in: notebooks/05_the_glide_draft.ipynb
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -33,8 +39,9 @@ from longspec_lab.models.cache import KVCache
 from longspec_lab.models.draft_io import save_draft
 from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.loaders import load_target, pick_device, pick_dtype
-from longspec_lab.paths import DATA_DIR
-from longspec_lab.train.corpus import TokenDataset
+from longspec_lab.paths import EMBEDDED_TARGET
+from longspec_lab.train.corpus import TokenDataset, token_file
+from longspec_lab.train.output import check_finite, check_hparam, check_out_dir, fresh_out_dir, staged_dir
 
 TOPK = (1, 4, 16)
 
@@ -101,6 +108,22 @@ def evaluate(draft, runner, windows, positions, batch_size, staleness, kd_weight
     return {k: round(v / n_tok, 5) for k, v in tot.items()}
 
 
+_INT_MIN = dict(
+    steps=1, batch_size=1, seq_len=2, warmup=0, window=1, max_staleness=0, eval_every=0, eval_windows=1, max_sinks=0
+)
+
+
+def _check_args(hp: dict) -> None:
+    for name, lo in _INT_MIN.items():
+        check_hparam(name, hp[name], lo, integer=True)
+    check_hparam("log_every", hp["log_every"], 1, integer=True)
+    check_hparam("lr", hp["lr"], 0, 10.0, low_open=True)
+    check_hparam("kd_weight", hp["kd_weight"], 0, 1e6)
+    check_hparam("weight_decay", hp["weight_decay"], 0, 10.0)
+    if hp["max_seconds"] is not None:
+        check_hparam("max_seconds", hp["max_seconds"], 0, low_open=True)
+
+
 def train_draft(
     target_dir,
     out_dir,
@@ -124,23 +147,85 @@ def train_draft(
     max_seconds=None,
     log_every=10,
     command=None,
+    text=None,
+    overwrite=False,
 ) -> dict:
-    """Train a GliDe draft for the target in `target_dir`; writes draft.safetensors, draft_config.json and
-    train_log.json into `out_dir` and returns the log as a dict."""
+    """Train a GliDe draft for the target in `target_dir` on token files (`tokens_dir`) or on your own
+    text (`text`: a folder of text files or a JSONL, tokenized with the target's own tokenizer); writes
+    draft.safetensors, draft_config.json and train_log.json into `out_dir` and returns the log.
+
+    Everything is checked before any work; `out_dir` must be new or empty unless `overwrite`, and it
+    is replaced only once the new draft is complete and finite."""
+    hp = dict(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        kd_weight=kd_weight,
+        window=window,
+        max_staleness=max_staleness,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        max_sinks=max_sinks,
+        weight_decay=weight_decay,
+        max_seconds=max_seconds,
+        log_every=log_every,
+    )
+    _check_args(hp)
+    if (tokens_dir is None) == (text is None):
+        raise ValueError(
+            "give the training data one way: tokens_dir (token files from `python -m longspec_lab.train.corpus "
+            "--tokenize`) or text (a folder of text files or a JSONL)"
+        )
+    check_out_dir(out_dir, overwrite)
     t0 = time.time()
     torch.manual_seed(seed)
     dev = pick_device(device)
     target = load_target(target_dir, dev, pick_dtype(dtype, dev)).requires_grad_(False)
     tcfg = target.config
-    tokens_dir = Path(tokens_dir or DATA_DIR / "tokens")
-    train = TokenDataset(tokens_dir / "train.u16", seq_len, seed)
-    held = TokenDataset(tokens_dir / "heldout.u16", seq_len, seed)
+    if seq_len > tcfg.max_position_embeddings:
+        raise ValueError(
+            f"seq_len={seq_len} exceeds the target's context of {tcfg.max_position_embeddings}; use a shorter --seq-len"
+        )
+    extra = dict(text=None if text is None else str(text), command=command or " ".join(sys.argv))
+    with tempfile.TemporaryDirectory() as tmp:
+        if text is not None:
+            from transformers import AutoTokenizer
+
+            from longspec_lab.train.text import tokenize_text
+
+            tok = AutoTokenizer.from_pretrained(str(target_dir))
+            eos = tok.eos_token_id if tok.eos_token_id is not None else (tcfg.eos_ids[0] if tcfg.eos_ids else None)
+            tokens_dir = tokenize_text(
+                text,
+                tok,
+                tmp,
+                tcfg.vocab_size,
+                eos,
+                min_tokens=seq_len + 1,
+                heldout_tokens=eval_windows * seq_len + 1,
+                progress=progress,
+            )
+        return _train(target, target_dir, out_dir, Path(tokens_dir), hp, dev, progress, t0, extra, overwrite)
+
+
+def _train(target, target_dir, out_dir, tokens_dir, hp, dev, progress, t0, extra, overwrite) -> dict:
+    steps, batch_size, seq_len, lr = hp["steps"], hp["batch_size"], hp["seq_len"], hp["lr"]
+    warmup, seed, kd_weight, window = hp["warmup"], hp["seed"], hp["kd_weight"], hp["window"]
+    max_staleness, eval_every = hp["max_staleness"], hp["eval_every"]
+    eval_windows, max_sinks, weight_decay = hp["eval_windows"], hp["max_sinks"], hp["weight_decay"]
+    max_seconds, log_every = hp["max_seconds"], hp["log_every"]
+    tcfg = target.config
+    train = TokenDataset(token_file(tokens_dir, "train"), seq_len, seed)
+    held = TokenDataset(token_file(tokens_dir, "heldout"), seq_len, seed)
     for ds, name in ((train, "train"), (held, "heldout")):
         top = int(np.max(ds.tokens))
         if top >= tcfg.vocab_size:
             raise ValueError(
-                f"{name}.u16 holds token id {top} but the target's vocabulary has "
-                f"{tcfg.vocab_size} ids; tokenise with the target's tokenizer"
+                f"{name} tokens in {tokens_dir} hold id {top} but the target's vocabulary has "
+                f"{tcfg.vocab_size} ids; tokenise with the target's tokenizer (or use --text)"
             )
     gen = torch.Generator().manual_seed(seed)
     windows = held.eval_windows(eval_windows)
@@ -210,6 +295,11 @@ def train_draft(
         step += 1
         loss, ce, kl = loss.detach(), ce.detach(), kl.detach()
         if step % log_every == 0 or step <= 3 or step == steps:
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"the training loss became {loss.item()} at step {step}; nothing was saved to {out_dir}. "
+                    f"Lower --lr (now {lr:g}) or --kd-weight (now {kd_weight:g})"
+                )
             log["losses"].append(
                 dict(
                     step=step,
@@ -235,7 +325,12 @@ def train_draft(
         bar.close()
     final = run_eval(step)
     draft = draft.to(target.dtype).eval()
-    save_draft(draft, out_dir)
+    check_finite(draft.named_parameters(), "the trained draft")
+    if not all(math.isfinite(v) for v in final["staleness0"].values()):
+        raise ValueError(
+            f"the held-out loss is not finite ({final['staleness0']}); nothing was saved to {out_dir}. "
+            f"Lower --lr (now {lr:g})"
+        )
     log.update(
         steps=step,
         stopped_early=stopped_early,
@@ -244,9 +339,11 @@ def train_draft(
         wall_seconds=round(time.time() - t0, 2),
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         versions=dict(python=platform.python_version(), torch=torch.__version__),
-        command=command or " ".join(sys.argv),
+        **extra,
     )
-    (Path(out_dir) / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    with staged_dir(out_dir, overwrite) as tmp:
+        save_draft(draft, tmp)
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     return log
 
 
@@ -262,57 +359,11 @@ def _smoke_target(tmp: Path) -> Path:
     return save_hf(t, tmp / "smoke_target", torch.float32)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m longspec_lab.train.draft",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train the one-layer GliDe draft (LongSpec §2) against a frozen target: anchor-offset "
-        "positions, CE + KD loss, staleness-aware cross-attention. Writes draft.safetensors, "
-        "draft_config.json and train_log.json into --out.",
-    )
-    ap.add_argument(
-        "--target", default=str(DATA_DIR / "embedded"), help="target checkpoint folder (config.json + *.safetensors)"
-    )
-    ap.add_argument("--out", default=str(DATA_DIR / "embedded-draft"), help="output folder for the draft")
-    ap.add_argument(
-        "--tokens",
-        default=str(DATA_DIR / "tokens"),
-        help="folder with train.u16 / heldout.u16 (python -m longspec_lab.train.corpus --tokenize)",
-    )
-    ap.add_argument("--steps", type=int, default=4000, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine to 10%%)")
-    ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of KL(target || draft) next to CE")
-    ap.add_argument("--window", type=int, default=512, help="draft self-attention sliding window W")
-    ap.add_argument(
-        "--max-staleness",
-        type=int,
-        default=4,
-        help="draft's view of the target cache is 0..this many tokens stale (sampled per batch)",
-    )
-    ap.add_argument("--max-sinks", type=int, default=4, help="anchor positions kept unshifted: 0..this many")
-    ap.add_argument("--eval-every", type=int, default=1000, help="held-out evaluation period (0 = only at the end)")
-    ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len per evaluation")
-    ap.add_argument(
-        "--max-seconds",
-        type=float,
-        default=None,
-        help="stop early (and still evaluate and save) after this much wall time",
-    )
-    ap.add_argument("--seed", type=int, default=0, help="random seed (data order, positions, init)")
-    ap.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, help="target dtype: bf16 / fp16 / float32 (default: bf16 on GPU)")
-    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    ap.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few CPU steps (20 x 2 x 64 tokens) to check the pipeline; uses a random tiny "
-        "target when --target does not exist and writes to a temp folder unless --out is given",
-    )
-    args = ap.parse_args(argv)
+SMOKE = dict(steps=20, batch_size=2, seq_len=64, warmup=2, device="cpu", dtype="float32", eval_every=0, eval_windows=4)
+
+
+def run_cli(args) -> int:
+    """`longspec-lab train-draft` after its flags are parsed and checked (see longspec_lab.cli)."""
     kw = dict(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -322,41 +373,41 @@ def main(argv=None) -> int:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
-        tokens_dir=args.tokens,
         kd_weight=args.kd_weight,
         window=args.window,
         max_staleness=args.max_staleness,
-        progress=not args.no_progress,
+        progress=not args.quiet,
         eval_every=args.eval_every,
         eval_windows=args.eval_windows,
         max_sinks=args.max_sinks,
         weight_decay=args.weight_decay,
         max_seconds=args.max_seconds,
-        command="python -m longspec_lab.train.draft " + " ".join(sys.argv[1:] if argv is None else argv),
+        command=args.command_line,
+        overwrite=args.overwrite,
     )
+    out = Path(args.out) if args.out else fresh_out_dir("smoke-draft" if args.smoke else "draft")
+    check_out_dir(out, args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
-        target, out = args.target, args.out
+        target, tokens = args.model, args.tokens
         if args.smoke:
-            kw.update(
-                steps=20,
-                batch_size=2,
-                seq_len=64,
-                warmup=2,
-                device="cpu",
-                dtype="float32",
-                eval_every=0,
-                eval_windows=4,
-                window=min(args.window, 32),
-            )
-            if not Path(target).is_dir():
-                target = _smoke_target(Path(tmp))
-            if "--out" not in (sys.argv if argv is None else argv):
-                out = Path(tmp) / "smoke_draft"
-        log = train_draft(target, out, **kw)
+            kw.update(SMOKE, window=min(args.window, 32))
+            if target is None:
+                target = EMBEDDED_TARGET if (EMBEDDED_TARGET / "config.json").is_file() else _smoke_target(Path(tmp))
+            if tokens is None and args.text is None:
+                from longspec_lab.train.target import smoke_tokens
+
+                tokens = smoke_tokens(Path(tmp) / "tokens", n_train_files=10)
+        elif target is None:
+            target = EMBEDDED_TARGET
+        log = train_draft(target, out, tokens_dir=tokens, text=args.text, **kw)
     summary = {k: log[k] for k in ("steps", "tokens_seen", "wall_seconds", "final_eval", "device")}
     print(json.dumps(summary, indent=1))
+    print(f"wrote the draft to {out}; use it with: longspec-lab generate --model {target} --draft {out}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the old spelling, `python -m longspec_lab.train.draft`, runs the CLI's subcommand
+    import runpy
+
+    sys.argv = ["longspec-lab", "train-draft", *sys.argv[1:]]
+    runpy.run_module("longspec_lab", run_name="__main__", alter_sys=True)

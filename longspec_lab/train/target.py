@@ -16,14 +16,18 @@ Recipe and why:
 Output folder (Hugging Face layout): config.json (LlamaForCausalLM, bfloat16), model.safetensors (bf16,
 tied weight stored once), generation_config.json, the tokenizer files, and train_log.json.
 
+The checkpoint is written whole or not at all (`output.py`): an occupied --out needs --overwrite, and a
+non-finite loss stops the run with an error before anything is saved.
+
 GPU run (token files made elsewhere, since the GPU host's stdlib differs):
-    python -m longspec_lab.train.corpus --tokenize --out data/tokens
-    python -m longspec_lab.train.target --tokens-dir data/tokens --out data/embedded --device cuda
+    python -m longspec_lab.train.corpus --tokenize --out tokens
+    longspec-lab train-target --tokens tokens --out my-target --device cuda
+
+Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb (the embedded pair)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -41,8 +45,9 @@ from longspec_lab.models.config import PRESETS, ModelConfig
 from longspec_lab.models.loaders import pick_device, save_hf
 from longspec_lab.models.target import Target
 from longspec_lab.models.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_fingerprint
-from longspec_lab.paths import DATA_DIR, TOKENIZER_DIR
+from longspec_lab.paths import TOKENIZER_DIR
 from longspec_lab.train.corpus import TokenDataset, corpus_files, load_tokens, write_tokens
+from longspec_lab.train.output import check_finite, check_hparam, check_out_dir, fresh_out_dir, staged_dir
 
 # The recommended run: ~52M tokens (~5.6 epochs of the 9.3M-token train split); about 1-2 min on one H200.
 DEFAULTS = dict(
@@ -145,17 +150,31 @@ def train_target(
     device=None,
     dtype: str = "bf16",
     eval_every: int = DEFAULTS["eval_every"],
-    tokens_dir=DATA_DIR / "tokens",
+    tokens_dir=None,
     tokenizer_dir=TOKENIZER_DIR,
     min_lr_frac: float = DEFAULTS["min_lr_frac"],
     grad_clip: float = DEFAULTS["grad_clip"],
     max_eval_windows: int | None = None,
     save_dtype=torch.bfloat16,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Train ``Target(cfg)`` and save the best-held-out checkpoint to ``out_dir``. Returns a summary dict."""
-    if steps < 1 or batch_size < 1 or eval_every < 1:
-        raise ValueError(f"steps, batch_size, eval_every must be >= 1 (got {steps}, {batch_size}, {eval_every})")
+    """Train ``Target(cfg)`` and save the best-held-out checkpoint to ``out_dir`` (new or empty, unless
+    ``overwrite``; replaced only once the new checkpoint is complete and finite). Returns a summary dict."""
+    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1)):
+        check_hparam(name, v, lo, integer=True)
+    check_hparam("seq_len", seq_len, 2, integer=True)
+    check_hparam("warmup", warmup, 0, integer=True)
+    check_hparam("lr", lr, 0, 10.0, low_open=True)
+    check_hparam("weight_decay", weight_decay, 0, 10.0)
+    check_hparam("min_lr_frac", min_lr_frac, 0, 1.0)
+    check_hparam("grad_clip", grad_clip, 0)
+    if tokens_dir is None:
+        raise ValueError(
+            "no token files given; make them with `python -m longspec_lab.train.corpus --tokenize --out tokens` "
+            "and pass --tokens tokens"
+        )
+    check_out_dir(out_dir, overwrite)
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model context {cfg.max_position_embeddings}; lower --seq-len")
     tokens_dir, tokenizer_dir, out_dir = Path(tokens_dir), Path(tokenizer_dir), Path(out_dir)
@@ -209,6 +228,11 @@ def train_target(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise ValueError(
+                f"the training loss became {losses[-1]} at step {step + 1}; nothing was saved to {out_dir}. "
+                f"Lower --lr (now {lr:g}) or raise --warmup"
+            )
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             h = run_eval(step + 1)
         if progress:
@@ -220,9 +244,10 @@ def train_target(
             )
     wall = time.time() - t0
 
+    if best["state"] is None:
+        raise ValueError(f"the held-out loss was never finite; nothing was saved to {out_dir}. Lower --lr (now {lr:g})")
     model.load_state_dict(best["state"])
-    save_hf(model, out_dir, save_dtype)
-    copy_tokenizer_files(out_dir, tokenizer_dir)
+    check_finite(model.named_parameters(), "the trained target")
     summary = dict(
         out_dir=str(out_dir),
         steps=steps,
@@ -261,7 +286,10 @@ def train_target(
         ),
         versions=dict(python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__),
     )
-    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    with staged_dir(out_dir, overwrite) as tmp:
+        save_hf(model, tmp, save_dtype)
+        copy_tokenizer_files(tmp, tokenizer_dir)
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     if progress:
         print(
             f"saved {out_dir}: best held-out loss {best['loss']:.4f} at step {best['step']}, "
@@ -281,45 +309,21 @@ def smoke_tokens(out_dir, n_train_files: int = 40, tokenizer_dir=TOKENIZER_DIR) 
     return out_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="longspec-lab train-target",
-        description="Train the embedded target model on pre-tokenized stdlib code and "
-        "save a Hugging Face folder (best held-out checkpoint).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = DEFAULTS
-    ap.add_argument("--out", default=str(DATA_DIR / "embedded"), help="output model folder")
-    ap.add_argument(
-        "--tokens-dir",
-        default=str(DATA_DIR / "tokens"),
-        help="folder with train.u16/heldout.u16 from `python -m longspec_lab.train.corpus --tokenize`",
-    )
-    ap.add_argument("--tokenizer-dir", default=str(TOKENIZER_DIR), help="tokenizer copied into --out")
-    ap.add_argument("--preset", default="embedded", choices=sorted(PRESETS), help="model shape")
-    ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps (~5.6 epochs at the defaults)")
-    ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="windows per step")
-    ap.add_argument("--seq-len", type=int, default=d["seq_len"], help="training window (<= model context)")
-    ap.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
-    ap.add_argument("--min-lr-frac", type=float, default=d["min_lr_frac"], help="final lr / peak lr")
-    ap.add_argument("--warmup", type=int, default=d["warmup"], help="linear warmup steps before cosine decay")
-    ap.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW decay on matrices")
-    ap.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables")
-    ap.add_argument("--eval-every", type=int, default=d["eval_every"], help="held-out eval period (steps)")
-    ap.add_argument("--seed", type=int, default=d["seed"], help="init and data-order seed")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "float32"], help="bf16 = autocast on CUDA")
-    ap.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few CPU steps of the tiny preset on a handful of files (checks the pipeline)",
-    )
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap
+SMOKE = dict(
+    steps=20,
+    batch_size=4,
+    seq_len=128,
+    lr=3e-3,
+    warmup=2,
+    eval_every=10,
+    device="cpu",
+    dtype="float32",
+    max_eval_windows=8,
+)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(args) -> int:
+    """`longspec-lab train-target` after its flags are parsed and checked (see longspec_lab.cli)."""
     cfg = PRESETS[args.preset]
     kw = dict(
         steps=args.steps,
@@ -332,35 +336,29 @@ def main(argv=None) -> int:
         device=args.device,
         dtype=args.dtype,
         eval_every=args.eval_every,
-        tokens_dir=args.tokens_dir,
-        tokenizer_dir=args.tokenizer_dir,
+        tokens_dir=args.tokens,
+        tokenizer_dir=args.tokenizer_dir or TOKENIZER_DIR,
         min_lr_frac=args.min_lr_frac,
         grad_clip=args.grad_clip,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
-    if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = PRESETS["tiny"].replace(vocab_size=load_tokenizer(args.tokenizer_dir).get_vocab_size())
-            kw.update(
-                steps=20,
-                batch_size=4,
-                seq_len=128,
-                lr=3e-3,
-                warmup=2,
-                eval_every=10,
-                device="cpu",
-                dtype="float32",
-                tokens_dir=smoke_tokens(Path(tmp) / "tokens", tokenizer_dir=args.tokenizer_dir),
-                max_eval_windows=8,
-            )
-            summary = train_target(
-                cfg, args.out if args.out != str(DATA_DIR / "embedded") else Path(tmp) / "model", **kw
-            )
-    else:
-        summary = train_target(cfg, args.out, **kw)
+    out = Path(args.out) if args.out else fresh_out_dir("smoke-target" if args.smoke else "target")
+    check_out_dir(out, args.overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            cfg = PRESETS["tiny"].replace(vocab_size=load_tokenizer(kw["tokenizer_dir"]).get_vocab_size())
+            kw.update(SMOKE)
+            if args.tokens is None:
+                kw["tokens_dir"] = smoke_tokens(Path(tmp) / "tokens", tokenizer_dir=kw["tokenizer_dir"])
+        summary = train_target(cfg, out, **kw)
     print(json.dumps(summary, indent=1))
+    print(f"wrote the target to {out}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the old spelling, `python -m longspec_lab.train.target`, runs the CLI's subcommand
+    import runpy
+
+    sys.argv = ["longspec-lab", "train-target", *sys.argv[1:]]
+    runpy.run_module("longspec_lab", run_name="__main__", alter_sys=True)
