@@ -109,6 +109,79 @@ def first_step_fn(decoder, prompt_ids):
     return fn
 
 
+def first_step_with_losers(decoder, prompt_ids, shape, n_lost: int = 3):
+    """(StepRecord of the first tree step on `prompt_ids`, the beam candidates that lost): per level
+    the `n_lost` best (parent, token) pairs just below the level's width, as dicts with level,
+    parent, token, score (cumulative draft log-prob) and rank (0-based, in the level's competition).
+
+    Every level's competition (`spec.draft.beam_level`: parent scores + the draft's log-probs) is
+    recorded while the decoder drafts, then replayed over width + n_lost places; its first `width`
+    winners must be the tree's own level (checked)."""
+    import longspec_lab.spec.draft as spec_draft
+
+    orig = spec_draft.beam_level
+    record = []
+
+    def recording(parent_scores, logprobs, width):
+        record.append((parent_scores.detach().float().cpu().clone(), logprobs.detach().float().cpu().clone()))
+        return orig(parent_scores, logprobs, width)
+
+    spec_draft.beam_level = recording
+    try:
+        res = decoder.generate(
+            prompt_ids, method="tree", tree_shape=TreeShape.of(shape), max_new_tokens=2, trace=True, stop_at_eos=False
+        )
+    finally:
+        spec_draft.beam_level = orig
+    step = res.trace[0]
+    tree, widths = step.tree, step.tree.shape.widths
+    if len(record) < len(widths):
+        raise RuntimeError("error: the decoder drafted without spec.draft.beam_level; update first_step_with_losers")
+    off, losers = tree.shape.level_offsets, []
+    for l, ((ps, lp), w) in enumerate(zip(record, widths), start=1):
+        ranks, toks, scores = orig(ps, lp, min(w + n_lost, lp.numel()))
+        if toks[:w].tolist() != tree.tokens[off[l] : off[l + 1]].tolist():
+            raise RuntimeError(
+                f"error: replaying level {l} did not give the drafted level; the draft is not deterministic"
+            )
+        for r in range(w, len(toks)):
+            losers.append(
+                dict(level=l, parent=off[l - 1] + int(ranks[r]), token=int(toks[r]), score=float(scores[r]), rank=r)
+            )
+    return step, losers
+
+
+def pick_rejection_step(result) -> int:
+    """Index of the traced step with the longest accepted path that stops on a rejection (its last
+    accepted node has drafted children, none of them right) and was not cut by the length limit."""
+    best = None
+    for k, st in enumerate(result.trace):
+        path = st.result.path.tolist()
+        if st.tree.children(path[-1]) and len(st.emitted) == len(path):
+            if best is None or len(path) > len(result.trace[best].result.path):
+                best = k
+    if best is None:
+        raise ValueError("no step of this trace stops on a rejection; generate more tokens or use a deeper tree")
+    return best
+
+
+def save_live_result(name: str, data: dict) -> str | None:
+    """When LONGSPEC_RESULTS_OUT names a folder (teach.run_notebooks sets it), write data there as
+    <name>.json (never over an existing file) and return the path; otherwise do nothing."""
+    import json
+    from pathlib import Path
+
+    folder = os.environ.get("LONGSPEC_RESULTS_OUT")
+    if not folder:
+        return None
+    path = Path(folder) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise FileExistsError(f"error: {path} exists; pick an empty LONGSPEC_RESULTS_OUT folder")
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return str(path)
+
+
 # ----------------------------------------------------------------------------- one step, explained
 
 
@@ -138,7 +211,12 @@ def describe_step(step: StepRecord, tokenizer=None) -> str:
     lines.append(f"<b>Why the path stops:</b> {why}")
     lines.append(
         f"<b>Bonus token:</b> the target's own prediction after node #{w}, {tok(t[w])}, is emitted too, "
-        f"so this step emits {len(path)} tokens from one target pass ({len(path) - 1} drafted + 1)."
+        f"so this step verifies {len(path)} tokens in one target pass ({len(path) - 1} drafted + 1)"
+        + (
+            f" and emits {len(step.emitted)} of them (the length limit cut the rest)."
+            if len(step.emitted) < len(path)
+            else " and emits all of them."
+        )
     )
     off = sum(bool(v) for v in res.verified.tolist()[1:]) - (len(path) - 1)
     if off:
@@ -225,7 +303,7 @@ def kv_commit_figure(step: StepRecord, tokenizer=None) -> go.Figure:
         text="committed tokens: " + " ".join(html.escape(t) for t in toks),
     )
     fig.update_layout(
-        title=f"KV commit at step {step.step}: accepted nodes {path} move to slots P..P+{len(path) - 1} (P = {P})",
+        title=f"KV commit at step {step.step + 1}: accepted nodes {path} move to slots P..P+{len(path) - 1} (P = {P})",
         height=380,
         width=900,
         legend=dict(title="cache slot holds", orientation="h", y=-0.35, x=0),

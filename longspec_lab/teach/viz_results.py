@@ -17,7 +17,18 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from longspec_lab.teach.palette import METHOD_COLORS, _html
+from longspec_lab.teach.palette import METHOD, REFERENCE, _html, method_color, rule_color, series_color, stage_color
+from longspec_lab.teach.palette import method_key as palette_key
+
+
+def _color(label: str, k: int) -> str:
+    """The palette's colour of a method or rule label; other labels get the k-th series colour."""
+    for fn in (method_color, rule_color):
+        try:
+            return fn(label)
+        except ValueError:
+            pass
+    return series_color(k)
 
 
 def _stats(r) -> dict:
@@ -51,7 +62,7 @@ def tau_figure(results, title: str = "Speculative decoding: tokens per target pa
         subplot_titles=("τ = generated tokens / target forward passes", "decoding speed (prefill excluded)"),
     )
     for k, (label, s) in enumerate(items):
-        c = METHOD_COLORS[k % len(METHOD_COLORS)]
+        c = _color(label, k)
         for col, key, fmt in ((1, "tau", "{:.2f}"), (2, "tokens_per_s", "{:.0f}")):
             fig.add_trace(
                 go.Bar(
@@ -91,7 +102,7 @@ def stage_times_figure(results, title: str = "Where the decoding time goes") -> 
     fig = go.Figure()
     for k, st in enumerate(stages):
         fig.add_trace(
-            go.Bar(y=list(rows), x=[rows[l][st] for l in rows], name=st, orientation="h", marker_color=METHOD_COLORS[k])
+            go.Bar(y=list(rows), x=[rows[l][st] for l in rows], name=st, orientation="h", marker_color=stage_color(st))
         )
     fig.update_layout(
         barmode="stack",
@@ -112,22 +123,24 @@ def accepted_lengths_figure(result, title: str | None = None) -> go.Figure:
     acc = list(result.accepted_lengths)
     if not acc:
         raise ValueError("this result has no verification steps; generate more than one token")
-    fig = go.Figure(go.Bar(x=list(range(len(acc))), y=acc, name="tokens this step", marker_color=METHOD_COLORS[0]))
+    fig = go.Figure(
+        go.Bar(x=list(range(1, len(acc) + 1)), y=acc, name="tokens this step", marker_color=_color(result.method, 0))
+    )
     mean = sum(acc) / len(acc)
     fig.add_trace(
         go.Scatter(
-            x=[-0.5, len(acc) - 0.5],
+            x=[0.5, len(acc) + 0.5],
             y=[mean, mean],
             mode="lines",
-            name=f"mean per step {mean:.2f}",
-            line=dict(color=METHOD_COLORS[3], dash="dash"),
+            name=f"mean over verify steps {mean:.2f} (τ = {result.tau:.2f} also counts the prefill pass)",
+            line=dict(color=REFERENCE, dash="dash"),
         )
     )
     fig.update_layout(
         title=title or f"Tokens per target pass, step by step ({result.method})",
         height=320,
         width=820,
-        xaxis_title="verification step",
+        xaxis_title="verification step (1-based)",
         yaxis_title="tokens emitted (incl. bonus)",
         legend_title="",
     )
@@ -170,7 +183,7 @@ def pareto_figure(
                 y=[p[y] for p in sel],
                 mode="markers+text",
                 name=gname or "runs",
-                marker=dict(size=9, color=METHOD_COLORS[k % 6]),
+                marker=dict(size=9, color=_color(gname, k)),
                 text=[str(p.get(label, "")) for p in sel] if label else None,
                 textposition="top center",
                 textfont=dict(size=9),
@@ -183,7 +196,7 @@ def pareto_figure(
             y=[p[y] for p in front],
             mode="lines",
             name="Pareto front",
-            line=dict(color="#333333", dash="dash"),
+            line=dict(color=REFERENCE, dash="dash"),
         )
     )
     fig.update_layout(
@@ -206,8 +219,10 @@ def line_figure(
     y_title: str,
     log_x: bool = False,
     log_y: bool = False,
+    colors: Mapping[str, str] | None = None,
 ) -> go.Figure:
-    """Generic lines: {name: (xs, ys)}."""
+    """Generic lines: {name: (xs, ys)}; a method or rule name gets its palette colour, `colors`
+    overrides per name."""
     fig = go.Figure()
     for k, (name, (xs, ys)) in enumerate(series.items()):
         fig.add_trace(
@@ -216,7 +231,7 @@ def line_figure(
                 y=list(ys),
                 mode="lines+markers",
                 name=name,
-                line=dict(color=METHOD_COLORS[k % len(METHOD_COLORS)]),
+                line=dict(color=(colors or {}).get(name) or _color(name, k)),
             )
         )
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=420, width=820)
@@ -327,7 +342,7 @@ def kernel_timing_figure(
                     name=KERNEL_METHODS[m],
                     legendgroup=m,
                     showlegend=col == 1,
-                    line=dict(color=METHOD_COLORS[k % len(METHOD_COLORS)]),
+                    line=dict(color=method_color(m)),
                 ),
                 row=1,
                 col=col,
@@ -345,7 +360,7 @@ def kernel_timing_figure(
                         name=label,
                         legendgroup=fk,
                         showlegend=col == 1,
-                        line=dict(color="#333333", dash=dash),
+                        line=dict(color=REFERENCE, dash=dash),
                     ),
                     row=1,
                     col=col,
@@ -444,7 +459,7 @@ def anchor_positions_figure(
     idx = np.arange(T)
     for b in range(B):
         sinks = int(np.argmax(pos[b] != idx)) if (pos[b] != idx).any() else T
-        c = METHOD_COLORS[b % len(METHOD_COLORS)]
+        c = series_color(b)
         name = f"row {b}: {sinks} sink(s), offset {int(pos[b, -1] - (T - 1))}"
         fig.add_trace(
             go.Scatter(x=idx, y=pos[b], mode="lines", name=name, legendgroup=str(b), line=dict(color=c)), row=1, col=1
@@ -501,7 +516,7 @@ def distribution_figure(
         )
     )
     for k, (name, freq) in enumerate(empirical.items()):
-        fig.add_trace(go.Bar(x=labels, y=list(freq), name=name, marker_color=METHOD_COLORS[k % len(METHOD_COLORS)]))
+        fig.add_trace(go.Bar(x=labels, y=list(freq), name=name, marker_color=_color(name, k)))
     fig.update_layout(
         title=title,
         barmode="group",
@@ -530,10 +545,15 @@ def tau_by_rule_figure(rows: Sequence[Mapping], title: str = "τ per verificatio
             go.Bar(
                 x=xs,
                 y=[sel[x]["tau"] for x in xs],
-                name=f"temperature {t:g}",
-                marker_color=METHOD_COLORS[k % 6],
+                name=f"temperature {t:g}" + (" (lighter)" if k < len(temps) - 1 else ""),
+                marker_color=[rule_color(x) for x in xs],
+                marker_opacity=0.45 + 0.55 * (k + 1) / len(temps),
+                marker_line=dict(color=REFERENCE, width=1),
                 marker_pattern_shape=["/" if not sel[x].get("lossless", True) else "" for x in xs],
-                text=[f"{sel[x]['tau']:.2f}" + ("<br>biased" if not sel[x].get("lossless", True) else "") for x in xs],
+                text=[
+                    f"T {t:g}: {sel[x]['tau']:.2f}" + ("<br>biased" if not sel[x].get("lossless", True) else "")
+                    for x in xs
+                ],
                 textposition="outside",
             )
         )
@@ -570,9 +590,7 @@ def speed_bars_figure(
         if base:
             t += f" · {r['tokens_per_s'] / base:.1f}×"
         text.append(t)
-    colors = [
-        METHOD_COLORS[1] if n.startswith("hf") else METHOD_COLORS[0] if n == "ar" else METHOD_COLORS[2] for n in names
-    ]
+    colors = [method_color(n) for n in names]
     fig = go.Figure(
         go.Bar(
             y=names,
@@ -584,12 +602,18 @@ def speed_bars_figure(
             showlegend=False,
         )
     )
-    for c, label in (
-        (METHOD_COLORS[1], "transformers"),
-        (METHOD_COLORS[0], "ours, autoregressive"),
-        (METHOD_COLORS[2], "ours, speculative"),
-    ):
-        fig.add_trace(go.Bar(x=[None], y=[None], name=label, marker_color=c, orientation="h"))
+    names_of = {
+        "ar": "ours, autoregressive",
+        "chain": "ours, chain",
+        "tree": "ours, tree",
+        "tree-sdpa": "ours, tree (SDPA)",
+        "hf-greedy": "transformers generate",
+        "hf-prompt-lookup": "transformers prompt lookup",
+    }
+    for key in dict.fromkeys(palette_key(n) for n in names):
+        fig.add_trace(
+            go.Bar(x=[None], y=[None], name=names_of.get(key, key), marker_color=METHOD[key], orientation="h")
+        )
     top = max(results[n]["tokens_per_s"] for n in names)
     if base:
         title += f" (bar text: tokens/s · τ · speedup over {baseline})"
@@ -625,7 +649,7 @@ def verify_decode_figure(
         subplot_titles=("milliseconds per step (solid: verify, dotted: decode)", "verify / decode time ratio"),
     )
     for k, b in enumerate(backends):
-        c = METHOD_COLORS[k % len(METHOD_COLORS)]
+        c = method_color(b)
         graph = f"{b}_verify_graph_ms" in rows[0]
         sfx = "_graph_ms" if graph else "_ms"
         label = {"triton": "ours + Triton kernel", "sdpa": "ours + SDPA", "hf": "transformers"}.get(b, b)
@@ -670,14 +694,14 @@ def verify_decode_figure(
                 y=[r["floor_verify_ms"] for r in rows],
                 mode="lines",
                 name="bandwidth floor (weights + KV / copy BW)",
-                line=dict(color="#333333", dash="dash"),
+                line=dict(color=REFERENCE, dash="dash"),
             ),
             row=1,
             col=1,
         )
     fig.add_hline(
         y=1.0,
-        line=dict(color="#333333", dash="dash"),
+        line=dict(color=REFERENCE, dash="dash"),
         row=1,
         col=2,
         annotation_text="ratio 1: verifying the tree costs one decode step",

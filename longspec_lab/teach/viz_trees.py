@@ -157,6 +157,7 @@ def tree_diagram(
     rankdir: str = "LR",
     token_len: int = 12,
     size: str | None = "10,30",
+    losers: Sequence[dict] | None = None,
 ) -> graphviz.Digraph:
     """Draw a draft tree level by level (one column per level, `rank=same`).
 
@@ -165,7 +166,9 @@ def tree_diagram(
     it (`→ tok`) and is coloured by status; the accepted path's edges are drawn thick. Siblings
     beyond `max_children` collapse into one '+k more' node (accepted-path nodes are always drawn).
     Graph node names: `n{i}` for tree nodes, `more{parent}` for collapsed groups, `level{l}` for
-    the column headers. `size` (inches, "w,h") shrinks big drawings to fit a notebook column."""
+    the column headers. `size` (inches, "w,h") shrinks big drawings to fit a notebook column.
+    losers: beam candidates that lost their level (dicts with parent, token, score, level, rank, as
+    `setup.beam_losers` returns), drawn greyed out with dashed edges (graph names `lost{k}`)."""
     tree, step, placeholder = _unpack(tree_or_shape)
     step = trace_step if trace_step is not None else step
     if step is not None and step.tree.num_nodes != tree.num_nodes:
@@ -175,7 +178,8 @@ def tree_diagram(
         )
     status = node_statuses(tree, step)
     path = step.result.path.tolist() if step is not None else []
-    shown, hidden = visible_nodes(tree, max_children, keep=path)
+    losers = list(losers or [])
+    shown, hidden = visible_nodes(tree, max_children, keep=set(path) | {int(c["parent"]) for c in losers})
     toks, par, sc = tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist()
     depths = tree.depths.tolist()
     pred = step.target_tokens.tolist() if step is not None else None
@@ -184,9 +188,7 @@ def tree_diagram(
         kind = "placeholder layout of shape" if placeholder else "draft tree"
         title = f"{kind} {list(shape.widths)}: {tree.num_nodes} nodes"
         if step is not None:
-            title += (
-                f" · step {step.step}: {len(path) - 1} drafted token(s) accepted + 1 bonus token = {len(path)} emitted"
-            )
+            title += " · " + step_summary(step)
     note = (
         ""
         if placeholder
@@ -195,7 +197,7 @@ def tree_diagram(
             + (" / → the target's prediction after it" if step is not None else "")
         )
     )
-    drawn = {status[i] for i in shown} | ({"more"} if hidden else set())
+    drawn = {status[i] for i in shown} | ({"more"} if hidden else set()) | ({"lost"} if losers else set())
     present = [s for s in STATUS_TEXT if s in drawn]
     g = graphviz.Digraph("draft_tree")
     if size:
@@ -246,6 +248,15 @@ def tree_diagram(
         g.node(f"more{p}", label=label, fillcolor=COLORS["more"], style="rounded,dashed,filled", fontcolor="#555555")
         g.edge(f"n{p}", f"more{p}", style="dashed")
         levels.setdefault(depths[p] + 1, []).append(f"more{p}")
+    shown_set = set(shown)
+    for k, c in enumerate(losers):
+        p = int(c["parent"])
+        if p not in shown_set:
+            continue
+        label = _dot_escape(token_label(c["token"], tokenizer, token_len)) + f"\\nlost {c['score']:.2f}"
+        g.node(f"lost{k}", label=label, fillcolor=COLORS["lost"], style="rounded,dashed,filled", fontcolor="#777777")
+        g.edge(f"n{p}", f"lost{k}", style="dashed", color="#bbbbbb")
+        levels.setdefault(depths[p] + 1, []).append(f"lost{k}")
     for l in range(shape.depth + 1):  # column headers, chained invisibly so they keep their order
         n = shape.level_offsets[l + 1] - shape.level_offsets[l]
         g.node(
@@ -263,6 +274,14 @@ def tree_diagram(
             for name in [f"level{l}"] + levels.get(l, []):
                 s.node(name)
     return g
+
+
+def step_summary(step: StepRecord) -> str:
+    """'step 3 (1-based): 4 drafted token(s) accepted + 1 bonus = 5 emitted', saying so when the
+    length limit kept fewer of them."""
+    k, n = len(step.result.path.tolist()), len(step.emitted)
+    s = f"step {step.step + 1}: {k - 1} drafted token(s) accepted + 1 bonus = {k}"
+    return s + (f" verified, {n} emitted (the length limit cut the rest)" if n < k else " emitted")
 
 
 def diagram_svg(dot: graphviz.Digraph) -> str:

@@ -13,6 +13,7 @@ tests can drive it without a browser.
 from __future__ import annotations
 
 import html
+import re
 from typing import Callable
 
 import ipywidgets as W
@@ -32,8 +33,37 @@ PRESETS = {
 _ERR = '<div style="color:#b00020;font-weight:bold">{}</div>'
 
 
-def _svg_box(svg: str, max_height: int = 620) -> str:
-    return f'<div style="overflow:auto;max-height:{max_height}px;max-width:100%">{svg}</div>'
+def _svg_fit(svg: str) -> str:
+    """Make a graphviz SVG scale to its box: width 100% of the column (never wider than drawn),
+    height following the viewBox, so the root and the accepted path are always on screen."""
+    m = re.match(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"', svg)
+    if not m:
+        return svg
+    w = m.group(1)
+    return f'<svg class="fitted-tree" width="100%" style="max-width:{w}pt;height:auto"' + svg[m.end() :]
+
+
+def _svg_box(svg: str) -> str:
+    return f'<div class="tree-box" style="width:100%">{_svg_fit(svg)}</div>'
+
+
+class _Snapshot:
+    """Widgets also carry a static HTML copy of what they show (text/html next to the widget view):
+    JupyterLab draws the live widget; a static page (the site, a code-hosting viewer) the copy."""
+
+    def snapshot_html(self) -> str:
+        raise NotImplementedError
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if data is not None:
+            data["text/html"] = '<div class="widget-snapshot">' + self.snapshot_html() + "</div>"
+        return bundle
+
+
+def _fig_html(fig) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False)
 
 
 def _render(dot) -> str:
@@ -50,7 +80,7 @@ def _render(dot) -> str:
         )
 
 
-class TreeShapeExplorer(W.VBox):
+class TreeShapeExplorer(_Snapshot, W.VBox):
     """Depth slider + one width slider per level + presets -> node count, mask bytes, diagram, mask.
 
     tree_fn(shape) may return a real drafted tree (DraftTree or StepRecord) for the shape; without
@@ -141,7 +171,7 @@ class TreeShapeExplorer(W.VBox):
         self.update()
 
     def _on_preset(self, change) -> None:
-        if change["new"] in PRESETS:
+        if change["new"] in PRESETS and not self._hold:
             self.set_shape(PRESETS[change["new"]])
 
     def _on_change(self, change) -> None:
@@ -177,6 +207,8 @@ class TreeShapeExplorer(W.VBox):
             self.mask_label.value = ""
             self.diagram.value = ""
             self.diagram_source = ""
+            clear_figure(self.mask_fig, "no mask: the shape was refused (fix it above)")
+            self._sync_preset()
             return
         self.shape, self.error = shape, None
         self.message.value = ""
@@ -194,6 +226,33 @@ class TreeShapeExplorer(W.VBox):
             title=f"Tree mask for {list(shape.widths)}: {n} × {n}",
         )
         refresh_figure(self.mask_fig, new)
+        self._sync_preset()
+
+    def _sync_preset(self) -> None:
+        """The preset box names the preset the sliders show, or '(custom)'."""
+        name = next((k for k, v in PRESETS.items() if list(v) == self.widths), "(custom)")
+        if self.preset.value != name:
+            self._hold = True
+            try:
+                self.preset.value = name
+            finally:
+                self._hold = False
+
+    def snapshot_html(self) -> str:
+        return (
+            f"<div>{self.node_count_label.value}<br>{self.mask_label.value}{self.message.value}</div>"
+            + self.diagram.value
+            + (_fig_html(go.Figure(self.mask_fig)) if self.shape is not None else "")
+        )
+
+
+def clear_figure(fig: go.FigureWidget, title: str) -> None:
+    """Empty a FigureWidget (no traces, no shapes) and say why in its title."""
+    with fig.batch_update():
+        fig.data = []
+        fig.layout.shapes = []
+        fig.layout.annotations = []
+        fig.update_layout(title=title)
 
 
 def refresh_figure(fig: go.FigureWidget, new: go.Figure) -> None:
@@ -215,12 +274,13 @@ def refresh_figure(fig: go.FigureWidget, new: go.Figure) -> None:
         fig.update_yaxes(new.layout.yaxis.to_plotly_json())
 
 
-class TreeGrowth(W.VBox):
+class TreeGrowth(_Snapshot, W.VBox):
     """One drafted tree shown level by level: level l's nodes are the global top-w_l (parent, token)
     pairs by cumulative draft log-prob over all nodes of level l-1."""
 
-    def __init__(self, tree: DraftTree | StepRecord, tokenizer=None, max_children: int = 4):
+    def __init__(self, tree: DraftTree | StepRecord, tokenizer=None, max_children: int = 4, losers=None):
         self.tree = tree.tree if isinstance(tree, StepRecord) else tree
+        self.losers = list(losers or [])  # setup.first_step_with_losers: candidates that lost, greyed out
         if self.tree.shape.depth < 1:
             raise ValueError("this tree has only its root; draft a tree with at least one level")
         self.tokenizer, self.max_children = tokenizer, max_children
@@ -237,12 +297,20 @@ class TreeGrowth(W.VBox):
         l = self.level_slider.value
         part = viz_trees.truncate_tree(self.tree, l)
         title = f"beam tree after {l} of {self.tree.shape.depth} levels: widths {list(part.shape.widths)}"
-        dot = viz_trees.tree_diagram(part, tokenizer=self.tokenizer, max_children=self.max_children, title=title)
+        lost = [c for c in self.losers if c["level"] <= l]
+        if lost:
+            title += f" · grey: the {len(lost)} best candidates that lost (score = cumulative draft log-prob)"
+        dot = viz_trees.tree_diagram(
+            part, tokenizer=self.tokenizer, max_children=self.max_children, title=title, losers=lost
+        )
         self.diagram_source = dot.source
         self.diagram.value = _render(dot)
 
+    def snapshot_html(self) -> str:
+        return self.diagram.value
 
-class StepPlayer(W.VBox):
+
+class StepPlayer(_Snapshot, W.VBox):
     """Play / step through `GenerationResult.trace`: per step the drafted tree with real tokens, the
     target's prediction at each node, the accepted path, the committed text so far and tau so far."""
 
@@ -299,10 +367,16 @@ class StepPlayer(W.VBox):
         k = self.step
         st = self.result.trace[k]
         before, added = self.committed_tokens(k)
+        path_len = len(st.result.path)
+        cut = (
+            f" · the length limit kept <b>{len(added)}</b> of the {path_len} verified tokens"
+            if len(added) < path_len
+            else ""
+        )
         self.header.value = (
-            f"<b>step {k + 1} of {len(self.result.trace)}</b> · committed tokens before: "
+            f"<b>step {st.step + 1} of {len(self.result.trace)}</b> · committed tokens before: "
             f"{st.prefix_len} · this step emitted <b>{len(added)}</b> tokens "
-            f"({len(added) - 1} drafted + 1 bonus) · τ so far <b>{self.tau_so_far(k):.2f}</b>"
+            f"({path_len - 1} drafted accepted + 1 bonus verified){cut} · τ so far <b>{self.tau_so_far(k):.2f}</b>"
         )
         if self.tokenizer is not None:
             old, new = self.tokenizer.decode(before), self.tokenizer.decode(added)
@@ -322,10 +396,181 @@ class StepPlayer(W.VBox):
         self.diagram.value = _render(dot)
         rows = "".join(
             f"<tr><td>{d}</td><td>#{i}</td><td>{html.escape(viz_trees.token_label(st.tree.tokens[i], self.tokenizer))}"
-            f"</td><td>{html.escape(viz_trees.token_label(st.target_tokens[i], self.tokenizer))}</td></tr>"
+            f"</td><td>{html.escape(viz_trees.token_label(st.target_tokens[i], self.tokenizer))}</td>"
+            f"<td>{'yes' if d < len(added) else 'no (length limit)'}</td></tr>"
             for d, i in enumerate(st.result.path.tolist())
         )
         self.path_table.value = (
             "<table><tr><th>depth</th><th>node</th><th>drafted token</th>"
-            f"<th>target's next token (emitted)</th></tr>{rows}</table>"
+            f"<th>target's next token</th><th>emitted</th></tr>{rows}</table>"
         )
+
+    def snapshot_html(self) -> str:
+        return self.header.value + self.text.value + self.diagram.value + self.path_table.value
+
+
+class CostModelExplorer(_Snapshot, W.VBox):
+    """Sliders for the roofline cost model of one target pass (teach.cost): rows verified, the
+    longest context, model size, bandwidth and FLOP rate -> t(rows) / t(1 row) against context, with
+    the recorded H200 points and a live measurement (both fixed: they belong to their own
+    hardware and model, so they stay put when the sliders move)."""
+
+    def __init__(self, recorded=None, live=None, live_label: str = "measured here"):
+        from longspec_lab.teach import cost
+
+        self._cost, self.recorded, self.live, self.live_label = cost, recorded, live, live_label
+        style = {"description_width": "150px"}
+        lay = W.Layout(width="520px")
+        hw, m = cost.Hardware.h200(), cost.ModelCost.llama3_8b()
+        self.rows_slider = W.IntSlider(
+            value=72, min=1, max=512, description="rows verified", continuous_update=False, style=style, layout=lay
+        )
+        self.context_slider = W.IntSlider(
+            value=17,
+            min=12,
+            max=20,
+            description="longest context 2^k",
+            continuous_update=False,
+            style=style,
+            layout=lay,
+        )
+        self.params_slider = W.FloatLogSlider(
+            value=m.params / 1e9, base=10, min=-1, max=2.5, description="model size (B params)", style=style, layout=lay
+        )
+        self.bw_slider = W.FloatSlider(
+            value=hw.bandwidth / 1e12,
+            min=0.2,
+            max=10,
+            step=0.05,
+            description="bandwidth (TB/s)",
+            style=style,
+            layout=lay,
+        )
+        self.flops_slider = W.FloatSlider(
+            value=hw.flops / 1e12, min=10, max=2500, step=5, description="FLOP rate (TFLOP/s)", style=style, layout=lay
+        )
+        for s in (self.params_slider, self.bw_slider, self.flops_slider):
+            s.continuous_update = False
+        self.summary = W.HTML()
+        self.fig = go.FigureWidget(self.figure())
+        for s in self.sliders:
+            s.observe(lambda c: self.update(), names="value")
+        super().__init__([*self.sliders, self.summary, self.fig])
+        self.update()
+
+    @property
+    def sliders(self):
+        return [self.rows_slider, self.context_slider, self.params_slider, self.bw_slider, self.flops_slider]
+
+    def model_and_hardware(self):
+        c = self._cost
+        m = c.ModelCost.llama3_8b().scaled(self.params_slider.value * 1e9)
+        return m, c.Hardware(self.bw_slider.value * 1e12, self.flops_slider.value * 1e12)
+
+    def contexts(self) -> list[int]:
+        return [2**k for k in range(10, self.context_slider.value + 1)]
+
+    def figure(self):
+        from longspec_lab.teach.paper_figures import cost_ratio_figure
+
+        m, hw = self.model_and_hardware()
+        return cost_ratio_figure(
+            m, hw, self.rows_slider.value, self.contexts(), self.recorded, self.live, live_label=self.live_label
+        )
+
+    def update(self) -> None:
+        m, hw = self.model_and_hardware()
+        c, rows = self._cost, self.rows_slider.value
+        L = self.contexts()[-1]
+        ridge = c.ridge_rows(m, hw, L)
+        self.summary.value = (
+            f"at {L:,} tokens of context one pass reads <b>{c.pass_bytes(m, rows, L) / 1e9:.1f} GB</b> for "
+            f"{rows} rows and {c.pass_bytes(m, 1, L) / 1e9:.1f} GB for 1 row; it turns compute bound above "
+            f"<b>{ridge:,} rows</b>. Ratio at {L:,}: {c.ratio_curve(m, hw, rows, [L])['floor'][0]:.2f} (floor) to "
+            f"{c.ratio_curve(m, hw, rows, [L])['no_overlap'][0]:.2f} (no overlap)."
+        )
+        refresh_figure(self.fig, self.figure())
+
+    def snapshot_html(self) -> str:
+        return self.summary.value + _fig_html(go.Figure(self.fig))
+
+
+class LiveTimer(_Snapshot, W.VBox):
+    """Pick a tree shape and a chain length, press 'time it': ar, chain and tree on the same prompt,
+    each run `repeats` times (teach.cost.time_methods) -> medians with their spread."""
+
+    def __init__(self, decoder, prompt_ids, max_new_tokens: int = 64, shape=(4, 16, 16, 16, 16), gamma: int = 4):
+        self.decoder, self.prompt_ids, self.max_new_tokens = decoder, prompt_ids, max_new_tokens
+        self.shape_text = W.Text(value=str(list(shape)), description="tree shape")
+        self.gamma_slider = W.IntSlider(value=gamma, min=1, max=8, description="chain γ", continuous_update=False)
+        self.repeats = W.IntSlider(value=3, min=1, max=10, description="repeats", continuous_update=False)
+        self.button = W.Button(description="time it")
+        self.message, self.table = W.HTML(), W.HTML()
+        self.fig = go.FigureWidget()
+        self.rows: list[dict] = []
+        self.button.on_click(lambda _: self.run())
+        super().__init__(
+            [
+                W.HBox([self.shape_text, self.gamma_slider, self.repeats, self.button]),
+                self.message,
+                self.table,
+                self.fig,
+            ]
+        )
+
+    def run(self) -> list[dict]:
+        from longspec_lab.teach import cost, viz_results
+        from longspec_lab.teach.exercises import parse_shape
+
+        try:
+            shape = TreeShape.of(parse_shape(self.shape_text.value))
+        except ValueError as e:
+            self.message.value = _ERR.format(html.escape(str(e)))
+            return []
+        self.message.value = "<i>timing…</i>"
+        self.rows = cost.time_methods(
+            self.decoder,
+            self.prompt_ids,
+            list(shape.widths),
+            self.gamma_slider.value,
+            self.repeats.value,
+            self.max_new_tokens,
+        )
+        self.message.value = (
+            f"{self.repeats.value} run(s) each after a warm-up, {self.max_new_tokens} new tokens, "
+            f"prompt of {len(self.prompt_ids)} tokens"
+        )
+        self.table.value = viz_results.html_table(
+            self.rows,
+            ["method", "tau", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "runs"],
+            formats={
+                "tau": "{:.2f}",
+                "tokens_per_s": "{:.0f}",
+                "tokens_per_s_min": "{:.0f}",
+                "tokens_per_s_max": "{:.0f}",
+            },
+            title="tokens/s: median, min and max over the runs",
+        )
+        new = go.Figure(
+            go.Bar(
+                x=[r["method"] for r in self.rows],
+                y=[r["tokens_per_s"] for r in self.rows],
+                marker_color=[palette.method_color(r["method"]) for r in self.rows],
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[r["tokens_per_s_max"] - r["tokens_per_s"] for r in self.rows],
+                    arrayminus=[r["tokens_per_s"] - r["tokens_per_s_min"] for r in self.rows],
+                ),
+                text=[f"τ {r['tau']:.2f}" for r in self.rows],
+                textposition="outside",
+            )
+        )
+        new.update_layout(
+            title="Live: tokens/s (median, bars: min..max)", yaxis_title="new tokens per second", height=380, width=700
+        )
+        refresh_figure(self.fig, new)
+        return self.rows
+
+    def snapshot_html(self) -> str:
+        return self.message.value + self.table.value + (_fig_html(go.Figure(self.fig)) if self.rows else "")
