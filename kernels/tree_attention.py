@@ -532,6 +532,8 @@ _HOPPER_CONFIGS = [
     _cfg(64, 4, 3, False),  # the old kernel's most frequent pick
     _cfg(64, 4, 3, True),
     _cfg(64, 4, 4, True),
+    _cfg(128, 4, 2, True),
+    _cfg(128, 4, 3, False),
     _cfg(128, 8, 2, False),
     _cfg(128, 8, 3, False),
     _cfg(128, 8, 2, True),
@@ -818,7 +820,8 @@ def _ensure_allocator():
         _ALLOCATOR_SET = True
 
 
-_INTERPRET_TMA = True  # interpreter: read K/V through tensor descriptors when aligned (tests flip it)
+# read K/V through tensor descriptors when the views allow it (tests and the benchmark flip it; LONGSPEC_TMA=0: off)
+USE_TMA_LOADS = os.environ.get("LONGSPEC_TMA", "1") != "0"
 LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmark records it)
 
 
@@ -906,15 +909,18 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
     tma = _tma_ok(k, v)
     if _INTERPRET:
-        use_tma = tma and _INTERPRET_TMA
+        use_tma = tma and USE_TMA_LOADS
         _split_kernel[grid](*args, **consts, BLOCK_N=64, USE_TMA=use_tma, STAGES=1)
         kern = None
     else:
-        kern = _split_kernel if tma else _split_kernel_plain
-        if tma:
+        use_tma = tma and USE_TMA_LOADS
+        kern = _split_kernel if use_tma else _split_kernel_plain
+        if use_tma:
             _ensure_allocator()
         kern[grid](*args, **consts)
-    LAST_LAUNCH.update(n_splits=n_splits, split_len=split_len, BLOCK_M=block_m, grid=grid, tma_ok=tma, kernel=kern)
+    LAST_LAUNCH.update(
+        n_splits=n_splits, split_len=split_len, BLOCK_M=block_m, grid=grid, tma_ok=tma, tma_allowed=use_tma, kernel=kern
+    )
     if not direct:
         block_r = 16 if not _INTERPRET else block_m
         _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
