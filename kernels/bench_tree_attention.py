@@ -670,7 +670,7 @@ def main(argv=None):
 
     def save():  # after every case: a run cut short still leaves data
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+            json.dump({"schema_version": result["environment"]["schema_version"], **result}, f, indent=1, default=str)
 
     if torch.cuda.is_available():
         try:  # ragged / GQA / D 64 / fp32 / CUDA-graph correctness on the GPU, first

@@ -241,7 +241,7 @@ def run_cli(args) -> int:
     rep["environment"] = environment(target.device)
     rep["prompt_tokens"] = [len(p) for p in prompts]
     rep["dtype"] = str(target.dtype).replace("torch.", "")
-    text = json.dumps(rep, indent=2)
+    text = json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    path.write_text(json.dumps({"schema_version": out["environment"]["schema_version"], **out}, indent=1) + "\n")
     print(format_table(rows))
     print(f"\nwrote {path}")
     return 0

@@ -213,7 +213,9 @@ def run_cli(args) -> int:
     print(f"best {rep['best_shape']}: {rep['best_vs_default']:.2f}x the default {rep['default_shape']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
+        )
         print(f"wrote the report to {args.out}")
     return 0
 

@@ -287,7 +287,9 @@ def main(argv=None) -> int:
     )
     rep["environment"] = environment("cuda")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
+    )
     for r in rep["rows"]:
         print(json.dumps(r))
     return 0
