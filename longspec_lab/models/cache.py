@@ -5,6 +5,8 @@ keys at slots [start, start + T). After tree verification only the accepted node
 `commit` moves their entries to the contiguous slots after the prefix with ONE gather per
 tensor, for all layers at once (LongSpec §1 step 6), and rejected entries are simply
 overwritten later.
+
+Taught in: notebooks/03_one_step_slowly.ipynb
 """
 
 from __future__ import annotations
