@@ -217,7 +217,8 @@ def load_target(path, device=None, dtype=None, fuse: bool = True, attention_back
     model = model.to(dt).eval()
     if fuse:
         model.fuse()
-    model.generation = gen if gen is not None else GenerationSettings(eos_token_id=cfg.eos_ids or None)
+    if gen is not None:
+        model.generation = gen
     return model
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longspec_lab.models.cache import KVCache
-from longspec_lab.models.config import ModelConfig
+from longspec_lab.models.config import GenerationSettings, ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope, fuse_projections, unfuse_projections
 from longspec_lab.ops.attention import attend
 
@@ -74,6 +74,8 @@ class Target(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
+        # EOS ids and default sampling settings; load_target reads them from generation_config.json
+        self.generation = GenerationSettings(eos_token_id=cfg.eos_ids or None)
 
     @property
     def device(self):
