@@ -208,9 +208,12 @@ def speedup_terms(verify_8b: dict, tau: float) -> list[dict]:
     return out
 
 
-def time_methods(decoder, prompt_ids, shape, gamma: int = 4, n: int = 3, max_new_tokens: int = 64) -> list[dict]:
+def time_methods(
+    decoder, prompt_ids, shape, gamma: int = 4, n: int = 3, max_new_tokens: int = 64, trace: bool = False
+) -> list[dict]:
     """ar, chain (gamma) and tree (shape) on the same prompt, each `n` times after a warm-up:
-    tokens/s median, min and max over the runs, and tau (the same in every run: greedy)."""
+    tokens/s median, min and max over the runs, tau (the same in every run: greedy) and, under
+    "result", the last run's GenerationResult (with its trace when `trace`)."""
     runs = {
         "ar": dict(method="ar"),
         f"chain-g{gamma}": dict(method="chain", gamma=gamma),
@@ -221,7 +224,9 @@ def time_methods(decoder, prompt_ids, shape, gamma: int = 4, n: int = 3, max_new
         decoder.generate(prompt_ids, max_new_tokens=min(8, max_new_tokens), stop_at_eos=False, **kw)  # warm-up
         speeds, tau = [], None
         for _ in range(n):
-            r = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
+            r = decoder.generate(
+                prompt_ids, max_new_tokens=max_new_tokens, stop_at_eos=False, trace=trace and kw["method"] != "ar", **kw
+            )
             speeds.append(r.tokens_per_s)
             tau = r.tau
         out.append(
@@ -232,6 +237,7 @@ def time_methods(decoder, prompt_ids, shape, gamma: int = 4, n: int = 3, max_new
                 tokens_per_s_min=min(speeds),
                 tokens_per_s_max=max(speeds),
                 runs=n,
+                result=r,
             )
         )
     return out

@@ -104,6 +104,9 @@ def parse_shape(text) -> list[int]:
     return [int(v) for v in vals]
 
 
+_TAU_MEMO: dict = {}
+
+
 def check_small_shape(
     shape, decoder, prompt_ids, max_new_tokens: int, max_nodes: int = 40, default=(4, 16, 16, 16, 16)
 ) -> Check:
@@ -121,8 +124,13 @@ def check_small_shape(
         )
     runs = {}
     for key, s in (("default", list(default)), ("yours", widths)):
-        r = decoder.generate(prompt_ids, method="tree", tree_shape=s, max_new_tokens=max_new_tokens, stop_at_eos=False)
-        runs[key] = r.tau
+        memo = (id(decoder), tuple(prompt_ids), max_new_tokens, tuple(s))
+        if memo not in _TAU_MEMO:  # greedy: the same shape on the same prompt always gives the same tau
+            r = decoder.generate(
+                prompt_ids, method="tree", tree_shape=s, max_new_tokens=max_new_tokens, stop_at_eos=False
+            )
+            _TAU_MEMO[memo] = r.tau
+        runs[key] = _TAU_MEMO[memo]
     msg = f"{widths} ({n} nodes): τ {runs['yours']:.2f} against {runs['default']:.2f} for the default (69 nodes)"
     if runs["yours"] > runs["default"]:
         return Check(True, msg, name)
@@ -157,7 +165,13 @@ class ShapeChallenge:
         return self.last
 
     def _repr_mimebundle_(self, **kw):
-        return self.widget._repr_mimebundle_(**kw)
+        bundle = self.widget._repr_mimebundle_(**kw)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        data["text/html"] = (
+            f"<div class='widget-snapshot'>shape challenge: type a shape of at most {self.max_nodes} nodes and "
+            f"press <b>check</b> (in JupyterLab). {self.verdict.value}</div>"
+        )
+        return bundle
 
 
 # ----------------------------------------------------------------------------- 03: predict the accepted node

@@ -464,3 +464,73 @@ def position_ablation_figure(rows: Sequence[Mapping], title: str | None = None) 
         margin=dict(b=140),
     )
     return fig
+
+
+# ----------------------------------------------------------------------------- recursive rejection sampling
+
+
+def rrs_steps(p, q, children) -> list[dict]:
+    """One level of recursive rejection sampling, child by child (SpecInfer / Sequoia): the child x
+    is accepted with probability min(1, p(x) / q(x)); on rejection p becomes norm(max(p - q, 0)) and
+    x is removed from q (renormalised). Returns, per offered child, the p and q it met, its
+    acceptance probability and the probability that the level ends on it; the last entry is the
+    residual p sampled when every child is rejected."""
+    import numpy as np
+
+    p, q = np.asarray(p, dtype=float).copy(), np.asarray(q, dtype=float).copy()
+    if p.shape != q.shape or p.ndim != 1:
+        raise ValueError(f"p {p.shape} and q {q.shape} must be vectors of the same length")
+    reach, out = 1.0, []
+    for x in children:
+        a = min(1.0, p[x] / q[x]) if q[x] > 0 else 1.0
+        out.append(dict(child=int(x), p=p.copy(), q=q.copy(), accept=a, ends_here=reach * a))
+        reach *= 1 - a
+        p = np.maximum(p - q, 0)
+        p = p / p.sum() if p.sum() > 0 else p
+        q[x] = 0
+        q = q / q.sum() if q.sum() > 0 else q
+    out.append(dict(child=None, p=p.copy(), q=q.copy(), accept=None, ends_here=reach))
+    return out
+
+
+def rrs_steps_figure(steps: Sequence[Mapping], labels: Sequence[str] | None = None) -> go.Figure:
+    """One panel per offered child: the p (target, residual after earlier rejections) and q (draft,
+    without the rejected children) that child meets, with its acceptance probability."""
+    from longspec_lab.teach.palette import rule_color
+
+    n = len(steps)
+    V = len(steps[0]["p"])
+    labels = list(labels or [str(i) for i in range(V)])
+    titles = [
+        f"offer {labels[s['child']]}: accept min(1, p/q) = {s['accept']:.2f}"
+        if s["child"] is not None
+        else f"all rejected ({s['ends_here']:.2f}): sample the residual p"
+        for s in steps
+    ]
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03)
+    for k, s in enumerate(steps, start=1):
+        for name, key, col in (("p (target, residual)", "p", rule_color("rrs")), ("q (draft)", "q", REFERENCE)):
+            fig.add_trace(
+                go.Bar(
+                    x=labels,
+                    y=list(s[key]),
+                    name=name,
+                    legendgroup=key,
+                    showlegend=k == 1,
+                    marker_color=col,
+                    opacity=1.0 if key == "p" else 0.35,
+                ),
+                row=1,
+                col=k,
+            )
+        if s["child"] is not None:
+            fig.add_vrect(x0=s["child"] - 0.5, x1=s["child"] + 0.5, line=dict(color="#d62728", width=2), row=1, col=k)
+    fig.update_layout(
+        title="Recursive rejection sampling, one level: each rejection turns p into its residual",
+        barmode="group",
+        height=380,
+        width=300 * n + 120,
+        legend=dict(orientation="h", y=-0.2),
+    )
+    fig.update_annotations(font_size=11)
+    return fig

@@ -6,8 +6,10 @@ CI (env `CI` set) or without CUDA it shrinks prompts and generations so that eve
 top to bottom on a laptop CPU in well under 90 seconds. `LONGSPEC_SMALL=0/1` forces either mode.
 
 `describe_step` and `kv_commit_figure` explain one step of tree verification (LongSpec,
-arXiv 2502.17421, shared/LONGSPEC.md section 1 steps 5-6): which node matched, why the path
+arXiv 2502.17421, docs/LONGSPEC.md section 1): which node matched, why the path
 stops, the bonus token, and how the accepted nodes' KV entries are moved.
+
+Taught in: every notebook in notebooks/ (its first cell calls `setup()`).
 """
 
 from __future__ import annotations
@@ -180,6 +182,39 @@ def save_live_result(name: str, data: dict) -> str | None:
         raise FileExistsError(f"error: {path} exists; pick an empty LONGSPEC_RESULTS_OUT folder")
     path.write_text(json.dumps(data, indent=1, default=str))
     return str(path)
+
+
+def repeated_ngram_share(prompt_ids, new_tokens, n: int = 4) -> float:
+    """Share of the generated n-grams that already occurred earlier (in the prompt or the output so
+    far): a high share means repetitive text, which a draft guesses easily and which inflates tau."""
+    seq = list(prompt_ids) + list(new_tokens)
+    start = len(prompt_ids)
+    seen = {tuple(seq[i : i + n]) for i in range(max(0, start - n + 1))}
+    hits = total = 0
+    for i in range(max(start - n + 1, 0), len(seq) - n + 1):
+        g = tuple(seq[i : i + n])
+        if i + n > start:
+            total += 1
+            hits += g in seen
+        seen.add(g)
+    return hits / total if total else 0.0
+
+
+def prediction_rows(step: StepRecord, tokenizer=None) -> list[dict]:
+    """One row per node of a traced step: node, parent, depth, drafted token and the target's
+    prediction after the node's path (what a learner needs to find the accepted path by hand)."""
+    tree, t = step.tree, step.target_tokens.tolist()
+    lab = lambda i: viz_trees.token_label(i, tokenizer, 16)
+    return [
+        dict(
+            node=i,
+            parent=int(tree.parents[i]) if i else "–",
+            depth=int(tree.depths[i]),
+            drafted=lab(int(tree.tokens[i])) if i else f"(root) {lab(int(tree.tokens[0]))}",
+            target_predicts_after_it=lab(t[i]),
+        )
+        for i in range(tree.num_nodes)
+    ]
 
 
 # ----------------------------------------------------------------------------- one step, explained

@@ -4,6 +4,8 @@ sampling distributions and the 8B verify/decode costs.
 Like `viz.py` (trees and masks), every function maps data (results, `summary()` dicts or the JSON
 files in data/results) to a plotly `Figure`, a `graphviz.Digraph` or an HTML table, and holds no
 widget state. `viz` re-exports all of them, so notebooks use one namespace.
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb (and the result figures of 04-06).
 """
 
 from __future__ import annotations
@@ -616,7 +618,7 @@ def speed_bars_figure(
         )
     top = max(results[n]["tokens_per_s"] for n in names)
     if base:
-        title += f" (bar text: tokens/s · τ · speedup over {baseline})"
+        title += f"<br><sup>bar text: tokens/s · τ · speedup over {baseline}</sup>"
     fig.update_layout(
         title=title,
         xaxis_title="new tokens per second (decode phase)",
@@ -625,6 +627,7 @@ def speed_bars_figure(
         width=980,
         legend_title="implementation",
         barmode="overlay",
+        margin=dict(t=90),
     )
     fig.update_xaxes(range=[0, top * 1.4])
     fig.update_yaxes(autorange="reversed")
@@ -715,3 +718,127 @@ def verify_decode_figure(
     fig.update_yaxes(type="log", title_text="verify time / decode time", tickvals=log_ticks(right), row=1, col=2)
     fig.update_layout(title=title, legend=dict(title="implementation", orientation="h", y=-0.25), height=500, width=980)
     return fig
+
+
+def timing_spread_figure(rows: Sequence[Mapping], title: str = "tokens/s: median of the runs, bars from min to max"):
+    """Bars of median tokens/s per method with min..max error bars (teach.cost.time_methods rows)."""
+    if not rows:
+        raise ValueError("no rows; pass teach.cost.time_methods(...)")
+    fig = go.Figure(
+        go.Bar(
+            x=[r["method"] for r in rows],
+            y=[r["tokens_per_s"] for r in rows],
+            marker_color=[_color(r["method"], k) for k, r in enumerate(rows)],
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[r["tokens_per_s_max"] - r["tokens_per_s"] for r in rows],
+                arrayminus=[r["tokens_per_s"] - r["tokens_per_s_min"] for r in rows],
+            ),
+            text=[f"τ {r['tau']:.2f}" for r in rows],
+            textposition="outside",
+            showlegend=False,
+        )
+    )
+    top = max(r["tokens_per_s_max"] for r in rows)
+    fig.update_layout(title=title, yaxis_title="new tokens per second", height=400, width=760)
+    fig.update_yaxes(range=[0, top * 1.25])
+    return fig
+
+
+# ----------------------------------------------------------------------------- labels that do not overlap
+
+_MARGIN = dict(l=80, r=80, t=100, b=80)  # plotly's default margins
+
+
+def _axis_map(fig: go.Figure, axis: str, pts: Sequence[float], size_px: float, raw: bool = False):
+    """Data value -> pixels from the plot area's left (x) or top (y); raw: values already in axis
+    units (log10 on a log axis, as annotations hold them)."""
+    ax = fig.layout[axis]
+    log = ax.type == "log" and not raw
+    f = (lambda v: math.log10(v)) if log else (lambda v: float(v))
+    if ax.range is not None:
+        lo, hi = float(ax.range[0]), float(ax.range[1])
+    else:
+        vals = [f(v) for v in pts]
+        lo, hi = min(vals), max(vals)
+        pad = 0.06 * (hi - lo or 1.0)
+        lo, hi = lo - pad, hi + pad
+    flip = axis.startswith("y")
+    return lambda v: ((hi - f(v)) if flip else (f(v) - lo)) / (hi - lo) * size_px
+
+
+def label_boxes(fig: go.Figure, char_px: float = 6.2, line_px: float = 13.0) -> list[tuple[float, float, float, float]]:
+    """Pixel boxes (x0, y0, x1, y1) of the point labels that `declutter_labels` placed (annotations
+    with xshift / yshift), in plot-area coordinates (y down)."""
+    anns = [a for a in fig.layout.annotations if a.name == "point-label"]
+    if not anns:
+        return []
+    W = (fig.layout.width or 820) - _MARGIN["l"] - _MARGIN["r"]
+    H = (fig.layout.height or 440) - _MARGIN["t"] - _MARGIN["b"]
+    fx = _axis_map(fig, "xaxis", [a.x for a in anns], W, raw=True)
+    fy = _axis_map(fig, "yaxis", [a.y for a in anns], H, raw=True)
+    out = []
+    for a in anns:
+        w, cx, cy = char_px * len(str(a.text)), fx(a.x) + (a.xshift or 0), fy(a.y) - (a.yshift or 0)
+        out.append((cx - w / 2, cy - line_px / 2, cx + w / 2, cy + line_px / 2))
+    return out
+
+
+def declutter_labels(fig: go.Figure, char_px: float = 6.2, line_px: float = 13.0) -> go.Figure:
+    """Replace the text of every markers+text trace by annotations placed, point by point, at the
+    first offset (above, below, right, left, then further out) where the label overlaps neither an
+    earlier label nor a marker. Fixes labels such as '4·8·8' printed over '2·4·8·8·8·8'."""
+    pts = []
+    for t in fig.data:
+        if t.mode and "text" in t.mode and t.x is not None and t.text is not None:
+            texts = [t.text] * len(t.x) if isinstance(t.text, str) else list(t.text)
+            pts += [(x, y, str(s)) for x, y, s in zip(t.x, t.y, texts) if s]
+            t.mode = t.mode.replace("+text", "").replace("text+", "")
+            t.text = None
+    if not pts:
+        return fig
+    W = (fig.layout.width or 820) - _MARGIN["l"] - _MARGIN["r"]
+    H = (fig.layout.height or 440) - _MARGIN["t"] - _MARGIN["b"]
+    all_x = [p[0] for t in fig.data if t.x is not None for p in zip(t.x, t.y) if p[0] is not None]
+    all_y = [p[1] for t in fig.data if t.y is not None for p in zip(t.x, t.y) if p[1] is not None]
+    if fig.layout.xaxis.range is None:
+        fig.update_xaxes(range=_padded_range(all_x, fig.layout.xaxis.type == "log"))
+    if fig.layout.yaxis.range is None:
+        fig.update_yaxes(range=_padded_range(all_y, fig.layout.yaxis.type == "log", top=0.15))
+    fx, fy = _axis_map(fig, "xaxis", all_x, W), _axis_map(fig, "yaxis", all_y, H)
+    markers = [(fx(x) - 5, fy(y) - 5, fx(x) + 5, fy(y) + 5) for x, y in zip(all_x, all_y)]
+    placed: list[tuple[float, float, float, float]] = []
+
+    def free(b):
+        return all(b[2] <= o[0] or o[2] <= b[0] or b[3] <= o[1] or o[3] <= b[1] for o in placed + markers)
+
+    for x, y, text in sorted(pts, key=lambda p: (fx(p[0]), fy(p[1]))):
+        w, cx, cy = char_px * len(text), fx(x), fy(y)
+        tries = []
+        for d in (1, 2, 3, 4):
+            tries += [(0, d * line_px), (0, -d * line_px), (w / 2 + 8 * d, 0), (-(w / 2 + 8 * d), 0)]
+            tries += [(w / 2 + 8, d * line_px), (-(w / 2 + 8), -d * line_px)]
+        for dx, dy in tries:  # dy > 0: up
+            b = (cx + dx - w / 2, cy - dy - line_px / 2, cx + dx + w / 2, cy - dy + line_px / 2)
+            if free(b):
+                break
+        placed.append(b)
+        fig.add_annotation(
+            x=math.log10(x) if fig.layout.xaxis.type == "log" else x,
+            y=math.log10(y) if fig.layout.yaxis.type == "log" else y,
+            text=text,
+            showarrow=False,
+            xshift=dx,
+            yshift=dy,
+            font=dict(size=10),
+            name="point-label",
+        )
+    return fig
+
+
+def _padded_range(vals, log: bool, top: float = 0.08) -> list[float]:
+    v = [math.log10(x) if log else float(x) for x in vals if x is not None and (not log or x > 0)]
+    lo, hi = min(v), max(v)
+    span = hi - lo or 1.0
+    return [lo - 0.08 * span, hi + top * span]

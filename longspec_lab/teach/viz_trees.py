@@ -9,6 +9,8 @@ agreed with (verified), which of those form the accepted path, and what each nod
 Node colours (legend in every diagram): root, accepted path, verified but not accepted (its token
 matches the target's prediction at its parent, but an ancestor was rejected), rejected, and plain
 drafted nodes when no verification is shown.
+
+Taught in: notebooks/02_tree_shapes.ipynb and notebooks/03_one_step_slowly.ipynb.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@
 No maths lives here: trees, masks and acceptance come from the library, pictures from `viz.py`.
 Every widget exposes its state as attributes (`node_count_label.value`, `diagram_source`, ...) so
 tests can drive it without a browser.
+
+Taught in: notebooks/02_tree_shapes.ipynb and notebooks/03_one_step_slowly.ipynb.
 """
 
 from __future__ import annotations

@@ -173,3 +173,107 @@ def test_tree_growth_adds_levels(traced):
     for l in range(1, depth + 1):
         g.level_slider.value = l
         assert headers(g.diagram_source) == [str(i) for i in range(1, l + 1)]
+
+
+# ----------------------------------------------------------------------------- display fixes (issue 15)
+
+
+def test_diagram_fits_its_box_without_a_scroll_box():
+    e = TreeShapeExplorer()
+    html = e.diagram.value
+    assert "max-height" not in html and "overflow" not in html  # no 620 px scroll box cutting the root off
+    svg = re.search(r"<svg[^>]*>", html).group(0)
+    assert 'width="100%"' in svg and "height:auto" in svg and 'height="' not in svg
+    assert "viewBox" in html
+
+
+def test_refused_shape_clears_the_mask_and_the_preset_label():
+    e = TreeShapeExplorer()
+    e.preset.value = "narrow [2, 4, 4, 4]"
+    assert count(e) == 15 and e.preset.value == "narrow [2, 4, 4, 4]"
+    assert np.asarray(e.mask_fig.data[0].z).shape == (15, 15)
+    e.set_shape([64] * 5)  # refused: 321 nodes > 256 slots
+    assert e.shape is None and len(e.mask_fig.data) == 0  # the old 15 x 15 mask is gone
+    assert "refused" in e.mask_fig.layout.title.text
+    assert e.preset.value == "(custom)"  # no stale preset name
+    e.preset.value = "chain of 4 [1, 1, 1, 1]"
+    assert count(e) == 5 and np.asarray(e.mask_fig.data[0].z).shape == (5, 5)
+    e.width_sliders[0].value = 2  # no longer the preset
+    assert e.preset.value == "(custom)"
+    e.set_shape([4, 16, 16, 16, 16])
+    assert e.preset.value == "LongSpec [4, 16, 16, 16, 16]"
+
+
+def test_widgets_carry_a_static_snapshot():
+    e = TreeShapeExplorer([2, 4])
+    bundle = e._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert "application/vnd.jupyter.widget-view+json" in data  # JupyterLab still gets the live widget
+    assert "widget-snapshot" in data["text/html"] and "<svg" in data["text/html"] and "nodes: 7" in data["text/html"]
+
+
+@pytest.fixture(scope="module")
+def cut_run(traced):
+    """A generation whose last step is cut by max_new_tokens: it verified more tokens than it emitted."""
+    dec, ids, tok, res = traced
+    before = 1  # the prefill's token
+    for st in res.trace:
+        if len(st.result.path) >= 2:
+            break
+        before += len(st.emitted)
+    run = dec.generate(ids, method="tree", max_new_tokens=before + 1, trace=True)
+    assert len(run.trace[-1].emitted) < len(run.trace[-1].result.path)
+    return tok, run
+
+
+def test_step_numbers_agree_and_the_last_step_shows_what_it_emitted(cut_run):
+    tok, run = cut_run
+    p = StepPlayer(run, tok)
+    n = len(run.trace)
+    for k in range(n):
+        p.go(k)
+        st = run.trace[k]
+        assert f"step {k + 1} of {n}" in p.header.value
+        assert f"step {k + 1}:" in p.diagram_source and f"step {k}:" not in p.diagram_source  # 1-based in both
+        assert f"emitted <b>{len(st.emitted)}</b>" in p.header.value
+    last = run.trace[-1]
+    k_path = len(last.result.path)
+    assert f"kept <b>{len(last.emitted)}</b> of the {k_path} verified" in p.header.value
+    assert f"= {k_path} verified, {len(last.emitted)} emitted" in p.diagram_source
+    assert p.path_table.value.count("no (length limit)") == k_path - len(last.emitted)
+
+
+def test_tree_growth_shows_the_candidates_that_lost(traced):
+    from longspec_lab.teach.setup import first_step_with_losers
+
+    dec, ids, tok, _ = traced
+    step, losers = first_step_with_losers(dec, ids, [2, 4, 4], n_lost=3)
+    tree, off = step.tree, step.tree.shape.level_offsets
+    for level, w in enumerate(tree.shape.widths, start=1):
+        lost = [c for c in losers if c["level"] == level]
+        assert [c["rank"] for c in lost] == [w, w + 1, w + 2]
+        winners = tree.scores[off[level] : off[level + 1]]
+        won = set(
+            zip(tree.parents[off[level] : off[level + 1]].tolist(), tree.tokens[off[level] : off[level + 1]].tolist())
+        )
+        for c in lost:  # a beam: every loser scores at most the level's worst winner, and is not a winner
+            assert c["score"] <= float(winners.min()) + 1e-6
+            assert (c["parent"], c["token"]) not in won
+            assert off[level - 1] <= c["parent"] < off[level]
+    g = TreeGrowth(step, tok, max_children=4, losers=losers)
+    for level in (1, 2, 3):
+        g.level_slider.value = level
+        assert len(re.findall(r"\blost\d+ \[label", g.diagram_source)) == 3 * level
+        assert "lost the beam" in g.diagram_source
+
+
+def test_cost_model_explorer_follows_its_sliders():
+    from longspec_lab.teach.widgets import CostModelExplorer
+
+    c = CostModelExplorer()
+    before = list(c.fig.data[1].y)
+    c.rows_slider.value = 256
+    after = list(c.fig.data[1].y)
+    assert after[-1] > before[-1] and "256 rows" in c.summary.value
+    c.bw_slider.value = 1.0  # slower memory: bytes dominate longer, the extra rows cost relatively less
+    assert c.fig.data[1].y[-1] < after[-1]

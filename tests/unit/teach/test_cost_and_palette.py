@@ -1,0 +1,126 @@
+"""The cost model against the recorded H200 run's own floors and projections, repeated timings, and
+one palette colour per method / rule / stage in every figure that draws them."""
+
+import itertools
+
+import pytest
+
+from longspec_lab.teach import cost, palette, viz_results
+from longspec_lab.teach.setup import load_result
+
+
+@pytest.fixture(scope="module")
+def v8():
+    return load_result("verify_8b_h200")
+
+
+def test_bytes_match_the_recorded_floors(v8):
+    m = cost.ModelCost.llama3_8b()
+    assert m.kv_bytes_per_token == v8["kv_bytes_per_token"]
+    assert m.params * m.bytes_per_param == pytest.approx(v8["weight_bytes"], rel=2e-3)
+    bw = v8["copy_bandwidth_TBps"] * 1e12
+    for r in v8["rows"]:  # decode floor = (weights + KV of the context) / copy bandwidth
+        assert 1e3 * cost.pass_bytes(m, 1, r["context"]) / bw == pytest.approx(r["floor_decode_ms"], rel=3e-3)
+
+
+def test_recorded_points_sit_between_the_two_bounds(v8):
+    m, hw = cost.ModelCost.llama3_8b(), cost.Hardware.h200()
+    for p in cost.recorded_ratio_points(v8):
+        c = cost.ratio_curve(m, hw, v8["verify_rows"], [p["context"]])
+        assert c["floor"][0] <= p["ratio"] <= c["no_overlap"][0], (p, c)
+
+
+def test_ratio_bounds_and_ridge_by_brute_force():
+    m, hw = cost.ModelCost.llama3_8b(), cost.Hardware.h200()
+    c = cost.ratio_curve(m, hw, 72, [1024, 8192, 65536, 131072])
+    assert all(1 <= a <= b for a, b in zip(c["floor"], c["no_overlap"]))
+    assert c["no_overlap"] == sorted(c["no_overlap"])  # the rows' attention arithmetic grows with context
+    for L in (0, 4096, 131072):
+        ridge = cost.ridge_rows(m, hw, L)
+        compute = [
+            r for r in range(1, 600) if cost.pass_flops(m, r, L) / hw.flops >= cost.pass_bytes(m, r, L) / hw.bandwidth
+        ]
+        assert ridge == compute[0]
+    with pytest.raises(ValueError, match="rows"):
+        cost.pass_seconds(m, hw, 0, 10)
+
+
+def test_speedup_terms_reproduce_the_recorded_projection(v8):
+    for t, r in zip(cost.speedup_terms(v8, 5.0), v8["rows"]):
+        assert t["speedup"] == pytest.approx(r["triton_projected_speedup"], rel=1e-9)
+        assert (t["draft"] + t["verify"] + t["commit"]) * 5.0 == pytest.approx(
+            r["draft_step_graph_ms"] + r["triton_verify_graph_ms"] + r["commit_graph_ms"]
+        )
+    with pytest.raises(ValueError, match="tau"):
+        cost.speedup_terms(v8, 0.5)
+
+
+def test_repeat_keeps_every_run_and_the_median():
+    calls = itertools.count()
+    out = cost.repeat(lambda: next(calls), n=5, warmup=2)
+    assert next(calls) == 7 and len(out["runs"]) == 5
+    assert out["min"] <= out["median"] <= out["max"] and sorted(out["runs"])[2] == out["median"]
+
+
+def test_one_colour_per_method_rule_and_stage():
+    for names in (["ar", "chain", "tree", "hf-greedy", "hf-prompt-lookup"], list(palette.RULE), list(palette.STAGE)):
+        table = {**palette.METHOD, **palette.RULE} if names[0] == "ar" or names[0] == "greedy" else palette.STAGE
+        cols = [table[n] for n in names]
+        assert len(set(cols)) == len(cols), names
+    assert palette.method_color("chain (γ = 4)") == palette.method_color("chain-g5") == palette.METHOD["chain"]
+    assert palette.method_color("tree [4,16,16,16,16]") == palette.method_color("tree-4-8-8") == palette.METHOD["tree"]
+    assert palette.method_color("tree-4-16-sdpa") == palette.METHOD["tree-sdpa"]
+    assert palette.method_color("hf-prompt-lookup") != palette.method_color("hf-greedy")
+    with pytest.raises(ValueError, match="no palette colour"):
+        palette.method_color("beam-search")
+    with pytest.raises(ValueError, match="pick one of"):
+        palette.rule_color("top-k")
+
+
+def _fake(method, tau, tps):
+    return dict(method=method, tau=tau, tokens_per_s=tps, new_tokens=33, stage_seconds={"draft": 0.1, "verify": 0.2})
+
+
+def test_figures_take_their_colours_from_the_palette():
+    res = {"ar": _fake("ar", 1, 100), "chain (γ = 4)": _fake("chain", 3, 150), "tree [4,16]": _fake("tree", 4, 120)}
+    fig = viz_results.tau_figure(res)
+    for t in fig.data:
+        assert t.marker.color == palette.method_color(t.name)
+    stages = viz_results.stage_times_figure(res)
+    assert {t.name: t.marker.color for t in stages.data} == {
+        s: palette.STAGE[s] for s in ("draft", "verify", "commit", "other")
+    }
+    bars = viz_results.speed_bars_figure(
+        {"hf-greedy": {"tokens_per_s": 10}, "ar": {"tokens_per_s": 50}, "tree-4-16": {"tokens_per_s": 80, "tau": 4}},
+        title="Decoding speed on a GPU with a rather long name: embedded pair, 256 new tokens",
+        baseline="hf-greedy",
+    )
+    assert list(bars.data[0].marker.color) == [palette.METHOD[k] for k in ("hf-greedy", "ar", "tree")]
+    assert all(len(line) <= 100 for line in bars.layout.title.text.split("<br>"))  # not cut off at 980 px
+    rows = [dict(rule=r, temperature=t, tau=2.0, lossless=r != "naive-topk") for r in palette.RULE for t in (0.5, 1.0)]
+    tbr = viz_results.tau_by_rule_figure(rows)
+    for t in tbr.data:
+        assert list(t.marker.color) == [palette.RULE[x] for x in t.x]
+
+
+def test_declutter_labels_leaves_no_overlap():
+    pts = [
+        dict(label=lbl, num_nodes=n, tokens_per_s=y)
+        for lbl, n, y in [
+            ("4·8·8·8", 29, 2402),
+            ("2·4·8·8·8·8", 39, 2500),
+            ("4·16·16·16·16", 69, 2429),
+            ("8·16·32", 57, 2286),
+            ("4·16·16·16·16 sdpa", 69, 1795),
+            ("chain-g4", 5, 2553),
+            ("chain-g5", 6, 2812),
+            ("ar", 1, 1776),
+        ]
+    ]
+    fig = viz_results.pareto_figure(pts, x="num_nodes", y="tokens_per_s", label="label", log_x=True)
+    fig = viz_results.declutter_labels(fig)
+    boxes = viz_results.label_boxes(fig)
+    assert len(boxes) == len(pts)
+    for a, b in itertools.combinations(boxes, 2):
+        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert all(t.text is None for t in fig.data)
