@@ -80,7 +80,7 @@ class _Deprecated(argparse.Action):
         elif self.convert is not None:
             try:
                 values = self.convert(values)
-            except ValueError as e:
+            except (ValueError, argparse.ArgumentTypeError) as e:
                 raise argparse.ArgumentError(self, str(e)) from None
         _given(ns).add(self.dest)
         setattr(ns, self.dest, values)
@@ -380,8 +380,6 @@ def _prepare(args, need_draft: bool):
     """Every check that needs no weights: device, backend, files, config. -> (device, model_dir, draft_dir, cfg)."""
     from longspec_lab.paths import EMBEDDED_DRAFT, EMBEDDED_TARGET
 
-    dev = _check_device(args)
-    _check_backend(args, dev)
     model = Path(args.model) if args.model else EMBEDDED_TARGET
     cfg = check_model_dir(model, "--model" if args.model else "the embedded model")
     draft = Path(args.draft) if args.draft else None
@@ -395,6 +393,8 @@ def _prepare(args, need_draft: bool):
             )
     if draft is not None:
         check_draft_dir(draft, "--draft" if args.draft else "the embedded draft")
+    dev = _check_device(args)
+    _check_backend(args, dev)
     return dev, model, draft, cfg
 
 
@@ -433,7 +433,10 @@ def _seed(seed):
 
 
 def _check_out_file(path, flag, overwrite) -> Path:
+    from longspec_lab.paths import check_output_path
+
     p = Path(path)
+    check_output_path(p)
     if p.is_dir():
         raise UsageError(f"{flag} {p} is a folder; give a file name")
     if p.exists() and not overwrite:
@@ -729,10 +732,13 @@ def _check_train_out(args) -> None:
         raise UsageError("--overwrite needs --out (without --out the run writes to a fresh folder); add --out DIR")
 
 
-def cmd_train_draft(args) -> int:
-    from longspec_lab.train import draft
+# flags that --smoke fixes itself (train.draft.SMOKE and train.target.SMOKE; a test keeps them equal)
+DRAFT_SMOKE_FLAGS = ("steps", "batch_size", "seq_len", "warmup", "device", "dtype", "eval_every", "eval_windows")
+TARGET_SMOKE_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "device", "dtype")
 
-    _smoke_conflicts(args, list(draft.SMOKE))
+
+def cmd_train_draft(args) -> int:
+    _smoke_conflicts(args, DRAFT_SMOKE_FLAGS)
     _check_train_out(args)
     for name, flag in (("tokens", "--tokens"), ("text", "--text")):
         v = getattr(args, name)
@@ -761,6 +767,8 @@ def cmd_train_draft(args) -> int:
                 "tokenizer_config.json; copy the tokenizer files next to the weights"
             )
     _check_device(args)
+    from longspec_lab.train import draft
+
     return draft.run_cli(args)
 
 
@@ -768,9 +776,7 @@ DRAFT_DEFAULTS = dict(steps=4000, batch_size=32, seq_len=1024, warmup=200, eval_
 
 
 def cmd_train_target(args) -> int:
-    from longspec_lab.train import target
-
-    _smoke_conflicts(args, [k for k in target.SMOKE if k != "max_eval_windows"])
+    _smoke_conflicts(args, TARGET_SMOKE_FLAGS)
     _check_train_out(args)
     if args.tokens is not None and not Path(args.tokens).is_dir():
         raise UsageError(f"--tokens {args.tokens} is not a folder; give the folder with train.u16 / heldout.u16")
@@ -781,6 +787,8 @@ def cmd_train_target(args) -> int:
             "no training data; give --tokens DIR (make it with `python -m longspec_lab.train.corpus --tokenize "
             "--out DIR`), or --smoke for a short check"
         )
+    from longspec_lab.train import target
+
     for k, v in target.DEFAULTS.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -800,17 +808,17 @@ def cmd_lab(args) -> int:
     import shutil
     import subprocess
 
-    from longspec_lab import paths
+    from longspec_lab.paths import check_output_path, notebooks_dir
 
-    src = getattr(paths, "NOTEBOOKS_DIR", None)
-    notebooks = sorted(Path(src).glob("*.ipynb")) if src is not None and Path(src).is_dir() else []
+    notebooks = sorted(notebooks_dir().glob("*.ipynb"))
     if not notebooks:
-        raise UsageError(f"no notebooks found in {src}; reinstall longspec-lab (the notebooks ship with it)")
+        raise UsageError(f"no notebooks in {notebooks_dir()}; reinstall longspec-lab (the notebooks ship with it)")
     if importlib.util.find_spec("jupyterlab") is None:
         raise UsageError("JupyterLab is not installed; install jupyterlab, then run `longspec-lab lab` again")
     dest = Path(args.dir)
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest} is a file; give a folder for the notebooks")
+    check_output_path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     copied, kept = [], []
     for nb in notebooks:

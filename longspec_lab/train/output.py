@@ -21,8 +21,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 # --overwrite replaces only folders made of checkpoint files, never a folder of other work
 CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".model", ".jinja", ".tiktoken"}
 
@@ -40,7 +38,10 @@ def fresh_out_dir(stem: str, root=None) -> Path:
 
 def check_out_dir(out, overwrite: bool = False, flag: str = "--out") -> Path:
     """Refuse a destination that is a file, or a folder with files in it unless `overwrite`."""
+    from longspec_lab.paths import check_output_path
+
     out = Path(out)
+    check_output_path(out)  # never into the installed package
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder; give a folder name for the checkpoint")
     if out.is_dir() and not overwrite:
@@ -69,6 +70,8 @@ def check_out_dir(out, overwrite: bool = False, flag: str = "--out") -> Path:
 
 def check_finite(tensors, what: str) -> None:
     """Raise ValueError if any tensor of the (name, tensor) pairs holds a NaN or an infinity."""
+    import torch
+
     bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(
