@@ -8,7 +8,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps demo test test-fast lint lab clean
+.PHONY: install sysdeps demo test test-fast lint lab site clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -51,6 +51,10 @@ test-fast: install
 # as root (containers), JupyterLab refuses to start without --allow-root
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = "0" ] && echo --allow-root )
+
+# the static HTML site of the notebooks, executed on CPU in small mode: open build/site/index.html
+site: install
+	$(PY) -m longspec_lab.teach.site --out build/site
 
 clean:
 	rm -rf $(VENV) build *.egg-info

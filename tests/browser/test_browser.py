@@ -2,7 +2,9 @@
 
 Starts `jupyter lab` headless on a free localhost port in a scratch copy of notebooks/ (so autosave
 never writes outputs into the repository), opens 02_tree_shapes.ipynb, runs all cells, drags a width
-slider and the depth slider with the mouse, and checks that the node count and the diagram follow.
+slider and the depth slider with the mouse, and checks that the node count and the diagram follow;
+then types shapes into the notebook's exercise box, presses "check" and reads the checker's verdicts
+(right for a 37-node tree that beats the default, not yet for one over the node budget).
 A screenshot goes to tests/artifacts/. The server is stopped by its PID.
 """
 
@@ -217,6 +219,19 @@ def test_tree_shape_explorer_in_jupyterlab(lab):
             assert count == 1 + sum(widths), (count, widths)
             joined = " ".join(headers)
             assert f"level {depth}" in joined and f"level {depth + 1}" not in joined, headers
+            # the exercise checker: type a shape into the challenge box, press "check", read the verdict
+            box = page.get_by_placeholder("e.g. [2, 4, 8]")
+            box.scroll_into_view_if_needed()
+            box.fill("[2, 2, 4, 4, 4, 4, 4, 4, 4, 4]")
+            box.press("Enter")
+            page.get_by_role("button", name="check", exact=True).click()
+            verdict = page.locator(".exercise-check[data-ok='true']")
+            verdict.first.wait_for(timeout=120_000)
+            assert "37 nodes" in verdict.first.inner_text()
+            box.fill("[8, 8, 8, 8, 8, 8]")
+            box.press("Enter")
+            page.get_by_role("button", name="check", exact=True).click()
+            page.locator(".exercise-check[data-ok='false']", has_text="49 nodes").first.wait_for(timeout=60_000)
             news = page.locator(".jp-Notification-Toast button", has_text="No")
             if news.count():
                 news.first.click()

@@ -42,7 +42,29 @@ def test_notebook_is_stripped(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_executes(path, monkeypatch):
+def test_notebook_has_the_recurring_structure(path):
+    """Opens with "What you will see", closes with "What to remember" and "Try this", holds at least
+    one exercise (a checker from the library, then a folded solution), and no algorithm code: the only
+    functions a notebook defines are the learner's answers that an exercise checker receives."""
+    nb = json.loads(path.read_text())
+    cells = [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
+    assert cells[0][0] == "markdown" and "## What you will see" in cells[0][1]
+    tail = "\n".join(src for kind, src in cells[-2:] if kind == "markdown")
+    assert "## What to remember" in tail and "## Try this" in tail
+    checks = [i for i, (kind, src) in enumerate(cells) if kind == "code" and "exercises.check_" in src]
+    assert checks, "no exercise checker cell"
+    assert any(
+        cells[j][0] == "markdown" and "<details>" in cells[j][1]
+        for i in checks
+        for j in range(i + 1, min(i + 3, len(cells)))
+    ), "an exercise needs a folded solution right after its checker"
+    for kind, src in cells:
+        if kind == "code" and "def " in src:
+            assert "exercises.check_" in src, f"a notebook defines a function outside an exercise: {src[:80]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_executes(path, monkeypatch, executed_dir):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("CI", "1")
@@ -67,3 +89,5 @@ def test_notebook_executes(path, monkeypatch):
         if o.get("output_type") in ("display_data", "execute_result")
     ]
     assert shown, f"{path.name} displays nothing"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, executed_dir / path.name)  # the site test builds its pages from these
