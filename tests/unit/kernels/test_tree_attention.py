@@ -269,6 +269,7 @@ def test_bench_quick_dry_run(tmp_path):
     out = tmp_path / "r.json"
     res = bench.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "r.png")])
     data = json.loads(out.read_text())
+    assert data.pop("schema_version") == data["environment"]["schema_version"]
     assert data == json.loads(json.dumps(res, default=str))
     assert data["complete"] and data["cases"] and data["plot"]["format"] in ("png", "html", "svg")
     assert os.path.exists(data["plot"]["path"])
@@ -311,7 +312,7 @@ def test_tile_paths_gqa_head_dims_ragged(G, D, monkeypatch):
     Cache slots past each sequence's P + T are NaN: no path may read them into the result."""
     tma = (G + D // 64) % 2 == 0
     num_splits = 1 if G in (1, 4) else 3
-    monkeypatch.setattr(ta, "_INTERPRET_TMA", tma)
+    monkeypatch.setattr(ta, "USE_TMA_LOADS", tma)
     gen = torch.Generator().manual_seed(100 * G + D)
     B, Hkv, T = 3, 2, 9 + G  # G = 8: 136 packed rows, two row tiles
     plist = [0, 37, 130]
