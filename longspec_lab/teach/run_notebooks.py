@@ -48,7 +48,8 @@ def run(paths, out, timeout: int = 900, small: bool | None = None) -> dict:
             kept = p.name
         report["notebooks"][p.name] = dict(seconds=round(secs, 1), errors=errors, output=kept)
         print(f"{p.name}: {secs:.0f} s, {len(errors)} error(s) {errors[:1]}", flush=True)
-    (out / "run_notebooks.json").write_text(json.dumps(report, indent=1, default=str))
+        # after every notebook, so that a run stopped by a time limit still says what finished
+        (out / "run_notebooks.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
 

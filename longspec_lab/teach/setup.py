@@ -493,7 +493,7 @@ def stage_results(results: dict) -> dict:
 def cache_growth(target, draft, ids, contexts, max_tree_nodes: int = 69) -> list[dict]:
     """Prefill `ids` chunk by chunk up to each length in `contexts` (target pass, then the draft
     ingests the same tokens) and measure, after each: the bytes of the target's KV entries that hold
-    the context (all layers, K and V) and `DraftCache.nbytes` (ring of W slots + tree scratch)."""
+    the context (all layers, K and V) and the draft cache's `nbytes` (ring of W slots + tree scratch)."""
     contexts = sorted(int(c) for c in contexts)
     if not contexts or contexts[0] < 1 or contexts[-1] > len(ids):
         raise ValueError(
@@ -503,14 +503,19 @@ def cache_growth(target, draft, ids, contexts, max_tree_nodes: int = 69) -> list
     dev = target.device
     x = torch.as_tensor(ids, device=dev)[None]
     tcache = target.new_cache(contexts[-1])
-    dcache = draft.new_cache(batch=1, max_tree_nodes=max_tree_nodes)
+    if hasattr(draft, "new_ring"):  # the ring-buffer draft cache (models.glide.DraftRing)
+        dcache = draft.new_ring(max_pending=1, max_tree_nodes=max_tree_nodes)
+        feed = lambda chunk: draft.prefill(chunk[0], dcache)
+    else:
+        dcache = draft.new_cache(batch=1, max_tree_nodes=max_tree_nodes)
+        feed = lambda chunk: draft.ingest(chunk, dcache, tcache)
     rows, done = [], 0
     with torch.inference_mode():
         for n in contexts:
             if n > done:
                 target(x[:, done:n], cache=tcache, start=done, last_only=True)
                 tcache.length = n
-                draft.ingest(x[:, done:n], dcache, tcache)
+                feed(x[:, done:n])
                 done = n
             used = tcache.k[..., :n, :].nbytes + tcache.v[..., :n, :].nbytes
             rows.append(
