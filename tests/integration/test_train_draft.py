@@ -1,16 +1,24 @@
-"""train_draft: anchor-offset positions, a CPU smoke run whose loss falls, and the outputs it writes."""
+"""train_draft: anchor-offset positions, a CPU smoke run whose loss falls, the outputs it writes; a draft
+trained on your own text for a Qwen3 target, used losslessly at once; nothing destroyed along the way."""
 
 import json
+import re
+import shutil
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from longspec_lab.cli import main as cli_main
 from longspec_lab.models.config import PRESETS
 from longspec_lab.models.draft_io import load_draft
 from longspec_lab.models.loaders import load_target, save_hf
 from longspec_lab.models.target import Target
-from longspec_lab.train.draft import anchor_positions, main, train_draft
+from longspec_lab.models.tokenizer import load_tokenizer_for
+from longspec_lab.paths import EMBEDDED_TARGET
+from longspec_lab.train.draft import anchor_positions, train_draft
 
 
 def test_anchor_positions_keep_sinks_and_reach_the_end():
@@ -90,8 +98,81 @@ def test_smoke_loss_falls_and_outputs_written(smoke_run):
 
 def test_cli_help_lists_flags(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--help"])
+        cli_main(["train-draft", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
+    assert out.startswith("usage: longspec-lab train-draft")
     for flag in ("--steps", "--batch-size", "--seq-len", "--kd-weight", "--max-staleness", "--smoke", "--window"):
         assert flag in out
+    for flag in ("--model", "--text", "--tokens", "--out", "--overwrite", "--quiet"):
+        assert flag in out
+    assert out.count("(default: 4000)") == 1 and "(default: 1.0)" in out
+    assert re.search(r"\(default: [^)]*\)\s*\(default", out) is None  # each default shown once
+
+
+def test_existing_output_is_refused_before_any_work(smoke_run, tmp_path):
+    root, _ = smoke_run
+    before = {p.name: p.read_bytes() for p in (root / "draft").iterdir()}
+    with pytest.raises(ValueError, match="--overwrite"):
+        train_draft(root / "target", root / "draft", steps=1, tokens_dir=root / "tokens", device="cpu")
+    with pytest.raises(ValueError, match="kd_weight"):
+        train_draft(root / "target", tmp_path / "d", kd_weight=float("nan"), tokens_dir=root / "tokens")
+    assert {p.name: p.read_bytes() for p in (root / "draft").iterdir()} == before
+    assert not (tmp_path / "d").exists()
+
+
+def _qwen3_target(path: Path) -> Path:
+    """A tiny random Qwen3 (q/k norms, GQA) written by transformers, with the embedded tokenizer's files."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a peaked next-token distribution, so drafts and greedy paths are not ties of noise
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(EMBEDDED_TARGET / f, path / f)
+    return path
+
+
+def test_draft_from_your_own_text_for_a_qwen3_target(tmp_path, capsys):
+    """`train-draft --model M --text DIR` then `generate --model M --draft OUT`: the tree output equals
+    transformers' greedy generate token for token."""
+    transformers = pytest.importorskip("transformers")
+    model = _qwen3_target(tmp_path / "qwen3")
+    text = tmp_path / "text"
+    text.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "heapq.py", "shlex.py", "bisect.py", "colorsys.py"):
+        shutil.copy(stdlib / name, text / name)
+    args = ["train-draft", "--model", str(model), "--text", str(text), "--out", str(tmp_path / "draft"), "--quiet"]
+    args += ["--steps", "4", "--batch-size", "2", "--seq-len", "48", "--warmup", "1", "--eval-every", "0"]
+    args += ["--eval-windows", "2", "--window", "16", "--device", "cpu", "--dtype", "float32"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    log = json.loads((tmp_path / "draft" / "train_log.json").read_text())
+    assert log["text"] == str(text) and log["steps"] == 4 and log["target"] == str(model)
+    capsys.readouterr()
+
+    prompt = (stdlib / "csv.py").read_text()[:600]
+    gen = ["generate", "--model", str(model), "--draft", str(tmp_path / "draft"), "--prompt", prompt, "--json"]
+    gen += ["--tree-shape", "2", "4", "4", "--max-new-tokens", "24", "--device", "cpu", "--dtype", "float32"]
+    assert cli_main(gen) == 0
+    res = json.loads(capsys.readouterr().out)
+    ids = load_tokenizer_for(model).encode(prompt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0)[0, len(ids) :]
+    assert res["prompt_tokens"] == len(ids) and res["new_tokens"] == ref.tolist()
+    assert res["target_calls"] <= len(res["new_tokens"])

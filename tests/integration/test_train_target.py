@@ -2,15 +2,18 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
 
+import longspec_lab.train.target as target_mod
+from longspec_lab.cli import main as cli_main
 from longspec_lab.models.config import PRESETS
 from longspec_lab.models.loaders import load_target
 from longspec_lab.models.tokenizer import TOKENIZER_FILES, load_tokenizer
-from longspec_lab.train.target import DEFAULTS, build_parser, lr_at, main, smoke_tokens, train_target
+from longspec_lab.train.target import DEFAULTS, lr_at, smoke_tokens, train_target
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +111,64 @@ def test_bad_arguments(tmp_path, tiny_cfg, trained):
         )
 
 
-def test_cli_help_and_smoke(tmp_path, capsys):
-    helptext = build_parser().format_help()
-    assert "--tokens-dir" in helptext and "--smoke" in helptext
-    assert f"(default: {DEFAULTS['steps']})" in helptext
-    assert main(["--smoke", "--quiet", "--out", str(tmp_path / "m")]) == 0
+def test_cli_help_and_smoke(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train-target", "--help"])
+    helptext = capsys.readouterr().out
+    assert e.value.code == 0 and helptext.startswith("usage: longspec-lab train-target")
+    assert "--tokens " in helptext and "--smoke" in helptext and "--tokens-dir" not in helptext
+    assert helptext.count(f"(default: {DEFAULTS['steps']})") == 1
+    assert re.search(r"\(default: [^)]*\)\s*\(default", helptext) is None  # each default shown once
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train-target", "--smoke", "--quiet", "--out", "m"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    assert json.loads(capsys.readouterr().out)["steps"] == 20
+    out = capsys.readouterr().out
+    assert json.loads(out[: out.rindex("}") + 1])["steps"] == 20 and "wrote the target to m" in out
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    assert cli_main(["train-target", "--smoke", "--quiet", "--out", "m"]) == 2  # refused, nothing touched
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_overwrite_replaces_only_a_complete_checkpoint(tmp_path, tiny_cfg, trained):
+    _, _, tokens = trained
+    kw = dict(steps=2, batch_size=2, seq_len=32, eval_every=1, tokens_dir=tokens, device="cpu", dtype="float32")
+    kw.update(max_eval_windows=2, progress=False)
+    out = tmp_path / "ckpt"
+    train_target(tiny_cfg, out, **kw)
+    first = (out / "train_log.json").read_text()
+    with pytest.raises(ValueError, match="--overwrite"):
+        train_target(tiny_cfg, out, **kw)
+    assert (out / "train_log.json").read_text() == first
+    train_target(tiny_cfg, out, overwrite=True, **dict(kw, steps=3))
+    assert json.loads((out / "train_log.json").read_text())["summary"]["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+
+
+def test_nonfinite_loss_stops_and_saves_nothing(tmp_path, tiny_cfg, trained, monkeypatch):
+    _, _, tokens = trained
+    real = target_mod.lm_loss
+    monkeypatch.setattr(target_mod, "lm_loss", lambda m, b: real(m, b) * float("nan"))
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="loss became nan at step 1"):
+        train_target(
+            tiny_cfg,
+            out,
+            steps=3,
+            batch_size=2,
+            seq_len=32,
+            tokens_dir=tokens,
+            device="cpu",
+            dtype="float32",
+            progress=False,
+        )
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_nonfinite_hyperparameters(tmp_path, tiny_cfg, trained):
+    _, _, tokens = trained
+    for bad in (dict(lr=float("nan")), dict(lr=0.0), dict(weight_decay=float("inf")), dict(steps=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            train_target(tiny_cfg, tmp_path / "x", tokens_dir=tokens, device="cpu", progress=False, **bad)
+    assert not (tmp_path / "x").exists()
