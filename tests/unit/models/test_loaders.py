@@ -25,6 +25,7 @@ from longspec_lab.models.config import PRESETS, ModelConfig
 from longspec_lab.models.draft_io import load_draft, save_draft
 from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.loaders import check_head_dim, load_target, read_config
+from longspec_lab.models.loaders import save_hf as save_hf_
 from longspec_lab.models.target import Target
 
 SMALL = dict(
@@ -228,3 +229,37 @@ def test_fused_draft_round_trip(tmp_path):
     save_draft(loaded, tmp_path / "b")  # a fused draft saves the same names and values
     a, b = load_file(str(tmp_path / "a" / "draft.safetensors")), load_file(str(tmp_path / "b" / "draft.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(architecture="Qwen3ForCausalLM", qk_norm=True),
+        dict(architecture="Qwen3ForCausalLM", qk_norm=True, attention_bias=True, o_proj_bias=True),
+        dict(architecture="MistralForCausalLM", tie_word_embeddings=False),
+        dict(architecture="Qwen2ForCausalLM", attention_bias=True),
+        dict(attention_bias=True, o_proj_bias=True, mlp_bias=True),
+    ],
+    ids=["qwen3", "qwen3-bias", "mistral", "qwen2", "llama-bias"],
+)
+def test_save_hf_of_each_family_loads_in_transformers(tmp_path, kw):
+    from transformers import AutoModelForCausalLM
+
+    cfg = PRESETS["tiny"].replace(**kw)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    torch.manual_seed(0)
+    m = _shake(Target(cfg), 4).fuse()
+    save_hf_(m, tmp_path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == cfg.architecture
+    assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
+    x = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (hf(x).logits - m(x)).abs().max().item() < 1e-4
+
+
+def test_family_options_that_transformers_cannot_hold_refused():
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM cannot have attention_bias=False"):
+        PRESETS["tiny"].replace(architecture="Qwen2ForCausalLM")
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot have o_proj_bias=True"):
+        PRESETS["tiny"].replace(o_proj_bias=True)
