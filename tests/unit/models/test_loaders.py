@@ -24,8 +24,7 @@ from transformers import (
 from longspec_lab.models.config import PRESETS, ModelConfig
 from longspec_lab.models.draft_io import load_draft, save_draft
 from longspec_lab.models.glide import DraftConfig, Glide
-from longspec_lab.models.loaders import check_head_dim, load_target, read_config
-from longspec_lab.models.loaders import save_hf as save_hf_
+from longspec_lab.models.loaders import check_head_dim, load_target, read_config, save_hf
 from longspec_lab.models.target import Target
 
 SMALL = dict(
@@ -249,7 +248,7 @@ def test_save_hf_of_each_family_loads_in_transformers(tmp_path, kw):
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     torch.manual_seed(0)
     m = _shake(Target(cfg), 4).fuse()
-    save_hf_(m, tmp_path, dtype=torch.float32)
+    save_hf(m, tmp_path, dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(hf).__name__ == cfg.architecture
     assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
