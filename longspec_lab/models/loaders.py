@@ -142,7 +142,8 @@ def _unexpected_hint(names: list[str], cfg: ModelConfig) -> str:
 def load_target(path, device=None, dtype=None, fuse: bool = True, attention_backend=None) -> Target:
     """Build a `Target` from a local HF folder. Everything is checked before any tensor is
     allocated, so a failed load leaves nothing half-built. `fuse` (default) joins q/k/v and gate/up
-    into one matmul each; `attention_backend` (default: by device) is only checked here."""
+    into one matmul each. Given an `attention_backend`, the head dim is checked against it (load_pair,
+    the serving path, always checks the backend the device defaults to; training does not need it)."""
     path = Path(path)
     cfg = read_config(path)
     gen = read_generation(path)
@@ -153,7 +154,8 @@ def load_target(path, device=None, dtype=None, fuse: bool = True, attention_back
             f"{path / 'generation_config.json'} sets {gen.unsupported}; longspec_lab does not apply these "
             "(only EOS ids, temperature, top-k and top-p), so sampled text can differ from transformers'"
         )
-    check_head_dim(cfg, device, attention_backend)
+    if attention_backend is not None:
+        check_head_dim(cfg, device, attention_backend)
     files = weight_files(path)
     dev, dt = pick_device(device), pick_dtype(dtype, device)
     with torch.device("meta"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longspec_lab.models.loaders import load_target
+from longspec_lab.models.loaders import check_head_dim, load_target, read_config
 from longspec_lab.models.tokenizer import load_tokenizer_for
 from longspec_lab.paths import EMBEDDED_DRAFT, EMBEDDED_TARGET, INSTALLED
 
@@ -31,7 +31,8 @@ def load_pair(model_dir=None, draft_dir=None, device=None, dtype=None, need_draf
                 else ""
             )
         )
-    target = load_target(model_dir, device=device, dtype=dtype, attention_backend=attention_backend)
+    check_head_dim(read_config(model_dir), device, attention_backend)  # Triton (the CUDA default): D 64, 128
+    target = load_target(model_dir, device=device, dtype=dtype)
     draft = None
     if need_draft:
         if draft_dir is None and model_dir.resolve() == EMBEDDED_TARGET.resolve():

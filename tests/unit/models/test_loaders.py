@@ -262,3 +262,15 @@ def test_family_options_that_transformers_cannot_hold_refused():
         PRESETS["tiny"].replace(architecture="Qwen2ForCausalLM")
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot have o_proj_bias=True"):
         PRESETS["tiny"].replace(o_proj_bias=True)
+
+
+def test_load_pair_checks_the_head_dim_against_the_backend(tmp_path):
+    from longspec_lab.models.pair import load_pair
+    from longspec_lab.models.tokenizer import copy_tokenizer_files
+
+    save_hf(Target(PRESETS["tiny"].replace(vocab_size=4096)), tmp_path, dtype=torch.float32)
+    copy_tokenizer_files(tmp_path)
+    with pytest.raises(ValueError, match="head_dim 16 is not taken by the Triton"):
+        load_pair(tmp_path, device="cpu", need_draft=False, attention_backend="triton")
+    target, draft, tok = load_pair(tmp_path, device="cpu", need_draft=False, attention_backend="sdpa")
+    assert draft is None and target.config.head_dim == 16 and tok.encode("def f():")
