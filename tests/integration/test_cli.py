@@ -1,0 +1,138 @@
+"""The command line's conventions: --version, `python -m longspec_lab`, --help for every subcommand,
+`lab` (copies notebooks without replacing edited ones, starts JupyterLab), old flag spellings, and
+bench --plot naming the file it wrote."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from longspec_lab import __version__
+from longspec_lab.cli import build_parser, main
+from longspec_lab.paths import notebooks_dir
+
+SUBCOMMANDS = ("generate", "demo", "bench", "tune", "train-target", "train-draft", "lab")
+
+
+def _cli(*args, cwd=None, timeout=300):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", COLUMNS="120")
+    return subprocess.run(
+        [sys.executable, "-m", "longspec_lab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_version_and_python_dash_m():
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"longspec-lab {__version__}"
+    r = _cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: longspec-lab")
+    for name in SUBCOMMANDS:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_explains_itself(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: longspec-lab {name}")
+    assert re.search(r"\(default: [^)]*\)\s*\(default", out) is None  # each default shown once
+    assert "default: None" not in out and "python -m" not in out.split("\n")[0]
+    assert "--debug" in out
+
+
+def test_one_flag_vocabulary():
+    """The same flag names where the same thing is meant, and the old spellings hidden but accepted."""
+    sub = build_parser()._subparsers._group_actions[0].choices
+    flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.items()}
+    for name in ("generate", "demo", "bench", "tune"):
+        assert {"--model", "--draft", "--max-new-tokens", "--quiet", "--device", "--dtype"} <= flags[name]
+    assert {"--model", "--tokens", "--text", "--quiet", "--out", "--overwrite"} <= flags["train-draft"]
+    assert {"--tokens", "--quiet", "--out", "--overwrite"} <= flags["train-target"]
+    assert "--tree-shape" in flags["generate"] and "--tree-shape" in flags["demo"] and "--tree-shape" in flags["bench"]
+    old = {"train-draft": ["--target", "--no-progress"], "train-target": ["--tokens-dir"], "tune": ["--new-tokens"]}
+    old["bench"] = ["--shapes"]
+    for name, spellings in old.items():
+        assert set(spellings) <= flags[name]
+        helptext = sub[name].format_help()
+        assert not any(re.search(rf"{s}\b", helptext) for s in spellings), (name, spellings)
+
+
+def test_old_spellings_still_work(capsys):
+    args = build_parser().parse_args(["bench", "--shapes", "4,16;8,16", "--gammas", "4,5"])
+    assert args.tree_shapes == [[4, 16], [8, 16]] and args.gammas == [4, 5]
+    assert "--shapes is deprecated; use --tree-shape" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "--tree-shape", "4", "16", "--tree-shape", "8,16"])
+    assert args.tree_shapes == [[4, 16], [8, 16]]
+    args = build_parser().parse_args(["tune", "--new-tokens", "32", "--probe-shape", "8,8,8"])
+    assert args.max_new_tokens == 32 and args.probe_shape == [8, 8, 8]
+    args = build_parser().parse_args(["train-draft", "--target", "m", "--no-progress"])
+    assert args.model == "m" and args.quiet is True
+    args = build_parser().parse_args(["train-target", "--tokens-dir", "t"])
+    assert args.tokens == "t"
+    err = capsys.readouterr().err
+    for s in ("--new-tokens", "--target", "--no-progress", "--tokens-dir"):
+        assert f"{s} is deprecated" in err
+
+
+def test_smoke_flags_match_the_trainers():
+    """The CLI refuses flags that --smoke sets itself; its lists follow the trainers' SMOKE settings."""
+    from longspec_lab.cli import DRAFT_SMOKE_FLAGS, TARGET_SMOKE_FLAGS
+    from longspec_lab.train.draft import SMOKE as DRAFT_SMOKE
+    from longspec_lab.train.target import SMOKE as TARGET_SMOKE
+
+    assert set(DRAFT_SMOKE_FLAGS) == set(DRAFT_SMOKE)
+    assert set(TARGET_SMOKE_FLAGS) == set(TARGET_SMOKE) - {"max_eval_windows"}
+
+
+def test_lab_copies_notebooks_and_starts_jupyterlab(tmp_path):
+    shipped = sorted(p.name for p in notebooks_dir().glob("*.ipynb"))
+    assert shipped
+    work = tmp_path / "nb"
+    work.mkdir()
+    edited = work / shipped[0]
+    edited.write_text('{"my": "edits"}')
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "longspec_lab", "lab", str(work), "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    seen = ""
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "http://" not in seen:
+            line = p.stdout.readline()
+            if not line and p.poll() is not None:
+                break
+            seen += line
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
+    assert "copied" in seen and "kept 1 you already had" in seen, seen
+    assert "http://" in seen and "Traceback" not in seen, seen
+    assert edited.read_text() == '{"my": "edits"}'  # the user's copy is never replaced
+    assert sorted(q.name for q in work.glob("*.ipynb")) == shipped
+    for name in shipped[1:]:
+        assert (work / name).read_bytes() == (notebooks_dir() / name).read_bytes()
+
+
+def test_bench_plot_says_which_file_it_wrote(tmp_path):
+    args = ["bench", "--device", "cpu", "--no-hf", "--eager", "--num-prompts", "1", "--min-prompt-tokens", "300"]
+    args += ["--max-new-tokens", "4", "--tree-shape", "2", "2", "--gammas", "1", "--quiet"]
+    args += ["--plot", "fig.html", "--out", "r.json"]
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote the figure to fig.html" in r.stdout and "wrote the report to r.json" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "r.json"]
+    assert set(json.loads((tmp_path / "r.json").read_text())["results"]) == {"ar", "chain-g1", "tree-2-2"}
+    r = _cli(*args, cwd=tmp_path)  # the report exists now: refused without --overwrite
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
