@@ -850,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"longspec-lab {__version__}")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = sub.choices  # for errors that argparse reports at the top level
 
     def add(name, helptext, description):
         s = sub.add_parser(name, help=helptext, description=description)
@@ -1154,7 +1155,10 @@ def _message(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # name the subcommand whose --help lists the flags
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = "longspec-lab " + shlex.join(argv)
     try:
         return int(args.func(args) or 0)
