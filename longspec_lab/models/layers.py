@@ -63,11 +63,21 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables computed on the fly for explicit positions (tree nodes share positions)."""
+    """cos/sin tables computed on the fly for explicit positions (tree nodes share positions).
+
+    The frequencies stay in float32 (float64 if asked) when the model is cast to bf16/fp16, as in
+    transformers: rounded to bf16 they would put the angle at position 4,000 off by radians."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        before = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float64 and not before.is_meta:
+            self.inv_freq = before.to(self.inv_freq.device, torch.float32)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         # positions [B, T] -> cos, sin [B, 1, T, D]

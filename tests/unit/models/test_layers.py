@@ -102,3 +102,17 @@ def test_fused_target_equals_unfused_and_saves_hf_names(tmp_path):
 def test_fuse_refused_when_kv_reads_another_input():
     with pytest.raises(ValueError, match="different widths"):
         QKVO(32, 4, 2, 8, bias=False, kv_in=16).fuse()
+
+
+def test_rope_frequencies_stay_float32_in_bf16_as_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    save_hf(Target(TINY), tmp_path, dtype=torch.bfloat16)
+    ours = load_target(tmp_path, device="cpu", dtype="bf16")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert ours.rotary.inv_freq.dtype == torch.float32 and ours.dtype == torch.bfloat16
+    pos = torch.tensor([[0, 1, 1000, 4000, 20000]])
+    cos, sin = ours.rotary(pos, torch.bfloat16)  # [1, 1, T, D]
+    ref_cos, ref_sin = hf.model.rotary_emb(torch.zeros(1, 5, 1, dtype=torch.bfloat16), pos)  # [1, T, D]
+    torch.testing.assert_close(cos[:, 0], ref_cos, rtol=0, atol=2e-2)  # bf16 rounding of cos itself only
+    torch.testing.assert_close(sin[:, 0], ref_sin, rtol=0, atol=2e-2)
