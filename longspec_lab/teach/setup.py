@@ -73,8 +73,14 @@ def setup(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = Settings(small, why, device, prompt_tokens[0 if small else 1], max_new_tokens[0 if small else 1])
+    busy = ""
+    if device == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:  # oversubscribed: threads fighting for cores make every timing slow and noisy
+            torch.set_num_threads(1)
+            busy = f"; the machine is busy (load {load:.1f} on {cores} cores), so torch uses 1 thread"
     if not quiet:
-        print(s)
+        print(str(s) + busy)
     return s
 
 
