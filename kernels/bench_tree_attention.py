@@ -573,6 +573,39 @@ def goals(cases):
     return out
 
 
+def explain(cases, env):
+    """Why our kernel sits where it does, from this run's own numbers: useful and issued (row tiles padded
+    to BLOCK_M) FLOP/s against the measured matmul rate, bytes/s against the measured copy bandwidth, and
+    the programs per wave of resident slots."""
+    out = []
+    for c in cases:
+        r = c["methods"].get("triton_tree", {})
+        k = r.get("kernel", {})
+        if "best_us" not in r or not env.get("matmul_flops") or "BLOCK_M" not in k:
+            continue
+        rows = c["Hq"] // c["Hkv"] * c["T"]
+        padded = -(-rows // k["BLOCK_M"]) * k["BLOCK_M"]
+        useful = c["flops"] / (r["best_us"] * 1e-6)
+        programs = k["grid"][0] * k["grid"][1] * k["grid"][2]
+        out.append(
+            {
+                "name": c["name"],
+                "dtype": c["dtype"],
+                "P": c["P"],
+                "bound": "compute" if c["compute_floor_us"] >= c["floor_us"] else "bandwidth",
+                "useful_tflops": useful / 1e12,
+                "issued_tflops_with_row_padding": useful * padded / rows / 1e12,
+                "fraction_of_measured_matmul_rate": useful * padded / rows / env["matmul_flops"],
+                "fraction_of_measured_copy_bandwidth": c["bytes"] / (r["best_us"] * 1e-6) / env["copy_bw_Bps"],
+                "row_padding": f"{rows} rows in tiles of {k['BLOCK_M']} -> {padded}",
+                "programs": programs,
+                "waves_at_2_per_sm": programs / (2 * env.get("sm_count", 132)),
+                "config": k.get("config"),
+            }
+        )
+    return out
+
+
 def write_plot(path, cases):
     """Time vs P for the first dtype of the largest shape. plotly PNG if kaleido exists, else plotly
     HTML, else a hand-written SVG (no plotting package needed)."""
@@ -685,6 +718,7 @@ def main(argv=None):
         result["cases"].append(run_case(spec, env, args, gen))
         save()
     result["goals"] = goals(result["cases"])
+    result["goal_analysis"] = explain(result["cases"], env)
     result["plot"] = write_plot(args.plot, result["cases"])
     if torch.cuda.is_available():
         result["compile_check"] = _compile_check(gen)

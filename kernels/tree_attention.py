@@ -619,7 +619,8 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
     if num_splits is None:
         # two resident programs per SM: a 64-row tile with a 3-stage 64-key pipeline (~112 KB of shared
         # memory) fits twice, and a second program hides the first one's softmax behind its matrix work.
-        # Measured on the H200 (one program per SM planned): 16k prefix at 304 TFLOP/s, 128k (two waves) at 414.
+        # H200, Llama-3-8B verify shape, fp16: planning one per SM gave 3 splits (120 programs) at a 16k prefix
+        # and 64 us; two per SM gives 6 splits (240 programs) and 55 us (data/results/tree_attention_h200*.json).
         slots = _SLOTS_PER_SM * _sm_count(torch.device(device))
         bm = block_m or _pick_block_m(rows)
         base = batch_kv_heads * _cdiv(rows, bm)
