@@ -354,7 +354,19 @@ def check_model_dir(path, flag="--model"):
     for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer_config.json"):
         if (p / name).is_file():
             _check_json(p / name)
-    for f in sorted(p.glob("*.safetensors")):
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickled = any(any(p.glob(pat)) for pat in ("*.bin", "*.pt", "*.pth"))
+        raise UsageError(
+            f"{flag} {p} holds no *.safetensors weights"
+            + (
+                " but pickle files (*.bin/*.pt), which longspec-lab never loads (unpickling can run code); "
+                "convert once with transformers: from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+                if pickled
+                else "; copy the model's *.safetensors files next to config.json"
+            )
+        )
+    for f in weights:
         _check_safetensors(f)
     from longspec_lab.models.loaders import read_config
 

@@ -105,6 +105,14 @@ CASES = [
         ["truncated/model.safetensors", "truncated"],
         [],
     ),
+    (
+        "model-pickle-only",
+        GEN + ["--model", "{pickled}", "--method", "ar"],
+        2,
+        ["pickled", "safetensors", "pickle"],
+        [],
+    ),
+    ("draft-is-a-target", GEN + ["--draft", str(EMBEDDED_TARGET), "--prompt", "x"], 2, ["--draft"[2:], "glide"], []),
     ("model-without-draft", GEN + ["--model", "{other}"], 2, ["--draft", "train-draft"], []),
     ("draft-missing", GEN + ["--draft", "{work}/nodraft"], 2, ["--draft", "nodraft"], []),
     ("draft-truncated", GEN + ["--draft", "{draft_truncated}"], 2, ["draft_truncated/draft.safetensors"], []),
@@ -292,6 +300,10 @@ def _setup(work: Path) -> dict:
         shutil.copytree(EMBEDDED_TARGET, work / name)
         f[name] = work / name
     (work / "badconfig" / "config.json").write_text('{"model_type": "llama", ')
+    (work / "pickled").mkdir()
+    shutil.copy(EMBEDDED_TARGET / "config.json", work / "pickled" / "config.json")
+    (work / "pickled" / "pytorch_model.bin").write_bytes(b"not unpickled")
+    f["pickled"] = work / "pickled"
     weights = work / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     for name in ("draft_truncated", "ckpt_draft"):
