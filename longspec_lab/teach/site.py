@@ -183,7 +183,34 @@ def page_html(nb, pages: list[tuple[str, str]], here: str) -> str:
     return re.sub(r"(<body[^>]*>)", r"\1" + nav, body, count=1)
 
 
-def index_html(entries: list[dict]) -> str:
+GPU_PAGES = "notebooks_h200"  # data/results/<this>/: notebooks executed live on an H200 (teach.run_notebooks)
+
+
+def copy_gpu_pages(out: Path) -> list[tuple[str, str]]:
+    """Copy the recorded GPU executions (HTML) into out/h200/, pointing them at the site's plotly.js.
+    Returns (relative file, name) per page."""
+    from longspec_lab.paths import RESULTS_DIR
+
+    src = RESULTS_DIR / GPU_PAGES
+    pages = []
+    for f in sorted(src.glob("*.html")) if src.is_dir() else []:
+        (out / "h200").mkdir(exist_ok=True)
+        text = f.read_text(encoding="utf-8").replace(f'<script src="{PLOTLY_JS}">', f'<script src="../{PLOTLY_JS}">')
+        text = text.replace('href="index.html"', 'href="../index.html"')
+        (out / "h200" / f.name).write_text(text, encoding="utf-8")
+        pages.append((f"h200/{f.name}", f.stem))
+    return pages
+
+
+def index_html(entries: list[dict], gpu_pages: list[tuple[str, str]] = ()) -> str:
+    gpu = "".join(f'<li><a href="{f}">{html.escape(n)}</a></li>' for f, n in gpu_pages)
+    gpu = (
+        "<h2>Executed live on an H200</h2><p>The same notebooks run in full mode on one NVIDIA H200 "
+        f"(<code>python -m longspec_lab.teach.run_notebooks</code>; numbers in data/results/{GPU_PAGES}/):</p>"
+        f"<ul>{gpu}</ul>"
+        if gpu
+        else ""
+    )
     rows = "".join(
         f'<li><h2><a href="{e["file"]}">{html.escape(e["title"])}</a></h2>{_markdown_list(e["see"])}'
         f'<p style="color:#777">executed in {e["seconds"]:.0f} s{e["note"]}</p></li>'
@@ -196,7 +223,7 @@ def index_html(entries: list[dict]) -> str:
         "<h1>longspec_lab: long-context tree speculative decoding, notebook by notebook</h1>"
         "<p>Static pages of the notebooks, executed on a CPU in small mode (the GPU results are the "
         "recorded H200 runs). Interactive widgets show a snapshot; run <code>make lab</code> to use them.</p>"
-        f'<ol id="toc">{rows}</ol></body></html>'
+        f'<ol id="toc">{rows}</ol>{gpu}</body></html>'
     )
 
 
@@ -240,7 +267,7 @@ def build_site(out, notebooks=None, executed_dir=None, timeout: int = 600, small
             )
         )
         log(f"wrote {out / fname}: {entries[-1]['page_figures']} figures")
-    (out / "index.html").write_text(index_html(entries), encoding="utf-8")
+    (out / "index.html").write_text(index_html(entries, copy_gpu_pages(out)), encoding="utf-8")
     import plotly
 
     shutil.copy(Path(plotly.__file__).parent / "package_data" / PLOTLY_JS, out / PLOTLY_JS)
