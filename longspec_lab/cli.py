@@ -466,7 +466,11 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(desc=self.desc, unit=" target passes", delay=1.0, disable=True if self.quiet else None)
-        self.hook = self.target.register_forward_hook(lambda *a: self.bar.update())
+
+        def tick(module, inputs, output):  # returns None: a forward hook's return value would replace the output
+            self.bar.update()
+
+        self.hook = self.target.register_forward_hook(tick)
         return self
 
     def __exit__(self, *exc):

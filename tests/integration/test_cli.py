@@ -136,3 +136,29 @@ def test_bench_plot_says_which_file_it_wrote(tmp_path):
     assert set(json.loads((tmp_path / "r.json").read_text())["results"]) == {"ar", "chain-g1", "tree-2-2"}
     r = _cli(*args, cwd=tmp_path)  # the report exists now: refused without --overwrite
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_progress_line_leaves_the_output_alone(monkeypatch):
+    """generate/demo count target passes with a forward hook; on a terminal the bar is live, and the
+    model's output must come through unchanged (a hook that returns a value would replace it)."""
+    import io
+
+    import torch
+
+    from longspec_lab.cli import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with _Progress(lin, "tree", quiet=False) as p:
+        assert not p.bar.disable
+        outs = [lin(x) for _ in range(3)]
+    assert all(torch.equal(o, lin(x)) for o in outs) and p.bar.n == 3
+    with _Progress(lin, "tree", quiet=True) as p:
+        lin(x)
+    assert p.bar.disable and not lin._forward_hooks  # hooks removed afterwards
