@@ -12,6 +12,8 @@ with stock `transformers` (DynamicCache, SDPA, a 4D mask for the tree) sharing t
 The floor of each step is the bytes it must read (weights + KV cache) over the copy bandwidth
 measured in the same run. A projected end-to-end speedup for such a target,
 tau x t_decode / (t_draft + t_verify + t_commit), is reported and labelled as a projection.
+
+Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb.
 """
 
 from __future__ import annotations
@@ -259,6 +261,123 @@ def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) ->
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Agreement with stock transformers, layer by layer: plain causal prefill in float32, then bf16, then the
+# verify step under the tree mask, each time naming the first decoder layer whose output differs.
+
+
+def build_hf(target, device):
+    """Stock `LlamaForCausalLM` (SDPA attention) whose parameters ARE the target's tensors (assign=True)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = target.config
+    hcfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+    hcfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hcfg)
+    hf.load_state_dict(target.state_dict(), assign=True, strict=True)
+    hf.lm_head.weight = target.lm_head.weight
+    with torch.device(device):  # its inv_freq buffer was created on the meta device
+        hf.model.rotary_emb = hf.model.rotary_emb.__class__(config=hcfg)
+    return hf.to(device).eval()
+
+
+def _with_layer_outputs(model, layers, fn):
+    """fn()'s result and the output of every decoder layer in `layers` (float32 copies)."""
+    outs = []
+
+    def hook(mod, args, out):
+        outs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        res = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return res, outs
+
+
+def _compare(a_logits, a_layers, b_logits, b_layers, tol):
+    """Max |a - b| of the logits, each layer's max |a - b| / max |b|, and the first layer over tol."""
+    rel = [float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a_layers, b_layers)]
+    over = [i for i, r in enumerate(rel) if not r <= tol]  # NaN counts as over
+    return {
+        "logits_max_abs_diff": float((a_logits.float() - b_logits.float()).abs().max()),
+        "logits_max_abs": float(b_logits.float().abs().max()),
+        "layer_max_rel_diff": rel,
+        "first_layer_over_tol": over[0] if over else None,
+        "tol": tol,
+    }
+
+
+def hf_agreement(target32, device, context=4096, n_prefill=64, n_pending=4, backend="torch", seed=0) -> dict:
+    """Our logits and every layer's output against `transformers` on the same weights, in stages:
+      prefill_fp32 / prefill_bf16: a plain causal prefill of n_prefill random tokens (no cache);
+      tree_fp32 / tree_bf16: the verify step (n_pending tokens + the default tree under its mask) on a cache
+        holding `context` random K/V entries, given to both (ours: KVCache + `backend`; theirs: DynamicCache
+        + a 4D additive mask).
+    bf16 stages also report transformers' own bf16 against its float32 (the spread bf16 itself causes), so
+    a bf16 difference can be read against it. target32: a float32 Target; it is copied to bf16."""
+    import copy
+
+    from transformers import DynamicCache
+
+    cfg = target32.config
+    target16 = copy.deepcopy(target32).to(torch.bfloat16)
+    models = {
+        torch.float32: (target32, build_hf(target32, device)),
+        torch.bfloat16: (target16, build_hf(target16, device)),
+    }
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (1, n_prefill), generator=g).to(device)
+    mask, offsets = verify_block(n_pending, device=device)
+    T = mask.shape[0]
+    ids_t = torch.randint(0, cfg.vocab_size, (1, T), generator=g).to(device)
+    kv_shape = (cfg.num_layers, 1, cfg.num_kv_heads, context, cfg.head_dim)
+    k0 = torch.randn(kv_shape, generator=g).to(device)
+    v0 = torch.randn(kv_shape, generator=g).to(device)
+    full = torch.ones(T, context + T, dtype=torch.bool, device=device)
+    full[:, context:] = mask
+    res, raw = {}, {}
+    with torch.inference_mode():
+        for dtype, (ours_m, hf) in models.items():
+            name = "fp32" if dtype == torch.float32 else "bf16"
+            tol = 1e-3 if dtype == torch.float32 else 2e-2
+            o = _with_layer_outputs(ours_m, ours_m.model.layers, lambda: ours_m(ids))
+            h = _with_layer_outputs(hf, hf.model.layers, lambda: hf(input_ids=ids).logits)
+            raw[("prefill", name)] = (o, h)
+            res[f"prefill_{name}"] = _compare(*o[0:1], o[1], *h[0:1], h[1], tol)
+            cache = ours_m.new_cache(context + T + 8)
+            cache.k[:, :, :, :context] = k0.to(dtype)
+            cache.v[:, :, :, :context] = v0.to(dtype)
+            pos = context + offsets
+            o = _with_layer_outputs(
+                ours_m,
+                ours_m.model.layers,
+                lambda: ours_m(ids_t, positions=pos, cache=cache, start=context, mask=mask, backend=backend),
+            )
+            dc = DynamicCache(config=hf.config)
+            for layer in range(cfg.num_layers):
+                dc.update(k0[layer].to(dtype), v0[layer].to(dtype), layer)
+            add = torch.zeros(1, 1, T, context + T, dtype=dtype, device=device).masked_fill(
+                ~full, torch.finfo(dtype).min
+            )
+            h = _with_layer_outputs(
+                hf,
+                hf.model.layers,
+                lambda: hf(input_ids=ids_t, past_key_values=dc, attention_mask=add, position_ids=pos[None]).logits,
+            )
+            raw[("tree", name)] = (o, h)
+            res[f"tree_{name}"] = _compare(*o[0:1], o[1], *h[0:1], h[1], tol)
+    for stage in ("prefill", "tree"):  # the spread bf16 causes by itself, and ours-bf16 against theirs-fp32
+        (o16, h16), (_, h32) = raw[(stage, "bf16")], raw[(stage, "fp32")]
+        res[f"{stage}_bf16"]["hf_bf16_vs_hf_fp32"] = _compare(h16[0], h16[1], h32[0], h32[1], 2e-2)
+        res[f"{stage}_bf16"]["ours_bf16_vs_hf_fp32"] = _compare(o16[0], o16[1], h32[0], h32[1], 2e-2)
+    res.update(context=context, n_prefill=n_prefill, verify_rows=T, backend=backend)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.bench.verify_cost",
@@ -275,9 +394,21 @@ def main(argv=None) -> int:
         help="accepted length used for the projected speedup (default: the embedded pair's measured tree tau, about 5)",
     )
     ap.add_argument("--out", default="data/results/verify_8b_h200.json")
+    ap.add_argument(
+        "--agreement",
+        action="store_true",
+        help="only compare our logits and each layer with transformers (fp32, bf16, tree mask) and write that",
+    )
+    ap.add_argument("--agreement-context", type=int, default=4096, help="cached entries for the tree stage")
+    ap.add_argument("--small", action="store_true", help="with --agreement: a 4-layer, 256-wide model (CPU)")
     args = ap.parse_args(argv)
+    if args.agreement:
+        return _agreement_main(args)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_verify needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB)")
+        raise SystemExit(
+            "error: bench_verify needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB); "
+            "on CPU only --agreement --small runs"
+        )
     rep = measure(
         [int(c) for c in args.contexts.split(",")], args.backends.split(","), tau=args.tau, with_hf=not args.no_hf
     )
@@ -292,6 +423,46 @@ def main(argv=None) -> int:
     )
     for r in rep["rows"]:
         print(json.dumps(r))
+    return 0
+
+
+def _agreement_main(args) -> int:
+    import dataclasses
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = PRESETS["llama3-8b"]
+    if args.small:
+        cfg = dataclasses.replace(
+            cfg,
+            vocab_size=512,
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            intermediate_size=512,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    elif dev.type != "cuda":
+        raise SystemExit("error: the 8B-shaped agreement check needs a CUDA GPU; add --small to run it on CPU")
+    backend = args.backends.split(",")[0] if dev.type == "cuda" else "torch"
+    rep = {
+        "hf_agreement": hf_agreement(
+            random_target(cfg, dev, torch.float32), dev, args.agreement_context, backend=backend
+        ),
+        "model": "small" if args.small else "llama3-8b",
+    }
+    rep["environment"] = environment(dev)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
+    )
+    for stage, r in rep["hf_agreement"].items():
+        if isinstance(r, dict):
+            print(
+                stage, "logits max|diff|", r["logits_max_abs_diff"], "first layer over tol", r["first_layer_over_tol"]
+            )
     return 0
 
 

@@ -1,0 +1,60 @@
+"""The transformers-agreement check of bench/verify_cost.py on a small Llama-3-shaped model (CPU): in float32
+our logits and every layer match stock `transformers`; in bf16 they differ by about what bf16 does to
+transformers itself; and a difference planted in one layer is reported at that layer."""
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from longspec_lab.bench import verify_cost as vc  # noqa: E402
+from longspec_lab.models.config import PRESETS  # noqa: E402
+
+SMALL = dataclasses.replace(
+    PRESETS["llama3-8b"],  # keeps its rope (theta 500000, llama3 scaling) and GQA 4:1 ratio
+    vocab_size=256,
+    hidden_size=128,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=32,
+    intermediate_size=256,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+
+def _run(monkeypatch=None, plant_layer=None):
+    torch.manual_seed(0)
+    target = vc.random_target(SMALL, torch.device("cpu"), torch.float32, seed=1)
+    if plant_layer is not None:
+        build = vc.build_hf
+
+        def planted(t, device):
+            hf = build(t, device)
+            w = hf.model.layers[plant_layer].mlp.down_proj.weight
+            hf.model.layers[plant_layer].mlp.down_proj.weight = torch.nn.Parameter(w.detach() * 1.01)  # not shared
+            return hf
+
+        monkeypatch.setattr(vc, "build_hf", planted)
+    return vc.hf_agreement(target, torch.device("cpu"), context=40, n_prefill=12)
+
+
+def test_fp32_matches_and_bf16_is_within_its_own_spread():
+    r = _run()
+    for stage in ("prefill_fp32", "tree_fp32"):
+        assert r[stage]["first_layer_over_tol"] is None, r[stage]
+        assert len(r[stage]["layer_max_rel_diff"]) == SMALL.num_layers
+        assert r[stage]["logits_max_abs_diff"] <= 1e-4 * r[stage]["logits_max_abs"]
+    for stage in ("prefill_bf16", "tree_bf16"):
+        spread = r[stage]["hf_bf16_vs_hf_fp32"]["logits_max_abs_diff"]
+        assert 0 < r[stage]["logits_max_abs_diff"] <= 4 * spread + 1e-2, r[stage]
+
+
+def test_planted_difference_is_found_at_its_layer(monkeypatch):
+    r = _run(monkeypatch, plant_layer=1)
+    for stage in ("prefill_fp32", "tree_fp32"):
+        assert r[stage]["first_layer_over_tol"] == 1, r[stage]["layer_max_rel_diff"]
+        assert r[stage]["layer_max_rel_diff"][0] <= 1e-5
