@@ -176,3 +176,16 @@ def test_draft_from_your_own_text_for_a_qwen3_target(tmp_path, capsys):
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0)[0, len(ids) :]
     assert res["prompt_tokens"] == len(ids) and res["new_tokens"] == ref.tolist()
     assert res["target_calls"] <= len(res["new_tokens"])
+
+
+def test_smoke_run_honours_out_however_spelled(tmp_path, monkeypatch, capsys):
+    """`--out=DIR` (and abbreviations) is parsed by argparse; a smoke run needs no data/tokens."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train-draft", "--smoke", "--quiet", "--out=sm"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "sm").iterdir()) == [
+        "draft.safetensors",
+        "draft_config.json",
+        "train_log.json",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]  # nothing else written, no temporary folder
+    assert "wrote the draft to sm" in capsys.readouterr().out
