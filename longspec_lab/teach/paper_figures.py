@@ -356,7 +356,7 @@ def hybrid_split_figure(
                 )
             )
         fig.update_layout(
-            sliders=[dict(active=3, steps=steps, currentvalue=dict(prefix="merge step "), pad=dict(t=40), y=-0.05)]
+            sliders=[dict(active=3, steps=steps, currentvalue=dict(prefix="merge step "), pad=dict(t=10), y=-0.1)]
         )
         fig.update_layout(title=texts[3])
     else:
@@ -366,10 +366,9 @@ def hybrid_split_figure(
     fig.update_xaxes(
         tickvals=[0, prefix_columns - 1, prefix_columns, len(xlab) - 1],
         ticktext=["key 0", f"key {prefix_len - 1}", f"tree 0 (slot {prefix_len})", f"tree {T - 1}"],
-        title="key (prefix chunks | tree nodes)",
     )
     fig.update_yaxes(autorange="reversed", title="query row = tree node")
-    fig.update_layout(height=560, width=980, legend=dict(orientation="h", y=-0.32), margin=dict(b=150, t=70))
+    fig.update_layout(height=620, width=980, legend=dict(orientation="h", y=-0.42), margin=dict(b=190, t=70))
     return fig
 
 
