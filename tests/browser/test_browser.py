@@ -154,11 +154,13 @@ def _wait_cells_done(page, timeout_s: float = 120) -> None:
 
 
 def _readout(slider) -> int:
+    slider.scroll_into_view_if_needed()  # JupyterLab may not lay out cells far off screen
     return int(slider.locator(".widget-readout").inner_text().strip())
 
 
 def _state(page):
     """(depth, widths of visible levels, displayed node count, level headers in the diagram)."""
+    page.locator("text=/nodes: \\d+/").first.scroll_into_view_if_needed()
     depth = _readout(_slider(page, "depth"))
     widths = [_readout(_slider(page, f"level {l}")) for l in range(1, depth + 1)]
     text = page.locator("text=/nodes: \\d+/").first.inner_text()
