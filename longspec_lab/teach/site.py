@@ -155,7 +155,12 @@ def _markdown_list(md: str) -> str:
             items.append(cur)
         elif cur is not None and line.strip():
             cur.append(line.strip())
-    esc = lambda s: re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", html.escape(s)))
+
+    def esc(s: str) -> str:
+        s = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", html.escape(s))
+        s = re.sub(r"\*([^*]+)\*", r"<i>\1</i>", s)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+
     return "<ul>" + "".join(f"<li>{esc(' '.join(i))}</li>" for i in items) + "</ul>"
 
 
@@ -219,7 +224,7 @@ def index_html(entries: list[dict], gpu_pages: list[tuple[str, str]] = ()) -> st
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>longspec_lab notebooks</title>"
         "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.45}"
-        "li{list-style:none}h2{margin-bottom:0.2em}</style></head><body>"
+        "#toc>li{list-style:none}h2{margin-bottom:0.2em}</style></head><body>"
         "<h1>longspec_lab: long-context tree speculative decoding, notebook by notebook</h1>"
         "<p>Static pages of the notebooks, executed on a CPU in small mode (the GPU results are the "
         "recorded H200 runs). Interactive widgets show a snapshot; run <code>make lab</code> to use them.</p>"
