@@ -277,3 +277,18 @@ def test_cost_model_explorer_follows_its_sliders():
     assert after[-1] > before[-1] and "256 rows" in c.summary.value
     c.bw_slider.value = 1.0  # slower memory: bytes dominate longer, the extra rows cost relatively less
     assert c.fig.data[1].y[-1] < after[-1]
+
+
+def test_shape_challenge_on_the_real_pair(embedded_pair):
+    """Notebook 2's exercise on its own prompt: the folded solution passes, the plausible [4, 8, 8] does not."""
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.teach import exercises
+    from longspec_lab.teach.setup import held_out_prompt
+
+    target, draft, tok = embedded_pair
+    ids, _ = held_out_prompt(tok, 256)  # notebook 2's prompt in small mode, 32 new tokens
+    dec = SpecDecoder(target, draft, tokenizer=tok)
+    challenge = exercises.ShapeChallenge(dec, ids, 32)
+    challenge.text.value = "[2, 2, 4, 4, 4, 4, 4, 4, 4, 4]"
+    assert challenge.check() and 'data-ok="true"' in challenge.verdict.value
+    assert not exercises.check_small_shape([4, 8, 8], dec, ids, 32)
