@@ -528,7 +528,7 @@ def rrs_steps_figure(steps: Sequence[Mapping], labels: Sequence[str] | None = No
         title="Recursive rejection sampling, one level: each rejection turns p into its residual",
         barmode="group",
         height=380,
-        width=300 * n + 120,
+        width=min(250 * n + 120, 1100),
         legend=dict(orientation="h", y=-0.2),
     )
     fig.update_annotations(font_size=11)
