@@ -9,6 +9,8 @@ One run measures, on the same prompts and device:
 and reports tokens/s (decode phase, prefill excluded for ours; whole `generate` minus a measured
 prefill for transformers), tau, speedups over our AR and over transformers, efficiency =
 speedup / tau, and a per-stage breakdown. Every timed run is preceded by a warm-up run.
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from longspec_lab.decoding.timing import sync
 from longspec_lab.provenance import environment
 
 DEFAULT_SHAPES = ([4, 16, 16, 16, 16], [4, 8, 8, 8], [2, 4, 8, 8, 8, 8], [8, 16, 32])
+# the stock peers a user would reach for: transformers' generate with its default dynamic cache, with a
+# static cache (which transformers compiles on CUDA), and prompt-lookup decoding
+HF_PEERS = (
+    ("hf-greedy", {}),
+    ("hf-static-compiled", {"cache_implementation": "static"}),
+    ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10}),
+)
 
 
 def _hf_time(hf, ids, n, device, **kw):
@@ -64,6 +73,7 @@ def run_bench(
     progress=True,
     fast=None,
     extra_backends=(),
+    compile=None,
 ) -> dict:
     """Our loops: the CUDA-graph fast path on the GPU (`fast=None` -> on CUDA), else the eager loop.
     Per-stage times come from a second, separately timed run with per-stage CUDA events (or the
@@ -71,16 +81,15 @@ def run_bench(
     from tqdm.auto import tqdm
 
     from longspec_lab.decoding.eager import SpecDecoder
-    from longspec_lab.decoding.graphs import FastDecoder
+    from longspec_lab.decoding.graphs import GraphDecoder
 
     fast = target.device.type == "cuda" if fast is None else fast
     make = (
-        (lambda be, **kw: FastDecoder(target, draft, backend=be, **kw))
+        (lambda be, **kw: GraphDecoder(target, draft, backend=be, **kw))
         if fast
         else (lambda be, **kw: SpecDecoder(target, draft, backend=be))
     )
-    dec = make(backend)
-    timed = make(backend, stage_timing=True) if fast else dec
+    dec = make(backend, **({"compile": compile} if fast and compile is not None else {}))
     configs = [("ar", dict(method="ar"), dec)]
     configs += [(f"chain-g{g}", dict(method="chain", gamma=g), dec) for g in gammas]
     configs += [("tree-" + "-".join(map(str, s)), dict(method="tree", tree_shape=list(s)), dec) for s in shapes]
@@ -95,7 +104,9 @@ def run_bench(
     hf_rows = {}
     dec.generate(prompts[0][:128], method="tree", max_new_tokens=16)  # global warm-up
     bar = tqdm(
-        total=len(prompts) * (len(configs) + (2 if hf_model is not None else 0)), disable=not progress, desc="bench"
+        total=len(prompts) * (len(configs) + (len(HF_PEERS) if hf_model is not None else 0)),
+        disable=not progress,
+        desc="bench",
     )
     agree, same_prefix = True, []
     for ids in prompts:
@@ -110,18 +121,18 @@ def run_bench(
             r["tokens"] += len(res.new_tokens) - 1
             r["seconds"] += res.decode_seconds
             r["target_calls"] += res.target_calls - 1
-            st = (
-                timed.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
-                if (fast and d is dec)
-                else res
-            )
+            st = res
+            if fast and d is dec:  # a separate run with CUDA events around every stage replay
+                dec.stage_timing = True
+                st = dec.generate(ids, max_new_tokens=max_new_tokens, stop_at_eos=False, **kw)
+                dec.stage_timing = False
             for k, v in st.stage_seconds.items():
                 if k in ("draft", "verify", "commit"):
                     r["stages"][k] = r["stages"].get(k, 0.0) + v
             r["stage_seconds_total"] += st.decode_seconds
             bar.update()
         if hf_model is not None:
-            for name, kw in [("hf-greedy", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10})]:
+            for name, kw in HF_PEERS:
                 secs, toks = _hf_time(hf_model, ids, max_new_tokens, target.device, **kw)
                 agree &= toks == ref
                 h = hf_rows.setdefault(name, {"tokens": 0, "seconds": 0.0})
@@ -152,6 +163,8 @@ def run_bench(
         "min_common_prefix_with_ar": min(same_prefix) if same_prefix else None,
         "backend": dec.backend,
         "decoder": type(dec).__name__,
+        "compile": getattr(dec, "compile", False),
+        "compile_seconds": dict(getattr(dec, "compile_seconds", {})),
         "max_new_tokens": max_new_tokens,
         "num_prompts": len(prompts),
     }

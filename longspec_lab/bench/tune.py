@@ -15,6 +15,8 @@ Method (a model-guided exhaustive search, then measurement):
    expected accepted length / predicted step time, exhaustively.
 4. Validate. Run the top candidates and the default [4, 16, 16, 16, 16] for real and rank them by
    measured tokens per second.
+
+Taught in: notebooks/02_tree_shapes.ipynb (and the tuner results in notebooks/07_timing_real_gpu_runs.ipynb).
 """
 
 from __future__ import annotations
@@ -126,9 +128,9 @@ def tune(
     if fast is None:
         fast = target.device.type == "cuda"
     if fast:
-        from longspec_lab.decoding.graphs import FastDecoder
+        from longspec_lab.decoding.graphs import GraphDecoder
 
-        timer_dec = FastDecoder(target, draft)
+        timer_dec = GraphDecoder(target, draft)
     else:
         timer_dec = eager
     bar = tqdm(total=len(prompts) + len(calibration) + top + 1, disable=not progress, desc="tune")

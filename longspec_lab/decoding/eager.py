@@ -1,36 +1,41 @@
-"""The generation loops: autoregressive, chain and tree speculative decoding (greedy).
+"""The eager loop: autoregressive, chain and tree speculative decoding, greedy or sampled.
 
-Every loop is the same pipeline of short stages (LongSpec, arXiv 2502.17421; shared/LONGSPEC.md §1):
+Every loop is the same pipeline of stages (LongSpec, arXiv 2502.17421; docs/LONGSPEC.md section 1):
 
-    prefill -> [ draft (beam tree) -> verify (one target pass) -> accept -> commit ] * steps
+    prefill -> [ draft (tree) -> verify (one target pass) -> accept -> commit ] * steps
 
-State between steps: the target's cache holds every committed token except the newest one, the
-*root*: the target's own last prediction. The draft's ring buffer lags further behind: it still has
-to ingest the tokens emitted last step (`draft_pending`). A chain of gamma is the tree of widths
-[1] * gamma, so chain and tree share one code path. This module holds no maths of its own: the tree
-comes from `tree.py`, acceptance from `verify.py`, attention from `attention.py`.
+`SpecDecoder` runs the stage functions of `decoding.steps` one after another and reads the step's
+outcome back to the host after each step (to cut at max_new_tokens or EOS, and to record a trace).
+It holds no maths of its own: the stages come from `steps`, the tree from `spec.draft`, acceptance
+from `spec.verify`, the commit from `spec.commit`. A chain of gamma is the tree [1] * gamma, so chain
+and tree share one code path. `graphs.GraphDecoder` captures the same stage functions.
 
-Sampling (temperature > 0, `verify=`; shared/LONGSPEC.md §4): the target's tokens come from
-`sampling.probs_from_logits` (temperature, top-k, top-p as transformers applies them) with an explicit
+Sampling (temperature > 0, `verify=`; docs/LONGSPEC.md section 4): the target's tokens come from
+`ops.sampling.probs_from_logits` (temperature, top-k, top-p as transformers applies them) with an explicit
 seeded torch.Generator. Drafting depends on the rule: "target-sample" verifies the usual beam tree,
-"rrs" / "chain" a tree / chain SAMPLED from the draft (`sample_tree.py`, q recorded per node), and the
-biased counter-example "naive-topk" the beam tree with q recorded. "greedy" at temperature > 0 is an error.
+"rrs" / "chain" a tree / chain SAMPLED from the draft (q recorded per node), and the biased
+counter-example "naive-topk" the beam tree with q recorded. "greedy" at temperature > 0 is an error.
+The `transformers` spellings work too: `do_sample=True` picks "target-sample" (ar) or "rrs" (tree) /
+"chain" (chain) unless `verify` is given.
+
+Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb and notebooks/03_one_step_slowly.ipynb.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 
 import torch
 
+from longspec_lab.decoding import steps
 from longspec_lab.decoding.timing import StageTimer
 from longspec_lab.ops.attention import check_backend, default_backend
 from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
-from longspec_lab.spec.draft import grow_beam_tree, grow_beam_tree_q, grow_sampled_tree
 from longspec_lab.spec.trace import GenerationResult, StepRecord
-from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape
-from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, accept_greedy, acceptance_counts
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape, check_tree_limits
+from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, acceptance_stats, split_stats
 
 METHODS = ("ar", "chain", "tree")
 
@@ -62,28 +67,73 @@ def check_verify(method: str, verify: str, params: SamplingParams, shape) -> Non
         )
 
 
-def _as_prompt(prompt_ids, device) -> torch.Tensor:
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+def check_prompt(prompt_ids, vocab_size: int, device) -> torch.Tensor:
+    """A prompt as a 1-D long tensor on `device`, or a ValueError naming what is wrong and the fix:
+    token ids must be integers (a list, or an integer tensor of shape [T] or [1, T]) in [0, vocab)."""
+    fix = "pass token ids, e.g. tokenizer.encode(text) or a LongTensor of shape [T]"
+    if prompt_ids is None or isinstance(prompt_ids, (str, bytes)):
+        raise ValueError(f"the prompt must be token ids, got {type(prompt_ids).__name__}; {fix}")
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+            raise ValueError(f"the prompt tensor has dtype {prompt_ids.dtype}, not integer token ids; {fix}")
+        ids = prompt_ids.detach().to("cpu", torch.long)
+    else:
+        try:
+            items = list(prompt_ids)
+        except TypeError:
+            raise ValueError(f"the prompt must be a sequence of token ids, got {type(prompt_ids).__name__}; {fix}")
+        flat = [x for row in items for x in row] if items and isinstance(items[0], (list, tuple)) else items
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in flat):
+            bad = next(x for x in flat if isinstance(x, bool) or not isinstance(x, numbers.Integral))
+            raise ValueError(f"the prompt holds {bad!r} ({type(bad).__name__}), not an integer token id; {fix}")
+        try:
+            ids = torch.tensor(items, dtype=torch.long)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+            raise ValueError(f"the prompt is not a rectangular list of token ids ({e}); {fix}") from None
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1:
         raise ValueError(f"prompt_ids must be a 1-D list of token ids (batch 1), got shape {tuple(ids.shape)}")
     if ids.numel() == 0:
         raise ValueError("the prompt is empty; give at least one token (e.g. the BOS token or some text)")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"prompt token {int(ids[i])} at position {i} is outside the vocabulary [0, {vocab_size}); "
+            "encode the text with this model's tokenizer"
+        )
     return ids.to(device)
 
 
-class SpecDecoder:
-    """Greedy decoding of one sequence with a target, and optionally a GliDe draft.
+def resolve_sampling(method, verify, do_sample, temperature):
+    """The verification rule from `verify` and the transformers spelling `do_sample`."""
+    if do_sample is None:
+        return verify or "greedy"
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample={do_sample!r} must be True or False")
+    if not do_sample:
+        if verify not in (None, "greedy"):
+            raise ValueError(f"do_sample=False conflicts with verify={verify!r}; drop one of them")
+        if temperature:
+            raise ValueError(f"do_sample=False conflicts with temperature={temperature}; drop one of them")
+        return "greedy"
+    if verify == "greedy":
+        raise ValueError("do_sample=True conflicts with verify='greedy'; drop one of them")
+    return verify or {"ar": "target-sample", "chain": "chain", "tree": "rrs"}.get(method, "rrs")
 
-    `generate` validates everything before it touches a cache, and rebuilds its caches on each call,
+
+class SpecDecoder:
+    """Decoding of one sequence with a target, and optionally a GliDe draft (the readable eager loop).
+
+    `generate` validates everything before it touches a buffer, and builds its buffers on each call,
     so a call that raised leaves the decoder usable."""
 
     def __init__(
         self, target, draft=None, backend: str | None = None, tokenizer=None, max_cache_len: int | None = None
     ):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
-        self.backend = check_backend(backend or default_backend(target.device))
+        self.backend = check_backend(backend or default_backend(target.device), target.device)
         self.max_cache_len = max_cache_len  # None: sized per call from the prompt and the tree
 
     # ------------------------------------------------------------------ checks
@@ -95,13 +145,22 @@ class SpecDecoder:
             raise ValueError(f"method={method!r} needs a draft model; load one (e.g. load_draft) or use method='ar'")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        context = cfg.context_length
         total = prompt.numel() + max_new_tokens
-        if total > cfg.max_position_embeddings:
+        if total > context:
             raise ValueError(
                 f"prompt ({prompt.numel()} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"model's context of {cfg.max_position_embeddings}; shorten the prompt or ask for fewer tokens"
+                f"model's context of {context}; shorten the prompt or ask for fewer tokens"
             )
-        reserve = shape.num_nodes if shape is not None else 1
+        reserve = shape.num_nodes + shape.depth + 1 if shape is not None else 1
+        if shape is not None:
+            check_tree_limits(shape)
+            shape.check_fits(cfg.vocab_size)
+            if shape.num_nodes >= context:
+                raise ValueError(
+                    f"tree_shape {list(shape.widths)} has {shape.num_nodes} nodes but the model's context is "
+                    f"{context}; use a tree of far fewer nodes, e.g. {list(DEFAULT_TREE_SHAPE.widths)}"
+                )
         need = total + reserve  # a full tree always fits after the last committed token
         if self.max_cache_len is not None and need > self.max_cache_len:
             raise ValueError(
@@ -109,85 +168,28 @@ class SpecDecoder:
                 f"{max_new_tokens} new + {reserve} for the tree); use a smaller tree_shape, fewer tokens, or a "
                 "larger max_cache_len"
             )
-        if shape is not None:
-            shape.check_fits(cfg.vocab_size)
         return self.max_cache_len or need
 
-    # ------------------------------------------------------------------ stages
-    def _prefill(self, prompt, cache_len, timer, pick=None):
-        t = self.target
-        with timer.stage("prefill"):
-            tcache = t.new_cache(cache_len)
-            logits = t(prompt[None], cache=tcache, start=0, backend=self.backend, last_only=True)
-            tcache.length = prompt.numel()
-            dcache = None
-            if self.draft is not None:
-                dcache = self.draft.new_cache(batch=1, max_tree_nodes=self._max_nodes)
-                self.draft.ingest(prompt[None], dcache, tcache, backend=self.backend, logits=False)
-        return tcache, dcache, (pick(logits[0, -1]) if pick else int(logits[0, -1].argmax()))
-
-    def _draft_tree(self, root, draft_pending, shape, tcache, dcache, grow=None):
-        d = self.draft
-        dev = self.target.device
-        P = tcache.length
-        logits = d.ingest(torch.tensor([draft_pending], device=dev), dcache, tcache, backend=self.backend)
-        root_lp = torch.log_softmax(logits[0, -1:].float(), dim=-1)  # [1, V]
-
-        def level_logprobs(partial: DraftTree, node_ids: torch.Tensor) -> torch.Tensor:
-            if node_ids.numel() == 1 and int(node_ids[0]) == 0:
-                return root_lp
-            mask = partial.mask[node_ids][:, 1:]  # [n, N-1] ancestors; scratch slots hold nodes 1..N-1
-            lg = d.tree_forward(
-                partial.tokens[node_ids][None],
-                node_ids - 1,
-                P + partial.depths[node_ids],
-                mask,
-                dcache,
-                tcache,
-                backend=self.backend,
-            )
-            return torch.log_softmax(lg[0].float(), dim=-1)
-
-        return (grow or grow_beam_tree)(root, shape, level_logprobs, device=dev)
-
-    def _verify(self, tree: DraftTree, tcache) -> torch.Tensor:
-        P = tcache.length
-        logits = self.target(
-            tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P, mask=tree.mask, backend=self.backend
-        )
-        return logits[0].argmax(-1)  # [N] the target's next token after each node's path
-
-    def _target_probs(self, tree: DraftTree, tcache, params: SamplingParams) -> torch.Tensor:
-        P = tcache.length
-        logits = self.target(
-            tree.tokens[None], positions=tree.positions(P), cache=tcache, start=P, mask=tree.mask, backend=self.backend
-        )
-        return probs_from_logits(logits[0], params)  # [N, V] the target's sampling distribution per node
-
     def _sampler(self, verify, params, seed, generator):
-        """(drafting function or None for the beam tree, the generator, its seed)."""
+        """(the level rule of the draft tree, the generator, its seed)."""
         dev = self.target.device
         if generator is None:
             if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still fixes a run
                 seed = int(torch.randint(0, 2**62, (1,)))
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63)")
             generator = make_generator(seed, dev)
         elif torch.device(generator.device).type != torch.device(dev).type:
             raise ValueError(
                 f"generator is on {generator.device} but the target is on {dev}; create it with "
                 f"make_generator(seed, device='{dev}')"
             )
-        grow = None
+        grow = steps.beam_rule
         if verify in ("rrs", "chain"):
-            grow = functools.partial(grow_sampled_tree, params=params, generator=generator)
+            grow = functools.partial(steps.sampled_rule, params=params, generator=generator)
         elif verify == "naive-topk":
-            grow = functools.partial(grow_beam_tree_q, params=params)
+            grow = functools.partial(steps.beam_rule, params=params)
         return grow, generator, seed
-
-    @staticmethod
-    def _commit(tcache, path: torch.Tensor) -> None:
-        # accepted nodes sit at slots P + node_id; move them (root first) to P, P+1, ...
-        P = tcache.length
-        tcache.commit(P + path, P)
 
     def _cut(self, emitted: list[int], room: int):
         """Respect max_new_tokens exactly and stop after the first EOS."""
@@ -201,7 +203,7 @@ class SpecDecoder:
     def _text(self, tokens):
         return self.tokenizer.decode(tokens) if self.tokenizer is not None else None
 
-    # ------------------------------------------------------------------ loops
+    # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def generate(
         self,
@@ -212,97 +214,105 @@ class SpecDecoder:
         gamma: int = 4,
         trace: bool = False,
         stop_at_eos: bool = True,
-        verify: str = "greedy",
+        verify: str | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        do_sample: bool | None = None,
     ) -> GenerationResult:
-        """verify: "greedy" (temperature 0) or a sampling rule of verify.VERIFY_RULES; temperature /
-        top_k / top_p as transformers' warpers; seed or generator (on the target's device) fix the run."""
+        """Generate up to max_new_tokens after prompt_ids (token ids, batch 1).
+
+        method "ar" | "chain" (gamma draft tokens) | "tree" (tree_shape, e.g. [4, 16, 16, 16, 16]);
+        verify "greedy" (temperature 0) or a sampling rule of spec.verify.VERIFY_RULES; temperature /
+        top_k / top_p / do_sample as in transformers' generate; seed or generator (on the target's
+        device) fix a sampled run; trace=True records every step (tree, mask, accepted path)."""
         dev = self.target.device
-        prompt = _as_prompt(prompt_ids, dev)
+        prompt = check_prompt(prompt_ids, self.target.config.vocab_size, dev)
         shape = None
         if method == "tree":
             shape = TreeShape.of(tree_shape)
         elif method == "chain":
+            if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+                raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (draft tokens per step)")
             shape = TreeShape.chain(gamma)
+        verify = resolve_sampling(method, verify, do_sample, temperature)
         params = SamplingParams(temperature, top_k, top_p)
         check_verify(method, verify, params, shape or TreeShape.root_only())
         cache_len = self._plan(prompt, method, max_new_tokens, shape)
         grow, gen, seed = self._sampler(verify, params, seed, generator)
         sampling = verify != "greedy"
-        pick = (lambda lg: int(sample_categorical(probs_from_logits(lg, params), gen))) if sampling else None
-        self._max_nodes = shape.num_draft_nodes if shape is not None else 1
+        pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampling else None
+        drafting = "sampled" if verify in ("rrs", "chain") else "beam"
+        st = steps.DecodeState(self.target, self.draft, shape, cache_len, self.backend, verify != "greedy", drafting)
         timer = StageTimer(dev)
         t0 = time.perf_counter()
-        tcache, dcache, root = self._prefill(prompt, cache_len, timer, pick)
-        out, _ = self._cut([root], max_new_tokens)
+        with timer.stage("prefill"):
+            logits = steps.prefill(st, prompt, first=None)
+            if pick is not None:  # the first token is sampled too
+                first = pick(logits)
+                st.root.copy_(first)
+                st.out[:1].copy_(first)
+                if shape is not None:
+                    st.pend[:1].copy_(first)
+        out, _ = self._cut(st.out[:1].tolist(), max_new_tokens)
         stopped = stop_at_eos and out[-1] in self.target.config.eos_ids
         res = GenerationResult(
-            method,
-            out,
-            1,
-            [],
-            {},
-            0.0,
+            method, out, 1, [], {}, 0.0,
             tree_shape=list(shape.widths) if method == "tree" else None,
             gamma=gamma if method == "chain" else None,
-            verify=verify,
-            seed=seed if sampling else None,
-            **params.as_dict(),
-        )
-        draft_pending = [root]
+            verify=verify, seed=seed if sampling else None, **params.as_dict(),
+        )  # fmt: skip
         while len(out) < max_new_tokens and not stopped:
-            room = max_new_tokens - len(out)
+            prefix_len = int(st.P)
             if method == "ar":
                 with timer.stage("verify"):
-                    P = tcache.length
-                    logits = self.target(
-                        torch.tensor([[root]], device=dev), cache=tcache, start=P, backend=self.backend
-                    )
-                    tcache.length = P + 1
-                    new = [pick(logits[0, -1]) if pick else int(logits[0, -1].argmax())]
-                res.target_calls += 1
+                    steps.ar_step(st, pick)
             else:
                 with timer.stage("draft"):
-                    tree = self._draft_tree(root, draft_pending, shape, tcache, dcache, grow)
-                    tree, q = tree if isinstance(tree, tuple) else (tree, None)  # q: sampled / naive-topk
-                res.draft_calls += shape.depth
+                    steps.draft_root(st, grow)
+                    for l in range(2, st.D + 1):
+                        steps.draft_next(st, l, grow)
+                res.draft_calls += st.D
                 with timer.stage("verify"):
                     if sampling:
-                        p = self._target_probs(tree, tcache, params)
-                        result = VERIFY_RULES[verify](tree, p, q, gen)
-                        preds = p.argmax(-1)  # the target's likeliest token per node (for traces)
+                        result, tree, preds = self._sample_step(st, verify, params, gen)
                     else:
-                        preds = self._verify(tree, tcache)
-                        result = accept_greedy(tree, preds)
-                res.target_calls += 1
-                res.add_acceptance(acceptance_counts(tree, result))
-                new = result.emitted.tolist()
-            new, hit_eos = self._cut(new, room)
-            if method != "ar":
-                with timer.stage("commit"):  # keep only what is emitted: root + accepted nodes before a cut
-                    self._commit(tcache, result.path[: len(new)])
+                        steps.verify(st)
+                with timer.stage("commit"):
+                    steps.commit(st)
+            res.target_calls += 1
+            n, *emitted = torch.cat([st.n_acc, st.emitted]).tolist()  # the one host sync per step
+            new, hit_eos = self._cut(emitted[:n], max_new_tokens - len(out))
             stopped = stop_at_eos and hit_eos
             out.extend(new)
             res.accepted_lengths.append(len(new))
-            root = new[-1]
-            draft_pending = new
             if trace and method != "ar":
+                if not sampling:
+                    tree, preds, result = steps.step_outcome(st)
                 res.trace.append(
-                    StepRecord(
-                        len(res.trace),
-                        tcache.length - len(new),
-                        tree.to("cpu"),
-                        preds.cpu(),
-                        result,
-                        new,
-                        self._text(out),
-                    )
+                    StepRecord(len(res.trace), prefix_len, tree.to("cpu"), preds.cpu(), result, new, self._text(out))
                 )
+        if shape is not None:
+            res.add_acceptance(split_stats(st.stats.tolist(), st.D, st.R))
         res.new_tokens, res.stopped_at_eos = out, stopped
         res.stage_seconds = timer.as_dict()
         res.wall_seconds = time.perf_counter() - t0
         return res
+
+    @staticmethod
+    def _sample_step(st, verify, params, gen):
+        """A sampling rule's walk on the verified tree (host control flow), written back into the state."""
+        p = probs_from_logits(steps.verify_forward(st), params)  # [N, V] the target's distribution per node
+        tree = st.tree.tree()
+        result = VERIFY_RULES[verify](tree, p, None, gen)
+        n = result.accept_length
+        pad = st.D + 1 - n
+        st.path.copy_(torch.cat([result.path, result.path[-1:].expand(pad)]))
+        st.emitted.copy_(torch.cat([result.emitted, result.emitted[-1:].expand(pad)]))
+        st.n_acc.fill_(n)
+        buf = st.tree
+        n_t = st.n_acc
+        st.stats.add_(acceptance_stats(buf.parents, buf.depths, st.path, n_t, result.tried, st.D, st.R))
+        return result, tree, p.argmax(-1)

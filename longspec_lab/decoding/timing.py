@@ -1,4 +1,7 @@
-"""Wall-clock timing with the device synchronised, per named stage."""
+"""Wall-clock timing with the device synchronised, per named stage.
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one-layer GliDe-style draft model with a constant-size cache (LongSpec, arXiv 2502.17421).
 
-Idea (GliDe, arXiv 2402.02082; LongSpec §2 of shared/LONGSPEC.md): a draft that must run many times
+Idea (GliDe, arXiv 2402.02082; LongSpec, docs/LONGSPEC.md section 2): a draft that must run many times
 per step over a long context has to be tiny, yet it should know the whole context. So it has ONE
 decoder layer and borrows everything else from the target:
 
@@ -16,12 +16,16 @@ just rotates its queries at theirs. (The reference checkpoints also carry `cross
 they are never used, and `load_draft` skips them with a warning.)
 
 Constant memory: the self-attention only looks back W positions (position p sees positions > p - W),
-so its cache is a ring buffer of W slots (slot = position % W) plus a small scratch area for the
-current step's tree nodes. Its size does not depend on the context length; only the target's cache
-grows. Three entry points share one layer body:
-  * `ingest`       committed tokens (prefill, then the tokens accepted last step); writes the ring
-  * `tree_forward` one tree level against ring + scratch under the tree mask; ring untouched
+so its cache is a ring of W + (pending block) slots plus a small scratch area for the current step's
+tree nodes (`DraftRing`). Its size does not depend on the context length; only the target's cache
+grows. All shapes are static and the ring's bookkeeping lives on the device, so the same methods run
+eagerly, compiled and inside CUDA graphs. Four entry points share one layer body (`layer`):
+  * `prefill`       the prompt: only the ring's keys and values (no logits)
+  * `ingest`        the tokens accepted last step (a padded block); writes the ring
+  * `tree_level`    one tree level against ring + scratch under the tree mask; ring untouched
   * `forward_train` a whole sequence with the target's K/V given, for training
+
+Taught in: notebooks/05_the_glide_draft.ipynb.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
-from longspec_lab.ops.attention import attend
+from longspec_lab.ops.attention import masked_sdpa, prefix_attention
 
 
 @dataclass
@@ -98,68 +102,45 @@ def check_fits(dcfg: DraftConfig, tcfg: ModelConfig) -> None:
         )
 
 
-class DraftCache:
-    """Ring buffer k, v [B, Hkv, W, D] (slot = position % W) + tree scratch [B, Hkv, N, D]."""
+class DraftRing:
+    """The draft's constant-size self-attention cache, with static shapes.
 
-    def __init__(self, batch, num_kv_heads, window, head_dim, max_tree_nodes, dtype, device):
-        self.k = torch.zeros(batch, num_kv_heads, window, head_dim, dtype=dtype, device=device)
+    k, v [1, Hkv, R + N - 1, D]: ring slots [0, R) hold the last positions (slot = position % R,
+    R = W + max_pending, so writing a padded block of pending tokens never clobbers an entry still
+    inside a query's window), then N - 1 scratch slots for the current step's tree nodes 1..N-1.
+    `pos` [R] remembers the position each ring slot holds (-1: empty) and `seen` [1] counts the
+    committed tokens ingested so far, both on the device."""
+
+    def __init__(self, num_kv_heads, window, head_dim, max_pending, max_tree_nodes, dtype, device):
+        self.window, self.R = window, window + max_pending
+        shape = (1, num_kv_heads, self.R + max(max_tree_nodes, 1) - 1, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [1, Hkv, R + N - 1, D]
         self.v = torch.zeros_like(self.k)
-        self.tree_k = torch.zeros(batch, num_kv_heads, max_tree_nodes, head_dim, dtype=dtype, device=device)
-        self.tree_v = torch.zeros_like(self.tree_k)
-        self.seen = 0  # committed tokens ingested so far
-
-    window = property(lambda self: self.k.shape[2])
-    max_tree_nodes = property(lambda self: self.tree_k.shape[2])
-    batch = property(lambda self: self.k.shape[0])
+        self.pos = torch.full((self.R,), -1, dtype=torch.long, device=device)  # [R]
+        self.seen = torch.zeros(1, dtype=torch.long, device=device)  # [1]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.tree_k, self.tree_v))
+        return 2 * self.k.numel() * self.k.element_size()
 
     def reset(self) -> None:
-        self.seen = 0
+        self.pos.fill_(-1)
+        self.seen.zero_()
 
-    def clone(self) -> "DraftCache":
-        c = object.__new__(DraftCache)
-        c.k, c.v, c.tree_k, c.tree_v = (t.clone() for t in (self.k, self.v, self.tree_k, self.tree_v))
-        c.seen = self.seen
-        return c
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The ring-buffer update: k, v [1, Hkv, T, D] of positions pos [T] into slots pos % R."""
+        slots = pos % self.R
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        self.pos.index_copy_(0, slots, pos)
 
-    def ring(self):
-        """The valid ring entries in position order: k, v [B, Hkv, R, D], R = min(seen, W)."""
-        W = self.window
-        R = min(self.seen, W)
-        idx = torch.arange(self.seen - R, self.seen, device=self.k.device) % W
-        return self.k.index_select(2, idx), self.v.index_select(2, idx)
-
-    def write(self, start: int, k, v) -> None:
-        """k, v [B, Hkv, T, D] of positions [start, start + T); only the last W matter."""
-        W, T = self.window, k.shape[2]
-        if T > W:
-            k, v, start, T = k[:, :, -W:], v[:, :, -W:], start + T - W, W
-        idx = torch.arange(start, start + T, device=self.k.device) % W
-        self.k.index_copy_(2, idx, k.to(self.k.dtype))
-        self.v.index_copy_(2, idx, v.to(self.v.dtype))
-
-
-def window_attend(q, ring_k, ring_v, extra_k, extra_v, extra_mask, depth, window, backend):
-    """Sliding-window attention over the ring plus `extra` keys (new tokens or tree scratch).
-
-    q [B, Hq, n, D]; ring_k/v [B, Hkv, R, D] in position order, the newest at position seen - 1;
-    extra_k/v [B, Hkv, m, D] visible under extra_mask [n, m]; depth [n]: query i sits at position
-    seen - 1 + depth[i], so it sees ring entry r (position seen - R + r) iff r >= R + depth[i] - W.
-    The ring tail [cut, R) is visible to every query (depth <= m) and becomes attend's all-visible
-    prefix; the older head [0, cut) joins the masked block.
-    """
-    R, m = ring_k.shape[2], extra_k.shape[2]
-    cut = max(0, min(R, R + m - window))
-    first = (R + depth - window).clamp_min(0)  # [n] first visible ring entry of each query
-    head_mask = torch.arange(cut, device=q.device)[None, :] >= first[:, None]  # [n, cut]
-    k = torch.cat([ring_k[:, :, cut:], ring_k[:, :, :cut], extra_k], dim=2)
-    v = torch.cat([ring_v[:, :, cut:], ring_v[:, :, :cut], extra_v], dim=2)
-    mask = torch.cat([head_mask, extra_mask.to(q.device)], dim=1)  # [n, cut + m]
-    # backend "triton" needs block_len == n; otherwise `attend` falls back to the torch path.
-    return attend(q, k, v, prefix_len=R - cut, block_mask=mask, backend=backend, block_len=cut + m)
+    def visible(self, qpos: torch.Tensor, committed_only: bool = False) -> torch.Tensor:
+        """bool [n, R]: the ring slots a query at position qpos [n] sees: filled, not after it, and
+        inside its window of W positions; tree nodes (committed_only) see only ingested tokens, never
+        the padding of a pending block written past `seen`."""
+        rp = self.pos[None]  # [1, R]
+        vis = (rp >= 0) & (rp <= qpos[:, None]) & (rp > qpos[:, None] - self.window)
+        return vis & (rp < self.seen) if committed_only else vis
 
 
 class CrossAttn(nn.Module):
@@ -212,125 +193,85 @@ class Glide(nn.Module):
     def device(self):
         return self.input_layernorm.weight.device
 
-    def new_cache(self, batch: int = 1, max_tree_nodes: int = 256) -> DraftCache:
+    def new_ring(self, max_pending: int = 1, max_tree_nodes: int = 1) -> DraftRing:
+        """A ring for blocks of up to `max_pending` pending tokens and trees of `max_tree_nodes` nodes."""
         d = self.config
-        return DraftCache(batch, d.num_kv_heads, d.window, d.head_dim, max_tree_nodes, self.dtype, self.device)
+        return DraftRing(d.num_kv_heads, d.window, d.head_dim, max_pending, max_tree_nodes, self.dtype, self.device)
 
     # ------------------------------------------------------------------ the one layer
-    def _layer(self, tokens, positions, self_fn, cross_fn):
-        """tokens [B, T], positions [B, T]; self_fn(q, k, v) and cross_fn(q) -> o [B, Hq, T, D]."""
+    def layer(self, tokens, positions, self_attn, cross_attn):
+        """tokens, positions [B, T]; self_attn(q, k, v) and cross_attn(q) -> o [B, Hq, T, D]. Returns logits
+        [B, T, V]. The three entry points below differ only in what the two attention callbacks see."""
         cos, sin = self.target.rotary(positions, self.dtype)  # [B, 1, T, D]
         h = self.target.model.embed_tokens(tokens).to(self.dtype)  # [B, T, hidden]
         a = self.self_attn
         x = self.input_layernorm(h)
-        q = apply_rope(a.split_q(x), cos, sin)  # [B, Hq, T, D]
-        k, v = a.split_kv(x)  # [B, Hkv, T, D]
-        h = h + a.merge(self_fn(q, apply_rope(k, cos, sin), v))
+        q, k, v = a.split_qkv(x)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
+        h = h + a.merge(self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
         q = apply_rope(self.cross_attn.split_q(self.post_self_attention_layernorm(h)), cos, sin)
-        h = h + self.cross_attn.merge(cross_fn(q))
+        h = h + self.cross_attn.merge(cross_attn(q))
         h = h + self.mlp(self.post_cross_attention_layernorm(h))
         head = self.target.lm_head
         return head(h.to(head.weight.dtype))  # [B, T, V]
 
-    def _cross_cache(self, target_cache, backend):
-        """Cross-attention over target slots [0, length) of the last layer, all visible."""
-        P = target_cache.length
-        tk, tv = target_cache.k[-1], target_cache.v[-1]  # [B, Hkv, S, D]
+    def _ring_kv(self, tokens, positions):
+        """Self-attention keys and values [1, Hkv, T, D]: in one layer they depend on token and position only."""
+        cos, sin = self.target.rotary(positions, self.dtype)
+        x = self.input_layernorm(self.target.model.embed_tokens(tokens).to(self.dtype))
+        k, v = self.self_attn.split_kv(x)
+        return apply_rope(k, cos, sin), v
 
-        def cross(q):
-            if P == 0:
-                return torch.zeros_like(q)
-            # block_len=0: "triton" does not fit this layout and `attend` uses the torch path
-            return attend(
-                q, tk.to(q.dtype), tv.to(q.dtype), prefix_len=P, block_mask=None, backend=backend, block_len=0
-            )
+    # ------------------------------------------------------------------ decoding (static shapes)
+    def prefill(self, tokens: torch.Tensor, ring: DraftRing) -> None:
+        """Ingest a prompt [T] without computing logits (nobody reads them): only the last W positions
+        can ever be seen again, so only their keys and values are computed and written."""
+        tokens = tokens.reshape(1, -1)
+        T, W = tokens.shape[1], self.config.window
+        keep = min(T, W)
+        pos = ring.seen + torch.arange(T - keep, T, device=tokens.device)  # [keep]
+        k, v = self._ring_kv(tokens[:, T - keep :], pos[None])
+        ring.write(pos, k, v)
+        ring.seen.add_(T)
 
-        return cross
+    def ingest(self, tokens, n_valid, ring: DraftRing, target_k, target_v, P, backend: str = "torch"):
+        """Committed tokens [T] (the first n_valid [1] real, the rest padding) at positions seen + 0..T-1
+        -> logits [T, V]. Writes the ring (padding lands past `seen`, invisible to real queries) and
+        cross-attends to the target's last-layer cache target_k/v [1, Hkv, S, D] over slots [0, P)."""
+        T = tokens.shape[-1]
+        pos = ring.seen + torch.arange(T, device=tokens.device)  # [T]
+        R = ring.R
 
-    def _check_batch(self, B, dcache, target_cache):
-        if dcache.batch != B or target_cache.k.shape[1] != B:
-            raise ValueError(
-                f"batch {B} does not match the draft cache ({dcache.batch}) / target cache "
-                f"({target_cache.k.shape[1]}); allocate both caches with batch={B}"
-            )
+        def self_attn(q, k, v):
+            ring.write(pos, k, v)
+            return masked_sdpa(q, ring.k[:, :, :R], ring.v[:, :, :R], ring.visible(pos))
 
-    # ------------------------------------------------------------------ decoding API
-    def ingest(self, tokens, dcache: DraftCache, target_cache, backend: str = "torch", logits: bool = True):
-        """Committed tokens [B, T] at positions seen + arange(T) -> logits [B, T, V]; writes the ring.
-        With logits=False (a prefill whose outputs nobody reads) only the ring is filled: in one layer
-        the self-attention keys and values depend on nothing but the token and its position."""
-        B, T = tokens.shape
-        self._check_batch(B, dcache, target_cache)
-        W = self.config.window
-        if not logits:
-            keep = min(T, W)  # only the last W positions can ever be seen again
-            pos = torch.arange(dcache.seen + T - keep, dcache.seen + T, device=tokens.device)[None].expand(B, keep)
-            cos, sin = self.target.rotary(pos, self.dtype)
-            x = self.input_layernorm(self.target.model.embed_tokens(tokens[:, T - keep :]).to(self.dtype))
-            k, v = self.self_attn.split_kv(x)  # [B, Hkv, keep, D]
-            dcache.write(dcache.seen + T - keep, apply_rope(k, cos, sin), v)
-            dcache.seen += T
-            return None
-        if T > W:  # long prefill: chunks of W keep the masks small; the result is the same
-            return torch.cat(
-                [self.ingest(tokens[:, i : i + W], dcache, target_cache, backend) for i in range(0, T, W)], dim=1
-            )
-        seen = dcache.seen
-        positions = torch.arange(seen, seen + T, device=tokens.device)[None].expand(B, T)
-        ring_k, ring_v = dcache.ring()  # a copy, so writing the ring below is safe
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # T <= W
-        depth = torch.arange(1, T + 1, device=tokens.device)
+        def cross_attn(q):
+            return prefix_attention(q, target_k, target_v, P, backend)
 
-        def self_fn(q, k, v):
-            o = window_attend(q, ring_k, ring_v, k, v, causal, depth, W, backend)
-            dcache.write(seen, k, v)
-            return o
-
-        logits = self._layer(tokens, positions, self_fn, self._cross_cache(target_cache, backend))
-        dcache.seen = seen + T
+        logits = self.layer(tokens.reshape(1, T), pos[None], self_attn, cross_attn)[0]
+        ring.seen.add_(n_valid)
         return logits
 
-    def tree_forward(self, tokens, slots, positions, mask, dcache: DraftCache, target_cache, backend: str = "torch"):
-        """One tree level: tokens [B, n] written to scratch `slots` [n]; each node attends to the
-        ring (committed tokens, sliding window) plus scratch [0, m) under mask [n, m] (its ancestors
-        and itself). A node's depth is its mask row count, so it sits at position seen - 1 + depth
-        for the window; `positions` only drive RoPE. Ring and `seen` are not changed."""
-        B, n = tokens.shape
-        self._check_batch(B, dcache, target_cache)
-        slots = torch.as_tensor(slots, device=tokens.device).long()
-        mask = torch.as_tensor(mask, device=tokens.device).bool()
-        m = mask.shape[1]
-        if mask.shape[0] != n or slots.numel() != n:
-            raise ValueError(
-                f"tree_forward got {n} tokens but mask {tuple(mask.shape)} and {slots.numel()} "
-                "slots; pass mask [n, m] and one scratch slot per node"
-            )
-        N = dcache.max_tree_nodes
-        if m > N or (n and int(slots.max()) >= N):
-            raise ValueError(
-                f"tree needs {max(m, int(slots.max()) + 1)} scratch slots but the draft cache "
-                f"holds max_tree_nodes={N}; allocate draft.new_cache(max_tree_nodes=...) larger"
-            )
-        positions = _expand_positions(positions, B, n, tokens.device)
-        ring_k, ring_v = dcache.ring()
-        depth = mask.sum(-1)  # [n]
+    def tree_level(
+        self, tokens, qpos, first_slot: int, anc_rows, ring: DraftRing, target_k, target_v, P, backend: str = "torch"
+    ):
+        """One tree level: tokens [n] at positions qpos [n] (= seen - 1 + depth), whose keys go to the
+        scratch slots first_slot .. first_slot + n - 1 (node i uses scratch slot i - 1). Each node sees
+        the committed ring entries in its window and, through anc_rows [n, N - 1], the scratch entries
+        of its ancestors and itself -> logits [n, V]. The ring and `seen` are not changed."""
+        n, R = tokens.shape[-1], ring.R
+        lo = R + first_slot
 
-        def self_fn(q, k, v):
-            dcache.tree_k[:, :, slots] = k.to(dcache.tree_k.dtype)
-            dcache.tree_v[:, :, slots] = v.to(dcache.tree_v.dtype)
-            return window_attend(
-                q,
-                ring_k,
-                ring_v,
-                dcache.tree_k[:, :, :m],
-                dcache.tree_v[:, :, :m],
-                mask,
-                depth,
-                self.config.window,
-                backend,
-            )
+        def self_attn(q, k, v):
+            ring.k[:, :, lo : lo + n] = k.to(ring.k.dtype)
+            ring.v[:, :, lo : lo + n] = v.to(ring.v.dtype)
+            vis = torch.cat([ring.visible(qpos, committed_only=True), anc_rows], 1)  # [n, R + N - 1]
+            return masked_sdpa(q, ring.k, ring.v, vis)
 
-        return self._layer(tokens, positions, self_fn, self._cross_cache(target_cache, backend))
+        def cross_attn(q):
+            return prefix_attention(q, target_k, target_v, P, backend)
+
+        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn)[0]
 
     # ------------------------------------------------------------------ training
     def forward_train(self, input_ids, positions, target_k, target_v, staleness: int = 0):
@@ -361,4 +302,4 @@ class Glide(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=cross_mask)
             return o * has[:, None].to(o.dtype)
 
-        return self._layer(input_ids, positions, self_fn, cross_fn)
+        return self.layer(input_ids, positions, self_fn, cross_fn)

@@ -4,7 +4,7 @@ A block of T new query rows (pending tokens + tree nodes) attends to
   * a prefix of P cached positions, all visible (no mask needed), and
   * the block's own T keys, under a boolean mask (causal, or the tree mask).
 Each part gives an output `o` and a log-sum-exp `lse`; they merge exactly (LongSpec,
-arXiv 2502.17421, §3 of shared/LONGSPEC.md):
+arXiv 2502.17421, docs/LONGSPEC.md section 3):
 
     w = sigmoid(lse_prefix - lse_block);   o = w * o_prefix + (1 - w) * o_block
 
@@ -12,6 +12,8 @@ Backends
   "torch"  : the split + merge above in plain PyTorch (the readable reference path)
   "sdpa"   : one `scaled_dot_product_attention` call with a dense [T, P+T] bool mask
   "triton" : `longspec_lab.kernels.tree_attention` (split-KV, GQA-shared tiles, one pass)
+
+Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb.
 """
 
 from __future__ import annotations
@@ -26,10 +28,27 @@ def default_backend(device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
-def check_backend(backend: str) -> str:
+def check_backend(backend: str, device=None) -> str:
+    """`backend` if it is known and can run on `device`, else a ValueError naming the fix."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and device is not None and torch.device(device).type != "cuda" and not _interpreting():
+        raise ValueError(
+            "attention_backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow CPU interpreter); "
+            "use 'torch' or 'sdpa' on this device"
+        )
     return backend
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    """The Triton kernel runs on CUDA, or on the CPU under the Triton interpreter (tests)."""
+    return backend == "triton" and (q.device.type == "cuda" or _interpreting())
 
 
 def _part(qg, k, v, mask, scale):
@@ -78,12 +97,38 @@ def _dense_mask(prefix_len, block_len, block_mask, T, device):
     return full
 
 
+def masked_sdpa(q, k, v, mask):
+    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible).
+    The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
+    mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+
+
+def prefix_attention(q, k, v, prefix_len: torch.Tensor, backend: str = "torch"):
+    """Attention of q [B, Hq, T, D] over the first prefix_len [1] (a device tensor, >= 1) of the S slots
+    of k, v [B, Hkv, S, D], all visible: the draft's cross-attention to the target's cache. With the
+    "triton" backend on CUDA this is the tree kernel's split-KV prefix with an empty tree block."""
+    T, S = q.shape[2], k.shape[2]
+    if _use_triton(backend, q) and q.shape[-1] in (64, 128):
+        from longspec_lab.kernels.tree_attention import tree_attention
+
+        # an all-False block mask hides the T slots after the prefix: only [0, prefix_len) is read
+        none = torch.zeros(T, T, dtype=torch.bool, device=q.device)
+        return tree_attention(q, k.to(q.dtype), v.to(q.dtype), prefix_len, none, max_prefix=S - T)
+    vis = (torch.arange(S, device=q.device) < prefix_len)[None]  # [1, S]
+    return masked_sdpa(q, k, v, vis)
+
+
 def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, block_len: int):
     """The same attention with the prefix length in a device tensor [1] and shapes that do not
-    depend on it (for CUDA graphs): keys are all S cache slots, hidden by a mask built on the device."""
+    depend on it (CUDA graphs, torch.compile): keys are all S cache slots, hidden by a mask built on
+    the device. The "triton" backend reads only [0, prefix_len + T) whatever S is."""
     B, Hq, T, D = q.shape
     S = k.shape[2]
-    if backend == "triton" and block_len == T and q.device.type == "cuda":
+    if _use_triton(backend, q) and block_len == T:
         from longspec_lab.kernels.tree_attention import tree_attention
 
         return tree_attention(q, k, v, prefix_len, block_mask, max_prefix=S - T)

@@ -1,6 +1,6 @@
 """Sampling from a model's logits: temperature, top-k and top-p, exactly as `transformers` applies them.
 
-Speculative *sampling* (LongSpec, arXiv 2502.17421, and shared/LONGSPEC.md §4) is lossless only with
+Speculative *sampling* (LongSpec, arXiv 2502.17421, and docs/LONGSPEC.md section 4) is lossless only with
 respect to one precise distribution: the one plain sampling would use. This module defines it, for
 the target and (with the same settings) for the draft:
 
@@ -20,6 +20,8 @@ run reproduces token for token. Two samplers:
   * `sample_categorical`  inverse-CDF sampling (one uniform per row; zero-probability tokens are never drawn)
   * `gumbel_topk`         k tokens without replacement, in sampling order (Gumbel-top-k trick:
                           the top-k of log p + Gumbel noise is an ordered sample without replacement)
+
+Taught in: notebooks/06_sampling_without_bias.ipynb.
 """
 
 from __future__ import annotations

@@ -1,27 +1,29 @@
-"""Sampled draft trees for lossless speculative sampling, recording the draft distribution q.
+"""Drafting a tree, one level at a time: the beam tree of LongSpec and the sampled tree of lossless sampling.
 
-Recursive rejection sampling (verify.py, rule "rrs"; shared/LONGSPEC.md §4) is lossless only if the
-children of every node are an ordered sample WITHOUT replacement from the draft's q at that node, and
-their NUMBER does not depend on which tokens were drawn. A beam tree breaks both: its siblings are the
-deterministic top-k, and a level's global top-w decides how many children each parent gets by
-comparing the children's own scores. So a sampled tree is grown differently:
+LongSpec (arXiv 2502.17421, docs/LONGSPEC.md section 1) drafts a *beam tree*: for level l the draft
+scores every (node of level l-1, token) pair by `score(parent) + log q(token | path)` and keeps the
+global top `w_l` pairs; there is no re-ranking across levels. Ties are broken by the lower flat index
+`parent_rank * V + token`, so a level is a pure function of its inputs.
 
-  1. Allocation, fixed by the shape alone. Level l has width w_l and n = w_{l-1} parents, ranked by
-     their node order (level 1 = the root alone). Child slot j = 0..w_l-1 goes to parent j mod n
-     (round robin), so parent r gets floor(w_l / n) children, plus one if r < w_l mod n: earlier
-     ranks (the parents drawn first, typically the likelier ones) get the spare slots. The counts,
-     hence `parents`, the mask and the positions, are decided before any child is drawn and are the
-     same for every step: shape [4, 16, 16] gives 4 children to the root, 4 to each level-1 node,
-     1 to each level-2 node.
-  2. Draw, per parent, its c children by Gumbel-top-c from q(. | path) (sampling.gumbel_topk), in
-     sampling order; a level is numbered by parent, then by draw order. If q has fewer than c tokens
-     with mass (top-k/top-p filtering), the extra children are zero-mass padding the verifier skips.
+Lossless *sampling* with recursive rejection (docs/LONGSPEC.md section 4) needs a different tree: the
+children of a node must be an ordered sample WITHOUT replacement from q at that node, and their number
+must not depend on what was drawn. So a *sampled tree* gives parent rank r of level l-1 a fixed share
+of the w_l slots (round robin, earlier ranks get the remainder: `allocate_children`) and draws each
+parent's children by Gumbel-top-c (`ops.sampling.gumbel_topk`). The parents, the mask and the
+positions then depend on the shape alone. The chain of chain speculative sampling is the shape [1]*gamma.
 
-Each expanded node's q row is kept ([N, V], leaves 0) for the verifier. q is the draft's softmax after
-the SAME temperature/top-k/top-p processing as the target (sampling.probs_from_logits). The chain of
-chain speculative sampling is the shape [1] * gamma. `grow_beam_tree_q` wraps tree.grow_beam_tree to
-record q as well (for the biased "naive-topk" counter-example). arXiv 2502.17421 describes the beam
-tree; the sampled tree follows SpecInfer / Sequoia / "Recursive Speculative Decoding".
+Everything here works on static buffers (`TreeBuffers`, one slot per node of the shape), so the same
+functions run eagerly, under `torch.compile` and inside a CUDA graph:
+
+    TreeBuffers.start(root)          node 0 = the root
+    grow_beam_level(buf, l, logp)    level l from the draft's log-probs at level l-1      [n, V]
+    grow_sampled_level(buf, l, q, g) level l drawn from the draft's distribution at l-1   [n, V]
+
+The draft *model* enters only through those [n, V] rows; `decoding/steps.py` runs the model. The
+teaching growers (`grow_beam_tree`, `grow_sampled_tree`) take a callback instead of a model and call
+the same level functions, so there is one definition of each rule.
+
+Taught in: notebooks/02_tree_shapes.ipynb (beam growth) and notebooks/06_sampling_without_bias.ipynb.
 """
 
 from __future__ import annotations
@@ -33,13 +35,29 @@ import torch
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
 from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
+# ----------------------------------------------------------------------------- one beam level
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 keys with the same order (IEEE bits, negative magnitudes flipped)."""
+    b = x.contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def _may_sync(x: torch.Tensor) -> bool:
+    """Whether a check may read a value back to the host: not while compiling or capturing a graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
 
 def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
-    """Global top-`width` (node, token) pairs by parent_score + logprob.
+    """Global top-`width` (parent, token) pairs by parent_score + logprob.
 
-    parent_scores [n], logprobs [n, V] -> (parent_local_idx [w], tokens [w], scores [w]) in descending
-    score; equal scores are ordered by lower flat index n_i * V + token (deterministic).
-    """
+    parent_scores [n], logprobs [n, V] -> (parent_rank [w], tokens [w], scores [w]), in descending
+    score; equal scores are ordered by the lower flat index n_i * V + token. Static shapes, no host
+    sync: in float32 one top-k over int64 keys (score bits, then the reversed index) gives that
+    order without a sort; other dtypes use a stable sort, which gives the same order."""
     n, V = logprobs.shape
     if parent_scores.shape != (n,):
         raise ValueError(
@@ -52,61 +70,91 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
         )
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     flat = (parent_scores.to(dtype)[:, None] + logprobs.to(dtype)).flatten()  # [n * V]
-    top = torch.topk(flat, width).values  # [w], sorted desc
-    if bool(torch.isnan(top).any()):
+    if _may_sync(flat) and bool(torch.isnan(flat).any()):
         raise ValueError(
             "draft log-probs contain NaN; check the draft logits (overflow in fp16?) and use log_softmax in float32"
         )
-    thr = top[-1]
-    above = (flat > thr).nonzero().flatten()  # all of these are kept
-    tied = (flat == thr).nonzero().flatten()[: width - above.numel()]  # lowest indices first
-    idx = torch.cat([above, tied]).sort().values  # flat index ascending
-    order = torch.sort(flat[idx], descending=True, stable=True).indices  # stable: ties by index
-    idx = idx[order]
+    if dtype == torch.float32:
+        rev = (n * V - 1) - torch.arange(n * V, device=flat.device)  # lower index -> larger key
+        idx = torch.topk((_order_key(flat) << 32) + rev, width).indices  # [w], distinct keys
+    else:
+        idx = torch.sort(flat, descending=True, stable=True).indices[:width]
     return idx // V, idx % V, flat[idx]
 
 
-LevelLogprobs = Callable[[DraftTree, torch.Tensor], torch.Tensor]
+# ----------------------------------------------------------------------------- static tree buffers
 
 
-def grow_beam_tree(root_token: int, shape, level_logprobs: LevelLogprobs, device=None) -> DraftTree:
-    """Grow a beam tree (LONGSPEC.md section 1, steps 1-2).
+class TreeBuffers:
+    """One tree of a fixed shape in preallocated device tensors (node 0 = root, then level by level).
 
-    `level_logprobs(partial_tree, node_ids) -> [len(node_ids), V]` returns the draft's log-probs
-    for the next token after each listed node's path; it is called once per level, with the root
-    (tensor([0])) for level 1 and with all nodes of level l-1 for level l. `partial_tree` holds the
-    nodes built so far, so its mask and positions are valid for a draft forward over them.
-    """
-    shape = TreeShape.of(shape)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    tree = DraftTree(
-        torch.tensor([int(root_token)], device=device),
-        torch.tensor([-1], device=device),
-        torch.tensor([0], device=device),
-        torch.zeros(1, device=device),
-        TreeShape.root_only(),
-    )
-    off = shape.level_offsets
-    for l, w in enumerate(shape.widths, start=1):
-        node_ids = torch.arange(off[l - 1], off[l], device=device)  # level l-1
-        lp = level_logprobs(tree, node_ids)  # [n, V]
-        if lp.dim() != 2 or lp.shape[0] != node_ids.numel():
-            raise ValueError(
-                f"level_logprobs must return [{node_ids.numel()}, V] for level {l}, got "
-                f"{tuple(lp.shape)}; return one row of log-probs per requested node"
-            )
-        if w > node_ids.numel() * lp.shape[1]:
-            shape.check_fits(lp.shape[1])  # raises, naming the level
-        pidx, tok, sc = beam_level(tree.scores[node_ids], lp, w)
-        scores = torch.cat([tree.scores.to(sc.dtype), sc])
-        tree = DraftTree(
-            torch.cat([tree.tokens, tok.to(tree.tokens.dtype)]),
-            torch.cat([tree.parents, node_ids[pidx]]),
-            torch.cat([tree.depths, torch.full((w,), l, device=device)]),
-            scores,
-            TreeShape(shape.widths[:l]),
+    tokens, parents [N] long; scores [N] float32 (or score_dtype; cumulative log q); anc [N, N] bool, the tree mask
+    built as levels are added (row i: node i and its ancestors); depths [N] (constant); q [N, V] the
+    draft distribution at each expanded node (only with `vocab_size`, for the sampling rules)."""
+
+    def __init__(self, shape, device, vocab_size: int | None = None, score_dtype=torch.float32):
+        shape = TreeShape.of(shape)
+        off = shape.level_offsets
+        N, dev = shape.num_nodes, torch.device(device)
+        self.shape, self.N, self.D = shape, N, shape.depth
+        self.levels = [(off[l], off[l + 1]) for l in range(shape.depth + 1)]  # node range of each level
+        self.tokens = torch.zeros(N, dtype=torch.long, device=dev)
+        self.parents = torch.full((N,), -1, dtype=torch.long, device=dev)
+        self.scores = torch.zeros(N, dtype=score_dtype, device=dev)
+        self.anc = torch.zeros(N, N, dtype=torch.bool, device=dev)
+        self.depths = torch.cat(
+            [torch.full((hi - lo,), l, dtype=torch.long) for l, (lo, hi) in enumerate(self.levels)]
+        ).to(dev)
+        self.q = None if vocab_size is None else torch.zeros(N, vocab_size, dtype=score_dtype, device=dev)
+        self._eye = torch.eye(max(shape.widths, default=1), dtype=torch.bool, device=dev)
+        self.drafting = "beam"  # how the levels are grown: "beam" or "sampled"
+
+    def start(self, root: torch.Tensor) -> None:
+        """A tree holding only its root; root [1] long (device)."""
+        self.tokens[:1].copy_(root)
+        self.parents[:1].fill_(-1)  # fill_ on a slice: no host-to-device copy inside a graph
+        self.scores[:1].fill_(0.0)
+        self.anc.zero_()
+        self.anc[0, :1].fill_(True)
+        if self.q is not None:
+            self.q.zero_()
+
+    def add_level(self, l: int, parent_ids: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> None:
+        """Write level l: parent_ids, tokens, scores [w]; its mask rows are the parents' rows plus itself."""
+        lo, hi = self.levels[l]
+        self.tokens[lo:hi] = tokens
+        self.parents[lo:hi] = parent_ids
+        self.scores[lo:hi] = scores.to(self.scores.dtype)
+        rows = self.anc.index_select(0, parent_ids)  # [w, N] ancestors of each parent
+        rows[:, lo:hi] |= self._eye[: hi - lo, : hi - lo]  # ... plus the node itself
+        self.anc[lo:hi] = rows
+
+    def tree(self, upto: int | None = None) -> DraftTree:
+        """The (partial, levels 0..upto) tree as a DraftTree on the same device."""
+        upto = self.D if upto is None else upto
+        n = self.levels[upto][1]
+        shape = TreeShape(self.shape.widths[:upto]) if upto else TreeShape.root_only()
+        q = None if self.q is None else self.q[:n].clone()
+        return DraftTree(
+            self.tokens[:n].clone(),
+            self.parents[:n].clone(),
+            self.depths[:n].clone(),
+            self.scores[:n].clone(),
+            shape,
+            q,
+            self.drafting,
         )
-    return tree
+
+
+def grow_beam_level(buf: TreeBuffers, l: int, logprobs: torch.Tensor) -> None:
+    """Level l of a beam tree from the draft's log-probs [n, V] after each node of level l-1."""
+    lo, hi = buf.levels[l - 1]
+    w = buf.levels[l][1] - buf.levels[l][0]
+    rank, tok, sc = beam_level(buf.scores[lo:hi], logprobs, w)
+    buf.add_level(l, lo + rank, tok, sc)
+
+
+# ----------------------------------------------------------------------------- one sampled level
 
 
 def allocate_children(num_parents: int, width: int) -> list[int]:
@@ -130,17 +178,124 @@ def sampled_parents(shape) -> torch.Tensor:
     return torch.tensor(parents, dtype=torch.long)
 
 
+def sampled_children(q: torch.Tensor, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The `width` children of one sampled level: q [..., n, V] at the n parents -> tokens [..., width],
+    numbered by parent rank, then in draw order (each parent's share by `allocate_children`)."""
+    n, V = q.shape[-2:]
+    counts = allocate_children(n, width)
+    if max(counts) > V:
+        raise ValueError(
+            f"a sampled level gives {max(counts)} children to one parent but the vocabulary has {V} tokens; "
+            "use a narrower level"
+        )
+    drawn = gumbel_topk(q, max(counts), generator)  # [..., n, c_max] in draw order
+    return torch.cat([drawn[..., r, :c] for r, c in enumerate(counts)], dim=-1)  # [..., w]
+
+
+def grow_sampled_level(buf: TreeBuffers, l: int, q: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Level l of a sampled tree from the draft's processed distribution q [n, V] at level l-1."""
+    lo, hi = buf.levels[l - 1]
+    w = buf.levels[l][1] - buf.levels[l][0]
+    counts = allocate_children(hi - lo, w)
+    rank = torch.repeat_interleave(torch.arange(hi - lo, device=q.device), torch.tensor(counts, device=q.device))
+    tok = sampled_children(q, w, generator)  # [w]
+    if buf.q is not None:
+        buf.q[lo:hi] = q.to(buf.q.dtype)
+    sc = buf.scores[lo + rank] + torch.log(q[rank, tok].to(buf.scores.dtype))  # padding (zero mass) -> -inf
+    buf.add_level(l, lo + rank, tok, sc)
+
+
+# ----------------------------------------------------------------------------- teaching growers
+
+LevelLogprobs = Callable[[DraftTree, torch.Tensor], torch.Tensor]
+
+
+def _grow(root_token, shape, level_logprobs, device, level_fn, vocab_for_q=False):
+    shape = TreeShape.of(shape)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    buf = None
+    root = torch.tensor([int(root_token)], device=device)
+    for l in range(1, shape.depth + 1):
+        if buf is None:  # the first callback tells the vocabulary size
+            lp = level_logprobs(DraftTree.from_parents(root, [-1]), torch.zeros(1, dtype=torch.long, device=device))
+            _check_rows(lp, 1, 1)
+            shape.check_fits(lp.shape[-1])
+            dtype = torch.promote_types(lp.dtype, torch.float32)  # float64 callbacks keep float64 scores
+            buf = TreeBuffers(shape, device, lp.shape[-1] if vocab_for_q else None, dtype)
+            buf.start(root)
+        else:
+            lo, hi = buf.levels[l - 1]
+            lp = level_logprobs(buf.tree(l - 1), torch.arange(lo, hi, device=device))
+            _check_rows(lp, hi - lo, l)
+        level_fn(buf, l, lp)
+    if buf is None:
+        buf = TreeBuffers(shape, device)
+        buf.start(root)
+    return buf
+
+
+def _check_rows(lp, n, l):
+    if lp.dim() != 2 or lp.shape[0] != n:
+        raise ValueError(
+            f"level_logprobs must return [{n}, V] for level {l}, got {tuple(lp.shape)}; "
+            "return one row of log-probs per requested node"
+        )
+
+
+def grow_beam_tree(
+    root_token: int, shape, level_logprobs: LevelLogprobs, device=None, params: SamplingParams | None = None
+) -> DraftTree:
+    """Grow a beam tree (docs/LONGSPEC.md section 1, steps 1-2).
+
+    `level_logprobs(partial_tree, node_ids) -> [len(node_ids), V]` returns the draft's log-probs
+    for the next token after each listed node's path; it is called once per level, with the root
+    (tensor([0])) for level 1 and with all nodes of level l-1 for level l. `partial_tree` holds the
+    nodes built so far, so its mask and positions are valid for a draft forward over them.
+    With `params`, the processed draft distribution at every expanded node is kept in `tree.q`
+    (what the biased "naive-topk" counter-example reads)."""
+
+    def level(buf, l, lp):
+        if params is not None:
+            lo, hi = buf.levels[l - 1]
+            buf.q[lo:hi] = probs_from_logits(lp, params).to(buf.q.dtype)
+        grow_beam_level(buf, l, lp)
+
+    buf = _grow(root_token, shape, level_logprobs, device, level, vocab_for_q=params is not None)
+    return buf.tree()
+
+
+def grow_sampled_tree(
+    root_token: int,
+    shape,
+    level_logprobs: LevelLogprobs,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> DraftTree:
+    """One sampled tree, with the processed draft distribution at every expanded node in `tree.q`.
+
+    `level_logprobs` is `grow_beam_tree`'s callback (log-probs or logits of the draft); `params`
+    (temperature, top-k, top-p) turns them into q exactly as the target's rows are processed."""
+
+    def level(buf, l, lp):
+        grow_sampled_level(buf, l, probs_from_logits(lp, params), generator)
+
+    buf = _grow(root_token, shape, level_logprobs, device, level, vocab_for_q=True)
+    buf.drafting = "sampled"
+    return buf.tree()
+
+
 BatchLevelProbs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def grow_sampled_batch(
     root_tokens: torch.Tensor, shape, level_probs: BatchLevelProbs, generator: torch.Generator | None = None
 ):
-    """B sampled trees at once -> (TreeBatch, q [B, N, V]).
+    """B sampled trees at once -> (TreeBatch, q [B, N, V]) (for exact-distribution tests).
 
     `level_probs(tokens [B, n_so_far], parents [n_so_far], node_ids [n]) -> [B, n, V]`: the draft's
-    processed distribution after each listed node's path, called once per level (root, then level
-    1, ...), like tree.grow_beam_tree's callback."""
+    processed distribution after each listed node's path, called once per level (root, then level 1,
+    ...). The children are drawn by `sampled_children`, the one definition of a sampled level."""
     shape = TreeShape.of(shape)
     tokens = torch.as_tensor(root_tokens, dtype=torch.long).reshape(-1, 1)  # [B, 1]
     B, dev = tokens.shape[0], tokens.device
@@ -150,82 +305,16 @@ def grow_sampled_batch(
     for l, w in enumerate(shape.widths, start=1):
         node_ids = torch.arange(off[l - 1], off[l], device=dev)
         q = level_probs(tokens, parents_all[: off[l]], node_ids)  # [B, n, V]
-        n, V = node_ids.numel(), q.shape[-1]
-        if q.shape[:2] != (B, n):
+        if q.shape[:2] != (B, node_ids.numel()):
             raise ValueError(
-                f"level_probs must return [B, n, V] = [{B}, {n}, V] for level {l}, got "
+                f"level_probs must return [B, n, V] = [{B}, {node_ids.numel()}, V] for level {l}, got "
                 f"{tuple(q.shape)}; return one distribution per batch row and node"
             )
-        counts = allocate_children(n, w)
-        if max(counts) > V:
-            shape.check_fits(V)  # raises, naming the level
-            raise ValueError(
-                f"level {l}: {max(counts)} children of one parent exceed the vocabulary of {V}; use a narrower level"
-            )
-        drawn = gumbel_topk(q, max(counts), generator)  # [B, n, c_max] in draw order
-        keep = torch.cat([drawn[:, r, :c] for r, c in enumerate(counts)], dim=1)  # [B, w]
-        tokens = torch.cat([tokens, keep], dim=1)
+        shape.check_fits(q.shape[-1])
+        tokens = torch.cat([tokens, sampled_children(q, w, generator)], dim=1)
         qs.append(q)
     V = qs[0].shape[-1] if qs else 1
-    leaves = torch.zeros(
-        B, shape.num_nodes - sum(x.shape[1] for x in qs), V, dtype=qs[0].dtype if qs else torch.float32, device=dev
-    )
+    n_leaves = shape.num_nodes - sum(x.shape[1] for x in qs)
+    leaves = torch.zeros(B, n_leaves, V, dtype=qs[0].dtype if qs else torch.float32, device=dev)
     q_all = torch.cat(qs + [leaves], dim=1)  # [B, N, V]
     return TreeBatch(tokens, parents_all[None].expand(B, -1), shape), q_all
-
-
-def _with_scores(tokens: torch.Tensor, parents: torch.Tensor, q: torch.Tensor) -> DraftTree:
-    """The DraftTree of tokens [N], parents [N], scored by cumulative log q (padding: -inf)."""
-    tree = DraftTree.from_parents(tokens, parents)
-    lq = torch.log(q[parents.clamp(min=0), tokens].double())  # [N] log q(token | parent path)
-    scores = torch.zeros(tree.num_nodes, dtype=torch.float64, device=tokens.device)
-    off = tree.shape.level_offsets
-    for l in range(1, tree.shape.depth + 1):  # parents sit one level up
-        lvl = slice(off[l], off[l + 1])
-        scores[lvl] = scores[parents[lvl]] + lq[lvl]
-    tree.scores = scores
-    return tree
-
-
-def grow_sampled_tree(
-    root_token: int,
-    shape,
-    level_logprobs,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
-    device=None,
-):
-    """One sampled tree -> (DraftTree, q [N, V]).
-
-    `level_logprobs(partial_tree, node_ids) -> [n, V]` is tree.grow_beam_tree's callback (log-probs or
-    logits of the draft; `params` turns them into q)."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-
-    def level_probs(tokens, parents, node_ids):
-        partial = DraftTree.from_parents(tokens[0], parents)
-        return probs_from_logits(level_logprobs(partial, node_ids), params)[None]  # [1, n, V]
-
-    root = torch.tensor([int(root_token)], device=device)
-    batch, q = grow_sampled_batch(root, shape, level_probs, generator)
-    return _with_scores(batch.tokens[0], batch.parents[0], q[0]), q[0]
-
-
-def grow_beam_tree_q(root_token: int, shape, level_logprobs, params: SamplingParams, device=None):
-    """tree.grow_beam_tree, also returning the processed draft q [N, V] at every expanded node."""
-    rows: dict[int, torch.Tensor] = {}
-
-    def recording(partial, node_ids):
-        lp = level_logprobs(partial, node_ids)
-        q = probs_from_logits(lp, params)
-        for i, nid in enumerate(node_ids.tolist()):
-            rows[nid] = q[i]
-        return lp
-
-    tree = grow_beam_tree(root_token, shape, recording, device=device)
-    V = next(iter(rows.values())).shape[-1] if rows else 1
-    q = torch.zeros(
-        tree.num_nodes, V, dtype=next(iter(rows.values())).dtype if rows else torch.float32, device=tree.device
-    )
-    for nid, row in rows.items():
-        q[nid] = row
-    return tree, q

@@ -2,6 +2,8 @@
 
 The per-step records are what the notebooks draw: the drafted tree, its mask, the target's
 prediction at every node, the accepted path and the text so far.
+
+Taught in: notebooks/03_one_step_slowly.ipynb.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ ancestor of i (`mask[i, j]`), and node i sits at RoPE position `prefix_len + dep
 
 Everything here is pure torch, no model: the draft model enters `grow_beam_tree` only through
 the `level_logprobs` callback.
+
+Taught in: notebooks/02_tree_shapes.ipynb.
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ class DraftTree:
     depths: torch.Tensor  # [N] long, root 0
     scores: torch.Tensor  # [N] float, cumulative draft log-prob, root 0.0
     shape: TreeShape
+    q: torch.Tensor | None = None  # [N, V] the draft's processed distribution at expanded nodes (sampling)
+    drafting: str = "beam"  # "beam" (deterministic top-k) or "sampled" (children drawn without replacement)
 
     def __post_init__(self):
         n = self.shape.num_nodes
@@ -307,8 +311,15 @@ class DraftTree:
         return (self.parents == node).nonzero().flatten().tolist()
 
     def to(self, device) -> "DraftTree":
+        q = None if self.q is None else self.q.to(device)
         return DraftTree(
-            self.tokens.to(device), self.parents.to(device), self.depths.to(device), self.scores.to(device), self.shape
+            self.tokens.to(device),
+            self.parents.to(device),
+            self.depths.to(device),
+            self.scores.to(device),
+            self.shape,
+            q,
+            self.drafting,
         )
 
 

@@ -1,7 +1,7 @@
 """Acceptance rules: which path of a verified draft tree is kept (greedy, and lossless sampling).
 
 After one target forward pass over a draft tree (LongSpec, arXiv 2502.17421, section 1 step 5 of
-LONGSPEC.md) we know, for every node i, the target's next-token prediction t[i] after the path
+docs/LONGSPEC.md) we know, for every node i, the target's next-token prediction t[i] after the path
 root..i. Greedy acceptance:
 
   * node i is *verified*  when t[parent(i)] == token(i)   (the target would have said this token);
@@ -20,7 +20,7 @@ proposed. The draft only changes how many tokens one target pass yields (>= 1, t
 never which tokens. (In floating point this needs the tree pass to produce the same argmax as a
 plain pass, which holds up to numerically tied logits.)
 
-Sampling (temperature > 0; shared/LONGSPEC.md §4). Every rule in `VERIFY_RULES` has the signature
+Sampling (temperature > 0; docs/LONGSPEC.md section 4). Every rule in `VERIFY_RULES` has the signature
 `rule(tree, p, q=None, generator=None) -> AcceptResult`, p [N, V] the target's sampling distribution
 at every node (sampling.probs_from_logits), q [N, V] the draft's, processed the same way (rows of
 expanded nodes only). `verify_batch` runs the same walk on B trees at once (the statistical tests).
@@ -39,8 +39,18 @@ All sampling rules walk down from the root and emit one token per visited node:
                      code does. BIASED, a labelled counter-example: a top-k sibling x was not drawn
                      from q, it is there with probability 1, so the ratio p/q corrects for a proposal
                      that never happened. With p == q it accepts the draft's first choice every time.
-For the sampling rules `verified` and `accepted` both mark the emitted path; `tried` marks the
-children the rule looked at (for acceptance rates by depth and sibling rank).
+The fields of `AcceptResult` mean the same for every rule: `tried` marks the nodes the rule offered
+to its check (greedy: the children of the path's nodes); `verified` the nodes that passed their own
+check (greedy: t[parent] == token, known for every node; sampling: accepted when offered);
+`accepted` the nodes verified together with all their ancestors (sampling: the emitted path;
+greedy: the path, plus any duplicate-token sibling of a path node); `path` the emitted path. Each
+rule checks its inputs: p must be probabilities, and the tree must be drafted the way the rule is
+lossless for (`DraftTree.drafting`).
+
+`greedy_accept` is the one definition of greedy acceptance: static shapes and no host sync, so the
+eager loop, `torch.compile` and CUDA graphs all run it; `accept_greedy` wraps it for one DraftTree.
+
+Taught in: notebooks/03_one_step_slowly.ipynb (greedy) and notebooks/06_sampling_without_bias.ipynb.
 """
 
 from __future__ import annotations
@@ -56,11 +66,11 @@ from longspec_lab.spec.tree import DraftTree, TreeBatch
 @dataclass
 class AcceptResult:
     path: torch.Tensor  # [k+1] long, node ids root..winner
-    emitted: torch.Tensor  # [k+1] long, target predictions along the path (last = bonus token)
-    verified: torch.Tensor  # [N] bool, t[parent] == token (root True)
-    accepted: torch.Tensor  # [N] bool, node and all its ancestors verified
+    emitted: torch.Tensor  # [k+1] long, the tokens this step adds (last = the target's bonus token)
+    verified: torch.Tensor  # [N] bool, passed its own check (greedy: t[parent] == token; root True)
+    accepted: torch.Tensor  # [N] bool, verified and so is every ancestor (the path, plus duplicate-sibling ties)
     accept_length: int  # len(emitted) = depth(winner) + 1
-    tried: torch.Tensor | None = None  # [N] bool, offered to the rule (None: children of path nodes)
+    tried: torch.Tensor | None = None  # [N] bool, offered to the rule's check
 
     @property
     def winner(self) -> int:
@@ -89,34 +99,47 @@ def _check_targets(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor
     return target_tokens.to(device=tree.device, dtype=torch.long)
 
 
-def verified_nodes(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor:
-    """bool [N]: the target's prediction at each node's parent equals the node's token."""
-    par = tree.parents.clamp(min=0)  # root -> itself (overwritten below)
-    ok = target_tokens[par] == tree.tokens  # [N]
-    ok[0] = True
-    return ok
+def greedy_accept(tokens, parents, depths, anc, levels, preds):
+    """Greedy acceptance on static buffers, no host sync.
+
+    tokens, parents, depths, preds [N] long; anc [N, N] bool tree mask; levels: the (lo, hi) node
+    range of each depth. Returns verified [N], accepted [N], path [D+1] (the node at each depth of
+    the winner's path, padded with the winner) and n [1] = depth(winner) + 1 tokens to emit."""
+    N = tokens.shape[0]
+    idx = torch.arange(N, device=tokens.device)
+    verified = (preds[parents.clamp_min(0)] == tokens) | (idx == 0)  # [N] root always
+    accepted = verified.clone()
+    for lo, hi in levels[1:]:  # parents sit one level up and are final already
+        accepted[lo:hi] &= accepted[parents[lo:hi]]
+    key = torch.where(accepted, depths * N + (N - 1 - idx), -1)  # deepest, then lowest index
+    win = key.argmax()[None]  # [1]; a 0-d index would be read on the host
+    row = anc.index_select(0, win)[0]  # [N] the winner and its ancestors
+    path = torch.stack(
+        [torch.where(row[lo:hi].any(), lo + row[lo:hi].int().argmax(), win[0]) for lo, hi in levels]
+    )  # [D+1]
+    return verified, accepted, path, depths.index_select(0, win) + 1
 
 
-def accepted_nodes(tree: DraftTree, verified: torch.Tensor) -> torch.Tensor:
-    """bool [N]: verified with every ancestor verified; one vectorised step per level."""
-    acc = verified.clone()
-    off = tree.shape.level_offsets
-    for l in range(1, tree.shape.depth + 1):
-        lvl = slice(off[l], off[l + 1])
-        acc[lvl] = verified[lvl] & acc[tree.parents[lvl]]  # parents are on level l-1, already final
-    return acc
+def path_nodes(path: torch.Tensor, N: int) -> torch.Tensor:
+    """bool [N]: the first n entries of a padded path [D+1] (the padding repeats the winner)."""
+    on = torch.zeros(N, dtype=torch.bool, device=path.device)
+    return on.index_fill(0, path, True)
 
 
 def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
     """Greedy (temperature 0) acceptance; target_tokens[i] = target argmax after node i's path."""
     t = _check_targets(tree, target_tokens)  # [N]
-    verified = verified_nodes(tree, t)  # [N]
-    accepted = accepted_nodes(tree, verified)  # [N]
-    depth_if_acc = torch.where(accepted, tree.depths, torch.full_like(tree.depths, -1))
-    winner = int(torch.argmax(depth_if_acc))  # first (lowest index) of the deepest
-    path = torch.tensor(tree.path(winner), dtype=torch.long, device=tree.device)
-    emitted = t[path]  # [depth(winner) + 1]
-    return AcceptResult(path, emitted, verified, accepted, int(emitted.numel()))
+    levels = list(zip(tree.shape.level_offsets[:-1], tree.shape.level_offsets[1:]))
+    verified, accepted, path, n = greedy_accept(tree.tokens, tree.parents, tree.depths, tree.mask, levels, t)
+    k = int(n)
+    path = path[:k]
+    tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)  # children of path
+    return AcceptResult(path, t[path], verified, accepted, k, tried)
+
+
+def verified_nodes(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor:
+    """bool [N]: the target's prediction at each node's parent equals the node's token."""
+    return accept_greedy(tree, target_tokens).verified
 
 
 # ----------------------------------------------------------------------------- sampling rules
@@ -237,12 +260,52 @@ def verify_batch(
     return BatchAccept(emitted, (emitted >= 0).sum(1), path, tried, on_path)
 
 
+def _check_probs(name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """x [N, V] must hold probabilities (non-negative rows summing to 1) where `rows` [N] is True."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor of probabilities, got {type(x).__name__}")
+    sel = x if rows is None else x[rows]
+    if sel.numel() == 0:
+        return
+    sums = sel.double().sum(-1)
+    if bool((sel < 0).any()) or not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+        raise ValueError(
+            f"{name} must be probabilities (rows >= 0 summing to 1), but its rows sum to "
+            f"{float(sums.min()):.3g}..{float(sums.max()):.3g}; these look like logits: pass "
+            "ops.sampling.probs_from_logits(logits, params)"
+        )
+
+
 def _single(rule: str, tree: DraftTree, p, q, generator) -> AcceptResult:
-    if p.shape[0] != tree.num_nodes:
+    if not isinstance(tree, DraftTree):
+        raise TypeError(f"verify={rule!r} takes one DraftTree, got {type(tree).__name__}; for B trees use verify_batch")
+    if p.dim() != 2 or p.shape[0] != tree.num_nodes:
         raise ValueError(f"p must be [N, V] = [{tree.num_nodes}, V], one row per tree node; got {tuple(p.shape)}")
+    _check_probs("p", p)
+    if MODES[rule] in ("rrs", "naive"):
+        q = tree.q if q is None else q
+        if q is None:
+            raise ValueError(
+                f"verify={rule!r} needs the draft distribution q [N, V]; draft the tree with "
+                "spec.draft.grow_sampled_tree (rrs, chain) or grow_beam_tree(..., params=...) (naive-topk), "
+                "which keep it in tree.q"
+            )
+        if q.shape != p.shape:
+            raise ValueError(f"q {tuple(q.shape)} must match p {tuple(p.shape)}: [N, V], one row per tree node")
+        _check_probs("q", q, torch.bincount(tree.parents[1:], minlength=tree.num_nodes) > 0)
+        want = "beam" if rule == "naive-topk" else "sampled"
+        if tree.drafting != want:
+            why = {
+                "sampled": "it is lossless only when each node's children are drawn from q without replacement, "
+                "in a number fixed by the shape; draft with spec.draft.grow_sampled_tree, or use "
+                "verify='target-sample', which is lossless for any tree",
+                "beam": "it is the biased counter-example on beam (top-k) siblings",
+            }[want]
+            raise ValueError(f"verify={rule!r} got a tree drafted by {tree.drafting!r}, but {why}")
     r = verify_batch(rule, TreeBatch.of(tree), p[None], None if q is None else q[None], generator)
     n = int(r.lengths[0])
-    return AcceptResult(r.path[0, :n], r.emitted[0, :n], r.on_path[0], r.on_path[0], n, r.tried[0])
+    on_path = r.on_path[0]
+    return AcceptResult(r.path[0, :n], r.emitted[0, :n], on_path, on_path, n, r.tried[0])
 
 
 def verify_greedy(tree: DraftTree, p, q=None, generator=None) -> AcceptResult:
@@ -290,30 +353,39 @@ def sibling_ranks(parents: torch.Tensor) -> torch.Tensor:
     return (same & torch.ones(n, n, dtype=torch.bool, device=parents.device).tril(-1)).sum(1)
 
 
+def acceptance_stats(parents, depths, path, n, tried, D: int, R: int) -> torch.Tensor:
+    """One step's acceptance counts on static buffers, no host sync -> long [2D + 2R]:
+    depth d (1..D) tried (the path reached depth d-1 at a node with children offered) and accepted
+    (reached depth d), then sibling rank r (0..R-1) tried and accepted. path [D+1] padded, n [1]."""
+    dev = parents.device
+    t = tried.long()
+    ranks = sibling_ranks(parents)  # [N]
+    d_tried = (torch.zeros(D + 1, dtype=torch.long, device=dev).index_add(0, depths, t)[1:] > 0).long()
+    reached = (torch.arange(D, device=dev) < n - 1).long()  # [D] depth d+1 reached
+    r_tried = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, ranks[1:], t[1:])
+    r_acc = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, ranks[path[1:]], reached)
+    return torch.cat([d_tried, reached, r_tried, r_acc])
+
+
 def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[int]]:
-    """Per step: depth d (1..D) tried if the path reached depth d-1 at a node with children, accepted
-    if it reached depth d; rank r (0..max width-1) tried/accepted over the children the rule looked
-    at. Computed on the tree's device with a single transfer at the end."""
+    """`acceptance_stats` of one step as lists (one device -> host transfer)."""
     dev, D = tree.device, tree.shape.depth
-    path = result.path.to(dev)
-    tried = result.tried
-    if tried is None:  # greedy: children of path nodes
-        on_path = torch.zeros(tree.num_nodes, dtype=torch.bool, device=dev)
-        on_path[path] = True
-        tried = on_path[tree.parents.clamp(min=0)] & (tree.parents >= 0)
-    tried = tried.to(dev).long()
     R = max(tree.shape.widths, default=0)
-    ranks = sibling_ranks(tree.parents)
-    d_tried = torch.zeros(D + 1, dtype=torch.long, device=dev).index_add_(0, tree.depths, tried)[1:]
-    r_tried = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, ranks[1:], tried[1:])
-    r_acc = torch.zeros(R, dtype=torch.long, device=dev).index_add_(
-        0, ranks[path[1:]], torch.ones(path.numel() - 1, dtype=torch.long, device=dev)
-    )
-    flat = torch.cat([(d_tried > 0).long(), r_tried, r_acc]).tolist()  # the one device -> host transfer
-    d_tried, r_tried, r_acc = flat[:D], flat[D : D + R], flat[D + R :]
+    path = result.path.to(dev)
+    padded = torch.cat([path, path[-1:].expand(D + 1 - path.numel())])  # [D+1]
+    tried = result.tried
+    if tried is None:  # children of the path's nodes
+        tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)
+    n = torch.tensor([path.numel()], device=dev)
+    flat = acceptance_stats(tree.parents, tree.depths, padded, n, tried.to(dev), D, R).tolist()
+    return split_stats(flat, D, R)
+
+
+def split_stats(flat: list[int], D: int, R: int) -> dict[str, list[int]]:
+    """The flat [2D + 2R] counts of `acceptance_stats` as named lists."""
     return {
-        "depth_tried": d_tried,
-        "depth_accepted": [int(path.numel() - 1 > d) for d in range(D)],
-        "rank_tried": r_tried,
-        "rank_accepted": r_acc,
+        "depth_tried": flat[:D],
+        "depth_accepted": flat[D : 2 * D],
+        "rank_tried": flat[2 * D : 2 * D + R],
+        "rank_accepted": flat[2 * D + R : 2 * D + 2 * R],
     }

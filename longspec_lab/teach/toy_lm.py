@@ -1,6 +1,6 @@
 """Exact sampling distributions of a tiny lookup-table language model, and speculative samples of it.
 
-Lossless speculative sampling (LongSpec, arXiv 2502.17421; shared/LONGSPEC.md §4) claims that the
+Lossless speculative sampling (LongSpec, arXiv 2502.17421; docs/LONGSPEC.md section 4) claims that the
 tokens it emits are distributed EXACTLY as plain sampling from the target. On a real model that can
 only be tested statistically against another sampler. On a model small enough to enumerate it can be
 tested against the truth:
@@ -17,6 +17,8 @@ tested against the truth:
 
 `gof_pvalue` (chi-square goodness of fit) and `total_variation` compare the two. Used by
 notebooks/06 and tests/test_exact.py.
+
+Taught in: notebooks/06_sampling_without_bias.ipynb.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits
-from longspec_lab.spec.draft import grow_beam_tree, grow_beam_tree_q, grow_sampled_batch
+from longspec_lab.spec.draft import grow_beam_tree, grow_sampled_batch
 from longspec_lab.spec.tree import TreeBatch, TreeShape
 from longspec_lab.spec.verify import MODES, verify_batch
 
@@ -118,14 +120,10 @@ def _draft_beam(model: TableLM, rule, rc, rl, shape, params):
             codes, _ = model.node_codes(torch.tensor([c]), torch.tensor([l]), partial.tokens[None], partial.parents)
             return torch.log_softmax(model.draft[codes[0, node_ids]], -1)
 
-        trees.append(
-            grow_beam_tree_q(0, shape, level_logprobs, params)
-            if rule == "naive-topk"
-            else (grow_beam_tree(0, shape, level_logprobs), None)
-        )
-    ub = TreeBatch.of([t for t, _ in trees])
+        trees.append(grow_beam_tree(0, shape, level_logprobs, params=params if rule == "naive-topk" else None))
+    ub = TreeBatch.of(trees)
     batch = TreeBatch(ub.tokens[inv], ub.parents[inv], ub.shape)
-    q = torch.stack([q for _, q in trees])[inv] if rule == "naive-topk" else None
+    q = torch.stack([t.q for t in trees])[inv] if rule == "naive-topk" else None
     return batch, q
 
 

@@ -17,6 +17,8 @@ Token stream convention: ``<|endoftext|>`` (id 0) goes before every file and onc
 
 CLI: ``python -m longspec_lab.train.corpus --tokenize --out data/tokens`` writes ``train.u16`` and ``heldout.u16``
 (uint16 token ids) plus ``meta.json``; the GPU box reads those, so its own (different) stdlib never matters.
+
+Taught in: notebooks/05_the_glide_draft.ipynb (the data the pair was trained on).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ any UTF-8 text exactly, which a code model needs for indentation, tabs, form fee
 Train (CPU, ~1 min): ``python -m longspec_lab.train.tokenizer --train`` -> ``data/tokenizer/`` with
 ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` (loadable by
 ``transformers.AutoTokenizer``) and ``PROVENANCE.md``.
+
+Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb.
 """
 
 from __future__ import annotations

@@ -1,11 +1,27 @@
-"""The static-shape fast path (CUDA graphs on the GPU) gives the eager loop's tokens and target
-calls; on the CPU its stage functions run eagerly."""
+"""The graph path runs the eager loop's own stage functions: twin tests per stage, then end to end.
+
+* Twin stages: each stage of `steps.greedy_stages` runs eagerly on one copy of a mid-generation
+  state and through `torch.compile(fullgraph=True)` on another; every buffer must come out identical
+  (aot_eager: the same ATen ops, so bit for bit; this also proves each stage traces without a graph
+  break, which capture on the GPU needs). One stage also goes through Inductor's CPU code generation.
+* End to end: `GraphDecoder` (graphs and compilation off on the CPU) gives `SpecDecoder`'s tokens,
+  accepted lengths and acceptance statistics on held-out prompts, stops at EOS, refuses what it
+  cannot do with a clear error, and records traces.
+"""
+
+import copy
 
 import pytest
+import torch
 
+from longspec_lab.decoding import steps
 from longspec_lab.decoding.eager import SpecDecoder
-from longspec_lab.decoding.graphs import FastDecoder
+from longspec_lab.decoding.graphs import GraphDecoder
+from longspec_lab.models.config import PRESETS
+from longspec_lab.models.glide import DraftConfig, Glide
+from longspec_lab.models.target import Target
 from longspec_lab.paths import load_prompts
+from longspec_lab.spec.tree import TreeShape
 
 CASES = [
     ("ar", {}),
@@ -16,24 +32,123 @@ CASES = [
 ]
 
 
+def _tensors(obj, prefix=""):
+    """Every tensor reachable from a DecodeState (its buffers, tree, ring and cache), by name."""
+    out = {}
+    for name, val in vars(obj).items():
+        if isinstance(val, torch.Tensor):
+            out[prefix + name] = val
+        elif hasattr(val, "__dict__") and not isinstance(val, torch.nn.Module) and name != "shape":
+            out.update(_tensors(val, prefix + name + "."))
+    return out
+
+
+def _clone_state(st):
+    twin = copy.copy(st)
+    for name in ("tree", "ring", "tcache"):
+        if hasattr(st, name):
+            setattr(twin, name, copy.copy(getattr(st, name)))
+    for name, t in _tensors(st).items():
+        obj = twin
+        *path, leaf = name.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, t.clone())
+    return twin
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    target = Target(cfg).eval()
+    draft = Glide(DraftConfig.from_target(cfg, window=16), target).eval()
+    with torch.no_grad():  # sharper weights so that trees differ from step to step
+        for p in list(target.parameters()) + list(draft.parameters()):
+            p.mul_(4.0)
+    return target, draft
+
+
+def _mid_state(target, draft, shape, steps_before=3):
+    st = steps.DecodeState(target, draft, shape, 160, "torch")
+    prompt = torch.randint(0, target.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        steps.prefill(st, prompt)
+        for _ in range(steps_before):
+            for _, fn in steps.greedy_stages(st):
+                fn()
+    return st
+
+
+@pytest.mark.parametrize("shape", [None, (1, 1, 1), (3, 4, 2)], ids=["ar", "chain3", "tree342"])
+def test_twin_stages_compiled_equal_eager(tiny_pair, shape):
+    target, draft = tiny_pair
+    st = _mid_state(target, draft, TreeShape(shape) if shape else None)
+    with torch.inference_mode():
+        for i, (name, _) in enumerate(steps.greedy_stages(st)):
+            a, b = _clone_state(st), _clone_state(st)
+            eager_fn = steps.greedy_stages(a)[i][1]
+            compiled = torch.compile(steps.greedy_stages(b)[i][1], fullgraph=True, dynamic=False, backend="aot_eager")
+            eager_fn()
+            compiled()
+            ta, tb = _tensors(a), _tensors(b)
+            for key in ta:
+                assert torch.equal(ta[key], tb[key]), f"stage {name}: buffer {key} differs"
+            st = a  # walk on through the step, so later stages see this step's state
+            torch._dynamo.reset()
+
+
+def test_inductor_compiled_step_matches_eager(tiny_pair):
+    """The verification stage through Inductor's generated CPU code: the same predictions and path."""
+    target, draft = tiny_pair
+    st = _mid_state(target, draft, TreeShape((2, 3)))
+    with torch.inference_mode():
+        for name, fn in steps.greedy_stages(st):
+            if name == "verify":
+                break
+            fn()  # draft the tree of the next step
+        a, b = _clone_state(st), _clone_state(st)
+        steps.verify(a)
+        torch.compile(steps.verify, fullgraph=True, dynamic=False)(b)
+        steps.commit(a)
+        steps.commit(b)
+    for key in ("preds", "verified", "path", "n_acc", "emitted", "out", "P", "pend", "stats"):
+        assert torch.equal(_tensors(a)[key], _tensors(b)[key]), key
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def decoders(embedded_pair):
     target, draft, tok = embedded_pair
-    return SpecDecoder(target, draft), FastDecoder(target, draft, capacity=1400), tok
+    return SpecDecoder(target, draft), GraphDecoder(target, draft, capacity=1400), tok
 
 
 @pytest.mark.parametrize("method,kw", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_fast_equals_eager(decoders, method, kw):
+def test_graph_decoder_equals_eager(decoders, method, kw):
     ref, fast, tok = decoders
     for p in load_prompts(min_tokens=1000)[:2]:
         ids = tok.encode(p["text"])[:1200]
         a = ref.generate(ids, method=method, max_new_tokens=33, stop_at_eos=False, **kw)
         b = fast.generate(ids, method=method, max_new_tokens=33, stop_at_eos=False, **kw)
         assert b.new_tokens == a.new_tokens
-        assert b.target_calls == a.target_calls  # the same trees were drafted and accepted
+        assert b.accepted_lengths == a.accepted_lengths and b.target_calls == a.target_calls
+        assert b.depth_accepted == a.depth_accepted and b.rank_tried == a.rank_tried
 
 
-def test_fast_eos_and_capacity(decoders, embedded_pair):
+def test_graph_decoder_traces_like_the_eager_loop(decoders):
+    ref, fast, tok = decoders
+    ids = tok.encode(load_prompts(min_tokens=1000)[0]["text"])[:600]
+    a = ref.generate(ids, max_new_tokens=20, stop_at_eos=False, trace=True, tree_shape=[2, 3, 3])
+    b = fast.generate(ids, max_new_tokens=20, stop_at_eos=False, trace=True, tree_shape=[2, 3, 3])
+    assert len(a.trace) == len(b.trace) > 1
+    for x, y in zip(a.trace, b.trace):
+        assert x.prefix_len == y.prefix_len and x.emitted == y.emitted
+        assert torch.equal(x.tree.tokens, y.tree.tokens) and torch.equal(x.tree.parents, y.tree.parents)
+        assert torch.equal(x.target_tokens, y.target_tokens) and torch.equal(x.result.path, y.result.path)
+        assert torch.equal(x.result.verified, y.result.verified)
+
+
+def test_graph_decoder_eos_capacity_and_refusals(decoders, embedded_pair):
     ref, fast, tok = decoders
     target = embedded_pair[0]
     ids = tok.encode(load_prompts(min_tokens=1000)[1]["text"])[:500]
@@ -45,6 +160,8 @@ def test_fast_eos_and_capacity(decoders, embedded_pair):
     finally:
         target.config.eos_token_id = old
     assert res.stopped_at_eos and res.new_tokens == full[: full.index(full[6]) + 1]
-    with pytest.raises(ValueError, match="fast decoder holds"):
+    with pytest.raises(ValueError, match="the cache holds 1400 slots"):
         fast.generate(ids * 3, max_new_tokens=20)
-    assert fast.generate(ids, max_new_tokens=20, stop_at_eos=False).new_tokens == full
+    with pytest.raises(ValueError, match="use SpecDecoder"):
+        fast.generate(ids, max_new_tokens=5, verify="rrs", temperature=1.0)
+    assert fast.generate(ids, max_new_tokens=20, stop_at_eos=False).new_tokens == full  # still works

@@ -114,48 +114,53 @@ def test_forward_train_matches_naive_with_offset_positions(staleness):
     close(got, want)
 
 
+def _ingest(draft, ring, tokens, tcache, P, pad_to=None):
+    """draft.ingest on a block of real tokens [T], padded with zeros up to pad_to (as the decoder does)."""
+    T = tokens.numel()
+    block = torch.cat([tokens, torch.zeros((pad_to or T) - T, dtype=torch.long)])
+    out = draft.ingest(block, torch.tensor([T]), ring, tcache.k[-1], tcache.v[-1], torch.tensor([P]))
+    return out[:T]
+
+
 @pytest.mark.parametrize("chunks", [[1] * 30, [5, 1, 9, 3, 12]])
 def test_ingest_matches_naive_one_by_one_and_in_chunks(chunks):
     """At ingest time the target cache holds the tokens before the chunk: cross_len = chunk start.
-    Chunks of 1 are exactly forward_train with staleness 0; a chunk of 12 > W=8 exercises the split."""
+    Chunks of 1 are exactly forward_train with staleness 0; a chunk of 12 > W=8 overruns the window
+    inside one block; every block is padded to 13 slots, so padding must stay invisible."""
     target, draft = make_pair(window=8)
-    B, T = 2, sum(chunks)
-    ids = torch.randint(0, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
-    tcache = target_cache_with_random_kv(target, B, T)
-    dcache = draft.new_cache(batch=B)
+    T = sum(chunks)
+    ids = torch.randint(0, TINY.vocab_size, (1, T), generator=torch.Generator().manual_seed(3))
+    tcache = target_cache_with_random_kv(target, 1, T)
+    ring = draft.new_ring(max_pending=13)
     outs, cross_len, start = [], [], 0
     with torch.no_grad():
         for n in chunks:
-            tcache.length = start
-            outs.append(draft.ingest(ids[:, start : start + n], dcache, tcache))
-            cross_len += [start] * n
+            start_ = max(start, 1)  # the decoder always has >= 1 committed target token
+            outs.append(_ingest(draft, ring, ids[0, start : start + n], tcache, start_, pad_to=13))
+            cross_len += [start_] * n
             start += n
-        got = torch.cat(outs, 1)
-        pos = torch.arange(T)[None].expand(B, T)
+        got = torch.cat(outs, 0)[None]
+        pos = torch.arange(T)[None]
         want = naive_logits(draft, target, ids, pos, tcache.k[-1], tcache.v[-1], cross_len, 8)
         close(got, want)
-        assert dcache.seen == T
-        if chunks[0] == 1:
-            close(got, draft.forward_train(ids, pos, tcache.k[-1][:, :, :T], tcache.v[-1][:, :, :T], 0).double())
+        assert int(ring.seen) == T
 
 
 @pytest.mark.parametrize("prefill_len", [5, 8, 21])
-def test_ring_only_prefill_gives_the_same_state(prefill_len):
-    """ingest(..., logits=False) fills the ring without computing outputs: later logits are the same
-    as after a full ingest (prefills shorter than, equal to and longer than the window W=8)."""
+def test_prefill_gives_the_ingested_state(prefill_len):
+    """prefill fills the ring without computing outputs: later logits are the same as after ingesting
+    the prompt (prefills shorter than, equal to and longer than the window W=8)."""
     target, draft = make_pair(window=8)
-    B = 2
-    ids = torch.randint(0, TINY.vocab_size, (B, prefill_len + 6), generator=torch.Generator().manual_seed(9))
-    tcache = target_cache_with_random_kv(target, B, prefill_len + 6)
+    ids = torch.randint(0, TINY.vocab_size, (prefill_len + 6,), generator=torch.Generator().manual_seed(9))
+    tcache = target_cache_with_random_kv(target, 1, prefill_len + 6)
     with torch.no_grad():
-        full, ring_only = draft.new_cache(batch=B), draft.new_cache(batch=B)
-        tcache.length = prefill_len
-        draft.ingest(ids[:, :prefill_len], full, tcache)
-        assert draft.ingest(ids[:, :prefill_len], ring_only, tcache, logits=False) is None
-        assert ring_only.seen == full.seen == prefill_len
-        a = draft.ingest(ids[:, prefill_len:], full, tcache)
-        b = draft.ingest(ids[:, prefill_len:], ring_only, tcache)
-    close(b, a.double(), tol=1e-6)
+        full, ring_only = draft.new_ring(max_pending=prefill_len), draft.new_ring(max_pending=prefill_len)
+        _ingest(draft, full, ids[:prefill_len], tcache, prefill_len)
+        draft.prefill(ids[:prefill_len], ring_only)
+        assert int(ring_only.seen) == int(full.seen) == prefill_len
+        a = _ingest(draft, full, ids[prefill_len:], tcache, prefill_len)
+        b = _ingest(draft, ring_only, ids[prefill_len:], tcache, prefill_len)
+    close(b[None], a[None].double(), tol=1e-6)
 
 
 def random_tree(n_levels, gen):
@@ -174,17 +179,17 @@ def random_tree(n_levels, gen):
 
 
 @pytest.mark.parametrize("window,backend", [(64, "torch"), (6, "torch"), (6, "sdpa")])
-def test_tree_forward_matches_ingesting_each_path(window, backend):
+def test_tree_level_matches_ingesting_each_path(window, backend):
     target, draft = make_pair(window=window, seed=4)
     gen = torch.Generator().manual_seed(5)
-    B, ctx = 1, 20
+    ctx = 20
     parents, levels = random_tree(4, gen)
     N = len(parents)
-    tokens = torch.randint(0, TINY.vocab_size, (B, N + 1), generator=gen)  # index 0 unused (root)
-    ids = torch.randint(0, TINY.vocab_size, (B, ctx), generator=gen)
-    tcache = target_cache_with_random_kv(target, B, 64)
-    tcache.length = ctx - 3  # cross-attn target length fixed for the whole step
-    dcache = draft.new_cache(batch=B, max_tree_nodes=16)
+    tokens = torch.randint(0, TINY.vocab_size, (N + 1,), generator=gen)  # index 0 unused (root)
+    ids = torch.randint(0, TINY.vocab_size, (ctx,), generator=gen)
+    tcache = target_cache_with_random_kv(target, 1, 64)
+    P = ctx - 3  # cross-attn target length fixed for the whole step
+    ring = draft.new_ring(max_pending=ctx, max_tree_nodes=N + 1)
     anc = torch.zeros(N + 1, N + 1, dtype=torch.bool)  # anc[i, j]: j is i or an ancestor of i
     depth = [0] * (N + 1)
     for i in range(1, N + 1):
@@ -193,58 +198,41 @@ def test_tree_forward_matches_ingesting_each_path(window, backend):
         depth[i] = depth[parents[i - 1]] + 1
     anc[:, 0] = False  # the root is the last ingested token, not in scratch
     with torch.no_grad():
-        draft.ingest(ids, dcache, tcache)
-        ring_before, seen = dcache.k.clone(), dcache.seen
+        draft.prefill(ids[:-4], ring)
+        _ingest(draft, ring, ids[-4:], tcache, P, pad_to=6)
+        ring_before, seen = ring.k[:, :, : ring.R].clone(), int(ring.seen)
         got = {}
         for lvl in levels:
-            m = lvl[-1]
             idx = torch.tensor(lvl)
-            out = draft.tree_forward(
-                tokens[:, idx],
-                idx - 1,
-                torch.tensor([seen - 1 + depth[i] for i in lvl]),
-                anc[idx][:, 1 : m + 1],
-                dcache,
-                tcache,
-                backend=backend,
-            )
-            got.update({i: out[:, j] for j, i in enumerate(lvl)})
-        assert dcache.seen == seen and torch.equal(dcache.k, ring_before)
+            qpos = torch.tensor([seen - 1 + depth[i] for i in lvl])
+            out = draft.tree_level(
+                tokens[idx], qpos, lvl[0] - 1, anc[idx][:, 1:], ring, tcache.k[-1], tcache.v[-1],
+                torch.tensor([P]), backend,
+            )  # fmt: skip
+            got.update({i: out[j] for j, i in enumerate(lvl)})
+        assert int(ring.seen) == seen and torch.equal(ring.k[:, :, : ring.R], ring_before)
         for i in range(1, N + 1):
             path = [j for j in range(1, N + 1) if anc[i, j]]  # ancestors in level order = root-to-node
-            ref = draft.ingest(tokens[:, path], dcache.clone(), tcache)[:, -1]
-            close(got[i], ref.double(), tol=1e-5)
+            probe = draft.new_ring(max_pending=ctx)
+            draft.prefill(ids, probe)
+            ref = _ingest(draft, probe, tokens[path], tcache, P)[-1]
+            close(got[i][None], ref[None].double(), tol=1e-5)
 
 
-def test_tree_forward_rejects_too_many_nodes():
-    target, draft = make_pair(window=16)
-    tcache = target_cache_with_random_kv(target, 1, 8)
-    dcache = draft.new_cache(max_tree_nodes=4)
-    draft.ingest(torch.tensor([[1, 2]]), dcache, tcache)
-    with pytest.raises(ValueError, match="max_tree_nodes"):
-        draft.tree_forward(
-            torch.ones(1, 5, dtype=torch.long),
-            torch.arange(5),
-            torch.full((5,), 2),
-            torch.eye(5, dtype=torch.bool),
-            dcache,
-            tcache,
-        )
-
-
-def test_draft_cache_bytes_constant_as_context_grows():
+def test_draft_ring_bytes_constant_as_context_grows():
     target, draft = make_pair(window=64)
     tcache = target_cache_with_random_kv(target, 1, 256)  # the target's cache is not under test here
-    tcache.length = 256
-    dcache = draft.new_cache(max_tree_nodes=80)
+    ring = draft.new_ring(max_pending=6, max_tree_nodes=80)
     gen = torch.Generator().manual_seed(6)
     sizes = {}
     with torch.no_grad():
-        while dcache.seen < 8192:
-            out = draft.ingest(torch.randint(0, TINY.vocab_size, (1, 512), generator=gen), dcache, tcache)
-            sizes[dcache.seen] = dcache.nbytes
+        while int(ring.seen) < 8192:
+            n = int(torch.randint(1, 7, (1,), generator=gen))
+            out = _ingest(draft, ring, torch.randint(0, TINY.vocab_size, (n,), generator=gen), tcache, 256, 6)
+            sizes[int(ring.seen)] = ring.nbytes
     assert torch.isfinite(out).all()
-    assert sizes[1024] == sizes[8192] == 2 * 2 * 64 * 16 * 4 + 2 * 2 * 80 * 16 * 4
+    assert len(set(sizes.values())) == 1
+    assert ring.nbytes == 2 * 2 * (64 + 6 + 79) * 16 * 4  # K and V, Hkv 2, ring + scratch slots, D 16, fp32
 
 
 # ---------------------------------------------------------------------- checkpoints

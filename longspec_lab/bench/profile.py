@@ -1,0 +1,149 @@
+"""Count what a step launches: kernels and time per stage, eager against compiled against captured.
+
+On a small model a decoding step is bound by kernel launches, not by bytes: a 7M-parameter target
+reads its weights in a few microseconds, yet an eager step launches hundreds of kernels. This module
+counts, for every stage of `decoding.steps.greedy_stages`, the GPU kernels one call launches
+(`torch.profiler`, one call after warm-up) and the time they take on the device, in three forms of
+the SAME stage function:
+
+    eager      the readable function, run as is
+    compiled   the function through torch.compile (Inductor), run without capture
+    replay     the compiled function recorded in a CUDA graph and replayed (what GraphDecoder runs)
+
+and splits each stage's replay time into a launch-bound part (kernels x the measured cost of an
+empty launch inside a graph) and the rest (bytes and arithmetic).
+
+    python -m longspec_lab.bench.profile --device cuda --out profile.json
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb (the per-stage kernel bars).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from longspec_lab.decoding import steps
+from longspec_lab.decoding.graphs import COMPILE_MODE, Stage
+from longspec_lab.spec.tree import TreeShape
+
+
+def _kernels(fn) -> tuple[int, float]:
+    """(GPU kernels launched, their summed device time in us) for one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in evs if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return len(kernels), sum(e.device_time for e in kernels)
+
+
+def _median_us(fn, reps: int = 50) -> float:
+    """Median wall time of fn in us, device-synchronised around each call, after warm-up."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def launch_cost_us(n: int = 200) -> float:
+    """The device cost of one tiny kernel inside a replayed CUDA graph (the launch-bound unit)."""
+    x = torch.zeros(1, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x.add_(1)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            x.add_(1)
+    return _median_us(g.replay, 20) / n
+
+
+def profile_stages(target, draft, prompt, method: str = "tree", shape=None, backend: str = "triton",
+                   compile_mode: str | None = COMPILE_MODE) -> dict:  # fmt: skip
+    """Per-stage kernels and times for one method and shape, from a real mid-generation state.
+    compile_mode None: capture the eager stage functions without compiling them."""
+    shape = TreeShape.of(shape) if method != "ar" else None
+    st = steps.DecodeState(target, draft, shape, len(prompt) + 512, backend)
+    with torch.inference_mode():
+        steps.prefill(st, torch.as_tensor(prompt, device=target.device))
+        fns = steps.greedy_stages(st)
+        for _ in range(3):  # a few real steps, so the state is a real one
+            for _, fn in fns:
+                fn()
+        launch = launch_cost_us()
+        rows = {}
+        for name, fn in fns:
+            stage = Stage(name, fn, compile_mode)
+            stage.fn()  # compile
+            stage.fn()
+            g = torch.cuda.CUDAGraph()
+            stage.fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g):
+                stage.fn()
+            k_e, t_e = _kernels(fn)
+            k_c, t_c = _kernels(stage.fn)
+            replay = _median_us(g.replay)
+            rows[name] = {
+                "eager_kernels": k_e,
+                "eager_kernel_us": t_e,
+                "eager_wall_us": _median_us(fn),
+                "compiled_kernels": k_c,
+                "compiled_kernel_us": t_c,
+                "replay_us": replay,
+                "launch_bound_us": min(replay, k_c * launch),
+            }
+    total = {k: sum(r[k] for r in rows.values()) for k in ("eager_kernels", "compiled_kernels", "replay_us")}
+    return {"method": method, "tree_shape": list(shape.widths) if shape else None, "launch_cost_us": launch,
+            "stages": rows, "step": total}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from longspec_lab.models.pair import load_pair
+    from longspec_lab.paths import load_prompts
+    from longspec_lab.provenance import stamp
+
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.bench.profile",
+        description="Kernels launched and time per decoding stage: eager, compiled, and replayed from a CUDA graph.",
+    )
+    ap.add_argument("--device", default="cuda", help="a CUDA device (kernel counts need one)")
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    ap.add_argument("--tree-shape", default="4,16,16,16,16", help="the tree to profile, e.g. 4,16,16,16,16")
+    ap.add_argument("--gamma", type=int, default=5, help="draft tokens of the chain to profile")
+    ap.add_argument("--out", default=None, help="write the JSON report here (refuses to overwrite)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.exit(2, "error: kernel counts need a CUDA GPU; run this on a machine with one\n")
+    target, draft, tok = load_pair(device=a.device, dtype=a.dtype)
+    prompt = tok.encode(load_prompts(min_tokens=2000)[0]["text"])
+    rep = {
+        "ar": profile_stages(target, draft, prompt, "ar"),
+        "chain": profile_stages(target, draft, prompt, "chain", [1] * a.gamma),
+        "tree": profile_stages(target, draft, prompt, "tree", a.tree_shape),
+    }
+    rep = stamp(rep, target.device, target.dtype)
+    print(json.dumps(rep, indent=1))
+    if a.out:
+        with open(a.out, "x") as fh:
+            json.dump(rep, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""One decoding step as a list of stages over static buffers: draft -> verify -> commit.
+
+This is the only place where the stages of LongSpec (arXiv 2502.17421, docs/LONGSPEC.md section 1)
+are put in order. `DecodeState` holds every buffer a step touches, preallocated for one method and
+tree shape (gpt-fast's static KV cache, extended to the tree, the draft's ring and the bookkeeping):
+
+    state before a step: the target's cache holds every committed token except the newest one, the
+    root (the target's last prediction), at slots [0, P); the draft's ring still has to ingest the
+    tokens emitted last step (`pend`, the first `pend_n` of D+1 slots).
+
+    draft_root   ingest pend into the draft's ring, then tree level 1 from the root
+    draft_next   tree level l from the draft run over level l-1 (one call per level)
+    verify       one target pass over the N tree nodes (slots P..P+N-1), greedy acceptance
+    commit       keep the accepted path's KV, emit its tokens, P += n
+
+Each stage is a plain function of the state with static shapes and no host sync, so the eager loop
+(`eager.SpecDecoder`) calls these functions one after another, and the graph path
+(`graphs.GraphDecoder`) compiles and captures the very same functions: the fast path is the
+readable path, captured. Sampling rules reuse the draft and commit stages; their acceptance walk
+(spec.verify) runs between `verify_forward` and `commit` on the host.
+
+Taught in: notebooks/03_one_step_slowly.ipynb.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
+from longspec_lab.spec.commit import advance, commit_kv
+from longspec_lab.spec.draft import TreeBuffers, grow_beam_level, grow_sampled_level
+from longspec_lab.spec.tree import TreeShape
+from longspec_lab.spec.verify import AcceptResult, acceptance_stats, greedy_accept, path_nodes
+
+
+class DecodeState:
+    """Device buffers for one method (shape None: autoregressive) and tree shape.
+
+    P, root, out_len, n_acc [1]; out [capacity + D + 1] the generated tokens; emitted, path [D+1];
+    the target's static KV cache; for a tree: the tree buffers, the draft's ring, pend [D+1] and
+    pend_n [1] (tokens still to ingest), preds [N] (target argmax per node), verified / accepted [N],
+    stats [2D + 2R] (acceptance counts summed over steps, spec.verify.acceptance_stats)."""
+
+    def __init__(
+        self, target, draft, shape: TreeShape | None, capacity: int, backend: str, keep_q: bool = False,
+        drafting: str = "beam",
+    ):  # fmt: skip
+        dev = target.device
+        self.target, self.draft, self.shape, self.backend = target, draft, shape, backend
+        self.D = shape.depth if shape is not None else 0
+        L = lambda *s: torch.zeros(*s, dtype=torch.long, device=dev)
+        self.P, self.root, self.out_len, self.n_acc = L(1), L(1), L(1), L(1)
+        self.out = L(capacity + self.D + 1)
+        self.emitted, self.path = L(self.D + 1), L(self.D + 1)
+        self.tcache = target.new_cache(capacity)
+        self.steps = L(1)  # steps taken; lengths[i] = tokens emitted by step i
+        self.lengths = L(capacity + 1)
+        if shape is None:
+            return
+        N, vocab = shape.num_nodes, target.config.vocab_size
+        self.tree = TreeBuffers(shape, dev, vocab if keep_q else None)
+        self.tree.drafting = drafting  # "sampled" when the levels are drawn by sampled_rule
+        self.ring = draft.new_ring(max_pending=self.D + 1, max_tree_nodes=N)
+        self.pend, self.pend_n = L(self.D + 1), L(1)
+        self.preds = L(N)
+        self.verified = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.accepted = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.R = max(shape.widths)
+        self.stats = L(2 * self.D + 2 * self.R)
+
+    @property
+    def target_kv(self):
+        """The target's last-layer cache [1, Hkv, S, D] x 2: what the draft cross-attends to."""
+        return self.tcache.k[-1], self.tcache.v[-1]
+
+
+# ----------------------------------------------------------------------------- prefill (dynamic length)
+
+
+def prefill(st: DecodeState, prompt: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt [T] through the target (and the draft's ring); reset every buffer. Returns the
+    target's logits [V] after the prompt; the first token is its argmax unless `first` [1] is given."""
+    t = st.target
+    logits = t(prompt[None], cache=st.tcache, start=0, backend=st.backend, last_only=True)[0, -1]
+    tok = logits.argmax()[None] if first is None else first
+    st.P.fill_(prompt.numel())
+    st.root.copy_(tok)
+    st.out[:1].copy_(tok)
+    st.out_len.fill_(1)
+    st.steps.zero_()
+    if st.shape is not None:
+        st.ring.reset()
+        st.draft.prefill(prompt, st.ring)
+        st.pend.zero_()
+        st.pend[:1].copy_(tok)
+        st.pend_n.fill_(1)
+        st.stats.zero_()
+    return logits
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def ar_forward(st: DecodeState) -> torch.Tensor:
+    """The target's logits [V] after the root (one token at slot P, which it writes)."""
+    t = st.target
+    return t(st.root[None], positions=st.P, cache=st.tcache, start=st.P, backend=st.backend, last_only=True)[0, -1]
+
+
+def ar_step(st: DecodeState, pick=None) -> None:
+    """Plain decoding: one target pass; its argmax (or pick(logits) -> [1], a sampler) is the next token."""
+    logits = ar_forward(st)
+    st.emitted[:1].copy_(logits.argmax()[None] if pick is None else pick(logits))
+    st.n_acc.fill_(1)
+    advance(st.out, st.out_len, st.root, st.P, st.emitted[:1], st.n_acc)
+    _count_step(st)
+
+
+def beam_rule(buf: TreeBuffers, l: int, logits: torch.Tensor, params: SamplingParams | None = None) -> None:
+    """Grow level l of a beam tree from the draft's logits [n, V] at level l-1 (recording q with params)."""
+    if params is not None:
+        lo, hi = buf.levels[l - 1]
+        buf.q[lo:hi] = probs_from_logits(logits, params).to(buf.q.dtype)
+    grow_beam_level(buf, l, torch.log_softmax(logits.float(), dim=-1))
+
+
+def sampled_rule(buf, l, logits, params: SamplingParams, generator: torch.Generator | None = None) -> None:
+    """Grow level l of a sampled tree: children drawn without replacement from the processed q."""
+    grow_sampled_level(buf, l, probs_from_logits(logits, params), generator)
+
+
+def draft_root(st: DecodeState, grow=beam_rule) -> None:
+    """Ingest the tokens emitted last step, then level 1 of the tree from the root."""
+    tk, tv = st.target_kv
+    logits = st.draft.ingest(st.pend, st.pend_n, st.ring, tk, tv, st.P, st.backend)  # [D+1, V]
+    st.tree.start(st.root)
+    grow(st.tree, 1, logits.index_select(0, st.pend_n - 1))  # [1, V] at the last real pending token
+
+
+def draft_next(st: DecodeState, l: int, grow=beam_rule) -> None:
+    """Level l of the tree: the draft runs once over all nodes of level l-1."""
+    buf = st.tree
+    lo, hi = buf.levels[l - 1]
+    tk, tv = st.target_kv
+    qpos = st.P + buf.depths[lo:hi]  # [n] = seen - 1 + depth
+    anc = buf.anc[lo:hi, 1:]  # [n, N-1] the scratch slots of each node's ancestors and itself
+    logits = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, anc, st.ring, tk, tv, st.P, st.backend)
+    grow(buf, l, logits)
+
+
+def verify_forward(st: DecodeState) -> torch.Tensor:
+    """One target pass over every tree node (RoPE position P + depth, the tree mask) -> logits [N, V]."""
+    buf = st.tree
+    pos = (st.P + buf.depths)[None]
+    t = st.target
+    return t(buf.tokens[None], positions=pos, cache=st.tcache, start=st.P, mask=buf.anc, backend=st.backend)[0]
+
+
+def verify(st: DecodeState) -> None:
+    """The verification pass with greedy acceptance: path, n_acc, emitted = target argmax along the path."""
+    buf = st.tree
+    preds = verify_forward(st).argmax(-1)  # [N] the target's next token after each node's path
+    st.preds.copy_(preds)
+    verified, accepted, path, n = greedy_accept(buf.tokens, buf.parents, buf.depths, buf.anc, buf.levels, preds)
+    st.verified.copy_(verified)
+    st.accepted.copy_(accepted)
+    st.path.copy_(path)
+    st.n_acc.copy_(n)
+    st.emitted.copy_(preds.index_select(0, path))
+    tried = path_nodes(path, buf.N)[buf.parents.clamp(min=0)] & (buf.parents >= 0)  # children of path nodes
+    st.stats.add_(acceptance_stats(buf.parents, buf.depths, path, n, tried, st.D, st.R))
+
+
+def commit(st: DecodeState) -> None:
+    """Keep the accepted path's KV entries (all layers), emit its tokens, hand them to the draft."""
+    commit_kv(st.tcache.k, st.tcache.v, st.P, st.path)
+    st.pend.copy_(st.emitted)
+    st.pend_n.copy_(st.n_acc)
+    advance(st.out, st.out_len, st.root, st.P, st.emitted, st.n_acc)
+    _count_step(st)
+
+
+def _count_step(st: DecodeState) -> None:
+    st.lengths.index_copy_(0, st.steps, st.n_acc)
+    st.steps.add_(1)
+
+
+def step_outcome(st: DecodeState):
+    """The last greedy step read back for a trace: (DraftTree, preds [N], AcceptResult), on the device."""
+    n = int(st.n_acc)
+    path = st.path[:n].clone()
+    tree = st.tree.tree()
+    tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)
+    result = AcceptResult(path, st.emitted[:n].clone(), st.verified.clone(), st.accepted.clone(), n, tried)
+    return tree, st.preds.clone(), result
+
+
+def greedy_stages(st: DecodeState) -> list[tuple[str, callable]]:
+    """The stages of one greedy step, in order, as (name, zero-argument function) pairs."""
+    if st.shape is None:
+        return [("verify", partial(ar_step, st))]
+    stages = [("draft1", partial(draft_root, st))]
+    stages += [(f"draft{l}", partial(draft_next, st, l)) for l in range(2, st.D + 1)]
+    return stages + [("verify", partial(verify, st)), ("commit", partial(commit, st))]
