@@ -14,19 +14,45 @@ Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb.
 
 __version__ = "0.2.0"
 
-from longspec_lab.decoding.eager import SpecDecoder  # noqa: E402
-from longspec_lab.decoding.graphs import GraphDecoder  # noqa: E402
-from longspec_lab.models.draft_io import load_draft, save_draft  # noqa: E402
-from longspec_lab.models.glide import DraftConfig, Glide  # noqa: E402
-from longspec_lab.models.loaders import load_target  # noqa: E402
-from longspec_lab.models.pair import load_pair  # noqa: E402
-from longspec_lab.models.target import Target  # noqa: E402
-from longspec_lab.ops.sampling import SamplingParams  # noqa: E402
-from longspec_lab.paths import load_prompts  # noqa: E402
-from longspec_lab.spec.draft import grow_beam_tree, grow_sampled_tree  # noqa: E402
-from longspec_lab.spec.trace import GenerationResult, StepRecord  # noqa: E402
-from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree, TreeShape  # noqa: E402
-from longspec_lab.spec.verify import VERIFY_RULES, AcceptResult, accept_greedy  # noqa: E402
+# Lazy: `import longspec_lab` (and so `longspec-lab --help`) does not pay for torch until a name is used.
+_WHERE = {
+    "SpecDecoder": "longspec_lab.decoding.eager",
+    "GraphDecoder": "longspec_lab.decoding.graphs",
+    "load_draft": "longspec_lab.models.draft_io",
+    "save_draft": "longspec_lab.models.draft_io",
+    "DraftConfig": "longspec_lab.models.glide",
+    "Glide": "longspec_lab.models.glide",
+    "load_target": "longspec_lab.models.loaders",
+    "load_pair": "longspec_lab.models.pair",
+    "Target": "longspec_lab.models.target",
+    "SamplingParams": "longspec_lab.ops.sampling",
+    "load_prompts": "longspec_lab.paths",
+    "grow_beam_tree": "longspec_lab.spec.draft",
+    "grow_sampled_tree": "longspec_lab.spec.draft",
+    "GenerationResult": "longspec_lab.spec.trace",
+    "StepRecord": "longspec_lab.spec.trace",
+    "DEFAULT_TREE_SHAPE": "longspec_lab.spec.tree",
+    "DraftTree": "longspec_lab.spec.tree",
+    "TreeShape": "longspec_lab.spec.tree",
+    "VERIFY_RULES": "longspec_lab.spec.verify",
+    "AcceptResult": "longspec_lab.spec.verify",
+    "accept_greedy": "longspec_lab.spec.verify",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'longspec_lab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "__version__",

@@ -570,7 +570,7 @@ def cmd_generate(args) -> int:
         len(ids),
         args.max_new_tokens,
         _nodes(args.method, args.tree_shape, args.gamma),
-        cfg.max_position_embeddings,
+        cfg.context_length,
         flag,
     )
     _seed(args.seed)
@@ -624,7 +624,7 @@ def cmd_demo(args) -> int:
 
     dev, model_dir, draft_dir, cfg = _prepare(args, need_draft=True)
     tok = _tokenizer(model_dir)
-    ctx, nodes = cfg.max_position_embeddings, _nodes("tree", args.tree_shape, 0)
+    ctx, nodes = cfg.context_length, _nodes("tree", args.tree_shape, 0)
     if nodes >= ctx:
         _check_fits(None, 0, nodes, ctx, "--tree-shape")
     prompts = [dict(p, ids=tok.encode(p["text"])) for p in load_prompts(min_tokens=1000)]
@@ -697,7 +697,7 @@ def cmd_bench(args) -> int:
     _check_plot(args)
     args.tree_shapes = args.tree_shapes or [list(s) for s in e2e.DEFAULT_SHAPES]
     cfg = _prepare(args, need_draft=True)[3]
-    ctx = cfg.max_position_embeddings
+    ctx = cfg.context_length
     for s in args.tree_shapes:
         _check_fits(None, args.max_new_tokens, 1 + sum(s), ctx, f"--tree-shape {' '.join(map(str, s))}")
     for g in args.gammas:
@@ -719,7 +719,7 @@ def cmd_tune(args) -> int:
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)
     _, _, _, cfg = _prepare(args, need_draft=True)
-    ctx = cfg.max_position_embeddings
+    ctx = cfg.context_length
     _check_fits(args.prompt_tokens, args.max_new_tokens, 1 + sum(args.probe_shape), ctx, "--probe-shape")
     _check_fits(args.prompt_tokens, args.max_new_tokens, args.max_nodes, ctx, "--max-nodes")
     return tune.run_cli(args)

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     )
     out = {
         "command": "python -m longspec_lab.bench.sampling_tau " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "environment": environment(target),
+        "environment": environment(target.device, target.dtype),
         "prompts": [p["name"] for p in specs],
         "prompt_tokens": [len(p) for p in prompts],
         "max_new_tokens": args.max_new_tokens,

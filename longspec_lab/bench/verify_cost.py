@@ -197,7 +197,7 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
         selfa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
             q, rk, rv, enable_gqa=True
         )
-        return lambda: torch.topk(d._layer(toks, pos, selfa, cross)[0].float().log_softmax(-1).flatten(), 16)
+        return lambda: torch.topk(d.layer(toks, pos, selfa, cross)[0].float().log_softmax(-1).flatten(), 16)
 
     fns = [level(n) for n in (5, 4, 16, 16, 16)]
     draft_ms = sum(triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns)

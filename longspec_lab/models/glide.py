@@ -87,7 +87,7 @@ class DraftConfig:
 
 def check_fits(dcfg: DraftConfig, tcfg: ModelConfig) -> None:
     """The draft shares the target's embedding, RoPE, LM head and last-layer KV: these must agree."""
-    fix = "train a draft for this target (python -m longspec_lab.train.draft --target DIR)"
+    fix = "train a draft for this target (longspec-lab train-draft --model DIR)"
     for name, d, t in (
         ("hidden size", dcfg.hidden_size, tcfg.hidden_size),
         ("vocabulary size", dcfg.vocab_size, tcfg.vocab_size),
