@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# The Triton kernels run in Triton's CPU interpreter in these tests: set it before any test module imports
+# the kernel module, so that no module has to be reloaded (a reload would register the custom op twice).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

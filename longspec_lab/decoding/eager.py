@@ -170,6 +170,23 @@ class SpecDecoder:
             )
         return self.max_cache_len or need
 
+    def _check_call(self, prompt_ids, method, max_new_tokens, tree_shape, gamma, verify, temperature, top_k, top_p,
+                    do_sample):  # fmt: skip
+        """Every check of a generate call, before any buffer is touched -> (prompt, shape, verify, params,
+        cache slots needed)."""
+        prompt = check_prompt(prompt_ids, self.target.config.vocab_size, self.target.device)
+        shape = None
+        if method == "tree":
+            shape = TreeShape.of(tree_shape)
+        elif method == "chain":
+            if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+                raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (draft tokens per step)")
+            shape = TreeShape.chain(gamma)
+        verify = resolve_sampling(method, verify, do_sample, temperature)
+        params = SamplingParams(temperature, top_k, top_p)
+        check_verify(method, verify, params, shape or TreeShape.root_only())
+        return prompt, shape, verify, params, self._plan(prompt, method, max_new_tokens, shape)
+
     def _sampler(self, verify, params, seed, generator):
         """(the level rule of the draft tree, the generator, its seed)."""
         dev = self.target.device
@@ -229,18 +246,9 @@ class SpecDecoder:
         top_k / top_p / do_sample as in transformers' generate; seed or generator (on the target's
         device) fix a sampled run; trace=True records every step (tree, mask, accepted path)."""
         dev = self.target.device
-        prompt = check_prompt(prompt_ids, self.target.config.vocab_size, dev)
-        shape = None
-        if method == "tree":
-            shape = TreeShape.of(tree_shape)
-        elif method == "chain":
-            if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-                raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (draft tokens per step)")
-            shape = TreeShape.chain(gamma)
-        verify = resolve_sampling(method, verify, do_sample, temperature)
-        params = SamplingParams(temperature, top_k, top_p)
-        check_verify(method, verify, params, shape or TreeShape.root_only())
-        cache_len = self._plan(prompt, method, max_new_tokens, shape)
+        prompt, shape, verify, params, cache_len = self._check_call(
+            prompt_ids, method, max_new_tokens, tree_shape, gamma, verify, temperature, top_k, top_p, do_sample
+        )
         grow, gen, seed = self._sampler(verify, params, seed, generator)
         sampling = verify != "greedy"
         pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampling else None

@@ -29,8 +29,7 @@ import time
 import torch
 
 from longspec_lab.decoding import steps
-from longspec_lab.decoding.eager import SpecDecoder, check_prompt, check_verify, resolve_sampling
-from longspec_lab.ops.sampling import SamplingParams
+from longspec_lab.decoding.eager import SpecDecoder
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 from longspec_lab.spec.verify import split_stats
@@ -139,32 +138,20 @@ class GraphDecoder(SpecDecoder):
         gamma: int = 4,
         trace: bool = False,
         stop_at_eos: bool = True,
-        verify: str | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        do_sample: bool | None = None,
+        **sampling,
     ) -> GenerationResult:
         """SpecDecoder.generate's arguments; greedy only (the sampling rules raise, naming SpecDecoder)."""
-        prompt = check_prompt(prompt_ids, self.target.config.vocab_size, self.device)
-        shape = None
-        if method == "tree":
-            shape = TreeShape.of(tree_shape)
-        elif method == "chain":
-            if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-                raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (draft tokens per step)")
-            shape = TreeShape.chain(gamma)
-        verify = resolve_sampling(method, verify, do_sample, temperature)
-        params = SamplingParams(temperature, top_k, top_p)
-        check_verify(method, verify, params, shape or TreeShape.root_only())
+        keys = ("verify", "temperature", "top_k", "top_p", "do_sample")
+        unknown = set(sampling) - set(keys) - {"seed", "generator"}
+        if unknown:
+            raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
+        args = [sampling.get(k, d) for k, d in zip(keys, (None, 0.0, None, None, None))]
+        prompt, shape, verify, _, _ = self._check_call(prompt_ids, method, max_new_tokens, tree_shape, gamma, *args)
         if verify != "greedy":
             raise ValueError(
                 f"GraphDecoder captures greedy decoding only; verify={verify!r} walks the tree with host control "
                 "flow: use SpecDecoder, which runs the same stage functions eagerly"
             )
-        self._plan(prompt, method, max_new_tokens, shape)
         st, stages = self.plan(method, shape)
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         sync()

@@ -254,7 +254,7 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "hidden_act": "silu",
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,  # a copy: transformers edits it
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,

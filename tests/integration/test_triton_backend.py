@@ -9,8 +9,9 @@ import pytest
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"
-if "longspec_lab.kernels.tree_attention" in sys.modules:  # imported earlier without the interpreter
-    importlib.reload(sys.modules["longspec_lab.kernels.tree_attention"])
+_MOD = "longspec_lab.kernels.tree_attention"
+if _MOD in sys.modules and not sys.modules[_MOD]._INTERPRET:  # imported earlier without the interpreter
+    importlib.reload(sys.modules[_MOD])
 
 from longspec_lab.decoding.eager import SpecDecoder  # noqa: E402
 
