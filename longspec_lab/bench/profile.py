@@ -26,7 +26,7 @@ import time
 import torch
 
 from longspec_lab.decoding import steps
-from longspec_lab.decoding.graphs import COMPILE_MODE, Stage
+from longspec_lab.decoding.graphs import COMPILE_MODE, Stage, capture
 from longspec_lab.spec.tree import TreeShape
 
 
@@ -59,15 +59,12 @@ def _median_us(fn, reps: int = 50) -> float:
 def launch_cost_us(n: int = 200) -> float:
     """The device cost of one tiny kernel inside a replayed CUDA graph (the launch-bound unit)."""
     x = torch.zeros(1, device="cuda")
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        x.add_(1)
-    torch.cuda.synchronize()
-    with torch.cuda.graph(g):
+
+    def adds():
         for _ in range(n):
             x.add_(1)
-    return _median_us(g.replay, 20) / n
+
+    return _median_us(capture([adds])[0].replay, 20) / n
 
 
 def profile_stages(target, draft, prompt, method: str = "tree", shape=None, backend: str = "triton",
@@ -86,13 +83,7 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
         rows = {}
         for name, fn in fns:
             stage = Stage(name, fn, compile_mode)
-            stage.fn()  # compile
-            stage.fn()
-            g = torch.cuda.CUDAGraph()
-            stage.fn()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(g):
-                stage.fn()
+            g = capture([stage.fn])[0]  # the warm-up compiles
             k_e, t_e = _kernels(fn)
             k_c, t_c = _kernels(stage.fn)
             replay = _median_us(g.replay)

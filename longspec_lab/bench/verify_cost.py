@@ -76,17 +76,10 @@ def copy_bandwidth(device, nbytes=2 << 30) -> float:
 
 
 def graphed(fn):
-    """Capture fn() in a CUDA graph (after warm-up on a side stream); return replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """fn captured in a CUDA graph (decoding.graphs.capture, after warm-up); returns its replay."""
+    from longspec_lab.decoding.graphs import capture
+
+    return capture([fn])[0].replay
 
 
 def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16, progress=True) -> dict:

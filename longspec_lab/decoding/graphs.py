@@ -38,6 +38,26 @@ from longspec_lab.spec.verify import split_stats
 COMPILE_MODE = os.environ.get("LONGSPEC_COMPILE_MODE", "max-autotune-no-cudagraphs")
 
 
+def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
+    """The one capture helper: run the functions in order `warmup` times on a side stream (compilation,
+    autotuning, allocator), then record each in its own CUDA graph. Replay with `graph.replay()`."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graphs = []
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g)
+    torch.cuda.synchronize()
+    return graphs
+
+
 class Stage:
     """One stage function: called as is, compiled, or replayed from its CUDA graph once captured."""
 
@@ -113,19 +133,8 @@ class GraphDecoder(SpecDecoder):
         if st.shape is not None:
             st.pend_n.fill_(1)
             st.ring.seen.fill_(1)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                for stage in stages:
-                    stage()
-        torch.cuda.current_stream().wait_stream(s)
-        for stage in stages:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                stage.fn()
+        for stage, g in zip(stages, capture([stage.fn for stage in stages])):
             stage.graph = g
-        torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
