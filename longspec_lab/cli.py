@@ -696,7 +696,11 @@ def cmd_bench(args) -> int:
         _check_out_file(args.out, "--out", args.overwrite)
     _check_plot(args)
     args.tree_shapes = args.tree_shapes or [list(s) for s in e2e.DEFAULT_SHAPES]
-    cfg = _prepare(args, need_draft=True)[3]
+    if args.eager and args.compile:
+        raise UsageError("--compile applies to the graph path, but --eager runs the eager loop; drop one of them")
+    dev, _, _, cfg = _prepare(args, need_draft=True)
+    if args.profile and not str(dev).startswith("cuda"):
+        raise UsageError("--profile counts GPU kernels and needs a CUDA device; use --device cuda or drop --profile")
     ctx = cfg.context_length
     for s in args.tree_shapes:
         _check_fits(None, args.max_new_tokens, 1 + sum(s), ctx, f"--tree-shape {' '.join(map(str, s))}")
@@ -954,6 +958,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the first tree shape with these attention backends",
     )
     b.add_argument("--eager", action="store_true", help="use the eager loop even on CUDA")
+    b.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile every stage before capturing it (default: on with CUDA; its time is reported "
+        "separately as compile_seconds, never inside a timed run)",
+    )
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="also count, per stage, the GPU kernels one call launches and their time, eager against compiled "
+        "against replayed (needs CUDA; stored under 'profile' in the report)",
+    )
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     b.add_argument(
         "--plot",

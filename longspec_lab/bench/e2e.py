@@ -222,7 +222,7 @@ def run_cli(args) -> int:
 
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     widest = max([1 + sum(s) for s in args.tree_shapes] + [1 + g for g in args.gammas])
-    room = target.config.max_position_embeddings - args.max_new_tokens - widest
+    room = target.config.context_length - args.max_new_tokens - widest
     prompts = [tok.encode(p["text"]) for p in load_prompts(min_tokens=args.min_prompt_tokens)]
     prompts = [p for p in prompts if len(p) <= room][: args.num_prompts]
     if not prompts:
@@ -250,7 +250,22 @@ def run_cli(args) -> int:
         progress=not args.quiet,
         fast=False if args.eager else None,
         extra_backends=args.extra_backends,
+        compile=getattr(args, "compile", None),
     )
+    if getattr(args, "profile", False):
+        from longspec_lab.bench.profile import profile_stages
+
+        if target.device.type != "cuda":
+            raise ValueError("--profile counts GPU kernels and needs --device cuda; drop --profile on this device")
+        be = args.attention_backend or "triton"
+        rep["profile"] = {
+            "ar": profile_stages(target, draft, prompts[0], "ar", backend=be),
+            **{f"chain-g{g}": profile_stages(target, draft, prompts[0], "chain", [1] * g, be) for g in args.gammas},
+            **{
+                "tree-" + "-".join(map(str, s)): profile_stages(target, draft, prompts[0], "tree", s, be)
+                for s in shapes
+            },
+        }
     rep["environment"] = environment(target.device)
     rep["prompt_tokens"] = [len(p) for p in prompts]
     rep["dtype"] = str(target.dtype).replace("torch.", "")

@@ -129,6 +129,8 @@ CASES = [
     ("bench-backend", ["bench", "--extra-backends", "cuda"], 2, ["--extra-backends"], []),
     ("bench-prompts-zero", ["bench", "--num-prompts", "0"], 2, ["--num-prompts"], []),
     ("bench-plot-type", ["bench", "--plot", "{work}/b.txt"], 2, ["--plot", ".txt"], []),
+    ("bench-profile-cpu", ["bench", "--profile", "--device", "cpu"], 2, ["--profile", "CUDA"], []),
+    ("bench-eager-compile", ["bench", "--eager", "--compile"], 2, ["--compile", "--eager"], []),
     ("bench-out-exists", ["bench", "--out", "{short}"], 2, ["--out", "--overwrite"], []),
     ("bench-out-dir", ["bench", "--out", "{work}"], 2, ["--out", "folder"], []),
     ("bench-max-new", ["bench", "--device", "cpu", "--max-new-tokens", "5000"], 2, ["--max-new-tokens"], []),
