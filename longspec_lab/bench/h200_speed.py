@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+
+# Decoding meets dozens of distinct attention shapes (1 row, each level's width, the whole tree, the
+# pending block), and the kernel autotunes each on first use: minutes of Triton compiles before the
+# first timed token (seen on the H200, 2026-12-02). One fixed Hopper config keeps the job short.
+os.environ.setdefault("LONGSPEC_AUTOTUNE", "0")
 
 
 def _write(out: Path, name: str, rep: dict) -> None:
