@@ -8,7 +8,7 @@ Rows: "greedy" at temperature 0 (the reference), then for each temperature the l
 rules "target-sample" (beam tree), "rrs" (sampled tree), "chain" (sampled chain of gamma) and the
 BIASED "naive-topk" (min(1, p/q) on beam siblings, as the LongSpec reference code does; arXiv
 2502.17421). naive-topk's tau is recorded for comparison only: its output is
-not a sample of the target's distribution (tests/test_sampling_exact.py rejects it), so its tau is
+not a sample of the target's distribution (tests/unit/spec/test_sampling_exact.py rejects it), so its tau is
 not an achievable speed-up. tau = generated tokens / target forward passes (prefill included),
 summed over the prompts; acceptance rates are by depth and by sibling rank (GenerationResult).
 

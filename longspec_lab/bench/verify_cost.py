@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         return _agreement_main(args)
     if not torch.cuda.is_available():
         raise SystemExit(
-            "error: bench_verify needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB); "
+            "error: bench.verify_cost needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB); "
             "on CPU only --agreement --small runs"
         )
     rep = measure(

@@ -216,7 +216,7 @@ def verify_batch(
     if mode in ("rrs", "naive") and (q is None or q.shape != p.shape):
         raise ValueError(
             f"verify={rule!r} needs the draft distribution q [B, N, V] like p {tuple(p.shape)}; "
-            "draft with sample_tree.grow_sampled_tree (rrs, chain) or grow_beam_tree_q (naive-topk)"
+            "draft with spec.draft.grow_sampled_tree (rrs, chain) or grow_beam_tree(..., params=...) (naive-topk)"
         )
     if rule == "chain" and any(w != 1 for w in batch.shape.widths):
         raise ValueError(

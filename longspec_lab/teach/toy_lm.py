@@ -12,11 +12,11 @@ tested against the truth:
   * `TableLM.exact(params, n_tokens)` enumerates all V^n sequences: P(x1..xn) = prod_i p(x_i | x_<i),
     with p the target's distribution after temperature / top-k / top-p (sampling.probs_from_logits).
   * `speculative_samples` runs many speculative generations side by side with the library's own
-    drafting (tree.grow_beam_tree / sample_tree) and verification (verify.verify_batch) until each has
+    drafting (spec.draft.grow_beam_tree / grow_sampled_batch) and verification (spec.verify.verify_batch) until each has
     n tokens, and returns the index of every generated sequence in that enumeration.
 
 `gof_pvalue` (chi-square goodness of fit) and `total_variation` compare the two. Used by
-notebooks/06 and tests/test_exact.py.
+notebooks/06 and tests/unit/teach/test_toy_lm.py.
 
 Taught in: notebooks/06_sampling_without_bias.ipynb.
 """
@@ -110,7 +110,7 @@ class TableLM:
 
 
 def _draft_beam(model: TableLM, rule, rc, rl, shape, params):
-    """One beam tree per distinct context, drafted from the draft's raw log-probs as decode.py does."""
+    """One beam tree per distinct context, drafted from the draft's raw log-probs as the decoder does."""
     uniq, inv = torch.unique(rc, return_inverse=True)
     trees = []
     for c in uniq.tolist():
@@ -140,7 +140,7 @@ def speculative_samples(
     """n speculative generations of n_tokens tokens -> index [n] of each sequence in `exact`'s order.
 
     rule: a key of verify.VERIFY_RULES; drafting "beam" (deterministic top-k tree) or "sampled"
-    (sample_tree; what rrs / chain need), by default the one the decoder pairs with the rule."""
+    (spec.draft; what rrs / chain need), by default the one the decoder pairs with the rule."""
     if rule not in MODES:
         raise ValueError(f"rule {rule!r} is unknown; use one of {', '.join(MODES)}")
     drafting = drafting or DRAFTING[rule]

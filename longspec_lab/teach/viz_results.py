@@ -442,7 +442,7 @@ def anchor_positions_figure(
     zoom: int = 8,
     title: str = "Anchor-offset position ids of one training batch",
 ) -> go.Figure:
-    """positions [B, T] (train_draft.anchor_positions): left, position id against token index for
+    """positions [B, T] (train.draft.anchor_positions): left, position id against token index for
     each row; right, the first `zoom` tokens, where the unshifted "sink" positions 0..k-1 sit."""
     pos = positions.detach().cpu().numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
     if pos.ndim != 2:

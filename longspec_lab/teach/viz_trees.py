@@ -1,4 +1,4 @@
-"""Pure figure functions for the notebooks: draft trees and tree masks (results plots: `viz_plots`).
+"""Pure figure functions for the notebooks: draft trees and tree masks (results plots: `viz_results`).
 
 Nothing here holds widget state; every function maps data (a `DraftTree`, a `StepRecord` from
 `GenerationResult.trace`, a mask, a list of results) to a `graphviz.Digraph` or a plotly `Figure`.
@@ -393,6 +393,3 @@ def mask_figure(
     fig.update_xaxes(title="key node j (attended to)", range=[-0.5, n - 0.5], constrain="domain", side="bottom")
     fig.update_yaxes(title="query node i", autorange="reversed", scaleanchor="x", constrain="domain")
     return fig
-
-
-# the results figures live in viz_plots.py; re-exported so notebooks use one namespace

@@ -36,7 +36,7 @@ def gof_pvalue(cells, probs):
     return exact.gof_pvalue(cells, probs.numpy())
 
 
-MODEL = TableLM.random(vocab=8, max_len=5, seed=1)  # tables: longspec_lab/exact.py, checked in test_exact.py
+MODEL = TableLM.random(vocab=8, max_len=5, seed=1)  # tables: longspec_lab/teach/toy_lm.py, checked in test_toy_lm.py
 CASES = [  # (rule, drafting, tree shape, top_k, top_p)
     ("target-sample", "beam", [3, 3, 2], None, None),
     ("target-sample", "beam", [2, 4], None, None),

@@ -1,4 +1,4 @@
-"""Tests for longspec_lab.tree: shapes, masks, beam growth, each against a naive python reference."""
+"""Tests for longspec_lab.spec.tree and spec.draft: shapes, masks, beam growth, each against a naive reference."""
 
 import itertools
 import math

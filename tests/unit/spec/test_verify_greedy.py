@@ -1,4 +1,4 @@
-"""Tests for greedy acceptance (longspec_lab.verify.accept_greedy) against brute force, and losslessness."""
+"""Tests for greedy acceptance (longspec_lab.spec.verify.accept_greedy) against brute force, and losslessness."""
 
 import zlib
 

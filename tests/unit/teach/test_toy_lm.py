@@ -1,7 +1,7 @@
 """longspec_lab.exact: the enumerated distribution of a table LM, and speculative samples of it.
 
 References: a brute-force recursion over explicit token tuples with a plain softmax (no shared code
-with exact.py's vectorised enumeration), numpy sums for marginals, and the rules' known behaviour
+with toy_lm.py's vectorised enumeration), numpy sums for marginals, and the rules' known behaviour
 (lossless rules fit the exact distribution, naive-topk with draft == target does not).
 """
 
