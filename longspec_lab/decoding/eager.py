@@ -35,7 +35,7 @@ from longspec_lab.ops.attention import check_backend, default_backend
 from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape, check_tree_limits
-from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, acceptance_stats, split_stats
+from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, split_stats
 
 METHODS = ("ar", "chain", "tree")
 
@@ -257,13 +257,7 @@ class SpecDecoder:
         timer = StageTimer(dev)
         t0 = time.perf_counter()
         with timer.stage("prefill"):
-            logits = steps.prefill(st, prompt, first=None)
-            if pick is not None:  # the first token is sampled too
-                first = pick(logits)
-                st.root.copy_(first)
-                st.out[:1].copy_(first)
-                if shape is not None:
-                    st.pend[:1].copy_(first)
+            steps.prefill(st, prompt, pick)  # the first token is sampled too
         out, _ = self._cut(st.out[:1].tolist(), max_new_tokens)
         stopped = stop_at_eos and out[-1] in self.target.config.eos_ids
         res = GenerationResult(
@@ -285,7 +279,7 @@ class SpecDecoder:
                 res.draft_calls += st.D
                 with timer.stage("verify"):
                     if sampling:
-                        result, tree, preds = self._sample_step(st, verify, params, gen)
+                        result, tree, preds = steps.sample_accept(st, steps.verify_forward(st), verify, params, gen)
                     else:
                         steps.verify(st)
                 with timer.stage("commit"):
@@ -308,19 +302,3 @@ class SpecDecoder:
         res.stage_seconds = timer.as_dict()
         res.wall_seconds = time.perf_counter() - t0
         return res
-
-    @staticmethod
-    def _sample_step(st, verify, params, gen):
-        """A sampling rule's walk on the verified tree (host control flow), written back into the state."""
-        p = probs_from_logits(steps.verify_forward(st), params)  # [N, V] the target's distribution per node
-        tree = st.tree.tree()
-        result = VERIFY_RULES[verify](tree, p, None, gen)
-        n = result.accept_length
-        pad = st.D + 1 - n
-        st.path.copy_(torch.cat([result.path, result.path[-1:].expand(pad)]))
-        st.emitted.copy_(torch.cat([result.emitted, result.emitted[-1:].expand(pad)]))
-        st.n_acc.fill_(n)
-        buf = st.tree
-        n_t = st.n_acc
-        st.stats.add_(acceptance_stats(buf.parents, buf.depths, st.path, n_t, result.tried, st.D, st.R))
-        return result, tree, p.argmax(-1)

@@ -16,7 +16,9 @@ timed separately (`compile_seconds`), never inside a timed generation.
 
 On the CPU (tests) the same stages run without graphs and, by default, without compilation: the
 twin tests check that a compiled stage gives the eager stage's outputs. Sampling rules walk the tree
-with host control flow: the graph decoder refuses them with an error that says to use `SpecDecoder`.
+with host control flow: for target-sample and naive-topk the draft and verification stages are
+replayed, the rule walks the tree on the host, and the commit is replayed; rrs and chain draw the tree
+from a generator inside the draft stages, so the graph decoder refuses them and names `SpecDecoder`.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 """
@@ -30,6 +32,7 @@ import torch
 
 from longspec_lab.decoding import steps
 from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.ops.sampling import probs_from_logits, sample_categorical
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 from longspec_lab.spec.verify import split_stats
@@ -111,18 +114,21 @@ class GraphDecoder(SpecDecoder):
         self._plans: dict = {}
 
     # ------------------------------------------------------------------ buffers and capture
-    def plan(self, method: str, shape: TreeShape | None):
-        """(DecodeState, [Stage]) for a method and shape, built, compiled and captured once."""
-        key = (method, shape.widths if shape is not None else None)
+    def plan(self, method: str, shape: TreeShape | None, sampled: bool = False, params=None):
+        """(DecodeState, [Stage] before the host, [Stage] after it) for a method and shape, built, compiled
+        and captured once. Greedy steps run entirely on the device (nothing after the host); sampled steps
+        stop after the verification pass for the rule's host walk (`params`: naive-topk's recorded q)."""
+        key = (method, shape.widths if shape is not None else None, sampled, params)
         if key not in self._plans:
             t0 = time.perf_counter()
-            st = steps.DecodeState(self.target, self.draft, shape, self.capacity, self.backend)
+            st = steps.DecodeState(self.target, self.draft, shape, self.capacity, self.backend, keep_q=sampled)
             mode = self.compile_mode if self.compile else None
-            stages = [Stage(name, fn, mode) for name, fn in steps.greedy_stages(st)]
+            before, after = steps.sampling_stages(st, params) if sampled else (steps.greedy_stages(st), [])
+            before, after = ([Stage(name, fn, mode) for name, fn in part] for part in (before, after))
             if self.graphs:
-                self._capture(st, stages)
-            self._plans[key] = (st, stages)
-            self.compile_seconds[f"{method}:{shape or ''}"] = time.perf_counter() - t0
+                self._capture(st, before + after)
+            self._plans[key] = (st, before, after)
+            self.compile_seconds[f"{method}:{shape or ''}{':sampled' if sampled else ''}"] = time.perf_counter() - t0
         return self._plans[key]
 
     @staticmethod
@@ -135,6 +141,17 @@ class GraphDecoder(SpecDecoder):
             st.ring.seen.fill_(1)
         for stage, g in zip(stages, capture([stage.fn for stage in stages])):
             stage.graph = g
+
+    def _replay(self, stages: list[Stage], events: dict) -> None:
+        for stage in stages:
+            if self.stage_timing:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                stage()
+                b.record()
+                events.setdefault(stage.name, []).append((a, b))
+            else:
+                stage()
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -149,23 +166,32 @@ class GraphDecoder(SpecDecoder):
         stop_at_eos: bool = True,
         **sampling,
     ) -> GenerationResult:
-        """SpecDecoder.generate's arguments; greedy only (the sampling rules raise, naming SpecDecoder)."""
+        """SpecDecoder.generate's arguments. Greedy steps run as bursts of captured stages; a sampled step
+        (target-sample, naive-topk) replays the draft and verification stages, walks the tree on the host
+        with the rule, then replays the commit. rrs and chain draw the tree itself from a generator
+        inside the draft stages: they raise, naming SpecDecoder."""
         keys = ("verify", "temperature", "top_k", "top_p", "do_sample")
         unknown = set(sampling) - set(keys) - {"seed", "generator"}
         if unknown:
             raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
         args = [sampling.get(k, d) for k, d in zip(keys, (None, 0.0, None, None, None))]
-        prompt, shape, verify, _, _ = self._check_call(prompt_ids, method, max_new_tokens, tree_shape, gamma, *args)
-        if verify != "greedy":
+        prompt, shape, verify, params, _ = self._check_call(
+            prompt_ids, method, max_new_tokens, tree_shape, gamma, *args
+        )
+        if verify in ("rrs", "chain"):
             raise ValueError(
-                f"GraphDecoder captures greedy decoding only; verify={verify!r} walks the tree with host control "
-                "flow: use SpecDecoder, which runs the same stage functions eagerly"
+                f"GraphDecoder does not run verify={verify!r}: its tree is drawn from a random generator inside "
+                "the draft stages, which a CUDA graph would replay with the same draws; use SpecDecoder, which "
+                "runs the same stage functions eagerly"
             )
-        st, stages = self.plan(method, shape)
+        sampled = verify != "greedy"
+        _, gen, seed = self._sampler(verify, params, sampling.get("seed"), sampling.get("generator"))
+        pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampled else None
+        st, before, after = self.plan(method, shape, sampled, params if verify == "naive-topk" else None)
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        steps.prefill(st, prompt)
+        steps.prefill(st, prompt, pick)
         sync()
         t_prefill = time.perf_counter() - t0
         events: dict[str, list] = {}
@@ -173,29 +199,28 @@ class GraphDecoder(SpecDecoder):
             method, [], 1, [], {}, 0.0,
             tree_shape=list(shape.widths) if method == "tree" else None,
             gamma=gamma if method == "chain" else None,
+            verify=verify, seed=seed if sampled else None, **params.as_dict(),
         )  # fmt: skip
         eos = set(self.target.config.eos_ids) if stop_at_eos else set()
         produced, per_step = 1, st.D + 1
         done = max_new_tokens <= 1 or int(st.out[0]) in eos
         while not done:
-            burst = 1 if trace else max(1, (max_new_tokens - produced) // per_step)
+            burst = 1 if trace or sampled else max(1, (max_new_tokens - produced) // per_step)
             for _ in range(burst):
                 prefix_len = int(st.P) if trace else 0
-                for stage in stages:
-                    if self.stage_timing:
-                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        a.record()
-                        stage()
-                        b.record()
-                        events.setdefault(stage.name, []).append((a, b))
-                    else:
-                        stage()
-            before, produced = produced, int(st.out_len)  # the one host sync per burst
+                self._replay(before, events)
+                if sampled and shape is None:
+                    steps.ar_choose(st, st.logits[0], pick)
+                elif sampled:
+                    result, tree, preds = steps.sample_accept(st, st.logits, verify, params, gen)
+                self._replay(after, events)
+            start, produced = produced, int(st.out_len)  # the one host sync per burst
             if trace and shape is not None:
-                tree, preds, result = steps.step_outcome(st)
-                new = self._cut(st.out[before:produced].tolist(), max_new_tokens - before)[0] if stop_at_eos else (
-                    st.out[before : min(produced, max_new_tokens)].tolist())  # fmt: skip
-                text = self._text(st.out[: before + len(new)].tolist())
+                if not sampled:
+                    tree, preds, result = steps.step_outcome(st)
+                new = self._cut(st.out[start:produced].tolist(), max_new_tokens - start)[0] if stop_at_eos else (
+                    st.out[start : min(produced, max_new_tokens)].tolist())  # fmt: skip
+                text = self._text(st.out[: start + len(new)].tolist())
                 res.trace.append(StepRecord(len(res.trace), prefix_len, tree.to("cpu"), preds.cpu(), result, new, text))
             if eos:
                 done = any(x in eos for x in st.out[:produced].tolist())

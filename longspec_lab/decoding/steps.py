@@ -32,7 +32,7 @@ from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
 from longspec_lab.spec.commit import advance, commit_kv
 from longspec_lab.spec.draft import TreeBuffers, grow_beam_level, grow_sampled_level
 from longspec_lab.spec.tree import TreeShape
-from longspec_lab.spec.verify import AcceptResult, acceptance_stats, greedy_accept, path_nodes
+from longspec_lab.spec.verify import VERIFY_RULES, AcceptResult, acceptance_stats, greedy_accept, path_nodes
 
 
 class DecodeState:
@@ -55,11 +55,15 @@ class DecodeState:
         self.out = L(capacity + self.D + 1)
         self.emitted, self.path = L(self.D + 1), L(self.D + 1)
         self.tcache = target.new_cache(capacity)
+        vocab = target.config.vocab_size
+        rows = shape.num_nodes if shape is not None else 1
+        # the target's logits of the last pass, for the sampling rules' host walk (graph path)
+        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=dev) if keep_q else None
         self.steps = L(1)  # steps taken; lengths[i] = tokens emitted by step i
         self.lengths = L(capacity + 1)
         if shape is None:
             return
-        N, vocab = shape.num_nodes, target.config.vocab_size
+        N = shape.num_nodes
         self.tree = TreeBuffers(shape, dev, vocab if keep_q else None)
         self.tree.drafting = drafting  # "sampled" when the levels are drawn by sampled_rule
         self.ring = draft.new_ring(max_pending=self.D + 1, max_tree_nodes=N)
@@ -79,12 +83,12 @@ class DecodeState:
 # ----------------------------------------------------------------------------- prefill (dynamic length)
 
 
-def prefill(st: DecodeState, prompt: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(st: DecodeState, prompt: torch.Tensor, pick=None) -> torch.Tensor:
     """Run the prompt [T] through the target (and the draft's ring); reset every buffer. Returns the
-    target's logits [V] after the prompt; the first token is its argmax unless `first` [1] is given."""
+    target's logits [V] after the prompt; the first token is their argmax, or pick(logits) -> [1]."""
     t = st.target
     logits = t(prompt[None], cache=st.tcache, start=0, backend=st.backend, last_only=True)[0, -1]
-    tok = logits.argmax()[None] if first is None else first
+    tok = logits.argmax()[None] if pick is None else pick(logits)
     st.P.fill_(prompt.numel())
     st.root.copy_(tok)
     st.out[:1].copy_(tok)
@@ -111,11 +115,25 @@ def ar_forward(st: DecodeState) -> torch.Tensor:
 
 def ar_step(st: DecodeState, pick=None) -> None:
     """Plain decoding: one target pass; its argmax (or pick(logits) -> [1], a sampler) is the next token."""
-    logits = ar_forward(st)
+    ar_choose(st, ar_forward(st), pick)
+    ar_advance(st)
+
+
+def ar_choose(st: DecodeState, logits: torch.Tensor, pick=None) -> None:
+    """The next token of plain decoding from the logits [V]: argmax, or pick(logits) -> [1]."""
     st.emitted[:1].copy_(logits.argmax()[None] if pick is None else pick(logits))
     st.n_acc.fill_(1)
+
+
+def ar_advance(st: DecodeState) -> None:
+    """Emit the chosen token: it becomes the root, P and the output move on by one."""
     advance(st.out, st.out_len, st.root, st.P, st.emitted[:1], st.n_acc)
     _count_step(st)
+
+
+def ar_logits(st: DecodeState) -> None:
+    """The AR pass into the state's logits buffer (the graph path's sampling runs read it)."""
+    st.logits[:1].copy_(ar_forward(st)[None])
 
 
 def beam_rule(buf: TreeBuffers, l: int, logits: torch.Tensor, params: SamplingParams | None = None) -> None:
@@ -173,6 +191,26 @@ def verify(st: DecodeState) -> None:
     st.stats.add_(acceptance_stats(buf.parents, buf.depths, path, n, tried, st.D, st.R))
 
 
+def verify_logits(st: DecodeState) -> None:
+    """The verification pass into the state's logits buffer [N, V] (for the sampling rules' walk)."""
+    st.logits.copy_(verify_forward(st))
+
+
+def sample_accept(st: DecodeState, logits: torch.Tensor, verify: str, params, generator):
+    """A sampling rule's walk on the verified tree (host control flow), written back into the state:
+    path, emitted, n_acc and the acceptance counts. Returns (AcceptResult, DraftTree, target argmax [N])."""
+    p = probs_from_logits(logits, params)  # [N, V] the target's distribution per node
+    tree = st.tree.tree()
+    result = VERIFY_RULES[verify](tree, p, None, generator)
+    n, pad = result.accept_length, st.D + 1 - result.accept_length
+    st.path.copy_(torch.cat([result.path, result.path[-1:].expand(pad)]))
+    st.emitted.copy_(torch.cat([result.emitted, result.emitted[-1:].expand(pad)]))
+    st.n_acc.fill_(n)
+    buf = st.tree
+    st.stats.add_(acceptance_stats(buf.parents, buf.depths, st.path, st.n_acc, result.tried, st.D, st.R))
+    return result, tree, p.argmax(-1)
+
+
 def commit(st: DecodeState) -> None:
     """Keep the accepted path's KV entries (all layers), emit its tokens, hand them to the draft."""
     commit_kv(st.tcache.k, st.tcache.v, st.P, st.path)
@@ -195,6 +233,17 @@ def step_outcome(st: DecodeState):
     tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)
     result = AcceptResult(path, st.emitted[:n].clone(), st.verified.clone(), st.accepted.clone(), n, tried)
     return tree, st.preds.clone(), result
+
+
+def sampling_stages(st: DecodeState, params: SamplingParams | None = None):
+    """The stages of one sampled step around the host walk: (before, after) lists of (name, function).
+    The draft is the beam tree (with q recorded when `params` is given, for naive-topk)."""
+    if st.shape is None:
+        return [("verify", partial(ar_logits, st))], [("commit", partial(ar_advance, st))]
+    grow = beam_rule if params is None else partial(beam_rule, params=params)
+    before = [("draft1", partial(draft_root, st, grow))]
+    before += [(f"draft{l}", partial(draft_next, st, l, grow)) for l in range(2, st.D + 1)]
+    return before + [("verify", partial(verify_logits, st))], [("commit", partial(commit, st))]
 
 
 def greedy_stages(st: DecodeState) -> list[tuple[str, callable]]:

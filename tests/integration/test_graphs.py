@@ -164,4 +164,33 @@ def test_graph_decoder_eos_capacity_and_refusals(decoders, embedded_pair):
         fast.generate(ids * 3, max_new_tokens=20)
     with pytest.raises(ValueError, match="use SpecDecoder"):
         fast.generate(ids, max_new_tokens=5, verify="rrs", temperature=1.0)
+    with pytest.raises(ValueError, match="use SpecDecoder"):
+        fast.generate(ids, method="chain", max_new_tokens=5, do_sample=True, temperature=1.0)
     assert fast.generate(ids, max_new_tokens=20, stop_at_eos=False).new_tokens == full  # still works
+
+
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("ar", {"verify": "target-sample"}),
+        ("tree", {"verify": "target-sample", "tree_shape": [2, 3, 3]}),
+        ("chain", {"verify": "target-sample", "gamma": 3}),
+        ("tree", {"verify": "naive-topk", "tree_shape": [3, 3]}),
+    ],
+    ids=["ar", "tree", "chain", "naive-topk"],
+)
+def test_graph_decoder_samples_like_the_eager_loop(decoders, method, kw):
+    """Sampled runs: the same seed gives the same tokens, lengths, statistics and trace on both paths
+    (the draft and verification stages replayed, the rule's walk on the host in between)."""
+    ref, fast, tok = decoders
+    ids = tok.encode(load_prompts(min_tokens=1000)[0]["text"])[:700]
+    common = dict(method=method, max_new_tokens=24, stop_at_eos=False, temperature=0.9, top_k=50, seed=11, **kw)
+    a = ref.generate(ids, trace=method != "ar", **common)
+    b = fast.generate(ids, trace=method != "ar", **common)
+    assert b.new_tokens == a.new_tokens and b.accepted_lengths == a.accepted_lengths
+    assert b.seed == a.seed == 11 and b.verify == kw["verify"] and b.temperature == 0.9
+    assert b.depth_accepted == a.depth_accepted and b.rank_tried == a.rank_tried
+    for x, y in zip(a.trace, b.trace):
+        assert torch.equal(x.result.path, y.result.path) and x.emitted == y.emitted
+    other = fast.generate(ids, **dict(common, seed=12))
+    assert other.new_tokens != b.new_tokens  # the seed matters
