@@ -58,7 +58,7 @@ class DecodeState:
         vocab = target.config.vocab_size
         rows = shape.num_nodes if shape is not None else 1
         # the target's logits of the last pass, for the sampling rules' host walk (graph path)
-        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=dev) if keep_q else None
+        self.logits = torch.zeros(rows, vocab, dtype=target.dtype, device=dev) if keep_q else None
         self.steps = L(1)  # steps taken; lengths[i] = tokens emitted by step i
         self.lengths = L(capacity + 1)
         if shape is None:
