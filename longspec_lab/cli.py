@@ -556,7 +556,7 @@ def _check_fits(n_prompt, max_new: int, nodes: int, ctx: int, flag_nodes: str) -
 
 
 def cmd_generate(args) -> int:
-    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.decoding.eager import BATCH_INVARIANT_ROWS, SpecDecoder
 
     _check_method_flags(args)
     text = _prompt_text(args)
@@ -573,9 +573,17 @@ def cmd_generate(args) -> int:
         cfg.context_length,
         flag,
     )
+    nodes = _nodes(args.method, args.tree_shape, args.gamma)
+    if args.batch_invariant and nodes > BATCH_INVARIANT_ROWS:
+        raise UsageError(
+            f"--batch-invariant pads every pass to {BATCH_INVARIANT_ROWS} rows but this tree has {nodes} nodes; "
+            f"use a --tree-shape of at most {BATCH_INVARIANT_ROWS} nodes, e.g. 4 16 16 16 16"
+        )
     _seed(args.seed)
     target, draft = _load(model_dir, draft_dir, dev, args.dtype)
-    dec = SpecDecoder(target, draft, backend=args.attention_backend, tokenizer=tok)
+    dec = SpecDecoder(
+        target, draft, backend=args.attention_backend, tokenizer=tok, batch_invariant=args.batch_invariant
+    )
     with _Progress(target, args.method, args.quiet):
         res = dec.generate(
             ids,
@@ -906,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_float_range(0, 100), default=0.0, help="sampling temperature, 0 = greedy")
     g.add_argument("--top-k", type=_int_range(1), default=None, help="keep the k likeliest tokens when sampling")
     g.add_argument("--top-p", type=_float_range(0, 1, lo_open=True), default=None, help="nucleus mass in (0, 1]")
+    g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="pad every target pass to 128 rows, so a token's logits do not depend on how many rows its pass had "
+        "(ar, chain and tree then agree in bf16 too; trees of at most 128 nodes)",
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     _add_common(g, "no progress line and no summary on stderr")
     g.set_defaults(func=cmd_generate)
@@ -964,6 +978,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.compile every stage before capturing it (default: on with CUDA; its time is reported "
         "separately as compile_seconds, never inside a timed run)",
+    )
+    b.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="pad every target pass to 128 rows (ar, chain and tree then agree in bf16 too); run it beside a "
+        "default run to see its cost",
     )
     b.add_argument(
         "--profile",

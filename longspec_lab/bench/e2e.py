@@ -74,6 +74,7 @@ def run_bench(
     fast=None,
     extra_backends=(),
     compile=None,
+    batch_invariant=False,
 ) -> dict:
     """Our loops: the CUDA-graph fast path on the GPU (`fast=None` -> on CUDA), else the eager loop.
     Per-stage times come from a second, separately timed run with per-stage CUDA events (or the
@@ -87,9 +88,12 @@ def run_bench(
     make = (
         (lambda be, **kw: GraphDecoder(target, draft, backend=be, **kw))
         if fast
-        else (lambda be, **kw: SpecDecoder(target, draft, backend=be))
+        else (lambda be, **kw: SpecDecoder(target, draft, backend=be, batch_invariant=kw.get("batch_invariant", False)))
     )
-    dec = make(backend, **({"compile": compile} if fast and compile is not None else {}))
+    opts = {"batch_invariant": batch_invariant} if batch_invariant else {}
+    if fast and compile is not None:
+        opts["compile"] = compile
+    dec = make(backend, **opts)
     configs = [("ar", dict(method="ar"), dec)]
     configs += [(f"chain-g{g}", dict(method="chain", gamma=g), dec) for g in gammas]
     configs += [("tree-" + "-".join(map(str, s)), dict(method="tree", tree_shape=list(s)), dec) for s in shapes]
@@ -164,6 +168,7 @@ def run_bench(
         "backend": dec.backend,
         "decoder": type(dec).__name__,
         "compile": getattr(dec, "compile", False),
+        "batch_invariant_rows": dec.rows,
         "compile_seconds": dict(getattr(dec, "compile_seconds", {})),
         "max_new_tokens": max_new_tokens,
         "num_prompts": len(prompts),
@@ -251,6 +256,7 @@ def run_cli(args) -> int:
         fast=False if args.eager else None,
         extra_backends=args.extra_backends,
         compile=getattr(args, "compile", None),
+        batch_invariant=getattr(args, "batch_invariant", False),
     )
     if getattr(args, "profile", False):
         from longspec_lab.bench.profile import profile_stages

@@ -38,6 +38,7 @@ from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape, check_tree_lim
 from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, split_stats
 
 METHODS = ("ar", "chain", "tree")
+BATCH_INVARIANT_ROWS = 128  # rows of every target pass in batch-invariant mode (>= the largest tree)
 
 
 def check_verify(method: str, verify: str, params: SamplingParams, shape) -> None:
@@ -130,11 +131,26 @@ class SpecDecoder:
     so a call that raised leaves the decoder usable."""
 
     def __init__(
-        self, target, draft=None, backend: str | None = None, tokenizer=None, max_cache_len: int | None = None
+        self,
+        target,
+        draft=None,
+        backend: str | None = None,
+        tokenizer=None,
+        max_cache_len: int | None = None,
+        batch_invariant: bool | int = False,
     ):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.backend = check_backend(backend or default_backend(target.device), target.device)
         self.max_cache_len = max_cache_len  # None: sized per call from the prompt and the tree
+        # batch-invariant mode: every target pass is padded to the same number of rows (True: 128), so a
+        # token's logits do not depend on how many rows its pass had, and ar, chain and tree give the same
+        # tokens in bf16 too. It costs the padding rows' work (little where a step is launch-bound).
+        if isinstance(batch_invariant, bool):
+            self.rows = BATCH_INVARIANT_ROWS if batch_invariant else 0
+        elif isinstance(batch_invariant, int) and batch_invariant >= 1:
+            self.rows = batch_invariant
+        else:
+            raise ValueError(f"batch_invariant={batch_invariant!r} must be True/False or a row count >= 1")
 
     # ------------------------------------------------------------------ checks
     def _plan(self, prompt, method, max_new_tokens, shape):
@@ -153,6 +169,11 @@ class SpecDecoder:
                 f"model's context of {context}; shorten the prompt or ask for fewer tokens"
             )
         reserve = shape.num_nodes + shape.depth + 1 if shape is not None else 1
+        if self.rows and (shape.num_nodes if shape is not None else 1) > self.rows:
+            raise ValueError(
+                f"tree_shape {list(shape.widths)} has {shape.num_nodes} nodes but batch-invariant passes have "
+                f"{self.rows} rows; use a tree of at most {self.rows} nodes, or batch_invariant={shape.num_nodes}"
+            )
         if shape is not None:
             check_tree_limits(shape)
             shape.check_fits(cfg.vocab_size)
@@ -253,7 +274,9 @@ class SpecDecoder:
         sampling = verify != "greedy"
         pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampling else None
         drafting = "sampled" if verify in ("rrs", "chain") else "beam"
-        st = steps.DecodeState(self.target, self.draft, shape, cache_len, self.backend, verify != "greedy", drafting)
+        st = steps.DecodeState(
+            self.target, self.draft, shape, cache_len, self.backend, verify != "greedy", drafting, self.rows
+        )
         timer = StageTimer(dev)
         t0 = time.perf_counter()
         with timer.stage("prefill"):

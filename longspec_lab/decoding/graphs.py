@@ -93,8 +93,9 @@ class GraphDecoder(SpecDecoder):
         compile: bool | None = None,
         compile_mode: str = COMPILE_MODE,
         stage_timing: bool = False,
+        batch_invariant: bool | int = False,
     ):
-        super().__init__(target, draft, backend, tokenizer)
+        super().__init__(target, draft, backend, tokenizer, batch_invariant=batch_invariant)
         self.device = target.device
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else bool(graphs)
@@ -121,7 +122,9 @@ class GraphDecoder(SpecDecoder):
         key = (method, shape.widths if shape is not None else None, sampled, params)
         if key not in self._plans:
             t0 = time.perf_counter()
-            st = steps.DecodeState(self.target, self.draft, shape, self.capacity, self.backend, keep_q=sampled)
+            st = steps.DecodeState(
+                self.target, self.draft, shape, self.capacity, self.backend, keep_q=sampled, rows=self.rows
+            )
             mode = self.compile_mode if self.compile else None
             before, after = steps.sampling_stages(st, params) if sampled else (steps.greedy_stages(st), [])
             before, after = ([Stage(name, fn, mode) for name, fn in part] for part in (before, after))

@@ -45,10 +45,12 @@ class DecodeState:
 
     def __init__(
         self, target, draft, shape: TreeShape | None, capacity: int, backend: str, keep_q: bool = False,
-        drafting: str = "beam",
+        drafting: str = "beam", rows: int = 0,
     ):  # fmt: skip
         dev = target.device
         self.target, self.draft, self.shape, self.backend = target, draft, shape, backend
+        self.rows = rows  # > 0: batch-invariant mode, every target pass padded to this many rows
+        capacity += rows
         self.D = shape.depth if shape is not None else 0
         L = lambda *s: torch.zeros(*s, dtype=torch.long, device=dev)
         self.P, self.root, self.out_len, self.n_acc = L(1), L(1), L(1), L(1)
@@ -110,7 +112,25 @@ def prefill(st: DecodeState, prompt: torch.Tensor, pick=None) -> torch.Tensor:
 def ar_forward(st: DecodeState) -> torch.Tensor:
     """The target's logits [V] after the root (one token at slot P, which it writes)."""
     t = st.target
+    if st.rows:  # batch-invariant: the same padded pass as verification
+        return _padded_pass(st, st.root, st.P, None)[0]
     return t(st.root[None], positions=st.P, cache=st.tcache, start=st.P, backend=st.backend, last_only=True)[0, -1]
+
+
+def _padded_pass(st: DecodeState, tokens, positions, mask) -> torch.Tensor:
+    """Batch-invariant mode: every target pass has exactly `st.rows` rows, so each matmul and attention
+    call has one shape and a token's row is computed the same way in a 1-token and a 72-token pass.
+    tokens, positions [n]; mask [n, n] (None: one row). The padding rows see the prefix and themselves
+    only, and their cache slots lie past the n real ones (overwritten later). Returns logits [n, V]."""
+    n, M = tokens.shape[0], st.rows
+    pad = torch.zeros(M - n, dtype=tokens.dtype, device=tokens.device)
+    toks = torch.cat([tokens, pad])[None]  # [1, M]
+    pos = torch.cat([positions.expand(n), st.P.expand(M - n)])[None]  # [1, M]
+    block = torch.eye(M, dtype=torch.bool, device=tokens.device)
+    if mask is not None:
+        block[:n, :n] = mask
+    logits = st.target(toks, positions=pos, cache=st.tcache, start=st.P, mask=block, backend=st.backend)
+    return logits[0, :n]
 
 
 def ar_step(st: DecodeState, pick=None) -> None:
@@ -171,6 +191,8 @@ def draft_next(st: DecodeState, l: int, grow=beam_rule) -> None:
 def verify_forward(st: DecodeState) -> torch.Tensor:
     """One target pass over every tree node (RoPE position P + depth, the tree mask) -> logits [N, V]."""
     buf = st.tree
+    if st.rows:
+        return _padded_pass(st, buf.tokens, st.P + buf.depths, buf.anc)
     pos = (st.P + buf.depths)[None]
     t = st.target
     return t(buf.tokens[None], positions=pos, cache=st.tcache, start=st.P, mask=buf.anc, backend=st.backend)[0]

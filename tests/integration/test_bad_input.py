@@ -129,6 +129,13 @@ CASES = [
     ("bench-backend", ["bench", "--extra-backends", "cuda"], 2, ["--extra-backends"], []),
     ("bench-prompts-zero", ["bench", "--num-prompts", "0"], 2, ["--num-prompts"], []),
     ("bench-plot-type", ["bench", "--plot", "{work}/b.txt"], 2, ["--plot", ".txt"], []),
+    (
+        "generate-batch-invariant-big-tree",
+        ["generate", "--batch-invariant", "--tree-shape", "8", "64", "64"],
+        2,
+        ["--batch-invariant", "128 rows"],
+        [],
+    ),
     ("bench-profile-cpu", ["bench", "--profile", "--device", "cpu"], 2, ["--profile", "CUDA"], []),
     ("bench-eager-compile", ["bench", "--eager", "--compile"], 2, ["--compile", "--eager"], []),
     ("bench-out-exists", ["bench", "--out", "{short}"], 2, ["--out", "--overwrite"], []),

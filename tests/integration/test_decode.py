@@ -148,3 +148,34 @@ def test_bad_input_leaves_decoder_usable(embedded_pair, prompts):
         small.generate(ids, tree_shape=[4, 16, 16, 16, 16], max_new_tokens=10)
     assert small.generate(ids, tree_shape=[2, 2], max_new_tokens=10).new_tokens == good
     assert dec.generate(ids, max_new_tokens=10).new_tokens == good
+
+
+def test_batch_invariant_mode_is_lossless_and_row_invariant(embedded_pair, prompts):
+    """Padded passes change nothing in float32 (same tokens as the default mode and as each other), and
+    a token's logits are bit-identical whether its pass held 1 row (ar) or the whole tree."""
+    from longspec_lab.decoding import steps
+    from longspec_lab.spec.tree import TreeShape
+
+    target, draft, _ = embedded_pair
+    ids = prompts[0][:500]
+    plain = SpecDecoder(target, draft)
+    inv = SpecDecoder(target, draft, batch_invariant=True)
+    want = plain.generate(ids, method="ar", max_new_tokens=24, stop_at_eos=False).new_tokens
+    for method, kw in [("ar", {}), ("chain", {"gamma": 4}), ("tree", {})]:
+        res = inv.generate(ids, method=method, max_new_tokens=24, stop_at_eos=False, **kw)
+        assert res.new_tokens == want, method
+    prompt = torch.tensor(ids)
+    with torch.inference_mode():
+        a = steps.DecodeState(target, draft, None, 600, "torch", rows=128)
+        steps.prefill(a, prompt)
+        b = steps.DecodeState(target, draft, TreeShape((4, 16, 16, 16, 16)), 600, "torch", rows=128)
+        steps.prefill(b, prompt)
+        steps.draft_root(b)
+        for level in range(2, 6):
+            steps.draft_next(b, level)
+        assert torch.equal(steps.ar_forward(a), steps.verify_forward(b)[0])
+    with pytest.raises(ValueError, match="batch-invariant passes have 128 rows"):
+        inv.generate(ids, tree_shape=[8, 64, 64], max_new_tokens=4)
+    with pytest.raises(ValueError, match="batch_invariant"):
+        SpecDecoder(target, draft, batch_invariant=-3)
+    assert inv.generate(ids, method="ar", max_new_tokens=24, stop_at_eos=False).new_tokens == want  # still works
