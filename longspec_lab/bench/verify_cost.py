@@ -94,19 +94,7 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
     kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     mask, offsets = verify_block(n_pending, device=dev)
     T = mask.shape[0]
-    hf = None
-    if with_hf:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hcfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
-        hcfg._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            hf = LlamaForCausalLM(hcfg)
-        hf.load_state_dict(target.state_dict(), assign=True, strict=False)
-        hf.lm_head.weight = target.lm_head.weight
-        with torch.device(dev):  # its inv_freq buffer was created on the meta device
-            hf.model.rotary_emb = hf.model.rotary_emb.__class__(config=hcfg)
-        hf = hf.to(dev).eval()
+    hf = build_hf(target, dev) if with_hf else None
     rows = []
     bar = tqdm(contexts, disable=not progress, desc="contexts")
     for P in bar:
