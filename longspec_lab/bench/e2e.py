@@ -75,10 +75,12 @@ def run_bench(
     extra_backends=(),
     compile=None,
     batch_invariant=False,
+    on_prompt=None,
 ) -> dict:
     """Our loops: the CUDA-graph fast path on the GPU (`fast=None` -> on CUDA), else the eager loop.
     Per-stage times come from a second, separately timed run with per-stage CUDA events (or the
-    eager loop's synchronised timers), so the tokens/s runs carry no timing overhead."""
+    eager loop's synchronised timers), so the tokens/s runs carry no timing overhead.
+    on_prompt(report): called with the report so far after each prompt (long GPU jobs save as they go)."""
     from tqdm.auto import tqdm
 
     from longspec_lab.decoding.eager import SpecDecoder
@@ -102,9 +104,12 @@ def run_bench(
             (f"tree-{'-'.join(map(str, shapes[0]))}-{be}", dict(method="tree", tree_shape=list(shapes[0])), make(be))
         )
     rows = {
-        name: {"tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}, "stage_seconds_total": 0.0}
-        for name, _, _ in configs
-    }
+        name: {
+            "tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}, "stage_seconds_total": 0.0,
+            "depth": len(kw["tree_shape"]) if "tree_shape" in kw else kw.get("gamma", 0),
+        }
+        for name, kw, _ in configs
+    }  # fmt: skip
     hf_rows = {}
     dec.generate(prompts[0][:128], method="tree", max_new_tokens=16)  # global warm-up
     bar = tqdm(
@@ -143,7 +148,14 @@ def run_bench(
                 h["tokens"] += len(toks) - 1
                 h["seconds"] += secs
                 bar.update()
+        if on_prompt is not None:
+            on_prompt(_report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, len(same_prefix) // len(configs)))
     bar.close()
+    return _report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, len(prompts))
+
+
+def _report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, num_prompts) -> dict:
+    """tokens/s, tau, speedups and efficiency from the accumulated rows (ours and transformers')."""
     out = {}
     for name, r in {**hf_rows, **rows}.items():
         o = {"tokens_per_s": r["tokens"] / r["seconds"], "tokens": r["tokens"], "seconds": r["seconds"]}
@@ -152,6 +164,10 @@ def run_bench(
             if r["stages"]:
                 other = r["stage_seconds_total"] - sum(r["stages"].values())
                 o["stage_seconds"] = {**r["stages"], "overhead": max(other, 0.0)}
+                steps = max(r["target_calls"], 1)  # the stage-timed run takes the same steps (greedy)
+                o["stage_us_per_step"] = {k: v / steps * 1e6 for k, v in o["stage_seconds"].items()}
+                if r.get("depth"):
+                    o["stage_us_per_step"]["draft_level"] = o["stage_us_per_step"].get("draft", 0.0) / r["depth"]
         out[name] = o
     ar = out["ar"]["tokens_per_s"]
     hf = out.get("hf-greedy", {}).get("tokens_per_s")
@@ -171,7 +187,7 @@ def run_bench(
         "batch_invariant_rows": dec.rows,
         "compile_seconds": dict(getattr(dec, "compile_seconds", {})),
         "max_new_tokens": max_new_tokens,
-        "num_prompts": len(prompts),
+        "num_prompts": num_prompts,
     }
 
 

@@ -2,11 +2,17 @@
 
 One call on a CUDA machine runs, in order, and writes each report as soon as it is done:
 
-    graphs_vs_eager_<dtype>.json   GraphDecoder (compiled + captured) against SpecDecoder, token for token
+    e2e_h200.json                  ours (ar, chains, trees) against transformers' generate peers,
+                                   rewritten after every prompt so that a cut-short job still reports
     profile_h200.json              kernels and time per stage: eager, compiled, replayed (bench.profile)
-    e2e_h200.json                  ours (ar, chains, trees) against transformers' generate peers
+    e2e_batch_invariant_h200.json  the loops with --batch-invariant: identical outputs? at what cost (both
+                                   modes captured without compilation, so the ratio is invariance alone)?
+    graphs_vs_eager_float32.json   GraphDecoder (compiled + captured) against SpecDecoder, token for token
 
-    python -m longspec_lab.bench.h200_speed --out DIR [--only graphs,profile,e2e]
+    python -m longspec_lab.bench.h200_speed --out DIR [--only e2e,profile,bi,graphs]
+
+Compilation time is reported per plan (`compile_seconds`) and never falls inside a timed run. Point
+TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR at a kept folder and a second job reuses the kernels.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 """
@@ -38,16 +44,18 @@ def main(argv=None) -> int:
     from longspec_lab.provenance import stamp
 
     ap = argparse.ArgumentParser(prog="python -m longspec_lab.bench.h200_speed", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="folder for the JSON reports (created; files are not overwritten)")
-    ap.add_argument("--only", default="graphs,profile,e2e", help="comma-separated subset of graphs,profile,e2e")
+    ap.add_argument("--out", required=True, help="folder for the JSON reports (created)")
+    ap.add_argument("--only", default="e2e,bi,profile", help="comma-separated subset of e2e,bi,profile,graphs")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts of 2,000+ tokens to time")
     ap.add_argument("--shapes", default="4,16,16,16,16;2,4,8,8,8,8", help="tree shapes, ';'-separated")
     ap.add_argument("--gammas", default="5", help="chain lengths, ','-separated")
     ap.add_argument(
-        "--compile", default="ar", choices=("none", "ar", "all"),
-        help="which plans torch.compile (compiling an 8-layer step costs ~30 s per stage function)",
+        "--compile", default="all", choices=("none", "ar", "all"),
+        help="which plans torch.compile (an 8-layer stage costs tens of seconds to compile, once)",
     )  # fmt: skip
+    ap.add_argument("--profile-modes", default="", help="extra compile modes to profile the AR step with, ','-sep.")
+    ap.add_argument("--no-hf", action="store_true", help="leave out the transformers peers")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.exit(2, "error: this job needs a CUDA GPU\n")
@@ -55,48 +63,36 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if "graphs" in only:
-        from longspec_lab.decoding.graphs import check_against_eager
-
-        tgt, drf, tok = load_pair(device="cuda", dtype="float32")
-        prompts = [tok.encode(p["text"]) for p in load_prompts(min_tokens=2000)[:2]]
-        rep = check_against_eager(prompts, tgt, drf, 48, compile=a.compile == "all")
-        rep = stamp(rep, tgt.device, tgt.dtype)
-        _write(out, "graphs_vs_eager_float32.json", rep)
-        print("graphs == eager (float32):", rep["all_identical"], f"{time.time() - t0:.0f} s", flush=True)
-        del tgt, drf
+    clock = {}
+    shapes = [[int(x) for x in s.split(",")] for s in a.shapes.split(";")]
+    gammas = [int(g) for g in a.gammas.split(",")]
     target, draft, tok = load_pair(device="cuda", dtype="bfloat16")
     prompts = [tok.encode(p["text"]) for p in load_prompts(min_tokens=2000)[: a.prompts]]
-    if "profile" in only:
-        from longspec_lab.bench.profile import profile_stages
-        from longspec_lab.decoding.graphs import COMPILE_MODE
+    # longest first: transformers' static cache is sized by the first prompt and reused (no recompile)
+    prompts.sort(key=len, reverse=True)
+    from longspec_lab.bench.e2e import run_bench
 
-        shape = [int(x) for x in a.shapes.split(";")[0].split(",")]
-        mode = None if a.compile == "none" else COMPILE_MODE
-        tree_mode = mode if a.compile == "all" else None
-        rep = {
-            "ar": profile_stages(target, draft, prompts[0], "ar", compile_mode=mode),
-            "chain": profile_stages(
-                target, draft, prompts[0], "chain", [1] * int(a.gammas.split(",")[0]), compile_mode=tree_mode
-            ),
-            "tree": profile_stages(target, draft, prompts[0], "tree", shape, compile_mode=tree_mode),
-        }
-        _write(out, "profile_h200.json", stamp(rep, target.device, target.dtype))
-        for k, r in rep.items():
-            print(k, {n: (s["eager_kernels"], s["compiled_kernels"], round(s["replay_us"], 1))
-                      for n, s in r["stages"].items()}, flush=True)  # fmt: skip
-        print(f"profile done {time.time() - t0:.0f} s", flush=True)
+    def show(rep):
+        for name, r in rep["results"].items():
+            per = {k: round(v, 1) for k, v in r.get("stage_us_per_step", {}).items()}
+            print(f"{name:28s} {r['tokens_per_s']:9.0f} tok/s  tau {r.get('tau', 1):.2f}  "
+                  f"x{r['speedup_vs_ar']:.2f}  eff {r.get('efficiency', 1):.2f}", per, flush=True)  # fmt: skip
+        print("outputs identical:", rep["outputs_identical"], "compile s:", rep["compile_seconds"], flush=True)
+
+    default_rep = None
     if "e2e" in only:
-        from transformers import AutoModelForCausalLM
+        hf = None
+        if not a.no_hf:
+            from transformers import AutoModelForCausalLM
 
-        from longspec_lab.bench.e2e import run_bench
+            hf = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_TARGET), dtype=torch.bfloat16).to("cuda").eval()
 
-        hf = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_TARGET), dtype=torch.bfloat16).to("cuda").eval()
-        shapes = [[int(x) for x in s.split(",")] for s in a.shapes.split(";")]
-        gammas = [int(g) for g in a.gammas.split(",")]
-        rep = run_bench(
+        def save(rep):
+            _write(out, "e2e_h200.json", stamp({**rep, "job_seconds": time.time() - t0}, target.device, target.dtype))
+
+        default_rep = run_bench(
             target, draft, prompts, a.max_new_tokens, shapes, gammas, hf_model=hf, progress=False,
-            compile=a.compile == "all",
+            compile=a.compile == "all", on_prompt=save,
         )  # fmt: skip
         if a.compile == "ar":  # the compiled AR step beside the captured-only one, same prompts
             from longspec_lab.decoding.graphs import GraphDecoder
@@ -107,14 +103,59 @@ def main(argv=None) -> int:
                 dec.generate(ids, method="ar", max_new_tokens=32, stop_at_eos=False)
                 r = dec.generate(ids, method="ar", max_new_tokens=a.max_new_tokens, stop_at_eos=False)
                 toks, secs = toks + len(r.new_tokens) - 1, secs + r.decode_seconds
-            ar = rep["results"]["ar"]["tokens_per_s"]
-            rep["results"]["ar-compiled"] = {"tokens_per_s": toks / secs, "tau": 1.0, "speedup_vs_ar": toks / secs / ar}
-            rep["compile_seconds"].update(dec.compile_seconds)
-        _write(out, "e2e_h200.json", stamp(rep, target.device, target.dtype))
-        for name, r in rep["results"].items():
-            print(f"{name:28s} {r['tokens_per_s']:9.0f} tok/s  tau {r.get('tau', 1):.2f}  "
-                  f"x{r['speedup_vs_ar']:.2f}", r.get("stage_seconds"), flush=True)  # fmt: skip
-        print(f"e2e done {time.time() - t0:.0f} s", flush=True)
+            ar = default_rep["results"]["ar"]["tokens_per_s"]
+            default_rep["results"]["ar-compiled"] = {
+                "tokens_per_s": toks / secs, "tau": 1.0, "speedup_vs_ar": toks / secs / ar,
+            }  # fmt: skip
+            default_rep["compile_seconds"].update(dec.compile_seconds)
+        save(default_rep)
+        show(default_rep)
+        clock["e2e"] = time.time() - t0
+        print(f"e2e done {clock['e2e']:.0f} s", flush=True)
+    if "bi" in only:  # both modes graph-captured, uncompiled: the cost of invariance alone, same run
+        kw = dict(progress=False, compile=False)
+        bi_shapes, bi_gammas = shapes[:2], gammas[-1:]
+        plain = run_bench(target, draft, prompts, a.max_new_tokens, bi_shapes, bi_gammas, **kw)
+        bi = run_bench(target, draft, prompts, a.max_new_tokens, bi_shapes, bi_gammas, batch_invariant=True, **kw)
+        for name, r in bi["results"].items():
+            r["vs_default_mode"] = r["tokens_per_s"] / plain["results"][name]["tokens_per_s"]
+        bi["default_mode"] = plain
+        _write(out, "e2e_batch_invariant_h200.json", stamp(bi, target.device, target.dtype))
+        show(plain)
+        show(bi)
+        clock["bi"] = time.time() - t0
+        print(f"batch-invariant done {clock['bi']:.0f} s", flush=True)
+    if "profile" in only:
+        from longspec_lab.bench.profile import profile_stages
+        from longspec_lab.decoding.graphs import COMPILE_MODE
+
+        mode = None if a.compile == "none" else COMPILE_MODE
+        tree_mode = mode if a.compile == "all" else None
+        rep = {
+            "ar": profile_stages(target, draft, prompts[0], "ar", compile_mode=mode),
+            f"chain-g{gammas[0]}": profile_stages(
+                target, draft, prompts[0], "chain", [1] * gammas[0], compile_mode=tree_mode
+            ),
+            "tree-" + "-".join(map(str, shapes[0])): profile_stages(
+                target, draft, prompts[0], "tree", shapes[0], compile_mode=tree_mode
+            ),
+        }
+        for m in filter(None, a.profile_modes.split(",")):
+            rep[f"ar@{m}"] = profile_stages(target, draft, prompts[0], "ar", compile_mode=None if m == "none" else m)
+        _write(out, "profile_h200.json", stamp(rep, target.device, target.dtype))
+        for k, r in rep.items():
+            print(k, {n: (s["eager_kernels"], s["compiled_kernels"], round(s["replay_us"], 1))
+                      for n, s in r["stages"].items()}, flush=True)  # fmt: skip
+        clock["profile"] = time.time() - t0
+        print(f"profile done {clock['profile']:.0f} s", flush=True)
+    if "graphs" in only:
+        from longspec_lab.decoding.graphs import check_against_eager
+
+        del target, draft
+        tgt, drf, tok = load_pair(device="cuda", dtype="float32")
+        rep = check_against_eager(prompts[:2], tgt, drf, 48, compile=a.compile == "all")
+        _write(out, "graphs_vs_eager_float32.json", stamp(rep, tgt.device, tgt.dtype))
+        print("graphs == eager (float32):", rep["all_identical"], f"{time.time() - t0:.0f} s", flush=True)
     return 0
 
 

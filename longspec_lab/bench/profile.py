@@ -27,11 +27,12 @@ import torch
 
 from longspec_lab.decoding import steps
 from longspec_lab.decoding.graphs import COMPILE_MODE, Stage, capture
-from longspec_lab.spec.tree import TreeShape
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 
-def _kernels(fn) -> tuple[int, float]:
-    """(GPU kernels launched, their summed device time in us) for one call of fn."""
+def _kernels(fn, top: int = 0):
+    """(GPU kernels launched, their summed device time in us) for one call of fn; with top > 0 also the
+    `top` kernel names that took the most device time, as [name, calls, us] (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -39,7 +40,15 @@ def _kernels(fn) -> tuple[int, float]:
         torch.cuda.synchronize()
     evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in evs if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-    return len(kernels), sum(e.device_time for e in kernels)
+    count, us = len(kernels), sum(e.device_time for e in kernels)
+    if not top:
+        return count, us
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        row = by_name.setdefault(e.name[:120], [e.name[:120], 0, 0.0])
+        row[1] += 1
+        row[2] += e.device_time
+    return count, us, sorted(by_name.values(), key=lambda r: -r[2])[:top]
 
 
 def _median_us(fn, reps: int = 50) -> float:
@@ -72,7 +81,9 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
     """Per-stage kernels and times for one method and shape, from a real mid-generation state.
     compile_mode None: capture the eager stage functions without compiling them."""
     shape = TreeShape.of(shape) if method != "ar" else None
-    st = steps.DecodeState(target, draft, shape, len(prompt) + 512, backend)
+    # GraphDecoder's cache size, so that the compiled stages (and Inductor's cache) are the same graphs
+    capacity = max(target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes, len(prompt) + 512)
+    st = steps.DecodeState(target, draft, shape, capacity, backend)
     with torch.inference_mode():
         steps.prefill(st, torch.as_tensor(prompt, device=target.device))
         fns = steps.greedy_stages(st)
@@ -85,7 +96,7 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
             stage = Stage(name, fn, compile_mode)
             g = capture([stage.fn])[0]  # the warm-up compiles
             k_e, t_e = _kernels(fn)
-            k_c, t_c = _kernels(stage.fn)
+            k_c, t_c, top = _kernels(stage.fn, top=12)
             replay = _median_us(g.replay)
             rows[name] = {
                 "eager_kernels": k_e,
@@ -95,9 +106,11 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
                 "compiled_kernel_us": t_c,
                 "replay_us": replay,
                 "launch_bound_us": min(replay, k_c * launch),
+                "top_kernels": top,
             }
     total = {k: sum(r[k] for r in rows.values()) for k in ("eager_kernels", "compiled_kernels", "replay_us")}
     return {"method": method, "tree_shape": list(shape.widths) if shape else None, "launch_cost_us": launch,
+            "compile_mode": compile_mode, "backend": backend,
             "stages": rows, "step": total}  # fmt: skip
 
 

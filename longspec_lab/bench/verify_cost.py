@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from longspec_lab.models.config import PRESETS
-from longspec_lab.models.layers import Rotary
+from longspec_lab.models.layers import Rotary, rope_inv_freq
 from longspec_lab.models.target import Target
 from longspec_lab.provenance import environment
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree
@@ -351,12 +351,89 @@ def hf_agreement(target32, device, context=4096, n_prefill=64, n_pending=4, back
             )
             raw[("tree", name)] = (o, h)
             res[f"tree_{name}"] = _compare(*o[0:1], o[1], *h[0:1], h[1], tol)
+            if dtype == torch.float32:  # the same step with transformers given our rotary frequencies
+                rot = hf.model.rotary_emb
+                saved = rot.inv_freq.clone()
+                rot.inv_freq.copy_(ours_m.rotary.inv_freq)
+                dc = DynamicCache(config=hf.config)
+                for layer in range(cfg.num_layers):
+                    dc.update(k0[layer], v0[layer], layer)
+                h2 = _with_layer_outputs(
+                    hf,
+                    hf.model.layers,
+                    lambda: hf(input_ids=ids_t, past_key_values=dc, attention_mask=add, position_ids=pos[None]).logits,
+                )
+                rot.inv_freq.copy_(saved)
+                res["tree_fp32_same_rope"] = _compare(*o[0:1], o[1], *h2[0:1], h2[1], tol)
     for stage in ("prefill", "tree"):  # the spread bf16 causes by itself, and ours-bf16 against theirs-fp32
         (o16, h16), (_, h32) = raw[(stage, "bf16")], raw[(stage, "fp32")]
         res[f"{stage}_bf16"]["hf_bf16_vs_hf_fp32"] = _compare(h16[0], h16[1], h32[0], h32[1], 2e-2)
         res[f"{stage}_bf16"]["ours_bf16_vs_hf_fp32"] = _compare(o16[0], o16[1], h32[0], h32[1], 2e-2)
     res.update(context=context, n_prefill=n_prefill, verify_rows=T, backend=backend)
     return res
+
+
+def minimal_cases(cfg, device, context=4096, n_pending=4, seed=0) -> dict:
+    """The two parts of a verify step whose float32 results depend on the implementation, alone and
+    against float64, so that a difference between us and `transformers` can be pinned on one side:
+      rope: cos/sin at positions context + offsets: ours (`Rotary`) and transformers' rotary embedding;
+      attention: the tree block over `context` random keys: our Triton kernel, our PyTorch path, and SDPA
+        with the dense boolean mask transformers builds (default backend choice, and the math backend).
+    Each entry is the max |x - float64 reference|; `tf32` records the matmul settings in force."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from longspec_lab.ops.attention import attend
+
+    mask, offsets = verify_block(n_pending, device=device)
+    T = mask.shape[0]
+    pos = (context + offsets)[None]  # [1, T]
+    hcfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+    x = torch.zeros(1, T, cfg.head_dim, device=device)
+    ours_cos, ours_sin = Rotary(cfg).to(device)(pos, torch.float32)
+    with torch.device(device):
+        hf_rot = LlamaRotaryEmbedding(config=hcfg)
+    hf_cos, hf_sin = hf_rot(x, pos)
+    ang = pos.double()[..., None] * rope_inv_freq(cfg, torch.float64).to(device)  # [1, T, D/2] in float64
+    ang = torch.cat([ang, ang], -1)
+    rope = {
+        "ours": float(max((ours_cos[:, 0] - ang.cos()).abs().max(), (ours_sin[:, 0] - ang.sin()).abs().max())),
+        "transformers": float(max((hf_cos - ang.cos()).abs().max(), (hf_sin - ang.sin()).abs().max())),
+    }
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = torch.randn(1, Hq, T, D, generator=g).to(device)
+    k = torch.randn(1, Hkv, context + T, D, generator=g).to(device)
+    v = torch.randn(1, Hkv, context + T, D, generator=g).to(device)
+    full = torch.ones(T, context + T, dtype=torch.bool, device=device)
+    full[:, context:] = mask
+    rep = Hq // Hkv
+    ref = F.scaled_dot_product_attention(  # float64 on the math path: the reference
+        q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1), attn_mask=full
+    )
+    err = lambda o: float((o.double() - ref).abs().max())  # noqa: E731
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    attn = {
+        "ours_triton": err(attend(q, k, v, context, mask, backend="triton")) if device.type == "cuda" else None,
+        "ours_torch": err(attend(q, k, v, context, mask, backend="torch")),
+        "sdpa_bool_mask": err(F.scaled_dot_product_attention(q, kr, vr, attn_mask=full)),
+    }
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        attn["sdpa_bool_mask_math"] = err(F.scaled_dot_product_attention(q, kr, vr, attn_mask=full))
+    return {
+        "rope_max_abs_err_vs_fp64": rope,
+        "attention_max_abs_err_vs_fp64": attn,
+        "context": context,
+        "rows": T,
+        "tf32": {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        },
+    }
 
 
 def main(argv=None) -> int:
@@ -433,12 +510,14 @@ def _agreement_main(args) -> int:
             random_target(cfg, dev, torch.float32), dev, args.agreement_context, backend=backend
         ),
         "model": "small" if args.small else "llama3-8b",
+        "minimal_cases": minimal_cases(cfg, dev, args.agreement_context),
     }
     rep["environment"] = environment(dev)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
     )
+    print("minimal cases (max |err| vs float64):", json.dumps(rep["minimal_cases"]))
     for stage, r in rep["hf_agreement"].items():
         if isinstance(r, dict):
             print(

@@ -61,11 +61,20 @@ def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
     return graphs
 
 
+def allow_many_graphs() -> None:
+    """Every (stage function, tree shape, level) is its own compiled graph of the same Python function:
+    raise Dynamo's recompile limits (8 per function by default) so that none falls back or fails."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+
+
 class Stage:
     """One stage function: called as is, compiled, or replayed from its CUDA graph once captured."""
 
     def __init__(self, name: str, fn, compile_mode: str | None = None):
         self.name, self.eager_fn = name, fn
+        if compile_mode is not None:
+            allow_many_graphs()
         self.fn = fn if compile_mode is None else torch.compile(fn, fullgraph=True, dynamic=False, mode=compile_mode)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -103,11 +112,6 @@ class GraphDecoder(SpecDecoder):
         if self.graphs and not cuda:
             raise ValueError("CUDA graphs need a CUDA device; use graphs=False on the CPU")
         self.compile_mode = compile_mode
-        if self.compile:  # every (stage function, shape, tree level) is its own graph: allow that many
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4096
-            )
         self.capacity = capacity or target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes
         self.max_cache_len = self.capacity
         self.stage_timing = stage_timing and cuda

@@ -41,8 +41,9 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [D/2] after the configured scaling (default, linear or llama3)."""
+def rope_inv_freq(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse frequencies [D/2] after the configured scaling (default, linear or llama3), computed in
+    float64 and rounded once to `dtype`."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     sc = cfg.rope_scaling or {}
@@ -59,7 +60,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
         inv = torch.where(medium, blended, scaled)
-    return inv.float()
+    return inv.to(dtype)
 
 
 class Rotary(nn.Module):

@@ -76,7 +76,11 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
         )
     if dtype == torch.float32:
         rev = (n * V - 1) - torch.arange(n * V, device=flat.device)  # lower index -> larger key
-        idx = torch.topk((_order_key(flat) << 32) + rev, width).indices  # [w], distinct keys
+        keys = ((_order_key(flat) << 32) + rev).view(n, V)  # [n, V] distinct, and each one names its pair
+        # Two small top-k's instead of one over n * V: the global top-w lies inside the rows' top-w's.
+        # A row-wise top-k is one kernel per call on the GPU; one over 65k keys is a multi-pass radix select.
+        best = torch.topk(torch.topk(keys, min(width, V), dim=1).values.flatten(), width).values  # [w]
+        idx = (n * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits hold the reversed flat index
     else:
         idx = torch.sort(flat, descending=True, stable=True).indices[:width]
     return idx // V, idx % V, flat[idx]

@@ -10,6 +10,10 @@ seconds, the errors and the device, with the environment.
 
     python -m longspec_lab.teach.run_notebooks notebooks/04_*.ipynb notebooks/07_*.ipynb --out OUT
 
+A GPU machine without jupyter takes `--wheels DIR`: the wheels in DIR (carried there) are unpacked
+into a private folder, put on the path of this process and of the kernels it starts, and their
+`share/jupyter` on JUPYTER_PATH. Unpacking needs no pip and no network.
+
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
 
@@ -17,8 +21,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import zipfile
 from pathlib import Path
+
+
+def unpack_wheels(wheels, dest) -> Path:
+    """Unpack every *.whl in `wheels` into `dest` as an installer would lay it out (packages at the top,
+    `*.data/{purelib,platlib}` merged in, `*.data/data` at the top: share/jupyter/...), put `dest` on
+    sys.path and on the PYTHONPATH and JUPYTER_PATH that started kernels inherit. Returns `dest`."""
+    dest = Path(dest)
+    found = sorted(Path(wheels).glob("*.whl"))
+    if not found:
+        raise SystemExit(f"error: no .whl files in {wheels}; download the wheels the machine lacks into it first")
+    dest.mkdir(parents=True, exist_ok=True)
+    for whl in found:
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(dest)
+    for data in dest.glob("*.data"):
+        for part in data.iterdir():
+            target = dest if part.name in ("purelib", "platlib", "data") else None
+            if target is not None:
+                shutil.copytree(part, target, dirs_exist_ok=True)
+        shutil.rmtree(data)
+    sys.path.insert(0, str(dest))
+    paths = [str(dest), os.getcwd(), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        filter(None, [str(dest / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])
+    )
+    return dest
 
 
 def run(paths, out, timeout: int = 900, small: bool | None = None) -> dict:
@@ -59,7 +93,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder (created)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     ap.add_argument("--small", choices=["auto", "0", "1"], default="auto", help="force LONGSPEC_SMALL")
+    ap.add_argument("--wheels", default=None, help="a folder of .whl files to unpack and use (no pip needed)")
+    ap.add_argument("--site-dir", default="/tmp/longspec_site", help="where --wheels unpacks (default: %(default)s)")
     a = ap.parse_args(argv)
+    if a.wheels:
+        unpack_wheels(a.wheels, a.site_dir)
     rep = run(a.notebooks, a.out, a.timeout, None if a.small == "auto" else a.small == "1")
     return 1 if any(v["errors"] for v in rep["notebooks"].values()) else 0
 

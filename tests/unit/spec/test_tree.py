@@ -321,3 +321,16 @@ def test_grow_beam_tree_too_wide_for_vocab():
 def test_grow_beam_tree_bad_callback_shape():
     with pytest.raises(ValueError, match="one row of log-probs per requested node"):
         grow_beam_tree(0, [2, 2], lambda tree, ids: torch.zeros(5))
+
+
+@pytest.mark.parametrize("n,V,width", [(1, 50, 1), (3, 7, 5), (4, 6, 20), (16, 40, 16), (5, 3, 15)])
+def test_beam_level_equals_brute_force_sort(n, V, width):
+    """The two-stage top-k (per row, then over the rows' winners) against a brute-force stable sort of
+    all n * V pairs by (score desc, flat index asc); coarse log-probs force many exact ties."""
+    g = torch.Generator().manual_seed(n * 100 + V)
+    lp = torch.randint(-4, 1, (n, V), generator=g).double() / 2  # few distinct values: ties everywhere
+    parents = torch.randint(-2, 1, (n,), generator=g).double()
+    pidx, tok, sc = beam_level(parents.float(), lp.float(), width)
+    pairs = sorted((-(parents[i] + lp[i, j]).item(), i * V + j) for i in range(n) for j in range(V))[:width]
+    assert [int(p) * V + int(t) for p, t in zip(pidx, tok)] == [f for _, f in pairs]
+    assert sc.tolist() == [-s for s, _ in pairs]
