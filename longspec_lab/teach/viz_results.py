@@ -1,5 +1,5 @@
-"""Pure figure functions for results: tau, timing, Pareto fronts, kernel timings, the GliDe draft,
-sampling distributions and the 8B verify/decode costs.
+"""Pure figure functions for results: tau, timing, Pareto fronts, kernel timings, kernels per stage
+(launch-bound against the rest), the GliDe draft, sampling distributions and the 8B verify/decode costs.
 
 Like `viz.py` (trees and masks), every function maps data (results, `summary()` dicts or the JSON
 files in data/results) to a plotly `Figure`, a `graphviz.Digraph` or an HTML table, and holds no
@@ -743,6 +743,126 @@ def timing_spread_figure(rows: Sequence[Mapping], title: str = "tokens/s: median
     top = max(r["tokens_per_s_max"] for r in rows)
     fig.update_layout(title=title, yaxis_title="new tokens per second", height=400, width=760)
     fig.update_yaxes(range=[0, top * 1.25])
+    return fig
+
+
+KERNEL_STAGE_KEYS = ("eager_kernels", "compiled_kernels", "replay_us", "launch_bound_us")
+
+
+def _kernel_rows(profile: Mapping) -> list[dict]:
+    """bench.profile's JSON -> one row per (method, stage), checked; a clear error names what is missing."""
+    if not isinstance(profile, Mapping):
+        raise ValueError(f"profile is a {type(profile).__name__}; pass the dict of data/results/profile_h200.json")
+    methods = [(m, v) for m, v in profile.items() if m not in ("schema_version", "environment")]
+    if not methods:
+        raise ValueError("profile has no method entries; pass the dict that bench.profile writes ({method: {stages}})")
+    rows = []
+    for m, v in methods:
+        if not isinstance(v, Mapping) or not isinstance(v.get("stages"), Mapping) or not v["stages"]:
+            raise ValueError(f"profile[{m!r}] lacks 'stages'; each method needs {{'stages': {{stage: {{...}}}}}}")
+        if "launch_cost_us" not in v:
+            raise ValueError(f"profile[{m!r}] lacks 'launch_cost_us'; re-run bench.profile, which measures it")
+        for s, st in v["stages"].items():
+            missing = [k for k in KERNEL_STAGE_KEYS if not isinstance(st, Mapping) or k not in st]
+            if missing:
+                raise ValueError(
+                    f"profile[{m!r}]['stages'][{s!r}] lacks {missing}; each stage needs {list(KERNEL_STAGE_KEYS)}"
+                )
+            replay = float(st["replay_us"])
+            launch = min(float(st["launch_bound_us"]), replay)  # never more than the whole replay
+            top = st.get("top_kernels") or []
+            rows.append(
+                dict(
+                    method=m,
+                    stage=s,
+                    replay_us=replay,
+                    launch_us=launch,
+                    rest_us=replay - launch,
+                    eager_kernels=int(st["eager_kernels"]),
+                    compiled_kernels=int(st["compiled_kernels"]),
+                    launch_cost_us=float(v["launch_cost_us"]),
+                    top=f"{top[0][0][:48]} ({top[0][2]:.1f} us)" if top else "-",
+                )
+            )
+    return rows
+
+
+def kernel_bars(profile: Mapping, title: str | None = None) -> go.Figure:
+    """One bar per (method, stage) of a step replayed from its CUDA graph, stacked into the
+    launch-bound part (compiled kernels x the measured cost of one tiny kernel in a graph) and the
+    rest (the kernels' own work: reading weights and cache, arithmetic). Each bar is labelled with its
+    kernel count before (eager) and after compilation; one panel per method, stages in step order.
+    `profile`: data/results/profile_h200.json (bench.profile)."""
+    rows = _kernel_rows(profile)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    per = {m: [r for r in rows if r["method"] == m] for m in methods}
+    fig = make_subplots(
+        rows=1,
+        cols=len(methods),
+        shared_yaxes=True,
+        column_widths=[len(per[m]) + 1 for m in methods],
+        horizontal_spacing=0.03,
+        subplot_titles=methods,
+    )
+    hover = (
+        "%{x}: %{y:.1f} us of %{customdata[0]:.1f} us replayed<br>"
+        "kernels: %{customdata[1]} eager → %{customdata[2]} compiled, %{customdata[3]:.2f} us per launch"
+        "<br>largest kernel: %{customdata[4]}<extra>%{fullData.name}</extra>"
+    )
+    for col, m in enumerate(methods, start=1):
+        rs = per[m]
+        x = [r["stage"] for r in rs]
+        keys = ("replay_us", "eager_kernels", "compiled_kernels", "launch_cost_us", "top")
+        custom = [[r[k] for k in keys] for r in rs]
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=[r["launch_us"] for r in rs],
+                name="launch-bound: compiled kernels × one launch",
+                legendgroup="launch",
+                showlegend=col == 1,
+                marker_color=stage_color("other"),
+                marker_pattern_shape="/",
+                customdata=custom,
+                hovertemplate=hover,
+            ),
+            row=1,
+            col=col,
+        )
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=[r["rest_us"] for r in rs],
+                name=f"the rest (the kernels' own work), {m}",
+                legendgroup=m,
+                marker_color=method_color(m),
+                customdata=custom,
+                hovertemplate=hover,
+                text=[f"{r['eager_kernels']}→{r['compiled_kernels']}" for r in rs],
+                textposition="outside",
+                textfont=dict(size=10),
+                cliponaxis=False,
+            ),
+            row=1,
+            col=col,
+        )
+    top = max(r["replay_us"] for r in rows)
+    fig.update_layout(
+        barmode="stack",
+        title=dict(
+            text=title
+            or "Time per stage, replayed from a CUDA graph: launch-bound part and the rest"
+            "<br><sup>bar label: CUDA kernels eager → compiled; hover a bar for its largest kernel</sup>",
+            x=0.02,
+        ),
+        legend=dict(orientation="h", y=-0.2, x=0),
+        height=560,
+        width=max(760, 200 + 50 * len(rows)),
+        margin=dict(t=110, b=130),
+    )
+    fig.update_yaxes(range=[0, top * 1.15], rangemode="tozero")
+    fig.update_yaxes(title_text="microseconds per stage call", row=1, col=1)
+    fig.update_xaxes(title_text="stage (draftN = draft level N)", row=1, col=(len(methods) + 1) // 2)
     return fig
 
 

@@ -250,3 +250,73 @@ def test_tick_helpers_and_spread_labels():
     )
     viz_results.spread_labels(fig)
     assert list(fig.data[0].textposition) == ["top center", "top center", "bottom center"]  # x order: a, b, c
+
+
+# ----------------------------------------------------------------------------- kernels per stage
+
+
+def _stage(eager, compiled, replay, launch):
+    return dict(eager_kernels=eager, compiled_kernels=compiled, replay_us=replay, launch_bound_us=launch)
+
+
+def _bars(fig):
+    """{(method, stage): (launch-bound, rest, label)} read back from the figure's traces."""
+    out = {}
+    for launch, rest in zip(fig.data[0::2], fig.data[1::2]):
+        method = rest.name.rsplit(", ", 1)[1]
+        assert list(launch.x) == list(rest.x)
+        for x, a, b, t in zip(rest.x, launch.y, rest.y, rest.text):
+            out[(method, x)] = (a, b, t)
+    return out
+
+
+def test_kernel_bars_split_each_stage_into_launches_and_the_rest():
+    profile = {
+        "schema_version": 1,
+        "ar": {"launch_cost_us": 1.0, "stages": {"verify": _stage(40, 10, 30.0, 10.0)}},
+        "tree-2-2": {
+            "launch_cost_us": 2.0,
+            "stages": {
+                "draft1": _stage(12, 5, 25.0, 10.0),
+                "verify": _stage(60, 20, 35.0, 40.0),  # launch estimate above the replay: capped at it
+                "commit": _stage(3, 1, 4.5, 2.0),
+            },
+        },
+        "environment": {"gpu": "G"},
+    }
+    bars = _bars(viz_results.kernel_bars(profile))
+    assert list(bars) == [("ar", "verify"), ("tree-2-2", "draft1"), ("tree-2-2", "verify"), ("tree-2-2", "commit")]
+    assert bars[("ar", "verify")] == (10.0, 20.0, "40→10")
+    assert bars[("tree-2-2", "draft1")] == (10.0, 15.0, "12→5")
+    assert bars[("tree-2-2", "verify")] == (35.0, 0.0, "60→20")
+    assert bars[("tree-2-2", "commit")] == (2.0, 2.5, "3→1")
+
+
+def test_kernel_bars_of_the_recorded_profile_sum_to_each_replay():
+    profile = nb.load_result("profile_h200")
+    bars = _bars(viz_results.kernel_bars(profile))
+    want = {
+        (m, s): st for m, v in profile.items() if isinstance(v, dict) and "stages" in v for s, st in v["stages"].items()
+    }
+    assert set(bars) == set(want) and len(bars) > 3
+    for key, st in want.items():
+        launch, rest, label = bars[key]
+        assert launch + rest == pytest.approx(st["replay_us"], rel=1e-12)
+        assert launch == pytest.approx(min(st["launch_bound_us"], st["replay_us"]), rel=1e-12)
+        assert label == f"{st['eager_kernels']}→{st['compiled_kernels']}"
+
+
+@pytest.mark.parametrize(
+    "profile, words",
+    [
+        ({"ar": {"launch_cost_us": 1.0, "stages": {"verify": {"replay_us": 1.0}}}}, ["'verify'", "launch_bound_us"]),
+        ({"ar": {"launch_cost_us": 1.0}}, ["'ar'", "stages"]),
+        ({"ar": {"stages": {"verify": _stage(1, 1, 1.0, 1.0)}}}, ["'ar'", "launch_cost_us"]),
+        ({"schema_version": 1}, ["no method"]),
+        ([1, 2], ["list"]),
+    ],
+)
+def test_kernel_bars_names_what_a_malformed_profile_lacks(profile, words):
+    with pytest.raises(ValueError) as e:
+        viz_results.kernel_bars(profile)
+    assert all(w in str(e.value) for w in words)
