@@ -37,8 +37,10 @@ from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 from longspec_lab.spec.verify import split_stats
 
-# we capture the graphs ourselves, one per stage; LONGSPEC_COMPILE_MODE=default compiles faster, tunes less
-COMPILE_MODE = os.environ.get("LONGSPEC_COMPILE_MODE", "max-autotune-no-cudagraphs")
+# We capture the graphs ourselves, one per stage, so Inductor's own cudagraphs stay off. On the H200 the
+# AR step compiled in "default" mode replays in 404 us with 130 kernels; "max-autotune-no-cudagraphs"
+# gives 425 us with 122 kernels after a much longer compile (data/results/h200_speed.log, 2026-12-02).
+COMPILE_MODE = os.environ.get("LONGSPEC_COMPILE_MODE", "default")
 
 
 def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:

@@ -129,7 +129,9 @@ def _padded_pass(st: DecodeState, tokens, positions, mask) -> torch.Tensor:
     block = torch.eye(M, dtype=torch.bool, device=tokens.device)
     if mask is not None:
         block[:n, :n] = mask
-    logits = st.target(toks, positions=pos, cache=st.tcache, start=st.P, mask=block, backend=st.backend)
+    # "ordered" attention: each row sums its keys in one order (prefix, then its visible block keys), so a
+    # token's output is the same whether its ancestors are tree keys here or prefix keys in an AR step
+    logits = st.target(toks, positions=pos, cache=st.tcache, start=st.P, mask=block, backend="ordered")
     return logits[0, :n]
 
 

@@ -12,6 +12,9 @@ Backends
   "torch"  : the split + merge above in plain PyTorch (the readable reference path)
   "sdpa"   : one `scaled_dot_product_attention` call with a dense [T, P+T] bool mask
   "triton" : `longspec_lab.kernels.tree_attention` (split-KV, GQA-shared tiles, one pass)
+and, inside batch-invariant decoding only, "ordered": `longspec_lab.kernels.ordered_attention`, which
+sums every row's keys in one canonical order (prefix, then its visible block keys), so a token's output
+does not depend on whether its ancestors are tree keys or committed prefix keys.
 
 Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb.
 """
@@ -128,6 +131,10 @@ def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, b
     the device. The "triton" backend reads only [0, prefix_len + T) whatever S is."""
     B, Hq, T, D = q.shape
     S = k.shape[2]
+    if backend == "ordered":  # batch-invariant decoding: one key order per row, whatever the pass
+        from longspec_lab.kernels.ordered_attention import ordered_attention
+
+        return ordered_attention(q, k, v, prefix_len, block_mask)
     if _use_triton(backend, q) and block_len == T:
         from longspec_lab.kernels.tree_attention import tree_attention
 

@@ -1,0 +1,104 @@
+"""Position-ordered attention (kernels/ordered_attention.py): the definition against a brute-force
+per-row softmax in float64, the Triton kernel (CPU interpreter) against the definition, and the property
+it exists for: a token's output is bit-identical whether its ancestors are tree keys of a verification
+block or committed prefix keys of an AR step, in float32 and bf16, for the kernel and the fallback."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit definitions
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+for _mod in ("longspec_lab.kernels.tree_attention", "longspec_lab.kernels.ordered_attention"):
+    if _mod in sys.modules and not sys.modules[_mod]._INTERPRET:
+        importlib.reload(sys.modules[_mod])  # imported earlier without the interpreter: redefine kernels
+import longspec_lab.kernels.ordered_attention as oa  # noqa: E402
+
+
+def _tree_mask(parents):
+    T = len(parents)
+    m = torch.zeros(T, T, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] = m[p]
+        m[i, i] = True
+    return m
+
+
+def _case(P, parents, Hq=4, Hkv=2, D=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    T = len(parents)
+    q = torch.randn(1, Hq, T, D, generator=g).to(dtype)
+    k = torch.randn(1, Hkv, P + T + 3, D, generator=g).to(dtype)  # 3 spare slots past the block
+    v = torch.randn(1, Hkv, P + T + 3, D, generator=g).to(dtype)
+    return q, k, v, _tree_mask(parents)
+
+
+PARENTS = [-1, 0, 1, 1, 0, 4, 2, 6, 3]  # a pending chain root, then a small tree
+
+
+@pytest.mark.parametrize("P", [0, 5, 37])
+def test_reference_equals_brute_force(P):
+    q, k, v, mask = _case(P, PARENTS)
+    got = oa.ordered_attention_reference(q, k, v, P, mask)
+    Hq, Hkv, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    for h in range(Hq):
+        for i in range(T):
+            keys = list(range(P)) + [P + j for j in range(T) if mask[i, j]]
+            kk, vv = k[0, h // (Hq // Hkv), keys].double(), v[0, h // (Hq // Hkv), keys].double()
+            w = torch.softmax(kk @ q[0, h, i].double() * D**-0.5, 0)
+            torch.testing.assert_close(got[0, h, i], w @ vv, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("P", [0, 5, 37])
+def test_triton_kernel_matches_reference(P):
+    q, k, v, mask = _case(P, PARENTS, seed=P)
+    want = oa.ordered_attention_reference(q, k, v, P, mask)
+    got = oa.ordered_attention(q, k, v, torch.tensor([P]), mask, kernel=True)
+    assert got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _ar_layout(q, k, v, P, mask, i):
+    """Row i of a verification block, laid out as an AR step would see the same token: its visible block
+    keys (pending tokens and ancestors) moved into the prefix, the token itself the first row of a
+    padded block (other rows: padding that sees only itself)."""
+    T = mask.shape[0]
+    anc = [j for j in range(T) if mask[i, j] and j != i]
+    order = list(range(P)) + [P + j for j in anc]
+    P2 = len(order)
+    B, Hkv, _, D = k.shape
+    k2, v2 = (torch.zeros(B, Hkv, P2 + T, D, dtype=k.dtype) for _ in range(2))  # room for the padded block
+    k2[:, :, :P2], v2[:, :, :P2] = k[:, :, order], v[:, :, order]
+    k2[:, :, P2], v2[:, :, P2] = k[:, :, P + i], v[:, :, P + i]
+    q2 = torch.zeros_like(q)
+    q2[:, :, 0] = q[:, :, i]
+    return q2, k2, v2, P2, torch.eye(T, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "fallback"])
+def test_a_token_sees_the_same_sums_in_a_tree_and_in_an_ar_step(dtype, impl):
+    P = 21
+    q, k, v, mask = _case(P, PARENTS, seed=3, dtype=dtype)
+
+    def fn(q, k, v, P, m):
+        if impl == "triton":
+            return oa.ordered_attention(q, k, v, P, m, kernel=True)
+        return oa.ordered_attention_reference(q, k, v, P, m, dtype=torch.float32).to(q.dtype)
+
+    tree_out = fn(q, k, v, torch.tensor([P]), mask)
+    for i in range(len(PARENTS)):
+        q2, k2, v2, P2, eye = _ar_layout(q, k, v, P, mask, i)
+        ar_out = fn(q2, k2, v2, torch.tensor([P2]), eye)
+        assert torch.equal(ar_out[:, :, 0], tree_out[:, :, i]), f"row {i}"
+
+
+def test_bad_head_dim_names_the_problem():
+    q = torch.zeros(1, 2, 3, 12)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        oa.ordered_attention(q, torch.zeros(1, 2, 5, 12), torch.zeros(1, 2, 5, 12), 2, torch.eye(3, dtype=torch.bool))
