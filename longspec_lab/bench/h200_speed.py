@@ -88,7 +88,8 @@ def main(argv=None) -> int:
             hf = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_TARGET), dtype=torch.bfloat16).to("cuda").eval()
 
         def save(rep):
-            _write(out, "e2e_h200.json", stamp({**rep, "job_seconds": time.time() - t0}, target.device, target.dtype))
+            extra = {"job_seconds": time.time() - t0, "prompt_tokens": [len(p) for p in prompts], "dtype": "bfloat16"}
+            _write(out, "e2e_h200.json", stamp({**rep, **extra}, target.device, target.dtype))
 
         default_rep = run_bench(
             target, draft, prompts, a.max_new_tokens, shapes, gammas, hf_model=hf, progress=False,
