@@ -21,13 +21,21 @@ SCHEMA_VERSION = 1
 
 
 def _git_commit() -> str | None:
+    """HEAD, with "+dirty" when tracked files differ from it (a copied working tree, uncommitted edits)."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=here,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    head = out.stdout.strip()
+    return (head + ("+dirty" if dirty.stdout.strip() else "")) if head else None
 
 
 def environment(device=None, dtype=None, command: str | None = None) -> dict:
