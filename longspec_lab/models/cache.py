@@ -53,8 +53,18 @@ class KVCache:
         # device tensor of the T slots (static shapes for CUDA graphs): then an index_copy
         T = k.shape[2]
         if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(2, start, k)
-            self.v[layer].index_copy_(2, start, v)
+            # one index_put_ on the whole cache tensor, not on the view self.k[layer]: a compiled graph
+            # then scatters the T slots in place, where a mutated view made Inductor copy the layer
+            B, H = k.shape[0], k.shape[1]
+            dev = k.device
+            idx = (
+                torch.full((1, 1, 1), layer, device=dev),  # broadcast to [B, H, T]
+                torch.arange(B, device=dev)[:, None, None],
+                torch.arange(H, device=dev)[None, :, None],
+                start[None, None, :],
+            )
+            self.k.index_put_(idx, k)
+            self.v.index_put_(idx, v)
             return
         self.k[layer, :, :, start : start + T] = k
         self.v[layer, :, :, start : start + T] = v
