@@ -730,6 +730,11 @@ def cmd_tune(args) -> int:
         )
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)
+    if args.latency_from is not None:
+        try:
+            tune.recorded_step_times(json.loads(Path(args.latency_from).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+            raise UsageError(f"--latency-from {args.latency_from}: {e}; pass a report written by `longspec-lab bench`")
     _, _, _, cfg = _prepare(args, need_draft=True)
     ctx = cfg.context_length
     _check_fits(args.prompt_tokens, args.max_new_tokens, 1 + sum(args.probe_shape), ctx, "--probe-shape")
@@ -1024,6 +1029,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-depth", type=_int_range(1, 64), default=6, help="deepest shape searched")
     t.add_argument("--max-nodes", type=_int_range(2), default=160, help="largest shape searched (nodes, root included)")
     t.add_argument("--top", type=_int_range(1, 100), default=5, help="candidates validated by running them")
+    t.add_argument(
+        "--latency-from", default=None, metavar="REPORT",
+        help="fit the step-time model to a recorded bench report (e.g. data/results/e2e_h200.json) instead of "
+        "timing calibration shapes here; the top shapes are then predictions for that device, not run",
+    )  # fmt: skip
     t.add_argument("--out", default=None, metavar="FILE", help="write the JSON report here")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_common(t)

@@ -76,14 +76,55 @@ def expected_accept(ranks: torch.Tensor, shapes: list) -> torch.Tensor:
 
 
 def features(shape) -> list[float]:
+    """[1, depth, nodes, nodes drafted from, beam levels]: the last counts the levels wider than one node,
+    whose top-k runs over several rows (on the H200 a beam level costs ~50 us more than a chain level)."""
     s = TreeShape.of(shape)
-    return [1.0, float(s.depth), float(s.num_nodes), float(sum(s.widths[:-1]))]
+    beams = sum(w > 1 for w in s.widths)
+    return [1.0, float(s.depth), float(s.num_nodes), float(sum(s.widths[:-1])), float(beams)]
 
 
 def fit_latency(step_times: dict) -> torch.Tensor:
+    """Least-squares step-time coefficients, constrained to be >= 0 (no feature makes a step cheaper):
+    the exact non-negative solution, by solving every subset of free coefficients and keeping the best
+    feasible one (5 features: 32 small solves). Unconstrained least squares on a few collinear shapes
+    can give a negative cost per node and predict near-zero step times for big trees."""
     X = torch.tensor([features(json.loads(k)) for k in step_times], dtype=torch.float64)
     y = torch.tensor(list(step_times.values()), dtype=torch.float64)
-    return torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    n = X.shape[1]
+    best, best_err = torch.zeros(n, dtype=torch.float64), float((y**2).sum())
+    for subset in itertools.chain.from_iterable(itertools.combinations(range(n), r) for r in range(1, n + 1)):
+        cols = list(subset)
+        sol = torch.linalg.lstsq(X[:, cols], y[:, None]).solution[:, 0]
+        if bool((sol < 0).any()):
+            continue
+        coef = torch.zeros(n, dtype=torch.float64)
+        coef[cols] = sol
+        err = float(((X @ coef - y) ** 2).sum())
+        if err < best_err - 1e-30:
+            best, best_err = coef, err
+    return best
+
+
+def recorded_step_times(report: dict) -> dict:
+    """{shape json: seconds per decoding step} from a recorded end-to-end report (`longspec-lab bench`,
+    bench.h200_speed): each chain-gN or tree-w1-w2-... row gives seconds / (tokens / tau) target passes.
+    Lets the tuner fit its latency model to a GPU run on a machine without the GPU."""
+    out = {}
+    for name, row in report.get("results", {}).items():
+        parts = name.split("-")
+        if parts[0] == "chain" and len(parts) == 2 and parts[1][1:].isdigit():
+            shape = [1] * int(parts[1][1:])
+        elif parts[0] == "tree" and len(parts) > 1 and all(p.isdigit() for p in parts[1:]):
+            shape = [int(p) for p in parts[1:]]
+        else:
+            continue  # ar, transformers peers, other backends
+        out[json.dumps(shape)] = row["seconds"] / (row["tokens"] / row["tau"])
+    if len(out) < 4:
+        raise ValueError(
+            f"the report has {len(out)} chain/tree rows with timings; the latency model has 4 coefficients, "
+            "so it needs a report with at least 4 (run `longspec-lab bench` with more --tree-shapes / --gammas)"
+        )
+    return out
 
 
 def candidate_shapes(max_depth: int, max_nodes: int, probe) -> list:
@@ -118,7 +159,11 @@ def tune(
     fast=None,
     progress=True,
     calibration=CALIBRATION_SHAPES,
+    step_times: dict | None = None,
 ) -> dict:
+    """The four steps of the module docstring. step_times ({shape json: seconds}, e.g. from
+    `recorded_step_times`) replaces the calibration runs by recorded ones; the top shapes are then
+    predictions for the recording's device and are not validated here."""
     from tqdm.auto import tqdm
 
     from longspec_lab.decoding.eager import SpecDecoder
@@ -133,7 +178,9 @@ def tune(
         timer_dec = GraphDecoder(target, draft)
     else:
         timer_dec = eager
-    bar = tqdm(total=len(prompts) + len(calibration) + top + 1, disable=not progress, desc="tune")
+    recorded = step_times is not None
+    runs = 0 if recorded else len(calibration) + top + 1
+    bar = tqdm(total=len(prompts) + runs, disable=not progress, desc="tune")
     trace = []
     for ids in prompts:  # 1. acceptance ranks from probe traces
         trace += eager.generate(
@@ -141,9 +188,10 @@ def tune(
         ).trace
         bar.update()
     ranks = path_ranks(trace, probe.depth)
-    timer_dec.generate(prompts[0][:256], method="tree", max_new_tokens=8)  # warm-up
-    steps = {}
-    for s in calibration:  # 2. step latency against tree size
+    steps = dict(step_times) if recorded else {}
+    if not recorded:
+        timer_dec.generate(prompts[0][:256], method="tree", max_new_tokens=8)  # warm-up
+    for s in [] if recorded else calibration:  # 2. step latency against tree size
         timer_dec.generate(prompts[0], method="tree", tree_shape=s, max_new_tokens=8, stop_at_eos=False)
         steps[json.dumps(list(s))] = measure(timer_dec, prompts[:1], list(s), n_tokens)["step_seconds"]
         bar.update()
@@ -164,10 +212,32 @@ def tune(
     }
     default = list(DEFAULT_TREE_SHAPE.widths)
     validated = {}
-    for s in best + ([default] if default not in best else []):  # 4. measure for real
+    for s in [] if recorded else best + ([default] if default not in best else []):  # 4. measure for real
         validated[json.dumps(s)] = measure(timer_dec, prompts, s, n_tokens)
         bar.update()
     bar.close()
+    if recorded:  # predictions only: the best by the model, against the default under the same model
+        d_acc = float(expected_accept(ranks, [default])[0])
+        d_t = float(torch.tensor(features(default), dtype=torch.float64) @ coef)
+        return {
+            "method": "exhaustive search on a width grid, scored by recorded path ranks x a latency model fitted "
+            "to recorded step times; a prediction for the recording's device, not validated by running",
+            "probe_shape": list(probe.widths),
+            "probe_steps": len(trace),
+            "acceptance_by_depth": [
+                float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
+            ],
+            "recorded_step_seconds": steps,
+            "latency_coef": coef.tolist(),
+            "searched_shapes": len(shapes),
+            "model_top": model,
+            "validated": None,
+            "best_shape": best[0],
+            "default_shape": default,
+            "default_predicted": {"expected_accept": d_acc, "predicted_tokens_per_s": d_acc / d_t},
+            "best_vs_default_predicted": float(score[order[0]]) / (d_acc / d_t),
+            "decoder": "recorded",
+        }
     winner = max(validated, key=lambda k: validated[k]["tokens_per_s"])
     return {
         "method": "exhaustive search on a width grid, scored by recorded path ranks x fitted step latency; "
@@ -195,6 +265,9 @@ def run_cli(args) -> int:
     from longspec_lab.paths import load_prompts
     from longspec_lab.provenance import environment
 
+    step_times = None
+    if getattr(args, "latency_from", None):
+        step_times = recorded_step_times(json.loads(Path(args.latency_from).read_text()))
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in load_prompts(min_tokens=1000)]
     rep = tune(
@@ -207,8 +280,23 @@ def run_cli(args) -> int:
         args.max_new_tokens,
         args.top,
         progress=not args.quiet,
+        step_times=step_times,
     )
     rep["environment"] = environment(target.device)
+    if step_times is not None:
+        rep["latency_from"] = str(args.latency_from)
+        print(f"latency model fitted to {args.latency_from}; predicted, not run:")
+        print(f"{'shape':<32}{'pred. tok/s':>12}{'E[accept]':>10}")
+        for k, v in rep["model_top"].items():
+            print(f"{k:<32}{v['predicted_tokens_per_s']:>12.1f}{v['expected_accept']:>10.2f}")
+        print(f"best {rep['best_shape']}: {rep['best_vs_default_predicted']:.2f}x the default (predicted)")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(
+                json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
+            )
+            print(f"wrote the report to {args.out}")
+        return 0
     print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
     for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):
         print(f"{k:<32}{v['tokens_per_s']:>10.1f}{v['tau']:>7.2f}")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from longspec_lab.bench.tune import candidate_shapes, expected_accept, fit_latency, path_ranks, tune
@@ -40,8 +41,8 @@ def test_probe_model_reproduces_real_acceptance(embedded_pair):
 
 
 def test_latency_fit_recovers_a_linear_model():
-    shapes = [[1], [4], [16], [1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16]]
-    true = torch.tensor([2e-3, 5e-4, 1e-5, 3e-6], dtype=torch.float64)
+    shapes = [[1], [4], [16], [1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16], [1, 1, 1, 1, 1, 1]]
+    true = torch.tensor([2e-3, 5e-4, 1e-5, 3e-6, 4e-5], dtype=torch.float64)
     from longspec_lab.bench.tune import features
 
     times = {json.dumps(s): float(torch.tensor(features(s), dtype=torch.float64) @ true) for s in shapes}
@@ -67,3 +68,29 @@ def test_tune_smoke_cpu(embedded_pair):
     assert rep["best_shape"] in [json.loads(k) for k in rep["validated"]]
     assert json.dumps(rep["default_shape"]) in rep["validated"]
     assert rep["searched_shapes"] == len(candidate_shapes(3, 40, (4, 8, 8)))
+
+
+def test_latency_fit_is_scipys_non_negative_least_squares():
+    """Noisy, collinear step times (the kind that made plain least squares predict negative costs): the
+    fit equals scipy.optimize.nnls, and every coefficient is >= 0."""
+    from scipy.optimize import nnls
+
+    from longspec_lab.bench.tune import features, recorded_step_times
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [[1] * 5, [1] * 6, [1] * 7, [4, 16, 16, 16, 16], [2, 4, 8, 8, 8, 8], [1, 2, 4, 4, 4, 4, 4]]
+    X = torch.tensor([features(s) for s in shapes], dtype=torch.float64)
+    y = X @ torch.tensor([9e-4, 9e-5, -2e-5, 1e-5, 5e-5], dtype=torch.float64)
+    y = y + 2e-5 * torch.randn(len(shapes), generator=g, dtype=torch.float64)
+    got = fit_latency({json.dumps(s): float(t) for s, t in zip(shapes, y)})
+    want, _ = nnls(X.numpy(), y.numpy())
+    assert bool((got >= 0).all())
+    assert torch.allclose(got, torch.from_numpy(want), rtol=1e-6, atol=1e-10)
+    rep = {"results": {"ar": {"seconds": 1.0, "tokens": 10, "tau": 1.0}} | {
+        ("chain-g%d" % len(s) if max(s) == 1 else "tree-" + "-".join(map(str, s))): {
+            "seconds": float(t) * 20, "tokens": 100, "tau": 5.0} for s, t in zip(shapes, y)}}  # fmt: skip
+    steps = recorded_step_times(rep)
+    assert set(steps) == {json.dumps(s) for s in shapes}
+    assert all(abs(steps[json.dumps(s)] - float(t)) < 1e-15 for s, t in zip(shapes, y))
+    with pytest.raises(ValueError, match="at least 4"):
+        recorded_step_times({"results": {"ar": {"seconds": 1.0, "tokens": 10, "tau": 1.0}}})
