@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = {"paths": 0, "provenance": 0, "kernels": 1, "ops": 2, "models": 3, "spec": 3, "decoding": 4}
-LAYER.update({"teach": 5, "bench": 5, "train": 5, "cli": 6, "__main__": 7, "__init__": 8})
+LAYER.update({"teach": 5, "bench": 5, "train": 5, "cli": 6, "bench_verify": 6, "__main__": 7, "__init__": 8})
 
 
 def _modules():

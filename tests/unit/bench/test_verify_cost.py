@@ -58,3 +58,15 @@ def test_planted_difference_is_found_at_its_layer(monkeypatch):
     for stage in ("prefill_fp32", "tree_fp32"):
         assert r[stage]["first_layer_over_tol"] == 1, r[stage]["layer_max_rel_diff"]
         assert r[stage]["layer_max_rel_diff"][0] <= 1e-5
+
+
+def test_bench_verify_module_is_the_verify_cost_command():
+    """`python -m longspec_lab.bench_verify --help` runs verify_cost's parser (the same flags)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "longspec_lab.bench_verify", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--contexts" in out.stdout and "--agreement" in out.stdout and "--minimal-only" in out.stdout
