@@ -1,13 +1,16 @@
 """The GPU measurement jobs, in the order the project runs them on a rented H200.
 
-    python -m longspec_lab.bench.gpu_jobs --out OUT_DIR [--only kernel,verify,e2e,tune]
+    python -m longspec_lab.bench.gpu_jobs --out OUT_DIR [--only e2e,agreement,notebooks]
 
 Each job is a subprocess with its own time limit and log file, so one failure does not lose the
 others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
-  kernel  python -m longspec_lab.kernels.bench_tree_attention   (tree attention against SDPA, Flex, floor)
-  verify  python -m longspec_lab.bench.verify_cost                   (8B-shaped verify vs decode cost)
-  e2e     longspec-lab bench                                     (embedded pair against transformers)
-  tune    longspec-lab tune                                      (tree-shape search, validated)
+  kernel     python -m longspec_lab.kernels.bench_tree_attention (tree attention against SDPA, Flex, floors)
+  verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
+  e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, batch-invariant, kernels)
+  agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
+  notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
+  tune       longspec-lab tune                                  (tree-shape search, validated)
+Device time is the scarce thing: e2e takes about 7 minutes (mostly compilation), the others 2-4 each.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
@@ -43,22 +46,39 @@ def jobs(out: Path) -> dict:
             [
                 py,
                 "-m",
-                "longspec_lab",
-                "bench",
-                "--device",
-                "cuda",
-                "--num-prompts",
-                "4",
-                "--max-new-tokens",
-                "256",
-                "--extra-backends",
-                "sdpa",
-                "--quiet",
+                "longspec_lab.bench.h200_speed",
                 "--out",
-                str(out / "e2e_h200.json"),
+                str(out),
+                "--only",
+                "e2e,bi,profile",
+                "--gammas",
+                "5,6,7",
+                "--shapes",
+                "4,16,16,16,16;2,4,8,8,8,8;1,2,4,4,4,4,4",
             ],
-            210,
-            {"LONGSPEC_AUTOTUNE": "0"},
+            480,
+            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
+        ),
+        "agreement": (
+            [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
+            180,
+            {},
+        ),
+        "notebooks": (
+            [
+                py,
+                "-m",
+                "longspec_lab.teach.run_notebooks",
+                "notebooks/07_timing_real_gpu_runs.ipynb",
+                "notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb",
+                "--small",
+                "0",
+                "--out",
+                str(out / "notebooks_h200"),
+            ]
+            + (["--wheels", ".whl"] if Path(".whl").is_dir() else []),
+            300,
+            {"LONGSPEC_QUICK": "1", "LONGSPEC_AUTOTUNE": "0"},
         ),
         "tune": (
             [py, "-m", "longspec_lab", "tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
@@ -75,7 +95,10 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs")
-    ap.add_argument("--only", default="kernel,verify,e2e,tune", help="comma-separated job names (default: all)")
+    ap.add_argument(
+        "--only", default="e2e,agreement,notebooks",
+        help="comma-separated job names from kernel,verify,e2e,agreement,notebooks,tune (default: %(default)s)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
     table = jobs(out)
