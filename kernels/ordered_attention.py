@@ -139,6 +139,25 @@ def ordered_attention_reference(q, k, v, prefix_len, block_mask, scale=None, dty
     return o.transpose(2, 3).reshape(B, Hq, T, D)
 
 
+def as_ar_step(q, k, v, prefix_len: int, block_mask, row: int):
+    """Row `row` of a verification block laid out as an AR step sees the same token: its visible block
+    keys (pending tokens, ancestors) moved into the committed prefix, the token itself the first row of
+    a block whose other rows see only themselves. Returns (q, k, v, prefix_len, block_mask) of that step;
+    position-ordered attention gives that row the same bits as `row` of the original block."""
+    T = block_mask.shape[0]
+    anc = [j for j in range(T) if bool(block_mask[row, j]) and j != row]
+    order = list(range(prefix_len)) + [prefix_len + j for j in anc]
+    P2 = len(order)
+    B, Hkv, _, D = k.shape
+    k2 = torch.zeros(B, Hkv, P2 + T, D, dtype=k.dtype, device=k.device)  # [B, Hkv, P2 + T, D]
+    v2 = torch.zeros_like(k2)
+    k2[:, :, :P2], v2[:, :, :P2] = k[:, :, order], v[:, :, order]
+    k2[:, :, P2], v2[:, :, P2] = k[:, :, prefix_len + row], v[:, :, prefix_len + row]
+    q2 = torch.zeros_like(q)
+    q2[:, :, 0] = q[:, :, row]
+    return q2, k2, v2, P2, torch.eye(T, dtype=torch.bool, device=block_mask.device)
+
+
 def _launch(q, k, v, prefix_len, block_mask, scale, block_n):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]

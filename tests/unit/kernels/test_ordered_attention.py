@@ -63,23 +63,6 @@ def test_triton_kernel_matches_reference(P):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def _ar_layout(q, k, v, P, mask, i):
-    """Row i of a verification block, laid out as an AR step would see the same token: its visible block
-    keys (pending tokens and ancestors) moved into the prefix, the token itself the first row of a
-    padded block (other rows: padding that sees only itself)."""
-    T = mask.shape[0]
-    anc = [j for j in range(T) if mask[i, j] and j != i]
-    order = list(range(P)) + [P + j for j in anc]
-    P2 = len(order)
-    B, Hkv, _, D = k.shape
-    k2, v2 = (torch.zeros(B, Hkv, P2 + T, D, dtype=k.dtype) for _ in range(2))  # room for the padded block
-    k2[:, :, :P2], v2[:, :, :P2] = k[:, :, order], v[:, :, order]
-    k2[:, :, P2], v2[:, :, P2] = k[:, :, P + i], v[:, :, P + i]
-    q2 = torch.zeros_like(q)
-    q2[:, :, 0] = q[:, :, i]
-    return q2, k2, v2, P2, torch.eye(T, dtype=torch.bool)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["triton", "fallback"])
 def test_a_token_sees_the_same_sums_in_a_tree_and_in_an_ar_step(dtype, impl):
@@ -93,7 +76,7 @@ def test_a_token_sees_the_same_sums_in_a_tree_and_in_an_ar_step(dtype, impl):
 
     tree_out = fn(q, k, v, torch.tensor([P]), mask)
     for i in range(len(PARENTS)):
-        q2, k2, v2, P2, eye = _ar_layout(q, k, v, P, mask, i)
+        q2, k2, v2, P2, eye = oa.as_ar_step(q, k, v, P, mask, i)
         ar_out = fn(q2, k2, v2, torch.tensor([P2]), eye)
         assert torch.equal(ar_out[:, :, 0], tree_out[:, :, i]), f"row {i}"
 
