@@ -290,23 +290,20 @@ def run_cli(args) -> int:
         for k, v in rep["model_top"].items():
             print(f"{k:<32}{v['predicted_tokens_per_s']:>12.1f}{v['expected_accept']:>10.2f}")
         print(f"best {rep['best_shape']}: {rep['best_vs_default_predicted']:.2f}x the default (predicted)")
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(
-                json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
-            )
-            print(f"wrote the report to {args.out}")
-        return 0
+        return _write_report(rep, args.out)
     print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
     for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):
         print(f"{k:<32}{v['tokens_per_s']:>10.1f}{v['tau']:>7.2f}")
     print(f"best {rep['best_shape']}: {rep['best_vs_default']:.2f}x the default {rep['default_shape']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
-        )
-        print(f"wrote the report to {args.out}")
+    return _write_report(rep, args.out)
+
+
+def _write_report(rep: dict, out) -> int:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2)
+        Path(out).write_text(text + "\n")
+        print(f"wrote the report to {out}")
     return 0
 
 

@@ -17,16 +17,12 @@ for _mod in ("longspec_lab.kernels.tree_attention", "longspec_lab.kernels.ordere
     if _mod in sys.modules and not sys.modules[_mod]._INTERPRET:
         importlib.reload(sys.modules[_mod])  # imported earlier without the interpreter: redefine kernels
 import longspec_lab.kernels.ordered_attention as oa  # noqa: E402
+from longspec_lab.spec.tree import tree_mask  # noqa: E402
 
 
 def _tree_mask(parents):
-    T = len(parents)
-    m = torch.zeros(T, T, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            m[i] = m[p]
-        m[i, i] = True
-    return m
+    """[T, T] bool: row i sees itself and its ancestors (the mask is an input here, not under test)."""
+    return tree_mask(torch.tensor(parents))
 
 
 def _case(P, parents, Hq=4, Hkv=2, D=16, seed=0, dtype=torch.float32):
