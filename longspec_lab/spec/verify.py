@@ -357,13 +357,16 @@ def acceptance_stats(parents, depths, path, n, tried, D: int, R: int) -> torch.T
     """One step's acceptance counts on static buffers, no host sync -> long [2D + 2R]:
     depth d (1..D) tried (the path reached depth d-1 at a node with children offered) and accepted
     (reached depth d), then sibling rank r (0..R-1) tried and accepted. path [D+1] padded, n [1]."""
+    # Counted with one-hot comparisons and sums, not index_add: a compiled step then fuses them into a
+    # reduction or two, where index_add became atomic scatters plus bounds-check kernels on the GPU.
     dev = parents.device
     t = tried.long()
     ranks = sibling_ranks(parents)  # [N]
-    d_tried = (torch.zeros(D + 1, dtype=torch.long, device=dev).index_add(0, depths, t)[1:] > 0).long()
+    d_tried = ((depths[:, None] == torch.arange(1, D + 1, device=dev)) & (t[:, None] > 0)).any(0).long()  # [D]
     reached = (torch.arange(D, device=dev) < n - 1).long()  # [D] depth d+1 reached
-    r_tried = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, ranks[1:], t[1:])
-    r_acc = torch.zeros(R, dtype=torch.long, device=dev).index_add(0, ranks[path[1:]], reached)
+    rank_ids = torch.arange(R, device=dev)
+    r_tried = ((ranks[1:, None] == rank_ids).long() * t[1:, None]).sum(0)  # [R]
+    r_acc = ((ranks[path[1:]][:, None] == rank_ids).long() * reached[:, None]).sum(0)  # [R]
     return torch.cat([d_tried, reached, r_tried, r_acc])
 
 

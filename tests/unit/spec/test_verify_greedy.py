@@ -158,3 +158,41 @@ def test_tree_decoding_is_lossless(widths, hit_rate, seed):
     assert seq == greedy_decode(prompt, n)
     if hit_rate >= 0.6:  # a useful draft must actually save target passes (otherwise the test is vacuous)
         assert passes < n
+
+
+@SETTINGS
+@given(st.data())
+def test_acceptance_stats_equal_brute_force_counts(data):
+    """acceptance_stats (one-hot sums on static buffers) against counting node by node in Python."""
+    from longspec_lab.spec.verify import acceptance_stats
+
+    widths = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
+    parents, prev = [-1], [0]
+    for w in widths:
+        level = []
+        for _ in range(w):
+            parents.append(data.draw(st.sampled_from(prev)))
+            level.append(len(parents) - 1)
+        prev = level
+    N, D, R = len(parents), len(widths), max(widths)
+    depths = [0] * N
+    for i in range(1, N):
+        depths[i] = depths[parents[i]] + 1
+    leaf = data.draw(st.integers(0, N - 1))  # the accepted path: root .. leaf
+    path = [leaf]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    path = path[::-1]
+    n = len(path)
+    tried = [data.draw(st.booleans()) for _ in range(N)]
+    ranks = [sum(parents[j] == parents[i] for j in range(i)) for i in range(N)]
+    ranks[0] = 0
+    want_d_tried = [int(any(tried[i] and depths[i] == d for i in range(N))) for d in range(1, D + 1)]
+    want_reached = [int(d + 1 < n) for d in range(D)]
+    want_r_tried = [sum(tried[i] for i in range(1, N) if ranks[i] == r) for r in range(R)]
+    want_r_acc = [sum(1 for j in range(1, n) if ranks[path[j]] == r) for r in range(R)]
+    padded = path + [path[-1]] * (D + 1 - n)
+    got = acceptance_stats(
+        torch.tensor(parents), torch.tensor(depths), torch.tensor(padded), torch.tensor([n]), torch.tensor(tried), D, R
+    )
+    assert got.tolist() == want_d_tried + want_reached + want_r_tried + want_r_acc
