@@ -2,6 +2,9 @@
 
 - ``tree_attention``: split-KV tree-verification attention for LongSpec (arXiv 2502.17421), with its
   float64 PyTorch reference and an H200 benchmark (``bench_tree_attention``).
+- ``ordered_attention``: attention that sums every query row's keys in one canonical order (prefix,
+  then its visible block keys), so batch-invariant decoding gives the same bits in a tree and in an AR
+  step; its PyTorch definition and a benchmark against the tree kernel sit in the same file.
 
 Nothing is imported eagerly: Triton decides at ``@triton.jit`` time whether it interprets kernels
 (``TRITON_INTERPRET=1``, CPU) or compiles them (CUDA), so set that variable before importing
