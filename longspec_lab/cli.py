@@ -922,8 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch-invariant",
         action="store_true",
-        help="pad every target pass to 128 rows, so a token's logits do not depend on how many rows its pass had "
-        "(ar, chain and tree then agree in bf16 too; trees of at most 128 nodes)",
+        help="pad every target pass to 128 rows and sum each row's attention keys in one fixed order, so a token's "
+        "logits do not depend on the pass that computed them (ar, chain and tree then agree in bf16 too; trees of "
+        "at most 128 nodes; slower)",
     )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     _add_common(g, "no progress line and no summary on stderr")
@@ -987,7 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--batch-invariant",
         action="store_true",
-        help="pad every target pass to 128 rows (ar, chain and tree then agree in bf16 too); run it beside a "
+        help="batch-invariant passes: 128 rows each, attention keys in one fixed order (ar, chain and tree then "
+        "agree in bf16 too); run it beside a "
         "default run to see its cost",
     )
     b.add_argument(
