@@ -76,6 +76,7 @@ def _ordered_attn_kernel(
     m_i = tl.full([1], float("-inf"), dtype=tl.float32)
     l_i = tl.full([1], 0.0, dtype=tl.float32)
     acc = tl.full([HEAD_DIM], 0.0, dtype=tl.float32)
+    L = tl.where(n_i > 0, L, 0)  # a row that sees no block key is padding: no work, output 0
     for start in range(0, L, BLOCK_N):
         v_idx = start + offs_n  # [BLOCK_N] virtual positions
         valid = v_idx < L
@@ -93,7 +94,7 @@ def _ordered_attn_kernel(
         v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
         acc = acc * alpha + _row_sum(tl.trans(v.to(tl.float32)) * p)  # [D]
         m_i = m_new
-    o = acc / l_i
+    o = tl.where(l_i > 0, acc / l_i, 0.0)
     tl.store(O + b * stride_ob + h * stride_oh + row * stride_ot + offs_d * stride_od, o.to(O.dtype.element_ty))
 
 
@@ -123,7 +124,7 @@ def ordered_attention_reference(q, k, v, prefix_len, block_mask, scale=None, dty
     """The definition in PyTorch: gather every row's keys into its virtual order, then softmax.
     q [B, Hq, T, D], k/v [B, Hkv, S, D], prefix_len int or [1] tensor, block_mask [T, T] bool.
     Every op is per row with shapes independent of the row's content, so it is batch-invariant too.
-    Returns [B, Hq, T, D] in `dtype`."""
+    Rows with an all-False mask row are padding and give 0. Returns [B, Hq, T, D] in `dtype`."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -136,6 +137,8 @@ def ordered_attention_reference(q, k, v, prefix_len, block_mask, scale=None, dty
     s = s.masked_fill(~valid[None, None, :, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1)
     o = torch.matmul(p, vg)  # [B, Hkv, T, G, D]
+    padding = ~block_mask.to(q.device).any(1)  # [T] rows that see no block key: output 0
+    o = o.masked_fill(padding[None, None, :, None, None], 0.0)
     return o.transpose(2, 3).reshape(B, Hq, T, D)
 
 
@@ -189,7 +192,8 @@ def _(q, k, v, prefix_len, block_mask, scale):
 def ordered_attention(q, k, v, prefix_len, block_mask, scale=None, kernel: bool | None = None):
     """Position-ordered, batch-invariant attention (module docstring). q [B, Hq, T, D]; k, v [B, Hkv, S, D]
     with the block already written at [P, P + T); prefix_len int or [1] device tensor; block_mask [T, T]
-    bool (every row sees at least itself). kernel None: the Triton kernel on CUDA, the PyTorch definition
+    bool. A row that sees no block key (an all-False mask row) is padding: it costs nothing and its
+    output is 0; a real row sees at least itself. kernel None: the Triton kernel on CUDA, the PyTorch definition
     in float32 on the CPU; True: the kernel (CUDA, or the CPU interpreter under TRITON_INTERPRET=1).
     Returns [B, Hq, T, D] in q's dtype."""
     D = q.shape[-1]

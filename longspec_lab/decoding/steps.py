@@ -120,15 +120,15 @@ def ar_forward(st: DecodeState) -> torch.Tensor:
 def _padded_pass(st: DecodeState, tokens, positions, mask) -> torch.Tensor:
     """Batch-invariant mode: every target pass has exactly `st.rows` rows, so each matmul and attention
     call has one shape and a token's row is computed the same way in a 1-token and a 72-token pass.
-    tokens, positions [n]; mask [n, n] (None: one row). The padding rows see the prefix and themselves
-    only, and their cache slots lie past the n real ones (overwritten later). Returns logits [n, V]."""
+    tokens, positions [n]; mask [n, n] (None: one row). The padding rows see no block key, which the
+    ordered attention skips (output 0): they cost matmul rows, not attention. Their cache slots lie past
+    the n real ones and are overwritten later; no real row ever sees them. Returns logits [n, V]."""
     n, M = tokens.shape[0], st.rows
     pad = torch.zeros(M - n, dtype=tokens.dtype, device=tokens.device)
     toks = torch.cat([tokens, pad])[None]  # [1, M]
     pos = torch.cat([positions.expand(n), st.P.expand(M - n)])[None]  # [1, M]
-    block = torch.eye(M, dtype=torch.bool, device=tokens.device)
-    if mask is not None:
-        block[:n, :n] = mask
+    block = torch.zeros(M, M, dtype=torch.bool, device=tokens.device)  # [M, M] padding rows: all False
+    block[:n, :n] = torch.ones(1, 1, dtype=torch.bool, device=tokens.device) if mask is None else mask
     # "ordered" attention: each row sums its keys in one order (prefix, then its visible block keys), so a
     # token's output is the same whether its ancestors are tree keys here or prefix keys in an AR step
     logits = st.target(toks, positions=pos, cache=st.tcache, start=st.P, mask=block, backend="ordered")

@@ -81,3 +81,22 @@ def test_bad_head_dim_names_the_problem():
     q = torch.zeros(1, 2, 3, 12)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         oa.ordered_attention(q, torch.zeros(1, 2, 5, 12), torch.zeros(1, 2, 5, 12), 2, torch.eye(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("impl", ["triton", "fallback"])
+def test_padding_rows_cost_nothing_and_leave_real_rows_alone(impl):
+    """Rows with an all-False mask row give 0, and the real rows' outputs are the same bits as without
+    padding rows beside them."""
+    P = 13
+    q, k, v, mask = _case(P, PARENTS, seed=5)
+    T = mask.shape[0]
+    padded = torch.zeros(T + 4, T + 4, dtype=torch.bool)
+    padded[:T, :T] = mask
+    q2 = torch.cat([q, torch.randn(1, q.shape[1], 4, q.shape[3], generator=torch.Generator().manual_seed(9))], 2)
+    k2 = torch.cat([k[:, :, : P + T], torch.randn(1, k.shape[1], 4, k.shape[3])], 2)
+    v2 = torch.cat([v[:, :, : P + T], torch.randn(1, v.shape[1], 4, v.shape[3])], 2)
+    kw = {"kernel": True} if impl == "triton" else {"kernel": False}
+    alone = oa.ordered_attention(q, k, v, torch.tensor([P]), mask, **kw)
+    both = oa.ordered_attention(q2, k2, v2, torch.tensor([P]), padded, **kw)
+    assert torch.equal(both[:, :, :T], alone)
+    assert torch.equal(both[:, :, T:], torch.zeros_like(both[:, :, T:]))
