@@ -26,8 +26,8 @@ import time
 import torch
 
 from longspec_lab.decoding import steps
-from longspec_lab.decoding.graphs import COMPILE_MODE, Stage, capture
-from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
+from longspec_lab.decoding.graphs import COMPILE_MODE, Stage, capture, default_capacity
+from longspec_lab.spec.tree import TreeShape
 
 
 def _kernels(fn, top: int = 0):
@@ -82,7 +82,7 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
     compile_mode None: capture the eager stage functions without compiling them."""
     shape = TreeShape.of(shape) if method != "ar" else None
     # GraphDecoder's cache size, so that the compiled stages (and Inductor's cache) are the same graphs
-    capacity = max(target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes, len(prompt) + 512)
+    capacity = max(default_capacity(target), len(prompt) + 512)
     st = steps.DecodeState(target, draft, shape, capacity, backend)
     with torch.inference_mode():
         steps.prefill(st, torch.as_tensor(prompt, device=target.device))

@@ -170,15 +170,14 @@ def tune(
 
     probe = TreeShape.of(list(probe_shape))
     eager = SpecDecoder(target, draft)
+    recorded = step_times is not None
     if fast is None:
         fast = target.device.type == "cuda"
-    if fast:
+    timer_dec = None if recorded else eager  # with recorded step times nothing is timed here
+    if fast and not recorded:
         from longspec_lab.decoding.graphs import GraphDecoder
 
         timer_dec = GraphDecoder(target, draft)
-    else:
-        timer_dec = eager
-    recorded = step_times is not None
     runs = 0 if recorded else len(calibration) + top + 1
     bar = tqdm(total=len(prompts) + runs, disable=not progress, desc="tune")
     trace = []
@@ -216,24 +215,27 @@ def tune(
         validated[json.dumps(s)] = measure(timer_dec, prompts, s, n_tokens)
         bar.update()
     bar.close()
+    rep = {
+        "probe_shape": list(probe.widths),
+        "probe_steps": len(trace),
+        "acceptance_by_depth": [
+            float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
+        ],
+        "latency_coef": coef.tolist(),
+        "searched_shapes": len(shapes),
+        "model_top": model,
+        "default_shape": default,
+    }
     if recorded:  # predictions only: the best by the model, against the default under the same model
         d_acc = float(expected_accept(ranks, [default])[0])
         d_t = float(torch.tensor(features(default), dtype=torch.float64) @ coef)
         return {
             "method": "exhaustive search on a width grid, scored by recorded path ranks x a latency model fitted "
             "to recorded step times; a prediction for the recording's device, not validated by running",
-            "probe_shape": list(probe.widths),
-            "probe_steps": len(trace),
-            "acceptance_by_depth": [
-                float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
-            ],
+            **rep,
             "recorded_step_seconds": steps,
-            "latency_coef": coef.tolist(),
-            "searched_shapes": len(shapes),
-            "model_top": model,
             "validated": None,
             "best_shape": best[0],
-            "default_shape": default,
             "default_predicted": {"expected_accept": d_acc, "predicted_tokens_per_s": d_acc / d_t},
             "best_vs_default_predicted": float(score[order[0]]) / (d_acc / d_t),
             "decoder": "recorded",
@@ -242,18 +244,10 @@ def tune(
     return {
         "method": "exhaustive search on a width grid, scored by recorded path ranks x fitted step latency; "
         "top candidates validated by running them",
-        "probe_shape": list(probe.widths),
-        "probe_steps": len(trace),
-        "acceptance_by_depth": [
-            float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
-        ],
+        **rep,
         "calibration_step_seconds": steps,
-        "latency_coef": coef.tolist(),
-        "searched_shapes": len(shapes),
-        "model_top": model,
         "validated": validated,
         "best_shape": json.loads(winner),
-        "default_shape": default,
         "best_vs_default": validated[winner]["tokens_per_s"] / validated[json.dumps(default)]["tokens_per_s"],
         "decoder": type(timer_dec).__name__,
     }

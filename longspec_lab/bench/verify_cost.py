@@ -247,12 +247,19 @@ def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) ->
 # verify step under the tree mask, each time naming the first decoder layer whose output differs.
 
 
+def hf_llama_config(cfg):
+    """transformers' `LlamaConfig` for one of our model configs (the fields both sides share)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+
+
 def build_hf(target, device):
     """Stock `LlamaForCausalLM` (SDPA attention) whose parameters ARE the target's tensors (assign=True)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     cfg = target.config
-    hcfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+    hcfg = hf_llama_config(cfg)
     hcfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         hf = LlamaForCausalLM(hcfg)
@@ -381,7 +388,6 @@ def minimal_cases(cfg, device, context=4096, n_pending=4, seed=0) -> dict:
         with the dense boolean mask transformers builds (default backend choice, and the math backend).
     Each entry is the max |x - float64 reference|; `tf32` records the matmul settings in force."""
     import torch.nn.functional as F
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from longspec_lab.ops.attention import attend
@@ -389,7 +395,7 @@ def minimal_cases(cfg, device, context=4096, n_pending=4, seed=0) -> dict:
     mask, offsets = verify_block(n_pending, device=device)
     T = mask.shape[0]
     pos = (context + offsets)[None]  # [1, T]
-    hcfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+    hcfg = hf_llama_config(cfg)
     x = torch.zeros(1, T, cfg.head_dim, device=device)
     ours_cos, ours_sin = Rotary(cfg).to(device)(pos, torch.float32)
     with torch.device(device):

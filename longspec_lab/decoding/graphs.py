@@ -70,6 +70,12 @@ def allow_many_graphs() -> None:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
 
 
+def default_capacity(target) -> int:
+    """GraphDecoder's cache slots when none are asked for: the model's context plus room for two default
+    trees. Other code that compiles the same stages (bench.profile) uses it, so the graphs are the same."""
+    return target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes
+
+
 class Stage:
     """One stage function: called as is, compiled, or replayed from its CUDA graph once captured."""
 
@@ -114,7 +120,7 @@ class GraphDecoder(SpecDecoder):
         if self.graphs and not cuda:
             raise ValueError("CUDA graphs need a CUDA device; use graphs=False on the CPU")
         self.compile_mode = compile_mode
-        self.capacity = capacity or target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes
+        self.capacity = capacity or default_capacity(target)
         self.max_cache_len = self.capacity
         self.stage_timing = stage_timing and cuda
         self.compile_seconds: dict[str, float] = {}

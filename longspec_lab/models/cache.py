@@ -29,6 +29,10 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # committed tokens
+        # index_put_ coordinates of (layer, batch, head) for writes at device-tensor slots, built once
+        L, B, H = num_layers, batch, num_kv_heads
+        self._layer_idx = torch.arange(L, device=device).view(L, 1, 1, 1)  # [L, 1, 1, 1]
+        self._bh_idx = (torch.arange(B, device=device)[:, None, None], torch.arange(H, device=device)[None, :, None])
 
     @property
     def max_len(self) -> int:
@@ -55,14 +59,7 @@ class KVCache:
         if isinstance(start, torch.Tensor):
             # one index_put_ on the whole cache tensor, not on the view self.k[layer]: a compiled graph
             # then scatters the T slots in place, where a mutated view made Inductor copy the layer
-            B, H = k.shape[0], k.shape[1]
-            dev = k.device
-            idx = (
-                torch.full((1, 1, 1), layer, device=dev),  # broadcast to [B, H, T]
-                torch.arange(B, device=dev)[:, None, None],
-                torch.arange(H, device=dev)[None, :, None],
-                start[None, None, :],
-            )
+            idx = (self._layer_idx[layer], *self._bh_idx, start[None, None, :])  # broadcast to [B, H, T]
             self.k.index_put_(idx, k)
             self.v.index_put_(idx, v)
             return
