@@ -11,6 +11,8 @@ bf16) at P in {2k, 4k}. Methods, each checked against the fp32 reference before 
   triton_tree    this package's split-KV kernel (kernels/tree_attention.py), host prefix length
   triton_static  the same kernel with the length in a device tensor and splits planned for it (the
                  CUDA-graph path the decoder uses)
+  triton_merge_launch  the same kernel with its readable merge: a second launch instead of the fused
+                 last-split merge (FUSED_MERGE off), to show what the fused merge saves
   sdpa_dense     F.scaled_dot_product_attention, dense bool mask [T, P+T], enable_gqa=True
   flash_nomask   torch's flash SDPA on the same shape with no mask at all: the best stock dense kernel
                  doing the same work minus the tree (GQA through enable_gqa, or heads folded into rows)
@@ -207,8 +209,17 @@ def run_case(spec, env, args, gen):
     pref = torch.tensor([P], device=dev, dtype=torch.int32)
     dense = torch.cat([torch.ones(T, P, dtype=torch.bool, device=dev), mask], 1)  # [T, P+T]
     bias = torch.zeros(T, T, device=dev).masked_fill(~mask, float("-inf")).repeat(Hq // Hkv, 1)
+
+    def merge_launch():
+        fused, ta.FUSED_MERGE = ta.FUSED_MERGE, False
+        try:
+            return ta.tree_attention(q, k, v, P, mask, out=out, scratch=scratch)
+        finally:
+            ta.FUSED_MERGE = fused
+
     methods = {
         "triton_tree": lambda: ta.tree_attention(q, k, v, P, mask, out=out, scratch=scratch),
+        "triton_merge_launch": merge_launch,
         "triton_static": lambda: ta.tree_attention(q, k, v, pref, mask, max_prefix=P),
         "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=True),
         "two_pass": lambda: two_pass(q, k, v, P, bias, scale),

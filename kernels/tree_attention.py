@@ -20,9 +20,12 @@ How the kernel is laid out (Hopper-class, H100/H200):
 - Online softmax in fp32 with exp2 (the scale folded into log2 units); the P.V product accumulates into
   the running output in place (`tl.dot(p, v, acc)`). Each split writes a normalised partial output and
   its natural-log LSE to fp32 scratch.
-- A second, small launch merges the partials by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s
-  e^(lse_s - lse) o_s, the paper's prefix/tree merge generalised to many parts. Empty splits of shorter
-  (ragged) sequences are skipped, never read.
+- The partials are merged by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s, the
+  paper's prefix/tree merge generalised to many parts. The merge is fused: each split program takes an
+  arrival ticket (an atomic counter per row tile), and the last one to arrive reads the others' partials
+  and writes the output, so a call is one launch however many splits it has. `FUSED_MERGE = False`
+  (LONGSPEC_FUSED_MERGE=0) runs the readable form instead, a second small merge launch. Empty splits of
+  shorter (ragged) sequences are skipped, never read.
 - The tree mask is bit-packed on the host (int32 words): a key tile reads BLOCK_N / 32 words per row
   instead of gathering BLOCK_M x BLOCK_N bytes.
 - A row that sees no key at all (P = 0 and an all-False mask row) gets o = 0 and lse = -inf.
@@ -273,7 +276,8 @@ def _tree_attn_split_kernel(
     O_PART,
     LSE_PART,  # fp32 scratch [B*Hkv, n_splits, ROWS, D] and [B*Hkv, n_splits, ROWS] (unused if DIRECT)
     OUT,  # [B, Hq, T, D] output (written here only if DIRECT)
-    LSE_OUT,  # fp32 [B, Hq, T] (written here only if DIRECT and WRITE_LSE)
+    LSE_OUT,  # fp32 [B, Hq, T] (written here only if DIRECT and WRITE_LSE, or by the merging program)
+    COUNTER,  # int32 [B*Hkv * row tiles] arrival tickets, zero between launches (read only if FUSED_MERGE)
     stride_qb,
     stride_qh,
     stride_qt,
@@ -311,6 +315,7 @@ def _tree_attn_split_kernel(
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,  # n_splits == 1: write the final output, no merge launch
+    FUSED_MERGE: tl.constexpr,  # several splits: the last one to finish merges them (no merge launch)
     WRITE_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
     STAGES: tl.constexpr,
@@ -457,6 +462,50 @@ def _tree_attn_split_kernel(
             part = (pid_bh.to(tl.int64) * n_splits + pid_s) * ROWS + rows  # [BLOCK_M]
             tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
             tl.store(LSE_PART + part, lse, mask=row_ok)
+            if FUSED_MERGE:
+                # Arrival ticket per (batch x kv head, row tile): splits 0..last take part, and the one that
+                # arrives last has seen every other partial (acquire/release on the ticket), so it merges them
+                # and puts the ticket back to 0 for the next launch (or CUDA-graph replay).
+                tl.debug_barrier()  # all of this program's partial stores are issued before the ticket moves
+                ticket = COUNTER + pid_bh * tl.num_programs(0) + pid_m
+                arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+                if arrived == last:
+                    base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_M] split 0 of each row
+                    o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, last + 1, ROWS, HEAD_DIM, BLOCK_M)
+                    out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
+                    tl.store(
+                        OUT + out_rows[:, None] + offs_d[None, :] * stride_od,
+                        o.to(OUT.dtype.element_ty),
+                        mask=row_ok[:, None],
+                    )
+                    if WRITE_LSE:
+                        lse_rows = b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt
+                        tl.store(LSE_OUT + lse_rows, lse, mask=row_ok)
+                    tl.atomic_xchg(ticket, 0)
+
+
+@triton.jit
+def _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """LSE merge of splits 0..n_used-1 for BLOCK_R rows: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s.
+    base [BLOCK_R]: each row's index in split 0 of the fp32 scratch. Loads bypass L1 (`.cg`): the partials
+    were written by other programs. Returns (o [BLOCK_R, HEAD_DIM] fp32, natural-log lse [BLOCK_R])."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_used):
+        m = tl.maximum(m, tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
+    o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]
+    for s in range(0, n_used):
+        lse_s = tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp(lse_s - m_safe)
+        acc += w[:, None] * tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        den += w
+    empty = den == 0.0
+    o = acc / tl.where(empty, 1.0, den)[:, None]
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
+    return o, lse
 
 
 @triton.jit
@@ -496,27 +545,14 @@ def _tree_attn_merge_kernel(
     n_used = tl.maximum((P + split_len - 1) // split_len, 1)  # splits written (the tree is in the last)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
-    offs_d = tl.arange(0, HEAD_DIM)
     base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_R] split 0 of each row
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in range(0, n_used):
-        m = tl.maximum(m, tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
-    o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]
-    for s in range(0, n_used):
-        w = tl.exp(tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf")) - m_safe)
-        acc += w[:, None] * tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0)
-        den += w
-    empty = den == 0.0
-    o = acc / tl.where(empty, 1.0, den)[:, None]
+    o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
     g = rows // T
     t = rows % T
     out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
     tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
         tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
 
 
@@ -830,6 +866,23 @@ def _ensure_allocator():
 
 # read K/V through tensor descriptors when the views allow it (tests and the benchmark flip it; LONGSPEC_TMA=0: off)
 USE_TMA_LOADS = os.environ.get("LONGSPEC_TMA", "1") != "0"
+# Several splits: the last split program to finish merges the partials (one launch per call). The readable
+# fallback, a second merge launch, runs with LONGSPEC_FUSED_MERGE=0 (tests and the benchmark flip it).
+FUSED_MERGE = os.environ.get("LONGSPEC_FUSED_MERGE", "1") != "0"
+_TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream): B*Hkv*row tiles above this use the merge launch
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival tickets for the fused merge, one buffer per (device, stream), allocated once and
+    never freed (a captured CUDA graph keeps its address). Each launch leaves them at zero again."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(_TICKET_SLOTS, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
 LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmark records it)
 
 
@@ -856,6 +909,9 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     if return_lse or lse_out is not None:
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     direct = n_splits == 1
+    grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
+    fused = not direct and FUSED_MERGE and grid[0] * grid[2] <= _TICKET_SLOTS
+    tickets = _tickets(q.device) if fused else q
     if scratch is None:
         if direct:  # never written: the split kernel stores the output itself
             o_part = lse_part = o
@@ -888,6 +944,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         lse_part,
         o,
         lse_arg,
+        tickets,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -912,9 +969,9 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         CAUSAL=causal,
         IEEE=ieee,
         DIRECT=direct,
+        FUSED_MERGE=fused,
         WRITE_LSE=lse is not None,
     )
-    grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
     tma = _tma_ok(k, v)
     if _INTERPRET:
         use_tma = tma and USE_TMA_LOADS
@@ -936,8 +993,9 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         tma_allowed=use_tma,
         kernel=kern,
         tuned_now=kern is not None and len(getattr(kern, "cache", ())) > n_tuned,  # configs_timings are ours
+        fused_merge=fused,
     )
-    if not direct:
+    if not direct and not fused:
         block_r = 16 if not _INTERPRET else block_m
         _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
             o_part,

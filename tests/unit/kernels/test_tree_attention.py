@@ -141,6 +141,26 @@ def test_many_splits_ragged_tail():
         torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_merge_and_merge_launch_agree(fused, monkeypatch):
+    """The last-arriving split merges (one launch) or a second launch merges: both equal the float64
+    reference, with ragged prefixes (one sequence empty), and the arrival tickets are back at 0 afterwards."""
+    monkeypatch.setattr(ta, "FUSED_MERGE", fused)
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, D = 3, 4, 2, 7, 64
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k, v = torch.randn(B, Hkv, 420, D, generator=gen), torch.randn(B, Hkv, 420, D, generator=gen)
+    mask = random_tree_mask(T, gen, n_pending=2)
+    pref = torch.tensor([400, 0, 97])
+    for _ in range(2):  # a second call starts from the tickets the first one left
+        o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=5)
+        assert ta.LAST_LAUNCH["n_splits"] > 1 and ta.LAST_LAUNCH["fused_merge"] is fused
+        ro, rlse = ta.tree_attention_reference(q, k, v, pref, mask, return_lse=True, out_dtype=torch.float64)
+        torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    assert all(int(t.abs().sum()) == 0 for t in ta._TICKETS.values())
+
+
 def test_device_prefix_lengths_with_max_prefix():
     """CUDA-graph mode: lengths stay in a tensor, splits are planned for an upper bound."""
     gen = torch.Generator().manual_seed(11)
@@ -276,6 +296,7 @@ def test_bench_quick_dry_run(tmp_path):
     for case in data["cases"]:
         assert case["methods"]["triton_tree"]["max_rel_err"] < 1e-4
         assert case["methods"]["sdpa_dense"]["max_rel_err"] < 1e-4
+        assert case["methods"]["triton_merge_launch"]["max_rel_err"] < 1e-4
 
 
 def test_bench_plot_svg_fallback(tmp_path, monkeypatch):
