@@ -5,8 +5,11 @@
 - ``ordered_attention``: attention that sums every query row's keys in one canonical order (prefix,
   then its visible block keys), so batch-invariant decoding gives the same bits in a tree and in an AR
   step; its PyTorch definition and a benchmark against the tree kernel sit in the same file.
+- ``row_topk``: the k largest values of every row by k repeated maxima (exact for distinct keys), the
+  first stage of the draft's beam level on the GPU instead of torch.topk's radix select; registered as
+  ``torch.ops.longspec.row_topk``, with torch.topk as its reference and a benchmark against it.
 
 Nothing is imported eagerly: Triton decides at ``@triton.jit`` time whether it interprets kernels
 (``TRITON_INTERPRET=1``, CPU) or compiles them (CUDA), so set that variable before importing
-``longspec_lab.kernels.tree_attention``.
+``longspec_lab.kernels.tree_attention`` (or any kernel module).
 """

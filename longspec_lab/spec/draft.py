@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
+from longspec_lab.ops.topk import row_topk_values
 from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
 # ----------------------------------------------------------------------------- one beam level
@@ -79,7 +80,8 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
         keys = ((_order_key(flat) << 32) + rev).view(n, V)  # [n, V] distinct, and each one names its pair
         # Two small top-k's instead of one over n * V: the global top-w lies inside the rows' top-w's.
         # A row-wise top-k is one kernel per call on the GPU; one over 65k keys is a multi-pass radix select.
-        best = torch.topk(torch.topk(keys, min(width, V), dim=1).values.flatten(), width).values  # [w]
+        # The first one is the Triton kernel on CUDA (ops/topk.py; exact here: the keys are distinct).
+        best = torch.topk(row_topk_values(keys, min(width, V)).flatten(), width).values  # [w]
         idx = (n * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits hold the reversed flat index
     else:
         idx = torch.sort(flat, descending=True, stable=True).indices[:width]

@@ -1,0 +1,226 @@
+"""Row top-k by repeated maximum: the first stage of the draft's beam level without a sort or a radix select.
+
+A beam level (LongSpec, arXiv 2502.17421; `spec/draft.py: beam_level`) keeps the global top-w of
+n parents x V tokens. It first takes each parent row's top-w keys, [n, V] int64 -> [n, w], and then
+the top-w of those n * w candidates. With n <= 16, V = 4096 and w <= 16 the first step is tiny work,
+yet `torch.topk` runs it as a multi-pass radix select: on the H200 it was one kernel of 47 us, more
+than half of a whole chain level (`data/results/profile_h200.json`).
+
+Here one program owns one row chunk of BLOCK_V columns, held in registers, and repeats K times:
+
+    m = max(x);  store m;  x = where(x == m, MIN, x)        (MIN: the dtype's minimum, also the padding)
+
+K block reductions and no memory traffic beyond one read of the chunk. The output of a chunk is its
+K largest values, descending. When V needs several chunks, the [rows, n_chunks * K] candidates go
+through the same kernel again (a chunk is at least 2K wide, so every pass shrinks the row) until one
+chunk is left: the result is [rows, K], descending, as `torch.topk(x, K, dim=1).values`.
+
+Precondition: the keys of a row are DISTINCT under `==` (no two equal values; for float32 no NaN, and
+not both +0.0 and -0.0). `where(x == m, ...)` removes every copy of the maximum, so with repeated
+values the result would skip the repeats. beam_level's keys are distinct by construction: their low
+32 bits hold the pair's flat index. Only values are returned; beam_level reads the index from the key.
+
+`row_topk_reference` is the definition (`torch.topk`). `row_topk` checks its input and calls the
+registered op `torch.ops.longspec.row_topk`, which torch.compile(fullgraph=True) keeps as one opaque
+op (its fake version states the output shape). `main` times the kernel against torch.topk:
+
+    python -m longspec_lab.kernels.row_topk --rows 16 --vocab 4096 --k 16
+
+Taught in: notebooks/02_tree_shapes.ipynb
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
+MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of registers over 8 warps
+_MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of each supported dtype
+
+# The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
+# combine function (as in tree_attention.py: tl.max is itself an @jit function of Triton's library and
+# is compiled rather than interpreted when triton was imported before TRITON_INTERPRET=1 was set).
+if _INTERPRET:
+
+    @triton.jit
+    def _vec_max(x):
+        return tl.reduce(x, 0, tl.standard._elementwise_max)
+else:
+
+    @triton.jit
+    def _vec_max(x):
+        return tl.max(x, 0)
+
+
+@triton.jit
+def _row_topk_kernel(
+    X,  # [rows, >= L] input values (int64 or float32), unit column stride
+    OUT,  # [rows, n_chunks * K] output: chunk c's K largest values at [c * K, (c + 1) * K), descending
+    L,  # valid columns of X per row
+    stride_x,  # row stride of X, in elements
+    stride_o,  # row stride of OUT, in elements
+    MIN: tl.constexpr,  # the dtype's minimum: value of masked lanes and of removed maxima
+    K: tl.constexpr,  # how many largest values each chunk keeps
+    BLOCK_V: tl.constexpr,  # columns per chunk (a power of two); grid axis 1 walks the chunks
+):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * L may pass 2**31
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] column indices
+    x = tl.load(X + row * stride_x + offs, mask=offs < L, other=MIN)  # [BLOCK_V]
+    out = OUT + row * stride_o + chunk * K
+    for i in range(K):
+        m = _vec_max(x)  # the largest value not yet taken (keys are distinct)
+        tl.store(out + i, m)
+        x = tl.where(x == m, MIN, x)  # take it out of the chunk
+
+
+def row_topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition: the k largest values of every row, descending. x [rows, V] -> [rows, k]."""
+    return torch.topk(x, k, dim=1).values
+
+
+def _block_v(L: int, k: int, block_v: int) -> int:
+    """Chunk width for a row of L columns: the whole row when it fits in block_v, else block_v, and
+    never below 2k, so that a pass keeping k of every chunk leaves fewer columns than it read."""
+    return min(triton.next_power_of_2(L), max(block_v, triton.next_power_of_2(2 * k)))
+
+
+def _num_warps(block: int) -> int:
+    return min(8, max(1, block // 512))  # 512 columns per warp: 16 int64 per thread at 4096
+
+
+def _launch(x: torch.Tensor, k: int, block_v: int) -> torch.Tensor:
+    """Pass after pass of the kernel until one chunk per row is left. x [rows, L] with unit column stride."""
+    rows, L = x.shape
+    if rows == 0:
+        return x.new_empty(0, k)
+    while True:
+        block = _block_v(L, k, block_v)
+        n_chunks = triton.cdiv(L, block)
+        out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
+        _row_topk_kernel[(rows, n_chunks)](
+            x, out, L, x.stride(0), out.stride(0),
+            MIN=_MIN[x.dtype], K=k, BLOCK_V=block, num_warps=_num_warps(block),
+        )  # fmt: skip
+        if n_chunks == 1:
+            return out
+        x, L = out, n_chunks * k  # the candidates hold every row's top k: select again among them
+
+
+@torch.library.custom_op("longspec::row_topk", mutates_args=())
+def _row_topk_op(x: torch.Tensor, k: int, block_v: int) -> torch.Tensor:
+    """`torch.ops.longspec.row_topk`: x [rows, V] (checked by `row_topk`) -> [rows, k] descending."""
+    return _launch(x, k, block_v)
+
+
+@_row_topk_op.register_fake
+def _(x, k, block_v):
+    return x.new_empty(x.shape[0], k)
+
+
+def row_topk(x: torch.Tensor, k: int, block_v: int | None = None) -> torch.Tensor:
+    """The k largest values of every row of x [rows, V], descending: [rows, k], equal to
+    `torch.topk(x, k, dim=1).values` when each row's values are distinct (module docstring).
+    x: int64 or float32, on CUDA (or on the CPU under TRITON_INTERPRET=1). block_v: the widest chunk
+    one program reads, a power of two (default MAX_BLOCK_V); a row wider than that takes two or more
+    passes (the tests force a small one to run that path)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"row_topk needs a 2-D tensor [rows, V], got {got}; reshape it to [rows, V]")
+    if x.dtype not in _MIN:
+        raise ValueError(
+            f"row_topk supports int64 and float32, got {x.dtype}; convert with .to(torch.float32) "
+            "(or use torch.topk for other dtypes)"
+        )
+    V = x.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+        raise ValueError(f"row_topk needs an integer k in [1, V] = [1, {V}], got {k!r}; choose k <= the row length")
+    block_v = MAX_BLOCK_V if block_v is None else block_v
+    if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 1, got {block_v!r}; e.g. {MAX_BLOCK_V}")
+    if not (x.is_cuda or _INTERPRET):
+        raise ValueError(
+            f"row_topk runs a Triton kernel and got a tensor on {x.device}; pass a CUDA tensor, or set "
+            "TRITON_INTERPRET=1 before importing longspec_lab.kernels.row_topk (on the CPU, "
+            "row_topk_reference / torch.topk gives the same values)"
+        )
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _row_topk_op(x, k, block_v)
+
+
+def _distinct_keys(rows: int, V: int, device, seed: int = 0) -> torch.Tensor:
+    """[rows, V] int64 keys shaped like beam_level's: random high 32 bits, distinct low 32 bits."""
+    g = torch.Generator().manual_seed(seed)
+    high = torch.randint(-(2**31), 2**31, (rows, V), generator=g, dtype=torch.int64)
+    low = torch.randperm(rows * V, generator=g).view(rows, V)
+    return ((high << 32) + low).to(device)
+
+
+def main(argv=None) -> int:
+    """Time the kernel against torch.topk on beam-level-shaped int64 keys (CUDA)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.kernels.row_topk",
+        description=(
+            "Time the Triton row top-k (repeated maximum, one program per row chunk) against torch.topk "
+            "on distinct int64 keys of the shape the draft's beam level uses: rows = parents of a level, "
+            "vocab = V, k = the level's width. Prints medians (us) launched eagerly (triton do_bench) and "
+            "replayed from a CUDA graph (do_bench_cudagraph, what the decoder's fast path sees)."
+        ),
+    )
+    ap.add_argument("--rows", type=int, default=16, help="rows of the key matrix (parents of a level; default 16)")
+    ap.add_argument("--vocab", type=int, default=4096, help="columns per row (vocabulary size V; default 4096)")
+    ap.add_argument("--k", type=int, default=16, help="values kept per row (the level's width; default 16)")
+    ap.add_argument(
+        "--block-v",
+        default=str(MAX_BLOCK_V),
+        help="comma-separated chunk widths (powers of two) to time; a row wider than one takes two or more passes "
+        "(default %(default)s)",
+    )
+    a = ap.parse_args(argv)
+    if a.rows < 1 or a.vocab < 1 or not 1 <= a.k <= a.vocab:
+        ap.error(f"need rows >= 1, vocab >= 1 and 1 <= k <= vocab, got {a.rows}, {a.vocab}, {a.k}")
+    try:
+        blocks = [int(b) for b in a.block_v.split(",")]
+    except ValueError:
+        blocks = []
+    if not blocks or any(b < 1 or b & (b - 1) for b in blocks):
+        ap.error(f"--block-v must be comma-separated powers of two, e.g. 1024,4096; got {a.block_v!r}")
+    if not torch.cuda.is_available():
+        ap.exit(
+            2,
+            "error: the benchmark times a GPU kernel and needs CUDA; on the CPU the tests run the kernel in "
+            "Triton's interpreter (.venv/bin/pytest tests/unit/kernels/test_row_topk.py)\n",
+        )
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    x = _distinct_keys(a.rows, a.vocab, "cuda")
+    want = row_topk_reference(x, a.k)
+    torch_us = do_bench(lambda: row_topk_reference(x, a.k), return_mode="median") * 1e3
+    torch_graph_us = do_bench_cudagraph(lambda: row_topk_reference(x, a.k), return_mode="median") * 1e3
+    print(f"rows={a.rows} V={a.vocab} k={a.k} int64: torch.topk {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph")
+    for b in blocks:
+        got = row_topk(x, a.k, block_v=b)
+        if not torch.equal(got, want):
+            print(f"block_v={b}: the kernel DIFFERS from torch.topk")
+            return 1
+        ours = do_bench(lambda: row_topk(x, a.k, block_v=b), return_mode="median") * 1e3
+        ours_graph = do_bench_cudagraph(lambda: row_topk(x, a.k, block_v=b), return_mode="median") * 1e3
+        passes = 1
+        L = a.vocab
+        while triton.cdiv(L, _block_v(L, a.k, b)) > 1:
+            L, passes = triton.cdiv(L, _block_v(L, a.k, b)) * a.k, passes + 1
+        print(
+            f"block_v={b} ({passes} pass{'es' if passes > 1 else ''}): row_topk {ours:.1f} us eager "
+            f"(ratio {ours / torch_us:.2f}), {ours_graph:.1f} us graph (ratio {ours_graph / torch_graph_us:.2f}); "
+            "equal to torch.topk"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

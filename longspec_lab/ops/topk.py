@@ -1,0 +1,43 @@
+"""Row-wise top-k values for the draft's beam level: the Triton kernel on the GPU, torch.topk elsewhere.
+
+A beam level (LongSpec, arXiv 2502.17421; `spec/draft.py: beam_level`) first keeps the top-w keys of
+each parent row, [n, V] int64 -> [n, w]. `torch.topk` does that on the GPU as a radix select that
+cost 47 us on the H200 for 16 x 4096 keys; `kernels/row_topk.py` takes the maximum w times instead,
+one program per row. Both give the same values when every row's keys are distinct, which beam_level's
+keys are (their low 32 bits hold the flat index), so the switch never changes a tree.
+
+`row_topk_values(x, k)` picks:
+    "auto"    the kernel when x is on CUDA and Triton is installed, else torch.topk (the default)
+    "torch"   torch.topk(x, k, dim=1).values always: the readable fallback
+    "triton"  the kernel always; on the CPU it needs TRITON_INTERPRET=1 (the tests use this)
+The switch is the environment variable LONGSPEC_ROW_TOPK, read at import into `ROW_TOPK`; set
+`LONGSPEC_ROW_TOPK=torch` to force torch.topk everywhere, or assign `ROW_TOPK` at run time.
+
+Taught in: notebooks/02_tree_shapes.ipynb
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+CHOICES = ("auto", "torch", "triton")
+ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module docstring)
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # without it "auto" is always torch.topk
+
+
+def row_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of every row of x [rows, V], descending: [rows, k]. The rows' values must
+    be distinct for the kernel to equal torch.topk (kernels/row_topk.py)."""
+    choice = ROW_TOPK
+    if choice not in CHOICES:
+        raise ValueError(
+            f"LONGSPEC_ROW_TOPK={choice!r} is not one of {', '.join(CHOICES)}; unset it or pick one of those"
+        )
+    if choice == "triton" or (choice == "auto" and x.is_cuda and HAS_TRITON):
+        from longspec_lab.kernels.row_topk import row_topk
+
+        return row_topk(x, k)
+    return torch.topk(x, k, dim=1).values

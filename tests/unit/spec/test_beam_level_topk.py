@@ -1,0 +1,79 @@
+"""beam_level's first top-k goes through ops/topk.py: the Triton row top-k (kernels/row_topk.py, here in
+Triton's CPU interpreter) and torch.topk must give the same level, bit for bit, on scores full of exact
+ties, so the tie-break by flat index is exercised; both are also checked against a brute-force sort."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel module's @triton.jit definitions
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_MOD = "longspec_lab.kernels.row_topk"
+if _MOD in sys.modules and not sys.modules[_MOD]._INTERPRET:
+    importlib.reload(sys.modules[_MOD])  # imported earlier without the interpreter: redefine the kernel
+import longspec_lab.kernels.row_topk as rt  # noqa: E402
+import longspec_lab.ops.topk as topk  # noqa: E402
+from longspec_lab.spec.draft import beam_level  # noqa: E402
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reach the Triton kernel's entry point."""
+    calls = []
+    real = rt.row_topk
+
+    def counting(x, k, block_v=None):
+        calls.append((tuple(x.shape), k))
+        return real(x, k, block_v)
+
+    monkeypatch.setattr(rt, "row_topk", counting)
+    return calls
+
+
+def _level(n, V, seed):
+    """Coarse log-probs (few distinct values, some -inf) and parent scores: exact ties everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randint(-4, 1, (n, V), generator=g).float() / 2
+    lp[torch.rand(n, V, generator=g) < 0.1] = float("-inf")
+    parents = torch.randint(-2, 1, (n,), generator=g).float()
+    return parents, lp
+
+
+@pytest.mark.parametrize("n, V, width", [(1, 50, 1), (3, 7, 5), (4, 6, 20), (16, 300, 16), (2, 4500, 16)])
+def test_triton_and_torch_give_the_same_level(n, V, width, kernel_calls, monkeypatch):
+    parents, lp = _level(n, V, seed=n * 100 + V)
+    monkeypatch.setattr(topk, "ROW_TOPK", "torch")
+    want = beam_level(parents, lp, width)
+    assert kernel_calls == []
+    monkeypatch.setattr(topk, "ROW_TOPK", "triton")
+    got = beam_level(parents, lp, width)
+    assert kernel_calls == [((n, V), min(width, V))]  # the first stage went through the kernel
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    pairs = sorted(((-(parents[i] + lp[i, j]).item(), i * V + j) for i in range(n) for j in range(V)))[:width]
+    assert [int(p) * V + int(t) for p, t in zip(got[0], got[1])] == [f for _, f in pairs]
+
+
+def test_auto_uses_torch_on_the_cpu(kernel_calls, monkeypatch):
+    parents, lp = _level(3, 9, seed=1)
+    monkeypatch.setattr(topk, "ROW_TOPK", "auto")
+    beam_level(parents, lp, 4)
+    assert kernel_calls == []
+
+
+def test_switch_from_the_environment_and_bad_value(monkeypatch):
+    try:
+        monkeypatch.setenv("LONGSPEC_ROW_TOPK", "torch")
+        assert importlib.reload(topk).ROW_TOPK == "torch"
+        monkeypatch.setenv("LONGSPEC_ROW_TOPK", "cub")
+        importlib.reload(topk)
+        with pytest.raises(ValueError, match="LONGSPEC_ROW_TOPK='cub' is not one of auto, torch, triton"):
+            beam_level(*_level(2, 5, seed=2), 3)
+    finally:
+        monkeypatch.delenv("LONGSPEC_ROW_TOPK")
+        importlib.reload(topk)
+    assert topk.ROW_TOPK == "auto"
