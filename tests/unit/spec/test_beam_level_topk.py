@@ -77,3 +77,24 @@ def test_switch_from_the_environment_and_bad_value(monkeypatch):
         monkeypatch.delenv("LONGSPEC_ROW_TOPK")
         importlib.reload(topk)
     assert topk.ROW_TOPK == "auto"
+
+
+def test_beam_level_compiles_to_one_graph_with_the_op(monkeypatch):
+    """torch.compile(fullgraph=True) of a whole level with the kernel selected: no graph break, the
+    registered op inside the graph, and the same level as eager torch.topk."""
+    monkeypatch.setattr(topk, "ROW_TOPK", "triton")
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    parents, lp = _level(4, 50, seed=3)
+    torch._dynamo.reset()
+    got = torch.compile(beam_level, fullgraph=True, backend=spy)(parents, lp, 8)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.longspec.row_topk.default in targets, targets
+    monkeypatch.setattr(topk, "ROW_TOPK", "torch")
+    for a, b in zip(got, beam_level(parents, lp, 8)):
+        assert torch.equal(a, b)
