@@ -82,7 +82,9 @@ def graphed(fn):
     return capture([fn])[0].replay
 
 
-def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16, progress=True) -> dict:
+def measure(
+    contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16, progress=True, compile=False
+) -> dict:
     import triton
     from tqdm.auto import tqdm
 
@@ -120,19 +122,23 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
                     row[f"{be}_verify_graph_ms"] = triton.testing.do_bench(graphed(ver), warmup=5, rep=40)
                 except Exception as e:  # record why a backend cannot be captured
                     row[f"{be}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+                if compile:
+                    row.update(_compiled_steps(target, cache, P, pos, mask, be))
                 torch.cuda.synchronize()
             try:
                 row.update(_draft_and_commit(target, cache, P, dtype, dev))
+                row["floor_draft_ms"] = row["draft_floor_bytes"] / bw * 1e3
+                row["draft_vs_floor"] = row["draft_step_graph_ms"] / row["floor_draft_ms"]
             except Exception as e:
                 row["draft_error"] = f"{type(e).__name__}: {e}"[:300]
             if hf is not None:
                 ours = target(xT, positions=pos, cache=cache, start=P, mask=mask, backend=backends[0])
                 row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev, cache, ours))
         for be in backends:
+            # the fastest form measured: compiled and captured, else captured, else eager
+            best = lambda k: min(row.get(f"{be}_{k}_{f}_ms", float("inf")) for f in ("", "graph", "compiled"))  # noqa: E731
             for kind in ("decode", "verify"):
-                key = f"{be}_{kind}_graph_ms" if f"{be}_{kind}_graph_ms" in row else f"{be}_{kind}_ms"
-                row[f"{be}_{kind}_vs_floor"] = row[key] / row[f"floor_{kind}_ms"]
-            best = lambda k: row.get(f"{be}_{k}_graph_ms", row[f"{be}_{k}_ms"])  # noqa: E731
+                row[f"{be}_{kind}_vs_floor"] = best(kind) / row[f"floor_{kind}_ms"]
             row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
             if tau and "draft_step_graph_ms" in row:  # a projection, not a measurement
                 step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
@@ -152,12 +158,50 @@ def measure(contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch
     }
 
 
+def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
+    """Decode and verify with the context length in a device tensor, each compiled (`torch.compile`,
+    fullgraph, static shapes: the layer bodies fused by Inductor, the attention kernel a registered op) and
+    captured in one CUDA graph: the form the decoder runs. Compilation is timed apart."""
+    import time
+
+    import triton
+
+    dev = cache.k.device
+    Pt = torch.tensor([P], device=dev)
+    x1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    xT = torch.zeros(1, mask.shape[0], dtype=torch.long, device=dev)
+
+    def dec():
+        return target(x1, positions=Pt, cache=cache, start=Pt, backend=backend, last_only=True)
+
+    def ver():
+        return target(xT, positions=pos, cache=cache, start=Pt, mask=mask, backend=backend)
+
+    out = {}
+    for kind, fn in (("decode", dec), ("verify", ver)):
+        try:
+            t0 = time.perf_counter()
+            replay = graphed(torch.compile(fn, fullgraph=True, dynamic=False))
+            out[f"{backend}_{kind}_compile_s"] = time.perf_counter() - t0
+            out[f"{backend}_{kind}_compiled_ms"] = triton.testing.do_bench(replay, warmup=5, rep=40)
+        except Exception as e:  # record why this backend does not compile
+            out[f"{backend}_{kind}_compile_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
 def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
-    """Graph-captured cost of one tree step's drafting (an 8B-shaped one-layer GliDe draft: ingest of
-    5 tokens + levels over 4, 16, 16, 16 nodes, each with its top-k) and of the commit gather."""
+    """Graph-captured cost of one tree step's drafting and of the commit gather, for an 8B-shaped one-layer
+    GliDe draft: ingest of the 5 pending tokens, then the levels of the default tree over 4, 16, 16, 16
+    nodes, each level the library's own pieces: self-attention over the draft's window, cross-attention to
+    the target's last-layer cache through `prefix_attention` (the split-KV tree kernel with no tree part),
+    the shared LM head, and `beam_level` (the beam's top-k). All levels are one CUDA graph, as in a step.
+    Its floor, as the goal states it: the draft layer's own weights, the LM head once per level and one
+    layer of the target's KV at this context, over the copy bandwidth."""
     import triton
 
     from longspec_lab.models.glide import DraftConfig, Glide
+    from longspec_lab.ops.attention import prefix_attention
+    from longspec_lab.spec.draft import beam_level
 
     torch.manual_seed(0)
     d = Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval()
@@ -165,32 +209,45 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
     W = dc.window
     rk = torch.randn(1, dc.num_kv_heads, W + 69, dc.head_dim, dtype=dtype, device=dev)
     rv = torch.randn_like(rk)
-    vis_cross = (torch.arange(cache.k.shape[3], device=dev) < P)[None]
+    Pt = torch.tensor([P], device=dev)
+    widths = list(DEFAULT_TREE_SHAPE.widths)  # [4, 16, 16, 16, 16]
+    rows = [5] + widths[:-1]  # rows of each draft call: the ingest block, then each level's nodes
 
     def cross(q):
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, cache.k[-1], cache.v[-1], attn_mask=vis_cross, enable_gqa=True
-        )
+        return prefix_attention(q, cache.k[-1], cache.v[-1], Pt, "triton")
 
-    def level(n):
+    def selfa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, rk, rv, enable_gqa=True)
+
+    def level(n, width):
         toks = torch.zeros(1, n, dtype=torch.long, device=dev)
         pos = torch.full((1, n), P, device=dev)
-        selfa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            q, rk, rv, enable_gqa=True
-        )
-        return lambda: torch.topk(d.layer(toks, pos, selfa, cross)[0].float().log_softmax(-1).flatten(), 16)
+        scores = torch.zeros(n if n != 5 else 1, device=dev)
 
-    fns = [level(n) for n in (5, 4, 16, 16, 16)]
-    draft_ms = sum(triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns)
+        def run():
+            logits = d.layer(toks, pos, selfa, cross)[0]  # [n, V]
+            lp = logits[-1:] if n == 5 else logits  # the ingest grows the tree from its last token only
+            return beam_level(scores, lp.float().log_softmax(-1), width)
+
+        return run
+
+    fns = [level(n, w) for n, w in zip(rows, widths)]
+    per_level = [triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns]
+    draft_ms = triton.testing.do_bench(graphed(lambda: [f() for f in fns]), warmup=5, rep=40)
     path = torch.arange(6, device=dev)
-    Pt = torch.tensor([P], device=dev)
 
     def commit():
         for t in (cache.k, cache.v):
             t.index_copy_(3, Pt + path, t.index_select(3, Pt + path))
 
+    own = sum(p.numel() * p.element_size() for p in d.parameters())
+    head = target.lm_head.weight
+    cfg = target.config
+    kv_layer = P * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     return {
         "draft_step_graph_ms": draft_ms,
+        "draft_level_graph_ms": per_level,
+        "draft_floor_bytes": own + len(fns) * head.numel() * head.element_size() + kv_layer,
         "commit_graph_ms": triton.testing.do_bench(graphed(commit), warmup=5, rep=40),
     }
 
@@ -452,6 +509,11 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="triton,sdpa", help="comma-separated (default: %(default)s)")
     ap.add_argument("--no-hf", action="store_true", help="skip stock transformers")
     ap.add_argument(
+        "--compile", action="store_true",
+        help="also time decode and verify compiled with torch.compile and captured (about a minute of "
+        "compilation per context and step; recorded apart as *_compile_s)",
+    )  # fmt: skip
+    ap.add_argument(
         "--tau",
         type=float,
         default=5.0,
@@ -478,7 +540,11 @@ def main(argv=None) -> int:
             "on CPU only --agreement --small runs"
         )
     rep = measure(
-        [int(c) for c in args.contexts.split(",")], args.backends.split(","), tau=args.tau, with_hf=not args.no_hf
+        [int(c) for c in args.contexts.split(",")],
+        args.backends.split(","),
+        tau=args.tau,
+        with_hf=not args.no_hf,
+        compile=args.compile,
     )
     rep["projection_note"] = (
         "projected_speedup = tau x t_decode / (t_draft + t_verify + t_commit) with random "
