@@ -486,24 +486,28 @@ def _tree_attn_split_kernel(
 
 @triton.jit
 def _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """LSE merge of splits 0..n_used-1 for BLOCK_R rows: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s.
+    """LSE merge of splits 0..n_used-1 for BLOCK_R rows: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s,
+    in one pass with a running maximum (online rescaling), so each split costs one round trip to L2.
     base [BLOCK_R]: each row's index in split 0 of the fp32 scratch. Loads bypass L1 (`.cg`): the partials
     were written by other programs. Returns (o [BLOCK_R, HEAD_DIM] fp32, natural-log lse [BLOCK_R])."""
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in range(0, n_used):
-        m = tl.maximum(m, tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
     o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]
     for s in range(0, n_used):
         lse_s = tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no part seen yet: weights stay 0
+        alpha = tl.exp(m - m_safe)  # rescales what was summed under the old maximum
         w = tl.exp(lse_s - m_safe)
-        acc += w[:, None] * tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        den += w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        den = den * alpha + w
+        m = m_new
     empty = den == 0.0
     o = acc / tl.where(empty, 1.0, den)[:, None]
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
     return o, lse
 
@@ -793,6 +797,15 @@ def make_scratch(q, k, prefix_lens, num_splits=None):
     return o_part, torch.empty(o_part.shape[:3], dtype=torch.float32, device=q.device)
 
 
+def _device_prefix(prefix_lens: torch.Tensor, B: int) -> torch.Tensor:
+    """[B] lengths the kernel reads (int32 or int64): the caller's tensor itself when it already has B
+    contiguous integer entries, so a captured step launches no cast kernel per attention call."""
+    flat = prefix_lens.reshape(-1)
+    if flat.numel() == B and flat.dtype in (torch.int32, torch.int64) and flat.is_contiguous():
+        return flat
+    return flat.expand(B).to(torch.int32)
+
+
 def tree_attention(
     q,
     k,
@@ -838,7 +851,7 @@ def tree_attention(
                 _check_buffer("lse_out", lse_out, (B, Hq, T), torch.float32, q.device)
                 lse = lse_out.copy_(lse)
             return (o, lse) if return_lse else o
-        pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
+        pref = _device_prefix(prefix_lens, B)
     else:
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
         ragged = isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1
@@ -888,7 +901,7 @@ LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmar
 
 def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch):
     """Run the split (and, with several splits, merge) kernels on checked inputs. plist: prefix lengths
-    (host ints, or the upper bound for every sequence when `pref` is given); pref: int32 [B] device lengths
+    (host ints, or the upper bound for every sequence when `pref` is given); pref: int32/int64 [B] device lengths
     read by the kernel (ragged / CUDA-graph mode) or None (all sequences have plist[0]); packed: int32
     [B or 1, T, W] bit-packed tree mask or None (causal)."""
     B, Hq, T, D = q.shape
@@ -904,7 +917,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     n_splits, split_len = plan_splits(max(plist), rows, B * Hkv, q.device, num_splits, block_m)
     _check_buffer("out", out, (B, Hq, T, D), q.dtype, q.device)
     _check_buffer("lse_out", lse_out, (B, Hq, T), torch.float32, q.device)
-    o = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device) if out is None else out
+    # [B, Hq, T, D] view of [B, T, Hq, D] memory: the output projection reads it as [B, T, Hq * D] with no copy
+    o = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2) if out is None else out
     lse = None
     if return_lse or lse_out is not None:
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
@@ -1069,7 +1083,7 @@ def tree_attention_packed(
             f"prefix_lens must be an integer tensor with 1 or B={B} elements, got {prefix_lens.dtype} "
             f"{list(prefix_lens.shape)}; pass the committed length(s) as a device tensor"
         )
-    pref = prefix_lens.reshape(-1).expand(B).to(torch.int32)
+    pref = _device_prefix(prefix_lens, B)
     return _launch(q, k, v, plist, pref, packed_mask, scale, True, None, None, None, None)
 
 
@@ -1077,7 +1091,7 @@ def tree_attention_packed(
 def _tree_attention_packed_fake(q, k, v, prefix_lens, packed_mask, max_prefix, scale=None):
     B, Hq, T, D = q.shape
     _check_packed(packed_mask, B, T, q.device)
-    return q.new_empty(B, Hq, T, D), q.new_empty(B, Hq, T, dtype=torch.float32)
+    return q.new_empty(B, T, Hq, D).transpose(1, 2), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ keys are (their low 32 bits hold the flat index), so the switch never changes a 
     "auto"    the kernel when x is on CUDA and Triton is installed, else torch.topk (the default)
     "torch"   torch.topk(x, k, dim=1).values always: the readable fallback
     "triton"  the kernel always; on the CPU it needs TRITON_INTERPRET=1 (the tests use this)
+`flat_topk_values(x, k)` is the beam's whole selection, the k largest of all n x V keys, in two
+stages: each row's top-min(k, V), then the top-k of those n x min(k, V) winners (the global top-k lies
+among them). On the kernel path both stages are the kernel; torch.topk's own top-k of a few hundred
+values costs two more kernels (a radix select and a sort, 8 us on the H200).
+
 The switch is the environment variable LONGSPEC_ROW_TOPK, read at import into `ROW_TOPK`; set
 `LONGSPEC_ROW_TOPK=torch` to force torch.topk everywhere, or assign `ROW_TOPK` at run time.
 
@@ -41,3 +46,12 @@ def row_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
 
         return row_topk(x, k)
     return torch.topk(x, k, dim=1).values
+
+
+def flat_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of all of x [n, V], descending: [k] (distinct values, as row_topk_values)."""
+    n, V = x.shape
+    if not 1 <= k <= n * V:
+        raise ValueError(f"k must be in [1, n * V] = [1, {n * V}], got {k}; ask for at most as many values as x holds")
+    first = row_topk_values(x, min(k, V))  # [n, min(k, V)]
+    return row_topk_values(first.reshape(1, -1), k)[0]  # [k]

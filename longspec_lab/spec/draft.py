@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
-from longspec_lab.ops.topk import row_topk_values
+from longspec_lab.ops.topk import flat_topk_values
 from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
 # ----------------------------------------------------------------------------- one beam level
@@ -79,9 +79,9 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
         rev = (n * V - 1) - torch.arange(n * V, device=flat.device)  # lower index -> larger key
         keys = ((_order_key(flat) << 32) + rev).view(n, V)  # [n, V] distinct, and each one names its pair
         # Two small top-k's instead of one over n * V: the global top-w lies inside the rows' top-w's.
-        # A row-wise top-k is one kernel per call on the GPU; one over 65k keys is a multi-pass radix select.
-        # The first one is the Triton kernel on CUDA (ops/topk.py; exact here: the keys are distinct).
-        best = torch.topk(row_topk_values(keys, min(width, V)).flatten(), width).values  # [w]
+        # On the GPU both run as the row top-k kernel (ops.topk); one torch.topk over 65k keys is a multi-pass
+        # radix select.
+        best = flat_topk_values(keys, width)  # [w]
         idx = (n * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits hold the reversed flat index
     else:
         idx = torch.sort(flat, descending=True, stable=True).indices[:width]

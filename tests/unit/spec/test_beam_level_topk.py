@@ -1,4 +1,4 @@
-"""beam_level's first top-k goes through ops/topk.py: the Triton row top-k (kernels/row_topk.py, here in
+"""beam_level's two top-k stages go through ops/topk.py: the Triton row top-k (kernels/row_topk.py, here in
 Triton's CPU interpreter) and torch.topk must give the same level, bit for bit, on scores full of exact
 ties, so the tie-break by flat index is exercised; both are also checked against a brute-force sort."""
 
@@ -51,7 +51,8 @@ def test_triton_and_torch_give_the_same_level(n, V, width, kernel_calls, monkeyp
     assert kernel_calls == []
     monkeypatch.setattr(topk, "ROW_TOPK", "triton")
     got = beam_level(parents, lp, width)
-    assert kernel_calls == [((n, V), min(width, V))]  # the first stage went through the kernel
+    # both stages went through the kernel: each row's top-min(w, V), then the top-w of those winners
+    assert kernel_calls == [((n, V), min(width, V)), ((1, n * min(width, V)), width)]
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.equal(a, b)
     pairs = sorted(((-(parents[i] + lp[i, j]).item(), i * V + j) for i in range(n) for j in range(V)))[:width]
@@ -98,3 +99,14 @@ def test_beam_level_compiles_to_one_graph_with_the_op(monkeypatch):
     monkeypatch.setattr(topk, "ROW_TOPK", "torch")
     for a, b in zip(got, beam_level(parents, lp, 8)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("choice", ["torch", "triton"])
+@pytest.mark.parametrize("n, V, k", [(1, 9, 9), (5, 3, 15), (16, 257, 16), (4, 100, 1)])
+def test_flat_topk_values_is_the_top_k_of_all_keys(choice, n, V, k, monkeypatch):
+    monkeypatch.setattr(topk, "ROW_TOPK", choice)
+    g = torch.Generator().manual_seed(n * V + k)
+    x = torch.randperm(n * V, generator=g).view(n, V).to(torch.int64) - n * V // 2  # distinct, some negative
+    assert torch.equal(topk.flat_topk_values(x, k), torch.sort(x.flatten(), descending=True).values[:k])
+    with pytest.raises(ValueError, match="k must be in"):
+        topk.flat_topk_values(x, n * V + 1)
