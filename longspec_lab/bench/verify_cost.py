@@ -83,8 +83,18 @@ def graphed(fn):
 
 
 def measure(
-    contexts, backends, n_pending=4, tau=None, with_hf=True, dtype=torch.bfloat16, progress=True, compile=False
+    contexts,
+    backends,
+    n_pending=4,
+    tau=None,
+    with_hf=True,
+    dtype=torch.bfloat16,
+    progress=True,
+    compile_at=(),
+    on_row=None,
 ) -> dict:
+    """One row per context. compile_at: contexts at which the first backend's decode and verify are also
+    compiled and captured; on_row(rows): called after each context (incremental reports)."""
     import triton
     from tqdm.auto import tqdm
 
@@ -122,7 +132,7 @@ def measure(
                     row[f"{be}_verify_graph_ms"] = triton.testing.do_bench(graphed(ver), warmup=5, rep=40)
                 except Exception as e:  # record why a backend cannot be captured
                     row[f"{be}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
-                if compile:
+                if P in compile_at and be == backends[0]:
                     row.update(_compiled_steps(target, cache, P, pos, mask, be))
                 torch.cuda.synchronize()
             try:
@@ -144,6 +154,8 @@ def measure(
                 step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
                 row[f"{be}_projected_speedup"] = tau * best("decode") / step
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         cache = None  # free the context before the next one
         torch.cuda.empty_cache()
     return {
@@ -509,9 +521,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="triton,sdpa", help="comma-separated (default: %(default)s)")
     ap.add_argument("--no-hf", action="store_true", help="skip stock transformers")
     ap.add_argument(
-        "--compile", action="store_true",
-        help="also time decode and verify compiled with torch.compile and captured (about a minute of "
-        "compilation per context and step; recorded apart as *_compile_s)",
+        "--compile", default="",
+        help="comma-separated contexts at which the first backend's decode and verify are also compiled with "
+        "torch.compile and captured (about a minute of compilation each; recorded apart as *_compile_s)",
     )  # fmt: skip
     ap.add_argument(
         "--tau",
@@ -539,22 +551,26 @@ def main(argv=None) -> int:
             "error: bench.verify_cost needs a CUDA GPU (an 8B-shaped model in bf16 takes 16 GB); "
             "on CPU only --agreement --small runs"
         )
+    note = (
+        "projected_speedup = tau x t_decode / (t_draft + t_verify + t_commit) with random "
+        "weights: a projection from measured step costs, not a measured speedup"
+    )
+    env = environment("cuda")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rep, complete):
+        body = {"schema_version": env["schema_version"], **rep, "projection_note": note, "complete": complete}
+        Path(args.out).write_text(json.dumps({**body, "environment": env}, indent=2) + "\n")
+
     rep = measure(
         [int(c) for c in args.contexts.split(",")],
         args.backends.split(","),
         tau=args.tau,
         with_hf=not args.no_hf,
-        compile=args.compile,
+        compile_at={int(c) for c in args.compile.split(",") if c.strip()},
+        on_row=lambda rows: write({"rows": rows}, False),
     )
-    rep["projection_note"] = (
-        "projected_speedup = tau x t_decode / (t_draft + t_verify + t_commit) with random "
-        "weights: a projection from measured step costs, not a measured speedup"
-    )
-    rep["environment"] = environment("cuda")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps({"schema_version": rep["environment"]["schema_version"], **rep}, indent=2) + "\n"
-    )
+    write(rep, True)
     for r in rep["rows"]:
         print(json.dumps(r))
     return 0
