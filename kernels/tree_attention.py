@@ -23,7 +23,9 @@ How the kernel is laid out (Hopper-class, H100/H200):
 - The partials are merged by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s, the
   paper's prefix/tree merge generalised to many parts. The merge is fused: each split program takes an
   arrival ticket (an atomic counter per row tile), and the last one to arrive reads the others' partials
-  and writes the output, so a call is one launch however many splits it has. `FUSED_MERGE = False`
+  and writes the output, so a call is one launch however many splits it has. It is used when one row
+  tile holds all the rows (decode, draft levels); a verification pass with several row tiles merges in a
+  second launch, which measured faster on the H200 (`_launch` cites the figures). `FUSED_MERGE = False`
   (LONGSPEC_FUSED_MERGE=0) runs the readable form instead, a second small merge launch. Empty splits of
   shorter (ragged) sequences are skipped, never read.
 - The tree mask is bit-packed on the host (int32 words): a key tile reads BLOCK_N / 32 words per row
@@ -326,7 +328,7 @@ def _tree_attn_split_kernel(
     b = (pid_bh // H_KV).to(tl.int64)
     h = (pid_bh % H_KV).to(tl.int64)
     if RAGGED:
-        P = tl.load(PREFIX + b)
+        P = tl.load(PREFIX + b).to(tl.int32)  # int32 or int64 lengths; tensor descriptors take int32 shapes
     else:
         P = prefix_len
     n_used = (P + split_len - 1) // split_len  # non-empty prefix splits of this sequence
@@ -543,7 +545,7 @@ def _tree_attn_merge_kernel(
     b = (pid_bh // H_KV).to(tl.int64)
     h = (pid_bh % H_KV).to(tl.int64)
     if RAGGED:
-        P = tl.load(PREFIX + b)
+        P = tl.load(PREFIX + b).to(tl.int32)
     else:
         P = prefix_len
     n_used = tl.maximum((P + split_len - 1) // split_len, 1)  # splits written (the tree is in the last)
@@ -882,7 +884,7 @@ USE_TMA_LOADS = os.environ.get("LONGSPEC_TMA", "1") != "0"
 # Several splits: the last split program to finish merges the partials (one launch per call). The readable
 # fallback, a second merge launch, runs with LONGSPEC_FUSED_MERGE=0 (tests and the benchmark flip it).
 FUSED_MERGE = os.environ.get("LONGSPEC_FUSED_MERGE", "1") != "0"
-_TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream): B*Hkv*row tiles above this use the merge launch
+_TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream): a batch x kv heads above this uses the merge launch
 _TICKETS: dict = {}
 
 
@@ -924,7 +926,11 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     direct = n_splits == 1
     grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
-    fused = not direct and FUSED_MERGE and grid[0] * grid[2] <= _TICKET_SLOTS
+    # Fused only when one row tile holds every row (decode, draft levels): there the merge is a few rows and
+    # saving its launch pays. With several row tiles (verification) the merging program's serial tail costs
+    # more than the launch: H200, Llama-3-8B verify shape (288 rows), fp16: 19.9 / 62.2 / 219.7 us fused
+    # against 16.2 / 58.7 / 208.0 us with the merge launch at P = 1k / 16k / 64k (tree_attention_h200_fused_merge.json).
+    fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS
     tickets = _tickets(q.device) if fused else q
     if scratch is None:
         if direct:  # never written: the split kernel stores the output itself

@@ -161,6 +161,22 @@ def test_fused_merge_and_merge_launch_agree(fused, monkeypatch):
     assert all(int(t.abs().sum()) == 0 for t in ta._TICKETS.values())
 
 
+def test_several_row_tiles_merge_in_a_second_launch():
+    """The fused merge is for one row tile (decode, draft levels); a pass whose rows span several tiles
+    merges in the second launch, and still equals the reference (int64 device lengths, as the decoder's)."""
+    gen = torch.Generator().manual_seed(9)
+    B, Hq, Hkv, T, D = 1, 8, 1, 20, 64  # 160 packed rows: two row tiles under the interpreter
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k, v = torch.randn(B, Hkv, 200, D, generator=gen), torch.randn(B, Hkv, 200, D, generator=gen)
+    mask = random_tree_mask(T, gen, n_pending=2)
+    pref = torch.tensor([150])
+    o = ta.tree_attention(q, k, v, pref, mask, max_prefix=200 - T)
+    assert ta.LAST_LAUNCH["grid"][0] == 2 and ta.LAST_LAUNCH["n_splits"] > 1
+    assert ta.FUSED_MERGE and not ta.LAST_LAUNCH["fused_merge"]
+    ref = ta.tree_attention_reference(q, k, v, pref, mask, out_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_device_prefix_lengths_with_max_prefix():
     """CUDA-graph mode: lengths stay in a tensor, splits are planned for an upper bound."""
     gen = torch.Generator().manual_seed(11)
