@@ -161,13 +161,10 @@ def as_ar_step(q, k, v, prefix_len: int, block_mask, row: int):
     return q2, k2, v2, P2, torch.eye(T, dtype=torch.bool, device=block_mask.device)
 
 
-def _launch(q, k, v, prefix_len, block_mask, scale, block_n):
+def _launch(q, k, v, P, cols, count, scale, block_n):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    cols, count = block_order(block_mask)
     out = torch.empty_like(q)
-    P = prefix_len.reshape(1).to(torch.int64) if isinstance(prefix_len, torch.Tensor) else torch.tensor(
-        [prefix_len], device=q.device)  # fmt: skip
     _ordered_attn_kernel[(T, B * Hq)](
         q, k, v, out, P, cols.contiguous(), count.contiguous(),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -177,15 +174,24 @@ def _launch(q, k, v, prefix_len, block_mask, scale, block_n):
     return out
 
 
+# The block order (a sort of the mask's rows) is an input, not computed inside the op: a compiled pass
+# then builds it once from the one block mask and shares it across the layers, where the op would sort
+# the same mask again in every layer.
 @torch.library.custom_op("longspec::ordered_attention", mutates_args=())
 def _ordered_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor, block_mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    cols: torch.Tensor,
+    count: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
-    return _launch(q, k, v, prefix_len, block_mask, scale, 16 if _INTERPRET else 64)
+    return _launch(q, k, v, prefix_len, cols, count, scale, 16 if _INTERPRET else 64)
 
 
 @_ordered_attention_op.register_fake
-def _(q, k, v, prefix_len, block_mask, scale):
+def _(q, k, v, prefix_len, cols, count, scale):
     return torch.empty_like(q)
 
 
@@ -205,7 +211,8 @@ def ordered_attention(q, k, v, prefix_len, block_mask, scale=None, kernel: bool 
         raise ValueError("the ordered-attention kernel needs a CUDA GPU or TRITON_INTERPRET=1; pass kernel=None")
     if kernel:
         P = prefix_len if isinstance(prefix_len, torch.Tensor) else torch.tensor([prefix_len], device=q.device)
-        return _ordered_attention_op(q, k, v, P.reshape(1).to(torch.int64), block_mask, scale)
+        cols, count = block_order(block_mask)  # [T, T], [T]
+        return _ordered_attention_op(q, k, v, P.reshape(1).to(torch.int64), cols, count, scale)
     return ordered_attention_reference(q, k, v, prefix_len, block_mask, scale, torch.float32).to(q.dtype)
 
 
