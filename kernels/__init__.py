@@ -6,8 +6,11 @@
   then its visible block keys), so batch-invariant decoding gives the same bits in a tree and in an AR
   step; its PyTorch definition and a benchmark against the tree kernel sit in the same file.
 - ``row_topk``: the k largest values of every row by k repeated maxima (exact for distinct keys), the
-  first stage of the draft's beam level on the GPU instead of torch.topk's radix select; registered as
-  ``torch.ops.longspec.row_topk``, with torch.topk as its reference and a benchmark against it.
+  draft's beam level on the GPU instead of torch.topk's radix select; registered as
+  ``torch.ops.longspec.row_topk``, with torch.topk as its reference and a benchmark against it. Both
+  top-k stages of a beam level run on it.
+- ``compile_check``: compiles every kernel variant for a Hopper GPU ahead of time, without a GPU, which
+  catches what the CPU interpreter cannot (``python -m longspec_lab.kernels.compile_check``).
 
 Nothing is imported eagerly: Triton decides at ``@triton.jit`` time whether it interprets kernels
 (``TRITON_INTERPRET=1``, CPU) or compiles them (CUDA), so set that variable before importing

@@ -1,0 +1,134 @@
+"""Compile every Triton kernel of the package for a Hopper GPU on a machine that has none.
+
+The CPU tests run the kernels in Triton's interpreter, which executes them with numpy and never
+type-checks them the way the GPU compiler does. A kernel can therefore pass every interpreter test
+and still fail to compile on the GPU: on the H200 the tree kernel once met int64 context lengths
+(a device tensor from the decoder) where its tensor descriptors take int32 shapes, and every
+TMA configuration failed. This module compiles each kernel ahead of time, through `triton.compile`
+with an explicit target (`GPUTarget("cuda", 90, 32)` by default), down to PTX and a cubin, for the
+argument types and constexpr choices the library launches it with. No GPU is touched.
+
+    python -m longspec_lab.kernels.compile_check [--arch 90] [--quick]
+
+It must run without TRITON_INTERPRET=1 (under the interpreter `@triton.jit` gives functions that
+cannot be compiled); the test runs it in a subprocess.
+
+Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tuple[dict, dict]:
+    """Triton signature for fn: pointers maps argument -> element type ("bf16", "i64", ...), `floats`
+    names fp32 scalars, `consts` gives the constexprs; every other argument is an i32 scalar."""
+    consts = consts or {}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}
+
+
+def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) for each variant to compile."""
+    from longspec_lab.kernels import ordered_attention as oa
+    from longspec_lab.kernels import row_topk as rt
+    from longspec_lab.kernels import tree_attention as ta
+
+    out = []
+    split = ta._tree_attn_split_kernel
+    # (prefix dtype, TMA loads, DIRECT, FUSED_MERGE, CAUSAL): the paths the decoder and the benchmark take
+    cases = [
+        ("i64", True, False, True, False),  # decoder: device lengths, TMA, merge in the last program
+        ("i32", True, False, False, False),  # verify with several row tiles: merge launch
+        ("i64", False, True, False, True),  # one split, causal block, plain loads
+        ("i32", False, False, True, False),
+    ]
+    for pdt, tma, direct, fused, causal in cases[:2] if quick else cases:
+        consts = dict(
+            GROUP=4, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, RAGGED=True, CAUSAL=causal, IEEE=False,
+            DIRECT=direct, FUSED_MERGE=fused, WRITE_LSE=True, USE_TMA=tma, STAGES=3,
+        )  # fmt: skip
+        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX=pdt, MASK="i32", COUNTER="i32")
+        ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
+        sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
+        label = f"tree split: lengths {pdt}, {'TMA' if tma else 'plain'} loads, direct={direct} fused={fused}"
+        out.append((label, split, sig, cx, dict(num_warps=4, num_stages=3)))
+    merge = ta._tree_attn_merge_kernel
+    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=16, RAGGED=True, WRITE_LSE=True)
+    ptrs = dict(O_PART="fp32", LSE_PART="fp32", PREFIX="i64", OUT="bf16", LSE_OUT="fp32")
+    sig, cx = _signature(merge, ptrs, (), consts)
+    out.append(("tree merge: lengths i64", merge, sig, cx, dict(num_warps=4)))
+    for dt, lo in (("i64", -(2**63)), ("fp32", float("-inf"))):
+        sig, cx = _signature(rt._row_topk_kernel, dict(X=dt, OUT=dt), (), dict(MIN=lo, K=16, BLOCK_V=4096))
+        out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))
+    if not quick:
+        ptrs = dict(Q="bf16", K="bf16", V="bf16", O="bf16", P_ptr="i64", COLS="i64", COUNT="i64")
+        sig, cx = _signature(oa._ordered_attn_kernel, ptrs, ("qk_scale",), dict(G=2, HEAD_DIM=64, BLOCK_N=64))
+        out.append(("ordered attention", oa._ordered_attn_kernel, sig, cx, dict(num_warps=4)))
+    return out
+
+
+def compile_all(arch: int = 90, quick: bool = False, progress=print) -> list[dict]:
+    """Compile each variant for sm_<arch>; returns one record per variant (label, ok, seconds, error)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError(
+            "compile_check cannot run under TRITON_INTERPRET=1 (the interpreter's kernels do not compile); "
+            "unset it, or run `python -m longspec_lab.kernels.compile_check` in a fresh process"
+        )
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    records = []
+    for label, fn, sig, cx, opts in variants(quick):
+        t0 = time.perf_counter()
+        rec = {"label": label, "arch": arch}
+        try:
+            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target, options=opts)
+            rec.update(ok=True, stages=sorted(kernel.asm))
+        except Exception as e:  # noqa: BLE001 - the failure is the result
+            rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[:800]}")
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        records.append(rec)
+        if progress:
+            progress(f"{'ok  ' if rec['ok'] else 'FAIL'} {rec['seconds']:5.1f} s  {label}")
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.kernels.compile_check",
+        description="Compile every Triton kernel of longspec_lab for a GPU architecture, without a GPU "
+        "(catches what the CPU interpreter cannot: types, layouts, TMA descriptors).",
+    )
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default: %(default)s, Hopper)")
+    ap.add_argument("--quick", action="store_true", help="the decoder's variants only")
+    args = ap.parse_args(argv)
+    try:
+        records = compile_all(args.arch, args.quick)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [r for r in records if not r["ok"]]
+    for r in failed:
+        print(f"\n{r['label']}:\n{r['error']}", file=sys.stderr)
+    print(f"{len(records) - len(failed)} of {len(records)} kernel variants compiled for sm_{args.arch}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
