@@ -41,7 +41,7 @@ def jobs(out: Path) -> dict:
             420,
             {},
         ),
-        "verify": ([py, "-m", "longspec_lab.bench.verify_cost", "--out", str(out / "verify_8b_h200.json")], 180, {}),
+        "verify": ([py, "-m", "longspec_lab.bench.verify_cost", "--out", str(out / "verify_8b_h200.json")], 240, {}),
         "e2e": (
             [
                 py,
@@ -61,7 +61,7 @@ def jobs(out: Path) -> dict:
         ),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
-            180,
+            420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)
             {},
         ),
         "notebooks": (
