@@ -452,14 +452,9 @@ def _tree_attn_split_kernel(
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         if DIRECT:
-            out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
-            tl.store(
-                OUT + out_rows[:, None] + offs_d[None, :] * stride_od,
-                o.to(OUT.dtype.element_ty),
-                mask=row_ok[:, None],
-            )
-            if WRITE_LSE:
-                tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
+            _store_rows(OUT, LSE_OUT, o, lse, b, h * GROUP + g, t, row_ok, offs_d,
+                        stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt,
+                        WRITE_LSE)  # fmt: skip
         else:
             part = (pid_bh.to(tl.int64) * n_splits + pid_s) * ROWS + rows  # [BLOCK_M]
             tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
@@ -474,16 +469,24 @@ def _tree_attn_split_kernel(
                 if arrived == last:
                     base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_M] split 0 of each row
                     o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, last + 1, ROWS, HEAD_DIM, BLOCK_M)
-                    out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
-                    tl.store(
-                        OUT + out_rows[:, None] + offs_d[None, :] * stride_od,
-                        o.to(OUT.dtype.element_ty),
-                        mask=row_ok[:, None],
-                    )
-                    if WRITE_LSE:
-                        lse_rows = b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt
-                        tl.store(LSE_OUT + lse_rows, lse, mask=row_ok)
+                    _store_rows(OUT, LSE_OUT, o, lse, b, h * GROUP + g, t, row_ok, offs_d,
+                                stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt,
+                                WRITE_LSE)  # fmt: skip
                     tl.atomic_xchg(ticket, 0)
+
+
+@triton.jit
+def _store_rows(
+    OUT, LSE_OUT, o, lse, b, head, t, row_ok, offs_d,
+    stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt,
+    WRITE_LSE: tl.constexpr,
+):  # fmt: skip
+    """Write finished rows: o [rows, D] (fp32, cast to OUT's dtype) at OUT[b, head, t, :], and the natural-log
+    lse [rows] at LSE_OUT[b, head, t] when WRITE_LSE. head, t: [rows] query head and block row of each row."""
+    out_rows = b * stride_ob + head * stride_oh + t * stride_ot
+    tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        tl.store(LSE_OUT + b * stride_lb + head * stride_lh + t * stride_lt, lse, mask=row_ok)
 
 
 @triton.jit
@@ -553,13 +556,8 @@ def _tree_attn_merge_kernel(
     row_ok = rows < ROWS
     base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_R] split 0 of each row
     o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g = rows // T
-    t = rows % T
-    out_rows = b * stride_ob + (h * GROUP + g) * stride_oh + t * stride_ot
-    tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    if WRITE_LSE:
-        tl.store(LSE_OUT + b * stride_lb + (h * GROUP + g) * stride_lh + t * stride_lt, lse, mask=row_ok)
+    _store_rows(OUT, LSE_OUT, o, lse, b, h * GROUP + rows // T, rows % T, row_ok, tl.arange(0, HEAD_DIM),
+                stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt, WRITE_LSE)  # fmt: skip
 
 
 # Hopper configurations (H100/H200), autotuned per (rows, head dim, dtypes, BLOCK_M, causal, ieee, power-of-two
