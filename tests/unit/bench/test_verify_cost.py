@@ -70,3 +70,38 @@ def test_bench_verify_module_is_the_verify_cost_command():
     )
     assert out.returncode == 0, out.stderr
     assert "--contexts" in out.stdout and "--agreement" in out.stdout and "--minimal-only" in out.stdout
+
+
+def test_draft_step_runs_the_library_pieces_and_states_its_floor(monkeypatch):
+    """The 8B draft-step measurement on the small shape, timings stubbed (no GPU): every level runs through
+    the library (window attention, prefix_attention, beam_level), each level returns the beam's top
+    `width` candidates, and the floor counts the draft's own weights, the LM head once per level and one
+    layer of the target's KV at this context."""
+    import triton.testing
+
+    calls = []
+
+    def one_call(fn, warmup=5, rep=40):
+        calls.append(fn())
+        return 1.0
+
+    monkeypatch.setattr(vc, "graphed", lambda fn: fn)
+    monkeypatch.setattr(triton.testing, "do_bench", one_call)
+    torch.manual_seed(0)
+    target = vc.random_target(SMALL, torch.device("cpu"), torch.float32, seed=1)
+    P = 50
+    mask, _ = vc.verify_block(4, device="cpu")
+    cache = target.new_cache(P + mask.shape[0] + 8)
+    rep = vc._draft_and_commit(target, cache, P, torch.float32, torch.device("cpu"))
+    assert rep["draft_level_graph_ms"] == [1.0] * 5 and rep["draft_step_graph_ms"] == 1.0
+    widths = [4, 16, 16, 16, 16]
+    for (parent, token, score), w in zip(calls[:5], widths):  # beam_level's (parent rank, token, score)
+        assert parent.shape == token.shape == score.shape == (w,)
+        assert bool((score[:-1] >= score[1:]).all())  # best first
+    from longspec_lab.models.glide import DraftConfig, Glide
+
+    draft = Glide(DraftConfig.from_target(SMALL), target)
+    own = sum(p.numel() * 4 for p in draft.parameters())
+    head = SMALL.vocab_size * SMALL.hidden_size * 4
+    kv = P * 2 * SMALL.num_kv_heads * SMALL.head_dim * 4
+    assert rep["draft_floor_bytes"] == own + 5 * head + kv
