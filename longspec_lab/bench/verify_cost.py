@@ -146,7 +146,7 @@ def measure(
                 row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev, cache, ours))
         for be in backends:
             # the fastest form measured: compiled and captured, else captured, else eager
-            best = lambda k: min(row.get(f"{be}_{k}_{f}_ms", float("inf")) for f in ("", "graph", "compiled"))  # noqa: E731
+            best = lambda k: min(row.get(f"{be}_{k}{f}_ms", float("inf")) for f in ("", "_graph", "_compiled"))  # noqa: E731
             for kind in ("decode", "verify"):
                 row[f"{be}_{kind}_vs_floor"] = best(kind) / row[f"floor_{kind}_ms"]
             row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
