@@ -82,6 +82,24 @@ def graphed(fn):
     return capture([fn])[0].replay
 
 
+def add_ratios(row: dict, backends, tau=None) -> dict:
+    """Per backend, from the fastest form measured of each step (compiled and captured, captured, or eager):
+    decode and verify over their floors, verify over decode, and with `tau` and a draft step the projected
+    speedup tau x t_decode / (t_draft + t_verify + t_commit). Adds the keys to `row` and returns it."""
+    for be in backends:
+
+        def best(kind):
+            return min(row.get(f"{be}_{kind}{form}_ms", float("inf")) for form in ("", "_graph", "_compiled"))
+
+        for kind in ("decode", "verify"):
+            row[f"{be}_{kind}_vs_floor"] = best(kind) / row[f"floor_{kind}_ms"]
+        row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
+        if tau and "draft_step_graph_ms" in row:  # a projection, not a measurement
+            step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
+            row[f"{be}_projected_speedup"] = tau * best("decode") / step
+    return row
+
+
 def measure(
     contexts,
     backends,
@@ -144,15 +162,7 @@ def measure(
             if hf is not None:
                 ours = target(xT, positions=pos, cache=cache, start=P, mask=mask, backend=backends[0])
                 row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev, cache, ours))
-        for be in backends:
-            # the fastest form measured: compiled and captured, else captured, else eager
-            best = lambda k: min(row.get(f"{be}_{k}{f}_ms", float("inf")) for f in ("", "_graph", "_compiled"))  # noqa: E731
-            for kind in ("decode", "verify"):
-                row[f"{be}_{kind}_vs_floor"] = best(kind) / row[f"floor_{kind}_ms"]
-            row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
-            if tau and "draft_step_graph_ms" in row:  # a projection, not a measurement
-                step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
-                row[f"{be}_projected_speedup"] = tau * best("decode") / step
+        add_ratios(row, backends, tau)
         rows.append(row)
         if on_row is not None:
             on_row(rows)

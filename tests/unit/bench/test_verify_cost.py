@@ -105,3 +105,15 @@ def test_draft_step_runs_the_library_pieces_and_states_its_floor(monkeypatch):
     head = SMALL.vocab_size * SMALL.hidden_size * 4
     kv = P * 2 * SMALL.num_kv_heads * SMALL.head_dim * 4
     assert rep["draft_floor_bytes"] == own + 5 * head + kv
+
+
+def test_ratios_use_the_fastest_form_of_each_step():
+    row = {"floor_decode_ms": 2.0, "floor_verify_ms": 2.5, "draft_step_graph_ms": 1.0, "commit_graph_ms": 0.5}
+    row.update(triton_decode_ms=9.0, triton_decode_graph_ms=4.0, triton_decode_compiled_ms=3.0)
+    row.update(triton_verify_ms=5.0, triton_verify_graph_ms=6.0)  # eager beat the capture here
+    row.update(sdpa_decode_ms=8.0, sdpa_verify_ms=16.0)  # eager only
+    vc.add_ratios(row, ["triton", "sdpa"], tau=5.0)
+    assert row["triton_decode_vs_floor"] == 3.0 / 2.0 and row["triton_verify_vs_floor"] == 5.0 / 2.5
+    assert row["triton_verify_over_decode"] == 5.0 / 3.0 and row["sdpa_verify_over_decode"] == 2.0
+    assert row["triton_projected_speedup"] == 5.0 * 3.0 / (1.0 + 5.0 + 0.5)
+    assert row["sdpa_projected_speedup"] == 5.0 * 8.0 / (1.0 + 16.0 + 0.5)
