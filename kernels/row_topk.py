@@ -1,8 +1,9 @@
-"""Row top-k by repeated maximum: the first stage of the draft's beam level without a sort or a radix select.
+"""Row top-k by repeated maximum: the draft's beam level without a sort or a radix select.
 
 A beam level (LongSpec, arXiv 2502.17421; `spec/draft.py: beam_level`) keeps the global top-w of
 n parents x V tokens. It first takes each parent row's top-w keys, [n, V] int64 -> [n, w], and then
-the top-w of those n * w candidates. With n <= 16, V = 4096 and w <= 16 the first step is tiny work,
+the top-w of those n * w candidates (`ops/topk.py: flat_topk_values` runs both stages here). With
+n <= 16, V = 4096 and w <= 16 the first step is tiny work,
 yet `torch.topk` runs it as a multi-pass radix select: on the H200 it was one kernel of 47 us, more
 than half of a whole chain level (`data/results/profile_h200.json`).
 
