@@ -73,6 +73,14 @@ if _INTERPRET:
     @triton.jit
     def _row_sum(x):
         return tl.reduce(x, 1, tl.standard._sum_combine)
+
+    @triton.jit
+    def _col_max(x):
+        return tl.reduce(x, 0, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _col_sum(x):
+        return tl.reduce(x, 0, tl.standard._sum_combine)
 else:
 
     @triton.jit
@@ -82,6 +90,14 @@ else:
     @triton.jit
     def _row_sum(x):
         return tl.sum(x, 1)
+
+    @triton.jit
+    def _col_max(x):
+        return tl.max(x, 0)
+
+    @triton.jit
+    def _col_sum(x):
+        return tl.sum(x, 0)
 
 
 @triton.jit
@@ -319,6 +335,8 @@ def _tree_attn_split_kernel(
     DIRECT: tl.constexpr,  # n_splits == 1: write the final output, no merge launch
     FUSED_MERGE: tl.constexpr,  # several splits: the last one to finish merges them (no merge launch)
     WRITE_LSE: tl.constexpr,
+    MERGE_S: tl.constexpr,  # power of two >= n_splits: the merge reads every split's partial at once
+    MERGE_R: tl.constexpr,  # rows the fused merge handles at a time ([MERGE_S, MERGE_R, HEAD_DIM] in registers)
     USE_TMA: tl.constexpr,
     STAGES: tl.constexpr,
 ):
@@ -466,12 +484,16 @@ def _tree_attn_split_kernel(
                 tl.debug_barrier()  # all of this program's partial stores are issued before the ticket moves
                 ticket = COUNTER + pid_bh * tl.num_programs(0) + pid_m
                 arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
-                if arrived == last:
-                    base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_M] split 0 of each row
-                    o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, last + 1, ROWS, HEAD_DIM, BLOCK_M)
-                    _store_rows(OUT, LSE_OUT, o, lse, b, h * GROUP + g, t, row_ok, offs_d,
-                                stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt,
-                                WRITE_LSE)  # fmt: skip
+                if arrived == last:  # one row tile holds every row (pid_m == 0): merge them MERGE_R at a time
+                    for r0 in range(0, ROWS, MERGE_R):
+                        mrows = r0 + tl.arange(0, MERGE_R)  # [MERGE_R]
+                        mrow_ok = mrows < ROWS
+                        base = pid_bh.to(tl.int64) * n_splits * ROWS + mrows  # split 0 of each row
+                        mo, mlse = _merge_partials(O_PART, LSE_PART, base, mrow_ok, last + 1, ROWS, HEAD_DIM,
+                                                   MERGE_R, MERGE_S)  # fmt: skip
+                        _store_rows(OUT, LSE_OUT, mo, mlse, b, h * GROUP + mrows // T, mrows % T, mrow_ok, offs_d,
+                                    stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt,
+                                    WRITE_LSE)  # fmt: skip
                     tl.atomic_xchg(ticket, 0)
 
 
@@ -490,29 +512,28 @@ def _store_rows(
 
 
 @triton.jit
-def _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """LSE merge of splits 0..n_used-1 for BLOCK_R rows: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s,
-    in one pass with a running maximum (online rescaling), so each split costs one round trip to L2.
+def _merge_partials(
+    O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr
+):
+    """LSE merge of splits 0..n_used-1 for BLOCK_R rows: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s.
+    All splits are read at once, as one [MERGE_S, BLOCK_R] tile of LSEs and one [MERGE_S, BLOCK_R, HEAD_DIM] tile
+    of partial outputs (MERGE_S >= n_used, a power of two), so the merge costs one round trip to L2 however
+    many splits there are; a loop over the splits would wait for each load in turn (H200: ~0.6 us a split).
     base [BLOCK_R]: each row's index in split 0 of the fp32 scratch. Loads bypass L1 (`.cg`): the partials
     were written by other programs. Returns (o [BLOCK_R, HEAD_DIM] fp32, natural-log lse [BLOCK_R])."""
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    den = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
-    o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]
-    for s in range(0, n_used):
-        lse_s = tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o_s = tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no part seen yet: weights stay 0
-        alpha = tl.exp(m - m_safe)  # rescales what was summed under the old maximum
-        w = tl.exp(lse_s - m_safe)
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        den = den * alpha + w
-        m = m_new
+    offs_s = tl.arange(0, MERGE_S)
+    ok = (offs_s < n_used)[:, None] & row_ok[None, :]  # [MERGE_S, BLOCK_R]
+    idx = base[None, :] + offs_s[:, None] * ROWS  # [MERGE_S, BLOCK_R] scratch row of (split, row)
+    lse_s = tl.load(LSE_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    o_ptrs = O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :]  # [MERGE_S, BLOCK_R, HEAD_DIM]
+    o_s = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+    m = _col_max(lse_s)  # [BLOCK_R]
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a row no split saw: every weight is 0
+    w = tl.exp(lse_s - m_safe[None, :])  # [MERGE_S, BLOCK_R]
+    den = _col_sum(w)
     empty = den == 0.0
-    o = acc / tl.where(empty, 1.0, den)[:, None]
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    o = _col_sum(w[:, :, None] * o_s) / tl.where(empty, 1.0, den)[:, None]  # [BLOCK_R, HEAD_DIM]
     lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
     return o, lse
 
@@ -540,6 +561,7 @@ def _tree_attn_merge_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,  # query rows per program
+    MERGE_S: tl.constexpr,  # power of two >= n_splits
     RAGGED: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
@@ -555,7 +577,7 @@ def _tree_attn_merge_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
     base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_R] split 0 of each row
-    o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R)
+    o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R, MERGE_S)
     _store_rows(OUT, LSE_OUT, o, lse, b, h * GROUP + rows // T, rows % T, row_ok, tl.arange(0, HEAD_DIM),
                 stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt, WRITE_LSE)  # fmt: skip
 
@@ -610,8 +632,9 @@ else:
 
 _SPLIT_OVERHEAD_KEYS = 256  # cost of writing + merging one partial, in "keys of work" (H200 estimate)
 _SLOTS_PER_SM = 2  # programs the planner counts as resident on one SM
-# at most this many prefix splits: the merge reads them one after another (H200, embedded model Hq 4 / Hkv 2,
-# 4k prefix: 16 splits 15.0 us, 32 splits 19.7 us, graph-captured)
+# at most this many prefix splits by default (H200, embedded model Hq 4 / Hkv 2, 4k prefix, when the merge still
+# read the splits one after another: 16 splits 15.0 us, 32 splits 19.7 us, graph-captured). The merge now reads
+# them all at once; `python -m longspec_lab.kernels.sweep_tree_attention` times the split counts again.
 _MAX_SPLITS = 16
 _ALLOCATOR_SET = False
 
@@ -677,6 +700,17 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
         raise ValueError(f"num_splits must be >= 1, got {num_splits}; pass None to let the planner choose")
     split_len = _cdiv(_cdiv(max_prefix, num_splits), align) * align
     return _cdiv(max_prefix, split_len), split_len
+
+
+_MERGE_ELEMS = 8192  # fp32 partial-output elements one merging program holds at once (64 registers a thread)
+
+
+def merge_tile(n_splits: int, rows: int, head_dim: int) -> tuple[int, int]:
+    """(MERGE_S, MERGE_R): the merge reads all n_splits partials of MERGE_R rows as one tile, MERGE_S the
+    power of two >= n_splits, MERGE_R a power of two in [2, 16] that keeps the tile at _MERGE_ELEMS or less."""
+    merge_s = triton.next_power_of_2(max(n_splits, 1))
+    fit = max(2, _MERGE_ELEMS // (merge_s * head_dim))
+    return merge_s, max(2, min(16, triton.next_power_of_2(rows), 1 << (fit.bit_length() - 1)))
 
 
 def _prefix_list(prefix_lens, B: int) -> list:
@@ -923,6 +957,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     if return_lse or lse_out is not None:
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     direct = n_splits == 1
+    merge_s, merge_r = merge_tile(n_splits, rows, D)
     grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
     # Fused only when one row tile holds every row (decode, draft levels): there the merge is a few rows and
     # saving its launch pays. With several row tiles (verification) the merging program's serial tail costs
@@ -989,6 +1024,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         DIRECT=direct,
         FUSED_MERGE=fused,
         WRITE_LSE=lse is not None,
+        MERGE_S=merge_s,
+        MERGE_R=merge_r,
     )
     tma = _tma_ok(k, v)
     if _INTERPRET:
@@ -1012,9 +1049,10 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         kernel=kern,
         tuned_now=kern is not None and len(getattr(kern, "cache", ())) > n_tuned,  # configs_timings are ours
         fused_merge=fused,
+        merge_tile=(merge_s, merge_r),
     )
     if not direct and not fused:
-        block_r = 16 if not _INTERPRET else block_m
+        block_r = merge_r
         _tree_attn_merge_kernel[(triton.cdiv(rows, block_r), B * Hkv)](
             o_part,
             lse_part,
@@ -1032,6 +1070,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
             GROUP=G,
             HEAD_DIM=D,
             BLOCK_R=block_r,
+            MERGE_S=merge_s,
             RAGGED=ragged,
             WRITE_LSE=lse is not None,
             num_warps=4,

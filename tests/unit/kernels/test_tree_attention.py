@@ -161,6 +161,36 @@ def test_fused_merge_and_merge_launch_agree(fused, monkeypatch):
     assert all(int(t.abs().sum()) == 0 for t in ta._TICKETS.values())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_merge_reads_many_splits_in_row_chunks(fused, monkeypatch):
+    """40 splits of a 3-sequence ragged batch: the merge reads all partials of a few rows at once
+    (MERGE_R rows < the 14 packed rows, so the fused merge loops over row chunks) and equals float64."""
+    monkeypatch.setattr(ta, "FUSED_MERGE", fused)
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, D = 3, 4, 2, 7, 64
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k, v = torch.randn(B, Hkv, 900, D, generator=gen), torch.randn(B, Hkv, 900, D, generator=gen)
+    mask = random_tree_mask(T, gen, n_pending=3)
+    pref = torch.tensor([880, 5, 333])
+    o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=40)
+    merge_s, merge_r = ta.LAST_LAUNCH["merge_tile"]
+    assert ta.LAST_LAUNCH["n_splits"] > 16 and merge_s == 32 and merge_r < 2 * T
+    assert ta.LAST_LAUNCH["fused_merge"] is fused
+    ro, rlse = ta.tree_attention_reference(q, k, v, pref, mask, return_lse=True, out_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("n_splits", "rows", "d"), [(1, 1, 64), (5, 14, 64), (16, 288, 128), (64, 2, 128), (40, 144, 64)]
+)
+def test_merge_tile_fits_every_split(n_splits, rows, d):
+    merge_s, merge_r = ta.merge_tile(n_splits, rows, d)
+    assert merge_s >= n_splits and merge_s & (merge_s - 1) == 0 and merge_s < 2 * max(n_splits, 1)
+    assert 2 <= merge_r <= 16 and merge_r & (merge_r - 1) == 0
+    assert merge_r == 2 or merge_s * merge_r * d <= ta._MERGE_ELEMS
+
+
 def test_several_row_tiles_merge_in_a_second_launch():
     """The fused merge is for one row tile (decode, draft levels); a pass whose rows span several tiles
     merges in the second launch, and still equals the reference (int64 device lengths, as the decoder's)."""

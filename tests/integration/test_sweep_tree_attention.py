@@ -1,0 +1,32 @@
+"""The latency sweep's CPU dry run: every plan it would time (split counts, row tiles, fused or launched
+merge) runs under the Triton interpreter and matches the float64 reference; the report is written once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_sweep_dry_run_checks_every_plan(tmp_path):
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "longspec_lab.kernels.sweep_tree_attention", "--out", str(out)]
+    r = subprocess.run(cmd + ["--shapes", "embedded-decode,embedded-verify"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["shapes"]) == {"embedded-decode", "embedded-verify"}
+    for rec in rep["shapes"].values():
+        variants = rec["variants"]
+        assert {v["BLOCK_M"] for v in variants} == {16, 64} and any(v["n_splits"] > 1 for v in variants)
+        assert all("error" not in v and v["max_abs_err"] < 1e-4 for v in variants)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)  # never overwrites
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+@pytest.mark.parametrize("arg", ["--shapes=nope"])
+def test_sweep_rejects_unknown_shape(arg):
+    r = subprocess.run([sys.executable, "-m", "longspec_lab.kernels.sweep_tree_attention", arg],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "unknown shape" in r.stderr and "Traceback" not in r.stderr
