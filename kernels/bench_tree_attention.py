@@ -11,8 +11,8 @@ bf16) at P in {2k, 4k}. Methods, each checked against the fp32 reference before 
   triton_tree    this package's split-KV kernel (kernels/tree_attention.py), host prefix length
   triton_static  the same kernel with the length in a device tensor and splits planned for it (the
                  CUDA-graph path the decoder uses)
-  triton_merge_launch  the same kernel with its readable merge: a second launch instead of the fused
-                 last-split merge (FUSED_MERGE off), to show what the fused merge saves
+  triton_fused_merge  the same kernel with FUSED_MERGE on: where one row tile holds every row, the last
+                 split program to finish merges instead of a second launch (off by default: it measured slower)
   sdpa_dense     F.scaled_dot_product_attention, dense bool mask [T, P+T], enable_gqa=True
   flash_nomask   torch's flash SDPA on the same shape with no mask at all: the best stock dense kernel
                  doing the same work minus the tree (GQA through enable_gqa, or heads folded into rows)
@@ -210,8 +210,8 @@ def run_case(spec, env, args, gen):
     dense = torch.cat([torch.ones(T, P, dtype=torch.bool, device=dev), mask], 1)  # [T, P+T]
     bias = torch.zeros(T, T, device=dev).masked_fill(~mask, float("-inf")).repeat(Hq // Hkv, 1)
 
-    def merge_launch():
-        fused, ta.FUSED_MERGE = ta.FUSED_MERGE, False
+    def fused_merge():
+        fused, ta.FUSED_MERGE = ta.FUSED_MERGE, True
         try:
             return ta.tree_attention(q, k, v, P, mask, out=out, scratch=scratch)
         finally:
@@ -219,7 +219,7 @@ def run_case(spec, env, args, gen):
 
     methods = {
         "triton_tree": lambda: ta.tree_attention(q, k, v, P, mask, out=out, scratch=scratch),
-        "triton_merge_launch": merge_launch,
+        "triton_fused_merge": fused_merge,
         "triton_static": lambda: ta.tree_attention(q, k, v, pref, mask, max_prefix=P),
         "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=True),
         "two_pass": lambda: two_pass(q, k, v, P, bias, scale),

@@ -51,8 +51,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     split = ta._tree_attn_split_kernel
     # (prefix dtype, TMA loads, DIRECT, FUSED_MERGE, CAUSAL): the paths the decoder and the benchmark take
     cases = [
-        ("i64", True, False, True, False),  # decoder: device lengths, TMA, merge in the last program
-        ("i32", True, False, False, False),  # verify with several row tiles: merge launch
+        ("i64", True, False, True, False),  # device lengths, TMA, merge in the last program (LONGSPEC_FUSED_MERGE=1)
+        ("i32", True, False, False, False),  # the default: a merge launch
         ("i64", False, True, False, True),  # one split, causal block, plain loads
         ("i32", False, False, True, False),
     ]

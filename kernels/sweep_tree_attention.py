@@ -50,8 +50,9 @@ SHAPES = {
     "llama-decode-32k": (32, 8, 128, 1, 32000, 32906, "causal"),
     "llama-verify-1k": (32, 8, 128, 72, 1024, 4234, "tree"),
 }
-SPLITS = (None, 2, 4, 8, 16, 32)
-BLOCK_MS = (64, 16)
+SPLITS = (None, 4, 8, 16, 32, 64)
+BLOCK_MS = (64, 16)  # CLI: --block-m
+ALIGN_MANY = 64  # split granularity (keys) for forced counts above 16: 128 would cap them at P / 128
 CONFIGS = ((64, 4, 3), (32, 4, 2), (128, 4, 2), (64, 2, 2))  # (BLOCK_N, warps, stages), plain loads
 CALLS = 20  # calls per captured graph
 
@@ -112,10 +113,11 @@ def _with_config(cfg):
     return ta._autotuned([ta._cfg(bn, warps, stages, False)])
 
 
-def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, splits_list=SPLITS):
+def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, splits_list=SPLITS, block_ms=BLOCK_MS):
     q, k, v, pref, mask = make_inputs(shape, dtype, device, gen)
     Hq, Hkv, D, T, P, S, kind = shape
-    ref = ta.tree_attention_reference(q.float(), k.float(), v.float(), pref.cpu(), None if mask is None else mask.cpu())
+    cpu = [x.float().cpu() for x in (q, k, v)]
+    ref = ta.tree_attention_reference(*cpu, pref.cpu(), None if mask is None else mask.cpu())
     rows = []
     rec = {"shape": dict(zip(("Hq", "Hkv", "D", "T", "P", "S", "mask"), shape)), "variants": rows}
     if device.type == "cuda":  # the stock peer: SDPA over the P + T keys, GQA expanded, no mask
@@ -124,7 +126,7 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
     saved = (ta._split_kernel, ta._split_kernel_plain, ta.FUSED_MERGE, os.environ.get("LONGSPEC_BLOCK_M"))
     # stage 1: the decoder's config, every row tile, split count and merge; stage 2: the other configs at
     # the planner's split count and at stage 1's best plan
-    plan = list(itertools.product(configs[:1], BLOCK_MS, splits_list, (True, False)))
+    plan = list(itertools.product(configs[:1], block_ms, splits_list, (True, False)))
     try:
         while plan:
             cfg, bm, splits, fused = plan.pop(0)
@@ -144,6 +146,7 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
                 ta._split_kernel = ta._split_kernel_plain = _with_config(cfg)
             ta.FUSED_MERGE = fused
             os.environ["LONGSPEC_BLOCK_M"] = str(bm)
+            os.environ["LONGSPEC_SPLIT_ALIGN"] = str(ALIGN_MANY if splits and splits > 16 else 128)
             row = {"config": cfg, "BLOCK_M": bm, "splits_asked": splits, "fused_asked": fused}
 
             def fn():
@@ -167,6 +170,7 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
             log(f"{name} {row}")
     finally:
         ta._split_kernel, ta._split_kernel_plain, ta.FUSED_MERGE, bm_env = saved
+        os.environ.pop("LONGSPEC_SPLIT_ALIGN", None)
         if bm_env is None:
             os.environ.pop("LONGSPEC_BLOCK_M", None)
         else:
@@ -190,9 +194,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting variants after this many seconds")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--block-m", default="64,16", help="row tiles to try, comma-separated (16 or 64)")
     a = ap.parse_args(argv)
     names = [s for s in a.shapes.split(",") if s]
     shapes, configs, splits = dict(SHAPES), CONFIGS, SPLITS
+    block_ms = tuple(int(b) for b in a.block_m.split(",") if b)
     bad = [s for s in names if s not in shapes]
     if bad:
         print(f"error: unknown shape(s) {bad}; choose from {', '.join(SHAPES)}", file=sys.stderr)
@@ -211,7 +217,9 @@ def main(argv=None) -> int:
     report = {"environment": environment(command=" ".join(sys.argv)), "calls_per_graph": CALLS, "shapes": {}}
     for i, name in enumerate(names):  # each shape gets an equal share of the time left
         share = time.monotonic() + (deadline - time.monotonic()) / (len(names) - i)
-        report["shapes"][name] = run_shape(name, shapes[name], dtype, device, gen, share, print, configs, splits)
+        report["shapes"][name] = run_shape(
+            name, shapes[name], dtype, device, gen, share, print, configs, splits, block_ms
+        )
         if a.out:  # after every shape, so a run cut short still leaves data
             with open(a.out + ".part", "w") as fh:
                 json.dump(report, fh, indent=1, default=str)

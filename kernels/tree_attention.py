@@ -21,13 +21,12 @@ How the kernel is laid out (Hopper-class, H100/H200):
   the running output in place (`tl.dot(p, v, acc)`). Each split writes a normalised partial output and
   its natural-log LSE to fp32 scratch.
 - The partials are merged by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s, the
-  paper's prefix/tree merge generalised to many parts. The merge is fused: each split program takes an
-  arrival ticket (an atomic counter per row tile), and the last one to arrive reads the others' partials
-  and writes the output, so a call is one launch however many splits it has. It is used when one row
-  tile holds all the rows (decode, draft levels); a verification pass with several row tiles merges in a
-  second launch, which measured faster on the H200 (`_launch` cites the figures). `FUSED_MERGE = False`
-  (LONGSPEC_FUSED_MERGE=0) runs the readable form instead, a second small merge launch. Empty splits of
-  shorter (ragged) sequences are skipped, never read.
+  paper's prefix/tree merge generalised to many parts. A second, small launch merges them; it reads all
+  the splits of a few rows as one tile, so its cost does not grow with the split count. An alternative,
+  `FUSED_MERGE` (LONGSPEC_FUSED_MERGE=1), lets the last split program to finish merge (an arrival ticket
+  per row tile) and saves that launch; on the H200 it measured slower on every shape of a decoding step
+  (`_launch` cites the figures), so it is off by default and kept, tested, for other GPUs. Empty splits
+  of shorter (ragged) sequences are skipped, never read.
 - The tree mask is bit-packed on the host (int32 words): a key tile reads BLOCK_N / 32 words per row
   instead of gathering BLOCK_M x BLOCK_N bytes.
 - A row that sees no key at all (P = 0 and an all-False mask row) gets o = 0 and lse = -inf.
@@ -631,11 +630,17 @@ else:
 # Host side: checks, split planning, launch.
 
 _SPLIT_OVERHEAD_KEYS = 256  # cost of writing + merging one partial, in "keys of work" (H200 estimate)
-_SLOTS_PER_SM = 2  # programs the planner counts as resident on one SM
-# at most this many prefix splits by default (H200, embedded model Hq 4 / Hkv 2, 4k prefix, when the merge still
-# read the splits one after another: 16 splits 15.0 us, 32 splits 19.7 us, graph-captured). The merge now reads
-# them all at once; `python -m longspec_lab.kernels.sweep_tree_attention` times the split counts again.
-_MAX_SPLITS = 16
+# Programs the planner counts as resident on one SM: four 64-row tiles, two 128-row ones. At a few thousand keys
+# a program is latency-bound (each 64-key step waits ~0.9 us on its loads), so more, shorter splits win even past
+# one wave: H200, Llama-3-8B 72-row verify at a 4k cache, bf16: 6 splits 26.9 us, 11 splits 23.0, 22 splits 22.3
+# (data/results/tree_attention_sweep_small_h200.json); counting two per SM planned the 6.
+_SLOTS_PER_SM = {64: 4, 128: 2}
+_SPLIT_ALIGN = 64  # a split's length is a multiple of this many keys
+# At most this many prefix splits. The merge reads every split's partial at once, so many short splits cost
+# little: H200, embedded model's 1-row decode at 2.7k of a 4.2k cache, bf16: 12 splits 7.7 us, 34 splits 6.1 us;
+# Llama-3-8B decode at 4k: 12 splits 11.6 us, 34 splits 10.4 us (same file). The old per-split merge loop capped
+# this at 16 (16 splits 15.0 us against 32 splits 19.7 us).
+_MAX_SPLITS = 64
 _ALLOCATOR_SET = False
 
 
@@ -679,16 +684,15 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
     waves = ceil(n_splits * programs_per_split / SMs) with programs_per_split = row tiles * batch * kv heads,
     so P = 1k still fills the GPU and long prefixes get whole waves. `num_splits` forces a count (the result
     may be lower after rounding)."""
-    align = 16 if _INTERPRET else 128
+    align = 16 if _INTERPRET else int(os.environ.get("LONGSPEC_SPLIT_ALIGN", _SPLIT_ALIGN))
     if max_prefix <= 0:
         return 1, align
     if num_splits is None:
-        # two resident programs per SM: a 64-row tile with a 3-stage 64-key pipeline (~112 KB of shared
-        # memory) fits twice, and a second program hides the first one's softmax behind its matrix work.
-        # H200, Llama-3-8B verify shape, fp16: planning one per SM gave 3 splits (120 programs) at a 16k prefix
-        # and 64 us; two per SM gives 6 splits (240 programs) and 55 us (data/results/tree_attention_h200*.json).
-        slots = _SLOTS_PER_SM * _sm_count(torch.device(device))
+        # resident programs per SM (_SLOTS_PER_SM): more than one hides a program's softmax and load waits behind
+        # another's. H200, Llama-3-8B verify shape, fp16: planning one per SM gave 3 splits (120 programs) at a
+        # 16k prefix and 64 us; two per SM gave 6 splits (240 programs) and 55 us (tree_attention_h200*.json).
         bm = block_m or _pick_block_m(rows)
+        slots = _SLOTS_PER_SM.get(bm, 2) * _sm_count(torch.device(device))
         base = batch_kv_heads * _cdiv(rows, bm)
         best = None
         for s in range(1, min(_cdiv(max_prefix, align), 16 * slots // base + 2, _MAX_SPLITS) + 1):
@@ -913,9 +917,9 @@ def _ensure_allocator():
 
 # read K/V through tensor descriptors when the views allow it (tests and the benchmark flip it; LONGSPEC_TMA=0: off)
 USE_TMA_LOADS = os.environ.get("LONGSPEC_TMA", "1") != "0"
-# Several splits: the last split program to finish merges the partials (one launch per call). The readable
-# fallback, a second merge launch, runs with LONGSPEC_FUSED_MERGE=0 (tests and the benchmark flip it).
-FUSED_MERGE = os.environ.get("LONGSPEC_FUSED_MERGE", "1") != "0"
+# Several splits: a second launch merges the partials. LONGSPEC_FUSED_MERGE=1 lets the last split program to
+# finish merge them instead (one launch per call; tests and the benchmarks flip it).
+FUSED_MERGE = os.environ.get("LONGSPEC_FUSED_MERGE", "0") == "1"
 _TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream): a batch x kv heads above this uses the merge launch
 _TICKETS: dict = {}
 
@@ -959,10 +963,12 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     direct = n_splits == 1
     merge_s, merge_r = merge_tile(n_splits, rows, D)
     grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
-    # Fused only when one row tile holds every row (decode, draft levels): there the merge is a few rows and
-    # saving its launch pays. With several row tiles (verification) the merging program's serial tail costs
-    # more than the launch: H200, Llama-3-8B verify shape (288 rows), fp16: 19.9 / 62.2 / 219.7 us fused
+    # Fused (when asked) only when one row tile holds every row. With several row tiles the merging program's
+    # tail costs more than the launch: H200, Llama-3-8B verify shape (288 rows), fp16: 19.9 / 62.2 / 219.7 us fused
     # against 16.2 / 58.7 / 208.0 us with the merge launch at P = 1k / 16k / 64k (tree_attention_h200_fused_merge.json).
+    # With one row tile it still lost once the merge read all splits at once: embedded model, bf16, graph-captured,
+    # 1-row decode 8.0 against 7.7 us, the draft's 32-row cross-attention 16.5 against 9.6 us
+    # (tree_attention_sweep_small_h200.json).
     fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS
     tickets = _tickets(q.device) if fused else q
     if scratch is None:

@@ -191,9 +191,10 @@ def test_merge_tile_fits_every_split(n_splits, rows, d):
     assert merge_r == 2 or merge_s * merge_r * d <= ta._MERGE_ELEMS
 
 
-def test_several_row_tiles_merge_in_a_second_launch():
-    """The fused merge is for one row tile (decode, draft levels); a pass whose rows span several tiles
-    merges in the second launch, and still equals the reference (int64 device lengths, as the decoder's)."""
+def test_several_row_tiles_merge_in_a_second_launch(monkeypatch):
+    """The fused merge, when asked for, is for one row tile (decode, draft levels); a pass whose rows span
+    several tiles merges in the second launch, and still equals the reference (int64 device lengths)."""
+    monkeypatch.setattr(ta, "FUSED_MERGE", True)
     gen = torch.Generator().manual_seed(9)
     B, Hq, Hkv, T, D = 1, 8, 1, 20, 64  # 160 packed rows: two row tiles under the interpreter
     q = torch.randn(B, Hq, T, D, generator=gen)
@@ -342,7 +343,7 @@ def test_bench_quick_dry_run(tmp_path):
     for case in data["cases"]:
         assert case["methods"]["triton_tree"]["max_rel_err"] < 1e-4
         assert case["methods"]["sdpa_dense"]["max_rel_err"] < 1e-4
-        assert case["methods"]["triton_merge_launch"]["max_rel_err"] < 1e-4
+        assert case["methods"]["triton_fused_merge"]["max_rel_err"] < 1e-4
 
 
 def test_bench_plot_svg_fallback(tmp_path, monkeypatch):
