@@ -146,7 +146,10 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
                 ta._split_kernel = ta._split_kernel_plain = _with_config(cfg)
             ta.FUSED_MERGE = fused
             os.environ["LONGSPEC_BLOCK_M"] = str(bm)
-            os.environ["LONGSPEC_SPLIT_ALIGN"] = str(ALIGN_MANY if splits and splits > 16 else 128)
+            if splits and splits > 16:
+                os.environ["LONGSPEC_SPLIT_ALIGN"] = str(ALIGN_MANY)
+            else:  # the planner's own granularity
+                os.environ.pop("LONGSPEC_SPLIT_ALIGN", None)
             row = {"config": cfg, "BLOCK_M": bm, "splits_asked": splits, "fused_asked": fused}
 
             def fn():

@@ -604,9 +604,20 @@ _HOPPER_CONFIGS = [
 _TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "IEEE", "split_bucket"]
 
 
+_SHORT_SPLIT = 256  # keys: at or below this split length, 128-key tiles are not tried
+
+
 def _prune(configs, named_args, **kwargs):
     # 8 warps only for 128-row tiles (a 64 x BLOCK_N tile leaves too little work per warp)
     keep = [c for c in configs if not (kwargs.get("BLOCK_M") == 64 and c.num_warps == 8)]
+    # No 128-key tiles for short splits: a program then runs one or two latency-bound steps, and timing ~20 us
+    # kernels while autotuning is noisy enough to pick them. H200, Llama-3-8B 72-row verify at P = 1k, fp16,
+    # 256-key splits: 64-key tiles 16.2 us, 128-key tiles (the autotuner's pick in a later run) 28.9 us; 192-key
+    # splits, bf16: 22.3 against 30.2 us (tree_attention_h200_fused_merge.json, tree_attention_h200_vector_merge.json,
+    # tree_attention_sweep_small_h200.json).
+    split_len = named_args.get("split_len")
+    if split_len is not None and split_len <= _SHORT_SPLIT:
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] < 128] or keep
     return keep or configs[:1]
 
 
@@ -630,17 +641,16 @@ else:
 # Host side: checks, split planning, launch.
 
 _SPLIT_OVERHEAD_KEYS = 256  # cost of writing + merging one partial, in "keys of work" (H200 estimate)
-# Programs the planner counts as resident on one SM: four 64-row tiles, two 128-row ones. At a few thousand keys
-# a program is latency-bound (each 64-key step waits ~0.9 us on its loads), so more, shorter splits win even past
-# one wave: H200, Llama-3-8B 72-row verify at a 4k cache, bf16: 6 splits 26.9 us, 11 splits 23.0, 22 splits 22.3
-# (data/results/tree_attention_sweep_small_h200.json); counting two per SM planned the 6.
-_SLOTS_PER_SM = {64: 4, 128: 2}
-_SPLIT_ALIGN = 64  # a split's length is a multiple of this many keys
-# At most this many prefix splits. The merge reads every split's partial at once, so many short splits cost
-# little: H200, embedded model's 1-row decode at 2.7k of a 4.2k cache, bf16: 12 splits 7.7 us, 34 splits 6.1 us;
-# Llama-3-8B decode at 4k: 12 splits 11.6 us, 34 splits 10.4 us (same file). The old per-split merge loop capped
-# this at 16 (16 splits 15.0 us against 32 splits 19.7 us).
-_MAX_SPLITS = 64
+_SLOTS_PER_SM = 2  # programs the planner counts as resident on one SM
+# The plan depends on how many row tiles a call has. With one (decode, draft levels: a few rows) a partial is a
+# few rows, cheap to write and to merge, and each 64-key step of a program waits ~0.9 us on its loads, so many
+# short splits win: up to 64 splits of 64-key granularity. H200, bf16, graph-captured
+# (data/results/tree_attention_sweep_small_h200.json): the embedded model's 1-row decode at 2.7k of a 4.2k cache,
+# 12 splits 7.7 us, 34 splits 6.1 us; the draft's 32-row cross-attention 9.6 -> 7.6 us; Llama-3-8B decode at 4k
+# 11.6 -> 10.4 us. With several row tiles (verification) every split writes and merges ROWS x D fp32 partials:
+# at most 16 splits of 128-key granularity. Llama-3-8B 72-row verify, fp16, P = 1k: 3 splits 16.2 us, 13 splits
+# of 128 keys 28.7 us (tree_attention_h200.json runs of 2026-12-02).
+_SPLIT_PLANS = {"one_tile": (64, 64), "row_tiles": (128, 16)}  # (key granularity, most splits)
 _ALLOCATOR_SET = False
 
 
@@ -684,18 +694,19 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
     waves = ceil(n_splits * programs_per_split / SMs) with programs_per_split = row tiles * batch * kv heads,
     so P = 1k still fills the GPU and long prefixes get whole waves. `num_splits` forces a count (the result
     may be lower after rounding)."""
-    align = 16 if _INTERPRET else int(os.environ.get("LONGSPEC_SPLIT_ALIGN", _SPLIT_ALIGN))
+    bm = block_m or _pick_block_m(rows)
+    align, most = _SPLIT_PLANS["one_tile" if rows <= bm else "row_tiles"]
+    align = 16 if _INTERPRET else int(os.environ.get("LONGSPEC_SPLIT_ALIGN", align))
     if max_prefix <= 0:
         return 1, align
     if num_splits is None:
         # resident programs per SM (_SLOTS_PER_SM): more than one hides a program's softmax and load waits behind
         # another's. H200, Llama-3-8B verify shape, fp16: planning one per SM gave 3 splits (120 programs) at a
         # 16k prefix and 64 us; two per SM gave 6 splits (240 programs) and 55 us (tree_attention_h200*.json).
-        bm = block_m or _pick_block_m(rows)
-        slots = _SLOTS_PER_SM.get(bm, 2) * _sm_count(torch.device(device))
+        slots = _SLOTS_PER_SM * _sm_count(torch.device(device))
         base = batch_kv_heads * _cdiv(rows, bm)
         best = None
-        for s in range(1, min(_cdiv(max_prefix, align), 16 * slots // base + 2, _MAX_SPLITS) + 1):
+        for s in range(1, min(_cdiv(max_prefix, align), 16 * slots // base + 2, most) + 1):
             cost = _cdiv(s * base, slots) * (_cdiv(_cdiv(max_prefix, s), align) * align + _SPLIT_OVERHEAD_KEYS)
             if best is None or cost < best[0]:
                 best = (cost, s)

@@ -416,3 +416,17 @@ def test_unaligned_cache_view_uses_plain_loads():
     torch.testing.assert_close(
         o.double(), ta.tree_attention_reference(q, k, v, P, mask, out_dtype=torch.float64), atol=1e-4, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize(("split_len", "block_m"), [(128, 64), (256, 64), (257, 64), (4096, 128)])
+def test_autotune_prune_drops_wide_tiles_for_short_splits(split_len, block_m):
+    """The pruning rule against a brute-force filter of the Hopper configs: no 8-warp config for 64-row tiles,
+    and no 128-key tile when a split has at most _SHORT_SPLIT keys; never an empty list."""
+    kept = ta._prune(ta._HOPPER_CONFIGS, {"split_len": split_len}, BLOCK_M=block_m)
+    expect = [
+        c
+        for c in ta._HOPPER_CONFIGS
+        if not (block_m == 64 and c.num_warps == 8)
+        and not (split_len <= ta._SHORT_SPLIT and c.kwargs["BLOCK_N"] == 128)
+    ]
+    assert kept == expect and kept
