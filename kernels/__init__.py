@@ -9,6 +9,9 @@
   draft's beam level on the GPU instead of torch.topk's radix select; registered as
   ``torch.ops.longspec.row_topk``, with torch.topk as its reference and a benchmark against it. Both
   top-k stages of a beam level run on it.
+- ``sweep_tree_attention``: times every plan of the tree kernel (split count, row tile, tile config, fused
+  or launched merge) on the few-row calls a decoding step makes, each checked against float64 first;
+  the planner's defaults come from it.
 - ``compile_check``: compiles every kernel variant for a Hopper GPU ahead of time, without a GPU, which
   catches what the CPU interpreter cannot (``python -m longspec_lab.kernels.compile_check``).
 
