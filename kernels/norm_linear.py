@@ -1,0 +1,305 @@
+"""RMSNorm, projection and its epilogue in one kernel: what Inductor leaves as three launches per matmul.
+
+A decoding step of a small model is bound by kernel launches (LongSpec, arXiv 2502.17421, is about
+making the verification pass cost about one decode step, so every launch of that step counts). In a
+Llama layer each projection is an extern matmul for the compiler: the RMSNorm before it and the SiLU
+product after it stay separate kernels. On the H200 the embedded model's compiled AR step launched
+94 kernels for 8 layers, of which the RMSNorms, the SiLU products and the 32 cuBLAS gemv calls were
+about half (`data/results/profile_h200.json`). This kernel computes, for rows x [M, K]:
+
+    h = RMSNorm(x) = norm_weight * (x * rsqrt(mean(x^2) + eps))        (optional: HAS_NORM)
+    y = h @ W^T                                                         [M, N]
+    y = silu(y_gate) * y_up     with W = [W_gate; W_up] stacked         (optional: GATED)
+    y = residual + y                                                    (optional: HAS_RES)
+
+so a layer's linear parts are four launches: norm + qkv, o_proj + residual, norm + gate_up + SiLU
+product, down_proj + residual. The roundings follow the modules it replaces (the norm in float32 and
+rounded to x's dtype before the weight multiplies, the matmul accumulated in float32 and rounded, the
+SiLU product and the residual sum rounded as PyTorch's bf16 ops do), so only the matmul's summation
+order differs from the readable path.
+
+Layout: one program owns BLOCK_M rows x BLOCK_N output columns. With a norm it first reads its rows
+once to get their mean square (a K loop of sums), then streams K in BLOCK_K steps: x tile (normalised
+on the fly), weight tile [BLOCK_N, BLOCK_K] (two with GATED: the gate rows and the up rows of the same
+output columns), one `tl.dot` each into float32 accumulators.
+
+`norm_linear_reference` is the definition in float64; `norm_linear` checks its inputs and calls the
+registered op `torch.ops.longspec.norm_linear` (opaque to torch.compile, with a fake version);
+`main` times it against the same work done by PyTorch, graph-captured:
+
+    python -m longspec_lab.kernels.norm_linear
+
+`longspec_lab/ops/linear.py` decides when the models use it (LONGSPEC_NORM_LINEAR=on); it is off by
+default until a GPU run shows it pays.
+
+Taught in: notebooks/03_one_step_slowly.ipynb
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Row sum: tl.sum on the GPU; under the interpreter tl.reduce with the standard combine function (as in
+# tree_attention.py: tl.sum is itself an @jit library function, compiled rather than interpreted when
+# triton was imported before TRITON_INTERPRET=1 was set).
+if _INTERPRET:
+
+    @triton.jit
+    def _row_sum(x):
+        return tl.reduce(x, 1, tl.standard._sum_combine)
+else:
+
+    @triton.jit
+    def _row_sum(x):
+        return tl.sum(x, 1)
+
+
+@triton.jit
+def _norm_linear_kernel(
+    X,  # [M, K] input rows, unit column stride
+    W,  # [N or 2N, K] weight in nn.Linear layout; GATED: gate rows [0, N), then up rows [N, 2N)
+    NW,  # [K] RMSNorm weight (read only if HAS_NORM)
+    R,  # [M, N] residual added to the output (read only if HAS_RES)
+    Y,  # [M, N] output, X's dtype
+    M,  # rows
+    N,  # output columns
+    K,  # input features
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_ym,
+    eps,  # RMSNorm epsilon
+    HAS_NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    GATED: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products in tl.dot
+    BLOCK_M: tl.constexpr,  # rows per program (>= 16: the matrix unit's smallest tile)
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_K: tl.constexpr,  # input features per step
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    row_ok = rows < M
+    col_ok = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    dt = Y.dtype.element_ty
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    if HAS_NORM:  # pass 1: each row's mean square, in float32
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+            ss += _row_sum(x * x)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)  # [BLOCK_M]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if HAS_NORM:  # as RMSNorm: normalise in float32, round to the dtype, then times the weight (rounded)
+            xn = (x.to(tl.float32) * rstd[:, None]).to(dt)
+            nw = tl.load(NW + kk, mask=k_ok, other=0.0)
+            x = (nw[None, :].to(tl.float32) * xn.to(tl.float32)).to(dt)
+        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        if GATED:
+            wu = tl.load(w_rows + N * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc_up = tl.dot(x, tl.trans(wu), acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(x, tl.trans(wu), acc_up)
+    y = acc.to(dt).to(tl.float32)  # the projection's output, rounded as a matmul's
+    if GATED:  # silu(gate) rounded, times up, as two bf16 ops
+        u = acc_up.to(dt).to(tl.float32)
+        y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+    if HAS_RES:
+        r = tl.load(R + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
+        y = r.to(tl.float32) + y.to(dt).to(tl.float32)
+    tl.store(
+        Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(dt), mask=row_ok[:, None] & col_ok[None, :]
+    )
+
+
+def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows, N output columns and K inputs: the smallest matrix row
+    tile that holds M (16 up to 64), 64 columns for wide projections (enough programs to stream a large
+    weight), 32 for narrow ones, and K steps of up to 128."""
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    block_n = 64 if N >= 2048 else 32
+    block_k = min(128, max(16, triton.next_power_of_2(K)))
+    return block_m, block_n, block_k
+
+
+def _launch(x, weight, norm_weight, eps, residual, gated):
+    M, K = x.shape
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = tiles(M, N, K)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _norm_linear_kernel[grid](
+        x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
+        M, N, K, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
+        float(eps),
+        HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=1 if _INTERPRET else 3,
+    )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("longspec::norm_linear", mutates_args=())
+def _norm_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    residual: Optional[torch.Tensor],
+    gated: bool,
+) -> torch.Tensor:
+    """`torch.ops.longspec.norm_linear`: x [M, K] (checked by `norm_linear`) -> y [M, N]."""
+    return _launch(x, weight, norm_weight, eps, residual, gated)
+
+
+@_norm_linear_op.register_fake
+def _(x, weight, norm_weight, eps, residual, gated):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
+
+
+def _fail(what: str, fix: str):
+    raise ValueError(f"norm_linear: {what}; {fix}")
+
+
+def norm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """[..., K] rows -> [..., N]: RMSNorm (if norm_weight [K]), x @ weight^T (weight [N, K], or [2N, K] with
+    gated: silu(gate) * up), plus residual [..., N] (if given). See the module docstring. On CUDA, or on
+    the CPU under TRITON_INTERPRET=1."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        _fail(f"x must be a tensor [..., K], got {type(x).__name__}", "pass the activations")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        _fail("weight must be a 2-D tensor [N, K] (nn.Linear layout)", "pass module.weight")
+    K = x.shape[-1]
+    if weight.shape[1] != K:
+        _fail(f"weight {tuple(weight.shape)} does not take K = {K} inputs", "pass the weight of the layer x feeds")
+    if gated and weight.shape[0] % 2:
+        _fail(f"gated needs the gate and up rows stacked, an even row count, got {weight.shape[0]}", "pass gate_up")
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        _fail(f"x and weight must share one of {[str(d) for d in _DTYPES]}, got {x.dtype} and {weight.dtype}",
+              "cast them to one dtype")  # fmt: skip
+    if norm_weight is not None and (norm_weight.shape != (K,) or norm_weight.dtype != x.dtype):
+        _fail(f"norm_weight must be [{K}] in {x.dtype}, got {tuple(norm_weight.shape)} {norm_weight.dtype}",
+              "pass the RMSNorm's weight")  # fmt: skip
+    lead = x.shape[:-1]
+    if residual is not None and (tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype):
+        _fail(f"residual must be {[*lead, N]} in {x.dtype}, got {list(residual.shape)} {residual.dtype}",
+              "pass the residual stream the output is added to")  # fmt: skip
+    tensors = [t for t in (x, weight, norm_weight, residual) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        _fail("all tensors must be on one device", "move them with .to(x.device)")
+    if not (x.is_cuda or _INTERPRET):
+        fix = "pass CUDA tensors, or set TRITON_INTERPRET=1 before importing longspec_lab.kernels.norm_linear"
+        _fail(f"it runs a Triton kernel and got a tensor on {x.device}", fix)
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    r2 = None if residual is None else residual.reshape(-1, N)
+    if r2 is not None and r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    nw = None if norm_weight is None else norm_weight.contiguous()
+    return _norm_linear_op(x2, w, nw, float(eps), r2, bool(gated)).view(*lead, N)
+
+
+def norm_linear_reference(x, weight, norm_weight=None, eps=1e-6, residual=None, gated=False) -> torch.Tensor:
+    """The definition, in float64 with no intermediate rounding: [..., K] -> [..., N] (float64)."""
+    h = x.double()
+    if norm_weight is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    y = h @ weight.double().T
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y if residual is None else residual.double() + y
+
+
+def _torch_version(x, weight, norm_weight, eps, residual, gated):
+    """The same work as PyTorch ops (the readable path the models run without the kernel)."""
+    h = x
+    if norm_weight is not None:
+        h = norm_weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    y = torch.nn.functional.linear(h, weight)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+# (name, rows M, K, N, norm, residual, gated): the embedded model's four projections per layer at one
+# decode row and a 72-row verify, and Llama-3-8B's qkv and gate_up at one row
+BENCH_CASES = [
+    ("embedded norm+qkv", 1, 256, 512, True, False, False),
+    ("embedded o_proj+res", 1, 256, 256, False, True, False),
+    ("embedded norm+gate_up+silu", 1, 256, 768, True, False, True),
+    ("embedded down+res", 1, 768, 256, False, True, False),
+    ("embedded norm+qkv, 72 rows", 72, 256, 512, True, False, False),
+    ("llama3-8b norm+qkv", 1, 4096, 6144, True, False, False),
+    ("llama3-8b norm+gate_up+silu", 1, 4096, 14336, True, False, True),
+]
+
+
+def main(argv=None) -> int:
+    """Time the kernel against PyTorch doing the same work, both graph-captured (CUDA)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.kernels.norm_linear",
+        description="Time the fused RMSNorm + projection (+ SiLU product, + residual) kernel against the same "
+        "work as PyTorch ops (rms_norm, linear, silu, add), bf16, each replayed from a CUDA graph; every case "
+        "is checked against the float64 definition first. Prints microseconds per call.",
+    )
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.exit(2, "error: the benchmark times a GPU kernel and needs CUDA; on the CPU the tests run the kernel "
+                   "in Triton's interpreter (.venv/bin/pytest tests/unit/kernels/test_norm_linear.py)\n")  # fmt: skip
+    from triton.testing import do_bench_cudagraph
+
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    gen = torch.Generator().manual_seed(0)
+    for name, M, K, N, has_norm, has_res, gated in BENCH_CASES:
+        x = torch.randn(M, K, generator=gen).to("cuda", dtype)
+        w = (torch.randn(2 * N if gated else N, K, generator=gen) / K**0.5).to("cuda", dtype)
+        nw = (1 + 0.1 * torch.randn(K, generator=gen)).to("cuda", dtype) if has_norm else None
+        r = torch.randn(M, N, generator=gen).to("cuda", dtype) if has_res else None
+        args = (x, w, nw, 1e-5, r, gated)
+        err = (norm_linear(*args).double() - norm_linear_reference(*args)).abs().max().item()
+        ours = do_bench_cudagraph(lambda: norm_linear(*args), return_mode="median") * 1e3
+        theirs = do_bench_cudagraph(lambda: _torch_version(*args), return_mode="median") * 1e3
+        print(
+            f"{name:32s} ours {ours:6.1f} us   torch {theirs:6.1f} us   ratio {ours / theirs:.2f}   max err {err:.2e}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

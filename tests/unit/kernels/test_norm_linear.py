@@ -1,0 +1,95 @@
+"""The fused RMSNorm + projection kernel (kernels/norm_linear.py) under the CPU interpreter: against the
+float64 definition for every combination of its options and ragged tile edges, against the PyTorch ops it
+replaces, through torch.compile as one opaque op, and its input checks."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel module's @triton.jit definitions
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_MOD = "longspec_lab.kernels.norm_linear"
+if _MOD in sys.modules and not sys.modules[_MOD]._INTERPRET:
+    importlib.reload(sys.modules[_MOD])
+import longspec_lab.kernels.norm_linear as nl  # noqa: E402
+
+
+def _case(seed, M, K, N, has_norm, has_res, gated, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(M, K, generator=g)).to(dtype)
+    w = (torch.randn(2 * N if gated else N, K, generator=g) / K**0.5).to(dtype)
+    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype) if has_norm else None
+    r = torch.randn(M, N, generator=g).to(dtype) if has_res else None
+    return x, w, nw, 1e-5, r, gated
+
+
+@pytest.mark.parametrize("has_norm", [False, True])
+@pytest.mark.parametrize("has_res", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 64, 48), (5, 200, 96), (72, 256, 40)])
+def test_matches_float64_definition(M, K, N, has_norm, has_res, gated):
+    """Ragged everywhere: M, N, K not multiples of the tiles (200 inputs in 128-wide steps, 40 of 32 columns)."""
+    args = _case(M * 7 + K, M, K, N, has_norm, has_res, gated)
+    got = nl.norm_linear(*args)
+    want = nl.norm_linear_reference(*args)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_leading_dims_and_the_pytorch_ops_it_replaces():
+    """[B, T, K] rows give [B, T, N], equal (float32) to rms_norm + linear + silu product + residual as
+    PyTorch ops, which is what the models run without the kernel."""
+    x, w, nw, eps, _, _ = _case(3, 6, 128, 80, True, False, True)
+    x3 = x.view(2, 3, 128)
+    r3 = torch.randn(2, 3, 80, generator=torch.Generator().manual_seed(4))
+    got = nl.norm_linear(x3, w, nw, eps, r3, gated=True)
+    want = nl._torch_version(x3, w, nw, eps, r3, True)
+    assert got.shape == (2, 3, 80)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_compiled_call_is_one_opaque_op():
+    """torch.compile(fullgraph=True) traces the wrapper into a graph holding the registered op (its fake
+    version gives the shape), and the compiled result equals the eager one."""
+    args = _case(5, 4, 64, 32, True, True, False)
+
+    def f(x, w, nw, r):
+        return nl.norm_linear(x, w, nw, 1e-5, r) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, w, nw, _, r, _ = args
+    torch.testing.assert_close(compiled(x, w, nw, r), f(x, w, nw, r))
+
+
+def test_opcheck():
+    x, w, nw, eps, r, gated = _case(6, 3, 64, 32, True, True, True)
+    torch.library.opcheck(torch.ops.longspec.norm_linear.default, (x, w, nw, eps, r, gated))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda a: {**a, "weight": a["weight"][:, :10]}, "does not take K"),
+        (lambda a: {**a, "weight": a["weight"][:33], "gated": True}, "even row count"),
+        (lambda a: {**a, "weight": a["weight"].double()}, "share one of"),
+        (lambda a: {**a, "norm_weight": a["norm_weight"][:5]}, "norm_weight must be"),
+        (lambda a: {**a, "residual": a["residual"][:, :3]}, "residual must be"),
+        (lambda a: {**a, "weight": a["weight"][0]}, "2-D tensor"),
+    ],
+)
+def test_bad_inputs_name_the_problem(mutate, words):
+    x, w, nw, eps, r, _ = _case(8, 2, 64, 64, True, True, False)
+    kw = mutate({"x": x, "weight": w, "norm_weight": nw, "eps": eps, "residual": r, "gated": False})
+    with pytest.raises(ValueError, match=words):
+        nl.norm_linear(**kw)
+
+
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 512, 256), (1, 14336, 4096), (300, 64, 8)])
+def test_tiles_hold_the_rows_and_fit_the_matrix_unit(M, N, K):
+    bm, bn, bk = nl.tiles(M, N, K)
+    assert 16 <= bm <= 64 and (bm >= M or bm == 64) and bm & (bm - 1) == 0
+    assert bn in (32, 64) and 16 <= bk <= 128 and bk & (bk - 1) == 0
