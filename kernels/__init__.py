@@ -9,6 +9,9 @@
   draft's beam level on the GPU instead of torch.topk's radix select; registered as
   ``torch.ops.longspec.row_topk``, with torch.topk as its reference and a benchmark against it. Both
   top-k stages of a beam level run on it.
+- ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
+  float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
+  and used by the models when ``LONGSPEC_NORM_LINEAR=on`` (``longspec_lab/ops/linear.py``).
 - ``sweep_tree_attention``: times every plan of the tree kernel (split count, row tile, tile config, fused
   or launched merge) on the few-row calls a decoding step makes, each checked against float64 first;
   the planner's defaults come from it.

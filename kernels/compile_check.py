@@ -85,6 +85,18 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     for dt, lo in (("i64", -(2**63)), ("fp32", float("-inf"))):
         sig, cx = _signature(rt._row_topk_kernel, dict(X=dt, OUT=dt), (), dict(MIN=lo, K=16, BLOCK_V=4096))
         out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))
+    from longspec_lab.kernels import norm_linear as nl
+
+    # (rows, K, N, norm, residual, gated): the embedded model's norm + qkv at one row, its gated MLP, the
+    # 8B shape's down projection with the residual at a 72-row verify
+    for M, K, N, norm, res, gated in [(1, 256, 512, True, False, False), (1, 256, 768, True, False, True),
+                                       (72, 14336, 4096, False, True, False)][: 1 if quick else 3]:  # fmt: skip
+        bm, bn, bk = nl.tiles(M, N, K)
+        consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        sig, cx = _signature(nl._norm_linear_kernel, dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16"),
+                             ("eps",), consts)  # fmt: skip
+        label = f"norm_linear: {M} x {K} -> {N}, norm={norm} residual={res} gated={gated}"
+        out.append((label, nl._norm_linear_kernel, sig, cx, dict(num_warps=4, num_stages=3)))
     if not quick:
         ptrs = dict(Q="bf16", K="bf16", V="bf16", O="bf16", P_ptr="i64", COLS="i64", COUNT="i64")
         sig, cx = _signature(oa._ordered_attn_kernel, ptrs, ("qk_scale",), dict(G=2, HEAD_DIM=64, BLOCK_N=64))

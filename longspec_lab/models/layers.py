@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longspec_lab.models.config import ModelConfig
+from longspec_lab.ops.linear import norm_linear, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -37,8 +38,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 (float64 stays float64), as the reference implementations do, then cast
         # back; one fused kernel (torch.rms_norm) instead of five small ones: decoding is launch-bound
-        xf = F.rms_norm(x if x.dtype == torch.float64 else x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    @property
+    def args(self) -> tuple[torch.Tensor, float]:
+        """(weight, eps): what ops.linear.norm_linear takes to apply this norm inside a projection."""
+        return self.weight, self.eps
 
 
 def rope_inv_freq(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -205,12 +210,17 @@ class MLP(_Fusable):
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
+        """down(silu(gate(h)) * up(h)) with h = norm(x) (if a norm is given), plus `residual` (if given).
+        Fused, the norm, gate_up and the SiLU product are one `norm_linear` call, and so are down and the
+        residual: one kernel each when ops.linear's switch is on."""
         if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, F] each
+            lin = self.gate_up_proj
+            h = norm_linear(x, lin.weight, lin.bias, None if norm is None else norm.args, gated=True)  # [B, T, F]
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            xn = x if norm is None else norm(x)
+            h = F.silu(self.gate_proj(xn)) * self.up_proj(xn)
+        return norm_linear(h, self.down_proj.weight, self.down_proj.bias, residual=residual)
 
 
 class QKVO(_Fusable):
@@ -274,17 +284,24 @@ class QKVO(_Fusable):
             k, v = self.k_proj(x), self.v_proj(x)
         return self._heads(k, self.num_kv_heads, self.k_norm), self._heads(v, self.num_kv_heads, None)
 
-    def split_qkv(self, x):  # -> q [B, Hq, T, D], k, v [B, Hkv, T, D]; one matmul when fused
+    def split_qkv(self, x, norm: RMSNorm | None = None):
+        """-> q [B, Hq, T, D], k, v [B, Hkv, T, D] of norm(x) (x itself without a norm); fused, the norm and
+        the three projections are one `norm_linear` call."""
         if not self.fused:
-            return (self.split_q(x), *self.split_kv(x))
+            xn = x if norm is None else norm(x)
+            return (self.split_q(xn), *self.split_kv(xn))
         nq, nk, nv = self._fused_sizes["qkv_proj"]
-        q, k, v = self.qkv_proj(x).split((nq, nk, nv), dim=-1)  # [B, T, (Hq + 2 Hkv) D] -> parts
+        lin = self.qkv_proj
+        y = norm_linear(x, lin.weight, lin.bias, None if norm is None else norm.args)  # [B, T, (Hq + 2 Hkv) D]
+        q, k, v = y.split((nq, nk, nv), dim=-1)
         return (
             self._heads(q, self.num_heads, self.q_norm),
             self._heads(k, self.num_kv_heads, self.k_norm),
             self._heads(v, self.num_kv_heads, None),
         )
 
-    def merge(self, o):  # [B, Hq, T, D] -> [B, T, hidden]
+    def merge(self, o, residual: torch.Tensor | None = None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
         B, H, T, D = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+        return norm_linear(
+            o.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight, self.o_proj.bias, residual=residual
+        )

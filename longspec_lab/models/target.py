@@ -45,16 +45,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None):
         a = self.self_attn
-        h = self.input_layernorm(x)
-        q, k, v = a.split_qkv(h)  # [B, Hq, T, D], [B, Hkv, T, D] x 2 (one matmul when fused)
+        q, k, v = a.split_qkv(x, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2 (one matmul fused)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             cache.write(layer_idx, slots if slots is not None else start, k, v)  # slots: [T] tensor
             o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
-        x = x + a.merge(o)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = a.merge(o, residual=x)  # x + o_proj(o)
+        return self.mlp(x, norm=self.post_attention_layernorm, residual=x)  # x + mlp(norm(x))
 
 
 class Backbone(nn.Module):

@@ -27,7 +27,10 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
         capture_output=True, text=True, env=_env(tmp_path), timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "8 of 8 kernel variants compiled for sm_90" in r.stdout
+    from longspec_lab.kernels.compile_check import variants
+
+    n = len(variants())  # every kernel the package launches: tree split and merge, row top-k, norm_linear, ...
+    assert n >= 12 and f"{n} of {n} kernel variants compiled for sm_90" in r.stdout, r.stdout
 
 
 KERNEL = """

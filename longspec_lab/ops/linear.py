@@ -1,0 +1,72 @@
+"""The projections of a Llama layer with what surrounds them: RMSNorm before, SiLU product and residual after.
+
+One definition, two implementations behind one switch (nanoGPT's rule: a readable fallback next to each
+fast path). `norm_linear` is
+
+    y = linear(rms_norm(x) if norm else x, W, b);  y = silu(gate) * up if gated;  y = residual + y
+
+written as PyTorch ops, which is what runs by default and on the CPU. With LONGSPEC_NORM_LINEAR=on
+(`NORM_LINEAR = "on"` at run time) a CUDA call goes to `kernels/norm_linear.py`, one Triton kernel for all
+of it, so a decoding step launches one kernel per projection instead of up to three (Inductor keeps each
+matmul as an extern call and cannot fuse the norm into it). Off by default: no GPU run has timed it inside
+a decoding step yet. "on" also runs the kernel under TRITON_INTERPRET=1 on the CPU (the tests' twin check).
+
+`rms_norm` is the models' RMSNorm (models/layers.py calls it), here so that both implementations share it.
+
+Taught in: notebooks/03_one_step_slowly.ipynb
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+CHOICES = ("off", "on")
+NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "off")  # one of CHOICES (module docstring)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)): normalised in float32 (float64 stays float64), as the reference implementations
+    do, rounded back to x's dtype, then times the weight; one fused kernel (torch.rms_norm)."""
+    xf = F.rms_norm(x if x.dtype == torch.float64 else x.float(), (x.shape[-1],), eps=eps)
+    return weight * xf.to(x.dtype)
+
+
+def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm) -> bool:
+    if NORM_LINEAR not in CHOICES:
+        raise ValueError(
+            f"LONGSPEC_NORM_LINEAR={NORM_LINEAR!r} is not one of {', '.join(CHOICES)}; unset it or pick one"
+        )
+    if NORM_LINEAR == "off" or bias is not None or not HAS_TRITON:
+        return False
+    if x.dtype != weight.dtype or (norm is not None and norm[0].dtype != x.dtype):
+        return False
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return x.is_cuda or interpreting
+
+
+def norm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N]. norm: (RMSNorm weight [K], eps) applied to x first; weight [N, K] (gated: the
+    gate rows then the up rows, [2N, K], and the output is silu(gate) * up); residual [..., N] added last."""
+    if _kernel_path(x, weight, bias, norm):
+        from longspec_lab.kernels.norm_linear import norm_linear as fused
+
+        nw, eps = norm if norm is not None else (None, 1e-6)
+        return fused(x, weight, nw, eps, residual, gated)
+    h = x if norm is None else rms_norm(x, *norm)
+    y = F.linear(h, weight, bias)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)  # [..., N] each
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y

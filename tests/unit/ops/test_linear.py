@@ -1,0 +1,72 @@
+"""ops.linear: the readable norm_linear and the fused kernel behind its switch give the same numbers, alone
+and inside a whole model (against transformers' own Llama forward), and a decoder gives the same tokens."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # the kernel runs in Triton's interpreter on the CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from longspec_lab.kernels.norm_linear import norm_linear_reference  # noqa: E402
+from longspec_lab.models.loaders import load_target  # noqa: E402
+from longspec_lab.ops import linear  # noqa: E402
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    def set_to(value):
+        monkeypatch.setattr(linear, "NORM_LINEAR", value)
+
+    return set_to
+
+
+@pytest.mark.parametrize("path", ["off", "on"])
+@pytest.mark.parametrize(("norm", "res", "gated"), [(False, False, False), (True, False, True), (True, True, False)])
+def test_both_paths_equal_the_float64_definition(switch, path, norm, res, gated):
+    switch(path)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 96, generator=g)
+    w = torch.randn(2 * 40 if gated else 40, 96, generator=g) / 10
+    nw = 1 + 0.1 * torch.randn(96, generator=g)
+    r = torch.randn(2, 5, 40, generator=g)
+    got = linear.norm_linear(x, w, None, (nw, 1e-5) if norm else None, r if res else None, gated)
+    want = norm_linear_reference(x, w, nw if norm else None, 1e-5, r if res else None, gated)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bias_keeps_the_readable_path(switch):
+    """The kernel has no bias: with one, "on" falls back to the PyTorch ops (Qwen2-style q/k/v biases)."""
+    switch("on")
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(3, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
+    torch.testing.assert_close(linear.norm_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+def test_unknown_switch_value_is_named(switch):
+    switch("fast")
+    with pytest.raises(ValueError, match="LONGSPEC_NORM_LINEAR='fast'"):
+        linear.norm_linear(torch.ones(2, 4), torch.ones(3, 4))
+
+
+def test_model_with_the_kernel_matches_transformers(tmp_path, switch):
+    """A random Llama written by transformers, loaded fused: with the switch on, every projection of every
+    layer goes through the kernel, and the logits still equal transformers' own forward."""
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_target(tmp_path, device="cpu", dtype="float32")
+    x = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+    calls = []
+    real = linear._kernel_path
+    switch("on")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linear, "_kernel_path", lambda *a: calls.append(real(*a)) or calls[-1])
+        got = ours(x)
+        ref = hf(x).logits
+    assert calls and all(calls) and len(calls) == 4 * cfg.num_hidden_layers  # qkv, o, gate_up, down per layer
+    assert (got - ref).abs().max().item() <= 1e-4
