@@ -42,22 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.tree_attention import _sum  # tl.sum, or its interpreter form
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Row sum: tl.sum on the GPU; under the interpreter tl.reduce with the standard combine function (as in
-# tree_attention.py: tl.sum is itself an @jit library function, compiled rather than interpreted when
-# triton was imported before TRITON_INTERPRET=1 was set).
-if _INTERPRET:
-
-    @triton.jit
-    def _row_sum(x):
-        return tl.reduce(x, 1, tl.standard._sum_combine)
-else:
-
-    @triton.jit
-    def _row_sum(x):
-        return tl.sum(x, 1)
 
 
 @triton.jit
@@ -97,7 +85,7 @@ def _norm_linear_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-            ss += _row_sum(x * x)
+            ss += _sum(x * x, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.tree_attention import _row_max, _row_sum
+from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -85,14 +85,14 @@ def _ordered_attn_kernel(
         col = tl.load(COLS + row * T + r, mask=valid & (r >= 0), other=0)
         slot = tl.where(in_prefix, v_idx, P + col)
         k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=valid[:, None], other=0.0)
-        s = _row_sum(k.to(tl.float32) * q) * qk_scale  # [BLOCK_N]
+        s = _sum(k.to(tl.float32) * q, 1) * qk_scale  # [BLOCK_N]
         s = tl.where(valid, s, float("-inf"))[None, :]  # [1, BLOCK_N]
-        m_new = tl.maximum(m_i, _row_max(s))  # [1]
+        m_new = tl.maximum(m_i, _max(s, 1))  # [1]
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # [1, BLOCK_N]
-        l_i = l_i * alpha + _row_sum(p)
+        l_i = l_i * alpha + _sum(p, 1)
         v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
-        acc = acc * alpha + _row_sum(tl.trans(v.to(tl.float32)) * p)  # [D]
+        acc = acc * alpha + _sum(tl.trans(v.to(tl.float32)) * p, 1)  # [D]
         m_i = m_new
     o = tl.where(l_i > 0, acc / l_i, 0.0)
     tl.store(O + b * stride_ob + h * stride_oh + row * stride_ot + offs_d * stride_od, o.to(O.dtype.element_ty))

@@ -59,44 +59,28 @@ _LN2 = 0.6931471805599453
 SUPPORTED_HEAD_DIMS = (64, 128)
 
 
-# Row reductions. On the GPU: tl.max / tl.sum. Under the interpreter: tl.reduce with the standard
-# library's combine functions, which the interpreter maps to numpy by identity, never calling them:
-# tl.max itself is an @jit function of Triton's library, compiled rather than interpreted when triton
+# Reductions along one axis. On the GPU: tl.max / tl.sum. Under the interpreter: tl.reduce with the
+# standard library's combine functions, which the interpreter maps to numpy by identity, never calling
+# them: tl.max itself is an @jit function of Triton's library, compiled rather than interpreted when triton
 # was imported before TRITON_INTERPRET=1 was set (then an importlib.reload of this module still works).
 if _INTERPRET:
 
     @triton.jit
-    def _row_max(x):
-        return tl.reduce(x, 1, tl.standard._elementwise_max)
+    def _max(x, AXIS: tl.constexpr):
+        return tl.reduce(x, AXIS, tl.standard._elementwise_max)
 
     @triton.jit
-    def _row_sum(x):
-        return tl.reduce(x, 1, tl.standard._sum_combine)
-
-    @triton.jit
-    def _col_max(x):
-        return tl.reduce(x, 0, tl.standard._elementwise_max)
-
-    @triton.jit
-    def _col_sum(x):
-        return tl.reduce(x, 0, tl.standard._sum_combine)
+    def _sum(x, AXIS: tl.constexpr):
+        return tl.reduce(x, AXIS, tl.standard._sum_combine)
 else:
 
     @triton.jit
-    def _row_max(x):
-        return tl.max(x, 1)
+    def _max(x, AXIS: tl.constexpr):
+        return tl.max(x, AXIS)
 
     @triton.jit
-    def _row_sum(x):
-        return tl.sum(x, 1)
-
-    @triton.jit
-    def _col_max(x):
-        return tl.max(x, 0)
-
-    @triton.jit
-    def _col_sum(x):
-        return tl.sum(x, 0)
+    def _sum(x, AXIS: tl.constexpr):
+        return tl.sum(x, AXIS)
 
 
 @triton.jit
@@ -163,11 +147,11 @@ def _attend_tile(
         s = tl.where(ok, s, float("-inf"))
     elif CHECK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, _row_max(s))
+    m_new = tl.maximum(m_i, _max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay 0
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + _row_sum(p)
+    l_i = l_i * alpha + _sum(p, 1)
     acc = acc * alpha[:, None]
     if USE_TMA:
         v = v_desc.load([start, 0])
@@ -527,12 +511,12 @@ def _merge_partials(
     lse_s = tl.load(LSE_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
     o_ptrs = O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :]  # [MERGE_S, BLOCK_R, HEAD_DIM]
     o_s = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-    m = _col_max(lse_s)  # [BLOCK_R]
+    m = _max(lse_s, 0)  # [BLOCK_R]
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a row no split saw: every weight is 0
     w = tl.exp(lse_s - m_safe[None, :])  # [MERGE_S, BLOCK_R]
-    den = _col_sum(w)
+    den = _sum(w, 0)
     empty = den == 0.0
-    o = _col_sum(w[:, :, None] * o_s) / tl.where(empty, 1.0, den)[:, None]  # [BLOCK_R, HEAD_DIM]
+    o = _sum(w[:, :, None] * o_s, 0) / tl.where(empty, 1.0, den)[:, None]  # [BLOCK_R, HEAD_DIM]
     lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
     return o, lse
 
