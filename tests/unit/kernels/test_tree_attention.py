@@ -142,43 +142,32 @@ def test_many_splits_ragged_tail():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_fused_merge_and_merge_launch_agree(fused, monkeypatch):
+@pytest.mark.parametrize(
+    ("S", "pref", "num_splits", "seed"),
+    [(420, [400, 0, 97], 5, 5), (900, [880, 5, 333], 40, 11)],  # few splits; many, merged in row chunks
+)
+def test_fused_merge_and_merge_launch_agree(fused, S, pref, num_splits, seed, monkeypatch):
     """The last-arriving split merges (one launch) or a second launch merges: both equal the float64
-    reference, with ragged prefixes (one sequence empty), and the arrival tickets are back at 0 afterwards."""
+    reference, with ragged prefixes (one sequence empty or nearly), and the arrival tickets are back at 0
+    afterwards. With 40 asked splits the merge reads 32-split tiles of a few rows (MERGE_R < the 14 packed
+    rows, so the fused merge loops over row chunks)."""
     monkeypatch.setattr(ta, "FUSED_MERGE", fused)
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, T, D = 3, 4, 2, 7, 64
     q = torch.randn(B, Hq, T, D, generator=gen)
-    k, v = torch.randn(B, Hkv, 420, D, generator=gen), torch.randn(B, Hkv, 420, D, generator=gen)
+    k, v = torch.randn(B, Hkv, S, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen)
     mask = random_tree_mask(T, gen, n_pending=2)
-    pref = torch.tensor([400, 0, 97])
+    pref = torch.tensor(pref)
     for _ in range(2):  # a second call starts from the tickets the first one left
-        o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=5)
+        o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=num_splits)
         assert ta.LAST_LAUNCH["n_splits"] > 1 and ta.LAST_LAUNCH["fused_merge"] is fused
         ro, rlse = ta.tree_attention_reference(q, k, v, pref, mask, return_lse=True, out_dtype=torch.float64)
         torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    if num_splits > 16:
+        merge_s, merge_r = ta.LAST_LAUNCH["merge_tile"]
+        assert ta.LAST_LAUNCH["n_splits"] > 16 and merge_s == 32 and merge_r < 2 * T
     assert all(int(t.abs().sum()) == 0 for t in ta._TICKETS.values())
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_merge_reads_many_splits_in_row_chunks(fused, monkeypatch):
-    """40 splits of a 3-sequence ragged batch: the merge reads all partials of a few rows at once
-    (MERGE_R rows < the 14 packed rows, so the fused merge loops over row chunks) and equals float64."""
-    monkeypatch.setattr(ta, "FUSED_MERGE", fused)
-    gen = torch.Generator().manual_seed(11)
-    B, Hq, Hkv, T, D = 3, 4, 2, 7, 64
-    q = torch.randn(B, Hq, T, D, generator=gen)
-    k, v = torch.randn(B, Hkv, 900, D, generator=gen), torch.randn(B, Hkv, 900, D, generator=gen)
-    mask = random_tree_mask(T, gen, n_pending=3)
-    pref = torch.tensor([880, 5, 333])
-    o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=40)
-    merge_s, merge_r = ta.LAST_LAUNCH["merge_tile"]
-    assert ta.LAST_LAUNCH["n_splits"] > 16 and merge_s == 32 and merge_r < 2 * T
-    assert ta.LAST_LAUNCH["fused_merge"] is fused
-    ro, rlse = ta.tree_attention_reference(q, k, v, pref, mask, return_lse=True, out_dtype=torch.float64)
-    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
