@@ -65,6 +65,9 @@ def environment(device=None, dtype=None, command: str | None = None) -> dict:
         env.update(gpu=None, device_name=platform.processor() or platform.machine())
     if dtype is not None:
         env["dtype"] = str(dtype).replace("torch.", "")
+    # the package's switches (LONGSPEC_NORM_LINEAR, LONGSPEC_AUTOTUNE, ...): two runs that differ only there
+    # must say so
+    env["switches"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGSPEC_")}
     return env
 
 

@@ -10,7 +10,10 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
   tune       longspec-lab tune                                  (tree-shape search, validated)
-Device time is the scarce thing: e2e takes about 7 minutes (mostly compilation), the others 2-4 each.
+  norm_linear      python -m longspec_lab.kernels.norm_linear   (fused RMSNorm + projection against PyTorch)
+  e2e_norm_linear  the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=on, e2e and profile only, into
+                   OUT_DIR/norm_linear_on (compare with the e2e job's e2e_h200.json)
+Device time is the scarce thing: e2e takes about 8 minutes (mostly compilation), the others 2-4 each.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
@@ -56,8 +59,26 @@ def jobs(out: Path) -> dict:
                 "--shapes",
                 "4,16,16,16,16;2,4,8,8,8,8;1,2,4,4,4,4,4",
             ],
-            480,
+            560,  # 470 s on the H200 (2026-12-02, three chains and three trees)
             {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
+        ),
+        "norm_linear": ([py, "-m", "longspec_lab.kernels.norm_linear"], 120, {}),
+        "e2e_norm_linear": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.h200_speed",
+                "--out",
+                str(out / "norm_linear_on"),
+                "--only",
+                "e2e,profile",
+                "--gammas",
+                "5,7",
+                "--shapes",
+                "4,16,16,16,16;1,2,4,4,4,4,4",
+            ],
+            480,
+            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_NORM_LINEAR": "on"},
         ),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
@@ -97,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs")
     ap.add_argument(
         "--only", default="e2e,agreement,notebooks",
-        help="comma-separated job names from kernel,verify,e2e,agreement,notebooks,tune (default: %(default)s)",
+        help="comma-separated job names from kernel,verify,e2e,agreement,notebooks,tune,norm_linear,e2e_norm_linear "
+        "(default: %(default)s)",
     )  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
