@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
 from longspec_lab.ops.attention import masked_sdpa, prefix_attention
+from longspec_lab.ops.linear import norm_linear
 
 
 @dataclass
@@ -156,9 +157,11 @@ class CrossAttn(nn.Module):
         B, T, _ = x.shape
         return self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def merge(self, o):  # [B, Hq, T, D] -> [B, T, hidden]
+    def merge(self, o, residual=None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
         B, H, T, D = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+        return norm_linear(
+            o.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight, self.o_proj.bias, residual=residual
+        )
 
 
 def _expand_positions(positions, B, T, device):
@@ -205,12 +208,11 @@ class Glide(nn.Module):
         cos, sin = self.target.rotary(positions, self.dtype)  # [B, 1, T, D]
         h = self.target.model.embed_tokens(tokens).to(self.dtype)  # [B, T, hidden]
         a = self.self_attn
-        x = self.input_layernorm(h)
-        q, k, v = a.split_qkv(x)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
-        h = h + a.merge(self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
+        q, k, v = a.split_qkv(h, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
+        h = a.merge(self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v), residual=h)  # h + o_proj(.)
         q = apply_rope(self.cross_attn.split_q(self.post_self_attention_layernorm(h)), cos, sin)
-        h = h + self.cross_attn.merge(cross_attn(q))
-        h = h + self.mlp(self.post_cross_attention_layernorm(h))
+        h = self.cross_attn.merge(cross_attn(q), residual=h)
+        h = self.mlp(h, norm=self.post_cross_attention_layernorm, residual=h)  # h + mlp(norm(h))
         head = self.target.lm_head
         return head(h.to(head.weight.dtype))  # [B, T, V]
 

@@ -36,13 +36,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm) -> bool:
+def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
     if NORM_LINEAR not in CHOICES:
         raise ValueError(
             f"LONGSPEC_NORM_LINEAR={NORM_LINEAR!r} is not one of {', '.join(CHOICES)}; unset it or pick one"
         )
     if NORM_LINEAR == "off" or bias is not None or not HAS_TRITON:
         return False
+    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the kernel has no backward: training keeps the PyTorch ops
     if x.dtype != weight.dtype or (norm is not None and norm[0].dtype != x.dtype):
         return False
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -59,7 +62,7 @@ def norm_linear(
 ) -> torch.Tensor:
     """x [..., K] -> [..., N]. norm: (RMSNorm weight [K], eps) applied to x first; weight [N, K] (gated: the
     gate rows then the up rows, [2N, K], and the output is silu(gate) * up); residual [..., N] added last."""
-    if _kernel_path(x, weight, bias, norm):
+    if _kernel_path(x, weight, bias, norm, residual):
         from longspec_lab.kernels.norm_linear import norm_linear as fused
 
         nw, eps = norm if norm is not None else (None, 1e-6)

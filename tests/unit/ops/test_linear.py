@@ -70,3 +70,17 @@ def test_model_with_the_kernel_matches_transformers(tmp_path, switch):
         ref = hf(x).logits
     assert calls and all(calls) and len(calls) == 4 * cfg.num_hidden_layers  # qkv, o, gate_up, down per layer
     assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_training_keeps_the_differentiable_path(switch):
+    """The kernel has no backward: with gradients wanted, "on" runs the PyTorch ops, and the gradient equals
+    the float64 definition's."""
+    switch("on")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 32, generator=g, requires_grad=True)
+    w = torch.randn(2 * 8, 32, generator=g)
+    nw = 1 + 0.1 * torch.randn(32, generator=g)
+    linear.norm_linear(x, w, None, (nw, 1e-5), gated=True).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    norm_linear_reference(x64, w, nw, 1e-5, gated=True).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
