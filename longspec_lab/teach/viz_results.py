@@ -385,6 +385,111 @@ def kernel_timing_figure(
     return fig
 
 
+DECODER_CONFIG = (64, 4, 3)  # (BLOCK_N, warps, stages): the fixed config decoding runs (LONGSPEC_AUTOTUNE=0)
+
+
+def _sweep_rows(sweep: Mapping) -> dict[str, dict]:
+    """kernels/sweep_tree_attention.py's JSON -> {shape: {"merge": {n_splits: us}, "fused": {...}, "planned":
+    (n_splits, us) or None, "sdpa": us or None, "shape": {...}}} for the decoder's config and BLOCK_M 64."""
+    if not isinstance(sweep, Mapping) or not isinstance(sweep.get("shapes"), Mapping) or not sweep["shapes"]:
+        raise ValueError("sweep has no 'shapes'; pass the dict of data/results/tree_attention_sweep_small_h200.json")
+    out = {}
+    for name, rec in sweep["shapes"].items():
+        rows = [
+            v
+            for v in rec.get("variants", [])
+            if "us" in v and list(v.get("config", [])) == list(DECODER_CONFIG) and v.get("BLOCK_M") == 64
+        ]
+        if not rows:
+            continue
+        curves = {"merge": {}, "fused": {}}
+        for v in rows:
+            if v["splits_asked"] is not None:
+                curves["fused" if v["fused_merge"] else "merge"][v["n_splits"]] = v["us"]
+        planned = [v for v in rows if v["splits_asked"] is None and not v["fused_merge"]]
+        out[name] = {
+            **curves,
+            "planned": (planned[0]["n_splits"], planned[0]["us"]) if planned else None,
+            "sdpa": rec.get("sdpa_nomask_us"),
+            "shape": rec.get("shape", {}),
+        }
+    if not out:
+        raise ValueError(
+            f"no timed rows with config {DECODER_CONFIG} and BLOCK_M 64 in the sweep; was it run on a GPU?"
+        )
+    return out
+
+
+def split_sweep_figure(sweep: Mapping, title: str | None = None) -> go.Figure:
+    """Time per call against the number of prefix splits, one panel per shape of the latency sweep: the
+    merge launch and the fused merge (lines), the plan the planner made at the time of the run (star) and
+    torch's SDPA with no mask (dashed). The decoder's fixed config and 64-row tiles only."""
+    data = _sweep_rows(sweep)
+    names = list(data)
+    cols = min(3, len(names))
+    nrows = -(-len(names) // cols)
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[n.replace("-", " ") for n in names],
+                        horizontal_spacing=0.07, vertical_spacing=0.16)  # fmt: skip
+    styles = (("merge", "merge launch (default)", series_color(0)), ("fused", "fused merge", series_color(1)))
+    for i, name in enumerate(names):
+        r, c = i // cols + 1, i % cols + 1
+        d = data[name]
+        for key, label, color in styles:
+            pts = sorted(d[key].items())
+            fig.add_trace(
+                go.Scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=key,
+                    showlegend=i == 0,
+                    line=dict(color=color),
+                ),  # fmt: skip
+                row=r,
+                col=c,
+            )
+        if d["planned"] is not None:
+            fig.add_trace(
+                go.Scatter(
+                    x=[d["planned"][0]],
+                    y=[d["planned"][1]],
+                    mode="markers",
+                    name="planned then",
+                    legendgroup="planned",
+                    showlegend=i == 0,
+                    marker=dict(symbol="star", size=13, color=REFERENCE),
+                ),  # fmt: skip
+                row=r,
+                col=c,
+            )
+        if d["sdpa"] is not None:
+            xs = [n for key, _, _ in styles for n in d[key]]
+            fig.add_trace(
+                go.Scatter(
+                    x=[min(xs), max(xs)],
+                    y=[d["sdpa"]] * 2,
+                    mode="lines",
+                    name="torch SDPA, no mask",
+                    legendgroup="sdpa",
+                    showlegend=i == 0,
+                    line=dict(color=REFERENCE, dash="dash"),
+                ),  # fmt: skip
+                row=r,
+                col=c,
+            )
+    fig.update_xaxes(type="log", dtick=math.log10(2), title_text="prefix splits")
+    fig.update_yaxes(title_text="us per call", rangemode="tozero")
+    env = sweep.get("environment", {})
+    fig.update_layout(
+        title=title or f"How many splits? One call per shape, CUDA-graph replay ({env.get('gpu') or 'GPU'})",
+        legend=dict(orientation="h", y=-0.18),
+        height=330 * nrows + 120,
+        width=1000,
+    )
+    return fig
+
+
 def glide_diagram(draft_config, target_config=None) -> graphviz.Digraph:
     """The one-layer GliDe draft (models/glide.py) as a block diagram: which parts are its own and
     which it borrows from the target (embedding, LM head, the last layer's KV cache)."""

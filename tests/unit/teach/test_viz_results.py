@@ -320,3 +320,36 @@ def test_kernel_bars_names_what_a_malformed_profile_lacks(profile, words):
     with pytest.raises(ValueError) as e:
         viz_results.kernel_bars(profile)
     assert all(w in str(e.value) for w in words)
+
+
+def test_split_sweep_figure_plots_the_recorded_times():
+    """One panel per swept shape; each line's points are exactly the JSON's times for the decoder's config
+    (BLOCK_N 64, 4 warps, 3 stages) and 64-row tiles, by split count, and the star is the planner's row."""
+    sweep = nb.load_result("tree_attention_sweep_small_h200")
+    fig = viz_results.split_sweep_figure(sweep)
+    shapes = list(sweep["shapes"])
+    by_panel = {}
+    for tr in fig.data:
+        by_panel.setdefault(tr.xaxis, []).append(tr)
+    assert len(by_panel) == len(shapes)
+    for axis, name in zip(sorted(by_panel, key=lambda a: int(a[1:] or 1)), shapes):
+        rows = [v for v in sweep["shapes"][name]["variants"] if "us" in v and v["config"] == [64, 4, 3]
+                and v["BLOCK_M"] == 64]  # fmt: skip
+        launch = {v["n_splits"]: v["us"] for v in rows if v["splits_asked"] is not None and not v["fused_merge"]}
+        line = next(t for t in by_panel[axis] if t.legendgroup == "merge")
+        assert dict(zip(line.x, line.y)) == launch
+        star = next(t for t in by_panel[axis] if t.legendgroup == "planned")
+        planned = next(v for v in rows if v["splits_asked"] is None and not v["fused_merge"])
+        assert (star.x[0], star.y[0]) == (planned["n_splits"], planned["us"])
+
+
+@pytest.mark.parametrize(
+    ("sweep", "words"),
+    [
+        ({}, "no 'shapes'"),
+        ({"shapes": {"a": {"variants": [{"config": [1, 1, 1], "BLOCK_M": 64, "us": 1.0}]}}}, "no timed rows"),
+    ],  # fmt: skip
+)
+def test_split_sweep_figure_names_what_is_missing(sweep, words):
+    with pytest.raises(ValueError, match=words):
+        viz_results.split_sweep_figure(sweep)
