@@ -394,11 +394,15 @@ def _sweep_rows(sweep: Mapping) -> dict[str, dict]:
     if not isinstance(sweep, Mapping) or not isinstance(sweep.get("shapes"), Mapping) or not sweep["shapes"]:
         raise ValueError("sweep has no 'shapes'; pass the dict of data/results/tree_attention_sweep_small_h200.json")
     out = {}
+    elems = sweep.get("merge_elems_default")  # newer sweeps also time a smaller merge tile: leave those out
     for name, rec in sweep["shapes"].items():
         rows = [
             v
             for v in rec.get("variants", [])
-            if "us" in v and list(v.get("config", [])) == list(DECODER_CONFIG) and v.get("BLOCK_M") == 64
+            if "us" in v
+            and list(v.get("config", [])) == list(DECODER_CONFIG)
+            and v.get("BLOCK_M") == 64
+            and v.get("merge_elems", elems) == elems
         ]
         if not rows:
             continue

@@ -17,8 +17,10 @@ def test_sweep_dry_run_checks_every_plan(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert set(rep["shapes"]) == {"embedded-decode", "embedded-verify"}
+    assert rep["merge_elems_default"] > 0
     for rec in rep["shapes"].values():
         variants = rec["variants"]
+        assert {v["merge_elems"] for v in variants} == {8192, 2048}  # stage 0: a smaller merge tile too
         assert {v["BLOCK_M"] for v in variants} == {16, 64} and any(v["n_splits"] > 1 for v in variants)
         assert all("error" not in v and v["max_abs_err"] < 1e-4 for v in variants)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)  # never overwrites
