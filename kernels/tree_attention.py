@@ -595,10 +595,9 @@ def _prune(configs, named_args, **kwargs):
     # 8 warps only for 128-row tiles (a 64 x BLOCK_N tile leaves too little work per warp)
     keep = [c for c in configs if not (kwargs.get("BLOCK_M") == 64 and c.num_warps == 8)]
     # No 128-key tiles for short splits: a program then runs one or two latency-bound steps, and timing ~20 us
-    # kernels while autotuning is noisy enough to pick them. H200, Llama-3-8B 72-row verify at P = 1k, fp16,
-    # 256-key splits: 64-key tiles 16.2 us, 128-key tiles (the autotuner's pick in a later run) 28.9 us; 192-key
-    # splits, bf16: 22.3 against 30.2 us (tree_attention_h200_fused_merge.json, tree_attention_h200_vector_merge.json,
-    # tree_attention_sweep_small_h200.json).
+    # kernels while autotuning is noisy enough to pick them. H200, Llama-3-8B 72-row verify (4.2k cache, P = 1k),
+    # bf16, graph-captured, 192-key splits: 64-key tiles 22.3 us, 128-key tiles 30.2 us
+    # (tree_attention_sweep_small_h200.json).
     split_len = named_args.get("split_len")
     if split_len is not None and split_len <= _SHORT_SPLIT:
         keep = [c for c in keep if c.kwargs["BLOCK_N"] < 128] or keep
