@@ -628,11 +628,13 @@ _SLOTS_PER_SM = 2  # programs the planner counts as resident on one SM
 # The plan depends on how many row tiles a call has. With one (decode, draft levels: a few rows) a partial is a
 # few rows, cheap to write and to merge, and each 64-key step of a program waits ~0.9 us on its loads, so many
 # short splits win: up to 64 splits of 64-key granularity. H200, bf16, graph-captured
-# (data/results/tree_attention_sweep_small_h200.json): the embedded model's 1-row decode at 2.7k of a 4.2k cache,
-# 12 splits 7.7 us, 34 splits 6.1 us; the draft's 32-row cross-attention 9.6 -> 7.6 us; Llama-3-8B decode at 4k
-# 11.6 -> 10.4 us. With several row tiles (verification) every split writes and merges ROWS x D fp32 partials:
-# at most 16 splits of 128-key granularity. Llama-3-8B 72-row verify, fp16, P = 1k: 3 splits 16.2 us, 13 splits
-# of 128 keys 28.7 us (tree_attention_h200.json runs of 2026-12-02).
+# (data/results/tree_attention_sweep_small_h200.json): the embedded model's 1-row decode at 2.7k of a 4.2k
+# cache, 12 splits 7.7 us, 34 splits 6.1 us; the draft's 32-row cross-attention 9.6 -> 7.6 us; Llama-3-8B
+# decode at 32k 40.6 -> 38.8 us (at 4k this cost model plans 23 splits, 12.0 us, where 34 took 10.4 us: it
+# counts 34 x 8 programs as two waves). With several row tiles (verification) every split writes and merges
+# ROWS x D fp32 partials: at most 16 splits of 128-key granularity. Llama-3-8B 72-row verify at 16k, fp16:
+# 6 splits 60.6 us against 13 shorter ones 63.9 us; the embedded model's verify: 11 splits 10.3 us against
+# 33 splits 10.7 us (tree_attention_h200_vector_merge*.json, the sweep).
 _SPLIT_PLANS = {"one_tile": (64, 64), "row_tiles": (128, 16)}  # (key granularity, most splits)
 _ALLOCATOR_SET = False
 
