@@ -93,3 +93,19 @@ def test_tiles_hold_the_rows_and_fit_the_matrix_unit(M, N, K):
     bm, bn, bk = nl.tiles(M, N, K)
     assert 16 <= bm <= 64 and (bm >= M or bm == 64) and bm & (bm - 1) == 0
     assert bn in (32, 64) and 16 <= bk <= 128 and bk & (bk - 1) == 0
+
+
+@pytest.mark.parametrize(("M", "K", "N", "has_norm", "has_res", "gated"),
+                         [(1, 256, 512, True, False, False), (3, 256, 96, True, False, True),
+                          (72, 128, 64, True, True, True), (5, 192, 64, False, True, False)])  # fmt: skip
+def test_half_precision_rounds_like_the_pytorch_ops(M, K, N, has_norm, has_res, gated):
+    """In float16 (the interpreter has no bfloat16) the kernel's intermediate roundings follow the modules':
+    its error against float64 is no larger than the PyTorch ops' own, and the two differ by at most one
+    float16 step of the output's magnitude (the matmul's summation order)."""
+    args = _case(M + K + N, M, K, N, has_norm, has_res, gated, dtype=torch.float16)
+    got, ops = nl.norm_linear(*args), nl._torch_version(*args)
+    want = nl.norm_linear_reference(*args)
+    err_kernel, err_ops = (got.double() - want).abs().max().item(), (ops.double() - want).abs().max().item()
+    assert got.dtype == torch.float16 and err_kernel <= 1.25 * err_ops + 1e-3
+    ulp = 2.0 ** (torch.floor(torch.log2(want.abs().max())).item() - 10)
+    assert (got.float() - ops.float()).abs().max().item() <= ulp
