@@ -38,8 +38,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
 try:
     from longspec_lab.kernels import tree_attention as ta  # noqa: E402
+    from longspec_lab.kernels.bench_tree_attention import N_PENDING, TREE_SHAPE, beam_tree_parents, verify_mask  # noqa: E402
 except ImportError:  # from the repo root without the package installed
     from kernels import tree_attention as ta  # noqa: E402
+    from kernels.bench_tree_attention import N_PENDING, TREE_SHAPE, beam_tree_parents, verify_mask  # noqa: E402
 from longspec_lab.provenance import environment  # noqa: E402
 
 # name: (Hq, Hkv, D, T, prefix P, cache capacity S, mask kind). Capacities are the decoder's: the
@@ -60,19 +62,11 @@ CALLS = 20  # calls per captured graph
 MERGE_ELEMS = (8192, 2048)  # merge tiles tried (the kernel's _MERGE_ELEMS and a smaller one, planner's plan only)
 
 
-def tree_mask(T, gen, n_pending=4):
-    """bool [T, T]: n_pending causal rows, then random tree nodes that see the pending rows, an ancestor
-    chain and themselves (a random parent among the earlier nodes)."""
-    m = torch.zeros(T, T, dtype=torch.bool)
-    m[:n_pending, :n_pending] = torch.ones(n_pending, n_pending, dtype=torch.bool).tril()
-    for i in range(n_pending, T):
-        m[i, :n_pending] = True
-        if i > n_pending:
-            parent = int(torch.randint(n_pending - 1, i, (1,), generator=gen))
-            if parent >= n_pending:
-                m[i] |= m[parent]
-        m[i, i] = True
-    return m
+def tree_mask(T, gen):
+    """bool [T, T]: the kernel benchmark's verification block, N_PENDING causal rows then a random beam tree
+    (the benchmark's [4,16,16,16,16] when T = 72, one level of T - N_PENDING nodes otherwise)."""
+    shape = TREE_SHAPE if T == N_PENDING + sum(TREE_SHAPE) else [T - N_PENDING]
+    return verify_mask(N_PENDING, beam_tree_parents(shape, gen))
 
 
 def make_inputs(shape, dtype, device, gen):

@@ -24,6 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from longspec_lab.ops.attention import _interpreting
+
 CHOICES = ("off", "on")
 NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "off")  # one of CHOICES (module docstring)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -48,8 +50,7 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=Non
         return False  # the kernel has no backward: training keeps the PyTorch ops
     if x.dtype != weight.dtype or (norm is not None and norm[0].dtype != x.dtype):
         return False
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return x.is_cuda or interpreting
+    return x.is_cuda or _interpreting()
 
 
 def norm_linear(
