@@ -11,7 +11,7 @@
   top-k stages of a beam level run on it.
 - ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
   float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
-  and used by the models when ``LONGSPEC_NORM_LINEAR=on`` (``longspec_lab/ops/linear.py``).
+  and used by the models for small weights on CUDA (``LONGSPEC_NORM_LINEAR``, ``longspec_lab/ops/linear.py``).
 - ``sweep_tree_attention``: times every plan of the tree kernel (split count, row tile, tile config, fused
   or launched merge) on the few-row calls a decoding step makes, each checked against float64 first;
   the planner's defaults come from it.
@@ -22,3 +22,21 @@ Nothing is imported eagerly: Triton decides at ``@triton.jit`` time whether it i
 (``TRITON_INTERPRET=1``, CPU) or compiles them (CUDA), so set that variable before importing
 ``longspec_lab.kernels.tree_attention`` (or any kernel module).
 """
+
+if __name__ == "kernels":
+    # Imported as top-level `kernels`: Python found this folder because the repository root is on sys.path
+    # (`python -m ...` or pytest run from the root). That name belongs to the `kernels` package, which
+    # transformers (5.2x) imports for its hub kernels. Where that package is installed, hand the name over
+    # to it, so transformers keeps working from the repository root; this folder stays longspec_lab.kernels.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_module)
