@@ -3,7 +3,8 @@
     python -m longspec_lab.kernels.bench_tree_attention [--quick] [--sweep]
                                        [--out data/results/tree_attention_h200.json]
                                                          [--plot data/results/tree_attention_h200.svg]
-    (uninstalled, from the repo root: python3 -m kernels.bench_tree_attention ...)
+    (uninstalled, from the repo root: python3 -m kernels.bench_tree_attention ..., where no package named
+    `kernels` is installed; otherwise `ln -s ../kernels longspec_lab/kernels` and use the first form)
 
 Shapes: Llama-3-8B attention (Hq 32, Hkv 8, D 128; fp16 and bf16), 4 pending tokens + a [4,16,16,16,16]
 beam tree = 72 query rows, prefix P in {1k, 4k, 16k, 64k, 128k}; the embedded model (Hq 4, Hkv 2, D 64,

@@ -29,8 +29,9 @@ registered op `torch.ops.longspec.norm_linear` (opaque to torch.compile, with a 
 
     python -m longspec_lab.kernels.norm_linear
 
-`longspec_lab/ops/linear.py` decides when the models use it (LONGSPEC_NORM_LINEAR=on); it is off by
-default until a GPU run shows it pays.
+`longspec_lab/ops/linear.py` decides when the models use it (LONGSPEC_NORM_LINEAR, default "auto": on CUDA for
+weights of at most 1M elements, where the H200 measured it at 0.27-0.71x the PyTorch ops and an AR step of the
+embedded model 210.5 -> 184.1 us; an 8B model's projections stay on cuBLAS, which is faster there).
 
 Taught in: notebooks/03_one_step_slowly.ipynb
 """

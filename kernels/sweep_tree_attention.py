@@ -59,7 +59,7 @@ BLOCK_MS = (64, 16)  # CLI: --block-m
 ALIGN_MANY = 64  # split granularity (keys) for forced counts above 16: 128 would cap them at P / 128
 CONFIGS = ((64, 4, 3), (32, 4, 2), (128, 4, 2), (64, 2, 2))  # (BLOCK_N, warps, stages), plain loads
 CALLS = 20  # calls per captured graph
-MERGE_ELEMS = (8192, 2048)  # merge tiles tried (the kernel's _MERGE_ELEMS and a smaller one, planner's plan only)
+MERGE_ELEMS = (2048, 8192)  # merge tiles tried (the kernel's _MERGE_ELEMS and a larger one, planner's plan only)
 
 
 def tree_mask(T, gen):

@@ -702,7 +702,11 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
     return _cdiv(max_prefix, split_len), split_len
 
 
-_MERGE_ELEMS = 8192  # fp32 partial-output elements one merging program holds at once (64 registers a thread)
+# fp32 partial-output elements one merging program holds at once (16 registers a thread). The H200 sweep of
+# 2026-12-04 (tree_attention_sweep_merge_h200.json) timed 2,048 against 8,192 on the planner's own plans:
+# Llama verify at 1k 25.1 against 26.8 us, embedded verify 9.5 against 10.3, embedded decode 6.27 against 6.28:
+# more, smaller merging programs spread the merge over more SMs.
+_MERGE_ELEMS = 2048
 
 
 def merge_tile(n_splits: int, rows: int, head_dim: int) -> tuple[int, int]:

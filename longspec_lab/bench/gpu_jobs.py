@@ -11,8 +11,9 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
   tune       longspec-lab tune                                  (tree-shape search, validated)
   norm_linear      python -m longspec_lab.kernels.norm_linear   (fused RMSNorm + projection against PyTorch)
-  e2e_norm_linear  the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=on, e2e and profile only, into
-                   OUT_DIR/norm_linear_on (compare with the e2e job's e2e_h200.json)
+  e2e_norm_linear  the A/B for that kernel: the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=off (AR, chain
+                   gamma 5, the default tree; e2e and profile, no transformers peers) into OUT_DIR/norm_linear_off,
+                   to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
 Device time is the scarce thing: e2e takes about 8 minutes (mostly compilation), the others 2-4 each.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
@@ -59,7 +60,7 @@ def jobs(out: Path) -> dict:
                 "--shapes",
                 "4,16,16,16,16;2,4,8,8,8,8;1,2,4,4,4,4,4",
             ],
-            560,  # 470 s on the H200 (2026-12-02, three chains and three trees)
+            560,  # 470 s on the H200 (2026-12-02, three chains and three trees); 215 s with a warm compile cache
             {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
         ),
         "norm_linear": ([py, "-m", "longspec_lab.kernels.norm_linear"], 120, {}),
@@ -69,16 +70,17 @@ def jobs(out: Path) -> dict:
                 "-m",
                 "longspec_lab.bench.h200_speed",
                 "--out",
-                str(out / "norm_linear_on"),
+                str(out / "norm_linear_off"),
                 "--only",
                 "e2e,profile",
                 "--gammas",
-                "5,7",
+                "5",
                 "--shapes",
-                "4,16,16,16,16;1,2,4,4,4,4,4",
+                "4,16,16,16,16",
+                "--no-hf",
             ],
-            480,
-            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_NORM_LINEAR": "on"},
+            300,  # 118 s on the H200 with a warm compile cache (2026-12-04)
+            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_NORM_LINEAR": "off"},
         ),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],

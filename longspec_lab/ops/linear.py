@@ -5,11 +5,20 @@ fast path). `norm_linear` is
 
     y = linear(rms_norm(x) if norm else x, W, b);  y = silu(gate) * up if gated;  y = residual + y
 
-written as PyTorch ops, which is what runs by default and on the CPU. With LONGSPEC_NORM_LINEAR=on
-(`NORM_LINEAR = "on"` at run time) a CUDA call goes to `kernels/norm_linear.py`, one Triton kernel for all
-of it, so a decoding step launches one kernel per projection instead of up to three (Inductor keeps each
-matmul as an extern call and cannot fuse the norm into it). Off by default: no GPU run has timed it inside
-a decoding step yet. "on" also runs the kernel under TRITON_INTERPRET=1 on the CPU (the tests' twin check).
+written as PyTorch ops, which is what runs on the CPU. On CUDA a call can go instead to
+`kernels/norm_linear.py`, one Triton kernel for all of it, so a decoding step launches one kernel per
+projection instead of up to three (Inductor keeps each matmul as an extern call and cannot fuse the norm
+into it). LONGSPEC_NORM_LINEAR picks:
+
+    auto (default)  the kernel on CUDA for weights of at most AUTO_MAX_WEIGHT elements, PyTorch otherwise
+    on              the kernel for every projection it can serve (also under TRITON_INTERPRET=1 on the CPU,
+                    which is how the tests run it against the PyTorch ops)
+    off             PyTorch ops everywhere
+
+Why the size rule (H200, bf16, 2026-12-04, data/results/norm_linear_h200.log and e2e_h200*.json): on the
+embedded model's projections (weights of 0.1-0.4M elements) the kernel takes 0.27-0.71x the time of the
+PyTorch ops, and a decoding step goes from 94 to 71 kernels, 210.5 -> 184.1 us per AR step in one session.
+On Llama-3-8B's (25M and 117M elements) it takes 1.78x and 1.01x: there cuBLAS's matmul is what counts.
 
 `rms_norm` is the models' RMSNorm (models/layers.py calls it), here so that both implementations share it.
 
@@ -26,8 +35,9 @@ import torch.nn.functional as F
 
 from longspec_lab.ops.attention import _interpreting
 
-CHOICES = ("off", "on")
-NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "off")  # one of CHOICES (module docstring)
+CHOICES = ("auto", "off", "on")
+NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "auto")  # one of CHOICES (module docstring)
+AUTO_MAX_WEIGHT = 1 << 20  # "auto": largest weight [N, K] (elements) that goes to the kernel
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -50,6 +60,8 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=Non
         return False  # the kernel has no backward: training keeps the PyTorch ops
     if x.dtype != weight.dtype or (norm is not None and norm[0].dtype != x.dtype):
         return False
+    if NORM_LINEAR == "auto":
+        return x.is_cuda and weight.numel() <= AUTO_MAX_WEIGHT
     return x.is_cuda or _interpreting()
 
 

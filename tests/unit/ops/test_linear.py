@@ -44,6 +44,19 @@ def test_a_bias_keeps_the_readable_path(switch):
     torch.testing.assert_close(linear.norm_linear(x, w, b), torch.nn.functional.linear(x, w, b))
 
 
+def test_auto_sends_only_small_cuda_projections_to_the_kernel(switch, monkeypatch):
+    """The default, "auto": the kernel for CUDA weights up to AUTO_MAX_WEIGHT elements, PyTorch for larger ones
+    (an 8B model's projections, where cuBLAS wins) and always on the CPU, interpreter or not."""
+    switch("auto")
+    small, big = torch.empty(64, 96), torch.empty(linear.AUTO_MAX_WEIGHT // 64 + 1, 64)
+    assert not linear._kernel_path(torch.empty(2, 96), small, None, None)  # CPU, though TRITON_INTERPRET=1
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert linear._kernel_path(torch.empty(2, 96), small, None, None) == linear.HAS_TRITON
+    assert not linear._kernel_path(torch.empty(2, 64), big, None, None)
+    switch("on")
+    assert linear._kernel_path(torch.empty(2, 64), big, None, None) == linear.HAS_TRITON
+
+
 def test_unknown_switch_value_is_named(switch):
     switch("fast")
     with pytest.raises(ValueError, match="LONGSPEC_NORM_LINEAR='fast'"):
