@@ -78,10 +78,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         out.append(("tree split: embedded decode, fused merge", split, sig, cx, dict(num_warps=4, num_stages=3)))
     merge = ta._tree_attn_merge_kernel
     merge_s, merge_r = ta.merge_tile(16, 288, 128)
-    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, RAGGED=True, WRITE_LSE=True)
     ptrs = dict(O_PART="fp32", LSE_PART="fp32", PREFIX="i64", OUT="bf16", LSE_OUT="fp32")
+    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, LOOP=False, RAGGED=True, WRITE_LSE=True)
     sig, cx = _signature(merge, ptrs, (), consts)
     out.append(("tree merge: lengths i64", merge, sig, cx, dict(num_warps=4)))
+    loop, merge_s, merge_r = ta.merge_plan(4, 288, 128, row_tiles=5)  # Llama verify at 1k: split by split
+    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, LOOP=loop, RAGGED=False, WRITE_LSE=False)
+    sig, cx = _signature(merge, ptrs, (), consts)
+    out.append(("tree merge: split by split", merge, sig, cx, dict(num_warps=4)))
     for dt, lo in (("i64", -(2**63)), ("fp32", float("-inf"))):
         sig, cx = _signature(rt._row_topk_kernel, dict(X=dt, OUT=dt), (), dict(MIN=lo, K=16, BLOCK_V=4096))
         out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))

@@ -59,7 +59,7 @@ BLOCK_MS = (64, 16)  # CLI: --block-m
 ALIGN_MANY = 64  # split granularity (keys) for forced counts above 16: 128 would cap them at P / 128
 CONFIGS = ((64, 4, 3), (32, 4, 2), (128, 4, 2), (64, 2, 2))  # (BLOCK_N, warps, stages), plain loads
 CALLS = 20  # calls per captured graph
-MERGE_ELEMS = (2048, 8192)  # merge tiles tried (the kernel's _MERGE_ELEMS and a larger one, planner's plan only)
+MERGE_ELEMS = (2048, 8192)  # vector-merge tiles tried (the planner's plan only; the kernel's _MERGE_ELEMS is 2048)
 
 
 def tree_mask(T, gen):
@@ -121,22 +121,28 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
         kk, vv = (x[:, :, : P + T].repeat_interleave(Hq // Hkv, 1) for x in (k, v))
         rec["sdpa_nomask_us"] = graph_us(lambda: F.scaled_dot_product_attention(q, kk, vv))
     saved = (ta._split_kernel, ta._split_kernel_plain, ta.FUSED_MERGE, os.environ.get("LONGSPEC_BLOCK_M"))
+    saved_loop = ta.LOOP_MERGE
     # stage 1: the decoder's config, every row tile, split count and merge; stage 2: the other configs at
     # the planner's split count and at stage 1's best plan
-    # stage 0: the planner's plan with a smaller merge tile (fp32 elements one merging program holds)
-    plan = [(configs[0], 64, None, False, m) for m in MERGE_ELEMS if m != ta._MERGE_ELEMS]
-    plan += [(*p, ta._MERGE_ELEMS) for p in itertools.product(configs[:1], block_ms, splits_list, (True, False))]
+    # stage 0: the planner's plan with each merge form forced: split by split ("1"), all splits at once ("0")
+    # in each merge tile (fp32 elements one merging program holds); the other stages let the planner pick ("auto")
+    plan = [(configs[0], 64, None, False, ta._MERGE_ELEMS, "1")]
+    plan += [(configs[0], 64, None, False, m, "0") for m in MERGE_ELEMS]
+    stage1 = itertools.product(configs[:1], block_ms, splits_list, (True, False))
+    plan += [(*p, ta._MERGE_ELEMS, "auto") for p in stage1]
     saved_elems = ta._MERGE_ELEMS
     try:
         while plan:
-            cfg, bm, splits, fused, elems = plan.pop(0)
+            cfg, bm, splits, fused, elems, loop = plan.pop(0)
             if not plan and cfg == configs[0] and len(configs) > 1:
-                timed = [r for r in rows if "us" in r] or [{"BLOCK_M": 64, "splits_asked": None, "fused_asked": True}]
+                timed = [r for r in rows if "us" in r] or [
+                    {"BLOCK_M": 64, "splits_asked": None, "fused_asked": True, "loop_asked": "auto"}
+                ]
                 b = min(timed, key=lambda r: r.get("us", 0.0))
                 for c in configs[1:]:
-                    plan += [(c, b["BLOCK_M"], b["splits_asked"], b["fused_asked"], saved_elems)]
+                    plan += [(c, b["BLOCK_M"], b["splits_asked"], b["fused_asked"], saved_elems, b["loop_asked"])]
                     if b["splits_asked"] is not None:
-                        plan += [(c, 64, None, True, saved_elems)]
+                        plan += [(c, 64, None, True, saved_elems, "auto")]
             if time.monotonic() > deadline:
                 rec["cut_short"] = True
                 break
@@ -146,12 +152,14 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
                 ta._split_kernel = ta._split_kernel_plain = _with_config(cfg)
             ta.FUSED_MERGE = fused
             ta._MERGE_ELEMS = elems
+            ta.LOOP_MERGE = loop
             os.environ["LONGSPEC_BLOCK_M"] = str(bm)
             if splits and splits > 16:
                 os.environ["LONGSPEC_SPLIT_ALIGN"] = str(ALIGN_MANY)
             else:  # the planner's own granularity
                 os.environ.pop("LONGSPEC_SPLIT_ALIGN", None)
-            row = {"config": cfg, "BLOCK_M": bm, "splits_asked": splits, "fused_asked": fused, "merge_elems": elems}
+            row = {"config": cfg, "BLOCK_M": bm, "splits_asked": splits, "fused_asked": fused, "merge_elems": elems,
+                   "loop_asked": loop}  # fmt: skip
 
             def fn():
                 return ta.tree_attention(q, k, v, pref, mask, max_prefix=S - T, num_splits=splits)
@@ -162,6 +170,7 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
                     n_splits=ta.LAST_LAUNCH["n_splits"],
                     fused_merge=ta.LAST_LAUNCH["fused_merge"],
                     merge_tile=list(ta.LAST_LAUNCH["merge_tile"]),
+                    loop_merge=ta.LAST_LAUNCH["loop_merge"],
                     max_abs_err=float((o.float() - ref.to(o.device)).abs().max()),
                 )
                 if row["n_splits"] == 1 and not fused:
@@ -174,6 +183,7 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
             log(f"{name} {row}")
     finally:
         ta._split_kernel, ta._split_kernel_plain, ta.FUSED_MERGE, bm_env = saved
+        ta.LOOP_MERGE = saved_loop
         ta._MERGE_ELEMS = saved_elems
         os.environ.pop("LONGSPEC_SPLIT_ALIGN", None)
         if bm_env is None:
@@ -184,7 +194,7 @@ def run_shape(name, shape, dtype, device, gen, deadline, log, configs=CONFIGS, s
     if timed:
         best = min(timed, key=lambda r: r["us"])
         default = [r for r in timed if r["config"] == configs[0] and r["BLOCK_M"] == 64 and r["splits_asked"] is None
-                   and r["merge_elems"] == saved_elems]  # fmt: skip
+                   and r["merge_elems"] == saved_elems and r["loop_asked"] == "auto"]  # fmt: skip
         rec["best"] = best
         rec["default"] = next((r for r in default if r["fused_merge"] == ta.FUSED_MERGE), None)
     return rec
@@ -221,7 +231,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     deadline = time.monotonic() + a.budget_s
     report = {"environment": environment(command=" ".join(sys.argv)), "calls_per_graph": CALLS, "shapes": {}}
-    report["merge_elems_default"] = ta._MERGE_ELEMS  # rows with another merge_elems are the stage-0 variants
+    report["merge_elems_default"] = ta._MERGE_ELEMS  # stage-0 rows: loop_asked "0" or "1" (a forced merge form)
     for i, name in enumerate(names):  # each shape gets an equal share of the time left
         share = time.monotonic() + (deadline - time.monotonic()) / (len(names) - i)
         report["shapes"][name] = run_shape(

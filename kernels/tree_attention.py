@@ -21,8 +21,10 @@ How the kernel is laid out (Hopper-class, H100/H200):
   the running output in place (`tl.dot(p, v, acc)`). Each split writes a normalised partial output and
   its natural-log LSE to fp32 scratch.
 - The partials are merged by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s, the
-  paper's prefix/tree merge generalised to many parts. A second, small launch merges them; it reads all
-  the splits of a few rows as one tile, so its cost does not grow with the split count. An alternative,
+  paper's prefix/tree merge generalised to many parts. A second, small launch merges them, in one of two
+  forms (`merge_plan`): it reads all the splits of a few rows as one tile, so its cost does not grow with
+  the split count (one row tile, many splits: decode), or it walks the splits of 16 rows one at a time
+  (several row tiles, at most 8 splits: a verification pass at a short prefix). An alternative,
   `FUSED_MERGE` (LONGSPEC_FUSED_MERGE=1), lets the last split program to finish merge (an arrival ticket
   per row tile) and saves that launch; on the H200 it measured slower on every shape of a decoding step
   (`_launch` cites the figures), so it is off by default and kept, tested, for other GPUs. Empty splits
@@ -522,6 +524,33 @@ def _merge_partials(
 
 
 @triton.jit
+def _merge_partials_loop(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The same merge as `_merge_partials`, one split at a time with a running maximum (online rescaling): one
+    L2 round trip per split, but a [BLOCK_R, HEAD_DIM] tile where the vector form holds every split at once.
+    With several row tiles and few splits this is the faster form (`merge_plan` cites the measurement)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    den = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)
+    o_ptrs = O_PART + base[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_R, HEAD_DIM] split 0
+    for s in range(0, n_used):
+        lse_s = tl.load(LSE_PART + base + s * ROWS, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(o_ptrs + s * ROWS * HEAD_DIM, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no part seen yet: the weights stay 0
+        alpha = tl.exp(m - m_safe)  # rescales what was summed under the old maximum
+        w = tl.exp(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        den = den * alpha + w
+        m = m_new
+    empty = den == 0.0
+    o = acc / tl.where(empty, 1.0, den)[:, None]
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
+    return o, lse
+
+
+@triton.jit
 def _tree_attn_merge_kernel(
     O_PART,
     LSE_PART,  # fp32 scratch written by the split kernel
@@ -544,7 +573,8 @@ def _tree_attn_merge_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,  # query rows per program
-    MERGE_S: tl.constexpr,  # power of two >= n_splits
+    MERGE_S: tl.constexpr,  # power of two >= n_splits (vector form)
+    LOOP: tl.constexpr,  # merge split by split (`_merge_partials_loop`) instead of all at once
     RAGGED: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
@@ -560,7 +590,10 @@ def _tree_attn_merge_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
     base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_R] split 0 of each row
-    o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R, MERGE_S)
+    if LOOP:
+        o, lse = _merge_partials_loop(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R)
+    else:
+        o, lse = _merge_partials(O_PART, LSE_PART, base, row_ok, n_used, ROWS, HEAD_DIM, BLOCK_R, MERGE_S)
     _store_rows(OUT, LSE_OUT, o, lse, b, h * GROUP + rows // T, rows % T, row_ok, tl.arange(0, HEAD_DIM),
                 stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt, WRITE_LSE)  # fmt: skip
 
@@ -715,6 +748,28 @@ def merge_tile(n_splits: int, rows: int, head_dim: int) -> tuple[int, int]:
     merge_s = triton.next_power_of_2(max(n_splits, 1))
     fit = max(2, _MERGE_ELEMS // (merge_s * head_dim))
     return merge_s, max(2, min(16, triton.next_power_of_2(rows), 1 << (fit.bit_length() - 1)))
+
+
+# The merge's form. A pass with several row tiles (verification) and few splits merges split by split, 16 rows a
+# program; otherwise all splits at once in `merge_tile`'s tile. H200, Llama-3-8B verify at P = 1k (288 rows, 4
+# splits of 256 keys, the same split-kernel config), fp16, graph-captured: 16.1 us a call with the loop merge
+# against 21.1 us with the vector merge (tree_attention_h200_merge_bisect.json). Where the vector form paid off
+# is one row tile and many splits (decode: 34 splits, tree_attention_sweep_small_h200.json). The bound of 8 splits
+# is extrapolated from the 4-split case; the sweep times both forms. LONGSPEC_LOOP_MERGE=0/1 forces one.
+_LOOP_MERGE_MAX_SPLITS = 8
+_LOOP_MERGE_ROWS = 16
+LOOP_MERGE = os.environ.get("LONGSPEC_LOOP_MERGE", "auto")  # "auto", "0" (vector always) or "1" (loop always)
+
+
+def merge_plan(n_splits: int, rows: int, head_dim: int, row_tiles: int) -> tuple[bool, int, int]:
+    """(loop, MERGE_S, MERGE_R) of the merge launch: loop merges split by split, MERGE_R rows a program;
+    otherwise the vector form reads MERGE_S x MERGE_R partials at once (`merge_tile`)."""
+    if LOOP_MERGE not in ("auto", "0", "1"):
+        raise ValueError(f"LONGSPEC_LOOP_MERGE={LOOP_MERGE!r} is not one of auto, 0, 1; unset it or pick one")
+    loop = LOOP_MERGE == "1" or (LOOP_MERGE == "auto" and row_tiles > 1 and n_splits <= _LOOP_MERGE_MAX_SPLITS)
+    if loop:
+        return True, 1, min(_LOOP_MERGE_ROWS, triton.next_power_of_2(rows))
+    return (False, *merge_tile(n_splits, rows, head_dim))
 
 
 def _prefix_list(prefix_lens, B: int) -> list:
@@ -961,8 +1016,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     if return_lse or lse_out is not None:
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     direct = n_splits == 1
-    merge_s, merge_r = merge_tile(n_splits, rows, D)
     grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
+    loop_merge, merge_s, merge_r = merge_plan(n_splits, rows, D, grid[0])
     # Fused (when asked) only when one row tile holds every row. With several row tiles the merging program's
     # tail costs more than the launch: H200, Llama-3-8B verify shape (288 rows), fp16: 19.9 / 62.2 / 219.7 us fused
     # against 16.2 / 58.7 / 208.0 us with the merge launch at P = 1k / 16k / 64k (tree_attention_h200_fused_merge.json).
@@ -970,6 +1025,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     # 1-row decode 8.0 against 7.7 us, the draft's 32-row cross-attention 16.5 against 9.6 us
     # (tree_attention_sweep_small_h200.json).
     fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS
+    if fused:  # the last split program merges in the vector form
+        loop_merge, (merge_s, merge_r) = False, merge_tile(n_splits, rows, D)
     tickets = _tickets(q.device) if fused else q
     if scratch is None:
         if direct:  # never written: the split kernel stores the output itself
@@ -1056,6 +1113,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         tuned_now=kern is not None and len(getattr(kern, "cache", ())) > n_tuned,  # configs_timings are ours
         fused_merge=fused,
         merge_tile=(merge_s, merge_r),
+        loop_merge=loop_merge and not direct,
     )
     if not direct and not fused:
         block_r = merge_r
@@ -1077,6 +1135,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
             HEAD_DIM=D,
             BLOCK_R=block_r,
             MERGE_S=merge_s,
+            LOOP=loop_merge,
             RAGGED=ragged,
             WRITE_LSE=lse is not None,
             num_warps=4,

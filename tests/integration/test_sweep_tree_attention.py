@@ -1,5 +1,6 @@
 """The latency sweep's CPU dry run: every plan it would time (split counts, row tiles, fused or launched
-merge) runs under the Triton interpreter and matches the float64 reference; the report is written once."""
+merge, split-by-split or all-at-once merge) runs under the Triton interpreter and matches the float64
+reference; the report is written once."""
 
 import json
 import os
@@ -20,7 +21,9 @@ def test_sweep_dry_run_checks_every_plan(tmp_path):
     assert rep["merge_elems_default"] > 0
     for rec in rep["shapes"].values():
         variants = rec["variants"]
-        assert {v["merge_elems"] for v in variants} == {8192, 2048}  # stage 0: a smaller merge tile too
+        assert {v["merge_elems"] for v in variants} == {8192, 2048}  # stage 0: both vector-merge tiles
+        forced = {v["loop_asked"]: v["loop_merge"] for v in variants if v["loop_asked"] != "auto"}
+        assert forced == {"1": True, "0": False}  # stage 0: both merge forms, forced
         assert {v["BLOCK_M"] for v in variants} == {16, 64} and any(v["n_splits"] > 1 for v in variants)
         assert all("error" not in v and v["max_abs_err"] < 1e-4 for v in variants)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)  # never overwrites

@@ -180,6 +180,38 @@ def test_merge_tile_fits_every_split(n_splits, rows, d):
     assert merge_r == 2 or merge_s * merge_r * d <= ta._MERGE_ELEMS
 
 
+def test_merge_plan_loops_for_several_row_tiles_and_few_splits(monkeypatch):
+    monkeypatch.setattr(ta, "LOOP_MERGE", "auto")
+    assert ta.merge_plan(4, 288, 128, row_tiles=5) == (True, 1, 16)
+    assert ta.merge_plan(4, 8, 64, row_tiles=1) == (False, *ta.merge_tile(4, 8, 64))  # one tile: vector
+    assert not ta.merge_plan(ta._LOOP_MERGE_MAX_SPLITS + 1, 288, 128, row_tiles=5)[0]  # many splits: vector
+    monkeypatch.setattr(ta, "LOOP_MERGE", "1")
+    assert ta.merge_plan(40, 2, 64, row_tiles=1) == (True, 1, 2)
+    monkeypatch.setattr(ta, "LOOP_MERGE", "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_LOOP_MERGE='yes'"):
+        ta.merge_plan(4, 8, 64, row_tiles=1)
+
+
+@pytest.mark.parametrize("loop", ["0", "1"])
+@pytest.mark.parametrize(("pref", "num_splits"), [([150], 3), ([0, 37, 150], 7), ([150, 150, 1], 40)])
+def test_both_merge_forms_equal_the_reference(monkeypatch, loop, pref, num_splits):
+    """The split-by-split merge and the all-splits-at-once merge, forced, on ragged prefixes (empty, short,
+    one split used of many): both equal the float64 reference, output and LSE."""
+    monkeypatch.setattr(ta, "LOOP_MERGE", loop)
+    monkeypatch.setattr(ta, "FUSED_MERGE", False)
+    gen = torch.Generator().manual_seed(11 + num_splits)
+    B, Hq, Hkv, T, D = len(pref), 4, 2, 6, 64
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k, v = torch.randn(B, Hkv, 160, D, generator=gen), torch.randn(B, Hkv, 160, D, generator=gen)
+    mask = random_tree_mask(T, gen, n_pending=2)
+    pref = torch.tensor(pref)
+    o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=num_splits, max_prefix=150)
+    assert ta.LAST_LAUNCH["n_splits"] > 1 and ta.LAST_LAUNCH["loop_merge"] is (loop == "1")
+    ro, rlse = ta.tree_attention_reference(q, k, v, pref, mask, return_lse=True, out_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+
+
 def test_several_row_tiles_merge_in_a_second_launch(monkeypatch):
     """The fused merge, when asked for, is for one row tile (decode, draft levels); a pass whose rows span
     several tiles merges in the second launch, and still equals the reference (int64 device lengths)."""
