@@ -14,6 +14,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_norm_linear  the A/B for that kernel: the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=off (AR, chain
                    gamma 5, the default tree; e2e and profile, no transformers peers) into OUT_DIR/norm_linear_off,
                    to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
+  e2e_masked_math  the same three methods with LONGSPEC_MASKED_ATTN=math (the draft's window attention written
+                   out instead of SDPA's cuDNN kernel) into OUT_DIR/masked_math, to compare with e2e_h200.json
 Device time is the scarce thing: e2e takes about 8 minutes (mostly compilation), the others 2-4 each.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
@@ -81,6 +83,24 @@ def jobs(out: Path) -> dict:
             ],
             300,  # 118 s on the H200 with a warm compile cache (2026-12-04)
             {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_NORM_LINEAR": "off"},
+        ),
+        "e2e_masked_math": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.h200_speed",
+                "--out",
+                str(out / "masked_math"),
+                "--only",
+                "e2e,profile",
+                "--gammas",
+                "5",
+                "--shapes",
+                "4,16,16,16,16",
+                "--no-hf",
+            ],
+            300,
+            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_MASKED_ATTN": "math"},
         ),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],

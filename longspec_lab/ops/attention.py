@@ -21,10 +21,17 @@ Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "sdpa", "triton")
+# How `masked_sdpa` (the draft's window attention) computes: "sdpa" (default), one
+# scaled_dot_product_attention call, which on the H200 picks cuDNN (13 us for a 16-row tree level,
+# profile_h200.json); or "math", the grouped softmax written out (`_part`), which torch.compile fuses
+# around two small matmuls. Not yet timed on a GPU: LONGSPEC_MASKED_ATTN=math is there to measure it.
+MASKED_ATTN = os.environ.get("LONGSPEC_MASKED_ATTN", "sdpa")
 
 
 def default_backend(device) -> str:
@@ -44,8 +51,6 @@ def check_backend(backend: str, device=None) -> str:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -103,8 +108,16 @@ def _dense_mask(prefix_len, block_len, block_mask, T, device):
 def masked_sdpa(q, k, v, mask):
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible).
     The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
-    mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key."""
+    mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
+    With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion)."""
     G = q.shape[1] // k.shape[1]
+    if MASKED_ATTN not in ("sdpa", "math"):
+        raise ValueError(f"LONGSPEC_MASKED_ATTN={MASKED_ATTN!r} is not one of sdpa, math; unset it or pick one")
+    if MASKED_ATTN == "math":
+        B, Hq, T, D = q.shape
+        rows = mask.repeat(G, 1) if mask.shape[0] == T and G > 1 else mask  # [G*T or 1, S]
+        o, _ = _part(q.reshape(B, k.shape[1], G * T, D), k, v, rows, D**-0.5)  # [B, Hkv, G*T, D] fp32
+        return o.reshape(B, Hq, T, D).to(q.dtype)
     if G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)

@@ -80,8 +80,17 @@ def _mid_state(target, draft, shape, steps_before=3):
     return st
 
 
-@pytest.mark.parametrize("shape", [None, (1, 1, 1), (3, 4, 2)], ids=["ar", "chain3", "tree342"])
-def test_twin_stages_compiled_equal_eager(tiny_pair, shape):
+@pytest.mark.parametrize(
+    ("shape", "masked"),
+    [(None, "sdpa"), ((1, 1, 1), "sdpa"), ((3, 4, 2), "sdpa"), ((3, 4, 2), "math")],
+    ids=["ar", "chain3", "tree342", "tree342-masked-math"],
+)
+def test_twin_stages_compiled_equal_eager(tiny_pair, shape, masked, monkeypatch):
+    """Each stage, eager and compiled (fullgraph) on twin states: identical buffers. The last case writes
+    the draft's window attention out (LONGSPEC_MASKED_ATTN=math), which must compile as a whole too."""
+    from longspec_lab.ops import attention
+
+    monkeypatch.setattr(attention, "MASKED_ATTN", masked)
     target, draft = tiny_pair
     st = _mid_state(target, draft, TreeShape(shape) if shape else None)
     with torch.inference_mode():

@@ -13,6 +13,7 @@ from longspec_lab.models.config import PRESETS
 from longspec_lab.models.draft_io import load_draft, save_draft
 from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.target import Target
+from longspec_lab.ops import attention
 
 TINY = PRESETS["tiny"]
 
@@ -122,11 +123,14 @@ def _ingest(draft, ring, tokens, tcache, P, pad_to=None):
     return out[:T]
 
 
+@pytest.mark.parametrize("masked", ["sdpa", "math"])
 @pytest.mark.parametrize("chunks", [[1] * 30, [5, 1, 9, 3, 12]])
-def test_ingest_matches_naive_one_by_one_and_in_chunks(chunks):
+def test_ingest_matches_naive_one_by_one_and_in_chunks(chunks, masked, monkeypatch):
     """At ingest time the target cache holds the tokens before the chunk: cross_len = chunk start.
     Chunks of 1 are exactly forward_train with staleness 0; a chunk of 12 > W=8 overruns the window
-    inside one block; every block is padded to 13 slots, so padding must stay invisible."""
+    inside one block; every block is padded to 13 slots, so padding must stay invisible. Both forms of
+    the window attention (LONGSPEC_MASKED_ATTN) give the float64 answer."""
+    monkeypatch.setattr(attention, "MASKED_ATTN", masked)
     target, draft = make_pair(window=8)
     T = sum(chunks)
     ids = torch.randint(0, TINY.vocab_size, (1, T), generator=torch.Generator().manual_seed(3))
@@ -178,8 +182,10 @@ def random_tree(n_levels, gen):
     return parents, levels
 
 
+@pytest.mark.parametrize("masked", ["sdpa", "math"])
 @pytest.mark.parametrize("window,backend", [(64, "torch"), (6, "torch"), (6, "sdpa")])
-def test_tree_level_matches_ingesting_each_path(window, backend):
+def test_tree_level_matches_ingesting_each_path(window, backend, masked, monkeypatch):
+    monkeypatch.setattr(attention, "MASKED_ATTN", masked)
     target, draft = make_pair(window=window, seed=4)
     gen = torch.Generator().manual_seed(5)
     ctx = 20
@@ -217,6 +223,13 @@ def test_tree_level_matches_ingesting_each_path(window, backend):
             draft.prefill(ids, probe)
             ref = _ingest(draft, probe, tokens[path], tcache, P)[-1]
             close(got[i][None], ref[None].double(), tol=1e-5)
+
+
+def test_unknown_masked_attention_form_is_named(monkeypatch):
+    monkeypatch.setattr(attention, "MASKED_ATTN", "flash")
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="LONGSPEC_MASKED_ATTN='flash'"):
+        attention.masked_sdpa(q, k, k, torch.ones(3, 5, dtype=torch.bool))
 
 
 def test_draft_ring_bytes_constant_as_context_grows():
