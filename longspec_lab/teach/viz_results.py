@@ -272,6 +272,32 @@ def html_table(
     return f"<table style='border-collapse:collapse;font-size:13px'>{cap}<tr>{head}</tr>{body}</table>"
 
 
+def ab_rows(a: Mapping[str, Mapping], b: Mapping[str, Mapping], label_a: str = "A", label_b: str = "B") -> list[dict]:
+    """One row per method present in both e2e `results` mappings ({method: {"tokens_per_s", "stage_us_per_step"}}):
+    tokens/s under each, their ratio b / a, and the per-step verify and draft-level microseconds under each.
+    For an A/B of one switch, both runs from the same session (e.g. LONGSPEC_NORM_LINEAR off against on)."""
+    common = [m for m in a if m in b]
+    if not common:
+        raise ValueError(f"the two runs share no method ({sorted(a)} against {sorted(b)})")
+    rows = []
+    for m in common:
+        ra, rb = a[m], b[m]
+        sa, sb = ra.get("stage_us_per_step", {}), rb.get("stage_us_per_step", {})
+        rows.append(
+            {
+                "method": m,
+                f"{label_a} tok/s": ra["tokens_per_s"],
+                f"{label_b} tok/s": rb["tokens_per_s"],
+                f"{label_b} / {label_a}": rb["tokens_per_s"] / ra["tokens_per_s"],
+                f"verify us ({label_a})": sa.get("verify"),
+                f"verify us ({label_b})": sb.get("verify"),
+                f"draft level us ({label_a})": sa.get("draft_level"),
+                f"draft level us ({label_b})": sb.get("draft_level"),
+            }
+        )
+    return rows
+
+
 def log_ticks(values) -> list[float]:
     """1-2-5 tick values covering `values` (positive numbers), for readable log axes."""
     vals = [float(v) for v in values if v is not None and v > 0]

@@ -54,6 +54,21 @@ def test_recorded_results_carry_provenance(name):
     assert "command" in prov and "torch" in prov
 
 
+def test_ab_rows_pairs_the_methods_both_runs_have():
+    a = {"ar": {"tokens_per_s": 100.0, "stage_us_per_step": {"verify": 10.0}},
+         "tree": {"tokens_per_s": 200.0, "stage_us_per_step": {"verify": 30.0, "draft_level": 5.0}},
+         "hf": {"tokens_per_s": 9.0}}  # fmt: skip
+    b = {"tree": {"tokens_per_s": 300.0, "stage_us_per_step": {"verify": 20.0, "draft_level": 4.0}},
+         "ar": {"tokens_per_s": 125.0, "stage_us_per_step": {"verify": 8.0}}}  # fmt: skip
+    rows = viz_results.ab_rows(a, b, "off", "on")
+    assert [r["method"] for r in rows] == ["ar", "tree"]  # a's order, only the shared methods
+    assert rows[0]["on / off"] == 1.25 and rows[1]["on / off"] == 1.5
+    assert rows[1]["verify us (off)"] == 30.0 and rows[1]["draft level us (on)"] == 4.0
+    assert rows[0]["draft level us (off)"] is None
+    with pytest.raises(ValueError, match="share no method"):
+        viz_results.ab_rows({"x": a["ar"]}, b)
+
+
 def test_html_table_formats_and_escapes():
     html = viz_results.html_table(
         [{"a": 1.23456, "b": "<x>"}, {"a": None, "b": "y"}], formats={"a": "{:.2f}"}, title="T"
