@@ -132,11 +132,24 @@ def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
     return block_m, block_n, block_k
 
 
+TILES_OVERRIDE: Optional[tuple] = None  # (BLOCK_M, BLOCK_N, BLOCK_K) for every launch: the tile sweep sets it
+
+
+def tile_candidates(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
+    """The tiles the sweep (`main --sweep`) tries for one shape: row tiles from 16 up to the first that holds
+    M (at most 128), column tiles 16-128 that fit N, K steps 32-256 that fit K; `tiles`' own pick first."""
+    bms = [bm for bm in (16, 32, 64, 128) if bm == 16 or bm // 2 < M]
+    bns = [bn for bn in (16, 32, 64, 128) if bn == 16 or bn // 2 < N]
+    bks = [bk for bk in (32, 64, 128, 256) if bk == 32 or bk // 2 < K]
+    default = tiles(M, N, K)
+    return [default] + [t for t in ((m, n, k) for m in bms for n in bns for k in bks) if t != default]
+
+
 def _launch(x, weight, norm_weight, eps, residual, gated):
     M, K = x.shape
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k = tiles(M, N, K)
+    block_m, block_n, block_k = TILES_OVERRIDE or tiles(M, N, K)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _norm_linear_kernel[grid](
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
@@ -267,14 +280,25 @@ def main(argv=None) -> int:
         "is checked against the float64 definition first. Prints microseconds per call.",
     )
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    ap.add_argument("--sweep", action="store_true", help="also time every tile of `tile_candidates` per case")
+    ap.add_argument("--out", help="write the timings (JSON, with the environment) here; never overwrites a file")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="with --sweep: stop starting tiles after this")
     a = ap.parse_args(argv)
+    if a.out and os.path.exists(a.out):
+        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
     if not torch.cuda.is_available():
         ap.exit(2, "error: the benchmark times a GPU kernel and needs CUDA; on the CPU the tests run the kernel "
                    "in Triton's interpreter (.venv/bin/pytest tests/unit/kernels/test_norm_linear.py)\n")  # fmt: skip
+    import json
+    import time
+
     from triton.testing import do_bench_cudagraph
 
+    global TILES_OVERRIDE
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     gen = torch.Generator().manual_seed(0)
+    deadline = time.monotonic() + a.budget_s
+    report = {"dtype": a.dtype, "cases": []}
     for name, M, K, N, has_norm, has_res, gated in BENCH_CASES:
         x = torch.randn(M, K, generator=gen).to("cuda", dtype)
         w = (torch.randn(2 * N if gated else N, K, generator=gen) / K**0.5).to("cuda", dtype)
@@ -287,6 +311,36 @@ def main(argv=None) -> int:
         print(
             f"{name:32s} ours {ours:6.1f} us   torch {theirs:6.1f} us   ratio {ours / theirs:.2f}   max err {err:.2e}"
         )
+        case = {"name": name, "M": M, "K": K, "N": N, "tiles": list(tiles(M, N, K)), "us": ours, "torch_us": theirs,
+                "max_abs_err": err, "sweep": []}  # fmt: skip
+        report["cases"].append(case)
+        for t in tile_candidates(M, N, K)[1:] if a.sweep else []:
+            if time.monotonic() > deadline:
+                case["cut_short"] = True
+                break
+            TILES_OVERRIDE = t
+            try:  # a tile is timed only if it computes the definition
+                e = (norm_linear(*args).double() - norm_linear_reference(*args)).abs().max().item()
+                row = {"tiles": list(t), "max_abs_err": e}
+                if e <= 2 * err + 1e-2:
+                    row["us"] = do_bench_cudagraph(lambda: norm_linear(*args), return_mode="median") * 1e3
+            except Exception as ex:  # a tile that does not compile is recorded, the sweep goes on
+                row = {"tiles": list(t), "error": f"{type(ex).__name__}: {str(ex)[:200]}"}
+            finally:
+                TILES_OVERRIDE = None
+            case["sweep"].append(row)
+        timed = [r for r in case["sweep"] if "us" in r]
+        if timed:
+            best = min(timed, key=lambda r: r["us"])
+            case["best"] = best
+            print(f"{'':32s} best tile {best['tiles']} {best['us']:6.1f} us (default {case['tiles']} {ours:6.1f} us)")
+    if a.out:
+        from longspec_lab.provenance import environment
+
+        report["environment"] = environment(torch.device("cuda"))
+        with open(a.out, "x") as f:
+            f.write(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {a.out}")
     return 0
 
 

@@ -10,7 +10,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
   tune       longspec-lab tune                                  (tree-shape search, validated)
-  norm_linear      python -m longspec_lab.kernels.norm_linear   (fused RMSNorm + projection against PyTorch)
+  norm_linear      python -m longspec_lab.kernels.norm_linear --sweep (fused RMSNorm + projection against PyTorch,
+                   and every tile per case: the 72-row verify takes 4.0 us a call with today's pick)
   e2e_norm_linear  the A/B for that kernel: the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=off (AR, chain
                    gamma 5, the default tree; e2e and profile, no transformers peers) into OUT_DIR/norm_linear_off,
                    to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
@@ -65,7 +66,11 @@ def jobs(out: Path) -> dict:
             560,  # 470 s on the H200 (2026-12-02, three chains and three trees); 215 s with a warm compile cache
             {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
         ),
-        "norm_linear": ([py, "-m", "longspec_lab.kernels.norm_linear"], 120, {}),
+        "norm_linear": (
+            [py, "-m", "longspec_lab.kernels.norm_linear", "--sweep", "--out", str(out / "norm_linear_tiles.json")],
+            330,  # the plain comparison took ~20 s on the H200; the tile sweep stops starting tiles at 240 s
+            {},
+        ),
         "e2e_norm_linear": (
             [
                 py,

@@ -95,6 +95,20 @@ def test_tiles_hold_the_rows_and_fit_the_matrix_unit(M, N, K):
     assert bn in (32, 64) and 16 <= bk <= 128 and bk & (bk - 1) == 0
 
 
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 64, 96)])
+def test_every_swept_tile_computes_the_definition(M, N, K, monkeypatch):
+    """The tile sweep (`main --sweep`) times only tiles that compute the float64 definition; here every
+    candidate of two shapes runs under the interpreter, `tiles`' own pick first, with no duplicates."""
+    cands = nl.tile_candidates(M, N, K)
+    assert cands[0] == nl.tiles(M, N, K) and len(set(cands)) == len(cands)
+    assert all(bm >= 16 and (bm // 2 < M or bm == 16) for bm, _, _ in cands)
+    x, w, nw, eps, r, gated = _case(7, M, K, N, True, True, False)
+    want = nl.norm_linear_reference(x, w, nw, eps, r, gated)
+    for t in cands[:: max(1, len(cands) // 6)]:  # a spread of them: the interpreter is slow
+        monkeypatch.setattr(nl, "TILES_OVERRIDE", t)
+        torch.testing.assert_close(nl.norm_linear(x, w, nw, eps, r, gated).double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("M", "K", "N", "has_norm", "has_res", "gated"),
                          [(1, 256, 512, True, False, False), (3, 256, 96, True, False, True),
                           (72, 128, 64, True, True, True), (5, 192, 64, False, True, False)])  # fmt: skip
