@@ -32,6 +32,14 @@ import time
 from pathlib import Path
 
 
+def _ab_job(folder: Path, switch: str, value: str) -> tuple:
+    """The B side of an A/B against the e2e job: AR, chain gamma 5 and the default tree with one switch set,
+    e2e and kernels per stage, no transformers peers; 118 s on the H200 with a warm compile cache."""
+    cmd = [sys.executable, "-m", "longspec_lab.bench.h200_speed", "--out", str(folder), "--only", "e2e,profile",
+           "--gammas", "5", "--shapes", "4,16,16,16,16", "--no-hf"]  # fmt: skip
+    return cmd, 300, {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", switch: value}
+
+
 def jobs(out: Path) -> dict:
     py = sys.executable
     return {
@@ -71,42 +79,8 @@ def jobs(out: Path) -> dict:
             330,  # the plain comparison took ~20 s on the H200; the tile sweep stops starting tiles at 240 s
             {},
         ),
-        "e2e_norm_linear": (
-            [
-                py,
-                "-m",
-                "longspec_lab.bench.h200_speed",
-                "--out",
-                str(out / "norm_linear_off"),
-                "--only",
-                "e2e,profile",
-                "--gammas",
-                "5",
-                "--shapes",
-                "4,16,16,16,16",
-                "--no-hf",
-            ],
-            300,  # 118 s on the H200 with a warm compile cache (2026-12-04)
-            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_NORM_LINEAR": "off"},
-        ),
-        "e2e_masked_math": (
-            [
-                py,
-                "-m",
-                "longspec_lab.bench.h200_speed",
-                "--out",
-                str(out / "masked_math"),
-                "--only",
-                "e2e,profile",
-                "--gammas",
-                "5",
-                "--shapes",
-                "4,16,16,16,16",
-                "--no-hf",
-            ],
-            300,
-            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", "LONGSPEC_MASKED_ATTN": "math"},
-        ),
+        "e2e_norm_linear": _ab_job(out / "norm_linear_off", "LONGSPEC_NORM_LINEAR", "off"),
+        "e2e_masked_math": _ab_job(out / "masked_math", "LONGSPEC_MASKED_ATTN", "math"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)
