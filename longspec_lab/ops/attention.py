@@ -26,6 +26,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from longspec_lab.ops.switches import checked
+
 BACKENDS = ("torch", "sdpa", "triton")
 # How `masked_sdpa` (the draft's window attention) computes: "sdpa" (default), one
 # scaled_dot_product_attention call, which on the H200 picks cuDNN (13 us for a 16-row tree level,
@@ -111,9 +113,7 @@ def masked_sdpa(q, k, v, mask):
     mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
     With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion)."""
     G = q.shape[1] // k.shape[1]
-    if MASKED_ATTN not in ("sdpa", "math"):
-        raise ValueError(f"LONGSPEC_MASKED_ATTN={MASKED_ATTN!r} is not one of sdpa, math; unset it or pick one")
-    if MASKED_ATTN == "math":
+    if checked("LONGSPEC_MASKED_ATTN", MASKED_ATTN, ("sdpa", "math")) == "math":
         B, Hq, T, D = q.shape
         rows = mask.repeat(G, 1) if mask.shape[0] == T and G > 1 else mask  # [G*T or 1, S]
         o, _ = _part(q.reshape(B, k.shape[1], G * T, D), k, v, rows, D**-0.5)  # [B, Hkv, G*T, D] fp32

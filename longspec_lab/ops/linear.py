@@ -27,18 +27,17 @@ Taught in: notebooks/03_one_step_slowly.ipynb
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
 from longspec_lab.ops.attention import _interpreting
+from longspec_lab.ops.switches import HAS_TRITON, checked
 
 CHOICES = ("auto", "off", "on")
 NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "auto")  # one of CHOICES (module docstring)
 AUTO_MAX_WEIGHT = 1 << 20  # "auto": largest weight [N, K] (elements) that goes to the kernel
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,11 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
-    if NORM_LINEAR not in CHOICES:
-        raise ValueError(
-            f"LONGSPEC_NORM_LINEAR={NORM_LINEAR!r} is not one of {', '.join(CHOICES)}; unset it or pick one"
-        )
-    if NORM_LINEAR == "off" or bias is not None or not HAS_TRITON:
+    if checked("LONGSPEC_NORM_LINEAR", NORM_LINEAR, CHOICES) == "off" or bias is not None or not HAS_TRITON:
         return False
     tensors = [t for t in (x, weight, None if norm is None else norm[0], residual) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -23,24 +23,20 @@ Taught in: notebooks/02_tree_shapes.ipynb
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from longspec_lab.ops.switches import HAS_TRITON, checked
+
 CHOICES = ("auto", "torch", "triton")
 ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module docstring)
-HAS_TRITON = importlib.util.find_spec("triton") is not None  # without it "auto" is always torch.topk
 
 
 def row_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest values of every row of x [rows, V], descending: [rows, k]. The rows' values must
     be distinct for the kernel to equal torch.topk (kernels/row_topk.py)."""
-    choice = ROW_TOPK
-    if choice not in CHOICES:
-        raise ValueError(
-            f"LONGSPEC_ROW_TOPK={choice!r} is not one of {', '.join(CHOICES)}; unset it or pick one of those"
-        )
+    choice = checked("LONGSPEC_ROW_TOPK", ROW_TOPK, CHOICES)
     if choice == "triton" or (choice == "auto" and x.is_cuda and HAS_TRITON):
         from longspec_lab.kernels.row_topk import row_topk
 
