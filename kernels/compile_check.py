@@ -91,16 +91,26 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))
     from longspec_lab.kernels import norm_linear as nl
 
+    nl_ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", COS="bf16", SIN="bf16", KC="bf16", VC="bf16",
+                   SLOTS="i64")  # fmt: skip
     # (rows, K, N, norm, residual, gated): the embedded model's norm + qkv at one row, its gated MLP, the
     # 8B shape's down projection with the residual at a 72-row verify
     for M, K, N, norm, res, gated in [(1, 256, 512, True, False, False), (1, 256, 768, True, False, True),
                                        (72, 14336, 4096, False, True, False)][: 1 if quick else 3]:  # fmt: skip
         bm, bn, bk = nl.tiles(M, N, K)
-        consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        sig, cx = _signature(nl._norm_linear_kernel, dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16"),
-                             ("eps",), consts)  # fmt: skip
+        consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_K=bk)  # fmt: skip
+        sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         label = f"norm_linear: {M} x {K} -> {N}, norm={norm} residual={res} gated={gated}"
         out.append((label, nl._norm_linear_kernel, sig, cx, dict(num_warps=4, num_stages=3)))
+    # q/k/v + RoPE + cache write: the embedded model's heads (4 + 2 + 2 of 64) at one row and at a 72-row verify
+    for M in (1, 72)[: 1 if quick else 2]:
+        bm, _, bk = nl.tiles(M, 512, 256)
+        consts = dict(HAS_NORM=True, HAS_RES=False, GATED=False, ROPE=True, IEEE=False, BLOCK_M=bm, BLOCK_N=32,
+                      BLOCK_K=bk)  # fmt: skip
+        sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
+        out.append((f"qkv_rope_cache: {M} x 256, 4 + 2 + 2 heads of 64", nl._norm_linear_kernel, sig, cx,
+                    dict(num_warps=4, num_stages=3)))  # fmt: skip
     if not quick:
         ptrs = dict(Q="bf16", K="bf16", V="bf16", O="bf16", P_ptr="i64", COLS="i64", COUNT="i64")
         sig, cx = _signature(oa._ordered_attn_kernel, ptrs, ("qk_scale",), dict(G=2, HEAD_DIM=64, BLOCK_N=64))

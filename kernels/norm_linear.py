@@ -23,6 +23,12 @@ once to get their mean square (a K loop of sums), then streams K in BLOCK_K step
 on the fly), weight tile [BLOCK_N, BLOCK_K] (two with GATED: the gate rows and the up rows of the same
 output columns), one `tl.dot` each into float32 accumulators.
 
+With ROPE the same kernel serves a layer's fused q/k/v projection: a program owns one head (its two
+halves are the two accumulators that GATED uses for gate and up), applies RoPE to query and key heads
+as `apply_rope` rounds it, writes query heads to the output and key and value heads straight into the
+KV cache at each row's slot (`qkv_rope_cache`, the registered op `torch.ops.longspec.qkv_rope_cache`,
+which mutates the cache; LONGSPEC_QKV_ROPE=on in `longspec_lab/ops/linear.py`, off until timed).
+
 `norm_linear_reference` is the definition in float64; `norm_linear` checks its inputs and calls the
 registered op `torch.ops.longspec.norm_linear` (opaque to torch.compile, with a fake version);
 `main` times it against the same work done by PyTorch, graph-captured:
@@ -64,18 +70,34 @@ def _norm_linear_kernel(
     stride_rm,
     stride_ym,
     eps,  # RMSNorm epsilon
+    COS,  # [M, >= BLOCK_N] RoPE cos table, X's dtype: each row's first half (read only if ROPE)
+    SIN,  # [M, >= BLOCK_N] RoPE sin table, likewise
+    KC,  # [B, Hkv, S, HEAD_DIM] this layer's key cache, written at each row's slot (ROPE)
+    VC,  # [B, Hkv, S, HEAD_DIM] this layer's value cache, likewise
+    SLOTS,  # int64 [T]: the cache slot of block row t (ROPE)
+    stride_cm,  # COS / SIN row stride
+    stride_cb,  # KC / VC strides: batch, head, slot (the channel stride is 1)
+    stride_ch,
+    stride_cs,
+    T,  # rows per sequence: row m is block row m % T of sequence m // T (ROPE)
+    N_Q_HEADS,  # ROPE: query heads, then as many key heads and value heads (N_KV_HEADS each)
+    N_KV_HEADS,
     HAS_NORM: tl.constexpr,
     HAS_RES: tl.constexpr,
     GATED: tl.constexpr,
+    ROPE: tl.constexpr,  # q/k/v projection: RoPE on q and k heads, k and v into the cache, q into Y
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products in tl.dot
     BLOCK_M: tl.constexpr,  # rows per program (>= 16: the matrix unit's smallest tile)
-    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_N: tl.constexpr,  # output columns per program (ROPE: half a head, the program owns one head)
     BLOCK_K: tl.constexpr,  # input features per step
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    if ROPE:  # head pid_n: its first half here, the second half (rotated against it) in acc_up
+        cols = pid_n * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_ok = rows < M
     col_ok = cols < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -91,6 +113,7 @@ def _norm_linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    w2_rows = w_rows + (BLOCK_N if ROPE else N) * stride_wn  # GATED: the up rows; ROPE: the head's second half
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
@@ -104,13 +127,17 @@ def _norm_linear_kernel(
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-        if GATED:
-            wu = tl.load(w_rows + N * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if GATED or ROPE:
+            wu = tl.load(w2_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             if IEEE:
                 acc_up = tl.dot(x, tl.trans(wu), acc_up, input_precision="ieee")
             else:
                 acc_up = tl.dot(x, tl.trans(wu), acc_up)
     y = acc.to(dt).to(tl.float32)  # the projection's output, rounded as a matmul's
+    if ROPE:
+        _rope_epilogue(y, acc_up.to(dt).to(tl.float32), rows, row_ok, pid_n, Y, stride_ym, COS, SIN, stride_cm,
+                       KC, VC, SLOTS, stride_cb, stride_ch, stride_cs, T, N_Q_HEADS, N_KV_HEADS, BLOCK_N)  # fmt: skip
+        return
     if GATED:  # silu(gate) rounded, times up, as two bf16 ops
         u = acc_up.to(dt).to(tl.float32)
         y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
@@ -120,6 +147,40 @@ def _norm_linear_kernel(
     tl.store(
         Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(dt), mask=row_ok[:, None] & col_ok[None, :]
     )
+
+
+@triton.jit
+def _rope_epilogue(
+    lo, hi, rows, row_ok, head, Y, stride_ym, COS, SIN, stride_cm, KC, VC, SLOTS, stride_cb, stride_ch, stride_cs,
+    T, N_Q_HEADS, N_KV_HEADS, HALF: tl.constexpr,
+):  # fmt: skip
+    """Head `head` of the fused q/k/v projection, its two halves lo, hi [BLOCK_M, HALF] (float32, rounded to the
+    dtype): RoPE as `apply_rope` rounds it (x * cos, then + rotate_half(x) * sin) on query and key heads; query
+    heads go to Y [M, N_Q_HEADS * 2 HALF], key and value heads to the caches at each row's slot."""
+    dt = Y.dtype.element_ty
+    offs = tl.arange(0, HALF)
+    ok = row_ok[:, None]
+    if head < N_Q_HEADS + N_KV_HEADS:  # RoPE: the cos / sin halves are equal, so the first serves both
+        c = tl.load(COS + rows.to(tl.int64)[:, None] * stride_cm + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(SIN + rows.to(tl.int64)[:, None] * stride_cm + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        new_lo = (lo * c).to(dt).to(tl.float32) - hi * s
+        new_hi = (hi * c).to(dt).to(tl.float32) + lo * s
+        lo, hi = new_lo, new_hi
+    if head < N_Q_HEADS:
+        y_rows = Y + rows.to(tl.int64)[:, None] * stride_ym + head * (2 * HALF) + offs[None, :]
+        tl.store(y_rows, lo.to(dt), mask=ok)
+        tl.store(y_rows + HALF, hi.to(dt), mask=ok)
+    else:
+        kv = head - N_Q_HEADS
+        C = KC
+        if kv >= N_KV_HEADS:
+            kv -= N_KV_HEADS
+            C = VC
+        slot = tl.load(SLOTS + rows % T, mask=row_ok, other=0)  # [BLOCK_M]
+        seq = (rows // T).to(tl.int64)
+        c_rows = C + seq[:, None] * stride_cb + kv * stride_ch + slot[:, None] * stride_cs + offs[None, :]
+        tl.store(c_rows, lo.to(dt), mask=ok)
+        tl.store(c_rows + HALF, hi.to(dt), mask=ok)
 
 
 def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
@@ -154,8 +215,8 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
     _norm_linear_kernel[grid](
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
         M, N, K, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
-        float(eps),
-        HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated,
+        float(eps), x, x, x, x, x, 0, 0, 0, 0, 1, 0, 0,
+        HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=1 if _INTERPRET else 3,
     )  # fmt: skip
@@ -230,6 +291,98 @@ def norm_linear(
         r2 = r2.contiguous()
     nw = None if norm_weight is None else norm_weight.contiguous()
     return _norm_linear_op(x2, w, nw, float(eps), r2, bool(gated)).view(*lead, N)
+
+
+@torch.library.custom_op("longspec::qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
+def _qkv_rope_cache_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """`torch.ops.longspec.qkv_rope_cache`: x [B*T, K] -> q [B*T, Hq*D] with RoPE; writes k (with RoPE) and v
+    into k_cache / v_cache [L, B, Hkv, S, D] at layer `layer`, slots [T] (checked by `qkv_rope_cache`)."""
+    M, K = x.shape
+    D = k_cache.shape[-1]
+    B = k_cache.shape[1]
+    y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
+    kc, vc = k_cache.select(0, layer), v_cache.select(0, layer)  # [B, Hkv, S, D] views: written in place
+    block_m, _, block_k = TILES_OVERRIDE or tiles(M, (num_heads + 2 * num_kv_heads) * D, K)
+    grid = (num_heads + 2 * num_kv_heads, triton.cdiv(M, block_m))
+    _norm_linear_kernel[grid](
+        x, weight, x if norm_weight is None else norm_weight, x, y,
+        M, (num_heads + 2 * num_kv_heads) * D, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
+        cos, sin, kc, vc, slots, cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), M // B,
+        num_heads, num_kv_heads,
+        HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k,
+        num_warps=4, num_stages=1 if _INTERPRET else 3,
+    )  # fmt: skip
+    return y
+
+
+@_qkv_rope_cache_op.register_fake
+def _(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads):
+    return x.new_empty(x.shape[0], num_heads * k_cache.shape[-1])
+
+
+def qkv_rope_cache(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads):
+    """One kernel for what a Llama layer does between its input and its attention: RMSNorm (if norm_weight),
+    the fused q/k/v projection (weight [(Hq + 2 Hkv) D, K]: q rows, k rows, v rows), RoPE on q and k with the
+    tables cos, sin [B, 1, T, D] (or [B, T, D]) of `Rotary`, and k, v written into k_cache / v_cache
+    [L, B, Hkv, S, D] at layer `layer`, slots [T] (int64). x [B, T, K] -> q [B, Hq, T, D] (a view of [B, T, Hq, D]
+    memory, as `split_qkv` returns it). On CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        _fail("x must be a tensor [B, T, K]", "pass the layer's input")
+    B, T, K = x.shape
+    if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or k_cache.shape[1] != B:
+        _fail(f"k_cache and v_cache must be one shape [L, {B}, Hkv, S, D], got {list(k_cache.shape)} and "
+              f"{list(v_cache.shape)}", "pass KVCache.k and KVCache.v")  # fmt: skip
+    L, _, Hkv, S, D = k_cache.shape
+    if Hkv != num_kv_heads or D < 32 or D & (D - 1) or num_heads % num_kv_heads:
+        _fail(f"heads {num_heads} / {num_kv_heads} of dim {D} do not fit the cache {list(k_cache.shape)} (or D is "
+              "not a power of two >= 32)", "use the readable path (LONGSPEC_QKV_ROPE=off)")  # fmt: skip
+    if weight.shape != ((num_heads + 2 * num_kv_heads) * D, K):
+        _fail(f"weight {list(weight.shape)} is not the fused q/k/v projection [{(num_heads + 2 * Hkv) * D}, {K}]",
+              "fuse the model's projections (fuse_projections)")  # fmt: skip
+    if not 0 <= layer < L or slots.shape != (T,) or slots.dtype != torch.int64:
+        _fail(f"layer {layer} of {L} or slots {list(slots.shape)} {slots.dtype} is wrong", "pass int64 slots [T]")
+    if any(t.dtype != x.dtype for t in (weight, cos, sin, k_cache, v_cache)):
+        _fail("x, weight, cos, sin and the caches must share one dtype", "cast them to the model's dtype")
+    if not (x.is_cuda or _INTERPRET):
+        _fail(f"it runs a Triton kernel and got a tensor on {x.device}", "pass CUDA tensors")
+    cs = cos.reshape(B * T, D)
+    sn = sin.reshape(B * T, D)
+    x2 = x.reshape(B * T, K)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    nw = None if norm_weight is None else norm_weight.contiguous()
+    q = _qkv_rope_cache_op(x2, weight.contiguous(), nw, float(eps), cs.contiguous(), sn.contiguous(), k_cache,
+                           v_cache, int(layer), slots, int(num_heads), int(num_kv_heads))  # fmt: skip
+    return q.view(B, T, num_heads, D).transpose(1, 2)
+
+
+def qkv_rope_cache_reference(x, weight, norm_weight, eps, cos, sin, num_heads, num_kv_heads):
+    """The definition in float64: x [B, T, K] -> q, k, v [B, H, T, D] (float64), RoPE (rotate-half) on q and k."""
+    B, T, _ = x.shape
+    D = weight.shape[0] // (num_heads + 2 * num_kv_heads)
+    y = norm_linear_reference(x, weight, norm_weight, eps)  # [B, T, (Hq + 2 Hkv) D]
+    q, k, v = (t.reshape(B, T, -1, D).transpose(1, 2) for t in y.split((num_heads * D, num_kv_heads * D,
+                                                                          num_kv_heads * D), dim=-1))  # fmt: skip
+    c, s = cos.double().reshape(B, 1, T, D), sin.double().reshape(B, 1, T, D)
+
+    def rope(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * c + torch.cat([-t2, t1], dim=-1) * s
+
+    return rope(q), rope(k), v
 
 
 def norm_linear_reference(x, weight, norm_weight=None, eps=1e-6, residual=None, gated=False) -> torch.Tensor:

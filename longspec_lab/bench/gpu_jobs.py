@@ -17,6 +17,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
   e2e_masked_math  the same three methods with LONGSPEC_MASKED_ATTN=math (the draft's window attention written
                    out instead of SDPA's cuDNN kernel) into OUT_DIR/masked_math, to compare with e2e_h200.json
+  e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
+                   target layer) into OUT_DIR/qkv_rope
 Device time is the scarce thing: e2e takes about 8 minutes (mostly compilation), the others 2-4 each.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
@@ -81,6 +83,7 @@ def jobs(out: Path) -> dict:
         ),
         "e2e_norm_linear": _ab_job(out / "norm_linear_off", "LONGSPEC_NORM_LINEAR", "off"),
         "e2e_masked_math": _ab_job(out / "masked_math", "LONGSPEC_MASKED_ATTN", "math"),
+        "e2e_qkv_rope": _ab_job(out / "qkv_rope", "LONGSPEC_QKV_ROPE", "on"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longspec_lab.models.config import ModelConfig
-from longspec_lab.ops.linear import norm_linear, rms_norm
+from longspec_lab.ops.linear import norm_linear, qkv_rope_cache, qkv_rope_path, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -299,6 +299,25 @@ class QKVO(_Fusable):
             self._heads(k, self.num_kv_heads, self.k_norm),
             self._heads(v, self.num_kv_heads, None),
         )
+
+    def qkv_rope_write(self, x, norm: RMSNorm | None, cos, sin, cache, layer: int, start):
+        """The one-kernel form of `split_qkv`, `apply_rope` on q and k, and `cache.write(layer, start, k, v)`
+        (LONGSPEC_QKV_ROPE=on, `ops.linear.qkv_rope_cache`): returns q [B, Hq, T, D] with RoPE, or None where
+        the kernel does not serve this module (switch off, unfused, biases, per-head norms, CPU): then the
+        caller takes the readable path. start: the first slot (int) or the T slots (tensor)."""
+        if not self.fused or self.q_norm is not None:
+            return None
+        lin = self.qkv_proj
+        if not qkv_rope_path(x, lin.weight, lin.bias, self.head_dim, cache.k.dtype):
+            return None
+        T = x.shape[1]
+        if isinstance(start, torch.Tensor):
+            slots = start.to(torch.int64)
+        else:
+            cache.check_room(start, T)  # the kernel writes by slot: a slot past the cache must never reach it
+            slots = torch.arange(start, start + T, device=x.device)
+        return qkv_rope_cache(x, lin.weight, None if norm is None else norm.args, cos.to(x.dtype), sin.to(x.dtype),
+                              cache.k, cache.v, layer, slots, self.num_heads, self.num_kv_heads)  # fmt: skip
 
     def merge(self, o, residual: torch.Tensor | None = None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
         B, H, T, D = o.shape

@@ -45,12 +45,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None):
         a = self.self_attn
-        q, k, v = a.split_qkv(x, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2 (one matmul fused)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        where = slots if slots is not None else start  # slots: [T] tensor
+        # one kernel for norm, q/k/v, RoPE and the cache write where LONGSPEC_QKV_ROPE=on serves it, else None
+        q = None if cache is None else a.qkv_rope_write(x, self.input_layernorm, cos, sin, cache, layer_idx, where)
+        if q is None:
+            q, k, v = a.split_qkv(x, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2 (one matmul)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:
+                cache.write(layer_idx, where, k, v)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
-            cache.write(layer_idx, slots if slots is not None else start, k, v)  # slots: [T] tensor
             o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
         x = a.merge(o, residual=x)  # x + o_proj(o)
         return self.mlp(x, norm=self.post_attention_layernorm, residual=x)  # x + mlp(norm(x))

@@ -38,6 +38,10 @@ from longspec_lab.ops.switches import HAS_TRITON, checked
 CHOICES = ("auto", "off", "on")
 NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "auto")  # one of CHOICES (module docstring)
 AUTO_MAX_WEIGHT = 1 << 20  # "auto": largest weight [N, K] (elements) that goes to the kernel
+# LONGSPEC_QKV_ROPE=on: the q/k/v projection, RoPE and the cache write in the same kernel (`qkv_rope_cache`),
+# which saves the two RoPE kernels per layer that Inductor leaves (profile_h200.json: 18 us of an AR step's
+# kernel time, plus their launches). Off by default: not yet timed on a GPU.
+QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "off")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,6 +62,27 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=Non
     if NORM_LINEAR == "auto":
         return x.is_cuda and weight.numel() <= AUTO_MAX_WEIGHT
     return x.is_cuda or _interpreting()
+
+
+def qkv_rope_path(x: torch.Tensor, weight: torch.Tensor, bias, head_dim: int, cache_dtype) -> bool:
+    """Whether `qkv_rope_cache` serves this projection: the switch is on, no bias (the kernel has none), a
+    power-of-two head dim >= 32, one dtype for x, weight and cache, no gradients, CUDA (or the interpreter)."""
+    if checked("LONGSPEC_QKV_ROPE", QKV_ROPE, ("off", "on")) == "off" or bias is not None or not HAS_TRITON:
+        return False
+    if head_dim < 32 or head_dim & (head_dim - 1) or not (x.dtype == weight.dtype == cache_dtype):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return x.is_cuda or _interpreting()
+
+
+def qkv_rope_cache(x, weight, norm, cos, sin, k_cache, v_cache, layer: int, slots, num_heads, num_kv_heads):
+    """x [B, T, K] -> q [B, Hq, T, D] with RoPE, k (with RoPE) and v written to the caches [L, B, Hkv, S, D] at
+    `layer`, slots [T]: one Triton kernel (`kernels/norm_linear.py`). Call it where `qkv_rope_path` says so."""
+    from longspec_lab.kernels.norm_linear import qkv_rope_cache as fused
+
+    nw, eps = norm if norm is not None else (None, 1e-6)
+    return fused(x, weight, nw, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads)
 
 
 def norm_linear(

@@ -18,6 +18,30 @@ def switch(monkeypatch):
     return set_to
 
 
+def test_tree_decoding_gives_the_same_tokens_with_qkv_rope_cache(embedded_pair, monkeypatch):
+    """LONGSPEC_QKV_ROPE=on: every target layer's norm, q/k/v, RoPE and cache write run as one kernel (the
+    interpreter here); a tree generation gives the tokens and accepted lengths of the readable path."""
+    from longspec_lab.decoding.eager import SpecDecoder
+    from longspec_lab.models import layers
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return linear.qkv_rope_cache(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "qkv_rope_cache", counted)
+    target, draft, tok = embedded_pair
+    ids = tok.encode("The history of the city begins with a small harbour where fishermen")[:48]
+    runs = []
+    for value in ("off", "on"):
+        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        res = SpecDecoder(target, draft).generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=6)
+        runs.append((res.new_tokens, res.accepted_lengths))
+        assert bool(calls) is (value == "on")  # the kernel ran exactly when switched on
+    assert runs[0] == runs[1] and len(runs[0][0]) >= 6
+
+
 def test_tree_decoding_gives_the_same_tokens_with_the_kernel(embedded_pair, switch):
     """The embedded pair, float32, a short tree generation: the same tokens and accepted lengths either way."""
     from longspec_lab.decoding.eager import SpecDecoder
@@ -54,3 +78,37 @@ def test_compiled_model_with_the_kernel_equals_eager(tmp_path, switch):
         ref = hf(x).logits
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert (eager - ref).abs().max().item() <= 1e-4
+
+
+def test_compiled_qkv_rope_cache_writes_the_cache_in_place(monkeypatch):
+    """Inductor (fullgraph) of a fused model's forward with LONGSPEC_QKV_ROPE=on: the registered op writes
+    the cache tensors themselves (no copy of the cache in the generated code, which would cost a whole
+    cache per layer on a GPU), and the logits and the written slots equal the eager ones."""
+    import dataclasses
+
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from longspec_lab.models.config import PRESETS
+    from longspec_lab.models.target import Target
+
+    monkeypatch.setattr(linear, "QKV_ROPE", "on")
+    torch.manual_seed(0)
+    target = Target(dataclasses.replace(PRESETS["tiny"], head_dim=32)).eval().fuse()
+    eager_cache, compiled_cache = target.new_cache(64), target.new_cache(64)
+    ids = torch.randint(0, target.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    start, pos = torch.tensor([10]), torch.arange(10, 15)
+
+    def forward(ids, cache):
+        return target(ids, positions=pos, cache=cache, start=start)
+
+    with torch.no_grad():
+        want = forward(ids, eager_cache)
+        got, code = run_and_get_code(torch.compile(forward, fullgraph=True, dynamic=False), ids, compiled_cache)
+    src = "\n".join(code)
+    assert src.count("torch.ops.longspec.qkv_rope_cache.default(") == target.config.num_layers
+    assert ".copy_(" not in src
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in ((compiled_cache.k, eager_cache.k), (compiled_cache.v, eager_cache.v)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert a[:, :, :, 10:15].abs().sum() > 0 and a[:, :, :, :10].abs().sum() == 0 == a[:, :, :, 15:].abs().sum()

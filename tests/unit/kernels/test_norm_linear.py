@@ -123,3 +123,98 @@ def test_half_precision_rounds_like_the_pytorch_ops(M, K, N, has_norm, has_res, 
     assert got.dtype == torch.float16 and err_kernel <= 1.25 * err_ops + 1e-3
     ulp = 2.0 ** (torch.floor(torch.log2(want.abs().max())).item() - 10)
     assert (got.float() - ops.float()).abs().max().item() <= ulp
+
+
+# ----------------------------------------------------------------------------- q/k/v + RoPE + cache write
+
+
+def _rope_case(seed, B, T, K, Hq, Hkv, D, dtype=torch.float32, L=3, S=24):
+    g = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn(B, T, K, generator=g)).to(dtype)
+    w = (torch.randn((Hq + 2 * Hkv) * D, K, generator=g) / K**0.5).to(dtype)
+    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype)
+    pos = torch.randint(0, 4000, (B, T), generator=g).float()  # large angles: rounding shows
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat([pos[..., None] * inv, pos[..., None] * inv], dim=-1)  # [B, T, D]
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D], as Rotary gives
+    kc = torch.randn(L, B, Hkv, S, D, generator=g).to(dtype)
+    vc = torch.randn(L, B, Hkv, S, D, generator=g).to(dtype)
+    slots = torch.randperm(S, generator=g)[:T]
+    return x, w, nw, cos, sin, kc, vc, slots
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "K", "Hq", "Hkv", "D"),
+    [(1, 1, 64, 4, 2, 32), (2, 5, 96, 4, 4, 64), (1, 18, 128, 8, 1, 32), (3, 7, 48, 2, 2, 128)],
+)
+@pytest.mark.parametrize("has_norm", [False, True])
+def test_qkv_rope_cache_matches_float64_and_writes_only_its_slots(B, T, K, Hq, Hkv, D, has_norm):
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(B * T + D, B, T, K, Hq, Hkv, D)
+    nw = nw if has_norm else None
+    kc0, vc0 = kc.clone(), vc.clone()
+    q = nl.qkv_rope_cache(x, w, nw, 1e-5, cos, sin, kc, vc, 1, slots, Hq, Hkv)
+    rq, rk, rv = nl.qkv_rope_cache_reference(x, w, nw, 1e-5, cos, sin, Hq, Hkv)
+    assert q.shape == (B, Hq, T, D)
+    torch.testing.assert_close(q.double(), rq, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(kc[1][:, :, slots].double(), rk, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(vc[1][:, :, slots].double(), rv, atol=2e-5, rtol=2e-5)
+    untouched = torch.ones(3, 1, 1, kc.shape[3], 1, dtype=torch.bool)
+    untouched[1, :, :, slots] = False
+    assert torch.equal(kc[untouched.expand_as(kc)], kc0[untouched.expand_as(kc)])
+    assert torch.equal(vc[untouched.expand_as(vc)], vc0[untouched.expand_as(vc)])
+
+
+def test_qkv_rope_cache_rounds_like_the_pytorch_ops():
+    """float16: the readable path (norm_linear's PyTorch ops, apply_rope, the cache write) and the kernel
+    differ only by the matmul's summation order, so by at most a couple of float16 steps."""
+    from longspec_lab.models.layers import apply_rope
+
+    Hq, Hkv, D, B, T = 4, 2, 64, 1, 9
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(3, B, T, 128, Hq, Hkv, D, dtype=torch.float16)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = nl.qkv_rope_cache(x, w, nw, 1e-5, cos, sin, kc, vc, 0, slots, Hq, Hkv)
+    y = nl._torch_version(x, w, nw, 1e-5, None, False)
+    rq, rk, rv = (t.reshape(B, T, -1, D).transpose(1, 2) for t in y.split((Hq * D, Hkv * D, Hkv * D), dim=-1))
+    rq, rk = apply_rope(rq, cos, sin), apply_rope(rk, cos, sin)
+    kc2[0][:, :, slots], vc2[0][:, :, slots] = rk, rv
+    step = torch.finfo(torch.float16).eps * 4  # relative: a couple of float16 steps at these magnitudes
+    torch.testing.assert_close(q, rq, atol=step, rtol=step)
+    torch.testing.assert_close(kc, kc2, atol=step, rtol=step)
+    torch.testing.assert_close(vc, vc2, atol=step, rtol=step)
+
+
+def test_qkv_rope_cache_compiles_as_one_mutating_op():
+    """torch.compile(fullgraph=True) keeps the registered op, which writes the caches in place."""
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(4, 1, 3, 64, 2, 1, 32)
+    kc2, vc2 = kc.clone(), vc.clone()
+
+    def f(x, kc, vc):
+        return nl.qkv_rope_cache(x, w, nw, 1e-5, cos, sin, kc, vc, 2, slots, 2, 1) + 0
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, kc, vc)
+    want = f(x, kc2, vc2)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    torch.library.opcheck(
+        torch.ops.longspec.qkv_rope_cache.default, (x[0], w, nw, 1e-5, cos[0, 0], sin[0, 0], kc, vc, 0, slots, 2, 1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda a: {**a, "x": a["x"][0]}, "x must be a tensor"),
+        (lambda a: {**a, "v_cache": a["v_cache"][:, :, :, :5]}, "one shape"),
+        (lambda a: {**a, "num_kv_heads": 2}, "do not fit the cache"),
+        (lambda a: {**a, "weight": a["weight"][1:]}, "fused q/k/v projection"),
+        (lambda a: {**a, "layer": 3}, "layer 3 of 3"),
+        (lambda a: {**a, "slots": a["slots"].int()}, "int64 slots"),
+        (lambda a: {**a, "cos": a["cos"].double()}, "one dtype"),
+    ],
+)
+def test_qkv_rope_cache_bad_inputs_name_the_problem(mutate, words):
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(5, 1, 3, 64, 2, 1, 32)
+    args = {"x": x, "weight": w, "norm_weight": nw, "eps": 1e-5, "cos": cos, "sin": sin, "k_cache": kc,
+            "v_cache": vc, "layer": 0, "slots": slots, "num_heads": 2, "num_kv_heads": 1}  # fmt: skip
+    with pytest.raises(ValueError, match=words):
+        nl.qkv_rope_cache(**mutate(args))
