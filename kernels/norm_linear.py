@@ -215,7 +215,7 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
     _norm_linear_kernel[grid](
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
         M, N, K, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
-        float(eps), x, x, x, x, x, 0, 0, 0, 0, 1, 0, 0,
+        float(eps), x, x, x, x, x, 0, 0, 0, 0, 1, 0, 0,  # the ROPE arguments, unread here
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=1 if _INTERPRET else 3,

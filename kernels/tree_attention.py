@@ -761,12 +761,13 @@ _LOOP_MERGE_ROWS = 16
 LOOP_MERGE = os.environ.get("LONGSPEC_LOOP_MERGE", "auto")  # "auto", "0" (vector always) or "1" (loop always)
 
 
-def merge_plan(n_splits: int, rows: int, head_dim: int, row_tiles: int) -> tuple[bool, int, int]:
-    """(loop, MERGE_S, MERGE_R) of the merge launch: loop merges split by split, MERGE_R rows a program;
-    otherwise the vector form reads MERGE_S x MERGE_R partials at once (`merge_tile`)."""
+def merge_plan(n_splits: int, rows: int, head_dim: int, row_tiles: int, fused: bool = False) -> tuple[bool, int, int]:
+    """(loop, MERGE_S, MERGE_R) of the merge: loop merges split by split, MERGE_R rows a program; otherwise the
+    vector form reads MERGE_S x MERGE_R partials at once (`merge_tile`), which is also the fused merge's form."""
     if LOOP_MERGE not in ("auto", "0", "1"):
         raise ValueError(f"LONGSPEC_LOOP_MERGE={LOOP_MERGE!r} is not one of auto, 0, 1; unset it or pick one")
-    loop = LOOP_MERGE == "1" or (LOOP_MERGE == "auto" and row_tiles > 1 and n_splits <= _LOOP_MERGE_MAX_SPLITS)
+    auto = row_tiles > 1 and n_splits <= _LOOP_MERGE_MAX_SPLITS
+    loop = not fused and (LOOP_MERGE == "1" or (LOOP_MERGE == "auto" and auto))
     if loop:
         return True, 1, min(_LOOP_MERGE_ROWS, triton.next_power_of_2(rows))
     return (False, *merge_tile(n_splits, rows, head_dim))
@@ -1017,7 +1018,6 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     direct = n_splits == 1
     grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
-    loop_merge, merge_s, merge_r = merge_plan(n_splits, rows, D, grid[0])
     # Fused (when asked) only when one row tile holds every row. With several row tiles the merging program's
     # tail costs more than the launch: H200, Llama-3-8B verify shape (288 rows), fp16: 19.9 / 62.2 / 219.7 us fused
     # against 16.2 / 58.7 / 208.0 us with the merge launch at P = 1k / 16k / 64k (tree_attention_h200_fused_merge.json).
@@ -1025,8 +1025,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     # 1-row decode 8.0 against 7.7 us, the draft's 32-row cross-attention 16.5 against 9.6 us
     # (tree_attention_sweep_small_h200.json).
     fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS
-    if fused:  # the last split program merges in the vector form
-        loop_merge, (merge_s, merge_r) = False, merge_tile(n_splits, rows, D)
+    loop_merge, merge_s, merge_r = merge_plan(n_splits, rows, D, grid[0], fused)
     tickets = _tickets(q.device) if fused else q
     if scratch is None:
         if direct:  # never written: the split kernel stores the output itself
