@@ -17,6 +17,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
   e2e_masked_math  the same three methods with LONGSPEC_MASKED_ATTN=math (the draft's window attention written
                    out instead of SDPA's cuDNN kernel) into OUT_DIR/masked_math, to compare with e2e_h200.json
+  e2e_base         the A side for the three above in the same call: the same three methods with the default
+                   switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
                    target layer) into OUT_DIR/qkv_rope
 Device time is the scarce thing: e2e takes about 8 minutes (mostly compilation), the others 2-4 each.
@@ -34,12 +36,14 @@ import time
 from pathlib import Path
 
 
-def _ab_job(folder: Path, switch: str, value: str) -> tuple:
-    """The B side of an A/B against the e2e job: AR, chain gamma 5 and the default tree with one switch set,
-    e2e and kernels per stage, no transformers peers; 118 s on the H200 with a warm compile cache."""
+def _ab_job(folder: Path, switch: str | None = None, value: str = "") -> tuple:
+    """One side of an A/B: AR, chain gamma 5 and the default tree, e2e and kernels per stage, no transformers
+    peers, with one switch set (none for the A side, `e2e_base`); 118 s on the H200 with a warm compile cache,
+    about 150 s cold. Run the A side in the same call as the B sides: runs on different days differ by 5-10%."""
     cmd = [sys.executable, "-m", "longspec_lab.bench.h200_speed", "--out", str(folder), "--only", "e2e,profile",
            "--gammas", "5", "--shapes", "4,16,16,16,16", "--no-hf"]  # fmt: skip
-    return cmd, 300, {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default", switch: value}
+    env = {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"}
+    return cmd, 300, {**env, switch: value} if switch else env
 
 
 def jobs(out: Path) -> dict:
@@ -81,6 +85,7 @@ def jobs(out: Path) -> dict:
             330,  # the plain comparison took ~20 s on the H200; the tile sweep stops starting tiles at 240 s
             {},
         ),
+        "e2e_base": _ab_job(out / "base"),
         "e2e_norm_linear": _ab_job(out / "norm_linear_off", "LONGSPEC_NORM_LINEAR", "off"),
         "e2e_masked_math": _ab_job(out / "masked_math", "LONGSPEC_MASKED_ATTN", "math"),
         "e2e_qkv_rope": _ab_job(out / "qkv_rope", "LONGSPEC_QKV_ROPE", "on"),
@@ -122,8 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs")
     ap.add_argument(
         "--only", default="e2e,agreement,notebooks",
-        help="comma-separated job names from kernel,verify,e2e,agreement,notebooks,tune,norm_linear,e2e_norm_linear "
-        "(default: %(default)s)",
+        help="comma-separated job names from " + ",".join(jobs(Path("."))) + " (default: %(default)s)",
     )  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
