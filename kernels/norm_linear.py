@@ -194,6 +194,13 @@ def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
 
 
 TILES_OVERRIDE: Optional[tuple] = None  # (BLOCK_M, BLOCK_N, BLOCK_K) for every launch: the tile sweep sets it
+LAUNCH_OVERRIDE: Optional[tuple] = None  # (num_warps, num_stages) for every launch, default (4, 3): the sweep sets it
+LAUNCH_CANDIDATES = [(1, 3), (2, 3), (8, 3), (4, 2), (4, 4)]  # what the sweep tries on its best tiles besides (4, 3)
+
+
+def _warps_stages() -> tuple[int, int]:
+    warps, stages = LAUNCH_OVERRIDE or (4, 3)
+    return warps, 1 if _INTERPRET else stages
 
 
 def tile_candidates(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
@@ -211,6 +218,7 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k = TILES_OVERRIDE or tiles(M, N, K)
+    warps, stages = _warps_stages()
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _norm_linear_kernel[grid](
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
@@ -218,7 +226,7 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
         float(eps), x, x, x, x, x, 0, 0, 0, 0, 1, 0, 0,  # the ROPE arguments, unread here
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=1 if _INTERPRET else 3,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -316,6 +324,7 @@ def _qkv_rope_cache_op(
     y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
     kc, vc = k_cache.select(0, layer), v_cache.select(0, layer)  # [B, Hkv, S, D] views: written in place
     block_m, _, block_k = TILES_OVERRIDE or tiles(M, (num_heads + 2 * num_kv_heads) * D, K)
+    warps, stages = _warps_stages()
     grid = (num_heads + 2 * num_kv_heads, triton.cdiv(M, block_m))
     _norm_linear_kernel[grid](
         x, weight, x if norm_weight is None else norm_weight, x, y,
@@ -324,7 +333,7 @@ def _qkv_rope_cache_op(
         num_heads, num_kv_heads,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k,
-        num_warps=4, num_stages=1 if _INTERPRET else 3,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -417,6 +426,10 @@ BENCH_CASES = [
     ("embedded norm+gate_up+silu", 1, 256, 768, True, False, True),
     ("embedded down+res", 1, 768, 256, False, True, False),
     ("embedded norm+qkv, 72 rows", 72, 256, 512, True, False, False),
+    ("embedded o_proj+res, 72 rows", 72, 256, 256, False, True, False),
+    ("embedded norm+gate_up+silu, 72 rows", 72, 256, 768, True, False, True),
+    ("embedded down+res, 72 rows", 72, 768, 256, False, True, False),
+    ("embedded norm+gate_up+silu, 16 rows", 16, 256, 768, True, False, True),
     ("llama3-8b norm+qkv", 1, 4096, 6144, True, False, False),
     ("llama3-8b norm+gate_up+silu", 1, 4096, 14336, True, False, True),
 ]
@@ -435,8 +448,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--sweep", action="store_true", help="also time every tile of `tile_candidates` per case")
     ap.add_argument("--out", help="write the timings (JSON, with the environment) here; never overwrites a file")
-    ap.add_argument("--budget-s", type=float, default=240.0, help="with --sweep: stop starting tiles after this")
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="with --sweep: seconds for all cases, shared evenly")  # fmt: skip
+    ap.add_argument("--cases", default="", help="only the cases whose name contains one of these comma-separated "
+                    "words (e.g. 'embedded' or '72 rows'); default: all")  # fmt: skip
     a = ap.parse_args(argv)
+    words = [w.strip() for w in a.cases.split(",") if w.strip()]
+    cases = [c for c in BENCH_CASES if not words or any(w in c[0] for w in words)]
+    if not cases:
+        ap.exit(2, f"error: no case matches --cases {a.cases!r}; the cases are: {[c[0] for c in BENCH_CASES]}\n")
     if a.out and os.path.exists(a.out):
         ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
     if not torch.cuda.is_available():
@@ -447,12 +467,12 @@ def main(argv=None) -> int:
 
     from triton.testing import do_bench_cudagraph
 
-    global TILES_OVERRIDE
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     gen = torch.Generator().manual_seed(0)
-    deadline = time.monotonic() + a.budget_s
+    end = time.monotonic() + a.budget_s
     report = {"dtype": a.dtype, "cases": []}
-    for name, M, K, N, has_norm, has_res, gated in BENCH_CASES:
+    for i, (name, M, K, N, has_norm, has_res, gated) in enumerate(cases):
+        deadline = time.monotonic() + (end - time.monotonic()) / (len(cases) - i)  # an even share of what is left
         x = torch.randn(M, K, generator=gen).to("cuda", dtype)
         w = (torch.randn(2 * N if gated else N, K, generator=gen) / K**0.5).to("cuda", dtype)
         nw = (1 + 0.1 * torch.randn(K, generator=gen)).to("cuda", dtype) if has_norm else None
@@ -467,26 +487,46 @@ def main(argv=None) -> int:
         case = {"name": name, "M": M, "K": K, "N": N, "tiles": list(tiles(M, N, K)), "us": ours, "torch_us": theirs,
                 "max_abs_err": err, "sweep": []}  # fmt: skip
         report["cases"].append(case)
+
+        def timed_row(t, launch):
+            """One sweep row: the tile t and launch (warps, stages), timed only if it computes the definition."""
+            global TILES_OVERRIDE, LAUNCH_OVERRIDE
+            TILES_OVERRIDE, LAUNCH_OVERRIDE = t, launch
+            try:
+                e = (norm_linear(*args).double() - norm_linear_reference(*args)).abs().max().item()
+                row = {"tiles": list(t), "launch": list(launch or (4, 3)), "max_abs_err": e}
+                if e <= 2 * err + 1e-2:
+                    row["us"] = do_bench_cudagraph(lambda: norm_linear(*args), return_mode="median") * 1e3
+            except Exception as ex:  # a tile that does not compile is recorded, the sweep goes on
+                row = {
+                    "tiles": list(t),
+                    "launch": list(launch or (4, 3)),
+                    "error": f"{type(ex).__name__}: {str(ex)[:200]}",
+                }
+            finally:
+                TILES_OVERRIDE, LAUNCH_OVERRIDE = None, None
+            return row
+
         for t in tile_candidates(M, N, K)[1:] if a.sweep else []:
             if time.monotonic() > deadline:
                 case["cut_short"] = True
                 break
-            TILES_OVERRIDE = t
-            try:  # a tile is timed only if it computes the definition
-                e = (norm_linear(*args).double() - norm_linear_reference(*args)).abs().max().item()
-                row = {"tiles": list(t), "max_abs_err": e}
-                if e <= 2 * err + 1e-2:
-                    row["us"] = do_bench_cudagraph(lambda: norm_linear(*args), return_mode="median") * 1e3
-            except Exception as ex:  # a tile that does not compile is recorded, the sweep goes on
-                row = {"tiles": list(t), "error": f"{type(ex).__name__}: {str(ex)[:200]}"}
-            finally:
-                TILES_OVERRIDE = None
-            case["sweep"].append(row)
+            case["sweep"].append(timed_row(t, None))
+        # then the launch settings on the three best tiles (the default tile among the candidates)
+        ranked = sorted([{"tiles": list(tiles(M, N, K)), "us": ours}] + [r for r in case["sweep"] if "us" in r],
+                        key=lambda r: r["us"])[:3] if a.sweep else []  # fmt: skip
+        for r in ranked:
+            for launch in LAUNCH_CANDIDATES:
+                if time.monotonic() > deadline:
+                    case["cut_short"] = True
+                    break
+                case["sweep"].append(timed_row(tuple(r["tiles"]), launch))
         timed = [r for r in case["sweep"] if "us" in r]
         if timed:
             best = min(timed, key=lambda r: r["us"])
             case["best"] = best
-            print(f"{'':32s} best tile {best['tiles']} {best['us']:6.1f} us (default {case['tiles']} {ours:6.1f} us)")
+            print(f"{'':32s} best tile {best['tiles']} launch {best['launch']} {best['us']:6.1f} us "
+                  f"(default {case['tiles']} (4, 3) {ours:6.1f} us)")  # fmt: skip
     if a.out:
         from longspec_lab.provenance import environment
 

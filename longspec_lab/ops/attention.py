@@ -25,14 +25,23 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longspec_lab.ops.switches import checked
 
 BACKENDS = ("torch", "sdpa", "triton")
-# How `masked_sdpa` (the draft's window attention) computes: "sdpa" (default), one
-# scaled_dot_product_attention call, which on the H200 picks cuDNN (13 us for a 16-row tree level,
-# profile_h200.json); or "math", the grouped softmax written out (`_part`), which torch.compile fuses
-# around two small matmuls. Not yet timed on a GPU: LONGSPEC_MASKED_ATTN=math is there to measure it.
+# How `masked_sdpa` (the draft's window attention) computes:
+#   "sdpa" (default)  one scaled_dot_product_attention call, which on the H200 picks cuDNN (12.8 us for a
+#                     16-row tree level, profile_ab_base_h200.json);
+#   "efficient"       the same call held to SDPA's memory-efficient kernel (math where that is missing, as on
+#                     the CPU);
+#   "math"            the grouped softmax written out (`_part`), which torch.compile fuses around two small
+#                     matmuls; on CUDA in half precision the matmuls run on the tensor cores with float32
+#                     outputs (`_mm_f32`), as a flash kernel does.
+# The first "math" (float32 matmuls) was measured slower (H200, 2026-12-04, e2e_ab_masked_math_h200.json against
+# e2e_ab_base_h200.json, one call): a tree level 92.3 us against 82.1, a chain level 75.4 against 63.8; cuBLAS
+# ran the float32 matmul on the FP32 units, an sm80 FFMA GEMM of 14.9 us (profile_ab_masked_math_h200.json).
+MASKED_CHOICES = ("sdpa", "efficient", "math")
 MASKED_ATTN = os.environ.get("LONGSPEC_MASKED_ATTN", "sdpa")
 
 
@@ -61,17 +70,36 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
     return backend == "triton" and (q.device.type == "cuda" or _interpreting())
 
 
-def _part(qg, k, v, mask, scale):
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., M, K] @ b [..., K, N] with a float32 result. Half-precision inputs stay in their dtype and, on
+    CUDA, the matrix unit accumulates in float32 (aten's bmm with out_dtype; the CPU, which lacks that form,
+    multiplies them in float32). Other dtypes go to float32 first."""
+    if not (a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)):
+        return torch.matmul(a.float(), b.float())
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])  # [batch, M, K]
+    b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])  # [batch, K, N]
+    c = torch.bmm(a3, b3, out_dtype=torch.float32) if a.is_cuda else torch.bmm(a3.float(), b3.float())
+    return c.reshape(*lead, a.shape[-2], b.shape[-1])  # [..., M, N] fp32
+
+
+def _part(qg, k, v, mask, scale, tensor_cores: bool = False):
     """Softmax attention of grouped queries over one key range.
-    qg [B, Hkv, G*T, D], k/v [B, Hkv, N, D], mask [G*T, N] bool or None -> o (fp32), lse (fp32)."""
-    s = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*T, N]
+    qg [B, Hkv, G*T, D], k/v [B, Hkv, N, D], mask [G*T, N] bool or None -> o (fp32), lse (fp32).
+    tensor_cores: the two matmuls through `_mm_f32` (half-precision inputs, probabilities rounded to v's dtype
+    as flash kernels do); otherwise in float32, the definition."""
+    if tensor_cores:
+        s = _mm_f32(qg, k.to(qg.dtype).transpose(-1, -2)) * scale  # [B, Hkv, G*T, N] fp32
+    else:
+        s = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*T, N]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)  # [B, Hkv, G*T, 1] row max
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no visible key
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
-    o = torch.matmul(p, v.float()) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    pv = _mm_f32(p.to(qg.dtype), v.to(qg.dtype)) if tensor_cores else torch.matmul(p, v.float())
+    o = pv / denom.clamp_min(torch.finfo(torch.float32).tiny)
     lse = (m + torch.log(denom)).squeeze(-1)  # [B, Hkv, G*T]; -inf where nothing is visible
     return o, lse
 
@@ -111,15 +139,20 @@ def masked_sdpa(q, k, v, mask):
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible).
     The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
     mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
-    With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion)."""
+    With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion); with
+    "efficient" SDPA may use only its memory-efficient kernel (or math)."""
     G = q.shape[1] // k.shape[1]
-    if checked("LONGSPEC_MASKED_ATTN", MASKED_ATTN, ("sdpa", "math")) == "math":
+    form = checked("LONGSPEC_MASKED_ATTN", MASKED_ATTN, MASKED_CHOICES)
+    if form == "math":
         B, Hq, T, D = q.shape
         rows = mask.repeat(G, 1) if mask.shape[0] == T and G > 1 else mask  # [G*T or 1, S]
-        o, _ = _part(q.reshape(B, k.shape[1], G * T, D), k, v, rows, D**-0.5)  # [B, Hkv, G*T, D] fp32
+        o, _ = _part(q.reshape(B, k.shape[1], G * T, D), k, v, rows, D**-0.5, tensor_cores=True)  # [B,Hkv,G*T,D]
         return o.reshape(B, Hq, T, D).to(q.dtype)
     if G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    if form == "efficient":
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
 
 
