@@ -89,6 +89,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     for dt, lo in (("i64", -(2**63)), ("fp32", float("-inf"))):
         sig, cx = _signature(rt._row_topk_kernel, dict(X=dt, OUT=dt), (), dict(MIN=lo, K=16, BLOCK_V=4096))
         out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))
+    sig, cx = _signature(rt._row_topk_kernel, dict(X="i64", OUT="i64"), (), dict(MIN=-(2**63), K=16, BLOCK_V=512))
+    out.append(("flat top-k first pass: 512 columns, one warp", rt._row_topk_kernel, sig, cx, dict(num_warps=1)))
     from longspec_lab.kernels import norm_linear as nl
 
     nl_ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", COS="bf16", SIN="bf16", KC="bf16", VC="bf16",

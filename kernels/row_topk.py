@@ -27,6 +27,18 @@ op (its fake version states the output shape). `main` times the kernel against t
 
     python -m longspec_lab.kernels.row_topk --rows 16 --vocab 4096 --k 16
 
+`flat_topk(x, k)` is a beam level's whole selection as one op (`torch.ops.longspec.flat_topk`): the k
+largest of all rows x V values, [k] descending, equal to `torch.topk(x.flatten(), k).values` under the
+same precondition. Its first pass keeps the top min(k, V) of every chunk of `first_block_v` columns,
+[rows, n_chunks * min(k, V)]; those candidates, read as ONE row, go through the passes above until one
+chunk is left. With the default chunk of 4096 columns the first pass is row_topk's (16 programs of 8
+warps for 16 x 4096 keys); narrower chunks (512 columns: 128 programs of one warp, whose maxima need no
+cross-warp barrier) trade that for more candidates in the second pass. The width is the switch
+LONGSPEC_TOPK_FIRST_BLOCK, a power of two read at import into `FLAT_FIRST_BLOCK_V` and checked when
+used; `main --flat` times widths against torch.topk and against row_topk run twice:
+
+    python -m longspec_lab.kernels.row_topk --flat --block-v 256,512,1024,4096
+
 Taught in: notebooks/02_tree_shapes.ipynb
 """
 
@@ -38,6 +50,8 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of registers over 8 warps
+# flat_topk's first-pass chunk width, a power of two (module docstring); checked when flat_topk uses it
+FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", str(MAX_BLOCK_V))
 _MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of each supported dtype
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
@@ -92,6 +106,19 @@ def _num_warps(block: int) -> int:
     return min(8, max(1, block // 512))  # 512 columns per warp: 16 int64 per thread at 4096
 
 
+def _one_pass(x: torch.Tensor, L: int, k: int, block: int) -> torch.Tensor:
+    """One launch: every chunk of `block` columns of every row keeps its k largest values, descending.
+    x [rows, >= L] with unit column stride -> [rows, n_chunks * k]."""
+    rows = x.shape[0]
+    n_chunks = triton.cdiv(L, block)
+    out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
+    _row_topk_kernel[(rows, n_chunks)](
+        x, out, L, x.stride(0), out.stride(0),
+        MIN=_MIN[x.dtype], K=k, BLOCK_V=block, num_warps=_num_warps(block),
+    )  # fmt: skip
+    return out
+
+
 def _launch(x: torch.Tensor, k: int, block_v: int) -> torch.Tensor:
     """Pass after pass of the kernel until one chunk per row is left. x [rows, L] with unit column stride."""
     rows, L = x.shape
@@ -99,15 +126,18 @@ def _launch(x: torch.Tensor, k: int, block_v: int) -> torch.Tensor:
         return x.new_empty(0, k)
     while True:
         block = _block_v(L, k, block_v)
-        n_chunks = triton.cdiv(L, block)
-        out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
-        _row_topk_kernel[(rows, n_chunks)](
-            x, out, L, x.stride(0), out.stride(0),
-            MIN=_MIN[x.dtype], K=k, BLOCK_V=block, num_warps=_num_warps(block),
-        )  # fmt: skip
-        if n_chunks == 1:
-            return out
-        x, L = out, n_chunks * k  # the candidates hold every row's top k: select again among them
+        x = _one_pass(x, L, k, block)  # [rows, n_chunks * k]
+        if L <= block:  # one chunk per row: x is [rows, k]
+            return x
+        L = x.shape[1]  # the candidates hold every row's top k: select again among them
+
+
+def _passes(L: int, k: int, block_v: int) -> int:
+    """How many launches `_launch` makes for rows of L columns."""
+    passes = 1
+    while L > _block_v(L, k, block_v):
+        L, passes = triton.cdiv(L, _block_v(L, k, block_v)) * k, passes + 1
+    return passes
 
 
 @torch.library.custom_op("longspec::row_topk", mutates_args=())
@@ -121,35 +151,104 @@ def _(x, k, block_v):
     return x.new_empty(x.shape[0], k)
 
 
+def _check_input(x, name: str) -> None:
+    """The checks `row_topk` and `flat_topk` share: a 2-D tensor of a supported dtype that the kernel can read."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} needs a 2-D tensor [rows, V], got {got}; reshape it to [rows, V]")
+    if x.dtype not in _MIN:
+        raise ValueError(
+            f"{name} supports int64 and float32, got {x.dtype}; convert with .to(torch.float32) "
+            "(or use torch.topk for other dtypes)"
+        )
+    if not (x.is_cuda or _INTERPRET):
+        raise ValueError(
+            f"{name} runs a Triton kernel and got a tensor on {x.device}; pass a CUDA tensor, or set "
+            "TRITON_INTERPRET=1 before importing longspec_lab.kernels.row_topk (on the CPU, "
+            "row_topk_reference / torch.topk gives the same values)"
+        )
+
+
+def _is_power_of_two(b) -> bool:
+    return not isinstance(b, bool) and isinstance(b, int) and b >= 1 and not b & (b - 1)
+
+
 def row_topk(x: torch.Tensor, k: int, block_v: int | None = None) -> torch.Tensor:
     """The k largest values of every row of x [rows, V], descending: [rows, k], equal to
     `torch.topk(x, k, dim=1).values` when each row's values are distinct (module docstring).
     x: int64 or float32, on CUDA (or on the CPU under TRITON_INTERPRET=1). block_v: the widest chunk
     one program reads, a power of two (default MAX_BLOCK_V); a row wider than that takes two or more
     passes (the tests force a small one to run that path)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"row_topk needs a 2-D tensor [rows, V], got {got}; reshape it to [rows, V]")
-    if x.dtype not in _MIN:
-        raise ValueError(
-            f"row_topk supports int64 and float32, got {x.dtype}; convert with .to(torch.float32) "
-            "(or use torch.topk for other dtypes)"
-        )
+    _check_input(x, "row_topk")
     V = x.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
         raise ValueError(f"row_topk needs an integer k in [1, V] = [1, {V}], got {k!r}; choose k <= the row length")
     block_v = MAX_BLOCK_V if block_v is None else block_v
-    if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+    if not _is_power_of_two(block_v):
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v!r}; e.g. {MAX_BLOCK_V}")
-    if not (x.is_cuda or _INTERPRET):
-        raise ValueError(
-            f"row_topk runs a Triton kernel and got a tensor on {x.device}; pass a CUDA tensor, or set "
-            "TRITON_INTERPRET=1 before importing longspec_lab.kernels.row_topk (on the CPU, "
-            "row_topk_reference / torch.topk gives the same values)"
-        )
     if x.stride(1) != 1:
         x = x.contiguous()
     return _row_topk_op(x, k, block_v)
+
+
+@torch.library.custom_op("longspec::flat_topk", mutates_args=())
+def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int) -> torch.Tensor:
+    """`torch.ops.longspec.flat_topk`: x [rows, V] (checked by `flat_topk`) -> [k], the k largest of all
+    of x, descending."""
+    rows, V = x.shape
+    kept = min(k, V)  # the global top k lies among every row's top min(k, V)
+    first = _one_pass(x, V, kept, _block_v(V, kept, first_block_v))  # [rows, n_chunks * kept]
+    if first.numel() == kept:  # one row of one chunk: kept == k (k <= rows * V = V), the answer already
+        return first.view(k)
+    return _launch(first.view(1, -1), k, MAX_BLOCK_V).view(k)  # the candidates as one row -> [k]
+
+
+@_flat_topk_op.register_fake
+def _(x, k, first_block_v):
+    return x.new_empty(k)
+
+
+def _flat_first_block() -> int:
+    """FLAT_FIRST_BLOCK_V (from LONGSPEC_TOPK_FIRST_BLOCK, or assigned at run time) as a power of two."""
+    value = FLAT_FIRST_BLOCK_V
+    block = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if not _is_power_of_two(block):
+        raise ValueError(
+            f"LONGSPEC_TOPK_FIRST_BLOCK={value!r} is not a power of two >= 1; unset it (default {MAX_BLOCK_V}) "
+            "or pick one such as 512"
+        )
+    return block
+
+
+def flat_topk(x: torch.Tensor, k: int, first_block_v: int | None = None) -> torch.Tensor:
+    """The k largest values of all of x [rows, V], descending: [k], equal to `torch.topk(x.flatten(), k).values`
+    and to `torch.topk(torch.topk(x, min(k, V), dim=1).values.flatten(), k).values` when the values are
+    distinct (module docstring). Requirements on x as `row_topk`; k in [1, rows * V]. first_block_v: the chunk
+    width of the first pass, a power of two (default FLAT_FIRST_BLOCK_V, the switch LONGSPEC_TOPK_FIRST_BLOCK);
+    the second pass and any after it read the candidates as one row in chunks of up to MAX_BLOCK_V."""
+    _check_input(x, "flat_topk")
+    rows, V = x.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rows * V:
+        raise ValueError(
+            f"flat_topk needs an integer k in [1, rows * V] = [1, {rows * V}], got {k!r}; "
+            "ask for at most as many values as x holds"
+        )
+    if first_block_v is None:
+        first_block_v = _flat_first_block()
+    elif not _is_power_of_two(first_block_v):
+        raise ValueError(f"first_block_v must be a power of two >= 1, got {first_block_v!r}; e.g. 512 or 4096")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _flat_topk_op(x, k, first_block_v)
+
+
+def _flat_launches(rows: int, V: int, k: int, first_block_v: int) -> tuple[int, int]:
+    """(launches, programs of the first launch) that `flat_topk` makes for x [rows, V]."""
+    kept = min(k, V)
+    n_chunks = triton.cdiv(V, _block_v(V, kept, first_block_v))
+    if rows * n_chunks == 1:
+        return 1, 1
+    return 1 + _passes(rows * n_chunks * kept, k, MAX_BLOCK_V), rows * n_chunks
 
 
 def _distinct_keys(rows: int, V: int, device, seed: int = 0) -> torch.Tensor:
@@ -170,7 +269,8 @@ def main(argv=None) -> int:
             "Time the Triton row top-k (repeated maximum, one program per row chunk) against torch.topk "
             "on distinct int64 keys of the shape the draft's beam level uses: rows = parents of a level, "
             "vocab = V, k = the level's width. Prints medians (us) launched eagerly (triton do_bench) and "
-            "replayed from a CUDA graph (do_bench_cudagraph, what the decoder's fast path sees)."
+            "replayed from a CUDA graph (do_bench_cudagraph, what the decoder's fast path sees). With --flat, "
+            "times the level's whole selection instead: flat_topk, the k largest of all rows x V keys."
         ),
     )
     ap.add_argument("--rows", type=int, default=16, help="rows of the key matrix (parents of a level; default 16)")
@@ -179,9 +279,17 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--block-v",
         default=str(MAX_BLOCK_V),
-        help="comma-separated chunk widths (powers of two) to time; a row wider than one takes two or more passes "
-        "(default %(default)s)",
+        help="comma-separated chunk widths (powers of two) to time; a row wider than one takes two or more passes; "
+        "with --flat, the widths of flat_topk's first pass (default %(default)s)",
     )
+    ap.add_argument(
+        "--flat",
+        action="store_true",
+        help="time flat_topk (one op: the k largest of all keys) with each --block-v width as its first-pass chunk, "
+        "against torch.topk twice (each row's top k, then the top k of those) and against row_topk twice "
+        "(the same two stages on the kernel)",
+    )
+    ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
     if a.rows < 1 or a.vocab < 1 or not 1 <= a.k <= a.vocab:
         ap.error(f"need rows >= 1, vocab >= 1 and 1 <= k <= vocab, got {a.rows}, {a.vocab}, {a.k}")
@@ -191,35 +299,90 @@ def main(argv=None) -> int:
         blocks = []
     if not blocks or any(b < 1 or b & (b - 1) for b in blocks):
         ap.error(f"--block-v must be comma-separated powers of two, e.g. 1024,4096; got {a.block_v!r}")
+    if a.out and os.path.exists(a.out):
+        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
     if not torch.cuda.is_available():
         ap.exit(
             2,
             "error: the benchmark times a GPU kernel and needs CUDA; on the CPU the tests run the kernel in "
             "Triton's interpreter (.venv/bin/pytest tests/unit/kernels/test_row_topk.py)\n",
         )
+    import json
+
     from triton.testing import do_bench, do_bench_cudagraph
 
+    def medians(fn) -> tuple[float, float]:
+        """(eager, CUDA-graph) median of fn, in us."""
+        eager = do_bench(fn, return_mode="median") * 1e3
+        return eager, do_bench_cudagraph(fn, return_mode="median") * 1e3
+
     x = _distinct_keys(a.rows, a.vocab, "cuda")
-    want = row_topk_reference(x, a.k)
-    torch_us = do_bench(lambda: row_topk_reference(x, a.k), return_mode="median") * 1e3
-    torch_graph_us = do_bench_cudagraph(lambda: row_topk_reference(x, a.k), return_mode="median") * 1e3
-    print(f"rows={a.rows} V={a.vocab} k={a.k} int64: torch.topk {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph")
-    for b in blocks:
-        got = row_topk(x, a.k, block_v=b)
-        if not torch.equal(got, want):
-            print(f"block_v={b}: the kernel DIFFERS from torch.topk")
+    report = {"rows": a.rows, "vocab": a.vocab, "k": a.k, "dtype": "int64", "flat": a.flat, "cases": []}
+    shape = f"rows={a.rows} V={a.vocab} k={a.k} int64"
+    if a.flat:
+
+        def reference():
+            return torch.topk(torch.topk(x, a.k, dim=1).values.reshape(-1), a.k).values  # [k]
+
+        def row_topk_twice():
+            return row_topk(row_topk(x, a.k).reshape(1, -1), a.k)[0]  # [k]: today's two stages on the kernel
+
+        want = reference()
+        if not torch.equal(row_topk_twice(), want):
+            print(f"{shape}: row_topk twice DIFFERS from torch.topk")
             return 1
-        ours = do_bench(lambda: row_topk(x, a.k, block_v=b), return_mode="median") * 1e3
-        ours_graph = do_bench_cudagraph(lambda: row_topk(x, a.k, block_v=b), return_mode="median") * 1e3
-        passes = 1
-        L = a.vocab
-        while triton.cdiv(L, _block_v(L, a.k, b)) > 1:
-            L, passes = triton.cdiv(L, _block_v(L, a.k, b)) * a.k, passes + 1
+        torch_us, torch_graph_us = medians(reference)
+        twice_us, twice_graph_us = medians(row_topk_twice)
+        twice_launches = _passes(a.vocab, a.k, MAX_BLOCK_V) + _passes(a.rows * a.k, a.k, MAX_BLOCK_V)
+        report.update(
+            torch_us=torch_us, torch_graph_us=torch_graph_us, row_topk_twice_us=twice_us,
+            row_topk_twice_graph_us=twice_graph_us, row_topk_twice_launches=twice_launches,
+        )  # fmt: skip
         print(
-            f"block_v={b} ({passes} pass{'es' if passes > 1 else ''}): row_topk {ours:.1f} us eager "
-            f"(ratio {ours / torch_us:.2f}), {ours_graph:.1f} us graph (ratio {ours_graph / torch_graph_us:.2f}); "
-            "equal to torch.topk"
+            f"{shape}: torch.topk twice {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph; row_topk twice "
+            f"({twice_launches} launches) {twice_us:.1f} us eager, {twice_graph_us:.1f} us graph"
         )
+        for b in blocks:
+            got = flat_topk(x, a.k, first_block_v=b)
+            if not torch.equal(got, want):
+                print(f"first_block_v={b}: flat_topk DIFFERS from torch.topk")
+                return 1
+            ours, ours_graph = medians(lambda: flat_topk(x, a.k, first_block_v=b))
+            launches, programs = _flat_launches(a.rows, a.vocab, a.k, b)
+            report["cases"].append(
+                {"first_block_v": b, "launches": launches, "first_programs": programs, "us": ours,
+                 "graph_us": ours_graph}
+            )  # fmt: skip
+            print(
+                f"first_block_v={b} ({launches} launches, {programs} programs in the first): flat_topk "
+                f"{ours:.1f} us eager (vs row_topk twice {ours / twice_us:.2f}, vs torch {ours / torch_us:.2f}), "
+                f"{ours_graph:.1f} us graph (vs row_topk twice {ours_graph / twice_graph_us:.2f}, "
+                f"vs torch {ours_graph / torch_graph_us:.2f}); equal to torch.topk"
+            )
+    else:
+        want = row_topk_reference(x, a.k)
+        torch_us, torch_graph_us = medians(lambda: row_topk_reference(x, a.k))
+        report.update(torch_us=torch_us, torch_graph_us=torch_graph_us)
+        print(f"{shape}: torch.topk {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph")
+        for b in blocks:
+            got = row_topk(x, a.k, block_v=b)
+            if not torch.equal(got, want):
+                print(f"block_v={b}: the kernel DIFFERS from torch.topk")
+                return 1
+            ours, ours_graph = medians(lambda: row_topk(x, a.k, block_v=b))
+            passes = _passes(a.vocab, a.k, b)
+            report["cases"].append({"block_v": b, "passes": passes, "us": ours, "graph_us": ours_graph})
+            print(
+                f"block_v={b} ({passes} pass{'es' if passes > 1 else ''}): row_topk {ours:.1f} us eager "
+                f"(ratio {ours / torch_us:.2f}), {ours_graph:.1f} us graph (ratio {ours_graph / torch_graph_us:.2f}); "
+                "equal to torch.topk"
+            )
+    if a.out:
+        from longspec_lab.provenance import stamp
+
+        with open(a.out, "x") as f:
+            f.write(json.dumps(stamp(report, torch.device("cuda"), torch.int64), indent=1) + "\n")
+        print(f"wrote {a.out}")
     return 0
 
 

@@ -12,8 +12,11 @@ keys are (their low 32 bits hold the flat index), so the switch never changes a 
     "triton"  the kernel always; on the CPU it needs TRITON_INTERPRET=1 (the tests use this)
 `flat_topk_values(x, k)` is the beam's whole selection, the k largest of all n x V keys, in two
 stages: each row's top-min(k, V), then the top-k of those n x min(k, V) winners (the global top-k lies
-among them). On the kernel path both stages are the kernel; torch.topk's own top-k of a few hundred
-values costs two more kernels (a radix select and a sort, 8 us on the H200).
+among them). torch.topk's own top-k of a few hundred values costs two more kernels (a radix select and
+a sort, 8 us on the H200), so on the kernel path (the same choice as `row_topk_values`) both stages are
+the kernel, as one op: `kernels/row_topk.py: flat_topk`. Its first stage may split each row into
+narrower chunks, whose winners all go to the second stage; the width is a second switch,
+LONGSPEC_TOPK_FIRST_BLOCK (a power of two, default 4096: one chunk per row of up to 4096 keys).
 
 The switch is the environment variable LONGSPEC_ROW_TOPK, read at import into `ROW_TOPK`; set
 `LONGSPEC_ROW_TOPK=torch` to force torch.topk everywhere, or assign `ROW_TOPK` at run time.
@@ -33,11 +36,16 @@ CHOICES = ("auto", "torch", "triton")
 ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module docstring)
 
 
+def _use_kernel(x: torch.Tensor) -> bool:
+    """Whether the switch (module docstring) sends x to the Triton kernel."""
+    choice = checked("LONGSPEC_ROW_TOPK", ROW_TOPK, CHOICES)
+    return choice == "triton" or (choice == "auto" and x.is_cuda and HAS_TRITON)
+
+
 def row_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest values of every row of x [rows, V], descending: [rows, k]. The rows' values must
     be distinct for the kernel to equal torch.topk (kernels/row_topk.py)."""
-    choice = checked("LONGSPEC_ROW_TOPK", ROW_TOPK, CHOICES)
-    if choice == "triton" or (choice == "auto" and x.is_cuda and HAS_TRITON):
+    if _use_kernel(x):
         from longspec_lab.kernels.row_topk import row_topk
 
         return row_topk(x, k)
@@ -49,5 +57,9 @@ def flat_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
     n, V = x.shape
     if not 1 <= k <= n * V:
         raise ValueError(f"k must be in [1, n * V] = [1, {n * V}], got {k}; ask for at most as many values as x holds")
-    first = row_topk_values(x, min(k, V))  # [n, min(k, V)]
-    return row_topk_values(first.reshape(1, -1), k)[0]  # [k]
+    if _use_kernel(x):
+        from longspec_lab.kernels.row_topk import flat_topk
+
+        return flat_topk(x, k)  # both stages in one op
+    first = torch.topk(x, min(k, V), dim=1).values  # [n, min(k, V)]
+    return torch.topk(first.reshape(-1), k).values  # [k]

@@ -1,13 +1,18 @@
 """Row top-k by repeated maximum (kernels/row_topk.py) in Triton's CPU interpreter against torch.topk, on
 seeded distinct int64 keys (shaped like beam_level's) and float32 values: one chunk and several passes,
 V not a power of two, V = 1, k = 1, k = V, negative keys and the dtype's minimum itself; the registered
-op's fake version (opcheck) and a fullgraph trace; and the errors for bad input."""
+op's fake version (opcheck) and a fullgraph trace; and the errors for bad input.
+
+The same for flat_topk, the k largest of all rows x V values as one op: first-pass chunks narrower than
+2k, one row, k above V, candidates wide enough for two more passes, the launches it makes, its
+first-chunk switch (LONGSPEC_TOPK_FIRST_BLOCK) and ops.topk.flat_topk_values compiled with fullgraph."""
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel module's @triton.jit definitions
 
 import importlib  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -19,6 +24,7 @@ if _MOD in sys.modules and not sys.modules[_MOD]._INTERPRET:
 import longspec_lab.kernels.row_topk as rt  # noqa: E402
 
 OP = torch.ops.longspec.row_topk
+FLAT_OP = torch.ops.longspec.flat_topk
 
 
 def _keys(rows, V, seed):
@@ -129,4 +135,178 @@ def test_main_without_cuda_explains(capsys):
         pytest.skip("this checks the CPU message")
     with pytest.raises(SystemExit) as e:
         rt.main(["--rows", "2", "--vocab", "8", "--k", "2"])
+    assert e.value.code == 2 and "needs CUDA" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- flat_topk
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The grid of every launch of the kernel, in order."""
+    grids = []
+    kernel = rt._row_topk_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(rt, "_row_topk_kernel", Spy())
+    return grids
+
+
+def _flat_reference(x, k):
+    """The two stages flat_topk_values defines: each row's top min(k, V), then the top k of those."""
+    return torch.topk(torch.topk(x, min(k, x.shape[1]), dim=1).values.reshape(-1), k).values  # [k]
+
+
+FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, 4096 here), first grid, launches
+    (16, 512, 16, 64, (16, 8), 2),  # a beam level in narrow chunks: 128 programs, 2048 candidates in one row
+    (16, 1000, 16, None, (16, 1), 2),  # the default: one chunk per row, V not a power of two
+    (4, 300, 5, 8, (4, 19), 2),  # first_block_v below 2k: the chunk widens to 16; the last chunk holds 12
+    (1, 100, 7, None, (1, 1), 1),  # one row in one chunk: its top k is the answer, no second launch
+    (1, 100, 7, 16, (1, 7), 2),  # one row in several chunks
+    (3, 50, 1, 16, (3, 4), 2),  # k = 1
+    (4, 8, 20, 4, (4, 1), 2),  # k above V: each row keeps all 8 of its values, then the top 20 of 32
+    (5, 3, 15, None, (5, 1), 2),  # k = rows * V: every value, sorted
+    (2, 1, 2, None, (2, 1), 2),  # V = 1
+]
+
+
+@pytest.mark.parametrize("rows, V, k, first_block_v, grid, n_launches", FLAT_CASES)
+def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, launches):
+    x = rt._distinct_keys(rows, V, "cpu", seed=rows * 1000 + V + k)
+    got = rt.flat_topk(x, k, first_block_v=first_block_v)
+    assert got.dtype == torch.int64 and got.shape == (k,)
+    assert torch.equal(got, _flat_reference(x, k))
+    assert torch.equal(got, torch.sort(x.flatten(), descending=True).values[:k])  # an independent definition
+    assert launches[0] == grid and len(launches) == n_launches
+    assert rt._flat_launches(rows, V, k, first_block_v or 4096) == (n_launches, grid[0] * grid[1])
+
+
+def test_flat_candidates_wider_than_a_chunk_take_two_more_passes(monkeypatch, launches):
+    """With MAX_BLOCK_V at 64 the 312 candidates of the first pass are read as 5 chunks, then 30 values
+    as one: three launches, and the answer still the global top k."""
+    monkeypatch.setattr(rt, "MAX_BLOCK_V", 64)
+    x = rt._distinct_keys(4, 200, "cpu", seed=20)
+    x[3, 199] = x.max() + 1  # the maximum in the last chunk of the last row
+    got = rt.flat_topk(x, 6, first_block_v=16)
+    assert launches == [(4, 13), (1, 5), (1, 1)]  # 4 x 13 chunks x 6 = 312 -> 5 x 6 = 30 -> 6
+    assert rt._flat_launches(4, 200, 6, 16) == (3, 52)
+    assert int(got[0]) == int(x[3, 199]) and torch.equal(got, _flat_reference(x, 6))
+
+
+@pytest.mark.parametrize("rows, V, k, first_block_v", [(3, 200, 10, 32), (4, 8, 20, 4), (2, 37, 37, None)])
+def test_flat_topk_float32(rows, V, k, first_block_v):
+    x = _floats(rows, V, seed=rows + V + k)
+    got = rt.flat_topk(x, k, first_block_v=first_block_v)
+    assert got.dtype == torch.float32 and torch.equal(got, _flat_reference(x, k))
+
+
+def test_flat_topk_negative_keys_and_the_dtype_minimum():
+    """The padding of a short last chunk (the dtype's minimum) never displaces a real value, and the minimum
+    as a real key still comes out last when every value is asked for."""
+    x = -rt._distinct_keys(2, 33, "cpu", seed=22).abs() - 1
+    x[0, 13] = torch.iinfo(torch.int64).min
+    for k, b in [(3, 16), (66, 16), (66, None)]:  # 33 = 16 + 16 + 1: the last chunk pads 2 of its 3 outputs
+        assert torch.equal(rt.flat_topk(x, k, first_block_v=b), _flat_reference(x, k))
+    f = _floats(2, 40, seed=23) - 1000.0
+    f[1, 5] = float("-inf")
+    assert torch.equal(rt.flat_topk(f, 80, first_block_v=16), torch.sort(f.flatten(), descending=True).values)
+
+
+def test_flat_topk_strided_input():
+    x = rt._distinct_keys(30, 6, "cpu", seed=24).t()  # [6, 30], column stride 6: made contiguous
+    assert torch.equal(rt.flat_topk(x, 9, first_block_v=8), _flat_reference(x, 9))
+
+
+def test_flat_topk_bad_input_errors(monkeypatch):
+    x = rt._distinct_keys(2, 10, "cpu", seed=25)
+    with pytest.raises(ValueError, match="flat_topk needs a 2-D tensor"):
+        rt.flat_topk(x.flatten(), 3)
+    with pytest.raises(ValueError, match="flat_topk supports int64 and float32, got torch.int32"):
+        rt.flat_topk(x.int(), 3)
+    for k in (0, 21, 2.0, True):
+        with pytest.raises(ValueError, match=r"integer k in \[1, rows \* V\] = \[1, 20\]"):
+            rt.flat_topk(x, k)
+    for b in (12, 0, True, 4.0):
+        with pytest.raises(ValueError, match="first_block_v must be a power of two"):
+            rt.flat_topk(x, 3, first_block_v=b)
+    monkeypatch.setattr(rt, "_INTERPRET", False)  # as on a machine without TRITON_INTERPRET=1
+    with pytest.raises(ValueError, match="flat_topk runs a Triton kernel .* CUDA tensor, or set TRITON_INTERPRET=1"):
+        rt.flat_topk(x, 3)
+
+
+def test_flat_first_block_switch(monkeypatch, launches):
+    """FLAT_FIRST_BLOCK_V (a string from the environment, or an int assigned at run time) sets the first
+    pass's chunk; a value that is not a power of two is an error naming the variable."""
+    x = rt._distinct_keys(2, 300, "cpu", seed=26)
+    for value, grid in [("64", (2, 5)), (128, (2, 3)), ("4096", (2, 1))]:
+        monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", value)
+        launches.clear()
+        assert torch.equal(rt.flat_topk(x, 4), _flat_reference(x, 4)) and launches[0] == grid
+    for bad in ("512.0", "abc", "", "0", "12", 12, True):
+        monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", bad)
+        with pytest.raises(ValueError, match=r"LONGSPEC_TOPK_FIRST_BLOCK=.* is not a power of two"):
+            rt.flat_topk(x, 4)
+    assert torch.equal(rt.flat_topk(x, 4, first_block_v=32), _flat_reference(x, 4))  # an argument overrides it
+
+
+def test_flat_first_block_from_the_environment():
+    """The module reads LONGSPEC_TOPK_FIRST_BLOCK at import (in a fresh interpreter: reloading the module here
+    would register its ops again and leave this file's op handles stale)."""
+    code = "import longspec_lab.kernels.row_topk as rt; print(repr(rt.FLAT_FIRST_BLOCK_V), rt._flat_first_block())"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LONGSPEC_TOPK_FIRST_BLOCK": "512"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["'512'", "512"]
+
+
+def test_flat_op_opcheck():
+    x = rt._distinct_keys(3, 20, "cpu", seed=27)
+    torch.library.opcheck(FLAT_OP, (x, 4, 8))
+    torch.library.opcheck(FLAT_OP, (x[:1], 4, 32))  # one row, one chunk: the first pass is the answer
+
+
+def test_flat_topk_values_compiles_to_one_graph_with_the_op(monkeypatch):
+    """ops.topk.flat_topk_values with the kernel selected, under torch.compile(fullgraph=True): no graph
+    break, one flat_topk op in the graph (not two row_topk's), and the same values with aot_eager, which
+    runs the op's fake version."""
+    import longspec_lab.ops.topk as topk
+
+    monkeypatch.setattr(topk, "ROW_TOPK", "triton")
+    monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", "16")  # several chunks per row
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def select(x):
+        return topk.flat_topk_values(x, 8) - 1
+
+    x = rt._distinct_keys(4, 50, "cpu", seed=28)
+    want = _flat_reference(x, 8) - 1
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(select, fullgraph=True, backend=spy)(x), want)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(FLAT_OP.default) == 1 and OP.default not in targets, targets
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(select, fullgraph=True, backend="aot_eager")(x), want)
+    monkeypatch.setattr(topk, "ROW_TOPK", "torch")
+    assert torch.equal(select(x), want)
+
+
+def test_main_flat_without_cuda_or_with_an_existing_out(capsys, tmp_path):
+    out = tmp_path / "flat.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        rt.main(["--flat", "--out", str(out)])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(SystemExit) as e:
+        rt.main(["--flat", "--block-v", "16,64", "--rows", "2", "--vocab", "8", "--k", "2"])
     assert e.value.code == 2 and "needs CUDA" in capsys.readouterr().err

@@ -24,13 +24,13 @@ from longspec_lab.spec.draft import beam_level  # noqa: E402
 def kernel_calls(monkeypatch):
     """Counts the calls that reach the Triton kernel's entry point."""
     calls = []
-    real = rt.row_topk
+    real = rt.flat_topk
 
-    def counting(x, k, block_v=None):
+    def counting(x, k, first_block_v=None):
         calls.append((tuple(x.shape), k))
-        return real(x, k, block_v)
+        return real(x, k, first_block_v)
 
-    monkeypatch.setattr(rt, "row_topk", counting)
+    monkeypatch.setattr(rt, "flat_topk", counting)
     return calls
 
 
@@ -51,8 +51,8 @@ def test_triton_and_torch_give_the_same_level(n, V, width, kernel_calls, monkeyp
     assert kernel_calls == []
     monkeypatch.setattr(topk, "ROW_TOPK", "triton")
     got = beam_level(parents, lp, width)
-    # both stages went through the kernel: each row's top-min(w, V), then the top-w of those winners
-    assert kernel_calls == [((n, V), min(width, V)), ((1, n * min(width, V)), width)]
+    # both stages went through the kernel, as one op: each row's top-min(w, V), then the top-w of those winners
+    assert kernel_calls == [((n, V), width)]
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.equal(a, b)
     pairs = sorted(((-(parents[i] + lp[i, j]).item(), i * V + j) for i in range(n) for j in range(V)))[:width]
@@ -95,7 +95,7 @@ def test_beam_level_compiles_to_one_graph_with_the_op(monkeypatch):
     got = torch.compile(beam_level, fullgraph=True, backend=spy)(parents, lp, 8)
     assert len(graphs) == 1
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert torch.ops.longspec.row_topk.default in targets, targets
+    assert torch.ops.longspec.flat_topk.default in targets, targets
     monkeypatch.setattr(topk, "ROW_TOPK", "torch")
     for a, b in zip(got, beam_level(parents, lp, 8)):
         assert torch.equal(a, b)
