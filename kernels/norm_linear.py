@@ -183,10 +183,22 @@ def _rope_epilogue(
         tl.store(c_rows + HALF, hi.to(dt), mask=ok)
 
 
+SMALL_WEIGHT = 1 << 20  # weights [N, K] of at most this many elements take the small-matrix tiles below
+
+
 def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows, N output columns and K inputs: the smallest matrix row
-    tile that holds M (16 up to 64), 64 columns for wide projections (enough programs to stream a large
-    weight), 32 for narrow ones, and K steps of up to 128."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows, N output columns and K inputs.
+
+    Small weights (the embedded model's): the matrix unit's smallest row tile (16) whatever M, so a 72-row
+    verification spreads over 5 row tiles; K steps of up to 256 (one step for K = 256); 32 columns a program
+    for several row tiles and wide outputs, 16 otherwise. Picked from the tile sweep on the H200
+    (`main --sweep`, data/results/norm_linear_tiles_h200.json, 2026-12-04): per call 2.9 -> 2.4 us for the
+    1-row q/k/v projection and 4.5 -> 2.7 us (q/k/v), 5.2 -> 3.3 us (gate/up) at 72 rows, against the
+    earlier rule that follows (still the rule for large weights, where cuBLAS is used in "auto" anyway):
+    the smallest row tile that holds M (16 up to 64), 64 columns for wide projections, 32 for narrow ones,
+    and K steps of up to 128."""
+    if N * K <= SMALL_WEIGHT:
+        return 16, 32 if M > 16 and N >= 512 else 16, min(256, max(16, triton.next_power_of_2(K)))
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     block_n = 64 if N >= 2048 else 32
     block_k = min(128, max(16, triton.next_power_of_2(K)))

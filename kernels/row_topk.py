@@ -31,11 +31,13 @@ op (its fake version states the output shape). `main` times the kernel against t
 largest of all rows x V values, [k] descending, equal to `torch.topk(x.flatten(), k).values` under the
 same precondition. Its first pass keeps the top min(k, V) of every chunk of `first_block_v` columns,
 [rows, n_chunks * min(k, V)]; those candidates, read as ONE row, go through the passes above until one
-chunk is left. With the default chunk of 4096 columns the first pass is row_topk's (16 programs of 8
-warps for 16 x 4096 keys); narrower chunks (512 columns: 128 programs of one warp, whose maxima need no
-cross-warp barrier) trade that for more candidates in the second pass. The width is the switch
-LONGSPEC_TOPK_FIRST_BLOCK, a power of two read at import into `FLAT_FIRST_BLOCK_V` and checked when
-used; `main --flat` times widths against torch.topk and against row_topk run twice:
+chunk is left. A chunk of 4096 columns makes the first pass row_topk's (16 programs of 8 warps for
+16 x 4096 keys); narrower chunks (512 columns: 128 programs of one warp, whose maxima need no cross-warp
+barrier) trade that for more candidates in the second pass. Timed on the H200 from CUDA graphs (2026-12-04,
+data/results/row_topk_flat_h200.json), 16 x 4096 keys, k = 16: 11.3 us at 512 (the default), 12.5 us at
+4096, 12.6 us for row_topk run twice, 32.4 us for torch.topk twice. The width is the switch
+LONGSPEC_TOPK_FIRST_BLOCK, a power of two read at import into `FLAT_FIRST_BLOCK_V` and checked when used;
+`main --flat` times widths against torch.topk and against row_topk run twice:
 
     python -m longspec_lab.kernels.row_topk --flat --block-v 256,512,1024,4096
 
@@ -51,7 +53,7 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of registers over 8 warps
 # flat_topk's first-pass chunk width, a power of two (module docstring); checked when flat_topk uses it
-FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", str(MAX_BLOCK_V))
+FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", "512")
 _MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of each supported dtype
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
@@ -214,7 +216,7 @@ def _flat_first_block() -> int:
     block = int(value) if isinstance(value, str) and value.strip().isdigit() else value
     if not _is_power_of_two(block):
         raise ValueError(
-            f"LONGSPEC_TOPK_FIRST_BLOCK={value!r} is not a power of two >= 1; unset it (default {MAX_BLOCK_V}) "
+            f"LONGSPEC_TOPK_FIRST_BLOCK={value!r} is not a power of two >= 1; unset it (default 512) "
             "or pick one such as 512"
         )
     return block

@@ -17,6 +17,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
   e2e_masked_math  the same three methods with LONGSPEC_MASKED_ATTN=math (the draft's window attention written
                    out instead of SDPA's cuDNN kernel) into OUT_DIR/masked_math, to compare with e2e_h200.json
+  e2e_masked_sdpa  the same with LONGSPEC_MASKED_ATTN=sdpa (one SDPA call, cuDNN's kernel, for every level; the
+                   default "auto" writes a tree level's attention out) into OUT_DIR/masked_sdpa
   e2e_masked_efficient  the same with LONGSPEC_MASKED_ATTN=efficient (SDPA held to its memory-efficient kernel)
                    into OUT_DIR/masked_efficient
   e2e_base         the A side for the three above in the same call: the same three methods with the default
@@ -90,6 +92,7 @@ def jobs(out: Path) -> dict:
         "e2e_base": _ab_job(out / "base"),
         "e2e_norm_linear": _ab_job(out / "norm_linear_off", "LONGSPEC_NORM_LINEAR", "off"),
         "e2e_masked_math": _ab_job(out / "masked_math", "LONGSPEC_MASKED_ATTN", "math"),
+        "e2e_masked_sdpa": _ab_job(out / "masked_sdpa", "LONGSPEC_MASKED_ATTN", "sdpa"),
         "e2e_masked_efficient": _ab_job(out / "masked_efficient", "LONGSPEC_MASKED_ATTN", "efficient"),
         "e2e_qkv_rope": _ab_job(out / "qkv_rope", "LONGSPEC_QKV_ROPE", "on"),
         "agreement": (

@@ -31,18 +31,21 @@ from longspec_lab.ops.switches import checked
 
 BACKENDS = ("torch", "sdpa", "triton")
 # How `masked_sdpa` (the draft's window attention) computes:
-#   "sdpa" (default)  one scaled_dot_product_attention call, which on the H200 picks cuDNN (12.8 us for a
+#   "auto" (default)  "math" for several query rows on CUDA (a tree level), "sdpa" otherwise (a chain level's
+#                     one row, and the CPU);
+#   "sdpa"            one scaled_dot_product_attention call, which on the H200 picks cuDNN (12.8 us for a
 #                     16-row tree level, profile_ab_base_h200.json);
 #   "efficient"       the same call held to SDPA's memory-efficient kernel (math where that is missing, as on
 #                     the CPU);
 #   "math"            the grouped softmax written out (`_part`), which torch.compile fuses around two small
 #                     matmuls; on CUDA in half precision the matmuls run on the tensor cores with float32
 #                     outputs (`_mm_f32`), as a flash kernel does.
-# The first "math" (float32 matmuls) was measured slower (H200, 2026-12-04, e2e_ab_masked_math_h200.json against
-# e2e_ab_base_h200.json, one call): a tree level 92.3 us against 82.1, a chain level 75.4 against 63.8; cuBLAS
-# ran the float32 matmul on the FP32 units, an sm80 FFMA GEMM of 14.9 us (profile_ab_masked_math_h200.json).
-MASKED_CHOICES = ("sdpa", "efficient", "math")
-MASKED_ATTN = os.environ.get("LONGSPEC_MASKED_ATTN", "sdpa")
+# Measured on the H200 (2026-12-04, e2e_ab_*_h200.json, AR + chain gamma 5 + the default tree): a tree level
+# took 82.1 us with "sdpa", 75.4 with "math", 100.2 with "efficient"; a chain level 63.8, 66.6 and 84.2. A
+# first "math" with float32 matmuls took 92.3 and 75.4: cuBLAS ran them on the FP32 units (an sm80 FFMA GEMM
+# of 14.9 us where cuDNN's whole attention takes 12.8 us, profile_ab_masked_math_h200.json).
+MASKED_CHOICES = ("auto", "sdpa", "efficient", "math")
+MASKED_ATTN = os.environ.get("LONGSPEC_MASKED_ATTN", "auto")
 
 
 def default_backend(device) -> str:
@@ -139,10 +142,12 @@ def masked_sdpa(q, k, v, mask):
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible).
     The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
     mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
-    With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion); with
-    "efficient" SDPA may use only its memory-efficient kernel (or math)."""
+    With MASKED_ATTN "math" (and "auto" for several rows on CUDA) the same attention is written out over the
+    grouped heads (no expansion); with "efficient" SDPA may use only its memory-efficient kernel (or math)."""
     G = q.shape[1] // k.shape[1]
     form = checked("LONGSPEC_MASKED_ATTN", MASKED_ATTN, MASKED_CHOICES)
+    if form == "auto":
+        form = "math" if q.is_cuda and q.shape[2] > 1 else "sdpa"
     if form == "math":
         B, Hq, T, D = q.shape
         rows = mask.repeat(G, 1) if mask.shape[0] == T and G > 1 else mask  # [G*T or 1, S]

@@ -88,11 +88,18 @@ def test_bad_inputs_name_the_problem(mutate, words):
         nl.norm_linear(**kw)
 
 
-@pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 512, 256), (1, 14336, 4096), (300, 64, 8)])
-def test_tiles_hold_the_rows_and_fit_the_matrix_unit(M, N, K):
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 512, 256), (1, 14336, 4096), (300, 64, 8),
+                                     (72, 256, 768), (16, 768, 256), (5, 6144, 4096)])  # fmt: skip
+def test_tiles_fit_the_matrix_unit_and_the_weight(M, N, K):
+    """Power-of-two tiles the matrix unit takes (>= 16 rows), no wider than needed: small weights get 16-row
+    tiles and K steps up to 256, large ones the row tile that holds M (up to 64) and K steps up to 128."""
     bm, bn, bk = nl.tiles(M, N, K)
-    assert 16 <= bm <= 64 and (bm >= M or bm == 64) and bm & (bm - 1) == 0
-    assert bn in (32, 64) and 16 <= bk <= 128 and bk & (bk - 1) == 0
+    assert all(t >= 16 and t & (t - 1) == 0 for t in (bm, bn, bk))
+    assert bk <= max(16, 1 << (K - 1).bit_length())  # the next power of two
+    if N * K <= nl.SMALL_WEIGHT:
+        assert bm == 16 and bn in (16, 32) and bk <= 256
+    else:
+        assert bm <= 64 and (bm >= M or bm == 64) and bn in (32, 64) and bk <= 128
 
 
 @pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 64, 96)])

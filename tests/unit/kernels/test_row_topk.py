@@ -161,7 +161,7 @@ def _flat_reference(x, k):
     return torch.topk(torch.topk(x, min(k, x.shape[1]), dim=1).values.reshape(-1), k).values  # [k]
 
 
-FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, 4096 here), first grid, launches
+FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, pinned to 4096), first grid, launches
     (16, 512, 16, 64, (16, 8), 2),  # a beam level in narrow chunks: 128 programs, 2048 candidates in one row
     (16, 1000, 16, None, (16, 1), 2),  # the default: one chunk per row, V not a power of two
     (4, 300, 5, 8, (4, 19), 2),  # first_block_v below 2k: the chunk widens to 16; the last chunk holds 12
@@ -175,7 +175,8 @@ FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, 4096 here
 
 
 @pytest.mark.parametrize("rows, V, k, first_block_v, grid, n_launches", FLAT_CASES)
-def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, launches):
+def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, launches, monkeypatch):
+    monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", "4096")
     x = rt._distinct_keys(rows, V, "cpu", seed=rows * 1000 + V + k)
     got = rt.flat_topk(x, k, first_block_v=first_block_v)
     assert got.dtype == torch.int64 and got.shape == (k,)
@@ -257,10 +258,10 @@ def test_flat_first_block_from_the_environment():
     """The module reads LONGSPEC_TOPK_FIRST_BLOCK at import (in a fresh interpreter: reloading the module here
     would register its ops again and leave this file's op handles stale)."""
     code = "import longspec_lab.kernels.row_topk as rt; print(repr(rt.FLAT_FIRST_BLOCK_V), rt._flat_first_block())"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LONGSPEC_TOPK_FIRST_BLOCK": "512"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LONGSPEC_TOPK_FIRST_BLOCK": "1024"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["'512'", "512"]
+    assert run.stdout.split() == ["'1024'", "1024"]
 
 
 def test_flat_op_opcheck():

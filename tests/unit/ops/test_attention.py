@@ -42,3 +42,15 @@ def test_mm_f32_multiplies_exactly_representable_inputs_exactly(dtype, a_shape, 
     got = attention._mm_f32(a, b)
     assert got.dtype == torch.float32
     assert torch.equal(got.double(), a.double() @ b.double())
+
+
+def test_auto_is_one_sdpa_call_on_the_cpu(monkeypatch):
+    """ "auto" writes the attention out only on CUDA; on the CPU it is exactly the "sdpa" form."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 6, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
+    mask = torch.rand(6, 9, generator=g) < 0.5
+    mask[:, 0] = True
+    monkeypatch.setattr(attention, "MASKED_ATTN", "sdpa")
+    want = attention.masked_sdpa(q, k, k, mask)
+    monkeypatch.setattr(attention, "MASKED_ATTN", "auto")
+    assert torch.equal(attention.masked_sdpa(q, k, k, mask), want)
