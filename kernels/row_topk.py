@@ -318,6 +318,13 @@ def main(argv=None) -> int:
         eager = do_bench(fn, return_mode="median") * 1e3
         return eager, do_bench_cudagraph(fn, return_mode="median") * 1e3
 
+    def checked_medians(fn, want, what: str):
+        """medians(fn) once fn is seen to return `want`; None, after saying so, if it does not."""
+        if not torch.equal(fn(), want):
+            print(f"{what} DIFFERS from torch.topk")
+            return None
+        return medians(fn)
+
     x = _distinct_keys(a.rows, a.vocab, "cuda")
     report = {"rows": a.rows, "vocab": a.vocab, "k": a.k, "dtype": "int64", "flat": a.flat, "cases": []}
     shape = f"rows={a.rows} V={a.vocab} k={a.k} int64"
@@ -345,11 +352,10 @@ def main(argv=None) -> int:
             f"({twice_launches} launches) {twice_us:.1f} us eager, {twice_graph_us:.1f} us graph"
         )
         for b in blocks:
-            got = flat_topk(x, a.k, first_block_v=b)
-            if not torch.equal(got, want):
-                print(f"first_block_v={b}: flat_topk DIFFERS from torch.topk")
+            timed = checked_medians(lambda: flat_topk(x, a.k, first_block_v=b), want, f"first_block_v={b}: flat_topk")
+            if timed is None:
                 return 1
-            ours, ours_graph = medians(lambda: flat_topk(x, a.k, first_block_v=b))
+            ours, ours_graph = timed
             launches, programs = _flat_launches(a.rows, a.vocab, a.k, b)
             report["cases"].append(
                 {"first_block_v": b, "launches": launches, "first_programs": programs, "us": ours,
@@ -367,11 +373,10 @@ def main(argv=None) -> int:
         report.update(torch_us=torch_us, torch_graph_us=torch_graph_us)
         print(f"{shape}: torch.topk {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph")
         for b in blocks:
-            got = row_topk(x, a.k, block_v=b)
-            if not torch.equal(got, want):
-                print(f"block_v={b}: the kernel DIFFERS from torch.topk")
+            timed = checked_medians(lambda: row_topk(x, a.k, block_v=b), want, f"block_v={b}: the kernel")
+            if timed is None:
                 return 1
-            ours, ours_graph = medians(lambda: row_topk(x, a.k, block_v=b))
+            ours, ours_graph = timed
             passes = _passes(a.vocab, a.k, b)
             report["cases"].append({"block_v": b, "passes": passes, "us": ours, "graph_us": ours_graph})
             print(
