@@ -43,7 +43,8 @@ AUTO_MAX_WEIGHT = 1 << 20  # "auto": largest weight [N, K] (elements) that goes 
 # kernel time, plus their launches). Off by default: timed against the default in one H200 call (2026-12-04,
 # e2e_ab_qkv_rope_h200.json against e2e_ab_base_h200.json) it took an AR step from 71 to 66 kernels and from
 # 183.1 to 179.9 us, a chain's 6-row verify from 221.1 to 215.6 us, and the 72-row tree verify from 294.6 to
-# 296.0 us: within the spread of one run, so the separate ops stay the default.
+# 296.0 us: within the spread of one run, so the separate ops stay the default. That A/B ran before the
+# projections took the swept tiles (kernels/norm_linear.py: tiles); docs/GPU_JOBS.md lists the re-run.
 QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "off")
 
 
