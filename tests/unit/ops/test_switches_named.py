@@ -22,4 +22,4 @@ def test_every_switch_in_the_help_is_read_by_the_package():
         m = re.search(rf'os\.environ\.get\("{name}", "([^"]*)"\)', src)
         assert m, f"the help names {name}, which no module reads"
         default = m.group(1)
-        assert values.split("/")[0] == default, f"{name}: the help lists {values!r} first, the code defaults to {default!r}"
+        assert values.split("/")[0] == default, f"{name}: the help lists {values!r} first, the default is {default!r}"
