@@ -183,7 +183,9 @@ def _rope_epilogue(
         tl.store(c_rows + HALF, hi.to(dt), mask=ok)
 
 
-SMALL_WEIGHT = 1 << 20  # weights [N, K] of at most this many elements take the small-matrix tiles below
+# weights [N, K] of at most this many elements take the small-matrix tiles below; the same bound as
+# ops/linear.py's AUTO_MAX_WEIGHT, the largest weight LONGSPEC_NORM_LINEAR=auto sends to this kernel
+SMALL_WEIGHT = 1 << 20
 
 
 def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:

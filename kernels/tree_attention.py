@@ -754,8 +754,10 @@ def merge_tile(n_splits: int, rows: int, head_dim: int) -> tuple[int, int]:
 # program; otherwise all splits at once in `merge_tile`'s tile. H200, Llama-3-8B verify at P = 1k (288 rows, 4
 # splits of 256 keys, the same split-kernel config), fp16, graph-captured: 16.1 us a call with the loop merge
 # against 21.1 us with the vector merge (tree_attention_h200_merge_bisect.json). Where the vector form paid off
-# is one row tile and many splits (decode: 34 splits, tree_attention_sweep_small_h200.json). The bound of 8 splits
-# is extrapolated from the 4-split case; the sweep times both forms. LONGSPEC_LOOP_MERGE=0/1 forces one.
+# is one row tile and many splits (decode: 34 splits, tree_attention_sweep_small_h200.json). The sweep of both forms
+# on the planner's plans (tree_attention_sweep_loop_h200.json) puts the bound between 6 splits (Llama verify at 1k,
+# 5 row tiles: loop 19.4, vector 24.8 us) and 11 (embedded verify, 3 row tiles: loop 12.1, vector 9.5 us); 8 is
+# inside that range, not pinned down. LONGSPEC_LOOP_MERGE=0/1 forces one form.
 _LOOP_MERGE_MAX_SPLITS = 8
 _LOOP_MERGE_ROWS = 16
 LOOP_MERGE = os.environ.get("LONGSPEC_LOOP_MERGE", "auto")  # "auto", "0" (vector always) or "1" (loop always)

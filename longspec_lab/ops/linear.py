@@ -37,7 +37,9 @@ from longspec_lab.ops.switches import HAS_TRITON, checked
 
 CHOICES = ("auto", "off", "on")
 NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "auto")  # one of CHOICES (module docstring)
-AUTO_MAX_WEIGHT = 1 << 20  # "auto": largest weight [N, K] (elements) that goes to the kernel
+# "auto": largest weight [N, K] (elements) that goes to the kernel, whose tiles are tuned for weights up to the
+# same bound (kernels/norm_linear.py: SMALL_WEIGHT; this module does not import Triton at start-up)
+AUTO_MAX_WEIGHT = 1 << 20
 # LONGSPEC_QKV_ROPE=on: the q/k/v projection, RoPE and the cache write in the same kernel (`qkv_rope_cache`),
 # which saves the two RoPE kernels per layer that Inductor leaves (profile_h200.json: 18 us of an AR step's
 # kernel time, plus their launches). Off by default: timed against the default in one H200 call (2026-12-04,

@@ -225,3 +225,10 @@ def test_qkv_rope_cache_bad_inputs_name_the_problem(mutate, words):
             "v_cache": vc, "layer": 0, "slots": slots, "num_heads": 2, "num_kv_heads": 1}  # fmt: skip
     with pytest.raises(ValueError, match=words):
         nl.qkv_rope_cache(**mutate(args))
+
+
+def test_small_weight_bound_is_the_auto_bound():
+    """The tiles' small-weight rule covers exactly the weights LONGSPEC_NORM_LINEAR=auto sends to the kernel."""
+    from longspec_lab.ops import linear
+
+    assert nl.SMALL_WEIGHT == linear.AUTO_MAX_WEIGHT
