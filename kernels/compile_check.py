@@ -113,6 +113,16 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"qkv_rope_cache: {M} x 256, 4 + 2 + 2 heads of 64", nl._norm_linear_kernel, sig, cx,
                     dict(num_warps=4, num_stages=3)))  # fmt: skip
+    from longspec_lab.kernels import masked_attention as ma
+
+    # the draft's window attention: a 16-row tree level (G * T = 32 stacked rows) and, in float32, one row
+    for rows, dt in ((32, "bf16"), (2, "fp32"))[: 1 if quick else 2]:
+        bm, bn, warps, stages = ma.launch_config(rows)
+        ptrs = dict(Q=dt, K=dt, V=dt, MASK="u8", O=dt)
+        consts = dict(G=2, HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=dt == "fp32")
+        sig, cx = _signature(ma._masked_attn_kernel, ptrs, ("qk_scale",), consts)
+        out.append((f"masked attention: {rows} rows, {dt}", ma._masked_attn_kernel, sig, cx,
+                    dict(num_warps=warps, num_stages=stages)))  # fmt: skip
     if not quick:
         ptrs = dict(Q="bf16", K="bf16", V="bf16", O="bf16", P_ptr="i64", COLS="i64", COUNT="i64")
         sig, cx = _signature(oa._ordered_attn_kernel, ptrs, ("qk_scale",), dict(G=2, HEAD_DIM=64, BLOCK_N=64))

@@ -39,12 +39,14 @@ BACKENDS = ("torch", "sdpa", "triton")
 #                     the CPU);
 #   "math"            the grouped softmax written out (`_part`), which torch.compile fuses around two small
 #                     matmuls; on CUDA in half precision the matmuls run on the tensor cores with float32
-#                     outputs (`_mm_f32`), as a flash kernel does.
+#                     outputs (`_mm_f32`), as a flash kernel does;
+#   "triton"          one launch of `longspec_lab.kernels.masked_attention` (online softmax over key tiles, the
+#                     GQA heads stacked in one row tile) on CUDA or under TRITON_INTERPRET=1; "math" elsewhere.
 # Measured on the H200 (2026-12-04, e2e_ab_*_h200.json, AR + chain gamma 5 + the default tree): a tree level
 # took 82.1 us with "sdpa", 75.4 with "math", 100.2 with "efficient"; a chain level 63.8, 66.6 and 84.2. A
 # first "math" with float32 matmuls took 92.3 and 75.4: cuBLAS ran them on the FP32 units (an sm80 FFMA GEMM
 # of 14.9 us where cuDNN's whole attention takes 12.8 us, profile_ab_masked_math_h200.json).
-MASKED_CHOICES = ("auto", "sdpa", "efficient", "math")
+MASKED_CHOICES = ("auto", "sdpa", "efficient", "math", "triton")
 MASKED_ATTN = os.environ.get("LONGSPEC_MASKED_ATTN", "auto")
 
 
@@ -143,11 +145,19 @@ def masked_sdpa(q, k, v, mask):
     The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
     mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
     With MASKED_ATTN "math" (and "auto" for several rows on CUDA) the same attention is written out over the
-    grouped heads (no expansion); with "efficient" SDPA may use only its memory-efficient kernel (or math)."""
+    grouped heads (no expansion); with "efficient" SDPA may use only its memory-efficient kernel (or math);
+    with "triton" it is one kernel launch (CUDA, or the CPU interpreter; "math" where neither runs)."""
     G = q.shape[1] // k.shape[1]
     form = checked("LONGSPEC_MASKED_ATTN", MASKED_ATTN, MASKED_CHOICES)
     if form == "auto":
         form = "math" if q.is_cuda and q.shape[2] > 1 else "sdpa"
+    if form == "triton":
+        D = q.shape[-1]
+        if (q.is_cuda or _interpreting()) and D >= 16 and not D & (D - 1):
+            from longspec_lab.kernels.masked_attention import masked_attention
+
+            return masked_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+        form = "math"
     if form == "math":
         B, Hq, T, D = q.shape
         rows = mask.repeat(G, 1) if mask.shape[0] == T and G > 1 else mask  # [G*T or 1, S]

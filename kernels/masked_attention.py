@@ -1,0 +1,300 @@
+"""Masked attention over a short cache in one kernel: the draft's sliding-window self-attention.
+
+The GliDe draft (LongSpec, arXiv 2502.17421; `models/glide.py`) attends, at every tree level, from a few
+query rows to its constant-size ring cache: W window slots, the pending block and the tree's scratch slots,
+a few hundred keys in all, under a boolean mask built on the device (which ring slots are in a row's
+window, which scratch slots are its ancestors). Written out in PyTorch (`ops/attention.py: _part`) that is
+two small matmuls and a softmax between them; on the H200 cuBLAS runs the second one (K = the whole ring,
+about 600, and only a few output tiles) as a 6-7 us GEMM, and the three launches cost more than the
+arithmetic (data/results/profile_h200.json, a tree level's `top_kernels`).
+
+Here one program owns BLOCK_M query rows of one KV head and walks the keys in tiles of BLOCK_N, with the
+online softmax of flash attention (scores in log2 units, exp2):
+
+    s = (q @ k^T) * scale * log2(e),  hidden where mask[t, n] is False
+    m' = max(m, rowmax(s));  p = exp2(s - m');  l = l * exp2(m - m') + rowsum(p)
+    acc = acc * exp2(m - m') + p @ v;  at the end o = acc / l
+
+GQA without copies: the G query heads that share a KV head are stacked as G * T rows of one tile (row
+r = g * T + t is query head hk * G + g at position t), so each K/V tile is read once per program. A row
+that sees no key gets o = 0 (as `_part`). The two matmuls run on the tensor cores with float32
+accumulation; float32 inputs use full-precision dots.
+
+`masked_attention_reference` is the definition in float64 (the tests' reference). `masked_attention`
+checks its inputs and calls the registered op `torch.ops.longspec.masked_attention`, which
+torch.compile(fullgraph=True) keeps as one opaque op. `main` times it against the PyTorch forms on the
+draft's shapes:
+
+    python -m longspec_lab.kernels.masked_attention --rows 1,4,16 --keys 586
+
+Taught in: notebooks/05_the_glide_draft.ipynb
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from longspec_lab.kernels.tree_attention import _max, _sum
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _masked_attn_kernel(
+    Q,  # [B, Hq, T, D] queries
+    K,  # [B, Hkv, S, D] keys
+    V,  # [B, Hkv, S, D] values
+    MASK,  # uint8 [T or 1, S]: 1 = row t may see key n (a single row is shared by all rows)
+    O,  # [B, Hq, T, D] output, q's dtype
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mt,  # row stride of MASK: S, or 0 when one mask row serves every query row
+    T,  # query rows per head
+    S,  # keys
+    Hkv,  # KV heads
+    qk_scale,  # softmax scale x log2(e)
+    G: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,  # D, a power of two >= 16
+    BLOCK_M: tl.constexpr,  # stacked query rows (g * T + t) per program
+    BLOCK_N: tl.constexpr,  # keys per tile
+    IEEE: tl.constexpr,  # float32 inputs: full-precision dots instead of TF32
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)  # b * Hkv + hk
+    b = bh // Hkv
+    hk = bh % Hkv
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] stacked rows g * T + t
+    row_ok = rows < G * T
+    g = rows // T
+    t = rows % T
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    head = (hk * G + g)[:, None]  # [BLOCK_M, 1] query head of each stacked row
+    q_ptrs = Q + b * stride_qb + head * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, S, BLOCK_N):
+        n = start + offs_n  # [BLOCK_N] key indices
+        n_ok = n < S
+        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+        else:
+            s = tl.dot(q, tl.trans(k))
+        vis = tl.load(MASK + t[:, None] * stride_mt + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0)
+        s = tl.where(vis != 0, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, _max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay 0
+        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + _sum(p, 1)
+        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # probabilities in v's dtype, as flash kernels
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw nothing: acc = 0, o = 0
+    o_ptrs = O + b * stride_ob + head * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def masked_attention_reference(q, k, v, mask, scale=None, dtype=torch.float64):
+    """The definition: softmax(q k^T * scale, hidden where mask is False) v, per query head over its KV head
+    h // G. q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask [T or 1, S] bool. A row that sees no key gives 0.
+    Returns [B, Hq, T, D] in `dtype`."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    kk = k.to(dtype).repeat_interleave(G, 1)  # [B, Hq, S, D]
+    vv = v.to(dtype).repeat_interleave(G, 1)
+    s = torch.matmul(q.to(dtype), kk.transpose(-1, -2)) * scale  # [B, Hq, T, S]
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    seen = mask.to(q.device).any(-1)  # [T or 1]
+    p = torch.softmax(s.masked_fill(~seen[:, None], 0.0), -1)  # rows with nothing visible: any finite row
+    return (p @ vv).masked_fill(~seen[:, None], 0.0)
+
+
+def launch_config(rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `rows` = G * T stacked query rows."""
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    return block_m, 64, 4, 2
+
+
+def _launch(q, k, v, mask_u8, scale, config=None):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    block_m, block_n, warps, stages = config or launch_config(G * T)
+    if _INTERPRET:
+        block_n = min(block_n, 32)
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(G * T, block_m), B * Hkv)
+    _masked_attn_kernel[grid](
+        q, k, v, mask_u8, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, T, S, Hkv, scale * _LOG2E,
+        G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("longspec::masked_attention", mutates_args=())
+def _masked_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return _launch(q, k, v, mask, scale)
+
+
+@_masked_attention_op.register_fake
+def _(q, k, v, mask, scale):
+    return torch.empty_like(q)
+
+
+def _check(q, k, v, mask):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"masked_attention: {name} must be a 4-D tensor [B, heads, rows, D], got {got}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"masked_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, S, D={D}]"
+        )
+    if k.shape[1] < 1 or Hq % k.shape[1]:
+        raise ValueError(f"masked_attention: {Hq} query heads do not form whole groups over {k.shape[1]} KV heads")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"masked_attention: the head dim must be a power of two >= 16, got {D}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"masked_attention: q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
+            f"{v.dtype} (cast k and v to q's dtype)"
+        )
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"masked_attention: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.dim() != 2 or mask.shape[0] not in (1, T) or mask.shape[1] != k.shape[2]:
+        raise ValueError(
+            f"masked_attention: mask shape {tuple(mask.shape)} must be [{T} or 1, {k.shape[2]}] (query rows, keys)"
+        )
+    if not (q.device == k.device == v.device == mask.device):
+        raise ValueError("masked_attention: q, k, v and mask must be on one device")
+
+
+def masked_attention(q, k, v, mask, scale=None):
+    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T or 1, S] (True = visible),
+    as `masked_attention_reference`, in one kernel launch (CUDA, or the CPU under TRITON_INTERPRET=1).
+    Returns [B, Hq, T, D] in q's dtype."""
+    _check(q, k, v, mask)
+    if not (q.is_cuda or _INTERPRET):
+        raise ValueError(
+            "the masked-attention kernel needs a CUDA GPU (or TRITON_INTERPRET=1); on the CPU use "
+            "masked_attention_reference or ops.attention.masked_sdpa"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _masked_attention_op(q, k, v, mask.contiguous().view(torch.uint8), scale)
+
+
+def main(argv=None) -> int:
+    """Time the kernel against the PyTorch forms on the draft's window-attention shapes (CUDA)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.kernels.masked_attention",
+        description=(
+            "Time the one-kernel masked attention against the forms ops.attention.masked_sdpa offers (the "
+            "written-out softmax 'math', compiled as the decoder compiles it, and SDPA) on the draft's window "
+            "attention: a few query rows over its ring of about 600 keys under a random mask. Prints medians "
+            "(us) replayed from CUDA graphs, each form first checked against the float64 definition."
+        ),
+    )
+    ap.add_argument("--rows", default="1,4,16", help="comma-separated query rows T per head (tree level widths)")
+    ap.add_argument("--keys", type=int, default=586, help="keys S (the ring: window + pending + scratch slots)")
+    ap.add_argument("--heads", default="4,2,64", help="query heads, KV heads, head dim (default: the embedded draft)")
+    ap.add_argument(
+        "--configs",
+        default="",
+        help="extra launch configs to time, 'BLOCK_M:BLOCK_N:warps:stages' separated by commas (e.g. 16:32:4:1)",
+    )
+    ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
+    a = ap.parse_args(argv)
+    try:
+        rows = [int(r) for r in a.rows.split(",")]
+        Hq, Hkv, D = (int(x) for x in a.heads.split(","))
+        extra = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",") if c]
+    except ValueError:
+        ap.error("--rows, --heads and --configs take comma-separated integers (configs: M:N:warps:stages)")
+    if any(len(c) != 4 for c in extra):
+        ap.error("--configs entries are BLOCK_M:BLOCK_N:warps:stages")
+    if a.out and os.path.exists(a.out):
+        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
+    if not torch.cuda.is_available():
+        ap.exit(
+            2,
+            "error: the benchmark needs a CUDA GPU; on the CPU the tests run the kernel in Triton's interpreter "
+            "(.venv/bin/pytest tests/unit/kernels/test_masked_attention.py)\n",
+        )
+    from triton.testing import do_bench_cudagraph
+
+    from longspec_lab.ops.attention import _part
+
+    def math_form(q, k, v, mask):
+        B, _, T, _ = q.shape
+        m = mask.repeat(Hq // Hkv, 1)
+        o, _ = _part(q.reshape(B, Hkv, -1, D), k, v, m, D**-0.5, tensor_cores=True)
+        return o.reshape(q.shape).to(q.dtype)
+
+    def sdpa_form(q, k, v, mask):
+        G = Hq // Hkv
+        kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+    math_compiled = torch.compile(math_form, fullgraph=True, dynamic=False)
+    report = {"heads": [Hq, Hkv, D], "keys": a.keys, "dtype": "bfloat16", "cases": []}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for T in rows:
+        q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, Hkv, a.keys, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        mask = torch.rand(T, a.keys, device="cuda", generator=g) < 0.7
+        mask[:, 0] = True
+        want = masked_attention_reference(q, k, v, mask)
+        forms = {
+            "kernel": lambda: masked_attention(q, k, v, mask),
+            "math_compiled": lambda: math_compiled(q, k, v, mask),
+            "sdpa": lambda: sdpa_form(q, k, v, mask),
+        }
+        for c in extra:
+            forms["kernel_" + ":".join(map(str, c))] = lambda c=c: _launch(q, k, v, mask.view(torch.uint8), D**-0.5, c)
+        case = {"rows": T, "config": list(launch_config(Hq // Hkv * T)), "us": {}, "max_abs_err": {}}
+        for name, fn in forms.items():
+            err = (fn().double() - want).abs().max().item()
+            case["max_abs_err"][name] = err
+            if err > 2e-2:
+                print(f"T={T} {name}: max abs error {err:.3g} against float64 -- not timed")
+                continue
+            case["us"][name] = do_bench_cudagraph(fn, return_mode="median") * 1e3
+        report["cases"].append(case)
+        print(f"T={T} S={a.keys}: " + ", ".join(f"{n} {us:.1f} us" for n, us in case["us"].items()))
+    if a.out:
+        from longspec_lab.provenance import stamp
+
+        with open(a.out, "x") as f:
+            f.write(json.dumps(stamp(report, torch.device("cuda"), torch.bfloat16), indent=1) + "\n")
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
