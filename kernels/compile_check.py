@@ -115,11 +115,12 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
                     dict(num_warps=4, num_stages=3)))  # fmt: skip
     from longspec_lab.kernels import masked_attention as ma
 
-    # the draft's window attention: a 16-row tree level (G * T = 32 stacked rows) and, in float32, one row
-    for rows, dt in ((32, "bf16"), (2, "fp32"))[: 1 if quick else 2]:
-        bm, bn, warps, stages = ma.launch_config(rows)
-        ptrs = dict(Q=dt, K=dt, V=dt, MASK="u8", O=dt)
-        consts = dict(G=2, HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=dt == "fp32")
+    # the draft's window attention over a ring of 586 keys: a 16-row tree level (G * T = 32 stacked rows), split,
+    # and, in float32 and in one program, a chain level's one row
+    for rows, dt, one in ((32, "bf16", False), (2, "fp32", True))[: 1 if quick else 2]:
+        bm, bn, warps, stages, splits = ma.launch_config(rows, 586)
+        ptrs = dict(Q=dt, K=dt, V=dt, MASK="u8", O=dt, O_PART="fp32", LSE_PART="fp32", TICKETS="i32")
+        consts = dict(G=2, HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=dt == "fp32", SPLITS=1 if one else splits)
         sig, cx = _signature(ma._masked_attn_kernel, ptrs, ("qk_scale",), consts)
         out.append((f"masked attention: {rows} rows, {dt}", ma._masked_attn_kernel, sig, cx,
                     dict(num_warps=warps, num_stages=stages)))  # fmt: skip

@@ -15,6 +15,11 @@ online softmax of flash attention (scores in log2 units, exp2):
     m' = max(m, rowmax(s));  p = exp2(s - m');  l = l * exp2(m - m') + rowsum(p)
     acc = acc * exp2(m - m') + p @ v;  at the end o = acc / l
 
+A single program walking a 600-key ring tile after tile is latency-bound (each 64-key tile costs about a
+microsecond of dependent loads and reductions on the H200), so the keys are split over SPLITS programs, as
+flash-decoding does: each stores its rows' normalised output and log-sum-exp, and the last program of a row
+tile to arrive (an arrival ticket, acquire/release) merges them, in the same launch.
+
 GQA without copies: the G query heads that share a KV head are stacked as G * T rows of one tile (row
 r = g * T + t is query head hk * G + g at position t), so each K/V tile is read once per program. A row
 that sees no key gets o = 0 (as `_part`). The two matmuls run on the tensor cores with float32
@@ -50,6 +55,9 @@ def _masked_attn_kernel(
     V,  # [B, Hkv, S, D] values
     MASK,  # uint8 [T or 1, S]: 1 = row t may see key n (a single row is shared by all rows)
     O,  # [B, Hq, T, D] output, q's dtype
+    O_PART,  # fp32 [B * Hkv, row tiles, SPLITS, BLOCK_M, D] each split's normalised output (SPLITS > 1)
+    LSE_PART,  # fp32 [B * Hkv, row tiles, SPLITS, BLOCK_M] each split's log2-sum-exp2 of its scores (SPLITS > 1)
+    TICKETS,  # int32 [>= B * Hkv * row tiles] arrival tickets, zero between launches (SPLITS > 1)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -58,15 +66,18 @@ def _masked_attn_kernel(
     T,  # query rows per head
     S,  # keys
     Hkv,  # KV heads
+    keys_per_split,  # keys each split walks, a multiple of BLOCK_N (S when SPLITS == 1)
     qk_scale,  # softmax scale x log2(e)
     G: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,  # D, a power of two >= 16
     BLOCK_M: tl.constexpr,  # stacked query rows (g * T + t) per program
     BLOCK_N: tl.constexpr,  # keys per tile
     IEEE: tl.constexpr,  # float32 inputs: full-precision dots instead of TF32
+    SPLITS: tl.constexpr,  # programs per (row tile, KV head) along the keys, a power of two; grid axis 2
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)  # b * Hkv + hk
+    pid_s = tl.program_id(2)
     b = bh // Hkv
     hk = bh % Hkv
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] stacked rows g * T + t
@@ -83,9 +94,11 @@ def _masked_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, S, BLOCK_N):
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, S)
+    for start in range(lo, hi, BLOCK_N):
         n = start + offs_n  # [BLOCK_N] key indices
-        n_ok = n < S
+        n_ok = n < hi
         k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
@@ -106,7 +119,37 @@ def _masked_attn_kernel(
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw nothing: acc = 0, o = 0
     o_ptrs = O + b * stride_ob + head * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if SPLITS == 1:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # Flash-decoding: every split stores its rows' output and log2-sum-exp2; the last split to arrive
+        # (an arrival ticket per row tile and KV head, acquire/release) merges them and resets the ticket.
+        tile = bh * tl.num_programs(0) + pid_m  # this (KV head, row tile)
+        local = tl.arange(0, BLOCK_M)
+        part = (tile * SPLITS + pid_s) * BLOCK_M + local  # [BLOCK_M]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o)
+        tl.store(LSE_PART + part, lse)
+        tl.debug_barrier()  # every store of this program is issued before its ticket moves
+        arrived = tl.atomic_add(TICKETS + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            first = tile * SPLITS * BLOCK_M + local  # split 0 of each row
+            splits = tl.arange(0, SPLITS)
+            lses = tl.load(LSE_PART + first[None, :] + splits[:, None] * BLOCK_M, cache_modifier=".cg")  # [SPLITS, M]
+            top = _max(lses, 0)  # [BLOCK_M]
+            top = tl.where(top == float("-inf"), 0.0, top)
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            merged = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            for sp in tl.static_range(SPLITS):
+                w = tl.exp2(tl.load(LSE_PART + first + sp * BLOCK_M, cache_modifier=".cg") - top)  # [BLOCK_M]
+                o_s = tl.load(
+                    O_PART + (first + sp * BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg"
+                )
+                total += w
+                merged += w[:, None] * o_s
+            merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+            tl.store(o_ptrs, merged.to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.atomic_xchg(TICKETS + tile, 0)
 
 
 def masked_attention_reference(q, k, v, mask, scale=None, dtype=torch.float64):
@@ -125,26 +168,38 @@ def masked_attention_reference(q, k, v, mask, scale=None, dtype=torch.float64):
     return (p @ vv).masked_fill(~seen[:, None], 0.0)
 
 
-def launch_config(rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `rows` = G * T stacked query rows."""
+def launch_config(rows: int, keys: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS) for `rows` = G * T stacked query rows over `keys` keys."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    return block_m, 64, 4, 2
+    splits = min(8, triton.next_power_of_2(triton.cdiv(keys, 128)))  # about two key tiles per split
+    return block_m, 64, 4, 2, splits
 
 
 def _launch(q, k, v, mask_u8, scale, config=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    block_m, block_n, warps, stages = config or launch_config(G * T)
+    block_m, block_n, warps, stages, splits = config or launch_config(G * T, S)
     if _INTERPRET:
         block_n = min(block_n, 32)
+    row_tiles = triton.cdiv(G * T, block_m)
+    per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n  # whole key tiles per split
     out = torch.empty_like(q)
-    grid = (triton.cdiv(G * T, block_m), B * Hkv)
-    _masked_attn_kernel[grid](
-        q, k, v, mask_u8, out,
+    if splits > 1:
+        from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _tickets
+
+        if B * Hkv * row_tiles > _TICKET_SLOTS:
+            raise ValueError(f"masked_attention: {B * Hkv * row_tiles} row tiles exceed the tickets; use splits=1")
+        o_part = torch.empty(B * Hkv * row_tiles * splits * block_m, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B * Hkv * row_tiles * splits * block_m, dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device)
+    else:
+        o_part = lse_part = tickets = out  # never read
+    _masked_attn_kernel[(row_tiles, B * Hkv, splits)](
+        q, k, v, mask_u8, out, o_part, lse_part, tickets,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, T, S, Hkv, scale * _LOG2E,
-        G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, T, S, Hkv, per_split, scale * _LOG2E,
+        G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, SPLITS=splits,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
@@ -154,7 +209,7 @@ def _launch(q, k, v, mask_u8, scale, config=None):
 def _masked_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    return _launch(q, k, v, mask, scale)
+    return _launch(q, k, v, mask.view(torch.uint8), scale)  # Triton reads the bool mask as bytes
 
 
 @_masked_attention_op.register_fake
@@ -202,7 +257,7 @@ def masked_attention(q, k, v, mask, scale=None):
             "masked_attention_reference or ops.attention.masked_sdpa"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _masked_attention_op(q, k, v, mask.contiguous().view(torch.uint8), scale)
+    return _masked_attention_op(q, k, v, mask.contiguous(), scale)
 
 
 def main(argv=None) -> int:
@@ -225,7 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--configs",
         default="",
-        help="extra launch configs to time, 'BLOCK_M:BLOCK_N:warps:stages' separated by commas (e.g. 16:32:4:1)",
+        help="extra launch configs to time, 'BLOCK_M:BLOCK_N:warps:stages:splits' separated by commas "
+        "(e.g. 16:64:4:2:8; splits > 1 walk the keys in that many programs and the last one merges)",
     )
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
@@ -234,9 +290,9 @@ def main(argv=None) -> int:
         Hq, Hkv, D = (int(x) for x in a.heads.split(","))
         extra = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",") if c]
     except ValueError:
-        ap.error("--rows, --heads and --configs take comma-separated integers (configs: M:N:warps:stages)")
-    if any(len(c) != 4 for c in extra):
-        ap.error("--configs entries are BLOCK_M:BLOCK_N:warps:stages")
+        ap.error("--rows, --heads and --configs take comma-separated integers (configs: M:N:warps:stages:splits)")
+    if any(len(c) != 5 or c[4] < 1 or c[4] & (c[4] - 1) for c in extra):
+        ap.error("--configs entries are BLOCK_M:BLOCK_N:warps:stages:splits, splits a power of two")
     if a.out and os.path.exists(a.out):
         ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
     if not torch.cuda.is_available():
@@ -277,7 +333,7 @@ def main(argv=None) -> int:
         }
         for c in extra:
             forms["kernel_" + ":".join(map(str, c))] = lambda c=c: _launch(q, k, v, mask.view(torch.uint8), D**-0.5, c)
-        case = {"rows": T, "config": list(launch_config(Hq // Hkv * T)), "us": {}, "max_abs_err": {}}
+        case = {"rows": T, "config": list(launch_config(Hq // Hkv * T, a.keys)), "us": {}, "max_abs_err": {}}
         for name, fn in forms.items():
             err = (fn().double() - want).abs().max().item()
             case["max_abs_err"][name] = err

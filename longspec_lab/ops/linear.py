@@ -40,14 +40,14 @@ NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "auto")  # one of CHOICES (
 # "auto": largest weight [N, K] (elements) that goes to the kernel, whose tiles are tuned for weights up to the
 # same bound (kernels/norm_linear.py: SMALL_WEIGHT; this module does not import Triton at start-up)
 AUTO_MAX_WEIGHT = 1 << 20
-# LONGSPEC_QKV_ROPE=on: the q/k/v projection, RoPE and the cache write in the same kernel (`qkv_rope_cache`),
-# which saves the two RoPE kernels per layer that Inductor leaves (profile_h200.json: 18 us of an AR step's
-# kernel time, plus their launches). Off by default: timed against the default in one H200 call (2026-12-04,
-# e2e_ab_qkv_rope_h200.json against e2e_ab_base_h200.json) it took an AR step from 71 to 66 kernels and from
-# 183.1 to 179.9 us, a chain's 6-row verify from 221.1 to 215.6 us, and the 72-row tree verify from 294.6 to
-# 296.0 us: within the spread of one run, so the separate ops stay the default. That A/B ran before the
-# projections took the swept tiles (kernels/norm_linear.py: tiles); docs/GPU_JOBS.md lists the re-run.
-QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "off")
+# LONGSPEC_QKV_ROPE: the q/k/v projection, RoPE and the cache write in the same kernel (`qkv_rope_cache`), which
+# saves the two RoPE kernels per layer that Inductor leaves (profile_h200.json: 18 us of an AR step's kernel time,
+# plus their launches). "auto" (the default) uses it on CUDA, "on" also under the CPU interpreter (tests), "off"
+# never. Timed in one H200 call against the separate ops (2026-12-04, e2e_ab_qkv_rope_h200.json against
+# e2e_ab_base_h200.json, with the swept projection tiles): the AR step 171.5 -> 169.6 us (71 -> 66 kernels), a
+# chain's 6-row verify 210.4 -> 205.4 us, the 72-row tree verify 259.7 -> 250.5 us (86 -> 81 kernels). An
+# earlier A/B with the old tiles had found it neutral (183.1 -> 179.9 us and 294.6 -> 296.0 us).
+QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "auto")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,15 +71,16 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=Non
 
 
 def qkv_rope_path(x: torch.Tensor, weight: torch.Tensor, bias, head_dim: int, cache_dtype) -> bool:
-    """Whether `qkv_rope_cache` serves this projection: the switch is on, no bias (the kernel has none), a
-    power-of-two head dim >= 32, one dtype for x, weight and cache, no gradients, CUDA (or the interpreter)."""
-    if checked("LONGSPEC_QKV_ROPE", QKV_ROPE, ("off", "on")) == "off" or bias is not None or not HAS_TRITON:
+    """Whether `qkv_rope_cache` serves this projection: the switch is not off, no bias (the kernel has none), a
+    power-of-two head dim >= 32, one dtype for x, weight and cache, no gradients, CUDA (or, with "on", the
+    interpreter)."""
+    if checked("LONGSPEC_QKV_ROPE", QKV_ROPE, CHOICES) == "off" or bias is not None or not HAS_TRITON:
         return False
     if head_dim < 32 or head_dim & (head_dim - 1) or not (x.dtype == weight.dtype == cache_dtype):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return x.is_cuda or _interpreting()
+    return x.is_cuda or (QKV_ROPE == "on" and _interpreting())
 
 
 def qkv_rope_cache(x, weight, norm, cos, sin, k_cache, v_cache, layer: int, slots, num_heads, num_kv_heads):

@@ -61,6 +61,19 @@ def test_kernel_matches_reference(T, Hq, Hkv, S, shared, dtype, tol):
     torch.testing.assert_close(got.double(), ma.masked_attention_reference(q, k, v, mask), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 4, 8])
+@pytest.mark.parametrize("T,S", [(1, 37), (5, 170), (40, 33)])
+def test_split_keys_merge_to_the_reference_and_leave_the_tickets_at_zero(T, S, splits):
+    """Keys split over 1-8 programs (some empty when the keys run out), merged by the last one to arrive."""
+    from longspec_lab.kernels.tree_attention import _tickets
+
+    q, k, v, mask = _case(T, 4, 2, S, seed=10 * T + splits)
+    mask[0] = False
+    got = ma._launch(q, k, v, mask.view(torch.uint8), 16**-0.5, (16, 32, 4, 2, splits))
+    torch.testing.assert_close(got.double(), ma.masked_attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert not _tickets(q.device).any()
+
+
 def test_head_dim_64_and_a_scale():
     q, k, v, mask = _case(4, 4, 2, 50, D=64, seed=3, p=0.3)
     mask[:, 0] = True
@@ -85,7 +98,7 @@ def test_strided_views_are_read_in_place():
 
 def test_op_opcheck_and_fullgraph_trace():
     q, k, v, mask = _case(3, 4, 2, 20, seed=5)
-    torch.library.opcheck(OP, (q, k, v, mask.view(torch.uint8), 0.25))
+    torch.library.opcheck(OP, (q, k, v, mask, 0.25))
     graphs = []
 
     def spy(gm, example_inputs):

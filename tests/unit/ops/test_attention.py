@@ -20,6 +20,8 @@ def _reference(q, k, v, mask):
 @pytest.mark.parametrize(("Hq", "Hkv", "T", "S"), [(4, 2, 16, 40), (2, 2, 1, 9), (8, 1, 5, 70)])
 def test_masked_forms_give_the_float64_answer(form, dtype, Hq, Hkv, T, S, monkeypatch):
     """Every LONGSPEC_MASKED_ATTN form on random masks (each row sees >= 1 key), within the dtype's rounding."""
+    if form == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's CPU interpreter miscomputes bf16 dots; the kernel's tests use float16 and float32")
     monkeypatch.setattr(attention, "MASKED_ATTN", form)
     g = torch.Generator().manual_seed(Hq * 100 + T + S)
     q, k, v = (torch.randn(1, h, n, 32, generator=g).to(dtype) for h, n in ((Hq, T), (Hkv, S), (Hkv, S)))

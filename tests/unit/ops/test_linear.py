@@ -57,6 +57,22 @@ def test_auto_sends_only_small_cuda_projections_to_the_kernel(switch, monkeypatc
     assert linear._kernel_path(torch.empty(2, 64), big, None, None) == linear.HAS_TRITON
 
 
+def test_qkv_rope_auto_is_the_kernel_on_cuda_only(monkeypatch):
+    """LONGSPEC_QKV_ROPE's default, "auto": the fused q/k/v + RoPE + cache-write kernel on CUDA, the readable ops
+    on the CPU even under the interpreter; "on" also takes the interpreter; "off" never; biases never."""
+    x, w = torch.empty(2, 3, 64), torch.empty(128, 64)
+    assert linear.QKV_ROPE == "auto" or os.environ.get("LONGSPEC_QKV_ROPE")
+    want = {"auto": False, "on": linear.HAS_TRITON, "off": False}
+    for value, cpu in want.items():
+        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        assert linear.qkv_rope_path(x, w, None, 32, x.dtype) == cpu, value
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    for value, cuda in {"auto": linear.HAS_TRITON, "on": linear.HAS_TRITON, "off": False}.items():
+        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        assert linear.qkv_rope_path(x, w, None, 32, x.dtype) == cuda, value
+        assert not linear.qkv_rope_path(x, w, torch.empty(128), 32, x.dtype)
+
+
 def test_unknown_switch_value_is_named(switch):
     switch("fast")
     with pytest.raises(ValueError, match="LONGSPEC_NORM_LINEAR='fast'"):
