@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from longspec_lab.ops.switches import checked
+from longspec_lab.ops.switches import HAS_TRITON, checked
 
 BACKENDS = ("torch", "sdpa", "triton")
 # How `masked_sdpa` (the draft's window attention) computes:
-#   "auto" (default)  "math" for several query rows on CUDA (a tree level), "sdpa" otherwise (a chain level's
-#                     one row, and the CPU);
+#   "auto" (default)  "triton" on CUDA, "sdpa" elsewhere (the CPU, or no Triton);
 #   "sdpa"            one scaled_dot_product_attention call, which on the H200 picks cuDNN (12.8 us for a
 #                     16-row tree level, profile_ab_base_h200.json);
 #   "efficient"       the same call held to SDPA's memory-efficient kernel (math where that is missing, as on
@@ -40,12 +39,17 @@ BACKENDS = ("torch", "sdpa", "triton")
 #   "math"            the grouped softmax written out (`_part`), which torch.compile fuses around two small
 #                     matmuls; on CUDA in half precision the matmuls run on the tensor cores with float32
 #                     outputs (`_mm_f32`), as a flash kernel does;
-#   "triton"          one launch of `longspec_lab.kernels.masked_attention` (online softmax over key tiles, the
-#                     GQA heads stacked in one row tile) on CUDA or under TRITON_INTERPRET=1; "math" elsewhere.
-# Measured on the H200 (2026-12-04, e2e_ab_*_h200.json, AR + chain gamma 5 + the default tree): a tree level
-# took 82.1 us with "sdpa", 75.4 with "math", 100.2 with "efficient"; a chain level 63.8, 66.6 and 84.2. A
-# first "math" with float32 matmuls took 92.3 and 75.4: cuBLAS ran them on the FP32 units (an sm80 FFMA GEMM
-# of 14.9 us where cuDNN's whole attention takes 12.8 us, profile_ab_masked_math_h200.json).
+#   "triton"          one launch of `longspec_lab.kernels.masked_attention` (the keys split over programs, the GQA
+#                     heads stacked in one row tile, the last program merges) on CUDA or under TRITON_INTERPRET=1;
+#                     "math" elsewhere.
+# Measured on the H200 (2026-12-04, e2e_ab_*_h200.json, AR + chain gamma 5 + the default tree, each A/B in one
+# call): a tree level took 82.1 us with "sdpa", 75.4 with "math", 100.2 with "efficient"; a chain level 63.8,
+# 66.6 and 84.2. Then "triton" against "math" for tree levels and "sdpa" for one row (the previous "auto"): tree
+# level 72.3 against 77.9 us (29 -> 25 kernels), chain level 57.8 against 61.1, chain gamma 5 9,956 against
+# 9,565 tokens/s, the default tree 9,007 against 8,833 (e2e_ab_masked_triton_h200.json). Alone, over a ring of
+# 586 keys, the kernel takes 6.9-8.2 us where the compiled "math" form takes 12.3-13.5 and SDPA 14.9-24.1
+# (masked_attention_split_h200.json). A first "math" with float32 matmuls took 92.3 and 75.4: cuBLAS ran them on
+# the FP32 units (an sm80 FFMA GEMM of 14.9 us, profile_ab_masked_math_h200.json).
 MASKED_CHOICES = ("auto", "sdpa", "efficient", "math", "triton")
 MASKED_ATTN = os.environ.get("LONGSPEC_MASKED_ATTN", "auto")
 
@@ -144,13 +148,13 @@ def masked_sdpa(q, k, v, mask):
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible).
     The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
     mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
-    With MASKED_ATTN "math" (and "auto" for several rows on CUDA) the same attention is written out over the
-    grouped heads (no expansion); with "efficient" SDPA may use only its memory-efficient kernel (or math);
-    with "triton" it is one kernel launch (CUDA, or the CPU interpreter; "math" where neither runs)."""
+    With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion); with
+    "efficient" SDPA may use only its memory-efficient kernel (or math); with "triton" (and "auto" on CUDA) it is
+    one kernel launch (CUDA, or the CPU interpreter; "math" where neither runs)."""
     G = q.shape[1] // k.shape[1]
     form = checked("LONGSPEC_MASKED_ATTN", MASKED_ATTN, MASKED_CHOICES)
     if form == "auto":
-        form = "math" if q.is_cuda and q.shape[2] > 1 else "sdpa"
+        form = "triton" if q.is_cuda and HAS_TRITON else "sdpa"
     if form == "triton":
         D = q.shape[-1]
         if (q.is_cuda or _interpreting()) and D >= 16 and not D & (D - 1):

@@ -82,13 +82,21 @@ def _mid_state(target, draft, shape, steps_before=3):
 
 @pytest.mark.parametrize(
     ("shape", "masked"),
-    [(None, "sdpa"), ((1, 1, 1), "sdpa"), ((3, 4, 2), "sdpa"), ((3, 4, 2), "math"), ((3, 4, 2), "efficient")],
-    ids=["ar", "chain3", "tree342", "tree342-masked-math", "tree342-masked-efficient"],
+    [
+        (None, "sdpa"),
+        ((1, 1, 1), "sdpa"),
+        ((3, 4, 2), "sdpa"),
+        ((3, 4, 2), "math"),
+        ((3, 4, 2), "efficient"),
+        ((3, 4, 2), "triton"),
+    ],
+    ids=["ar", "chain3", "tree342", "tree342-masked-math", "tree342-masked-efficient", "tree342-masked-triton"],
 )
 def test_twin_stages_compiled_equal_eager(tiny_pair, shape, masked, monkeypatch):
     """Each stage, eager and compiled (fullgraph) on twin states: identical buffers. The last case writes
-    the draft's window attention out (LONGSPEC_MASKED_ATTN=math), the next holds SDPA to one kernel (efficient):
-    both must compile as a whole too."""
+    the draft's window attention out (LONGSPEC_MASKED_ATTN=math), the next holds SDPA to one kernel (efficient),
+    the last runs it as the registered masked-attention op (triton, the interpreter here): all must compile as a
+    whole too."""
     from longspec_lab.ops import attention
 
     monkeypatch.setattr(attention, "MASKED_ATTN", masked)

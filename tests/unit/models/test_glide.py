@@ -123,7 +123,7 @@ def _ingest(draft, ring, tokens, tcache, P, pad_to=None):
     return out[:T]
 
 
-@pytest.mark.parametrize("masked", ["sdpa", "efficient", "math"])
+@pytest.mark.parametrize("masked", ["sdpa", "efficient", "math", "triton"])
 @pytest.mark.parametrize("chunks", [[1] * 30, [5, 1, 9, 3, 12]])
 def test_ingest_matches_naive_one_by_one_and_in_chunks(chunks, masked, monkeypatch):
     """At ingest time the target cache holds the tokens before the chunk: cross_len = chunk start.
@@ -182,7 +182,7 @@ def random_tree(n_levels, gen):
     return parents, levels
 
 
-@pytest.mark.parametrize("masked", ["sdpa", "efficient", "math"])
+@pytest.mark.parametrize("masked", ["sdpa", "efficient", "math", "triton"])
 @pytest.mark.parametrize("window,backend", [(64, "torch"), (6, "torch"), (6, "sdpa")])
 def test_tree_level_matches_ingesting_each_path(window, backend, masked, monkeypatch):
     monkeypatch.setattr(attention, "MASKED_ATTN", masked)
