@@ -42,8 +42,9 @@ NORM_LINEAR = os.environ.get("LONGSPEC_NORM_LINEAR", "auto")  # one of CHOICES (
 AUTO_MAX_WEIGHT = 1 << 20
 # LONGSPEC_QKV_ROPE: the q/k/v projection, RoPE and the cache write in the same kernel (`qkv_rope_cache`), which
 # saves the two RoPE kernels per layer that Inductor leaves (profile_h200.json: 18 us of an AR step's kernel time,
-# plus their launches). "auto" (the default) uses it on CUDA, "on" also under the CPU interpreter (tests), "off"
-# never. Timed in one H200 call against the separate ops (2026-12-04, e2e_ab_qkv_rope_h200.json against
+# plus their launches). "auto" (the default) uses it on CUDA for weights up to AUTO_MAX_WEIGHT elements (an 8B
+# model's q/k/v stays on cuBLAS), "on" for every weight, on CUDA or under the CPU interpreter (tests), "off" never.
+# Timed in one H200 call against the separate ops (2026-12-04, e2e_ab_qkv_rope_h200.json against
 # e2e_ab_base_h200.json, with the swept projection tiles): the AR step 171.5 -> 169.6 us (71 -> 66 kernels), a
 # chain's 6-row verify 210.4 -> 205.4 us, the 72-row tree verify 259.7 -> 250.5 us (86 -> 81 kernels). An
 # earlier A/B with the old tiles had found it neutral (183.1 -> 179.9 us and 294.6 -> 296.0 us).
@@ -80,7 +81,9 @@ def qkv_rope_path(x: torch.Tensor, weight: torch.Tensor, bias, head_dim: int, ca
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return x.is_cuda or (QKV_ROPE == "on" and _interpreting())
+    if QKV_ROPE == "auto":  # the kernel's tiles are tuned for small weights, as norm_linear's "auto"
+        return x.is_cuda and weight.numel() <= AUTO_MAX_WEIGHT
+    return x.is_cuda or _interpreting()
 
 
 def qkv_rope_cache(x, weight, norm, cos, sin, k_cache, v_cache, layer: int, slots, num_heads, num_kv_heads):

@@ -59,7 +59,8 @@ def test_auto_sends_only_small_cuda_projections_to_the_kernel(switch, monkeypatc
 
 def test_qkv_rope_auto_is_the_kernel_on_cuda_only(monkeypatch):
     """LONGSPEC_QKV_ROPE's default, "auto": the fused q/k/v + RoPE + cache-write kernel on CUDA, the readable ops
-    on the CPU even under the interpreter; "on" also takes the interpreter; "off" never; biases never."""
+    for weights up to AUTO_MAX_WEIGHT, the readable ops on the CPU even under the interpreter; "on" also takes the
+    interpreter and large weights; "off" never; biases never."""
     x, w = torch.empty(2, 3, 64), torch.empty(128, 64)
     assert linear.QKV_ROPE == "auto" or os.environ.get("LONGSPEC_QKV_ROPE")
     want = {"auto": False, "on": linear.HAS_TRITON, "off": False}
@@ -71,6 +72,10 @@ def test_qkv_rope_auto_is_the_kernel_on_cuda_only(monkeypatch):
         monkeypatch.setattr(linear, "QKV_ROPE", value)
         assert linear.qkv_rope_path(x, w, None, 32, x.dtype) == cuda, value
         assert not linear.qkv_rope_path(x, w, torch.empty(128), 32, x.dtype)
+    big = torch.empty(linear.AUTO_MAX_WEIGHT // 64 + 1, 64)  # an 8B-sized q/k/v: cuBLAS under "auto"
+    for value, used in {"auto": False, "on": linear.HAS_TRITON}.items():
+        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        assert linear.qkv_rope_path(x, big, None, 32, x.dtype) == used, value
 
 
 def test_unknown_switch_value_is_named(switch):
