@@ -12,6 +12,10 @@
 - ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
   float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
   and used by the models for small weights on CUDA (``LONGSPEC_NORM_LINEAR``, ``longspec_lab/ops/linear.py``).
+- ``masked_attention``: attention of a few query rows over a short cache under a boolean mask in one launch
+  (online softmax, the GQA heads stacked in one row tile, the keys split over programs and merged by the last
+  to arrive): the draft's sliding-window self-attention; registered as ``torch.ops.longspec.masked_attention``,
+  with its float64 definition and a benchmark against the PyTorch forms (``LONGSPEC_MASKED_ATTN``).
 - ``sweep_tree_attention``: times every plan of the tree kernel (split count, row tile, tile config, fused
   or launched merge) on the few-row calls a decoding step makes, each checked against float64 first;
   the planner's defaults come from it.

@@ -27,7 +27,8 @@ With ROPE the same kernel serves a layer's fused q/k/v projection: a program own
 halves are the two accumulators that GATED uses for gate and up), applies RoPE to query and key heads
 as `apply_rope` rounds it, writes query heads to the output and key and value heads straight into the
 KV cache at each row's slot (`qkv_rope_cache`, the registered op `torch.ops.longspec.qkv_rope_cache`,
-which mutates the cache; LONGSPEC_QKV_ROPE=on in `longspec_lab/ops/linear.py`, off until timed).
+which mutates the cache; LONGSPEC_QKV_ROPE in `longspec_lab/ops/linear.py`, whose default `auto` uses it for
+small weights on CUDA, as timed on the H200).
 
 `norm_linear_reference` is the definition in float64; `norm_linear` checks its inputs and calls the
 registered op `torch.ops.longspec.norm_linear` (opaque to torch.compile, with a fake version);
