@@ -30,6 +30,11 @@ KV cache at each row's slot (`qkv_rope_cache`, the registered op `torch.ops.long
 which mutates the cache; LONGSPEC_QKV_ROPE in `longspec_lab/ops/linear.py`, whose default `auto` uses it for
 small weights on CUDA, as timed on the H200).
 
+With PRE the kernel first computes its input rows itself, x = residual + a @ w_pre^T (a layer's o_proj and
+its residual add), whole rows held in registers (hidden size <= MAX_PRE_K), and the programs of column tile 0
+store them: `residual_norm_linear` returns (x, norm_linear(x, ...)) from one launch, rounded as the two
+launches round, where the decoder layer made two (LONGSPEC_FUSE_RESIDUAL; `main --residual` times it).
+
 `norm_linear_reference` is the definition in float64; `norm_linear` checks its inputs and calls the
 registered op `torch.ops.longspec.norm_linear` (opaque to torch.compile, with a fake version);
 `main` times it against the same work done by PyTorch, graph-captured:
@@ -83,6 +88,15 @@ def _norm_linear_kernel(
     T,  # rows per sequence: row m is block row m % T of sequence m // T (ROPE)
     N_Q_HEADS,  # ROPE: query heads, then as many key heads and value heads (N_KV_HEADS each)
     N_KV_HEADS,
+    A,  # [M, KP] the prologue's input (PRE): X = RP + A @ WP^T replaces the rows read from X
+    WP,  # [K, KP] the prologue's weight, nn.Linear layout (PRE)
+    RP,  # [M, K] the prologue's residual (PRE)
+    XO,  # [M, K] where the prologue's rows are stored, by the programs of column tile 0 (PRE)
+    KP,  # the prologue's input features (PRE)
+    stride_am,
+    stride_wpn,
+    stride_rpm,
+    stride_xom,
     HAS_NORM: tl.constexpr,
     HAS_RES: tl.constexpr,
     GATED: tl.constexpr,
@@ -90,7 +104,9 @@ def _norm_linear_kernel(
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products in tl.dot
     BLOCK_M: tl.constexpr,  # rows per program (>= 16: the matrix unit's smallest tile)
     BLOCK_N: tl.constexpr,  # output columns per program (ROPE: half a head, the program owns one head)
-    BLOCK_K: tl.constexpr,  # input features per step
+    BLOCK_K: tl.constexpr,  # input features per step (PRE: all of them, K <= BLOCK_K)
+    PRE: tl.constexpr,  # compute the input rows here: X = RP + A @ WP^T (an o_proj and its residual), and store them
+    BLOCK_KP: tl.constexpr,  # the prologue's input features per step
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -104,12 +120,18 @@ def _norm_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     dt = Y.dtype.element_ty
     x_rows = X + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    if PRE:  # the whole input rows from the previous projection, rounded as its residual epilogue rounds them
+        x_pre = _prologue(A, WP, RP, XO, rows, row_ok, offs_k, K, KP, stride_am, stride_wpn, stride_rpm,
+                          stride_xom, pid_n == 0, IEEE, BLOCK_M, BLOCK_K, BLOCK_KP)  # fmt: skip
     if HAS_NORM:  # pass 1: each row's mean square, in float32
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-            ss += _sum(x * x, 1)
+        if PRE:
+            ss += _sum(x_pre.to(tl.float32) * x_pre.to(tl.float32), 1)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                ss += _sum(x * x, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -118,7 +140,10 @@ def _norm_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if PRE:  # one step: the prologue holds every input feature
+            x = x_pre
+        else:
+            x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if HAS_NORM:  # as RMSNorm: normalise in float32, round to the dtype, then times the weight (rounded)
             xn = (x.to(tl.float32) * rstd[:, None]).to(dt)
             nw = tl.load(NW + kk, mask=k_ok, other=0.0)
@@ -148,6 +173,36 @@ def _norm_linear_kernel(
     tl.store(
         Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(dt), mask=row_ok[:, None] & col_ok[None, :]
     )
+
+
+@triton.jit
+def _prologue(
+    A, WP, RP, XO, rows, row_ok, offs_k, K, KP, stride_am, stride_wpn, stride_rpm, stride_xom, store,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
+):  # fmt: skip
+    """Rows [BLOCK_M, BLOCK_K] of RP + A @ WP^T (features past K are 0), in the dtype: the projection rounded,
+    then the residual added and rounded, as `norm_linear` with a residual computes them. Stored to XO if
+    `store` (one column tile stores them; the others recompute the same rows from L2-resident weights)."""
+    dt = XO.dtype.element_ty
+    k_ok = offs_k < K
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    a_rows = A + rows.to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
+    w_rows = WP + offs_k.to(tl.int64)[:, None] * stride_wpn  # [BLOCK_K, 1]
+    for p0 in range(0, KP, BLOCK_KP):
+        pp = p0 + tl.arange(0, BLOCK_KP)
+        p_ok = pp < KP
+        a = tl.load(a_rows + pp[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_KP]
+        w = tl.load(w_rows + pp[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_KP]
+        if IEEE:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    ok = row_ok[:, None] & k_ok[None, :]
+    r = tl.load(RP + rows.to(tl.int64)[:, None] * stride_rpm + offs_k[None, :], mask=ok, other=0.0)
+    x = (r.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)  # [BLOCK_M, BLOCK_K]
+    if store:
+        tl.store(XO + rows.to(tl.int64)[:, None] * stride_xom + offs_k[None, :], x, mask=ok)
+    return x
 
 
 @triton.jit
@@ -239,8 +294,9 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
         M, N, K, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
         float(eps), x, x, x, x, x, 0, 0, 0, 0, 1, 0, 0,  # the ROPE arguments, unread here
+        x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
-        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
@@ -316,6 +372,108 @@ def norm_linear(
     return _norm_linear_op(x2, w, nw, float(eps), r2, bool(gated)).view(*lead, N)
 
 
+# the prologue keeps whole input rows in registers: K (the model's hidden size) up to this many features
+MAX_PRE_K = 256
+
+
+def _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated):
+    M, KP = a.shape
+    K = w_pre.shape[0]
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    x = torch.empty(M, K, dtype=a.dtype, device=a.device)
+    y = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    block_m, block_n, block_k = TILES_OVERRIDE or tiles(M, N, K)
+    block_k = max(block_k, triton.next_power_of_2(K))  # one step: the prologue's rows are whole
+    block_kp = min(256, max(16, triton.next_power_of_2(KP)))
+    warps, stages = _warps_stages()
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _norm_linear_kernel[grid](
+        x, weight, a if norm_weight is None else norm_weight, a, y,
+        M, N, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
+        a, a, a, a, a, 0, 0, 0, 0, 1, 0, 0,  # the ROPE arguments, unread here
+        a, w_pre, residual, x, KP, a.stride(0), w_pre.stride(0), residual.stride(0), x.stride(0),
+        HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=gated, ROPE=False,
+        IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=True,
+        BLOCK_KP=block_kp, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return x, y
+
+
+@torch.library.custom_op("longspec::residual_norm_linear", mutates_args=())
+def _residual_norm_linear_op(
+    a: torch.Tensor,
+    w_pre: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.ops.longspec.residual_norm_linear`: a [M, KP] -> (x [M, K], y [M, N]) (checked by the wrapper)."""
+    return _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated)
+
+
+@_residual_norm_linear_op.register_fake
+def _(a, w_pre, residual, weight, norm_weight, eps, gated):
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    return a.new_empty(a.shape[0], w_pre.shape[0]), a.new_empty(a.shape[0], N)
+
+
+def residual_norm_linear(
+    a: torch.Tensor,
+    w_pre: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two projections in one launch, where a layer's residual stream passes between them:
+
+        x = residual + a @ w_pre^T                       (an o_proj, say: w_pre [K, KP], a [..., KP])
+        y = norm_linear(x, weight, norm_weight, eps, gated=gated)   (the next norm and gate/up)
+
+    Returns (x, y), both in a's dtype and rounded as the two `norm_linear` calls round them. Every column tile of
+    the second projection recomputes its rows of x (K <= MAX_PRE_K features, held in registers; the first
+    weight is small and stays in L2), so the launch between the two, and x's round trip, are saved. On CUDA, or
+    on the CPU under TRITON_INTERPRET=1."""
+    for name, t, dims in (("a", a, None), ("w_pre", w_pre, 2), ("residual", residual, None), ("weight", weight, 2)):
+        if not isinstance(t, torch.Tensor) or (dims is not None and t.dim() != dims) or t.dim() < 1:
+            _fail(f"residual_norm_linear: {name} must be a tensor{' [N, K]' if dims else ' [..., features]'}",
+                  "pass the activations and nn.Linear weights")  # fmt: skip
+    K, KP = w_pre.shape
+    if a.shape[-1] != KP:
+        _fail(f"residual_norm_linear: w_pre {list(w_pre.shape)} does not take a's {a.shape[-1]} features",
+              "pass the weight of the projection a feeds")  # fmt: skip
+    lead = a.shape[:-1]
+    if tuple(residual.shape) != (*lead, K):
+        _fail(f"residual_norm_linear: residual must be {[*lead, K]}, got {list(residual.shape)}",
+              "pass the residual stream the first projection is added to")  # fmt: skip
+    if K > MAX_PRE_K:
+        _fail(f"residual_norm_linear holds whole rows of {K} features, more than {MAX_PRE_K}",
+              "use two norm_linear calls (LONGSPEC_FUSE_RESIDUAL=off)")  # fmt: skip
+    if a.dtype not in _DTYPES or any(t.dtype != a.dtype for t in (w_pre, residual, weight)):
+        _fail(f"residual_norm_linear: a, w_pre, residual and weight must share one of {[str(d) for d in _DTYPES]}",
+              "cast them to one dtype")  # fmt: skip
+    if not (a.is_cuda or _INTERPRET):
+        _fail(f"residual_norm_linear runs a Triton kernel and got a tensor on {a.device}", "pass CUDA tensors")
+    x = residual.reshape(-1, K)
+    if weight.shape[1] != K or (gated and weight.shape[0] % 2):
+        _fail(f"residual_norm_linear: weight {list(weight.shape)} does not take the {K} features of x",
+              "pass the weight of the projection x feeds")  # fmt: skip
+    if norm_weight is not None and (norm_weight.shape != (K,) or norm_weight.dtype != a.dtype):
+        _fail(f"residual_norm_linear: norm_weight must be [{K}] in {a.dtype}", "pass the RMSNorm's weight")
+    if any(t.device != a.device for t in (w_pre, residual, weight) + (() if norm_weight is None else (norm_weight,))):
+        _fail("residual_norm_linear: all tensors must be on one device", "move them with .to(a.device)")
+    a2 = a.reshape(-1, KP)
+    a2 = a2 if a2.stride(-1) == 1 else a2.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    nw = None if norm_weight is None else norm_weight.contiguous()
+    xo, y = _residual_norm_linear_op(a2, w_pre.contiguous(), x, weight.contiguous(), nw, float(eps), bool(gated))
+    N = y.shape[-1]
+    return xo.view(*lead, K), y.view(*lead, N)
+
+
 @torch.library.custom_op("longspec::qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
 def _qkv_rope_cache_op(
     x: torch.Tensor,
@@ -346,8 +504,9 @@ def _qkv_rope_cache_op(
         M, (num_heads + 2 * num_kv_heads) * D, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
         cos, sin, kc, vc, slots, cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), M // B,
         num_heads, num_kv_heads,
+        x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
-        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
@@ -467,6 +626,12 @@ def main(argv=None) -> int:
                     help="with --sweep: seconds for all cases, shared evenly")  # fmt: skip
     ap.add_argument("--cases", default="", help="only the cases whose name contains one of these comma-separated "
                     "words (e.g. 'embedded' or '72 rows'); default: all")  # fmt: skip
+    ap.add_argument(
+        "--residual",
+        action="store_true",
+        help="instead, time residual_norm_linear (the embedded model's o_proj + residual, then its norm + gate/up, "
+        "in one launch) against the two norm_linear launches it replaces, at 1, 16 and 72 rows",
+    )
     a = ap.parse_args(argv)
     words = [w.strip() for w in a.cases.split(",") if w.strip()]
     cases = [c for c in BENCH_CASES if not words or any(w in c[0] for w in words)]
@@ -486,7 +651,26 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     end = time.monotonic() + a.budget_s
     report = {"dtype": a.dtype, "cases": []}
-    for i, (name, M, K, N, has_norm, has_res, gated) in enumerate(cases):
+    for M in (1, 16, 72) if a.residual else ():
+        o = torch.randn(M, 256, generator=gen).to("cuda", dtype)
+        wo = (torch.randn(256, 256, generator=gen) / 16).to("cuda", dtype)
+        r = torch.randn(M, 256, generator=gen).to("cuda", dtype)
+        wgu = (torch.randn(2 * 768, 256, generator=gen) / 16).to("cuda", dtype)
+        nw = (1 + 0.1 * torch.randn(256, generator=gen)).to("cuda", dtype)
+
+        def two():
+            x = norm_linear(o, wo, residual=r)
+            return x, norm_linear(x, wgu, nw, 1e-5, gated=True)
+
+        (x1, y1), (x2, y2) = residual_norm_linear(o, wo, r, wgu, nw, 1e-5, gated=True), two()
+        same = bool(torch.equal(x1, x2) and torch.equal(y1, y2))
+        ours = do_bench_cudagraph(lambda: residual_norm_linear(o, wo, r, wgu, nw, 1e-5, gated=True)) * 1e3
+        theirs = do_bench_cudagraph(two) * 1e3
+        print(f"{M:3d} rows: one launch {ours:6.1f} us   two launches {theirs:6.1f} us   ratio {ours / theirs:.2f}   "
+              f"{'bit-identical' if same else 'DIFFERENT'}")  # fmt: skip
+        report["cases"].append({"name": f"embedded o_proj+res -> norm+gate_up+silu, {M} rows", "M": M, "us": ours,
+                                "two_launches_us": theirs, "identical": same})  # fmt: skip
+    for i, (name, M, K, N, has_norm, has_res, gated) in enumerate([] if a.residual else cases):
         deadline = time.monotonic() + (end - time.monotonic()) / (len(cases) - i)  # an even share of what is left
         x = torch.randn(M, K, generator=gen).to("cuda", dtype)
         w = (torch.randn(2 * N if gated else N, K, generator=gen) / K**0.5).to("cuda", dtype)

@@ -49,6 +49,11 @@ AUTO_MAX_WEIGHT = 1 << 20
 # chain's 6-row verify 210.4 -> 205.4 us, the 72-row tree verify 259.7 -> 250.5 us (86 -> 81 kernels). An
 # earlier A/B with the old tiles had found it neutral (183.1 -> 179.9 us and 294.6 -> 296.0 us).
 QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "auto")
+# LONGSPEC_FUSE_RESIDUAL: a layer's o_proj (with its residual) and the next norm + gate/up in one launch
+# (`residual_norm_linear`, kernels/norm_linear.py's prologue), one launch less per layer. "off" (the default) until
+# it is timed on a GPU (docs/GPU_JOBS.md lists the A/B); "auto": on CUDA for small weights and hidden sizes up to
+# the kernel's MAX_PRE_K; "on": also under the CPU interpreter (tests).
+FUSE_RESIDUAL = os.environ.get("LONGSPEC_FUSE_RESIDUAL", "off")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,3 +121,32 @@ def norm_linear(
         gate, up = y.chunk(2, dim=-1)  # [..., N] each
         y = F.silu(gate) * up
     return y if residual is None else residual + y
+
+
+def residual_norm_linear(a, w_pre, b_pre, residual, weight, bias=None, norm=None, gated: bool = False):
+    """x = residual + a @ w_pre^T (+ b_pre), then y = norm_linear(x, weight, bias, norm, gated=gated): (x, y).
+    The readable path is those two `norm_linear` calls; with LONGSPEC_FUSE_RESIDUAL they are one kernel launch
+    where it serves (no biases, small weights, a hidden size the kernel holds in registers), same rounding."""
+    switch = checked("LONGSPEC_FUSE_RESIDUAL", FUSE_RESIDUAL, CHOICES)
+    if switch != "off" and b_pre is None and _fused_residual_serves(a, w_pre, residual, weight, bias, norm, switch):
+        from longspec_lab.kernels.norm_linear import residual_norm_linear as fused
+
+        nw, eps = norm if norm is not None else (None, 1e-6)
+        return fused(a, w_pre, residual, weight, nw, eps, gated)
+    x = norm_linear(a, w_pre, b_pre, residual=residual)
+    return x, norm_linear(x, weight, bias, norm, gated=gated)
+
+
+def _fused_residual_serves(a, w_pre, residual, weight, bias, norm, switch: str) -> bool:
+    from longspec_lab.kernels.norm_linear import MAX_PRE_K  # only reached when the switch is not off
+
+    if bias is not None or not HAS_TRITON or w_pre.shape[0] > MAX_PRE_K:
+        return False
+    tensors = [t for t in (a, w_pre, residual, weight, None if norm is None else norm[0]) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.dtype != a.dtype for t in tensors):
+        return False
+    if switch == "auto":
+        return a.is_cuda and max(w_pre.numel(), weight.numel()) <= AUTO_MAX_WEIGHT
+    return a.is_cuda or _interpreting()

@@ -112,3 +112,55 @@ def test_compiled_qkv_rope_cache_writes_the_cache_in_place(monkeypatch):
     for a, b in ((compiled_cache.k, eager_cache.k), (compiled_cache.v, eager_cache.v)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         assert a[:, :, :, 10:15].abs().sum() > 0 and a[:, :, :, :10].abs().sum() == 0 == a[:, :, :, 15:].abs().sum()
+
+
+def test_tree_decoding_gives_the_same_tokens_with_the_residual_fused(embedded_pair, monkeypatch):
+    """LONGSPEC_FUSE_RESIDUAL=on: each target layer's o_proj + residual and its norm + gate/up run as one kernel
+    (the interpreter here); a tree generation gives the tokens and accepted lengths of the readable path, and
+    the fused form keeps the layer's remaining projections on their own path."""
+    import longspec_lab.kernels.norm_linear as nl
+    from longspec_lab.decoding.eager import SpecDecoder
+
+    calls = []
+    real = nl.residual_norm_linear
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nl, "residual_norm_linear", counted)
+    target, draft, tok = embedded_pair
+    ids = tok.encode("The history of the city begins with a small harbour where fishermen")[:48]
+    runs = []
+    for value in ("off", "on"):
+        monkeypatch.setattr(linear, "FUSE_RESIDUAL", value)
+        res = SpecDecoder(target, draft).generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=6)
+        runs.append((res.new_tokens, res.accepted_lengths))
+        assert bool(calls) is (value == "on")
+    assert runs[0] == runs[1] and len(runs[0][0]) >= 6
+
+
+def test_compiled_model_with_the_residual_fused_matches_transformers(tmp_path, monkeypatch):
+    """A whole 2-layer Llama written by transformers, loaded by us, with LONGSPEC_FUSE_RESIDUAL=on, compiled
+    with Inductor (fullgraph): one fused op per layer in the graph, logits equal to eager and to transformers."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longspec_lab.models.loaders import load_target
+
+    monkeypatch.setattr(linear, "FUSE_RESIDUAL", "on")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_target(tmp_path, dtype="float32").eval()
+    x = torch.randint(0, 96, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = ours(x)
+        compiled, code = run_and_get_code(torch.compile(ours, fullgraph=True, dynamic=False), x)
+        ref = hf(x).logits
+    assert "\n".join(code).count("torch.ops.longspec.residual_norm_linear.default(") == cfg.num_hidden_layers
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert (eager - ref).abs().max().item() <= 1e-4

@@ -153,3 +153,12 @@ def test_main_without_cuda_explains(capsys):
     with pytest.raises(SystemExit) as e:
         ma.main(["--rows", "4"])
     assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_benchmarks_pytorch_peer_computes_the_definition(shared):
+    """`_torch_version`, what `main` times the kernel against, does the same work: equal to float64 in float32."""
+    q, k, v, mask = _case(6, 4, 2, 45, seed=11, shared=shared)
+    mask[:, 0] = True
+    want = ma.masked_attention_reference(q, k, v, mask)
+    torch.testing.assert_close(ma._torch_version(q, k, v, mask).double(), want, rtol=1e-5, atol=1e-5)

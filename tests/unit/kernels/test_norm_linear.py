@@ -232,3 +232,80 @@ def test_small_weight_bound_is_the_auto_bound():
     from longspec_lab.ops import linear
 
     assert nl.SMALL_WEIGHT == linear.AUTO_MAX_WEIGHT
+
+
+def _pre_case(seed, M, KP, K, N, has_norm, gated, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, KP, generator=g).to(dtype)
+    wp = (torch.randn(K, KP, generator=g) / KP**0.5).to(dtype)
+    r = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(2 * N if gated else N, K, generator=g) / K**0.5).to(dtype)
+    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype) if has_norm else None
+    return a, wp, r, w, nw
+
+
+@pytest.mark.parametrize("has_norm", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(("M", "KP", "K", "N"), [(1, 256, 256, 96), (5, 200, 80, 40), (40, 48, 64, 24)])
+def test_residual_norm_linear_matches_float64_and_the_two_calls(M, KP, K, N, has_norm, gated):
+    """The prologue (x = residual + a @ w_pre^T) and the projection after it, in one launch: x and y against
+    float64, and against the two norm_linear launches it replaces. Ragged: KP = 200 in 128-wide steps, K = 80
+    in a 128-wide tile, 40 rows in 16-row tiles (each of several column tiles recomputes x; one stores it)."""
+    a, wp, r, w, nw = _pre_case(M + KP + N, M, KP, K, N, has_norm, gated)
+    x, y = nl.residual_norm_linear(a, wp, r, w, nw, 1e-5, gated)
+    x64 = r.double() + a.double() @ wp.double().T
+    torch.testing.assert_close(x.double(), x64, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        y.double(), nl.norm_linear_reference(x64, w, nw, 1e-5, None, gated), atol=5e-5, rtol=5e-5
+    )
+    x2 = nl.norm_linear(a, wp, residual=r)
+    torch.testing.assert_close(x, x2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, nl.norm_linear(x2, w, nw, 1e-5, gated=gated), atol=1e-5, rtol=1e-5)
+
+
+def test_residual_norm_linear_in_half_precision_equals_the_two_calls():
+    """In float16 the one launch rounds where the two launches round (the projection, the residual sum, the
+    norm, SiLU, the product): bit-identical outputs, on leading dims [B, T]."""
+    a, wp, r, w, nw = _pre_case(3, 6, 256, 256, 96, True, True, torch.float16)
+    a, r = a.view(2, 3, 256), r.view(2, 3, 256)
+    x, y = nl.residual_norm_linear(a, wp, r, w, nw, 1e-5, gated=True)
+    x2 = nl.norm_linear(a, wp, residual=r)
+    assert x.shape == (2, 3, 256) and y.shape == (2, 3, 96)
+    assert torch.equal(x, x2) and torch.equal(y, nl.norm_linear(x2, w, nw, 1e-5, gated=True))
+
+
+def test_residual_norm_linear_opcheck_and_compiles_as_one_op():
+    a, wp, r, w, nw = _pre_case(4, 3, 32, 64, 16, True, True)
+    torch.library.opcheck(torch.ops.longspec.residual_norm_linear.default, (a, wp, r, w, nw, 1e-5, True))
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(a, r):
+        x, y = nl.residual_norm_linear(a, wp, r, w, nw, 1e-5, gated=True)
+        return x + 1, y * 2
+
+    torch._dynamo.reset()
+    x, y = torch.compile(f, fullgraph=True, backend=spy)(a, r)
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "residual_norm_linear" in str(n.target)]
+    assert len(graphs) == 1 and len(calls) == 1
+    want_x, want_y = nl.residual_norm_linear(a, wp, r, w, nw, 1e-5, gated=True)
+    assert torch.equal(x, want_x + 1) and torch.equal(y, want_y * 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda a, wp, r, w: (a[:, :-1], wp, r, w), "does not take a's"),
+        (lambda a, wp, r, w: (a, wp, r[:, :-1], w), "residual must be"),
+        (lambda a, wp, r, w: (a, wp, r, w[:, :-1]), "does not take the"),
+        (lambda a, wp, r, w: (a, wp, r.double(), w), "share one"),
+        (lambda a, wp, r, w: (a, torch.zeros(300, 32), torch.zeros(3, 300), torch.zeros(8, 300)), "more than 256"),
+    ],
+)
+def test_residual_norm_linear_bad_inputs_name_the_problem(change, words):
+    a, wp, r, w, _ = _pre_case(5, 3, 32, 64, 16, False, False)
+    with pytest.raises(ValueError, match=words):
+        nl.residual_norm_linear(*change(a, wp, r, w))

@@ -309,3 +309,37 @@ def test_missing_and_pickle_only_folders_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="pickle"):
         load_draft(tmp_path, target)
+
+
+def test_fused_residual_gives_the_readable_logits(monkeypatch):
+    """LONGSPEC_FUSE_RESIDUAL=on (the interpreter here): a fused draft's cross-attention o_proj + residual and its
+    norm + gate/up run as one kernel; ingest and a tree level give the logits of the two-launch path."""
+    import os
+
+    import longspec_lab.kernels.norm_linear as nl
+    from longspec_lab.models.layers import fuse_projections
+    from longspec_lab.ops import linear
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the kernel runs on CUDA or under TRITON_INTERPRET=1")
+    target, draft = make_pair(window=8, seed=6)
+    fuse_projections(draft)
+    assert draft.mlp.fused
+    calls = []
+    real = nl.residual_norm_linear
+    monkeypatch.setattr(nl, "residual_norm_linear", lambda *a: calls.append(1) or real(*a))
+    tcache = target_cache_with_random_kv(target, 1, 24)
+    ids = torch.randint(0, TINY.vocab_size, (10,), generator=torch.Generator().manual_seed(7))
+    outs = {}
+    for value in ("off", "on"):
+        monkeypatch.setattr(linear, "FUSE_RESIDUAL", value)
+        ring = draft.new_ring(max_pending=10, max_tree_nodes=3)
+        with torch.no_grad():
+            ing = draft.ingest(ids, torch.tensor([10]), ring, tcache.k[-1], tcache.v[-1], torch.tensor([9]))
+            anc = torch.tensor([[True, False], [False, True]])
+            lvl = draft.tree_level(ids[:2], ring.seen - 1 + 1 + torch.zeros(2, dtype=torch.long), 0, anc, ring,
+                                   tcache.k[-1], tcache.v[-1], torch.tensor([10]))  # fmt: skip
+        outs[value] = (ing, lvl)
+    assert calls  # the "on" run took the kernel (ingest and the tree level, once each)
+    for a, b in zip(outs["off"], outs["on"]):  # float32 sums blocked differently, through sharp random weights
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -78,6 +78,37 @@ def test_qkv_rope_auto_is_the_kernel_on_cuda_only(monkeypatch):
         assert linear.qkv_rope_path(x, big, None, 32, x.dtype) == used, value
 
 
+def test_fuse_residual_switch_picks_the_path_and_keeps_the_numbers(monkeypatch):
+    """LONGSPEC_FUSE_RESIDUAL: "off" (the default until timed) and "auto" on the CPU take the two norm_linear
+    calls; "on" takes the one-launch kernel (the interpreter here), and both give the float64 answer; a bias on
+    either projection keeps the readable path."""
+    import longspec_lab.kernels.norm_linear as nl
+
+    assert linear.FUSE_RESIDUAL == "off" or os.environ.get("LONGSPEC_FUSE_RESIDUAL")
+    g = torch.Generator().manual_seed(7)
+    a, wp, r = (
+        torch.randn(2, 3, 48, generator=g),
+        torch.randn(64, 48, generator=g) / 7,
+        torch.randn(2, 3, 64, generator=g),
+    )
+    w, nw = torch.randn(2 * 24, 64, generator=g) / 8, 1 + 0.1 * torch.randn(64, generator=g)
+    x64 = r.double() + a.double() @ wp.double().T
+    y64 = norm_linear_reference(x64, w, nw, 1e-5, None, True)
+    calls = []
+    real = nl.residual_norm_linear
+    monkeypatch.setattr(nl, "residual_norm_linear", lambda *args: calls.append(1) or real(*args))
+    for value, fused in (("off", False), ("auto", False), ("on", linear.HAS_TRITON)):
+        monkeypatch.setattr(linear, "FUSE_RESIDUAL", value)
+        calls.clear()
+        x, y = linear.residual_norm_linear(a, wp, None, r, w, None, (nw, 1e-5), gated=True)
+        assert bool(calls) is fused, value
+        torch.testing.assert_close(x.double(), x64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    linear.residual_norm_linear(a, wp, torch.zeros(64), r, w, None, (nw, 1e-5), gated=True)
+    assert not calls
+
+
 def test_unknown_switch_value_is_named(switch):
     switch("fast")
     with pytest.raises(ValueError, match="LONGSPEC_NORM_LINEAR='fast'"):
