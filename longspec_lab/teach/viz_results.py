@@ -411,6 +411,57 @@ def kernel_timing_figure(
     return fig
 
 
+# the forms of the draft's window attention in kernels/masked_attention.py's JSON, in plotting order
+MASKED_FORMS = {
+    "kernel": "one kernel (keys split, last program merges)",
+    "kernel_one_program": "one kernel, one program walks all keys",
+    "math_compiled": "written out, compiled (two matmuls + softmax)",
+    "torch_compiled": "PyTorch ops, compiled (two matmuls + softmax)",
+    "sdpa": "one SDPA call",
+}
+
+
+def masked_attention_figure(split: Mapping, one_program: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Grouped bars: microseconds per call of the draft's window attention against the query rows of a level,
+    one bar per form, from kernels/masked_attention.py's JSON (`split`: the recorded default; `one_program`, if
+    given, adds its first form, where one program walked all keys, as the "kernel_one_program" bar)."""
+    cases = split.get("cases") if isinstance(split, Mapping) else None
+    if not cases:
+        raise ValueError(
+            "no masked-attention cases: pass the JSON of `python -m longspec_lab.kernels.masked_attention`"
+        )
+    rows = [c["rows"] for c in cases]
+    per_form = {f: [c["us"].get(f) for c in cases] for f in MASKED_FORMS if any(f in c["us"] for c in cases)}
+    if one_program is not None:
+        first = {c["rows"]: c["us"].get("kernel") for c in one_program.get("cases", [])}
+        per_form = {"kernel": per_form.pop("kernel"), "kernel_one_program": [first.get(r) for r in rows], **per_form}
+    fig = go.Figure()
+    for k, (form, ys) in enumerate(per_form.items()):
+        fig.add_trace(
+            go.Bar(
+                x=[f"{r} row{'s' if r > 1 else ''}" for r in rows],
+                y=ys,
+                name=MASKED_FORMS[form],
+                text=[None if y is None else f"{y:.1f}" for y in ys],
+                textposition="outside",
+                marker_color=series_color(k),
+            )
+        )
+    heads = split.get("heads", ["?", "?", "?"])
+    fig.update_layout(
+        title=title
+        or f"The draft's window attention: {heads[0]} q heads / {heads[1]} kv heads of {heads[2]}, "
+        f"{split.get('keys')} keys, CUDA-graph replay",
+        xaxis_title="query rows per head (the level's width)",
+        yaxis_title="microseconds per call",
+        barmode="group",
+        legend=dict(title="form", orientation="h", y=-0.25),
+        height=480,
+        width=980,
+    )
+    return fig
+
+
 DECODER_CONFIG = (64, 4, 3)  # (BLOCK_N, warps, stages): the fixed config decoding runs (LONGSPEC_AUTOTUNE=0)
 
 

@@ -368,3 +368,26 @@ def test_split_sweep_figure_plots_the_recorded_times():
 def test_split_sweep_figure_names_what_is_missing(sweep, words):
     with pytest.raises(ValueError, match=words):
         viz_results.split_sweep_figure(sweep)
+
+
+def test_masked_attention_figure_groups_the_forms_by_rows():
+    split = {"heads": [4, 2, 64], "keys": 586, "cases": [
+        {"rows": 1, "us": {"kernel": 6.9, "math_compiled": 12.3, "sdpa": 14.9}},
+        {"rows": 16, "us": {"kernel": 8.2, "math_compiled": 13.5, "sdpa": 24.1}},
+    ]}  # fmt: skip
+    first = {"cases": [{"rows": 16, "us": {"kernel": 15.7}}, {"rows": 1, "us": {"kernel": 14.1}}]}
+    fig = viz_results.masked_attention_figure(split, first)
+    names = [t.name for t in fig.data]
+    assert names[:2] == [viz_results.MASKED_FORMS["kernel"], viz_results.MASKED_FORMS["kernel_one_program"]]
+    assert list(fig.data[1].y) == [14.1, 15.7] and list(fig.data[3].y) == [14.9, 24.1]
+    assert list(fig.data[0].x) == ["1 row", "16 rows"] and "586 keys" in fig.layout.title.text
+    with pytest.raises(ValueError, match="no masked-attention cases"):
+        viz_results.masked_attention_figure({"cases": []})
+
+
+def test_masked_attention_figure_of_the_recorded_runs():
+    split, first = nb.load_result("masked_attention_split_h200"), nb.load_result("masked_attention_h200")
+    fig = viz_results.masked_attention_figure(split, first)
+    kernel = {t.name: t for t in fig.data}[viz_results.MASKED_FORMS["kernel"]]
+    assert list(kernel.y) == [c["us"]["kernel"] for c in split["cases"]]
+    assert len(fig.data) == 4  # split kernel, one-program kernel, the written-out form, SDPA
