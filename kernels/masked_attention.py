@@ -276,7 +276,6 @@ def masked_attention(q, k, v, mask, scale=None):
 def main(argv=None) -> int:
     """Time the kernel against the PyTorch forms on the draft's window-attention shapes (CUDA)."""
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.kernels.masked_attention",
@@ -349,11 +348,9 @@ def main(argv=None) -> int:
         report["cases"].append(case)
         print(f"T={T} S={a.keys}: " + ", ".join(f"{n} {us:.1f} us" for n, us in case["us"].items()))
     if a.out:
-        from longspec_lab.provenance import stamp
+        from longspec_lab.provenance import stamp, write_new_json
 
-        with open(a.out, "x") as f:
-            f.write(json.dumps(stamp(report, torch.device("cuda"), torch.bfloat16), indent=1) + "\n")
-        print(f"wrote {a.out}")
+        write_new_json(a.out, stamp(report, torch.device("cuda"), torch.bfloat16))
     return 0
 
 

@@ -642,7 +642,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         ap.exit(2, "error: the benchmark times a GPU kernel and needs CUDA; on the CPU the tests run the kernel "
                    "in Triton's interpreter (.venv/bin/pytest tests/unit/kernels/test_norm_linear.py)\n")  # fmt: skip
-    import json
     import time
 
     from triton.testing import do_bench_cudagraph
@@ -727,12 +726,10 @@ def main(argv=None) -> int:
             print(f"{'':32s} best tile {best['tiles']} launch {best['launch']} {best['us']:6.1f} us "
                   f"(default {case['tiles']} (4, 3) {ours:6.1f} us)")  # fmt: skip
     if a.out:
-        from longspec_lab.provenance import environment
+        from longspec_lab.provenance import environment, write_new_json
 
         report["environment"] = environment(torch.device("cuda"))
-        with open(a.out, "x") as f:
-            f.write(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {a.out}")
+        write_new_json(a.out, report)
     return 0
 
 

@@ -309,7 +309,6 @@ def main(argv=None) -> int:
             "error: the benchmark times a GPU kernel and needs CUDA; on the CPU the tests run the kernel in "
             "Triton's interpreter (.venv/bin/pytest tests/unit/kernels/test_row_topk.py)\n",
         )
-    import json
 
     from triton.testing import do_bench, do_bench_cudagraph
 
@@ -385,11 +384,9 @@ def main(argv=None) -> int:
                 "equal to torch.topk"
             )
     if a.out:
-        from longspec_lab.provenance import stamp
+        from longspec_lab.provenance import stamp, write_new_json
 
-        with open(a.out, "x") as f:
-            f.write(json.dumps(stamp(report, torch.device("cuda"), torch.int64), indent=1) + "\n")
-        print(f"wrote {a.out}")
+        write_new_json(a.out, stamp(report, torch.device("cuda"), torch.int64))
     return 0
 
 

@@ -9,6 +9,7 @@ Taught in: notebooks/07_timing_real_gpu_runs.ipynb (reading recorded results).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -74,3 +75,11 @@ def environment(device=None, dtype=None, command: str | None = None) -> dict:
 def stamp(result: dict, device=None, dtype=None, command: str | None = None) -> dict:
     """`result` with `schema_version` and `environment` filled in (a new dict)."""
     return {"schema_version": SCHEMA_VERSION, **result, "environment": environment(device, dtype, command)}
+
+
+def write_new_json(path, report: dict) -> None:
+    """Write `report` as JSON to `path`, which must not exist yet (a recorded result is never overwritten), and
+    say so. Benchmarks check the path before their run, so this failing means a race, not a user's mistake."""
+    with open(path, "x") as f:
+        f.write(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")

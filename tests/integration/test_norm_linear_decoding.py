@@ -18,28 +18,30 @@ def switch(monkeypatch):
     return set_to
 
 
-def test_tree_decoding_gives_the_same_tokens_with_qkv_rope_cache(embedded_pair, monkeypatch):
-    """LONGSPEC_QKV_ROPE=on: every target layer's norm, q/k/v, RoPE and cache write run as one kernel (the
-    interpreter here); a tree generation gives the tokens and accepted lengths of the readable path."""
+def _same_tokens_with_the_switch(embedded_pair, monkeypatch, switch: str, module, fn: str) -> None:
+    """A tree generation with ops.linear's `switch` "off" and then "on": the same tokens and accepted lengths,
+    and `module.fn` (the fused kernel's entry, counted) ran exactly when the switch was on."""
     from longspec_lab.decoding.eager import SpecDecoder
-    from longspec_lab.models import layers
 
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return linear.qkv_rope_cache(*args, **kwargs)
-
-    monkeypatch.setattr(layers, "qkv_rope_cache", counted)
+    calls, real = [], getattr(module, fn)
+    monkeypatch.setattr(module, fn, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     target, draft, tok = embedded_pair
     ids = tok.encode("The history of the city begins with a small harbour where fishermen")[:48]
     runs = []
     for value in ("off", "on"):
-        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        monkeypatch.setattr(linear, switch, value)
         res = SpecDecoder(target, draft).generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=6)
         runs.append((res.new_tokens, res.accepted_lengths))
         assert bool(calls) is (value == "on")  # the kernel ran exactly when switched on
     assert runs[0] == runs[1] and len(runs[0][0]) >= 6
+
+
+def test_tree_decoding_gives_the_same_tokens_with_qkv_rope_cache(embedded_pair, monkeypatch):
+    """LONGSPEC_QKV_ROPE=on: every target layer's norm, q/k/v, RoPE and cache write run as one kernel (the
+    interpreter here); a tree generation gives the tokens and accepted lengths of the readable path."""
+    from longspec_lab.models import layers
+
+    _same_tokens_with_the_switch(embedded_pair, monkeypatch, "QKV_ROPE", layers, "qkv_rope_cache")
 
 
 def test_tree_decoding_gives_the_same_tokens_with_the_kernel(embedded_pair, switch):
@@ -115,29 +117,12 @@ def test_compiled_qkv_rope_cache_writes_the_cache_in_place(monkeypatch):
 
 
 def test_tree_decoding_gives_the_same_tokens_with_the_residual_fused(embedded_pair, monkeypatch):
-    """LONGSPEC_FUSE_RESIDUAL=on: each target layer's o_proj + residual and its norm + gate/up run as one kernel
-    (the interpreter here); a tree generation gives the tokens and accepted lengths of the readable path, and
-    the fused form keeps the layer's remaining projections on their own path."""
+    """LONGSPEC_FUSE_RESIDUAL=on: each layer's o_proj + residual and its norm + gate/up run as one kernel (the
+    interpreter here), in the target and the draft; a tree generation gives the tokens and accepted lengths of
+    the readable path."""
     import longspec_lab.kernels.norm_linear as nl
-    from longspec_lab.decoding.eager import SpecDecoder
 
-    calls = []
-    real = nl.residual_norm_linear
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(nl, "residual_norm_linear", counted)
-    target, draft, tok = embedded_pair
-    ids = tok.encode("The history of the city begins with a small harbour where fishermen")[:48]
-    runs = []
-    for value in ("off", "on"):
-        monkeypatch.setattr(linear, "FUSE_RESIDUAL", value)
-        res = SpecDecoder(target, draft).generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=6)
-        runs.append((res.new_tokens, res.accepted_lengths))
-        assert bool(calls) is (value == "on")
-    assert runs[0] == runs[1] and len(runs[0][0]) >= 6
+    _same_tokens_with_the_switch(embedded_pair, monkeypatch, "FUSE_RESIDUAL", nl, "residual_norm_linear")
 
 
 def test_compiled_model_with_the_residual_fused_matches_transformers(tmp_path, monkeypatch):
