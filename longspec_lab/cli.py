@@ -1039,6 +1039,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-nodes", type=_int_range(2), default=160, help="largest shape searched (nodes, root included)")
     t.add_argument("--top", type=_int_range(1, 100), default=5, help="candidates validated by running them")
     t.add_argument(
+        "--every-position", action="store_true",
+        help="rescore the best --shortlist shapes (and every chain, and the default) by the exact acceptance: a probe "
+        "tree at every position of each prompt's continuation and the decoder's own walk over them (one prefill "
+        "and probe step per position: several times slower, and on the CPU in float32 equal to the measured tau)",
+    )  # fmt: skip
+    t.add_argument("--shortlist", type=_int_range(1, 100000), default=2000,
+                   help="with --every-position: how many of the rank model's best shapes to rescore")  # fmt: skip
+    t.add_argument(
         "--latency-from", default=None, metavar="REPORT",
         help="fit the step-time model to a recorded bench report (e.g. data/results/e2e_h200.json) instead of "
         "timing calibration shapes here; the top shapes are then predictions for that device, not run",

@@ -16,6 +16,15 @@ Method (a model-guided exhaustive search, then measurement):
 4. Validate. Run the top candidates and the default [4, 16, 16, 16, 16] for real and rank them by
    measured tokens per second.
 
+Step 1 is biased: the probe's steps start where the probe's own steps start, right after its rejections,
+and a narrower tree's steps start elsewhere; and a sibling rank in the wide beam undercounts a narrow tree,
+whose nodes have fewer rivals. With `every_position` (`longspec-lab tune --every-position`) the shortlist of
+step 3 is rescored exactly: a probe tree at EVERY root position of each prompt's greedy continuation, each
+shape's tree built inside it as the beam builds it (`step_accepts_nested`), and the decoder's walk replayed
+over those positions (`renewal_tau`). On the CPU in float32 that reproduces the measured tau of every shape
+tried to three decimals (tests/integration/test_tune_exact.py), where the rank model was off by up to 0.45;
+it costs one prefill and one probe step per position instead of per probe step.
+
 Taught in: notebooks/02_tree_shapes.ipynb (and the tuner results in notebooks/07_timing_real_gpu_runs.ipynb).
 """
 
@@ -73,6 +82,70 @@ def expected_accept(ranks: torch.Tensor, shapes: list) -> torch.Tensor:
         kept = (ranks[None] < chunk[:, None]).cumprod(-1)  # [S, steps, D]
         out.append(1 + kept.sum(-1).double().mean(-1))
     return torch.cat(out)
+
+
+def probe_parents(trace, depth: int) -> list[torch.Tensor]:
+    """For each level l = 1..depth of the traced probe trees: [steps, N_l] the index of each node's parent inside
+    level l - 1 (the root is index 0 of level 0). A level's nodes are in the beam's order, best score first."""
+    out = []
+    for l in range(1, depth + 1):
+        rows = []
+        for rec in trace:
+            off = rec.tree.shape.level_offsets
+            rows.append(rec.tree.parents[off[l] : off[l + 1]].long() - off[l - 1])
+        out.append(torch.stack(rows))
+    return out
+
+
+def step_accepts_nested(parents: list, ranks: torch.Tensor, shapes: list, chunk: int = 512) -> torch.Tensor:
+    """[shapes, steps] accepted length (bonus token included) of each shape at each traced probe step, building
+    the narrower tree inside the probe tree as the beam builds it: level l keeps the first w_l nodes, in the
+    probe's score order, whose parent the narrower tree kept at level l - 1. Exact whenever those nodes lie inside
+    the probe's beam (the probe is much wider; a parent whose best child the probe dropped has no child in it).
+    parents: `probe_parents`; ranks: `path_ranks` (inf where the path left the probe)."""
+    D = len(parents)
+    path = torch.where(torch.isinf(ranks), -1.0, ranks).long()  # [steps, D] the path node's index in its level
+    W = torch.zeros(len(shapes), D, dtype=torch.long)
+    for i, s in enumerate(shapes):
+        W[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    out = []
+    for Wc in W.split(chunk):
+        S, steps = Wc.shape[0], path.shape[0]
+        kept = torch.ones(S, steps, 1, dtype=torch.bool)  # level 0: the root
+        on_path = torch.ones(S, steps, dtype=torch.bool)
+        accepted = torch.ones(S, steps, dtype=torch.long)  # the bonus token
+        for l in range(D):
+            alive = kept.gather(2, parents[l][None].expand(S, -1, -1))  # [S, steps, N_l]: the parent was kept
+            kept = alive & (alive.cumsum(-1) <= Wc[:, l, None, None])  # the first w_l of them, in score order
+            idx = path[:, l]
+            hit = kept.gather(2, idx.clamp(min=0)[None, :, None].expand(S, -1, 1))[..., 0] & (idx >= 0)[None]
+            on_path &= hit
+            accepted += on_path
+        out.append(accepted)
+    return torch.cat(out)
+
+
+def renewal_tau(accepts: list, n_tokens: int) -> torch.Tensor:
+    """[shapes] tokens per target pass of each shape when decoding n_tokens, from its accepted length at EVERY
+    root position of each prompt's greedy continuation (accepts: per prompt [shapes, roots]): the decoder's own
+    walk, a step at root r accepting a(r) tokens and the next step starting at r + a(r), the last step cut at
+    n_tokens as the decoder cuts it. Steps then start where each shape's own steps start, not where a probe's did."""
+    S = accepts[0].shape[0]
+    tokens = torch.zeros(S, dtype=torch.long)
+    steps = torch.zeros(S, dtype=torch.long)
+    for acc in accepts:
+        acc = acc.long()
+        out_len = torch.ones(S, dtype=torch.long)  # the prefill's token, the first root
+        for _ in range(n_tokens):
+            active = out_len < n_tokens
+            if not bool(active.any()):
+                break
+            a = acc.gather(1, (out_len - 1).clamp(max=acc.shape[1] - 1)[:, None])[:, 0]  # root r = out_len - 1
+            add = torch.where(active, torch.minimum(a, n_tokens - out_len), 0)
+            tokens += add
+            steps += active.long()
+            out_len += add
+    return tokens.double() / steps.clamp_min(1).double()
 
 
 def features(shape) -> list[float]:
@@ -137,6 +210,25 @@ def candidate_shapes(max_depth: int, max_nodes: int, probe) -> list:
     return shapes
 
 
+def position_accepts(dec, prompts, probe, shapes, n_tokens, bar=None) -> list:
+    """Per prompt: [shapes, n_tokens - 1] accepted length of each shape at every root position of the prompt's
+    greedy continuation (`step_accepts_nested` on a probe tree at each root; root r is the prompt's r-th new
+    token, reached by prefilling the prompt and the r tokens before it). For `renewal_tau`."""
+    out = []
+    for ids in prompts:
+        cont = dec.generate(ids, method="ar", max_new_tokens=n_tokens, stop_at_eos=False).new_tokens
+        recs = []
+        for r in range(n_tokens - 1):
+            res = dec.generate(list(ids) + cont[:r], method="tree", tree_shape=probe, max_new_tokens=2, trace=True,
+                               stop_at_eos=False)  # fmt: skip
+            recs.append(res.trace[0])
+            if bar is not None:
+                bar.update()
+        ranks = path_ranks(recs, probe.depth)
+        out.append(step_accepts_nested(probe_parents(recs, probe.depth), ranks, shapes).to(torch.uint8))
+    return out
+
+
 def measure(dec, prompts, shape, n_tokens) -> dict:
     toks = secs = calls = 0
     for ids in prompts:
@@ -160,10 +252,13 @@ def tune(
     progress=True,
     calibration=CALIBRATION_SHAPES,
     step_times: dict | None = None,
+    every_position: bool = False,
+    shortlist: int = 2000,
 ) -> dict:
     """The four steps of the module docstring. step_times ({shape json: seconds}, e.g. from
     `recorded_step_times`) replaces the calibration runs by recorded ones; the top shapes are then
-    predictions for the recording's device and are not validated here."""
+    predictions for the recording's device and are not validated here. every_position: rescore the best
+    `shortlist` shapes of the rank model, every chain and the default by the exact acceptance (module docstring)."""
     from tqdm.auto import tqdm
 
     from longspec_lab.decoding.eager import SpecDecoder
@@ -179,7 +274,8 @@ def tune(
 
         timer_dec = GraphDecoder(target, draft)
     runs = 0 if recorded else len(calibration) + top + 1
-    bar = tqdm(total=len(prompts) + runs, disable=not progress, desc="tune")
+    positions = len(prompts) * (n_tokens - 1) if every_position else 0
+    bar = tqdm(total=len(prompts) + positions + runs, disable=not progress, desc="tune")
     trace = []
     for ids in prompts:  # 1. acceptance ranks from probe traces
         trace += eager.generate(
@@ -196,16 +292,27 @@ def tune(
         bar.update()
     coef = fit_latency(steps)
     shapes = candidate_shapes(max_depth, max_nodes, probe.widths)  # 3. exhaustive model search
+    n_searched = len(shapes)
     acc = expected_accept(ranks, shapes)
     t = torch.tensor([features(s) for s in shapes], dtype=torch.float64) @ coef
     score = acc.double() / t.clamp_min(1e-9)
     order = score.argsort(descending=True).tolist()
+    rank_acc = None
+    if every_position:  # 3b. the shortlist, every chain and the default, rescored by the exact acceptance
+        default = list(DEFAULT_TREE_SHAPE.widths)
+        keep = order[:shortlist] + [i for i, s in enumerate(shapes) if set(s) == {1} or s == default]
+        keep = list(dict.fromkeys(keep))
+        shapes, t, rank_acc = [shapes[i] for i in keep], t[keep], acc[keep]
+        acc = renewal_tau(position_accepts(eager, prompts, probe, shapes, n_tokens, bar), n_tokens)
+        score = acc / t.clamp_min(1e-9)
+        order = score.argsort(descending=True).tolist()
     best = [shapes[i] for i in order[:top]]
     model = {
         json.dumps(shapes[i]): {
             "expected_accept": float(acc[i]),
             "predicted_step_s": float(t[i]),
             "predicted_tokens_per_s": float(score[i]),
+            **({} if rank_acc is None else {"rank_model_accept": float(rank_acc[i])}),
         }
         for i in order[:top]
     }
@@ -222,13 +329,23 @@ def tune(
             float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
         ],
         "latency_coef": coef.tolist(),
-        "searched_shapes": len(shapes),
+        "acceptance_model": "every position: nested beam, the decoder's walk replayed (exact in float32)"
+        if every_position
+        else "probe steps: sibling ranks in the wide beam (a bound, biased by where the probe's steps start)",
+        "searched_shapes": n_searched,
+        "rescored_shapes": len(shapes) if every_position else 0,
         "model_top": model,
         "default_shape": default,
     }
     if recorded:  # predictions only: the best by the model, against the default under the same model
-        d_acc = float(expected_accept(ranks, [default])[0])
+        if every_position and default in shapes:
+            d_acc = float(acc[shapes.index(default)])
+        elif len(default) <= probe.depth:  # the rank model (also for a default wider than the probe: a bound)
+            d_acc = float(expected_accept(ranks, [default])[0])
+        else:  # deeper than the probe: nothing recorded says how it accepts
+            d_acc = None
         d_t = float(torch.tensor(features(default), dtype=torch.float64) @ coef)
+        d_pred = None if d_acc is None else d_acc / d_t
         return {
             "method": "exhaustive search on a width grid, scored by recorded path ranks x a latency model fitted "
             "to recorded step times; a prediction for the recording's device, not validated by running",
@@ -236,8 +353,8 @@ def tune(
             "recorded_step_seconds": steps,
             "validated": None,
             "best_shape": best[0],
-            "default_predicted": {"expected_accept": d_acc, "predicted_tokens_per_s": d_acc / d_t},
-            "best_vs_default_predicted": float(score[order[0]]) / (d_acc / d_t),
+            "default_predicted": {"expected_accept": d_acc, "predicted_tokens_per_s": d_pred},
+            "best_vs_default_predicted": None if d_pred is None else float(score[order[0]]) / d_pred,
             "decoder": "recorded",
         }
     winner = max(validated, key=lambda k: validated[k]["tokens_per_s"])
@@ -275,6 +392,8 @@ def run_cli(args) -> int:
         args.top,
         progress=not args.quiet,
         step_times=step_times,
+        every_position=getattr(args, "every_position", False),
+        shortlist=getattr(args, "shortlist", 2000),
     )
     rep["environment"] = environment(target.device)
     if step_times is not None:
@@ -283,7 +402,9 @@ def run_cli(args) -> int:
         print(f"{'shape':<32}{'pred. tok/s':>12}{'E[accept]':>10}")
         for k, v in rep["model_top"].items():
             print(f"{k:<32}{v['predicted_tokens_per_s']:>12.1f}{v['expected_accept']:>10.2f}")
-        print(f"best {rep['best_shape']}: {rep['best_vs_default_predicted']:.2f}x the default (predicted)")
+        ratio = rep["best_vs_default_predicted"]
+        vs = "the default is deeper than the probe" if ratio is None else f"{ratio:.2f}x the default (predicted)"
+        print(f"best {rep['best_shape']}: {vs}")
         return _write_report(rep, args.out)
     print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
     for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):

@@ -70,6 +70,20 @@ def test_tune_smoke_cpu(embedded_pair):
     assert rep["searched_shapes"] == len(candidate_shapes(3, 40, (4, 8, 8)))
 
 
+def test_tune_every_position_rescores_the_shortlist(embedded_pair):
+    """every_position with recorded step times: the shortlist, every chain and the default (when the probe holds
+    it) are rescored by the exact acceptance, and the report says which model ranked them."""
+    target, draft, tok = embedded_pair
+    prompts = [tok.encode(p["text"])[:200] for p in load_prompts(min_tokens=1000)[:1]]
+    times = {json.dumps(s): 1e-3 * (1 + len(s)) + 1e-5 * sum(s) for s in ([1], [1, 1], [4], [2, 4], [4, 8, 8])}
+    rep = tune(target, draft, prompts, probe_shape=(4, 8, 8), max_depth=3, max_nodes=40, n_tokens=10, top=3,
+               progress=False, step_times=times, every_position=True, shortlist=5)  # fmt: skip
+    assert rep["acceptance_model"].startswith("every position") and rep["validated"] is None
+    chains = [s for s in candidate_shapes(3, 40, (4, 8, 8)) if set(s) == {1}]
+    assert 5 < rep["rescored_shapes"] <= 5 + len(chains) and rep["searched_shapes"] > rep["rescored_shapes"]
+    assert all("rank_model_accept" in v for v in rep["model_top"].values()) and len(rep["model_top"]) == 3
+
+
 def test_latency_fit_is_scipys_non_negative_least_squares():
     """Noisy, collinear step times (the kind that made plain least squares predict negative costs): the
     fit equals scipy.optimize.nnls, and every coefficient is >= 0."""

@@ -1,0 +1,85 @@
+"""The tuner's acceptance models (bench/tune.py) against brute force on synthetic probe trees: the nested beam
+(`step_accepts_nested`) against building each narrower tree node by node, and the decoder's walk
+(`renewal_tau`) against a plain loop over positions."""
+
+import random
+
+import torch
+
+from longspec_lab.bench import tune
+
+
+def _random_probe(rng, widths):
+    """parents per level (index into the previous level, non-decreasing runs not required) and a path."""
+    parents, prev = [], 1
+    for w in widths:
+        parents.append([rng.randrange(prev) for _ in range(w)])
+        prev = w
+    return parents
+
+
+def _brute_accept(parents, path, shape):
+    """Build the narrower tree level by level: keep the first w_l nodes (probe order) whose parent is kept; the
+    path counts while its node is kept; 1 + levels on the path."""
+    kept_prev, n = {0}, 1
+    for l, w in enumerate(shape):
+        alive = [c for c, p in enumerate(parents[l]) if p in kept_prev]
+        kept = set(alive[:w])
+        if path[l] < 0 or path[l] not in kept:
+            return n
+        n += 1
+        kept_prev = kept
+    return n
+
+
+def test_nested_beam_equals_building_each_tree():
+    rng = random.Random(0)
+    widths = [4, 6, 6, 5]
+    steps = [_random_probe(rng, widths) for _ in range(30)]
+    paths = []
+    for par in steps:
+        path, node = [], 0
+        for l, w in enumerate(widths):
+            kids = [c for c, p in enumerate(par[l]) if p == node]
+            if not kids or rng.random() < 0.15:
+                path += [-1] * (len(widths) - l)
+                break
+            node = rng.choice(kids)
+            path.append(node)
+        paths.append(path)
+    parents = [torch.tensor([par[l] for par in steps]) for l in range(len(widths))]
+    ranks = torch.tensor(paths, dtype=torch.float).masked_fill(torch.tensor(paths) < 0, float("inf"))
+    shapes = [[1], [1, 1, 1, 1], [2, 3], [4, 6, 6, 5], [1, 2, 3, 1], [3, 1, 4], [2, 2, 2, 2]]
+    got = tune.step_accepts_nested(parents, ranks, shapes, chunk=3)  # several chunks
+    want = torch.tensor([[_brute_accept(par, path, s) for par, path in zip(steps, paths)] for s in shapes])
+    assert torch.equal(got, want)
+
+
+def test_renewal_tau_equals_walking_the_positions():
+    rng = random.Random(1)
+    n = 40
+    accepts = [torch.tensor([[rng.randint(1, 6) for _ in range(n - 1)] for _ in range(5)]) for _ in range(3)]
+    got = tune.renewal_tau(accepts, n)
+    for s in range(5):
+        tokens = steps = 0
+        for acc in accepts:
+            out = 1
+            while out < n:
+                add = min(int(acc[s, out - 1]), n - out)
+                tokens, steps, out = tokens + add, steps + 1, out + add
+        assert float(got[s]) == tokens / steps
+
+
+def test_acceptance_check_refuses_shapes_outside_the_probe(capsys, tmp_path):
+    import pytest
+
+    from longspec_lab.bench import acceptance_check
+
+    with pytest.raises(SystemExit) as e:
+        acceptance_check.main(["--probe-shape", "4,8", "--shapes", "1,1,1;2,16"])
+    assert e.value.code == 2 and "do not fit inside --probe-shape" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        acceptance_check.main(["--out", str(out)])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
