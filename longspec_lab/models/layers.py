@@ -302,7 +302,7 @@ class QKVO(_Fusable):
 
     def qkv_rope_write(self, x, norm: RMSNorm | None, cos, sin, cache, layer: int, start):
         """The one-kernel form of `split_qkv`, `apply_rope` on q and k, and `cache.write(layer, start, k, v)`
-        (LONGSPEC_QKV_ROPE=on, `ops.linear.qkv_rope_cache`): returns q [B, Hq, T, D] with RoPE, or None where
+        (LONGSPEC_QKV_ROPE, `ops.linear.qkv_rope_cache`): returns q [B, Hq, T, D] with RoPE, or None where
         the kernel does not serve this module (switch off, unfused, biases, per-head norms, CPU): then the
         caller takes the readable path. start: the first slot (int) or the T slots (tensor)."""
         if not self.fused or self.q_norm is not None:

@@ -47,7 +47,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None):
         a = self.self_attn
         where = slots if slots is not None else start  # slots: [T] tensor
-        # one kernel for norm, q/k/v, RoPE and the cache write where LONGSPEC_QKV_ROPE=on serves it, else None
+        # one kernel for norm, q/k/v, RoPE and the cache write where LONGSPEC_QKV_ROPE serves it, else None
         q = None if cache is None else a.qkv_rope_write(x, self.input_layernorm, cos, sin, cache, layer_idx, where)
         if q is None:
             q, k, v = a.split_qkv(x, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2 (one matmul)
