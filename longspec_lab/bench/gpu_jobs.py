@@ -10,6 +10,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
   tune       longspec-lab tune                                  (tree-shape search, validated)
+  acceptance python -m longspec_lab.bench.acceptance_check      (the tuner's acceptance models against measured
+             tau, bf16 on the GPU, where continuations can part at near ties)
   norm_linear      python -m longspec_lab.kernels.norm_linear --sweep (fused RMSNorm + projection against PyTorch,
                    and every tile per case: the 72-row verify takes 4.0 us a call with today's pick)
   e2e_norm_linear  the A/B for that kernel: the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=off (AR, chain
@@ -121,6 +123,22 @@ def jobs(out: Path) -> dict:
             + (["--wheels", ".whl"] if Path(".whl").is_dir() else []),
             300,
             {"LONGSPEC_QUICK": "1", "LONGSPEC_AUTOTUNE": "0"},
+        ),
+        "acceptance": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.acceptance_check",
+                "--device",
+                "cuda",
+                "--dtype",
+                "bfloat16",
+                "--quiet",
+                "--out",
+                str(out / "tune_acceptance_h200.json"),
+            ],
+            420,  # 86 s of probing and 8 measured shapes on 2 CPU cores; the eager decoder on the GPU: a few minutes
+            {"LONGSPEC_AUTOTUNE": "0"},
         ),
         "tune": (
             [py, "-m", "longspec_lab", "tune", "--device", "cuda", "--quiet", "--out", str(out / "tune_h200.json")],
