@@ -210,10 +210,10 @@ def candidate_shapes(max_depth: int, max_nodes: int, probe) -> list:
     return shapes
 
 
-def position_accepts(dec, prompts, probe, shapes, n_tokens, bar=None) -> list:
-    """Per prompt: [shapes, n_tokens - 1] accepted length of each shape at every root position of the prompt's
-    greedy continuation (`step_accepts_nested` on a probe tree at each root; root r is the prompt's r-th new
-    token, reached by prefilling the prompt and the r tokens before it). For `renewal_tau`."""
+def position_probes(dec, prompts, probe, n_tokens, bar=None) -> list:
+    """Per prompt: (parents, ranks) of a probe tree at every root position of the prompt's greedy continuation
+    (`probe_parents`, `path_ranks`; root r is the prompt's r-th new token, reached by prefilling the prompt and
+    the r tokens before it): what `exact_tau` scores any shape inside the probe from."""
     out = []
     for ids in prompts:
         cont = dec.generate(ids, method="ar", max_new_tokens=n_tokens, stop_at_eos=False).new_tokens
@@ -224,9 +224,60 @@ def position_accepts(dec, prompts, probe, shapes, n_tokens, bar=None) -> list:
             recs.append(res.trace[0])
             if bar is not None:
                 bar.update()
-        ranks = path_ranks(recs, probe.depth)
-        out.append(step_accepts_nested(probe_parents(recs, probe.depth), ranks, shapes).to(torch.uint8))
+        out.append((probe_parents(recs, probe.depth), path_ranks(recs, probe.depth)))
     return out
+
+
+def position_accepts(dec, prompts, probe, shapes, n_tokens, bar=None) -> list:
+    """Per prompt: [shapes, n_tokens - 1] accepted length of each shape at every root position (`position_probes`,
+    then `step_accepts_nested`). For `renewal_tau`."""
+    probes = position_probes(dec, prompts, probe, n_tokens, bar)
+    return [step_accepts_nested(par, ranks, shapes).to(torch.uint8) for par, ranks in probes]
+
+
+def exact_tau(probes, shapes: list, n_tokens: int) -> torch.Tensor:
+    """[shapes] tau of each shape from `position_probes` (nested beam at every position, the decoder's walk)."""
+    return renewal_tau([step_accepts_nested(par, ranks, shapes).to(torch.uint8) for par, ranks in probes], n_tokens)
+
+
+def neighbours(shape, probe_widths, max_depth: int, max_nodes: int, grid=WIDTH_GRID) -> list:
+    """Shapes one move from `shape` inside the probe: one level's width to the next grid value down or up, a level
+    of any grid width appended, or the last level dropped; at most max_depth levels and max_nodes nodes."""
+    out = []
+    for l, w in enumerate(shape):
+        cap = probe_widths[l]
+        lower = [g for g in grid if g < w]
+        upper = [g for g in grid if w < g <= cap]
+        for g in ([lower[-1]] if lower else []) + ([upper[0]] if upper else []):
+            out.append(shape[:l] + [g] + shape[l + 1 :])
+    if len(shape) < min(max_depth, len(probe_widths)):
+        out += [shape + [g] for g in grid if g <= probe_widths[len(shape)]]
+    if len(shape) > 1:
+        out.append(shape[:-1])
+    return [s for s in out if sum(s) + 1 <= max_nodes]
+
+
+def local_search(score, seeds: list, probe_widths, max_depth: int, max_nodes: int, keep: int = 5, rounds: int = 50):
+    """Hill climbing from `seeds`: score every unscored neighbour of the best `keep` shapes so far, until a round
+    finds nothing better. score(list of shapes) -> [shapes] tensor (higher is better). Returns {shape json: score}
+    of every shape it scored, the seeds included."""
+    scored = {}
+
+    def add(shapes):
+        new = [s for s in dict.fromkeys(json.dumps(s) for s in shapes) if s not in scored]
+        if new:
+            for k, v in zip(new, score([json.loads(k) for k in new]).tolist()):
+                scored[k] = v
+        return new
+
+    add(seeds)
+    for _ in range(rounds):
+        best = sorted(scored, key=scored.get, reverse=True)[:keep]
+        top = scored[best[0]]
+        frontier = [n for k in best for n in neighbours(json.loads(k), probe_widths, max_depth, max_nodes)]
+        if not add(frontier) or max(scored.values()) <= top:
+            break
+    return scored
 
 
 def measure(dec, prompts, shape, n_tokens) -> dict:
@@ -303,9 +354,28 @@ def tune(
         keep = order[:shortlist] + [i for i, s in enumerate(shapes) if set(s) == {1} or s == default]
         keep = list(dict.fromkeys(keep))
         shapes, t, rank_acc = [shapes[i] for i in keep], t[keep], acc[keep]
-        acc = renewal_tau(position_accepts(eager, prompts, probe, shapes, n_tokens, bar), n_tokens)
+        probes = position_probes(eager, prompts, probe, n_tokens, bar)
+        acc = exact_tau(probes, shapes, n_tokens)
         score = acc / t.clamp_min(1e-9)
         order = score.argsort(descending=True).tolist()
+
+        # 3c. hill climbing from the best few under the exact model: shapes the rank model ranked too low to keep
+        def exact_score(ss):
+            return exact_tau(probes, ss, n_tokens) / (
+                torch.tensor([features(x) for x in ss], dtype=torch.float64) @ coef
+            )
+
+        found = local_search(exact_score, [shapes[i] for i in order[:top]], probe.widths, max_depth, max_nodes, top)
+        known = {json.dumps(x) for x in shapes}
+        extra = [json.loads(k) for k in found if k not in known]
+        if extra:
+            t_extra = torch.tensor([features(x) for x in extra], dtype=torch.float64) @ coef
+            acc = torch.cat([acc, exact_tau(probes, extra, n_tokens)])
+            rank_acc = torch.cat([rank_acc, expected_accept(ranks, extra)])
+            shapes, t = shapes + extra, torch.cat([t, t_extra])
+            score = acc / t.clamp_min(1e-9)
+            order = score.argsort(descending=True).tolist()
+        searched_locally = len(extra)
     best = [shapes[i] for i in order[:top]]
     model = {
         json.dumps(shapes[i]): {
@@ -334,6 +404,7 @@ def tune(
         else "probe steps: sibling ranks in the wide beam (a bound, biased by where the probe's steps start)",
         "searched_shapes": n_searched,
         "rescored_shapes": len(shapes) if every_position else 0,
+        "local_search_shapes": searched_locally if every_position else 0,
         "model_top": model,
         "default_shape": default,
     }

@@ -72,7 +72,8 @@ def test_tune_smoke_cpu(embedded_pair):
 
 def test_tune_every_position_rescores_the_shortlist(embedded_pair):
     """every_position with recorded step times: the shortlist, every chain and the default (when the probe holds
-    it) are rescored by the exact acceptance, and the report says which model ranked them."""
+    it) are rescored by the exact acceptance, then hill climbing adds neighbours, and the report says which model
+    ranked them."""
     target, draft, tok = embedded_pair
     prompts = [tok.encode(p["text"])[:200] for p in load_prompts(min_tokens=1000)[:1]]
     times = {json.dumps(s): 1e-3 * (1 + len(s)) + 1e-5 * sum(s) for s in ([1], [1, 1], [4], [2, 4], [4, 8, 8])}
@@ -80,7 +81,8 @@ def test_tune_every_position_rescores_the_shortlist(embedded_pair):
                progress=False, step_times=times, every_position=True, shortlist=5)  # fmt: skip
     assert rep["acceptance_model"].startswith("every position") and rep["validated"] is None
     chains = [s for s in candidate_shapes(3, 40, (4, 8, 8)) if set(s) == {1}]
-    assert 5 < rep["rescored_shapes"] <= 5 + len(chains) and rep["searched_shapes"] > rep["rescored_shapes"]
+    local = rep["local_search_shapes"]
+    assert 5 < rep["rescored_shapes"] - local <= 5 + len(chains) and rep["searched_shapes"] > rep["rescored_shapes"]
     assert all("rank_model_accept" in v for v in rep["model_top"].values()) and len(rep["model_top"]) == 3
 
 

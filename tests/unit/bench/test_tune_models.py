@@ -2,6 +2,7 @@
 (`step_accepts_nested`) against building each narrower tree node by node, and the decoder's walk
 (`renewal_tau`) against a plain loop over positions."""
 
+import itertools
 import random
 
 import torch
@@ -83,3 +84,31 @@ def test_acceptance_check_refuses_shapes_outside_the_probe(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         acceptance_check.main(["--out", str(out)])
     assert e.value.code == 2 and "exists" in capsys.readouterr().err
+
+
+def test_neighbours_stay_inside_the_probe_and_the_caps():
+    got = tune.neighbours([2, 4], probe_widths=(4, 4, 8), max_depth=3, max_nodes=12, grid=(1, 2, 4, 8))
+    assert [1, 4] in got and [4, 4] in got and [2, 2] in got and [2] in got
+    assert [2, 8] not in got  # wider than the probe's second level
+    assert [2, 4, 1] in got and [2, 4, 4] in got and [2, 4, 8] not in got  # 15 nodes > 12
+    assert all(len(s) <= 3 and sum(s) + 1 <= 12 for s in got)
+
+
+def test_local_search_climbs_to_the_best_shape_of_a_unimodal_score():
+    """A score peaked at [1, 2, 4, 4]: hill climbing from a far seed reaches it, and it is the brute-force best
+    over every shape of the same search space."""
+    target = [1, 2, 4, 4]
+    grid = (1, 2, 4, 8)
+
+    def score(shapes):
+        def dist(s):
+            padded = s + [0] * (4 - len(s))
+            return sum(abs(a - b) for a, b in zip(padded, target)) + 3 * abs(len(s) - 4)
+
+        return torch.tensor([-float(dist(s)) for s in shapes])
+
+    found = tune.local_search(score, [[8, 8]], (8, 8, 8, 8), 4, 60, keep=2)
+    best = max(found, key=found.get)
+    assert best == "[1, 2, 4, 4]"
+    space = [list(s) for d in range(1, 5) for s in itertools.product(grid, repeat=d)]
+    assert max(space, key=lambda s: float(score([s])[0])) == target
