@@ -1042,7 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--every-position", action="store_true",
         help="rescore the best --shortlist shapes (and every chain, and the default) by the exact acceptance: a probe "
         "tree at every position of each prompt's continuation and the decoder's own walk over them (one prefill "
-        "and probe step per position: several times slower, and on the CPU in float32 equal to the measured tau)",
+        "and probe step per position: several times slower, and on the CPU in float32 equal to the measured tau), "
+        "then hill-climb from the best few under it",
     )  # fmt: skip
     t.add_argument("--shortlist", type=_int_range(1, 100000), default=2000,
                    help="with --every-position: how many of the rank model's best shapes to rescore")  # fmt: skip

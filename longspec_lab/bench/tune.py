@@ -23,7 +23,9 @@ step 3 is rescored exactly: a probe tree at EVERY root position of each prompt's
 shape's tree built inside it as the beam builds it (`step_accepts_nested`), and the decoder's walk replayed
 over those positions (`renewal_tau`). On the CPU in float32 that reproduces the measured tau of every shape
 tried to three decimals (tests/integration/test_tune_exact.py), where the rank model was off by up to 0.45;
-it costs one prefill and one probe step per position instead of per probe step.
+it costs one prefill and one probe step per position instead of per probe step. Then hill climbing under the
+exact model (`local_search`: one level's width a grid step up or down, a level added or dropped) from the best
+few, since the shortlist comes from the biased model and can miss the best shape.
 
 Taught in: notebooks/02_tree_shapes.ipynb (and the tuner results in notebooks/07_timing_real_gpu_runs.ipynb).
 """
