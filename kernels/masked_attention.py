@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.tree_attention import _max, _sum
+from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _max, _sum, _tickets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 _LOG2E = 1.4426950408889634
@@ -199,8 +199,6 @@ def _launch(q, k, v, mask_u8, scale, config=None):
     per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n  # whole key tiles per split
     out = torch.empty_like(q)
     if splits > 1:
-        from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _tickets
-
         if B * Hkv * row_tiles > _TICKET_SLOTS:
             raise ValueError(f"masked_attention: {B * Hkv * row_tiles} row tiles exceed the tickets; use splits=1")
         o_part = torch.empty(B * Hkv * row_tiles * splits * block_m, D, dtype=torch.float32, device=q.device)

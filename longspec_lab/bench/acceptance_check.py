@@ -51,12 +51,9 @@ def check(target, draft, prompts, probe_shape, shapes, n_tokens, progress=True) 
     every_position_seconds = time.perf_counter() - t0
     rows = []
     for i, shape in enumerate(shapes):
-        toks = calls = 0
-        for ids in prompts:
-            r = dec.generate(ids, method="tree", tree_shape=shape, max_new_tokens=n_tokens, stop_at_eos=False)
-            toks, calls = toks + len(r.new_tokens) - 1, calls + r.target_calls - 1
+        measured = tune.measure(dec, prompts, shape, n_tokens)["tau"]
         bar.update()
-        rows.append({"shape": shape, "measured_tau": toks / calls, "rank": float(rank[i]),
+        rows.append({"shape": shape, "measured_tau": measured, "rank": float(rank[i]),
                      "nested_steps": float(nested[i]), "exact": float(exact[i])})  # fmt: skip
     bar.close()
     err = {m: max(abs(r[m] - r["measured_tau"]) for r in rows) for m in ("rank", "nested_steps", "exact")}

@@ -230,16 +230,20 @@ def position_probes(dec, prompts, probe, n_tokens, bar=None) -> list:
     return out
 
 
+def _probe_accepts(probes, shapes: list) -> list:
+    """Per prompt of `position_probes`: [shapes, roots] accepted lengths (uint8: at most depth + 1)."""
+    return [step_accepts_nested(par, ranks, shapes).to(torch.uint8) for par, ranks in probes]
+
+
 def position_accepts(dec, prompts, probe, shapes, n_tokens, bar=None) -> list:
     """Per prompt: [shapes, n_tokens - 1] accepted length of each shape at every root position (`position_probes`,
     then `step_accepts_nested`). For `renewal_tau`."""
-    probes = position_probes(dec, prompts, probe, n_tokens, bar)
-    return [step_accepts_nested(par, ranks, shapes).to(torch.uint8) for par, ranks in probes]
+    return _probe_accepts(position_probes(dec, prompts, probe, n_tokens, bar), shapes)
 
 
 def exact_tau(probes, shapes: list, n_tokens: int) -> torch.Tensor:
     """[shapes] tau of each shape from `position_probes` (nested beam at every position, the decoder's walk)."""
-    return renewal_tau([step_accepts_nested(par, ranks, shapes).to(torch.uint8) for par, ranks in probes], n_tokens)
+    return renewal_tau(_probe_accepts(probes, shapes), n_tokens)
 
 
 def neighbours(shape, probe_widths, max_depth: int, max_nodes: int, grid=WIDTH_GRID) -> list:
@@ -259,11 +263,13 @@ def neighbours(shape, probe_widths, max_depth: int, max_nodes: int, grid=WIDTH_G
     return [s for s in out if sum(s) + 1 <= max_nodes]
 
 
-def local_search(score, seeds: list, probe_widths, max_depth: int, max_nodes: int, keep: int = 5, rounds: int = 50):
-    """Hill climbing from `seeds`: score every unscored neighbour of the best `keep` shapes so far, until a round
-    finds nothing better. score(list of shapes) -> [shapes] tensor (higher is better). Returns {shape json: score}
-    of every shape it scored, the seeds included."""
-    scored = {}
+def local_search(
+    score, seeds: list, probe_widths, max_depth: int, max_nodes: int, keep: int = 5, rounds: int = 50, known=None
+):
+    """Hill climbing from `seeds` and the already scored `known` ({shape json: score}): score every unscored
+    neighbour of the best `keep` shapes so far, until a round finds nothing better. score(list of shapes) ->
+    [shapes] tensor (higher is better). Returns {shape json: score} of every shape scored, `known` included."""
+    scored = dict(known or {})
 
     def add(shapes):
         new = [s for s in dict.fromkeys(json.dumps(s) for s in shapes) if s not in scored]
@@ -367,12 +373,12 @@ def tune(
                 torch.tensor([features(x) for x in ss], dtype=torch.float64) @ coef
             )
 
-        found = local_search(exact_score, [shapes[i] for i in order[:top]], probe.widths, max_depth, max_nodes, top)
-        known = {json.dumps(x) for x in shapes}
+        known = {json.dumps(x): float(v) for x, v in zip(shapes, score)}
+        found = local_search(exact_score, [], probe.widths, max_depth, max_nodes, top, known=known)
         extra = [json.loads(k) for k in found if k not in known]
-        if extra:
+        if extra:  # their tau back from the score the search computed: score = tau / predicted step time
             t_extra = torch.tensor([features(x) for x in extra], dtype=torch.float64) @ coef
-            acc = torch.cat([acc, exact_tau(probes, extra, n_tokens)])
+            acc = torch.cat([acc, torch.tensor([found[json.dumps(x)] for x in extra], dtype=torch.float64) * t_extra])
             rank_acc = torch.cat([rank_acc, expected_accept(ranks, extra)])
             shapes, t = shapes + extra, torch.cat([t, t_extra])
             score = acc / t.clamp_min(1e-9)

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
 from longspec_lab.ops.attention import masked_sdpa, prefix_attention
-from longspec_lab.ops.linear import norm_linear, residual_norm_linear
 
 
 @dataclass
@@ -157,12 +156,6 @@ class CrossAttn(nn.Module):
         B, T, _ = x.shape
         return self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def merge(self, o, residual=None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
-        B, H, T, D = o.shape
-        return norm_linear(
-            o.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight, self.o_proj.bias, residual=residual
-        )
-
 
 def _expand_positions(positions, B, T, device):
     positions = torch.as_tensor(positions, device=device)
@@ -211,18 +204,7 @@ class Glide(nn.Module):
         q, k, v = a.split_qkv(h, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
         h = a.merge(self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v), residual=h)  # h + o_proj(.)
         q = apply_rope(self.cross_attn.split_q(self.post_self_attention_layernorm(h)), cos, sin)
-        m, c = self.mlp, self.cross_attn
-        if m.fused:  # h + o_proj(o), then the norm and gate/up: one launch where LONGSPEC_FUSE_RESIDUAL serves
-            o = cross_attn(q)  # [B, Hq, T, D]
-            B, H, T, D = o.shape
-            gu = m.gate_up_proj
-            o2 = o.transpose(1, 2).reshape(B, T, H * D)
-            norm = self.post_cross_attention_layernorm.args
-            h, g = residual_norm_linear(o2, c.o_proj.weight, c.o_proj.bias, h, gu.weight, gu.bias, norm, gated=True)
-            h = norm_linear(g, m.down_proj.weight, m.down_proj.bias, residual=h)  # h + down(g)
-        else:
-            h = c.merge(cross_attn(q), residual=h)
-            h = m(h, norm=self.post_cross_attention_layernorm, residual=h)  # h + mlp(norm(h))
+        h = self.mlp.after_attention(cross_attn(q), self.cross_attn.o_proj, h, self.post_cross_attention_layernorm)
         head = self.target.lm_head
         return head(h.to(head.weight.dtype))  # [B, T, V]
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longspec_lab.models.config import ModelConfig
-from longspec_lab.ops.linear import norm_linear, qkv_rope_cache, qkv_rope_path, rms_norm
+from longspec_lab.ops.linear import norm_linear, qkv_rope_cache, qkv_rope_path, residual_norm_linear, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -198,6 +198,12 @@ def unfuse_projections(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------- MLP and attention projections
 
 
+def heads_to_rows(o: torch.Tensor) -> torch.Tensor:
+    """Attention output [B, H, T, D] -> [B, T, H * D], the rows an o_proj reads."""
+    B, H, T, D = o.shape
+    return o.transpose(1, 2).reshape(B, T, H * D)
+
+
 class MLP(_Fusable):
     """SwiGLU: down(silu(gate(x)) * up(x)); fused, gate and up are one matmul."""
 
@@ -221,6 +227,19 @@ class MLP(_Fusable):
             xn = x if norm is None else norm(x)
             h = F.silu(self.gate_proj(xn)) * self.up_proj(xn)
         return norm_linear(h, self.down_proj.weight, self.down_proj.bias, residual=residual)
+
+    def after_attention(self, o, o_proj: nn.Linear, residual, norm: RMSNorm):
+        """The rest of a pre-norm block after its attention output o [B, H, T, D]: x = residual + o_proj(o), then
+        x + mlp(norm(x)). Fused, o_proj + residual and the norm + gate_up are one `residual_norm_linear` call (one
+        launch where LONGSPEC_FUSE_RESIDUAL serves), and down + the residual one `norm_linear`."""
+        rows = heads_to_rows(o)  # [B, T, H * D]
+        if not self.fused:
+            x = norm_linear(rows, o_proj.weight, o_proj.bias, residual=residual)  # residual + o_proj(o)
+            return self(x, norm=norm, residual=x)
+        lin = self.gate_up_proj
+        x, h = residual_norm_linear(rows, o_proj.weight, o_proj.bias, residual, lin.weight, lin.bias, norm.args,
+                                    gated=True)  # fmt: skip
+        return norm_linear(h, self.down_proj.weight, self.down_proj.bias, residual=x)  # x + down(h)
 
 
 class QKVO(_Fusable):
@@ -320,7 +339,4 @@ class QKVO(_Fusable):
                               cache.k, cache.v, layer, slots, self.num_heads, self.num_kv_heads)  # fmt: skip
 
     def merge(self, o, residual: torch.Tensor | None = None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
-        B, H, T, D = o.shape
-        return norm_linear(
-            o.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight, self.o_proj.bias, residual=residual
-        )
+        return norm_linear(heads_to_rows(o), self.o_proj.weight, self.o_proj.bias, residual=residual)

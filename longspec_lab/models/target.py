@@ -25,7 +25,6 @@ from longspec_lab.models.cache import KVCache
 from longspec_lab.models.config import GenerationSettings, ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope, fuse_projections, unfuse_projections
 from longspec_lab.ops.attention import attend
-from longspec_lab.ops.linear import norm_linear, residual_norm_linear
 
 
 class DecoderLayer(nn.Module):
@@ -58,16 +57,7 @@ class DecoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
-        m = self.mlp
-        if m.fused:  # x + o_proj(o), then the norm and gate/up: one launch where LONGSPEC_FUSE_RESIDUAL serves
-            B, H, T, D = o.shape
-            o2 = o.transpose(1, 2).reshape(B, T, H * D)
-            lin = m.gate_up_proj
-            x, h = residual_norm_linear(o2, a.o_proj.weight, a.o_proj.bias, x, lin.weight, lin.bias,
-                                        self.post_attention_layernorm.args, gated=True)  # fmt: skip
-            return norm_linear(h, m.down_proj.weight, m.down_proj.bias, residual=x)  # x + down(h)
-        x = a.merge(o, residual=x)  # x + o_proj(o)
-        return m(x, norm=self.post_attention_layernorm, residual=x)  # x + mlp(norm(x))
+        return self.mlp.after_attention(o, a.o_proj, x, self.post_attention_layernorm)  # x + o_proj(o) + mlp(.)
 
 
 class Backbone(nn.Module):
