@@ -374,6 +374,11 @@ def norm_linear(
 
 # the prologue keeps whole input rows in registers: K (the model's hidden size) up to this many features
 MAX_PRE_K = 256
+# The prologue's input features per step. Its weight tile is [K, BLOCK_KP] and is pipelined over num_stages
+# buffers: at 256 (the first choice, one step for an o_proj) the tile was 128 KiB and the launch asked for
+# 272 KiB of shared memory, over the H200's 227 KiB (OutOfResources on the first GPU run; compile_check now
+# checks every variant's shared memory). 64: 32 KiB a buffer.
+PRE_BLOCK_KP = 64
 
 
 def _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated):
@@ -384,7 +389,7 @@ def _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated):
     y = torch.empty(M, N, dtype=a.dtype, device=a.device)
     block_m, block_n, block_k = TILES_OVERRIDE or tiles(M, N, K)
     block_k = max(block_k, triton.next_power_of_2(K))  # one step: the prologue's rows are whole
-    block_kp = min(256, max(16, triton.next_power_of_2(KP)))
+    block_kp = min(PRE_BLOCK_KP, max(16, triton.next_power_of_2(KP)))
     warps, stages = _warps_stages()
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _norm_linear_kernel[grid](

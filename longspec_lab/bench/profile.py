@@ -32,7 +32,8 @@ from longspec_lab.spec.tree import TreeShape
 
 def _kernels(fn, top: int = 0):
     """(GPU kernels launched, their summed device time in us) for one call of fn; with top > 0 also the
-    `top` kernel names that took the most device time, as [name, calls, us] (where the time goes)."""
+    `top` kernel names that took the most device time, as [name, calls, us] (where the time goes), and
+    every kernel in launch order as [name, us] (which launches the compiler left, and where)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -48,7 +49,8 @@ def _kernels(fn, top: int = 0):
         row = by_name.setdefault(e.name[:120], [e.name[:120], 0, 0.0])
         row[1] += 1
         row[2] += e.device_time
-    return count, us, sorted(by_name.values(), key=lambda r: -r[2])[:top]
+    in_order = [[e.name[:120], round(e.device_time, 3)] for e in sorted(kernels, key=lambda e: e.time_range.start)]
+    return count, us, sorted(by_name.values(), key=lambda r: -r[2])[:top], in_order
 
 
 def _median_us(fn, reps: int = 50) -> float:
@@ -96,7 +98,7 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
             stage = Stage(name, fn, compile_mode)
             g = capture([stage.fn])[0]  # the warm-up compiles
             k_e, t_e = _kernels(fn)
-            k_c, t_c, top = _kernels(stage.fn, top=12)
+            k_c, t_c, top, in_order = _kernels(stage.fn, top=12)
             replay = _median_us(g.replay)
             rows[name] = {
                 "eager_kernels": k_e,
@@ -107,6 +109,7 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
                 "replay_us": replay,
                 "launch_bound_us": min(replay, k_c * launch),
                 "top_kernels": top,
+                "kernels_in_order": in_order,
             }
     total = {k: sum(r[k] for r in rows.values()) for k in ("eager_kernels", "compiled_kernels", "replay_us")}
     return {"method": method, "tree_shape": list(shape.widths) if shape else None, "launch_cost_us": launch,

@@ -8,7 +8,8 @@ capture and nothing of the algorithm: for each method and tree shape it builds o
   1. each stage is compiled with `torch.compile(fullgraph=True, dynamic=False)` (Inductor fuses the
      elementwise work and the small reductions; the Triton tree kernel is a registered op);
   2. every stage is warmed up on a side stream (compilation, autotuning, allocator);
-  3. each stage is recorded in its own CUDA graph and replayed: one launch per stage.
+  3. each stage is recorded in its own CUDA graph, and a greedy step's stages once more, in order, in one
+     graph (LONGSPEC_STEP_GRAPH, default on): one replay per step, or one per stage when timing stages.
 
 The host replays bursts of steps and reads the output length once per burst (never more steps than
 can be afforded without passing max_new_tokens by more than one step). Compilation and capture are
@@ -33,6 +34,7 @@ import torch
 from longspec_lab.decoding import steps
 from longspec_lab.decoding.eager import SpecDecoder
 from longspec_lab.ops.sampling import probs_from_logits, sample_categorical
+from longspec_lab.ops.switches import checked
 from longspec_lab.spec.trace import GenerationResult, StepRecord
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 from longspec_lab.spec.verify import split_stats
@@ -41,6 +43,10 @@ from longspec_lab.spec.verify import split_stats
 # AR step compiled in "default" mode replays in 404 us with 130 kernels; "max-autotune-no-cudagraphs"
 # gives 425 us with 122 kernels after a much longer compile (data/results/h200_speed.log, 2026-12-02).
 COMPILE_MODE = os.environ.get("LONGSPEC_COMPILE_MODE", "default")
+# LONGSPEC_STEP_GRAPH: a greedy draft-verify-commit step replayed as ONE CUDA graph ("on") instead of one graph
+# per stage ("off"). Runs with per-stage CUDA events (stage_timing) always replay the per-stage graphs, which
+# are captured either way. One graph per step saves each stage boundary's graph launch on the device.
+STEP_GRAPH = os.environ.get("LONGSPEC_STEP_GRAPH", "on")
 
 
 def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
@@ -61,6 +67,16 @@ def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
         graphs.append(g)
     torch.cuda.synchronize()
     return graphs
+
+
+def _in_order(fns):
+    """One function that calls fns in order (the stages of a step, recorded together in one graph)."""
+
+    def run():
+        for fn in fns:
+            fn()
+
+    return run
 
 
 def allow_many_graphs() -> None:
@@ -97,7 +113,9 @@ class GraphDecoder(SpecDecoder):
     """Greedy ar / chain / tree decoding with static shapes; compiled and CUDA-graph-captured on a GPU.
 
     graphs / compile: None = on for CUDA, off on the CPU. capacity: cache slots (default: the model's
-    context plus room for two default trees). stage_timing: CUDA events around every stage."""
+    context plus room for two default trees). stage_timing: CUDA events around every stage. step_graph: a
+    greedy step replayed as one graph (None: LONGSPEC_STEP_GRAPH, default on); the stages' own graphs serve
+    stage_timing."""
 
     def __init__(
         self,
@@ -111,6 +129,7 @@ class GraphDecoder(SpecDecoder):
         compile_mode: str = COMPILE_MODE,
         stage_timing: bool = False,
         batch_invariant: bool | int = False,
+        step_graph: bool | None = None,
     ):
         super().__init__(target, draft, backend, tokenizer, batch_invariant=batch_invariant)
         self.device = target.device
@@ -125,6 +144,10 @@ class GraphDecoder(SpecDecoder):
         self.stage_timing = stage_timing and cuda
         self.compile_seconds: dict[str, float] = {}
         self._plans: dict = {}
+        if step_graph is None:
+            step_graph = checked("LONGSPEC_STEP_GRAPH", STEP_GRAPH, ("on", "off")) == "on"
+        self.step_graph = bool(step_graph)
+        self._step_stages: dict = {}  # plan key -> [Stage]: the whole greedy step in one graph
 
     # ------------------------------------------------------------------ buffers and capture
     def plan(self, method: str, shape: TreeShape | None, sampled: bool = False, params=None):
@@ -142,6 +165,10 @@ class GraphDecoder(SpecDecoder):
             before, after = ([Stage(name, fn, mode) for name, fn in part] for part in (before, after))
             if self.graphs:
                 self._capture(st, before + after)
+                if self.step_graph and not sampled and len(before) > 1:
+                    step = Stage("step", _in_order([stage.fn for stage in before]))
+                    self._capture(st, [step])
+                    self._step_stages[key] = [step]
             self._plans[key] = (st, before, after)
             self.compile_seconds[f"{method}:{shape or ''}{':sampled' if sampled else ''}"] = time.perf_counter() - t0
         return self._plans[key]
@@ -203,6 +230,8 @@ class GraphDecoder(SpecDecoder):
         _, gen, seed = self._sampler(verify, params, sampling.get("seed"), sampling.get("generator"))
         pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampled else None
         st, before, after = self.plan(method, shape, sampled, params if verify == "naive-topk" else None)
+        if not self.stage_timing:  # one replay per step where the whole step was captured as one graph
+            before = self._step_stages.get((method, shape.widths if shape is not None else None, sampled, None), before)
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()

@@ -212,3 +212,52 @@ def test_graph_decoder_samples_like_the_eager_loop(decoders, method, kw):
         assert torch.equal(x.result.path, y.result.path) and x.emitted == y.emitted
     other = fast.generate(ids, **dict(common, seed=12))
     assert other.new_tokens != b.new_tokens  # the seed matters
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: replay calls the captured function and counts the replays."""
+
+    replays: list = []
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        _FakeGraph.replays.append(self.fn)
+        self.fn()
+
+
+def test_step_graph_replays_one_graph_per_step_and_stage_graphs_when_timed(embedded_pair, monkeypatch):
+    """The step graph's wiring without a GPU: `capture` records a fake graph per function. A greedy tree step
+    must replay ONE graph (the stages in order) and give the eager loop's tokens; with stage timing requested
+    (events need CUDA, so only the choice of graphs is checked) and with step_graph off, one graph per stage."""
+    import longspec_lab.decoding.graphs as graphs
+
+    target, draft, tok = embedded_pair
+    monkeypatch.setattr(graphs, "capture", lambda fns, warmup=3: [_FakeGraph(fn) for fn in fns])
+    ids = tok.encode(load_prompts(min_tokens=1000)[0]["text"])[:500]
+    ref = SpecDecoder(target, draft).generate(ids, max_new_tokens=24, stop_at_eos=False, tree_shape=[2, 3, 3])
+    for step_graph, per_step in ((True, 1), (False, 5)):  # draft1..draft3, verify, commit
+        dec = GraphDecoder(target, draft, capacity=700, step_graph=step_graph)
+        dec.graphs = True  # the fake capture stands in for CUDA's
+        dec.generate(ids, max_new_tokens=4, stop_at_eos=False, tree_shape=[2, 3, 3])  # plan and capture
+        _FakeGraph.replays.clear()
+        res = dec.generate(ids, max_new_tokens=24, stop_at_eos=False, tree_shape=[2, 3, 3])
+        assert res.new_tokens == ref.new_tokens and res.accepted_lengths == ref.accepted_lengths
+        assert len(_FakeGraph.replays) == per_step * len(res.accepted_lengths)
+        key = ("tree", (2, 3, 3), False, None)
+        assert (key in dec._step_stages) == step_graph
+    stages = dec._plans[key][1] + dec._plans[key][2]
+    with_step = GraphDecoder(target, draft, capacity=700, step_graph=True)
+    with_step.graphs = True
+    with_step.plan("tree", TreeShape.of([2, 3, 3]))
+    assert [s.name for s in stages] == ["draft1", "draft2", "draft3", "verify", "commit"]
+    assert [s.name for s in with_step._step_stages[key]] == ["step"]
+
+
+def test_step_graph_switch_is_checked(embedded_pair, monkeypatch):
+    import longspec_lab.decoding.graphs as graphs
+
+    monkeypatch.setattr(graphs, "STEP_GRAPH", "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_STEP_GRAPH='yes' is not one of on, off"):
+        GraphDecoder(*embedded_pair[:2])

@@ -83,3 +83,27 @@ def test_the_check_catches_what_the_interpreter_cannot(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "sm_90 8: failed" in r.stdout and "sm_90 16: compiled" in r.stdout, r.stdout + r.stderr
+
+
+SHARED = """
+from longspec_lab.kernels import compile_check as cc
+from longspec_lab.kernels import norm_linear as nl
+
+for kp in (256, nl.PRE_BLOCK_KP):
+    nl.PRE_BLOCK_KP = kp
+    for r in cc.compile_all(progress=None):
+        if r["label"].startswith("residual_norm_linear: 72"):
+            print(kp, r["ok"], r["shared_bytes"], r.get("error", ""))
+"""
+
+
+def test_the_check_catches_a_launch_over_the_shared_memory_limit(tmp_path):
+    """The fused residual kernel's first prologue tile (256 features a step) compiled, and its launch on the H200
+    failed: 278,528 bytes of shared memory asked, 232,448 allowed. The check now compiles pointers and feature
+    counts as aligned (as a launch specialises them), so it reproduces that figure and rejects the variant; the
+    tile in use passes."""
+    r = subprocess.run([sys.executable, "-c", SHARED], capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr
+    big, used = (line.split() for line in r.stdout.strip().splitlines())
+    assert big[:3] == ["256", "False", "278528"] and "over sm_90's 232448" in r.stdout, r.stdout
+    assert used[1] == "True" and int(used[2]) < 232448, r.stdout
