@@ -103,22 +103,24 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     from longspec_lab.kernels import norm_linear as nl
 
     nl_ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", COS="bf16", SIN="bf16", KC="bf16", VC="bf16",
-                   SLOTS="i64", A="bf16", WP="bf16", RP="bf16", XO="bf16")  # fmt: skip
-    # (rows, K, N, norm, residual, gated): the embedded model's norm + qkv at one row, its gated MLP, the
-    # 8B shape's down projection with the residual at a 72-row verify
-    for M, K, N, norm, res, gated in [(1, 256, 512, True, False, False), (1, 256, 768, True, False, True),
-                                       (72, 14336, 4096, False, True, False)][: 1 if quick else 3]:  # fmt: skip
+                   SLOTS="i64", A="bf16", WP="bf16", RP="bf16", XO="bf16", BIAS="bf16")  # fmt: skip
+    # (rows, K, N, norm, residual, gated, bias): the embedded model's norm + qkv at one row, its gated MLP, the
+    # 8B shape's down projection with the residual at a 72-row verify, the draft's biased q/k/v at a 16-node level
+    for M, K, N, norm, res, gated, bias in [
+        (1, 256, 512, True, False, False, False), (1, 256, 768, True, False, True, False),
+        (72, 14336, 4096, False, True, False, False), (16, 256, 512, True, False, False, True),
+    ][: 1 if quick else 4]:  # fmt: skip
         bm, bn, bk = nl.tiles(M, N, K)
         consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, PRE=False, BLOCK_KP=16)  # fmt: skip
+                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=bias)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
-        label = f"norm_linear: {M} x {K} -> {N}, norm={norm} residual={res} gated={gated}"
+        label = f"norm_linear: {M} x {K} -> {N}, norm={norm} residual={res} gated={gated} bias={bias}"
         out.append((label, nl._norm_linear_kernel, sig, cx, dict(num_warps=4, num_stages=3)))
     # q/k/v + RoPE + cache write: the embedded model's heads (4 + 2 + 2 of 64) at one row and at a 72-row verify
     for M in (1, 72)[: 1 if quick else 2]:
         bm, _, bk = nl.tiles(M, 512, 256)
         consts = dict(HAS_NORM=True, HAS_RES=False, GATED=False, ROPE=True, IEEE=False, BLOCK_M=bm, BLOCK_N=32,
-                      BLOCK_K=bk, PRE=False, BLOCK_KP=16)  # fmt: skip
+                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=False)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"qkv_rope_cache: {M} x 256, 4 + 2 + 2 heads of 64", nl._norm_linear_kernel, sig, cx,
                     dict(num_warps=4, num_stages=3)))  # fmt: skip
@@ -127,7 +129,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     for M in (1, 72)[: 1 if quick else 2]:
         bm, bn, bk = nl.tiles(M, 768, 256)
         consts = dict(HAS_NORM=True, HAS_RES=False, GATED=True, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=max(bk, 256), PRE=True, BLOCK_KP=nl.PRE_BLOCK_KP)  # fmt: skip
+                      BLOCK_K=max(bk, 256), PRE=True, BLOCK_KP=nl.PRE_BLOCK_KP, HAS_BIAS=False)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"residual_norm_linear: {M} x 256 -> 256, then norm + gate/up -> 768", nl._norm_linear_kernel,
                     sig, cx, dict(num_warps=4, num_stages=3)))  # fmt: skip

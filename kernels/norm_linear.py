@@ -97,6 +97,7 @@ def _norm_linear_kernel(
     stride_wpn,
     stride_rpm,
     stride_xom,
+    BIAS,  # [N or 2N] (ROPE: [(Hq + 2 Hkv) D]) added to the projection before it is rounded (read only if HAS_BIAS)
     HAS_NORM: tl.constexpr,
     HAS_RES: tl.constexpr,
     GATED: tl.constexpr,
@@ -107,6 +108,7 @@ def _norm_linear_kernel(
     BLOCK_K: tl.constexpr,  # input features per step (PRE: all of them, K <= BLOCK_K)
     PRE: tl.constexpr,  # compute the input rows here: X = RP + A @ WP^T (an o_proj and its residual), and store them
     BLOCK_KP: tl.constexpr,  # the prologue's input features per step
+    HAS_BIAS: tl.constexpr,  # add BIAS to the fp32 accumulator, as F.linear's bias epilogue does, then round
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -159,6 +161,10 @@ def _norm_linear_kernel(
                 acc_up = tl.dot(x, tl.trans(wu), acc_up, input_precision="ieee")
             else:
                 acc_up = tl.dot(x, tl.trans(wu), acc_up)
+    if HAS_BIAS:  # in the weight's row order: GATED's up rows start at N, ROPE's second half BLOCK_N further
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED or ROPE:
+            acc_up += tl.load(BIAS + (BLOCK_N if ROPE else N) + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dt).to(tl.float32)  # the projection's output, rounded as a matmul's
     if ROPE:
         _rope_epilogue(y, acc_up.to(dt).to(tl.float32), rows, row_ok, pid_n, Y, stride_ym, COS, SIN, stride_cm,
@@ -283,7 +289,7 @@ def tile_candidates(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
     return [default] + [t for t in ((m, n, k) for m in bms for n in bns for k in bks) if t != default]
 
 
-def _launch(x, weight, norm_weight, eps, residual, gated):
+def _launch(x, weight, norm_weight, eps, residual, gated, bias=None):
     M, K = x.shape
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -295,9 +301,10 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
         M, N, K, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), y.stride(0),
         float(eps), x, x, x, x, x, 0, 0, 0, 0, 1, 0, 0,  # the ROPE arguments, unread here
         x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
+        x if bias is None else bias,
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -310,13 +317,14 @@ def _norm_linear_op(
     eps: float,
     residual: Optional[torch.Tensor],
     gated: bool,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`torch.ops.longspec.norm_linear`: x [M, K] (checked by `norm_linear`) -> y [M, N]."""
-    return _launch(x, weight, norm_weight, eps, residual, gated)
+    return _launch(x, weight, norm_weight, eps, residual, gated, bias)
 
 
 @_norm_linear_op.register_fake
-def _(x, weight, norm_weight, eps, residual, gated):
+def _(x, weight, norm_weight, eps, residual, gated, bias=None):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
 
 
@@ -331,10 +339,11 @@ def norm_linear(
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
     gated: bool = False,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """[..., K] rows -> [..., N]: RMSNorm (if norm_weight [K]), x @ weight^T (weight [N, K], or [2N, K] with
-    gated: silu(gate) * up), plus residual [..., N] (if given). See the module docstring. On CUDA, or on
-    the CPU under TRITON_INTERPRET=1."""
+    """[..., K] rows -> [..., N]: RMSNorm (if norm_weight [K]), x @ weight^T + bias (weight [N, K] and bias [N],
+    or [2N, K] and [2N] with gated: silu(gate) * up), plus residual [..., N] (if given). See the module
+    docstring. On CUDA, or on the CPU under TRITON_INTERPRET=1."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         _fail(f"x must be a tensor [..., K], got {type(x).__name__}", "pass the activations")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -355,7 +364,10 @@ def norm_linear(
     if residual is not None and (tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype):
         _fail(f"residual must be {[*lead, N]} in {x.dtype}, got {list(residual.shape)} {residual.dtype}",
               "pass the residual stream the output is added to")  # fmt: skip
-    tensors = [t for t in (x, weight, norm_weight, residual) if t is not None]
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        _fail(f"bias must be [{weight.shape[0]}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}",
+              "pass the projection's bias")  # fmt: skip
+    tensors = [t for t in (x, weight, norm_weight, residual, bias) if t is not None]
     if any(t.device != x.device for t in tensors):
         _fail("all tensors must be on one device", "move them with .to(x.device)")
     if not (x.is_cuda or _INTERPRET):
@@ -369,7 +381,8 @@ def norm_linear(
     if r2 is not None and r2.stride(-1) != 1:
         r2 = r2.contiguous()
     nw = None if norm_weight is None else norm_weight.contiguous()
-    return _norm_linear_op(x2, w, nw, float(eps), r2, bool(gated)).view(*lead, N)
+    b = None if bias is None else bias.contiguous()
+    return _norm_linear_op(x2, w, nw, float(eps), r2, bool(gated), b).view(*lead, N)
 
 
 # the prologue keeps whole input rows in registers: K (the model's hidden size) up to this many features
@@ -396,10 +409,10 @@ def _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated):
         x, weight, a if norm_weight is None else norm_weight, a, y,
         M, N, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
         a, a, a, a, a, 0, 0, 0, 0, 1, 0, 0,  # the ROPE arguments, unread here
-        a, w_pre, residual, x, KP, a.stride(0), w_pre.stride(0), residual.stride(0), x.stride(0),
+        a, w_pre, residual, x, KP, a.stride(0), w_pre.stride(0), residual.stride(0), x.stride(0), a,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=gated, ROPE=False,
         IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=True,
-        BLOCK_KP=block_kp, num_warps=warps, num_stages=stages,
+        BLOCK_KP=block_kp, HAS_BIAS=False, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return x, y
 
@@ -493,6 +506,7 @@ def _qkv_rope_cache_op(
     slots: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`torch.ops.longspec.qkv_rope_cache`: x [B*T, K] -> q [B*T, Hq*D] with RoPE; writes k (with RoPE) and v
     into k_cache / v_cache [L, B, Hkv, S, D] at layer `layer`, slots [T] (checked by `qkv_rope_cache`)."""
@@ -510,24 +524,28 @@ def _qkv_rope_cache_op(
         cos, sin, kc, vc, slots, cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), M // B,
         num_heads, num_kv_heads,
         x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
+        x if bias is None else bias,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
 
 @_qkv_rope_cache_op.register_fake
-def _(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads):
+def _(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads, bias=None):
     return x.new_empty(x.shape[0], num_heads * k_cache.shape[-1])
 
 
-def qkv_rope_cache(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads):
+def qkv_rope_cache(
+    x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads, bias=None
+):
     """One kernel for what a Llama layer does between its input and its attention: RMSNorm (if norm_weight),
     the fused q/k/v projection (weight [(Hq + 2 Hkv) D, K]: q rows, k rows, v rows), RoPE on q and k with the
     tables cos, sin [B, 1, T, D] (or [B, T, D]) of `Rotary`, and k, v written into k_cache / v_cache
     [L, B, Hkv, S, D] at layer `layer`, slots [T] (int64). x [B, T, K] -> q [B, Hq, T, D] (a view of [B, T, Hq, D]
-    memory, as `split_qkv` returns it). On CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    memory, as `split_qkv` returns it). bias: [(Hq + 2 Hkv) D] or None. On CUDA, or on the CPU under
+    TRITON_INTERPRET=1."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         _fail("x must be a tensor [B, T, K]", "pass the layer's input")
     B, T, K = x.shape
@@ -543,8 +561,10 @@ def qkv_rope_cache(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, laye
               "fuse the model's projections (fuse_projections)")  # fmt: skip
     if not 0 <= layer < L or slots.shape != (T,) or slots.dtype != torch.int64:
         _fail(f"layer {layer} of {L} or slots {list(slots.shape)} {slots.dtype} is wrong", "pass int64 slots [T]")
-    if any(t.dtype != x.dtype for t in (weight, cos, sin, k_cache, v_cache)):
-        _fail("x, weight, cos, sin and the caches must share one dtype", "cast them to the model's dtype")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        _fail(f"bias {list(bias.shape)} is not the fused q/k/v bias [{weight.shape[0]}]", "pass qkv_proj.bias")
+    if any(t.dtype != x.dtype for t in (weight, cos, sin, k_cache, v_cache, bias) if t is not None):
+        _fail("x, weight, bias, cos, sin and the caches must share one dtype", "cast them to the model's dtype")
     if not (x.is_cuda or _INTERPRET):
         _fail(f"it runs a Triton kernel and got a tensor on {x.device}", "pass CUDA tensors")
     cs = cos.reshape(B * T, D)
@@ -553,15 +573,16 @@ def qkv_rope_cache(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, laye
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     nw = None if norm_weight is None else norm_weight.contiguous()
     q = _qkv_rope_cache_op(x2, weight.contiguous(), nw, float(eps), cs.contiguous(), sn.contiguous(), k_cache,
-                           v_cache, int(layer), slots, int(num_heads), int(num_kv_heads))  # fmt: skip
+                           v_cache, int(layer), slots, int(num_heads), int(num_kv_heads),
+                           None if bias is None else bias.contiguous())  # fmt: skip
     return q.view(B, T, num_heads, D).transpose(1, 2)
 
 
-def qkv_rope_cache_reference(x, weight, norm_weight, eps, cos, sin, num_heads, num_kv_heads):
+def qkv_rope_cache_reference(x, weight, norm_weight, eps, cos, sin, num_heads, num_kv_heads, bias=None):
     """The definition in float64: x [B, T, K] -> q, k, v [B, H, T, D] (float64), RoPE (rotate-half) on q and k."""
     B, T, _ = x.shape
     D = weight.shape[0] // (num_heads + 2 * num_kv_heads)
-    y = norm_linear_reference(x, weight, norm_weight, eps)  # [B, T, (Hq + 2 Hkv) D]
+    y = norm_linear_reference(x, weight, norm_weight, eps, bias=bias)  # [B, T, (Hq + 2 Hkv) D]
     q, k, v = (t.reshape(B, T, -1, D).transpose(1, 2) for t in y.split((num_heads * D, num_kv_heads * D,
                                                                           num_kv_heads * D), dim=-1))  # fmt: skip
     c, s = cos.double().reshape(B, 1, T, D), sin.double().reshape(B, 1, T, D)
@@ -573,12 +594,14 @@ def qkv_rope_cache_reference(x, weight, norm_weight, eps, cos, sin, num_heads, n
     return rope(q), rope(k), v
 
 
-def norm_linear_reference(x, weight, norm_weight=None, eps=1e-6, residual=None, gated=False) -> torch.Tensor:
+def norm_linear_reference(x, weight, norm_weight=None, eps=1e-6, residual=None, gated=False, bias=None):
     """The definition, in float64 with no intermediate rounding: [..., K] -> [..., N] (float64)."""
     h = x.double()
     if norm_weight is not None:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
     y = h @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = torch.nn.functional.silu(gate) * up

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
 from longspec_lab.ops.attention import masked_sdpa, prefix_attention
+from longspec_lab.ops.linear import norm_linear
 
 
 @dataclass
@@ -152,9 +153,10 @@ class CrossAttn(nn.Module):
         self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
 
-    def split_q(self, x):  # [B, T, hidden] -> [B, Hq, T, D]
+    def split_q(self, x, norm=None):  # [B, T, hidden] -> [B, Hq, T, D] of norm(x): one `norm_linear` call
         B, T, _ = x.shape
-        return self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        y = norm_linear(x, self.q_proj.weight, self.q_proj.bias, None if norm is None else norm.args)
+        return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
 
 def _expand_positions(positions, B, T, device):
@@ -203,7 +205,7 @@ class Glide(nn.Module):
         a = self.self_attn
         q, k, v = a.split_qkv(h, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
         h = a.merge(self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v), residual=h)  # h + o_proj(.)
-        q = apply_rope(self.cross_attn.split_q(self.post_self_attention_layernorm(h)), cos, sin)
+        q = apply_rope(self.cross_attn.split_q(h, norm=self.post_self_attention_layernorm), cos, sin)
         h = self.mlp.after_attention(cross_attn(q), self.cross_attn.o_proj, h, self.post_cross_attention_layernorm)
         head = self.target.lm_head
         return head(h.to(head.weight.dtype))  # [B, T, V]

@@ -336,7 +336,7 @@ class QKVO(_Fusable):
             cache.check_room(start, T)  # the kernel writes by slot: a slot past the cache must never reach it
             slots = torch.arange(start, start + T, device=x.device)
         return qkv_rope_cache(x, lin.weight, None if norm is None else norm.args, cos.to(x.dtype), sin.to(x.dtype),
-                              cache.k, cache.v, layer, slots, self.num_heads, self.num_kv_heads)  # fmt: skip
+                              cache.k, cache.v, layer, slots, self.num_heads, self.num_kv_heads, lin.bias)  # fmt: skip
 
     def merge(self, o, residual: torch.Tensor | None = None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
         return norm_linear(heads_to_rows(o), self.o_proj.weight, self.o_proj.bias, residual=residual)

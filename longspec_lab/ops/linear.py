@@ -64,12 +64,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
-    if checked("LONGSPEC_NORM_LINEAR", NORM_LINEAR, CHOICES) == "off" or bias is not None or not HAS_TRITON:
+    if checked("LONGSPEC_NORM_LINEAR", NORM_LINEAR, CHOICES) == "off" or not HAS_TRITON:
         return False
-    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual) if t is not None]
+    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual, bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the kernel has no backward: training keeps the PyTorch ops
-    if x.dtype != weight.dtype or (norm is not None and norm[0].dtype != x.dtype):
+    if any(t.dtype != x.dtype for t in tensors):
         return False
     if NORM_LINEAR == "auto":
         return x.is_cuda and weight.numel() <= AUTO_MAX_WEIGHT
@@ -77,12 +77,13 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=Non
 
 
 def qkv_rope_path(x: torch.Tensor, weight: torch.Tensor, bias, head_dim: int, cache_dtype) -> bool:
-    """Whether `qkv_rope_cache` serves this projection: the switch is not off, no bias (the kernel has none), a
-    power-of-two head dim >= 32, one dtype for x, weight and cache, no gradients, CUDA (or, with "on", the
-    interpreter)."""
-    if checked("LONGSPEC_QKV_ROPE", QKV_ROPE, CHOICES) == "off" or bias is not None or not HAS_TRITON:
+    """Whether `qkv_rope_cache` serves this projection: the switch is not off, a power-of-two head dim >= 32,
+    one dtype for x, weight, bias (if any) and cache, no gradients, CUDA (or, with "on", the interpreter)."""
+    if checked("LONGSPEC_QKV_ROPE", QKV_ROPE, CHOICES) == "off" or not HAS_TRITON:
         return False
     if head_dim < 32 or head_dim & (head_dim - 1) or not (x.dtype == weight.dtype == cache_dtype):
+        return False
+    if bias is not None and (bias.dtype != x.dtype or (torch.is_grad_enabled() and bias.requires_grad)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
@@ -91,13 +92,13 @@ def qkv_rope_path(x: torch.Tensor, weight: torch.Tensor, bias, head_dim: int, ca
     return x.is_cuda or _interpreting()
 
 
-def qkv_rope_cache(x, weight, norm, cos, sin, k_cache, v_cache, layer: int, slots, num_heads, num_kv_heads):
+def qkv_rope_cache(x, weight, norm, cos, sin, k_cache, v_cache, layer: int, slots, num_heads, num_kv_heads, bias=None):
     """x [B, T, K] -> q [B, Hq, T, D] with RoPE, k (with RoPE) and v written to the caches [L, B, Hkv, S, D] at
     `layer`, slots [T]: one Triton kernel (`kernels/norm_linear.py`). Call it where `qkv_rope_path` says so."""
     from longspec_lab.kernels.norm_linear import qkv_rope_cache as fused
 
     nw, eps = norm if norm is not None else (None, 1e-6)
-    return fused(x, weight, nw, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads)
+    return fused(x, weight, nw, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads, bias)
 
 
 def norm_linear(
@@ -114,7 +115,7 @@ def norm_linear(
         from longspec_lab.kernels.norm_linear import norm_linear as fused
 
         nw, eps = norm if norm is not None else (None, 1e-6)
-        return fused(x, weight, nw, eps, residual, gated)
+        return fused(x, weight, nw, eps, residual, gated, bias)
     h = x if norm is None else rms_norm(x, *norm)
     y = F.linear(h, weight, bias)
     if gated:

@@ -132,6 +132,32 @@ def test_half_precision_rounds_like_the_pytorch_ops(M, K, N, has_norm, has_res, 
     assert (got.float() - ops.float()).abs().max().item() <= ulp
 
 
+@pytest.mark.parametrize(("M", "K", "N", "has_norm", "has_res", "gated"),
+                         [(1, 64, 48, True, False, False), (16, 256, 512, True, False, False),
+                          (5, 200, 96, False, True, False), (7, 128, 40, True, True, True)])  # fmt: skip
+def test_bias_matches_float64_and_the_pytorch_ops(M, K, N, has_norm, has_res, gated):
+    """A bias (the draft's q/k/v and its cross-attention query, Qwen2's q/k/v) is added to the accumulator
+    before the projection is rounded: float32 equals the float64 definition, and float16 stays within one step
+    of F.linear with the bias (a bias epilogue), in the weight's row order (gate rows, then up rows)."""
+    args = _case(M + N, M, K, N, has_norm, has_res, gated)
+    g = torch.Generator().manual_seed(M * N)
+    bias = torch.randn(args[1].shape[0], generator=g)
+    got = nl.norm_linear(*args, bias=bias)
+    torch.testing.assert_close(got.double(), nl.norm_linear_reference(*args, bias=bias), atol=2e-5, rtol=2e-5)
+    x, w, nw, eps, r, _ = _case(M + N, M, K, N, has_norm, has_res, gated, dtype=torch.float16)
+    b16 = bias.half()
+    got = nl.norm_linear(x, w, nw, eps, r, gated, bias=b16)
+    h = x if nw is None else nw * torch.nn.functional.rms_norm(x.float(), (K,), eps=eps).half()
+    y = torch.nn.functional.linear(h, w, b16)
+    if gated:
+        y = torch.nn.functional.silu(y[:, :N]) * y[:, N:]
+    y = y if r is None else r + y
+    ulp = 2.0 ** (torch.floor(torch.log2(y.float().abs().max())).item() - 10)
+    assert (got.float() - y.float()).abs().max().item() <= ulp
+    with pytest.raises(ValueError, match=r"bias must be \[%d\]" % w.shape[0]):
+        nl.norm_linear(x, w, nw, eps, r, gated, bias=b16[1:])
+
+
 # ----------------------------------------------------------------------------- q/k/v + RoPE + cache write
 
 
@@ -169,6 +195,20 @@ def test_qkv_rope_cache_matches_float64_and_writes_only_its_slots(B, T, K, Hq, H
     untouched[1, :, :, slots] = False
     assert torch.equal(kc[untouched.expand_as(kc)], kc0[untouched.expand_as(kc)])
     assert torch.equal(vc[untouched.expand_as(vc)], vc0[untouched.expand_as(vc)])
+
+
+def test_qkv_rope_cache_with_bias_matches_float64():
+    """The fused q/k/v bias is added per head half before RoPE, as the readable path's F.linear then apply_rope."""
+    B, T, K, Hq, Hkv, D = 1, 6, 64, 4, 2, 32
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(11, B, T, K, Hq, Hkv, D)
+    bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(5))
+    q = nl.qkv_rope_cache(x, w, nw, 1e-5, cos, sin, kc, vc, 2, slots, Hq, Hkv, bias=bias)
+    rq, rk, rv = nl.qkv_rope_cache_reference(x, w, nw, 1e-5, cos, sin, Hq, Hkv, bias=bias)
+    torch.testing.assert_close(q.double(), rq, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(kc[2][:, :, slots].double(), rk, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(vc[2][:, :, slots].double(), rv, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="fused q/k/v bias"):
+        nl.qkv_rope_cache(x, w, nw, 1e-5, cos, sin, kc, vc, 2, slots, Hq, Hkv, bias=bias[:-1])
 
 
 def test_qkv_rope_cache_rounds_like_the_pytorch_ops():

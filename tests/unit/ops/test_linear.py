@@ -36,12 +36,22 @@ def test_both_paths_equal_the_float64_definition(switch, path, norm, res, gated)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_bias_keeps_the_readable_path(switch):
-    """The kernel has no bias: with one, "on" falls back to the PyTorch ops (Qwen2-style q/k/v biases)."""
-    switch("on")
+@pytest.mark.parametrize("path", ["off", "on"])
+def test_a_bias_takes_either_path_and_gives_the_linear(switch, path, monkeypatch):
+    """A bias (the draft's q/k/v and cross-attention query, Qwen2-style q/k/v) goes to the kernel with "on" (it adds
+    the bias before rounding) and to F.linear with "off"; both equal F.linear with the bias. A bias in another
+    dtype keeps the readable path."""
+    switch(path)
     g = torch.Generator().manual_seed(2)
     x, w, b = torch.randn(3, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
+    calls = []
+    import longspec_lab.kernels.norm_linear as nl
+
+    real = nl.norm_linear
+    monkeypatch.setattr(nl, "norm_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.testing.assert_close(linear.norm_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert len(calls) == (path == "on" and linear.HAS_TRITON)
+    assert not linear._kernel_path(x, w, b.double(), None)
 
 
 def test_auto_sends_only_small_cuda_projections_to_the_kernel(switch, monkeypatch):
@@ -60,7 +70,7 @@ def test_auto_sends_only_small_cuda_projections_to_the_kernel(switch, monkeypatc
 def test_qkv_rope_auto_is_the_kernel_on_cuda_only(monkeypatch):
     """LONGSPEC_QKV_ROPE's default, "auto": the fused q/k/v + RoPE + cache-write kernel on CUDA, the readable ops
     for weights up to AUTO_MAX_WEIGHT, the readable ops on the CPU even under the interpreter; "on" also takes the
-    interpreter and large weights; "off" never; biases never."""
+    interpreter and large weights; "off" never; a bias in another dtype never."""
     x, w = torch.empty(2, 3, 64), torch.empty(128, 64)
     assert linear.QKV_ROPE == "auto" or os.environ.get("LONGSPEC_QKV_ROPE")
     want = {"auto": False, "on": linear.HAS_TRITON, "off": False}
@@ -71,7 +81,8 @@ def test_qkv_rope_auto_is_the_kernel_on_cuda_only(monkeypatch):
     for value, cuda in {"auto": linear.HAS_TRITON, "on": linear.HAS_TRITON, "off": False}.items():
         monkeypatch.setattr(linear, "QKV_ROPE", value)
         assert linear.qkv_rope_path(x, w, None, 32, x.dtype) == cuda, value
-        assert not linear.qkv_rope_path(x, w, torch.empty(128), 32, x.dtype)
+        assert linear.qkv_rope_path(x, w, torch.empty(128), 32, x.dtype) == cuda, value  # the kernel adds biases
+        assert not linear.qkv_rope_path(x, w, torch.empty(128, dtype=torch.float64), 32, x.dtype)
     big = torch.empty(linear.AUTO_MAX_WEIGHT // 64 + 1, 64)  # an 8B-sized q/k/v: cuBLAS under "auto"
     for value, used in {"auto": False, "on": linear.HAS_TRITON}.items():
         monkeypatch.setattr(linear, "QKV_ROPE", value)
