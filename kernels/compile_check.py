@@ -100,6 +100,9 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))
     sig, cx = _signature(rt._row_topk_kernel, dict(X="i64", OUT="i64"), (), dict(MIN=-(2**63), K=16, BLOCK_V=512))
     out.append(("flat top-k first pass: 512 columns, one warp", rt._row_topk_kernel, sig, cx, dict(num_warps=1)))
+    consts = dict(K=16, MIN=-(2**63), BLOCK_I=rt.RANK_BLOCK_I, BLOCK_J=rt.RANK_BLOCK_J)
+    sig, cx = _signature(rt._rank_select_kernel, dict(X="i64", OUT="i64"), (), consts)
+    out.append(("flat top-k second pass: rank by counting", rt._rank_select_kernel, sig, cx, dict(num_warps=4)))
     from longspec_lab.kernels import norm_linear as nl
 
     nl_ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", COS="bf16", SIN="bf16", KC="bf16", VC="bf16",

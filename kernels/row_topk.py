@@ -21,6 +21,14 @@ not both +0.0 and -0.0). `where(x == m, ...)` removes every copy of the maximum,
 values the result would skip the repeats. beam_level's keys are distinct by construction: their low
 32 bits hold the pair's flat index. Only values are returned; beam_level reads the index from the key.
 
+flat_topk's second pass, over those first-pass candidates, ranks them by counting
+(`_rank_select_kernel`, LONGSPEC_TOPK_SECOND=rank, the default): program p takes 32 candidates and, in steps of
+256, counts for each how many candidates are larger; that count is its place in the sorted output, so a
+candidate whose count is below k stores itself there. Distinct keys give distinct places (padding equal to
+the dtype's minimum ties only with a real minimum, and writes the same value to the same place). No
+candidate waits on another's result: 64 programs for 2048 candidates against K dependent block maxima in one
+program ("max", the repeated-maximum kernel run over the candidates as one row).
+
 `row_topk_reference` is the definition (`torch.topk`). `row_topk` checks its input and calls the
 registered op `torch.ops.longspec.row_topk`, which torch.compile(fullgraph=True) keeps as one opaque
 op (its fake version states the output shape). `main` times the kernel against torch.topk:
@@ -55,6 +63,12 @@ MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of register
 # flat_topk's first-pass chunk width, a power of two (module docstring); checked when flat_topk uses it
 FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", "512")
 _MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of each supported dtype
+# flat_topk's second pass over the first pass's candidates (LONGSPEC_TOPK_SECOND, checked when used): "rank" (the
+# default) ranks every candidate by counting the larger ones, RANK_BLOCK_I candidates a program, all programs at
+# once; "max" runs the repeated-maximum kernel over them as one row (one program per chunk of up to MAX_BLOCK_V,
+# K dependent block reductions). "rank" serves up to RANK_MAX_L candidates (L^2 comparisons in all).
+TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "rank")
+RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
 # combine function (as in tree_attention.py: tl.max is itself an @jit function of Triton's library and
@@ -64,7 +78,15 @@ if _INTERPRET:
     @triton.jit
     def _vec_max(x):
         return tl.reduce(x, 0, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _row_sums(x):
+        return tl.reduce(x, 1, tl.standard._sum_combine)
 else:
+
+    @triton.jit
+    def _row_sums(x):
+        return tl.sum(x, 1)
 
     @triton.jit
     def _vec_max(x):
@@ -91,6 +113,26 @@ def _row_topk_kernel(
         m = _vec_max(x)  # the largest value not yet taken (keys are distinct)
         tl.store(out + i, m)
         x = tl.where(x == m, MIN, x)  # take it out of the chunk
+
+
+@triton.jit
+def _rank_select_kernel(
+    X,  # [L] candidates (distinct values), unit stride: a flat_topk's first-pass output read as one row
+    OUT,  # [K] output: the K largest candidates, descending
+    L,  # candidates
+    K: tl.constexpr,  # how many largest values to keep
+    MIN: tl.constexpr,  # the dtype's minimum: the padding, never counted as larger than a candidate
+    BLOCK_I: tl.constexpr,  # candidates this program ranks
+    BLOCK_J: tl.constexpr,  # candidates compared against them per step
+):
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
+    xi = tl.load(X + offs_i, mask=offs_i < L, other=MIN)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)  # how many candidates are larger: the place in the sorted output
+    for j0 in range(0, L, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        xj = tl.load(X + offs_j, mask=offs_j < L, other=MIN)  # [BLOCK_J]
+        rank += _row_sums((xj[None, :] > xi[:, None]).to(tl.int32))
+    tl.store(OUT + rank, xi, mask=(offs_i < L) & (rank < K))  # distinct values: distinct ranks, no collisions
 
 
 def row_topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -202,12 +244,25 @@ def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int) -> torch.Tensor:
     first = _one_pass(x, V, kept, _block_v(V, kept, first_block_v))  # [rows, n_chunks * kept]
     if first.numel() == kept:  # one row of one chunk: kept == k (k <= rows * V = V), the answer already
         return first.view(k)
+    L = first.numel()
+    if _second_pass() == "rank" and L <= RANK_MAX_L:  # every candidate finds its own place, in parallel
+        out = torch.empty(k, dtype=x.dtype, device=x.device)
+        _rank_select_kernel[(triton.cdiv(L, RANK_BLOCK_I),)](
+            first, out, L, K=k, MIN=_MIN[x.dtype], BLOCK_I=RANK_BLOCK_I, BLOCK_J=RANK_BLOCK_J, num_warps=4
+        )
+        return out
     return _launch(first.view(1, -1), k, MAX_BLOCK_V).view(k)  # the candidates as one row -> [k]
 
 
 @_flat_topk_op.register_fake
 def _(x, k, first_block_v):
     return x.new_empty(k)
+
+
+def _second_pass() -> str:
+    if TOPK_SECOND not in ("rank", "max"):
+        raise ValueError(f"LONGSPEC_TOPK_SECOND={TOPK_SECOND!r} is not one of rank, max; unset it or pick one")
+    return TOPK_SECOND
 
 
 def _flat_first_block() -> int:
@@ -250,6 +305,8 @@ def _flat_launches(rows: int, V: int, k: int, first_block_v: int) -> tuple[int, 
     n_chunks = triton.cdiv(V, _block_v(V, kept, first_block_v))
     if rows * n_chunks == 1:
         return 1, 1
+    if _second_pass() == "rank" and rows * n_chunks * kept <= RANK_MAX_L:
+        return 2, rows * n_chunks
     return 1 + _passes(rows * n_chunks * kept, k, MAX_BLOCK_V), rows * n_chunks
 
 
@@ -350,18 +407,25 @@ def main(argv=None) -> int:
             f"{shape}: torch.topk twice {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph; row_topk twice "
             f"({twice_launches} launches) {twice_us:.1f} us eager, {twice_graph_us:.1f} us graph"
         )
-        for b in blocks:
+        global TOPK_SECOND
+        default_second = TOPK_SECOND
+        for b, second in [(b, second) for b in blocks for second in ("rank", "max")]:
+            TOPK_SECOND = second
             timed = checked_medians(lambda: flat_topk(x, a.k, first_block_v=b), want, f"first_block_v={b}: flat_topk")
+            TOPK_SECOND = default_second
             if timed is None:
                 return 1
             ours, ours_graph = timed
+            TOPK_SECOND = second
             launches, programs = _flat_launches(a.rows, a.vocab, a.k, b)
+            TOPK_SECOND = default_second
             report["cases"].append(
-                {"first_block_v": b, "launches": launches, "first_programs": programs, "us": ours,
-                 "graph_us": ours_graph}
+                {"first_block_v": b, "second_pass": second, "launches": launches, "first_programs": programs,
+                 "us": ours, "graph_us": ours_graph}
             )  # fmt: skip
             print(
-                f"first_block_v={b} ({launches} launches, {programs} programs in the first): flat_topk "
+                f"first_block_v={b}, second pass {second} ({launches} launches, {programs} programs in the first): "
+                "flat_topk "
                 f"{ours:.1f} us eager (vs row_topk twice {ours / twice_us:.2f}, vs torch {ours / torch_us:.2f}), "
                 f"{ours_graph:.1f} us graph (vs row_topk twice {ours_graph / twice_graph_us:.2f}, "
                 f"vs torch {ours_graph / torch_graph_us:.2f}); equal to torch.topk"

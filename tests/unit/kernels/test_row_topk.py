@@ -145,14 +145,17 @@ def test_main_without_cuda_explains(capsys):
 def launches(monkeypatch):
     """The grid of every launch of the kernel, in order."""
     grids = []
-    kernel = rt._row_topk_kernel
 
     class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
+        def __init__(self, kernel, tag):
+            self.kernel, self.tag = kernel, tag
 
-    monkeypatch.setattr(rt, "_row_topk_kernel", Spy())
+        def __getitem__(self, grid):
+            grids.append(grid if self.tag is None else (self.tag, *grid))
+            return self.kernel[grid]
+
+    monkeypatch.setattr(rt, "_row_topk_kernel", Spy(rt._row_topk_kernel, None))
+    monkeypatch.setattr(rt, "_rank_select_kernel", Spy(rt._rank_select_kernel, "rank"))
     return grids
 
 
@@ -174,15 +177,22 @@ FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, pinned to
 ]
 
 
+@pytest.mark.parametrize("second", ["rank", "max"])
 @pytest.mark.parametrize("rows, V, k, first_block_v, grid, n_launches", FLAT_CASES)
-def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, launches, monkeypatch):
+def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, second, launches, monkeypatch):
+    """Both second passes: "rank" (each candidate counts the larger ones and writes itself to its place, one
+    program per 32 candidates) and "max" (repeated maxima over the candidates as one row)."""
     monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", "4096")
+    monkeypatch.setattr(rt, "TOPK_SECOND", second)
     x = rt._distinct_keys(rows, V, "cpu", seed=rows * 1000 + V + k)
     got = rt.flat_topk(x, k, first_block_v=first_block_v)
     assert got.dtype == torch.int64 and got.shape == (k,)
     assert torch.equal(got, _flat_reference(x, k))
     assert torch.equal(got, torch.sort(x.flatten(), descending=True).values[:k])  # an independent definition
     assert launches[0] == grid and len(launches) == n_launches
+    if n_launches == 2:  # the candidates of the first pass, ranked or reduced as one row
+        L = grid[0] * grid[1] * min(k, V)
+        assert launches[1] == (("rank", -(-L // rt.RANK_BLOCK_I)) if second == "rank" else (1, 1))
     assert rt._flat_launches(rows, V, k, first_block_v or 4096) == (n_launches, grid[0] * grid[1])
 
 
@@ -190,6 +200,7 @@ def test_flat_candidates_wider_than_a_chunk_take_two_more_passes(monkeypatch, la
     """With MAX_BLOCK_V at 64 the 312 candidates of the first pass are read as 5 chunks, then 30 values
     as one: three launches, and the answer still the global top k."""
     monkeypatch.setattr(rt, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(rt, "TOPK_SECOND", "max")  # "rank" takes them in one launch (the test above)
     x = rt._distinct_keys(4, 200, "cpu", seed=20)
     x[3, 199] = x.max() + 1  # the maximum in the last chunk of the last row
     got = rt.flat_topk(x, 6, first_block_v=16)
@@ -311,3 +322,15 @@ def test_main_flat_without_cuda_or_with_an_existing_out(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         rt.main(["--flat", "--block-v", "16,64", "--rows", "2", "--vocab", "8", "--k", "2"])
     assert e.value.code == 2 and "needs CUDA" in capsys.readouterr().err
+
+
+def test_rank_second_pass_past_its_bound_and_the_switch(monkeypatch, launches):
+    """Above RANK_MAX_L candidates "rank" hands over to the repeated maximum (L^2 comparisons would cost more);
+    an unknown LONGSPEC_TOPK_SECOND names itself and the choices."""
+    monkeypatch.setattr(rt, "RANK_MAX_L", 100)
+    x = rt._distinct_keys(16, 64, "cpu", seed=3)
+    assert torch.equal(rt.flat_topk(x, 8, first_block_v=16), _flat_reference(x, 8))  # 16 x 4 x 8 = 512 > 100
+    assert launches == [(16, 4), (1, 1)]
+    monkeypatch.setattr(rt, "TOPK_SECOND", "sort")
+    with pytest.raises(ValueError, match="LONGSPEC_TOPK_SECOND='sort' is not one of rank, max"):
+        rt.flat_topk(x, 8, first_block_v=16)
