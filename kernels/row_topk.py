@@ -21,8 +21,9 @@ not both +0.0 and -0.0). `where(x == m, ...)` removes every copy of the maximum,
 values the result would skip the repeats. beam_level's keys are distinct by construction: their low
 32 bits hold the pair's flat index. Only values are returned; beam_level reads the index from the key.
 
-flat_topk's second pass, over those first-pass candidates, ranks them by counting
-(`_rank_select_kernel`, LONGSPEC_TOPK_SECOND=rank, the default): program p takes 32 candidates and, in steps of
+flat_topk's second pass, over those first-pass candidates, can also rank them by counting
+(`_rank_select_kernel`, LONGSPEC_TOPK_SECOND=rank; measured slower on the H200, so "max" is the default, see
+TOPK_SECOND): program p takes 32 candidates and, in steps of
 256, counts for each how many candidates are larger; that count is its place in the sorted output, so a
 candidate whose count is below k stores itself there. Distinct keys give distinct places (padding equal to
 the dtype's minimum ties only with a real minimum, and writes the same value to the same place). No
@@ -63,11 +64,15 @@ MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of register
 # flat_topk's first-pass chunk width, a power of two (module docstring); checked when flat_topk uses it
 FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", "512")
 _MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of each supported dtype
-# flat_topk's second pass over the first pass's candidates (LONGSPEC_TOPK_SECOND, checked when used): "rank" (the
-# default) ranks every candidate by counting the larger ones, RANK_BLOCK_I candidates a program, all programs at
-# once; "max" runs the repeated-maximum kernel over them as one row (one program per chunk of up to MAX_BLOCK_V,
-# K dependent block reductions). "rank" serves up to RANK_MAX_L candidates (L^2 comparisons in all).
-TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "rank")
+# flat_topk's second pass over the first pass's candidates (LONGSPEC_TOPK_SECOND, checked when used): "max" (the
+# default) runs the repeated-maximum kernel over them as one row (one program per chunk of up to MAX_BLOCK_V, K
+# dependent block reductions); "rank" ranks every candidate by counting the larger ones, RANK_BLOCK_I candidates
+# a program, all programs at once, up to RANK_MAX_L candidates (L^2 comparisons in all). Timed on the H200
+# (2026-12-04, row_topk_rank_h200.json, 16 x 4096 keys, k = 16, graph-replayed): the whole selection 11.3 us with
+# "max", 18.0 us with "rank" (its 4.2M int64 comparisons cost more than 16 dependent maxima over 2,048 values);
+# in the decoder the default tree ran 9,824 tokens/s with "max" against 9,306 with "rank" (same call,
+# e2e_ab_topk_max_h200.json, e2e_ab_base_topk_h200.json). Kept, tested, as the option for wider candidate sets.
+TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "max")
 RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's

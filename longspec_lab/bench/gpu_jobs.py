@@ -29,8 +29,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    norm + gate/up in one launch) into OUT_DIR/fuse_residual
   e2e_step_graph_off  the same with LONGSPEC_STEP_GRAPH=off (one CUDA graph per stage instead of one per greedy
                    step) into OUT_DIR/step_graph_off
-  e2e_topk_max     the same with LONGSPEC_TOPK_SECOND=max (the beam's second top-k pass as repeated maxima
-                   instead of ranking by counting) into OUT_DIR/topk_max
+  e2e_topk_rank    the same with LONGSPEC_TOPK_SECOND=rank (the beam's second top-k pass ranks by counting
+                   instead of repeated maxima) into OUT_DIR/topk_rank
   e2e_base         the A side for the three above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -107,7 +107,7 @@ def jobs(out: Path) -> dict:
         "e2e_masked_triton": _ab_job(out / "masked_triton", "LONGSPEC_MASKED_ATTN", "triton"),
         "e2e_fuse_residual": _ab_job(out / "fuse_residual", "LONGSPEC_FUSE_RESIDUAL", "auto"),
         "e2e_step_graph_off": _ab_job(out / "step_graph_off", "LONGSPEC_STEP_GRAPH", "off"),
-        "e2e_topk_max": _ab_job(out / "topk_max", "LONGSPEC_TOPK_SECOND", "max"),
+        "e2e_topk_rank": _ab_job(out / "topk_rank", "LONGSPEC_TOPK_SECOND", "rank"),
         "e2e_qkv_rope": _ab_job(out / "qkv_rope", "LONGSPEC_QKV_ROPE", "on"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],

@@ -50,9 +50,12 @@ AUTO_MAX_WEIGHT = 1 << 20
 # earlier A/B with the old tiles had found it neutral (183.1 -> 179.9 us and 294.6 -> 296.0 us).
 QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "auto")
 # LONGSPEC_FUSE_RESIDUAL: a layer's o_proj (with its residual) and the next norm + gate/up in one launch
-# (`residual_norm_linear`, kernels/norm_linear.py's prologue), one launch less per layer. "off" (the default) until
-# it is timed on a GPU (docs/GPU_JOBS.md lists the A/B); "auto": on CUDA for small weights and hidden sizes up to
-# the kernel's MAX_PRE_K; "on": also under the CPU interpreter (tests).
+# (`residual_norm_linear`, kernels/norm_linear.py's prologue), one launch less per layer. "auto": on CUDA for small
+# weights and hidden sizes up to the kernel's MAX_PRE_K; "on": also under the CPU interpreter (tests); "off", the
+# default, because it measured slower on the H200 (2026-12-04, one call): alone 5.5 / 5.7 / 6.2 us at 1 / 16 / 72
+# rows against 4.9 / 5.3 / 5.8 us for the two launches (norm_linear_residual_h200.json: every column tile redoes
+# the o_proj of its rows), and in the decoder the AR step 168.5 -> 176.6 us with 8 fewer kernels, the default
+# tree 9,582 -> 9,600 tokens/s (e2e_ab_fuse_residual_h200.json against e2e_ab_base_step_h200.json).
 FUSE_RESIDUAL = os.environ.get("LONGSPEC_FUSE_RESIDUAL", "off")
 
 

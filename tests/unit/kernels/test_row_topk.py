@@ -200,7 +200,7 @@ def test_flat_candidates_wider_than_a_chunk_take_two_more_passes(monkeypatch, la
     """With MAX_BLOCK_V at 64 the 312 candidates of the first pass are read as 5 chunks, then 30 values
     as one: three launches, and the answer still the global top k."""
     monkeypatch.setattr(rt, "MAX_BLOCK_V", 64)
-    monkeypatch.setattr(rt, "TOPK_SECOND", "max")  # "rank" takes them in one launch (the test above)
+    monkeypatch.setattr(rt, "TOPK_SECOND", "max")  # the default; "rank" takes them in one launch (the test above)
     x = rt._distinct_keys(4, 200, "cpu", seed=20)
     x[3, 199] = x.max() + 1  # the maximum in the last chunk of the last row
     got = rt.flat_topk(x, 6, first_block_v=16)
@@ -328,6 +328,7 @@ def test_rank_second_pass_past_its_bound_and_the_switch(monkeypatch, launches):
     """Above RANK_MAX_L candidates "rank" hands over to the repeated maximum (L^2 comparisons would cost more);
     an unknown LONGSPEC_TOPK_SECOND names itself and the choices."""
     monkeypatch.setattr(rt, "RANK_MAX_L", 100)
+    monkeypatch.setattr(rt, "TOPK_SECOND", "rank")
     x = rt._distinct_keys(16, 64, "cpu", seed=3)
     assert torch.equal(rt.flat_topk(x, 8, first_block_v=16), _flat_reference(x, 8))  # 16 x 4 x 8 = 512 > 100
     assert launches == [(16, 4), (1, 1)]
