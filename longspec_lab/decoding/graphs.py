@@ -154,7 +154,7 @@ class GraphDecoder(SpecDecoder):
         """(DecodeState, [Stage] before the host, [Stage] after it) for a method and shape, built, compiled
         and captured once. Greedy steps run entirely on the device (nothing after the host); sampled steps
         stop after the verification pass for the rule's host walk (`params`: naive-topk's recorded q)."""
-        key = (method, shape.widths if shape is not None else None, sampled, params)
+        key = self._plan_key(method, shape, sampled, params)
         if key not in self._plans:
             t0 = time.perf_counter()
             st = steps.DecodeState(
@@ -172,6 +172,10 @@ class GraphDecoder(SpecDecoder):
             self._plans[key] = (st, before, after)
             self.compile_seconds[f"{method}:{shape or ''}{':sampled' if sampled else ''}"] = time.perf_counter() - t0
         return self._plans[key]
+
+    @staticmethod
+    def _plan_key(method: str, shape: TreeShape | None, sampled: bool, params) -> tuple:
+        return (method, shape.widths if shape is not None else None, sampled, params)
 
     @staticmethod
     def _capture(st: steps.DecodeState, stages: list[Stage]) -> None:
@@ -231,7 +235,7 @@ class GraphDecoder(SpecDecoder):
         pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampled else None
         st, before, after = self.plan(method, shape, sampled, params if verify == "naive-topk" else None)
         if not self.stage_timing:  # one replay per step where the whole step was captured as one graph
-            before = self._step_stages.get((method, shape.widths if shape is not None else None, sampled, None), before)
+            before = self._step_stages.get(self._plan_key(method, shape, sampled, None), before)
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
