@@ -102,21 +102,22 @@ def _check_targets(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor
 def greedy_accept(tokens, parents, depths, anc, levels, preds):
     """Greedy acceptance on static buffers, no host sync.
 
-    tokens, parents, depths, preds [N] long; anc [N, N] bool tree mask; levels: the (lo, hi) node
-    range of each depth. Returns verified [N], accepted [N], path [D+1] (the node at each depth of
-    the winner's path, padded with the winner) and n [1] = depth(winner) + 1 tokens to emit."""
+    tokens, parents, depths, preds [N] long; anc [N, N] bool tree mask (row i: node i and its ancestors);
+    levels: the (lo, hi) node range of each depth. Returns verified [N], accepted [N], path [D+1] (the node at
+    each depth of the winner's path, padded with the winner) and n [1] = depth(winner) + 1 tokens to emit.
+
+    Written without a loop over the levels, so that a compiled step runs it as a few fused reductions: a node is
+    accepted when it and every ancestor are verified (one row reduction over the tree mask), and the path's node
+    at depth d is the one ancestor of the winner at that depth (one reduction per depth, all in one [D+1, N])."""
     N = tokens.shape[0]
     idx = torch.arange(N, device=tokens.device)
     verified = (preds[parents.clamp_min(0)] == tokens) | (idx == 0)  # [N] root always
-    accepted = verified.clone()
-    for lo, hi in levels[1:]:  # parents sit one level up and are final already
-        accepted[lo:hi] &= accepted[parents[lo:hi]]
+    accepted = (anc <= verified[None, :]).all(1)  # [N] no unverified node among itself and its ancestors
     key = torch.where(accepted, depths * N + (N - 1 - idx), -1)  # deepest, then lowest index
     win = key.argmax()[None]  # [1]; a 0-d index would be read on the host
-    row = anc.index_select(0, win)[0]  # [N] the winner and its ancestors
-    path = torch.stack(
-        [torch.where(row[lo:hi].any(), lo + row[lo:hi].int().argmax(), win[0]) for lo, hi in levels]
-    )  # [D+1]
+    row = anc.index_select(0, win)  # [1, N] the winner and its ancestors
+    at = row & (depths[None, :] == torch.arange(len(levels), device=tokens.device)[:, None])  # [D+1, N]
+    path = torch.where(at.any(1), (at.long() * idx).sum(1), win)  # [D+1] one ancestor per depth, else the winner
     return verified, accepted, path, depths.index_select(0, win) + 1
 
 
