@@ -73,6 +73,11 @@ _MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of e
 # in the decoder the default tree ran 9,824 tokens/s with "max" against 9,306 with "rank" (same call,
 # e2e_ab_topk_max_h200.json, e2e_ab_base_topk_h200.json). Kept, tested, as the option for wider candidate sets.
 TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "max")
+# The widest chunk of the "max" second pass and of any pass after it (LONGSPEC_TOPK_SECOND_BLOCK, a power of two,
+# checked when used). With MAX_BLOCK_V, a wide level's 2,048 first-pass candidates (16 parents x 8 chunks of 512
+# x 16 kept) are one chunk: one program, K dependent maxima across 4 warps. A narrower chunk splits them over
+# one-warp programs and adds a launch: 256 gives 8 programs keeping 16 each, then one program over those 128.
+FLAT_SECOND_BLOCK_V = os.environ.get("LONGSPEC_TOPK_SECOND_BLOCK", str(MAX_BLOCK_V))
 RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
@@ -241,7 +246,7 @@ def row_topk(x: torch.Tensor, k: int, block_v: int | None = None) -> torch.Tenso
 
 
 @torch.library.custom_op("longspec::flat_topk", mutates_args=())
-def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int) -> torch.Tensor:
+def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int, second_block_v: int) -> torch.Tensor:
     """`torch.ops.longspec.flat_topk`: x [rows, V] (checked by `flat_topk`) -> [k], the k largest of all
     of x, descending."""
     rows, V = x.shape
@@ -256,11 +261,11 @@ def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int) -> torch.Tensor:
             first, out, L, K=k, MIN=_MIN[x.dtype], BLOCK_I=RANK_BLOCK_I, BLOCK_J=RANK_BLOCK_J, num_warps=4
         )
         return out
-    return _launch(first.view(1, -1), k, MAX_BLOCK_V).view(k)  # the candidates as one row -> [k]
+    return _launch(first.view(1, -1), k, second_block_v).view(k)  # the candidates as one row -> [k]
 
 
 @_flat_topk_op.register_fake
-def _(x, k, first_block_v):
+def _(x, k, first_block_v, second_block_v):
     return x.new_empty(k)
 
 
@@ -270,24 +275,35 @@ def _second_pass() -> str:
     return TOPK_SECOND
 
 
-def _flat_first_block() -> int:
-    """FLAT_FIRST_BLOCK_V (from LONGSPEC_TOPK_FIRST_BLOCK, or assigned at run time) as a power of two."""
-    value = FLAT_FIRST_BLOCK_V
+def _switch_block(name: str, value, default: str) -> int:
+    """A chunk-width switch (from the environment as a string, or assigned at run time) as a power of two."""
     block = int(value) if isinstance(value, str) and value.strip().isdigit() else value
     if not _is_power_of_two(block):
         raise ValueError(
-            f"LONGSPEC_TOPK_FIRST_BLOCK={value!r} is not a power of two >= 1; unset it (default 512) "
-            "or pick one such as 512"
+            f"{name}={value!r} is not a power of two >= 1; unset it (default {default}) or pick one such as {default}"
         )
     return block
 
 
-def flat_topk(x: torch.Tensor, k: int, first_block_v: int | None = None) -> torch.Tensor:
+def _flat_first_block() -> int:
+    """FLAT_FIRST_BLOCK_V (from LONGSPEC_TOPK_FIRST_BLOCK, or assigned at run time) as a power of two."""
+    return _switch_block("LONGSPEC_TOPK_FIRST_BLOCK", FLAT_FIRST_BLOCK_V, "512")
+
+
+def _flat_second_block() -> int:
+    """FLAT_SECOND_BLOCK_V (from LONGSPEC_TOPK_SECOND_BLOCK, or assigned at run time) as a power of two."""
+    return _switch_block("LONGSPEC_TOPK_SECOND_BLOCK", FLAT_SECOND_BLOCK_V, str(MAX_BLOCK_V))
+
+
+def flat_topk(
+    x: torch.Tensor, k: int, first_block_v: int | None = None, second_block_v: int | None = None
+) -> torch.Tensor:
     """The k largest values of all of x [rows, V], descending: [k], equal to `torch.topk(x.flatten(), k).values`
     and to `torch.topk(torch.topk(x, min(k, V), dim=1).values.flatten(), k).values` when the values are
     distinct (module docstring). Requirements on x as `row_topk`; k in [1, rows * V]. first_block_v: the chunk
     width of the first pass, a power of two (default FLAT_FIRST_BLOCK_V, the switch LONGSPEC_TOPK_FIRST_BLOCK);
-    the second pass and any after it read the candidates as one row in chunks of up to MAX_BLOCK_V."""
+    second_block_v: the widest chunk of the second pass and any after it, which read the candidates as one row
+    (default FLAT_SECOND_BLOCK_V, the switch LONGSPEC_TOPK_SECOND_BLOCK)."""
     _check_input(x, "flat_topk")
     rows, V = x.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rows * V:
@@ -299,12 +315,16 @@ def flat_topk(x: torch.Tensor, k: int, first_block_v: int | None = None) -> torc
         first_block_v = _flat_first_block()
     elif not _is_power_of_two(first_block_v):
         raise ValueError(f"first_block_v must be a power of two >= 1, got {first_block_v!r}; e.g. 512 or 4096")
+    if second_block_v is None:
+        second_block_v = _flat_second_block()
+    elif not _is_power_of_two(second_block_v):
+        raise ValueError(f"second_block_v must be a power of two >= 1, got {second_block_v!r}; e.g. 256 or 4096")
     if x.stride(1) != 1:
         x = x.contiguous()
-    return _flat_topk_op(x, k, first_block_v)
+    return _flat_topk_op(x, k, first_block_v, second_block_v)
 
 
-def _flat_launches(rows: int, V: int, k: int, first_block_v: int) -> tuple[int, int]:
+def _flat_launches(rows: int, V: int, k: int, first_block_v: int, second_block_v: int) -> tuple[int, int]:
     """(launches, programs of the first launch) that `flat_topk` makes for x [rows, V]."""
     kept = min(k, V)
     n_chunks = triton.cdiv(V, _block_v(V, kept, first_block_v))
@@ -312,7 +332,7 @@ def _flat_launches(rows: int, V: int, k: int, first_block_v: int) -> tuple[int, 
         return 1, 1
     if _second_pass() == "rank" and rows * n_chunks * kept <= RANK_MAX_L:
         return 2, rows * n_chunks
-    return 1 + _passes(rows * n_chunks * kept, k, MAX_BLOCK_V), rows * n_chunks
+    return 1 + _passes(rows * n_chunks * kept, k, second_block_v), rows * n_chunks
 
 
 def _distinct_keys(rows: int, V: int, device, seed: int = 0) -> torch.Tensor:
@@ -347,6 +367,12 @@ def main(argv=None) -> int:
         "with --flat, the widths of flat_topk's first pass (default %(default)s)",
     )
     ap.add_argument(
+        "--second-block",
+        default=str(MAX_BLOCK_V),
+        help="with --flat: comma-separated widest chunks (powers of two) of the repeated-maximum second pass to time "
+        "against each --block-v (default %(default)s: the candidates in one program)",
+    )
+    ap.add_argument(
         "--flat",
         action="store_true",
         help="time flat_topk (one op: the k largest of all keys) with each --block-v width as its first-pass chunk, "
@@ -363,6 +389,12 @@ def main(argv=None) -> int:
         blocks = []
     if not blocks or any(b < 1 or b & (b - 1) for b in blocks):
         ap.error(f"--block-v must be comma-separated powers of two, e.g. 1024,4096; got {a.block_v!r}")
+    try:
+        seconds = [int(b) for b in a.second_block.split(",")]
+    except ValueError:
+        seconds = []
+    if not seconds or any(b < 1 or b & (b - 1) for b in seconds):
+        ap.error(f"--second-block must be comma-separated powers of two, e.g. 256,4096; got {a.second_block!r}")
     if a.out and os.path.exists(a.out):
         ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
     if not torch.cuda.is_available():
@@ -414,25 +446,27 @@ def main(argv=None) -> int:
         )
         global TOPK_SECOND
         default_second = TOPK_SECOND
-        for b, second in [(b, second) for b in blocks for second in ("rank", "max")]:
+        cases = [(b, "rank", MAX_BLOCK_V) for b in blocks] + [(b, "max", s) for b in blocks for s in seconds]
+        for b, second, s in cases:
             TOPK_SECOND = second  # the switch as the op reads it, restored after this case
             try:
                 timed = checked_medians(
-                    lambda: flat_topk(x, a.k, first_block_v=b), want, f"first_block_v={b}: flat_topk"
-                )
-                launches, programs = _flat_launches(a.rows, a.vocab, a.k, b)
+                    lambda: flat_topk(x, a.k, first_block_v=b, second_block_v=s), want,
+                    f"first_block_v={b}, second_block_v={s}: flat_topk",
+                )  # fmt: skip
+                launches, programs = _flat_launches(a.rows, a.vocab, a.k, b, s)
             finally:
                 TOPK_SECOND = default_second
             if timed is None:
                 return 1
             ours, ours_graph = timed
             report["cases"].append(
-                {"first_block_v": b, "second_pass": second, "launches": launches, "first_programs": programs,
-                 "us": ours, "graph_us": ours_graph}
+                {"first_block_v": b, "second_pass": second, "second_block_v": s, "launches": launches,
+                 "first_programs": programs, "us": ours, "graph_us": ours_graph}
             )  # fmt: skip
             print(
-                f"first_block_v={b}, second pass {second} ({launches} launches, {programs} programs in the first): "
-                "flat_topk "
+                f"first_block_v={b}, second pass {second} (widest chunk {s}; {launches} launches, {programs} programs "
+                "in the first): flat_topk "
                 f"{ours:.1f} us eager (vs row_topk twice {ours / twice_us:.2f}, vs torch {ours / torch_us:.2f}), "
                 f"{ours_graph:.1f} us graph (vs row_topk twice {ours_graph / twice_graph_us:.2f}, "
                 f"vs torch {ours_graph / torch_graph_us:.2f}); equal to torch.topk"

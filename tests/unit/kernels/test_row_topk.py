@@ -5,7 +5,8 @@ op's fake version (opcheck) and a fullgraph trace; and the errors for bad input.
 
 The same for flat_topk, the k largest of all rows x V values as one op: first-pass chunks narrower than
 2k, one row, k above V, candidates wide enough for two more passes, the launches it makes, its
-first-chunk switch (LONGSPEC_TOPK_FIRST_BLOCK) and ops.topk.flat_topk_values compiled with fullgraph."""
+first-chunk switch (LONGSPEC_TOPK_FIRST_BLOCK), its second pass's chunk (LONGSPEC_TOPK_SECOND_BLOCK) and
+ops.topk.flat_topk_values compiled with fullgraph."""
 
 import os
 
@@ -183,6 +184,7 @@ def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, se
     """Both second passes: "rank" (each candidate counts the larger ones and writes itself to its place, one
     program per 32 candidates) and "max" (repeated maxima over the candidates as one row)."""
     monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", "4096")
+    monkeypatch.setattr(rt, "FLAT_SECOND_BLOCK_V", "4096")
     monkeypatch.setattr(rt, "TOPK_SECOND", second)
     x = rt._distinct_keys(rows, V, "cpu", seed=rows * 1000 + V + k)
     got = rt.flat_topk(x, k, first_block_v=first_block_v)
@@ -193,20 +195,52 @@ def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, se
     if n_launches == 2:  # the candidates of the first pass, ranked or reduced as one row
         L = grid[0] * grid[1] * min(k, V)
         assert launches[1] == (("rank", -(-L // rt.RANK_BLOCK_I)) if second == "rank" else (1, 1))
-    assert rt._flat_launches(rows, V, k, first_block_v or 4096) == (n_launches, grid[0] * grid[1])
+    assert rt._flat_launches(rows, V, k, first_block_v or 4096, 4096) == (n_launches, grid[0] * grid[1])
 
 
 def test_flat_candidates_wider_than_a_chunk_take_two_more_passes(monkeypatch, launches):
-    """With MAX_BLOCK_V at 64 the 312 candidates of the first pass are read as 5 chunks, then 30 values
-    as one: three launches, and the answer still the global top k."""
-    monkeypatch.setattr(rt, "MAX_BLOCK_V", 64)
+    """With the second pass's chunk at 64 the 312 candidates of the first pass are read as 5 chunks, then 30
+    values as one: three launches, and the answer still the global top k."""
+    monkeypatch.setattr(rt, "FLAT_SECOND_BLOCK_V", 64)
     monkeypatch.setattr(rt, "TOPK_SECOND", "max")  # the default; "rank" takes them in one launch (the test above)
     x = rt._distinct_keys(4, 200, "cpu", seed=20)
     x[3, 199] = x.max() + 1  # the maximum in the last chunk of the last row
     got = rt.flat_topk(x, 6, first_block_v=16)
     assert launches == [(4, 13), (1, 5), (1, 1)]  # 4 x 13 chunks x 6 = 312 -> 5 x 6 = 30 -> 6
-    assert rt._flat_launches(4, 200, 6, 16) == (3, 52)
+    assert rt._flat_launches(4, 200, 6, 16, 64) == (3, 52)
     assert int(got[0]) == int(x[3, 199]) and torch.equal(got, _flat_reference(x, 6))
+
+
+@pytest.mark.parametrize(
+    "second_block_v, grids",
+    [
+        (256, [(16, 8), (1, 8), (1, 1)]),  # 2048 candidates -> 8 one-warp chunks keep 16 each -> 128 -> one chunk
+        (128, [(16, 8), (1, 16), (1, 2), (1, 1)]),  # 2048 -> 256 -> 32 -> 16
+        (16, [(16, 8), (1, 64), (1, 32), (1, 16), (1, 8), (1, 4), (1, 2), (1, 1)]),  # below 2k: chunks widen to 32
+    ],
+)
+def test_flat_topk_narrow_second_pass(second_block_v, grids, launches, monkeypatch):
+    """A beam level's 16 x 512 keys, k = 16, first chunks of 64: the second pass in chunks of second_block_v
+    (explicit, or the switch FLAT_SECOND_BLOCK_V) takes pass after pass and still gives the global top k."""
+    monkeypatch.setattr(rt, "TOPK_SECOND", "max")
+    x = rt._distinct_keys(16, 512, "cpu", seed=27)
+    x[15, 511] = x.max() + 1  # the maximum in the last chunk, so every pass must carry it
+    want = torch.sort(x.flatten(), descending=True).values[:16]
+    assert torch.equal(rt.flat_topk(x, 16, first_block_v=64, second_block_v=second_block_v), want)
+    assert launches == grids and rt._flat_launches(16, 512, 16, 64, second_block_v) == (len(grids), 128)
+    launches.clear()
+    monkeypatch.setattr(rt, "FLAT_SECOND_BLOCK_V", str(second_block_v))
+    assert torch.equal(rt.flat_topk(x, 16, first_block_v=64), want) and launches == grids
+
+
+def test_flat_second_block_errors(monkeypatch):
+    x = rt._distinct_keys(2, 10, "cpu", seed=28)
+    for b in (12, 0, True, 4.0):
+        with pytest.raises(ValueError, match="second_block_v must be a power of two"):
+            rt.flat_topk(x, 3, second_block_v=b)
+    monkeypatch.setattr(rt, "FLAT_SECOND_BLOCK_V", "300")
+    with pytest.raises(ValueError, match=r"LONGSPEC_TOPK_SECOND_BLOCK='300' is not a power of two .*default 4096"):
+        rt.flat_topk(x, 3)
 
 
 @pytest.mark.parametrize("rows, V, k, first_block_v", [(3, 200, 10, 32), (4, 8, 20, 4), (2, 37, 37, None)])
@@ -277,8 +311,9 @@ def test_flat_first_block_from_the_environment():
 
 def test_flat_op_opcheck():
     x = rt._distinct_keys(3, 20, "cpu", seed=27)
-    torch.library.opcheck(FLAT_OP, (x, 4, 8))
-    torch.library.opcheck(FLAT_OP, (x[:1], 4, 32))  # one row, one chunk: the first pass is the answer
+    torch.library.opcheck(FLAT_OP, (x, 4, 8, 4096))
+    torch.library.opcheck(FLAT_OP, (x, 4, 8, 8))  # the candidates in chunks of 8: two more passes
+    torch.library.opcheck(FLAT_OP, (x[:1], 4, 32, 4096))  # one row, one chunk: the first pass is the answer
 
 
 def test_flat_topk_values_compiles_to_one_graph_with_the_op(monkeypatch):

@@ -26,9 +26,9 @@ def kernel_calls(monkeypatch):
     calls = []
     real = rt.flat_topk
 
-    def counting(x, k, first_block_v=None):
+    def counting(x, k, first_block_v=None, second_block_v=None):
         calls.append((tuple(x.shape), k))
-        return real(x, k, first_block_v)
+        return real(x, k, first_block_v, second_block_v)
 
     monkeypatch.setattr(rt, "flat_topk", counting)
     return calls
