@@ -103,6 +103,12 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     consts = dict(K=16, MIN=-(2**63), BLOCK_I=rt.RANK_BLOCK_I, BLOCK_J=rt.RANK_BLOCK_J)
     sig, cx = _signature(rt._rank_select_kernel, dict(X="i64", OUT="i64"), (), consts)
     out.append(("flat top-k second pass: rank by counting", rt._rank_select_kernel, sig, cx, dict(num_warps=4)))
+    from longspec_lab.kernels import rope
+
+    consts = dict(HALF=32, BLOCK_H=32, BLOCK_N=rope.BLOCK_N, HAS_SLOTS=True)  # head dim 64, a step's slots
+    ptrs = dict(POS="i64", INV_FREQ="fp32", COS="bf16", SIN="bf16", START="i64", SLOTS="i64")
+    sig, cx = _signature(rope._rope_tables_kernel, ptrs, (), consts)
+    out.append(("RoPE tables and slots: head dim 64, bf16", rope._rope_tables_kernel, sig, cx, dict(num_warps=4)))
     from longspec_lab.kernels import norm_linear as nl
 
     nl_ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", COS="bf16", SIN="bf16", KC="bf16", VC="bf16",

@@ -31,7 +31,12 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    step) into OUT_DIR/step_graph_off
   e2e_topk_rank    the same with LONGSPEC_TOPK_SECOND=rank (the beam's second top-k pass ranks by counting
                    instead of repeated maxima) into OUT_DIR/topk_rank
-  e2e_base         the A side for the three above in the same call: the same three methods with the default
+  e2e_rope_tables_off  the same with LONGSPEC_ROPE_TABLES=off (each compiled target pass computes its RoPE tables
+                   in generated code, a copy per layer, instead of one launch of kernels/rope.py) into
+                   OUT_DIR/rope_tables_off
+  e2e_topk_second_256  the same with LONGSPEC_TOPK_SECOND_BLOCK=256 (the beam's second top-k pass over chunks of
+                   256 candidates, one warp each, then one more pass) into OUT_DIR/topk_second_256
+  e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
                    target layer) into OUT_DIR/qkv_rope
@@ -109,6 +114,8 @@ def jobs(out: Path) -> dict:
         "e2e_step_graph_off": _ab_job(out / "step_graph_off", "LONGSPEC_STEP_GRAPH", "off"),
         "e2e_topk_rank": _ab_job(out / "topk_rank", "LONGSPEC_TOPK_SECOND", "rank"),
         "e2e_qkv_rope": _ab_job(out / "qkv_rope", "LONGSPEC_QKV_ROPE", "on"),
+        "e2e_rope_tables_off": _ab_job(out / "rope_tables_off", "LONGSPEC_ROPE_TABLES", "off"),
+        "e2e_topk_second_256": _ab_job(out / "topk_second_256", "LONGSPEC_TOPK_SECOND_BLOCK", "256"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)

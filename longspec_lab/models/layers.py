@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.ops.linear import norm_linear, qkv_rope_cache, qkv_rope_path, residual_norm_linear, rms_norm
+from longspec_lab.ops.rope import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -86,10 +87,13 @@ class Rotary(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        # positions [B, T] -> cos, sin [B, 1, T, D]
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        # positions [B, T] -> cos, sin [B, 1, T, D] (ops.rope: float32 angles, rounded to dtype)
+        return rope_tables(positions, self.inv_freq, dtype)[:2]
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, start: torch.Tensor):
+        """cos, sin [B, 1, T, D] and the cache slots start + arange(T) [T] of a static-shape step (start a device
+        tensor [1]): made once for all layers, in one kernel launch where LONGSPEC_ROPE_TABLES serves."""
+        return rope_tables(positions, self.inv_freq, dtype, start)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -127,10 +127,11 @@ class Target(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device)
         if positions.dim() == 1:
             positions = positions[None].expand(B, T)
-        cos, sin = self.rotary(positions, self.dtype)
+        if isinstance(start, torch.Tensor):  # a static-shape step: tables and cache slots once for all layers
+            cos, sin, slots = self.rotary.tables(positions, self.dtype, start)
+        else:
+            (cos, sin), slots = self.rotary(positions, self.dtype), None
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
-        # with a device-tensor start, the cache slots to write are computed once for all layers
-        slots = start + torch.arange(T, device=x.device) if isinstance(start, torch.Tensor) else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, i, cache, start, mask, backend, slots)
         if last_only:

@@ -100,7 +100,24 @@ def test_twin_stages_compiled_equal_eager(tiny_pair, shape, masked, monkeypatch)
     from longspec_lab.ops import attention
 
     monkeypatch.setattr(attention, "MASKED_ATTN", masked)
-    target, draft = tiny_pair
+    _twin_stages(*tiny_pair, shape)
+
+
+@pytest.mark.parametrize("shape", [None, (3, 4, 2)], ids=["ar", "tree342"])
+def test_twin_stages_with_the_rope_tables_kernel(tiny_pair, shape, monkeypatch):
+    """LONGSPEC_ROPE_TABLES=on: the target's static-shape passes take their RoPE tables and cache slots from the
+    registered op (the interpreter here), which must trace as a whole and leave every buffer as eager does."""
+    from longspec_lab.kernels import rope as kernel
+    from longspec_lab.ops import rope
+
+    monkeypatch.setattr(rope, "ROPE_TABLES", "on")
+    calls, real = [], kernel.rope_tables
+    monkeypatch.setattr(kernel, "rope_tables", lambda *a: calls.append(1) or real(*a))
+    _twin_stages(*tiny_pair, shape)
+    assert calls  # the kernel made the tables (eagerly, and when traced)
+
+
+def _twin_stages(target, draft, shape):
     st = _mid_state(target, draft, TreeShape(shape) if shape else None)
     with torch.inference_mode():
         for i, (name, _) in enumerate(steps.greedy_stages(st)):

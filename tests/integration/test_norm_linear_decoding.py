@@ -149,3 +149,37 @@ def test_compiled_model_with_the_residual_fused_matches_transformers(tmp_path, m
     assert "\n".join(code).count("torch.ops.longspec.residual_norm_linear.default(") == cfg.num_hidden_layers
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert (eager - ref).abs().max().item() <= 1e-4
+
+
+def test_graph_decoder_with_the_fused_projection_and_rope_tables(embedded_pair, monkeypatch):
+    """The static-shape decoder (GraphDecoder, no capture on the CPU) with LONGSPEC_QKV_ROPE and
+    LONGSPEC_ROPE_TABLES on: every target pass takes its RoPE tables and cache slots from one kernel launch and
+    each layer's norm, q/k/v, RoPE and cache write from another (both interpreted here); a tree generation gives
+    the tokens and accepted lengths of the readable path, and both kernels ran only when switched on."""
+    from longspec_lab.decoding.graphs import GraphDecoder
+    from longspec_lab.kernels import rope as rope_kernel
+    from longspec_lab.models import layers
+    from longspec_lab.ops import rope
+
+    calls = {"tables": 0, "qkv": 0}
+    real_tables, real_qkv = rope_kernel.rope_tables, layers.qkv_rope_cache
+
+    def count(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(rope_kernel, "rope_tables", count("tables", real_tables))
+    monkeypatch.setattr(layers, "qkv_rope_cache", count("qkv", real_qkv))
+    target, draft, tok = embedded_pair
+    ids = tok.encode("The history of the city begins with a small harbour where fishermen")[:48]
+    runs = []
+    for value in ("off", "on"):
+        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        monkeypatch.setattr(rope, "ROPE_TABLES", value)
+        res = GraphDecoder(target, draft, capacity=160).generate(ids, tree_shape=[2, 2], max_new_tokens=6)
+        runs.append((res.new_tokens, res.accepted_lengths))
+        assert (calls["tables"] > 0, calls["qkv"] > 0) == (value == "on",) * 2, calls
+    assert runs[0] == runs[1] and len(runs[0][0]) >= 6
