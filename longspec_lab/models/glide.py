@@ -109,30 +109,49 @@ class DraftRing:
     k, v [1, Hkv, R + N - 1, D]: ring slots [0, R) hold the last positions (slot = position % R,
     R = W + max_pending, so writing a padded block of pending tokens never clobbers an entry still
     inside a query's window), then N - 1 scratch slots for the current step's tree nodes 1..N-1.
+    They are views of `cache_k`, `cache_v` [1, 1, Hkv, R + N - 1, D], a one-layer cache in the target's
+    layout [L, B, Hkv, S, D], which the fused q/k/v + RoPE + cache-write kernel writes by slot as it writes
+    the target's cache; `scratch_slots` [N - 1] are the scratch slots' indices on the device.
     `pos` [R] remembers the position each ring slot holds (-1: empty) and `seen` [1] counts the
     committed tokens ingested so far, both on the device."""
 
     def __init__(self, num_kv_heads, window, head_dim, max_pending, max_tree_nodes, dtype, device):
         self.window, self.R = window, window + max_pending
-        shape = (1, num_kv_heads, self.R + max(max_tree_nodes, 1) - 1, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [1, Hkv, R + N - 1, D]
-        self.v = torch.zeros_like(self.k)
+        scratch = max(max_tree_nodes, 1) - 1
+        shape = (1, 1, num_kv_heads, self.R + scratch, head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)  # [1, 1, Hkv, R + N - 1, D]
+        self.cache_v = torch.zeros_like(self.cache_k)
+        self.scratch_slots = self.R + torch.arange(scratch, device=device)  # [N - 1]
         self.pos = torch.full((self.R,), -1, dtype=torch.long, device=device)  # [R]
         self.seen = torch.zeros(1, dtype=torch.long, device=device)  # [1]
 
     @property
+    def k(self) -> torch.Tensor:  # [1, Hkv, R + N - 1, D]
+        return self.cache_k[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.cache_v[0]
+
+    @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * self.cache_k.numel() * self.cache_k.element_size()
 
     def reset(self) -> None:
         self.pos.fill_(-1)
         self.seen.zero_()
 
-    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The ring-buffer update: k, v [1, Hkv, T, D] of positions pos [T] into slots pos % R."""
-        slots = pos % self.R
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """The ring slots [T] of positions pos [T]."""
+        return pos % self.R
+
+    def write(self, pos: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        """The ring-buffer update: k, v [1, Hkv, T, D] of positions pos [T] into slots pos % R (k = v = None:
+        the fused kernel has written them there already; only the slots' positions are recorded)."""
+        slots = self.slots(pos)
+        if k is not None:
+            self.cache_k.index_copy_(3, slots, k[None].to(self.cache_k.dtype))  # on the base tensor, not a view
+            self.cache_v.index_copy_(3, slots, v[None].to(self.cache_v.dtype))
         self.pos.index_copy_(0, slots, pos)
 
     def visible(self, qpos: torch.Tensor, committed_only: bool = False) -> torch.Tensor:
@@ -197,14 +216,22 @@ class Glide(nn.Module):
         return DraftRing(d.num_kv_heads, d.window, d.head_dim, max_pending, max_tree_nodes, self.dtype, self.device)
 
     # ------------------------------------------------------------------ the one layer
-    def layer(self, tokens, positions, self_attn, cross_attn):
+    def layer(self, tokens, positions, self_attn, cross_attn, ring: DraftRing | None = None, slots=None):
         """tokens, positions [B, T]; self_attn(q, k, v) and cross_attn(q) -> o [B, Hq, T, D]. Returns logits
-        [B, T, V]. The three entry points below differ only in what the two attention callbacks see."""
+        [B, T, V]. The three entry points below differ only in what the two attention callbacks see.
+        With a ring and its slots [T] for these rows, where LONGSPEC_QKV_ROPE serves, the norm, q/k/v, RoPE and
+        the ring write are one kernel (`QKVO.qkv_rope_into`) and self_attn gets k = v = None: they are in the
+        ring already."""
         cos, sin = self.target.rotary(positions, self.dtype)  # [B, 1, T, D]
         h = self.target.model.embed_tokens(tokens).to(self.dtype)  # [B, T, hidden]
         a = self.self_attn
-        q, k, v = a.split_qkv(h, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
-        h = a.merge(self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v), residual=h)  # h + o_proj(.)
+        if ring is not None and a.serves_qkv_rope(h, ring.cache_k.dtype):
+            q = a.qkv_rope_into(h, self.input_layernorm, cos, sin, ring.cache_k, ring.cache_v, 0, slots)
+            o = self_attn(q, None, None)
+        else:
+            q, k, v = a.split_qkv(h, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
+            o = self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        h = a.merge(o, residual=h)  # h + o_proj(o)
         q = apply_rope(self.cross_attn.split_q(h, norm=self.post_self_attention_layernorm), cos, sin)
         h = self.mlp.after_attention(cross_attn(q), self.cross_attn.o_proj, h, self.post_cross_attention_layernorm)
         head = self.target.lm_head
@@ -244,7 +271,7 @@ class Glide(nn.Module):
         def cross_attn(q):
             return prefix_attention(q, target_k, target_v, P, backend)
 
-        logits = self.layer(tokens.reshape(1, T), pos[None], self_attn, cross_attn)[0]
+        logits = self.layer(tokens.reshape(1, T), pos[None], self_attn, cross_attn, ring, ring.slots(pos))[0]
         ring.seen.add_(n_valid)
         return logits
 
@@ -259,15 +286,17 @@ class Glide(nn.Module):
         lo = R + first_slot
 
         def self_attn(q, k, v):
-            ring.k[:, :, lo : lo + n] = k.to(ring.k.dtype)
-            ring.v[:, :, lo : lo + n] = v.to(ring.v.dtype)
+            if k is not None:  # else the fused kernel has written them to the scratch slots
+                ring.cache_k[:, :, :, lo : lo + n] = k[None].to(ring.cache_k.dtype)
+                ring.cache_v[:, :, :, lo : lo + n] = v[None].to(ring.cache_v.dtype)
             vis = torch.cat([ring.visible(qpos, committed_only=True), anc_rows], 1)  # [n, R + N - 1]
             return masked_sdpa(q, ring.k, ring.v, vis)
 
         def cross_attn(q):
             return prefix_attention(q, target_k, target_v, P, backend)
 
-        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn)[0]
+        slots = ring.scratch_slots[first_slot : first_slot + n]  # a slice of a device buffer: no kernel
+        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn, ring, slots)[0]
 
     # ------------------------------------------------------------------ training
     def forward_train(self, input_ids, positions, target_k, target_v, staleness: int = 0):

@@ -328,10 +328,7 @@ class QKVO(_Fusable):
         (LONGSPEC_QKV_ROPE, `ops.linear.qkv_rope_cache`): returns q [B, Hq, T, D] with RoPE, or None where
         the kernel does not serve this module (switch off, unfused, biases, per-head norms, CPU): then the
         caller takes the readable path. start: the first slot (int) or the T slots (tensor)."""
-        if not self.fused or self.q_norm is not None:
-            return None
-        lin = self.qkv_proj
-        if not qkv_rope_path(x, lin.weight, lin.bias, self.head_dim, cache.k.dtype):
+        if not self.serves_qkv_rope(x, cache.k.dtype):
             return None
         T = x.shape[1]
         if isinstance(start, torch.Tensor):
@@ -339,8 +336,22 @@ class QKVO(_Fusable):
         else:
             cache.check_room(start, T)  # the kernel writes by slot: a slot past the cache must never reach it
             slots = torch.arange(start, start + T, device=x.device)
+        return self.qkv_rope_into(x, norm, cos, sin, cache.k, cache.v, layer, slots)
+
+    def serves_qkv_rope(self, x, cache_dtype) -> bool:
+        """Whether `qkv_rope_into` runs for input x and a cache of cache_dtype (ops.linear.qkv_rope_path, on the
+        fused projection of a module without per-head norms)."""
+        if not self.fused or self.q_norm is not None:
+            return False
+        return qkv_rope_path(x, self.qkv_proj.weight, self.qkv_proj.bias, self.head_dim, cache_dtype)
+
+    def qkv_rope_into(self, x, norm: RMSNorm | None, cos, sin, k_cache, v_cache, layer: int, slots):
+        """x [B, T, hidden] -> q [B, Hq, T, D] with RoPE; k (with RoPE) and v written to k_cache / v_cache
+        [L, B, Hkv, S, D] at `layer`, slots [T] int64 (in range: the caller's to check). One kernel; call it
+        where `serves_qkv_rope` says so."""
+        lin = self.qkv_proj
         return qkv_rope_cache(x, lin.weight, None if norm is None else norm.args, cos.to(x.dtype), sin.to(x.dtype),
-                              cache.k, cache.v, layer, slots, self.num_heads, self.num_kv_heads, lin.bias)  # fmt: skip
+                              k_cache, v_cache, layer, slots, self.num_heads, self.num_kv_heads, lin.bias)  # fmt: skip
 
     def merge(self, o, residual: torch.Tensor | None = None):  # [B, Hq, T, D] -> [B, T, hidden] (+ residual)
         return norm_linear(heads_to_rows(o), self.o_proj.weight, self.o_proj.bias, residual=residual)

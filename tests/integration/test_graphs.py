@@ -117,6 +117,31 @@ def test_twin_stages_with_the_rope_tables_kernel(tiny_pair, shape, monkeypatch):
     assert calls  # the kernel made the tables (eagerly, and when traced)
 
 
+def test_twin_stages_with_every_fused_projection(monkeypatch):
+    """Head dim 32 and fused projections, LONGSPEC_QKV_ROPE=on and LONGSPEC_ROPE_TABLES=on: the target's layers
+    and the draft's self-attention write their caches (the draft's ring) from the fused kernel, a registered op
+    that mutates them; every stage must still trace whole and leave every buffer as eager does."""
+    from longspec_lab.models import layers
+    from longspec_lab.models.config import ModelConfig
+    from longspec_lab.models.layers import fuse_projections
+    from longspec_lab.ops import linear, rope
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                      intermediate_size=128, max_position_embeddings=512)  # fmt: skip
+    target = Target(cfg).eval().fuse()
+    draft = fuse_projections(Glide(DraftConfig.from_target(cfg, window=16), target).eval())
+    with torch.no_grad():
+        for p in list(target.parameters()) + list(draft.parameters()):
+            p.mul_(4.0)
+    monkeypatch.setattr(linear, "QKV_ROPE", "on")
+    monkeypatch.setattr(rope, "ROPE_TABLES", "on")
+    shapes, real = [], layers.qkv_rope_cache
+    monkeypatch.setattr(layers, "qkv_rope_cache", lambda x, *a, **k: shapes.append(x.shape[1]) or real(x, *a, **k))
+    _twin_stages(target, draft, (2, 3))
+    assert {2, 3, 6} <= set(shapes)  # the draft: levels of 2 and 3 nodes, 3 pending rows; the target: 6 rows
+
+
 def _twin_stages(target, draft, shape):
     st = _mid_state(target, draft, TreeShape(shape) if shape else None)
     with torch.inference_mode():

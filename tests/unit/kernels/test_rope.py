@@ -1,7 +1,7 @@
 """The RoPE-table kernel (kernels/rope.py) in Triton's CPU interpreter: against its PyTorch definition and float64
 for decode, tree and batched rows, head dims whose half is not a power of two, positions up to 128k and every
 table dtype; the cache slots; the registered op's fake version (opcheck) and a fullgraph trace; the input checks.
-Whether a compiled step makes the tables once for all layers is tested with the models (tests/unit/ops/test_rope_tables.py).
+Whether a compiled step makes the tables once for all layers: tests/unit/ops/test_rope_tables.py.
 """
 
 import os

@@ -343,3 +343,56 @@ def test_fused_residual_gives_the_readable_logits(monkeypatch):
     assert calls  # the "on" run took the kernel (ingest and the tree level, once each)
     for a, b in zip(outs["off"], outs["on"]):  # float32 sums blocked differently, through sharp random weights
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_qkv_rope_writes_the_ring_as_the_readable_path(monkeypatch):
+    """LONGSPEC_QKV_ROPE=on with a fused draft of head dim 32: ingest and every tree level run the norm, q/k/v
+    (with biases), RoPE and the ring write as one kernel (the interpreter here) and give the readable path's
+    logits, ring keys and values, slot positions and `seen`, for a padded ingest block and a random tree."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from longspec_lab.models import layers
+    from longspec_lab.models.config import ModelConfig
+    from longspec_lab.ops import linear
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                      intermediate_size=128, max_position_embeddings=512)  # fmt: skip
+    target, draft = make_pair(window=6, seed=6, cfg=cfg)
+    layers.fuse_projections(draft)
+    calls, real = [], layers.qkv_rope_cache
+    monkeypatch.setattr(layers, "qkv_rope_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(7)
+    parents, levels = random_tree(3, gen)
+    N = len(parents)
+    tokens = torch.randint(0, cfg.vocab_size, (N + 1,), generator=gen)
+    ids = torch.randint(0, cfg.vocab_size, (16,), generator=gen)
+    anc = torch.zeros(N + 1, N + 1, dtype=torch.bool)
+    depth = [0] * (N + 1)
+    for i in range(1, N + 1):
+        anc[i, i] = True
+        anc[i] |= anc[parents[i - 1]]
+        depth[i] = depth[parents[i - 1]] + 1
+    tcache = target_cache_with_random_kv(target, 1, 64)
+    runs = {}
+    for value in ("off", "on"):
+        monkeypatch.setattr(linear, "QKV_ROPE", value)
+        calls.clear()
+        ring = draft.new_ring(max_pending=6, max_tree_nodes=N + 1)
+        with torch.no_grad():
+            draft.prefill(ids[:-4], ring)
+            outs = [_ingest(draft, ring, ids[-4:], tcache, 13, pad_to=6)]
+            seen = int(ring.seen)
+            for lvl in levels:
+                idx = torch.tensor(lvl)
+                qpos = torch.tensor([seen - 1 + depth[i] for i in lvl])
+                outs.append(draft.tree_level(tokens[idx], qpos, lvl[0] - 1, anc[idx][:, 1:], ring, tcache.k[-1],
+                                             tcache.v[-1], torch.tensor([13])))  # fmt: skip
+        runs[value] = outs, ring
+        assert len(calls) == (1 + len(levels) if value == "on" else 0)  # one kernel per ingest and per level
+    (a, ra), (b, rb) = runs["off"], runs["on"]
+    for x, y in zip(a, b):  # float32 sums in another order: within 1e-5 of the largest logit
+        close(y, x.double(), tol=1e-5)
+    close(rb.cache_k, ra.cache_k.double(), tol=1e-5)
+    close(rb.cache_v, ra.cache_v.double(), tol=1e-5)
+    assert torch.equal(rb.pos, ra.pos) and torch.equal(rb.seen, ra.seen)
