@@ -34,6 +34,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_rope_tables_off  the same with LONGSPEC_ROPE_TABLES=off (each compiled target pass computes its RoPE tables
                    in generated code, a copy per layer, instead of one launch of kernels/rope.py) into
                    OUT_DIR/rope_tables_off
+  e2e_qkv_rope_off  the same with LONGSPEC_QKV_ROPE=off (the target's layers and the draft's self-attention take
+                   the readable q/k/v, RoPE and cache writes) into OUT_DIR/qkv_rope_off
   e2e_topk_second_256  the same with LONGSPEC_TOPK_SECOND_BLOCK=256 (the beam's second top-k pass over chunks of
                    256 candidates, one warp each, then one more pass) into OUT_DIR/topk_second_256
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
@@ -115,6 +117,7 @@ def jobs(out: Path) -> dict:
         "e2e_topk_rank": _ab_job(out / "topk_rank", "LONGSPEC_TOPK_SECOND", "rank"),
         "e2e_qkv_rope": _ab_job(out / "qkv_rope", "LONGSPEC_QKV_ROPE", "on"),
         "e2e_rope_tables_off": _ab_job(out / "rope_tables_off", "LONGSPEC_ROPE_TABLES", "off"),
+        "e2e_qkv_rope_off": _ab_job(out / "qkv_rope_off", "LONGSPEC_QKV_ROPE", "off"),
         "e2e_topk_second_256": _ab_job(out / "topk_second_256", "LONGSPEC_TOPK_SECOND_BLOCK", "256"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
