@@ -12,6 +12,10 @@
 - ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
   float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
   and used by the models for small weights on CUDA (``LONGSPEC_NORM_LINEAR``, ``longspec_lab/ops/linear.py``).
+- ``rope``: the RoPE cos/sin tables of explicit positions and a decoding step's cache slots in one launch, so that a
+  compiled step makes them once for all layers (Inductor otherwise copies them for every layer's fused q/k/v op);
+  registered as ``torch.ops.longspec.rope_tables``, with its PyTorch definition and a benchmark against it
+  (``LONGSPEC_ROPE_TABLES``, ``longspec_lab/ops/rope.py``).
 - ``masked_attention``: attention of a few query rows over a short cache under a boolean mask in one launch
   (online softmax, the GQA heads stacked in one row tile, the keys split over programs and merged by the last
   to arrive): the draft's sliding-window self-attention; registered as ``torch.ops.longspec.masked_attention``,

@@ -77,7 +77,10 @@ TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "max")
 # checked when used). With MAX_BLOCK_V, a wide level's 2,048 first-pass candidates (16 parents x 8 chunks of 512
 # x 16 kept) are one chunk: one program, K dependent maxima across 4 warps. A narrower chunk splits them over
 # one-warp programs and adds a launch: 256 gives 8 programs keeping 16 each, then one program over those 128.
-FLAT_SECOND_BLOCK_V = os.environ.get("LONGSPEC_TOPK_SECOND_BLOCK", str(MAX_BLOCK_V))
+# Timed on the H200 (2026-12-04, row_topk_second_h200.json, 16 x 4096 keys, k = 16, graph-replayed): 11.2-13.9 us
+# for every pairing of first chunks 256/512/1024 with second chunks 128/256/512/4096, against 11.3 us for the
+# defaults (512, 4096): the passes' fixed costs, not their width, set the time. The default stays.
+FLAT_SECOND_BLOCK_V = os.environ.get("LONGSPEC_TOPK_SECOND_BLOCK", "4096")  # MAX_BLOCK_V
 RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's

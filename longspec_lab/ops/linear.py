@@ -47,7 +47,11 @@ AUTO_MAX_WEIGHT = 1 << 20
 # Timed in one H200 call against the separate ops (2026-12-04, e2e_ab_qkv_rope_h200.json against
 # e2e_ab_base_h200.json, with the swept projection tiles): the AR step 171.5 -> 169.6 us (71 -> 66 kernels), a
 # chain's 6-row verify 210.4 -> 205.4 us, the 72-row tree verify 259.7 -> 250.5 us (86 -> 81 kernels). An
-# earlier A/B with the old tiles had found it neutral (183.1 -> 179.9 us and 294.6 -> 296.0 us).
+# earlier A/B with the old tiles had found it neutral (183.1 -> 179.9 us and 294.6 -> 296.0 us). The draft's
+# self-attention uses it too (models/glide.py: the ring as a one-layer cache). Off against on in one call
+# (2026-12-04, e2e_ab_qkv_rope_off_h200.json against e2e_ab_base_rope_h200.json, with the one-launch RoPE tables):
+# AR step 171.2 -> 157.5 us (72 -> 56 kernels), tree verify 260.5 -> 235.5 us, one draft level 69.3 -> 66.5 us
+# (24 -> 22 kernels), the default tree 9,710 -> 10,385 tokens/s.
 QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "auto")
 # LONGSPEC_FUSE_RESIDUAL: a layer's o_proj (with its residual) and the next norm + gate/up in one launch
 # (`residual_norm_linear`, kernels/norm_linear.py's prologue), one launch less per layer. "auto": on CUDA for small

@@ -17,7 +17,10 @@ LONGSPEC_ROPE_TABLES picks:
     off             PyTorch ops everywhere
 
 Both paths give the same bits on CUDA (`python -m longspec_lab.kernels.rope` checks it): float32 products, the
-same float32 cos/sin, one rounding to the table's dtype.
+same float32 cos/sin, one rounding to the table's dtype. Measured on the H200 (2026-12-04, one call,
+e2e_ab_base_rope_h200.json against e2e_ab_rope_tables_off_h200.json): the AR step 168.2 -> 157.5 us (66 -> 56
+kernels), the default tree's verify 244.0 -> 235.5 us (74 -> 65 kernels), the tree 10,276 -> 10,385 tokens/s;
+alone, 1.6-1.7 us against 2.3 us for the compiled PyTorch ops (rope_tables_h200.json).
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
