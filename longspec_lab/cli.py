@@ -736,6 +736,10 @@ def cmd_tune(args) -> int:
             f"--max-depth {args.max_depth} is deeper than --probe-shape ({len(args.probe_shape)} levels), which "
             f"records acceptance only that deep; use --max-depth {len(args.probe_shape)} or a deeper --probe-shape"
         )
+    try:  # before any model is loaded or any GPU time spent: the search's size is known from the arguments
+        tune.check_search_size(args.max_depth, args.max_nodes, args.probe_shape)
+    except ValueError as e:
+        raise UsageError(str(e))
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)
     if args.latency_from is not None:

@@ -202,13 +202,46 @@ def recorded_step_times(report: dict) -> dict:
     return out
 
 
+# The most shapes the exhaustive search scores: depth <= 7 under the default node cap and probe is 8.9M (about two
+# minutes on two CPU cores); depth 8 would be 88.6M, hours and tens of GB, so `check_search_size` refuses it.
+MAX_SEARCH_SHAPES = 10_000_000
+
+
+def count_shapes(max_depth: int, max_nodes: int, probe, grid=WIDTH_GRID) -> int:
+    """How many shapes `candidate_shapes` lists, counted without listing them (a table over levels and nodes)."""
+    ways = {max_nodes - 1: 1}  # nodes left after the root -> number of width prefixes reaching it
+    total = 0
+    for level in range(min(max_depth, len(probe))):
+        nxt = {}
+        for left, n in ways.items():
+            for w in grid:
+                if w <= left and w <= probe[level]:
+                    nxt[left - w] = nxt.get(left - w, 0) + n
+        ways = nxt
+        total += sum(ways.values())
+    return total
+
+
+def check_search_size(max_depth: int, max_nodes: int, probe) -> int:
+    """The number of shapes the search would score; a ValueError naming it and the fix above MAX_SEARCH_SHAPES."""
+    n = count_shapes(max_depth, max_nodes, probe)
+    if n > MAX_SEARCH_SHAPES:
+        fits = max(d for d in range(1, max_depth + 1) if count_shapes(d, max_nodes, probe) <= MAX_SEARCH_SHAPES)
+        raise ValueError(
+            f"the search would score {n:,} shapes (depth <= {max_depth}, <= {max_nodes} nodes, widths up to the "
+            f"probe's), more than the {MAX_SEARCH_SHAPES:,} it scores in minutes; use --max-depth {fits}, a "
+            "smaller --max-nodes or a narrower --probe-shape"
+        )
+    return n
+
+
 def candidate_shapes(max_depth: int, max_nodes: int, probe) -> list:
-    shapes = []
-    for d in range(1, max_depth + 1):
-        for ws in itertools.product(WIDTH_GRID, repeat=d):
-            if sum(ws) + 1 > max_nodes or any(w > p for w, p in zip(ws, probe)):
-                continue
-            shapes.append(list(ws))
+    """Every shape on the width grid with depth <= max_depth, at most max_nodes nodes (root included) and no level
+    wider than the probe's: shallow first, then in grid order, as itertools.product lists them."""
+    shapes, level = [], [((), max_nodes - 1)]  # (widths so far, nodes left)
+    for depth in range(min(max_depth, len(probe))):
+        level = [(ws + (w,), left - w) for ws, left in level for w in WIDTH_GRID if w <= left and w <= probe[depth]]
+        shapes += [list(ws) for ws, _ in level]
     return shapes
 
 

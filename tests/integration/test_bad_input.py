@@ -150,6 +150,28 @@ CASES = [
     ("tune-latency-not-a-report", ["tune", "--device", "cpu", "--latency-from", "{short}"], 2, ["--latency-from"], []),
     ("tune-max-depth-probe", ["tune", "--device", "cpu", "--max-depth", "9"], 2, ["--max-depth", "--probe-shape"], []),
     ("tune-probe-zero", ["tune", "--probe-shape", "16,0"], 2, ["--probe-shape"], []),
+    (
+        "tune-search-too-big",
+        [
+            "tune",
+            "--device",
+            "cpu",
+            "--max-depth",
+            "8",
+            "--probe-shape",
+            "16",
+            "32",
+            "32",
+            "32",
+            "32",
+            "32",
+            "32",
+            "32",
+        ],
+        2,
+        ["88,560,768 shapes", "--max-depth 7"],
+        [],
+    ),  # fmt: skip
     ("tune-top-zero", ["tune", "--top", "0"], 2, ["--top"], []),
     ("tune-old-new-tokens", ["tune", "--new-tokens", "0"], 2, ["--new-tokens", "deprecated"], []),
     # train-target: nothing existing is touched

@@ -112,3 +112,25 @@ def test_local_search_climbs_to_the_best_shape_of_a_unimodal_score():
     assert best == "[1, 2, 4, 4]"
     space = [list(s) for d in range(1, 5) for s in itertools.product(grid, repeat=d)]
     assert max(space, key=lambda s: float(score([s])[0])) == target
+
+
+def test_the_search_is_counted_before_it_is_listed():
+    """count_shapes (a table over levels and nodes left) equals the number of shapes candidate_shapes lists and
+    a brute-force filter of every width tuple; check_search_size refuses a search above MAX_SEARCH_SHAPES and
+    names the deepest one that fits."""
+    import itertools
+
+    import pytest
+
+    from longspec_lab.bench import tune
+
+    for depth, nodes, probe in [(3, 40, (4, 8, 16)), (4, 60, (16, 32, 32, 32)), (2, 10, (64, 64)), (3, 2, (8, 8, 8))]:
+        brute = [list(ws) for d in range(1, depth + 1) for ws in itertools.product(tune.WIDTH_GRID, repeat=d)
+                 if sum(ws) + 1 <= nodes and all(w <= p for w, p in zip(ws, probe))]  # fmt: skip
+        assert tune.candidate_shapes(depth, nodes, probe) == brute
+        assert tune.count_shapes(depth, nodes, probe) == len(brute)
+    probe = (16,) + (32,) * 7
+    assert tune.check_search_size(6, 160, probe) == 888_850  # the default search
+    assert tune.count_shapes(8, 160, probe) == 88_560_768
+    with pytest.raises(ValueError, match=r"88,560,768 shapes .* use --max-depth 7, a smaller --max-nodes"):
+        tune.check_search_size(8, 160, probe)
