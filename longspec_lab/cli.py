@@ -1040,7 +1040,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="probe_shape",
         flag="--probe-shape",
     )
-    t.add_argument("--max-depth", type=_int_range(1, 64), default=6, help="deepest shape searched")
+    t.add_argument("--max-depth", type=_int_range(1, 64), default=6,
+                   help="deepest shape searched: every grid shape up to it is scored (0.9M at 6 and 8.9M at 7 with "
+                        "the defaults; a search above 10M shapes is refused before anything runs)")  # fmt: skip
     t.add_argument("--max-nodes", type=_int_range(2), default=160, help="largest shape searched (nodes, root included)")
     t.add_argument("--top", type=_int_range(1, 100), default=5, help="candidates validated by running them")
     t.add_argument(
