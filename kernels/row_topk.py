@@ -386,18 +386,18 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.rows < 1 or a.vocab < 1 or not 1 <= a.k <= a.vocab:
         ap.error(f"need rows >= 1, vocab >= 1 and 1 <= k <= vocab, got {a.rows}, {a.vocab}, {a.k}")
-    try:
-        blocks = [int(b) for b in a.block_v.split(",")]
-    except ValueError:
-        blocks = []
-    if not blocks or any(b < 1 or b & (b - 1) for b in blocks):
-        ap.error(f"--block-v must be comma-separated powers of two, e.g. 1024,4096; got {a.block_v!r}")
-    try:
-        seconds = [int(b) for b in a.second_block.split(",")]
-    except ValueError:
-        seconds = []
-    if not seconds or any(b < 1 or b & (b - 1) for b in seconds):
-        ap.error(f"--second-block must be comma-separated powers of two, e.g. 256,4096; got {a.second_block!r}")
+    def widths(text: str, flag: str, example: str) -> list[int]:
+        """A comma-separated list of powers of two, or the parser's error naming the flag."""
+        try:
+            out = [int(b) for b in text.split(",")]
+        except ValueError:
+            out = []
+        if not out or any(b < 1 or b & (b - 1) for b in out):
+            ap.error(f"{flag} must be comma-separated powers of two, e.g. {example}; got {text!r}")
+        return out
+
+    blocks = widths(a.block_v, "--block-v", "1024,4096")
+    seconds = widths(a.second_block, "--second-block", "256,4096")
     if a.out and os.path.exists(a.out):
         ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
     if not torch.cuda.is_available():
