@@ -8,7 +8,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps demo test test-fast lint lab site clean
+.PHONY: install sysdeps demo test test-fast lint lab site clean gpu-wheels
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -58,3 +58,14 @@ site: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The jupyter packages that notebooks 04 and 07 need, as wheels for the GPU machine's Python, into .whl (ignored by
+# git): the device run carries the folder with the tree and `run_notebooks --wheels .whl` unpacks it there, where
+# nothing can be installed (docs/GPU_JOBS.md). About 30 MB for Python 3.12.
+GPU_PYTHON ?= 3.12
+NOTEBOOK_WHEELS := nbclient nbformat ipykernel ipywidgets plotly anywidget graphviz
+gpu-wheels: install
+	$(PY) -m pip download -q --only-binary=:all: --implementation cp --python-version $(GPU_PYTHON) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d .whl $(NOTEBOOK_WHEELS)
+	@echo "wheels for Python $(GPU_PYTHON) in .whl: $$(ls .whl | wc -l) files, $$(du -sh .whl | cut -f1)"
