@@ -1,5 +1,6 @@
 """Pure figure functions for results: tau, timing, Pareto fronts, kernel timings, kernels per stage
-(launch-bound against the rest), the GliDe draft, sampling distributions and the 8B verify/decode costs.
+(launch-bound against the rest) and one stage's kernels in launch order, the GliDe draft, sampling
+distributions and the 8B verify/decode costs.
 
 Like `viz.py` (trees and masks), every function maps data (results, `summary()` dicts or the JSON
 files in data/results) to a plotly `Figure`, a `graphviz.Digraph` or an HTML table, and holds no
@@ -1049,6 +1050,81 @@ def kernel_bars(profile: Mapping, title: str | None = None) -> go.Figure:
     fig.update_yaxes(range=[0, top * 1.15], rangemode="tozero")
     fig.update_yaxes(title_text="microseconds per stage call", row=1, col=1)
     fig.update_xaxes(title_text="stage (draftN = draft level N)", row=1, col=(len(methods) + 1) // 2)
+    return fig
+
+
+# What a compiled kernel is, from its name: the package's Triton kernels by their function names, cuBLAS by its
+# kernel families, Inductor's generated kernels by their prefixes (poi: pointwise; per/red: reductions).
+KERNEL_KINDS = (
+    ("fused projection (norm_linear)", ("_norm_linear_kernel",)),
+    ("attention (Triton)", ("_tree_attn", "_masked_attn", "_ordered_attn")),
+    ("beam top-k (Triton)", ("_row_topk", "_rank_select")),
+    ("RoPE tables (Triton)", ("_rope_tables",)),
+    ("cuBLAS matmul", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "ampere_")),
+    ("Inductor pointwise", ("triton_poi",)),
+    ("Inductor reduction", ("triton_per", "triton_red")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, from its name (KERNEL_KINDS); "other" for anything else."""
+    for kind, prefixes in KERNEL_KINDS:
+        if any(p in name for p in prefixes):
+            return kind
+    return "other"
+
+
+def launch_order_figure(profile: Mapping, method: str, stage: str, title: str | None = None) -> go.Figure:
+    """Every CUDA kernel one compiled stage launches, in launch order: a bar per kernel (its own GPU time),
+    coloured by kind, with the measured cost of one launch inside a CUDA graph as a dashed line: a kernel
+    whose bar barely clears the line does little more than launch. The legend gives each kind's count and
+    time. `profile`: data/results/profile_h200.json (bench.profile records `kernels_in_order`)."""
+    rows = {(r["method"], r["stage"]): r for r in _kernel_rows(profile)}
+    if (method, stage) not in rows:
+        have = ", ".join(f"{m}/{s}" for m, s in rows)
+        raise ValueError(f"the profile has no stage {method}/{stage}; it has {have}")
+    order = profile[method]["stages"][stage].get("kernels_in_order")
+    if not order:
+        raise ValueError(
+            f"profile[{method!r}]['stages'][{stage!r}] lacks 'kernels_in_order'; re-run bench.profile, which records "
+            "every kernel of a stage in launch order"
+        )
+    names = [str(n) for n, _ in order]
+    us = [float(t) for _, t in order]
+    kinds = [kernel_kind(n) for n in names]
+    fig = go.Figure()
+    for k, (kind, _) in enumerate([*KERNEL_KINDS, ("other", ())]):
+        idx = [i for i, x in enumerate(kinds) if x == kind]
+        if not idx:
+            continue
+        fig.add_trace(
+            go.Bar(
+                x=[i + 1 for i in idx],
+                y=[us[i] for i in idx],
+                name=f"{kind}: {len(idx)} kernel{'s' * (len(idx) > 1)}, {sum(us[i] for i in idx):.1f} us",
+                marker_color=series_color(k),
+                customdata=[names[i][:90] for i in idx],
+                hovertemplate="kernel %{x}: %{y:.2f} us<br>%{customdata}<extra>%{fullData.name}</extra>",
+            )
+        )
+    launch = rows[(method, stage)]["launch_cost_us"]
+    note = f"one launch in a CUDA graph: {launch:.2f} us"
+    fig.add_hline(y=launch, line_dash="dash", line_color="#555555", annotation_text=note)
+    fig.update_layout(
+        title=dict(
+            text=title
+            or f"{method}, {stage}: {len(us)} kernels in launch order, {sum(us):.1f} us of kernel time "
+            f"(replayed: {rows[(method, stage)]['replay_us']:.1f} us)",
+            x=0.02,
+        ),
+        legend=dict(orientation="h", y=-0.22, x=0),
+        height=460,
+        width=max(760, 160 + 22 * len(us)),
+        margin=dict(t=80, b=140),
+        bargap=0.15,
+    )
+    fig.update_xaxes(title_text="launch order", dtick=1 if len(us) <= 40 else 5)
+    fig.update_yaxes(title_text="kernel time (us)", rangemode="tozero")
     return fig
 
 

@@ -391,3 +391,51 @@ def test_masked_attention_figure_of_the_recorded_runs():
     kernel = {t.name: t for t in fig.data}[viz_results.MASKED_FORMS["kernel"]]
     assert list(kernel.y) == [c["us"]["kernel"] for c in split["cases"]]
     assert len(fig.data) == 4  # split kernel, one-program kernel, the written-out form, SDPA
+
+
+def test_kernel_kind_reads_the_names_the_profiler_records():
+    kinds = {
+        "_norm_linear_kernel": "fused projection (norm_linear)",
+        "_tree_attn_split_kernel": "attention (Triton)",
+        "_masked_attn_kernel": "attention (Triton)",
+        "_row_topk_kernel": "beam top-k (Triton)",
+        "_rope_tables_kernel": "RoPE tables (Triton)",
+        "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT": "cuBLAS matmul",
+        "triton_poi_fused_add_copy__4": "Inductor pointwise",
+        "triton_red_fused__unsafe_view_argmax_copy__select_5": "Inductor reduction",
+        "triton_per_fused__fused_rms_norm__to_copy_mul_view_4": "Inductor reduction",
+        "void at::native::vectorized_elementwise_kernel<4>": "other",
+    }
+    assert {n: viz_results.kernel_kind(n) for n in kinds} == kinds
+
+
+def test_launch_order_figure_places_every_kernel_once_in_order():
+    order = [["_rope_tables_kernel", 1.5], ["triton_poi_fused_x_0", 0.9], ["_norm_linear_kernel", 3.2],
+             ["_tree_attn_split_kernel", 4.1], ["_norm_linear_kernel", 2.5], ["nvjet_x", 2.4]]  # fmt: skip
+    st = {**_stage(20, 6, 30.0, 7.2), "kernels_in_order": order}
+    profile = {"ar": {"launch_cost_us": 1.2, "stages": {"verify": st}}}
+    fig = viz_results.launch_order_figure(profile, "ar", "verify")
+    placed = sorted((int(x), float(y)) for t in fig.data for x, y in zip(t.x, t.y))
+    assert placed == [(i + 1, t) for i, (_, t) in enumerate(order)]
+    names = [t.name for t in fig.data]
+    assert "fused projection (norm_linear): 2 kernels, 5.7 us" in names and "cuBLAS matmul: 1 kernel, 2.4 us" in names
+    assert "6 kernels in launch order, 14.6 us of kernel time (replayed: 30.0 us)" in fig.layout.title.text
+    assert fig.layout.shapes[0].y0 == 1.2  # the dashed line: one launch inside a graph
+    with pytest.raises(ValueError, match="no stage ar/draft1; it has ar/verify"):
+        viz_results.launch_order_figure(profile, "ar", "draft1")
+    del st["kernels_in_order"]
+    with pytest.raises(ValueError, match="lacks 'kernels_in_order'; re-run bench.profile"):
+        viz_results.launch_order_figure(profile, "ar", "verify")
+
+
+def test_launch_order_figure_of_the_recorded_profile_shows_each_compiled_kernel():
+    """For every recorded stage: one bar per compiled kernel, their times those the profiler recorded."""
+    profile = nb.load_result("profile_h200")
+    for m, v in profile.items():
+        if not (isinstance(v, dict) and "stages" in v):
+            continue
+        for s, st in v["stages"].items():
+            fig = viz_results.launch_order_figure(profile, m, s)
+            ys = [y for t in fig.data for y in t.y]
+            assert len(ys) == len(st["kernels_in_order"]) == st["compiled_kernels"], (m, s)
+            assert sum(ys) == pytest.approx(sum(t for _, t in st["kernels_in_order"]))
