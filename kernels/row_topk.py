@@ -386,6 +386,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.rows < 1 or a.vocab < 1 or not 1 <= a.k <= a.vocab:
         ap.error(f"need rows >= 1, vocab >= 1 and 1 <= k <= vocab, got {a.rows}, {a.vocab}, {a.k}")
+
     def widths(text: str, flag: str, example: str) -> list[int]:
         """A comma-separated list of powers of two, or the parser's error naming the flag."""
         try:
