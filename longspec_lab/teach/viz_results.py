@@ -1113,8 +1113,8 @@ def launch_order_figure(profile: Mapping, method: str, stage: str, title: str | 
     fig.update_layout(
         title=dict(
             text=title
-            or f"{method}, {stage}: {len(us)} kernels in launch order, {sum(us):.1f} us of kernel time "
-            f"(replayed: {rows[(method, stage)]['replay_us']:.1f} us)",
+            or f"{method}, {stage}: {len(us)} kernels in launch order<br><sup>{sum(us):.1f} us of kernel time; "
+            f"the stage replayed from its CUDA graph: {rows[(method, stage)]['replay_us']:.1f} us</sup>",
             x=0.02,
         ),
         legend=dict(orientation="h", y=-0.22, x=0),

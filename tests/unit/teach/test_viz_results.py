@@ -419,7 +419,11 @@ def test_launch_order_figure_places_every_kernel_once_in_order():
     assert placed == [(i + 1, t) for i, (_, t) in enumerate(order)]
     names = [t.name for t in fig.data]
     assert "fused projection (norm_linear): 2 kernels, 5.7 us" in names and "cuBLAS matmul: 1 kernel, 2.4 us" in names
-    assert "6 kernels in launch order, 14.6 us of kernel time (replayed: 30.0 us)" in fig.layout.title.text
+    title = fig.layout.title.text
+    assert (
+        "6 kernels in launch order<br><sup>14.6 us of kernel time; the stage replayed from its CUDA graph: 30.0 us"
+        in title
+    )
     assert fig.layout.shapes[0].y0 == 1.2  # the dashed line: one launch inside a graph
     with pytest.raises(ValueError, match="no stage ar/draft1; it has ar/verify"):
         viz_results.launch_order_figure(profile, "ar", "draft1")
