@@ -179,3 +179,28 @@ def test_batch_invariant_mode_is_lossless_and_row_invariant(embedded_pair, promp
     with pytest.raises(ValueError, match="batch_invariant"):
         SpecDecoder(target, draft, batch_invariant=-3)
     assert inv.generate(ids, method="ar", max_new_tokens=24, stop_at_eos=False).new_tokens == want  # still works
+
+
+def test_batch_invariant_rows_with_the_rope_tables_kernel(embedded_pair, prompts, monkeypatch):
+    """LONGSPEC_ROPE_TABLES=on (the kernel in Triton's interpreter): a token's logits stay bit-identical whether
+    its padded pass held 1 row (ar) or the whole tree, as with the PyTorch tables; the kernel made them."""
+    from longspec_lab.decoding import steps
+    from longspec_lab.kernels import rope as rope_kernel
+    from longspec_lab.ops import rope
+    from longspec_lab.spec.tree import TreeShape
+
+    calls, real = [], rope_kernel.rope_tables
+    monkeypatch.setattr(rope_kernel, "rope_tables", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(rope, "ROPE_TABLES", "on")
+    target, draft, _ = embedded_pair
+    prompt = torch.tensor(prompts[0][:500])
+    with torch.inference_mode():
+        a = steps.DecodeState(target, draft, None, 600, "torch", rows=128)
+        steps.prefill(a, prompt)
+        b = steps.DecodeState(target, draft, TreeShape((4, 16, 16, 16, 16)), 600, "torch", rows=128)
+        steps.prefill(b, prompt)
+        steps.draft_root(b)
+        for level in range(2, 6):
+            steps.draft_next(b, level)
+        assert torch.equal(steps.ar_forward(a), steps.verify_forward(b)[0])
+    assert calls.count((1, 128)) == 2  # the AR pass and the verify pass, each padded to 128 rows
