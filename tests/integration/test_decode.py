@@ -150,12 +150,26 @@ def test_bad_input_leaves_decoder_usable(embedded_pair, prompts):
     assert dec.generate(ids, max_new_tokens=10).new_tokens == good
 
 
-def test_batch_invariant_mode_is_lossless_and_row_invariant(embedded_pair, prompts):
-    """Padded passes change nothing in float32 (same tokens as the default mode and as each other), and
-    a token's logits are bit-identical whether its pass held 1 row (ar) or the whole tree."""
+def _ar_and_tree_rows(target, draft, prompt):
+    """The logits of the token after `prompt` from a padded AR pass (1 row of 128) and from the verify pass of a
+    drafted [4,16,16,16,16] tree (its root row), both in batch-invariant form."""
     from longspec_lab.decoding import steps
     from longspec_lab.spec.tree import TreeShape
 
+    with torch.inference_mode():
+        a = steps.DecodeState(target, draft, None, 600, "torch", rows=128)
+        steps.prefill(a, prompt)
+        b = steps.DecodeState(target, draft, TreeShape((4, 16, 16, 16, 16)), 600, "torch", rows=128)
+        steps.prefill(b, prompt)
+        steps.draft_root(b)
+        for level in range(2, 6):
+            steps.draft_next(b, level)
+        return steps.ar_forward(a), steps.verify_forward(b)[0]
+
+
+def test_batch_invariant_mode_is_lossless_and_row_invariant(embedded_pair, prompts):
+    """Padded passes change nothing in float32 (same tokens as the default mode and as each other), and
+    a token's logits are bit-identical whether its pass held 1 row (ar) or the whole tree."""
     target, draft, _ = embedded_pair
     ids = prompts[0][:500]
     plain = SpecDecoder(target, draft)
@@ -165,15 +179,8 @@ def test_batch_invariant_mode_is_lossless_and_row_invariant(embedded_pair, promp
         res = inv.generate(ids, method=method, max_new_tokens=24, stop_at_eos=False, **kw)
         assert res.new_tokens == want, method
     prompt = torch.tensor(ids)
-    with torch.inference_mode():
-        a = steps.DecodeState(target, draft, None, 600, "torch", rows=128)
-        steps.prefill(a, prompt)
-        b = steps.DecodeState(target, draft, TreeShape((4, 16, 16, 16, 16)), 600, "torch", rows=128)
-        steps.prefill(b, prompt)
-        steps.draft_root(b)
-        for level in range(2, 6):
-            steps.draft_next(b, level)
-        assert torch.equal(steps.ar_forward(a), steps.verify_forward(b)[0])
+    ar_row, tree_row = _ar_and_tree_rows(target, draft, prompt)
+    assert torch.equal(ar_row, tree_row)
     with pytest.raises(ValueError, match="batch-invariant passes have 128 rows"):
         inv.generate(ids, tree_shape=[8, 64, 64], max_new_tokens=4)
     with pytest.raises(ValueError, match="batch_invariant"):
@@ -184,23 +191,14 @@ def test_batch_invariant_mode_is_lossless_and_row_invariant(embedded_pair, promp
 def test_batch_invariant_rows_with_the_rope_tables_kernel(embedded_pair, prompts, monkeypatch):
     """LONGSPEC_ROPE_TABLES=on (the kernel in Triton's interpreter): a token's logits stay bit-identical whether
     its padded pass held 1 row (ar) or the whole tree, as with the PyTorch tables; the kernel made them."""
-    from longspec_lab.decoding import steps
     from longspec_lab.kernels import rope as rope_kernel
     from longspec_lab.ops import rope
-    from longspec_lab.spec.tree import TreeShape
 
     calls, real = [], rope_kernel.rope_tables
     monkeypatch.setattr(rope_kernel, "rope_tables", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.setattr(rope, "ROPE_TABLES", "on")
     target, draft, _ = embedded_pair
     prompt = torch.tensor(prompts[0][:500])
-    with torch.inference_mode():
-        a = steps.DecodeState(target, draft, None, 600, "torch", rows=128)
-        steps.prefill(a, prompt)
-        b = steps.DecodeState(target, draft, TreeShape((4, 16, 16, 16, 16)), 600, "torch", rows=128)
-        steps.prefill(b, prompt)
-        steps.draft_root(b)
-        for level in range(2, 6):
-            steps.draft_next(b, level)
-        assert torch.equal(steps.ar_forward(a), steps.verify_forward(b)[0])
+    ar_row, tree_row = _ar_and_tree_rows(target, draft, prompt)
+    assert torch.equal(ar_row, tree_row)
     assert calls.count((1, 128)) == 2  # the AR pass and the verify pass, each padded to 128 rows
