@@ -31,6 +31,8 @@ How the kernel is laid out (Hopper-class, H100/H200):
   of shorter (ragged) sequences are skipped, never read.
 - The tree mask is bit-packed on the host (int32 words): a key tile reads BLOCK_N / 32 words per row
   instead of gathering BLOCK_M x BLOCK_N bytes.
+- Prefix-only mode (`prefix_only=True`, the draft's cross-attention to the target's cache): the same split-KV
+  pass without the tree keys, so no mask is built, packed or read.
 - A row that sees no key at all (P = 0 and an all-False mask row) gets o = 0 and lse = -inf.
 
 Roofline: per key and kv head, QK^T + PV cost 4 * ROWS * D FLOP for 4 * D bytes of fp16 K/V, i.e. ROWS
@@ -275,7 +277,7 @@ def _tree_attn_split_kernel(
     K,
     V,  # q [B, Hq, T, D]; k, v [B, Hkv, S, D] (any strides; unit last stride for TMA)
     PREFIX,  # int32 [B] prefix lengths (read only if RAGGED)
-    MASK,  # int32 [B or 1, T, n_words] bit-packed tree mask (unused if CAUSAL)
+    MASK,  # int32 [B or 1, T, n_words] bit-packed tree mask (unused if CAUSAL or PREFIX_ONLY)
     O_PART,
     LSE_PART,  # fp32 scratch [B*Hkv, n_splits, ROWS, D] and [B*Hkv, n_splits, ROWS] (unused if DIRECT)
     OUT,  # [B, Hq, T, D] output (written here only if DIRECT)
@@ -316,6 +318,7 @@ def _tree_attn_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
     RAGGED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PREFIX_ONLY: tl.constexpr,  # the T keys after the prefix are never read (the draft's cross-attention)
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,  # n_splits == 1: write the final output, no merge launch
     FUSED_MERGE: tl.constexpr,  # several splits: the last one to finish merges them (no merge launch)
@@ -420,7 +423,7 @@ def _tree_attn_split_kernel(
             USE_TMA,
             STAGES,
         )
-        if pid_s == last:  # the tree keys [P, P + T), fused into this split
+        if (pid_s == last) and (not PREFIX_ONLY):  # the tree keys [P, P + T), fused into this split
             acc, m_i, l_i = _attend_range(
                 acc,
                 m_i,
@@ -618,7 +621,7 @@ _HOPPER_CONFIGS = [
     _cfg(128, 8, 3, True),
     _cfg(64, 8, 3, True),
 ]
-_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "IEEE", "split_bucket"]
+_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "PREFIX_ONLY", "IEEE", "split_bucket"]
 
 
 _SHORT_SPLIT = 256  # keys: at or below this split length, 128-key tiles are not tried
@@ -916,16 +919,22 @@ def tree_attention(
     num_splits=None,
     scratch=None,
     max_prefix=None,
+    prefix_only=False,
 ):
     """Attention of q [B, Hq, T, D] to cache slots [0, P_b) (all visible) and [P_b, P_b+T) (block_mask,
     True = may attend; None = causal). Returns o [B, Hq, T, D] (q.dtype) and, if return_lse, the natural
     log-sum-exp [B, Hq, T] float32 of the scaled scores. Rows that see no key: o = 0, lse = -inf.
+
+    `prefix_only`: the rows see the prefix [0, P_b) alone, as with an all-False block_mask (which must then be
+    None), but the block's keys are never read and no mask is made or packed: the draft's cross-attention.
 
     `max_prefix`: with `prefix_lens` an integer tensor on the device, plan the splits for this upper
     bound and read the lengths only inside the kernel, so the call never waits on the host (CUDA-graph
     capture). The caller guarantees prefix_lens[b] <= max_prefix. Under torch.compile this form goes
     through the registered op `torch.ops.longspec.tree_attention_packed` (see `tree_attention_packed`),
     so Dynamo traces it with fullgraph=True; `scratch` and `num_splits` are then ignored."""
+    if prefix_only and block_mask is not None:
+        raise ValueError("prefix_only=True attends to the prefix alone: pass block_mask=None with it")
     device_lens = max_prefix is not None
     if device_lens:
         if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.is_floating_point():
@@ -936,9 +945,9 @@ def tree_attention(
         B = q.shape[0]
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, int(max_prefix), block_mask)
         if torch.compiler.is_compiling():
-            packed = None if block_mask is None else _pack_bits(block_mask)
+            packed = None if block_mask is None or prefix_only else _pack_bits(block_mask)
             o, lse = torch.ops.longspec.tree_attention_packed(
-                q, k, v, prefix_lens, packed, int(max_prefix), None if scale is None else float(scale)
+                q, k, v, prefix_lens, packed, int(max_prefix), None if scale is None else float(scale), prefix_only
             )
             if out is not None:
                 _check_buffer("out", out, (B, Hq, T, D), q.dtype, q.device)
@@ -953,7 +962,7 @@ def tree_attention(
         ragged = isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1
         pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else None
     packed = None if block_mask is None else pack_block_mask(block_mask)  # int32 [B or 1, T, W]
-    return _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch)
+    return _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch, prefix_only)
 
 
 def _tma_ok(*xs) -> bool:
@@ -995,11 +1004,13 @@ def _tickets(device: torch.device) -> torch.Tensor:
 LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmark records it)
 
 
-def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch):
+def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch, prefix_only=False):
     """Run the split (and, with several splits, merge) kernels on checked inputs. plist: prefix lengths
     (host ints, or the upper bound for every sequence when `pref` is given); pref: int32/int64 [B] device lengths
     read by the kernel (ragged / CUDA-graph mode) or None (all sequences have plist[0]); packed: int32
-    [B or 1, T, W] bit-packed tree mask or None (causal)."""
+    [B or 1, T, W] bit-packed tree mask or None (causal); prefix_only: no block keys at all (packed is None)."""
+    if prefix_only and packed is not None:
+        raise ValueError("prefix_only=True attends to the prefix alone: pass block_mask=None with it")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if q.device.type != "cuda" and not _INTERPRET:
@@ -1084,6 +1095,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         BLOCK_M=block_m,
         RAGGED=ragged,
         CAUSAL=causal,
+        PREFIX_ONLY=bool(prefix_only),
         IEEE=ieee,
         DIRECT=direct,
         FUSED_MERGE=fused,
@@ -1180,11 +1192,13 @@ def tree_attention_packed(
     packed_mask: Optional[torch.Tensor],
     max_prefix: int,
     scale: Optional[float] = None,
+    prefix_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.ops.longspec.tree_attention_packed`: tree attention with device prefix lengths, as
     `tree_attention(q, k, v, prefix_lens, block_mask, scale, return_lse=True, max_prefix=max_prefix)`.
     prefix_lens: integer tensor [1] or [B] on q's device, each <= max_prefix; packed_mask: `_pack_bits(mask)`
-    (int32 [1 or B, T, W]) or None (causal block). Returns o [B, Hq, T, D] (q.dtype) and lse [B, Hq, T] fp32."""
+    (int32 [1 or B, T, W]) or None (causal block, or no block at all with prefix_only). Returns o [B, Hq, T, D]
+    (q.dtype) and lse [B, Hq, T] fp32."""
     B, Hq, Hkv, T, S, D, plist = _check(q, k, v, max_prefix, None)
     _check_packed(packed_mask, B, T, q.device)
     if prefix_lens.is_floating_point() or prefix_lens.numel() not in (1, B):
@@ -1193,11 +1207,11 @@ def tree_attention_packed(
             f"{list(prefix_lens.shape)}; pass the committed length(s) as a device tensor"
         )
     pref = _device_prefix(prefix_lens, B)
-    return _launch(q, k, v, plist, pref, packed_mask, scale, True, None, None, None, None)
+    return _launch(q, k, v, plist, pref, packed_mask, scale, True, None, None, None, None, prefix_only)
 
 
 @tree_attention_packed.register_fake
-def _tree_attention_packed_fake(q, k, v, prefix_lens, packed_mask, max_prefix, scale=None):
+def _tree_attention_packed_fake(q, k, v, prefix_lens, packed_mask, max_prefix, scale=None, prefix_only=False):
     B, Hq, T, D = q.shape
     _check_packed(packed_mask, B, T, q.device)
     return q.new_empty(B, T, Hq, D).transpose(1, 2), q.new_empty(B, Hq, T, dtype=torch.float32)

@@ -178,14 +178,13 @@ def masked_sdpa(q, k, v, mask):
 def prefix_attention(q, k, v, prefix_len: torch.Tensor, backend: str = "torch"):
     """Attention of q [B, Hq, T, D] over the first prefix_len [1] (a device tensor, >= 1) of the S slots
     of k, v [B, Hkv, S, D], all visible: the draft's cross-attention to the target's cache. With the
-    "triton" backend on CUDA this is the tree kernel's split-KV prefix with an empty tree block."""
+    "triton" backend on CUDA this is the tree kernel's split-KV prefix alone (its prefix-only mode: no block keys,
+    so no mask to build or pack)."""
     T, S = q.shape[2], k.shape[2]
     if _use_triton(backend, q) and q.shape[-1] in (64, 128):
         from longspec_lab.kernels.tree_attention import tree_attention
 
-        # an all-False block mask hides the T slots after the prefix: only [0, prefix_len) is read
-        none = torch.zeros(T, T, dtype=torch.bool, device=q.device)
-        return tree_attention(q, k.to(q.dtype), v.to(q.dtype), prefix_len, none, max_prefix=S - T)
+        return tree_attention(q, k.to(q.dtype), v.to(q.dtype), prefix_len, None, max_prefix=S - T, prefix_only=True)
     vis = (torch.arange(S, device=q.device) < prefix_len)[None]  # [1, S]
     return masked_sdpa(q, k, v, vis)
 

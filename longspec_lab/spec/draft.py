@@ -45,6 +45,12 @@ def _order_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
+def _from_order_key(key: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_order_key`: int64 keys -> the float32 values they were made from, bit for bit."""
+    b = torch.where(key < 0, key ^ 0x7FFFFFFF, key)  # the flip is its own inverse
+    return b.to(torch.int32).view(torch.float32)
+
+
 def _may_sync(x: torch.Tensor) -> bool:
     """Whether a check may read a value back to the host: not while compiling or capturing a graph."""
     if torch.compiler.is_compiling():
@@ -83,8 +89,10 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
         # radix select.
         best = flat_topk_values(keys, width)  # [w]
         idx = (n * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits hold the reversed flat index
-    else:
-        idx = torch.sort(flat, descending=True, stable=True).indices[:width]
+        # ... and the high 32 bits the score itself: decoding it reads nothing but `best`, so under torch.compile
+        # the level's bookkeeping after the top-k is one kernel of w elements (a gather flat[idx] makes it two)
+        return idx // V, idx % V, _from_order_key(best >> 32)
+    idx = torch.sort(flat, descending=True, stable=True).indices[:width]
     return idx // V, idx % V, flat[idx]
 
 
@@ -112,7 +120,6 @@ class TreeBuffers:
             [torch.full((hi - lo,), l, dtype=torch.long) for l, (lo, hi) in enumerate(self.levels)]
         ).to(dev)
         self.q = None if vocab_size is None else torch.zeros(N, vocab_size, dtype=score_dtype, device=dev)
-        self._eye = torch.eye(max(shape.widths, default=1), dtype=torch.bool, device=dev)
         self.drafting = "beam"  # how the levels are grown: "beam" or "sampled"
 
     def start(self, root: torch.Tensor) -> None:
@@ -126,13 +133,22 @@ class TreeBuffers:
             self.q.zero_()
 
     def add_level(self, l: int, parent_ids: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> None:
-        """Write level l: parent_ids, tokens, scores [w]; its mask rows are the parents' rows plus itself."""
+        """Write level l: parent_ids, tokens, scores [w]; its mask rows mark each node and its l ancestors.
+
+        The ancestors are found by walking `parents` up to the root (l - 1 hops, unrolled: l is a Python int),
+        not by copying the parents' rows of `anc`: a kernel that reads rows of `anc` it cannot prove disjoint
+        from the rows it writes needs a temporary and a second kernel under torch.compile."""
         lo, hi = self.levels[l]
         self.tokens[lo:hi] = tokens
         self.parents[lo:hi] = parent_ids
         self.scores[lo:hi] = scores.to(self.scores.dtype)
-        rows = self.anc.index_select(0, parent_ids)  # [w, N] ancestors of each parent
-        rows[:, lo:hi] |= self._eye[: hi - lo, : hi - lo]  # ... plus the node itself
+        cols = torch.arange(self.N, device=parent_ids.device)  # [N]
+        rows = cols == torch.arange(lo, hi, device=parent_ids.device)[:, None]  # [w, N] the node itself
+        up = parent_ids  # [w] the ancestor at depth l - 1, then l - 2, ..., 0 (the root)
+        for hop in range(l):
+            rows = rows | (cols == up[:, None])
+            if hop < l - 1:
+                up = self.parents.index_select(0, up)
         self.anc[lo:hi] = rows
 
     def tree(self, upto: int | None = None) -> DraftTree:

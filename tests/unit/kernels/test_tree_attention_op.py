@@ -108,3 +108,36 @@ def test_compile_fullgraph_traces_the_op(backend, scale):
     assert len(graphs) == 1
     ro2 = ta.tree_attention_reference(q, k, v, pref, mask, scale, out_dtype=torch.float64)
     torch.testing.assert_close(o2.double(), 2 * ro2, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lens, D, Hq, Hkv", [([150, 37], 64, 8, 2), ([0, 191], 128, 4, 4), ([64], 64, 4, 1)])
+def test_prefix_only_is_the_prefix_alone(lens, D, Hq, Hkv):
+    """prefix_only: the rows see [0, P) and never the T slots after it, as under an all-False block mask
+    (float64 reference), through the op, `tree_attention(max_prefix=...)` and a host-length call; the T slots
+    after the prefix hold NaN here, so reading any of them would show."""
+    q, k, v, _ = _inputs(sum(lens) + D, B=len(lens), Hq=Hq, Hkv=Hkv, D=D)
+    T, S = q.shape[2], k.shape[2]
+    pref = torch.tensor(lens)
+    none = torch.zeros(T, T, dtype=torch.bool)
+    ro, rlse = ta.tree_attention_reference(q, k, v, pref, none, return_lse=True, out_dtype=torch.float64)
+    for b, P in enumerate(lens):  # poison the block slots of each sequence
+        k[b, :, P : P + T] = float("nan")
+        v[b, :, P : P + T] = float("nan")
+    o, lse = OP(q, k, v, pref, None, S - T, None, True)
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    o2 = ta.tree_attention(q, k, v, pref, None, max_prefix=S - T, prefix_only=True)
+    torch.testing.assert_close(o2, o, atol=0, rtol=0)
+    o3 = ta.tree_attention(q, k, v, pref, prefix_only=True)
+    torch.testing.assert_close(o3.double(), ro, atol=1e-4, rtol=1e-4)
+    if lens[0] == 0:
+        assert torch.all(o[0] == 0) and torch.all(lse[0] == float("-inf"))  # nothing to see: o = 0, lse = -inf
+
+
+def test_prefix_only_opcheck_and_bad_mask():
+    q, k, v, mask = _inputs(7, B=2, Hq=4, Hkv=2, T=6, D=64, S=80)
+    torch.library.opcheck(OP, (q, k, v, torch.tensor([30, 74]), None, 74, None, True))
+    with pytest.raises(ValueError, match="pass block_mask=None"):
+        ta.tree_attention(q, k, v, torch.tensor([30, 74]), mask[:6, :6], max_prefix=74, prefix_only=True)
+    with pytest.raises(ValueError, match="pass block_mask=None"):
+        OP(q, k, v, torch.tensor([30, 74]), ta._pack_bits(mask[:6, :6]), 74, None, True)
