@@ -28,7 +28,8 @@ halves are the two accumulators that GATED uses for gate and up), applies RoPE t
 as `apply_rope` rounds it, writes query heads to the output and key and value heads straight into the
 KV cache at each row's slot (`qkv_rope_cache`, the registered op `torch.ops.longspec.qkv_rope_cache`,
 which mutates the cache; LONGSPEC_QKV_ROPE in `longspec_lab/ops/linear.py`, whose default `auto` uses it for
-small weights on CUDA, as timed on the H200).
+small weights on CUDA, as timed on the H200). With no key or value heads it is a query projection with RoPE and
+nothing else (`linear_rope`, `torch.ops.longspec.linear_rope`): the GliDe draft's cross-attention query.
 
 With PRE the kernel first computes its input rows itself, x = residual + a @ w_pre^T (a layer's o_proj and
 its residual add), whole rows held in registers (hidden size <= MAX_PRE_K), and the programs of column tile 0
@@ -576,6 +577,71 @@ def qkv_rope_cache(
                            v_cache, int(layer), slots, int(num_heads), int(num_kv_heads),
                            None if bias is None else bias.contiguous())  # fmt: skip
     return q.view(B, T, num_heads, D).transpose(1, 2)
+
+
+@torch.library.custom_op("longspec::linear_rope", mutates_args=())
+def _linear_rope_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`torch.ops.longspec.linear_rope`: x [M, K] -> y [M, Hq*D], RoPE on every head (checked by `linear_rope`)."""
+    M, K = x.shape
+    D = weight.shape[0] // num_heads
+    y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
+    block_m, _, block_k = TILES_OVERRIDE or tiles(M, num_heads * D, K)
+    warps, stages = _warps_stages()
+    _norm_linear_kernel[(num_heads, triton.cdiv(M, block_m))](
+        x, weight, x if norm_weight is None else norm_weight, x, y,
+        M, num_heads * D, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
+        cos, sin, x, x, x, cos.stride(0), 0, 0, 0, M,  # no key or value heads: caches and slots unread
+        num_heads, 0,
+        x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
+        x if bias is None else bias,
+        HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
+        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return y
+
+
+@_linear_rope_op.register_fake
+def _(x, weight, norm_weight, eps, cos, sin, num_heads, bias=None):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear_rope(x, weight, norm_weight, eps, cos, sin, num_heads, bias=None):
+    """`qkv_rope_cache` without key or value heads: RMSNorm (if norm_weight), the projection (weight [Hq D, K]),
+    its bias, and RoPE with the tables cos, sin [B, 1, T, D] (or [B, T, D]) on every head, in one kernel.
+    x [B, T, K] -> [B, Hq, T, D] (a view of [B, T, Hq, D] memory). On CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        _fail("x must be a tensor [B, T, K]", "pass the layer's input")
+    B, T, K = x.shape
+    D = weight.shape[0] // num_heads if num_heads > 0 and weight.dim() == 2 else 0
+    if D < 32 or D & (D - 1) or weight.shape != (num_heads * D, K):
+        _fail(f"weight {list(weight.shape)} is not {num_heads} heads of a power-of-two dim >= 32 over {K} inputs",
+              "use the readable path (LONGSPEC_QKV_ROPE=off)")  # fmt: skip
+    if cos.numel() != B * T * D or sin.shape != cos.shape:
+        _fail(f"cos {list(cos.shape)} and sin {list(sin.shape)} must be the tables [B, 1, T, D] = [{B}, 1, {T}, {D}]",
+              "pass Rotary's tables for these rows")  # fmt: skip
+    if bias is not None and bias.shape != (weight.shape[0],):
+        _fail(f"bias {list(bias.shape)} is not the projection's bias [{weight.shape[0]}]", "pass q_proj.bias")
+    if any(t.dtype != x.dtype for t in (weight, cos, sin, bias, norm_weight) if t is not None):
+        _fail("x, weight, bias, the norm weight, cos and sin must share one dtype", "cast them to the model's dtype")
+    if not (x.is_cuda or _INTERPRET):
+        _fail(f"it runs a Triton kernel and got a tensor on {x.device}", "pass CUDA tensors")
+    x2 = x.reshape(B * T, K)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    nw = None if norm_weight is None else norm_weight.contiguous()
+    y = _linear_rope_op(x2, weight.contiguous(), nw, float(eps), cos.reshape(B * T, D).contiguous(),
+                        sin.reshape(B * T, D).contiguous(), int(num_heads),
+                        None if bias is None else bias.contiguous())  # fmt: skip
+    return y.view(B, T, num_heads, D).transpose(1, 2)
 
 
 def qkv_rope_cache_reference(x, weight, norm_weight, eps, cos, sin, num_heads, num_kv_heads, bias=None):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
 from longspec_lab.ops.attention import masked_sdpa, prefix_attention
-from longspec_lab.ops.linear import norm_linear
+from longspec_lab.ops.linear import linear_rope, linear_rope_path, norm_linear
 
 
 @dataclass
@@ -177,6 +177,13 @@ class CrossAttn(nn.Module):
         y = norm_linear(x, self.q_proj.weight, self.q_proj.bias, None if norm is None else norm.args)
         return y.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def rotated_q(self, x, norm, cos, sin):
+        """`apply_rope(split_q(x, norm), cos, sin)`; one kernel where LONGSPEC_QKV_ROPE serves (ops.linear_rope)."""
+        lin, args = self.q_proj, None if norm is None else norm.args
+        if linear_rope_path(x, lin.weight, lin.bias, args, cos, self.num_heads):
+            return linear_rope(x, lin.weight, args, cos, sin, self.num_heads, lin.bias)
+        return apply_rope(self.split_q(x, norm), cos, sin)
+
 
 def _expand_positions(positions, B, T, device):
     positions = torch.as_tensor(positions, device=device)
@@ -232,7 +239,7 @@ class Glide(nn.Module):
             q, k, v = a.split_qkv(h, norm=self.input_layernorm)  # [B, Hq, T, D], [B, Hkv, T, D] x 2
             o = self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         h = a.merge(o, residual=h)  # h + o_proj(o)
-        q = apply_rope(self.cross_attn.split_q(h, norm=self.post_self_attention_layernorm), cos, sin)
+        q = self.cross_attn.rotated_q(h, self.post_self_attention_layernorm, cos, sin)  # [B, Hq, T, D]
         h = self.mlp.after_attention(cross_attn(q), self.cross_attn.o_proj, h, self.post_cross_attention_layernorm)
         head = self.target.lm_head
         return head(h.to(head.weight.dtype))  # [B, T, V]

@@ -108,6 +108,25 @@ def qkv_rope_cache(x, weight, norm, cos, sin, k_cache, v_cache, layer: int, slot
     return fused(x, weight, nw, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads, bias)
 
 
+def linear_rope_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, cos, num_heads: int) -> bool:
+    """Whether `linear_rope` serves a query projection with RoPE (weight [Hq D, K], norm (weight, eps) or None):
+    as `qkv_rope_path` (the switch LONGSPEC_QKV_ROPE), with the norm weight and the tables in x's dtype."""
+    D = weight.shape[0] // num_heads
+    same = (norm is None or norm[0].dtype == x.dtype) and cos.dtype == x.dtype
+    return same and qkv_rope_path(x, weight, bias, D, x.dtype)
+
+
+def linear_rope(x, weight, norm, cos, sin, num_heads: int, bias=None):
+    """x [B, T, K] -> [B, Hq, T, D]: `norm_linear(x, weight, bias, norm)` split into heads, with RoPE (tables cos,
+    sin [B, 1, T, D]) on every head, in one Triton kernel (`kernels/norm_linear.py: linear_rope`): the GliDe
+    draft's cross-attention query. Call it where `linear_rope_path` says so; the readable form is the projection
+    then `models.layers.apply_rope`."""
+    from longspec_lab.kernels.norm_linear import linear_rope as fused
+
+    nw, eps = norm if norm is not None else (None, 1e-6)
+    return fused(x, weight, nw, eps, cos, sin, num_heads, bias)
+
+
 def norm_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

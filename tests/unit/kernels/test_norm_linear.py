@@ -267,6 +267,56 @@ def test_qkv_rope_cache_bad_inputs_name_the_problem(mutate, words):
         nl.qkv_rope_cache(**mutate(args))
 
 
+@pytest.mark.parametrize(("B", "T", "K", "Hq", "D"), [(1, 1, 64, 4, 32), (2, 5, 96, 2, 64), (1, 16, 48, 8, 128)])
+@pytest.mark.parametrize("has_norm, has_bias", [(False, False), (True, True), (True, False)])
+def test_linear_rope_matches_float64(B, T, K, Hq, D, has_norm, has_bias):
+    """No key or value heads: the query projection (the draft's cross-attention) with RoPE, nothing written."""
+    x, w, nw, cos, sin, _, _, _ = _rope_case(B * T + K, B, T, K, Hq, 0, D)
+    nw = nw if has_norm else None
+    bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(T)) if has_bias else None
+    q = nl.linear_rope(x, w, nw, 1e-5, cos, sin, Hq, bias)
+    rq, _, _ = nl.qkv_rope_cache_reference(x, w, nw, 1e-5, cos, sin, Hq, 0, bias=bias)
+    assert q.shape == (B, Hq, T, D) and q.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(q.double(), rq, atol=2e-5, rtol=2e-5)
+
+
+def test_linear_rope_rounds_like_the_pytorch_ops_and_compiles_as_one_op():
+    """float16: against norm_linear's PyTorch ops then apply_rope (the readable path) within a couple of float16
+    steps; torch.compile(fullgraph=True) keeps the registered op; opcheck on its fake version."""
+    from longspec_lab.models.layers import apply_rope
+
+    Hq, D, B, T = 4, 64, 1, 9
+    x, w, nw, cos, sin, _, _, _ = _rope_case(8, B, T, 128, Hq, 0, D, dtype=torch.float16)
+    q = nl.linear_rope(x, w, nw, 1e-5, cos, sin, Hq)
+    want = apply_rope(nl._torch_version(x, w, nw, 1e-5, None, False).view(B, T, Hq, D).transpose(1, 2), cos, sin)
+    step = torch.finfo(torch.float16).eps * 4
+    torch.testing.assert_close(q, want, atol=step, rtol=step)
+
+    def f(x):
+        return nl.linear_rope(x, w, nw, 1e-5, cos, sin, Hq) + 0
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), q + 0)
+    torch.library.opcheck(torch.ops.longspec.linear_rope.default, (x[0], w, nw, 1e-5, cos[0, 0], sin[0, 0], Hq))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda a: {**a, "x": a["x"][0]}, "x must be a tensor"),
+        (lambda a: {**a, "weight": a["weight"][1:]}, "power-of-two dim"),
+        (lambda a: {**a, "num_heads": 3}, "power-of-two dim"),
+        (lambda a: {**a, "cos": a["cos"][..., :16]}, "must be the tables"),
+        (lambda a: {**a, "bias": torch.zeros(5)}, "projection's bias"),
+        (lambda a: {**a, "sin": a["sin"].double(), "cos": a["cos"].double()}, "one dtype"),
+    ],
+)
+def test_linear_rope_bad_inputs_name_the_problem(mutate, words):
+    x, w, nw, cos, sin, _, _, _ = _rope_case(9, 1, 3, 64, 2, 0, 32)
+    args = {"x": x, "weight": w, "norm_weight": nw, "eps": 1e-5, "cos": cos, "sin": sin, "num_heads": 2}
+    with pytest.raises(ValueError, match=words):
+        nl.linear_rope(**mutate(args))
+
+
 def test_small_weight_bound_is_the_auto_bound():
     """The tiles' small-weight rule covers exactly the weights LONGSPEC_NORM_LINEAR=auto sends to the kernel."""
     from longspec_lab.ops import linear

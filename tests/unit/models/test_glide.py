@@ -352,7 +352,7 @@ def test_fused_qkv_rope_writes_the_ring_as_the_readable_path(monkeypatch):
     import os
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from longspec_lab.models import layers
+    from longspec_lab.models import glide, layers
     from longspec_lab.models.config import ModelConfig
     from longspec_lab.ops import linear
 
@@ -360,8 +360,9 @@ def test_fused_qkv_rope_writes_the_ring_as_the_readable_path(monkeypatch):
                       intermediate_size=128, max_position_embeddings=512)  # fmt: skip
     target, draft = make_pair(window=6, seed=6, cfg=cfg)
     layers.fuse_projections(draft)
-    calls, real = [], layers.qkv_rope_cache
+    calls, real, cross, real_cross = [], layers.qkv_rope_cache, [], glide.linear_rope
     monkeypatch.setattr(layers, "qkv_rope_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(glide, "linear_rope", lambda *a, **k: cross.append(1) or real_cross(*a, **k))
     gen = torch.Generator().manual_seed(7)
     parents, levels = random_tree(3, gen)
     N = len(parents)
@@ -378,6 +379,7 @@ def test_fused_qkv_rope_writes_the_ring_as_the_readable_path(monkeypatch):
     for value in ("off", "on"):
         monkeypatch.setattr(linear, "QKV_ROPE", value)
         calls.clear()
+        cross.clear()
         ring = draft.new_ring(max_pending=6, max_tree_nodes=N + 1)
         with torch.no_grad():
             draft.prefill(ids[:-4], ring)
@@ -390,6 +392,7 @@ def test_fused_qkv_rope_writes_the_ring_as_the_readable_path(monkeypatch):
                                              tcache.v[-1], torch.tensor([13])))  # fmt: skip
         runs[value] = outs, ring
         assert len(calls) == (1 + len(levels) if value == "on" else 0)  # one kernel per ingest and per level
+        assert len(cross) == len(calls)  # and one for the cross-attention's query with its RoPE
     (a, ra), (b, rb) = runs["off"], runs["on"]
     for x, y in zip(a, b):  # float32 sums in another order: within 1e-5 of the largest logit
         close(y, x.double(), tol=1e-5)
