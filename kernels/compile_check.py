@@ -138,6 +138,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"qkv_rope_cache: {M} x 256, 4 + 2 + 2 heads of 64", nl._norm_linear_kernel, sig, cx,
                     dict(num_warps=4, num_stages=3)))  # fmt: skip
+    # the same kernel with no key or value heads (linear_rope): the draft's biased cross-attention query, 16 rows
+    if not quick:
+        bm, _, bk = nl.tiles(16, 256, 256)
+        consts = dict(HAS_NORM=True, HAS_RES=False, GATED=False, ROPE=True, IEEE=False, BLOCK_M=bm, BLOCK_N=32,
+                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=True)  # fmt: skip
+        sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
+        out.append(("linear_rope: 16 x 256, 4 heads of 64, bias", nl._norm_linear_kernel, sig, cx,
+                    dict(num_warps=4, num_stages=3)))  # fmt: skip
     # o_proj + residual, then the norm and gate/up, in one launch (residual_norm_linear): the embedded model's
     # layer at one row and at a 72-row verify
     for M in (1, 72)[: 1 if quick else 2]:

@@ -599,7 +599,8 @@ def _linear_rope_op(
     _norm_linear_kernel[(num_heads, triton.cdiv(M, block_m))](
         x, weight, x if norm_weight is None else norm_weight, x, y,
         M, num_heads * D, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
-        cos, sin, x, x, x, cos.stride(0), 0, 0, 0, M,  # no key or value heads: caches and slots unread
+        cos, sin, x, x, x.new_empty(1, dtype=torch.int64), cos.stride(0), 0, 0, 0, M,  # no key or value heads:
+        # the caches and slots are never read, but SLOTS keeps its int64 type (the kernel is typed on it)
         num_heads, 0,
         x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
         x if bias is None else bias,

@@ -399,3 +399,33 @@ def test_residual_norm_linear_bad_inputs_name_the_problem(change, words):
     a, wp, r, w, _ = _pre_case(5, 3, 32, 64, 16, False, False)
     with pytest.raises(ValueError, match=words):
         nl.residual_norm_linear(*change(a, wp, r, w))
+
+
+def test_launches_pass_the_pointer_types_the_sm90_check_compiles(monkeypatch):
+    """compile_check compiles each launch's signature ahead of time; the interpreter never types a branch it does
+    not take. So every pointer a launch passes must have the kind (integer or float) its compiled variant names:
+    a q-only linear_rope once passed a float tensor as the int64 SLOTS and failed to compile on the H200 alone."""
+    from longspec_lab.kernels.compile_check import variants
+
+    sigs = {label.split(":")[0]: sig for label, fn, sig, _, _ in variants() if fn is nl._norm_linear_kernel}
+    real, seen = nl._norm_linear_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(dict(zip(real.arg_names, args)))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(nl, "_norm_linear_kernel", Spy())
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(12, 1, 4, 64, 2, 1, 32)
+    nl.qkv_rope_cache(x, w, nw, 1e-5, cos, sin, kc, vc, 0, slots, 2, 1)
+    xq, wq, _, cq, sq, _, _, _ = _rope_case(13, 1, 4, 64, 2, 0, 32)
+    nl.linear_rope(xq, wq, nw, 1e-5, cq, sq, 2, torch.zeros(wq.shape[0]))
+    assert len(seen) == 2  # (without ROPE the epilogue that reads SLOTS, KC and VC is not compiled at all)
+    for args, name in zip(seen, ("qkv_rope_cache", "linear_rope")):
+        for arg, kind in sigs[name].items():
+            if kind.startswith("*"):
+                integer = kind[1:] in ("i64", "i32", "u8")
+                assert (not args[arg].is_floating_point()) == integer, (name, arg, kind, args[arg].dtype)
