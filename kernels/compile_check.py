@@ -158,14 +158,16 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     from longspec_lab.kernels import masked_attention as ma
 
     # the draft's window attention over a ring of 586 keys: a 16-row tree level (G * T = 32 stacked rows), split,
-    # and, in float32 and in one program, a chain level's one row
+    # with its mask in two parts (a window row, then tree-mask rows); and, in float32 and in one program, a chain
+    # level's one row with one mask
     for rows, dt, one in ((32, "bf16", False), (2, "fp32", True))[: 1 if quick else 2]:
         bm, bn, warps, stages, splits = ma.launch_config(rows, 586)
-        ptrs = dict(Q=dt, K=dt, V=dt, MASK="u8", O=dt, O_PART="fp32", LSE_PART="fp32", TICKETS="i32")
-        consts = dict(G=2, HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=dt == "fp32", SPLITS=1 if one else splits)
+        ptrs = dict(Q=dt, K=dt, V=dt, MASK="u8", MASK_TAIL="u8", O=dt, O_PART="fp32", LSE_PART="fp32", TICKETS="i32")
+        consts = dict(G=2, HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=dt == "fp32", SPLITS=1 if one else splits,
+                      TAIL=not one)  # fmt: skip
         sig, cx = _signature(ma._masked_attn_kernel, ptrs, ("qk_scale",), consts)
-        out.append((f"masked attention: {rows} rows, {dt}", ma._masked_attn_kernel, sig, cx,
-                    dict(num_warps=warps, num_stages=stages)))  # fmt: skip
+        out.append((f"masked attention: {rows} rows, {dt}{'' if one else ', two-part mask'}", ma._masked_attn_kernel,
+                    sig, cx, dict(num_warps=warps, num_stages=stages)))  # fmt: skip
     if not quick:
         ptrs = dict(Q="bf16", K="bf16", V="bf16", O="bf16", P_ptr="i64", COLS="i64", COUNT="i64")
         sig, cx = _signature(oa._ordered_attn_kernel, ptrs, ("qk_scale",), dict(G=2, HEAD_DIM=64, BLOCK_N=64))

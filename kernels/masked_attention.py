@@ -20,6 +20,10 @@ microsecond of dependent loads and reductions on the H200), so the keys are spli
 flash-decoding does: each stores its rows' normalised output and log-sum-exp, and the last program of a row
 tile to arrive (an arrival ticket, acquire/release) merges them, in the same launch.
 
+The mask may come in two parts (`tail_mask`): a tree level's nodes all sit at one position, so one row says which
+window slots they see, and the tree mask's rows say which scratch slots (their ancestors) they see. Reading both
+where they lie saves the launch that would concatenate them into one [T, S] mask at every level.
+
 GQA without copies: the G query heads that share a KV head are stacked as G * T rows of one tile (row
 r = g * T + t is query head hk * G + g at position t), so each K/V tile is read once per program. A row
 that sees no key gets o = 0 (as `_part`). The two matmuls run on the tensor cores with float32
@@ -37,6 +41,7 @@ Taught in: notebooks/05_the_glide_draft.ipynb
 """
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -54,7 +59,8 @@ def _masked_attn_kernel(
     Q,  # [B, Hq, T, D] queries
     K,  # [B, Hkv, S, D] keys
     V,  # [B, Hkv, S, D] values
-    MASK,  # uint8 [T or 1, S]: 1 = row t may see key n (a single row is shared by all rows)
+    MASK,  # uint8 [T or 1, S] (TAIL: [T or 1, S_HEAD]): 1 = row t may see key n (one row serves every row)
+    MASK_TAIL,  # uint8 [T, S - S_HEAD], unit column stride: the mask of keys S_HEAD.. (read only if TAIL)
     O,  # [B, Hq, T, D] output, q's dtype
     O_PART,  # fp32 [B * Hkv, row tiles, SPLITS, BLOCK_M, D] each split's normalised output (SPLITS > 1)
     LSE_PART,  # fp32 [B * Hkv, row tiles, SPLITS, BLOCK_M] each split's log2-sum-exp2 of its scores (SPLITS > 1)
@@ -64,6 +70,8 @@ def _masked_attn_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_mt,  # row stride of MASK: S, or 0 when one mask row serves every query row
+    stride_tt,  # row stride of MASK_TAIL (TAIL)
+    S_HEAD,  # keys whose visibility MASK holds; MASK_TAIL holds the rest (TAIL)
     T,  # query rows per head
     S,  # keys
     Hkv,  # KV heads
@@ -75,6 +83,7 @@ def _masked_attn_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     IEEE: tl.constexpr,  # float32 inputs: full-precision dots instead of TF32
     SPLITS: tl.constexpr,  # programs per (row tile, KV head) along the keys, a power of two; grid axis 2
+    TAIL: tl.constexpr,  # the mask comes in two parts: MASK for keys < S_HEAD, MASK_TAIL for the others
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)  # b * Hkv + hk
@@ -105,7 +114,14 @@ def _masked_attn_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
         else:
             s = tl.dot(q, tl.trans(k))
-        vis = tl.load(MASK + t[:, None] * stride_mt + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0)
+        if TAIL:  # e.g. a tree level: its window rows (one row for the level), then its ancestors' scratch keys
+            head_ok = row_ok[:, None] & (n < S_HEAD)[None, :]
+            tail_ok = row_ok[:, None] & (n_ok & (n >= S_HEAD))[None, :]
+            vis_h = tl.load(MASK + t[:, None] * stride_mt + n[None, :], mask=head_ok, other=0)
+            vis_t = tl.load(MASK_TAIL + t[:, None] * stride_tt + (n - S_HEAD)[None, :], mask=tail_ok, other=0)
+            vis = vis_h | vis_t
+        else:
+            vis = tl.load(MASK + t[:, None] * stride_mt + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0)
         s = tl.where(vis != 0, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, _max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay 0
@@ -188,7 +204,7 @@ def launch_config(rows: int, keys: int) -> tuple[int, int, int, int, int]:
     return block_m, 64, 4, 2, splits
 
 
-def _launch(q, k, v, mask_u8, scale, config=None):
+def _launch(q, k, v, mask_u8, scale, config=None, tail_u8=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -207,28 +223,31 @@ def _launch(q, k, v, mask_u8, scale, config=None):
     else:
         o_part = lse_part = tickets = out  # never read
     _masked_attn_kernel[(row_tiles, B * Hkv, splits)](
-        q, k, v, mask_u8, out, o_part, lse_part, tickets,
+        q, k, v, mask_u8, mask_u8 if tail_u8 is None else tail_u8, out, o_part, lse_part, tickets,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, T, S, Hkv, per_split, scale * _LOG2E,
+        mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, 0 if tail_u8 is None else tail_u8.stride(0),
+        S - (0 if tail_u8 is None else tail_u8.shape[1]), T, S, Hkv, per_split, scale * _LOG2E,
         G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, SPLITS=splits,
-        num_warps=warps, num_stages=stages,
+        TAIL=tail_u8 is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
 
 @torch.library.custom_op("longspec::masked_attention", mutates_args=())
 def _masked_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    return _launch(q, k, v, mask.view(torch.uint8), scale)  # Triton reads the bool mask as bytes
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    tail_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:  # fmt: skip
+    tail = None if tail_mask is None else tail_mask.view(torch.uint8)
+    return _launch(q, k, v, mask.view(torch.uint8), scale, tail_u8=tail)  # Triton reads the bool masks as bytes
 
 
 @_masked_attention_op.register_fake
-def _(q, k, v, mask, scale):
+def _(q, k, v, mask, scale, tail_mask=None):
     return torch.empty_like(q)
 
 
-def _check(q, k, v, mask):
+def _check(q, k, v, mask, tail_mask=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -249,26 +268,48 @@ def _check(q, k, v, mask):
         )
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"masked_attention: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
-    if mask.dim() != 2 or mask.shape[0] not in (1, T) or mask.shape[1] != k.shape[2]:
+    S_tail = 0
+    if tail_mask is not None:
+        if not isinstance(tail_mask, torch.Tensor) or tail_mask.dtype != torch.bool or tail_mask.dim() != 2:
+            raise ValueError("masked_attention: tail_mask must be a 2-D bool tensor [query rows, last keys]")
+        S_tail = tail_mask.shape[1]
+        if tail_mask.shape[0] != T or not 0 < S_tail <= k.shape[2]:
+            raise ValueError(
+                f"masked_attention: tail_mask shape {tuple(tail_mask.shape)} must be [{T}, S_tail] with "
+                f"0 < S_tail <= {k.shape[2]} keys"
+            )
+        if tail_mask.device != q.device:
+            raise ValueError("masked_attention: q, k, v and tail_mask must be on one device")
+    S_head = k.shape[2] - S_tail
+    if mask.dim() != 2 or mask.shape[0] not in (1, T) or mask.shape[1] != S_head:
+        what = f"the first {S_head} keys; tail_mask covers the rest" if S_tail else "keys"
         raise ValueError(
-            f"masked_attention: mask shape {tuple(mask.shape)} must be [{T} or 1, {k.shape[2]}] (query rows, keys)"
+            f"masked_attention: mask shape {tuple(mask.shape)} must be [{T} or 1, {S_head}] (query rows, {what})"
         )
     if not (q.device == k.device == v.device == mask.device):
         raise ValueError("masked_attention: q, k, v and mask must be on one device")
 
 
-def masked_attention(q, k, v, mask, scale=None):
+def _unit_columns(m: torch.Tensor) -> torch.Tensor:
+    """m itself when its columns are adjacent (any row stride: a slice of a larger mask costs no copy)."""
+    return m if m.stride(-1) == 1 else m.contiguous()
+
+
+def masked_attention(q, k, v, mask, scale=None, tail_mask=None):
     """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T or 1, S] (True = visible),
     as `masked_attention_reference`, in one kernel launch (CUDA, or the CPU under TRITON_INTERPRET=1).
-    Returns [B, Hq, T, D] in q's dtype."""
-    _check(q, k, v, mask)
+    With tail_mask [T, S_tail] the mask comes in two parts: `mask` [T or 1, S - S_tail] for the first keys and
+    tail_mask for the last S_tail, as if concatenated, so neither is copied into one (a draft tree level: one
+    window row for all its nodes, then rows of the tree mask). Returns [B, Hq, T, D] in q's dtype."""
+    _check(q, k, v, mask, tail_mask)
     if not (q.is_cuda or _INTERPRET):
         raise ValueError(
             "the masked-attention kernel needs a CUDA GPU (or TRITON_INTERPRET=1); on the CPU use "
             "masked_attention_reference or ops.attention.masked_sdpa"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _masked_attention_op(q, k, v, mask.contiguous(), scale)
+    tail = None if tail_mask is None else _unit_columns(tail_mask)
+    return _masked_attention_op(q, k, v, _unit_columns(mask), scale, tail)
 
 
 def main(argv=None) -> int:

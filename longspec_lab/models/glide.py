@@ -283,21 +283,25 @@ class Glide(nn.Module):
         return logits
 
     def tree_level(
-        self, tokens, qpos, first_slot: int, anc_rows, ring: DraftRing, target_k, target_v, P, backend: str = "torch"
-    ):
+        self, tokens, qpos, first_slot: int, anc_rows, ring: DraftRing, target_k, target_v, P, backend: str = "torch",
+        window_rows=None,
+    ):  # fmt: skip
         """One tree level: tokens [n] at positions qpos [n] (= seen - 1 + depth), whose keys go to the
         scratch slots first_slot .. first_slot + n - 1 (node i uses scratch slot i - 1). Each node sees
         the committed ring entries in its window and, through anc_rows [n, N - 1], the scratch entries
-        of its ancestors and itself -> logits [n, V]. The ring and `seen` are not changed."""
+        of its ancestors and itself -> logits [n, V]. The ring and `seen` are not changed.
+        window_rows [n or 1, R]: `ring.visible(qpos, committed_only=True)` made beforehand (a decoding step makes
+        them for all levels at once, `DraftRing.visible`); one row serves a level whose nodes share a position."""
         n, R = tokens.shape[-1], ring.R
         lo = R + first_slot
+        if window_rows is None:
+            window_rows = ring.visible(qpos, committed_only=True)  # [n, R]
 
         def self_attn(q, k, v):
             if k is not None:  # else the fused kernel has written them to the scratch slots
                 ring.cache_k[:, :, :, lo : lo + n] = k[None].to(ring.cache_k.dtype)
                 ring.cache_v[:, :, :, lo : lo + n] = v[None].to(ring.cache_v.dtype)
-            vis = torch.cat([ring.visible(qpos, committed_only=True), anc_rows], 1)  # [n, R + N - 1]
-            return masked_sdpa(q, ring.k, ring.v, vis)
+            return masked_sdpa(q, ring.k, ring.v, window_rows, anc_rows)  # keys: R ring slots, N - 1 scratch
 
         def cross_attn(q):
             return prefix_attention(q, target_k, target_v, P, backend)

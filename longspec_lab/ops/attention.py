@@ -144,8 +144,10 @@ def _dense_mask(prefix_len, block_len, block_mask, T, device):
     return full
 
 
-def masked_sdpa(q, k, v, mask):
-    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible).
+def masked_sdpa(q, k, v, mask, tail_mask=None):
+    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] under a bool mask [T, S] (True = visible), or, with
+    tail_mask [T, S_tail], under cat([mask, tail_mask], 1) with mask [T or 1, S - S_tail]: the "triton" form reads
+    the two parts where they lie, the others concatenate them.
     The KV heads are expanded to the query heads: SDPA's memory-efficient kernel takes a boolean
     mask but not `enable_gqa`, and its fallback costs a dozen launches. Every row needs >= 1 key.
     With MASKED_ATTN "math" the same attention is written out over the grouped heads (no expansion); with
@@ -160,8 +162,10 @@ def masked_sdpa(q, k, v, mask):
         if (q.is_cuda or _interpreting()) and D >= 16 and not D & (D - 1):
             from longspec_lab.kernels.masked_attention import masked_attention
 
-            return masked_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+            return masked_attention(q, k.to(q.dtype), v.to(q.dtype), mask, tail_mask=tail_mask)
         form = "math"
+    if tail_mask is not None:  # [T, S]: the window part for every row, then the tail
+        mask = torch.cat([mask.expand(tail_mask.shape[0], -1), tail_mask], 1)
     if form == "math":
         B, Hq, T, D = q.shape
         rows = mask.repeat(G, 1) if mask.shape[0] == T and G > 1 else mask  # [G*T or 1, S]

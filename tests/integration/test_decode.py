@@ -202,3 +202,33 @@ def test_batch_invariant_rows_with_the_rope_tables_kernel(embedded_pair, prompts
     ar_row, tree_row = _ar_and_tree_rows(target, draft, prompt)
     assert torch.equal(ar_row, tree_row)
     assert calls.count((1, 128)) == 2  # the AR pass and the verify pass, each padded to 128 rows
+
+
+def test_window_rows_made_once_give_the_levels_each_computes(embedded_pair, prompts):
+    """draft_root makes every later level's window row at once (`DecodeState.window_rows`); each level drafting
+    with its own `ring.visible(qpos, committed_only=True)` instead (tree_level's default) grows the same tree,
+    bit for bit, on a ring that has ingested several steps."""
+    from longspec_lab.decoding import steps
+    from longspec_lab.spec.tree import TreeShape
+
+    target, draft, _ = embedded_pair
+    st = steps.DecodeState(target, draft, TreeShape((2, 3, 3, 3)), 3000, "torch")
+    with torch.inference_mode():
+        steps.prefill(st, torch.tensor(prompts[0][:700]))
+        for _ in range(3):  # a few steps: pending blocks of several tokens, a ring that has moved on
+            for _, stage in steps.greedy_stages(st):
+                stage()
+        steps.draft_root(st)
+        for level in range(2, st.D + 1):
+            steps.draft_next(st, level)
+        grown = [t.clone() for t in (st.tree.tokens, st.tree.scores, st.tree.anc)]
+        rows = st.ring.visible(st.P + torch.arange(1, st.D), committed_only=True)
+        assert torch.equal(st.window_rows, rows) and rows.any(1).all()
+        buf, (tk, tv) = st.tree, st.target_kv
+        for level in range(2, st.D + 1):  # the levels again, each computing its own window
+            lo, hi = buf.levels[level - 1]
+            qpos = st.P + buf.depths[lo:hi]
+            logits = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, buf.anc[lo:hi, 1:], st.ring, tk, tv, st.P)
+            steps.beam_rule(buf, level, logits)
+        for a, b in zip(grown, (buf.tokens, buf.scores, buf.anc)):
+            assert torch.equal(a, b)

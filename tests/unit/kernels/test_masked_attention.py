@@ -96,6 +96,48 @@ def test_strided_views_are_read_in_place():
     torch.testing.assert_close(got.double(), ma.masked_attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("T,S,S_tail,shared", [(16, 100, 37, True), (5, 70, 64, False), (1, 37, 5, True)])
+def test_two_part_mask_is_the_concatenated_mask(T, S, S_tail, shared, splits):
+    """mask [T or 1, S - S_tail] then tail_mask [T, S_tail], read where they lie (the tail a row-strided slice of
+    a larger mask, as a tree level's rows of the tree mask): the reference over cat([mask, tail_mask], 1). With a
+    head part of 63 keys a 32-key tile straddles the boundary."""
+    q, k, v, head = _case(T, 4, 2, S - S_tail, seed=T + S + splits, shared=shared)
+    k = torch.randn(1, 2, S, 16, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(1, 2, S, 16, generator=torch.Generator().manual_seed(2))
+    big = torch.rand(T + 3, S_tail + 9, generator=torch.Generator().manual_seed(3)) < 0.5
+    tail = big[2 : 2 + T, 4 : 4 + S_tail]  # row stride S_tail + 9, columns adjacent
+    if not shared:
+        head[0] = False  # with tail[0], a row that sees nothing: it gives 0
+    tail[0] = False
+    full = torch.cat([head.expand(T, -1), tail], 1)
+    want = ma.masked_attention_reference(q, k, v, full)
+    got = ma._launch(q, k, v, head.view(torch.uint8), 16**-0.5, (16, 32, 4, 2, splits), tail.view(torch.uint8))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if shared or splits == 4:
+        return
+    torch.testing.assert_close(ma.masked_attention(q, k, v, head, tail_mask=tail).double(), want, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(OP, (q, k, v, head, 0.25, tail))
+
+
+def test_two_part_mask_errors_and_masked_sdpa_forms(monkeypatch):
+    import longspec_lab.ops.attention as attention
+
+    q, k, v, mask = _case(16, 4, 2, 97, seed=9)
+    head, tail = mask[:1, :60], mask[:, 60:]
+    with pytest.raises(ValueError, match="must be \\[16 or 1, 60\\]"):
+        ma.masked_attention(q, k, v, mask, tail_mask=tail)  # the whole mask plus a tail
+    with pytest.raises(ValueError, match="tail_mask shape"):
+        ma.masked_attention(q, k, v, head, tail_mask=tail[:3])
+    with pytest.raises(ValueError, match="2-D bool"):
+        ma.masked_attention(q, k, v, head, tail_mask=tail.int())
+    monkeypatch.setattr(attention, "MASKED_ATTN", "math")  # the readable form concatenates the parts
+    want = attention.masked_sdpa(q, k, v, torch.cat([head.expand(16, -1), tail], 1))
+    torch.testing.assert_close(attention.masked_sdpa(q, k, v, head, tail), want, rtol=0, atol=0)
+    monkeypatch.setattr(attention, "MASKED_ATTN", "triton")
+    torch.testing.assert_close(attention.masked_sdpa(q, k, v, head, tail), want, rtol=1e-5, atol=1e-5)
+
+
 def test_op_opcheck_and_fullgraph_trace():
     q, k, v, mask = _case(3, 4, 2, 20, seed=5)
     torch.library.opcheck(OP, (q, k, v, mask, 0.25))
