@@ -164,7 +164,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         bm, bn, warps, stages, splits = ma.launch_config(rows, 586)
         ptrs = dict(Q=dt, K=dt, V=dt, MASK="u8", MASK_TAIL="u8", O=dt, O_PART="fp32", LSE_PART="fp32", TICKETS="i32")
         consts = dict(G=2, HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=dt == "fp32", SPLITS=1 if one else splits,
-                      TAIL=not one)  # fmt: skip
+                      TAIL=not one, ONE_ROW=not one)  # fmt: skip
         sig, cx = _signature(ma._masked_attn_kernel, ptrs, ("qk_scale",), consts)
         out.append((f"masked attention: {rows} rows, {dt}{'' if one else ', two-part mask'}", ma._masked_attn_kernel,
                     sig, cx, dict(num_warps=warps, num_stages=stages)))  # fmt: skip

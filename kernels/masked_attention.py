@@ -55,6 +55,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _mask_tile(M, t, row_ok, cols, col_ok, stride_row, ONE_ROW: tl.constexpr):
+    """uint8 [BLOCK_M, BLOCK_N] visibility of the rows t at columns cols of the mask M (0 where not ok). ONE_ROW: M is
+    one row for every query row, read once as a vector (rows past the query rows then see it too: never stored)."""
+    if ONE_ROW:
+        v = tl.load(M + cols, mask=col_ok, other=0)  # [BLOCK_N]
+        return tl.broadcast_to(v[None, :], (t.shape[0], cols.shape[0]))
+    return tl.load(M + t[:, None] * stride_row + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+
+
+@triton.jit
 def _masked_attn_kernel(
     Q,  # [B, Hq, T, D] queries
     K,  # [B, Hkv, S, D] keys
@@ -84,6 +94,7 @@ def _masked_attn_kernel(
     IEEE: tl.constexpr,  # float32 inputs: full-precision dots instead of TF32
     SPLITS: tl.constexpr,  # programs per (row tile, KV head) along the keys, a power of two; grid axis 2
     TAIL: tl.constexpr,  # the mask comes in two parts: MASK for keys < S_HEAD, MASK_TAIL for the others
+    ONE_ROW: tl.constexpr,  # MASK is one row shared by every query row: a [BLOCK_N] load, broadcast
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)  # b * Hkv + hk
@@ -115,13 +126,15 @@ def _masked_attn_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         if TAIL:  # e.g. a tree level: its window rows (one row for the level), then its ancestors' scratch keys
-            head_ok = row_ok[:, None] & (n < S_HEAD)[None, :]
-            tail_ok = row_ok[:, None] & (n_ok & (n >= S_HEAD))[None, :]
-            vis_h = tl.load(MASK + t[:, None] * stride_mt + n[None, :], mask=head_ok, other=0)
-            vis_t = tl.load(MASK_TAIL + t[:, None] * stride_tt + (n - S_HEAD)[None, :], mask=tail_ok, other=0)
-            vis = vis_h | vis_t
+            if start + BLOCK_N <= S_HEAD:  # a tile of the first part only: one load
+                vis = _mask_tile(MASK, t, row_ok, n, n < S_HEAD, stride_mt, ONE_ROW)
+            elif start >= S_HEAD:  # of the tail only
+                vis = _mask_tile(MASK_TAIL, t, row_ok, n - S_HEAD, n_ok, stride_tt, False)
+            else:  # the tile that straddles them
+                vis_h = _mask_tile(MASK, t, row_ok, n, n < S_HEAD, stride_mt, ONE_ROW)
+                vis = vis_h | _mask_tile(MASK_TAIL, t, row_ok, n - S_HEAD, n_ok & (n >= S_HEAD), stride_tt, False)
         else:
-            vis = tl.load(MASK + t[:, None] * stride_mt + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0)
+            vis = _mask_tile(MASK, t, row_ok, n, n_ok, stride_mt, ONE_ROW)
         s = tl.where(vis != 0, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, _max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay 0
@@ -228,7 +241,7 @@ def _launch(q, k, v, mask_u8, scale, config=None, tail_u8=None):
         mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, 0 if tail_u8 is None else tail_u8.stride(0),
         S - (0 if tail_u8 is None else tail_u8.shape[1]), T, S, Hkv, per_split, scale * _LOG2E,
         G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, SPLITS=splits,
-        TAIL=tail_u8 is not None, num_warps=warps, num_stages=stages,
+        TAIL=tail_u8 is not None, ONE_ROW=mask_u8.shape[0] == 1, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 

@@ -32,7 +32,7 @@ from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
 from longspec_lab.spec.commit import advance, commit_kv
 from longspec_lab.spec.draft import TreeBuffers, grow_beam_level, grow_sampled_level
 from longspec_lab.spec.tree import TreeShape
-from longspec_lab.spec.verify import VERIFY_RULES, AcceptResult, acceptance_stats, greedy_accept, path_nodes
+from longspec_lab.spec.verify import VERIFY_RULES, AcceptResult, acceptance_stats, greedy_accept, path_children
 
 
 class DecodeState:
@@ -217,7 +217,7 @@ def verify(st: DecodeState) -> None:
     st.path.copy_(path)
     st.n_acc.copy_(n)
     st.emitted.copy_(preds.index_select(0, path))
-    tried = path_nodes(path, buf.N)[buf.parents.clamp(min=0)] & (buf.parents >= 0)  # children of path nodes
+    tried = path_children(buf.parents, buf.depths, path)  # the children of the path's nodes
     st.stats.add_(acceptance_stats(buf.parents, buf.depths, path, n, tried, st.D, st.R))
 
 
@@ -260,7 +260,7 @@ def step_outcome(st: DecodeState):
     n = int(st.n_acc)
     path = st.path[:n].clone()
     tree = st.tree.tree()
-    tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)
+    tried = path_children(tree.parents, tree.depths, st.path)  # the padded path [D+1]
     result = AcceptResult(path, st.emitted[:n].clone(), st.verified.clone(), st.accepted.clone(), n, tried)
     return tree, st.preds.clone(), result
 

@@ -121,10 +121,11 @@ def greedy_accept(tokens, parents, depths, anc, levels, preds):
     return verified, accepted, path, depths.index_select(0, win) + 1
 
 
-def path_nodes(path: torch.Tensor, N: int) -> torch.Tensor:
-    """bool [N]: the first n entries of a padded path [D+1] (the padding repeats the winner)."""
-    on = torch.zeros(N, dtype=torch.bool, device=path.device)
-    return on.index_fill(0, path, True)
+def path_children(parents: torch.Tensor, depths: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """bool [N]: the children of the nodes on a padded path [D+1] (the padding repeats the winner), i.e. the nodes
+    greedy acceptance offered. Node j qualifies when its parent is the path's node at depth(j) - 1; a padded entry
+    is the winner, which sits one depth higher, so it never matches. Elementwise (a gather, no scatter)."""
+    return (parents >= 0) & (path.gather(0, (depths - 1).clamp_min(0)) == parents)
 
 
 def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
@@ -133,8 +134,8 @@ def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> AcceptResult:
     levels = list(zip(tree.shape.level_offsets[:-1], tree.shape.level_offsets[1:]))
     verified, accepted, path, n = greedy_accept(tree.tokens, tree.parents, tree.depths, tree.mask, levels, t)
     k = int(n)
+    tried = path_children(tree.parents, tree.depths, path)  # the children of the path's nodes (path padded)
     path = path[:k]
-    tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)  # children of path
     return AcceptResult(path, t[path], verified, accepted, k, tried)
 
 
@@ -358,17 +359,25 @@ def acceptance_stats(parents, depths, path, n, tried, D: int, R: int) -> torch.T
     """One step's acceptance counts on static buffers, no host sync -> long [2D + 2R]:
     depth d (1..D) tried (the path reached depth d-1 at a node with children offered) and accepted
     (reached depth d), then sibling rank r (0..R-1) tried and accepted. path [D+1] padded, n [1]."""
-    # Counted with one-hot comparisons and sums, not index_add: a compiled step then fuses them into a
-    # reduction or two, where index_add became atomic scatters plus bounds-check kernels on the GPU.
+    # All four counts are one sum over the nodes of a [2D + 2R, N] 0/1 matrix (row k: which nodes count for entry k),
+    # built elementwise: a compiled step runs it as one reduction (plus the sibling ranks'), where separate sums,
+    # gathers along the path and index_add each became kernels of their own on the GPU.
     dev = parents.device
-    t = tried.long()
+    N = parents.numel()
+    idx = torch.arange(N, device=dev)  # [N]
     ranks = sibling_ranks(parents)  # [N]
-    d_tried = ((depths[:, None] == torch.arange(1, D + 1, device=dev)) & (t[:, None] > 0)).any(0).long()  # [D]
-    reached = (torch.arange(D, device=dev) < n - 1).long()  # [D] depth d+1 reached
-    rank_ids = torch.arange(R, device=dev)
-    r_tried = ((ranks[1:, None] == rank_ids).long() * t[1:, None]).sum(0)  # [R]
-    r_acc = ((ranks[path[1:]][:, None] == rank_ids).long() * reached[:, None]).sum(0)  # [R]
-    return torch.cat([d_tried, reached, r_tried, r_acc])
+    on_path = (depths >= 1) & (depths < n) & (path.gather(0, depths) == idx)  # [N] the path's nodes below the root
+    k = torch.arange(2 * D + 2 * R, device=dev)[:, None]  # [K, 1] the entry each row counts
+    counts = torch.where(
+        k < D,
+        (depths == k + 1) & tried,  # depth k+1 offered (any such node: clamped to 1 below)
+        torch.where(
+            k < 2 * D,
+            (idx == 0) & (k - D < n - 1),  # depth k-D+1 reached: counted once
+            torch.where(k < 2 * D + R, (ranks == k - 2 * D) & tried & (idx >= 1), (ranks == k - 2 * D - R) & on_path),
+        ),
+    ).sum(1)  # [K]
+    return torch.where(k[:, 0] < D, counts.clamp_max(1), counts)
 
 
 def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[int]]:
@@ -379,7 +388,7 @@ def acceptance_counts(tree: DraftTree, result: AcceptResult) -> dict[str, list[i
     padded = torch.cat([path, path[-1:].expand(D + 1 - path.numel())])  # [D+1]
     tried = result.tried
     if tried is None:  # children of the path's nodes
-        tried = path_nodes(path, tree.num_nodes)[tree.parents.clamp(min=0)] & (tree.parents >= 0)
+        tried = path_children(tree.parents, tree.depths, padded)
     n = torch.tensor([path.numel()], device=dev)
     flat = acceptance_stats(tree.parents, tree.depths, padded, n, tried.to(dev), D, R).tolist()
     return split_stats(flat, D, R)

@@ -196,3 +196,28 @@ def test_acceptance_stats_equal_brute_force_counts(data):
         torch.tensor(parents), torch.tensor(depths), torch.tensor(padded), torch.tensor([n]), torch.tensor(tried), D, R
     )
     assert got.tolist() == want_d_tried + want_reached + want_r_tried + want_r_acc
+
+
+@SETTINGS
+@given(st.data())
+def test_path_children_equal_the_children_of_the_path_set(data):
+    """path_children (a gather by depth) against the definition: nodes whose parent is one of the path's nodes."""
+    from longspec_lab.spec.verify import path_children
+
+    widths = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
+    parents, prev = [-1], [0]
+    for w in widths:
+        level = [len(parents) + i for i in range(w)]
+        parents += [data.draw(st.sampled_from(prev)) for _ in range(w)]
+        prev = level
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    leaf = data.draw(st.integers(0, len(parents) - 1))
+    path = [leaf]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    path = path[::-1]
+    padded = path + [path[-1]] * (len(widths) + 1 - len(path))
+    got = path_children(torch.tensor(parents), torch.tensor(depths), torch.tensor(padded))
+    assert got.tolist() == [p >= 0 and p in path for p in parents]
