@@ -67,7 +67,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     ]
     for pdt, tma, direct, fused, causal in cases[:2] if quick else cases:
         consts = dict(
-            GROUP=4, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, RAGGED=True, CAUSAL=causal, PREFIX_ONLY=False, IEEE=False,
+            GROUP=4, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, RAGGED=True, CAUSAL=causal, PREFIX_ONLY=False,
+            TREE_SPLIT=False, IEEE=False,
             DIRECT=direct, FUSED_MERGE=fused, WRITE_LSE=True, USE_TMA=tma, STAGES=3,
             MERGE_S=16, MERGE_R=ta.merge_tile(16, 4, 128)[1],
         )  # fmt: skip
@@ -76,15 +77,17 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
         label = f"tree split: lengths {pdt}, {'TMA' if tma else 'plain'} loads, direct={direct} fused={fused}"
         out.append((label, split, sig, cx, dict(num_warps=4, num_stages=3)))
-    # the embedded model's decode (2 packed rows of head dim 64, 16 splits merged 2 rows at a time), and the draft's
-    # cross-attention (prefix only: no tree keys)
-    for label, prefix_only, fused in (("embedded decode, fused merge", False, True), ("prefix only", True, False)):
+    # the embedded model's decode (2 packed rows of head dim 64, 16 splits merged 2 rows at a time), the draft's
+    # cross-attention (prefix only: no tree keys), and its verify's tree in programs of its own (device lengths)
+    for label, prefix_only, fused, own in (("embedded decode, fused merge", False, True, False),
+                                             ("prefix only", True, False, False),
+                                             ("tree in programs of its own", False, False, True)):  # fmt: skip
         if quick:
             break
         consts = dict(
-            GROUP=2, HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, RAGGED=True, CAUSAL=True, PREFIX_ONLY=prefix_only,
-            IEEE=False, DIRECT=False, FUSED_MERGE=fused, WRITE_LSE=True, USE_TMA=not fused, STAGES=3, MERGE_S=16,
-            MERGE_R=ta.merge_tile(16, 2, 64)[1],
+            GROUP=2, HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, RAGGED=True, CAUSAL=not own, PREFIX_ONLY=prefix_only,
+            TREE_SPLIT=own, IEEE=False, DIRECT=False, FUSED_MERGE=fused, WRITE_LSE=True, USE_TMA=not fused,
+            STAGES=3, MERGE_S=16, MERGE_R=ta.merge_tile(16, 2, 64)[1],
         )  # fmt: skip
         ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX="i64", MASK="i32", COUNTER="i32")
         ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
@@ -93,11 +96,13 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     merge = ta._tree_attn_merge_kernel
     merge_s, merge_r = ta.merge_tile(16, 288, 128)
     ptrs = dict(O_PART="fp32", LSE_PART="fp32", PREFIX="i64", OUT="bf16", LSE_OUT="fp32")
-    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, LOOP=False, RAGGED=True, WRITE_LSE=True)
+    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, LOOP=False, RAGGED=True, WRITE_LSE=True,
+                  TREE_SPLIT=False)  # fmt: skip
     sig, cx = _signature(merge, ptrs, (), consts)
     out.append(("tree merge: lengths i64", merge, sig, cx, dict(num_warps=4)))
     loop, merge_s, merge_r = ta.merge_plan(4, 288, 128, row_tiles=5)  # Llama verify at 1k: split by split
-    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, LOOP=loop, RAGGED=False, WRITE_LSE=False)
+    consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_R=merge_r, MERGE_S=merge_s, LOOP=loop, RAGGED=False, WRITE_LSE=False,
+                  TREE_SPLIT=True)  # fmt: skip
     sig, cx = _signature(merge, ptrs, (), consts)
     out.append(("tree merge: split by split", merge, sig, cx, dict(num_warps=4)))
     for dt, lo in (("i64", -(2**63)), ("fp32", float("-inf"))):

@@ -306,7 +306,7 @@ def _tree_attn_split_kernel(
     stride_mq,
     prefix_len,  # common prefix length (if not RAGGED)
     split_len,  # keys per prefix split
-    n_splits,  # number of prefix splits (>= 1); the tree runs in each sequence's last non-empty one
+    n_splits,  # partials per row: the prefix splits (>= 1), plus one for the tree with TREE_SPLIT
     T,  # new rows (= new keys) per sequence
     ROWS,  # G * T query rows per kv head
     H_KV,  # kv heads
@@ -319,6 +319,7 @@ def _tree_attn_split_kernel(
     RAGGED: tl.constexpr,
     CAUSAL: tl.constexpr,
     PREFIX_ONLY: tl.constexpr,  # the T keys after the prefix are never read (the draft's cross-attention)
+    TREE_SPLIT: tl.constexpr,  # the tree keys get programs of their own (split n_splits - 1), beside the prefix's
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,  # n_splits == 1: write the final output, no merge launch
     FUSED_MERGE: tl.constexpr,  # several splits: the last one to finish merges them (no merge launch)
@@ -338,10 +339,21 @@ def _tree_attn_split_kernel(
     else:
         P = prefix_len
     n_used = (P + split_len - 1) // split_len  # non-empty prefix splits of this sequence
-    last = tl.maximum(n_used - 1, 0)  # the split that also runs the tree keys
-    if pid_s <= last:
+    last = tl.maximum(n_used - 1, 0)  # the split that also runs the tree keys (without TREE_SPLIT)
+    if TREE_SPLIT:  # program n_splits - 1 runs the tree alone and writes its partial right after the prefix's
+        is_tree = pid_s == n_splits - 1
+        runs = (pid_s < n_used) | is_tree
+        part_s = tl.where(is_tree, n_used, pid_s)
+    else:
+        is_tree = pid_s == last
+        runs = pid_s <= last
+        part_s = pid_s
+    if runs:
         lo = pid_s * split_len
         hi = tl.minimum(lo + split_len, P)
+        if TREE_SPLIT:
+            lo = tl.where(is_tree, P, lo)  # the tree's program reads no prefix key
+            hi = tl.where(is_tree, P, hi)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         row_ok = rows < ROWS
         g = rows // T
@@ -423,7 +435,7 @@ def _tree_attn_split_kernel(
             USE_TMA,
             STAGES,
         )
-        if (pid_s == last) and (not PREFIX_ONLY):  # the tree keys [P, P + T), fused into this split
+        if is_tree and (not PREFIX_ONLY):  # the tree keys [P, P + T): in the last prefix split, or alone
             acc, m_i, l_i = _attend_range(
                 acc,
                 m_i,
@@ -462,7 +474,7 @@ def _tree_attn_split_kernel(
                         stride_ob, stride_oh, stride_ot, stride_od, stride_lb, stride_lh, stride_lt,
                         WRITE_LSE)  # fmt: skip
         else:
-            part = (pid_bh.to(tl.int64) * n_splits + pid_s) * ROWS + rows  # [BLOCK_M]
+            part = (pid_bh.to(tl.int64) * n_splits + part_s) * ROWS + rows  # [BLOCK_M]
             tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
             tl.store(LSE_PART + part, lse, mask=row_ok)
             if FUSED_MERGE:
@@ -580,6 +592,7 @@ def _tree_attn_merge_kernel(
     LOOP: tl.constexpr,  # merge split by split (`_merge_partials_loop`) instead of all at once
     RAGGED: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    TREE_SPLIT: tl.constexpr,  # one more partial, the tree's, right after the prefix splits
 ):
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -589,7 +602,10 @@ def _tree_attn_merge_kernel(
         P = tl.load(PREFIX + b).to(tl.int32)
     else:
         P = prefix_len
-    n_used = tl.maximum((P + split_len - 1) // split_len, 1)  # splits written (the tree is in the last)
+    if TREE_SPLIT:
+        n_used = (P + split_len - 1) // split_len + 1  # the prefix splits written, then the tree's
+    else:
+        n_used = tl.maximum((P + split_len - 1) // split_len, 1)  # splits written (the tree is in the last)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
     base = pid_bh.to(tl.int64) * n_splits * ROWS + rows  # [BLOCK_R] split 0 of each row
@@ -621,7 +637,7 @@ _HOPPER_CONFIGS = [
     _cfg(128, 8, 3, True),
     _cfg(64, 8, 3, True),
 ]
-_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "PREFIX_ONLY", "IEEE", "split_bucket"]
+_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "PREFIX_ONLY", "TREE_SPLIT", "IEEE", "split_bucket"]
 
 
 _SHORT_SPLIT = 256  # keys: at or below this split length, 128-key tiles are not tried
@@ -891,8 +907,10 @@ def make_scratch(q, k, prefix_lens, num_splits=None):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     p = max(_prefix_list(prefix_lens, B))
-    n, _ = plan_splits(p, Hq // Hkv * T, B * Hkv, q.device, num_splits)
-    o_part = torch.empty(B * Hkv, n, Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
+    rows = Hq // Hkv * T
+    n, _ = plan_splits(p, rows, B * Hkv, q.device, num_splits)
+    n += tree_split_applies(rows, _pick_block_m(rows), False)
+    o_part = torch.empty(B * Hkv, n, rows, D, dtype=torch.float32, device=q.device)
     return o_part, torch.empty(o_part.shape[:3], dtype=torch.float32, device=q.device)
 
 
@@ -1003,6 +1021,23 @@ def _tickets(device: torch.device) -> torch.Tensor:
 
 LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmark records it)
 
+# LONGSPEC_TREE_SPLIT: where the tree keys are attended. "auto" (the default): by programs of their own, one per row
+# tile, beside the prefix splits (one more partial to merge), whenever the rows need several row tiles (a
+# verification pass): the last prefix split then no longer runs its share of the prefix AND the whole tree one after
+# the other. With one row tile (decode, the draft's levels) the tree stays in the last split. "on": always (the
+# tests run it on the interpreter's single row tiles); "off": never, the tree in the last prefix split.
+TREE_SPLIT = os.environ.get("LONGSPEC_TREE_SPLIT", "auto")
+_TREE_SPLIT_CHOICES = ("auto", "on", "off")
+
+
+def tree_split_applies(rows: int, block_m: int, prefix_only: bool) -> bool:
+    """Whether the tree keys get programs of their own (LONGSPEC_TREE_SPLIT, above) for `rows` packed query rows."""
+    if TREE_SPLIT not in _TREE_SPLIT_CHOICES:
+        raise ValueError(f"LONGSPEC_TREE_SPLIT={TREE_SPLIT!r} is not one of auto, on, off; unset it or pick one")
+    if prefix_only or TREE_SPLIT == "off":
+        return False
+    return TREE_SPLIT == "on" or rows > block_m
+
 
 def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch, prefix_only=False):
     """Run the split (and, with several splits, merge) kernels on checked inputs. plist: prefix lengths
@@ -1022,6 +1057,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_m = _pick_block_m(rows)
     n_splits, split_len = plan_splits(max(plist), rows, B * Hkv, q.device, num_splits, block_m)
+    tree_split = tree_split_applies(rows, block_m, prefix_only)
+    n_parts = n_splits + tree_split  # partials per row: the tree's comes after the prefix splits
     _check_buffer("out", out, (B, Hq, T, D), q.dtype, q.device)
     _check_buffer("lse_out", lse_out, (B, Hq, T), torch.float32, q.device)
     # [B, Hq, T, D] view of [B, T, Hq, D] memory: the output projection reads it as [B, T, Hq * D] with no copy
@@ -1029,27 +1066,27 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     lse = None
     if return_lse or lse_out is not None:
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    direct = n_splits == 1
-    grid = (triton.cdiv(rows, block_m), n_splits, B * Hkv)
+    direct = n_parts == 1  # (never with a tree split: two partials at least)
+    grid = (triton.cdiv(rows, block_m), n_parts, B * Hkv)
     # Fused (when asked) only when one row tile holds every row. With several row tiles the merging program's
     # tail costs more than the launch: H200, Llama-3-8B verify shape (288 rows), fp16: 19.9 / 62.2 / 219.7 us fused
     # against 16.2 / 58.7 / 208.0 us with the merge launch at P = 1k / 16k / 64k (tree_attention_h200_fused_merge.json).
     # With one row tile it still lost once the merge read all splits at once: embedded model, bf16, graph-captured,
     # 1-row decode 8.0 against 7.7 us, the draft's 32-row cross-attention 16.5 against 9.6 us
     # (tree_attention_sweep_small_h200.json).
-    fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS
-    loop_merge, merge_s, merge_r = merge_plan(n_splits, rows, D, grid[0], fused)
+    fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS and not tree_split
+    loop_merge, merge_s, merge_r = merge_plan(n_parts, rows, D, grid[0], fused)
     tickets = _tickets(q.device) if fused else q
     if scratch is None:
         if direct:  # never written: the split kernel stores the output itself
             o_part = lse_part = o
         else:
-            o_part = torch.empty(B * Hkv, n_splits, rows, D, dtype=torch.float32, device=q.device)
-            lse_part = torch.empty(B * Hkv, n_splits, rows, dtype=torch.float32, device=q.device)
+            o_part = torch.empty(B * Hkv, n_parts, rows, D, dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(B * Hkv, n_parts, rows, dtype=torch.float32, device=q.device)
     else:
         o_part, lse_part = scratch
-        _check_buffer("scratch[0]", o_part, (B * Hkv, n_splits, rows, D), torch.float32, q.device)
-        _check_buffer("scratch[1]", lse_part, (B * Hkv, n_splits, rows), torch.float32, q.device)
+        _check_buffer("scratch[0]", o_part, (B * Hkv, n_parts, rows, D), torch.float32, q.device)
+        _check_buffer("scratch[1]", lse_part, (B * Hkv, n_parts, rows), torch.float32, q.device)
         if not (o_part.is_contiguous() and lse_part.is_contiguous()):
             raise ValueError("scratch tensors must be contiguous; allocate them with make_scratch()")
     ragged = pref is not None
@@ -1082,7 +1119,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         sm_q,
         plist[0],
         split_len,
-        n_splits,
+        n_parts,
         T,
         rows,
         Hkv,
@@ -1096,6 +1133,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         RAGGED=ragged,
         CAUSAL=causal,
         PREFIX_ONLY=bool(prefix_only),
+        TREE_SPLIT=tree_split,
         IEEE=ieee,
         DIRECT=direct,
         FUSED_MERGE=fused,
@@ -1125,6 +1163,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         kernel=kern,
         tuned_now=kern is not None and len(getattr(kern, "cache", ())) > n_tuned,  # configs_timings are ours
         fused_merge=fused,
+        tree_split=tree_split,
         merge_tile=(merge_s, merge_r),
         loop_merge=loop_merge and not direct,
     )
@@ -1140,7 +1179,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
             *lse_strides,
             plist[0],
             split_len,
-            n_splits,
+            n_parts,
             T,
             rows,
             Hkv,
@@ -1151,6 +1190,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
             LOOP=loop_merge,
             RAGGED=ragged,
             WRITE_LSE=lse is not None,
+            TREE_SPLIT=tree_split,
             num_warps=4,
         )
     return (o, lse) if return_lse else o

@@ -38,6 +38,9 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    the readable q/k/v, RoPE and cache writes) into OUT_DIR/qkv_rope_off
   e2e_topk_second_256  the same with LONGSPEC_TOPK_SECOND_BLOCK=256 (the beam's second top-k pass over chunks of
                    256 candidates, one warp each, then one more pass) into OUT_DIR/topk_second_256
+  e2e_tree_split_off  the same with LONGSPEC_TREE_SPLIT=off (a verification pass's tree keys attended by the last
+                   prefix split, after its share of the prefix, instead of by programs of their own) into
+                   OUT_DIR/tree_split_off
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -119,6 +122,7 @@ def jobs(out: Path) -> dict:
         "e2e_rope_tables_off": _ab_job(out / "rope_tables_off", "LONGSPEC_ROPE_TABLES", "off"),
         "e2e_qkv_rope_off": _ab_job(out / "qkv_rope_off", "LONGSPEC_QKV_ROPE", "off"),
         "e2e_topk_second_256": _ab_job(out / "topk_second_256", "LONGSPEC_TOPK_SECOND_BLOCK", "256"),
+        "e2e_tree_split_off": _ab_job(out / "tree_split_off", "LONGSPEC_TREE_SPLIT", "off"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)

@@ -451,3 +451,44 @@ def test_autotune_prune_drops_wide_tiles_for_short_splits(split_len, block_m):
         and not (split_len <= ta._SHORT_SPLIT and c.kwargs["BLOCK_N"] == 128)
     ]
     assert kept == expect and kept
+
+
+@pytest.mark.parametrize("split", ["on", "off"])
+@pytest.mark.parametrize("causal, loop", [(False, "1"), (False, "0"), (True, "auto")])
+def test_tree_in_programs_of_its_own_equals_the_reference(split, causal, loop, monkeypatch):
+    """LONGSPEC_TREE_SPLIT: the tree keys attended by programs of their own, their partial merged after the prefix
+    splits' (both merge forms), against the float64 reference and against the tree fused into the last split;
+    ragged prefixes with a 0 (the tree's partial alone), slots past P + T poisoned with NaN."""
+    monkeypatch.setattr(ta, "TREE_SPLIT", split)
+    monkeypatch.setattr(ta, "LOOP_MERGE", loop)
+    gen = torch.Generator().manual_seed(7 + causal)
+    B, Hq, Hkv, T, D = 3, 4, 2, 9, 64
+    plist = [0, 45, 130]
+    S = max(plist) + T + 5
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, S, D, generator=gen)
+    v = torch.randn(B, Hkv, S, D, generator=gen)
+    for b, p in enumerate(plist):
+        k[b, :, p + T :] = float("nan")
+        v[b, :, p + T :] = float("nan")
+    mask = None if causal else torch.stack([random_tree_mask(T, gen, n_pending=2) for _ in range(B)])
+    pref = torch.tensor(plist)
+    o, lse = ta.tree_attention(q, k, v, pref, mask, return_lse=True, num_splits=3)
+    assert ta.LAST_LAUNCH["tree_split"] == (split == "on") and ta.LAST_LAUNCH["n_splits"] == 3
+    ro, rlse = ta.tree_attention_reference(
+        q, k.nan_to_num(0.0), v.nan_to_num(0.0), pref, mask, return_lse=True, out_dtype=torch.float64
+    )
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+    o2, _ = ta.tree_attention_packed(q, k, v, pref, None if causal else ta._pack_bits(mask), S - T)  # device lengths
+    torch.testing.assert_close(o2.double(), ro, atol=1e-4, rtol=1e-4)
+
+
+def test_tree_split_switch_auto_and_bad_value(monkeypatch):
+    """ "auto": programs of its own only when the packed rows need several row tiles; an unknown value is named."""
+    monkeypatch.setattr(ta, "TREE_SPLIT", "auto")
+    assert ta.tree_split_applies(138, 64, False) and not ta.tree_split_applies(2, 64, False)
+    assert not ta.tree_split_applies(138, 64, True)  # prefix only: there is no tree
+    monkeypatch.setattr(ta, "TREE_SPLIT", "sometimes")
+    with pytest.raises(ValueError, match="LONGSPEC_TREE_SPLIT='sometimes'"):
+        ta.tree_split_applies(138, 64, False)
