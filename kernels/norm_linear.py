@@ -511,18 +511,24 @@ def _qkv_rope_cache_op(
 ) -> torch.Tensor:
     """`torch.ops.longspec.qkv_rope_cache`: x [B*T, K] -> q [B*T, Hq*D] with RoPE; writes k (with RoPE) and v
     into k_cache / v_cache [L, B, Hkv, S, D] at layer `layer`, slots [T] (checked by `qkv_rope_cache`)."""
-    M, K = x.shape
-    D = k_cache.shape[-1]
-    B = k_cache.shape[1]
-    y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
     kc, vc = k_cache.select(0, layer), v_cache.select(0, layer)  # [B, Hkv, S, D] views: written in place
-    block_m, _, block_k = TILES_OVERRIDE or tiles(M, (num_heads + 2 * num_kv_heads) * D, K)
+    return _launch_rope(x, weight, norm_weight, eps, cos, sin, kc, vc, slots, num_heads, num_kv_heads, bias)
+
+
+def _launch_rope(x, weight, norm_weight, eps, cos, sin, kc, vc, slots, num_heads, num_kv_heads, bias):
+    """The ROPE launch of `_norm_linear_kernel` for x [M, K]: q heads -> y [M, Hq*D] (returned), k and v heads into
+    kc / vc [B, Hkv, S, D] at slots [T] (T = M / B). With no key or value heads, kc, vc and slots are never read."""
+    M, K = x.shape
+    D = weight.shape[0] // (num_heads + 2 * num_kv_heads)
+    y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
+    cache_strides = (kc.stride(0), kc.stride(1), kc.stride(2)) if num_kv_heads else (0, 0, 0)
+    T = M // kc.shape[0] if num_kv_heads else M
+    block_m, _, block_k = TILES_OVERRIDE or tiles(M, weight.shape[0], K)
     warps, stages = _warps_stages()
-    grid = (num_heads + 2 * num_kv_heads, triton.cdiv(M, block_m))
-    _norm_linear_kernel[grid](
+    _norm_linear_kernel[(num_heads + 2 * num_kv_heads, triton.cdiv(M, block_m))](
         x, weight, x if norm_weight is None else norm_weight, x, y,
-        M, (num_heads + 2 * num_kv_heads) * D, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
-        cos, sin, kc, vc, slots, cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), M // B,
+        M, weight.shape[0], K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
+        cos, sin, kc, vc, slots, cos.stride(0), *cache_strides, T,
         num_heads, num_kv_heads,
         x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
         x if bias is None else bias,
@@ -591,24 +597,10 @@ def _linear_rope_op(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`torch.ops.longspec.linear_rope`: x [M, K] -> y [M, Hq*D], RoPE on every head (checked by `linear_rope`)."""
-    M, K = x.shape
-    D = weight.shape[0] // num_heads
-    y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
-    block_m, _, block_k = TILES_OVERRIDE or tiles(M, num_heads * D, K)
-    warps, stages = _warps_stages()
-    _norm_linear_kernel[(num_heads, triton.cdiv(M, block_m))](
-        x, weight, x if norm_weight is None else norm_weight, x, y,
-        M, num_heads * D, K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
-        cos, sin, x, x, x.new_empty(1, dtype=torch.int64), cos.stride(0), 0, 0, 0, M,  # no key or value heads:
-        # the caches and slots are never read, but SLOTS keeps its int64 type (the kernel is typed on it)
-        num_heads, 0,
-        x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
-        x if bias is None else bias,
-        HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
-        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return y
+    # no key or value heads: the caches and slots are never read, but SLOTS keeps its int64 type (the compiled
+    # kernel is typed on it, and compile_check compiles that signature)
+    slots = x.new_empty(1, dtype=torch.int64)
+    return _launch_rope(x, weight, norm_weight, eps, cos, sin, x, x, slots, num_heads, 0, bias)
 
 
 @_linear_rope_op.register_fake

@@ -160,29 +160,32 @@ def test_tree_decoding_is_lossless(widths, hit_rate, seed):
         assert passes < n
 
 
+def _draw_tree_and_path(data):
+    """A random tree (levels of 1-4 nodes, each parent drawn from the level above, so siblings need not be
+    adjacent) and the path root .. a random node: (widths, parents, depths, path) as lists."""
+    widths = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
+    parents, prev = [-1], [0]
+    for w in widths:
+        level = [len(parents) + i for i in range(w)]
+        parents += [data.draw(st.sampled_from(prev)) for _ in range(w)]
+        prev = level
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    path = [data.draw(st.integers(0, len(parents) - 1))]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    return widths, parents, depths, path[::-1]
+
+
 @SETTINGS
 @given(st.data())
 def test_acceptance_stats_equal_brute_force_counts(data):
     """acceptance_stats (one-hot sums on static buffers) against counting node by node in Python."""
     from longspec_lab.spec.verify import acceptance_stats
 
-    widths = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
-    parents, prev = [-1], [0]
-    for w in widths:
-        level = []
-        for _ in range(w):
-            parents.append(data.draw(st.sampled_from(prev)))
-            level.append(len(parents) - 1)
-        prev = level
+    widths, parents, depths, path = _draw_tree_and_path(data)
     N, D, R = len(parents), len(widths), max(widths)
-    depths = [0] * N
-    for i in range(1, N):
-        depths[i] = depths[parents[i]] + 1
-    leaf = data.draw(st.integers(0, N - 1))  # the accepted path: root .. leaf
-    path = [leaf]
-    while path[-1] != 0:
-        path.append(parents[path[-1]])
-    path = path[::-1]
     n = len(path)
     tried = [data.draw(st.booleans()) for _ in range(N)]
     ranks = [sum(parents[j] == parents[i] for j in range(i)) for i in range(N)]
@@ -204,20 +207,7 @@ def test_path_children_equal_the_children_of_the_path_set(data):
     """path_children (a gather by depth) against the definition: nodes whose parent is one of the path's nodes."""
     from longspec_lab.spec.verify import path_children
 
-    widths = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
-    parents, prev = [-1], [0]
-    for w in widths:
-        level = [len(parents) + i for i in range(w)]
-        parents += [data.draw(st.sampled_from(prev)) for _ in range(w)]
-        prev = level
-    depths = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depths[i] = depths[parents[i]] + 1
-    leaf = data.draw(st.integers(0, len(parents) - 1))
-    path = [leaf]
-    while path[-1] != 0:
-        path.append(parents[path[-1]])
-    path = path[::-1]
+    widths, parents, depths, path = _draw_tree_and_path(data)
     padded = path + [path[-1]] * (len(widths) + 1 - len(path))
     got = path_children(torch.tensor(parents), torch.tensor(depths), torch.tensor(padded))
     assert got.tolist() == [p >= 0 and p in path for p in parents]
