@@ -517,7 +517,8 @@ def _qkv_rope_cache_op(
 
 def _launch_rope(x, weight, norm_weight, eps, cos, sin, kc, vc, slots, num_heads, num_kv_heads, bias):
     """The ROPE launch of `_norm_linear_kernel` for x [M, K]: q heads -> y [M, Hq*D] (returned), k and v heads into
-    kc / vc [B, Hkv, S, D] at slots [T] (T = M / B). With no key or value heads, kc, vc and slots are never read."""
+    kc / vc [B, Hkv, S, D] at slots [T] (T = M / B). With no key or value heads, kc, vc and slots are never read.
+    cos, sin: [M, D] tables, or [1, D], one row every row shares (read with row stride 0)."""
     M, K = x.shape
     D = weight.shape[0] // (num_heads + 2 * num_kv_heads)
     y = torch.empty(M, num_heads * D, dtype=x.dtype, device=x.device)
@@ -528,7 +529,7 @@ def _launch_rope(x, weight, norm_weight, eps, cos, sin, kc, vc, slots, num_heads
     _norm_linear_kernel[(num_heads + 2 * num_kv_heads, triton.cdiv(M, block_m))](
         x, weight, x if norm_weight is None else norm_weight, x, y,
         M, weight.shape[0], K, x.stride(0), weight.stride(0), 0, y.stride(0), float(eps),
-        cos, sin, kc, vc, slots, cos.stride(0), *cache_strides, T,
+        cos, sin, kc, vc, slots, cos.stride(0) if cos.shape[0] > 1 else 0, *cache_strides, T,
         num_heads, num_kv_heads,
         x, x, x, x, 0, 0, 0, 0, 0,  # the PRE arguments, unread here
         x if bias is None else bias,
@@ -544,15 +545,22 @@ def _(x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num
     return x.new_empty(x.shape[0], num_heads * k_cache.shape[-1])
 
 
+def _table_rows(cos, sin, B: int, T: int, D: int):
+    """RoPE tables as the kernel reads them: [B*T, D], or [1, D] when every row sits at one position (a draft tree
+    level: its one row is read with stride 0, so nobody expands it into a copy per row)."""
+    rows = 1 if cos.numel() == D else B * T
+    return cos.reshape(rows, D), sin.reshape(rows, D)
+
+
 def qkv_rope_cache(
     x, weight, norm_weight, eps, cos, sin, k_cache, v_cache, layer, slots, num_heads, num_kv_heads, bias=None
 ):
     """One kernel for what a Llama layer does between its input and its attention: RMSNorm (if norm_weight),
     the fused q/k/v projection (weight [(Hq + 2 Hkv) D, K]: q rows, k rows, v rows), RoPE on q and k with the
-    tables cos, sin [B, 1, T, D] (or [B, T, D]) of `Rotary`, and k, v written into k_cache / v_cache
-    [L, B, Hkv, S, D] at layer `layer`, slots [T] (int64). x [B, T, K] -> q [B, Hq, T, D] (a view of [B, T, Hq, D]
-    memory, as `split_qkv` returns it). bias: [(Hq + 2 Hkv) D] or None. On CUDA, or on the CPU under
-    TRITON_INTERPRET=1."""
+    tables cos, sin [B, 1, T, D] (or [B, T, D], or one row of D for all) of `Rotary`, and k, v written into
+    k_cache / v_cache [L, B, Hkv, S, D] at layer `layer`, slots [T] (int64). x [B, T, K] -> q [B, Hq, T, D] (a view
+    of [B, T, Hq, D] memory, as `split_qkv` returns it). bias: [(Hq + 2 Hkv) D] or None. On CUDA, or on the CPU
+    under TRITON_INTERPRET=1."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         _fail("x must be a tensor [B, T, K]", "pass the layer's input")
     B, T, K = x.shape
@@ -574,8 +582,7 @@ def qkv_rope_cache(
         _fail("x, weight, bias, cos, sin and the caches must share one dtype", "cast them to the model's dtype")
     if not (x.is_cuda or _INTERPRET):
         _fail(f"it runs a Triton kernel and got a tensor on {x.device}", "pass CUDA tensors")
-    cs = cos.reshape(B * T, D)
-    sn = sin.reshape(B * T, D)
+    cs, sn = _table_rows(cos, sin, B, T, D)
     x2 = x.reshape(B * T, K)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     nw = None if norm_weight is None else norm_weight.contiguous()
@@ -610,7 +617,7 @@ def _(x, weight, norm_weight, eps, cos, sin, num_heads, bias=None):
 
 def linear_rope(x, weight, norm_weight, eps, cos, sin, num_heads, bias=None):
     """`qkv_rope_cache` without key or value heads: RMSNorm (if norm_weight), the projection (weight [Hq D, K]),
-    its bias, and RoPE with the tables cos, sin [B, 1, T, D] (or [B, T, D]) on every head, in one kernel.
+    its bias, and RoPE with the tables cos, sin [B, 1, T, D] (or [B, T, D], or one row for all) on every head.
     x [B, T, K] -> [B, Hq, T, D] (a view of [B, T, Hq, D] memory). On CUDA, or on the CPU under TRITON_INTERPRET=1."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         _fail("x must be a tensor [B, T, K]", "pass the layer's input")
@@ -619,9 +626,9 @@ def linear_rope(x, weight, norm_weight, eps, cos, sin, num_heads, bias=None):
     if D < 32 or D & (D - 1) or weight.shape != (num_heads * D, K):
         _fail(f"weight {list(weight.shape)} is not {num_heads} heads of a power-of-two dim >= 32 over {K} inputs",
               "use the readable path (LONGSPEC_QKV_ROPE=off)")  # fmt: skip
-    if cos.numel() != B * T * D or sin.shape != cos.shape:
-        _fail(f"cos {list(cos.shape)} and sin {list(sin.shape)} must be the tables [B, 1, T, D] = [{B}, 1, {T}, {D}]",
-              "pass Rotary's tables for these rows")  # fmt: skip
+    if cos.numel() not in (D, B * T * D) or sin.shape != cos.shape:
+        _fail(f"cos {list(cos.shape)} and sin {list(sin.shape)} must be the tables [B, 1, T, D] = [{B}, 1, {T}, {D}] "
+              "or one row for all", "pass Rotary's tables for these rows")  # fmt: skip
     if bias is not None and bias.shape != (weight.shape[0],):
         _fail(f"bias {list(bias.shape)} is not the projection's bias [{weight.shape[0]}]", "pass q_proj.bias")
     if any(t.dtype != x.dtype for t in (weight, cos, sin, bias, norm_weight) if t is not None):
@@ -631,8 +638,8 @@ def linear_rope(x, weight, norm_weight, eps, cos, sin, num_heads, bias=None):
     x2 = x.reshape(B * T, K)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     nw = None if norm_weight is None else norm_weight.contiguous()
-    y = _linear_rope_op(x2, weight.contiguous(), nw, float(eps), cos.reshape(B * T, D).contiguous(),
-                        sin.reshape(B * T, D).contiguous(), int(num_heads),
+    cs, sn = _table_rows(cos, sin, B, T, D)
+    y = _linear_rope_op(x2, weight.contiguous(), nw, float(eps), cs.contiguous(), sn.contiguous(), int(num_heads),
                         None if bias is None else bias.contiguous())  # fmt: skip
     return y.view(B, T, num_heads, D).transpose(1, 2)
 

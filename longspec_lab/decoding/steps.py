@@ -71,6 +71,9 @@ class DecodeState:
         self.ring = draft.new_ring(max_pending=self.D + 1, max_tree_nodes=N)
         # [D - 1, R]: which ring slots the nodes of depth 1 .. D - 1 see (they sit at P + depth), made once a step
         self.window_rows = torch.zeros(max(self.D - 1, 1), self.ring.R, dtype=torch.bool, device=dev)
+        # ... and their RoPE tables (cos, sin [1, 1, D - 1, head dim] in the draft's dtype), made with them
+        hd = draft.config.head_dim
+        self.window_rope = [torch.zeros(1, 1, max(self.D - 1, 1), hd, dtype=draft.dtype, device=dev) for _ in "cs"]
         self.pend, self.pend_n = L(self.D + 1), L(1)
         self.preds = L(N)
         self.verified = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -177,9 +180,11 @@ def draft_root(st: DecodeState, grow=beam_rule) -> None:
     """Ingest the tokens emitted last step, then level 1 of the tree from the root."""
     tk, tv = st.target_kv
     logits = st.draft.ingest(st.pend, st.pend_n, st.ring, tk, tv, st.P, st.backend)  # [D+1, V]
-    if st.D > 1:  # the ring is now fixed for this step: the window of every later level at once (one launch)
-        depth = torch.arange(1, st.D, device=st.P.device)
-        st.window_rows.copy_(st.ring.visible(st.P + depth, committed_only=True))
+    if st.D > 1:  # the ring is now fixed for this step: the window and RoPE rows of every later level at once
+        pos = st.P + torch.arange(1, st.D, device=st.P.device)  # [D - 1] positions of depths 1 .. D - 1
+        st.window_rows.copy_(st.ring.visible(pos, committed_only=True))
+        for buf, table in zip(st.window_rope, st.draft.target.rotary(pos[None], st.draft.dtype)):
+            buf.copy_(table)
     st.tree.start(st.root)
     grow(st.tree, 1, logits.index_select(0, st.pend_n - 1))  # [1, V] at the last real pending token
 
@@ -192,7 +197,9 @@ def draft_next(st: DecodeState, l: int, grow=beam_rule) -> None:
     qpos = st.P + buf.depths[lo:hi]  # [n] = seen - 1 + depth, depth = l - 1
     anc = buf.anc[lo:hi, 1:]  # [n, N-1] the scratch slots of each node's ancestors and itself
     window = st.window_rows[l - 2 : l - 1]  # [1, R] what depth l - 1 sees of the ring (made in draft_root)
-    logits = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, anc, st.ring, tk, tv, st.P, st.backend, window)
+    rope = [t[:, :, l - 2 : l - 1] for t in st.window_rope]  # cos, sin [1, 1, 1, D] of its position
+    logits = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, anc, st.ring, tk, tv, st.P, st.backend, window,
+                                 rope)  # fmt: skip
     grow(buf, l, logits)
 
 

@@ -223,13 +223,14 @@ class Glide(nn.Module):
         return DraftRing(d.num_kv_heads, d.window, d.head_dim, max_pending, max_tree_nodes, self.dtype, self.device)
 
     # ------------------------------------------------------------------ the one layer
-    def layer(self, tokens, positions, self_attn, cross_attn, ring: DraftRing | None = None, slots=None):
+    def layer(self, tokens, positions, self_attn, cross_attn, ring: DraftRing | None = None, slots=None, rope=None):
         """tokens, positions [B, T]; self_attn(q, k, v) and cross_attn(q) -> o [B, Hq, T, D]. Returns logits
         [B, T, V]. The three entry points below differ only in what the two attention callbacks see.
         With a ring and its slots [T] for these rows, where LONGSPEC_QKV_ROPE serves, the norm, q/k/v, RoPE and
         the ring write are one kernel (`QKVO.qkv_rope_into`) and self_attn gets k = v = None: they are in the
-        ring already."""
-        cos, sin = self.target.rotary(positions, self.dtype)  # [B, 1, T, D]
+        ring already. rope: the tables `self.target.rotary(positions, self.dtype)` made beforehand, or one row
+        [1, 1, 1, D] of them when every row sits at one position."""
+        cos, sin = self.target.rotary(positions, self.dtype) if rope is None else rope  # [B, 1, T or 1, D]
         h = self.target.model.embed_tokens(tokens).to(self.dtype)  # [B, T, hidden]
         a = self.self_attn
         if ring is not None and a.serves_qkv_rope(h, ring.cache_k.dtype):
@@ -284,14 +285,15 @@ class Glide(nn.Module):
 
     def tree_level(
         self, tokens, qpos, first_slot: int, anc_rows, ring: DraftRing, target_k, target_v, P, backend: str = "torch",
-        window_rows=None,
+        window_rows=None, rope=None,
     ):  # fmt: skip
         """One tree level: tokens [n] at positions qpos [n] (= seen - 1 + depth), whose keys go to the
         scratch slots first_slot .. first_slot + n - 1 (node i uses scratch slot i - 1). Each node sees
         the committed ring entries in its window and, through anc_rows [n, N - 1], the scratch entries
         of its ancestors and itself -> logits [n, V]. The ring and `seen` are not changed.
         window_rows [n or 1, R]: `ring.visible(qpos, committed_only=True)` made beforehand (a decoding step makes
-        them for all levels at once, `DraftRing.visible`); one row serves a level whose nodes share a position."""
+        them for all levels at once, `DraftRing.visible`); one row serves a level whose nodes share a position.
+        rope: (cos, sin) of qpos made beforehand, one row [1, 1, 1, D] each for such a level (see `layer`)."""
         n, R = tokens.shape[-1], ring.R
         lo = R + first_slot
         if window_rows is None:
@@ -307,7 +309,7 @@ class Glide(nn.Module):
             return prefix_attention(q, target_k, target_v, P, backend)
 
         slots = ring.scratch_slots[first_slot : first_slot + n]  # a slice of a device buffer: no kernel
-        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn, ring, slots)[0]
+        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn, ring, slots, rope)[0]
 
     # ------------------------------------------------------------------ training
     def forward_train(self, input_ids, positions, target_k, target_v, staleness: int = 0):

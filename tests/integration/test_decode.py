@@ -205,9 +205,9 @@ def test_batch_invariant_rows_with_the_rope_tables_kernel(embedded_pair, prompts
 
 
 def test_window_rows_made_once_give_the_levels_each_computes(embedded_pair, prompts):
-    """draft_root makes every later level's window row at once (`DecodeState.window_rows`); each level drafting
-    with its own `ring.visible(qpos, committed_only=True)` instead (tree_level's default) grows the same tree,
-    bit for bit, on a ring that has ingested several steps."""
+    """draft_root makes every later level's window row and RoPE row at once (`DecodeState.window_rows`,
+    `window_rope`); each level drafting with its own `ring.visible(qpos, committed_only=True)` and RoPE tables
+    instead (tree_level's defaults) grows the same tree, bit for bit, on a ring that has ingested several steps."""
     from longspec_lab.decoding import steps
     from longspec_lab.spec.tree import TreeShape
 
@@ -222,8 +222,11 @@ def test_window_rows_made_once_give_the_levels_each_computes(embedded_pair, prom
         for level in range(2, st.D + 1):
             steps.draft_next(st, level)
         grown = [t.clone() for t in (st.tree.tokens, st.tree.scores, st.tree.anc)]
-        rows = st.ring.visible(st.P + torch.arange(1, st.D), committed_only=True)
+        pos = st.P + torch.arange(1, st.D)
+        rows = st.ring.visible(pos, committed_only=True)
         assert torch.equal(st.window_rows, rows) and rows.any(1).all()
+        for made, table in zip(st.window_rope, st.draft.target.rotary(pos[None], st.draft.dtype)):
+            assert torch.equal(made, table)  # the RoPE rows of those depths
         buf, (tk, tv) = st.tree, st.target_kv
         for level in range(2, st.D + 1):  # the levels again, each computing its own window
             lo, hi = buf.levels[level - 1]

@@ -299,6 +299,23 @@ def test_linear_rope_rounds_like_the_pytorch_ops_and_compiles_as_one_op():
     torch.library.opcheck(torch.ops.longspec.linear_rope.default, (x[0], w, nw, 1e-5, cos[0, 0], sin[0, 0], Hq))
 
 
+def test_one_table_row_for_all_rows_equals_the_expanded_tables():
+    """Rows that share one position (a draft tree level) may pass one RoPE row, [1, 1, 1, D], read with stride 0:
+    the same bits as the table expanded to every row, for the q/k/v + cache kernel and for linear_rope."""
+    B, T, K, Hq, Hkv, D = 1, 6, 64, 4, 2, 32
+    x, w, nw, cos, sin, kc, vc, slots = _rope_case(14, B, T, K, Hq, Hkv, D)
+    c1, s1 = cos[:, :, 2:3], sin[:, :, 2:3]  # [1, 1, 1, D]
+    c_all, s_all = c1.expand(B, 1, T, D).contiguous(), s1.expand(B, 1, T, D).contiguous()
+    kc2, vc2 = kc.clone(), vc.clone()
+    q1 = nl.qkv_rope_cache(x, w, nw, 1e-5, c1, s1, kc, vc, 1, slots, Hq, Hkv)
+    q2 = nl.qkv_rope_cache(x, w, nw, 1e-5, c_all, s_all, kc2, vc2, 1, slots, Hq, Hkv)
+    assert torch.equal(q1, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    xq, wq, _, _, _, _, _, _ = _rope_case(15, B, T, K, Hq, 0, D)
+    assert torch.equal(nl.linear_rope(xq, wq, nw, 1e-5, c1, s1, Hq), nl.linear_rope(xq, wq, nw, 1e-5, c_all, s_all, Hq))
+    rq, _, _ = nl.qkv_rope_cache_reference(xq, wq, nw, 1e-5, c_all, s_all, Hq, 0)
+    torch.testing.assert_close(nl.linear_rope(xq, wq, nw, 1e-5, c1, s1, Hq).double(), rq, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize(
     ("mutate", "words"),
     [
