@@ -71,9 +71,9 @@ class DecodeState:
         self.ring = draft.new_ring(max_pending=self.D + 1, max_tree_nodes=N)
         # [D - 1, R]: which ring slots the nodes of depth 1 .. D - 1 see (they sit at P + depth), made once a step
         self.window_rows = torch.zeros(max(self.D - 1, 1), self.ring.R, dtype=torch.bool, device=dev)
-        # ... and their RoPE tables (cos, sin [1, 1, D - 1, head dim] in the draft's dtype), made with them
-        hd = draft.config.head_dim
-        self.window_rope = [torch.zeros(1, 1, max(self.D - 1, 1), hd, dtype=draft.dtype, device=dev) for _ in "cs"]
+        # ... and their RoPE tables, made with them: [cos, sin], each [1, 1, D - 1, head dim] in the draft's dtype
+        rope_shape = (1, 1, max(self.D - 1, 1), draft.config.head_dim)
+        self.window_rope = [torch.zeros(rope_shape, dtype=draft.dtype, device=dev) for _ in range(2)]
         self.pend, self.pend_n = L(self.D + 1), L(1)
         self.preds = L(N)
         self.verified = torch.zeros(N, dtype=torch.bool, device=dev)
