@@ -35,8 +35,11 @@ ALIGNED = {"K", "N", "KP", "stride_xm", "stride_wn", "stride_ym", "stride_am", "
 
 def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tuple[dict, dict]:
     """Triton signature for fn: pointers maps argument -> element type ("bf16", "i64", ...), `floats`
-    names fp32 scalars, `consts` gives the constexprs; every other argument is an i32 scalar."""
-    consts = consts or {}
+    names fp32 scalars, `consts` gives the constexprs (USE_PDL True unless given: every variant is compiled with the
+    programmatic-dependent-launch gate a Hopper launch has); every other argument is an i32 scalar."""
+    consts = dict(consts or {})
+    if "USE_PDL" in fn.arg_names:
+        consts.setdefault("USE_PDL", True)  # as launched on a Hopper GPU (kernels/launch.py)
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -206,11 +209,16 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print) -> list[dic
                 if t.startswith("*") or (t == "i32" and n in ALIGNED)
             }
             src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-            kernel = triton.compile(src, target=target, options=opts)
+            kernel = triton.compile(src, target=target, options={**opts, "launch_pdl": True})
             shared = int(kernel.metadata.shared)
             rec.update(ok=shared <= limit, stages=sorted(kernel.asm), shared_bytes=shared)
             if shared > limit:  # compiles, but the launch fails with OutOfResources
                 rec["error"] = f"needs {shared} bytes of shared memory, over sm_{arch}'s {limit}"
+            ptx = kernel.asm.get("ptx", "")
+            rec["pdl_gate"] = "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+            if not rec["pdl_gate"]:  # launched with launch_pdl, it would start early and race (kernels/launch.py)
+                rec.update(ok=False, error="no griddepcontrol.wait / launch_dependents in the PTX: open the kernel "
+                           "with the USE_PDL gate of kernels/launch.py")  # fmt: skip
 
         except Exception as e:  # noqa: BLE001 - the failure is the result
             rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[:800]}")

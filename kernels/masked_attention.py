@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.launch import launch_args
 from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _max, _sum, _tickets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
@@ -95,7 +96,11 @@ def _masked_attn_kernel(
     SPLITS: tl.constexpr,  # programs per (row tile, KV head) along the keys, a power of two; grid axis 2
     TAIL: tl.constexpr,  # the mask comes in two parts: MASK for keys < S_HEAD, MASK_TAIL for the others
     ONE_ROW: tl.constexpr,  # MASK is one row shared by every query row: a [BLOCK_N] load, broadcast
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):  # fmt: skip
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)  # b * Hkv + hk
     pid_s = tl.program_id(2)
@@ -242,6 +247,7 @@ def _launch(q, k, v, mask_u8, scale, config=None, tail_u8=None):
         S - (0 if tail_u8 is None else tail_u8.shape[1]), T, S, Hkv, per_split, scale * _LOG2E,
         G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, SPLITS=splits,
         TAIL=tail_u8 is not None, ONE_ROW=mask_u8.shape[0] == 1, num_warps=warps, num_stages=stages,
+        **launch_args(q.device),
     )  # fmt: skip
     return out
 

@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.launch import launch_args
 from longspec_lab.kernels.tree_attention import _sum  # tl.sum, or its interpreter form
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
@@ -110,7 +111,11 @@ def _norm_linear_kernel(
     PRE: tl.constexpr,  # compute the input rows here: X = RP + A @ WP^T (an o_proj and its residual), and store them
     BLOCK_KP: tl.constexpr,  # the prologue's input features per step
     HAS_BIAS: tl.constexpr,  # add BIAS to the fp32 accumulator, as F.linear's bias epilogue does, then round
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -305,7 +310,7 @@ def _launch(x, weight, norm_weight, eps, residual, gated, bias=None):
         x if bias is None else bias,
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages, **launch_args(x.device),
     )  # fmt: skip
     return y
 
@@ -413,7 +418,7 @@ def _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated):
         a, w_pre, residual, x, KP, a.stride(0), w_pre.stride(0), residual.stride(0), x.stride(0), a,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=gated, ROPE=False,
         IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=True,
-        BLOCK_KP=block_kp, HAS_BIAS=False, num_warps=warps, num_stages=stages,
+        BLOCK_KP=block_kp, HAS_BIAS=False, num_warps=warps, num_stages=stages, **launch_args(x.device),
     )  # fmt: skip
     return x, y
 
@@ -535,7 +540,7 @@ def _launch_rope(x, weight, norm_weight, eps, cos, sin, kc, vc, slots, num_heads
         x if bias is None else bias,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages, **launch_args(x.device),
     )  # fmt: skip
     return y
 

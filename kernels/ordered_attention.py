@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.launch import launch_args
 from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,7 +59,11 @@ def _ordered_attn_kernel(
     G: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,  # D, a power of two
     BLOCK_N: tl.constexpr,  # keys per tile; tile boundaries sit at multiples of BLOCK_N of the virtual order
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):  # fmt: skip
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     row = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -169,7 +174,7 @@ def _launch(q, k, v, P, cols, count, scale, block_n):
         q, k, v, out, P, cols.contiguous(), count.contiguous(),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         T, Hq, scale * _LOG2E,
-        G=Hq // Hkv, HEAD_DIM=D, BLOCK_N=block_n,
+        G=Hq // Hkv, HEAD_DIM=D, BLOCK_N=block_n, **launch_args(q.device),
     )  # fmt: skip
     return out
 

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.launch import launch_args
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_N = 16  # rows per program: a 72-row tree step is 5 programs, a decode row one
@@ -54,7 +56,11 @@ def _rope_tables_kernel(
     BLOCK_H: tl.constexpr,  # HALF rounded up to a power of two (the column tile)
     BLOCK_N: tl.constexpr,  # rows per program
     HAS_SLOTS: tl.constexpr,  # whether to write SLOTS
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     cols = tl.arange(0, BLOCK_H)  # [BLOCK_H]
     pos = tl.load(POS + rows, mask=rows < N, other=0).to(tl.float32)  # float32(p), as positions.float()
@@ -96,6 +102,7 @@ def _rope_tables_op(
         _rope_tables_kernel[(triton.cdiv(max(N, T if start is not None else 0), BLOCK_N),)](
             positions, inv_freq, cos, sin, positions if start is None else start, slots, N, slots.shape[0],
             HALF=half, BLOCK_H=triton.next_power_of_2(half), BLOCK_N=BLOCK_N, HAS_SLOTS=start is not None,
+            **launch_args(positions.device),
         )  # fmt: skip
     return cos, sin, slots
 

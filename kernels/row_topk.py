@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.launch import launch_args
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of registers over 8 warps
 # flat_topk's first-pass chunk width, a power of two (module docstring); checked when flat_topk uses it
@@ -116,7 +118,11 @@ def _row_topk_kernel(
     MIN: tl.constexpr,  # the dtype's minimum: value of masked lanes and of removed maxima
     K: tl.constexpr,  # how many largest values each chunk keeps
     BLOCK_V: tl.constexpr,  # columns per chunk (a power of two); grid axis 1 walks the chunks
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows * L may pass 2**31
     chunk = tl.program_id(1)
     offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] column indices
@@ -137,7 +143,11 @@ def _rank_select_kernel(
     MIN: tl.constexpr,  # the dtype's minimum: the padding, never counted as larger than a candidate
     BLOCK_I: tl.constexpr,  # candidates this program ranks
     BLOCK_J: tl.constexpr,  # candidates compared against them per step
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
     xi = tl.load(X + offs_i, mask=offs_i < L, other=MIN)
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)  # how many candidates are larger: the place in the sorted output
@@ -171,7 +181,7 @@ def _one_pass(x: torch.Tensor, L: int, k: int, block: int) -> torch.Tensor:
     out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
     _row_topk_kernel[(rows, n_chunks)](
         x, out, L, x.stride(0), out.stride(0),
-        MIN=_MIN[x.dtype], K=k, BLOCK_V=block, num_warps=_num_warps(block),
+        MIN=_MIN[x.dtype], K=k, BLOCK_V=block, num_warps=_num_warps(block), **launch_args(x.device),
     )  # fmt: skip
     return out
 
@@ -261,7 +271,15 @@ def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int, second_block_v: i
     if _second_pass() == "rank" and L <= RANK_MAX_L:  # every candidate finds its own place, in parallel
         out = torch.empty(k, dtype=x.dtype, device=x.device)
         _rank_select_kernel[(triton.cdiv(L, RANK_BLOCK_I),)](
-            first, out, L, K=k, MIN=_MIN[x.dtype], BLOCK_I=RANK_BLOCK_I, BLOCK_J=RANK_BLOCK_J, num_warps=4
+            first,
+            out,
+            L,
+            K=k,
+            MIN=_MIN[x.dtype],
+            BLOCK_I=RANK_BLOCK_I,
+            BLOCK_J=RANK_BLOCK_J,
+            num_warps=4,
+            **launch_args(x.device),
         )
         return out
     return _launch(first.view(1, -1), k, second_block_v).view(k)  # the candidates as one row -> [k]

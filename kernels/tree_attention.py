@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longspec_lab.kernels.launch import launch_args
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels below are defined
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -332,7 +334,11 @@ def _tree_attn_split_kernel(
     MERGE_R: tl.constexpr,  # rows the fused merge handles at a time ([MERGE_S, MERGE_R, HEAD_DIM] in registers)
     USE_TMA: tl.constexpr,
     STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -597,7 +603,11 @@ def _tree_attn_merge_kernel(
     RAGGED: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     TREE_SPLIT: tl.constexpr,  # one more partial, the tree's, right after the prefix splits
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -1148,7 +1158,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     tma = _tma_ok(k, v)
     if _INTERPRET:
         use_tma = tma and USE_TMA_LOADS
-        _split_kernel[grid](*args, **consts, BLOCK_N=64, USE_TMA=use_tma, STAGES=1)
+        _split_kernel[grid](*args, **consts, BLOCK_N=64, USE_TMA=use_tma, STAGES=1, **launch_args(q.device))
         kern = None
     else:
         use_tma = tma and USE_TMA_LOADS
@@ -1156,7 +1166,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         if use_tma:
             _ensure_allocator()
         n_tuned = len(getattr(kern, "cache", ()))
-        kern[grid](*args, **consts)
+        kern[grid](*args, **consts, **launch_args(q.device))
     LAST_LAUNCH.update(
         n_splits=n_splits,
         split_len=split_len,
@@ -1196,6 +1206,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
             WRITE_LSE=lse is not None,
             TREE_SPLIT=tree_split,
             num_warps=4,
+            **launch_args(q.device),
         )
     return (o, lse) if return_lse else o
 

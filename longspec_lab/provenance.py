@@ -62,6 +62,8 @@ def environment(device=None, dtype=None, command: str | None = None) -> dict:
     if dev is not None and dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         env.update(gpu=p.name, device_name=p.name, sm_count=p.multi_processor_count, cuda=torch.version.cuda)
+        # with the switches below, this says whether kernels were launched with PDL (9.0+: kernels/launch.py)
+        env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(dev))
     else:
         env.update(gpu=None, device_name=platform.processor() or platform.machine())
     if dtype is not None:

@@ -15,6 +15,7 @@ Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -127,6 +128,7 @@ def run_bench(
             agree &= res.new_tokens == ref
             same_prefix.append(_common_prefix(res.new_tokens, ref))
             r = rows[name]
+            r.setdefault("sha", hashlib.sha256()).update(repr(res.new_tokens).encode())
             r["tokens"] += len(res.new_tokens) - 1
             r["seconds"] += res.decode_seconds
             r["target_calls"] += res.target_calls - 1
@@ -159,6 +161,8 @@ def _report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, num_prompts)
     out = {}
     for name, r in {**hf_rows, **rows}.items():
         o = {"tokens_per_s": r["tokens"] / r["seconds"], "tokens": r["tokens"], "seconds": r["seconds"]}
+        if "sha" in r:  # the tokens of every prompt: two runs (an A/B) that gave the same outputs have the same digest
+            o["outputs_sha256"] = r["sha"].hexdigest()
         if "target_calls" in r:
             o["tau"] = (r["tokens"]) / max(r["target_calls"], 1)
             if r["stages"]:

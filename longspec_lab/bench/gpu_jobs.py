@@ -41,6 +41,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_tree_split_off  the same with LONGSPEC_TREE_SPLIT=off (a verification pass's tree keys attended by the last
                    prefix split, after its share of the prefix, instead of by programs of their own) into
                    OUT_DIR/tree_split_off
+  e2e_pdl_off      the same with LONGSPEC_PDL=off (every kernel launched plainly, Inductor's and ours, instead of
+                   with programmatic dependent launch) into OUT_DIR/pdl_off
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -123,6 +125,7 @@ def jobs(out: Path) -> dict:
         "e2e_qkv_rope_off": _ab_job(out / "qkv_rope_off", "LONGSPEC_QKV_ROPE", "off"),
         "e2e_topk_second_256": _ab_job(out / "topk_second_256", "LONGSPEC_TOPK_SECOND_BLOCK", "256"),
         "e2e_tree_split_off": _ab_job(out / "tree_split_off", "LONGSPEC_TREE_SPLIT", "off"),
+        "e2e_pdl_off": _ab_job(out / "pdl_off", "LONGSPEC_PDL", "off"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)

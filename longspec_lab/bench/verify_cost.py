@@ -188,6 +188,8 @@ def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
 
     import triton
 
+    from longspec_lab.decoding.graphs import compile_stage
+
     dev = cache.k.device
     Pt = torch.tensor([P], device=dev)
     x1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -202,7 +204,7 @@ def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
     out = {}
     for kind, fn in (("decode", dec), ("verify", ver)):
         try:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            compiled = compile_stage(fn, "default")
             t0 = time.perf_counter()
             compiled()  # compilation happens on the first call
             if dev.type == "cuda":

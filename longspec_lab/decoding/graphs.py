@@ -92,14 +92,32 @@ def default_capacity(target) -> int:
     return target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes
 
 
+def compile_stage(fn, mode: str = COMPILE_MODE):
+    """`torch.compile(fn)` as the graph path compiles a stage: the whole graph (fullgraph), static shapes, `mode`.
+    Where the package's kernels launch with PDL (a Hopper GPU, LONGSPEC_PDL=auto: kernels/launch.py), Inductor
+    generates its kernels with PDL too: its config is patched while a call may compile (the first, and any
+    recompilation), which leaves the process's own Inductor settings alone."""
+    from longspec_lab.kernels.launch import inductor_options
+
+    allow_many_graphs()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    options = inductor_options("cuda") if torch.cuda.is_available() else {}
+    if not options:
+        return compiled
+
+    def run(*args, **kwargs):
+        with torch._inductor.config.patch(options):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
 class Stage:
     """One stage function: called as is, compiled, or replayed from its CUDA graph once captured."""
 
     def __init__(self, name: str, fn, compile_mode: str | None = None):
         self.name, self.eager_fn = name, fn
-        if compile_mode is not None:
-            allow_many_graphs()
-        self.fn = fn if compile_mode is None else torch.compile(fn, fullgraph=True, dynamic=False, mode=compile_mode)
+        self.fn = fn if compile_mode is None else compile_stage(fn, compile_mode)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self):

@@ -1,0 +1,78 @@
+"""Programmatic dependent launch (kernels/launch.py): the switch, and the rule every kernel must keep.
+
+A kernel launched with PDL may start before the one in front of it has finished, so each kernel of the package has
+to wait (`gdc_wait`) before it touches memory, in every program, and only then let its successor start. A kernel
+that skipped the gate would race on the GPU alone; the CPU interpreter runs with PDL off and would never show it.
+So the rule is checked on the source: every launched kernel opens with the gate, and every launch passes
+`launch_args`, which keeps the kernel's USE_PDL and Triton's launch_pdl equal. compile_check (tests/integration)
+then finds griddepcontrol.wait in every compiled variant's PTX."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from longspec_lab.kernels import launch
+
+KERNELS = Path(launch.__file__).resolve().parent
+
+
+def _jit_functions(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "triton.jit" for d in node.decorator_list):
+            yield node
+
+
+def _launches(tree):
+    """(kernel name, call) for each `name[grid](...)` launch in a module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+            yield ast.unparse(node.func.value), node
+
+
+def _sources():
+    return {p.name: ast.parse(p.read_text()) for p in sorted(KERNELS.glob("*.py"))}
+
+
+def test_pdl_is_off_on_the_cpu_and_under_the_interpreter():
+    assert launch.pdl_enabled("cpu") is False
+    assert launch.launch_args(torch.device("cpu")) == {"USE_PDL": False, "launch_pdl": False}
+    assert launch.inductor_options("cpu") == {}
+
+
+def test_an_unknown_switch_value_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setattr(launch, "PDL", "yes")
+    with pytest.raises(ValueError, match=r"LONGSPEC_PDL='yes' is not one of auto, off"):
+        launch.pdl_enabled("cpu")
+
+
+def test_every_launched_kernel_opens_with_the_pdl_gate():
+    sources = _sources()
+    launched = {name.lstrip("_").removesuffix("_plain") for tree in sources.values() for name, _ in _launches(tree)}
+    kernels = {}
+    for tree in sources.values():
+        for fn in _jit_functions(tree):
+            kernels[fn.name] = fn
+    # the launches name kernels directly, or `kern` / `_split_kernel` (the autotuned split kernel)
+    assert {"tree_attn_merge_kernel", "norm_linear_kernel", "row_topk_kernel", "masked_attn_kernel"} <= launched
+    gated = {name for name, fn in kernels.items() if "USE_PDL" in [a.arg for a in fn.args.args]}
+    assert gated == {name for name in kernels if name.endswith("_kernel")}, "a kernel without the USE_PDL gate"
+    for name in gated:
+        body = kernels[name].body
+        if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]  # the docstring
+        first = body[0]
+        assert isinstance(first, ast.If) and ast.unparse(first.test) == "USE_PDL", f"{name}: the gate is not first"
+        calls = [ast.unparse(s) for s in first.body]
+        assert calls == ["tl.extra.cuda.gdc_wait()", "tl.extra.cuda.gdc_launch_dependents()"], (name, calls)
+
+
+def test_every_launch_passes_launch_args():
+    n = 0
+    for fname, tree in _sources().items():
+        for name, call in _launches(tree):
+            splats = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
+            assert any(s.startswith("launch_args(") for s in splats), f"{fname}: {name}[...] without **launch_args"
+            n += 1
+    assert n >= 10  # tree split (interpreted and compiled), merge, norm_linear x 3, rope, top-k x 2, masked, ordered
