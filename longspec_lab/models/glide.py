@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from longspec_lab.models.config import ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, apply_rope
 from longspec_lab.ops.attention import masked_sdpa, prefix_attention
-from longspec_lab.ops.linear import linear_rope, linear_rope_path, norm_linear
+from longspec_lab.ops.linear import linear_rope, linear_rope_path, lm_head, norm_linear
 
 
 @dataclass
@@ -242,8 +242,8 @@ class Glide(nn.Module):
         h = a.merge(o, residual=h)  # h + o_proj(o)
         q = self.cross_attn.rotated_q(h, self.post_self_attention_layernorm, cos, sin)  # [B, Hq, T, D]
         h = self.mlp.after_attention(cross_attn(q), self.cross_attn.o_proj, h, self.post_cross_attention_layernorm)
-        head = self.target.lm_head
-        return head(h.to(head.weight.dtype))  # [B, T, V]
+        head = self.target.lm_head.weight  # [V, hidden]
+        return lm_head(h.to(head.dtype), head)  # [B, T, V]
 
     def _ring_kv(self, tokens, positions):
         """Self-attention keys and values [1, Hkv, T, D]: in one layer they depend on token and position only."""

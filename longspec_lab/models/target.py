@@ -25,6 +25,7 @@ from longspec_lab.models.cache import KVCache
 from longspec_lab.models.config import GenerationSettings, ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope, fuse_projections, unfuse_projections
 from longspec_lab.ops.attention import attend
+from longspec_lab.ops.linear import lm_head
 
 
 class DecoderLayer(nn.Module):
@@ -136,6 +137,7 @@ class Target(nn.Module):
             x = layer(x, cos, sin, i, cache, start, mask, backend, slots)
         if last_only:
             x = x[:, -1:]
+        if not return_hidden:  # the final norm inside the head's projection (one kernel on CUDA)
+            return lm_head(x, self.lm_head.weight, self.model.norm.args)
         h = self.model.norm(x)
-        logits = self.lm_head(h)
-        return (logits, h) if return_hidden else logits
+        return self.lm_head(h), h

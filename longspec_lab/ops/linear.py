@@ -61,6 +61,11 @@ QKV_ROPE = os.environ.get("LONGSPEC_QKV_ROPE", "auto")
 # the o_proj of its rows), and in the decoder the AR step 168.5 -> 176.6 us with 8 fewer kernels, the default
 # tree 9,582 -> 9,600 tokens/s (e2e_ab_fuse_residual_h200.json against e2e_ab_base_step_h200.json).
 FUSE_RESIDUAL = os.environ.get("LONGSPEC_FUSE_RESIDUAL", "off")
+# LONGSPEC_LM_HEAD: the LM head (with the target's final norm) as one more `norm_linear` projection ("auto", the
+# default: the kernel where LONGSPEC_NORM_LINEAR's rule serves it, the embedded model's 4,096 x 256 head on CUDA),
+# or the norm and `F.linear` apart ("torch": on the H200 cuBLAS's matmul, launched without PDL, plus Inductor's
+# norm kernel before it).
+LM_HEAD = os.environ.get("LONGSPEC_LM_HEAD", "auto")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,6 +153,14 @@ def norm_linear(
         gate, up = y.chunk(2, dim=-1)  # [..., N] each
         y = F.silu(gate) * up
     return y if residual is None else residual + y
+
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Logits [..., V] of hidden states x [..., K]: linear(rms_norm(x) if norm else x, weight [V, K]). Through
+    `norm_linear` (LONGSPEC_LM_HEAD=auto), or as the norm and `F.linear` apart ("torch"); the same ops on the CPU."""
+    if checked("LONGSPEC_LM_HEAD", LM_HEAD, ("auto", "torch")) == "auto":
+        return norm_linear(x, weight, norm=norm)
+    return F.linear(x if norm is None else rms_norm(x, *norm), weight)
 
 
 def residual_norm_linear(a, w_pre, b_pre, residual, weight, bias=None, norm=None, gated: bool = False):

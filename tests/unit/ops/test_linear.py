@@ -144,7 +144,8 @@ def test_model_with_the_kernel_matches_transformers(tmp_path, switch):
         mp.setattr(linear, "_kernel_path", lambda *a: calls.append(real(*a)) or calls[-1])
         got = ours(x)
         ref = hf(x).logits
-    assert calls and all(calls) and len(calls) == 4 * cfg.num_hidden_layers  # qkv, o, gate_up, down per layer
+    # qkv, o, gate_up, down per layer, and the LM head with the final norm
+    assert calls and all(calls) and len(calls) == 4 * cfg.num_hidden_layers + 1
     assert (got - ref).abs().max().item() <= 1e-4
 
 
@@ -160,3 +161,29 @@ def test_training_keeps_the_differentiable_path(switch):
     x64 = x.detach().double().requires_grad_()
     norm_linear_reference(x64, w, nw, 1e-5, gated=True).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["auto", "torch"])
+@pytest.mark.parametrize("path", ["off", "on"])
+def test_the_lm_head_equals_the_float64_definition_on_either_path(switch, monkeypatch, head, path):
+    """The LM head with the final norm (the target) and without (the draft): through norm_linear (the kernel with
+    "on") or the norm and F.linear apart (LONGSPEC_LM_HEAD=torch), the same logits as float64; on the readable
+    path the very ops of the unfused model (RMSNorm module, then nn.Linear), bit for bit."""
+    switch(path)
+    monkeypatch.setattr(linear, "LM_HEAD", head)
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(2, 3, 64, generator=g), torch.randn(200, 64, generator=g) / 8
+    nw = 1 + 0.1 * torch.randn(64, generator=g)
+    for norm in (None, (nw, 1e-5)):
+        got = linear.lm_head(x, w, norm)
+        want = norm_linear_reference(x, w, None if norm is None else nw, 1e-5, None, False)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    if path == "off":
+        from longspec_lab.models.layers import RMSNorm
+
+        rms = RMSNorm(64, 1e-5)
+        rms.weight.data.copy_(nw)
+        assert torch.equal(linear.lm_head(x, w, rms.args), torch.nn.functional.linear(rms(x), w))
+    monkeypatch.setattr(linear, "LM_HEAD", "fast")
+    with pytest.raises(ValueError, match="LONGSPEC_LM_HEAD='fast' is not one of auto, torch"):
+        linear.lm_head(x, w)
