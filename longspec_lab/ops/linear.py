@@ -64,7 +64,9 @@ FUSE_RESIDUAL = os.environ.get("LONGSPEC_FUSE_RESIDUAL", "off")
 # LONGSPEC_LM_HEAD: the LM head (with the target's final norm) as one more `norm_linear` projection ("auto", the
 # default: the kernel where LONGSPEC_NORM_LINEAR's rule serves it, the embedded model's 4,096 x 256 head on CUDA),
 # or the norm and `F.linear` apart ("torch": on the H200 cuBLAS's matmul, launched without PDL, plus Inductor's
-# norm kernel before it).
+# norm kernel before it). Neutral on the H200 in one call (2026-12-04, e2e_h200.json against
+# e2e_ab_lm_head_torch_h200.json): AR 7,588 against 7,545 tokens/s, the default tree 12,558 against 12,646, one
+# kernel fewer in an AR step (56 -> 55) and a verify.
 LM_HEAD = os.environ.get("LONGSPEC_LM_HEAD", "auto")
 
 

@@ -76,3 +76,26 @@ def test_every_launch_passes_launch_args():
             assert any(s.startswith("launch_args(") for s in splats), f"{fname}: {name}[...] without **launch_args"
             n += 1
     assert n >= 10  # tree split (interpreted and compiled), merge, norm_linear x 3, rope, top-k x 2, masked, ordered
+
+
+def test_compiled_stages_carry_inductors_pdl_setting_only_where_pdl_is_on(monkeypatch):
+    """The decoder's stages are compiled with Inductor's `triton.enable_pdl` exactly when this package's kernels
+    launch with PDL, so that a generated kernel between two of ours waits for its inputs as ours do. The setting is
+    patched around the compiled call (when Inductor compiles), and the process's own config is left as it was."""
+    import torch._inductor.config as inductor_config
+
+    from longspec_lab.decoding import graphs
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this PyTorch's Inductor generates no PDL code")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda: seen.append(inductor_config.triton.enable_pdl))
+    before = inductor_config.triton.enable_pdl
+    graphs.compile_stage(lambda: None, "default")()  # a CPU machine: no PDL
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "pdl_enabled", lambda device: torch.device(device).type == "cuda")
+    graphs.compile_stage(lambda: None, "default")()  # a Hopper GPU
+    monkeypatch.setattr(launch, "PDL", "off")
+    monkeypatch.setattr(launch, "pdl_enabled", lambda device: False)
+    graphs.compile_stage(lambda: None, "default")()  # LONGSPEC_PDL=off
+    assert seen == [before, True, before] and inductor_config.triton.enable_pdl == before
