@@ -23,7 +23,8 @@ when `torch._inductor.config.triton.enable_pdl` is set, which the decoder sets f
 (`inductor_options`). Kernels launched without the attribute (cuBLAS, PyTorch's own) wait for everything before
 them as usual.
 
-    LONGSPEC_PDL=auto   (default) PDL on CUDA devices of compute capability 9.0 or more, never in the interpreter
+    LONGSPEC_PDL=auto   (default) PDL on CUDA devices of compute capability 9.0 or more whose Triton offers it
+                        (`gdc_wait` and the `launch_pdl` option: 3.4 and later), never in the interpreter
     LONGSPEC_PDL=off    plain launches everywhere (the A/B side)
 
 `launch_args(device)` gives the keyword arguments each launch site adds: the kernel's USE_PDL constexpr and Triton's
@@ -47,13 +48,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_has_pdl() -> bool:
+    """Whether the installed Triton can compile the gate (`tl.extra.cuda.gdc_wait`) and launch with PDL (the
+    `launch_pdl` option of its CUDA backend). Older releases (the package allows torch 2.4's Triton) have neither,
+    and the kernels then launch plainly."""
+    if "triton" not in _CAPABLE:
+        try:
+            import triton.language.extra.cuda as cuda_ext
+            from triton.backends.nvidia.compiler import CUDAOptions
+        except ImportError:
+            _CAPABLE["triton"] = False
+        else:
+            fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+            _CAPABLE["triton"] = hasattr(cuda_ext, "gdc_wait") and "launch_pdl" in fields
+    return _CAPABLE["triton"]
+
+
 def pdl_enabled(device) -> bool:
     """True when a launch on `device` uses PDL: LONGSPEC_PDL is auto, the device is CUDA with compute capability
-    9.0 or more, and Triton is not interpreting. Raises for an unknown LONGSPEC_PDL value."""
+    9.0 or more, Triton offers PDL and is not interpreting. Raises for an unknown LONGSPEC_PDL value."""
     if PDL not in _CHOICES:
         raise ValueError(f"LONGSPEC_PDL={PDL!r} is not one of {', '.join(_CHOICES)}; unset it or pick one")
     device = torch.device(device)
-    if PDL == "off" or device.type != "cuda" or _interpreting():
+    if PDL == "off" or device.type != "cuda" or _interpreting() or not triton_has_pdl():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:

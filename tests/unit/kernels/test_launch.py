@@ -99,3 +99,19 @@ def test_compiled_stages_carry_inductors_pdl_setting_only_where_pdl_is_on(monkey
     monkeypatch.setattr(launch, "pdl_enabled", lambda device: False)
     graphs.compile_stage(lambda: None, "default")()  # LONGSPEC_PDL=off
     assert seen == [before, True, before] and inductor_config.triton.enable_pdl == before
+
+
+def test_pdl_needs_a_triton_that_offers_it(monkeypatch):
+    """On a Hopper GPU with a Triton too old for the gate, the kernels launch plainly instead of failing to compile:
+    the decision follows the installed Triton (this machine's has it), and a Triton without it turns PDL off."""
+    import triton.language.extra.cuda as cuda_ext
+
+    monkeypatch.setattr(launch, "_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(launch, "_CAPABLE", {})
+    assert launch.triton_has_pdl() and launch.pdl_enabled("cuda")
+    monkeypatch.setattr(launch, "_CAPABLE", {})
+    monkeypatch.delattr(cuda_ext, "gdc_wait")
+    assert not launch.triton_has_pdl() and not launch.pdl_enabled("cuda")
+    assert launch.launch_args("cuda") == {"USE_PDL": False, "launch_pdl": False}
