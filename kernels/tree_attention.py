@@ -892,7 +892,9 @@ _PACKED = {"mask": None, "version": -1, "packed": None}  # last mask packed: one
 
 def _pack_bits(block_mask: torch.Tensor) -> torch.Tensor:
     """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W] with W = 4 * ceil(T / 128). Plain tensor code
-    (no cache), so torch.compile can trace it and merge the identical packs of all layers into one."""
+    (no cache), so torch.compile can trace it. Inductor does not merge the identical packs of a pass's layers
+    (it made three kernels of eight packs), so a model packs its mask once per pass (`pack_block_mask`) and
+    hands the words to every layer (`tree_attention(..., packed_mask=)`)."""
     m = block_mask if block_mask.dim() == 3 else block_mask[None]
     T = m.shape[-1]
     W = 4 * _cdiv(T, 128)
@@ -903,8 +905,10 @@ def _pack_bits(block_mask: torch.Tensor) -> torch.Tensor:
 
 def pack_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     """bool [T, T] or [B, T, T] -> int32 [B or 1, T, W]: bit j % 32 of word j // 32 of row t is mask[t, j];
-    W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. The last mask is cached by
-    identity and version, so the layers of one step pack it once."""
+    W = 4 * ceil(T / 128), so a key tile of BLOCK_N <= 128 never reads past a row. Outside torch.compile the
+    last mask is cached by identity and version, so the layers of one eager step pack it once."""
+    if torch.compiler.is_compiling():  # traced: the packing ops themselves (the caller packs once per pass)
+        return _pack_bits(block_mask)
     # inference tensors carry no version counter: pack them every call (a few tiny ops per layer)
     version = None if block_mask.is_inference() else block_mask._version
     if version is not None and _PACKED["mask"] is block_mask and _PACKED["version"] == version:
@@ -952,6 +956,7 @@ def tree_attention(
     scratch=None,
     max_prefix=None,
     prefix_only=False,
+    packed_mask=None,
 ):
     """Attention of q [B, Hq, T, D] to cache slots [0, P_b) (all visible) and [P_b, P_b+T) (block_mask,
     True = may attend; None = causal). Returns o [B, Hq, T, D] (q.dtype) and, if return_lse, the natural
@@ -964,9 +969,14 @@ def tree_attention(
     bound and read the lengths only inside the kernel, so the call never waits on the host (CUDA-graph
     capture). The caller guarantees prefix_lens[b] <= max_prefix. Under torch.compile this form goes
     through the registered op `torch.ops.longspec.tree_attention_packed` (see `tree_attention_packed`),
-    so Dynamo traces it with fullgraph=True; `scratch` and `num_splits` are then ignored."""
+    so Dynamo traces it with fullgraph=True; `scratch` and `num_splits` are then ignored.
+
+    `packed_mask`: `pack_block_mask(block_mask)`, made once by a caller whose layers share one mask (a model's
+    pass); block_mask is then still passed, for the shape checks, and is not packed again."""
     if prefix_only and block_mask is not None:
         raise ValueError("prefix_only=True attends to the prefix alone: pass block_mask=None with it")
+    if packed_mask is not None and block_mask is None:
+        raise ValueError("packed_mask is block_mask's packed words: pass the bool block_mask with it")
     device_lens = max_prefix is not None
     if device_lens:
         if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.is_floating_point():
@@ -977,7 +987,7 @@ def tree_attention(
         B = q.shape[0]
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, int(max_prefix), block_mask)
         if torch.compiler.is_compiling():
-            packed = None if block_mask is None or prefix_only else _pack_bits(block_mask)
+            packed = packed_mask if packed_mask is not None or block_mask is None else _pack_bits(block_mask)
             o, lse = torch.ops.longspec.tree_attention_packed(
                 q, k, v, prefix_lens, packed, int(max_prefix), None if scale is None else float(scale), prefix_only
             )
@@ -993,7 +1003,9 @@ def tree_attention(
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, prefix_lens, block_mask)
         ragged = isinstance(prefix_lens, torch.Tensor) and len(set(plist)) > 1
         pref = torch.tensor(plist, dtype=torch.int32, device=q.device) if ragged else None
-    packed = None if block_mask is None else pack_block_mask(block_mask)  # int32 [B or 1, T, W]
+    packed = packed_mask if packed_mask is not None or block_mask is None else pack_block_mask(block_mask)
+    if packed_mask is not None:
+        _check_packed(packed_mask, B, T, q.device)
     return _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch, prefix_only)
 
 
@@ -1215,8 +1227,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
 # The registered op: what torch.compile sees. Dynamo cannot trace a Triton launch through autotune and
 # host-side planning, so the CUDA-graph entry point (device prefix lengths, `max_prefix`) is one opaque
 # op with a fake (meta) version that only states the output shapes. The mask arrives bit-packed: the
-# caller packs it with plain tensor code (`_pack_bits`), which Inductor fuses and which the graph's
-# common-subexpression pass shares across the layers of a step.
+# caller packs it with plain tensor code (`_pack_bits`), which Inductor fuses; a model packs it once per
+# pass and hands the same words to each layer (`packed_mask`), as Inductor does not share the packs itself.
 
 
 def _check_packed(packed_mask, B: int, T: int, device):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from longspec_lab.models.cache import KVCache
 from longspec_lab.models.config import GenerationSettings, ModelConfig
 from longspec_lab.models.layers import MLP, QKVO, RMSNorm, Rotary, apply_rope, fuse_projections, unfuse_projections
-from longspec_lab.ops.attention import attend
+from longspec_lab.ops.attention import attend, block_mask_words
 from longspec_lab.ops.linear import lm_head
 
 
@@ -44,7 +44,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None):
+    def forward(self, x, cos, sin, layer_idx, cache, start, mask, backend, slots=None, mask_words=None):
         a = self.self_attn
         where = slots if slots is not None else start  # slots: [T] tensor
         # one kernel for norm, q/k/v, RoPE and the cache write where LONGSPEC_QKV_ROPE serves it, else None
@@ -57,7 +57,7 @@ class DecoderLayer(nn.Module):
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
-            o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend)
+            o = attend(q, cache.k[layer_idx], cache.v[layer_idx], start, mask, backend, mask_words=mask_words)
         return self.mlp.after_attention(o, a.o_proj, x, self.post_attention_layernorm)  # x + o_proj(o) + mlp(.)
 
 
@@ -132,9 +132,11 @@ class Target(nn.Module):
             cos, sin, slots = self.rotary.tables(positions, self.dtype, start)
         else:
             (cos, sin), slots = self.rotary(positions, self.dtype), None
+        # the mask as the Triton kernel reads it, packed once for all layers (None for other backends)
+        words = None if cache is None else block_mask_words(mask, backend, input_ids.device)
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, start, mask, backend, slots)
+            x = layer(x, cos, sin, i, cache, start, mask, backend, slots, words)
         if last_only:
             x = x[:, -1:]
         if not return_hidden:  # the final norm inside the head's projection (one kernel on CUDA)

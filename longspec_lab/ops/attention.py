@@ -193,10 +193,22 @@ def prefix_attention(q, k, v, prefix_len: torch.Tensor, backend: str = "torch"):
     return masked_sdpa(q, k, v, vis)
 
 
-def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, block_len: int):
+def block_mask_words(block_mask, backend: str, device) -> torch.Tensor | None:
+    """The block mask [T, T] bool as the Triton tree kernel reads it, bit-packed (int32 [1, T, W]), or None where
+    that kernel does not serve `backend` on `device` (or there is no mask). A model makes it once per pass and
+    hands it to every layer's `attend(..., mask_words=)`: compiled, each layer's own packing was a kernel."""
+    if block_mask is None or backend != "triton" or not (torch.device(device).type == "cuda" or _interpreting()):
+        return None
+    from longspec_lab.kernels.tree_attention import pack_block_mask
+
+    return pack_block_mask(block_mask)
+
+
+def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, block_len: int, mask_words=None):
     """The same attention with the prefix length in a device tensor [1] and shapes that do not
     depend on it (CUDA graphs, torch.compile): keys are all S cache slots, hidden by a mask built on
-    the device. The "triton" backend reads only [0, prefix_len + T) whatever S is."""
+    the device. The "triton" backend reads only [0, prefix_len + T) whatever S is, and reads the mask as
+    `mask_words` (`block_mask_words(block_mask, ...)`) where the caller made them."""
     B, Hq, T, D = q.shape
     S = k.shape[2]
     if backend == "ordered":  # batch-invariant decoding: one key order per row, whatever the pass
@@ -206,7 +218,7 @@ def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, b
     if _use_triton(backend, q) and block_len == T:
         from longspec_lab.kernels.tree_attention import tree_attention
 
-        return tree_attention(q, k, v, prefix_len, block_mask, max_prefix=S - T)
+        return tree_attention(q, k, v, prefix_len, block_mask, max_prefix=S - T, packed_mask=mask_words)
     j = torch.arange(S, device=q.device)
     vis = (j < prefix_len)[None].expand(T, S)  # [T, S] the prefix, all visible
     if block_len:
@@ -218,20 +230,25 @@ def attend_static(q, k, v, prefix_len: torch.Tensor, block_mask, backend: str, b
     return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=D**-0.5, enable_gqa=True)
 
 
-def attend(q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", block_len=None, return_lse: bool = False):
+def attend(
+    q, k, v, prefix_len: int, block_mask=None, backend: str = "torch", block_len=None, return_lse: bool = False,
+    mask_words=None,
+):  # fmt: skip
     """Attention of q [B, Hq, T, D] over cache slots [0, prefix_len) (all visible) plus the
     block of `block_len` (default T) keys at [prefix_len, prefix_len + block_len) under
-    `block_mask` [T, block_len] (True = visible; None = causal). Returns [B, Hq, T, D] in q.dtype."""
+    `block_mask` [T, block_len] (True = visible; None = causal). Returns [B, Hq, T, D] in q.dtype.
+    `mask_words`: `block_mask_words(block_mask, backend, device)`, made once for the layers of a pass."""
     B, Hq, T, D = q.shape
     block_len = T if block_len is None else block_len
     if isinstance(prefix_len, torch.Tensor):
-        return attend_static(q, k, v, prefix_len, block_mask, backend, block_len)
+        return attend_static(q, k, v, prefix_len, block_mask, backend, block_len, mask_words)
     scale = D**-0.5
     if backend == "triton" and block_len == T:
         from longspec_lab.kernels.tree_attention import tree_attention
 
         # block_mask None = causal, handled inside the kernel without a mask tensor
-        return tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse)
+        return tree_attention(q, k, v, prefix_len, block_mask, scale=scale, return_lse=return_lse,
+                              packed_mask=mask_words)  # fmt: skip
     if block_mask is None and prefix_len == 0 and block_len == T and not return_lse:
         # causal prefill: SDPA's causal kernels need no mask tensor at all
         return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale, enable_gqa=True)

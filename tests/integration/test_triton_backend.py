@@ -44,3 +44,35 @@ def test_triton_static_attention_matches_torch():
         ref = attend(q, k, v, 30, mask, backend="torch")
         for be in ("torch", "sdpa"):
             torch.testing.assert_close(attend(q, k, v, torch.tensor([30]), mask, backend=be), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_verify_pass_packs_its_tree_mask_once(embedded_pair, monkeypatch):
+    """The target packs the tree mask once per pass for all its layers (compiled, each layer's packing was a kernel
+    of its own), and the pass's logits equal the torch backend's."""
+    import longspec_lab.kernels.tree_attention as ta
+    from longspec_lab.spec.tree import TreeShape
+
+    target = embedded_pair[0]
+    packs = []
+    real = ta._pack_bits
+    monkeypatch.setattr(ta, "_pack_bits", lambda m: packs.append(m.shape) or real(m))
+    shape = TreeShape([2, 2, 2])
+    g = torch.Generator().manual_seed(3)
+    N, P = shape.num_nodes, 40
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N)]
+    toks = torch.randint(1, 4000, (1, P + N), generator=g)
+    out = {}
+    with torch.inference_mode():  # as the decoder runs: an inference tensor has no version to cache a pack by
+        anc = torch.zeros(N, N, dtype=torch.bool)
+        for i, p in enumerate(parents):
+            if p >= 0:
+                anc[i] = anc[p]
+            anc[i, i] = True
+        for be in ("torch", "triton"):
+            cache = target.new_cache(P + N)
+            target(toks[:, :P], cache=cache, start=0, backend="torch")
+            pos = (P + anc.sum(1) - 1)[None]
+            out[be] = target(toks[:, P:], positions=pos, cache=cache, start=torch.tensor([P]), mask=anc, backend=be)
+    assert packs == [(N, N)]  # one pack for the target's layers
+    assert target.config.num_layers > 1
+    torch.testing.assert_close(out["triton"], out["torch"], atol=2e-4, rtol=1e-4)

@@ -141,3 +141,29 @@ def test_prefix_only_opcheck_and_bad_mask():
         ta.tree_attention(q, k, v, torch.tensor([30, 74]), mask[:6, :6], max_prefix=74, prefix_only=True)
     with pytest.raises(ValueError, match="pass block_mask=None"):
         OP(q, k, v, torch.tensor([30, 74]), ta._pack_bits(mask[:6, :6]), 74, None, True)
+
+
+def test_packed_mask_given_is_used_as_packed_by_the_call():
+    """`packed_mask=` (a model packs its mask once per pass): the same result as packing inside the call, with
+    host and device lengths and compiled; a mask packed from a different tree changes the result (it is read),
+    and the words without the bool mask, or of the wrong width, are refused with the fix."""
+    q, k, v, mask = _inputs(11)
+    S, T = k.shape[2], q.shape[2]
+    pref = torch.tensor([120, 5])
+    words = ta.pack_block_mask(mask)
+    ref = ta.tree_attention(q, k, v, pref, mask, max_prefix=S - T)
+    torch.testing.assert_close(ta.tree_attention(q, k, v, pref, mask, max_prefix=S - T, packed_mask=words), ref,
+                               atol=0, rtol=0)  # fmt: skip
+    host = ta.tree_attention(q, k, v, torch.tensor([120, 5]), mask)  # host lengths: its own split plan
+    torch.testing.assert_close(ta.tree_attention(q, k, v, torch.tensor([120, 5]), mask, packed_mask=words), host,
+                               atol=0, rtol=0)  # fmt: skip
+    torch._dynamo.reset()
+    step = torch.compile(lambda *a: ta.tree_attention(*a, max_prefix=S - T, packed_mask=words), fullgraph=True,
+                         backend="aot_eager")  # fmt: skip
+    torch.testing.assert_close(step(q, k, v, pref, mask), ref, atol=1e-6, rtol=1e-6)
+    other = ta.pack_block_mask(torch.eye(T, dtype=torch.bool))  # each node sees only itself
+    assert not torch.allclose(ta.tree_attention(q, k, v, pref, mask, max_prefix=S - T, packed_mask=other), ref)
+    with pytest.raises(ValueError, match="pass the bool block_mask with it"):
+        ta.tree_attention(q, k, v, pref, None, max_prefix=S - T, packed_mask=words)
+    with pytest.raises(ValueError, match="packed_mask must be int32"):
+        ta.tree_attention(q, k, v, torch.tensor([120, 5]), mask, packed_mask=words[:, :, :2])
