@@ -180,6 +180,10 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         ptrs = dict(Q="bf16", K="bf16", V="bf16", O="bf16", P_ptr="i64", COLS="i64", COUNT="i64")
         sig, cx = _signature(oa._ordered_attn_kernel, ptrs, ("qk_scale",), dict(G=2, HEAD_DIM=64, BLOCK_N=64))
         out.append(("ordered attention", oa._ordered_attn_kernel, sig, cx, dict(num_warps=4)))
+    from longspec_lab.kernels import launch
+
+    sig, cx = _signature(launch._tick_kernel, dict(X="i32"), (), {})  # the unit of a kernel boundary's cost
+    out.append(("tick (one boundary's cost)", launch._tick_kernel, sig, cx, dict(num_warps=1)))
     return out
 
 

@@ -30,14 +30,24 @@ them as usual.
 `launch_args(device)` gives the keyword arguments each launch site adds: the kernel's USE_PDL constexpr and Triton's
 `launch_pdl` option, always together (a kernel launched early that does not wait would race).
 
+What a kernel boundary costs is measured with the smallest kernel there is, `_tick_kernel` (one program adds 1 to
+one number; `tick_reference` is the same in PyTorch): a chain of ticks recorded in one CUDA graph and replayed,
+launched with PDL and without, beside the same number of PyTorch's own `add_` (`boundary_cost_us`; the decoding
+profile's launch-bound unit, `bench.profile`):
+
+    python -m longspec_lab.kernels.launch --n 200
+
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb (the PDL A/B pair)
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 
 import torch
+import triton
+import triton.language as tl
 
 PDL = os.environ.get("LONGSPEC_PDL", "auto")
 _CHOICES = ("auto", "off")
@@ -69,8 +79,14 @@ def pdl_enabled(device) -> bool:
     9.0 or more, Triton offers PDL and is not interpreting. Raises for an unknown LONGSPEC_PDL value."""
     if PDL not in _CHOICES:
         raise ValueError(f"LONGSPEC_PDL={PDL!r} is not one of {', '.join(_CHOICES)}; unset it or pick one")
+    return PDL != "off" and device_can_pdl(device)
+
+
+def device_can_pdl(device) -> bool:
+    """Whether launches on `device` can use PDL at all, whatever LONGSPEC_PDL says: CUDA, compute capability 9.0
+    or more, a Triton that offers it, and not the interpreter."""
     device = torch.device(device)
-    if PDL == "off" or device.type != "cuda" or _interpreting() or not triton_has_pdl():
+    if device.type != "cuda" or _interpreting() or not triton_has_pdl():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:
@@ -78,10 +94,12 @@ def pdl_enabled(device) -> bool:
     return _CAPABLE[index]
 
 
-def launch_args(device) -> dict:
+def launch_args(device, pdl: bool | None = None) -> dict:
     """Keyword arguments for a launch of one of this package's kernels on `device`: USE_PDL (the kernel's
-    constexpr: wait, then let the next kernel start) and launch_pdl (Triton's launch attribute), equal."""
-    on = pdl_enabled(device)
+    constexpr: wait, then let the next kernel start) and launch_pdl (Triton's launch attribute), equal.
+    `pdl=False` launches plainly whatever the switch says; `pdl=True` asks for PDL where the device can (a timing
+    of both forms); None follows `pdl_enabled`."""
+    on = pdl_enabled(device) if pdl is None else bool(pdl) and device_can_pdl(device)
     return {"USE_PDL": on, "launch_pdl": on}
 
 
@@ -93,3 +111,100 @@ def inductor_options(device) -> dict:
     if not pdl_enabled(device) or not hasattr(inductor_config.triton, "enable_pdl"):
         return {}
     return {"triton.enable_pdl": True}
+
+
+# ----------------------------------------------------------------------------- the cost of a kernel boundary
+
+
+@triton.jit
+def _tick_kernel(
+    X,  # [1] int32 (or any number): incremented by one
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for the kernel before, then let the next start
+):
+    if USE_PDL:  # before any other memory access, in every program
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(X, tl.load(X) + 1)
+
+
+def tick(x: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
+    """x [1] += 1 with one launch of the smallest kernel (in place; returns x). `pdl` as in `launch_args`."""
+    if x.numel() != 1 or not x.is_contiguous():
+        raise ValueError(f"tick needs a contiguous one-element tensor, got shape {list(x.shape)}")
+    _tick_kernel[(1,)](x, **launch_args(x.device, pdl))
+    return x
+
+
+def tick_reference(x: torch.Tensor) -> torch.Tensor:
+    """What `tick` computes: x + 1 (out of place)."""
+    return x + 1
+
+
+def _replay_us(fn, n: int, reps: int) -> float:
+    """Median device time of one call of fn inside a CUDA graph of n calls, replayed after warm-up (us per call)."""
+    import time
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6 / n)
+    return statistics.median(times)
+
+
+def boundary_cost_us(device="cuda", n: int = 200, reps: int = 20) -> dict:
+    """What one kernel boundary costs in a replayed CUDA graph, per kernel of a chain of n: the tick launched with
+    PDL (`tick_pdl_us`, None where the device cannot), without (`tick_plain_us`), and PyTorch's `add_`
+    (`torch_add_us`). `unit_us` is the tick as the decoder launches now (LONGSPEC_PDL): the launch-bound unit."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError("the cost of a kernel boundary is a GPU measurement: run it on a machine with a CUDA GPU")
+    x = torch.zeros(1, dtype=torch.int32, device=device)
+    y = torch.zeros(1, device=device)
+    pdl_ok = device_can_pdl(device)
+    out = {
+        "n": n,
+        "tick_plain_us": _replay_us(lambda: tick(x, pdl=False), n, reps),
+        "tick_pdl_us": _replay_us(lambda: tick(x, pdl=True), n, reps) if pdl_ok else None,
+        "torch_add_us": _replay_us(lambda: y.add_(1), n, reps),
+        "pdl": pdl_enabled(device),
+    }
+    out["unit_us"] = out["tick_pdl_us"] if out["pdl"] else out["tick_plain_us"]
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.kernels.launch",
+        description="What one kernel boundary costs inside a replayed CUDA graph: the smallest Triton kernel "
+        "launched with programmatic dependent launch and without, and PyTorch's add_, per kernel of a chain.",
+    )
+    ap.add_argument("--n", type=int, default=200, help="kernels in the recorded chain (default 200)")
+    ap.add_argument("--reps", type=int, default=20, help="timed replays; the median is reported (default 20)")
+    a = ap.parse_args(argv)
+    if a.n < 1 or a.reps < 1:
+        ap.error("--n and --reps must be at least 1")
+    if not torch.cuda.is_available():
+        ap.exit(2, "error: this times kernel launches on a GPU; no CUDA device is visible here\n")
+    print(json.dumps(boundary_cost_us("cuda", a.n, a.reps), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

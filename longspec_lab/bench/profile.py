@@ -10,8 +10,16 @@ the SAME stage function:
     compiled   the function through torch.compile (Inductor), run without capture
     replay     the compiled function recorded in a CUDA graph and replayed (what GraphDecoder runs)
 
-and splits each stage's replay time into a launch-bound part (kernels x the measured cost of an
-empty launch inside a graph) and the rest (bytes and arithmetic).
+and splits each stage's replay time into a launch-bound part (kernels x the measured cost of a
+kernel boundary inside a graph: the smallest Triton kernel, launched as the decoder launches, with
+programmatic dependent launch where it is on; `kernels.launch.boundary_cost_us`) and the rest (bytes
+and arithmetic).
+
+It also replays the whole step as the decoder does (one CUDA graph of every stage in order) once under
+the profiler and lays its kernels on one time line (`step_timeline`): each kernel's own duration and
+its increment, the time from the end of the kernel before it to its own end. The increments add up to
+the step; a kernel whose increment exceeds its duration waited at the boundary, and one whose duration
+exceeds its increment started early (PDL) and overlapped the one before it.
 
     python -m longspec_lab.bench.profile --device cuda --out profile.json
 
@@ -26,7 +34,8 @@ import time
 import torch
 
 from longspec_lab.decoding import steps
-from longspec_lab.decoding.graphs import COMPILE_MODE, Stage, capture, default_capacity
+from longspec_lab.decoding.graphs import COMPILE_MODE, Stage, capture, default_capacity, run_in_order
+from longspec_lab.kernels.launch import boundary_cost_us
 from longspec_lab.spec.tree import TreeShape
 
 
@@ -67,15 +76,41 @@ def _median_us(fn, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def launch_cost_us(n: int = 200) -> float:
-    """The device cost of one tiny kernel inside a replayed CUDA graph (the launch-bound unit)."""
-    x = torch.zeros(1, device="cuda")
+def step_timeline(kernels: list[tuple[str, float, float]], stage_kernels: dict[str, int]) -> dict:
+    """One replayed step's kernels on a time line. kernels: (name, start, end) in us, in any order;
+    stage_kernels: the stages in order with the kernels each launches (their compiled counts). Returns
+    {"total_us", "kernels": [[name, duration, increment], ...] in start order, "stages": {stage: {"kernels",
+    "increment_us", "duration_us"}}} where a kernel's increment is its end minus the previous kernel's end (the
+    first: its duration; never below 0: a kernel that ends inside the one before adds nothing), so the increments
+    add up to the step. The stages are attributed by count, in order;
+    "stages" is None when the profiler saw another number of kernels than the stages launch."""
+    ks = sorted(kernels, key=lambda k: (k[1], k[2]))
+    rows, last_end = [], None
+    for name, start, end in ks:
+        inc = end - start if last_end is None else max(end - last_end, 0.0)  # inside the one before: nothing
+        rows.append([name[:60], round(end - start, 3), round(inc, 3)])
+        last_end = end if last_end is None else max(last_end, end)
+    out = {"total_us": round(sum(r[2] for r in rows), 3), "kernels": rows, "stages": None}
+    if sum(stage_kernels.values()) == len(rows):
+        out["stages"], i = {}, 0
+        for stage, n in stage_kernels.items():
+            part = rows[i : i + n]
+            out["stages"][stage] = {"kernels": n, "increment_us": round(sum(r[2] for r in part), 3),
+                                    "duration_us": round(sum(r[1] for r in part), 3)}  # fmt: skip
+            i += n
+    return out
 
-    def adds():
-        for _ in range(n):
-            x.add_(1)
 
-    return _median_us(capture([adds])[0].replay, 20) / n
+def _profiled_kernels(fn) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of every GPU kernel one call of fn runs (memcpy and memset left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    keep = [e for e in evs if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return [(e.name, e.time_range.start, e.time_range.end) for e in keep]
 
 
 def profile_stages(target, draft, prompt, method: str = "tree", shape=None, backend: str = "triton",
@@ -92,10 +127,12 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
         for _ in range(3):  # a few real steps, so the state is a real one
             for _, fn in fns:
                 fn()
-        launch = launch_cost_us()
-        rows = {}
+        boundary = boundary_cost_us(target.device)
+        launch = boundary["unit_us"]
+        rows, compiled = {}, []
         for name, fn in fns:
             stage = Stage(name, fn, compile_mode)
+            compiled.append(stage.fn)
             g = capture([stage.fn])[0]  # the warm-up compiles
             k_e, t_e = _kernels(fn)
             k_c, t_c, top, in_order = _kernels(stage.fn, top=12)
@@ -111,10 +148,15 @@ def profile_stages(target, draft, prompt, method: str = "tree", shape=None, back
                 "top_kernels": top,
                 "kernels_in_order": in_order,
             }
+        step_graph = capture([run_in_order(compiled)])[0]  # the step as GraphDecoder replays it (LONGSPEC_STEP_GRAPH)
+        step_replay = _median_us(step_graph.replay, 20)  # every replay is a real step: P moves on (capacity above)
+        counts = {n: r["compiled_kernels"] for n, r in rows.items()}
+        timeline = step_timeline(_profiled_kernels(step_graph.replay), counts)
     total = {k: sum(r[k] for r in rows.values()) for k in ("eager_kernels", "compiled_kernels", "replay_us")}
+    total["step_graph_replay_us"] = step_replay
     return {"method": method, "tree_shape": list(shape.widths) if shape else None, "launch_cost_us": launch,
-            "compile_mode": compile_mode, "backend": backend,
-            "stages": rows, "step": total}  # fmt: skip
+            "boundary_cost": boundary, "compile_mode": compile_mode, "backend": backend,
+            "stages": rows, "step": total, "step_timeline": timeline}  # fmt: skip
 
 
 def main(argv=None) -> int:

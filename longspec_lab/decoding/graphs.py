@@ -69,7 +69,7 @@ def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
     return graphs
 
 
-def _in_order(fns):
+def run_in_order(fns):
     """One function that calls fns in order (the stages of a step, recorded together in one graph)."""
 
     def run():
@@ -184,7 +184,7 @@ class GraphDecoder(SpecDecoder):
             if self.graphs:
                 self._capture(st, before + after)
                 if self.step_graph and not sampled and len(before) > 1:
-                    step = Stage("step", _in_order([stage.fn for stage in before]))
+                    step = Stage("step", run_in_order([stage.fn for stage in before]))
                     self._capture(st, [step])
                     self._step_stages[key] = [step]
             self._plans[key] = (st, before, after)

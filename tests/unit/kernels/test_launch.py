@@ -115,3 +115,41 @@ def test_pdl_needs_a_triton_that_offers_it(monkeypatch):
     monkeypatch.delattr(cuda_ext, "gdc_wait")
     assert not launch.triton_has_pdl() and not launch.pdl_enabled("cuda")
     assert launch.launch_args("cuda") == {"USE_PDL": False, "launch_pdl": False}
+
+
+def test_launch_args_can_force_either_form_where_the_device_can(monkeypatch):
+    """`pdl=` (the boundary-cost timing launches the tick both ways): False is plain whatever the switch says, True
+    is PDL only where the device can, None follows the switch."""
+    monkeypatch.setattr(launch, "_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(launch, "PDL", "off")
+    assert launch.launch_args("cuda") == {"USE_PDL": False, "launch_pdl": False}
+    assert launch.launch_args("cuda", pdl=True) == {"USE_PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(launch, "PDL", "auto")
+    assert launch.launch_args("cuda", pdl=False) == {"USE_PDL": False, "launch_pdl": False}
+    assert launch.launch_args("cpu", pdl=True) == {"USE_PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(launch, "_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))  # an A100: never
+    assert launch.launch_args("cuda", pdl=True) == {"USE_PDL": False, "launch_pdl": False}
+
+
+def test_the_tick_adds_one_as_its_reference_does():
+    """The boundary-cost unit is a real kernel (interpreted here): one launch adds one, as `tick_reference`."""
+    x = torch.tensor([41], dtype=torch.int32)
+    for pdl in (None, False, True):
+        want = launch.tick_reference(x)
+        assert launch.tick(x, pdl=pdl) is x and torch.equal(x, want)
+    assert int(x) == 44
+    with pytest.raises(ValueError, match="one-element"):
+        launch.tick(torch.zeros(2, dtype=torch.int32))
+
+
+def test_the_boundary_cost_needs_a_gpu_and_says_so(capsys):
+    with pytest.raises(RuntimeError, match="a GPU measurement"):
+        launch.boundary_cost_us("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            launch.main([])
+        assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
