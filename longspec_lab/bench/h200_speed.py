@@ -34,7 +34,9 @@ os.environ.setdefault("LONGSPEC_AUTOTUNE", "0")
 
 
 def _write(out: Path, name: str, rep: dict) -> None:
-    (out / name).write_text(json.dumps(rep, indent=1) + "\n")
+    # the profiles (every kernel of every stage, and the step's time line) are written compact: data/ has a budget
+    compact = name.startswith("profile")
+    (out / name).write_text(json.dumps(rep, **({"separators": (",", ":")} if compact else {"indent": 1})) + "\n")
     print(f"wrote {out / name}", flush=True)
 
 
@@ -48,7 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="e2e,bi,profile", help="comma-separated subset of e2e,bi,profile,graphs")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts of 2,000+ tokens to time")
-    ap.add_argument("--shapes", default="4,16,16,16,16;2,4,8,8,8,8", help="tree shapes, ';'-separated")
+    ap.add_argument(
+        "--shapes",
+        default="4,16,16,16,16;1,2,4,4,4,4,4;4,6,3,6,12;2,3,8,4,3,8",
+        help="tree shapes, ';'-separated: the default, the best measured, and the tuner's picks (fit, exact)",
+    )
     ap.add_argument("--gammas", default="5", help="chain lengths, ','-separated")
     ap.add_argument(
         "--compile", default="all", choices=("none", "ar", "all"),
