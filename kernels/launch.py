@@ -35,7 +35,11 @@ one number; `tick_reference` is the same in PyTorch): a chain of ticks recorded 
 launched with PDL and without, beside the same number of PyTorch's own `add_` (`boundary_cost_us`; the decoding
 profile's launch-bound unit, `bench.profile`):
 
-    python -m longspec_lab.kernels.launch --n 200
+A persistent kernel would trade those boundaries for grid-wide barriers inside one launch; `_phases_kernel` times
+one barrier per phase (`barrier_cost_us`), with 1, 16 and one program per SM, against the boundary. The same
+command reports both, and their ratio (`barrier_vs_boundary`, below 1 where a barrier is the cheaper):
+
+    python -m longspec_lab.kernels.launch --n 200 --phases 64 --out launch_h200.json
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb (the PDL A/B pair)
 """
@@ -140,6 +144,86 @@ def tick_reference(x: torch.Tensor) -> torch.Tensor:
     return x + 1
 
 
+# A persistent kernel replaces kernel boundaries by grid-wide barriers: every program arrives at a counter, then
+# spins until all have. Whether that pays is one number: a barrier's cost against a boundary's. `_phases_kernel`
+# runs N_PHASES phases of the smallest work that needs one (each program reads what ANOTHER program wrote in the
+# phase before: x_dst[p] = x_src[(p + 1) % n] + 1, ping-pong halves of X), separated by grid barriers.
+#
+# On the GPU every program must be resident at once, or a spinning program waits forever for one that cannot
+# start: `phases` refuses more programs than the device has SMs, and each spin gives up after SPIN_LIMIT polls and
+# raises FLAG instead of hanging. The CPU interpreter runs programs one after another, so only one program can
+# pass a barrier there (the tests run one; more raise FLAG, which the tests check too).
+SPIN_LIMIT = 1 << 16  # about 50 ms of polling: a broken barrier shows as FLAG within seconds, never a hang
+
+
+@triton.jit
+def _phases_kernel(
+    X,  # [2, n] int32 ping-pong halves: phase k reads half k % 2 and writes the other
+    COUNT,  # [1] int32 barrier arrivals; zero at launch, and zeroed again by the last program to finish
+    DONE,  # [1] int32 programs finished; likewise
+    FLAG,  # [1] int32 set to 1 when a barrier gave up waiting (SPIN_LIMIT polls): the result is then wrong
+    N_PHASES: tl.constexpr,  # phases, each followed by a grid barrier
+    BARRIER: tl.constexpr,  # False: no barrier (one program's own chain of dependent loads and stores, the floor)
+    SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for the kernel before, then let the next start
+):
+    if USE_PDL:  # before any other memory access, in every program
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    for k in range(N_PHASES):
+        src = X + (k % 2) * n
+        dst = X + ((k + 1) % 2) * n
+        v = tl.load(src + (pid + 1) % n, cache_modifier=".cg")  # L2, not this SM's L1: another program wrote it
+        tl.store(dst + pid, v + 1)
+        if BARRIER:
+            tl.debug_barrier()  # every thread's store issued before the arrival below releases them
+            seen = tl.atomic_add(COUNT, 1, sem="release", scope="gpu") + 1
+            target = (k + 1) * n
+            polls = 0
+            while (seen < target) & (polls < SPIN_LIMIT):
+                seen = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
+                polls += 1
+            if seen < target:
+                tl.atomic_xchg(FLAG, 1)
+            tl.debug_barrier()
+    if BARRIER:  # the last program out resets the counters: every program has left its last spin by then
+        if tl.atomic_add(DONE, 1, sem="acq_rel", scope="gpu") == n - 1:
+            tl.atomic_xchg(COUNT, 0)
+            tl.atomic_xchg(DONE, 0)
+
+
+def phases(x: torch.Tensor, counters: torch.Tensor, n_phases: int, barrier: bool = True, pdl: bool | None = None):
+    """Run `_phases_kernel` once: x [2, n] int32 (n programs), counters [3] int32 (arrivals, finished, flag; zero
+    before the first call, and left so by each call). Returns x. Refuses more programs than the GPU has SMs (a
+    spin over programs that cannot all be resident would never end); several programs without a barrier read each
+    other's writes in no order, so `barrier=False` takes one program."""
+    if x.dim() != 2 or x.shape[0] != 2 or x.dtype != torch.int32 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous int32 tensor [2, n], got {x.dtype} {list(x.shape)}")
+    if counters.shape != (3,) or counters.dtype != torch.int32:
+        raise ValueError(
+            f"counters must be int32 [3] (arrivals, finished, flag), got {counters.dtype} {list(counters.shape)}"
+        )
+    n = x.shape[1]
+    if not barrier and n != 1:
+        raise ValueError(f"barrier=False runs one program (the floor of a phase); got {n}: pass x of shape [2, 1]")
+    if x.is_cuda and n > torch.cuda.get_device_properties(x.device).multi_processor_count:
+        raise ValueError(f"{n} programs is more than this GPU's SMs: a grid barrier needs every program resident")
+    _phases_kernel[(n,)](x, counters[0:], counters[1:], counters[2:], N_PHASES=n_phases, BARRIER=barrier,
+                         SPIN_LIMIT=SPIN_LIMIT, **launch_args(x.device, pdl))  # fmt: skip
+    return x
+
+
+def phases_reference(n: int, n_phases: int, calls: int = 1) -> torch.Tensor:
+    """x [2, n] after `calls` runs of `phases` from zeros: the half a phase writes holds the phases run so far."""
+    x = torch.zeros(2, n, dtype=torch.int32)
+    for _ in range(calls):
+        for k in range(n_phases):
+            x[(k + 1) % 2] = x[k % 2].roll(-1) + 1
+    return x
+
+
 def _replay_us(fn, n: int, reps: int) -> float:
     """Median device time of one call of fn inside a CUDA graph of n calls, replayed after warm-up (us per call)."""
     import time
@@ -186,23 +270,62 @@ def boundary_cost_us(device="cuda", n: int = 200, reps: int = 20) -> dict:
     return out
 
 
+def barrier_cost_us(device="cuda", n_phases: int = 64, programs=(1, 16, 0), reps: int = 20) -> dict:
+    """What one grid-wide barrier costs, per phase of a persistent kernel of n_phases (one launch, replayed from a
+    CUDA graph): for each program count (0: one per SM) the microseconds per phase, with the floor beside them (one
+    program, no barrier: a phase's own dependent load and store) and a check that the barrier kept every phase's
+    reads after the writes of the phase before (the result equals `phases_reference`, no spin gave up)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError("the cost of a grid barrier is a GPU measurement: run it on a machine with a CUDA GPU")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    counters = torch.zeros(3, dtype=torch.int32, device=device)
+    rows = []
+    for n, barrier in [(1, False)] + [(p or sms, True) for p in programs]:
+        x = torch.zeros(2, n, dtype=torch.int32, device=device)
+        for _ in range(3):  # correctness first, outside any graph
+            phases(x, counters, n_phases, barrier)
+        torch.cuda.synchronize()
+        ok = torch.equal(x.cpu(), phases_reference(n, n_phases, 3)) and int(counters[2]) == 0
+        counters.zero_()
+        if not ok:  # a barrier that does not hold (or gave up) is not timed: it would time the give-ups
+            rows.append({"programs": n, "barrier": barrier, "us_per_phase": None, "launch_us": None, "ok": False})
+            continue
+        us = _replay_us(lambda x=x, n=n, barrier=barrier: phases(x, counters, n_phases, barrier), 1, reps)
+        rows.append({"programs": n, "barrier": barrier, "us_per_phase": us / n_phases, "launch_us": us, "ok": ok})
+    return {"n_phases": n_phases, "sms": sms, "pdl": pdl_enabled(device), "rows": rows}
+
+
 def main(argv=None) -> int:
     import argparse
     import json
 
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.kernels.launch",
-        description="What one kernel boundary costs inside a replayed CUDA graph: the smallest Triton kernel "
-        "launched with programmatic dependent launch and without, and PyTorch's add_, per kernel of a chain.",
+        description="What one kernel boundary costs inside a replayed CUDA graph (the smallest Triton kernel "
+        "launched with programmatic dependent launch and without, and PyTorch's add_, per kernel of a chain), and "
+        "what one grid-wide barrier of a persistent kernel costs (per phase, 1 to all-SM programs).",
     )
     ap.add_argument("--n", type=int, default=200, help="kernels in the recorded chain (default 200)")
+    ap.add_argument("--phases", type=int, default=64, help="phases of the persistent kernel (default 64)")
     ap.add_argument("--reps", type=int, default=20, help="timed replays; the median is reported (default 20)")
+    ap.add_argument("--out", default=None, help="write the JSON report here, with its environment (never overwrites)")
     a = ap.parse_args(argv)
-    if a.n < 1 or a.reps < 1:
-        ap.error("--n and --reps must be at least 1")
+    if a.n < 1 or a.reps < 1 or a.phases < 1:
+        ap.error("--n, --phases and --reps must be at least 1")
+    if a.out and os.path.exists(a.out):
+        ap.error(f"{a.out} exists; pick a new name or move it away")
     if not torch.cuda.is_available():
         ap.exit(2, "error: this times kernel launches on a GPU; no CUDA device is visible here\n")
-    print(json.dumps(boundary_cost_us("cuda", a.n, a.reps), indent=1))
+    from longspec_lab.provenance import stamp, write_new_json
+
+    rep = {"boundary": boundary_cost_us("cuda", a.n, a.reps), "barrier": barrier_cost_us("cuda", a.phases, reps=a.reps)}
+    unit = rep["boundary"]["unit_us"]
+    rows = [r for r in rep["barrier"]["rows"] if r["barrier"]]
+    rep["barrier_vs_boundary"] = {str(r["programs"]): r["us_per_phase"] / unit for r in rows if r["ok"]}  # < 1: pays
+    rep = stamp(rep, torch.device("cuda"), torch.int32)
+    print(json.dumps(rep, indent=1))
+    if a.out:
+        write_new_json(a.out, rep)
     return 0
 
 

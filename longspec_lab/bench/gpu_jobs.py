@@ -6,6 +6,8 @@ Each job is a subprocess with its own time limit and log file, so one failure do
 others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
   kernel     python -m longspec_lab.kernels.bench_tree_attention (tree attention against SDPA, Flex, floors)
   verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
+  launch     python -m longspec_lab.kernels.launch              (a kernel boundary's cost with PDL and without,
+             and a persistent kernel's grid barrier against it: does fusing the step into one launch pay?)
   e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, batch-invariant, kernels)
   agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
@@ -89,6 +91,7 @@ def jobs(out: Path) -> dict:
             {},
         ),
         "verify": ([py, "-m", "longspec_lab.bench.verify_cost", "--out", str(out / "verify_8b_h200.json")], 240, {}),
+        "launch": ([py, "-m", "longspec_lab.kernels.launch", "--out", str(out / "launch_h200.json")], 120, {}),
         "e2e": (
             [
                 py,
@@ -99,11 +102,9 @@ def jobs(out: Path) -> dict:
                 "--only",
                 "e2e,bi,profile",
                 "--gammas",
-                "5,6,7",
-                "--shapes",
-                "4,16,16,16,16;2,4,8,8,8,8;1,2,4,4,4,4,4",
+                "5,7,8",  # and h200_speed's default shapes: the default tree, the best measured, the tuner's picks
             ],
-            560,  # 470 s on the H200 (2026-12-02, three chains and three trees); 215 s with a warm compile cache
+            590,  # 522 s on the H200 for e2e and profile with three trees (2026-12-04); bi adds about 60
             {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
         ),
         "norm_linear": (

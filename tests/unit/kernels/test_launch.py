@@ -153,3 +153,39 @@ def test_the_boundary_cost_needs_a_gpu_and_says_so(capsys):
         with pytest.raises(SystemExit) as e:
             launch.main([])
         assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_phases, barrier, calls", [(5, True, 2), (4, False, 3), (1, True, 1)])
+def test_phases_of_one_program_equal_the_reference_and_leave_the_counters_at_zero(n_phases, barrier, calls):
+    """The persistent kernel's phases (interpreted): each reads what the phase before wrote, as `phases_reference`;
+    its barrier passes at once for one program, gives up nowhere, and the last program out zeroes the counters, so
+    the next launch (a graph replay) starts from zero."""
+    x = torch.zeros(2, 1, dtype=torch.int32)
+    counters = torch.zeros(3, dtype=torch.int32)
+    for _ in range(calls):
+        assert launch.phases(x, counters, n_phases, barrier) is x
+    assert torch.equal(x, launch.phases_reference(1, n_phases, calls))
+    assert counters.tolist() == [0, 0, 0]
+
+
+def test_a_barrier_that_cannot_be_met_gives_up_and_says_so(monkeypatch):
+    """The interpreter runs programs one after another, so the first of three waits for two that have not started:
+    after SPIN_LIMIT polls it raises the flag instead of hanging, and the result differs from the reference."""
+    monkeypatch.setattr(launch, "SPIN_LIMIT", 8)
+    x = torch.zeros(2, 3, dtype=torch.int32)
+    counters = torch.zeros(3, dtype=torch.int32)
+    launch.phases(x, counters, 2)
+    assert int(counters[2]) == 1 and not torch.equal(x, launch.phases_reference(3, 2))
+    assert counters[:2].tolist() == [0, 0]  # still reset by the last program out
+
+
+def test_phases_refuse_what_would_race_or_hang():
+    c = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"int32 tensor \[2, n\]"):
+        launch.phases(torch.zeros(3, 2, dtype=torch.int32), c, 1)
+    with pytest.raises(ValueError, match=r"counters must be int32 \[3\]"):
+        launch.phases(torch.zeros(2, 1, dtype=torch.int32), c[:2], 1)
+    with pytest.raises(ValueError, match="barrier=False runs one program"):
+        launch.phases(torch.zeros(2, 4, dtype=torch.int32), c, 1, barrier=False)
+    with pytest.raises(RuntimeError, match="a GPU measurement"):
+        launch.barrier_cost_us("cpu")
