@@ -127,14 +127,17 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     nl_ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", COS="bf16", SIN="bf16", KC="bf16", VC="bf16",
                    SLOTS="i64", A="bf16", WP="bf16", RP="bf16", XO="bf16", BIAS="bf16")  # fmt: skip
     # (rows, K, N, norm, residual, gated, bias): the embedded model's norm + qkv at one row, its gated MLP, the
-    # 8B shape's down projection with the residual at a 72-row verify, the draft's biased q/k/v at a 16-node level
+    # 8B shape's down projection with the residual at a 72-row verify, the draft's biased q/k/v at a 16-node level,
+    # an 8B q/k/v with its norm. One K step compiles the weight-first form (ONE_K, LONGSPEC_WEIGHT_FIRST=on), whatever
+    # the switch says; the 8B shapes compile the K loop
     for M, K, N, norm, res, gated, bias in [
         (1, 256, 512, True, False, False, False), (1, 256, 768, True, False, True, False),
         (72, 14336, 4096, False, True, False, False), (16, 256, 512, True, False, False, True),
-    ][: 1 if quick else 4]:  # fmt: skip
+        (1, 4096, 6144, True, False, False, False),  # a norm over several K steps (LONGSPEC_NORM_LINEAR=on at 8B)
+    ][: 1 if quick else 5]:  # fmt: skip
         bm, bn, bk = nl.tiles(M, N, K)
         consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=bias)  # fmt: skip
+                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=bias, ONE_K=K <= bk)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         label = f"norm_linear: {M} x {K} -> {N}, norm={norm} residual={res} gated={gated} bias={bias}"
         out.append((label, nl._norm_linear_kernel, sig, cx, dict(num_warps=4, num_stages=3)))
@@ -142,7 +145,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     for M in (1, 72)[: 1 if quick else 2]:
         bm, _, bk = nl.tiles(M, 512, 256)
         consts = dict(HAS_NORM=True, HAS_RES=False, GATED=False, ROPE=True, IEEE=False, BLOCK_M=bm, BLOCK_N=32,
-                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=False)  # fmt: skip
+                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=False, ONE_K=256 <= bk)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"qkv_rope_cache: {M} x 256, 4 + 2 + 2 heads of 64", nl._norm_linear_kernel, sig, cx,
                     dict(num_warps=4, num_stages=3)))  # fmt: skip
@@ -150,7 +153,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     if not quick:
         bm, _, bk = nl.tiles(16, 256, 256)
         consts = dict(HAS_NORM=True, HAS_RES=False, GATED=False, ROPE=True, IEEE=False, BLOCK_M=bm, BLOCK_N=32,
-                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=True)  # fmt: skip
+                      BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=True, ONE_K=256 <= bk)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append(("linear_rope: 16 x 256, 4 heads of 64, bias", nl._norm_linear_kernel, sig, cx,
                     dict(num_warps=4, num_stages=3)))  # fmt: skip
@@ -159,7 +162,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     for M in (1, 72)[: 1 if quick else 2]:
         bm, bn, bk = nl.tiles(M, 768, 256)
         consts = dict(HAS_NORM=True, HAS_RES=False, GATED=True, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=max(bk, 256), PRE=True, BLOCK_KP=nl.PRE_BLOCK_KP, HAS_BIAS=False)  # fmt: skip
+                      BLOCK_K=max(bk, 256), PRE=True, BLOCK_KP=nl.PRE_BLOCK_KP, HAS_BIAS=False, ONE_K=True)  # fmt: skip
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"residual_norm_linear: {M} x 256 -> 256, then norm + gate/up -> 768", nl._norm_linear_kernel,
                     sig, cx, dict(num_warps=4, num_stages=3)))  # fmt: skip

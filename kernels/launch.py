@@ -11,7 +11,9 @@ must then execute `griddepcontrol.wait`, which returns once the kernel before it
 visible, before it reads or writes anything another kernel touches. CUDA graphs keep these edges.
 
 Every kernel of this package opens with the same two instructions, in this order and in every program, before any
-other memory access or early return (search for `USE_PDL`):
+other memory access or early return (search for `USE_PDL`); the one exception is a read of what no kernel of a step
+writes, a weight, which `norm_linear` issues before the wait so that it overlaps the kernel before (tests hold each
+kernel to an explicit list of what it may read early, `READ_BEFORE_WAIT`):
 
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the kernel before this one has finished; its writes are visible

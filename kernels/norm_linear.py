@@ -23,6 +23,14 @@ once to get their mean square (a K loop of sums), then streams K in BLOCK_K step
 on the fly), weight tile [BLOCK_N, BLOCK_K] (two with GATED: the gate rows and the up rows of the same
 output columns), one `tl.dot` each into float32 accumulators.
 
+Weight first (ONE_K, LONGSPEC_WEIGHT_FIRST=on; off until the H200 has timed it): when K fits one step (the
+embedded model's hidden size, 256: every projection but down_proj), the program reads its whole weight tile
+before its programmatic-dependent-launch wait (kernels/launch.py): a weight is a parameter that no kernel of a
+step writes, so with PDL its load overlaps the kernel before this one; the input rows are then read once, for
+the norm and the matmul, instead of once per pass, and the one-step loop is not software-pipelined (compiled
+for sm_90: 25 KiB of shared memory instead of 57 for the gated MLP at one row). The values and their order are
+the same, so the outputs are bit-identical either way.
+
 With ROPE the same kernel serves a layer's fused q/k/v projection: a program owns one head (its two
 halves are the two accumulators that GATED uses for gate and up), applies RoPE to query and key heads
 as `apply_rope` rounds it, writes query heads to the output and key and value heads straight into the
@@ -111,21 +119,32 @@ def _norm_linear_kernel(
     PRE: tl.constexpr,  # compute the input rows here: X = RP + A @ WP^T (an o_proj and its residual), and store them
     BLOCK_KP: tl.constexpr,  # the prologue's input features per step
     HAS_BIAS: tl.constexpr,  # add BIAS to the fp32 accumulator, as F.linear's bias epilogue does, then round
+    ONE_K: tl.constexpr,  # K <= BLOCK_K: the weight tile is read before the PDL wait, the input rows once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
-    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
-        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
-        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
+    # Before the wait, only the weight is read: a parameter, which no kernel of a step writes. So with PDL its load
+    # overlaps the kernel before this one, and without PDL it is at least in flight with the input rows' load.
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     if ROPE:  # head pid_n: its first half here, the second half (rotated against it) in acc_up
         cols = pid_n * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     else:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    row_ok = rows < M
     col_ok = cols < N
     offs_k = tl.arange(0, BLOCK_K)
+    w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    w2_rows = w_rows + (BLOCK_N if ROPE else N) * stride_wn  # GATED: the up rows; ROPE: the head's second half
+    if ONE_K:  # the whole weight tile, [BLOCK_N, BLOCK_K] (and its GATED / ROPE twin), and the norm's weight [BLOCK_K]
+        w_one = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        if GATED or ROPE:
+            wu_one = tl.load(w2_rows + offs_k[None, :], mask=col_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        if HAS_NORM:
+            nw_one = tl.load(NW + offs_k, mask=offs_k < K, other=0.0)
+    if USE_PDL:  # before any access to what another kernel writes, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    row_ok = rows < M
     dt = Y.dtype.element_ty
     x_rows = X + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     if PRE:  # the whole input rows from the previous projection, rounded as its residual epilogue rounds them
@@ -135,6 +154,9 @@ def _norm_linear_kernel(
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         if PRE:
             ss += _sum(x_pre.to(tl.float32) * x_pre.to(tl.float32), 1)
+        elif ONE_K:  # the rows fit one step: loaded once, for this pass and the matmul
+            x_one = tl.load(x_rows + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            ss += _sum(x_one.to(tl.float32) * x_one.to(tl.float32), 1)
         else:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
@@ -143,26 +165,35 @@ def _norm_linear_kernel(
         rstd = 1.0 / tl.sqrt(ss / K + eps)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    w2_rows = w_rows + (BLOCK_N if ROPE else N) * stride_wn  # GATED: the up rows; ROPE: the head's second half
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):  # one step with ONE_K (k0 = 0)
         kk = k0 + offs_k
         k_ok = kk < K
         if PRE:  # one step: the prologue holds every input feature
             x = x_pre
+        elif ONE_K and HAS_NORM:
+            x = x_one
         else:
             x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if HAS_NORM:  # as RMSNorm: normalise in float32, round to the dtype, then times the weight (rounded)
             xn = (x.to(tl.float32) * rstd[:, None]).to(dt)
-            nw = tl.load(NW + kk, mask=k_ok, other=0.0)
+            if ONE_K:
+                nw = nw_one
+            else:
+                nw = tl.load(NW + kk, mask=k_ok, other=0.0)
             x = (nw[None, :].to(tl.float32) * xn.to(tl.float32)).to(dt)
-        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if ONE_K:
+            w = w_one
+        else:
+            w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         if IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
         if GATED or ROPE:
-            wu = tl.load(w2_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if ONE_K:
+                wu = wu_one
+            else:
+                wu = tl.load(w2_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             if IEEE:
                 acc_up = tl.dot(x, tl.trans(wu), acc_up, input_precision="ieee")
             else:
@@ -275,6 +306,20 @@ def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
     return block_m, block_n, block_k
 
 
+# LONGSPEC_WEIGHT_FIRST ("off", the default until the H200 has timed it; "on"): when a projection's input features
+# fit one K step (the embedded model's 256, every projection but down_proj), the kernel reads its weight tile before
+# the PDL wait, so that load overlaps the kernel before it, and reads its input rows once for the norm and the
+# matmul. The same values in the same order: the outputs are bit-identical either way. Checked when used.
+WEIGHT_FIRST = os.environ.get("LONGSPEC_WEIGHT_FIRST", "off")
+
+
+def one_k(K: int, block_k: int) -> bool:
+    """The kernel's ONE_K: the K inputs fit one step of block_k, and LONGSPEC_WEIGHT_FIRST is on."""
+    if WEIGHT_FIRST not in ("on", "off"):
+        raise ValueError(f"LONGSPEC_WEIGHT_FIRST={WEIGHT_FIRST!r} is not one of on, off; unset it or pick one")
+    return WEIGHT_FIRST == "on" and K <= block_k
+
+
 TILES_OVERRIDE: Optional[tuple] = None  # (BLOCK_M, BLOCK_N, BLOCK_K) for every launch: the tile sweep sets it
 LAUNCH_OVERRIDE: Optional[tuple] = None  # (num_warps, num_stages) for every launch, default (4, 3): the sweep sets it
 LAUNCH_CANDIDATES = [(1, 3), (2, 3), (8, 3), (4, 2), (4, 4)]  # what the sweep tries on its best tiles besides (4, 3)
@@ -310,7 +355,8 @@ def _launch(x, weight, norm_weight, eps, residual, gated, bias=None):
         x if bias is None else bias,
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, ROPE=False,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages, **launch_args(x.device),
+        HAS_BIAS=bias is not None, ONE_K=one_k(K, block_k), num_warps=warps, num_stages=stages,
+        **launch_args(x.device),
     )  # fmt: skip
     return y
 
@@ -349,7 +395,9 @@ def norm_linear(
 ) -> torch.Tensor:
     """[..., K] rows -> [..., N]: RMSNorm (if norm_weight [K]), x @ weight^T + bias (weight [N, K] and bias [N],
     or [2N, K] and [2N] with gated: silu(gate) * up), plus residual [..., N] (if given). See the module
-    docstring. On CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    docstring. On CUDA, or on the CPU under TRITON_INTERPRET=1. With LONGSPEC_WEIGHT_FIRST=on and PDL, weight and
+    norm_weight are read before the kernel waits for the one launched before it: they must not be that kernel's
+    output (the models pass parameters)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         _fail(f"x must be a tensor [..., K], got {type(x).__name__}", "pass the activations")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -418,7 +466,8 @@ def _launch_pre(a, w_pre, residual, weight, norm_weight, eps, gated):
         a, w_pre, residual, x, KP, a.stride(0), w_pre.stride(0), residual.stride(0), x.stride(0), a,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=gated, ROPE=False,
         IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRE=True,
-        BLOCK_KP=block_kp, HAS_BIAS=False, num_warps=warps, num_stages=stages, **launch_args(x.device),
+        BLOCK_KP=block_kp, HAS_BIAS=False, ONE_K=one_k(K, block_k), num_warps=warps, num_stages=stages,
+        **launch_args(x.device),
     )  # fmt: skip
     return x, y
 
@@ -540,7 +589,8 @@ def _launch_rope(x, weight, norm_weight, eps, cos, sin, kc, vc, slots, num_heads
         x if bias is None else bias,
         HAS_NORM=norm_weight is not None, HAS_RES=False, GATED=False, ROPE=True,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=D // 2, BLOCK_K=block_k, PRE=False, BLOCK_KP=16,
-        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages, **launch_args(x.device),
+        HAS_BIAS=bias is not None, ONE_K=one_k(K, block_k), num_warps=warps, num_stages=stages,
+        **launch_args(x.device),
     )  # fmt: skip
     return y
 

@@ -18,6 +18,12 @@ from longspec_lab.kernels import launch
 KERNELS = Path(launch.__file__).resolve().parent
 
 
+# What a kernel may read before its PDL wait, by kernel: only operands that no kernel of a decoding step writes.
+# norm_linear's weight and norm weight (and the integers that place its tile) are parameters: reading them early
+# overlaps their load with the kernel before (LONGSPEC_WEIGHT_FIRST).
+READ_BEFORE_WAIT = {"_norm_linear_kernel": {"W", "NW", "stride_wn", "N", "K"}}
+
+
 def _jit_functions(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "triton.jit" for d in node.decorator_list):
@@ -59,13 +65,24 @@ def test_every_launched_kernel_opens_with_the_pdl_gate():
     gated = {name for name, fn in kernels.items() if "USE_PDL" in [a.arg for a in fn.args.args]}
     assert gated == {name for name in kernels if name.endswith("_kernel")}, "a kernel without the USE_PDL gate"
     for name in gated:
-        body = kernels[name].body
+        fn = kernels[name]
+        body = fn.body
         if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
             body = body[1:]  # the docstring
-        first = body[0]
-        assert isinstance(first, ast.If) and ast.unparse(first.test) == "USE_PDL", f"{name}: the gate is not first"
-        calls = [ast.unparse(s) for s in first.body]
+        at = next(i for i, st in enumerate(body) if isinstance(st, ast.If) and ast.unparse(st.test) == "USE_PDL")
+        before, gate = body[:at], body[at]
+        calls = [ast.unparse(s) for s in gate.body]
         assert calls == ["tl.extra.cuda.gdc_wait()", "tl.extra.cuda.gdc_launch_dependents()"], (name, calls)
+        # Before the wait a kernel may read only what no kernel of a step writes (a weight: a parameter), and only
+        # where it says so; everything else it touches comes after the gate.
+        args = {a.arg for a in fn.args.args}
+        constexpr = {
+            a.arg for a in fn.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)
+        }
+        touched = {n.id for st in before for n in ast.walk(st) if isinstance(n, ast.Name)} & args
+        allowed = READ_BEFORE_WAIT.get(name, set())
+        assert touched - constexpr <= allowed, f"{name} reads {sorted(touched - constexpr - allowed)} before the wait"
+        assert not before or allowed, f"{name}: statements before the gate"
 
 
 def test_every_launch_passes_launch_args():

@@ -446,3 +446,42 @@ def test_launches_pass_the_pointer_types_the_sm90_check_compiles(monkeypatch):
             if kind.startswith("*"):
                 integer = kind[1:] in ("i64", "i32", "u8")
                 assert (not args[arg].is_floating_point()) == integer, (name, arg, kind, args[arg].dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_first_reads_the_same_values_and_gives_the_same_bits(dtype, monkeypatch):
+    """LONGSPEC_WEIGHT_FIRST: with one K step the kernel reads its weight tile before the PDL wait and its rows once;
+    the outputs are bit for bit those of the step loop (switch off), for every form of the kernel that has one step
+    (norm + projection, gated, residual, bias, q/k/v with RoPE into the cache, the prologue), and K past one step
+    takes the loop either way. An unknown value names the switch."""
+
+    def run():
+        g = torch.Generator().manual_seed(21)  # the same inputs on both sides
+        x, w, nw, eps, r, _ = _case(8, 9, 256, 96, True, True, True, dtype)
+        b = torch.randn(2 * 96, generator=g).to(dtype)
+        out = [nl.norm_linear(x, w, nw, eps, r, gated=True, bias=b), nl.norm_linear(x[:, :200], w[:, :200], nw[:200])]
+        xr, wr, nwr, cos, sin, kc, vc, slots = _rope_case(3, 2, 5, 96, 4, 2, 64)
+        out += [nl.qkv_rope_cache(xr.to(dtype), wr.to(dtype), nwr.to(dtype), 1e-5, cos.to(dtype), sin.to(dtype),
+                                  kc.to(dtype), vc.to(dtype), 1, slots, 4, 2)]  # fmt: skip
+        a, wp, rp, w2, nw2 = _pre_case(4, 5, 200, 80, 40, True, False)
+        out += list(nl.residual_norm_linear(a.to(dtype), wp.to(dtype), rp.to(dtype), w2.to(dtype), nw2.to(dtype),
+                                            1e-5, False))  # fmt: skip
+        big = _case(9, 3, 512, 32, True, False, False, dtype)  # 512 inputs: two steps of 256, the loop
+        out += [nl.norm_linear(*big[:4])]
+        return out
+
+    seen = []
+    real = nl.one_k
+    monkeypatch.setattr(nl, "one_k", lambda K, bk: seen.append((K, real(K, bk))) or seen[-1][1])
+    monkeypatch.setattr(nl, "WEIGHT_FIRST", "on")
+    on = run()
+    assert {k for k, one in seen if one} >= {96, 200, 256} and (512, False) in seen
+    monkeypatch.setattr(nl, "WEIGHT_FIRST", "off")
+    seen.clear()
+    off = run()
+    assert not any(one for _, one in seen)
+    for a, b in zip(on, off, strict=True):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(nl, "WEIGHT_FIRST", "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_WEIGHT_FIRST='yes' is not one of on, off"):
+        run()
