@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts of 2,000+ tokens to time")
     ap.add_argument(
         "--shapes",
-        default="4,16,16,16,16;1,2,4,4,4,4,4;4,6,3,6,12;2,3,8,4,3,8",
+        default="4,16,16,16,16;1,2,4,4,4,4,4;4,6,3,6,12;2,3,6,4,3,8",
         help="tree shapes, ';'-separated: the default, the best measured, and the tuner's picks (fit, exact)",
     )
     ap.add_argument("--gammas", default="5", help="chain lengths, ','-separated")
