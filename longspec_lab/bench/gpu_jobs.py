@@ -45,6 +45,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    OUT_DIR/tree_split_off
   e2e_pdl_off      the same with LONGSPEC_PDL=off (every kernel launched plainly, Inductor's and ours, instead of
                    with programmatic dependent launch) into OUT_DIR/pdl_off
+  e2e_weight_first  the same with LONGSPEC_WEIGHT_FIRST=on (norm_linear reads its weight before the PDL wait and
+                   its input rows once) into OUT_DIR/weight_first; tokens must be bit-identical to e2e_base's
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -127,6 +129,7 @@ def jobs(out: Path) -> dict:
         "e2e_topk_second_256": _ab_job(out / "topk_second_256", "LONGSPEC_TOPK_SECOND_BLOCK", "256"),
         "e2e_tree_split_off": _ab_job(out / "tree_split_off", "LONGSPEC_TREE_SPLIT", "off"),
         "e2e_pdl_off": _ab_job(out / "pdl_off", "LONGSPEC_PDL", "off"),
+        "e2e_weight_first": _ab_job(out / "weight_first", "LONGSPEC_WEIGHT_FIRST", "on"),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)
