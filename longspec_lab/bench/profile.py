@@ -79,24 +79,25 @@ def _median_us(fn, reps: int = 50) -> float:
 def step_timeline(kernels: list[tuple[str, float, float]], stage_kernels: dict[str, int]) -> dict:
     """One replayed step's kernels on a time line. kernels: (name, start, end) in us, in any order;
     stage_kernels: the stages in order with the kernels each launches (their compiled counts). Returns
-    {"total_us", "kernels": [[name, duration, increment], ...] in start order, "stages": {stage: {"kernels",
-    "increment_us", "duration_us"}}} where a kernel's increment is its end minus the previous kernel's end (the
-    first: its duration; never below 0: a kernel that ends inside the one before adds nothing), so the increments
-    add up to the step. The stages are attributed by count, in order;
+    {"total_us", "kernels": [[name, start, duration, increment], ...] in start order (start from the first
+    kernel's), "stages": {stage: {"kernels", "increment_us", "duration_us"}}}, where a kernel's increment is its
+    end minus the latest end before it (the first: its duration; never below 0: a kernel that ends inside the one
+    before adds nothing), so the increments add up to the step. The stages are attributed by count, in order;
     "stages" is None when the profiler saw another number of kernels than the stages launch."""
     ks = sorted(kernels, key=lambda k: (k[1], k[2]))
     rows, last_end = [], None
+    t0 = ks[0][1] if ks else 0.0
     for name, start, end in ks:
-        inc = end - start if last_end is None else max(end - last_end, 0.0)  # inside the one before: nothing
-        rows.append([name[:60], round(end - start, 3), round(inc, 3)])
+        inc = end - start if last_end is None else max(end - last_end, 0.0)
+        rows.append([name[:60], round(start - t0, 3), round(end - start, 3), round(inc, 3)])
         last_end = end if last_end is None else max(last_end, end)
-    out = {"total_us": round(sum(r[2] for r in rows), 3), "kernels": rows, "stages": None}
+    out = {"total_us": round(sum(r[3] for r in rows), 3), "kernels": rows, "stages": None}
     if sum(stage_kernels.values()) == len(rows):
         out["stages"], i = {}, 0
         for stage, n in stage_kernels.items():
             part = rows[i : i + n]
-            out["stages"][stage] = {"kernels": n, "increment_us": round(sum(r[2] for r in part), 3),
-                                    "duration_us": round(sum(r[1] for r in part), 3)}  # fmt: skip
+            out["stages"][stage] = {"kernels": n, "increment_us": round(sum(r[3] for r in part), 3),
+                                    "duration_us": round(sum(r[2] for r in part), 3)}  # fmt: skip
             i += n
     return out
 

@@ -1128,6 +1128,70 @@ def launch_order_figure(profile: Mapping, method: str, stage: str, title: str | 
     return fig
 
 
+def step_timeline_figure(profile: Mapping, method: str, title: str | None = None) -> go.Figure:
+    """One whole step replayed as the decoder replays it (one CUDA graph), kernel by kernel on its time line: a lane
+    per stage, each kernel a bar from its start to its end, coloured by kind. With programmatic dependent launch a
+    kernel starts before the one ahead of it ends and waits inside: bars overlap. Each lane is labelled with what its
+    stage added to the step (the increments: each kernel's end past the latest end before it), which add up to the
+    step. `profile`: a `bench.profile` report with `step_timeline` (recorded since the boundary-cost work)."""
+    if method not in profile or not isinstance(profile[method], Mapping):
+        have = ", ".join(k for k, v in profile.items() if isinstance(v, Mapping) and "stages" in v)
+        raise ValueError(f"the profile has no method {method!r}; it has {have}")
+    tl_ = profile[method].get("step_timeline")
+    if not tl_ or not tl_.get("kernels"):
+        raise ValueError(
+            f"profile[{method!r}] lacks 'step_timeline'; re-run bench.profile, which replays the whole step under the "
+            "profiler"
+        )
+    rows = tl_["kernels"]  # [name, start, duration, increment]
+    stages = tl_.get("stages") or {"step": {"kernels": len(rows), "increment_us": tl_["total_us"]}}
+    lane = []
+    for stage, st in stages.items():
+        lane += [stage] * int(st["kernels"])
+    lanes = list(stages)
+    kinds = [kernel_kind(str(r[0])) for r in rows]
+    fig = go.Figure()
+    for k, (kind, _) in enumerate([*KERNEL_KINDS, ("other", ())]):
+        idx = [i for i, x in enumerate(kinds) if x == kind]
+        if not idx:
+            continue
+        fig.add_trace(
+            go.Bar(
+                orientation="h",
+                y=[lane[i] for i in idx],
+                x=[float(rows[i][2]) for i in idx],
+                base=[float(rows[i][1]) for i in idx],
+                name=f"{kind}: {len(idx)} kernel{'s' * (len(idx) > 1)}",
+                marker=dict(color=series_color(k), line=dict(width=1, color="white")),
+                opacity=0.85,  # a kernel that started early (PDL) shows through the one it overlaps
+                customdata=[[str(rows[i][0])[:60], float(rows[i][3])] for i in idx],
+                hovertemplate="%{customdata[0]}<br>starts at %{base:.1f} us, runs %{x:.2f} us, "
+                "adds %{customdata[1]:.2f} us<extra>%{fullData.name}</extra>",
+            )
+        )
+    for stage, st in stages.items():
+        fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=stage, text=f"+{float(st['increment_us']):.1f} us",
+                           showarrow=False, font=dict(size=11))  # fmt: skip
+    own = sum(float(r[2]) for r in rows)
+    fig.update_layout(
+        title=dict(
+            text=title
+            or f"{method}: one step replayed from one CUDA graph, {float(tl_['total_us']):.1f} us, {len(rows)} kernels"
+            f"<br><sup>bars: each kernel's start and end ({own:.1f} us in all: overlaps count twice); right: what "
+            "each stage adds to the step</sup>",
+            x=0.02,
+        ),
+        barmode="overlay",
+        legend=dict(orientation="h", yanchor="top", y=-0.3, x=0),
+        height=max(360, 200 + 34 * len(lanes)),
+        width=980,
+        margin=dict(t=80, b=150, r=90),
+    )
+    fig.update_yaxes(categoryorder="array", categoryarray=lanes[::-1], title_text="stage")
+    fig.update_xaxes(title_text="time in the step (us)", rangemode="tozero")
+    return fig
+
+
 # ----------------------------------------------------------------------------- labels that do not overlap
 
 _MARGIN = dict(l=80, r=80, t=100, b=80)  # plotly's default margins

@@ -443,3 +443,25 @@ def test_launch_order_figure_of_the_recorded_profile_shows_each_compiled_kernel(
             ys = [y for t in fig.data for y in t.y]
             assert len(ys) == len(st["kernels_in_order"]) == st["compiled_kernels"], (m, s)
             assert sum(ys) == pytest.approx(sum(t for _, t in st["kernels_in_order"]))
+
+
+def test_step_timeline_figure_lays_every_kernel_in_its_stage_lane():
+    """The step's time line (bench.profile's step_timeline): one bar per kernel from its start for its duration, in
+    the lane of its stage (attributed by count, in order), and each lane labelled with its stage's increment."""
+    from longspec_lab.bench.profile import step_timeline
+
+    ks = [("triton_poi_fused_x_0", 0.0, 1.0), ("_norm_linear_kernel", 0.8, 3.0), ("_tree_attn_split_kernel", 2.5, 7.0),
+          ("_tree_attn_merge_kernel", 7.5, 9.0), ("triton_red_fused_argmax_1", 8.8, 10.0)]  # fmt: skip
+    profile = {"tree": {"stages": {}, "step_timeline": step_timeline(ks, {"draft1": 2, "verify": 3})}}
+    fig = viz_results.step_timeline_figure(profile, "tree")
+    bars = sorted((float(b), float(x), y) for t in fig.data for b, x, y in zip(t.base, t.x, t.y))
+    assert bars == [(0.0, 1.0, "draft1"), (0.8, 2.2, "draft1"), (2.5, 4.5, "verify"), (7.5, 1.5, "verify"),
+                    (8.8, 1.2, "verify")]  # fmt: skip
+    labels = {a.y: a.text for a in fig.layout.annotations}
+    assert labels == {"draft1": "+3.0 us", "verify": "+7.0 us"}  # 3.0 + 4.0 + 2.0 + 1.0 = 10.0 us in all
+    assert "10.0 us, 5 kernels" in fig.layout.title.text
+    with pytest.raises(ValueError, match="no method 'ar'; it has tree"):
+        viz_results.step_timeline_figure(profile, "ar")
+    del profile["tree"]["step_timeline"]
+    with pytest.raises(ValueError, match="lacks 'step_timeline'; re-run bench.profile"):
+        viz_results.step_timeline_figure(profile, "tree")
