@@ -1074,6 +1074,15 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def _kind_groups(names: Sequence[str]):
+    """(colour index, kind, positions) for each kind of kernel among names, in KERNEL_KINDS order, "other" last."""
+    kinds = [kernel_kind(n) for n in names]
+    for k, (kind, _) in enumerate([*KERNEL_KINDS, ("other", ())]):
+        idx = [i for i, x in enumerate(kinds) if x == kind]
+        if idx:
+            yield k, kind, idx
+
+
 def launch_order_figure(profile: Mapping, method: str, stage: str, title: str | None = None) -> go.Figure:
     """Every CUDA kernel one compiled stage launches, in launch order: a bar per kernel (its own GPU time),
     coloured by kind, with the measured cost of one launch inside a CUDA graph as a dashed line: a kernel
@@ -1091,12 +1100,8 @@ def launch_order_figure(profile: Mapping, method: str, stage: str, title: str | 
         )
     names = [str(n) for n, _ in order]
     us = [float(t) for _, t in order]
-    kinds = [kernel_kind(n) for n in names]
     fig = go.Figure()
-    for k, (kind, _) in enumerate([*KERNEL_KINDS, ("other", ())]):
-        idx = [i for i, x in enumerate(kinds) if x == kind]
-        if not idx:
-            continue
+    for k, kind, idx in _kind_groups(names):
         fig.add_trace(
             go.Bar(
                 x=[i + 1 for i in idx],
@@ -1149,12 +1154,8 @@ def step_timeline_figure(profile: Mapping, method: str, title: str | None = None
     for stage, st in stages.items():
         lane += [stage] * int(st["kernels"])
     lanes = list(stages)
-    kinds = [kernel_kind(str(r[0])) for r in rows]
     fig = go.Figure()
-    for k, (kind, _) in enumerate([*KERNEL_KINDS, ("other", ())]):
-        idx = [i for i, x in enumerate(kinds) if x == kind]
-        if not idx:
-            continue
+    for k, kind, idx in _kind_groups([str(r[0]) for r in rows]):
         fig.add_trace(
             go.Bar(
                 orientation="h",
