@@ -35,7 +35,7 @@ them as usual.
 What a kernel boundary costs is measured with the smallest kernel there is, `_tick_kernel` (one program adds 1 to
 one number; `tick_reference` is the same in PyTorch): a chain of ticks recorded in one CUDA graph and replayed,
 launched with PDL and without, beside the same number of PyTorch's own `add_` (`boundary_cost_us`; the decoding
-profile's launch-bound unit, `bench.profile`):
+profile's launch-bound unit, `bench.profile`).
 
 A persistent kernel would trade those boundaries for grid-wide barriers inside one launch; `_phases_kernel` times
 one barrier per phase (`barrier_cost_us`), with 1, 16 and one program per SM, against the boundary. The same
