@@ -187,9 +187,11 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
 
     sig, cx = _signature(launch._tick_kernel, dict(X="i32"), (), {})  # the unit of a kernel boundary's cost
     out.append(("tick (one boundary's cost)", launch._tick_kernel, sig, cx, dict(num_warps=1)))
-    consts = dict(N_PHASES=64, BARRIER=True, SPIN_LIMIT=launch.SPIN_LIMIT)  # a grid barrier's cost, per phase
-    sig, cx = _signature(launch._phases_kernel, dict(X="i32", COUNT="i32", DONE="i32", FLAG="i32"), (), consts)
-    out.append(("phases with grid barriers (one barrier's cost)", launch._phases_kernel, sig, cx, dict(num_warps=4)))
+    for sync, what in ((launch.SYNC_BARRIER, "grid barriers"), (launch.SYNC_FLAG, "per-producer flags")):
+        consts = dict(N_PHASES=64, SYNC=sync, SPIN_LIMIT=launch.SPIN_LIMIT, MAX_PROGRAMS=launch.MAX_PROGRAMS)
+        ptrs = dict(X="i32", COUNT="i32", DONE="i32", ERR="i32", FLAGS="i32")
+        sig, cx = _signature(launch._phases_kernel, ptrs, (), consts)
+        out.append((f"phases with {what} (one wait's cost)", launch._phases_kernel, sig, cx, dict(num_warps=4)))
     return out
 
 

@@ -37,9 +37,10 @@ one number; `tick_reference` is the same in PyTorch): a chain of ticks recorded 
 launched with PDL and without, beside the same number of PyTorch's own `add_` (`boundary_cost_us`; the decoding
 profile's launch-bound unit, `bench.profile`).
 
-A persistent kernel would trade those boundaries for grid-wide barriers inside one launch; `_phases_kernel` times
-one barrier per phase (`barrier_cost_us`), with 1, 16 and one program per SM, against the boundary. The same
-command reports both, and their ratio (`barrier_vs_boundary`, below 1 where a barrier is the cheaper):
+A persistent kernel would trade those boundaries for waits inside one launch; `_phases_kernel` times one wait per
+phase (`barrier_cost_us`: a grid-wide barrier, or a flag per producer that only its consumer polls), with 1, 16 and
+one program per SM. The same command reports both costs, and their ratio to the boundary (`wait_vs_boundary`,
+below 1 where the wait is the cheaper):
 
     python -m longspec_lab.kernels.launch --n 200 --phases 64 --out launch_h200.json
 
@@ -146,27 +147,48 @@ def tick_reference(x: torch.Tensor) -> torch.Tensor:
     return x + 1
 
 
-# A persistent kernel replaces kernel boundaries by grid-wide barriers: every program arrives at a counter, then
-# spins until all have. Whether that pays is one number: a barrier's cost against a boundary's. `_phases_kernel`
-# runs N_PHASES phases of the smallest work that needs one (each program reads what ANOTHER program wrote in the
-# phase before: x_dst[p] = x_src[(p + 1) % n] + 1, ping-pong halves of X), separated by grid barriers.
+# A persistent kernel replaces kernel boundaries by waits inside one launch: a grid-wide barrier (every program
+# arrives at one counter, then spins until all have), or, finer, a flag per producer that only its consumers wait
+# for. Whether that pays is one number each: their cost against a boundary's. `_phases_kernel` runs N_PHASES phases
+# of the smallest work that needs one: each program reads what ANOTHER program wrote in the phase before,
+# x[k + 1][p] = x[k][(p + 1) % n] + 1 (row k + 1 of X is phase k's output, so no row is ever rewritten), and SYNC
+# says how phase k + 1 knows that phase k's value is there:
+#     SYNC_NONE      one program, no wait: the chain of dependent loads and stores alone (the floor of a phase)
+#     SYNC_BARRIER   a grid-wide barrier after every phase
+#     SYNC_FLAG      program p publishes "phase k done" in its own flag; program p waits only for p + 1's
 #
 # On the GPU every program must be resident at once, or a spinning program waits forever for one that cannot
 # start: `phases` refuses more programs than the device has SMs, and each spin gives up after SPIN_LIMIT polls and
-# raises FLAG instead of hanging. The CPU interpreter runs programs one after another, so only one program can
-# pass a barrier there (the tests run one; more raise FLAG, which the tests check too).
-SPIN_LIMIT = 1 << 16  # about 50 ms of polling: a broken barrier shows as FLAG within seconds, never a hang
+# raises the error flag instead of hanging. The CPU interpreter runs programs one after another, so only one
+# program can pass a wait there (the tests run one; more raise the error flag, which the tests check too).
+SPIN_LIMIT = 1 << 16  # about 50 ms of polling: a broken wait shows as the error flag within seconds, never a hang
+SYNC_NONE, SYNC_BARRIER, SYNC_FLAG = 0, 1, 2
+MAX_PROGRAMS = 256  # the flags of one launch: more than any GPU's SM count today (phases checks the real one)
+
+
+@triton.jit
+def _spin_until(PTR, target, ERR, SPIN_LIMIT: tl.constexpr):
+    """Poll PTR (acquire, GPU scope) until it holds at least target; after SPIN_LIMIT polls give up and set ERR."""
+    seen = tl.atomic_add(PTR, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (seen < target) & (polls < SPIN_LIMIT):
+        seen = tl.atomic_add(PTR, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if seen < target:
+        tl.atomic_xchg(ERR, 1)
 
 
 @triton.jit
 def _phases_kernel(
-    X,  # [2, n] int32 ping-pong halves: phase k reads half k % 2 and writes the other
-    COUNT,  # [1] int32 barrier arrivals; zero at launch, and zeroed again by the last program to finish
+    X,  # [N_PHASES + 1, n] int32: row 0 the input, row k + 1 what phase k writes
+    COUNT,  # [1] int32 barrier arrivals (SYNC_BARRIER); zero at launch, and zeroed again by the last program out
     DONE,  # [1] int32 programs finished; likewise
-    FLAG,  # [1] int32 set to 1 when a barrier gave up waiting (SPIN_LIMIT polls): the result is then wrong
-    N_PHASES: tl.constexpr,  # phases, each followed by a grid barrier
-    BARRIER: tl.constexpr,  # False: no barrier (one program's own chain of dependent loads and stores, the floor)
-    SPIN_LIMIT: tl.constexpr,  # polls before a barrier gives up
+    ERR,  # [1] int32 set to 1 when a wait gave up (SPIN_LIMIT polls): the result is then wrong
+    FLAGS,  # [MAX_PROGRAMS] int32 per program: the phases it has finished (SYNC_FLAG); zeroed by the last out
+    N_PHASES: tl.constexpr,  # phases
+    SYNC: tl.constexpr,  # SYNC_NONE, SYNC_BARRIER or SYNC_FLAG (above)
+    SPIN_LIMIT: tl.constexpr,  # polls before a wait gives up
+    MAX_PROGRAMS: tl.constexpr,  # length of FLAGS, a power of two
     USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for the kernel before, then let the next start
 ):
     if USE_PDL:  # before any other memory access, in every program
@@ -174,56 +196,63 @@ def _phases_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     n = tl.num_programs(0)
+    src = (pid + 1) % n  # the program whose value this one reads
     for k in range(N_PHASES):
-        src = X + (k % 2) * n
-        dst = X + ((k + 1) % 2) * n
-        v = tl.load(src + (pid + 1) % n, cache_modifier=".cg")  # L2, not this SM's L1: another program wrote it
-        tl.store(dst + pid, v + 1)
-        if BARRIER:
-            tl.debug_barrier()  # every thread's store issued before the arrival below releases them
-            seen = tl.atomic_add(COUNT, 1, sem="release", scope="gpu") + 1
-            target = (k + 1) * n
-            polls = 0
-            while (seen < target) & (polls < SPIN_LIMIT):
-                seen = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
-                polls += 1
-            if seen < target:
-                tl.atomic_xchg(FLAG, 1)
+        if SYNC == 2:
+            if k > 0:  # its phase k - 1 must be done
+                _spin_until(FLAGS + src, k, ERR, SPIN_LIMIT)
             tl.debug_barrier()
-    if BARRIER:  # the last program out resets the counters: every program has left its last spin by then
+        v = tl.load(X + k * n + src, cache_modifier=".cg")  # L2, not this SM's L1: another program wrote it
+        tl.store(X + (k + 1) * n + pid, v + 1)
+        tl.debug_barrier()  # every thread's store issued before the release below publishes it
+        if SYNC == 1:
+            tl.atomic_add(COUNT, 1, sem="release", scope="gpu")
+            _spin_until(COUNT, (k + 1) * n, ERR, SPIN_LIMIT)
+            tl.debug_barrier()
+        if SYNC == 2:
+            tl.atomic_xchg(FLAGS + pid, k + 1, sem="release", scope="gpu")
+    if SYNC != 0:  # the last program out resets the counters: every program has left its last wait by then
         if tl.atomic_add(DONE, 1, sem="acq_rel", scope="gpu") == n - 1:
             tl.atomic_xchg(COUNT, 0)
             tl.atomic_xchg(DONE, 0)
+            offs = tl.arange(0, MAX_PROGRAMS)
+            tl.store(FLAGS + offs, tl.zeros([MAX_PROGRAMS], dtype=tl.int32), mask=offs < n)
 
 
-def phases(x: torch.Tensor, counters: torch.Tensor, n_phases: int, barrier: bool = True, pdl: bool | None = None):
-    """Run `_phases_kernel` once: x [2, n] int32 (n programs), counters [3] int32 (arrivals, finished, flag; zero
-    before the first call, and left so by each call). Returns x. Refuses more programs than the GPU has SMs (a
-    spin over programs that cannot all be resident would never end); several programs without a barrier read each
-    other's writes in no order, so `barrier=False` takes one program."""
-    if x.dim() != 2 or x.shape[0] != 2 or x.dtype != torch.int32 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous int32 tensor [2, n], got {x.dtype} {list(x.shape)}")
-    if counters.shape != (3,) or counters.dtype != torch.int32:
+def phases(x: torch.Tensor, counters: torch.Tensor, sync: int = SYNC_BARRIER, pdl: bool | None = None):
+    """Run `_phases_kernel` once: x [N_PHASES + 1, n] int32 (n programs; row 0 the input), counters int32
+    [3 + MAX_PROGRAMS] (arrivals, finished, error flag, then the per-program flags; zero before the first call, and
+    left so by each call). Returns x. Refuses more programs than the GPU has SMs (a wait on programs that cannot all
+    be resident would never end); several programs with no wait would read each other's writes in no order, so
+    SYNC_NONE takes one program."""
+    if x.dim() != 2 or x.shape[0] < 2 or x.dtype != torch.int32 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous int32 tensor [phases + 1, n], got {x.dtype} {list(x.shape)}")
+    if counters.shape != (3 + MAX_PROGRAMS,) or counters.dtype != torch.int32:
         raise ValueError(
-            f"counters must be int32 [3] (arrivals, finished, flag), got {counters.dtype} {list(counters.shape)}"
+            f"counters must be int32 [{3 + MAX_PROGRAMS}] (arrivals, finished, error, then one flag per program), got "
+            f"{counters.dtype} {list(counters.shape)}"
         )
+    if sync not in (SYNC_NONE, SYNC_BARRIER, SYNC_FLAG):
+        raise ValueError(f"sync must be SYNC_NONE, SYNC_BARRIER or SYNC_FLAG (0, 1, 2), got {sync!r}")
     n = x.shape[1]
-    if not barrier and n != 1:
-        raise ValueError(f"barrier=False runs one program (the floor of a phase); got {n}: pass x of shape [2, 1]")
-    if x.is_cuda and n > torch.cuda.get_device_properties(x.device).multi_processor_count:
-        raise ValueError(f"{n} programs is more than this GPU's SMs: a grid barrier needs every program resident")
-    _phases_kernel[(n,)](x, counters[0:], counters[1:], counters[2:], N_PHASES=n_phases, BARRIER=barrier,
-                         SPIN_LIMIT=SPIN_LIMIT, **launch_args(x.device, pdl))  # fmt: skip
+    if sync == SYNC_NONE and n != 1:
+        raise ValueError(f"SYNC_NONE runs one program (the floor of a phase); got {n}: pass x with one column")
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else MAX_PROGRAMS
+    if n > min(sms, MAX_PROGRAMS):
+        where = f"this GPU's {sms} SMs" if x.is_cuda and n > sms else f"the {MAX_PROGRAMS} flags"
+        raise ValueError(f"{n} programs is more than {where}: a wait inside a launch needs every program resident")
+    c = counters
+    _phases_kernel[(n,)](x, c[0:], c[1:], c[2:], c[3:], N_PHASES=x.shape[0] - 1, SYNC=sync, SPIN_LIMIT=SPIN_LIMIT,
+                         MAX_PROGRAMS=MAX_PROGRAMS, **launch_args(x.device, pdl))  # fmt: skip
     return x
 
 
-def phases_reference(n: int, n_phases: int, calls: int = 1) -> torch.Tensor:
-    """x [2, n] after `calls` runs of `phases` from zeros: the half a phase writes holds the phases run so far."""
-    x = torch.zeros(2, n, dtype=torch.int32)
-    for _ in range(calls):
-        for k in range(n_phases):
-            x[(k + 1) % 2] = x[k % 2].roll(-1) + 1
-    return x
+def phases_reference(x0: torch.Tensor, n_phases: int) -> torch.Tensor:
+    """x [n_phases + 1, n] as `phases` leaves it from the input row x0 [n]: row k + 1 is row k rolled by one, plus 1."""
+    rows = [x0.to(torch.int32)]
+    for _ in range(n_phases):
+        rows.append(rows[-1].roll(-1) + 1)
+    return torch.stack(rows)
 
 
 def _replay_us(fn, n: int, reps: int) -> float:
@@ -273,27 +302,34 @@ def boundary_cost_us(device="cuda", n: int = 200, reps: int = 20) -> dict:
 
 
 def barrier_cost_us(device="cuda", n_phases: int = 64, programs=(1, 16, 0), reps: int = 20) -> dict:
-    """What one grid-wide barrier costs, per phase of a persistent kernel of n_phases (one launch, replayed from a
-    CUDA graph): for each program count (0: one per SM) the microseconds per phase, with the floor beside them (one
-    program, no barrier: a phase's own dependent load and store) and a check that the barrier kept every phase's
-    reads after the writes of the phase before (the result equals `phases_reference`, no spin gave up)."""
+    """What one wait inside a persistent kernel costs, per phase of a kernel of n_phases (one launch, replayed from
+    a CUDA graph): for each program count (0: one per SM) a grid-wide barrier and a per-producer flag, with the
+    floor beside them (one program, no wait: a phase's own dependent load and store), each first checked (the
+    result equals `phases_reference` from a random input, no wait gave up; a form that fails is not timed)."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError("the cost of a grid barrier is a GPU measurement: run it on a machine with a CUDA GPU")
+        raise RuntimeError("the cost of a wait in a kernel is a GPU measurement: run it on a machine with a CUDA GPU")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    counters = torch.zeros(3, dtype=torch.int32, device=device)
+    counters = torch.zeros(3 + MAX_PROGRAMS, dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(0)
     rows = []
-    for n, barrier in [(1, False)] + [(p or sms, True) for p in programs]:
-        x = torch.zeros(2, n, dtype=torch.int32, device=device)
-        for _ in range(3):  # correctness first, outside any graph
-            phases(x, counters, n_phases, barrier)
-        torch.cuda.synchronize()
-        ok = torch.equal(x.cpu(), phases_reference(n, n_phases, 3)) and int(counters[2]) == 0
+    forms = [(1, SYNC_NONE)] + [(p or min(sms, MAX_PROGRAMS), s) for p in programs for s in (SYNC_BARRIER, SYNC_FLAG)]
+    for n, sync in forms:
+        x = torch.zeros(n_phases + 1, n, dtype=torch.int32)
+        x[0] = torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32)
+        want = phases_reference(x[0], n_phases)
+        x = x.to(device)
+        ok = True
+        for _ in range(3):  # correctness first, outside any graph: every launch rewrites rows 1.. from row 0
+            phases(x, counters, sync)
+            torch.cuda.synchronize()
+            ok = ok and torch.equal(x.cpu(), want) and int(counters[2]) == 0
         counters.zero_()
-        if not ok:  # a barrier that does not hold (or gave up) is not timed: it would time the give-ups
-            rows.append({"programs": n, "barrier": barrier, "us_per_phase": None, "launch_us": None, "ok": False})
-            continue
-        us = _replay_us(lambda x=x, n=n, barrier=barrier: phases(x, counters, n_phases, barrier), 1, reps)
-        rows.append({"programs": n, "barrier": barrier, "us_per_phase": us / n_phases, "launch_us": us, "ok": ok})
+        name = {SYNC_NONE: "none", SYNC_BARRIER: "barrier", SYNC_FLAG: "flag"}[sync]
+        row = {"programs": n, "sync": name, "ok": ok, "us_per_phase": None, "launch_us": None}
+        if ok:  # a wait that does not hold (or gave up) is not timed: it would time the give-ups
+            us = _replay_us(lambda x=x, sync=sync: phases(x, counters, sync), 1, reps)
+            row.update(us_per_phase=us / n_phases, launch_us=us)
+        rows.append(row)
     return {"n_phases": n_phases, "sms": sms, "pdl": pdl_enabled(device), "rows": rows}
 
 
@@ -305,7 +341,8 @@ def main(argv=None) -> int:
         prog="python -m longspec_lab.kernels.launch",
         description="What one kernel boundary costs inside a replayed CUDA graph (the smallest Triton kernel "
         "launched with programmatic dependent launch and without, and PyTorch's add_, per kernel of a chain), and "
-        "what one grid-wide barrier of a persistent kernel costs (per phase, 1 to all-SM programs).",
+        "what one wait inside a persistent kernel costs (a grid-wide barrier or a producer's flag, per phase, 1 to "
+        "all-SM programs).",
     )
     ap.add_argument("--n", type=int, default=200, help="kernels in the recorded chain (default 200)")
     ap.add_argument("--phases", type=int, default=64, help="phases of the persistent kernel (default 64)")
@@ -322,8 +359,9 @@ def main(argv=None) -> int:
 
     rep = {"boundary": boundary_cost_us("cuda", a.n, a.reps), "barrier": barrier_cost_us("cuda", a.phases, reps=a.reps)}
     unit = rep["boundary"]["unit_us"]
-    rows = [r for r in rep["barrier"]["rows"] if r["barrier"]]
-    rep["barrier_vs_boundary"] = {str(r["programs"]): r["us_per_phase"] / unit for r in rows if r["ok"]}  # < 1: pays
+    rows = [r for r in rep["barrier"]["rows"] if r["sync"] != "none" and r["ok"]]
+    # below 1: that wait is cheaper than a kernel boundary, so folding kernels into one launch pays by itself
+    rep["wait_vs_boundary"] = {f"{r['sync']}@{r['programs']}": r["us_per_phase"] / unit for r in rows}
     rep = stamp(rep, torch.device("cuda"), torch.int32)
     print(json.dumps(rep, indent=1))
     if a.out:

@@ -7,7 +7,7 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   kernel     python -m longspec_lab.kernels.bench_tree_attention (tree attention against SDPA, Flex, floors)
   verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
   launch     python -m longspec_lab.kernels.launch              (a kernel boundary's cost with PDL and without,
-             and a persistent kernel's grid barrier against it: does fusing the step into one launch pay?)
+             and a persistent kernel's waits against it: does fusing the step into one launch pay?)
   e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, batch-invariant, kernels)
   agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)

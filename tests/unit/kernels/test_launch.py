@@ -172,37 +172,50 @@ def test_the_boundary_cost_needs_a_gpu_and_says_so(capsys):
         assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("n_phases, barrier, calls", [(5, True, 2), (4, False, 3), (1, True, 1)])
-def test_phases_of_one_program_equal_the_reference_and_leave_the_counters_at_zero(n_phases, barrier, calls):
-    """The persistent kernel's phases (interpreted): each reads what the phase before wrote, as `phases_reference`;
-    its barrier passes at once for one program, gives up nowhere, and the last program out zeroes the counters, so
-    the next launch (a graph replay) starts from zero."""
-    x = torch.zeros(2, 1, dtype=torch.int32)
-    counters = torch.zeros(3, dtype=torch.int32)
-    for _ in range(calls):
-        assert launch.phases(x, counters, n_phases, barrier) is x
-    assert torch.equal(x, launch.phases_reference(1, n_phases, calls))
-    assert counters.tolist() == [0, 0, 0]
+def _counters():
+    return torch.zeros(3 + launch.MAX_PROGRAMS, dtype=torch.int32)
 
 
-def test_a_barrier_that_cannot_be_met_gives_up_and_says_so(monkeypatch):
-    """The interpreter runs programs one after another, so the first of three waits for two that have not started:
-    after SPIN_LIMIT polls it raises the flag instead of hanging, and the result differs from the reference."""
+@pytest.mark.parametrize("sync", [launch.SYNC_NONE, launch.SYNC_BARRIER, launch.SYNC_FLAG])
+def test_phases_of_one_program_equal_the_reference_and_leave_the_counters_at_zero(sync):
+    """The persistent kernel's phases (interpreted): each reads what the phase before wrote, as `phases_reference`,
+    launch after launch; with one program every wait passes at once, none gives up, and the last program out zeroes
+    the counters and flags, so the next launch (a graph replay) starts from zero."""
+    x = torch.zeros(6, 1, dtype=torch.int32)
+    x[0, 0] = 41
+    counters = _counters()
+    for _ in range(2):
+        assert launch.phases(x, counters, sync) is x
+        assert torch.equal(x, launch.phases_reference(x[0], 5)) and x[-1, 0] == 46
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("sync", [launch.SYNC_BARRIER, launch.SYNC_FLAG])
+def test_a_wait_that_cannot_be_met_gives_up_and_says_so(sync, monkeypatch):
+    """The interpreter runs programs one after another, so the first of three waits for programs that have not
+    started: after SPIN_LIMIT polls it raises the error flag instead of hanging, and the result differs from the
+    reference. The counters and flags are still reset by the last program out."""
     monkeypatch.setattr(launch, "SPIN_LIMIT", 8)
-    x = torch.zeros(2, 3, dtype=torch.int32)
-    counters = torch.zeros(3, dtype=torch.int32)
-    launch.phases(x, counters, 2)
-    assert int(counters[2]) == 1 and not torch.equal(x, launch.phases_reference(3, 2))
-    assert counters[:2].tolist() == [0, 0]  # still reset by the last program out
+    x = torch.zeros(3, 3, dtype=torch.int32)
+    x[0] = torch.tensor([5, 7, 9], dtype=torch.int32)
+    counters = _counters()
+    launch.phases(x, counters, sync)
+    assert int(counters[2]) == 1 and not torch.equal(x, launch.phases_reference(x[0], 2))
+    counters[2] = 0
+    assert int(counters.abs().sum()) == 0
 
 
 def test_phases_refuse_what_would_race_or_hang():
-    c = torch.zeros(3, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"int32 tensor \[2, n\]"):
-        launch.phases(torch.zeros(3, 2, dtype=torch.int32), c, 1)
-    with pytest.raises(ValueError, match=r"counters must be int32 \[3\]"):
-        launch.phases(torch.zeros(2, 1, dtype=torch.int32), c[:2], 1)
-    with pytest.raises(ValueError, match="barrier=False runs one program"):
-        launch.phases(torch.zeros(2, 4, dtype=torch.int32), c, 1, barrier=False)
+    c = _counters()
+    with pytest.raises(ValueError, match=r"int32 tensor \[phases \+ 1, n\]"):
+        launch.phases(torch.zeros(1, 2, dtype=torch.int32), c)
+    with pytest.raises(ValueError, match=r"counters must be int32 \[259\]"):
+        launch.phases(torch.zeros(2, 1, dtype=torch.int32), c[:3])
+    with pytest.raises(ValueError, match="SYNC_NONE runs one program"):
+        launch.phases(torch.zeros(2, 4, dtype=torch.int32), c, launch.SYNC_NONE)
+    with pytest.raises(ValueError, match="sync must be SYNC_NONE, SYNC_BARRIER or SYNC_FLAG"):
+        launch.phases(torch.zeros(2, 1, dtype=torch.int32), c, 3)
+    with pytest.raises(ValueError, match="300 programs is more than the 256 flags"):
+        launch.phases(torch.zeros(2, 300, dtype=torch.int32), c)
     with pytest.raises(RuntimeError, match="a GPU measurement"):
         launch.barrier_cost_us("cpu")
