@@ -328,7 +328,10 @@ def barrier_cost_us(device="cuda", n_phases: int = 64, programs=(1, 16, 0), reps
         row = {"programs": n, "sync": name, "ok": ok, "us_per_phase": None, "launch_us": None}
         if ok:  # a wait that does not hold (or gave up) is not timed: it would time the give-ups
             us = _replay_us(lambda x=x, sync=sync: phases(x, counters, sync), 1, reps)
-            row.update(us_per_phase=us / n_phases, launch_us=us)
+            torch.cuda.synchronize()
+            held = torch.equal(x.cpu(), want) and int(counters[2]) == 0  # and it held in every timed replay
+            row.update(ok=held, us_per_phase=us / n_phases if held else None, launch_us=us if held else None)
+            counters.zero_()
         rows.append(row)
     return {"n_phases": n_phases, "sms": sms, "pdl": pdl_enabled(device), "rows": rows}
 
