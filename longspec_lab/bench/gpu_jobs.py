@@ -8,7 +8,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
   launch     python -m longspec_lab.kernels.launch              (a kernel boundary's cost with PDL and without,
              and a persistent kernel's waits against it: does fusing the step into one launch pay?)
-  e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, batch-invariant, kernels)
+  e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, kernels per stage)
+  bi         python -m longspec_lab.bench.h200_speed --only bi (batch-invariant mode against the default)
   agreement  python -m longspec_lab.bench.verify_cost --agreement (our logits against transformers, 8B)
   notebooks  python -m longspec_lab.teach.run_notebooks 07 04 (live, with --wheels .whl when that folder exists)
   tune       longspec-lab tune                                  (tree-shape search, validated)
@@ -102,11 +103,16 @@ def jobs(out: Path) -> dict:
                 "--out",
                 str(out),
                 "--only",
-                "e2e,bi,profile",
+                "e2e,profile",
                 "--gammas",
-                "5,7,8",  # and h200_speed's default shapes: the default tree, the best measured, the tuner's picks
+                "5,7,8",  # and h200_speed's default shapes: the default tree, the best measured, the tuner's pick
             ],
-            590,  # 522 s on the H200 for e2e and profile with three trees (2026-12-04); bi adds about 60
+            590,  # 522 s on the H200 for three chains and three trees with the transformers peers (2026-12-04)
+            {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
+        ),
+        "bi": (  # batch-invariant mode against the default, its own call: 62 s on the H200 (2026-12-04)
+            [py, "-m", "longspec_lab.bench.h200_speed", "--out", str(out), "--only", "bi"],
+            240,
             {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"},
         ),
         "norm_linear": (
