@@ -76,3 +76,19 @@ def test_a_verify_pass_packs_its_tree_mask_once(embedded_pair, monkeypatch):
     assert packs == [(N, N)]  # one pack for the target's layers
     assert target.config.num_layers > 1
     torch.testing.assert_close(out["triton"], out["torch"], atol=2e-4, rtol=1e-4)
+
+    # compiled (fullgraph, as the graph path compiles a verify): the traced pass packs once too, where each layer's
+    # own packing had become Inductor kernels, and it computes the same logits
+    packs.clear()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        cache = target.new_cache(P + N)
+        target(toks[:, :P], cache=cache, start=0, backend="torch")
+        start = torch.tensor([P])
+        verify = torch.compile(
+            lambda t: target(t, positions=pos, cache=cache, start=start, mask=anc, backend="triton"),
+            fullgraph=True, backend="aot_eager",
+        )  # fmt: skip
+        compiled = verify(toks[:, P:])
+    assert packs == [(N, N)]
+    torch.testing.assert_close(compiled, out["triton"], atol=1e-5, rtol=1e-5)
