@@ -122,8 +122,9 @@ def _norm_linear_kernel(
     ONE_K: tl.constexpr,  # K <= BLOCK_K: the weight tile is read before the PDL wait, the input rows once
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
-    # Before the wait, only the weight is read: a parameter, which no kernel of a step writes. So with PDL its load
-    # overlaps the kernel before this one, and without PDL it is at least in flight with the input rows' load.
+    # Before the wait, only the weights are read (W, and NW with a norm): parameters, which no kernel of a step
+    # writes. So with PDL their load overlaps the kernel before this one; without PDL they are at least in flight
+    # with the input rows' load.
     pid_n = tl.program_id(0)
     if ROPE:  # head pid_n: its first half here, the second half (rotated against it) in acc_up
         cols = pid_n * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)  # [BLOCK_N]

@@ -987,7 +987,7 @@ def tree_attention(
         B = q.shape[0]
         B, Hq, Hkv, T, S, D, plist = _check(q, k, v, int(max_prefix), block_mask)
         if torch.compiler.is_compiling():
-            packed = packed_mask if packed_mask is not None or block_mask is None else _pack_bits(block_mask)
+            packed = packed_mask if packed_mask is not None or block_mask is None else pack_block_mask(block_mask)
             o, lse = torch.ops.longspec.tree_attention_packed(
                 q, k, v, prefix_lens, packed, int(max_prefix), None if scale is None else float(scale), prefix_only
             )
