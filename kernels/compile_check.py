@@ -59,6 +59,9 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     from longspec_lab.kernels import row_topk as rt
     from longspec_lab.kernels import tree_attention as ta
 
+    import triton
+    import triton.language as tl
+
     out = []
     split = ta._tree_attn_split_kernel
     # (prefix dtype, TMA loads, DIRECT, FUSED_MERGE, CAUSAL): the paths the decoder and the benchmark take
@@ -108,11 +111,20 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
                   TREE_SPLIT=True)  # fmt: skip
     sig, cx = _signature(merge, ptrs, (), consts)
     out.append(("tree merge: split by split", merge, sig, cx, dict(num_warps=4)))
+    maxima = dict(BITONIC=False, K_POW2=1)
     for dt, lo in (("i64", -(2**63)), ("fp32", float("-inf"))):
-        sig, cx = _signature(rt._row_topk_kernel, dict(X=dt, OUT=dt), (), dict(MIN=lo, K=16, BLOCK_V=4096))
+        consts = dict(MIN=lo, K=16, BLOCK_V=4096, **maxima)
+        sig, cx = _signature(rt._row_topk_kernel, dict(X=dt, OUT=dt), (), consts)
         out.append((f"row top-k: {dt}", rt._row_topk_kernel, sig, cx, dict(num_warps=8)))
-    sig, cx = _signature(rt._row_topk_kernel, dict(X="i64", OUT="i64"), (), dict(MIN=-(2**63), K=16, BLOCK_V=512))
+    consts = dict(MIN=-(2**63), K=16, BLOCK_V=512, **maxima)
+    sig, cx = _signature(rt._row_topk_kernel, dict(X="i64", OUT="i64"), (), consts)
     out.append(("flat top-k first pass: 512 columns, one warp", rt._row_topk_kernel, sig, cx, dict(num_warps=1)))
+    if hasattr(tl, "topk"):  # LONGSPEC_TOPK_ALGO=bitonic: a tree level's two passes, and a width of 6 (K_POW2 8)
+        for k, block, warps, what in ((16, 512, 1, "first pass"), (16, 2048, 4, "second pass"), (6, 512, 1, "k=6")):
+            consts = dict(MIN=-(2**63), K=k, BLOCK_V=block, BITONIC=True, K_POW2=triton.next_power_of_2(k))
+            sig, cx = _signature(rt._row_topk_kernel, dict(X="i64", OUT="i64"), (), consts)
+            label = f"flat top-k {what}, bitonic: {block} columns, {warps} warp(s)"
+            out.append((label, rt._row_topk_kernel, sig, cx, dict(num_warps=warps)))
     consts = dict(K=16, MIN=-(2**63), BLOCK_I=rt.RANK_BLOCK_I, BLOCK_J=rt.RANK_BLOCK_J)
     sig, cx = _signature(rt._rank_select_kernel, dict(X="i64", OUT="i64"), (), consts)
     out.append(("flat top-k second pass: rank by counting", rt._rank_select_kernel, sig, cx, dict(num_warps=4)))

@@ -84,6 +84,16 @@ TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "max")
 # defaults (512, 4096): the passes' fixed costs, not their width, set the time. The default stays.
 FLAT_SECOND_BLOCK_V = os.environ.get("LONGSPEC_TOPK_SECOND_BLOCK", "4096")  # MAX_BLOCK_V
 RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
+# How a chunk keeps its K largest values (LONGSPEC_TOPK_ALGO, checked when used): "max" (the default, timed on the
+# H200) takes the maximum K times, K dependent block reductions, each a chain of shuffles (and, over several warps,
+# a shared-memory round) that the next must wait for; "bitonic" runs Triton's bitonic top-k network (`tl.topk`):
+# sort runs of K_POW2, then halve the chunk log2(BLOCK_V / K_POW2) times, keeping the larger run of each pair and
+# re-merging it. With k = log2(K_POW2) and n = log2(BLOCK_V) that is k(k + 1)/2 + (n - k)(k + 1) compare-exchange
+# rounds (35 for 16 of 512, 45 for 16 of 2,048) against K reductions of n shuffle steps each (144 and 176), and
+# no round waits on a reduction's result. That is why a tree level's selection (16 rows, k = 16: two passes of 4.7 and
+# 4.5 us in the last record, profile_h200.json) costs 7 us more than a chain level's (k = 1: 1.2 and 0.9 us).
+# Not yet timed on the H200: the A/B is queued (docs/GPU_JOBS.md). Needs tl.topk (Triton 3.4 or later).
+TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "max")
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
 # combine function (as in tree_attention.py: tl.max is itself an @jit function of Triton's library and
@@ -118,6 +128,8 @@ def _row_topk_kernel(
     MIN: tl.constexpr,  # the dtype's minimum: value of masked lanes and of removed maxima
     K: tl.constexpr,  # how many largest values each chunk keeps
     BLOCK_V: tl.constexpr,  # columns per chunk (a power of two); grid axis 1 walks the chunks
+    BITONIC: tl.constexpr,  # select with Triton's bitonic top-k network instead of K repeated maxima
+    K_POW2: tl.constexpr,  # the power of two >= K that the bitonic network keeps (<= BLOCK_V); K are stored
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
@@ -128,10 +140,17 @@ def _row_topk_kernel(
     offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] column indices
     x = tl.load(X + row * stride_x + offs, mask=offs < L, other=MIN)  # [BLOCK_V]
     out = OUT + row * stride_o + chunk * K
-    for i in range(K):
-        m = _vec_max(x)  # the largest value not yet taken (keys are distinct)
-        tl.store(out + i, m)
-        x = tl.where(x == m, MIN, x)  # take it out of the chunk
+    if BITONIC:
+        # log2(K_POW2) bitonic merge stages sort runs of K_POW2, then each halving keeps the larger of two runs
+        # and re-merges: ~log2(BLOCK_V) * log2(K_POW2) compare-exchange rounds, none waiting on a reduction
+        top = tl.topk(x, K_POW2)  # [K_POW2] the chunk's largest values, descending
+        offs_k = tl.arange(0, K_POW2)
+        tl.store(out + offs_k, top, mask=offs_k < K)
+    else:
+        for i in range(K):
+            m = _vec_max(x)  # the largest value not yet taken (keys are distinct)
+            tl.store(out + i, m)
+            x = tl.where(x == m, MIN, x)  # take it out of the chunk
 
 
 @triton.jit
@@ -179,9 +198,10 @@ def _one_pass(x: torch.Tensor, L: int, k: int, block: int) -> torch.Tensor:
     rows = x.shape[0]
     n_chunks = triton.cdiv(L, block)
     out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
+    bitonic = _algo() == "bitonic"
     _row_topk_kernel[(rows, n_chunks)](
-        x, out, L, x.stride(0), out.stride(0),
-        MIN=_MIN[x.dtype], K=k, BLOCK_V=block, num_warps=_num_warps(block), **launch_args(x.device),
+        x, out, L, x.stride(0), out.stride(0), MIN=_MIN[x.dtype], K=k, BLOCK_V=block, BITONIC=bitonic,
+        K_POW2=triton.next_power_of_2(k) if bitonic else 1, num_warps=_num_warps(block), **launch_args(x.device),
     )  # fmt: skip
     return out
 
@@ -290,6 +310,18 @@ def _(x, k, first_block_v, second_block_v):
     return x.new_empty(k)
 
 
+def _algo() -> str:
+    """TOPK_ALGO (from LONGSPEC_TOPK_ALGO, or assigned at run time), checked: "max" or "bitonic"."""
+    if TOPK_ALGO not in ("max", "bitonic"):
+        raise ValueError(f"LONGSPEC_TOPK_ALGO={TOPK_ALGO!r} is not one of max, bitonic; unset it or pick one")
+    if TOPK_ALGO == "bitonic" and not hasattr(tl, "topk"):
+        raise RuntimeError(
+            f"LONGSPEC_TOPK_ALGO=bitonic needs tl.topk, which Triton {triton.__version__} lacks; "
+            "install Triton 3.4 or later, or unset LONGSPEC_TOPK_ALGO"
+        )
+    return TOPK_ALGO
+
+
 def _second_pass() -> str:
     if TOPK_SECOND not in ("rank", "max"):
         raise ValueError(f"LONGSPEC_TOPK_SECOND={TOPK_SECOND!r} is not one of rank, max; unset it or pick one")
@@ -368,6 +400,8 @@ def main(argv=None) -> int:
     """Time the kernel against torch.topk on beam-level-shaped int64 keys (CUDA)."""
     import argparse
 
+    global TOPK_SECOND, TOPK_ALGO  # each case sets the switches as the ops read them, then restores them
+
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.kernels.row_topk",
         description=(
@@ -400,8 +434,17 @@ def main(argv=None) -> int:
         "against torch.topk twice (each row's top k, then the top k of those) and against row_topk twice "
         "(the same two stages on the kernel)",
     )
+    ap.add_argument(
+        "--algo",
+        default="max",
+        help="comma-separated selections to time for each case: max (K repeated maxima, the default) and/or bitonic "
+        "(Triton's bitonic top-k network, LONGSPEC_TOPK_ALGO=bitonic); default %(default)s",
+    )
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
+    algos = a.algo.split(",")
+    if not algos or any(x not in ("max", "bitonic") for x in algos):
+        ap.error(f"--algo must be comma-separated choices of max and bitonic, e.g. max,bitonic; got {a.algo!r}")
     if a.rows < 1 or a.vocab < 1 or not 1 <= a.k <= a.vocab:
         ap.error(f"need rows >= 1, vocab >= 1 and 1 <= k <= vocab, got {a.rows}, {a.vocab}, {a.k}")
 
@@ -441,6 +484,7 @@ def main(argv=None) -> int:
         return medians(fn)
 
     x = _distinct_keys(a.rows, a.vocab, "cuda")
+    default_algo = TOPK_ALGO
     report = {"rows": a.rows, "vocab": a.vocab, "k": a.k, "dtype": "int64", "flat": a.flat, "cases": []}
     shape = f"rows={a.rows} V={a.vocab} k={a.k} int64"
     if a.flat:
@@ -466,29 +510,29 @@ def main(argv=None) -> int:
             f"{shape}: torch.topk twice {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph; row_topk twice "
             f"({twice_launches} launches) {twice_us:.1f} us eager, {twice_graph_us:.1f} us graph"
         )
-        global TOPK_SECOND
         default_second = TOPK_SECOND
-        cases = [(b, "rank", MAX_BLOCK_V) for b in blocks] + [(b, "max", s) for b in blocks for s in seconds]
-        for b, second, s in cases:
-            TOPK_SECOND = second  # the switch as the op reads it, restored after this case
+        cases = [(b, "rank", MAX_BLOCK_V, al) for b in blocks for al in algos]
+        cases += [(b, "max", s, al) for b in blocks for s in seconds for al in algos]
+        for b, second, s, algo in cases:
+            TOPK_SECOND, TOPK_ALGO = second, algo  # the switches as the op reads them, restored after this case
             try:
                 timed = checked_medians(
                     lambda: flat_topk(x, a.k, first_block_v=b, second_block_v=s), want,
-                    f"first_block_v={b}, second_block_v={s}: flat_topk",
+                    f"first_block_v={b}, second_block_v={s}, {algo}: flat_topk",
                 )  # fmt: skip
                 launches, programs = _flat_launches(a.rows, a.vocab, a.k, b, s)
             finally:
-                TOPK_SECOND = default_second
+                TOPK_SECOND, TOPK_ALGO = default_second, default_algo
             if timed is None:
                 return 1
             ours, ours_graph = timed
             report["cases"].append(
-                {"first_block_v": b, "second_pass": second, "second_block_v": s, "launches": launches,
+                {"first_block_v": b, "second_pass": second, "second_block_v": s, "algo": algo, "launches": launches,
                  "first_programs": programs, "us": ours, "graph_us": ours_graph}
             )  # fmt: skip
             print(
                 f"first_block_v={b}, second pass {second} (widest chunk {s}; {launches} launches, {programs} programs "
-                "in the first): flat_topk "
+                f"in the first), {algo}: flat_topk "
                 f"{ours:.1f} us eager (vs row_topk twice {ours / twice_us:.2f}, vs torch {ours / torch_us:.2f}), "
                 f"{ours_graph:.1f} us graph (vs row_topk twice {ours_graph / twice_graph_us:.2f}, "
                 f"vs torch {ours_graph / torch_graph_us:.2f}); equal to torch.topk"
@@ -498,15 +542,19 @@ def main(argv=None) -> int:
         torch_us, torch_graph_us = medians(lambda: row_topk_reference(x, a.k))
         report.update(torch_us=torch_us, torch_graph_us=torch_graph_us)
         print(f"{shape}: torch.topk {torch_us:.1f} us eager, {torch_graph_us:.1f} us graph")
-        for b in blocks:
-            timed = checked_medians(lambda: row_topk(x, a.k, block_v=b), want, f"block_v={b}: the kernel")
+        for b, algo in [(b, al) for b in blocks for al in algos]:
+            TOPK_ALGO = algo
+            try:
+                timed = checked_medians(lambda: row_topk(x, a.k, block_v=b), want, f"block_v={b}, {algo}: the kernel")
+            finally:
+                TOPK_ALGO = default_algo
             if timed is None:
                 return 1
             ours, ours_graph = timed
             passes = _passes(a.vocab, a.k, b)
-            report["cases"].append({"block_v": b, "passes": passes, "us": ours, "graph_us": ours_graph})
+            report["cases"].append({"block_v": b, "algo": algo, "passes": passes, "us": ours, "graph_us": ours_graph})
             print(
-                f"block_v={b} ({passes} pass{'es' if passes > 1 else ''}): row_topk {ours:.1f} us eager "
+                f"block_v={b} ({passes} pass{'es' if passes > 1 else ''}), {algo}: row_topk {ours:.1f} us eager "
                 f"(ratio {ours / torch_us:.2f}), {ours_graph:.1f} us graph (ratio {ours_graph / torch_graph_us:.2f}); "
                 "equal to torch.topk"
             )

@@ -48,6 +48,10 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    with programmatic dependent launch) into OUT_DIR/pdl_off
   e2e_weight_first  the same with LONGSPEC_WEIGHT_FIRST=on (norm_linear reads its weight before the PDL wait and
                    its input rows once) into OUT_DIR/weight_first; tokens must be bit-identical to e2e_base's
+  topk_algo        python -m longspec_lab.kernels.row_topk --flat (a tree level's selection, 16 x 4096 keys, k = 16,
+                   with each first-pass width, repeated maxima against Triton's bitonic network)
+  e2e_topk_bitonic  the A/B side with LONGSPEC_TOPK_ALGO=bitonic (the beam's top-k passes through the bitonic
+                   network) into OUT_DIR/topk_bitonic; tokens must be bit-identical to e2e_base's
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -136,6 +140,23 @@ def jobs(out: Path) -> dict:
         "e2e_tree_split_off": _ab_job(out / "tree_split_off", "LONGSPEC_TREE_SPLIT", "off"),
         "e2e_pdl_off": _ab_job(out / "pdl_off", "LONGSPEC_PDL", "off"),
         "e2e_weight_first": _ab_job(out / "weight_first", "LONGSPEC_WEIGHT_FIRST", "on"),
+        "e2e_topk_bitonic": _ab_job(out / "topk_bitonic", "LONGSPEC_TOPK_ALGO", "bitonic"),
+        "topk_algo": (
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.row_topk",
+                "--flat",
+                "--block-v",
+                "512,1024,4096",
+                "--algo",
+                "max,bitonic",
+                "--out",
+                str(out / "row_topk_bitonic_h200.json"),
+            ],
+            120,  # under a minute for the flat cases of row_topk_flat_h200.json; twice as many here
+            {},
+        ),
         "agreement": (
             [py, "-m", "longspec_lab.bench.verify_cost", "--agreement", "--out", str(out / "agreement_8b_h200.json")],
             420,  # 180 s was not enough once the minimal cases joined it (H200, 2026-12-02)

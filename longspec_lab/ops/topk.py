@@ -19,6 +19,9 @@ narrower chunks, whose winners all go to the second stage; the width is a second
 LONGSPEC_TOPK_FIRST_BLOCK (a power of two, default 512: one warp a chunk; 11.3 us captured on the H200 for
 16 x 4096 keys, against 12.5 us with one chunk per row, data/results/row_topk_flat_h200.json).
 
+How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "max" (k repeated maxima, the default) or
+"bitonic" (Triton's bitonic top-k network); both give the same values.
+
 The switch is the environment variable LONGSPEC_ROW_TOPK, read at import into `ROW_TOPK`; set
 `LONGSPEC_ROW_TOPK=torch` to force torch.topk everywhere, or assign `ROW_TOPK` at run time.
 

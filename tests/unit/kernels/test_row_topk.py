@@ -53,9 +53,16 @@ CASES = [  # rows, V, k, block_v (None: the default, one chunk here)
 ]
 
 
+@pytest.fixture(params=["max", "bitonic"])
+def algo(request, monkeypatch):
+    """Each chunk's selection both ways (LONGSPEC_TOPK_ALGO): K repeated maxima, or Triton's bitonic top-k."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("rows, V, k, block_v", CASES)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
-def test_kernel_matches_torch_topk(rows, V, k, block_v, dtype):
+def test_kernel_matches_torch_topk(rows, V, k, block_v, dtype, algo):
     x = (_keys if dtype == torch.int64 else _floats)(rows, V, seed=rows * 1000 + V + k)
     assert all(len(set(r.tolist())) == V for r in x)  # the precondition
     got = rt.row_topk(x, k, block_v=block_v)
@@ -64,7 +71,7 @@ def test_kernel_matches_torch_topk(rows, V, k, block_v, dtype):
     assert torch.equal(got, torch.sort(x, dim=1, descending=True).values[:, :k])  # an independent definition
 
 
-def test_negative_keys_and_the_dtype_minimum():
+def test_negative_keys_and_the_dtype_minimum(algo):
     """All keys negative, and the padding value itself present as a real key: still exact."""
     x = -_keys(2, 50, seed=7).abs() - 1
     x[0, 13] = torch.iinfo(torch.int64).min
@@ -81,7 +88,7 @@ def test_strided_and_empty_inputs():
     assert rt.row_topk(torch.empty(0, 5, dtype=torch.int64), 2).shape == (0, 2)
 
 
-def test_two_chunks_take_a_second_pass():
+def test_two_chunks_take_a_second_pass(algo):
     """With block_v smaller than V the launch runs twice; a single-pass kernel that kept only the first
     chunk's top k would miss the row's maximum placed in the last chunk."""
     x = _keys(1, 40, seed=11)
@@ -180,7 +187,7 @@ FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, pinned to
 
 @pytest.mark.parametrize("second", ["rank", "max"])
 @pytest.mark.parametrize("rows, V, k, first_block_v, grid, n_launches", FLAT_CASES)
-def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, second, launches, monkeypatch):
+def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, second, launches, monkeypatch, algo):
     """Both second passes: "rank" (each candidate counts the larger ones and writes itself to its place, one
     program per 32 candidates) and "max" (repeated maxima over the candidates as one row)."""
     monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", "4096")
@@ -299,6 +306,48 @@ def test_flat_first_block_switch(monkeypatch, launches):
     assert torch.equal(rt.flat_topk(x, 4, first_block_v=32), _flat_reference(x, 4))  # an argument overrides it
 
 
+def test_bitonic_keeps_a_power_of_two_and_stores_k(monkeypatch):
+    """The bitonic network keeps K_POW2 >= k values and only the first k are stored: a level of width 6 (the
+    tuner's [2,3,6,4,3,8]) writes 6 values per chunk, in the same places as the repeated maxima, and the row's
+    largest value placed in its last column comes first either way."""
+    x = rt._distinct_keys(3, 700, "cpu", seed=41)
+    x[2, 699] = x.max() + 1
+    got = {}
+    for algo in ("max", "bitonic"):
+        monkeypatch.setattr(rt, "TOPK_ALGO", algo)
+        got[algo] = rt._one_pass(x, 700, 6, 256)  # [3, 3 chunks * 6]: the raw first pass, chunk by chunk
+        assert torch.equal(rt.flat_topk(x, 6, first_block_v=256), _flat_reference(x, 6))
+    assert got["bitonic"].shape == (3, 18) and torch.equal(got["bitonic"], got["max"])
+    assert int(got["bitonic"][2, 12]) == int(x[2, 699])
+
+
+def test_topk_algo_switch_errors(monkeypatch):
+    """A value that is neither algorithm, and "bitonic" on a Triton without tl.topk, are errors naming the fix."""
+    x = rt._distinct_keys(2, 40, "cpu", seed=42)
+    for bad in ("sort", "", "Bitonic"):
+        monkeypatch.setattr(rt, "TOPK_ALGO", bad)
+        with pytest.raises(ValueError, match=r"LONGSPEC_TOPK_ALGO=.* is not one of max, bitonic"):
+            rt.row_topk(x, 3)
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.delattr(rt.tl, "topk")
+    with pytest.raises(RuntimeError, match="needs tl.topk.*Triton 3.4 or later"):
+        rt.flat_topk(x, 3)
+    monkeypatch.setattr(rt, "TOPK_ALGO", "max")  # the default still runs
+    assert torch.equal(rt.row_topk(x, 3), torch.topk(x, 3, dim=1).values)
+
+
+def test_topk_algo_from_the_environment():
+    """The module reads LONGSPEC_TOPK_ALGO at import (a fresh interpreter, as for the first-block switch)."""
+    code = (
+        "import torch, longspec_lab.kernels.row_topk as rt; x = rt._distinct_keys(4, 300, 'cpu', 3); "
+        "print(rt.TOPK_ALGO, bool(torch.equal(rt.flat_topk(x, 8), torch.topk(x.flatten(), 8).values)))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LONGSPEC_TOPK_ALGO": "bitonic"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["bitonic", "True"]
+
+
 def test_flat_first_block_from_the_environment():
     """The module reads LONGSPEC_TOPK_FIRST_BLOCK at import (in a fresh interpreter: reloading the module here
     would register its ops again and leave this file's op handles stale)."""
@@ -355,8 +404,14 @@ def test_main_flat_without_cuda_or_with_an_existing_out(capsys, tmp_path):
     if torch.cuda.is_available():
         return
     with pytest.raises(SystemExit) as e:
-        rt.main(["--flat", "--block-v", "16,64", "--rows", "2", "--vocab", "8", "--k", "2"])
+        rt.main(["--flat", "--block-v", "16,64", "--rows", "2", "--vocab", "8", "--k", "2", "--algo", "max,bitonic"])
     assert e.value.code == 2 and "needs CUDA" in capsys.readouterr().err
+    for bad in ("sort", "max,", ""):  # refused before anything runs, naming the choices
+        with pytest.raises(SystemExit) as e:
+            rt.main(["--flat", "--algo", bad])
+        assert (
+            e.value.code == 2 and "--algo must be comma-separated choices of max and bitonic" in capsys.readouterr().err
+        )
 
 
 def test_rank_second_pass_past_its_bound_and_the_switch(monkeypatch, launches):
