@@ -55,12 +55,12 @@ def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tup
 
 def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, signature, constexprs, options) for each variant to compile."""
+    import triton
+    import triton.language as tl
+
     from longspec_lab.kernels import ordered_attention as oa
     from longspec_lab.kernels import row_topk as rt
     from longspec_lab.kernels import tree_attention as ta
-
-    import triton
-    import triton.language as tl
 
     out = []
     split = ta._tree_attn_split_kernel
