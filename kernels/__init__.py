@@ -9,6 +9,10 @@
   draft's beam level on the GPU instead of torch.topk's radix select; registered as
   ``torch.ops.longspec.row_topk``, with torch.topk as its reference and a benchmark against it. Both
   top-k stages of a beam level run on it.
+- ``beam_select``: a beam level's whole selection in one launch (the log-softmax, the parents' scores, every
+  chunk's top-k, and the top-w of those by the last program to arrive), instead of Inductor's keys kernel and
+  ``row_topk``'s two passes; registered as ``torch.ops.longspec.beam_select``, with the PyTorch definition and a
+  benchmark against it compiled (``LONGSPEC_BEAM_SELECT``, ``longspec_lab/ops/topk.py``).
 - ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
   float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
   and used by the models for small weights on CUDA (``LONGSPEC_NORM_LINEAR``, ``longspec_lab/ops/linear.py``).

@@ -139,18 +139,23 @@ def _row_topk_kernel(
     chunk = tl.program_id(1)
     offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] column indices
     x = tl.load(X + row * stride_x + offs, mask=offs < L, other=MIN)  # [BLOCK_V]
-    out = OUT + row * stride_o + chunk * K
+    _store_topk(OUT + row * stride_o + chunk * K, x, MIN, K, BITONIC, K_POW2)
+
+
+@triton.jit
+def _store_topk(out, x, MIN: tl.constexpr, K: tl.constexpr, BITONIC: tl.constexpr, K_POW2: tl.constexpr):
+    """Store the K largest values of the 1-D block x (distinct, padded with MIN) at out[0:K], descending."""
     if BITONIC:
         # log2(K_POW2) bitonic merge stages sort runs of K_POW2, then each halving keeps the larger of two runs
-        # and re-merges: ~log2(BLOCK_V) * log2(K_POW2) compare-exchange rounds, none waiting on a reduction
-        top = tl.topk(x, K_POW2)  # [K_POW2] the chunk's largest values, descending
+        # and re-merges (TOPK_ALGO above): no round waits on a reduction
+        top = tl.topk(x, K_POW2)  # [K_POW2] the block's largest values, descending
         offs_k = tl.arange(0, K_POW2)
         tl.store(out + offs_k, top, mask=offs_k < K)
     else:
         for i in range(K):
             m = _vec_max(x)  # the largest value not yet taken (keys are distinct)
             tl.store(out + i, m)
-            x = tl.where(x == m, MIN, x)  # take it out of the chunk
+            x = tl.where(x == m, MIN, x)  # take it out of the block
 
 
 @triton.jit

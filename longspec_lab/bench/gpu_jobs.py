@@ -52,6 +52,11 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    with each first-pass width, repeated maxima against Triton's bitonic network)
   e2e_topk_bitonic  the A/B side with LONGSPEC_TOPK_ALGO=bitonic (the beam's top-k passes through the bitonic
                    network) into OUT_DIR/topk_bitonic; tokens must be bit-identical to e2e_base's
+  beam_select      python -m longspec_lab.kernels.beam_select (a beam level's selection in one launch against
+                   the compiled definition, on the default tree's level shapes, each selection and warp count)
+  e2e_beam_select  the A/B side with LONGSPEC_BEAM_SELECT=auto (every beam level's log-softmax and top-k in one
+                   launch) into OUT_DIR/beam_select; the tokens should equal e2e_base's (a level's scores may differ
+                   in their last bits, which reorders only near-tied pairs of the draft's tree)
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -141,6 +146,24 @@ def jobs(out: Path) -> dict:
         "e2e_pdl_off": _ab_job(out / "pdl_off", "LONGSPEC_PDL", "off"),
         "e2e_weight_first": _ab_job(out / "weight_first", "LONGSPEC_WEIGHT_FIRST", "on"),
         "e2e_topk_bitonic": _ab_job(out / "topk_bitonic", "LONGSPEC_TOPK_ALGO", "bitonic"),
+        "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
+        "beam_select": (
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.beam_select",
+                "--algo",
+                "max,bitonic",
+                "--warps",
+                "1,2,4",
+                "--block-v",
+                "256,512,1024",
+                "--out",
+                str(out / "beam_select_h200.json"),
+            ],
+            180,  # 3 shapes x 18 kernel forms + the definition, a CUDA graph each
+            {},
+        ),
         "topk_algo": (
             [
                 py,

@@ -30,7 +30,7 @@ import torch
 
 from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
 from longspec_lab.spec.commit import advance, commit_kv
-from longspec_lab.spec.draft import TreeBuffers, grow_beam_level, grow_sampled_level
+from longspec_lab.spec.draft import TreeBuffers, grow_beam_level_logits, grow_sampled_level
 from longspec_lab.spec.tree import TreeShape
 from longspec_lab.spec.verify import VERIFY_RULES, AcceptResult, acceptance_stats, greedy_accept, path_children
 
@@ -168,7 +168,7 @@ def beam_rule(buf: TreeBuffers, l: int, logits: torch.Tensor, params: SamplingPa
     if params is not None:
         lo, hi = buf.levels[l - 1]
         buf.q[lo:hi] = probs_from_logits(logits, params).to(buf.q.dtype)
-    grow_beam_level(buf, l, torch.log_softmax(logits.float(), dim=-1))
+    grow_beam_level_logits(buf, l, logits)  # log-softmax, scores and top-k (one launch with LONGSPEC_BEAM_SELECT)
 
 
 def sampled_rule(buf, l, logits, params: SamplingParams, generator: torch.Generator | None = None) -> None:

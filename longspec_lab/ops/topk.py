@@ -19,6 +19,13 @@ narrower chunks, whose winners all go to the second stage; the width is a second
 LONGSPEC_TOPK_FIRST_BLOCK (a power of two, default 512: one warp a chunk; 11.3 us captured on the H200 for
 16 x 4096 keys, against 12.5 us with one chunk per row, data/results/row_topk_flat_h200.json).
 
+`beam_keys(logits, parent_scores, w)` is a beam level's whole selection from the draft's logits in ONE launch
+(`kernels/beam_select.py`: log-softmax, parent scores, keys and both top-k passes, the last program to finish
+doing the second), or None where its switch LONGSPEC_BEAM_SELECT does not send the level there: "off" (the
+default until the H200 has timed it), "auto" (the kernel on CUDA for the shapes it takes: float32 scores,
+V <= 16384, at most 4096 candidates), "on" (also on the CPU under TRITON_INTERPRET=1, the tests). The caller
+then runs the definition (`spec/draft.py: beam_level_from_logits`).
+
 How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "max" (k repeated maxima, the default) or
 "bitonic" (Triton's bitonic top-k network); both give the same values.
 
@@ -38,6 +45,8 @@ from longspec_lab.ops.switches import HAS_TRITON, checked
 
 CHOICES = ("auto", "torch", "triton")
 ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module docstring)
+BEAM_CHOICES = ("off", "auto", "on")
+BEAM_SELECT = os.environ.get("LONGSPEC_BEAM_SELECT", "off")  # one of BEAM_CHOICES (module docstring)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
@@ -67,3 +76,19 @@ def flat_topk_values(x: torch.Tensor, k: int) -> torch.Tensor:
         return flat_topk(x, k)  # both stages in one op
     first = torch.topk(x, min(k, V), dim=1).values  # [n, min(k, V)]
     return torch.topk(first.reshape(-1), k).values  # [k]
+
+
+def beam_keys(logits: torch.Tensor, parent_scores: torch.Tensor, width: int) -> torch.Tensor | None:
+    """A beam level's `width` best keys [width] int64 from logits [n, V] and parent_scores [n] in one launch, or
+    None where LONGSPEC_BEAM_SELECT (module docstring) leaves the level to the definition."""
+    choice = checked("LONGSPEC_BEAM_SELECT", BEAM_SELECT, BEAM_CHOICES)
+    if choice == "off" or parent_scores.dtype != torch.float32 or logits.dim() != 2:
+        return None
+    if choice == "auto" and not (logits.is_cuda and HAS_TRITON):
+        return None
+    from longspec_lab.kernels.beam_select import beam_select, plan
+
+    n, V = logits.shape
+    if not plan(n, V, width)["fits"]:
+        return None
+    return beam_select(logits, parent_scores, width)

@@ -17,6 +17,8 @@ functions run eagerly, under `torch.compile` and inside a CUDA graph:
 
     TreeBuffers.start(root)          node 0 = the root
     grow_beam_level(buf, l, logp)    level l from the draft's log-probs at level l-1      [n, V]
+    grow_beam_level_logits(buf, l, z) the same from the draft's logits (one launch on the GPU with the switch
+                                     LONGSPEC_BEAM_SELECT: ops.topk.beam_keys)             [n, V]
     grow_sampled_level(buf, l, q, g) level l drawn from the draft's distribution at l-1   [n, V]
 
 The draft *model* enters only through those [n, V] rows; `decoding/steps.py` runs the model. The
@@ -33,7 +35,7 @@ from typing import Callable
 import torch
 
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
-from longspec_lab.ops.topk import flat_topk_values
+from longspec_lab.ops.topk import beam_keys, flat_topk_values
 from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
 # ----------------------------------------------------------------------------- one beam level
@@ -87,13 +89,29 @@ def beam_level(parent_scores: torch.Tensor, logprobs: torch.Tensor, width: int):
         # Two small top-k's instead of one over n * V: the global top-w lies inside the rows' top-w's.
         # On the GPU both run as the row top-k kernel (ops.topk); one torch.topk over 65k keys is a multi-pass
         # radix select.
-        best = flat_topk_values(keys, width)  # [w]
-        idx = (n * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits hold the reversed flat index
-        # ... and the high 32 bits the score itself: decoding it reads nothing but `best`, so under torch.compile
-        # the level's bookkeeping after the top-k is one kernel of w elements (a gather flat[idx] makes it two)
-        return idx // V, idx % V, _from_order_key(best >> 32)
+        return _decode_keys(flat_topk_values(keys, width), n, V)  # [w] keys -> the level
     idx = torch.sort(flat, descending=True, stable=True).indices[:width]
     return idx // V, idx % V, flat[idx]
+
+
+def _decode_keys(best: torch.Tensor, n: int, V: int):
+    """(parent_rank, token, score) [w] of beam keys [w]: the low 32 bits hold the reversed flat index, the high
+    32 bits the score itself. Decoding reads nothing but `best`, so under torch.compile the level's bookkeeping
+    after the top-k is one kernel of w elements (a gather flat[idx] makes it two)."""
+    idx = (n * V - 1) - (best & 0xFFFFFFFF)
+    return idx // V, idx % V, _from_order_key(best >> 32)
+
+
+def beam_level_from_logits(parent_scores: torch.Tensor, logits: torch.Tensor, width: int):
+    """`beam_level(parent_scores, log_softmax(logits.float()), width)`: the definition, or, where the switch
+    LONGSPEC_BEAM_SELECT takes the level (`ops.topk.beam_keys`), the same selection in one launch whose scores
+    may differ from the definition's in their last bits (the log-sum-exp is summed in another order)."""
+    keys = beam_keys(logits, parent_scores, width)
+    if keys is None:
+        return beam_level(parent_scores, torch.log_softmax(logits.float(), dim=-1), width)
+    if _may_sync(logits) and bool(torch.isnan(logits).any() | torch.isnan(parent_scores).any()):
+        raise ValueError("draft logits contain NaN; check the draft model (overflow in fp16?)")
+    return _decode_keys(keys, *logits.shape)
 
 
 # ----------------------------------------------------------------------------- static tree buffers
@@ -173,6 +191,14 @@ def grow_beam_level(buf: TreeBuffers, l: int, logprobs: torch.Tensor) -> None:
     lo, hi = buf.levels[l - 1]
     w = buf.levels[l][1] - buf.levels[l][0]
     rank, tok, sc = beam_level(buf.scores[lo:hi], logprobs, w)
+    buf.add_level(l, lo + rank, tok, sc)
+
+
+def grow_beam_level_logits(buf: TreeBuffers, l: int, logits: torch.Tensor) -> None:
+    """Level l of a beam tree from the draft's logits [n, V] (`beam_level_from_logits`): what the decoder runs."""
+    lo, hi = buf.levels[l - 1]
+    w = buf.levels[l][1] - buf.levels[l][0]
+    rank, tok, sc = beam_level_from_logits(buf.scores[lo:hi], logits, w)
     buf.add_level(l, lo + rank, tok, sc)
 
 

@@ -1,0 +1,318 @@
+"""A beam level's whole selection in one launch: log-softmax, parent scores, top-k of every chunk, then the top-w.
+
+A beam level of the draft tree (LongSpec, arXiv 2502.17421; `spec/draft.py: beam_level`) keeps the w best
+(parent, token) pairs of n parents x V tokens, scored by the parent's cumulative log-probability plus the
+draft's log-probability of the token:
+
+    score[i, v] = parent[i] + log_softmax(logits[i])[v]          (float32)
+    key[i, v]   = order_key(score[i, v]) << 32  |  (n V - 1 - (i V + v))
+    the w largest keys, descending
+
+`order_key` maps float32 bits to integers of the same order, and the low 32 bits name the pair, lower flat
+index first among equal scores (`spec/draft.py: _order_key`). Compiled, that definition is three launches
+per level: Inductor's kernel for the log-softmax and the keys (it writes n x V int64 keys, 512 KiB for a
+16 x 4,096 level), then `flat_topk`'s two passes (each chunk's top-w, then the top-w of those). On the H200
+they took 3.0 + 4.7 + 4.5 us for a 16-parent level of the default tree (data/results/profile_h200.json),
+about a quarter of the level, and most of what a tree level costs beyond a chain level's.
+
+Here one program owns one chunk of BLOCK_V tokens of one parent row:
+
+    1. the row's log-sum-exp, over the whole row in blocks of BLOCK_L (online maximum and sum; every chunk
+       program of a row computes it: V floats from L2, cheaper than a launch to share it)
+    2. its chunk's keys, from (logit - max) - log(sum) as torch's log_softmax does, in registers only
+    3. the chunk's K = min(w, V) largest keys, stored to a small scratch ([n, n_chunks * K] int64)
+    4. an arrival ticket (acquire/release): the last program to arrive has seen every other chunk's keys, so
+       it selects the w largest of all n * n_chunks * K candidates, writes them, and puts the ticket back to 0
+       for the next launch or CUDA-graph replay (the pattern of kernels/masked_attention.py)
+
+So a level's selection is one launch and one scratch round trip, and the n x V keys are never written. The
+selections in steps 3 and 4 are `row_topk`'s (`_store_topk`: K repeated maxima, or the bitonic network with
+LONGSPEC_TOPK_ALGO=bitonic).
+
+The log-sum-exp is summed in another order than torch's, so a score can differ from the reference's in its last
+bits: pairs whose scores tie to within a few ulps may come out in the other order. The greedy output never
+depends on it (the draft only proposes; verification keeps the target's tokens), and the tests compare the
+selected pairs with float64 scores where the top w are separated.
+
+`beam_select_reference` is the definition in PyTorch (what the decoder runs with the switch off).
+`beam_select` checks its inputs and calls the registered op `torch.ops.longspec.beam_select`, which
+torch.compile(fullgraph=True) keeps as one opaque op. The switch that sends the decoder here is
+LONGSPEC_BEAM_SELECT (`ops/topk.py`). `main` times the kernel against the compiled definition on a level's
+shape:
+
+    python -m longspec_lab.kernels.beam_select --rows 1,4,16 --vocab 4096 --width 4,16,16
+
+Taught in: notebooks/02_tree_shapes.ipynb
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from longspec_lab.kernels.launch import launch_args
+from longspec_lab.kernels.row_topk import _algo, _block_v, _flat_first_block, _store_topk
+from longspec_lab.kernels.tree_attention import _max, _sum, _tickets
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
+_MIN_KEY = tl.constexpr(-(2**63))  # below every key: the padding of masked columns and of unused candidates
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_VOCAB = 16384  # each chunk program reads its whole row for the log-sum-exp; beyond this, the two-step path
+MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 warps
+BLOCK_L = 1024  # tokens per warp in one step of the log-sum-exp walk: 32 float32 registers a thread
+NUM_WARPS = 4  # every program's: the last one holds up to MAX_CANDIDATES keys (`main --warps` times 1, 2, 4)
+
+
+@triton.jit
+def _beam_select_kernel(
+    LOGITS,  # [n, V] the draft's logits at each parent (fp16, bf16 or fp32), unit column stride
+    SCORES,  # [n] fp32 the parents' cumulative log-probabilities
+    CAND,  # [n * n_chunks * K] int64 scratch: chunk c of row i keeps its K largest keys at (i * n_chunks + c) * K
+    OUT,  # [W] int64 the level's W largest keys, descending
+    TICKET,  # int32 [1] arrival ticket, zero between launches
+    V,  # tokens per row
+    stride_l,  # row stride of LOGITS, in elements
+    n_chunks,  # chunks per row (grid axis 1)
+    K: tl.constexpr,  # keys each chunk keeps: min(W, V)
+    W: tl.constexpr,  # the level's width
+    BLOCK_V: tl.constexpr,  # tokens per chunk (a power of two >= K)
+    BLOCK_L: tl.constexpr,  # tokens per step of the log-sum-exp walk (a power of two; 32 per thread)
+    CAND_PAD: tl.constexpr,  # a power of two >= n * n_chunks * K: the last program's candidate block
+    BITONIC: tl.constexpr,  # select with the bitonic network (row_topk's TOPK_ALGO)
+    K_POW2: tl.constexpr,  # power of two >= K (bitonic)
+    W_POW2: tl.constexpr,  # power of two >= W (bitonic)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
+):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_rows = tl.num_programs(0)
+    base = LOGITS + row.to(tl.int64) * stride_l
+    # 1. the row's maximum and sum of exp(logit - maximum), block by block (one block for the embedded draft),
+    #    each block's (maximum, sum) folded into the running pair: registers for one block of logits only
+    offs_l = tl.arange(0, BLOCK_L)
+    row_max = float("-inf")
+    row_sum = 0.0
+    for v0 in range(0, V, BLOCK_L):
+        x = tl.load(base + v0 + offs_l, mask=v0 + offs_l < V, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, _max(x, 0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # no finite logit yet (masked tokens): the sum stays 0
+        row_sum = row_sum * tl.exp(row_max - safe) + _sum(tl.exp(x - safe), 0)
+        row_max = new_max
+    log_sum = tl.log(row_sum)
+    # 2. this chunk's keys
+    offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] token ids
+    ok = offs < V
+    x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+    score = tl.load(SCORES + row) + ((x - row_max) - log_sum)  # parent + log_softmax, in float32
+    bits = score.to(tl.int32, bitcast=True)
+    order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # same order as the floats
+    rev = (n_rows * V - 1 - (row * V + offs)).to(tl.int64)  # lower flat index -> larger key
+    key = tl.where(ok, (order << 32) + rev, _MIN_KEY)
+    # 3. the chunk's K largest keys into the scratch
+    _store_topk(CAND + (row * n_chunks + chunk).to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
+    # 4. the last program to arrive selects the W largest of every chunk's keys
+    tl.debug_barrier()  # every store of this program is issued before its ticket moves
+    arrived = tl.atomic_add(TICKET, 1, sem="acq_rel", scope="gpu")
+    total = n_rows * n_chunks
+    if arrived == total - 1:
+        offs_c = tl.arange(0, CAND_PAD)
+        cand = tl.load(CAND + offs_c, mask=offs_c < total * K, other=_MIN_KEY, cache_modifier=".cg")
+        _store_topk(OUT, cand, _MIN_KEY, W, BITONIC, W_POW2)
+        tl.atomic_xchg(TICKET, 0)
+
+
+def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, width: int) -> torch.Tensor:
+    """The definition: the `width` largest keys of parent_scores[i] + log_softmax(logits[i].float())[v], as
+    `spec/draft.py: beam_level` builds them (score bits, then the reversed flat index). [n, V], [n] -> [width]."""
+    n, V = logits.shape
+    flat = (parent_scores.float()[:, None] + torch.log_softmax(logits.float(), dim=-1)).flatten()  # [n * V]
+    bits = flat.view(torch.int32).to(torch.int64)
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    rev = (n * V - 1) - torch.arange(n * V, device=logits.device)
+    return torch.topk((order << 32) + rev, width).values
+
+
+def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
+    """The launch's shape for n parents x V tokens and a level of `width`: chunk width, chunks per row, keys kept
+    per chunk, the candidate block. `fits` says whether the kernel takes it (V <= MAX_VOCAB, candidates <=
+    MAX_CANDIDATES); the decoder's switch falls back to the definition when it does not."""
+    kept = min(width, V)
+    block = _block_v(V, kept, _flat_first_block() if block_v is None else block_v)
+    n_chunks = triton.cdiv(V, block)
+    cand = n * n_chunks * kept
+    return dict(
+        block_v=block, n_chunks=n_chunks, kept=kept, candidates=cand, cand_pad=triton.next_power_of_2(cand),
+        fits=V <= MAX_VOCAB and cand <= MAX_CANDIDATES,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("longspec::beam_select", mutates_args=())
+def _beam_select_op(
+    logits: torch.Tensor, parent_scores: torch.Tensor, width: int, block_v: int, num_warps: int
+) -> torch.Tensor:
+    """`torch.ops.longspec.beam_select`: logits [n, V], parent_scores [n] fp32 (checked by `beam_select`) ->
+    [width] int64 keys, descending."""
+    n, V = logits.shape
+    p = plan(n, V, width, block_v)
+    cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
+    out = torch.empty(width, dtype=torch.int64, device=logits.device)
+    bitonic = _algo() == "bitonic"
+    pow2 = triton.next_power_of_2
+    _beam_select_kernel[(n, p["n_chunks"])](
+        logits, parent_scores, cand, out, _tickets(logits.device), V, logits.stride(0), p["n_chunks"],
+        K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=min(BLOCK_L * num_warps, pow2(V)),
+        CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
+        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device),
+    )  # fmt: skip
+    return out
+
+
+@_beam_select_op.register_fake
+def _(logits, parent_scores, width, block_v, num_warps):
+    return logits.new_empty(width, dtype=torch.int64)
+
+
+def beam_select(logits, parent_scores, width: int, block_v: int | None = None, num_warps: int | None = None):
+    """The `width` largest beam keys of one level, descending: [width] int64, as `beam_select_reference` (module
+    docstring: equal up to the last bits of the log-sum-exp). logits [n, V] fp16/bf16/fp32 and parent_scores [n]
+    float32 on CUDA (or on the CPU under TRITON_INTERPRET=1). block_v: the chunk width, a power of two (default:
+    flat_topk's first-pass width, LONGSPEC_TOPK_FIRST_BLOCK); num_warps: every program's (default NUM_WARPS)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in _DTYPES:
+        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"beam_select needs logits [n, V] in float16, bfloat16 or float32, got {got}")
+    n, V = logits.shape
+    if not isinstance(parent_scores, torch.Tensor) or parent_scores.shape != (n,):
+        got = tuple(parent_scores.shape) if isinstance(parent_scores, torch.Tensor) else type(parent_scores).__name__
+        raise ValueError(f"beam_select needs parent_scores [n] = [{n}] to match the logits, got {got}")
+    if parent_scores.dtype != torch.float32:
+        raise ValueError(f"beam_select needs float32 parent_scores, got {parent_scores.dtype}; pass .float()")
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n * V:
+        raise ValueError(f"beam_select needs an integer width in [1, n * V] = [1, {n * V}], got {width!r}")
+    if block_v is not None and (isinstance(block_v, bool) or not isinstance(block_v, int) or block_v & (block_v - 1)
+                                or block_v < 1):  # fmt: skip
+        raise ValueError(f"block_v must be a power of two >= 1, got {block_v!r}; e.g. 512")
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    if num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+    if not (logits.is_cuda or _INTERPRET):
+        raise ValueError(
+            f"beam_select runs a Triton kernel and got a tensor on {logits.device}; pass CUDA tensors, or set "
+            "TRITON_INTERPRET=1 before importing longspec_lab.kernels.beam_select (on the CPU, "
+            "beam_select_reference gives the same keys)"
+        )
+    if logits.device != parent_scores.device:
+        raise ValueError(f"logits on {logits.device} and parent_scores on {parent_scores.device}: use one device")
+    p = plan(n, V, width, block_v)
+    if not p["fits"]:
+        raise ValueError(
+            f"beam_select takes V <= {MAX_VOCAB} and at most {MAX_CANDIDATES} candidates, got V = {V} and "
+            f"{p['candidates']} ({n} rows x {p['n_chunks']} chunks x {p['kept']}); use beam_select_reference "
+            "(ops.topk.beam_keys falls back to it by itself)"
+        )
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return _beam_select_op(logits, parent_scores, width, p["block_v"], num_warps)
+
+
+def main(argv=None) -> int:
+    """Time the one-launch selection against the compiled definition on a beam level's shapes (CUDA)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.kernels.beam_select",
+        description=(
+            "Time a beam level's whole selection as one launch (log-softmax, parent scores, every chunk's top-k, "
+            "the last program's top-w) against the same definition as the decoder runs it with the switch off: "
+            "the log-softmax and the keys compiled by torch.compile (one Inductor kernel) and flat_topk's two "
+            "passes. Random bf16 logits of the draft's vocabulary; each form is first checked to select the "
+            "same pairs as float64. Prints medians (us) replayed from CUDA graphs."
+        ),
+    )
+    ap.add_argument("--rows", default="1,4,16", help="comma-separated parents per level (default %(default)s)")
+    ap.add_argument("--width", default="4,16,16", help="comma-separated level widths, one per --rows entry")
+    ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded draft's 4096)")
+    ap.add_argument("--block-v", default="512", help="comma-separated chunk widths to time (powers of two)")
+    ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
+    ap.add_argument("--warps", default=str(NUM_WARPS), help="comma-separated warps per program to time (1, 2, 4, 8)")
+    ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
+    a = ap.parse_args(argv)
+    try:
+        rows = [int(r) for r in a.rows.split(",")]
+        widths = [int(w) for w in a.width.split(",")]
+        blocks = [int(b) for b in a.block_v.split(",")]
+        warps = [int(x) for x in a.warps.split(",")]
+    except ValueError:
+        ap.error("--rows, --width, --block-v and --warps take comma-separated integers")
+    if any(x not in (1, 2, 4, 8) for x in warps):
+        ap.error("--warps takes 1, 2, 4 and/or 8")
+    algos = a.algo.split(",")
+    if len(rows) != len(widths) or any(r < 1 or not 1 <= w <= r * a.vocab for r, w in zip(rows, widths)):
+        ap.error("--rows and --width need one width per row count, each in [1, rows * vocab]")
+    if any(b < 1 or b & (b - 1) for b in blocks) or any(x not in ("max", "bitonic") for x in algos):
+        ap.error("--block-v takes powers of two and --algo the choices max and bitonic")
+    if a.out and os.path.exists(a.out):
+        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
+    if not torch.cuda.is_available():
+        ap.exit(
+            2,
+            "error: the benchmark needs a CUDA GPU; on the CPU the tests run the kernel in Triton's interpreter "
+            "(.venv/bin/pytest tests/unit/kernels/test_beam_select.py)\n",
+        )
+    from triton.testing import do_bench_cudagraph
+
+    from longspec_lab.kernels import row_topk
+
+    def two_step_keys(logits, scores):  # spec/draft.py: beam_level's keys, before its top-k
+        n, V = logits.shape
+        flat = (scores[:, None] + torch.log_softmax(logits.float(), dim=-1)).flatten()
+        bits = flat.view(torch.int32).to(torch.int64)
+        rev = (n * V - 1) - torch.arange(n * V, device=logits.device)
+        return ((torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) << 32) + rev).view(n, V)
+
+    keys_compiled = torch.compile(two_step_keys, fullgraph=True, dynamic=False)
+    report = {"vocab": a.vocab, "dtype": "bfloat16", "cases": []}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, w in zip(rows, widths):
+        logits = (torch.randn(n, a.vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        scores = -torch.rand(n, device="cuda", generator=g).sort(descending=True).values * 4
+        exact = (scores.double()[:, None] + torch.log_softmax(logits.double(), -1)).flatten()
+        want = set(torch.topk(exact, w).indices.tolist())
+        forms = {"definition_compiled": lambda: row_topk.flat_topk(keys_compiled(logits, scores), w)}
+        for b, al, nw in [(b, al, nw) for b in blocks for al in algos for nw in warps]:
+            forms[f"kernel_{b}_{al}_{nw}w"] = lambda b=b, al=al, nw=nw: _with_algo(
+                al, lambda: beam_select(logits, scores, w, b, nw)
+            )
+        case = {"rows": n, "width": w, "us": {}, "plan": plan(n, a.vocab, w)}
+        for name, fn in forms.items():
+            got = fn()
+            picked = set(((n * a.vocab - 1) - (got & 0xFFFFFFFF)).tolist())
+            if picked != want:
+                print(f"n={n} w={w} {name}: selects other pairs than float64 -- not timed")
+                continue
+            case["us"][name] = do_bench_cudagraph(fn, return_mode="median") * 1e3
+        report["cases"].append(case)
+        print(f"n={n} w={w} V={a.vocab}: " + ", ".join(f"{k} {v:.1f} us" for k, v in case["us"].items()))
+    if a.out:
+        from longspec_lab.provenance import stamp, write_new_json
+
+        write_new_json(a.out, stamp(report, torch.device("cuda"), torch.bfloat16))
+    return 0
+
+
+def _with_algo(algo: str, fn):
+    """fn() with row_topk's TOPK_ALGO set to algo (the switch both selections read), restored after."""
+    from longspec_lab.kernels import row_topk
+
+    old, row_topk.TOPK_ALGO = row_topk.TOPK_ALGO, algo
+    try:
+        return fn()
+    finally:
+        row_topk.TOPK_ALGO = old
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

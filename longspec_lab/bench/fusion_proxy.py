@@ -1,0 +1,149 @@
+"""How many kernels each stage of a decoding step launches on the GPU, counted on the CPU.
+
+On a small model a decoding step is bound by kernel launches (docs/GPU_JOBS.md), so the first question about a
+change to a stage is how many kernels it will launch. `bench.profile` answers it on the GPU with
+`torch.profiler`. This module answers it without one: it compiles each stage function of `decoding/steps.py`
+(`greedy_stages`, the functions both decoders run) as the graph path does (fullgraph, static shapes), with
+Inductor's Triton backend generating code for the CPU (`torch._inductor.config.cpu_backend = "triton"`: the
+scheduler and fusion rules it applies to CUDA), and with the package's own kernels chosen as on the GPU (their
+switches set to `on`/`triton`, run by Triton's interpreter). It counts
+
+    generated   the scheduler's kernels (each fused or single node is one Triton kernel on the GPU)
+    ours        the calls of the package's registered ops in the graph (each launches one kernel, or two for
+                the tree kernel's split and merge: counted as the ops, so add the merges by hand)
+
+and stops before any code is generated (the count is all it needs; nothing is run). On the record of 2026-12-04
+the counts equal the H200 profile's (profile_h200.json: the AR step's 4 generated kernels beside ours, a tree
+level's 4, the verify's 11, the commit's 9), which is the evidence that the proxy holds.
+
+    TRITON_INTERPRET=1 python -m longspec_lab.bench.fusion_proxy --shape 4,16,16,16,16 [--set LONGSPEC_X=value]
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# the switches that make the CPU take the GPU's kernels (before the package reads them at import)
+GPU_SWITCHES = {
+    "LONGSPEC_NORM_LINEAR": "on",
+    "LONGSPEC_QKV_ROPE": "on",
+    "LONGSPEC_ROPE_TABLES": "on",
+    "LONGSPEC_MASKED_ATTN": "triton",
+    "LONGSPEC_ROW_TOPK": "triton",
+}
+
+
+class _Counted(Exception):
+    """Raised by the patched scheduler once it has counted: code generation is not needed."""
+
+
+def count_stage(fn) -> dict:
+    """{"generated": Inductor's kernels, "ours": {op name: calls}} for one zero-argument stage function."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._inductor import scheduler as sched
+
+    found: dict = {}
+
+    def codegen(self):
+        found["generated"] = sum(
+            isinstance(n, (sched.SchedulerNode, sched.FusedSchedulerNode)) for n in self.nodes
+        )  # fmt: skip
+        ours: dict = {}
+        for n in self.nodes:
+            if isinstance(n, sched.ExternKernelSchedulerNode):
+                name = getattr(n.node, "python_kernel_name", None) or type(n.node).__name__
+                if "longspec" in str(name) or "longspec" in str(getattr(n.node, "op_overload", "")):
+                    key = str(getattr(n.node, "op_overload", name))
+                    ours[key] = ours.get(key, 0) + 1
+        found["ours"] = ours
+        raise _Counted
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    real = sched.Scheduler.codegen
+    sched.Scheduler.codegen = codegen
+    try:
+        with inductor_config.patch({"cpu_backend": "triton", "fx_graph_cache": False}):
+            compiled()
+    except Exception as e:  # noqa: BLE001 - Inductor wraps the stop signal in its own error
+        if "generated" not in found:
+            raise RuntimeError(f"the stage did not reach Inductor's scheduler: {type(e).__name__}: {e}") from e
+    finally:
+        sched.Scheduler.codegen = real
+    return found
+
+
+def count_step(shape, prompt_tokens: int = 64) -> dict:
+    """{stage name: count_stage} for every stage of one greedy step of the embedded pair (float32, CPU) with tree
+    `shape` (a list of widths, or None for plain decoding), after a prefill of `prompt_tokens` tokens."""
+    import torch
+
+    from longspec_lab.decoding import steps
+    from longspec_lab.decoding.graphs import default_capacity
+    from longspec_lab.models.pair import load_pair
+    from longspec_lab.spec.tree import TreeShape
+
+    target, draft, _ = load_pair(device="cpu", dtype="float32", attention_backend="triton")
+    tree = TreeShape.of(shape) if shape is not None else None
+    with torch.no_grad():
+        st = steps.DecodeState(target, draft, tree, default_capacity(target), "triton")
+        prompt = torch.arange(3, 3 + prompt_tokens) % target.config.vocab_size
+        steps.prefill(st, prompt)
+        return {name: count_stage(fn) for name, fn in steps.greedy_stages(st)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m longspec_lab.bench.fusion_proxy",
+        description=(
+            "Count the kernels each stage of a greedy decoding step will launch on a GPU, without one: every "
+            "stage is compiled as the graph path compiles it, with Inductor's Triton backend scheduling for the "
+            "CPU and the package's kernels switched on as on the GPU; the scheduler's kernels are counted and "
+            "nothing runs. Needs TRITON_INTERPRET=1 (set here when missing) and takes a minute or two."
+        ),
+    )
+    ap.add_argument(
+        "--shape", default="4,16,16,16,16", help="tree widths, comma-separated, or 'ar' (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LONGSPEC_X=value",
+        help="a switch to set before counting (repeatable), e.g. LONGSPEC_BEAM_SELECT=on",
+    )
+    ap.add_argument("--json", action="store_true", help="print the counts as one JSON object instead of a table")
+    a = ap.parse_args(argv)
+    try:
+        shape = None if a.shape == "ar" else [int(w) for w in a.shape.split(",")]
+    except ValueError:
+        ap.error(f"--shape takes comma-separated widths or 'ar', got {a.shape!r}")
+    extra = {}
+    for item in a.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("LONGSPEC_"):
+            ap.error(f"--set takes LONGSPEC_NAME=value, got {item!r}")
+        extra[name] = value
+    if "longspec_lab.kernels.tree_attention" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.exit(2, "error: run it in a fresh process: the kernels were imported without TRITON_INTERPRET=1\n")
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.update({**GPU_SWITCHES, **extra})
+    counts = count_step(shape)
+    if a.json:
+        import json
+
+        print(json.dumps(counts))
+        return 0
+    for name, c in counts.items():
+        ours = ", ".join(f"{k.split('.')[-2] if '.' in k else k} x{v}" for k, v in sorted(c["ours"].items()))
+        print(f"{name:8s} generated {c['generated']:3d}   ours: {ours or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""The CPU count of a stage's GPU kernels (bench/fusion_proxy.py) on functions whose kernels are known: Inductor
+fuses a pointwise chain into its reduction (one kernel), keeps a reduction that another reduction reads apart (two),
+and the package's registered ops are counted as ours, not as generated kernels; nothing is executed."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # the row_topk op below runs nothing, but its module must not compile
+
+import torch  # noqa: E402
+
+from longspec_lab.bench import fusion_proxy  # noqa: E402
+from longspec_lab.kernels import row_topk  # noqa: E402,F401 - registers torch.ops.longspec.row_topk
+
+
+def test_a_pointwise_chain_fuses_into_its_reduction():
+    x = torch.randn(64, 128)
+    got = fusion_proxy.count_stage(lambda: (x.sin() * 2 + 1).sum(1))
+    assert got == {"generated": 1, "ours": {}}
+
+
+def test_a_softmax_then_a_matmul_reads_as_its_kernels():
+    """softmax over rows (Inductor: one kernel), a matmul (an extern call: neither generated nor ours), then a
+    pointwise epilogue on the matmul's output (one more generated kernel)."""
+    x, w = torch.randn(32, 64), torch.randn(64, 16)
+    got = fusion_proxy.count_stage(lambda: (torch.softmax(x, -1) @ w).relu())
+    assert got == {"generated": 2, "ours": {}}
+
+
+def test_the_packages_ops_are_counted_as_ours_and_nothing_runs(monkeypatch):
+    keys = torch.arange(4 * 64, dtype=torch.int64).view(4, 64)
+    calls = []
+    monkeypatch.setattr(row_topk, "_launch", lambda *a: calls.append(a))  # would run the kernel
+    got = fusion_proxy.count_stage(lambda: torch.ops.longspec.row_topk(keys * 3 + 1, 4, 4096) + 1)
+    assert got["ours"] == {"longspec.row_topk.default": 1}
+    assert got["generated"] == 2  # the keys' arithmetic before the op, the + 1 after it
+    assert calls == []

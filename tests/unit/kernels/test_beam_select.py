@@ -1,0 +1,252 @@
+"""A beam level's selection in one launch (kernels/beam_select.py), in Triton's CPU interpreter: the pairs it picks
+against float64 scores (parent + log-softmax, brute force) and its keys against the PyTorch definition
+(`beam_select_reference`, itself checked against spec/draft.py's beam_level), over logits dtypes, level shapes
+(one parent, the default tree's 16 x 16, widths that are not powers of two, a width of every pair, V = 1, V not a
+multiple of the chunk, several log-sum-exp steps), both selections (repeated maxima and the bitonic network); the
+ticket left at zero for the next launch; the registered op's fake version and a fullgraph trace; the errors; and
+the switch LONGSPEC_BEAM_SELECT from ops.topk.beam_keys down to a whole greedy decode."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel modules' @triton.jit definitions
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+for _name in ("longspec_lab.kernels.tree_attention", "longspec_lab.kernels.row_topk"):
+    if _name in sys.modules and not sys.modules[_name]._INTERPRET:
+        importlib.reload(sys.modules[_name])  # imported earlier without the interpreter: redefine the kernels
+import longspec_lab.kernels.beam_select as bs  # noqa: E402
+import longspec_lab.kernels.row_topk as rt  # noqa: E402
+from longspec_lab.kernels.tree_attention import _tickets  # noqa: E402
+from longspec_lab.ops import topk as ops_topk  # noqa: E402
+from longspec_lab.spec import draft  # noqa: E402
+
+OP = torch.ops.longspec.beam_select.default
+
+
+def _level(n, V, seed, dtype=torch.float32, spread=3.0):
+    """Logits [n, V] and descending parent scores [n] <= 0, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, V, generator=g) * spread).to(dtype)
+    scores = -(torch.rand(n, generator=g) * 4).sort(descending=True).values
+    return logits, scores
+
+
+def _exact_pairs(logits, scores, w):
+    """(flat indices of the w best pairs, their scores) in float64, best first, and the gap that separates the w-th
+    from the (w+1)-th (a test only trusts the order where consecutive scores are apart)."""
+    flat = (scores.double()[:, None] + torch.log_softmax(logits.double(), -1)).flatten()
+    top = torch.topk(flat, min(w + 1, flat.numel()))
+    vals = top.values
+    gaps = (vals[:-1] - vals[1:]).min().item() if vals.numel() > 1 else float("inf")
+    return top.indices[:w], vals[:w], gaps
+
+
+def _decoded(keys, n, V):
+    rank, tok, score = draft._decode_keys(keys, n, V)
+    return rank * V + tok, score
+
+
+@pytest.fixture(params=["max", "bitonic"])
+def algo(request, monkeypatch):
+    monkeypatch.setattr(rt, "TOPK_ALGO", request.param)
+    return request.param
+
+
+CASES = [  # n, V, w, block_v
+    (1, 4096, 4, None),  # level 1 of the default tree: one parent, 8 chunks of 512
+    (16, 4096, 16, None),  # a default-tree level: 128 programs, 2,048 candidates for the last one
+    (4, 1000, 6, 128),  # the tuner's width 6 (bitonic keeps 8), V not a multiple of the chunk
+    (3, 300, 5, 32),  # ten chunks a row
+    (2, 37, 74, None),  # every pair: each row keeps all of its 37 tokens
+    (3, 1, 2, None),  # V = 1
+    (5, 50, 1, 16),  # w = 1
+]
+
+
+@pytest.mark.parametrize("n, V, w, block_v", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_picks_the_float64_pairs_and_the_definitions_keys(n, V, w, block_v, dtype, algo):
+    logits, scores = _level(n, V, seed=n * 7919 + V + w, dtype=dtype)
+    got = bs.beam_select(logits, scores, w, block_v)
+    assert got.dtype == torch.int64 and got.shape == (w,)
+    idx, score = _decoded(got, n, V)
+    want_idx, want_score, gap = _exact_pairs(logits, scores, w)
+    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
+    if gap > 1e-4:  # the order is only defined where the scores are apart (module docstring)
+        assert torch.equal(idx, want_idx)
+    ref = bs.beam_select_reference(logits, scores, w)
+    ref_idx, ref_score = _decoded(ref, n, V)
+    assert torch.equal(idx, ref_idx) or gap <= 1e-4
+    torch.testing.assert_close(score, ref_score, rtol=0, atol=2e-5)
+
+
+def test_reference_is_beam_levels_selection():
+    """beam_select_reference equals spec/draft.py's beam_level on the same log-probs, bit for bit."""
+    for n, V, w in [(1, 4096, 4), (16, 4096, 16), (4, 100, 9)]:
+        logits, scores = _level(n, V, seed=V + w)
+        rank, tok, sc = draft.beam_level(scores, torch.log_softmax(logits, -1), w)
+        r2, t2, s2 = draft._decode_keys(bs.beam_select_reference(logits, scores, w), n, V)
+        assert torch.equal(rank, r2) and torch.equal(tok, t2) and torch.equal(sc, s2)
+
+
+def test_ties_keep_the_lower_flat_index_first():
+    """Equal logits in one row and equal parents: the kernel's order is the flat index order, as beam_level's."""
+    logits = torch.zeros(2, 64)
+    scores = torch.zeros(2)
+    got = bs.beam_select(logits, scores, 10, 16)
+    idx, score = _decoded(got, 2, 64)
+    assert idx.tolist() == list(range(10))
+    torch.testing.assert_close(score, torch.full((10,), -torch.log(torch.tensor(64.0)).item()), rtol=0, atol=1e-6)
+
+
+def test_log_sum_exp_over_several_steps(monkeypatch):
+    """A row longer than BLOCK_L takes the online maximum and sum over several steps; the largest logit sits in the
+    last step, so a walk that stopped early would get another log-sum-exp (and other scores)."""
+    monkeypatch.setattr(bs, "BLOCK_L", 64)  # per warp: 128 tokens a step with 2 warps
+    logits, scores = _level(3, 1000, seed=5)
+    logits[1, 990] = 25.0
+    got = bs.beam_select(logits, scores, 7, 64, num_warps=2)
+    idx, score = _decoded(got, 3, 1000)
+    want_idx, want_score, _ = _exact_pairs(logits, scores, 7)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
+
+
+def test_masked_tokens_minus_infinity(monkeypatch):
+    """Tokens at -inf (a logits processor's mask), a whole first step of them included: they get no mass, the
+    other tokens the log-softmax of the rest, and a -inf token is never picked while a finite one is left."""
+    monkeypatch.setattr(bs, "BLOCK_L", 64)
+    logits, scores = _level(2, 300, seed=21)
+    logits[0, :128] = float("-inf")  # the row's first two steps of 64
+    logits[1, 7] = float("-inf")
+    got = bs.beam_select(logits, scores, 9, 64, num_warps=1)
+    idx, score = _decoded(got, 2, 300)
+    want_idx, want_score, _ = _exact_pairs(logits, scores, 9)
+    assert torch.equal(idx, want_idx) and torch.isfinite(score).all()
+    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
+
+
+def test_the_ticket_is_back_at_zero_and_a_second_launch_agrees():
+    logits, scores = _level(4, 500, seed=9)
+    first = bs.beam_select(logits, scores, 8, 64)
+    assert int(_tickets(logits.device)[0]) == 0
+    assert torch.equal(bs.beam_select(logits, scores, 8, 64), first)
+    assert int(_tickets(logits.device)[0]) == 0
+
+
+def test_op_opcheck_and_fullgraph_trace():
+    logits, scores = _level(3, 200, seed=11)
+    torch.library.opcheck(OP, (logits, scores, 5, 64, 4))
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(lambda z, s: bs.beam_select(z, s, 5, 64), fullgraph=True, backend=spy)(logits, scores)
+    assert len(graphs) == 1
+    assert OP in [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.equal(got, bs.beam_select(logits, scores, 5, 64))
+
+
+def test_bad_input_errors(monkeypatch):
+    logits, scores = _level(2, 40, seed=13)
+    with pytest.raises(ValueError, match=r"logits \[n, V\] in float16, bfloat16 or float32"):
+        bs.beam_select(logits[0], scores, 3)
+    with pytest.raises(ValueError, match=r"logits \[n, V\] in float16, bfloat16 or float32"):
+        bs.beam_select(logits.double(), scores, 3)
+    with pytest.raises(ValueError, match=r"parent_scores \[n\] = \[2\]"):
+        bs.beam_select(logits, scores[:1], 3)
+    with pytest.raises(ValueError, match="float32 parent_scores"):
+        bs.beam_select(logits, scores.double(), 3)
+    for w in (0, 81, 2.0, True):
+        with pytest.raises(ValueError, match=r"integer width in \[1, n \* V\] = \[1, 80\]"):
+            bs.beam_select(logits, scores, w)
+    with pytest.raises(ValueError, match="power of two"):
+        bs.beam_select(logits, scores, 3, block_v=48)
+    with pytest.raises(ValueError, match="num_warps must be 1, 2, 4 or 8"):
+        bs.beam_select(logits, scores, 3, num_warps=3)
+    big, big_scores = _level(1, bs.MAX_VOCAB + 1, seed=1)
+    with pytest.raises(ValueError, match="beam_select_reference"):
+        bs.beam_select(big, big_scores, 3)
+    monkeypatch.setattr(bs, "_INTERPRET", False)  # as on a machine without TRITON_INTERPRET=1
+    with pytest.raises(ValueError, match="pass CUDA tensors, or set TRITON_INTERPRET=1"):
+        bs.beam_select(logits, scores, 3)
+
+
+def test_main_without_cuda_or_with_an_existing_out(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        bs.main(["--out", str(out)])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bs.main(["--rows", "1,4", "--width", "4"])
+    assert e.value.code == 2 and "one width per row count" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(SystemExit) as e:
+        bs.main([])
+    assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the switch
+
+
+def test_beam_keys_follows_the_switch(monkeypatch):
+    logits, scores = _level(4, 300, seed=17)
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "off")
+    assert ops_topk.beam_keys(logits, scores, 6) is None
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "auto")  # the CPU: the definition
+    assert ops_topk.beam_keys(logits, scores, 6) is None
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    assert torch.equal(ops_topk.beam_keys(logits, scores, 6), bs.beam_select(logits, scores, 6))
+    assert ops_topk.beam_keys(logits, scores.double(), 6) is None  # float64 scores: the definition's sort path
+    wide, wide_scores = _level(2, bs.MAX_VOCAB + 1, seed=2)
+    assert ops_topk.beam_keys(wide, wide_scores, 3) is None  # a vocabulary the kernel does not take
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "fused")
+    with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_SELECT='fused' is not one of off, auto, on"):
+        ops_topk.beam_keys(logits, scores, 6)
+
+
+@pytest.mark.parametrize("n, V, w", [(1, 4096, 4), (16, 4096, 16), (3, 257, 5)])
+def test_beam_level_from_logits_both_ways(n, V, w, monkeypatch):
+    """The switch off runs the definition (beam_level on the log-softmax, bit for bit); on, the kernel picks the
+    same (parent, token) pairs with scores within float32 rounding."""
+    logits, scores = _level(n, V, seed=n + V + w)
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "off")
+    off = draft.beam_level_from_logits(scores, logits, w)
+    want = draft.beam_level(scores, torch.log_softmax(logits, -1), w)
+    assert all(torch.equal(a, b) for a, b in zip(off, want))
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    on = draft.beam_level_from_logits(scores, logits, w)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+    torch.testing.assert_close(on[2], off[2], rtol=0, atol=2e-5)
+    nan = logits.clone()
+    nan[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        draft.beam_level_from_logits(scores, nan, w)
+
+
+def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(embedded_pair, monkeypatch):
+    """The whole decoder with every beam level selected by the kernel (the embedded pair, float32, CPU): the tokens
+    are plain greedy decoding's, and the trees and the acceptance are the definition's."""
+    from longspec_lab.decoding.eager import SpecDecoder
+
+    target, drafter, tok = embedded_pair
+    ids = tok.encode("def fib(n):\n    if n < 2:\n        return n\n")
+    dec = SpecDecoder(target, drafter, backend="torch")
+    ar = dec.generate(ids, method="ar", max_new_tokens=20, stop_at_eos=False)
+    runs = {}
+    for value in ("off", "on"):
+        monkeypatch.setattr(ops_topk, "BEAM_SELECT", value)
+        runs[value] = dec.generate(ids, method="tree", tree_shape=[2, 4, 4], max_new_tokens=20, stop_at_eos=False)
+    assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
+    assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
+    assert runs["on"].rank_accepted == runs["off"].rank_accepted
