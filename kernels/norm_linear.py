@@ -743,8 +743,14 @@ def _torch_version(x, weight, norm_weight, eps, residual, gated):
 
 
 # (name, rows M, K, N, norm, residual, gated): the embedded model's four projections per layer at one
-# decode row and a 72-row verify, and Llama-3-8B's qkv and gate_up at one row
+# decode row and a 72-row verify, its LM head (with the final norm) at the AR step's row, a tree level's 16 and a
+# verify's 72, and Llama-3-8B's qkv and gate_up at one row. The LM head's 72 rows took 7.6 us in the last record's
+# verify against 2.9 us at one row (profile_h200.json): the small-weight rule gives it 640 programs of 16 rows,
+# each reading a 16 KiB slice of the 2 MiB weight, five times over; the sweep (`--cases lm_head`) times the rest.
 BENCH_CASES = [
+    ("embedded norm+lm_head", 1, 256, 4096, True, False, False),
+    ("embedded norm+lm_head, 16 rows", 16, 256, 4096, True, False, False),
+    ("embedded norm+lm_head, 72 rows", 72, 256, 4096, True, False, False),
     ("embedded norm+qkv", 1, 256, 512, True, False, False),
     ("embedded o_proj+res", 1, 256, 256, False, True, False),
     ("embedded norm+gate_up+silu", 1, 256, 768, True, False, True),

@@ -17,6 +17,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
              tau, bf16 on the GPU, where continuations can part at near ties)
   norm_linear      python -m longspec_lab.kernels.norm_linear --sweep (fused RMSNorm + projection against PyTorch,
                    and every tile per case: the 72-row verify takes 4.0 us a call with today's pick)
+  norm_linear_lm_head  the same sweep on the LM head alone (1, 16 and 72 rows: the verify's 72 took 7.6 us, 2.6
+                   times the AR step's one row), to set its tiles
   e2e_norm_linear  the A/B for that kernel: the e2e job's h200_speed with LONGSPEC_NORM_LINEAR=off (AR, chain
                    gamma 5, the default tree; e2e and profile, no transformers peers) into OUT_DIR/norm_linear_off,
                    to compare with the e2e job's e2e_h200.json (default "auto": the kernel on this model)
@@ -127,6 +129,22 @@ def jobs(out: Path) -> dict:
         "norm_linear": (
             [py, "-m", "longspec_lab.kernels.norm_linear", "--sweep", "--out", str(out / "norm_linear_tiles.json")],
             330,  # the plain comparison took ~20 s on the H200; the tile sweep stops starting tiles at 240 s
+            {},
+        ),
+        "norm_linear_lm_head": (  # the LM head's tiles at 1, 16 and 72 rows: the verify's took 7.6 us
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.norm_linear",
+                "--sweep",
+                "--cases",
+                "lm_head",
+                "--budget-s",
+                "150",
+                "--out",
+                str(out / "norm_linear_lm_head_tiles.json"),
+            ],  # fmt: skip
+            240,
             {},
         ),
         "e2e_base": _ab_job(out / "base"),
