@@ -9,6 +9,9 @@ scheduler and fusion rules it applies to CUDA), and with the package's own kerne
 switches set to `on`/`triton`, run by Triton's interpreter). It counts
 
     generated   the scheduler's kernels (each fused or single node is one Triton kernel on the GPU)
+    combo_bound the fewest launches those could become as Inductor's combo kernels (LONGSPEC_COMBO_KERNELS):
+                the scheduler's own sets of mutually independent nodes that hold a generated kernel. A bound:
+                Inductor's grouping (which skips CPU nodes, so it cannot be run here) may combine fewer
     ours        the calls of the package's registered ops in the graph (each launches one kernel, or two for
                 the tree kernel's split and merge: counted as the ops, so add the merges by hand)
 
@@ -42,17 +45,20 @@ class _Counted(Exception):
 
 
 def count_stage(fn) -> dict:
-    """{"generated": Inductor's kernels, "ours": {op name: calls}} for one zero-argument stage function."""
+    """{"generated": Inductor's kernels, "combo_bound": the fewest they could be as combo kernels, "ours": {op name:
+    calls}} for one zero-argument stage function."""
     import torch
     import torch._inductor.config as inductor_config
     from torch._inductor import scheduler as sched
 
     found: dict = {}
 
+    def generated(nodes) -> int:
+        return sum(isinstance(n, (sched.SchedulerNode, sched.FusedSchedulerNode)) for n in nodes)
+
     def codegen(self):
-        found["generated"] = sum(
-            isinstance(n, (sched.SchedulerNode, sched.FusedSchedulerNode)) for n in self.nodes
-        )  # fmt: skip
+        found["generated"] = generated(self.nodes)
+        found["combo_bound"] = sum(1 for group in self._topological_sort_nodes() if generated(group))
         ours: dict = {}
         for n in self.nodes:
             if isinstance(n, sched.ExternKernelSchedulerNode):
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
         return 0
     for name, c in counts.items():
         ours = ", ".join(f"{k.split('.')[-2] if '.' in k else k} x{v}" for k, v in sorted(c["ours"].items()))
-        print(f"{name:8s} generated {c['generated']:3d}   ours: {ours or '-'}")
+        print(f"{name:8s} generated {c['generated']:3d} (combo bound {c['combo_bound']:3d})   ours: {ours or '-'}")
     return 0
 
 

@@ -59,6 +59,9 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_beam_select  the A/B side with LONGSPEC_BEAM_SELECT=auto (every beam level's log-softmax and top-k in one
                    launch) into OUT_DIR/beam_select; the tokens should equal e2e_base's (a level's scores may differ
                    in their last bits, which reorders only near-tied pairs of the draft's tree)
+  e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
+                   kernels: independent generated kernels launched as one) into OUT_DIR/combo_kernels; tokens must
+                   be bit-identical to e2e_base's
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -165,6 +168,7 @@ def jobs(out: Path) -> dict:
         "e2e_weight_first": _ab_job(out / "weight_first", "LONGSPEC_WEIGHT_FIRST", "on"),
         "e2e_topk_bitonic": _ab_job(out / "topk_bitonic", "LONGSPEC_TOPK_ALGO", "bitonic"),
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
+        "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "beam_select": (
             [
                 py,

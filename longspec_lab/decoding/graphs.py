@@ -47,6 +47,14 @@ COMPILE_MODE = os.environ.get("LONGSPEC_COMPILE_MODE", "default")
 # per stage ("off"). Runs with per-stage CUDA events (stage_timing) always replay the per-stage graphs, which
 # are captured either way. One graph per step saves each stage boundary's graph launch on the device.
 STEP_GRAPH = os.environ.get("LONGSPEC_STEP_GRAPH", "on")
+# LONGSPEC_COMBO_KERNELS ("off", the default until the H200 has timed it; "on"): the stages are compiled with
+# Inductor's combo kernels, which launch generated kernels that do not depend on one another as ONE kernel (each
+# program runs one of them). A step's bookkeeping is many such kernels: counted on the CPU
+# (`python -m longspec_lab.bench.fusion_proxy`, the `combo_bound` column: Inductor's kernels grouped by the
+# scheduler's own independent sets), the default tree's first draft level 11 -> 5, the verify's 9 -> 7, the
+# commit's 9 -> 3, a chain level's 6 -> 4, the AR step's 5 -> 3: at most 14 launches fewer per default-tree step,
+# 2 per AR step.
+COMBO_KERNELS = os.environ.get("LONGSPEC_COMBO_KERNELS", "off")
 
 
 def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
@@ -95,13 +103,16 @@ def default_capacity(target) -> int:
 def compile_stage(fn, mode: str = COMPILE_MODE):
     """`torch.compile(fn)` as the graph path compiles a stage: the whole graph (fullgraph), static shapes, `mode`.
     Where the package's kernels launch with PDL (a Hopper GPU, LONGSPEC_PDL=auto: kernels/launch.py), Inductor
-    generates its kernels with PDL too: its config is patched while a call may compile (the first, and any
-    recompilation), which leaves the process's own Inductor settings alone."""
+    generates its kernels with PDL too, and with LONGSPEC_COMBO_KERNELS=on it groups independent kernels into
+    combo kernels: its config is patched while a call may compile (the first, and any recompilation), which leaves
+    the process's own Inductor settings alone."""
     from longspec_lab.kernels.launch import inductor_options
 
     allow_many_graphs()
     compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     options = inductor_options("cuda") if torch.cuda.is_available() else {}
+    if checked("LONGSPEC_COMBO_KERNELS", COMBO_KERNELS, ("off", "on")) == "on":
+        options = {**options, "combo_kernels": True}
     if not options:
         return compiled
 

@@ -15,7 +15,7 @@ from longspec_lab.kernels import row_topk  # noqa: E402,F401 - registers torch.o
 def test_a_pointwise_chain_fuses_into_its_reduction():
     x = torch.randn(64, 128)
     got = fusion_proxy.count_stage(lambda: (x.sin() * 2 + 1).sum(1))
-    assert got == {"generated": 1, "ours": {}}
+    assert got == {"generated": 1, "combo_bound": 1, "ours": {}}
 
 
 def test_a_softmax_then_a_matmul_reads_as_its_kernels():
@@ -23,7 +23,7 @@ def test_a_softmax_then_a_matmul_reads_as_its_kernels():
     pointwise epilogue on the matmul's output (one more generated kernel)."""
     x, w = torch.randn(32, 64), torch.randn(64, 16)
     got = fusion_proxy.count_stage(lambda: (torch.softmax(x, -1) @ w).relu())
-    assert got == {"generated": 2, "ours": {}}
+    assert got == {"generated": 2, "combo_bound": 2, "ours": {}}  # the epilogue waits for the softmax
 
 
 def test_the_packages_ops_are_counted_as_ours_and_nothing_runs(monkeypatch):
@@ -34,3 +34,17 @@ def test_the_packages_ops_are_counted_as_ours_and_nothing_runs(monkeypatch):
     assert got["ours"] == {"longspec.row_topk.default": 1}
     assert got["generated"] == 2  # the keys' arithmetic before the op, the + 1 after it
     assert calls == []
+
+
+def test_independent_writes_are_one_combo_group():
+    """Three buffers of three sizes written from three inputs (a commit's bookkeeping): three kernels, which nothing
+    orders, so combo kernels could launch them as one."""
+    a, b, c = torch.zeros(8), torch.zeros(16), torch.zeros(4, dtype=torch.long)
+    x, y, z = torch.randn(8), torch.randn(16), torch.arange(4)
+
+    def bookkeeping():
+        a.copy_(x * 2)
+        b.copy_(y + 1)
+        c.copy_(z * 3)
+
+    assert fusion_proxy.count_stage(bookkeeping) == {"generated": 3, "combo_bound": 1, "ours": {}}

@@ -118,6 +118,25 @@ def test_compiled_stages_carry_inductors_pdl_setting_only_where_pdl_is_on(monkey
     assert seen == [before, True, before] and inductor_config.triton.enable_pdl == before
 
 
+def test_combo_kernels_switch_reaches_inductor_only_when_on(monkeypatch):
+    """LONGSPEC_COMBO_KERNELS=on compiles the stages with Inductor's combo kernels (patched around the call, the
+    process's config left alone); off (the default) leaves them out; another value is refused, naming the fix."""
+    import torch._inductor.config as inductor_config
+
+    from longspec_lab.decoding import graphs
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda: seen.append(inductor_config.combo_kernels))
+    before = inductor_config.combo_kernels
+    graphs.compile_stage(lambda: None, "default")()
+    monkeypatch.setattr(graphs, "COMBO_KERNELS", "on")
+    graphs.compile_stage(lambda: None, "default")()
+    assert seen == [before, True] and inductor_config.combo_kernels == before
+    monkeypatch.setattr(graphs, "COMBO_KERNELS", "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_COMBO_KERNELS='yes' is not one of off, on"):
+        graphs.compile_stage(lambda: None, "default")
+
+
 def test_pdl_needs_a_triton_that_offers_it(monkeypatch):
     """On a Hopper GPU with a Triton too old for the gate, the kernels launch plainly instead of failing to compile:
     the decision follows the installed Triton (this machine's has it), and a Triton without it turns PDL off."""
