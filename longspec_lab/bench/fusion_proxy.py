@@ -15,11 +15,17 @@ switches set to `on`/`triton`, run by Triton's interpreter). It counts
     ours        the calls of the package's registered ops in the graph (each launches one kernel, or two for
                 the tree kernel's split and merge: counted as the ops, so add the merges by hand)
 
-and stops before any code is generated (the count is all it needs; nothing is run). On the record of 2026-12-04
-the counts equal the H200 profile's (profile_h200.json: the AR step's 4 generated kernels beside ours, a tree
-level's 4, the verify's 11, the commit's 9), which is the evidence that the proxy holds.
+and stops before any code is generated (the count is all it needs; nothing is run). Against the H200's profile of
+the same code (profile_h200.json, 2026-12-04) the counts agree for the AR step (55 kernels), the first four levels
+of the default tree (23, 16, 16, 16) and the commit (9); the last level has one kernel more on the H200 (17: its
+bookkeeping in two kernels, one here), so the proxy can miss a split that the GPU's heuristics make.
 
-    TRITON_INTERPRET=1 python -m longspec_lab.bench.fusion_proxy --shape 4,16,16,16,16 [--set LONGSPEC_X=value]
+    python -m longspec_lab.bench.fusion_proxy --shape 4,16,16,16,16 [--set LONGSPEC_X=value] [--json]
+    python -m longspec_lab.bench.fusion_proxy --record data/results/kernel_counts_cpu.json
+
+`--record` counts plain decoding and the default tree under each variant of `RECORD_VARIANTS` (the defaults, and
+each switch that changes the counts), every one in a fresh process, and writes them with the environment:
+notebook 07 sets them beside the H200's profile.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
@@ -38,6 +44,22 @@ GPU_SWITCHES = {
     "LONGSPEC_MASKED_ATTN": "triton",
     "LONGSPEC_ROW_TOPK": "triton",
 }
+
+
+# what `--record` counts: (name, switches set beyond GPU_SWITCHES), each for plain decoding and the default tree
+RECORD_VARIANTS = [("default", {}), ("beam_select", {"LONGSPEC_BEAM_SELECT": "on"})]
+RECORD_SHAPES = [("ar", "ar"), ("tree-4-16-16-16-16", "4,16,16,16,16")]
+
+
+# kernels one call of each of our ops launches in a decoding step: the tree kernel's split and merge (every call of
+# the embedded pair's steps has several splits), flat_topk's two passes (a level's rows have several chunks)
+LAUNCHES_PER_OP = {"longspec.tree_attention_packed.default": 2, "longspec.flat_topk.default": 2}
+
+
+def launches(counts: dict, combo: bool = False) -> int:
+    """The kernels a stage launches from its counts: Inductor's (or their combo bound) and our ops' launches."""
+    ours = sum(n * LAUNCHES_PER_OP.get(op, 1) for op, n in counts["ours"].items())
+    return ours + counts["combo_bound" if combo else "generated"]
 
 
 class _Counted(Exception):
@@ -103,6 +125,32 @@ def count_step(shape, prompt_tokens: int = 64) -> dict:
         return {name: count_stage(fn) for name, fn in steps.greedy_stages(st)}
 
 
+def record(path: str) -> dict:
+    """Run the counts of RECORD_VARIANTS x RECORD_SHAPES, each in a fresh process, and write them to `path` with
+    the environment (`provenance.stamp`). Returns the report."""
+    import json
+    import subprocess
+
+    from longspec_lab.provenance import stamp, write_new_json
+
+    report: dict = {"switches_always": GPU_SWITCHES, "variants": {}}
+    for name, switches in RECORD_VARIANTS:
+        report["variants"][name] = {"switches": switches, "methods": {}}
+        for method, shape in RECORD_SHAPES:
+            args = ["--shape", shape, "--json"] + [f"--set={k}={v}" for k, v in switches.items()]
+            print(f"counting {method} with {switches or 'the defaults'} ...", flush=True)
+            run = subprocess.run(
+                [sys.executable, "-m", "longspec_lab.bench.fusion_proxy", *args],
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            if run.returncode != 0:
+                raise RuntimeError(f"counting {method} ({name}) failed:\n{run.stderr[-2000:]}")
+            report["variants"][name]["methods"][method] = json.loads(run.stdout.strip().splitlines()[-1])
+    out = stamp(report, command="python -m longspec_lab.bench.fusion_proxy --record " + path)
+    write_new_json(path, out)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.bench.fusion_proxy",
@@ -124,7 +172,18 @@ def main(argv=None) -> int:
         help="a switch to set before counting (repeatable), e.g. LONGSPEC_BEAM_SELECT=on",
     )
     ap.add_argument("--json", action="store_true", help="print the counts as one JSON object instead of a table")
+    ap.add_argument(
+        "--record",
+        metavar="F",
+        help="count plain decoding and the default tree under each recorded variant (the defaults, "
+        "LONGSPEC_BEAM_SELECT=on), each in a fresh process (about two minutes), and write them to F (must not exist)",
+    )
     a = ap.parse_args(argv)
+    if a.record:
+        if os.path.exists(a.record):
+            ap.exit(2, f"error: {a.record} exists; pick another path or remove it first\n")
+        record(a.record)
+        return 0
     try:
         shape = None if a.shape == "ar" else [int(w) for w in a.shape.split(",")]
     except ValueError:

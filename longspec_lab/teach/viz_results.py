@@ -1289,3 +1289,24 @@ def _padded_range(vals, log: bool, top: float = 0.08) -> list[float]:
     lo, hi = min(v), max(v)
     span = hi - lo or 1.0
     return [lo - 0.08 * span, hi + top * span]
+
+
+def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
+    """One row per (method, stage) of `bench.fusion_proxy --record`'s counts: the kernels the H200's profile saw
+    (`profile_h200.json`, compiled), the CPU count of today's code (Inductor's kernels and ours), with the one-launch
+    beam selection, and the bound with combo kernels; a stage the record does not hold shows None there."""
+    from longspec_lab.bench.fusion_proxy import launches
+
+    variants = counts["variants"]
+    rows = []
+    for method, stages in variants["default"]["methods"].items():
+        recorded = profile.get(method, {}).get("stages", {})
+        for stage, c in stages.items():
+            beam = variants.get("beam_select", {}).get("methods", {}).get(method, {}).get(stage)
+            rows.append({
+                "method": method, "stage": stage,
+                "H200 profile": recorded.get(stage, {}).get("compiled_kernels"),
+                "CPU count": launches(c), "with beam_select": launches(beam) if beam else None,
+                "combo bound": launches(c, combo=True),
+            })  # fmt: skip
+    return rows
