@@ -107,8 +107,9 @@ def count_stage(fn) -> dict:
 
 
 def count_step(shape, prompt_tokens: int = 64) -> dict:
-    """{stage name: count_stage} for every stage of one greedy step of the embedded pair (float32, CPU) with tree
-    `shape` (a list of widths, or None for plain decoding), after a prefill of `prompt_tokens` tokens."""
+    """{stage name: count_stage + its `launches` and `launches_combo`} for every stage of one greedy step of the
+    embedded pair (float32, CPU) with tree `shape` (a list of widths, or None for plain decoding), after a prefill
+    of `prompt_tokens` tokens."""
     import torch
 
     from longspec_lab.decoding import steps
@@ -122,7 +123,10 @@ def count_step(shape, prompt_tokens: int = 64) -> dict:
         st = steps.DecodeState(target, draft, tree, default_capacity(target), "triton")
         prompt = torch.arange(3, 3 + prompt_tokens) % target.config.vocab_size
         steps.prefill(st, prompt)
-        return {name: count_stage(fn) for name, fn in steps.greedy_stages(st)}
+        counts = {name: count_stage(fn) for name, fn in steps.greedy_stages(st)}
+    for c in counts.values():
+        c.update(launches=launches(c), launches_combo=launches(c, combo=True))
+    return counts
 
 
 def record(path: str) -> dict:

@@ -1293,10 +1293,9 @@ def _padded_range(vals, log: bool, top: float = 0.08) -> list[float]:
 
 def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
     """One row per (method, stage) of `bench.fusion_proxy --record`'s counts: the kernels the H200's profile saw
-    (`profile_h200.json`, compiled), the CPU count of today's code (Inductor's kernels and ours), with the one-launch
-    beam selection, and the bound with combo kernels; a stage the record does not hold shows None there."""
-    from longspec_lab.bench.fusion_proxy import launches
-
+    (`profile_h200.json`, compiled), the CPU count of today's code (its `launches`: Inductor's kernels and ours),
+    with the one-launch beam selection, and the bound with combo kernels; a stage the record does not hold shows
+    None there."""
     variants = counts["variants"]
     rows = []
     for method, stages in variants["default"]["methods"].items():
@@ -1306,7 +1305,7 @@ def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
             rows.append({
                 "method": method, "stage": stage,
                 "H200 profile": recorded.get(stage, {}).get("compiled_kernels"),
-                "CPU count": launches(c), "with beam_select": launches(beam) if beam else None,
-                "combo bound": launches(c, combo=True),
+                "CPU count": c["launches"], "with beam_select": beam["launches"] if beam else None,
+                "combo bound": c["launches_combo"],
             })  # fmt: skip
     return rows

@@ -48,3 +48,11 @@ def test_independent_writes_are_one_combo_group():
         c.copy_(z * 3)
 
     assert fusion_proxy.count_stage(bookkeeping) == {"generated": 3, "combo_bound": 1, "ours": {}}
+
+
+def test_launches_add_our_ops_launches_to_inductors():
+    """Two launches for the tree kernel (split and merge) and for flat_topk (two passes), one for any other op."""
+    counts = {"generated": 4, "combo_bound": 3, "ours": {"longspec.flat_topk.default": 1,
+              "longspec.tree_attention_packed.default": 1, "longspec.norm_linear.default": 5}}  # fmt: skip
+    assert fusion_proxy.launches(counts) == 4 + 2 + 2 + 5
+    assert fusion_proxy.launches(counts, combo=True) == 3 + 2 + 2 + 5

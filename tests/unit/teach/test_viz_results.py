@@ -467,29 +467,23 @@ def test_step_timeline_figure_lays_every_kernel_in_its_stage_lane():
         viz_results.step_timeline_figure(profile, "tree")
 
 
-def test_kernel_count_rows_add_our_launches_to_inductors_and_set_them_beside_the_record():
-    """A stage's launches are Inductor's kernels plus our ops' (two for the tree kernel and for flat_topk, one for the
-    rest); the beam-select variant and the combo bound come from the same counts; a stage the record lacks is None."""
+def test_kernel_count_rows_set_the_cpu_counts_beside_the_record():
+    """Each stage's recorded launches, the beam-select variant's and the combo bound, beside the profile's compiled
+    kernels; a stage the record or a variant lacks is None."""
     counts = {
         "variants": {
             "default": {"methods": {"tree": {
-                "draft2": {"generated": 4, "combo_bound": 3, "ours": {
-                    "longspec.flat_topk.default": 1, "longspec.tree_attention_packed.default": 1,
-                    "longspec.norm_linear.default": 5}},
-                "commit": {"generated": 9, "combo_bound": 3, "ours": {}},
+                "draft2": {"launches": 13, "launches_combo": 12},
+                "commit": {"launches": 9, "launches_combo": 3},
             }}},
-            "beam_select": {"methods": {"tree": {
-                "draft2": {"generated": 3, "combo_bound": 3, "ours": {
-                    "longspec.beam_select.default": 1, "longspec.tree_attention_packed.default": 1,
-                    "longspec.norm_linear.default": 5}},
-            }}},
+            "beam_select": {"methods": {"tree": {"draft2": {"launches": 11, "launches_combo": 11}}}},
         }
     }  # fmt: skip
     profile = {"tree": {"stages": {"draft2": {"compiled_kernels": 13}}}}
     rows = viz_results.kernel_count_rows(counts, profile)
     assert rows == [
-        {"method": "tree", "stage": "draft2", "H200 profile": 13, "CPU count": 4 + 2 + 2 + 5,
-         "with beam_select": 3 + 1 + 2 + 5, "combo bound": 3 + 2 + 2 + 5},
+        {"method": "tree", "stage": "draft2", "H200 profile": 13, "CPU count": 13, "with beam_select": 11,
+         "combo bound": 12},
         {"method": "tree", "stage": "commit", "H200 profile": None, "CPU count": 9, "with beam_select": None,
          "combo bound": 3},
     ]  # fmt: skip
