@@ -179,11 +179,11 @@ def jobs(out: Path) -> dict:
                 "--warps",
                 "1,2,4",
                 "--block-v",
-                "256,512,1024",
+                "256,512,1024,2048,4096",
                 "--out",
                 str(out / "beam_select_h200.json"),
             ],
-            180,  # 3 shapes x 18 kernel forms + the definition, a CUDA graph each
+            240,  # 3 shapes x 30 kernel forms + the definition, a CUDA graph each, 30 Triton compiles
             {},
         ),
         "topk_algo": (
