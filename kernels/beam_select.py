@@ -215,6 +215,7 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
         )
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    parent_scores = parent_scores.contiguous()  # the kernel reads SCORES[row] at unit stride
     return _beam_select_op(logits, parent_scores, width, p["block_v"], num_warps)
 
 

@@ -131,6 +131,15 @@ def test_masked_tokens_minus_infinity(monkeypatch):
     torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
 
 
+def test_strided_inputs_are_read_as_their_values():
+    """Logits with a column stride and parent scores taken every other element give the contiguous copies' keys."""
+    logits, scores = _level(4, 300, seed=23)
+    wide = torch.zeros(8)
+    wide[::2] = scores
+    got = bs.beam_select(logits.t().contiguous().t(), wide[::2], 6, 64)
+    assert torch.equal(got, bs.beam_select(logits, scores, 6, 64))
+
+
 def test_the_ticket_is_back_at_zero_and_a_second_launch_agrees():
     logits, scores = _level(4, 500, seed=9)
     first = bs.beam_select(logits, scores, 8, 64)
