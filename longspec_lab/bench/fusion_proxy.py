@@ -66,9 +66,10 @@ class _Counted(Exception):
     """Raised by the patched scheduler once it has counted: code generation is not needed."""
 
 
-def count_stage(fn) -> dict:
+def count_stage(fn, order: bool = False) -> dict:
     """{"generated": Inductor's kernels, "combo_bound": the fewest they could be as combo kernels, "ours": {op name:
-    calls}} for one zero-argument stage function."""
+    calls}} for one zero-argument stage function; with `order`, also "order": the launches in the scheduler's
+    order, each ["generated", [the graph nodes it fuses]] or ["ours", op name]."""
     import torch
     import torch._inductor.config as inductor_config
     from torch._inductor import scheduler as sched
@@ -89,6 +90,17 @@ def count_stage(fn) -> dict:
                     key = str(getattr(n.node, "op_overload", name))
                     ours[key] = ours.get(key, 0) + 1
         found["ours"] = ours
+        if order:
+            seq = []
+            for n in self.nodes:
+                if isinstance(n, (sched.SchedulerNode, sched.FusedSchedulerNode)):
+                    names = sorted({o.name for sn in n.get_nodes() for o in getattr(sn.node, "origins", ())})
+                    seq.append(["generated", names])
+                elif isinstance(n, sched.ExternKernelSchedulerNode) and "longspec" in str(
+                    getattr(n.node, "op_overload", "")
+                ):
+                    seq.append(["ours", str(n.node.op_overload)])
+            found["order"] = seq
         raise _Counted
 
     torch._dynamo.reset()
@@ -106,7 +118,7 @@ def count_stage(fn) -> dict:
     return found
 
 
-def count_step(shape, prompt_tokens: int = 64) -> dict:
+def count_step(shape, prompt_tokens: int = 64, order: bool = False) -> dict:
     """{stage name: count_stage + its `launches` and `launches_combo`} for every stage of one greedy step of the
     embedded pair (float32, CPU) with tree `shape` (a list of widths, or None for plain decoding), after a prefill
     of `prompt_tokens` tokens."""
@@ -123,7 +135,7 @@ def count_step(shape, prompt_tokens: int = 64) -> dict:
         st = steps.DecodeState(target, draft, tree, default_capacity(target), "triton")
         prompt = torch.arange(3, 3 + prompt_tokens) % target.config.vocab_size
         steps.prefill(st, prompt)
-        counts = {name: count_stage(fn) for name, fn in steps.greedy_stages(st)}
+        counts = {name: count_stage(fn, order) for name, fn in steps.greedy_stages(st)}
     for c in counts.values():
         c.update(launches=launches(c), launches_combo=launches(c, combo=True))
     return counts
@@ -177,6 +189,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print the counts as one JSON object instead of a table")
     ap.add_argument(
+        "--list",
+        metavar="STAGE",
+        help="also list one stage's launches in order (e.g. draft2, verify, commit): each of Inductor's kernels with "
+        "the graph nodes it fuses, each of our ops by name",
+    )
+    ap.add_argument(
         "--record",
         metavar="F",
         help="count plain decoding and the default tree under each recorded variant (the defaults, "
@@ -202,7 +220,9 @@ def main(argv=None) -> int:
         ap.exit(2, "error: run it in a fresh process: the kernels were imported without TRITON_INTERPRET=1\n")
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.update({**GPU_SWITCHES, **extra})
-    counts = count_step(shape)
+    counts = count_step(shape, order=bool(a.list))
+    if a.list and a.list not in counts:
+        ap.exit(2, f"error: --list {a.list!r} is not a stage of this step; the stages are {', '.join(counts)}\n")
     if a.json:
         import json
 
@@ -211,6 +231,11 @@ def main(argv=None) -> int:
     for name, c in counts.items():
         ours = ", ".join(f"{k.split('.')[-2] if '.' in k else k} x{v}" for k, v in sorted(c["ours"].items()))
         print(f"{name:8s} generated {c['generated']:3d} (combo bound {c['combo_bound']:3d})   ours: {ours or '-'}")
+    if a.list:
+        print(f"\n{a.list}, launch by launch:")
+        for i, (kind, what) in enumerate(counts[a.list]["order"], 1):
+            text = ", ".join(what[:12]) + (" ..." if len(what) > 12 else "") if kind == "generated" else what
+            print(f"{i:3d}  {kind:9s}  {text}")
     return 0
 
 

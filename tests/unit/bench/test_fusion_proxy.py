@@ -56,3 +56,13 @@ def test_launches_add_our_ops_launches_to_inductors():
               "longspec.tree_attention_packed.default": 1, "longspec.norm_linear.default": 5}}  # fmt: skip
     assert fusion_proxy.launches(counts) == 4 + 2 + 2 + 5
     assert fusion_proxy.launches(counts, combo=True) == 3 + 2 + 2 + 5
+
+
+def test_the_order_lists_each_launch_with_what_it_fuses(monkeypatch):
+    keys = torch.arange(4 * 64, dtype=torch.int64).view(4, 64)
+    monkeypatch.setattr(row_topk, "_launch", lambda *a: None)
+    got = fusion_proxy.count_stage(lambda: torch.ops.longspec.row_topk(keys * 3 + 1, 4, 4096).relu(), order=True)
+    kinds = [kind for kind, _ in got["order"]]
+    assert kinds == ["generated", "ours", "generated"]
+    assert got["order"][1][1] == "longspec.row_topk.default"
+    assert {"mul", "add"} <= set(got["order"][0][1]) and "relu" in got["order"][2][1]
