@@ -23,8 +23,8 @@ LONGSPEC_ROPE_TABLES (auto/off/on), LONGSPEC_FUSE_RESIDUAL (off/auto/on), LONGSP
 LONGSPEC_PDL (auto/off: programmatic dependent launch on Hopper), LONGSPEC_LM_HEAD (auto/torch),
 LONGSPEC_WEIGHT_FIRST (off/on: norm_linear reads its weight before the PDL wait),
 LONGSPEC_TOPK_ALGO (max/bitonic: how the beam's top-k passes select),
-LONGSPEC_BEAM_SELECT (off/auto/on: a beam level's log-softmax and top-k in one launch),
-LONGSPEC_COMBO_KERNELS (off/on: independent generated kernels launched as one),
+LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one launch),
+LONGSPEC_COMBO_KERNELS (on/off: independent generated kernels launched as one),
 LONGSPEC_AUTOTUNE (1/0), LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set;
 the repository's docs/GPU_JOBS.md says what each one changes and what it measured.
 

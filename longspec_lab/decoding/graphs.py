@@ -47,14 +47,16 @@ COMPILE_MODE = os.environ.get("LONGSPEC_COMPILE_MODE", "default")
 # per stage ("off"). Runs with per-stage CUDA events (stage_timing) always replay the per-stage graphs, which
 # are captured either way. One graph per step saves each stage boundary's graph launch on the device.
 STEP_GRAPH = os.environ.get("LONGSPEC_STEP_GRAPH", "on")
-# LONGSPEC_COMBO_KERNELS ("off", the default until the H200 has timed it; "on"): the stages are compiled with
+# LONGSPEC_COMBO_KERNELS ("on", the default; "off"): the stages are compiled with
 # Inductor's combo kernels, which launch generated kernels that do not depend on one another as ONE kernel (each
 # program runs one of them). A step's bookkeeping is many such kernels: counted on the CPU
 # (`python -m longspec_lab.bench.fusion_proxy`, the `combo_bound` column: Inductor's kernels grouped by the
 # scheduler's own independent sets), the default tree's first draft level 11 -> 5, the verify's 9 -> 7, the
 # commit's 9 -> 3, a chain level's 6 -> 4, the AR step's 5 -> 3: at most 14 launches fewer per default-tree step,
-# 2 per AR step.
-COMBO_KERNELS = os.environ.get("LONGSPEC_COMBO_KERNELS", "off")
+# 2 per AR step. On the H200 (2026-12-05, one call, data/results/e2e_ab_beam_combo_h200.log) Inductor met the bound
+# but for one verify kernel (first level 23 -> 17, verify 59 -> 58, commit 9 -> 3, AR 55 -> 53 kernels): the
+# default tree 12,851 -> 13,385 tokens/s, chain gamma 5 13,933 -> 14,667, AR 7,666 -> 7,736.
+COMBO_KERNELS = os.environ.get("LONGSPEC_COMBO_KERNELS", "on")
 
 
 def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
@@ -111,7 +113,7 @@ def compile_stage(fn, mode: str = COMPILE_MODE):
     allow_many_graphs()
     compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     options = inductor_options("cuda") if torch.cuda.is_available() else {}
-    if checked("LONGSPEC_COMBO_KERNELS", COMBO_KERNELS, ("off", "on")) == "on":
+    if checked("LONGSPEC_COMBO_KERNELS", COMBO_KERNELS, ("on", "off")) == "on":
         options = {**options, "combo_kernels": True}
     if not options:
         return compiled

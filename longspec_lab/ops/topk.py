@@ -21,10 +21,12 @@ LONGSPEC_TOPK_FIRST_BLOCK (a power of two, default 512: one warp a chunk; 11.3 u
 
 `beam_keys(logits, parent_scores, w)` is a beam level's whole selection from the draft's logits in ONE launch
 (`kernels/beam_select.py`: log-softmax, parent scores, keys and both top-k passes, the last program to finish
-doing the second), or None where its switch LONGSPEC_BEAM_SELECT does not send the level there: "off" (the
-default until the H200 has timed it), "auto" (the kernel on CUDA for the shapes it takes: float32 scores,
-V <= 16384, at most 4096 candidates), "on" (also on the CPU under TRITON_INTERPRET=1, the tests). The caller
-then runs the definition (`spec/draft.py: beam_level_from_logits`).
+doing the second), or None where its switch LONGSPEC_BEAM_SELECT does not send the level there: "auto" (the
+default: the kernel on CUDA for the shapes it takes: float32 scores, V <= 16384, at most 4096 candidates), "off"
+(the definition always), "on" (also on the CPU under TRITON_INTERPRET=1, the tests). The caller then runs the
+definition (`spec/draft.py: beam_level_from_logits`). H200, one call, the same tokens (2026-12-05,
+data/results/e2e_ab_beam_select_h200.json against e2e_ab_base_beam_h200.json): the default tree 12,851 ->
+13,098 tokens/s, chain gamma 5 13,933 -> 14,285; a tree level's stage graph 66-71 -> 57-61 us.
 
 How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "max" (k repeated maxima, the default) or
 "bitonic" (Triton's bitonic top-k network); both give the same values.
@@ -45,8 +47,8 @@ from longspec_lab.ops.switches import HAS_TRITON, checked
 
 CHOICES = ("auto", "torch", "triton")
 ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module docstring)
-BEAM_CHOICES = ("off", "auto", "on")
-BEAM_SELECT = os.environ.get("LONGSPEC_BEAM_SELECT", "off")  # one of BEAM_CHOICES (module docstring)
+BEAM_CHOICES = ("auto", "off", "on")
+BEAM_SELECT = os.environ.get("LONGSPEC_BEAM_SELECT", "auto")  # one of BEAM_CHOICES (module docstring)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:

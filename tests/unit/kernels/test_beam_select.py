@@ -220,7 +220,7 @@ def test_beam_keys_follows_the_switch(monkeypatch):
     wide, wide_scores = _level(2, bs.MAX_VOCAB + 1, seed=2)
     assert ops_topk.beam_keys(wide, wide_scores, 3) is None  # a vocabulary the kernel does not take
     monkeypatch.setattr(ops_topk, "BEAM_SELECT", "fused")
-    with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_SELECT='fused' is not one of off, auto, on"):
+    with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_SELECT='fused' is not one of auto, off, on"):
         ops_topk.beam_keys(logits, scores, 6)
 
 

@@ -119,8 +119,8 @@ def test_compiled_stages_carry_inductors_pdl_setting_only_where_pdl_is_on(monkey
 
 
 def test_combo_kernels_switch_reaches_inductor_only_when_on(monkeypatch):
-    """LONGSPEC_COMBO_KERNELS=on compiles the stages with Inductor's combo kernels (patched around the call, the
-    process's config left alone); off (the default) leaves them out; another value is refused, naming the fix."""
+    """LONGSPEC_COMBO_KERNELS=on (the default) compiles the stages with Inductor's combo kernels (patched around the
+    call, the process's config left alone); off leaves them out; another value is refused, naming the fix."""
     import torch._inductor.config as inductor_config
 
     from longspec_lab.decoding import graphs
@@ -128,12 +128,13 @@ def test_combo_kernels_switch_reaches_inductor_only_when_on(monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda: seen.append(inductor_config.combo_kernels))
     before = inductor_config.combo_kernels
+    monkeypatch.setattr(graphs, "COMBO_KERNELS", "off")
     graphs.compile_stage(lambda: None, "default")()
     monkeypatch.setattr(graphs, "COMBO_KERNELS", "on")
     graphs.compile_stage(lambda: None, "default")()
     assert seen == [before, True] and inductor_config.combo_kernels == before
     monkeypatch.setattr(graphs, "COMBO_KERNELS", "yes")
-    with pytest.raises(ValueError, match="LONGSPEC_COMBO_KERNELS='yes' is not one of off, on"):
+    with pytest.raises(ValueError, match="LONGSPEC_COMBO_KERNELS='yes' is not one of on, off"):
         graphs.compile_stage(lambda: None, "default")
 
 
