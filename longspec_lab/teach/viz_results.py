@@ -1292,20 +1292,21 @@ def _padded_range(vals, log: bool, top: float = 0.08) -> list[float]:
 
 
 def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
-    """One row per (method, stage) of `bench.fusion_proxy --record`'s counts: the kernels the H200's profile saw
-    (`profile_h200.json`, compiled), the CPU count of today's code (its `launches`: Inductor's kernels and ours),
-    with the one-launch beam selection, and the bound with combo kernels; a stage the record does not hold shows
-    None there."""
+    """One row per (method, stage) of `bench.fusion_proxy --record`'s counts beside an H200 profile of the same code
+    with the one-launch selection and combo kernels off (`profile_ab_base_beam_h200.json`): the kernels the H200
+    saw, the CPU count with the selection off (its `launches`: Inductor's kernels and ours), today's default (the
+    selection on), and the bound with combo kernels too; a stage the profile or a variant lacks shows None."""
     variants = counts["variants"]
+    off = variants.get("beam_select_off", {}).get("methods", {})
     rows = []
     for method, stages in variants["default"]["methods"].items():
         recorded = profile.get(method, {}).get("stages", {})
         for stage, c in stages.items():
-            beam = variants.get("beam_select", {}).get("methods", {}).get(method, {}).get(stage)
+            o = off.get(method, {}).get(stage)
             rows.append({
                 "method": method, "stage": stage,
-                "H200 profile": recorded.get(stage, {}).get("compiled_kernels"),
-                "CPU count": c["launches"], "with beam_select": beam["launches"] if beam else None,
-                "combo bound": c["launches_combo"],
+                "H200, both off": recorded.get(stage, {}).get("compiled_kernels"),
+                "CPU, selection off": o["launches"] if o else None,
+                "CPU, default": c["launches"], "combo bound": c["launches_combo"],
             })  # fmt: skip
     return rows

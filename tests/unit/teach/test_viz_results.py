@@ -468,22 +468,22 @@ def test_step_timeline_figure_lays_every_kernel_in_its_stage_lane():
 
 
 def test_kernel_count_rows_set_the_cpu_counts_beside_the_record():
-    """Each stage's recorded launches, the beam-select variant's and the combo bound, beside the profile's compiled
-    kernels; a stage the record or a variant lacks is None."""
+    """Each stage's recorded launches with the selection off and by default, and the combo bound, beside the
+    profile's compiled kernels; a stage the profile or a variant lacks is None."""
     counts = {
         "variants": {
             "default": {"methods": {"tree": {
-                "draft2": {"launches": 13, "launches_combo": 12},
+                "draft2": {"launches": 11, "launches_combo": 10},
                 "commit": {"launches": 9, "launches_combo": 3},
             }}},
-            "beam_select": {"methods": {"tree": {"draft2": {"launches": 11, "launches_combo": 11}}}},
+            "beam_select_off": {"methods": {"tree": {"draft2": {"launches": 13, "launches_combo": 12}}}},
         }
     }  # fmt: skip
     profile = {"tree": {"stages": {"draft2": {"compiled_kernels": 13}}}}
     rows = viz_results.kernel_count_rows(counts, profile)
     assert rows == [
-        {"method": "tree", "stage": "draft2", "H200 profile": 13, "CPU count": 13, "with beam_select": 11,
-         "combo bound": 12},
-        {"method": "tree", "stage": "commit", "H200 profile": None, "CPU count": 9, "with beam_select": None,
+        {"method": "tree", "stage": "draft2", "H200, both off": 13, "CPU, selection off": 13, "CPU, default": 11,
+         "combo bound": 10},
+        {"method": "tree", "stage": "commit", "H200, both off": None, "CPU, selection off": None, "CPU, default": 9,
          "combo bound": 3},
     ]  # fmt: skip
