@@ -144,8 +144,10 @@ def _row_topk_kernel(
 
 @triton.jit
 def _store_topk(out, x, MIN: tl.constexpr, K: tl.constexpr, BITONIC: tl.constexpr, K_POW2: tl.constexpr):
-    """Store the K largest values of the 1-D block x (distinct, padded with MIN) at out[0:K], descending."""
-    if BITONIC:
+    """Store the K largest values of the 1-D block x (distinct, padded with MIN) at out[0:K], descending. One value
+    is one maximum either way: Triton 3.6's tl.topk fails to compile for k = 1 (a chain level's width; the H200
+    A/B of 2026-12-05 stopped there, e2e_ab_topk_bitonic_h200.log), so the network only runs for K_POW2 > 1."""
+    if BITONIC and K_POW2 > 1:
         # log2(K_POW2) bitonic merge stages sort runs of K_POW2, then each halving keeps the larger of two runs
         # and re-merges (TOPK_ALGO above): no round waits on a reduction
         top = tl.topk(x, K_POW2)  # [K_POW2] the block's largest values, descending

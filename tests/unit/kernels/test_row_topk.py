@@ -425,3 +425,22 @@ def test_rank_second_pass_past_its_bound_and_the_switch(monkeypatch, launches):
     monkeypatch.setattr(rt, "TOPK_SECOND", "sort")
     with pytest.raises(ValueError, match="LONGSPEC_TOPK_SECOND='sort' is not one of rank, max"):
         rt.flat_topk(x, 8, first_block_v=16)
+
+
+def test_bitonic_never_asks_the_network_for_one_value(monkeypatch):
+    """k = 1 (a chain level) takes the maximum even with the bitonic switch: Triton 3.6's tl.topk does not compile
+    for k = 1. The network is watched under the interpreter, which calls tl.topk through the module."""
+    asked = []
+    real = rt.tl.topk
+
+    def watched(x, k, *args, **kwargs):
+        asked.append(int(getattr(k, "value", k)))
+        return real(x, k, *args, **kwargs)
+
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(rt.tl, "topk", watched)
+    x = rt._distinct_keys(3, 300, "cpu", seed=51)
+    assert torch.equal(rt.flat_topk(x, 1, first_block_v=64), torch.topk(x.flatten(), 1).values)
+    assert torch.equal(rt.row_topk(x, 1), torch.topk(x, 1, dim=1).values)
+    assert asked == []
+    assert torch.equal(rt.row_topk(x, 3), torch.topk(x, 3, dim=1).values) and asked  # k = 3: the network (4 kept)
