@@ -125,15 +125,20 @@ def _beam_select_kernel(
         tl.atomic_xchg(TICKET, 0)
 
 
-def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, width: int) -> torch.Tensor:
-    """The definition: the `width` largest keys of parent_scores[i] + log_softmax(logits[i].float())[v], as
-    `spec/draft.py: beam_level` builds them (score bits, then the reversed flat index). [n, V], [n] -> [width]."""
+def beam_keys_reference(logits: torch.Tensor, parent_scores: torch.Tensor) -> torch.Tensor:
+    """Every pair's key, [n, V] int64: parent_scores[i] + log_softmax(logits[i].float())[v] as `spec/draft.py:
+    beam_level` builds them (score bits, then the reversed flat index)."""
     n, V = logits.shape
     flat = (parent_scores.float()[:, None] + torch.log_softmax(logits.float(), dim=-1)).flatten()  # [n * V]
     bits = flat.view(torch.int32).to(torch.int64)
     order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     rev = (n * V - 1) - torch.arange(n * V, device=logits.device)
-    return torch.topk((order << 32) + rev, width).values
+    return ((order << 32) + rev).view(n, V)
+
+
+def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, width: int) -> torch.Tensor:
+    """The definition: the `width` largest keys of `beam_keys_reference`. [n, V], [n] -> [width]."""
+    return torch.topk(beam_keys_reference(logits, parent_scores).flatten(), width).values
 
 
 def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
@@ -270,17 +275,9 @@ def main(argv=None) -> int:
     from triton.testing import do_bench_cudagraph
 
     from longspec_lab.kernels import row_topk
-
-    def two_step_keys(logits, scores):  # spec/draft.py: beam_level's keys, before its top-k
-        n, V = logits.shape
-        flat = (scores[:, None] + torch.log_softmax(logits.float(), dim=-1)).flatten()
-        bits = flat.view(torch.int32).to(torch.int64)
-        rev = (n * V - 1) - torch.arange(n * V, device=logits.device)
-        return ((torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) << 32) + rev).view(n, V)
-
     from longspec_lab.kernels.launch import boundary_cost_us
 
-    keys_compiled = torch.compile(two_step_keys, fullgraph=True, dynamic=False)
+    keys_compiled = torch.compile(beam_keys_reference, fullgraph=True, dynamic=False)  # beam_level's keys
     launch_us = boundary_cost_us()["unit_us"]  # the floor of any one launch here: the smallest kernel's boundary
     report = {"vocab": a.vocab, "dtype": "bfloat16", "launch_floor_us": launch_us, "cases": []}
     g = torch.Generator(device="cuda").manual_seed(0)

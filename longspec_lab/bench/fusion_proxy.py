@@ -82,16 +82,17 @@ def count_stage(fn, order: bool = False) -> dict:
     def generated(nodes) -> int:
         return sum(isinstance(n, (sched.SchedulerNode, sched.FusedSchedulerNode)) for n in nodes)
 
+    def our_op(n) -> str | None:
+        """The registered op's name when the node is a call of one of this package's ops (`longspec.*`)."""
+        op = str(getattr(n.node, "op_overload", "")) if isinstance(n, sched.ExternKernelSchedulerNode) else ""
+        return op if op.startswith("longspec.") else None
+
     def codegen(self):
         found["generated"] = generated(self.nodes)
         found["combo_bound"] = sum(1 for group in self._topological_sort_nodes() if generated(group))
         ours: dict = {}
-        for n in self.nodes:
-            if isinstance(n, sched.ExternKernelSchedulerNode):
-                name = getattr(n.node, "python_kernel_name", None) or type(n.node).__name__
-                if "longspec" in str(name) or "longspec" in str(getattr(n.node, "op_overload", "")):
-                    key = str(getattr(n.node, "op_overload", name))
-                    ours[key] = ours.get(key, 0) + 1
+        for op in filter(None, map(our_op, self.nodes)):
+            ours[op] = ours.get(op, 0) + 1
         found["ours"] = ours
         if order:
             seq = []
@@ -99,10 +100,8 @@ def count_stage(fn, order: bool = False) -> dict:
                 if isinstance(n, (sched.SchedulerNode, sched.FusedSchedulerNode)):
                     names = sorted({o.name for sn in n.get_nodes() for o in getattr(sn.node, "origins", ())})
                     seq.append(["generated", names])
-                elif isinstance(n, sched.ExternKernelSchedulerNode) and "longspec" in str(
-                    getattr(n.node, "op_overload", "")
-                ):
-                    seq.append(["ours", str(n.node.op_overload)])
+                elif our_op(n):
+                    seq.append(["ours", our_op(n)])
             found["order"] = seq
         raise _Counted
 
