@@ -23,7 +23,7 @@ once to get their mean square (a K loop of sums), then streams K in BLOCK_K step
 on the fly), weight tile [BLOCK_N, BLOCK_K] (two with GATED: the gate rows and the up rows of the same
 output columns), one `tl.dot` each into float32 accumulators.
 
-Weight first (ONE_K, LONGSPEC_WEIGHT_FIRST=on; off until the H200 has timed it): when K fits one step (the
+Weight first (ONE_K, LONGSPEC_WEIGHT_FIRST, "on" by default since the H200 timed it): when K fits one step (the
 embedded model's hidden size, 256: every projection but down_proj), the program reads its whole weight tile
 before its programmatic-dependent-launch wait (kernels/launch.py): a weight is a parameter that no kernel of a
 step writes, so with PDL its load overlaps the kernel before this one; the input rows are then read once, for
@@ -307,18 +307,36 @@ def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
     return block_m, block_n, block_k
 
 
-# LONGSPEC_WEIGHT_FIRST ("off", the default until the H200 has timed it; "on"): when a projection's input features
-# fit one K step (the embedded model's 256, every projection but down_proj), the kernel reads its weight tile before
-# the PDL wait, so that load overlaps the kernel before it, and reads its input rows once for the norm and the
-# matmul. The same values in the same order: the outputs are bit-identical either way. Checked when used.
-WEIGHT_FIRST = os.environ.get("LONGSPEC_WEIGHT_FIRST", "off")
+# LONGSPEC_WEIGHT_FIRST ("on", the default; "off"): when a projection's input features fit one K step (the embedded
+# model's 256, every projection but down_proj), the kernel reads its weight tile before the PDL wait, so that load
+# overlaps the kernel before it, and reads its input rows once for the norm and the matmul. The same values in the
+# same order: the outputs are bit-identical either way. Checked when used. H200, one call, the same tokens
+# (2026-12-05, e2e_ab_weight_first_h200.json against e2e_ab_base_h200.json): the AR step 130.3 -> 120.5 us (7,732 ->
+# 8,362 tokens/s), the default tree's verify 200.2 -> 180.8 us (13,382 -> 14,155 tokens/s), chain gamma 5 14,864 ->
+# 15,849 tokens/s. "wide" does the same for the plain projections of small weights with up to WIDE_MAX_K inputs
+# (down_proj: 768) by widening their K step to one padded step (1,024: the 256 padding columns are masked, read as
+# zeros), so every projection of the embedded model reads its weight before the wait.
+WEIGHT_FIRST = os.environ.get("LONGSPEC_WEIGHT_FIRST", "on")
+WIDE_MAX_K = 1024  # "wide": the most input features widened to one step ([16, 1024] bf16 tiles: 32 KiB each)
+
+
+def _weight_first() -> str:
+    if WEIGHT_FIRST not in ("on", "off", "wide"):
+        raise ValueError(f"LONGSPEC_WEIGHT_FIRST={WEIGHT_FIRST!r} is not one of on, off, wide; unset it or pick one")
+    return WEIGHT_FIRST
 
 
 def one_k(K: int, block_k: int) -> bool:
-    """The kernel's ONE_K: the K inputs fit one step of block_k, and LONGSPEC_WEIGHT_FIRST is on."""
-    if WEIGHT_FIRST not in ("on", "off"):
-        raise ValueError(f"LONGSPEC_WEIGHT_FIRST={WEIGHT_FIRST!r} is not one of on, off; unset it or pick one")
-    return WEIGHT_FIRST == "on" and K <= block_k
+    """The kernel's ONE_K: the K inputs fit one step of block_k, and LONGSPEC_WEIGHT_FIRST is on (or wide)."""
+    return _weight_first() != "off" and K <= block_k
+
+
+def step_k(N: int, K: int, block_k: int) -> int:
+    """The K step of a plain projection [N, K]: block_k, or under LONGSPEC_WEIGHT_FIRST=wide one step of the next
+    power of two >= K for a small weight with block_k < K <= WIDE_MAX_K (not when the tile sweep sets the tiles)."""
+    if _weight_first() == "wide" and TILES_OVERRIDE is None and N * K <= SMALL_WEIGHT and block_k < K <= WIDE_MAX_K:
+        return triton.next_power_of_2(K)
+    return block_k
 
 
 TILES_OVERRIDE: Optional[tuple] = None  # (BLOCK_M, BLOCK_N, BLOCK_K) for every launch: the tile sweep sets it
@@ -346,6 +364,7 @@ def _launch(x, weight, norm_weight, eps, residual, gated, bias=None):
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k = TILES_OVERRIDE or tiles(M, N, K)
+    block_k = step_k(weight.shape[0], K, block_k)
     warps, stages = _warps_stages()
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _norm_linear_kernel[grid](

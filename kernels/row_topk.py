@@ -43,8 +43,9 @@ same precondition. Its first pass keeps the top min(k, V) of every chunk of `fir
 chunk is left. A chunk of 4096 columns makes the first pass row_topk's (16 programs of 8 warps for
 16 x 4096 keys); narrower chunks (512 columns: 128 programs of one warp, whose maxima need no cross-warp
 barrier) trade that for more candidates in the second pass. Timed on the H200 from CUDA graphs (2026-12-04,
-data/results/row_topk_flat_h200.json), 16 x 4096 keys, k = 16: 11.3 us at 512 (the default), 12.5 us at
-4096, 12.6 us for row_topk run twice, 32.4 us for torch.topk twice. The width is the switch
+data/results/row_topk_flat_h200.json), 16 x 4096 keys, k = 16, with repeated maxima: 11.3 us at 512, 12.5 us at
+4096, 12.6 us for row_topk run twice, 32.4 us for torch.topk twice; with the bitonic network (TOPK_ALGO, the
+default since) 1,024 is the fastest width (the default since). The width is the switch
 LONGSPEC_TOPK_FIRST_BLOCK, a power of two read at import into `FLAT_FIRST_BLOCK_V` and checked when used;
 `main --flat` times widths against torch.topk and against row_topk run twice:
 
@@ -64,7 +65,7 @@ from longspec_lab.kernels.launch import launch_args
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_BLOCK_V = 4096  # columns one program holds: 4096 int64 = 32 KiB of registers over 8 warps
 # flat_topk's first-pass chunk width, a power of two (module docstring); checked when flat_topk uses it
-FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", "512")
+FLAT_FIRST_BLOCK_V = os.environ.get("LONGSPEC_TOPK_FIRST_BLOCK", "1024")  # with the bitonic network (TOPK_ALGO)
 _MIN = {torch.int64: -(2**63), torch.float32: float("-inf")}  # the padding of each supported dtype
 # flat_topk's second pass over the first pass's candidates (LONGSPEC_TOPK_SECOND, checked when used): "max" (the
 # default) runs the repeated-maximum kernel over them as one row (one program per chunk of up to MAX_BLOCK_V, K
@@ -81,19 +82,22 @@ TOPK_SECOND = os.environ.get("LONGSPEC_TOPK_SECOND", "max")
 # one-warp programs and adds a launch: 256 gives 8 programs keeping 16 each, then one program over those 128.
 # Timed on the H200 (2026-12-04, row_topk_second_h200.json, 16 x 4096 keys, k = 16, graph-replayed): 11.2-13.9 us
 # for every pairing of first chunks 256/512/1024 with second chunks 128/256/512/4096, against 11.3 us for the
-# defaults (512, 4096): the passes' fixed costs, not their width, set the time. The default stays.
+# then defaults (512, 4096): the passes' fixed costs, not their width, set the time. The default stays 4096.
 FLAT_SECOND_BLOCK_V = os.environ.get("LONGSPEC_TOPK_SECOND_BLOCK", "4096")  # MAX_BLOCK_V
 RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
-# How a chunk keeps its K largest values (LONGSPEC_TOPK_ALGO, checked when used): "max" (the default, timed on the
-# H200) takes the maximum K times, K dependent block reductions, each a chain of shuffles (and, over several warps,
-# a shared-memory round) that the next must wait for; "bitonic" runs Triton's bitonic top-k network (`tl.topk`):
-# sort runs of K_POW2, then halve the chunk log2(BLOCK_V / K_POW2) times, keeping the larger run of each pair and
-# re-merging it. With k = log2(K_POW2) and n = log2(BLOCK_V) that is k(k + 1)/2 + (n - k)(k + 1) compare-exchange
-# rounds (35 for 16 of 512, 45 for 16 of 2,048) against K reductions of n shuffle steps each (144 and 176), and
-# no round waits on a reduction's result. That is why a tree level's selection (16 rows, k = 16: two passes of 4.7 and
-# 4.5 us in the last record, profile_h200.json) costs 7 us more than a chain level's (k = 1: 1.2 and 0.9 us).
-# Not yet timed on the H200: the A/B is queued (docs/GPU_JOBS.md). Needs tl.topk (Triton 3.4 or later).
-TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "max")
+# How a chunk keeps its K largest values (LONGSPEC_TOPK_ALGO, checked when used): "max" takes the maximum K times,
+# K dependent block reductions, each a chain of shuffles (and, over several warps, a shared-memory round) that the
+# next must wait for; "bitonic" runs Triton's bitonic top-k network (`tl.topk`): sort runs of K_POW2, then halve the
+# chunk log2(BLOCK_V / K_POW2) times, keeping the larger run of each pair and re-merging it. With k = log2(K_POW2)
+# and n = log2(BLOCK_V) that is k(k + 1)/2 + (n - k)(k + 1) compare-exchange rounds (35 for 16 of 512, 45 for 16 of
+# 2,048) against K reductions of n shuffle steps each (144 and 176), and no round waits on a reduction's result.
+# "auto" (the default) takes "bitonic" on a GPU whose Triton has tl.topk (3.4 or later), and "max" otherwise and
+# under the CPU interpreter, where the network's rounds cost seconds (the tests name the algorithm they check).
+# With 1,024-token chunks (FLAT_FIRST_BLOCK_V) the network took the H200's one-launch beam selection from 12.1 to
+# 9.2 us at 16 rows (beam_select_h200.json), and in the decoder (2026-12-05, one call, the same tokens:
+# e2e_ab_topk_bitonic_h200.json against e2e_ab_base_h200.json) the default tree's draft from 246.0 to 235.1 us a
+# step, 13,382 -> 13,543 tokens/s.
+TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "auto")
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
 # combine function (as in tree_attention.py: tl.max is itself an @jit function of Triton's library and
@@ -318,9 +322,11 @@ def _(x, k, first_block_v, second_block_v):
 
 
 def _algo() -> str:
-    """TOPK_ALGO (from LONGSPEC_TOPK_ALGO, or assigned at run time), checked: "max" or "bitonic"."""
-    if TOPK_ALGO not in ("max", "bitonic"):
-        raise ValueError(f"LONGSPEC_TOPK_ALGO={TOPK_ALGO!r} is not one of max, bitonic; unset it or pick one")
+    """TOPK_ALGO (from LONGSPEC_TOPK_ALGO, or assigned at run time), checked and resolved: "max" or "bitonic"."""
+    if TOPK_ALGO not in ("auto", "max", "bitonic"):
+        raise ValueError(f"LONGSPEC_TOPK_ALGO={TOPK_ALGO!r} is not one of auto, max, bitonic; unset it or pick one")
+    if TOPK_ALGO == "auto":
+        return "bitonic" if hasattr(tl, "topk") and not _INTERPRET else "max"
     if TOPK_ALGO == "bitonic" and not hasattr(tl, "topk"):
         raise RuntimeError(
             f"LONGSPEC_TOPK_ALGO=bitonic needs tl.topk, which Triton {triton.__version__} lacks; "
@@ -347,7 +353,7 @@ def _switch_block(name: str, value, default: str) -> int:
 
 def _flat_first_block() -> int:
     """FLAT_FIRST_BLOCK_V (from LONGSPEC_TOPK_FIRST_BLOCK, or assigned at run time) as a power of two."""
-    return _switch_block("LONGSPEC_TOPK_FIRST_BLOCK", FLAT_FIRST_BLOCK_V, "512")
+    return _switch_block("LONGSPEC_TOPK_FIRST_BLOCK", FLAT_FIRST_BLOCK_V, "1024")
 
 
 def _flat_second_block() -> int:

@@ -18,11 +18,11 @@ exit with status 2; --debug shows the traceback instead. Exit status: 0 done, 1 
 On CUDA, environment variables pick between the fused kernels and the readable PyTorch path, each
 defaulting to what the H200 measured faster (a kernel not yet timed stays off): LONGSPEC_NORM_LINEAR
 (auto/off/on), LONGSPEC_MASKED_ATTN (auto/sdpa/efficient/math/triton), LONGSPEC_ROW_TOPK (auto/torch/triton),
-LONGSPEC_TOPK_FIRST_BLOCK (512), LONGSPEC_TOPK_SECOND_BLOCK (4096), LONGSPEC_QKV_ROPE (auto/off/on),
+LONGSPEC_TOPK_FIRST_BLOCK (1024), LONGSPEC_TOPK_SECOND_BLOCK (4096), LONGSPEC_QKV_ROPE (auto/off/on),
 LONGSPEC_ROPE_TABLES (auto/off/on), LONGSPEC_FUSE_RESIDUAL (off/auto/on), LONGSPEC_TREE_SPLIT (auto/on/off),
 LONGSPEC_PDL (auto/off: programmatic dependent launch on Hopper), LONGSPEC_LM_HEAD (auto/torch),
-LONGSPEC_WEIGHT_FIRST (off/on: norm_linear reads its weight before the PDL wait),
-LONGSPEC_TOPK_ALGO (max/bitonic: how the beam's top-k passes select),
+LONGSPEC_WEIGHT_FIRST (on/off: norm_linear reads its weight before the PDL wait),
+LONGSPEC_TOPK_ALGO (bitonic/max: how the beam's top-k passes select),
 LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one launch),
 LONGSPEC_COMBO_KERNELS (on/off: independent generated kernels launched as one),
 LONGSPEC_AUTOTUNE (1/0), LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set;

@@ -48,12 +48,18 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    OUT_DIR/tree_split_off
   e2e_pdl_off      the same with LONGSPEC_PDL=off (every kernel launched plainly, Inductor's and ours, instead of
                    with programmatic dependent launch) into OUT_DIR/pdl_off
-  e2e_weight_first  the same with LONGSPEC_WEIGHT_FIRST=on (norm_linear reads its weight before the PDL wait and
-                   its input rows once) into OUT_DIR/weight_first; tokens must be bit-identical to e2e_base's
+  e2e_weight_first_off  the same with LONGSPEC_WEIGHT_FIRST=off (norm_linear reads its weight after the PDL wait,
+                   in K steps; "on", its weight first, is the default since the A/B of 2026-12-05) into
+                   OUT_DIR/weight_first_off; tokens must be bit-identical to e2e_base's
+  e2e_weight_first_wide  the same with LONGSPEC_WEIGHT_FIRST=wide (down_proj too: its 768 inputs as one padded
+                   step, weight first) into OUT_DIR/weight_first_wide
+  e2e_fused_merge  the same with LONGSPEC_FUSED_MERGE=1 (tree attention's last split program merges the partials:
+                   no merge launch; slower before PDL) into OUT_DIR/fused_merge
   topk_algo        python -m longspec_lab.kernels.row_topk --flat (a tree level's selection, 16 x 4096 keys, k = 16,
                    with each first-pass width, repeated maxima against Triton's bitonic network)
-  e2e_topk_bitonic  the A/B side with LONGSPEC_TOPK_ALGO=bitonic (the beam's top-k passes through the bitonic
-                   network) into OUT_DIR/topk_bitonic; tokens must be bit-identical to e2e_base's
+  e2e_topk_max     the A/B side with LONGSPEC_TOPK_ALGO=max and LONGSPEC_TOPK_FIRST_BLOCK=512 (the beam's top-k
+                   passes by repeated maxima over chunks of 512 tokens; the bitonic network over 1,024 is the
+                   default since the A/B of 2026-12-05) into OUT_DIR/topk_max; tokens must equal e2e_base's
   beam_select      python -m longspec_lab.kernels.beam_select (a beam level's selection in one launch against
                    the compiled definition, on the default tree's level shapes, each selection and warp count)
   e2e_beam_select  the A/B side with LONGSPEC_BEAM_SELECT=auto (every beam level's log-softmax and top-k in one
@@ -81,14 +87,15 @@ import time
 from pathlib import Path
 
 
-def _ab_job(folder: Path, switch: str | None = None, value: str = "") -> tuple:
+def _ab_job(folder: Path, switch: str | None = None, value: str = "", **more: str) -> tuple:
     """One side of an A/B: AR, chain gamma 5 and the default tree, e2e and kernels per stage, no transformers
-    peers, with one switch set (none for the A side, `e2e_base`); 118 s on the H200 with a warm compile cache,
-    about 150 s cold. Run the A side in the same call as the B sides: runs on different days differ by 5-10%."""
+    peers, with one switch set (none for the A side, `e2e_base`; `more`: further LONGSPEC_* switches of the same
+    side); 118 s on the H200 with a warm compile cache, about 150 s cold. Run the A side in the same call as the B
+    sides: runs on different days differ by 5-10%."""
     cmd = [sys.executable, "-m", "longspec_lab.bench.h200_speed", "--out", str(folder), "--only", "e2e,profile",
            "--gammas", "5", "--shapes", "4,16,16,16,16", "--no-hf"]  # fmt: skip
     env = {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"}
-    return cmd, 300, {**env, switch: value} if switch else env
+    return cmd, 300, {**env, **({switch: value} if switch else {}), **more}
 
 
 def jobs(out: Path) -> dict:
@@ -165,8 +172,10 @@ def jobs(out: Path) -> dict:
         "e2e_topk_second_256": _ab_job(out / "topk_second_256", "LONGSPEC_TOPK_SECOND_BLOCK", "256"),
         "e2e_tree_split_off": _ab_job(out / "tree_split_off", "LONGSPEC_TREE_SPLIT", "off"),
         "e2e_pdl_off": _ab_job(out / "pdl_off", "LONGSPEC_PDL", "off"),
-        "e2e_weight_first": _ab_job(out / "weight_first", "LONGSPEC_WEIGHT_FIRST", "on"),
-        "e2e_topk_bitonic": _ab_job(out / "topk_bitonic", "LONGSPEC_TOPK_ALGO", "bitonic"),
+        "e2e_weight_first_off": _ab_job(out / "weight_first_off", "LONGSPEC_WEIGHT_FIRST", "off"),
+        "e2e_weight_first_wide": _ab_job(out / "weight_first_wide", "LONGSPEC_WEIGHT_FIRST", "wide"),
+        "e2e_fused_merge": _ab_job(out / "fused_merge", "LONGSPEC_FUSED_MERGE", "1"),
+        "e2e_topk_max": _ab_job(out / "topk_max", "LONGSPEC_TOPK_ALGO", "max", LONGSPEC_TOPK_FIRST_BLOCK="512"),
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "beam_select": (

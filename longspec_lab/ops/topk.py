@@ -16,8 +16,9 @@ among them). torch.topk's own top-k of a few hundred values costs two more kerne
 a sort, 8 us on the H200), so on the kernel path (the same choice as `row_topk_values`) both stages are
 the kernel, as one op: `kernels/row_topk.py: flat_topk`. Its first stage may split each row into
 narrower chunks, whose winners all go to the second stage; the width is a second switch,
-LONGSPEC_TOPK_FIRST_BLOCK (a power of two, default 512: one warp a chunk; 11.3 us captured on the H200 for
-16 x 4096 keys, against 12.5 us with one chunk per row, data/results/row_topk_flat_h200.json).
+LONGSPEC_TOPK_FIRST_BLOCK (a power of two, default 1,024: with the bitonic network the fastest width on the H200,
+data/results/beam_select_h200.json; with repeated maxima 512 was, 11.3 us captured for 16 x 4096 keys against 12.5
+us with one chunk per row, data/results/row_topk_flat_h200.json).
 
 `beam_keys(logits, parent_scores, w)` is a beam level's whole selection from the draft's logits in ONE launch
 (`kernels/beam_select.py`: log-softmax, parent scores, keys and both top-k passes, the last program to finish
@@ -28,8 +29,8 @@ definition (`spec/draft.py: beam_level_from_logits`). H200, one call, the same t
 data/results/e2e_ab_beam_select_h200.json against e2e_ab_base_beam_h200.json): the default tree 12,851 ->
 13,098 tokens/s, chain gamma 5 13,933 -> 14,285; a tree level's stage graph 66-71 -> 57-61 us.
 
-How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "max" (k repeated maxima, the default) or
-"bitonic" (Triton's bitonic top-k network); both give the same values.
+How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "bitonic" (Triton's bitonic top-k network, the
+default where Triton has it) or "max" (k repeated maxima); both give the same values.
 
 The switch is the environment variable LONGSPEC_ROW_TOPK, read at import into `ROW_TOPK`; set
 `LONGSPEC_ROW_TOPK=torch` to force torch.topk everywhere, or assign `ROW_TOPK` at run time.

@@ -483,5 +483,30 @@ def test_weight_first_reads_the_same_values_and_gives_the_same_bits(dtype, monke
     for a, b in zip(on, off, strict=True):
         assert torch.equal(a, b)
     monkeypatch.setattr(nl, "WEIGHT_FIRST", "yes")
-    with pytest.raises(ValueError, match="LONGSPEC_WEIGHT_FIRST='yes' is not one of on, off"):
+    with pytest.raises(ValueError, match="LONGSPEC_WEIGHT_FIRST='yes' is not one of on, off, wide"):
         run()
+
+
+@pytest.mark.parametrize("gated,res", [(False, True), (True, False)])
+def test_weight_first_wide_widens_the_k_step_of_small_weights_only(gated, res, monkeypatch):
+    """LONGSPEC_WEIGHT_FIRST=wide: a small projection with 768 inputs (the embedded model's down_proj) runs as one
+    padded step of 1,024 with its weight read first, and gives the float64 definition's values as the step loop
+    does; a weight above SMALL_WEIGHT, or K past WIDE_MAX_K, keeps the loop."""
+    x, w, nw, eps, r, _ = _case(10, 5, 768, 48, True, res, gated, torch.float32)
+    seen = []
+    real = nl.one_k
+    monkeypatch.setattr(nl, "one_k", lambda K, bk: seen.append((K, bk, real(K, bk))) or seen[-1][2])
+    monkeypatch.setattr(nl, "WEIGHT_FIRST", "wide")
+    wide = nl.norm_linear(x, w, nw, eps, r, gated=gated)
+    assert seen == [(768, 1024, True)]
+    ref = nl.norm_linear_reference(x.double(), w.double(), nw.double(), eps, None if r is None else r.double(), gated)
+    torch.testing.assert_close(wide.double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(nl, "WEIGHT_FIRST", "on")
+    seen.clear()
+    loop = nl.norm_linear(x, w, nw, eps, r, gated=gated)
+    assert seen == [(768, 256, False)]
+    torch.testing.assert_close(loop.double(), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(nl, "WEIGHT_FIRST", "wide")
+    assert nl.step_k(48, 2048, 256) == 256  # past WIDE_MAX_K
+    assert nl.step_k(2048, 768, 256) == 256  # above SMALL_WEIGHT
+    assert nl.step_k(48, 200, 256) == 256  # already one step

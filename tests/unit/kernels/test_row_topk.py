@@ -326,7 +326,7 @@ def test_topk_algo_switch_errors(monkeypatch):
     x = rt._distinct_keys(2, 40, "cpu", seed=42)
     for bad in ("sort", "", "Bitonic"):
         monkeypatch.setattr(rt, "TOPK_ALGO", bad)
-        with pytest.raises(ValueError, match=r"LONGSPEC_TOPK_ALGO=.* is not one of max, bitonic"):
+        with pytest.raises(ValueError, match=r"LONGSPEC_TOPK_ALGO=.* is not one of auto, max, bitonic"):
             rt.row_topk(x, 3)
     monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
     monkeypatch.delattr(rt.tl, "topk")
@@ -334,6 +334,18 @@ def test_topk_algo_switch_errors(monkeypatch):
         rt.flat_topk(x, 3)
     monkeypatch.setattr(rt, "TOPK_ALGO", "max")  # the default still runs
     assert torch.equal(rt.row_topk(x, 3), torch.topk(x, 3, dim=1).values)
+
+
+def test_topk_algo_auto_is_the_network_on_a_gpu_only(monkeypatch):
+    """"auto" (the default): the bitonic network where it is compiled (tl.topk, not the interpreter), maxima else."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "auto")
+    monkeypatch.setattr(rt, "_INTERPRET", False)
+    assert rt._algo() == ("bitonic" if hasattr(rt.tl, "topk") else "max")
+    monkeypatch.setattr(rt, "_INTERPRET", True)
+    assert rt._algo() == "max"
+    monkeypatch.setattr(rt, "_INTERPRET", False)
+    monkeypatch.delattr(rt.tl, "topk", raising=False)
+    assert rt._algo() == "max"
 
 
 def test_topk_algo_from_the_environment():
