@@ -311,11 +311,11 @@ def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
 # model's 256, every projection but down_proj), the kernel reads its weight tile before the PDL wait, so that load
 # overlaps the kernel before it, and reads its input rows once for the norm and the matmul. The same values in the
 # same order: the outputs are bit-identical either way. Checked when used. H200, one call, the same tokens
-# (2026-12-05, e2e_ab_weight_first_h200.json against e2e_ab_base_h200.json): the AR step 130.3 -> 120.5 us (7,732 ->
-# 8,362 tokens/s), the default tree's verify 200.2 -> 180.8 us (13,382 -> 14,155 tokens/s), chain gamma 5 14,864 ->
-# 15,849 tokens/s. "wide" does the same for the plain projections of small weights with up to WIDE_MAX_K inputs
-# (down_proj: 768) by widening their K step to one padded step (1,024: the 256 padding columns are masked, read as
-# zeros), so every projection of the embedded model reads its weight before the wait.
+# (2026-12-05, e2e_ab_weight_first_h200.json against e2e_ab_base_defaults_h200.json): the AR step 130.3 -> 120.5
+# us (7,732 -> 8,362 tokens/s), the default tree's verify 200.2 -> 180.8 us (13,382 -> 14,155 tokens/s), chain
+# gamma 5 14,864 -> 15,849 tokens/s. "wide" does the same for the plain projections of small weights with up to
+# WIDE_MAX_K inputs (down_proj: 768) by widening their K step to one padded step (1,024: the 256 padding columns
+# are masked, read as zeros), so every projection of the embedded model reads its weight before the wait.
 WEIGHT_FIRST = os.environ.get("LONGSPEC_WEIGHT_FIRST", "on")
 WIDE_MAX_K = 1024  # "wide": the most input features widened to one step ([16, 1024] bf16 tiles: 32 KiB each)
 

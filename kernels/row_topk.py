@@ -95,8 +95,8 @@ RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 # under the CPU interpreter, where the network's rounds cost seconds (the tests name the algorithm they check).
 # With 1,024-token chunks (FLAT_FIRST_BLOCK_V) the network took the H200's one-launch beam selection from 12.1 to
 # 9.2 us at 16 rows (beam_select_h200.json), and in the decoder (2026-12-05, one call, the same tokens:
-# e2e_ab_topk_bitonic_h200.json against e2e_ab_base_h200.json) the default tree's draft from 246.0 to 235.1 us a
-# step, 13,382 -> 13,543 tokens/s.
+# e2e_ab_topk_bitonic_h200.json against e2e_ab_base_defaults_h200.json) the default tree's draft from 246.0 to
+# 235.1 us a step, 13,382 -> 13,543 tokens/s.
 TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "auto")
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
