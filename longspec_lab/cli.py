@@ -21,8 +21,8 @@ defaulting to what the H200 measured faster (a kernel not yet timed stays off): 
 LONGSPEC_TOPK_FIRST_BLOCK (1024), LONGSPEC_TOPK_SECOND_BLOCK (4096), LONGSPEC_QKV_ROPE (auto/off/on),
 LONGSPEC_ROPE_TABLES (auto/off/on), LONGSPEC_FUSE_RESIDUAL (off/auto/on), LONGSPEC_TREE_SPLIT (auto/on/off),
 LONGSPEC_PDL (auto/off: programmatic dependent launch on Hopper), LONGSPEC_LM_HEAD (auto/torch),
-LONGSPEC_WEIGHT_FIRST (on/off: norm_linear reads its weight before the PDL wait),
-LONGSPEC_TOPK_ALGO (bitonic/max: how the beam's top-k passes select),
+LONGSPEC_WEIGHT_FIRST (on/off/wide: norm_linear reads its weight before the PDL wait),
+LONGSPEC_TOPK_ALGO (auto/bitonic/max: how the beam's top-k passes select; auto: bitonic on a GPU),
 LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one launch),
 LONGSPEC_COMBO_KERNELS (on/off: independent generated kernels launched as one),
 LONGSPEC_AUTOTUNE (1/0), LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set;
