@@ -46,3 +46,15 @@ def test_job_runs_a_module_that_parses_its_flags(name, monkeypatch):
     with pytest.raises(Stop):
         mod.main(args)
     assert parsed
+
+
+def test_every_switch_a_job_sets_is_read_by_the_package():
+    """A job's LONGSPEC_* variables are ones the package (or a notebook) reads: a misspelt switch would time the A side
+    twice."""
+    root = Path(__file__).resolve().parents[3]
+    files = [p for d in ("longspec_lab", "kernels") for p in sorted((root / d).rglob("*.py"))]
+    src = "\n".join(p.read_text() for p in files + sorted((root / "notebooks").glob("*.ipynb")))
+    names = {key for _, _, env in TABLE.values() for key in env if key.startswith("LONGSPEC_")}
+    assert {"LONGSPEC_WEIGHT_FIRST", "LONGSPEC_TOPK_ALGO", "LONGSPEC_TOPK_FIRST_BLOCK"} <= names
+    for key in sorted(names):
+        assert f'os.environ.get("{key}"' in src or f'os.environ.get(\\"{key}\\"' in src, f"{key}: no module reads it"

@@ -337,7 +337,7 @@ def test_topk_algo_switch_errors(monkeypatch):
 
 
 def test_topk_algo_auto_is_the_network_on_a_gpu_only(monkeypatch):
-    """"auto" (the default): the bitonic network where it is compiled (tl.topk, not the interpreter), maxima else."""
+    """The default, "auto": the bitonic network where it is compiled (tl.topk, not the interpreter), maxima else."""
     monkeypatch.setattr(rt, "TOPK_ALGO", "auto")
     monkeypatch.setattr(rt, "_INTERPRET", False)
     assert rt._algo() == ("bitonic" if hasattr(rt.tl, "topk") else "max")
