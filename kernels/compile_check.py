@@ -164,6 +164,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         label = f"norm_linear: {M} x {K} -> {N}, norm={norm} residual={res} gated={gated} bias={bias}"
         out.append((label, nl._norm_linear_kernel, sig, cx, dict(num_warps=4, num_stages=3)))
+    if not quick:  # LONGSPEC_WEIGHT_FIRST=wide: the embedded model's down_proj (768 inputs) at a 72-row verify, as
+        # one padded step of 1,024 with its residual, weight first
+        bm, bn, _ = nl.tiles(72, 256, 768)
+        consts = dict(HAS_NORM=False, HAS_RES=True, GATED=False, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_K=1024, PRE=False, BLOCK_KP=16, HAS_BIAS=False, ONE_K=True)  # fmt: skip
+        sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
+        out.append(("norm_linear, weight first wide: 72 x 768 (one step of 1024) -> 256, residual",
+                    nl._norm_linear_kernel, sig, cx, dict(num_warps=4, num_stages=3)))  # fmt: skip
     # q/k/v + RoPE + cache write: the embedded model's heads (4 + 2 + 2 of 64) at one row and at a 72-row verify
     for M in (1, 72)[: 1 if quick else 2]:
         bm, _, bk = nl.tiles(M, 512, 256)
