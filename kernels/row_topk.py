@@ -44,8 +44,8 @@ chunk is left. A chunk of 4096 columns makes the first pass row_topk's (16 progr
 16 x 4096 keys); narrower chunks (512 columns: 128 programs of one warp, whose maxima need no cross-warp
 barrier) trade that for more candidates in the second pass. Timed on the H200 from CUDA graphs (2026-12-04,
 data/results/row_topk_flat_h200.json), 16 x 4096 keys, k = 16, with repeated maxima: 11.3 us at 512, 12.5 us at
-4096, 12.6 us for row_topk run twice, 32.4 us for torch.topk twice; with the bitonic network (TOPK_ALGO, the
-default since) 1,024 is the fastest width (the default since). The width is the switch
+4096, 12.6 us for row_topk run twice, 32.4 us for torch.topk twice. With the bitonic network (TOPK_ALGO) 1,024
+is the fastest width (beam_select_h200.json), and both are the defaults since 2026-12-05. The width is the switch
 LONGSPEC_TOPK_FIRST_BLOCK, a power of two read at import into `FLAT_FIRST_BLOCK_V` and checked when used;
 `main --flat` times widths against torch.topk and against row_topk run twice:
 
