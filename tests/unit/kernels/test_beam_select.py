@@ -51,12 +51,6 @@ def _decoded(keys, n, V):
     return rank * V + tok, score
 
 
-@pytest.fixture(params=["max", "bitonic"])
-def algo(request, monkeypatch):
-    monkeypatch.setattr(rt, "TOPK_ALGO", request.param)
-    return request.param
-
-
 CASES = [  # n, V, w, block_v
     (1, 4096, 4, None),  # level 1 of the default tree: one parent, 8 chunks of 512
     (16, 4096, 16, None),  # a default-tree level: 128 programs, 2,048 candidates for the last one
