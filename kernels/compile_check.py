@@ -8,7 +8,7 @@ TMA configuration failed. This module compiles each kernel ahead of time, throug
 with an explicit target (`GPUTarget("cuda", 90, 32)` by default), down to PTX and a cubin, for the
 argument types and constexpr choices the library launches it with. No GPU is touched.
 
-    python -m longspec_lab.kernels.compile_check [--arch 90] [--quick]
+    python -m longspec_lab.kernels.compile_check [--arch 90] [--quick] [--only "beam select"]
 
 It must run without TRITON_INTERPRET=1 (under the interpreter `@triton.jit` gives functions that
 cannot be compiled); the test runs it in a subprocess.
@@ -226,8 +226,9 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     return out
 
 
-def compile_all(arch: int = 90, quick: bool = False, progress=print) -> list[dict]:
-    """Compile each variant for sm_<arch>; returns one record per variant (label, ok, seconds, error)."""
+def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str | None = None) -> list[dict]:
+    """Compile each variant for sm_<arch> (those whose label contains `only`, when given); returns one record per
+    variant (label, ok, seconds, error)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError(
             "compile_check cannot run under TRITON_INTERPRET=1 (the interpreter's kernels do not compile); "
@@ -241,6 +242,8 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print) -> list[dic
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
     records = []
     for label, fn, sig, cx, opts in variants(quick):
+        if only is not None and only not in label:
+            continue
         t0 = time.perf_counter()
         rec = {"label": label, "arch": arch}
         try:
@@ -280,11 +283,16 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default: %(default)s, Hopper)")
     ap.add_argument("--quick", action="store_true", help="the decoder's variants only")
+    ap.add_argument("--only", metavar="TEXT", help="only the variants whose label contains TEXT, e.g. 'beam select'")
     args = ap.parse_args(argv)
     try:
-        records = compile_all(args.arch, args.quick)
+        records = compile_all(args.arch, args.quick, only=args.only)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"error: no kernel variant's label contains {args.only!r}; run without --only to list them all",
+              file=sys.stderr)  # fmt: skip
         return 2
     failed = [r for r in records if not r["ok"]]
     for r in failed:

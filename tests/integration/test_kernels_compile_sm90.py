@@ -91,9 +91,8 @@ from longspec_lab.kernels import norm_linear as nl
 
 for kp in (256, nl.PRE_BLOCK_KP):
     nl.PRE_BLOCK_KP = kp
-    for r in cc.compile_all(progress=None):
-        if r["label"].startswith("residual_norm_linear: 72"):
-            print(kp, r["ok"], r["shared_bytes"], r.get("error", ""))
+    for r in cc.compile_all(progress=None, only="residual_norm_linear: 72"):
+        print(kp, r["ok"], r["shared_bytes"], r.get("error", ""))
 """
 
 
@@ -107,3 +106,18 @@ def test_the_check_catches_a_launch_over_the_shared_memory_limit(tmp_path):
     big, used = (line.split() for line in r.stdout.strip().splitlines())
     assert big[:3] == ["256", "False", "278528"] and "over sm_90's 232448" in r.stdout, r.stdout
     assert used[1] == "True" and int(used[2]) < 232448, r.stdout
+
+
+def test_only_picks_variants_by_label_and_names_a_label_that_matches_none(tmp_path):
+    """`--only TEXT` compiles the variants whose label holds TEXT; a TEXT that no label holds is a clear error."""
+    cmd = [sys.executable, "-m", "longspec_lab.kernels.compile_check", "--only"]
+    env = _env(tmp_path)
+    r = subprocess.run([*cmd, "nothing-is-called-this"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "no kernel variant's label contains 'nothing-is-called-this'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([*cmd, "row top-k"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from longspec_lab.kernels.compile_check import variants
+
+    n = sum("row top-k" in label for label, *_ in variants())
+    assert n == 2 and f"{n} of {n} kernel variants compiled for sm_90" in r.stdout, r.stdout

@@ -1,5 +1,11 @@
 """The fused projection kernel inside a whole decoder (ops.linear's switch on, Triton interpreter): a tree
-generation gives the tokens and accepted lengths of the readable path (18 s on 2 cores, so not in the fast tier)."""
+generation gives the tokens and accepted lengths of the readable path (not in the fast tier).
+
+The decoding tests launch the kernel with large tiles (`big_tiles`): the interpreter runs one numpy pass per
+program, and the GPU's tiles (16 x 16 for the LM head: 256 programs a row tile) made one generation take 50 s on 2
+cores, against 5 s. The tiles the GPU uses are each checked against the float64 definition in
+tests/unit/kernels/test_norm_linear.py; here the question is the decoder's tokens with the kernel in every layer.
+"""
 
 import os
 
@@ -8,6 +14,15 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 
 from longspec_lab.ops import linear  # noqa: E402
+
+
+@pytest.fixture
+def big_tiles(monkeypatch):
+    """Every launch of the projection kernel with 64 rows x 256 columns x 256 inputs (down_proj's 768 inputs still
+    take three K steps, the loop path; the 256-input projections one, the weight-first path)."""
+    import longspec_lab.kernels.norm_linear as nl
+
+    monkeypatch.setattr(nl, "TILES_OVERRIDE", (64, 256, 256))
 
 
 @pytest.fixture
@@ -36,7 +51,7 @@ def _same_tokens_with_the_switch(embedded_pair, monkeypatch, switch: str, module
     assert runs[0] == runs[1] and len(runs[0][0]) >= 6
 
 
-def test_tree_decoding_gives_the_same_tokens_with_qkv_rope_cache(embedded_pair, monkeypatch):
+def test_tree_decoding_gives_the_same_tokens_with_qkv_rope_cache(embedded_pair, monkeypatch, big_tiles):
     """LONGSPEC_QKV_ROPE=on: every target layer's norm, q/k/v, RoPE and cache write run as one kernel (the
     interpreter here); a tree generation gives the tokens and accepted lengths of the readable path."""
     from longspec_lab.models import layers
@@ -44,7 +59,7 @@ def test_tree_decoding_gives_the_same_tokens_with_qkv_rope_cache(embedded_pair, 
     _same_tokens_with_the_switch(embedded_pair, monkeypatch, "QKV_ROPE", layers, "qkv_rope_cache")
 
 
-def test_tree_decoding_gives_the_same_tokens_with_the_kernel(embedded_pair, switch):
+def test_tree_decoding_gives_the_same_tokens_with_the_kernel(embedded_pair, switch, big_tiles):
     """The embedded pair, float32, a short tree generation: the same tokens and accepted lengths either way."""
     from longspec_lab.decoding.eager import SpecDecoder
 
@@ -116,7 +131,7 @@ def test_compiled_qkv_rope_cache_writes_the_cache_in_place(monkeypatch):
         assert a[:, :, :, 10:15].abs().sum() > 0 and a[:, :, :, :10].abs().sum() == 0 == a[:, :, :, 15:].abs().sum()
 
 
-def test_tree_decoding_gives_the_same_tokens_with_the_residual_fused(embedded_pair, monkeypatch):
+def test_tree_decoding_gives_the_same_tokens_with_the_residual_fused(embedded_pair, monkeypatch, big_tiles):
     """LONGSPEC_FUSE_RESIDUAL=on: each layer's o_proj + residual and its norm + gate/up run as one kernel (the
     interpreter here), in the target and the draft; a tree generation gives the tokens and accepted lengths of
     the readable path."""

@@ -185,11 +185,24 @@ FLAT_CASES = [  # rows, V, k, first_block_v (None: FLAT_FIRST_BLOCK_V, pinned to
 ]
 
 
-@pytest.mark.parametrize("second", ["rank", "max"])
-@pytest.mark.parametrize("rows, V, k, first_block_v, grid, n_launches", FLAT_CASES)
-def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, second, launches, monkeypatch, algo):
+# each case under both selections and both second passes, but the bitonic network with the rank second pass only on
+# the small cases: "rank" never runs the network, so on the two beam-level cases (16 rows, 8-12 s each under the
+# interpreter) its first pass would repeat the bitonic "max" run's exactly
+FLAT_RUNS = [
+    (*case, second, algo)
+    for case in FLAT_CASES
+    for second in ("rank", "max")
+    for algo in ("max", "bitonic")
+    if not (algo == "bitonic" and second == "rank" and case[0] * case[1] >= 16 * 512)
+]
+
+
+@pytest.mark.parametrize("rows, V, k, first_block_v, grid, n_launches, second, algo", FLAT_RUNS)
+def test_flat_topk_matches_torch(rows, V, k, first_block_v, grid, n_launches, second, algo, launches, monkeypatch):
     """Both second passes: "rank" (each candidate counts the larger ones and writes itself to its place, one
-    program per 32 candidates) and "max" (repeated maxima over the candidates as one row)."""
+    program per 32 candidates) and "max" (repeated maxima over the candidates as one row); each chunk's selection
+    both ways (LONGSPEC_TOPK_ALGO)."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", algo)
     monkeypatch.setattr(rt, "FLAT_FIRST_BLOCK_V", "4096")
     monkeypatch.setattr(rt, "FLAT_SECOND_BLOCK_V", "4096")
     monkeypatch.setattr(rt, "TOPK_SECOND", second)
