@@ -202,8 +202,9 @@ def recorded_step_times(report: dict) -> dict:
     return out
 
 
-# The most shapes the exhaustive search scores: depth <= 7 under the default node cap and probe is 8.9M (about two
-# minutes on two CPU cores); depth 8 would be 88.6M, hours and tens of GB, so `check_search_size` refuses it.
+# The most shapes the exhaustive search scores: depth <= 7 under the default node cap and probe is 8.9M (`search_space`:
+# 8.5 s and 1.9 GB on two CPU cores for 150 probe steps); depth 8 would be 88.6M, about 20 GB, so `check_search_size`
+# refuses it.
 MAX_SEARCH_SHAPES = 10_000_000
 
 
@@ -229,7 +230,7 @@ def check_search_size(max_depth: int, max_nodes: int, probe) -> int:
         fits = max(d for d in range(1, max_depth + 1) if count_shapes(d, max_nodes, probe) <= MAX_SEARCH_SHAPES)
         raise ValueError(
             f"the search would score {n:,} shapes (depth <= {max_depth}, <= {max_nodes} nodes, widths up to the "
-            f"probe's), more than the {MAX_SEARCH_SHAPES:,} it scores in minutes; use --max-depth {fits}, a "
+            f"probe's), more than the {MAX_SEARCH_SHAPES:,} it scores in memory; use --max-depth {fits}, a "
             "smaller --max-nodes or a narrower --probe-shape"
         )
     return n
@@ -243,6 +244,66 @@ def candidate_shapes(max_depth: int, max_nodes: int, probe) -> list:
         level = [(ws + (w,), left - w) for ws, left in level for w in WIDTH_GRID if w <= left and w <= probe[depth]]
         shapes += [list(ws) for ws, _ in level]
     return shapes
+
+
+def search_space(max_depth: int, max_nodes: int, probe, ranks: torch.Tensor, grid=WIDTH_GRID, bar=None):
+    """Every shape of `candidate_shapes`, in its order, as rows of a tensor, with its `expected_accept`: (W [S,
+    depth] int64 widths, zero after the shape's last level; acc [S] float64). The same numbers as those two
+    functions (tests/unit/bench/test_tune_models.py), in seconds where they take minutes for depth 7 (8.9M shapes
+    as Python lists): the candidates form a tree of prefixes (each shape's prefixes are candidates too), so level
+    by level each prefix's surviving steps ([steps] booleans: the path kept to that depth) extend by one AND per
+    child, and a shape's expected accepted length is its parent's plus the mean of that mask. `bar` (tqdm) moves
+    one unit per level."""
+    steps, D = ranks.shape
+    depth = min(max_depth, len(probe))
+    grid_t = torch.tensor(grid, dtype=torch.int64)
+    # [D, G, steps] whether a level of each grid width keeps the path's node there (rank < width; inf: never)
+    keeps = ranks.T[:, None, :] < grid_t[None, :, None].to(ranks.dtype)
+    widths = torch.zeros(1, 0, dtype=torch.int64)  # the prefixes of this level: the root alone
+    left = torch.tensor([max_nodes - 1])  # nodes each prefix may still add
+    alive = torch.ones(1, steps, dtype=torch.bool)  # [prefixes, steps] the path kept so far
+    total = torch.zeros(1, dtype=torch.int64)  # [prefixes] sum over steps of the accepted tokens so far
+    rows, accs = [], []
+    for level in range(depth):
+        ok = (grid_t[None, :] <= left[:, None]) & (grid_t[None, :] <= probe[level])  # [prefixes, G]
+        parent, g = ok.nonzero(as_tuple=True)  # row-major: prefix by prefix, then in grid order
+        last = level == depth - 1  # the deepest level's masks extend nothing: only their sums are kept
+        kids_alive = None if last else torch.empty(len(parent), steps, dtype=torch.bool)
+        kept = torch.empty(len(parent), dtype=torch.int64)  # [kids] steps whose path this level keeps
+        for lo in range(0, len(parent), 1 << 16):  # [chunk, steps] at a time: the deep levels have millions
+            sl = slice(lo, lo + (1 << 16))
+            chunk = alive[parent[sl]] & keeps[level, g[sl]]
+            kept[sl] = chunk.sum(-1)  # (a sum over the whole level would widen every boolean to int64 at once)
+            if not last:
+                kids_alive[sl] = chunk
+        total = total[parent] + kept
+        widths = torch.cat([widths[parent], grid_t[g][:, None]], 1)
+        left = left[parent] - grid_t[g]
+        alive = kids_alive
+        rows.append(widths)
+        accs.append(1 + total.double() / steps)
+        if bar is not None:
+            bar.update()
+    W = torch.zeros(sum(len(r) for r in rows), depth, dtype=torch.int64)
+    at = 0
+    for r in rows:
+        W[at : at + len(r), : r.shape[1]] = r
+        at += len(r)
+    return W, torch.cat(accs) if accs else torch.zeros(0, dtype=torch.float64)
+
+
+def features_matrix(W: torch.Tensor) -> torch.Tensor:
+    """[S, 5] float64: `features` of each row of `search_space`'s W (widths, zero past the last level)."""
+    depth = (W > 0).sum(1)
+    total = W.sum(1)
+    last = W.gather(1, (depth - 1).clamp(min=0)[:, None])[:, 0]
+    beams = (W > 1).sum(1)
+    return torch.stack([torch.ones_like(total), depth, 1 + total, total - last, beams], 1).double()
+
+
+def shape_of(row: torch.Tensor) -> list:
+    """One row of `search_space`'s W as a shape (its widths up to the first zero)."""
+    return [int(w) for w in row.tolist() if w > 0]
 
 
 def position_probes(dec, prompts, probe, n_tokens, bar=None) -> list:
@@ -367,7 +428,8 @@ def tune(
         timer_dec = GraphDecoder(target, draft)
     runs = 0 if recorded else len(calibration) + top + 1
     positions = len(prompts) * (n_tokens - 1) if every_position else 0
-    bar = tqdm(total=len(prompts) + positions + runs, disable=not progress, desc="tune")
+    search_levels = min(max_depth, probe.depth)
+    bar = tqdm(total=len(prompts) + search_levels + positions + runs, disable=not progress, desc="tune")
     trace = []
     for ids in prompts:  # 1. acceptance ranks from probe traces
         trace += eager.generate(
@@ -383,18 +445,22 @@ def tune(
         steps[json.dumps(list(s))] = measure(timer_dec, prompts[:1], list(s), n_tokens)["step_seconds"]
         bar.update()
     coef = fit_latency(steps)
-    shapes = candidate_shapes(max_depth, max_nodes, probe.widths)  # 3. exhaustive model search
-    n_searched = len(shapes)
-    acc = expected_accept(ranks, shapes)
-    t = torch.tensor([features(s) for s in shapes], dtype=torch.float64) @ coef
-    score = acc.double() / t.clamp_min(1e-9)
-    order = score.argsort(descending=True).tolist()
+    # 3. exhaustive model search: every shape's acceptance and predicted step time as tensors (`search_space`)
+    W, acc = search_space(max_depth, max_nodes, probe.widths, ranks, bar=bar)
+    n_searched = len(W)
+    t = features_matrix(W) @ coef
+    score = acc / t.clamp_min(1e-9)
+    order = score.argsort(descending=True)
     rank_acc = None
     if every_position:  # 3b. the shortlist, every chain and the default, rescored by the exact acceptance
         default = list(DEFAULT_TREE_SHAPE.widths)
-        keep = order[:shortlist] + [i for i, s in enumerate(shapes) if set(s) == {1} or s == default]
+        chains = (W <= 1).all(1)  # every level one node wide (W is zero past a shape's depth)
+        is_default = torch.zeros(len(W), dtype=torch.bool)
+        if len(default) <= W.shape[1]:
+            is_default = (W == torch.tensor(default + [0] * (W.shape[1] - len(default)))).all(1)
+        keep = order[:shortlist].tolist() + (chains | is_default).nonzero()[:, 0].tolist()
         keep = list(dict.fromkeys(keep))
-        shapes, t, rank_acc = [shapes[i] for i in keep], t[keep], acc[keep]
+        shapes, t, rank_acc = [shape_of(W[i]) for i in keep], t[keep], acc[keep]
         probes = position_probes(eager, prompts, probe, n_tokens, bar)
         acc = exact_tau(probes, shapes, n_tokens)
         score = acc / t.clamp_min(1e-9)
@@ -417,6 +483,9 @@ def tune(
             score = acc / t.clamp_min(1e-9)
             order = score.argsort(descending=True).tolist()
         searched_locally = len(extra)
+    else:  # only the best `top` rows are needed from here on
+        keep = order[:top].tolist()
+        shapes, acc, t, score, order = [shape_of(W[i]) for i in keep], acc[keep], t[keep], score[keep], range(len(keep))
     best = [shapes[i] for i in order[:top]]
     model = {
         json.dumps(shapes[i]): {

@@ -134,3 +134,33 @@ def test_the_search_is_counted_before_it_is_listed():
     assert tune.count_shapes(8, 160, probe) == 88_560_768
     with pytest.raises(ValueError, match=r"88,560,768 shapes .* use --max-depth 7, a smaller --max-nodes"):
         tune.check_search_size(8, 160, probe)
+
+
+def _brute_expected_accept(ranks, shape):
+    """1 + the mean over steps of how many leading levels keep the path (rank < width), one step at a time."""
+    total = 0
+    for r in ranks.tolist():
+        n = 0
+        while n < len(shape) and r[n] < shape[n]:
+            n += 1
+        total += 1 + n
+    return total / len(ranks)
+
+
+def test_the_tensor_search_lists_the_same_shapes_with_the_same_scores():
+    """search_space gives candidate_shapes' shapes in its order, with expected_accept's values bit for bit (and a
+    per-step loop's), and features_matrix gives features' rows: the fast search scores what the lists did. Seeded
+    ranks with paths that leave the probe (inf), a shallow cap (nodes), a probe narrower than the grid."""
+    g = torch.Generator().manual_seed(11)
+    for depth, nodes, probe, steps in [(3, 40, (4, 8, 8), 50), (4, 60, (16, 16, 16, 16), 30), (2, 10, (64, 64), 7),
+                                       (3, 2, (8, 8, 8), 5), (5, 30, (2, 3, 4, 4, 6), 40)]:  # fmt: skip
+        ranks = torch.randint(0, 12, (steps, len(probe)), generator=g).float()
+        ranks[torch.rand(steps, len(probe), generator=g) < 0.2] = float("inf")
+        shapes = tune.candidate_shapes(depth, nodes, probe)
+        W, acc = tune.search_space(depth, nodes, probe, ranks)
+        assert [tune.shape_of(row) for row in W] == shapes and len(shapes) > 0
+        assert torch.equal(acc, tune.expected_accept(ranks, shapes))
+        for i in range(0, len(shapes), max(1, len(shapes) // 25)):
+            assert abs(acc[i].item() - _brute_expected_accept(ranks, shapes[i])) < 1e-12
+        want = torch.tensor([tune.features(s) for s in shapes], dtype=torch.float64)
+        assert torch.equal(tune.features_matrix(W), want)
