@@ -127,15 +127,19 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             out.append((label, rt._row_topk_kernel, sig, cx, dict(num_warps=warps)))
     from longspec_lab.kernels import beam_select as bsel
 
-    for algo in ("max", "bitonic") if hasattr(tl, "topk") else ("max",):  # a default-tree level: 16 x 4096, w 16
-        p = bsel.plan(16, 4096, 16, 512)
+    # a default-tree level (16 x 4096, w 16) as the decoder launches it (the default chunk, the log-sum-exp's
+    # block as `_beam_select_op` sizes it), and the 8-warp bitonic form the next device session times
+    forms = [("max", bsel.NUM_WARPS), ("bitonic", bsel.NUM_WARPS), ("bitonic", 8)]
+    for algo, warps in forms if hasattr(tl, "topk") else forms[:1]:
+        p = bsel.plan(16, 4096, 16)
         bit = algo == "bitonic"
-        consts = dict(K=16, W=16, BLOCK_V=p["block_v"], BLOCK_L=bsel.BLOCK_L, CAND_PAD=p["cand_pad"], BITONIC=bit,
-                      K_POW2=16 if bit else 1, W_POW2=16 if bit else 1)  # fmt: skip
+        pow2 = 16 if bit else 1
+        consts = dict(K=16, W=16, BLOCK_V=p["block_v"], BLOCK_L=min(bsel.BLOCK_L * warps, 4096),
+                      CAND_PAD=p["cand_pad"], BITONIC=bit, K_POW2=pow2, W_POW2=pow2)  # fmt: skip
         ptrs = dict(LOGITS="bf16", SCORES="fp32", CAND="i64", OUT="i64", TICKET="i32")
         sig, cx = _signature(bsel._beam_select_kernel, ptrs, (), consts)
-        label = f"beam select: 16 x 4096 bf16 logits, width 16, {algo}"
-        out.append((label, bsel._beam_select_kernel, sig, cx, dict(num_warps=bsel.NUM_WARPS)))
+        label = f"beam select: 16 x 4096 bf16 logits, width 16, {algo}, {p['block_v']}-token chunks, {warps} warps"
+        out.append((label, bsel._beam_select_kernel, sig, cx, dict(num_warps=warps)))
     consts = dict(K=16, MIN=-(2**63), BLOCK_I=rt.RANK_BLOCK_I, BLOCK_J=rt.RANK_BLOCK_J)
     sig, cx = _signature(rt._rank_select_kernel, dict(X="i64", OUT="i64"), (), consts)
     out.append(("flat top-k second pass: rank by counting", rt._rank_select_kernel, sig, cx, dict(num_warps=4)))
