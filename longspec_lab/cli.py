@@ -745,6 +745,14 @@ def cmd_tune(args) -> int:
         tune.check_search_size(args.max_depth, args.max_nodes, args.probe_shape)
     except ValueError as e:
         raise UsageError(str(e))
+    from longspec_lab.paths import load_prompts
+
+    if not load_prompts(min_tokens=args.min_prompt_tokens):
+        longest = max(p["n_tokens"] for p in load_prompts())
+        raise UsageError(
+            f"no held-out prompt has --min-prompt-tokens {args.min_prompt_tokens} tokens (the longest has {longest}); "
+            "lower it"
+        )
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)
     if args.latency_from is not None:
@@ -1037,6 +1045,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t, backend=False)
     t.add_argument("--num-prompts", type=_int_range(1, 1000), default=3, help="held-out prompts")
     t.add_argument("--prompt-tokens", type=_int_range(16), default=2000, help="prompt length (tokens)")
+    t.add_argument("--min-prompt-tokens", type=_int_range(1), default=1000,
+                   help="held-out prompts of at least this many tokens, shortest first (`bench` takes 2000: "
+                        "--min-prompt-tokens 2000 --prompt-tokens 3000 --num-prompts 4 tunes on the prompts `bench` "
+                        "times, whose acceptance differs)")  # fmt: skip
     _add_max_new(t, 64, old="--new-tokens")
     _add_shape(
         t,

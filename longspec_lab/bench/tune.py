@@ -561,11 +561,12 @@ def run_cli(args) -> int:
     if getattr(args, "latency_from", None):
         step_times = recorded_step_times(json.loads(Path(args.latency_from).read_text()))
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
-    prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in load_prompts(min_tokens=1000)]
+    chosen = load_prompts(min_tokens=getattr(args, "min_prompt_tokens", 1000))[: args.num_prompts]
+    prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in chosen]
     rep = tune(
         target,
         draft,
-        prompts[: args.num_prompts],
+        prompts,
         args.probe_shape,
         args.max_depth,
         args.max_nodes,
@@ -576,6 +577,7 @@ def run_cli(args) -> int:
         every_position=getattr(args, "every_position", False),
         shortlist=getattr(args, "shortlist", 2000),
     )
+    rep["prompts"] = [{"name": p["name"], "tokens": len(ids)} for p, ids in zip(chosen, prompts)]
     rep["environment"] = environment(target.device)
     if step_times is not None:
         rep["latency_from"] = str(args.latency_from)

@@ -146,6 +146,7 @@ CASES = [
     ("tune-max-nodes-one", ["tune", "--max-nodes", "1"], 2, ["--max-nodes"], []),
     ("tune-max-nodes-cap", ["tune", "--device", "cpu", "--max-nodes", "5000"], 2, ["--max-nodes", "1024"], []),
     ("tune-max-depth-zero", ["tune", "--max-depth", "0"], 2, ["--max-depth"], []),
+    ("tune-min-prompt", ["tune", "--device", "cpu", "--min-prompt-tokens", "99999"], 2, ["--min-prompt-tokens"], []),
     ("tune-latency-missing", ["tune", "--device", "cpu", "--latency-from", "{work}/n.json"], 2, ["--latency-from"], []),
     ("tune-latency-not-a-report", ["tune", "--device", "cpu", "--latency-from", "{short}"], 2, ["--latency-from"], []),
     ("tune-max-depth-probe", ["tune", "--device", "cpu", "--max-depth", "9"], 2, ["--max-depth", "--probe-shape"], []),
