@@ -180,20 +180,24 @@ def fit_latency(step_times: dict) -> torch.Tensor:
     return best
 
 
-def recorded_step_times(report: dict) -> dict:
-    """{shape json: seconds per decoding step} from a recorded end-to-end report (`longspec-lab bench`,
-    bench.h200_speed): each chain-gN or tree-w1-w2-... row gives seconds / (tokens / tau) target passes.
-    Lets the tuner fit its latency model to a GPU run on a machine without the GPU."""
+def recorded_rows(report: dict) -> dict:
+    """{shape json: row} of a recorded end-to-end report's chain-gN and tree-w1-w2-... rows (`longspec-lab bench`,
+    bench.h200_speed); ar, the transformers peers and other backends are left out."""
     out = {}
     for name, row in report.get("results", {}).items():
         parts = name.split("-")
         if parts[0] == "chain" and len(parts) == 2 and parts[1][1:].isdigit():
-            shape = [1] * int(parts[1][1:])
+            out[json.dumps([1] * int(parts[1][1:]))] = row
         elif parts[0] == "tree" and len(parts) > 1 and all(p.isdigit() for p in parts[1:]):
-            shape = [int(p) for p in parts[1:]]
-        else:
-            continue  # ar, transformers peers, other backends
-        out[json.dumps(shape)] = row["seconds"] / (row["tokens"] / row["tau"])
+            out[json.dumps([int(p) for p in parts[1:]])] = row
+    return out
+
+
+def recorded_step_times(report: dict) -> dict:
+    """{shape json: seconds per decoding step} from a recorded end-to-end report (`recorded_rows`): each row gives
+    seconds / (tokens / tau) target passes. Lets the tuner fit its latency model to a GPU run on a machine without
+    the GPU."""
+    out = {k: row["seconds"] / (row["tokens"] / row["tau"]) for k, row in recorded_rows(report).items()}
     if len(out) < 4:
         raise ValueError(
             f"the report has {len(out)} chain/tree rows with timings; the latency model has 4 coefficients, "
@@ -527,11 +531,25 @@ def tune(
             d_acc = None
         d_t = float(torch.tensor(features(default), dtype=torch.float64) @ coef)
         d_pred = None if d_acc is None else d_acc / d_t
+        # the recording's own shapes under the same models: what a reader checks the predictions against
+        inside = [json.loads(k) for k in steps if all(w <= p for w, p in zip(json.loads(k), probe.widths))]
+        inside = [x for x in inside if len(x) <= probe.depth]
+        r_acc = exact_tau(probes, inside, n_tokens) if every_position else expected_accept(ranks, inside)
+        r_t = torch.tensor([features(x) for x in inside], dtype=torch.float64).reshape(-1, 5) @ coef
+        recorded_predicted = {
+            json.dumps(x): {
+                "expected_accept": float(a),
+                "predicted_step_s": float(b),
+                "predicted_tokens_per_s": float(a / b),
+            }
+            for x, a, b in zip(inside, r_acc, r_t)
+        }
         return {
             "method": "exhaustive search on a width grid, scored by recorded path ranks x a latency model fitted "
             "to recorded step times; a prediction for the recording's device, not validated by running",
             **rep,
             "recorded_step_seconds": steps,
+            "recorded_predicted": recorded_predicted,
             "validated": None,
             "best_shape": best[0],
             "default_predicted": {"expected_accept": d_acc, "predicted_tokens_per_s": d_pred},
@@ -557,9 +575,10 @@ def run_cli(args) -> int:
     from longspec_lab.paths import load_prompts
     from longspec_lab.provenance import environment
 
-    step_times = None
+    step_times = record = None
     if getattr(args, "latency_from", None):
-        step_times = recorded_step_times(json.loads(Path(args.latency_from).read_text()))
+        record = json.loads(Path(args.latency_from).read_text())
+        step_times = recorded_step_times(record)
     target, draft, tok = load_pair(args.model, args.draft, args.device, args.dtype)
     chosen = load_prompts(min_tokens=getattr(args, "min_prompt_tokens", 1000))[: args.num_prompts]
     prompts = [tok.encode(p["text"])[: args.prompt_tokens] for p in chosen]
@@ -588,6 +607,12 @@ def run_cli(args) -> int:
         ratio = rep["best_vs_default_predicted"]
         vs = "the default is deeper than the probe" if ratio is None else f"{ratio:.2f}x the default (predicted)"
         print(f"best {rep['best_shape']}: {vs}")
+        rows = recorded_rows(record)
+        print(f"the recording's own shapes, predicted here against measured there:\n{'shape':<32}"
+              f"{'pred. tok/s':>12}{'measured':>10}{'E[accept]':>10}{'tau':>7}")  # fmt: skip
+        for k, v in rep["recorded_predicted"].items():
+            print(f"{k:<32}{v['predicted_tokens_per_s']:>12.1f}{rows[k]['tokens_per_s']:>10.1f}"
+                  f"{v['expected_accept']:>10.2f}{rows[k]['tau']:>7.2f}")  # fmt: skip
         return _write_report(rep, args.out)
     print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
     for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):

@@ -162,3 +162,24 @@ def test_progress_line_leaves_the_output_alone(monkeypatch):
     with _Progress(lin, "tree", quiet=True) as p:
         lin(x)
     assert p.bar.disable and not lin._forward_hooks  # hooks removed afterwards
+
+
+def test_tune_on_a_recording_prints_its_shapes_predicted_against_measured(tmp_path, capsys):
+    """`tune --latency-from` on the H200 record: the fit, the search, then every recorded chain and tree under the
+    same models next to its measured tokens/s and tau, and the report names the prompts it tuned on."""
+    from longspec_lab.bench.tune import recorded_rows
+    from longspec_lab.paths import RESULTS_DIR
+
+    record = RESULTS_DIR / "e2e_h200.json"
+    out = tmp_path / "tune.json"
+    code = main(["tune", "--device", "cpu", "--latency-from", str(record), "--num-prompts", "1", "--prompt-tokens",
+                 "200", "--max-new-tokens", "12", "--probe-shape", "4,16,16,16,16,16,16", "--max-depth", "3",
+                 "--max-nodes", "40", "--out", str(out), "--quiet"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0 and "predicted here against measured there" in text
+    rep, rows = json.loads(out.read_text()), recorded_rows(json.loads(record.read_text()))
+    assert set(rep["recorded_predicted"]) == set(rows) and len(rows) >= 4
+    for key, row in rows.items():
+        line = next(ln for ln in text.splitlines() if ln.startswith(key))
+        assert f"{row['tokens_per_s']:.1f}" in line and f"{row['tau']:.2f}" in line
+    assert [p["tokens"] for p in rep["prompts"]] == [200] and rep["prompts"][0]["name"]

@@ -84,6 +84,14 @@ def test_tune_every_position_rescores_the_shortlist(embedded_pair):
     local = rep["local_search_shapes"]
     assert 5 < rep["rescored_shapes"] - local <= 5 + len(chains) and rep["searched_shapes"] > rep["rescored_shapes"]
     assert all("rank_model_accept" in v for v in rep["model_top"].values()) and len(rep["model_top"]) == 3
+    # the recorded shapes under the same models: the fit's step times (exact here: the times are linear in the
+    # features) and the exact acceptance, which is the tau the decoder measures running each shape
+    assert set(rep["recorded_predicted"]) == set(times)
+    dec = SpecDecoder(target, draft)
+    for key, pred in rep["recorded_predicted"].items():
+        assert pred["predicted_step_s"] == pytest.approx(times[key], rel=1e-9)
+        r = dec.generate(prompts[0], method="tree", tree_shape=json.loads(key), max_new_tokens=10, stop_at_eos=False)
+        assert pred["expected_accept"] == pytest.approx((len(r.new_tokens) - 1) / (r.target_calls - 1), abs=1e-12)
 
 
 def test_latency_fit_is_scipys_non_negative_least_squares():
