@@ -476,6 +476,29 @@ def tune_points(tune: dict) -> tuple[list[dict], list[dict]]:
     return sorted(val, key=lambda p: p["num_nodes"]), sorted(cal, key=lambda p: p["num_nodes"])
 
 
+def tuner_check_rows(record: dict, tuned: dict) -> list[dict]:
+    """The tuner's predictions for a recording's own shapes beside what the recording measured: one row per chain
+    and tree of `record` (a bench report) with its measured tokens/s and tau, then for each `tuned` report ({label:
+    a `tune --latency-from` report}) its `recorded_predicted` tokens/s and acceptance (None where that report did
+    not predict the shape), ordered by measured tokens/s."""
+    import json
+
+    rows = []
+    for name, r in record["results"].items():
+        shape = shape_of_method(name)
+        if not shape:  # ar, the transformers peers
+            continue
+        row = {"shape": name, "measured tok/s": r["tokens_per_s"], "measured τ": r["tau"]}
+        for label, rep in tuned.items():
+            pred = rep.get("recorded_predicted", {}).get(json.dumps(shape), {})
+            row[f"{label} tok/s"] = pred.get("predicted_tokens_per_s")
+            row[f"{label} τ"] = pred.get("expected_accept")
+        rows.append(row)
+    if not rows:
+        raise ValueError("the recording has no chain or tree rows to check the tuner against")
+    return sorted(rows, key=lambda r: -r["measured tok/s"])
+
+
 def stage_results(results: dict) -> dict:
     """bench.run_bench 'results' entries that carry a stage breakdown, as the dicts
     viz_results.stage_times_figure takes (draft / verify / commit; 'overhead' becomes the 'other' bar)."""

@@ -821,6 +821,29 @@ def speed_bars_figure(
     return fig
 
 
+def tuner_check_figure(rows: Sequence[Mapping], labels: Sequence[str], title: str | None = None) -> go.Figure:
+    """Grouped bars of `setup.tuner_check_rows`: per recorded shape, the measured tokens/s and each prediction's
+    ({label} tok/s), so a reader sees which prompts' predictions rank the shapes as measured."""
+    if not rows:
+        raise ValueError("tuner_check_figure got no rows; pass setup.tuner_check_rows(record, tuned)")
+    shapes = [r["shape"] for r in rows]
+    measured = [r["measured tok/s"] for r in rows]
+    fig = go.Figure(go.Bar(name="measured", x=shapes, y=measured, marker_color="#333333", textposition="outside",
+                           text=[f"{y:.0f}" for y in measured]))  # fmt: skip
+    for k, label in enumerate(labels):
+        ys = [r.get(f"{label} tok/s") for r in rows]
+        fig.add_bar(name=f"predicted, {label}", x=shapes, y=ys, marker_color=series_color(k),
+                    text=[None if y is None else f"{y:.0f}" for y in ys], textposition="outside")  # fmt: skip
+    top = max(measured + [r.get(f"{lb} tok/s") or 0 for r in rows for lb in labels])
+    fig.update_layout(
+        title=title or "The tuner's predictions against the recording it was fitted to",
+        barmode="group", xaxis_title="recorded shape", yaxis_title="new tokens per second",
+        height=460, width=980, legend_title="",
+    )  # fmt: skip
+    fig.update_yaxes(range=[0, top * 1.15])
+    return fig
+
+
 def verify_decode_figure(
     rows: Sequence[Mapping],
     backends: Sequence[str] = ("triton", "sdpa", "hf"),

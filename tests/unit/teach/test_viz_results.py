@@ -487,3 +487,28 @@ def test_kernel_count_rows_set_the_cpu_counts_beside_the_record():
         {"method": "tree", "stage": "commit", "H200, both off": None, "CPU, selection off": None, "CPU, default": 9,
          "combo bound": 3},
     ]  # fmt: skip
+
+
+def test_tuner_check_rows_and_figure_pair_each_recorded_shape_with_its_predictions():
+    """Every chain and tree of the recording (not ar, not the peers), ordered by measured tokens/s, beside each
+    tune report's prediction for the same shape (None where a report has none); the figure draws one bar group per
+    shape, measured first."""
+    tuner_check_rows = nb.tuner_check_rows
+    record = {"results": {
+        "ar": {"tokens_per_s": 100.0, "tau": 1.0}, "hf-greedy": {"tokens_per_s": 20.0},
+        "chain-g2": {"tokens_per_s": 150.0, "tau": 2.5}, "tree-2-3": {"tokens_per_s": 180.0, "tau": 3.1}}}  # fmt: skip
+    tuned = {
+        "a": {"recorded_predicted": {json.dumps([1, 1]): {"predicted_tokens_per_s": 140.0, "expected_accept": 2.4},
+                                     json.dumps([2, 3]): {"predicted_tokens_per_s": 170.0, "expected_accept": 3.0}}},
+        "b": {"recorded_predicted": {json.dumps([2, 3]): {"predicted_tokens_per_s": 190.0, "expected_accept": 3.3}}},
+    }  # fmt: skip
+    rows = tuner_check_rows(record, tuned)
+    assert [r["shape"] for r in rows] == ["tree-2-3", "chain-g2"]
+    assert rows[0] == {"shape": "tree-2-3", "measured tok/s": 180.0, "measured τ": 3.1, "a tok/s": 170.0, "a τ": 3.0,
+                       "b tok/s": 190.0, "b τ": 3.3}  # fmt: skip
+    assert rows[1]["a tok/s"] == 140.0 and rows[1]["b tok/s"] is None and rows[1]["b τ"] is None
+    fig = viz_results.tuner_check_figure(rows, ["a", "b"])
+    assert [t.name for t in fig.data] == ["measured", "predicted, a", "predicted, b"]
+    assert list(fig.data[0].y) == [180.0, 150.0] and list(fig.data[2].y) == [190.0, None]
+    with pytest.raises(ValueError, match="no chain or tree"):
+        tuner_check_rows({"results": {"ar": {"tokens_per_s": 1.0, "tau": 1.0}}}, tuned)
