@@ -534,8 +534,11 @@ def tune(
         # the recording's own shapes under the same models: what a reader checks the predictions against
         inside = [json.loads(k) for k in steps if all(w <= p for w, p in zip(json.loads(k), probe.widths))]
         inside = [x for x in inside if len(x) <= probe.depth]
-        r_acc = exact_tau(probes, inside, n_tokens) if every_position else expected_accept(ranks, inside)
-        r_t = torch.tensor([features(x) for x in inside], dtype=torch.float64).reshape(-1, 5) @ coef
+        if not inside:  # every recorded shape is deeper or wider than the probe
+            r_acc, r_t = [], []
+        else:
+            r_acc = exact_tau(probes, inside, n_tokens) if every_position else expected_accept(ranks, inside)
+            r_t = torch.tensor([features(x) for x in inside], dtype=torch.float64) @ coef
         recorded_predicted = {
             json.dumps(x): {
                 "expected_accept": float(a),

@@ -118,3 +118,14 @@ def test_latency_fit_is_scipys_non_negative_least_squares():
     assert all(abs(steps[json.dumps(s)] - float(t)) < 1e-15 for s, t in zip(shapes, y))
     with pytest.raises(ValueError, match="at least 4"):
         recorded_step_times({"results": {"ar": {"seconds": 1.0, "tokens": 10, "tau": 1.0}}})
+
+
+def test_recorded_shapes_outside_the_probe_are_left_unpredicted(embedded_pair):
+    """A probe narrower and shallower than every recorded shape records nothing about how they accept: the report's
+    `recorded_predicted` is empty rather than a guess, and the search still runs."""
+    target, draft, tok = embedded_pair
+    prompts = [tok.encode(load_prompts(min_tokens=1000)[0]["text"])[:120]]
+    times = {json.dumps(s): 1e-3 * (1 + len(s)) + 1e-5 * sum(s) for s in ([1] * 5, [1] * 6, [4, 16, 16], [2, 4, 8, 8])}
+    rep = tune(target, draft, prompts, probe_shape=(2, 2), max_depth=2, max_nodes=10, n_tokens=6, top=2,
+               progress=False, step_times=times)  # fmt: skip
+    assert rep["recorded_predicted"] == {} and rep["searched_shapes"] == len(candidate_shapes(2, 10, (2, 2)))
