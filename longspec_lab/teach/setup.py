@@ -486,7 +486,7 @@ def tuner_check_rows(record: dict, tuned: dict) -> list[dict]:
     rows = []
     for name, r in record["results"].items():
         shape = shape_of_method(name)
-        if not shape:  # ar, the transformers peers
+        if not shape or not name.split("-")[-1].lstrip("g").isdigit():  # ar, the peers, other attention backends
             continue
         row = {"shape": name, "measured tok/s": r["tokens_per_s"], "measured τ": r["tau"]}
         for label, rep in tuned.items():

@@ -496,7 +496,8 @@ def test_tuner_check_rows_and_figure_pair_each_recorded_shape_with_its_predictio
     tuner_check_rows = nb.tuner_check_rows
     record = {"results": {
         "ar": {"tokens_per_s": 100.0, "tau": 1.0}, "hf-greedy": {"tokens_per_s": 20.0},
-        "chain-g2": {"tokens_per_s": 150.0, "tau": 2.5}, "tree-2-3": {"tokens_per_s": 180.0, "tau": 3.1}}}  # fmt: skip
+        "chain-g2": {"tokens_per_s": 150.0, "tau": 2.5}, "tree-2-3": {"tokens_per_s": 180.0, "tau": 3.1},
+        "tree-2-3-sdpa": {"tokens_per_s": 90.0, "tau": 3.1}}}  # fmt: skip
     tuned = {
         "a": {"recorded_predicted": {json.dumps([1, 1]): {"predicted_tokens_per_s": 140.0, "expected_accept": 2.4},
                                      json.dumps([2, 3]): {"predicted_tokens_per_s": 170.0, "expected_accept": 3.0}}},
