@@ -141,6 +141,11 @@ def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, wid
     return torch.topk(beam_keys_reference(logits, parent_scores).flatten(), width).values
 
 
+def lse_block(V: int, num_warps: int) -> int:
+    """The kernel's BLOCK_L for a row of V tokens: BLOCK_L tokens a warp, at most the row (a power of two)."""
+    return min(BLOCK_L * num_warps, triton.next_power_of_2(V))
+
+
 def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
     """The launch's shape for n parents x V tokens and a level of `width`: chunk width, chunks per row, keys kept
     per chunk, the candidate block. `fits` says whether the kernel takes it (V <= MAX_VOCAB, candidates <=
@@ -169,7 +174,7 @@ def _beam_select_op(
     pow2 = triton.next_power_of_2
     _beam_select_kernel[(n, p["n_chunks"])](
         logits, parent_scores, cand, out, _tickets(logits.device), V, logits.stride(0), p["n_chunks"],
-        K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=min(BLOCK_L * num_warps, pow2(V)),
+        K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=lse_block(V, num_warps),
         CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
         W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device),
     )  # fmt: skip

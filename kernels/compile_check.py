@@ -128,13 +128,13 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     from longspec_lab.kernels import beam_select as bsel
 
     # a default-tree level (16 x 4096, w 16) as the decoder launches it (the default chunk, the log-sum-exp's
-    # block as `_beam_select_op` sizes it), and the 8-warp bitonic form the next device session times
+    # block of `lse_block`), and the 8-warp bitonic form the next device session times
     forms = [("max", bsel.NUM_WARPS), ("bitonic", bsel.NUM_WARPS), ("bitonic", 8)]
     for algo, warps in forms if hasattr(tl, "topk") else forms[:1]:
         p = bsel.plan(16, 4096, 16)
         bit = algo == "bitonic"
         pow2 = 16 if bit else 1
-        consts = dict(K=16, W=16, BLOCK_V=p["block_v"], BLOCK_L=min(bsel.BLOCK_L * warps, 4096),
+        consts = dict(K=16, W=16, BLOCK_V=p["block_v"], BLOCK_L=bsel.lse_block(4096, warps),
                       CAND_PAD=p["cand_pad"], BITONIC=bit, K_POW2=pow2, W_POW2=pow2)  # fmt: skip
         ptrs = dict(LOGITS="bf16", SCORES="fp32", CAND="i64", OUT="i64", TICKET="i32")
         sig, cx = _signature(bsel._beam_select_kernel, ptrs, (), consts)

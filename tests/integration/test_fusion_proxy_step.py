@@ -16,12 +16,10 @@ def _proxies(*runs: tuple[str, ...]) -> list[dict]:
     """The proxy's counts for each argument list, the processes side by side (each compiles for ~30 s on one core)."""
     cmd = [sys.executable, "-m", "longspec_lab.bench.fusion_proxy", "--json"]
     procs = [subprocess.Popen([*cmd, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in runs]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
+    done = [(p, *p.communicate(timeout=600)) for p in procs]  # every process ends before any assertion
+    for p, _, stderr in done:
         assert p.returncode == 0, stderr[-3000:]
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
-    return out
+    return [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in done]
 
 
 def _proxy(*args: str) -> dict:
