@@ -61,7 +61,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_VOCAB = 16384  # each chunk program reads its whole row for the log-sum-exp; beyond this, the two-step path
 MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 warps
 BLOCK_L = 1024  # tokens per warp in one step of the log-sum-exp walk: 32 float32 registers a thread
-NUM_WARPS = 4  # every program's: the last one holds up to MAX_CANDIDATES keys (`main --warps` times 1, 2, 4)
+NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "4")  # every program's warps: 1, 2, 4 or 8 (`_num_warps`)
 
 
 @triton.jit
@@ -141,6 +141,16 @@ def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, wid
     return torch.topk(beam_keys_reference(logits, parent_scores).flatten(), width).values
 
 
+def _num_warps() -> int:
+    """NUM_WARPS (from LONGSPEC_BEAM_WARPS, or assigned at run time) checked: the warps of every program, whose last
+    one holds up to MAX_CANDIDATES keys (4 by default: the fastest of 1, 2, 4 alone on the H200,
+    data/results/beam_select_h200.json; `main --warps` times 8 too)."""
+    warps = int(NUM_WARPS) if isinstance(NUM_WARPS, str) and NUM_WARPS.strip().isdigit() else NUM_WARPS
+    if isinstance(warps, bool) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4 or 8; unset it (default 4) or pick one of those")
+    return warps
+
+
 def lse_block(V: int, num_warps: int) -> int:
     """The kernel's BLOCK_L for a row of V tokens: BLOCK_L tokens a warp, at most the row (a power of two)."""
     return min(BLOCK_L * num_warps, triton.next_power_of_2(V))
@@ -190,7 +200,8 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
     """The `width` largest beam keys of one level, descending: [width] int64, as `beam_select_reference` (module
     docstring: equal up to the last bits of the log-sum-exp). logits [n, V] fp16/bf16/fp32 and parent_scores [n]
     float32 on CUDA (or on the CPU under TRITON_INTERPRET=1). block_v: the chunk width, a power of two (default:
-    flat_topk's first-pass width, LONGSPEC_TOPK_FIRST_BLOCK); num_warps: every program's (default NUM_WARPS)."""
+    flat_topk's first-pass width, LONGSPEC_TOPK_FIRST_BLOCK); num_warps: every program's (default 4, or the
+    switch LONGSPEC_BEAM_WARPS)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in _DTYPES:
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"beam_select needs logits [n, V] in float16, bfloat16 or float32, got {got}")
@@ -205,7 +216,7 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
     if block_v is not None and (isinstance(block_v, bool) or not isinstance(block_v, int) or block_v & (block_v - 1)
                                 or block_v < 1):  # fmt: skip
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v!r}; e.g. 512")
-    num_warps = NUM_WARPS if num_warps is None else num_warps
+    num_warps = _num_warps() if num_warps is None else num_warps
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     if not (logits.is_cuda or _INTERPRET):
@@ -249,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded draft's 4096)")
     ap.add_argument("--block-v", default="512", help="comma-separated chunk widths to time (powers of two)")
     ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
-    ap.add_argument("--warps", default=str(NUM_WARPS), help="comma-separated warps per program to time (1, 2, 4, 8)")
+    ap.add_argument("--warps", default="4", help="comma-separated warps per program to time (1, 2, 4, 8)")
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
     try:

@@ -129,7 +129,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
 
     # a default-tree level (16 x 4096, w 16) as the decoder launches it (the default chunk, the log-sum-exp's
     # block of `lse_block`), and the 8-warp bitonic form the next device session times
-    forms = [("max", bsel.NUM_WARPS), ("bitonic", bsel.NUM_WARPS), ("bitonic", 8)]
+    forms = [("max", bsel._num_warps()), ("bitonic", bsel._num_warps()), ("bitonic", 8)]
     for algo, warps in forms if hasattr(tl, "topk") else forms[:1]:
         p = bsel.plan(16, 4096, 16)
         bit = algo == "bitonic"

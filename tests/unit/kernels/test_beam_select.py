@@ -196,6 +196,36 @@ def test_bad_input_errors(monkeypatch):
         bs.beam_select(logits, scores, 3)
 
 
+def test_warps_switch(monkeypatch):
+    """NUM_WARPS (LONGSPEC_BEAM_WARPS as a string, or an int assigned at run time) sets every program's warps and
+    the log-sum-exp block with them; the pairs are the definition's at every count (the scores may differ in their
+    last bits: the log-sum-exp's order follows the block); a bad value names the variable."""
+    logits, scores = _level(3, 2100, seed=17)
+    want = bs.beam_select_reference(logits, scores, 6) & 0xFFFFFFFF  # [6] the pairs, best first
+    seen = []
+    real = bs._beam_select_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["num_warps"], kw["BLOCK_L"]))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(bs, "_beam_select_kernel", Spy())
+    for value, warps in [("1", 1), (2, 2), ("8", 8)]:
+        monkeypatch.setattr(bs, "NUM_WARPS", value)
+        assert torch.equal(bs.beam_select(logits, scores, 6, 512) & 0xFFFFFFFF, want)
+        assert seen[-1] == (warps, min(bs.BLOCK_L * warps, 4096))
+    for bad in ("3", "four", "", 16, True):
+        monkeypatch.setattr(bs, "NUM_WARPS", bad)
+        with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_WARPS=.* is not 1, 2, 4 or 8"):
+            bs.beam_select(logits, scores, 6)
+    got = bs.beam_select(logits, scores, 6, 512, num_warps=2)  # an argument overrides the switch
+    assert torch.equal(got & 0xFFFFFFFF, want)
+
+
 def test_main_without_cuda_or_with_an_existing_out(capsys, tmp_path):
     out = tmp_path / "b.json"
     out.write_text("{}")
