@@ -147,7 +147,9 @@ def _num_warps() -> int:
     data/results/beam_select_h200.json; `main --warps` times 8 too)."""
     warps = int(NUM_WARPS) if isinstance(NUM_WARPS, str) and NUM_WARPS.strip().isdigit() else NUM_WARPS
     if isinstance(warps, bool) or warps not in (1, 2, 4, 8):
-        raise ValueError(f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4 or 8; unset it (default 4) or pick one of those")
+        raise ValueError(
+            f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4 or 8; unset it (default 4) or pick one of those"
+        )
     return warps
 
 
