@@ -59,9 +59,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the ke
 _MIN_KEY = tl.constexpr(-(2**63))  # below every key: the padding of masked columns and of unused candidates
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_VOCAB = 16384  # each chunk program reads its whole row for the log-sum-exp; beyond this, the two-step path
-MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 warps
+MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 or 8 warps
 BLOCK_L = 1024  # tokens per warp in one step of the log-sum-exp walk: 32 float32 registers a thread
-NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "4")  # every program's warps: 1, 2, 4 or 8 (`_num_warps`)
+NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "8")  # every program's warps: 1, 2, 4 or 8 (`_num_warps`)
 
 
 @triton.jit
@@ -143,12 +143,14 @@ def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, wid
 
 def _num_warps() -> int:
     """NUM_WARPS (from LONGSPEC_BEAM_WARPS, or assigned at run time) checked: the warps of every program, whose last
-    one holds up to MAX_CANDIDATES keys (4 by default: the fastest of 1, 2, 4 alone on the H200,
-    data/results/beam_select_h200.json; `main --warps` times 8 too)."""
+    one holds up to MAX_CANDIDATES keys. 8 by default: on the H200 a default-tree level's selection (16 x 4,096,
+    w 16, 1,024-token chunks) took 7.9 us with 8 warps against 9.1 with 4 (data/results/beam_select_warps_h200.json;
+    4 was the fastest of 1, 2, 4 in beam_select_h200.json), and the default tree's level 44.9 us against 46.1 in the
+    decoder, with the same tokens (e2e_ab2_beam_warps_8_h200.json against the record of the same session)."""
     warps = int(NUM_WARPS) if isinstance(NUM_WARPS, str) and NUM_WARPS.strip().isdigit() else NUM_WARPS
     if isinstance(warps, bool) or warps not in (1, 2, 4, 8):
         raise ValueError(
-            f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4 or 8; unset it (default 4) or pick one of those"
+            f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4 or 8; unset it (default 8) or pick one of those"
         )
     return warps
 
@@ -202,7 +204,7 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
     """The `width` largest beam keys of one level, descending: [width] int64, as `beam_select_reference` (module
     docstring: equal up to the last bits of the log-sum-exp). logits [n, V] fp16/bf16/fp32 and parent_scores [n]
     float32 on CUDA (or on the CPU under TRITON_INTERPRET=1). block_v: the chunk width, a power of two (default:
-    flat_topk's first-pass width, LONGSPEC_TOPK_FIRST_BLOCK); num_warps: every program's (default 4, or the
+    flat_topk's first-pass width, LONGSPEC_TOPK_FIRST_BLOCK); num_warps: every program's (default 8, or the
     switch LONGSPEC_BEAM_WARPS)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in _DTYPES:
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded draft's 4096)")
     ap.add_argument("--block-v", default="512", help="comma-separated chunk widths to time (powers of two)")
     ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
-    ap.add_argument("--warps", default="4", help="comma-separated warps per program to time (1, 2, 4, 8)")
+    ap.add_argument("--warps", default="8", help="comma-separated warps per program to time (1, 2, 4, 8)")
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
     try:

@@ -128,8 +128,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     from longspec_lab.kernels import beam_select as bsel
 
     # a default-tree level (16 x 4096, w 16) as the decoder launches it (the default chunk, the log-sum-exp's
-    # block of `lse_block`), and the 8-warp bitonic form the next device session times
-    forms = [("max", bsel._num_warps()), ("bitonic", bsel._num_warps()), ("bitonic", 8)]
+    # block of `lse_block`, its warps), and the bitonic form with 4 warps (LONGSPEC_BEAM_WARPS=4, the default before)
+    forms = [("max", bsel._num_warps()), ("bitonic", bsel._num_warps()), ("bitonic", 4)]
     for algo, warps in forms if hasattr(tl, "topk") else forms[:1]:
         p = bsel.plan(16, 4096, 16)
         bit = algo == "bitonic"
