@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from longspec_lab.decoding.timing import sync
+from longspec_lab.decoding.timing import method_name, sync
 from longspec_lab.provenance import environment
 
 DEFAULT_SHAPES = ([4, 16, 16, 16, 16], [4, 8, 8, 8], [2, 4, 8, 8, 8, 8], [8, 16, 32])
@@ -98,12 +98,11 @@ def run_bench(
         opts["compile"] = compile
     dec = make(backend, **opts)
     configs = [("ar", dict(method="ar"), dec)]
-    configs += [(f"chain-g{g}", dict(method="chain", gamma=g), dec) for g in gammas]
-    configs += [("tree-" + "-".join(map(str, s)), dict(method="tree", tree_shape=list(s)), dec) for s in shapes]
+    configs += [(method_name("chain", gamma=g), dict(method="chain", gamma=g), dec) for g in gammas]
+    configs += [(method_name("tree", shape=s), dict(method="tree", tree_shape=list(s)), dec) for s in shapes]
     for be in extra_backends:
-        configs.append(
-            (f"tree-{'-'.join(map(str, shapes[0]))}-{be}", dict(method="tree", tree_shape=list(shapes[0])), make(be))
-        )
+        tree = dict(method="tree", tree_shape=list(shapes[0]))
+        configs.append((method_name("tree", shape=shapes[0], backend=be), tree, make(be)))
     rows = {
         name: {
             "tokens": 0, "seconds": 0.0, "target_calls": 0, "stages": {}, "stage_seconds_total": 0.0,
@@ -286,11 +285,11 @@ def run_cli(args) -> int:
         be = args.attention_backend or "triton"
         rep["profile"] = {
             "ar": profile_stages(target, draft, prompts[0], "ar", backend=be),
-            **{f"chain-g{g}": profile_stages(target, draft, prompts[0], "chain", [1] * g, be) for g in args.gammas},
             **{
-                "tree-" + "-".join(map(str, s)): profile_stages(target, draft, prompts[0], "tree", s, be)
-                for s in shapes
+                method_name("chain", gamma=g): profile_stages(target, draft, prompts[0], "chain", [1] * g, be)
+                for g in args.gammas
             },
+            **{method_name("tree", shape=s): profile_stages(target, draft, prompts[0], "tree", s, be) for s in shapes},
         }
     rep["environment"] = environment(target.device)
     rep["prompt_tokens"] = [len(p) for p in prompts]

@@ -137,15 +137,16 @@ def main(argv=None) -> int:
     if "profile" in only:
         from longspec_lab.bench.profile import profile_stages
         from longspec_lab.decoding.graphs import COMPILE_MODE
+        from longspec_lab.decoding.timing import method_name
 
         mode = None if a.compile == "none" else COMPILE_MODE
         tree_mode = mode if a.compile == "all" else None
         rep = {
             "ar": profile_stages(target, draft, prompts[0], "ar", compile_mode=mode),
-            f"chain-g{gammas[0]}": profile_stages(
+            method_name("chain", gamma=gammas[0]): profile_stages(
                 target, draft, prompts[0], "chain", [1] * gammas[0], compile_mode=tree_mode
             ),
-            "tree-" + "-".join(map(str, shapes[0])): profile_stages(
+            method_name("tree", shape=shapes[0]): profile_stages(
                 target, draft, prompts[0], "tree", shapes[0], compile_mode=tree_mode
             ),
         }

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from longspec_lab.decoding.timing import parse_method
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 CALIBRATION_SHAPES = (
@@ -185,11 +186,9 @@ def recorded_rows(report: dict) -> dict:
     bench.h200_speed); ar, the transformers peers and other backends are left out."""
     out = {}
     for name, row in report.get("results", {}).items():
-        parts = name.split("-")
-        if parts[0] == "chain" and len(parts) == 2 and parts[1][1:].isdigit():
-            out[json.dumps([1] * int(parts[1][1:]))] = row
-        elif parts[0] == "tree" and len(parts) > 1 and all(p.isdigit() for p in parts[1:]):
-            out[json.dumps([int(p) for p in parts[1:]])] = row
+        parsed = parse_method(name)
+        if parsed and parsed[0] and parsed[1] is None:  # a chain or a tree on the default backend
+            out[json.dumps(parsed[0])] = row
     return out
 
 

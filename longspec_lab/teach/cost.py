@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from longspec_lab.decoding.timing import method_name
+
 
 @dataclass(frozen=True)
 class ModelCost:
@@ -216,8 +218,8 @@ def time_methods(
     "result", the last run's GenerationResult (with its trace when `trace`)."""
     runs = {
         "ar": dict(method="ar"),
-        f"chain-g{gamma}": dict(method="chain", gamma=gamma),
-        "tree-" + "-".join(map(str, shape)): dict(method="tree", tree_shape=list(shape)),
+        method_name("chain", gamma=gamma): dict(method="chain", gamma=gamma),
+        method_name("tree", shape=shape): dict(method="tree", tree_shape=list(shape)),
     }
     out = []
     for label, kw in runs.items():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 
+from longspec_lab.decoding.timing import parse_method
 from longspec_lab.spec.trace import StepRecord
 from longspec_lab.spec.tree import TreeShape
 from longspec_lab.teach import palette, viz_results, viz_trees
@@ -406,26 +407,13 @@ def provenance_html(result: dict, title: str = "Provenance") -> str:
     return viz_results.html_table(rows, ["field", "value"], title=title)
 
 
-def shape_of_method(name: str) -> list[int] | None:
-    """'tree-4-16-16' -> [4, 16, 16]; 'chain-g4' -> [1, 1, 1, 1]; 'ar' -> []; a backend suffix
-    ('tree-4-16-sdpa') is ignored; None for other names (e.g. 'hf-greedy')."""
-    if name == "ar":
-        return []
-    if name.startswith("chain-g") and name[7:].isdigit():
-        return [1] * int(name[7:])
-    if name.startswith("tree-"):
-        parts = name[5:].split("-")
-        widths = [int(p) for p in parts if p.isdigit()]
-        return widths or None
-    return None
-
-
 def shape_points(results: dict, source: str = "") -> list[dict]:
     """One point per ar / chain / tree entry of a bench.run_bench 'results' dict: label, shape,
     num_nodes (root included), tau, tokens_per_s, step_ms (decode seconds per target pass)."""
     pts = []
     for name, r in results.items():
-        shape = shape_of_method(name)
+        parsed = parse_method(name)
+        shape = parsed[0] if parsed else None
         if shape is None or "tau" not in r:
             continue
         steps = r["tokens"] / r["tau"] if r.get("tau") else None
@@ -485,9 +473,10 @@ def tuner_check_rows(record: dict, tuned: dict) -> list[dict]:
 
     rows = []
     for name, r in record["results"].items():
-        shape = shape_of_method(name)
-        if not shape or not name.split("-")[-1].lstrip("g").isdigit():  # ar, the peers, other attention backends
+        parsed = parse_method(name)
+        if not parsed or not parsed[0] or parsed[1] is not None:  # ar, the peers, other attention backends
             continue
+        shape = parsed[0]
         row = {"shape": name, "measured tok/s": r["tokens_per_s"], "measured τ": r["tau"]}
         for label, rep in tuned.items():
             pred = rep.get("recorded_predicted", {}).get(json.dumps(shape), {})

@@ -82,21 +82,6 @@ def test_html_table_formats_and_escapes():
 # ----------------------------------------------------------------------------- shape sweeps
 
 
-@pytest.mark.parametrize(
-    "name,shape",
-    [
-        ("ar", []),
-        ("chain-g4", [1, 1, 1, 1]),
-        ("tree-4-16-16", [4, 16, 16]),
-        ("tree-2-4-sdpa", [2, 4]),
-        ("hf-greedy", None),
-        ("chain-gx", None),
-    ],
-)
-def test_shape_of_method(name, shape):
-    assert nb.shape_of_method(name) == shape
-
-
 def test_shape_points_and_stage_results():
     res = {
         "hf-greedy": {"tokens_per_s": 10.0, "tokens": 100, "seconds": 10.0},
