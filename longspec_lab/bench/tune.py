@@ -152,11 +152,8 @@ def renewal_tau(accepts: list, n_tokens: int) -> torch.Tensor:
 
 
 def features(shape) -> list[float]:
-    """[1, depth, nodes, nodes drafted from, beam levels]: the last counts the levels wider than one node,
-    whose top-k runs over several rows (on the H200 a beam level costs ~50 us more than a chain level)."""
-    s = TreeShape.of(shape)
-    beams = sum(w > 1 for w in s.widths)
-    return [1.0, float(s.depth), float(s.num_nodes), float(sum(s.widths[:-1])), float(beams)]
+    """The latency model's features of one shape (`features_matrix`, for a batch of one)."""
+    return features_matrix(torch.tensor([list(TreeShape.of(shape).widths)]))[0].tolist()
 
 
 def fit_latency(step_times: dict) -> torch.Tensor:
@@ -296,7 +293,10 @@ def search_space(max_depth: int, max_nodes: int, probe, ranks: torch.Tensor, gri
 
 
 def features_matrix(W: torch.Tensor) -> torch.Tensor:
-    """[S, 5] float64: `features` of each row of `search_space`'s W (widths, zero past the last level)."""
+    """[S, 5] float64, the latency model's features of each row of W [S, L] (level widths, zero past the last
+    level; `search_space`'s): [1, depth, nodes (root included), nodes drafted from (all but the last level's), beam
+    levels]. The last counts the levels wider than one node, whose selection runs over several rows (on the H200 a
+    beam level costs more than a chain level: the record's fit, `fit_latency`)."""
     depth = (W > 0).sum(1)
     total = W.sum(1)
     last = W.gather(1, (depth - 1).clamp(min=0)[:, None])[:, 0]

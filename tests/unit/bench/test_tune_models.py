@@ -149,8 +149,9 @@ def _brute_expected_accept(ranks, shape):
 
 def test_the_tensor_search_lists_the_same_shapes_with_the_same_scores():
     """search_space gives candidate_shapes' shapes in its order, with expected_accept's values bit for bit (and a
-    per-step loop's), and features_matrix gives features' rows: the fast search scores what the lists did. Seeded
-    ranks with paths that leave the probe (inf), a shallow cap (nodes), a probe narrower than the grid."""
+    per-step loop's), and features_matrix (and features, one shape) the features counted by hand: the fast search
+    scores what the lists did. Seeded ranks with paths that leave the probe (inf), a shallow cap (nodes), a probe
+    narrower than the grid."""
     g = torch.Generator().manual_seed(11)
     for depth, nodes, probe, steps in [(3, 40, (4, 8, 8), 50), (4, 60, (16, 16, 16, 16), 30), (2, 10, (64, 64), 7),
                                        (3, 2, (8, 8, 8), 5), (5, 30, (2, 3, 4, 4, 6), 40)]:  # fmt: skip
@@ -162,5 +163,7 @@ def test_the_tensor_search_lists_the_same_shapes_with_the_same_scores():
         assert torch.equal(acc, tune.expected_accept(ranks, shapes))
         for i in range(0, len(shapes), max(1, len(shapes) // 25)):
             assert abs(acc[i].item() - _brute_expected_accept(ranks, shapes[i])) < 1e-12
-        want = torch.tensor([tune.features(s) for s in shapes], dtype=torch.float64)
-        assert torch.equal(tune.features_matrix(W), want)
+        # the features counted from each shape by hand: 1, depth, nodes with the root, nodes drafted from, beams
+        want = [[1, len(s), 1 + sum(s), sum(s[:-1]), sum(w > 1 for w in s)] for s in shapes]
+        assert torch.equal(tune.features_matrix(W), torch.tensor(want, dtype=torch.float64))
+        assert [tune.features(s) for s in shapes[:: max(1, len(shapes) // 25)]] == want[:: max(1, len(shapes) // 25)]
