@@ -52,10 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts of 2,000+ tokens to time")
     ap.add_argument(
         "--shapes",
-        default="4,16,16,16,16;1,2,4,4,4,4,4;1,2,3,4,2,1,3",
-        help="tree shapes, ';'-separated (default: the paper's tree, the best measured, the exact tuner's pick on "
-        "these prompts, data/results/tune_h200_predicted_exact_bench.json: three trees and three chains with the "
-        "transformers peers fit one 10-minute device call)",
+        default="4,16,16,16,16;1,2,4,4,4,4,4;1,2,3,4,2,1,3;3,4,6,6,3,4,3",
+        help="tree shapes, ';'-separated (default: the paper's tree, the two fastest measured, and the exact tuner's "
+        "pick on these prompts fitted to the record of f613640, data/results/tune_h200_predicted_exact_bench.json: "
+        "four trees and two chains with the transformers peers fit one 10-minute device call)",
     )
     ap.add_argument("--gammas", default="5", help="chain lengths, ','-separated")
     ap.add_argument(
