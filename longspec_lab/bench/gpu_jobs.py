@@ -53,8 +53,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    OUT_DIR/weight_first_off; tokens must be bit-identical to e2e_base's
   e2e_weight_first_wide  the same with LONGSPEC_WEIGHT_FIRST=wide (down_proj too: its 768 inputs as one padded
                    step, weight first) into OUT_DIR/weight_first_wide
-  e2e_beam_warps_8  the same with LONGSPEC_BEAM_WARPS=8 (the beam selection's programs with 8 warps, not 4) into
-                   OUT_DIR/beam_warps_8
+  e2e_beam_warps_4  the same with LONGSPEC_BEAM_WARPS=4 (the beam selection's programs with 4 warps, the default
+                   before the A/B of 2026-12-05, which ran this side as e2e_beam_warps_8) into OUT_DIR/beam_warps_4
   e2e_fused_merge  the same with LONGSPEC_FUSED_MERGE=1 (tree attention's last split program merges the partials:
                    no merge launch; slower before PDL) into OUT_DIR/fused_merge
   topk_algo        python -m longspec_lab.kernels.row_topk --flat (a tree level's selection, 16 x 4096 keys, k = 16,
@@ -177,7 +177,7 @@ def jobs(out: Path) -> dict:
         "e2e_weight_first_off": _ab_job(out / "weight_first_off", "LONGSPEC_WEIGHT_FIRST", "off"),
         "e2e_weight_first_wide": _ab_job(out / "weight_first_wide", "LONGSPEC_WEIGHT_FIRST", "wide"),
         "e2e_fused_merge": _ab_job(out / "fused_merge", "LONGSPEC_FUSED_MERGE", "1"),
-        "e2e_beam_warps_8": _ab_job(out / "beam_warps_8", "LONGSPEC_BEAM_WARPS", "8"),
+        "e2e_beam_warps_4": _ab_job(out / "beam_warps_4", "LONGSPEC_BEAM_WARPS", "4"),
         "e2e_topk_max": _ab_job(out / "topk_max", "LONGSPEC_TOPK_ALGO", "max", LONGSPEC_TOPK_FIRST_BLOCK="512"),
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
