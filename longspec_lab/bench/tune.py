@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from longspec_lab.decoding.timing import parse_method
+from longspec_lab.decoding.timing import drafted_shape
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape
 
 CALIBRATION_SHAPES = (
@@ -183,9 +183,9 @@ def recorded_rows(report: dict) -> dict:
     bench.h200_speed); ar, the transformers peers and other backends are left out."""
     out = {}
     for name, row in report.get("results", {}).items():
-        parsed = parse_method(name)
-        if parsed and parsed[0] and parsed[1] is None:  # a chain or a tree on the default backend
-            out[json.dumps(parsed[0])] = row
+        shape = drafted_shape(name)
+        if shape is not None:
+            out[json.dumps(shape)] = row
     return out
 
 

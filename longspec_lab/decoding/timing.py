@@ -54,6 +54,14 @@ def parse_method(name: str) -> tuple[list[int], str | None] | None:
     return widths, (parts[0] if parts else None)
 
 
+def drafted_shape(name: str) -> list[int] | None:
+    """The level widths of a chain or tree run on the default attention backend ("chain-g5" -> [1, 1, 1, 1, 1]);
+    None for "ar", the transformers peers and runs on another backend: the rows a tuner is fitted to and checked
+    against."""
+    parsed = parse_method(name)
+    return parsed[0] if parsed and parsed[0] and parsed[1] is None else None
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

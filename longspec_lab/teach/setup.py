@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 
-from longspec_lab.decoding.timing import parse_method
+from longspec_lab.decoding.timing import drafted_shape, parse_method
 from longspec_lab.spec.trace import StepRecord
 from longspec_lab.spec.tree import TreeShape
 from longspec_lab.teach import palette, viz_results, viz_trees
@@ -473,10 +473,9 @@ def tuner_check_rows(record: dict, tuned: dict) -> list[dict]:
 
     rows = []
     for name, r in record["results"].items():
-        parsed = parse_method(name)
-        if not parsed or not parsed[0] or parsed[1] is not None:  # ar, the peers, other attention backends
+        shape = drafted_shape(name)
+        if shape is None:  # ar, the peers, other attention backends
             continue
-        shape = parsed[0]
         row = {"shape": name, "measured tok/s": r["tokens_per_s"], "measured τ": r["tau"]}
         for label, rep in tuned.items():
             pred = rep.get("recorded_predicted", {}).get(json.dumps(shape), {})

@@ -3,7 +3,7 @@
 import pytest
 
 from longspec_lab.bench.e2e import run_bench
-from longspec_lab.decoding.timing import StageTimer, method_name, parse_method
+from longspec_lab.decoding.timing import StageTimer, drafted_shape, method_name, parse_method
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,15 @@ from longspec_lab.decoding.timing import StageTimer, method_name, parse_method
 )
 def test_parse_method(name, parsed):
     assert parse_method(name) == parsed
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [("chain-g4", [1, 1, 1, 1]), ("tree-4-16-16", [4, 16, 16]), ("ar", None), ("tree-2-4-sdpa", None),
+     ("chain-g1-sdpa", None), ("hf-greedy", None), ("tree-0-4", None)],
+)  # fmt: skip
+def test_drafted_shape_keeps_chains_and_trees_on_the_default_backend(name, shape):
+    assert drafted_shape(name) == shape
 
 
 @pytest.mark.parametrize(
