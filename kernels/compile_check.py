@@ -140,6 +140,24 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(bsel._beam_select_kernel, ptrs, (), consts)
         label = f"beam select: 16 x 4096 bf16 logits, width 16, {algo}, {p['block_v']}-token chunks, {warps} warps"
         out.append((label, bsel._beam_select_kernel, sig, cx, dict(num_warps=warps)))
+    from longspec_lab.kernels import head_select as hsel
+
+    # the LM head and the selection in one launch (LONGSPEC_HEAD_SELECT): a default-tree level (16 x 256 -> 4096,
+    # w 16) in both selections, and a chain level (one row, w 1: repeated maxima whatever the switch says)
+    for n, w, algo in [(16, 16, "max"), (16, 16, "bitonic"), (1, 1, "bitonic")]:
+        if algo == "bitonic" and not hasattr(tl, "topk"):
+            continue
+        p = hsel.plan(n, 4096, 256, w)
+        bit = algo == "bitonic"
+        cand_w = p["n_chunks"] * p["kept"]
+        pow2 = triton.next_power_of_2
+        consts = dict(N_PAD=p["n_pad"], BLOCK_V=p["block_v"], BLOCK_K=256, KC=p["kept"], W=w, WR=min(w, cand_w),
+                      CAND_W=cand_w, CAND_W_POW2=pow2(cand_w), CHUNKS_POW2=pow2(p["n_chunks"]), BITONIC=bit,
+                      KC_POW2=pow2(p["kept"]), W_POW2=pow2(w), WR_POW2=pow2(min(w, cand_w)), IEEE=False)  # fmt: skip
+        ptrs = dict(H="bf16", HEAD="bf16", SCORES="fp32", PART="fp32", CAND="i64", OUT="i64", TICKET="i32")
+        sig, cx = _signature(hsel._head_select_kernel, ptrs, (), consts)
+        label = f"head select: {n} x 256 -> 4096 bf16, width {w}, {algo}, {p['block_v']}-token chunks"
+        out.append((label, hsel._head_select_kernel, sig, cx, dict(num_warps=hsel.NUM_WARPS)))
     consts = dict(K=16, MIN=-(2**63), BLOCK_I=rt.RANK_BLOCK_I, BLOCK_J=rt.RANK_BLOCK_J)
     sig, cx = _signature(rt._rank_select_kernel, dict(X="i64", OUT="i64"), (), consts)
     out.append(("flat top-k second pass: rank by counting", rt._rank_select_kernel, sig, cx, dict(num_warps=4)))

@@ -67,6 +67,11 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_beam_select  the A/B side with LONGSPEC_BEAM_SELECT=auto (every beam level's log-softmax and top-k in one
                    launch) into OUT_DIR/beam_select; the tokens should equal e2e_base's (a level's scores may differ
                    in their last bits, which reorders only near-tied pairs of the draft's tree)
+  head_select      python -m longspec_lab.kernels.head_select (a beam level's LM head and selection in one launch
+                   against the two launches it replaces and the compiled definition; chunk widths and warps)
+  e2e_head_select  the A/B side with LONGSPEC_HEAD_SELECT=auto (every greedy beam level's LM head and selection
+                   in one launch) into OUT_DIR/head_select; the tokens should equal e2e_base's (scores may differ in
+                   their last bits, as with e2e_beam_select)
   e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
                    kernels: independent generated kernels launched as one) into OUT_DIR/combo_kernels; tokens must
                    be bit-identical to e2e_base's
@@ -181,6 +186,22 @@ def jobs(out: Path) -> dict:
         "e2e_topk_max": _ab_job(out / "topk_max", "LONGSPEC_TOPK_ALGO", "max", LONGSPEC_TOPK_FIRST_BLOCK="512"),
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
+        "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
+        "head_select": (
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.head_select",
+                "--block-v",
+                "64,128,256",
+                "--warps",
+                "4,8",
+                "--out",
+                str(out / "head_select_h200.json"),
+            ],
+            180,  # 3 shapes x 6 kernel forms + two references, a CUDA graph each
+            {},
+        ),
         "beam_select": (
             [
                 py,

@@ -30,7 +30,7 @@ import torch
 
 from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
 from longspec_lab.spec.commit import advance, commit_kv
-from longspec_lab.spec.draft import TreeBuffers, grow_beam_level_logits, grow_sampled_level
+from longspec_lab.spec.draft import TreeBuffers, grow_beam_level_hidden, grow_beam_level_logits, grow_sampled_level
 from longspec_lab.spec.tree import TreeShape
 from longspec_lab.spec.verify import VERIFY_RULES, AcceptResult, acceptance_stats, greedy_accept, path_children
 
@@ -163,30 +163,35 @@ def ar_logits(st: DecodeState) -> None:
     st.logits[:1].copy_(ar_forward(st)[None])
 
 
-def beam_rule(buf: TreeBuffers, l: int, logits: torch.Tensor, params: SamplingParams | None = None) -> None:
-    """Grow level l of a beam tree from the draft's logits [n, V] at level l-1 (recording q with params)."""
-    if params is not None:
-        lo, hi = buf.levels[l - 1]
-        buf.q[lo:hi] = probs_from_logits(logits, params).to(buf.q.dtype)
-    grow_beam_level_logits(buf, l, logits)  # log-softmax, scores and top-k (one launch with LONGSPEC_BEAM_SELECT)
+def beam_rule(buf: TreeBuffers, l: int, h: torch.Tensor, draft, params: SamplingParams | None = None) -> None:
+    """Grow level l of a beam tree from the draft's last hidden rows h [n, K] at level l-1 (recording q with
+    params). Greedy: the LM head and the selection (one launch with LONGSPEC_HEAD_SELECT); else the logits, then
+    log-softmax, scores and top-k (one launch with LONGSPEC_BEAM_SELECT)."""
+    if params is None:
+        grow_beam_level_hidden(buf, l, h, draft.head_weight)
+        return
+    logits = draft.head(h)  # [n, V]
+    lo, hi = buf.levels[l - 1]
+    buf.q[lo:hi] = probs_from_logits(logits, params).to(buf.q.dtype)
+    grow_beam_level_logits(buf, l, logits)
 
 
-def sampled_rule(buf, l, logits, params: SamplingParams, generator: torch.Generator | None = None) -> None:
+def sampled_rule(buf, l, h, draft, params: SamplingParams, generator: torch.Generator | None = None) -> None:
     """Grow level l of a sampled tree: children drawn without replacement from the processed q."""
-    grow_sampled_level(buf, l, probs_from_logits(logits, params), generator)
+    grow_sampled_level(buf, l, probs_from_logits(draft.head(h), params), generator)
 
 
 def draft_root(st: DecodeState, grow=beam_rule) -> None:
     """Ingest the tokens emitted last step, then level 1 of the tree from the root."""
     tk, tv = st.target_kv
-    logits = st.draft.ingest(st.pend, st.pend_n, st.ring, tk, tv, st.P, st.backend)  # [D+1, V]
+    h = st.draft.ingest(st.pend, st.pend_n, st.ring, tk, tv, st.P, st.backend, hidden=True)  # [D+1, K]
     if st.D > 1:  # the ring is now fixed for this step: the window and RoPE rows of every later level at once
         pos = st.P + torch.arange(1, st.D, device=st.P.device)  # [D - 1] positions of depths 1 .. D - 1
         st.window_rows.copy_(st.ring.visible(pos, committed_only=True))
         for buf, table in zip(st.window_rope, st.draft.target.rotary(pos[None], st.draft.dtype)):
             buf.copy_(table)
     st.tree.start(st.root)
-    grow(st.tree, 1, logits.index_select(0, st.pend_n - 1))  # [1, V] at the last real pending token
+    grow(st.tree, 1, h.index_select(0, st.pend_n - 1), st.draft)  # [1, K] at the last real pending token
 
 
 def draft_next(st: DecodeState, l: int, grow=beam_rule) -> None:
@@ -198,9 +203,9 @@ def draft_next(st: DecodeState, l: int, grow=beam_rule) -> None:
     anc = buf.anc[lo:hi, 1:]  # [n, N-1] the scratch slots of each node's ancestors and itself
     window = st.window_rows[l - 2 : l - 1]  # [1, R] what depth l - 1 sees of the ring (made in draft_root)
     rope = [t[:, :, l - 2 : l - 1] for t in st.window_rope]  # cos, sin [1, 1, 1, D] of its position
-    logits = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, anc, st.ring, tk, tv, st.P, st.backend, window,
-                                 rope)  # fmt: skip
-    grow(buf, l, logits)
+    h = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, anc, st.ring, tk, tv, st.P, st.backend, window,
+                            rope, hidden=True)  # [n, K]  # fmt: skip
+    grow(buf, l, h, st.draft)
 
 
 def verify_forward(st: DecodeState) -> torch.Tensor:

@@ -223,9 +223,14 @@ class Glide(nn.Module):
         return DraftRing(d.num_kv_heads, d.window, d.head_dim, max_pending, max_tree_nodes, self.dtype, self.device)
 
     # ------------------------------------------------------------------ the one layer
-    def layer(self, tokens, positions, self_attn, cross_attn, ring: DraftRing | None = None, slots=None, rope=None):
+    def layer(
+        self, tokens, positions, self_attn, cross_attn, ring: DraftRing | None = None, slots=None, rope=None,
+        hidden: bool = False,
+    ):  # fmt: skip
         """tokens, positions [B, T]; self_attn(q, k, v) and cross_attn(q) -> o [B, Hq, T, D]. Returns logits
-        [B, T, V]. The three entry points below differ only in what the two attention callbacks see.
+        [B, T, V], or with `hidden` the last hidden rows [B, T, hidden] before the LM head (`head` makes the logits
+        of them; a greedy beam level scores them with the head in one launch, `spec/draft.py:
+        beam_level_from_hidden`). The three entry points below differ only in what the two attention callbacks see.
         With a ring and its slots [T] for these rows, where LONGSPEC_QKV_ROPE serves, the norm, q/k/v, RoPE and
         the ring write are one kernel (`QKVO.qkv_rope_into`) and self_attn gets k = v = None: they are in the
         ring already. rope: the tables `self.target.rotary(positions, self.dtype)` made beforehand, or one row
@@ -242,8 +247,17 @@ class Glide(nn.Module):
         h = a.merge(o, residual=h)  # h + o_proj(o)
         q = self.cross_attn.rotated_q(h, self.post_self_attention_layernorm, cos, sin)  # [B, Hq, T, D]
         h = self.mlp.after_attention(cross_attn(q), self.cross_attn.o_proj, h, self.post_cross_attention_layernorm)
-        head = self.target.lm_head.weight  # [V, hidden]
-        return lm_head(h.to(head.dtype), head)  # [B, T, V]
+        return h if hidden else self.head(h)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head the draft shares with its target, [V, hidden]."""
+        return self.target.lm_head.weight
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of the last hidden rows h [..., hidden]: the target's LM head, no final norm."""
+        head = self.head_weight  # [V, hidden]
+        return lm_head(h.to(head.dtype), head)
 
     def _ring_kv(self, tokens, positions):
         """Self-attention keys and values [1, Hkv, T, D]: in one layer they depend on token and position only."""
@@ -264,9 +278,10 @@ class Glide(nn.Module):
         ring.write(pos, k, v)
         ring.seen.add_(T)
 
-    def ingest(self, tokens, n_valid, ring: DraftRing, target_k, target_v, P, backend: str = "torch"):
+    def ingest(self, tokens, n_valid, ring: DraftRing, target_k, target_v, P, backend: str = "torch", hidden=False):
         """Committed tokens [T] (the first n_valid [1] real, the rest padding) at positions seen + 0..T-1
-        -> logits [T, V]. Writes the ring (padding lands past `seen`, invisible to real queries) and
+        -> logits [T, V] (with `hidden`, the rows before the head, [T, hidden]). Writes the ring (padding lands
+        past `seen`, invisible to real queries) and
         cross-attends to the target's last-layer cache target_k/v [1, Hkv, S, D] over slots [0, P)."""
         T = tokens.shape[-1]
         pos = ring.seen + torch.arange(T, device=tokens.device)  # [T]
@@ -279,18 +294,19 @@ class Glide(nn.Module):
         def cross_attn(q):
             return prefix_attention(q, target_k, target_v, P, backend)
 
-        logits = self.layer(tokens.reshape(1, T), pos[None], self_attn, cross_attn, ring, ring.slots(pos))[0]
+        out = self.layer(tokens.reshape(1, T), pos[None], self_attn, cross_attn, ring, ring.slots(pos), None, hidden)
         ring.seen.add_(n_valid)
-        return logits
+        return out[0]
 
     def tree_level(
         self, tokens, qpos, first_slot: int, anc_rows, ring: DraftRing, target_k, target_v, P, backend: str = "torch",
-        window_rows=None, rope=None,
+        window_rows=None, rope=None, hidden: bool = False,
     ):  # fmt: skip
         """One tree level: tokens [n] at positions qpos [n] (= seen - 1 + depth), whose keys go to the
         scratch slots first_slot .. first_slot + n - 1 (node i uses scratch slot i - 1). Each node sees
         the committed ring entries in its window and, through anc_rows [n, N - 1], the scratch entries
-        of its ancestors and itself -> logits [n, V]. The ring and `seen` are not changed.
+        of its ancestors and itself -> logits [n, V] (with `hidden`, the rows before the head, [n, hidden]). The
+        ring and `seen` are not changed.
         window_rows [n or 1, R]: `ring.visible(qpos, committed_only=True)` made beforehand (a decoding step makes
         them for all levels at once, `DraftRing.visible`); one row serves a level whose nodes share a position.
         rope: (cos, sin) of qpos made beforehand, one row [1, 1, 1, D] each for such a level (see `layer`)."""
@@ -309,7 +325,7 @@ class Glide(nn.Module):
             return prefix_attention(q, target_k, target_v, P, backend)
 
         slots = ring.scratch_slots[first_slot : first_slot + n]  # a slice of a device buffer: no kernel
-        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn, ring, slots, rope)[0]
+        return self.layer(tokens.reshape(1, n), qpos[None], self_attn, cross_attn, ring, slots, rope, hidden)[0]
 
     # ------------------------------------------------------------------ training
     def forward_train(self, input_ids, positions, target_k, target_v, staleness: int = 0):

@@ -29,6 +29,14 @@ definition (`spec/draft.py: beam_level_from_logits`). H200, one call, the same t
 data/results/e2e_ab_beam_select_h200.json against e2e_ab_base_beam_h200.json): the default tree 12,851 ->
 13,098 tokens/s, chain gamma 5 13,933 -> 14,285; a tree level's stage graph 66-71 -> 57-61 us.
 
+`head_beam_keys(h, head, parent_scores, w)` goes one step further back: the level's LM head and its whole selection
+in ONE launch (`kernels/head_select.py`: every program computes a vocabulary chunk's logits for every parent and
+keeps each row's w largest, the last to arrive folds the partial log-sum-exps and selects), from the draft's last
+hidden rows h [n, hidden] and the head [V, hidden], so the n x V logits are never written. Its switch
+LONGSPEC_HEAD_SELECT: "off" (the default, until the H200 has timed it: the head and then `beam_keys`), "auto" (the
+kernel on CUDA for the shapes it takes: at most 64 parents, hidden size 256, 8,192 candidates), "on" (also on the CPU
+under TRITON_INTERPRET=1). None means the caller makes the logits (`spec/draft.py: beam_level_from_hidden`).
+
 How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "bitonic" (Triton's bitonic top-k network, the
 default where Triton has it) or "max" (k repeated maxima); both give the same values.
 
@@ -50,6 +58,7 @@ CHOICES = ("auto", "torch", "triton")
 ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module docstring)
 BEAM_CHOICES = ("auto", "off", "on")
 BEAM_SELECT = os.environ.get("LONGSPEC_BEAM_SELECT", "auto")  # one of BEAM_CHOICES (module docstring)
+HEAD_SELECT = os.environ.get("LONGSPEC_HEAD_SELECT", "off")  # one of BEAM_CHOICES (module docstring)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
@@ -95,3 +104,22 @@ def beam_keys(logits: torch.Tensor, parent_scores: torch.Tensor, width: int) -> 
     if not plan(n, V, width)["fits"]:
         return None
     return beam_select(logits, parent_scores, width)
+
+
+def head_beam_keys(h: torch.Tensor, head: torch.Tensor, parent_scores: torch.Tensor, width: int) -> torch.Tensor | None:
+    """A beam level's `width` best keys [width] int64 from the draft's last hidden rows h [n, K], its LM head
+    [V, K] and parent_scores [n], the head and the selection in one launch; or None where LONGSPEC_HEAD_SELECT
+    (module docstring) leaves the level to the head and `beam_keys`."""
+    choice = checked("LONGSPEC_HEAD_SELECT", HEAD_SELECT, BEAM_CHOICES)
+    if choice == "off" or parent_scores.dtype != torch.float32 or h.dim() != 2 or head.dtype != h.dtype:
+        return None
+    if choice == "auto" and not (h.is_cuda and HAS_TRITON):
+        return None
+    if torch.is_grad_enabled() and (h.requires_grad or head.requires_grad):
+        return None  # the kernel has no backward: training keeps the logits
+    from longspec_lab.kernels.head_select import head_select, plan
+
+    n, K = h.shape
+    if not plan(n, head.shape[0], K, width)["fits"]:
+        return None
+    return head_select(h, head, parent_scores, width)

@@ -19,9 +19,11 @@ functions run eagerly, under `torch.compile` and inside a CUDA graph:
     grow_beam_level(buf, l, logp)    level l from the draft's log-probs at level l-1      [n, V]
     grow_beam_level_logits(buf, l, z) the same from the draft's logits (one launch on the GPU with the switch
                                      LONGSPEC_BEAM_SELECT: ops.topk.beam_keys)             [n, V]
+    grow_beam_level_hidden(buf, l, h, head) the same from the draft's last hidden rows and its LM head (the head
+                                     and the selection in one launch with LONGSPEC_HEAD_SELECT) [n, K]
     grow_sampled_level(buf, l, q, g) level l drawn from the draft's distribution at l-1   [n, V]
 
-The draft *model* enters only through those [n, V] rows; `decoding/steps.py` runs the model. The
+The draft *model* enters only through those rows; `decoding/steps.py` runs the model. The
 teaching growers (`grow_beam_tree`, `grow_sampled_tree`) take a callback instead of a model and call
 the same level functions, so there is one definition of each rule.
 
@@ -34,8 +36,9 @@ from typing import Callable
 
 import torch
 
+from longspec_lab.ops.linear import lm_head
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
-from longspec_lab.ops.topk import beam_keys, flat_topk_values
+from longspec_lab.ops.topk import beam_keys, flat_topk_values, head_beam_keys
 from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
 # ----------------------------------------------------------------------------- one beam level
@@ -112,6 +115,20 @@ def beam_level_from_logits(parent_scores: torch.Tensor, logits: torch.Tensor, wi
     if _may_sync(logits) and bool(torch.isnan(logits).any() | torch.isnan(parent_scores).any()):
         raise ValueError("draft logits contain NaN; check the draft model (overflow in fp16?)")
     return _decode_keys(keys, *logits.shape)
+
+
+def beam_level_from_hidden(parent_scores: torch.Tensor, h: torch.Tensor, head: torch.Tensor, width: int):
+    """`beam_level_from_logits(parent_scores, lm_head(h, head), width)` from the draft's last hidden rows h [n, K]
+    and its LM head [V, K]: the definition, or, where the switch LONGSPEC_HEAD_SELECT takes the level
+    (`ops.topk.head_beam_keys`), the head and the selection in one launch (scores as `beam_level_from_logits`'s
+    kernel: equal but for their last bits)."""
+    h = h.to(head.dtype)
+    keys = head_beam_keys(h, head, parent_scores, width)
+    if keys is None:
+        return beam_level_from_logits(parent_scores, lm_head(h, head), width)
+    if _may_sync(h) and bool(torch.isnan(h).any() | torch.isnan(parent_scores).any()):
+        raise ValueError("draft hidden states contain NaN; check the draft model (overflow in fp16?)")
+    return _decode_keys(keys, h.shape[0], head.shape[0])
 
 
 # ----------------------------------------------------------------------------- static tree buffers
@@ -199,6 +216,15 @@ def grow_beam_level_logits(buf: TreeBuffers, l: int, logits: torch.Tensor) -> No
     lo, hi = buf.levels[l - 1]
     w = buf.levels[l][1] - buf.levels[l][0]
     rank, tok, sc = beam_level_from_logits(buf.scores[lo:hi], logits, w)
+    buf.add_level(l, lo + rank, tok, sc)
+
+
+def grow_beam_level_hidden(buf: TreeBuffers, l: int, h: torch.Tensor, head: torch.Tensor) -> None:
+    """Level l of a beam tree from the draft's last hidden rows h [n, K] and its LM head [V, K]
+    (`beam_level_from_hidden`): what the greedy decoder runs."""
+    lo, hi = buf.levels[l - 1]
+    w = buf.levels[l][1] - buf.levels[l][0]
+    rank, tok, sc = beam_level_from_hidden(buf.scores[lo:hi], h, head, w)
     buf.add_level(l, lo + rank, tok, sc)
 
 

@@ -231,7 +231,8 @@ def test_window_rows_made_once_give_the_levels_each_computes(embedded_pair, prom
         for level in range(2, st.D + 1):  # the levels again, each computing its own window
             lo, hi = buf.levels[level - 1]
             qpos = st.P + buf.depths[lo:hi]
-            logits = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, buf.anc[lo:hi, 1:], st.ring, tk, tv, st.P)
-            steps.beam_rule(buf, level, logits)
+            h = st.draft.tree_level(buf.tokens[lo:hi], qpos, lo - 1, buf.anc[lo:hi, 1:], st.ring, tk, tv, st.P,
+                                    hidden=True)  # fmt: skip
+            steps.beam_rule(buf, level, h, st.draft)
         for a, b in zip(grown, (buf.tokens, buf.scores, buf.anc)):
             assert torch.equal(a, b)
