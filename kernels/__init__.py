@@ -13,6 +13,11 @@
   chunk's top-k, and the top-w of those by the last program to arrive), instead of Inductor's keys kernel and
   ``row_topk``'s two passes; registered as ``torch.ops.longspec.beam_select``, with the PyTorch definition and a
   benchmark against it compiled (``LONGSPEC_BEAM_SELECT``, ``longspec_lab/ops/topk.py``).
+- ``head_select``: a beam level's LM head and its whole selection in one launch (every program a vocabulary chunk's
+  logits for every parent, each row's partial log-sum-exp and its w largest logits; the last to arrive scores and
+  selects), so the logits are never written; registered as ``torch.ops.longspec.head_select``, with the PyTorch
+  definition and a benchmark against the two launches it replaces (``LONGSPEC_HEAD_SELECT``,
+  ``longspec_lab/ops/topk.py``).
 - ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
   float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
   and used by the models for small weights on CUDA (``LONGSPEC_NORM_LINEAR``, ``longspec_lab/ops/linear.py``).
