@@ -21,7 +21,10 @@ KERNELS = Path(launch.__file__).resolve().parent
 # What a kernel may read before its PDL wait, by kernel: only operands that no kernel of a decoding step writes.
 # norm_linear's weight and norm weight (and the integers that place its tile) are parameters: reading them early
 # overlaps their load with the kernel before (LONGSPEC_WEIGHT_FIRST).
-READ_BEFORE_WAIT = {"_norm_linear_kernel": {"W", "NW", "stride_wn", "N", "K"}}
+READ_BEFORE_WAIT = {  # the weights (parameters) each kernel reads before its wait, and the sizes that bound them
+    "_norm_linear_kernel": {"W", "NW", "stride_wn", "N", "K"},
+    "_head_select_kernel": {"HEAD", "stride_w", "V", "K"},  # the draft's LM head
+}
 
 
 def _jit_functions(tree):
