@@ -26,7 +26,8 @@ skips CPU nodes when it groups them): `combo_bound` stands in for them.
     python -m longspec_lab.bench.fusion_proxy --record data/results/kernel_counts_cpu.json
 
 `--record` counts plain decoding and the default tree under each variant of `RECORD_VARIANTS` (the defaults, and
-each switch that changes the counts), every one in a fresh process, and writes them with the environment:
+each switch that changes the counts: the selection in the compiled definition, the head and the selection in one
+launch), every one in a fresh process, and writes them with the environment:
 notebook 07 sets them beside the H200's profile.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
@@ -50,7 +51,11 @@ GPU_SWITCHES = {
 
 
 # what `--record` counts: (name, switches set beyond GPU_SWITCHES), each for plain decoding and the default tree
-RECORD_VARIANTS = [("default", {}), ("beam_select_off", {"LONGSPEC_BEAM_SELECT": "off"})]
+RECORD_VARIANTS = [
+    ("default", {}),
+    ("beam_select_off", {"LONGSPEC_BEAM_SELECT": "off"}),
+    ("head_select_on", {"LONGSPEC_HEAD_SELECT": "on"}),  # the LM head and the selection in one launch
+]
 RECORD_SHAPES = [("ar", "ar"), ("tree-4-16-16-16-16", "4,16,16,16,16")]
 
 
