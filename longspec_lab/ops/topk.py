@@ -35,7 +35,8 @@ keeps each row's w largest, the last to arrive folds the partial log-sum-exps an
 hidden rows h [n, hidden] and the head [V, hidden], so the n x V logits are never written. Its switch
 LONGSPEC_HEAD_SELECT: "off" (the default, until the H200 has timed it: the head and then `beam_keys`), "auto" (the
 kernel on CUDA for the shapes it takes: at most 64 parents, a hidden size up to 256, 8,192 candidates), "on"
-(also on the CPU under TRITON_INTERPRET=1). None means the caller makes the logits (`spec/draft.py: beam_level_from_hidden`).
+(also on the CPU under TRITON_INTERPRET=1). None means the caller makes the logits
+(`spec/draft.py: beam_level_from_hidden`).
 
 How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "bitonic" (Triton's bitonic top-k network, the
 default where Triton has it) or "max" (k repeated maxima); both give the same values.
