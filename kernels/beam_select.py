@@ -200,6 +200,18 @@ def _(logits, parent_scores, width, block_v, num_warps):
     return logits.new_empty(width, dtype=torch.int64)
 
 
+def check_level(name: str, source: str, parent_scores, n: int, V: int, width) -> None:
+    """The checks a beam level's kernel makes of its scores and width (`beam_select`, kernels/head_select.py): a
+    ValueError naming `name`, the problem and the fix."""
+    if not isinstance(parent_scores, torch.Tensor) or parent_scores.shape != (n,):
+        got = tuple(parent_scores.shape) if isinstance(parent_scores, torch.Tensor) else type(parent_scores).__name__
+        raise ValueError(f"{name} needs parent_scores [n] = [{n}] to match {source}, got {got}")
+    if parent_scores.dtype != torch.float32:
+        raise ValueError(f"{name} needs float32 parent_scores, got {parent_scores.dtype}; pass .float()")
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n * V:
+        raise ValueError(f"{name} needs an integer width in [1, n * V] = [1, {n * V}], got {width!r}")
+
+
 def beam_select(logits, parent_scores, width: int, block_v: int | None = None, num_warps: int | None = None):
     """The `width` largest beam keys of one level, descending: [width] int64, as `beam_select_reference` (module
     docstring: equal up to the last bits of the log-sum-exp). logits [n, V] fp16/bf16/fp32 and parent_scores [n]
@@ -210,13 +222,7 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"beam_select needs logits [n, V] in float16, bfloat16 or float32, got {got}")
     n, V = logits.shape
-    if not isinstance(parent_scores, torch.Tensor) or parent_scores.shape != (n,):
-        got = tuple(parent_scores.shape) if isinstance(parent_scores, torch.Tensor) else type(parent_scores).__name__
-        raise ValueError(f"beam_select needs parent_scores [n] = [{n}] to match the logits, got {got}")
-    if parent_scores.dtype != torch.float32:
-        raise ValueError(f"beam_select needs float32 parent_scores, got {parent_scores.dtype}; pass .float()")
-    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n * V:
-        raise ValueError(f"beam_select needs an integer width in [1, n * V] = [1, {n * V}], got {width!r}")
+    check_level("beam_select", "the logits", parent_scores, n, V, width)
     if block_v is not None and (isinstance(block_v, bool) or not isinstance(block_v, int) or block_v & (block_v - 1)
                                 or block_v < 1):  # fmt: skip
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v!r}; e.g. 512")
@@ -244,6 +250,73 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
     return _beam_select_op(logits, parent_scores, width, p["block_v"], num_warps)
 
 
+def add_level_args(ap, block_v: str, warps: str) -> None:
+    """The level shapes a benchmark of a beam level times (this module's `main`, kernels/head_select.py's):
+    --rows, --width, --vocab, --block-v, --warps, --out."""
+    ap.add_argument("--rows", default="1,4,16", help="comma-separated parents per level (default %(default)s)")
+    ap.add_argument("--width", default="4,16,16", help="comma-separated level widths, one per --rows entry")
+    ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded draft's 4096)")
+    ap.add_argument("--block-v", default=block_v, help="comma-separated chunk widths to time (powers of two)")
+    ap.add_argument("--warps", default=warps, help="comma-separated warps per program to time (1, 2, 4, 8)")
+    ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
+
+
+def parse_level_args(ap, a, test_file: str) -> tuple[list, list, list, list]:
+    """`add_level_args`' values checked, as (rows, widths, chunk widths, warps); exits with status 2 naming the
+    problem, when --out exists, and without a CUDA GPU (naming the test file that runs the kernel on the CPU)."""
+    try:
+        rows = [int(r) for r in a.rows.split(",")]
+        widths = [int(w) for w in a.width.split(",")]
+        blocks = [int(b) for b in a.block_v.split(",")]
+        warps = [int(x) for x in a.warps.split(",")]
+    except ValueError:
+        ap.error("--rows, --width, --block-v and --warps take comma-separated integers")
+    if any(x not in (1, 2, 4, 8) for x in warps):
+        ap.error("--warps takes 1, 2, 4 and/or 8")
+    if len(rows) != len(widths) or any(r < 1 or not 1 <= w <= r * a.vocab for r, w in zip(rows, widths)):
+        ap.error("--rows and --width need one width per row count, each in [1, rows * vocab]")
+    if any(b < 1 or b & (b - 1) for b in blocks):
+        ap.error("--block-v takes powers of two")
+    if a.out and os.path.exists(a.out):
+        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
+    if not torch.cuda.is_available():
+        ap.exit(
+            2,
+            "error: the benchmark needs a CUDA GPU; on the CPU the tests run the kernel in Triton's interpreter "
+            f"(.venv/bin/pytest {test_file})\n",
+        )
+    return rows, widths, blocks, warps
+
+
+def time_level_forms(forms: dict, exact: torch.Tensor, want: torch.Tensor, atol: float) -> dict:
+    """Median microseconds, replayed from CUDA graphs, of each form (name -> fn() -> [w] keys) of a level's selection
+    that picks the pairs float64 picks: exact [n V] float64 scores, want [w] their w largest (pairs tied within
+    `atol` may come in either order). A form that picks others is reported and left out."""
+    from triton.testing import do_bench_cudagraph
+
+    us = {}
+    for name, fn in forms.items():
+        got = fn()
+        picked = exact[(exact.numel() - 1) - (got & 0xFFFFFFFF)]  # the float64 scores of the pairs it chose
+        if not torch.allclose(picked.sort(descending=True).values, want, rtol=0, atol=atol):
+            print(f"{name}: selects other pairs than float64 -- not timed")
+            continue
+        us[name] = do_bench_cudagraph(fn, return_mode="median") * 1e3
+    return us
+
+
+def add_case(report: dict, case: dict, base: str, label: str, launch_us: float, header: str) -> None:
+    """Append a timed level (`case["us"]`) to report["cases"] with its ratios to the form `base` (as
+    `vs_<label>`) and to one launch's floor, and print it on one line."""
+    ref = case["us"].get(base)
+    case[f"vs_{label}"] = {k: v / ref for k, v in case["us"].items()} if ref else {}
+    case["vs_launch_floor"] = {k: v / launch_us for k, v in case["us"].items()}
+    report["cases"].append(case)
+    print(f"{header} (one launch: {launch_us:.2f} us): " + ", ".join(
+        f"{k} {v:.1f} us ({case[f'vs_{label}'].get(k, float('nan')):.2f}x the {label.replace('_', ' ')})"
+        for k, v in case["us"].items()))  # fmt: skip
+
+
 def main(argv=None) -> int:
     """Time the one-launch selection against the compiled definition on a beam level's shapes (CUDA)."""
     import argparse
@@ -259,41 +332,16 @@ def main(argv=None) -> int:
             "and to the floor of one launch (the smallest kernel's boundary, kernels/launch.py)."
         ),
     )
-    ap.add_argument("--rows", default="1,4,16", help="comma-separated parents per level (default %(default)s)")
-    ap.add_argument("--width", default="4,16,16", help="comma-separated level widths, one per --rows entry")
-    ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded draft's 4096)")
-    ap.add_argument("--block-v", default="512", help="comma-separated chunk widths to time (powers of two)")
+    add_level_args(ap, block_v="512", warps="8")
     ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
-    ap.add_argument("--warps", default="8", help="comma-separated warps per program to time (1, 2, 4, 8)")
-    ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
-    try:
-        rows = [int(r) for r in a.rows.split(",")]
-        widths = [int(w) for w in a.width.split(",")]
-        blocks = [int(b) for b in a.block_v.split(",")]
-        warps = [int(x) for x in a.warps.split(",")]
-    except ValueError:
-        ap.error("--rows, --width, --block-v and --warps take comma-separated integers")
-    if any(x not in (1, 2, 4, 8) for x in warps):
-        ap.error("--warps takes 1, 2, 4 and/or 8")
     algos = a.algo.split(",")
-    if len(rows) != len(widths) or any(r < 1 or not 1 <= w <= r * a.vocab for r, w in zip(rows, widths)):
-        ap.error("--rows and --width need one width per row count, each in [1, rows * vocab]")
-    if any(b < 1 or b & (b - 1) for b in blocks) or any(x not in ("max", "bitonic") for x in algos):
-        ap.error("--block-v takes powers of two and --algo the choices max and bitonic")
-    if a.out and os.path.exists(a.out):
-        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
-    if not torch.cuda.is_available():
-        ap.exit(
-            2,
-            "error: the benchmark needs a CUDA GPU; on the CPU the tests run the kernel in Triton's interpreter "
-            "(.venv/bin/pytest tests/unit/kernels/test_beam_select.py)\n",
-        )
+    if any(x not in ("max", "bitonic") for x in algos):
+        ap.error("--algo takes the choices max and bitonic")
+    rows, widths, blocks, warps = parse_level_args(ap, a, "tests/unit/kernels/test_beam_select.py")
     if "bitonic" in algos and not hasattr(tl, "topk"):
         print(f"skipping bitonic: Triton {triton.__version__} has no tl.topk")
         algos = [x for x in algos if x != "bitonic"] or ["max"]
-    from triton.testing import do_bench_cudagraph
-
     from longspec_lab.kernels import row_topk
     from longspec_lab.kernels.launch import boundary_cost_us
 
@@ -311,21 +359,8 @@ def main(argv=None) -> int:
             forms[f"kernel_{b}_{al}_{nw}w"] = lambda b=b, al=al, nw=nw: _with_algo(
                 al, lambda: beam_select(logits, scores, w, b, nw)
             )
-        case = {"rows": n, "width": w, "us": {}, "plan": plan(n, a.vocab, w)}
-        for name, fn in forms.items():
-            got = fn()
-            picked = exact[(n * a.vocab - 1) - (got & 0xFFFFFFFF)]  # the float64 scores of the pairs it chose
-            if not torch.allclose(picked.sort(descending=True).values, want, rtol=0, atol=1e-5):
-                print(f"n={n} w={w} {name}: selects other pairs than float64 -- not timed")
-                continue
-            case["us"][name] = do_bench_cudagraph(fn, return_mode="median") * 1e3
-        base = case["us"].get("definition_compiled")
-        case["vs_definition"] = {k: v / base for k, v in case["us"].items()} if base else {}
-        case["vs_launch_floor"] = {k: v / launch_us for k, v in case["us"].items()}
-        report["cases"].append(case)
-        print(f"n={n} w={w} V={a.vocab} (one launch: {launch_us:.2f} us): " + ", ".join(
-            f"{k} {v:.1f} us ({case['vs_definition'].get(k, float('nan')):.2f}x the definition)"
-            for k, v in case["us"].items()))  # fmt: skip
+        case = {"rows": n, "width": w, "us": time_level_forms(forms, exact, want, 1e-5), "plan": plan(n, a.vocab, w)}
+        add_case(report, case, "definition_compiled", "definition", launch_us, f"n={n} w={w} V={a.vocab}")
     if a.out:
         from longspec_lab.provenance import stamp, write_new_json
 

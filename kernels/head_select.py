@@ -59,7 +59,13 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.beam_select import _MIN_KEY, beam_select_reference
+from longspec_lab.kernels.beam_select import (
+    _MIN_KEY,
+    add_level_args,
+    beam_select_reference,
+    check_level,
+    parse_level_args,
+)
 from longspec_lab.kernels.launch import launch_args
 from longspec_lab.kernels.row_topk import _algo, _store_topk
 from longspec_lab.kernels.tree_attention import _max, _sum, _tickets
@@ -258,13 +264,7 @@ def head_select(h, head, parent_scores, width: int, block_v: int | None = None, 
         got = f"{tuple(head.shape)} {head.dtype}" if isinstance(head, torch.Tensor) else type(head).__name__
         raise ValueError(f"head_select needs the LM head [V, {K}] in h's dtype {h.dtype}, got {got}")
     V = head.shape[0]
-    if not (isinstance(parent_scores, torch.Tensor) and parent_scores.shape == (n,)):
-        got = tuple(parent_scores.shape) if isinstance(parent_scores, torch.Tensor) else type(parent_scores).__name__
-        raise ValueError(f"head_select needs parent_scores [n] = [{n}] to match h, got {got}")
-    if parent_scores.dtype != torch.float32:
-        raise ValueError(f"head_select needs float32 parent_scores, got {parent_scores.dtype}; pass .float()")
-    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n * V:
-        raise ValueError(f"head_select needs an integer width in [1, n * V] = [1, {n * V}], got {width!r}")
+    check_level("head_select", "h", parent_scores, n, V, width)
     if len({t.device for t in (h, head, parent_scores)}) > 1:
         raise ValueError("head_select needs h, head and parent_scores on one device")
     if not h.is_cuda and not _INTERPRET:
@@ -304,39 +304,12 @@ def main(argv=None) -> int:
             "pairs as float64 on the same rounded logits. Prints medians (us) replayed from CUDA graphs."
         ),
     )
-    ap.add_argument("--rows", default="1,4,16", help="comma-separated parents per level (default %(default)s)")
-    ap.add_argument("--width", default="4,16,16", help="comma-separated level widths, one per --rows entry")
-    ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded draft's 4096)")
+    add_level_args(ap, block_v="64,128,256", warps="4,8")
     ap.add_argument("--hidden", type=int, default=256, help="hidden size K (default: the embedded draft's 256)")
-    ap.add_argument("--block-v", default="64,128,256", help="comma-separated tokens per program to time")
-    ap.add_argument("--warps", default="4,8", help="comma-separated warps per program to time (1, 2, 4, 8)")
-    ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
-    try:
-        rows = [int(r) for r in a.rows.split(",")]
-        widths = [int(w) for w in a.width.split(",")]
-        blocks = [int(b) for b in a.block_v.split(",")]
-        warps = [int(x) for x in a.warps.split(",")]
-    except ValueError:
-        ap.error("--rows, --width, --block-v and --warps take comma-separated integers")
-    if any(x not in (1, 2, 4, 8) for x in warps):
-        ap.error("--warps takes 1, 2, 4 and/or 8")
-    if len(rows) != len(widths) or any(r < 1 or not 1 <= w <= r * a.vocab for r, w in zip(rows, widths)):
-        ap.error("--rows and --width need one width per row count, each in [1, rows * vocab]")
-    if any(b < 1 or b & (b - 1) for b in blocks):
-        ap.error("--block-v takes powers of two")
-    if a.out and os.path.exists(a.out):
-        ap.exit(2, f"error: {a.out} exists; pick another --out or remove it first\n")
-    if not torch.cuda.is_available():
-        ap.exit(
-            2,
-            "error: the benchmark needs a CUDA GPU; on the CPU the tests run the kernel in Triton's interpreter "
-            "(.venv/bin/pytest tests/unit/kernels/test_head_select.py)\n",
-        )
-    from triton.testing import do_bench_cudagraph
-
+    rows, widths, blocks, warps = parse_level_args(ap, a, "tests/unit/kernels/test_head_select.py")
     from longspec_lab.kernels import row_topk
-    from longspec_lab.kernels.beam_select import beam_keys_reference, beam_select
+    from longspec_lab.kernels.beam_select import add_case, beam_keys_reference, beam_select, time_level_forms
     from longspec_lab.kernels.launch import boundary_cost_us
     from longspec_lab.kernels.norm_linear import norm_linear
 
@@ -360,21 +333,9 @@ def main(argv=None) -> int:
         for b, nw in [(b, nw) for b in blocks for nw in warps]:
             if plan(n, a.vocab, a.hidden, w, b)["fits"]:
                 forms[f"kernel_{b}_{nw}w"] = lambda b=b, nw=nw: head_select(h, head, scores, w, b, nw)
-        case = {"rows": n, "width": w, "us": {}, "plan": plan(n, a.vocab, a.hidden, w)}
-        for name, fn in forms.items():
-            got = fn()
-            picked = exact[(n * a.vocab - 1) - (got & 0xFFFFFFFF)]
-            if not torch.allclose(picked.sort(descending=True).values, want, rtol=0, atol=1e-4):
-                print(f"n={n} w={w} {name}: selects other pairs than float64 -- not timed")
-                continue
-            case["us"][name] = do_bench_cudagraph(fn, return_mode="median") * 1e3
-        base = case["us"].get("two_launches")
-        case["vs_two_launches"] = {k: v / base for k, v in case["us"].items()} if base else {}
-        case["vs_launch_floor"] = {k: v / launch_us for k, v in case["us"].items()}
-        report["cases"].append(case)
-        print(f"n={n} w={w} V={a.vocab} K={a.hidden} (one launch: {launch_us:.2f} us): " + ", ".join(
-            f"{k} {v:.1f} us ({case['vs_two_launches'].get(k, float('nan')):.2f}x two launches)"
-            for k, v in case["us"].items()))  # fmt: skip
+        us = time_level_forms(forms, exact, want, 1e-4)
+        case = {"rows": n, "width": w, "us": us, "plan": plan(n, a.vocab, a.hidden, w)}
+        add_case(report, case, "two_launches", "two_launches", launch_us, f"n={n} w={w} V={a.vocab} K={a.hidden}")
     if a.out:
         from longspec_lab.provenance import stamp, write_new_json
 

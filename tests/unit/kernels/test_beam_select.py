@@ -226,20 +226,29 @@ def test_warps_switch(monkeypatch):
     assert torch.equal(got & 0xFFFFFFFF, want)
 
 
-def test_main_without_cuda_or_with_an_existing_out(capsys, tmp_path):
+@pytest.mark.parametrize("module", ["beam_select", "head_select"])
+def test_main_without_cuda_or_with_an_existing_out(module, capsys, tmp_path):
+    """Both benchmarks of a beam level (this kernel's and kernels/head_select.py's) check their shapes the same way
+    (`parse_level_args`): an existing --out, mismatched --rows/--width, a bad --warps, and no GPU each exit with
+    status 2 and one line naming the problem."""
+    main = importlib.import_module(f"longspec_lab.kernels.{module}").main
     out = tmp_path / "b.json"
     out.write_text("{}")
-    with pytest.raises(SystemExit) as e:
-        bs.main(["--out", str(out)])
-    assert e.value.code == 2 and "exists" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        bs.main(["--rows", "1,4", "--width", "4"])
-    assert e.value.code == 2 and "one width per row count" in capsys.readouterr().err
+    for argv, message in [
+        (["--out", str(out)], "exists"),
+        (["--rows", "1,4", "--width", "4"], "one width per row count"),
+        (["--warps", "3"], "--warps takes 1, 2, 4 and/or 8"),
+        (["--block-v", "48"], "--block-v takes powers of two"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
     if torch.cuda.is_available():
         return
     with pytest.raises(SystemExit) as e:
-        bs.main([])
-    assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+        main([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs a CUDA GPU" in err and f"test_{module}.py" in err
 
 
 # ----------------------------------------------------------------------------- the switch
@@ -280,9 +289,11 @@ def test_beam_level_from_logits_both_ways(n, V, w, monkeypatch):
         draft.beam_level_from_logits(scores, nan, w)
 
 
-def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(embedded_pair, monkeypatch):
-    """The whole decoder with every beam level selected by the kernel (the embedded pair, float32, CPU): the tokens
-    are plain greedy decoding's, and the trees and the acceptance are the definition's."""
+@pytest.mark.parametrize("switch", ["BEAM_SELECT", "HEAD_SELECT"])
+def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(switch, embedded_pair, monkeypatch):
+    """The whole decoder with every beam level selected by the kernel (LONGSPEC_BEAM_SELECT), or with its LM head
+    and selection in one launch (LONGSPEC_HEAD_SELECT, kernels/head_select.py), on the embedded pair in float32 on
+    the CPU: the tokens are plain greedy decoding's, and the trees and the acceptance are the definition's."""
     from longspec_lab.decoding.eager import SpecDecoder
 
     target, drafter, tok = embedded_pair
@@ -291,8 +302,24 @@ def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(embedded_pai
     ar = dec.generate(ids, method="ar", max_new_tokens=20, stop_at_eos=False)
     runs = {}
     for value in ("off", "on"):
-        monkeypatch.setattr(ops_topk, "BEAM_SELECT", value)
+        monkeypatch.setattr(ops_topk, switch, value)
         runs[value] = dec.generate(ids, method="tree", tree_shape=[2, 4, 4], max_new_tokens=20, stop_at_eos=False)
     assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
     assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
     assert runs["on"].rank_accepted == runs["off"].rank_accepted
+
+
+def test_time_level_forms_times_only_the_forms_that_pick_the_float64_pairs(monkeypatch, capsys):
+    """The benchmarks' shared timing loop (`time_level_forms`): a form whose keys name other pairs than float64's
+    is reported and left out; the others are timed (here by a stand-in for do_bench_cudagraph, which needs CUDA)."""
+    import triton.testing
+
+    logits, scores = _level(3, 50, seed=29)
+    exact = (scores.double()[:, None] + torch.log_softmax(logits.double(), -1)).flatten()
+    want = torch.topk(exact, 4).values
+    right = bs.beam_select_reference(logits, scores, 4)
+    wrong = bs.beam_select_reference(logits, scores, 5)[1:]  # pairs 2..5: not the top four
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, return_mode: 0.002)
+    us = bs.time_level_forms({"right": lambda: right, "wrong": lambda: wrong}, exact, want, 1e-5)
+    assert us == {"right": pytest.approx(2.0)}
+    assert "wrong: selects other pairs than float64 -- not timed" in capsys.readouterr().out

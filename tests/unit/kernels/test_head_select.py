@@ -3,8 +3,8 @@ it picks against float64 scores of the same rounded logits (brute force), its ke
 logits, over dtypes (float32, and float16: the interpreter has no bfloat16 matmul), level shapes (one parent, the
 default tree's 16 x 16, widths that are not powers of two, a width of every pair, V = 1, V not a multiple of the
 chunk, one row holding every pick), both selections; ties; the ticket left at zero; the registered op's fake version
-and a fullgraph trace; the errors; and the switch LONGSPEC_HEAD_SELECT from ops.topk.head_beam_keys down to a whole
-greedy decode."""
+and a fullgraph trace; the errors; and the switch LONGSPEC_HEAD_SELECT from ops.topk.head_beam_keys to
+beam_level_from_hidden (the whole greedy decode with it is test_beam_select.py's, beside the other switch)."""
 
 import os
 
@@ -24,6 +24,8 @@ for _name in (
 ):
     if _name in sys.modules and not sys.modules[_name]._INTERPRET:
         importlib.reload(sys.modules[_name])  # imported earlier without the interpreter: redefine the kernels
+from test_beam_select import _decoded, _exact_pairs  # noqa: E402  (float64 pairs and decoded keys: the same checks)
+
 import longspec_lab.kernels.beam_select as bs  # noqa: E402
 import longspec_lab.kernels.head_select as hs  # noqa: E402
 import longspec_lab.kernels.row_topk as rt  # noqa: E402
@@ -41,21 +43,6 @@ def _level(n, V, K, seed, dtype=torch.float32, spread=3.0):
     head = (torch.randn(V, K, generator=g) * spread * K**-0.5).to(dtype)
     scores = -(torch.rand(n, generator=g) * 4).sort(descending=True).values
     return h, head, scores
-
-
-def _exact_pairs(logits, scores, w):
-    """(flat indices of the w best pairs, their scores) in float64 from the rounded logits, best first, and the
-    smallest gap between consecutive scores of the top w + 1 (the order is only defined where they are apart)."""
-    flat = (scores.double()[:, None] + torch.log_softmax(logits.double(), -1)).flatten()
-    top = torch.topk(flat, min(w + 1, flat.numel()))
-    vals = top.values
-    gaps = (vals[:-1] - vals[1:]).min().item() if vals.numel() > 1 else float("inf")
-    return top.indices[:w], vals[:w], gaps
-
-
-def _decoded(keys, n, V):
-    rank, tok, score = draft._decode_keys(keys, n, V)
-    return rank * V + tok, score
 
 
 CASES = [  # n, V, K, w, block_v (None: the default, 128 tokens a program)
@@ -200,22 +187,6 @@ def test_plan_keeps_w_a_row_and_refuses_what_the_last_program_cannot_hold():
     assert not hs.plan(hs.MAX_ROWS + 1, 64, 32, 1)["fits"]
 
 
-def test_main_without_cuda_or_with_an_existing_out(capsys, tmp_path):
-    out = tmp_path / "b.json"
-    out.write_text("{}")
-    with pytest.raises(SystemExit) as e:
-        hs.main(["--out", str(out)])
-    assert e.value.code == 2 and "exists" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        hs.main(["--rows", "1,4", "--width", "4"])
-    assert e.value.code == 2 and "one width per row count" in capsys.readouterr().err
-    if torch.cuda.is_available():
-        return
-    with pytest.raises(SystemExit) as e:
-        hs.main([])
-    assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
-
-
 # ----------------------------------------------------------------------------- the switch
 
 
@@ -254,21 +225,3 @@ def test_beam_level_from_hidden_both_ways(n, V, K, w, monkeypatch):
     nan[0, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         draft.beam_level_from_hidden(scores, nan, head, w)
-
-
-def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(embedded_pair, monkeypatch):
-    """The whole decoder with every beam level's head and selection in the kernel (the embedded pair, float32,
-    CPU): the tokens are plain greedy decoding's, and the trees and the acceptance are the definition's."""
-    from longspec_lab.decoding.eager import SpecDecoder
-
-    target, drafter, tok = embedded_pair
-    ids = tok.encode("def fib(n):\n    if n < 2:\n        return n\n")
-    dec = SpecDecoder(target, drafter, backend="torch")
-    ar = dec.generate(ids, method="ar", max_new_tokens=20, stop_at_eos=False)
-    runs = {}
-    for value in ("off", "on"):
-        monkeypatch.setattr(ops_topk, "HEAD_SELECT", value)
-        runs[value] = dec.generate(ids, method="tree", tree_shape=[2, 4, 4], max_new_tokens=20, stop_at_eos=False)
-    assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
-    assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
-    assert runs["on"].rank_accepted == runs["off"].rank_accepted
