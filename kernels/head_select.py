@@ -35,8 +35,8 @@ proposes, and verification keeps the target's tokens.
 
 Measured on the H200 (2026-12-05, data/results/head_select_h200.json, head_select_blocks_h200.json,
 head_select_max_h200.json, e2e_ab3_head_select_h200.json): it pays only for a chain. One parent and w = 1 took 4.3
-us on a step's time line against 2.0 + 3.0 for the two launches; 16 parents and w = 16 took 45-73 us alone
-against 10 us for the two launches, at every chunk width (64 to 1,024 tokens) and warp count, 28-43 us with
+us on a step's time line against 2.0 + 3.0 for the two launches; 16 parents and w = 16 took 45-115 us alone
+against 10 us for the two launches, at every chunk width (128 to 1,024 tokens) and warp count, 28-43 us with
 repeated maxima. Each of the 32 programs sorts 16 rows x 128 keys and the last holds 16 x 512 candidates, where
 the two launches spread the head over 256 programs and the selection over 64 programs of one row each, whose last
 program holds 1,024. So LONGSPEC_HEAD_SELECT stays off; the kernel stays as the tested form of the idea and its

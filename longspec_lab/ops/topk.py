@@ -34,7 +34,7 @@ in ONE launch (`kernels/head_select.py`: every program computes a vocabulary chu
 keeps each row's w largest, the last to arrive folds the partial log-sum-exps and selects), from the draft's last
 hidden rows h [n, hidden] and the head [V, hidden], so the n x V logits are never written. Its switch
 LONGSPEC_HEAD_SELECT: "off" (the default: the head and then `beam_keys`; on the H200 the one launch was slower for
-a tree level, 45-73 us against 10 for the two, and level for a chain: e2e_ab3_head_select_h200.json), "auto" (the
+a tree level, 45-115 us against 10 for the two, and level for a chain: e2e_ab3_head_select_h200.json), "auto" (the
 kernel on CUDA for the shapes it takes: at most 64 parents, a hidden size up to 256, 8,192 candidates), "on"
 (also on the CPU under TRITON_INTERPRET=1). None means the caller makes the logits
 (`spec/draft.py: beam_level_from_hidden`).
