@@ -552,6 +552,7 @@ def tune(
             **rep,
             "recorded_step_seconds": steps,
             "recorded_predicted": recorded_predicted,
+            "recorded_outside_probe": [k for k in steps if k not in recorded_predicted],  # deeper or wider: no tau
             "validated": None,
             "best_shape": best[0],
             "default_predicted": {"expected_accept": d_acc, "predicted_tokens_per_s": d_pred},
@@ -615,6 +616,9 @@ def run_cli(args) -> int:
         for k, v in rep["recorded_predicted"].items():
             print(f"{k:<32}{v['predicted_tokens_per_s']:>12.1f}{rows[k]['tokens_per_s']:>10.1f}"
                   f"{v['expected_accept']:>10.2f}{rows[k]['tau']:>7.2f}")  # fmt: skip
+        for k in rep["recorded_outside_probe"]:  # the probe records no acceptance beyond its own depth and widths
+            print(f"{k:<32}{'-':>12}{rows[k]['tokens_per_s']:>10.1f}{'-':>10}{rows[k]['tau']:>7.2f}"
+                  f"  deeper or wider than the probe {rep['probe_shape']}: not predicted")  # fmt: skip
         return _write_report(rep, args.out)
     print(f"{'shape':<32}{'tokens/s':>10}{'tau':>7}")
     for k, v in sorted(rep["validated"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):

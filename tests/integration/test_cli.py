@@ -178,8 +178,12 @@ def test_tune_on_a_recording_prints_its_shapes_predicted_against_measured(tmp_pa
     text = capsys.readouterr().out
     assert code == 0 and "predicted here against measured there" in text
     rep, rows = json.loads(out.read_text()), recorded_rows(json.loads(record.read_text()))
-    assert set(rep["recorded_predicted"]) == set(rows) and len(rows) >= 4
+    probe = [4, 16, 16, 16, 16, 16, 16]
+    outside = {k for k in rows if len(json.loads(k)) > len(probe) or any(w > p for w, p in zip(json.loads(k), probe))}
+    assert set(rep["recorded_predicted"]) == set(rows) - outside and len(rows) - len(outside) >= 4
+    assert set(rep["recorded_outside_probe"]) == outside  # e.g. the record's chain gamma 9, deeper than the probe
     for key, row in rows.items():
         line = next(ln for ln in text.splitlines() if ln.startswith(key))
         assert f"{row['tokens_per_s']:.1f}" in line and f"{row['tau']:.2f}" in line
+        assert ("not predicted" in line) == (key in outside)
     assert [p["tokens"] for p in rep["prompts"]] == [200] and rep["prompts"][0]["name"]
