@@ -65,6 +65,13 @@ NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "8")  # every program's warps:
 
 
 @triton.jit
+def _order_bits(f):
+    """float32 -> int32 of the same order (negative floats' bits flipped), as spec/draft.py's _order_key."""
+    bits = f.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
 def _beam_select_kernel(
     LOGITS,  # [n, V] the draft's logits at each parent (fp16, bf16 or fp32), unit column stride
     SCORES,  # [n] fp32 the parents' cumulative log-probabilities
@@ -108,8 +115,7 @@ def _beam_select_kernel(
     ok = offs < V
     x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
     score = tl.load(SCORES + row) + ((x - row_max) - log_sum)  # parent + log_softmax, in float32
-    bits = score.to(tl.int32, bitcast=True)
-    order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # same order as the floats
+    order = _order_bits(score).to(tl.int64)  # same order as the floats
     rev = (n_rows * V - 1 - (row * V + offs)).to(tl.int64)  # lower flat index -> larger key
     key = tl.where(ok, (order << 32) + rev, _MIN_KEY)
     # 3. the chunk's K largest keys into the scratch

@@ -148,12 +148,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         if algo == "bitonic" and not hasattr(tl, "topk"):
             continue
         p = hsel.plan(n, 4096, 256, w)
-        bit = algo == "bitonic"
-        cand_w = p["n_chunks"] * p["kept"]
-        pow2 = triton.next_power_of_2
-        consts = dict(N_PAD=p["n_pad"], BLOCK_V=p["block_v"], BLOCK_K=256, KC=p["kept"], W=w, WR=min(w, cand_w),
-                      CAND_W=cand_w, CAND_W_POW2=pow2(cand_w), CHUNKS_POW2=pow2(p["n_chunks"]), BITONIC=bit,
-                      KC_POW2=pow2(p["kept"]), W_POW2=pow2(w), WR_POW2=pow2(min(w, cand_w)), IEEE=False)  # fmt: skip
+        consts = hsel.launch_constants(p, w, 256, algo == "bitonic", ieee=False)
         ptrs = dict(H="bf16", HEAD="bf16", SCORES="fp32", PART="fp32", CAND="i64", OUT="i64", TICKET="i32")
         sig, cx = _signature(hsel._head_select_kernel, ptrs, (), consts)
         label = f"head select: {n} x 256 -> 4096 bf16, width {w}, {algo}, {p['block_v']}-token chunks"

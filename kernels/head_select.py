@@ -60,7 +60,9 @@ import triton
 import triton.language as tl
 
 from longspec_lab.kernels.beam_select import (
+    _DTYPES,
     _MIN_KEY,
+    _order_bits,
     add_level_args,
     beam_select_reference,
     check_level,
@@ -71,7 +73,6 @@ from longspec_lab.kernels.row_topk import _algo, _store_topk
 from longspec_lab.kernels.tree_attention import _max, _sum, _tickets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 64  # parents per level: the logits tile holds every row ([N_PAD, BLOCK_V] float32 in registers)
 MAX_FEATURES = 256  # hidden size: one K step, the head's tile read whole before the wait (the embedded draft: 256)
 MAX_CANDIDATES = 8192  # N_PAD x n_chunks x KC keys, held by the last program (8,192 int64 over 8 warps: 64 a thread)
@@ -94,13 +95,6 @@ def _rows_topk(x, MIN: tl.constexpr, K: tl.constexpr, BITONIC: tl.constexpr, K_P
         out = tl.where(offs[None, :] == i, m[:, None], out)
         x = tl.where(x == m[:, None], MIN, x)
     return out
-
-
-@triton.jit
-def _order_bits(f):
-    """float32 -> int32 of the same order (negative floats' bits flipped), as spec/draft.py's _order_key."""
-    bits = f.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
@@ -208,9 +202,7 @@ def plan(n: int, V: int, K: int, width: int, block_v: int | None = None) -> dict
     """The launch's shape: tokens per program, programs, keys kept per chunk and row, the candidates the last
     program holds. `fits` says whether the kernel takes the level (n <= MAX_ROWS, K <= MAX_FEATURES, candidates
     <= MAX_CANDIDATES); the decoder falls back to the two launches when it does not."""
-    block = triton.next_power_of_2(max(1, block_v or BLOCK_V))
-    kept = min(width, block)
-    block = min(max(block, triton.next_power_of_2(kept)), max(16, triton.next_power_of_2(V)))
+    block = min(triton.next_power_of_2(max(1, block_v or BLOCK_V)), max(16, triton.next_power_of_2(V)))
     kept = min(width, block)
     n_chunks = triton.cdiv(V, block)
     n_pad = max(16, triton.next_power_of_2(n))
@@ -218,6 +210,19 @@ def plan(n: int, V: int, K: int, width: int, block_v: int | None = None) -> dict
     return dict(
         block_v=block, n_chunks=n_chunks, kept=kept, n_pad=n_pad, candidates=cand,
         fits=n <= MAX_ROWS and K <= MAX_FEATURES and cand <= MAX_CANDIDATES and width <= n * V,
+    )  # fmt: skip
+
+
+def launch_constants(p: dict, width: int, K: int, bitonic: bool, ieee: bool) -> dict:
+    """The kernel's constexprs for a `plan` p, a level of `width`, K features and the selection (the op launches
+    with them; kernels/compile_check.py compiles with them)."""
+    pow2 = triton.next_power_of_2
+    cand_w = p["n_chunks"] * p["kept"]
+    wr = min(width, cand_w)
+    return dict(
+        N_PAD=p["n_pad"], BLOCK_V=p["block_v"], BLOCK_K=max(16, pow2(K)), KC=p["kept"], W=width, WR=wr,
+        CAND_W=cand_w, CAND_W_POW2=pow2(cand_w), CHUNKS_POW2=pow2(p["n_chunks"]), BITONIC=bitonic,
+        KC_POW2=pow2(p["kept"]), W_POW2=pow2(width), WR_POW2=pow2(wr), IEEE=ieee,
     )  # fmt: skip
 
 
@@ -233,16 +238,10 @@ def _head_select_op(
     part = torch.empty(2, p["n_chunks"], p["n_pad"], dtype=torch.float32, device=h.device)
     cand = torch.empty(p["n_pad"], p["n_chunks"] * p["kept"], dtype=torch.int64, device=h.device)
     out = torch.empty(width, dtype=torch.int64, device=h.device)
-    bitonic = _algo() == "bitonic"
-    pow2 = triton.next_power_of_2
-    cand_w = p["n_chunks"] * p["kept"]
+    consts = launch_constants(p, width, K, _algo() == "bitonic", h.dtype == torch.float32)
     _head_select_kernel[(p["n_chunks"],)](
         h, head, parent_scores, part, cand, out, _tickets(h.device), n, V, K, h.stride(0), head.stride(0),
-        p["n_chunks"], N_PAD=p["n_pad"], BLOCK_V=p["block_v"], BLOCK_K=max(16, pow2(K)), KC=p["kept"], W=width,
-        WR=min(width, cand_w), CAND_W=cand_w, CAND_W_POW2=pow2(cand_w), CHUNKS_POW2=pow2(p["n_chunks"]),
-        BITONIC=bitonic, KC_POW2=pow2(p["kept"]), W_POW2=pow2(width), WR_POW2=pow2(min(width, cand_w)),
-        IEEE=h.dtype == torch.float32, num_warps=num_warps,
-        **launch_args(h.device),
+        p["n_chunks"], num_warps=num_warps, **consts, **launch_args(h.device),
     )  # fmt: skip
     return out
 
