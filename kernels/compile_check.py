@@ -214,6 +214,21 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(nl._norm_linear_kernel, nl_ptrs, ("eps",), consts)
         out.append((f"residual_norm_linear: {M} x 256 -> 256, then norm + gate/up -> 768", nl._norm_linear_kernel,
                     sig, cx, dict(num_warps=4, num_stages=3)))  # fmt: skip
+    from longspec_lab.kernels import stream_linear as sl
+
+    # an 8B decode's projections (one row, 132 SMs): q/k/v with its norm (split), gate/up with its norm and SiLU
+    # product, down_proj with its residual (split), and the LM head (one split)
+    cases = [("qkv", True, False, False), ("gate_up", True, False, True), ("down", False, True, False),
+             ("lm_head", True, False, False)]  # fmt: skip
+    for name, norm, res, gated in cases[:2] if quick else cases:
+        N, K, _ = sl.LLAMA_8B[name]
+        bn, bk, split, _, warps = sl.plan(1, N // 2 if gated else N, K, gated, 132)
+        consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, IEEE=False, ONE_SPLIT=split == 1, BLOCK_M=sl.MAX_ROWS,
+                      BLOCK_N=bn, BLOCK_K=bk)  # fmt: skip
+        ptrs = dict(X="bf16", W="bf16", NW="bf16", R="bf16", Y="bf16", PART="fp32", SS="fp32", TICKET="i32")
+        sig, cx = _signature(sl._stream_linear_kernel, ptrs, ("eps",), consts)
+        out.append((f"stream_linear: 1 x {K} -> {N}, {split} split(s), norm={norm} residual={res} gated={gated}",
+                    sl._stream_linear_kernel, sig, cx, dict(num_warps=warps, num_stages=3)))  # fmt: skip
     from longspec_lab.kernels import masked_attention as ma
 
     # the draft's window attention over a ring of 586 keys: a 16-row tree level (G * T = 32 stacked rows), split,

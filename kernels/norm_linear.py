@@ -404,20 +404,14 @@ def _fail(what: str, fix: str):
     raise ValueError(f"norm_linear: {what}; {fix}")
 
 
-def norm_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: Optional[torch.Tensor] = None,
-    eps: float = 1e-6,
-    residual: Optional[torch.Tensor] = None,
-    gated: bool = False,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """[..., K] rows -> [..., N]: RMSNorm (if norm_weight [K]), x @ weight^T + bias (weight [N, K] and bias [N],
-    or [2N, K] and [2N] with gated: silu(gate) * up), plus residual [..., N] (if given). See the module
-    docstring. On CUDA, or on the CPU under TRITON_INTERPRET=1. With LONGSPEC_WEIGHT_FIRST=on and PDL, weight and
-    norm_weight are read before the kernel waits for the one launched before it: they must not be that kernel's
-    output (the models pass parameters)."""
+def check_inputs(name: str, x, weight, norm_weight, residual, gated: bool, bias):
+    """The checks every projection wrapper makes (`name` opens each message), then its operands: (x [M, K] with unit
+    column stride, weight, norm_weight, residual [M, N], bias, contiguous where they need to be; x's leading shape;
+    N)."""
+
+    def _fail(what: str, fix: str):
+        raise ValueError(f"{name}: {what}; {fix}")
+
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         _fail(f"x must be a tensor [..., K], got {type(x).__name__}", "pass the activations")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -445,7 +439,7 @@ def norm_linear(
     if any(t.device != x.device for t in tensors):
         _fail("all tensors must be on one device", "move them with .to(x.device)")
     if not (x.is_cuda or _INTERPRET):
-        fix = "pass CUDA tensors, or set TRITON_INTERPRET=1 before importing longspec_lab.kernels.norm_linear"
+        fix = f"pass CUDA tensors, or set TRITON_INTERPRET=1 before importing longspec_lab.kernels.{name}"
         _fail(f"it runs a Triton kernel and got a tensor on {x.device}", fix)
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -456,6 +450,24 @@ def norm_linear(
         r2 = r2.contiguous()
     nw = None if norm_weight is None else norm_weight.contiguous()
     b = None if bias is None else bias.contiguous()
+    return x2, w, nw, r2, b, lead, N
+
+
+def norm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+    gated: bool = False,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[..., K] rows -> [..., N]: RMSNorm (if norm_weight [K]), x @ weight^T + bias (weight [N, K] and bias [N],
+    or [2N, K] and [2N] with gated: silu(gate) * up), plus residual [..., N] (if given). See the module
+    docstring. On CUDA, or on the CPU under TRITON_INTERPRET=1. With LONGSPEC_WEIGHT_FIRST=on and PDL, weight and
+    norm_weight are read before the kernel waits for the one launched before it: they must not be that kernel's
+    output (the models pass parameters)."""
+    x2, w, nw, r2, b, lead, N = check_inputs("norm_linear", x, weight, norm_weight, residual, gated, bias)
     return _norm_linear_op(x2, w, nw, float(eps), r2, bool(gated), b).view(*lead, N)
 
 

@@ -31,7 +31,9 @@ from longspec_lab.provenance import environment
 from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, DraftTree
 
 
-def random_target(cfg, device, dtype, seed=0) -> Target:
+def random_target(cfg, device, dtype, seed=0, fuse: bool = True) -> Target:
+    """A Target of config `cfg` with random weights (norms 1, the rest N(0, 0.02)) on `device` in `dtype`; with
+    `fuse` its q/k/v and gate/up projections fused into one weight each, as the loaders fuse a checkpoint's."""
     with torch.device("meta"):
         m = Target(cfg)
     m = m.to_empty(device=device)
@@ -43,7 +45,19 @@ def random_target(cfg, device, dtype, seed=0) -> Target:
             else:
                 p.normal_(0.0, 0.02, generator=g)
     m.rotary = Rotary(cfg).to(device)
-    return m.to(dtype).eval()
+    m = m.to(dtype).eval()
+    return m.fuse() if fuse else m
+
+
+def read_weight_bytes(target, rows: int = 1) -> int:
+    """The weight bytes one pass of `rows` tokens reads: every parameter, except that an input embedding table not
+    shared with the LM head is read one row per token, not whole (Llama-3-8B's: 1.05 GB that a floor counting
+    every parameter would add)."""
+    total = sum(p.numel() * p.element_size() for p in target.parameters())
+    emb = target.model.embed_tokens.weight
+    if emb is not target.lm_head.weight:
+        total -= (emb.shape[0] - rows) * emb.shape[1] * emb.element_size()
+    return total
 
 
 def verify_block(n_pending=4, shape=DEFAULT_TREE_SHAPE, device="cpu"):
@@ -120,7 +134,7 @@ def measure(
     cfg = PRESETS["llama3-8b"]
     target = random_target(cfg, dev, dtype)
     bw = copy_bandwidth(dev)
-    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    weight_bytes = read_weight_bytes(target)
     kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     mask, offsets = verify_block(n_pending, device=dev)
     T = mask.shape[0]
@@ -228,11 +242,12 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
     import triton
 
     from longspec_lab.models.glide import DraftConfig, Glide
+    from longspec_lab.models.layers import fuse_projections
     from longspec_lab.ops.attention import prefix_attention
     from longspec_lab.spec.draft import beam_level
 
     torch.manual_seed(0)
-    d = Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval()
+    d = fuse_projections(Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval())  # as loaded
     dc = d.config
     W = dc.window
     rk = torch.randn(1, dc.num_kv_heads, W + 69, dc.head_dim, dtype=dtype, device=dev)

@@ -68,6 +68,13 @@ FUSE_RESIDUAL = os.environ.get("LONGSPEC_FUSE_RESIDUAL", "off")
 # e2e_ab_lm_head_torch_h200.json): AR 7,588 against 7,545 tokens/s, the default tree 12,558 against 12,646, one
 # kernel fewer in an AR step (56 -> 55) and a verify.
 LM_HEAD = os.environ.get("LONGSPEC_LM_HEAD", "auto")
+# LONGSPEC_STREAM_LINEAR: projections of at most STREAM_MAX_ROWS rows (a decode, a draft level) through large
+# weights go to `kernels/stream_linear.py` (split-K, the weight read before the PDL wait, the norm and epilogue
+# fused) instead of cuBLAS. "auto": on CUDA for weights of more than AUTO_MAX_WEIGHT elements (an 8B model's; the
+# embedded model keeps `norm_linear`); "on": for every weight, on CUDA or under the CPU interpreter (tests); "off":
+# never. Not used with a bias.
+STREAM_LINEAR = os.environ.get("LONGSPEC_STREAM_LINEAR", "auto")
+STREAM_MAX_ROWS = 16  # kernels/stream_linear.py's MAX_ROWS (this module does not import Triton at start-up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,6 +82,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     do, rounded back to x's dtype, then times the weight; one fused kernel (torch.rms_norm)."""
     xf = F.rms_norm(x if x.dtype == torch.float64 else x.float(), (x.shape[-1],), eps=eps)
     return weight * xf.to(x.dtype)
+
+
+def _stream_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
+    if checked("LONGSPEC_STREAM_LINEAR", STREAM_LINEAR, CHOICES) == "off" or not HAS_TRITON or bias is not None:
+        return False
+    if x.numel() > STREAM_MAX_ROWS * x.shape[-1]:
+        return False
+    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the kernel has no backward
+    if any(t.dtype != x.dtype for t in tensors):
+        return False
+    if STREAM_LINEAR == "auto":
+        return x.is_cuda and weight.numel() > AUTO_MAX_WEIGHT
+    return x.is_cuda or _interpreting()
 
 
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
@@ -144,6 +166,11 @@ def norm_linear(
 ) -> torch.Tensor:
     """x [..., K] -> [..., N]. norm: (RMSNorm weight [K], eps) applied to x first; weight [N, K] (gated: the
     gate rows then the up rows, [2N, K], and the output is silu(gate) * up); residual [..., N] added last."""
+    if _stream_path(x, weight, bias, norm, residual):
+        from longspec_lab.kernels.stream_linear import stream_linear
+
+        nw, eps = norm if norm is not None else (None, 1e-6)
+        return stream_linear(x, weight, nw, eps, residual, gated)
     if _kernel_path(x, weight, bias, norm, residual):
         from longspec_lab.kernels.norm_linear import norm_linear as fused
 
