@@ -73,7 +73,7 @@ LM_HEAD = os.environ.get("LONGSPEC_LM_HEAD", "auto")
 # fused) instead of cuBLAS. "auto": on CUDA for weights of more than AUTO_MAX_WEIGHT elements (an 8B model's; the
 # embedded model keeps `norm_linear`); "on": for every weight, on CUDA or under the CPU interpreter (tests); "off":
 # never. Not used with a bias.
-STREAM_LINEAR = os.environ.get("LONGSPEC_STREAM_LINEAR", "auto")
+STREAM_LINEAR = os.environ.get("LONGSPEC_STREAM_LINEAR", "off")
 STREAM_MAX_ROWS = 16  # kernels/stream_linear.py's MAX_ROWS (this module does not import Triton at start-up)
 
 
