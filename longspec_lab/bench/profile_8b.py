@@ -41,10 +41,10 @@ ATTENTION_MARKS = ("attn", "attention", "flash", "fmha", "sdpa")
 def kernel_class(name: str) -> str:
     """ "projection", "attention" or "other" for a CUDA kernel name."""
     low = name.lower()
+    if any(m in low for m in ATTENTION_MARKS):  # first: flash's split-KV kernels are named "splitkv"
+        return "attention"
     if any(m in low for m in PROJECTION_MARKS):
         return "projection"
-    if any(m in low for m in ATTENTION_MARKS):
-        return "attention"
     return "other"
 
 

@@ -117,3 +117,29 @@ def test_ratios_use_the_fastest_form_of_each_step():
     assert row["triton_verify_over_decode"] == 5.0 / 3.0 and row["sdpa_verify_over_decode"] == 2.0
     assert row["triton_projected_speedup"] == 5.0 * 3.0 / (1.0 + 5.0 + 0.5)
     assert row["sdpa_projected_speedup"] == 5.0 * 8.0 / (1.0 + 16.0 + 0.5)
+
+
+def test_random_target_is_fused_as_loaded_and_computes_the_same():
+    """The 8B-shaped benchmark model has one q/k/v and one gate/up weight per layer, as a loaded checkpoint has
+    (the step it times is the decoder's), and its logits equal the same random weights left unfused."""
+    fused = vc.random_target(SMALL, torch.device("cpu"), torch.float32, seed=3)
+    plain = vc.random_target(SMALL, torch.device("cpu"), torch.float32, seed=3, fuse=False)
+    layer = fused.model.layers[0]
+    assert hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")
+    assert not hasattr(plain.model.layers[0].self_attn, "qkv_proj")
+    x = torch.randint(0, SMALL.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_floor_reads_an_untied_embedding_table_a_row_per_token():
+    """read_weight_bytes counts every parameter once, except an untied input embedding table: a pass reads one
+    row of it per token. With the table tied to the LM head, the head reads it whole."""
+    t = vc.random_target(SMALL, torch.device("cpu"), torch.float32)
+    every = sum(p.numel() * 4 for p in t.parameters())
+    row = SMALL.hidden_size * 4
+    assert vc.read_weight_bytes(t) == every - (SMALL.vocab_size - 1) * row
+    assert vc.read_weight_bytes(t, rows=72) == every - (SMALL.vocab_size - 72) * row
+    tied = vc.random_target(dataclasses.replace(SMALL, tie_word_embeddings=True), torch.device("cpu"), torch.float32)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    assert vc.read_weight_bytes(tied) == sum(p.numel() * 4 for p in tied.parameters())

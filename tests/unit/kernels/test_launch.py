@@ -24,6 +24,7 @@ KERNELS = Path(launch.__file__).resolve().parent
 READ_BEFORE_WAIT = {  # the weights (parameters) each kernel reads before its wait, and the sizes that bound them
     "_norm_linear_kernel": {"W", "NW", "stride_wn", "N", "K"},
     "_head_select_kernel": {"HEAD", "stride_w", "V", "K"},  # the draft's LM head
+    "_stream_linear_kernel": {"W", "NW", "stride_wn", "N", "K", "K_STEPS"},  # its first step's weight tiles
 }
 
 

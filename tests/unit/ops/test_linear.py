@@ -187,3 +187,65 @@ def test_the_lm_head_equals_the_float64_definition_on_either_path(switch, monkey
     monkeypatch.setattr(linear, "LM_HEAD", "fast")
     with pytest.raises(ValueError, match="LONGSPEC_LM_HEAD='fast' is not one of auto, torch"):
         linear.lm_head(x, w)
+
+
+def test_stream_switch_picks_the_split_k_kernel_for_few_rows(monkeypatch):
+    """LONGSPEC_STREAM_LINEAR: "on" sends projections of at most STREAM_MAX_ROWS rows without a bias to
+    kernels/stream_linear.py (also under the interpreter), and the numbers stay the definition's; more rows or a
+    bias keep the other paths; "auto" only CUDA weights above AUTO_MAX_WEIGHT; "off" (the default) never."""
+    import longspec_lab.kernels.stream_linear as sl
+
+    calls = []
+    real = sl.stream_linear
+    monkeypatch.setattr(sl, "stream_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    w, nw = torch.randn(2 * 24, 80, generator=g) / 9, 1 + 0.1 * torch.randn(80, generator=g)
+    r = torch.randn(1, 16, 24, generator=g)
+    x = torch.randn(1, 16, 80, generator=g)
+    monkeypatch.setattr(linear, "STREAM_LINEAR", "on")
+    got = linear.norm_linear(x, w, None, (nw, 1e-5), r, gated=True)
+    want = norm_linear_reference(x, w, nw, 1e-5, r, True)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert calls == [x.shape]
+    linear.norm_linear(torch.randn(17, 80, generator=g), w)  # 17 rows: not this kernel
+    linear.norm_linear(x, w[:24], torch.zeros(24))  # a bias: not this kernel
+    assert len(calls) == 1
+    monkeypatch.setattr(linear, "STREAM_LINEAR", "auto")
+    big = torch.empty(linear.AUTO_MAX_WEIGHT // 64 + 1, 64)
+    assert not linear._stream_path(torch.empty(1, 64), big, None, None)  # CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert linear._stream_path(torch.empty(1, 64), big, None, None) == linear.HAS_TRITON
+    assert not linear._stream_path(torch.empty(1, 80), w, None, None)  # a small weight: norm_linear's
+    monkeypatch.setattr(linear, "STREAM_LINEAR", "off")
+    assert not linear._stream_path(torch.empty(1, 64), big, None, None)
+    monkeypatch.setattr(linear, "STREAM_LINEAR", "fast")
+    with pytest.raises(ValueError, match="LONGSPEC_STREAM_LINEAR='fast'"):
+        linear.norm_linear(torch.ones(2, 4), torch.ones(3, 4))
+
+
+def test_stream_switch_in_a_whole_decode_gives_the_same_logits(tmp_path, monkeypatch):
+    """A random Llama written by transformers, loaded fused, one prefill and one decode step through the cache:
+    with LONGSPEC_STREAM_LINEAR=on every projection of the decode step (and the LM head) goes through the
+    split-K kernel, and its logits equal transformers' forward over the whole sequence."""
+    import longspec_lab.kernels.stream_linear as sl
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_target(tmp_path, device="cpu", dtype="float32")
+    x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(8))
+    cache = ours.new_cache(64)
+    calls = []
+    real = sl.stream_linear
+    monkeypatch.setattr(sl, "stream_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ours(x[:, :-1], cache=cache, start=0)  # 29 rows: not the streaming kernel
+        assert not calls
+        monkeypatch.setattr(linear, "STREAM_LINEAR", "on")
+        got = ours(x[:, -1:], cache=cache, start=29)[0, -1]
+        ref = hf(x).logits[0, -1]
+    assert len(calls) == 4 * cfg.num_hidden_layers + 1  # qkv, o, gate_up, down per layer, and the LM head
+    assert (got - ref).abs().max().item() <= 1e-4
