@@ -237,6 +237,13 @@ def test_speed_bars_and_verify_decode_figures():
     ratio = [t for t in fig.data if t.xaxis == "x2"][0]
     assert np.allclose(list(ratio.y), [2.0 / 1.5, 2.0 / 1.5])
     assert list(_trace(fig, "bandwidth floor (weights + KV / copy BW)").y) == [1.0, 1.0]
+    for r in rows:  # compiled in every row: that form is drawn; in one row only: the captured form stays
+        r.update(triton_verify_compiled_ms=r["triton_verify_graph_ms"] / 2, triton_decode_compiled_ms=1.0)
+    fig = viz_results.verify_decode_figure(rows, backends=("triton",))
+    assert list(_trace(fig, "ours + Triton kernel (compiled + CUDA graph)").y) == [1.0, 2.0]
+    del rows[0]["triton_decode_compiled_ms"]
+    fig = viz_results.verify_decode_figure(rows, backends=("triton",))
+    assert list(_trace(fig, "ours + Triton kernel (CUDA graph)").y) == [2.0, 4.0]
 
 
 def test_tick_helpers_and_spread_labels():
