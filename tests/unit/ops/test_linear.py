@@ -126,16 +126,22 @@ def test_unknown_switch_value_is_named(switch):
         linear.norm_linear(torch.ones(2, 4), torch.ones(3, 4))
 
 
-def test_model_with_the_kernel_matches_transformers(tmp_path, switch):
-    """A random Llama written by transformers, loaded fused: with the switch on, every projection of every
-    layer goes through the kernel, and the logits still equal transformers' own forward."""
-    torch.manual_seed(5)
+def _random_llama(path, seed: int):
+    """A random two-layer Llama written by transformers to `path`: (its config, the transformers model, ours loaded
+    from the folder, fused)."""
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=False)  # fmt: skip
     hf = LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp_path)
-    ours = load_target(tmp_path, device="cpu", dtype="float32")
+    hf.save_pretrained(path)
+    return cfg, hf, load_target(path, device="cpu", dtype="float32")
+
+
+def test_model_with_the_kernel_matches_transformers(tmp_path, switch):
+    """A random Llama written by transformers, loaded fused: with the switch on, every projection of every
+    layer goes through the kernel, and the logits still equal transformers' own forward."""
+    cfg, hf, ours = _random_llama(tmp_path, seed=5)
     x = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(6))
     calls = []
     real = linear._kernel_path
@@ -229,13 +235,7 @@ def test_stream_switch_in_a_whole_decode_gives_the_same_logits(tmp_path, monkeyp
     split-K kernel, and its logits equal transformers' forward over the whole sequence."""
     import longspec_lab.kernels.stream_linear as sl
 
-    torch.manual_seed(7)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)  # fmt: skip
-    hf = LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp_path)
-    ours = load_target(tmp_path, device="cpu", dtype="float32")
+    cfg, hf, ours = _random_llama(tmp_path, seed=7)
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(8))
     cache = ours.new_cache(64)
     calls = []
