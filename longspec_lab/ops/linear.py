@@ -84,15 +84,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def _inference_operands(x, weight, bias, norm, residual) -> bool:
+    """A kernel's precondition: no operand needs a gradient (the kernels have no backward: training keeps the
+    PyTorch ops) and every operand has x's dtype."""
+    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.dtype == x.dtype for t in tensors)
+
+
 def _stream_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
     if checked("LONGSPEC_STREAM_LINEAR", STREAM_LINEAR, CHOICES) == "off" or not HAS_TRITON or bias is not None:
         return False
-    if x.numel() > STREAM_MAX_ROWS * x.shape[-1]:
-        return False
-    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the kernel has no backward
-    if any(t.dtype != x.dtype for t in tensors):
+    if x.numel() > STREAM_MAX_ROWS * x.shape[-1] or not _inference_operands(x, weight, bias, norm, residual):
         return False
     if STREAM_LINEAR == "auto":
         return x.is_cuda and weight.numel() > AUTO_MAX_WEIGHT
@@ -102,10 +106,7 @@ def _stream_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=Non
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, bias, norm, residual=None) -> bool:
     if checked("LONGSPEC_NORM_LINEAR", NORM_LINEAR, CHOICES) == "off" or not HAS_TRITON:
         return False
-    tensors = [t for t in (x, weight, None if norm is None else norm[0], residual, bias) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the kernel has no backward: training keeps the PyTorch ops
-    if any(t.dtype != x.dtype for t in tensors):
+    if not _inference_operands(x, weight, bias, norm, residual):
         return False
     if NORM_LINEAR == "auto":
         return x.is_cuda and weight.numel() <= AUTO_MAX_WEIGHT
