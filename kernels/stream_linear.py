@@ -102,8 +102,8 @@ def _stream_linear_kernel(
     NW,  # [K] RMSNorm weight (read only if HAS_NORM)
     R,  # [M, N] residual added to the output (read only if HAS_RES)
     Y,  # [M, N] output, X's dtype
-    PART,  # float32 [SPLIT, 1 or 2 (GATED), BLOCK_M, N] partial products (SPLIT > 1)
-    SS,  # float32 [column tiles, SPLIT, BLOCK_M] partial sums of squares of the inputs (SPLIT > 1, HAS_NORM)
+    PART,  # float32 [SPLIT, 1 or 2 (GATED), M, N] partial products (SPLIT > 1)
+    SS,  # float32 [column tiles, SPLIT, M] partial sums of squares of the inputs (SPLIT > 1, HAS_NORM)
     TICKET,  # int32 [column tiles] arrivals per column tile, zero between launches (SPLIT > 1)
     M,  # rows
     N,  # output columns
@@ -170,11 +170,12 @@ def _stream_linear_kernel(
     else:
         G: tl.constexpr = 2 if GATED else 1
         part = PART + rows[:, None] * N + cols[None, :]  # [BLOCK_M, BLOCK_N] of split 0, gate / plain
-        tl.store(part + (pid_s * G) * BLOCK_M * N, acc, mask=col_ok[None, :])
+        ok = row_ok[:, None] & col_ok[None, :]  # only the rows the launch has: M x N floats a split, not BLOCK_M x N
+        tl.store(part + (pid_s * G) * M * N, acc, mask=ok)
         if GATED:
-            tl.store(part + (pid_s * G + 1) * BLOCK_M * N, acc_up, mask=col_ok[None, :])
+            tl.store(part + (pid_s * G + 1) * M * N, acc_up, mask=ok)
         if HAS_NORM:
-            tl.store(SS + (pid_n * SPLIT + pid_s) * BLOCK_M + rows, ss)
+            tl.store(SS + (pid_n * SPLIT + pid_s) * M + rows, ss, mask=row_ok)
         tl.debug_barrier()  # every store of this program is issued before its ticket moves
         arrived = tl.atomic_add(TICKET + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:  # the last split of this column tile: the sum in split order, then the epilogue
@@ -182,12 +183,12 @@ def _stream_linear_kernel(
             acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             ss = tl.zeros([BLOCK_M], dtype=tl.float32)
             for s in range(SPLIT):
-                acc += tl.load(part + (s * G) * BLOCK_M * N, mask=col_ok[None, :], other=0.0, cache_modifier=".cg")
+                acc += tl.load(part + (s * G) * M * N, mask=ok, other=0.0, cache_modifier=".cg")
                 if GATED:
-                    acc_up += tl.load(part + (s * G + 1) * BLOCK_M * N, mask=col_ok[None, :], other=0.0,
+                    acc_up += tl.load(part + (s * G + 1) * M * N, mask=ok, other=0.0,
                                       cache_modifier=".cg")  # fmt: skip
                 if HAS_NORM:
-                    ss += tl.load(SS + (pid_n * SPLIT + s) * BLOCK_M + rows, cache_modifier=".cg")
+                    ss += tl.load(SS + (pid_n * SPLIT + s) * M + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             _epilogue(acc, acc_up, ss, rows, row_ok, cols, col_ok, R, Y, stride_rm, stride_ym, K, eps,
                       HAS_NORM, HAS_RES, GATED)  # fmt: skip
             tl.atomic_xchg(TICKET + pid_n, 0)
@@ -246,8 +247,8 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(N, block_n)
     if split > 1:
-        part = torch.empty(split * (2 if gated else 1) * MAX_ROWS * N, dtype=torch.float32, device=x.device)
-        ss = torch.empty(tiles * split * MAX_ROWS if norm_weight is not None else 1, dtype=torch.float32,
+        part = torch.empty(split * (2 if gated else 1) * M * N, dtype=torch.float32, device=x.device)
+        ss = torch.empty(tiles * split * M if norm_weight is not None else 1, dtype=torch.float32,
                          device=x.device)  # fmt: skip
         tickets = _tickets(x.device)
     else:
