@@ -27,8 +27,8 @@ LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one l
 that launch's warps per program), LONGSPEC_HEAD_SELECT (off/auto/on: the draft's LM head and that selection in one
 launch; off: slower on the H200), LONGSPEC_STREAM_LINEAR (off/auto/on: up to 16 rows through a large weight in
 one split-K kernel; off: slower than cuBLAS on an H100), LONGSPEC_COMBO_KERNELS (on/off: independent generated
-kernels launched as one), LONGSPEC_AUTOTUNE (1/0), LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set;
-the repository's docs/GPU_JOBS.md says what each one changes and what it measured.
+kernels launched as one), LONGSPEC_AUTOTUNE (1/0), LONGSPEC_COMPILE_MODE (default). Every JSON a command writes
+records the ones set; the repository's docs/GPU_JOBS.md says what each one changes and what it measured.
 
 Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb
 """
