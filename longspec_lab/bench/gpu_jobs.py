@@ -6,6 +6,10 @@ Each job is a subprocess with its own time limit and log file, so one failure do
 others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
   kernel     python -m longspec_lab.kernels.bench_tree_attention (tree attention against SDPA, Flex, floors)
   verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
+  verify_compiled  the same with decode and verify compiled at 4k and 32k (about 7 minutes on an H100)
+  verify_compiled_128k  the same at 128k alone (its verify compiles for about 4 minutes)
+  profile_8b python -m longspec_lab.bench.profile_8b --compile (every kernel of the 8B steps at 4k, the
+             projections alone, the compiled decode)
   launch     python -m longspec_lab.kernels.launch              (a kernel boundary's cost with PDL and without,
              and a persistent kernel's waits against it: does fusing the step into one launch pay?)
   e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, kernels per stage)
@@ -122,6 +126,50 @@ def jobs(out: Path) -> dict:
             {},
         ),
         "verify": ([py, "-m", "longspec_lab.bench.verify_cost", "--out", str(out / "verify_8b_h200.json")], 240, {}),
+        "verify_compiled": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.verify_cost",
+                "--contexts",
+                "4096,32768",
+                "--compile",
+                "4096,32768",
+                "--out",
+                str(out / "verify_8b_compiled_h200.json"),
+            ],
+            540,
+            {},
+        ),
+        "verify_compiled_128k": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.verify_cost",
+                "--contexts",
+                "131072",
+                "--compile",
+                "131072",
+                "--out",
+                str(out / "verify_8b_compiled_128k_h200.json"),
+            ],
+            480,
+            {},
+        ),
+        "profile_8b": (
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.profile_8b",
+                "--contexts",
+                "4096",
+                "--compile",
+                "--out",
+                str(out / "profile_8b_h200.json"),
+            ],
+            240,
+            {},
+        ),
         "launch": ([py, "-m", "longspec_lab.kernels.launch", "--out", str(out / "launch_h200.json")], 120, {}),
         "e2e": (
             [
