@@ -12,8 +12,8 @@ floor, the question is which kernels hold it there. This benchmark answers it in
                (`F.linear`), the package's `norm_linear` kernel and, up to 16 rows, `stream_linear` (what the
                models call for weights this size under LONGSPEC_STREAM_LINEAR=auto), with achieved TB/s and the
                multiple of the copy-bandwidth floor;
-  compiled     with --compile, the decode compiled with torch.compile (the form the decoder runs) and
-               captured: its compile time apart, its replay time and its kernels.
+  compiled     with --compile, the decode and the verify compiled with torch.compile (the form the decoder
+               runs) and captured: their compile times apart, their replay times and their kernels.
 
     python -m longspec_lab.bench.profile_8b --out F.json      # a CUDA GPU with about 20 GB free
 
@@ -132,9 +132,9 @@ def step_bytes(target, context: int, rows: int) -> tuple[int, int]:
     return weights - small, weights + kv
 
 
-def profile_steps(target, context: int, bw: float, backend: str = "triton", compile_decode: bool = False) -> dict:
-    """Decode and verify at `context`, captured, each replayed once under the profiler; with compile_decode the
-    decode also compiled (compile time apart) and captured."""
+def profile_steps(target, context: int, bw: float, backend: str = "triton", compile_steps: bool = False) -> dict:
+    """Decode and verify at `context`, captured, each replayed once under the profiler; with compile_steps both
+    also compiled (compile times apart) and captured."""
     import triton
 
     from longspec_lab.bench.profile import _profiled_kernels, step_timeline
@@ -161,13 +161,13 @@ def profile_steps(target, context: int, bw: float, backend: str = "triton", comp
     out = {"context": context, "backend": backend}
     forms = [("decode", dec, 1), ("verify", ver, T)]
     with torch.inference_mode():
-        if compile_decode:  # compiled under inference mode, as it is then captured and replayed
-            fn = compile_stage(dec, "default")
+        for kind, fn, rows in list(forms) if compile_steps else []:  # compiled under inference mode, as replayed
+            compiled = compile_stage(fn, "default")
             t0 = time.perf_counter()
-            fn()
+            compiled()
             torch.cuda.synchronize()
-            out["decode_compile_s"] = time.perf_counter() - t0
-            forms.append(("decode_compiled", fn, 1))
+            out[f"{kind}_compile_s"] = time.perf_counter() - t0
+            forms.append((f"{kind}_compiled", compiled, rows))
         for kind, fn, rows in forms:
             g = capture([fn])[0]
             proj_bytes, all_bytes = step_bytes(target, context, rows)
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--contexts", default="4096,32768", help="comma-separated contexts (default: %(default)s)")
     ap.add_argument("--backend", default="triton", help="attention backend of the steps (default: %(default)s)")
-    ap.add_argument("--compile", action="store_true", help="also compile the decode at the first context (minutes)")
+    ap.add_argument("--compile", action="store_true", help="also compile decode and verify at the first context")
     ap.add_argument("--no-projections", action="store_true", help="skip the projections alone")
     ap.add_argument("--out", required=True, help="the JSON report (must not exist; rewritten as each part finishes)")
     a = ap.parse_args(argv)
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     target = random_target(cfg, torch.device("cuda"), torch.bfloat16)
     rep["steps"] = []
     for i, P in enumerate(contexts):
-        rep["steps"].append(profile_steps(target, P, bw, a.backend, compile_decode=a.compile and i == 0))
+        rep["steps"].append(profile_steps(target, P, bw, a.backend, compile_steps=a.compile and i == 0))
         print(json.dumps(rep["steps"][-1])[:3000], flush=True)
         write()
     rep["complete"] = True
