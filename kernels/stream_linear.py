@@ -34,6 +34,8 @@ graph-captured, against the copy bandwidth measured in the same run:
     python -m longspec_lab.kernels.stream_linear
 
 `longspec_lab/ops/linear.py` decides when the models use it (LONGSPEC_STREAM_LINEAR).
+
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb (the 8B-shaped steps: where the compiled decode's time goes)
 """
 
 import os
@@ -319,11 +321,31 @@ L2_SPAN = 256 << 20  # the chain rotates through enough weight copies to read th
 
 
 def _time_chain(fn, weights, x, do_bench) -> float:
-    """us per call of fn(x, w) in a captured chain of CHAIN calls over the rotating weights (after warm-up)."""
-    from longspec_lab.decoding.graphs import capture
+    """us per call of fn(x, w) in a captured chain of CHAIN calls over the rotating weights, after a warm-up on a side
+    stream (compilation, allocator) as the decoder captures its steps."""
 
-    g = capture([lambda: [fn(x, weights[i % len(weights)]) for i in range(CHAIN)]])[0]
+    def chain():
+        for i in range(CHAIN):
+            fn(x, weights[i % len(weights)])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            chain()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        chain()
     return do_bench(g.replay, warmup=10, rep=60) * 1e3 / CHAIN
+
+
+def _copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + written), the floor every projection is divided by."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
 
 
 def main(argv=None) -> int:
@@ -352,12 +374,11 @@ def main(argv=None) -> int:
         ap.exit(2, f"error: --shapes takes names from {list(LLAMA_8B)}\n")
     from triton.testing import do_bench
 
-    from longspec_lab.bench.verify_cost import copy_bandwidth
     from longspec_lab.provenance import stamp
 
     global PLAN_OVERRIDE
     dev = torch.device("cuda")
-    bw = copy_bandwidth(dev)
+    bw = _copy_bandwidth()
     gen = torch.Generator(device=dev).manual_seed(0)
     report = {"copy_bandwidth_TBps": bw / 1e12, "chain": CHAIN, "rows": []}
     for name in names:

@@ -20,7 +20,7 @@ floor, the question is which kernels hold it there. This benchmark answers it in
 Floors here count the bytes a step reads: every weight except the input embedding table (a step reads one row
 of it per token), plus the KV cache up to the context.
 
-Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb (the 8B-shaped steps).
+Taught in: notebooks/07_timing_real_gpu_runs.ipynb (the 8B-shaped steps: where the compiled decode's time goes)
 """
 
 from __future__ import annotations
