@@ -255,20 +255,28 @@ def phases_reference(x0: torch.Tensor, n_phases: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _replay_us(fn, n: int, reps: int) -> float:
-    """Median device time of one call of fn inside a CUDA graph of n calls, replayed after warm-up (us per call)."""
-    import time
-
+def capture_calls(calls) -> "torch.cuda.CUDAGraph":
+    """The callables in order, recorded in one CUDA graph after three warm-up rounds on a side stream (compilation,
+    autotuning, the allocator), as a decoding step is captured. Replay with `graph.replay()`."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            fn()
+            for call in calls:
+                call()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
+        for call in calls:
+            call()
+    return g
+
+
+def _replay_us(fn, n: int, reps: int) -> float:
+    """Median device time of one call of fn inside a CUDA graph of n calls, replayed after warm-up (us per call)."""
+    import time
+
+    g = capture_calls([fn] * n)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()

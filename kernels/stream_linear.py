@@ -321,22 +321,12 @@ L2_SPAN = 256 << 20  # the chain rotates through enough weight copies to read th
 
 
 def _time_chain(fn, weights, x, do_bench) -> float:
-    """us per call of fn(x, w) in a captured chain of CHAIN calls over the rotating weights, after a warm-up on a side
-    stream (compilation, allocator) as the decoder captures its steps."""
+    """us per call of fn(x, w) in a captured chain of CHAIN calls over the rotating weights (after warm-up)."""
+    import functools
 
-    def chain():
-        for i in range(CHAIN):
-            fn(x, weights[i % len(weights)])
+    from longspec_lab.kernels.launch import capture_calls
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            chain()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        chain()
+    g = capture_calls([functools.partial(fn, x, weights[i % len(weights)]) for i in range(CHAIN)])
     return do_bench(g.replay, warmup=10, rep=60) * 1e3 / CHAIN
 
 
