@@ -3,11 +3,13 @@
 A decode step of an 8B model reads 15 GB of weights for one token, so each projection is a matrix-vector
 product whose floor is its weight's bytes over the copy bandwidth (LongSpec, arXiv 2502.17421, counts on the
 verify costing about one decode, and a decode costing its bytes). Profiled on an H100 (2026-12-05,
-`data/results/profile_8b_h100.json`), a compiled 8B decode spent 88% of its time in cuBLAS's projections,
-which read the weights at 0.86 of the copy bandwidth, and the small ones far below it: q/k/v at 1.77x its floor,
-o_proj at 2.1x, down_proj at 1.44x. Each of those launches starts cold: cuBLAS kernels do not use
-programmatic dependent launch, so a projection's first bytes are requested only once the kernel before it
-has finished.
+`data/results/profile_8b_h100.json`), a compiled 8B decode at 4k spent 5.64 of its 6.42 ms in cuBLAS's
+projections, which read the weights at 0.89 of the copy bandwidth; alone, in a captured chain, q/k/v took 1.35x
+its floor, o_proj 1.61x and down_proj 1.18x (`stream_linear_h100.json`). Each of those launches starts cold:
+cuBLAS kernels do not use programmatic dependent launch, so a projection's first bytes are requested only once
+the kernel before it has finished. This kernel was written to close that gap. Timed in the same session it did
+not: it was slower than cuBLAS for every projection but the LM head, and the compiled decode took 7.91 ms
+against 6.42 (`profile_8b_stream_on_h100.json`), so LONGSPEC_STREAM_LINEAR is off by default.
 
 This kernel computes what `kernels/norm_linear.py` computes, for M <= MAX_ROWS rows and weights of any size:
 
@@ -28,10 +30,11 @@ definition to the dtype's rounding, not bit for bit with `norm_linear`. The rest
 
 `stream_linear_reference` is the definition in float64 (the same as `norm_linear_reference`); `stream_linear`
 checks its inputs and calls the registered op `torch.ops.longspec.stream_linear` (opaque to torch.compile, with
-a fake version); `main` times it against cuBLAS (`F.linear`) and `norm_linear` on Llama-3-8B's projections,
-graph-captured, against the copy bandwidth measured in the same run:
+a fake version); `main` times it against cuBLAS (`F.linear`) on Llama-3-8B's projections, each call in a
+captured chain over weights that do not fit the L2 cache, against the copy bandwidth measured in the same run
+(`--sweep`: every tile choice of SWEEP too):
 
-    python -m longspec_lab.kernels.stream_linear
+    python -m longspec_lab.kernels.stream_linear [--sweep] [--rows 1,16]
 
 `longspec_lab/ops/linear.py` decides when the models use it (LONGSPEC_STREAM_LINEAR).
 
