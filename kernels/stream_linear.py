@@ -50,12 +50,10 @@ import triton.language as tl
 
 from longspec_lab.kernels.launch import launch_args
 from longspec_lab.kernels.norm_linear import check_inputs, norm_linear_reference
-from longspec_lab.kernels.tree_attention import _sum  # tl.sum, or its interpreter form
+from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _sm_count, _sum, _tickets  # tickets: shared, left 0
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 16  # rows a launch takes: one matrix-unit row tile (a decode, a draft level of up to 16 nodes)
-_TICKET_SLOTS = 1 << 16  # column tiles a split launch may have (N / BLOCK_N)
-_TICKETS: dict = {}
 
 
 @triton.jit
@@ -204,12 +202,6 @@ def stream_linear_reference(x, weight, norm_weight=None, eps=1e-6, residual=None
     return norm_linear_reference(x, weight, norm_weight, eps, residual, gated)
 
 
-def _sm_count(device: torch.device) -> int:
-    from longspec_lab.kernels.tree_attention import _sm_count as count
-
-    return count(device)
-
-
 PLAN_OVERRIDE: Optional[tuple] = None  # (BLOCK_N, BLOCK_K, SPLIT, num_warps) for every launch: the sweep sets it
 WAVES = 4  # programs to aim for per SM: splits are added until the grid has about this many per SM
 
@@ -230,23 +222,13 @@ def plan(M: int, N: int, K: int, gated: bool, sms: int) -> tuple[int, int, int, 
     return block_n, block_k, split, triton.cdiv(chunks, split), warps
 
 
-def _tickets(device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival tickets, one per column tile, one buffer per (device, stream), allocated once and never
-    freed (a captured CUDA graph keeps its address). Each launch leaves them at zero again."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros(_TICKET_SLOTS, dtype=torch.int32, device=device)
-    return _TICKETS[key]
-
-
 LAST_PLAN: dict = {}  # the latest launch's plan (the benchmark records it)
 
 
 def _launch(x, weight, norm_weight, eps, residual, gated):
     M, K = x.shape
     N = weight.shape[0] // 2 if gated else weight.shape[0]
-    sms = _sm_count(x.device) if x.is_cuda else 4
+    sms = _sm_count(x.device)  # 4 under the interpreter
     block_n, block_k, split, k_steps, warps = plan(M, N, K, gated, sms)
     LAST_PLAN.update(block_n=block_n, block_k=block_k, split=split, k_steps=k_steps, num_warps=warps)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -367,7 +349,7 @@ def main(argv=None) -> int:
         ap.exit(2, f"error: --shapes takes names from {list(LLAMA_8B)}\n")
     from triton.testing import do_bench
 
-    from longspec_lab.provenance import stamp
+    from longspec_lab.provenance import stamp, write_new_json
 
     global PLAN_OVERRIDE
     dev = torch.device("cuda")
@@ -401,10 +383,8 @@ def main(argv=None) -> int:
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
         del weights
-    report = stamp(report, dev, torch.bfloat16)
     if a.out:
-        with open(a.out, "x") as fh:
-            json.dump(report, fh, indent=1)
+        write_new_json(a.out, stamp(report, dev, torch.bfloat16))
     return 0
 
 
