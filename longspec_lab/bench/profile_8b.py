@@ -39,7 +39,7 @@ ATTENTION_MARKS = ("attn", "attention", "flash", "fmha", "sdpa")
 
 
 def kernel_class(name: str) -> str:
-    """ "projection", "attention" or "other" for a CUDA kernel name."""
+    """The class of a CUDA kernel, from its name: "projection", "attention" or "other"."""
     low = name.lower()
     if any(m in low for m in ATTENTION_MARKS):  # first: flash's split-KV kernels are named "splitkv"
         return "attention"

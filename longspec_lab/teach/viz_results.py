@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from longspec_lab.teach.cost import STEP_FORMS
 from longspec_lab.teach.palette import METHOD, REFERENCE, _html, method_color, rule_color, series_color, stage_color
 from longspec_lab.teach.palette import method_key as palette_key
 
@@ -865,9 +866,8 @@ def verify_decode_figure(
     for k, b in enumerate(backends):
         c = method_color(b)
         # the fastest form every row recorded: compiled and captured, captured, or eager
-        forms = (("_compiled_ms", "compiled + CUDA graph"), ("_graph_ms", "CUDA graph"))
-        every = [(s, f) for s, f in forms if all(f"{b}_verify{s}" in r and f"{b}_decode{s}" in r for r in rows)]
-        sfx, form = every[0] if every else ("_ms", "eager")
+        every = [(s, f) for s, f in STEP_FORMS if all(f"{b}_verify{s}" in r and f"{b}_decode{s}" in r for r in rows)]
+        sfx, form = every[0] if every else STEP_FORMS[-1]  # the fastest form in every row; else eager
         label = {"triton": "ours + Triton kernel", "sdpa": "ours + SDPA", "hf": "transformers"}.get(b, b)
         label += f" ({form})"
         if f"{b}_verify{sfx}" not in rows[0]:
