@@ -13,7 +13,11 @@ floor, the question is which kernels hold it there. This benchmark answers it in
                models call for weights this size under LONGSPEC_STREAM_LINEAR=auto), with achieved TB/s and the
                multiple of the copy-bandwidth floor;
   compiled     with --compile, the decode and the verify compiled with torch.compile (the form the decoder
-               runs) and captured: their compile times apart, their replay times and their kernels.
+               runs) and captured: their compile times apart, their replay times and their kernels;
+  draft        with --draft, the draft step of a tree step (`verify_cost.draft_levels`: an 8B-shaped one-layer
+               GliDe draft over the default tree's five levels, each with its LM head and beam selection),
+               captured, and with --compile also compiled: per class of kernel against its floor (its weights,
+               the LM head once per level, one layer of KV).
 
     python -m longspec_lab.bench.profile_8b --out F.json      # a CUDA GPU with about 20 GB free
 
@@ -179,6 +183,44 @@ def profile_steps(target, context: int, bw: float, backend: str = "triton", comp
     return out
 
 
+def profile_draft(target, context: int, bw: float, compile_step: bool = False) -> dict:
+    """The draft step at `context`, captured (and with compile_step also compiled and captured), each replayed
+    once under the profiler, as `profile_steps` does the target's steps."""
+    import triton
+
+    from longspec_lab.bench.profile import _profiled_kernels, step_timeline
+    from longspec_lab.bench.verify_cost import draft_levels, verify_block
+    from longspec_lab.decoding.graphs import capture, compile_stage
+
+    dev = torch.device("cuda")
+    cache = target.new_cache(context + verify_block()[0].shape[0] + 8)
+    cache.k[-1:, :, :, :context].normal_(0, 1)  # the draft reads the last layer's cache only
+    cache.v[-1:, :, :, :context].normal_(0, 1)
+    out = {"context": context}
+    with torch.inference_mode():
+        fns, floor, proj_bytes = draft_levels(target, cache, context, torch.bfloat16, dev)
+
+        def step():
+            return [f() for f in fns]
+
+        forms = [("draft", step)]
+        if compile_step:
+            compiled = compile_stage(step, "default")
+            t0 = time.perf_counter()
+            compiled()
+            torch.cuda.synchronize()
+            out["draft_compile_s"] = time.perf_counter() - t0
+            forms.append(("draft_compiled", compiled))
+        for kind, fn in forms:
+            g = capture([fn])[0]
+            ms = triton.testing.do_bench(g.replay, warmup=5, rep=40)
+            tl = step_timeline(_profiled_kernels(g.replay), {})
+            out[kind] = {"ms": ms, "floor_ms": floor / bw * 1e3, "x_floor": ms * 1e-3 / (floor / bw),
+                         **summarise(tl, proj_bytes, bw)}  # fmt: skip
+            del g
+    return out
+
+
 def main(argv=None) -> int:
     from longspec_lab.bench.verify_cost import copy_bandwidth, random_target
     from longspec_lab.models.config import PRESETS
@@ -193,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="triton", help="attention backend of the steps (default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="also compile decode and verify at the first context")
     ap.add_argument("--no-projections", action="store_true", help="skip the projections alone")
+    ap.add_argument("--draft", action="store_true", help="also profile the draft step (compiled too with --compile)")
+    ap.add_argument("--no-steps", action="store_true", help="skip the target's decode and verify")
     ap.add_argument("--out", required=True, help="the JSON report (must not exist; rewritten as each part finishes)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -216,11 +260,17 @@ def main(argv=None) -> int:
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
         write()
     target = random_target(cfg, torch.device("cuda"), torch.bfloat16)
-    rep["steps"] = []
-    for i, P in enumerate(contexts):
-        rep["steps"].append(profile_steps(target, P, bw, a.backend, compile_steps=a.compile and i == 0))
-        print(json.dumps(rep["steps"][-1])[:3000], flush=True)
-        write()
+    for key, wanted, run in (
+        ("steps", not a.no_steps, lambda P, first: profile_steps(target, P, bw, a.backend, a.compile and first)),
+        ("draft", a.draft, lambda P, first: profile_draft(target, P, bw, a.compile and first)),
+    ):
+        if not wanted:
+            continue
+        rep[key] = []
+        for i, P in enumerate(contexts):
+            rep[key].append(run(P, i == 0))
+            print(json.dumps(rep[key][-1])[:3000], flush=True)
+            write()
     rep["complete"] = True
     write()
     print(f"wrote {out}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from longspec_lab.decoding.timing import fastest_form
 from longspec_lab.models.config import PRESETS
 from longspec_lab.models.layers import Rotary, rope_inv_freq
 from longspec_lab.models.target import Target
@@ -97,20 +98,18 @@ def graphed(fn):
 
 
 def add_ratios(row: dict, backends, tau=None) -> dict:
-    """Per backend, from the fastest form measured of each step (compiled and captured, captured, or eager):
-    decode and verify over their floors, verify over decode, and with `tau` and a draft step the projected
-    speedup tau x t_decode / (t_draft + t_verify + t_commit). Adds the keys to `row` and returns it."""
+    """Per backend, from the fastest form measured of each step (`decoding.timing.fastest_form`: compiled and
+    captured, captured, or eager): decode and verify over their floors, verify over decode, and with `tau` and a
+    draft step the projected speedup tau x t_decode / (t_draft + t_verify + t_commit). Adds the keys to `row` and
+    returns it."""
+    draft = fastest_form(row, "draft_step")
     for be in backends:
-
-        def best(kind):
-            return min(row.get(f"{be}_{kind}{form}_ms", float("inf")) for form in ("", "_graph", "_compiled"))
-
-        for kind in ("decode", "verify"):
-            row[f"{be}_{kind}_vs_floor"] = best(kind) / row[f"floor_{kind}_ms"]
-        row[f"{be}_verify_over_decode"] = best("verify") / best("decode")
-        if tau and "draft_step_graph_ms" in row:  # a projection, not a measurement
-            step = row["draft_step_graph_ms"] + best("verify") + row["commit_graph_ms"]
-            row[f"{be}_projected_speedup"] = tau * best("decode") / step
+        dec, ver = fastest_form(row, f"{be}_decode")[0], fastest_form(row, f"{be}_verify")[0]
+        row[f"{be}_decode_vs_floor"] = dec / row["floor_decode_ms"]
+        row[f"{be}_verify_vs_floor"] = ver / row["floor_verify_ms"]
+        row[f"{be}_verify_over_decode"] = ver / dec
+        if tau and draft is not None:  # a projection, not a measurement
+            row[f"{be}_projected_speedup"] = tau * dec / (draft[0] + ver + row["commit_graph_ms"])
     return row
 
 
@@ -168,9 +167,9 @@ def measure(
                     row.update(_compiled_steps(target, cache, P, pos, mask, be))
                 torch.cuda.synchronize()
             try:
-                row.update(_draft_and_commit(target, cache, P, dtype, dev))
+                row.update(_draft_and_commit(target, cache, P, dtype, dev, compile_draft=P in compile_at))
                 row["floor_draft_ms"] = row["draft_floor_bytes"] / bw * 1e3
-                row["draft_vs_floor"] = row["draft_step_graph_ms"] / row["floor_draft_ms"]
+                row["draft_vs_floor"] = fastest_form(row, "draft_step")[0] / row["floor_draft_ms"]
             except Exception as e:
                 row["draft_error"] = f"{type(e).__name__}: {e}"[:300]
             if hf is not None:
@@ -231,20 +230,20 @@ def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
     return out
 
 
-def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
-    """Graph-captured cost of one tree step's drafting and of the commit gather, for an 8B-shaped one-layer
-    GliDe draft: ingest of the 5 pending tokens, then the levels of the default tree over 4, 16, 16, 16
-    nodes, each level the library's own pieces: self-attention over the draft's window, cross-attention to
-    the target's last-layer cache through `prefix_attention` (the split-KV tree kernel with no tree part),
-    the shared LM head, and `beam_level` (the beam's top-k). All levels are one CUDA graph, as in a step.
-    Its floor, as the goal states it: the draft layer's own weights, the LM head once per level and one
-    layer of the target's KV at this context, over the copy bandwidth."""
-    import triton
+def draft_levels(target, cache, P, dtype, dev) -> tuple[list, int, int]:
+    """One tree step's drafting for an 8B-shaped one-layer GliDe draft, as callables; its floor in bytes, and the
+    part of it that the projections read (the draft's matrices and the LM head once per level).
 
+    The levels: ingest of the 5 pending tokens, then the levels of the default tree over 4, 16, 16, 16 nodes,
+    each the decoder's own pieces: self-attention over the draft's window, cross-attention to the target's
+    last-layer cache through `prefix_attention` (the split-KV tree kernel with no tree part), the last hidden
+    rows, then the shared LM head and the beam's selection (`beam_level_from_hidden`, as `decoding.steps` calls
+    it). Its floor, as the goal states it: the draft layer's own weights, the LM head once per level and one
+    layer of the target's KV at this context."""
     from longspec_lab.models.glide import DraftConfig, Glide
     from longspec_lab.models.layers import fuse_projections
     from longspec_lab.ops.attention import prefix_attention
-    from longspec_lab.spec.draft import beam_level
+    from longspec_lab.spec.draft import beam_level_from_hidden
 
     torch.manual_seed(0)
     d = fuse_projections(Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval())  # as loaded
@@ -255,6 +254,7 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
     Pt = torch.tensor([P], device=dev)
     widths = list(DEFAULT_TREE_SHAPE.widths)  # [4, 16, 16, 16, 16]
     rows = [5] + widths[:-1]  # rows of each draft call: the ingest block, then each level's nodes
+    head = d.head_weight  # [V, hidden]
 
     def cross(q):
         return prefix_attention(q, cache.k[-1], cache.v[-1], Pt, "triton")
@@ -268,31 +268,60 @@ def _draft_and_commit(target, cache, P, dtype, dev) -> dict:
         scores = torch.zeros(n if n != 5 else 1, device=dev)
 
         def run():
-            logits = d.layer(toks, pos, selfa, cross)[0]  # [n, V]
-            lp = logits[-1:] if n == 5 else logits  # the ingest grows the tree from its last token only
-            return beam_level(scores, lp.float().log_softmax(-1), width)
+            h = d.layer(toks, pos, selfa, cross, hidden=True)[0]  # [n, hidden]
+            h = h[-1:] if n == 5 else h  # the ingest grows the tree from its last token only
+            return beam_level_from_hidden(scores, h, head, width)
 
         return run
 
-    fns = [level(n, w) for n, w in zip(rows, widths)]
-    per_level = [triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns]
-    draft_ms = triton.testing.do_bench(graphed(lambda: [f() for f in fns]), warmup=5, rep=40)
+    own = sum(p.numel() * p.element_size() for p in d.parameters())
+    cfg = target.config
+    kv_layer = P * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    heads = len(rows) * head.numel() * head.element_size()
+    matrices = sum(p.numel() * p.element_size() for p in d.parameters() if p.dim() == 2)
+    return [level(n, w) for n, w in zip(rows, widths)], own + heads + kv_layer, matrices + heads
+
+
+def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False) -> dict:
+    """Cost of one tree step's drafting (`draft_levels`: each level captured alone, and all levels as one CUDA
+    graph, as in a step) and of the commit gather. With compile_draft the whole draft step is also compiled
+    (`torch.compile`, fullgraph, static shapes: the form the decoder runs) and captured; its compile time apart."""
+    import time
+
+    import triton
+
+    from longspec_lab.decoding.graphs import compile_stage
+
+    fns, floor, _ = draft_levels(target, cache, P, dtype, dev)
+
+    def step():
+        return [f() for f in fns]
+
+    out = {
+        "draft_level_graph_ms": [triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns],
+        "draft_step_graph_ms": triton.testing.do_bench(graphed(step), warmup=5, rep=40),
+        "draft_floor_bytes": floor,
+    }
+    if compile_draft:
+        try:
+            compiled = compile_stage(step, "default")
+            t0 = time.perf_counter()
+            compiled()  # compilation happens on the first call
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            out["draft_compile_s"] = time.perf_counter() - t0
+            out["draft_step_compiled_ms"] = triton.testing.do_bench(graphed(compiled), warmup=5, rep=40)
+        except Exception as e:  # record why the draft does not compile
+            out["draft_compile_error"] = f"{type(e).__name__}: {e}"[:300]
+    Pt = torch.tensor([P], device=dev)
     path = torch.arange(6, device=dev)
 
     def commit():
         for t in (cache.k, cache.v):
             t.index_copy_(3, Pt + path, t.index_select(3, Pt + path))
 
-    own = sum(p.numel() * p.element_size() for p in d.parameters())
-    head = target.lm_head.weight
-    cfg = target.config
-    kv_layer = P * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
-    return {
-        "draft_step_graph_ms": draft_ms,
-        "draft_level_graph_ms": per_level,
-        "draft_floor_bytes": own + len(fns) * head.numel() * head.element_size() + kv_layer,
-        "commit_graph_ms": triton.testing.do_bench(graphed(commit), warmup=5, rep=40),
-    }
+    out["commit_graph_ms"] = triton.testing.do_bench(graphed(commit), warmup=5, rep=40)
+    return out
 
 
 def _hf_steps(hf, cfg, P, mask, offsets, dtype, dev, ours_cache, ours_logits) -> dict:

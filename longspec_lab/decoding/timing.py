@@ -16,6 +16,20 @@ from contextlib import contextmanager
 
 import torch
 
+# a recorded step's forms, fastest first as the decoder runs them: compiled and captured, captured, eager
+STEP_FORMS = (("_compiled_ms", "compiled + CUDA graph"), ("_graph_ms", "CUDA graph"), ("_ms", "eager"))
+
+
+def fastest_form(row: dict, stem: str) -> tuple[float, str] | None:
+    """(ms, form) of the fastest form of the step `stem` recorded in a results row, whose keys are the stem and a
+    suffix of STEP_FORMS ("triton_verify_compiled_ms", "draft_step_graph_ms", ...); None when none is recorded.
+    Ties go to the form the decoder runs first in STEP_FORMS."""
+    found = [(row[stem + sfx], i, form) for i, (sfx, form) in enumerate(STEP_FORMS) if stem + sfx in row]
+    if not found:
+        return None
+    ms, _, form = min(found)
+    return ms, form
+
 
 def method_name(method: str, *, gamma: int | None = None, shape=None, backend: str | None = None) -> str:
     """The results-file name of a run: method_name("ar") -> "ar"; ("chain", gamma=5) -> "chain-g5"; ("tree",

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from longspec_lab.decoding.timing import method_name
+from longspec_lab.decoding.timing import fastest_form, method_name
 
 
 @dataclass(frozen=True)
@@ -167,18 +167,15 @@ def measure_pass_ratio(target, ids: Sequence[int], contexts: Sequence[int], rows
     return out
 
 
-# a recorded step's forms, fastest first as the decoder runs them: compiled and captured, captured, eager
-STEP_FORMS = (("_compiled_ms", "compiled + CUDA graph"), ("_graph_ms", "CUDA graph"), ("_ms", "eager"))
-
-
 def step_ms(row: dict, kind: str, backend: str = "triton") -> tuple[float, str]:
-    """(ms, form) of a verify_8b row's `kind` step ("decode" or "verify") for `backend`: the fastest form recorded
-    (compiled and captured where the run compiled that context, else captured, else eager), as the benchmark's
-    own ratios take it."""
-    found = [(row[f"{backend}_{kind}{sfx}"], form) for sfx, form in STEP_FORMS if f"{backend}_{kind}{sfx}" in row]
-    if not found:
-        raise ValueError(f"this row has no {backend}_{kind} timing; pass a row of data/results/verify_8b_*.json")
-    return min(found)
+    """(ms, form) of a verify_8b row's `kind` step ("decode" or "verify") for `backend`, or of its draft step
+    (kind "draft"): the fastest form recorded (`decoding.timing.fastest_form`: compiled and captured where the run
+    compiled that context, else captured, else eager), as the benchmark's own ratios take it."""
+    stem = "draft_step" if kind == "draft" else f"{backend}_{kind}"
+    found = fastest_form(row, stem)
+    if found is None:
+        raise ValueError(f"this row has no {stem} timing; pass a row of data/results/verify_8b_*.json")
+    return found
 
 
 def recorded_ratio_points(verify_8b: dict) -> list[dict]:
@@ -202,12 +199,12 @@ def recorded_ratio_points(verify_8b: dict) -> list[dict]:
 def speedup_terms(verify_8b: dict, tau: float) -> list[dict]:
     """Per context of verify_8b_*.json: ms per generated token of the draft, verify and commit terms (each step's
     cost / tau), the decode step it replaces, and the projected speedup tau * t_decode / (t_draft + t_verify +
-    t_commit); decode and verify in their fastest recorded form (`step_ms`), the draft and commit captured."""
+    t_commit); draft, decode and verify in their fastest recorded form (`step_ms`), the commit captured."""
     if tau < 1:
         raise ValueError(f"tau={tau} < 1: a step emits at least one token")
     out = []
     for r in verify_8b["rows"]:
-        d, c = r["draft_step_graph_ms"], r["commit_graph_ms"]
+        d, c = step_ms(r, "draft")[0], r["commit_graph_ms"]
         v, dec = step_ms(r, "verify")[0], step_ms(r, "decode")[0]
         out.append(
             dict(

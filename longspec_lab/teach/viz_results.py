@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from longspec_lab.teach.cost import STEP_FORMS
+from longspec_lab.decoding.timing import STEP_FORMS
 from longspec_lab.teach.palette import METHOD, REFERENCE, _html, method_color, rule_color, series_color, stage_color
 from longspec_lab.teach.palette import method_key as palette_key
 

@@ -105,6 +105,43 @@ def test_draft_step_runs_the_library_pieces_and_states_its_floor(monkeypatch):
     head = SMALL.vocab_size * SMALL.hidden_size * 4
     kv = P * 2 * SMALL.num_kv_heads * SMALL.head_dim * 4
     assert rep["draft_floor_bytes"] == own + 5 * head + kv
+    _, floor, matrices = vc.draft_levels(target, cache, P, torch.float32, torch.device("cpu"))
+    assert floor == rep["draft_floor_bytes"]
+    assert matrices == sum(p.numel() * 4 for p in draft.parameters() if p.dim() == 2) + 5 * head < own + 5 * head
+
+
+def test_compiled_draft_step_traces_whole_and_selects_what_the_eager_step_selects(monkeypatch):
+    """With compile_draft the whole draft step (every level: the layer, the LM head, the beam's selection) goes
+    through torch.compile(fullgraph=True) without a graph break, and the compiled step picks the same parents,
+    tokens and scores as the levels run one by one; its compile time is recorded apart."""
+    import triton.testing
+
+    import longspec_lab.decoding.graphs as graphs
+
+    calls = []
+
+    def one_call(fn, warmup=5, rep=40):
+        calls.append(fn())
+        return 1.0
+
+    def aot_eager(fn, mode):  # Inductor's own code generation is the GPU run's business; the trace is tested here
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")
+
+    monkeypatch.setattr(vc, "graphed", lambda fn: fn)
+    monkeypatch.setattr(triton.testing, "do_bench", one_call)
+    monkeypatch.setattr(graphs, "compile_stage", aot_eager)
+    target = vc.random_target(SMALL, torch.device("cpu"), torch.float32, seed=2)
+    mask, _ = vc.verify_block(4, device="cpu")
+    cache = target.new_cache(40 + mask.shape[0] + 8)
+    with torch.inference_mode():
+        rep = vc._draft_and_commit(target, cache, 40, torch.float32, torch.device("cpu"), compile_draft=True)
+    assert "draft_compile_error" not in rep, rep.get("draft_compile_error")
+    assert rep["draft_step_compiled_ms"] == 1.0 and rep["draft_compile_s"] > 0
+    eager_levels, eager_step, compiled_step = calls[:5], calls[5], calls[6]
+    for got, want_step, want_level in zip(compiled_step, eager_step, eager_levels):
+        for g, w, lv in zip(got, want_step, want_level):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+            torch.testing.assert_close(g, lv, rtol=0, atol=0)
 
 
 def test_ratios_use_the_fastest_form_of_each_step():
@@ -117,6 +154,9 @@ def test_ratios_use_the_fastest_form_of_each_step():
     assert row["triton_verify_over_decode"] == 5.0 / 3.0 and row["sdpa_verify_over_decode"] == 2.0
     assert row["triton_projected_speedup"] == 5.0 * 3.0 / (1.0 + 5.0 + 0.5)
     assert row["sdpa_projected_speedup"] == 5.0 * 8.0 / (1.0 + 16.0 + 0.5)
+    row["draft_step_compiled_ms"] = 0.25  # the compiled draft step, where recorded, is the one projected
+    vc.add_ratios(row, ["triton"], tau=5.0)
+    assert row["triton_projected_speedup"] == 5.0 * 3.0 / (0.25 + 5.0 + 0.5)
 
 
 def test_random_target_is_fused_as_loaded_and_computes_the_same():

@@ -91,3 +91,17 @@ def test_stage_timer_counts_only_when_disabled():
     with off.stage("draft"):
         pass
     assert set(timer.seconds) == {"draft"} and timer.seconds["draft"] >= 0.0 and dict(off.seconds) == {}
+
+
+def test_fastest_form_takes_the_least_time_of_the_forms_recorded():
+    from longspec_lab.decoding.timing import fastest_form
+
+    row = {"triton_verify_ms": 5.0, "triton_verify_graph_ms": 6.0, "draft_step_graph_ms": 4.0}
+    assert fastest_form(row, "triton_verify") == (5.0, "eager")  # eager beat the capture in this row
+    assert fastest_form(row, "draft_step") == (4.0, "CUDA graph")
+    row["draft_step_compiled_ms"] = 3.0
+    assert fastest_form(row, "draft_step") == (3.0, "compiled + CUDA graph")
+    row["triton_verify_compiled_ms"] = 5.0  # a tie goes to the form the decoder runs
+    assert fastest_form(row, "triton_verify") == (5.0, "compiled + CUDA graph")
+    assert fastest_form(row, "triton_decode") is None
+    assert fastest_form(row, "triton_verify_graph") is None  # a stem never matches a longer key's tail
