@@ -235,22 +235,26 @@ def draft_levels(target, cache, P, dtype, dev) -> tuple[list, int, int]:
     part of it that the projections read (the draft's matrices and the LM head once per level).
 
     The levels: ingest of the 5 pending tokens, then the levels of the default tree over 4, 16, 16, 16 nodes,
-    each the decoder's own pieces: self-attention over the draft's window, cross-attention to the target's
-    last-layer cache through `prefix_attention` (the split-KV tree kernel with no tree part), the last hidden
-    rows, then the shared LM head and the beam's selection (`beam_level_from_hidden`, as `decoding.steps` calls
-    it). Its floor, as the goal states it: the draft layer's own weights, the LM head once per level and one
-    layer of the target's KV at this context."""
+    each the decoder's own pieces: self-attention over the draft's window and the tree's scratch slots
+    (`masked_sdpa`), cross-attention to the target's last-layer cache through `prefix_attention` (the split-KV
+    tree kernel with no tree part), the last hidden rows, then the shared LM head and the beam's selection
+    (`beam_level_from_hidden`, as `decoding.steps` calls it). Its floor, as the goal states it: the draft layer's
+    own weights, the LM head once per level and one layer of the target's KV at this context. (Each level reads
+    the layer's weights and, in its cross-attention, that KV again: the floor counts them once.)"""
     from longspec_lab.models.glide import DraftConfig, Glide
     from longspec_lab.models.layers import fuse_projections
-    from longspec_lab.ops.attention import prefix_attention
+    from longspec_lab.ops.attention import masked_sdpa, prefix_attention
     from longspec_lab.spec.draft import beam_level_from_hidden
 
     torch.manual_seed(0)
     d = fuse_projections(Glide(DraftConfig.from_target(target.config), target).to(dev, dtype).eval())  # as loaded
     dc = d.config
     W = dc.window
-    rk = torch.randn(1, dc.num_kv_heads, W + 69, dc.head_dim, dtype=dtype, device=dev)
+    N = DEFAULT_TREE_SHAPE.num_nodes  # the draft's ring: W + 1 slots of committed keys, then a scratch slot per node
+    rk = torch.randn(1, dc.num_kv_heads, W + N, dc.head_dim, dtype=dtype, device=dev)  # [1, Hkv, W + N, D]
     rv = torch.randn_like(rk)
+    window = torch.ones(5, W + 1, dtype=torch.bool, device=dev)  # what each row sees of the committed ring
+    scratch = torch.ones(DEFAULT_TREE_SHAPE.widths[-1], N - 1, dtype=torch.bool, device=dev)  # and of the tree
     Pt = torch.tensor([P], device=dev)
     widths = list(DEFAULT_TREE_SHAPE.widths)  # [4, 16, 16, 16, 16]
     rows = [5] + widths[:-1]  # rows of each draft call: the ingest block, then each level's nodes
@@ -259,8 +263,11 @@ def draft_levels(target, cache, P, dtype, dev) -> tuple[list, int, int]:
     def cross(q):
         return prefix_attention(q, cache.k[-1], cache.v[-1], Pt, "triton")
 
-    def selfa(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, rk, rv, enable_gqa=True)
+    def selfa(q, k, v):  # as the draft's ingest and tree levels attend (`masked_sdpa`: one kernel on CUDA)
+        n = q.shape[2]
+        if n == 5:
+            return masked_sdpa(q, rk[:, :, : W + 1], rv[:, :, : W + 1], window)
+        return masked_sdpa(q, rk, rv, window[:1], scratch[:n])
 
     def level(n, width):
         toks = torch.zeros(1, n, dtype=torch.long, device=dev)
