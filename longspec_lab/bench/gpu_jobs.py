@@ -6,10 +6,11 @@ Each job is a subprocess with its own time limit and log file, so one failure do
 others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/results/.
   kernel     python -m longspec_lab.kernels.bench_tree_attention (tree attention against SDPA, Flex, floors)
   verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
-  verify_compiled  the same with decode and verify compiled at 4k and 32k (about 7 minutes on an H100)
-  verify_compiled_128k  the same at 128k alone (its verify compiles for about 4 minutes)
-  profile_8b python -m longspec_lab.bench.profile_8b --compile (every kernel of the 8B steps at 4k, the
-             projections alone, the compiled decode)
+  verify_compiled  the same with decode, verify and the draft step compiled at 4k and 32k (348 s on an H100)
+  verify_compiled_128k  the same at 128k alone (its verify compiles for about 4 minutes; with the draft step
+             compiled too it ran past 450 s on an H100, so it gets a call to itself)
+  profile_8b python -m longspec_lab.bench.profile_8b --compile --draft (every kernel of the 8B steps and of the
+             draft step at 4k, the projections alone, the compiled decode, verify and draft)
   launch     python -m longspec_lab.kernels.launch              (a kernel boundary's cost with PDL and without,
              and a persistent kernel's waits against it: does fusing the step into one launch pay?)
   e2e        python -m longspec_lab.bench.h200_speed (compiled e2e vs transformers, kernels per stage)
@@ -153,7 +154,7 @@ def jobs(out: Path) -> dict:
                 "--out",
                 str(out / "verify_8b_compiled_128k_h200.json"),
             ],
-            480,
+            590,
             {},
         ),
         "profile_8b": (
@@ -164,10 +165,11 @@ def jobs(out: Path) -> dict:
                 "--contexts",
                 "4096",
                 "--compile",
+                "--draft",
                 "--out",
                 str(out / "profile_8b_h200.json"),
             ],
-            240,
+            360,
             {},
         ),
         "launch": ([py, "-m", "longspec_lab.kernels.launch", "--out", str(out / "launch_h200.json")], 120, {}),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -124,8 +125,9 @@ def measure(
     compile_at=(),
     on_row=None,
 ) -> dict:
-    """One row per context. compile_at: contexts at which the first backend's decode and verify are also
-    compiled and captured; on_row(rows): called after each context (incremental reports)."""
+    """One row per context. compile_at: contexts at which the first backend's decode and verify, and the draft
+    step, are also compiled and captured; on_row(rows): called after each part of a context (incremental reports:
+    a context still being measured is the last row, marked "partial"), so a run cut short keeps what it measured."""
     import triton
     from tqdm.auto import tqdm
 
@@ -140,7 +142,15 @@ def measure(
     hf = build_hf(target, dev) if with_hf else None
     rows = []
     bar = tqdm(contexts, disable=not progress, desc="contexts")
+    t_start = time.perf_counter()
     for P in bar:
+
+        def done(part):  # report the part just measured, and hand the rows so far to on_row
+            if progress:
+                tqdm.write(f"context {P}: {part} measured ({time.perf_counter() - t_start:.0f} s in)")
+            if on_row is not None:
+                on_row(rows + [{**row, "partial": True}])
+
         cache = target.new_cache(P + T + 8)
         cache.k[:, :, :, :P].normal_(0, 1)
         cache.v[:, :, :, :P].normal_(0, 1)
@@ -166,12 +176,14 @@ def measure(
                 if P in compile_at and be == backends[0]:
                     row.update(_compiled_steps(target, cache, P, pos, mask, be))
                 torch.cuda.synchronize()
+                done(f"{be} decode and verify")
             try:
                 row.update(_draft_and_commit(target, cache, P, dtype, dev, compile_draft=P in compile_at))
                 row["floor_draft_ms"] = row["draft_floor_bytes"] / bw * 1e3
                 row["draft_vs_floor"] = fastest_form(row, "draft_step")[0] / row["floor_draft_ms"]
             except Exception as e:
                 row["draft_error"] = f"{type(e).__name__}: {e}"[:300]
+            done("draft step and commit")
             if hf is not None:
                 ours = target(xT, positions=pos, cache=cache, start=P, mask=mask, backend=backends[0])
                 row.update(_hf_steps(hf, cfg, P, mask, offsets, dtype, dev, cache, ours))
@@ -197,7 +209,6 @@ def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
     """Decode and verify with the context length in a device tensor, each compiled (`torch.compile`,
     fullgraph, static shapes: the layer bodies fused by Inductor, the attention kernel a registered op) and
     captured in one CUDA graph: the form the decoder runs. Compilation is timed apart."""
-    import time
 
     import triton
 
@@ -293,7 +304,6 @@ def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False)
     """Cost of one tree step's drafting (`draft_levels`: each level captured alone, and all levels as one CUDA
     graph, as in a step) and of the commit gather. With compile_draft the whole draft step is also compiled
     (`torch.compile`, fullgraph, static shapes: the form the decoder runs) and captured; its compile time apart."""
-    import time
 
     import triton
 
@@ -599,7 +609,9 @@ def main(argv=None) -> int:
         default=5.0,
         help="accepted length used for the projected speedup (default: the embedded pair's measured tree tau, about 5)",
     )
-    ap.add_argument("--out", default="data/results/verify_8b_h200.json")
+    ap.add_argument(
+        "--out", required=True, help="the JSON report (must not exist; rewritten as each context's parts finish)"
+    )
     ap.add_argument(
         "--agreement",
         action="store_true",
@@ -612,6 +624,8 @@ def main(argv=None) -> int:
         help="with --agreement: only the RoPE and attention cases against float64 (seconds, no 8B model)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if Path(args.out).exists():
+        ap.exit(2, f"error: {args.out} exists; pick another --out (recorded results are never overwritten)\n")
     if args.agreement:
         return _agreement_main(args)
     if not torch.cuda.is_available():

@@ -183,3 +183,26 @@ def test_floor_reads_an_untied_embedding_table_a_row_per_token():
     tied = vc.random_target(dataclasses.replace(SMALL, tie_word_embeddings=True), torch.device("cpu"), torch.float32)
     tied.lm_head.weight = tied.model.embed_tokens.weight
     assert vc.read_weight_bytes(tied) == sum(p.numel() * 4 for p in tied.parameters())
+
+
+def test_an_existing_report_is_never_overwritten(tmp_path):
+    """verify_cost refuses an --out that exists, before any measuring (the timing and the agreement alike), and
+    leaves the file as it was; without --out it names the flag."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "verify.json"
+    out.write_text("recorded\n")
+    for extra in ([], ["--agreement", "--small"]):
+        with pytest.raises(SystemExit) as e:
+            vc.main(["--out", str(out), *extra])
+        assert e.value.code == 2
+    assert out.read_text() == "recorded\n"
+    run = subprocess.run(
+        [sys.executable, "-m", "longspec_lab.bench.verify_cost", "--out", str(out)], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "exists; pick another --out" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "longspec_lab.bench.verify_cost"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 2 and "--out" in run.stderr and "Traceback" not in run.stderr
