@@ -255,21 +255,26 @@ def phases_reference(x0: torch.Tensor, n_phases: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def capture_calls(calls) -> "torch.cuda.CUDAGraph":
-    """The callables in order, recorded in one CUDA graph after three warm-up rounds on a side stream (compilation,
-    autotuning, the allocator), as a decoding step is captured. Replay with `graph.replay()`."""
+def capture_calls(calls, warmup: int = 3, each: bool = False):
+    """The package's one capture helper: run the callables in order `warmup` times on a side stream (compilation,
+    autotuning, the allocator), then record them in order in one CUDA graph, or with `each` each in a graph of its
+    own (a list, in order). Replay with `graph.replay()`. `decoding.graphs.capture` is this with `each`."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
+        for _ in range(warmup):
             for call in calls:
                 call()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for call in calls:
-            call()
-    return g
+    graphs = []
+    for group in [[c] for c in calls] if each else [calls]:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for call in group:
+                call()
+        graphs.append(g)
+    torch.cuda.synchronize()
+    return graphs if each else graphs[0]
 
 
 def _replay_us(fn, n: int, reps: int) -> float:

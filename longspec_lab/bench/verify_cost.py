@@ -205,15 +205,26 @@ def measure(
     }
 
 
-def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
-    """Decode and verify with the context length in a device tensor, each compiled (`torch.compile`,
-    fullgraph, static shapes: the layer bodies fused by Inductor, the attention kernel a registered op) and
-    captured in one CUDA graph: the form the decoder runs. Compilation is timed apart."""
-
+def compile_and_time(fn, dev) -> tuple[float, float]:
+    """(compile seconds, ms a replay) of fn compiled as the decoder compiles a stage (`decoding.graphs.compile_stage`:
+    fullgraph, static shapes) and captured in a CUDA graph; the compilation (on the first call) is timed apart."""
     import triton
 
     from longspec_lab.decoding.graphs import compile_stage
 
+    compiled = compile_stage(fn, "default")
+    t0 = time.perf_counter()
+    compiled()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return seconds, triton.testing.do_bench(graphed(compiled), warmup=5, rep=40)
+
+
+def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
+    """Decode and verify with the context length in a device tensor, each compiled (`torch.compile`,
+    fullgraph, static shapes: the layer bodies fused by Inductor, the attention kernel a registered op) and
+    captured in one CUDA graph: the form the decoder runs. Compilation is timed apart."""
     dev = cache.k.device
     Pt = torch.tensor([P], device=dev)
     x1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -228,14 +239,7 @@ def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
     out = {}
     for kind, fn in (("decode", dec), ("verify", ver)):
         try:
-            compiled = compile_stage(fn, "default")
-            t0 = time.perf_counter()
-            compiled()  # compilation happens on the first call
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            out[f"{backend}_{kind}_compile_s"] = time.perf_counter() - t0
-            replay = graphed(compiled)
-            out[f"{backend}_{kind}_compiled_ms"] = triton.testing.do_bench(replay, warmup=5, rep=40)
+            out[f"{backend}_{kind}_compile_s"], out[f"{backend}_{kind}_compiled_ms"] = compile_and_time(fn, dev)
         except Exception as e:  # record why this backend does not compile
             out[f"{backend}_{kind}_compile_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
@@ -307,8 +311,6 @@ def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False)
 
     import triton
 
-    from longspec_lab.decoding.graphs import compile_stage
-
     fns, floor, _ = draft_levels(target, cache, P, dtype, dev)
 
     def step():
@@ -321,13 +323,7 @@ def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False)
     }
     if compile_draft:
         try:
-            compiled = compile_stage(step, "default")
-            t0 = time.perf_counter()
-            compiled()  # compilation happens on the first call
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            out["draft_compile_s"] = time.perf_counter() - t0
-            out["draft_step_compiled_ms"] = triton.testing.do_bench(graphed(compiled), warmup=5, rep=40)
+            out["draft_compile_s"], out["draft_step_compiled_ms"] = compile_and_time(step, dev)
         except Exception as e:  # record why the draft does not compile
             out["draft_compile_error"] = f"{type(e).__name__}: {e}"[:300]
     Pt = torch.tensor([P], device=dev)

@@ -60,23 +60,12 @@ COMBO_KERNELS = os.environ.get("LONGSPEC_COMBO_KERNELS", "on")
 
 
 def capture(fns, warmup: int = 3) -> list[torch.cuda.CUDAGraph]:
-    """The one capture helper: run the functions in order `warmup` times on a side stream (compilation,
-    autotuning, allocator), then record each in its own CUDA graph. Replay with `graph.replay()`."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graphs = []
-    for fn in fns:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs.append(g)
-    torch.cuda.synchronize()
-    return graphs
+    """Run the functions in order `warmup` times on a side stream (compilation, autotuning, allocator), then
+    record each in its own CUDA graph (`kernels.launch.capture_calls` with each=True). Replay with
+    `graph.replay()`."""
+    from longspec_lab.kernels.launch import capture_calls  # CUDA only, where Triton comes with torch
+
+    return capture_calls(fns, warmup, each=True)
 
 
 def run_in_order(fns):

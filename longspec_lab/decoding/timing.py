@@ -24,6 +24,8 @@ def fastest_form(row: dict, stem: str) -> tuple[float, str] | None:
     """(ms, form) of the fastest form of the step `stem` recorded in a results row, whose keys are the stem and a
     suffix of STEP_FORMS ("triton_verify_compiled_ms", "draft_step_graph_ms", ...); None when none is recorded.
     Ties go to the form the decoder runs first in STEP_FORMS."""
+    if stem.endswith(tuple(sfx.removesuffix("_ms") for sfx, _ in STEP_FORMS if sfx != "_ms")):
+        raise ValueError(f"{stem!r} names a form, not a step; pass the step's stem, e.g. {stem.rsplit('_', 1)[0]!r}")
     found = [(row[stem + sfx], i, form) for i, (sfx, form) in enumerate(STEP_FORMS) if stem + sfx in row]
     if not found:
         return None

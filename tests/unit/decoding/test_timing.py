@@ -104,4 +104,5 @@ def test_fastest_form_takes_the_least_time_of_the_forms_recorded():
     row["triton_verify_compiled_ms"] = 5.0  # a tie goes to the form the decoder runs
     assert fastest_form(row, "triton_verify") == (5.0, "compiled + CUDA graph")
     assert fastest_form(row, "triton_decode") is None
-    assert fastest_form(row, "triton_verify_graph") is None  # a stem never matches a longer key's tail
+    with pytest.raises(ValueError, match="names a form, not a step"):  # else "_graph" + "_ms" would read as eager
+        fastest_form(row, "triton_verify_graph")
