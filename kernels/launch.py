@@ -277,6 +277,29 @@ def capture_calls(calls, warmup: int = 3, each: bool = False):
     return graphs if each else graphs[0]
 
 
+CHAIN = 8  # calls per captured chain: each call's time is the graph's over CHAIN, PDL overlap included
+L2_SPAN = 256 << 20  # a chain rotates through enough weight copies to read this many bytes (past any L2 today)
+
+
+def weight_copies(N: int, K: int, dtype, device, generator, span: int = L2_SPAN) -> list[torch.Tensor]:
+    """Enough random [N, K] weights (at least 2) to read `span` bytes in turn, so that a chain over them finds none
+    in the L2, as a decoding step finds each layer's weight."""
+    copies = max(2, -(-span // (N * K * torch.finfo(dtype).bits // 8)))
+    return [torch.randn(N, K, device=device, generator=generator).mul_(0.02).to(dtype) for _ in range(copies)]
+
+
+def chain_us(fn, x, weights, do_bench=None) -> float:
+    """us per call of fn(x, w) in one captured graph of CHAIN calls, w rotating through `weights`
+    (`weight_copies`), after warm-up: a projection timed as a step runs it, the weight read from memory and the
+    boundaries overlapped under PDL."""
+    import functools
+
+    if do_bench is None:
+        do_bench = triton.testing.do_bench
+    g = capture_calls([functools.partial(fn, x, weights[i % len(weights)]) for i in range(CHAIN)])
+    return do_bench(g.replay, warmup=10, rep=60) * 1e3 / CHAIN
+
+
 def _replay_us(fn, n: int, reps: int) -> float:
     """Median device time of one call of fn inside a CUDA graph of n calls, replayed after warm-up (us per call)."""
     import time

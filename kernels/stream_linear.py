@@ -301,18 +301,6 @@ LLAMA_8B = {
     "lm_head": (128256, 4096, False),
 }
 SWEEP = [(bn, bk, 0, w) for bn in (32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) if bn * bk <= 32768]
-CHAIN = 8  # launches per captured graph: each call's time is the graph's over CHAIN, PDL overlap included
-L2_SPAN = 256 << 20  # the chain rotates through enough weight copies to read this many bytes (past the L2)
-
-
-def _time_chain(fn, weights, x, do_bench) -> float:
-    """us per call of fn(x, w) in a captured chain of CHAIN calls over the rotating weights (after warm-up)."""
-    import functools
-
-    from longspec_lab.kernels.launch import capture_calls
-
-    g = capture_calls([functools.partial(fn, x, weights[i % len(weights)]) for i in range(CHAIN)])
-    return do_bench(g.replay, warmup=10, rep=60) * 1e3 / CHAIN
 
 
 def _copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -349,6 +337,7 @@ def main(argv=None) -> int:
         ap.exit(2, f"error: --shapes takes names from {list(LLAMA_8B)}\n")
     from triton.testing import do_bench
 
+    from longspec_lab.kernels.launch import CHAIN, chain_us, weight_copies
     from longspec_lab.provenance import stamp, write_new_json
 
     global PLAN_OVERRIDE
@@ -358,8 +347,7 @@ def main(argv=None) -> int:
     report = {"copy_bandwidth_TBps": bw / 1e12, "chain": CHAIN, "rows": []}
     for name in names:
         N, K, gated = LLAMA_8B[name]
-        copies = max(2, -(-L2_SPAN // (N * K * 2)))
-        weights = [torch.randn(N, K, device=dev, generator=gen).mul_(0.02).bfloat16() for _ in range(copies)]
+        weights = weight_copies(N, K, torch.bfloat16, dev, gen)
         nw = torch.ones(K, device=dev, dtype=torch.bfloat16)
         for M in rows:
             x = torch.randn(M, K, device=dev, generator=gen).bfloat16()
@@ -371,7 +359,7 @@ def main(argv=None) -> int:
             for form, (fn, p) in forms.items():
                 PLAN_OVERRIDE = p
                 try:
-                    us = _time_chain(fn, weights, x, do_bench)
+                    us = chain_us(fn, weights=weights, x=x, do_bench=do_bench)
                 except Exception as e:  # a tile choice that does not fit this GPU: recorded, not fatal
                     report["rows"].append({"name": name, "rows": M, "form": form, "error": f"{e}"[:200]})
                     continue

@@ -8,10 +8,11 @@ floor, the question is which kernels hold it there. This benchmark answers it in
   kernels      one replay of each captured step under `torch.profiler`: every kernel's duration and its
                increment on the step's time line (`bench.profile.step_timeline`), summed per class (projection,
                attention, other), with the bytes/s the projections achieve on the weights they read;
-  projections  each projection of the layer and the LM head alone, at 1, 16 and 72 rows, captured: cuBLAS
-               (`F.linear`), the package's `norm_linear` kernel and, up to 16 rows, `stream_linear` (what the
-               models call for weights this size under LONGSPEC_STREAM_LINEAR=auto), with achieved TB/s and the
-               multiple of the copy-bandwidth floor;
+  projections  each projection of the layer and the LM head alone, at 1, 16 and 72 rows, in a captured chain
+               over weights rotating past the L2 (as a step reads them): cuBLAS (`F.linear`), the package's
+               `norm_linear` kernel and, up to 16 rows, `stream_linear` (what the models call for weights this
+               size under LONGSPEC_STREAM_LINEAR=auto), with achieved TB/s and the multiple of the copy-bandwidth
+               floor;
   compiled     with --compile, the decode and the verify compiled with torch.compile (the form the decoder
                runs) and captured: their compile times apart, their replay times and their kernels;
   draft        with --draft, the draft step of a tree step (`verify_cost.draft_levels`: an 8B-shaped one-layer
@@ -89,11 +90,12 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 
 def time_projections(cfg, bw: float, rows=(1, 16, 72), dtype=torch.bfloat16) -> list[dict]:
-    """Each projection alone, captured, per implementation: {"name", "rows", "impl", "us", "TBps", "x_floor"}.
-    cuBLAS and `norm_linear` at every row count, `stream_linear` where it takes the rows (at most 16)."""
-    import triton
-
-    from longspec_lab.bench.verify_cost import graphed
+    """Each projection alone, per implementation: {"name", "rows", "impl", "us", "TBps", "x_floor"}. cuBLAS and
+    `norm_linear` at every row count, `stream_linear` where it takes the rows (at most 16). Each is timed as a step
+    runs it, in a captured chain over weights that rotate past the L2 (`kernels.launch.chain_us`, as
+    `kernels.stream_linear`'s benchmark times it). (`profile_8b_h100.json`, recorded before, timed one launch per
+    graph, where a weight the size of o_proj's may stay in the L2.)"""
+    from longspec_lab.kernels.launch import chain_us, weight_copies
     from longspec_lab.kernels.norm_linear import norm_linear
     from longspec_lab.kernels.stream_linear import MAX_ROWS, stream_linear
 
@@ -102,21 +104,21 @@ def time_projections(cfg, bw: float, rows=(1, 16, 72), dtype=torch.bfloat16) -> 
     g = torch.Generator(device="cuda").manual_seed(0)
     out = []
     for name, (N, K) in projection_shapes(cfg).items():
-        w = torch.randn(N, K, device="cuda", generator=g).mul_(0.02).to(dtype)
+        weights = weight_copies(N, K, dtype, "cuda", g)
         for M in rows:
             x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
-            nbytes = (N * K + M * K + M * N) * w.element_size()
+            nbytes = (N * K + M * K + M * N) * weights[0].element_size()
             for impl, (fn, most) in impls.items():
                 if most is not None and M > most:
                     continue
                 try:
-                    us = triton.testing.do_bench(graphed(lambda f=fn, x=x, w=w: f(x, w)), warmup=10, rep=60) * 1e3
+                    us = chain_us(fn, x, weights)
                 except Exception as e:  # a form that does not serve this shape: say why
                     out.append({"name": name, "rows": M, "impl": impl, "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
                 out.append({"name": name, "rows": M, "impl": impl, "us": us, "TBps": nbytes / (us * 1e-6) / 1e12,
                             "x_floor": us * 1e-6 / (nbytes / bw)})  # fmt: skip
-        del w
+        del weights
     return out
 
 

@@ -243,3 +243,19 @@ def test_phases_refuse_what_would_race_or_hang():
         launch.phases(torch.zeros(2, 300, dtype=torch.int32), c)
     with pytest.raises(RuntimeError, match="a GPU measurement"):
         launch.barrier_cost_us("cpu")
+
+
+def test_weight_copies_read_past_the_span_and_differ():
+    """A projection chain's weights: at least two, together at least `span` bytes (so the chain finds none in the
+    L2), each its own random tensor of the asked shape and dtype, and the same ones for the same seed."""
+
+    def copies(N, K, span, seed=1):
+        return launch.weight_copies(N, K, torch.bfloat16, "cpu", torch.Generator().manual_seed(seed), span=span)
+
+    for N, K, span, want in ((64, 32, 1 << 14, 4), (64, 32, 100, 2), (48, 32, 6145, 3)):  # 4,096 / 3,072 B a copy
+        ws = copies(N, K, span)
+        assert len(ws) == want and all(w.shape == (N, K) and w.dtype == torch.bfloat16 for w in ws)
+        assert sum(w.numel() * 2 for w in ws) >= span > sum(w.numel() * 2 for w in ws[1:]) or want == 2
+        assert not torch.equal(ws[0], ws[1])
+    assert all(torch.equal(a, b) for a, b in zip(copies(64, 32, 1 << 14), copies(64, 32, 1 << 14)))
+    assert not torch.equal(copies(64, 32, 100)[0], copies(64, 32, 100, seed=2)[0])
