@@ -67,6 +67,12 @@ FUSE_RESIDUAL = os.environ.get("LONGSPEC_FUSE_RESIDUAL", "off")
 # norm kernel before it). Neutral on the H200 in one call (2026-12-04, e2e_h200.json against
 # e2e_ab_lm_head_torch_h200.json): AR 7,588 against 7,545 tokens/s, the default tree 12,558 against 12,646, one
 # kernel fewer in an AR step (56 -> 55) and a verify.
+# Under "auto" an LM head larger than AUTO_MAX_WEIGHT (an 8B model's 128,256 x 4,096) also takes the kernel when the
+# call has at most HEAD_KERNEL_ROWS rows (a decode step, a draft level): alone, in captured graphs on an H100
+# (2026-12-05, profile_8b_stream_on_h100.json and profile_8b_unfused_h100.json), it read the 1.05 GB head at
+# 1.00-1.03x the copy-bandwidth floor (347-361 us) where cuBLAS took 1.04-1.12x (360-390 us) at 1 and 16 rows; at 72
+# rows (a verify) it took 2.0x and cuBLAS 1.07-1.12x, so a verify keeps cuBLAS. Not yet timed inside the decoder.
+HEAD_KERNEL_ROWS = 16
 LM_HEAD = os.environ.get("LONGSPEC_LM_HEAD", "auto")
 # LONGSPEC_STREAM_LINEAR: projections of at most STREAM_MAX_ROWS rows (a decode, a draft level) through large
 # weights go to `kernels/stream_linear.py` (split-K, the weight read before the PDL wait, the norm and epilogue
@@ -187,10 +193,28 @@ def norm_linear(
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Logits [..., V] of hidden states x [..., K]: linear(rms_norm(x) if norm else x, weight [V, K]). Through
-    `norm_linear` (LONGSPEC_LM_HEAD=auto), or as the norm and `F.linear` apart ("torch"); the same ops on the CPU."""
+    `norm_linear` (LONGSPEC_LM_HEAD=auto; a large head with at most HEAD_KERNEL_ROWS rows on CUDA goes to its kernel
+    whatever the size rule), or as the norm and `F.linear` apart ("torch"); the same ops on the CPU."""
     if checked("LONGSPEC_LM_HEAD", LM_HEAD, ("auto", "torch")) == "auto":
+        if _large_head_kernel(x, weight, norm):
+            from longspec_lab.kernels.norm_linear import norm_linear as fused
+
+            nw, eps = norm if norm is not None else (None, 1e-6)
+            return fused(x, weight, nw, eps, None, False, None)
         return norm_linear(x, weight, norm=norm)
     return F.linear(x if norm is None else rms_norm(x, *norm), weight)
+
+
+def _large_head_kernel(x: torch.Tensor, weight: torch.Tensor, norm, on_gpu: bool | None = None) -> bool:
+    """Whether `lm_head` sends a head that LONGSPEC_NORM_LINEAR=auto leaves to cuBLAS (more than AUTO_MAX_WEIGHT
+    elements) to the kernel anyway: at most HEAD_KERNEL_ROWS rows, on CUDA (on_gpu: x.is_cuda unless given), the
+    switch not off (see LM_HEAD)."""
+    on_gpu = x.is_cuda if on_gpu is None else on_gpu
+    if checked("LONGSPEC_NORM_LINEAR", NORM_LINEAR, CHOICES) == "off" or not HAS_TRITON or not on_gpu:
+        return False
+    if weight.numel() <= AUTO_MAX_WEIGHT or x.numel() > HEAD_KERNEL_ROWS * x.shape[-1]:
+        return False  # a small head takes the kernel by norm_linear's own rule; a verify's rows keep cuBLAS
+    return _inference_operands(x, weight, None, norm, None)
 
 
 def residual_norm_linear(a, w_pre, b_pre, residual, weight, bias=None, norm=None, gated: bool = False):

@@ -195,6 +195,38 @@ def test_the_lm_head_equals_the_float64_definition_on_either_path(switch, monkey
         linear.lm_head(x, w)
 
 
+def test_a_large_head_with_few_rows_takes_the_kernel(switch, monkeypatch):
+    """Under LONGSPEC_LM_HEAD=auto a head past the size rule (an 8B model's) goes to the norm_linear kernel for at
+    most HEAD_KERNEL_ROWS rows on the GPU, and to cuBLAS for more rows (a verify), on the CPU, with the switch off or
+    with a gradient; on that route (here the interpreter) the logits are the float64 definition's."""
+    switch("auto")
+    rule = linear._large_head_kernel
+    K = 8
+    big = torch.zeros(linear.AUTO_MAX_WEIGHT // K + 1, K)  # just past the size rule
+    small = torch.zeros(linear.AUTO_MAX_WEIGHT // K, K)
+    rows = linear.HEAD_KERNEL_ROWS
+    assert rule(torch.zeros(rows, K), big, None, on_gpu=True)
+    assert rule(torch.zeros(2, rows // 2, K), big, (torch.ones(K), 1e-5), on_gpu=True)  # rows counted over batch
+    assert not rule(torch.zeros(rows + 1, K), big, None, on_gpu=True)  # a verify's rows
+    assert not rule(torch.zeros(1, K), small, None, on_gpu=True)  # norm_linear's own rule serves it
+    assert not rule(torch.zeros(1, K), big, None, on_gpu=False) and not rule(torch.zeros(1, K), big, None)
+    assert not rule(torch.zeros(1, K, requires_grad=True), big, None, on_gpu=True)
+    assert not rule(torch.zeros(1, K, dtype=torch.float64), big, None, on_gpu=True)  # mixed dtypes
+    switch("off")
+    assert not rule(torch.zeros(1, K), big, None, on_gpu=True)
+    switch("auto")
+    routed = []
+    monkeypatch.setattr(linear, "_large_head_kernel", lambda x, w, n: routed.append(x.shape) or True)
+    monkeypatch.setattr(linear, "norm_linear", lambda *a, **k: pytest.fail("the head took the size rule's path"))
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(1, 3, 64, generator=g), torch.randn(200, 64, generator=g) / 8
+    nw = 1 + 0.1 * torch.randn(64, generator=g)
+    for norm in (None, (nw, 1e-5)):
+        want = norm_linear_reference(x, w, None if norm is None else nw, 1e-5, None, False)
+        torch.testing.assert_close(linear.lm_head(x, w, norm).double(), want, atol=1e-5, rtol=1e-5)
+    assert routed == [x.shape, x.shape]
+
+
 def test_stream_switch_picks_the_split_k_kernel_for_few_rows(monkeypatch):
     """LONGSPEC_STREAM_LINEAR: "on" sends projections of at most STREAM_MAX_ROWS rows without a bias to
     kernels/stream_linear.py (also under the interpreter), and the numbers stay the definition's; more rows or a
