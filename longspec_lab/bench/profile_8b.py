@@ -200,7 +200,9 @@ def profile_draft(target, context: int, bw: float, compile_step: bool = False) -
     cache.v[-1:, :, :, :context].normal_(0, 1)
     out = {"context": context}
     with torch.inference_mode():
-        fns, floor, proj_bytes = draft_levels(target, cache, context, torch.bfloat16, dev)
+        fns, nbytes = draft_levels(target, cache, context, torch.bfloat16, dev)
+        floor, proj_bytes = nbytes["floor"], nbytes["projections"]
+        out["levels_floor_ms"] = nbytes["levels"] / bw * 1e3  # five sequential levels cannot go below this
 
         def step():
             return [f() for f in fns]

@@ -181,6 +181,7 @@ def measure(
                 row.update(_draft_and_commit(target, cache, P, dtype, dev, compile_draft=P in compile_at))
                 row["floor_draft_ms"] = row["draft_floor_bytes"] / bw * 1e3
                 row["draft_vs_floor"] = fastest_form(row, "draft_step")[0] / row["floor_draft_ms"]
+                row["draft_levels_floor_vs_floor"] = row["draft_levels_floor_bytes"] / row["draft_floor_bytes"]
             except Exception as e:
                 row["draft_error"] = f"{type(e).__name__}: {e}"[:300]
             done("draft step and commit")
@@ -245,9 +246,11 @@ def _compiled_steps(target, cache, P, pos, mask, backend) -> dict:
     return out
 
 
-def draft_levels(target, cache, P, dtype, dev) -> tuple[list, int, int]:
-    """One tree step's drafting for an 8B-shaped one-layer GliDe draft, as callables; its floor in bytes, and the
-    part of it that the projections read (the draft's matrices and the LM head once per level).
+def draft_levels(target, cache, P, dtype, dev) -> tuple[list, dict]:
+    """One tree step's drafting for an 8B-shaped one-layer GliDe draft, as callables, and its bytes: "floor" (the
+    goal's floor, below), "projections" (the part of it the projections read: the draft's matrices and the LM head
+    once per level) and "levels" (what the sequential levels must read at the least: each its own layer weights,
+    the LM head and the layer of KV its cross-attention reads).
 
     The levels: ingest of the 5 pending tokens, then the levels of the default tree over 4, 16, 16, 16 nodes,
     each the decoder's own pieces: self-attention over the draft's window and the tree's scratch slots
@@ -301,7 +304,12 @@ def draft_levels(target, cache, P, dtype, dev) -> tuple[list, int, int]:
     kv_layer = P * 2 * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     heads = len(rows) * head.numel() * head.element_size()
     matrices = sum(p.numel() * p.element_size() for p in d.parameters() if p.dim() == 2)
-    return [level(n, w) for n, w in zip(rows, widths)], own + heads + kv_layer, matrices + heads
+    nbytes = {
+        "floor": own + heads + kv_layer,
+        "projections": matrices + heads,
+        "levels": len(rows) * (own + kv_layer) + heads,
+    }
+    return [level(n, w) for n, w in zip(rows, widths)], nbytes
 
 
 def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False) -> dict:
@@ -311,7 +319,7 @@ def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False)
 
     import triton
 
-    fns, floor, _ = draft_levels(target, cache, P, dtype, dev)
+    fns, nbytes = draft_levels(target, cache, P, dtype, dev)
 
     def step():
         return [f() for f in fns]
@@ -319,7 +327,8 @@ def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False)
     out = {
         "draft_level_graph_ms": [triton.testing.do_bench(graphed(f), warmup=5, rep=40) for f in fns],
         "draft_step_graph_ms": triton.testing.do_bench(graphed(step), warmup=5, rep=40),
-        "draft_floor_bytes": floor,
+        "draft_floor_bytes": nbytes["floor"],
+        "draft_levels_floor_bytes": nbytes["levels"],  # five sequential levels: no draft step reads less
     }
     if compile_draft:
         try:

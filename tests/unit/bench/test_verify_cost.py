@@ -105,9 +105,11 @@ def test_draft_step_runs_the_library_pieces_and_states_its_floor(monkeypatch):
     head = SMALL.vocab_size * SMALL.hidden_size * 4
     kv = P * 2 * SMALL.num_kv_heads * SMALL.head_dim * 4
     assert rep["draft_floor_bytes"] == own + 5 * head + kv
-    _, floor, matrices = vc.draft_levels(target, cache, P, torch.float32, torch.device("cpu"))
-    assert floor == rep["draft_floor_bytes"]
-    assert matrices == sum(p.numel() * 4 for p in draft.parameters() if p.dim() == 2) + 5 * head < own + 5 * head
+    _, nbytes = vc.draft_levels(target, cache, P, torch.float32, torch.device("cpu"))
+    assert nbytes["floor"] == rep["draft_floor_bytes"]
+    matrices = sum(p.numel() * 4 for p in draft.parameters() if p.dim() == 2)
+    assert nbytes["projections"] == matrices + 5 * head < own + 5 * head
+    assert nbytes["levels"] == rep["draft_levels_floor_bytes"] == 5 * (own + head + kv)  # each level reads all three
 
 
 def test_compiled_draft_step_traces_whole_and_selects_what_the_eager_step_selects(monkeypatch):
