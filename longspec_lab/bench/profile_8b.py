@@ -202,7 +202,6 @@ def profile_draft(target, context: int, bw: float, compile_step: bool = False) -
     with torch.inference_mode():
         fns, nbytes = draft_levels(target, cache, context, torch.bfloat16, dev)
         floor, proj_bytes = nbytes["floor"], nbytes["projections"]
-        out["levels_floor_ms"] = nbytes["levels"] / bw * 1e3  # five sequential levels cannot go below this
 
         def step():
             return [f() for f in fns]
@@ -220,6 +219,7 @@ def profile_draft(target, context: int, bw: float, compile_step: bool = False) -
             ms = triton.testing.do_bench(g.replay, warmup=5, rep=40)
             tl = step_timeline(_profiled_kernels(g.replay), {})
             out[kind] = {"ms": ms, "floor_ms": floor / bw * 1e3, "x_floor": ms * 1e-3 / (floor / bw),
+                         "levels_floor_ms": nbytes["levels"] / bw * 1e3,  # five sequential levels read no less
                          **summarise(tl, proj_bytes, bw)}  # fmt: skip
             del g
     return out

@@ -219,6 +219,22 @@ def speedup_terms(verify_8b: dict, tau: float) -> list[dict]:
     return out
 
 
+LLAMA3_8B_HEAD_BYTES = 128256 * 4096 * 2  # the LM head an 8B-shaped draft shares with its target, bf16
+
+
+def draft_levels_floor_ms(floor_ms: float, bandwidth_TBps: float, head_bytes: float = LLAMA3_8B_HEAD_BYTES,
+                          levels: int = 5) -> float:  # fmt: skip
+    """The floor of a draft step's `levels` sequential levels, from the goal's floor (`floor_ms`: the draft layer's
+    weights and one layer of KV read once, the LM head once per level): each level reads its layer and its layer
+    of KV again, so levels x floor less the (levels - 1) x levels extra heads that product counts. Recorded runs
+    since 2026-12-05 evening carry it (`draft_levels_floor_bytes`, `levels_floor_ms`); this derives it for the
+    others."""
+    if levels < 1 or floor_ms <= 0 or bandwidth_TBps <= 0:
+        got = f"levels={levels}, floor_ms={floor_ms}, bandwidth_TBps={bandwidth_TBps}"
+        raise ValueError(f"need levels >= 1 and a positive floor and bandwidth; got {got}")
+    return levels * floor_ms - (levels - 1) * levels * head_bytes / (bandwidth_TBps * 1e12) * 1e3
+
+
 def time_methods(
     decoder, prompt_ids, shape, gamma: int = 4, n: int = 3, max_new_tokens: int = 64, trace: bool = False
 ) -> list[dict]:

@@ -933,6 +933,48 @@ def verify_decode_figure(
     return fig
 
 
+KERNEL_CLASSES = ("projection", "attention", "other")  # bench/profile_8b.py's classes, in stacking order
+
+
+def class_time_figure(steps: Mapping[str, Mapping], title: str = "Where each step's time goes") -> go.Figure:
+    """Horizontal bars, one per step of a `bench/profile_8b.py` report ({name: step}, each step with "classes",
+    "floor_ms" and optionally "levels_floor_ms"): its kernels' time-line increments stacked per class (projection,
+    attention, other; they add up to the step), with its floor marked, and the floor of a draft's sequential levels
+    where the step records one. The bars come from one replay under the profiler; the bar text is the step's timed
+    median ("ms") and its multiple of the floor."""
+    names = [n for n, st in steps.items() if isinstance(st, Mapping) and "classes" in st]
+    if not names:
+        raise ValueError("no profiled steps: pass profile_8b's step dicts, e.g. report['steps'][0]")
+    fig = go.Figure()
+    for k, cls in enumerate(KERNEL_CLASSES):
+        ms = [steps[n]["classes"].get(cls, {}).get("increment_us", 0.0) / 1e3 for n in names]
+        fig.add_trace(go.Bar(y=names, x=ms, name=cls, orientation="h", marker_color=series_color(k)))
+    total = [sum(st.get("increment_us", 0.0) for st in steps[n]["classes"].values()) / 1e3 for n in names]
+    fig.add_trace(
+        go.Scatter(
+            y=names, x=total, mode="text", textposition="middle right", showlegend=False, cliponaxis=False,
+            text=[f"  timed {s['ms']:.2f} ms · {s['ms'] / s['floor_ms']:.2f}× floor" for s in map(steps.get, names)],
+        )
+    )  # fmt: skip
+    floors = (("floor_ms", "floor (bytes / copy bandwidth)", dict(symbol="line-ns", size=30, line=dict(width=3))),
+              ("levels_floor_ms", "floor of the draft's sequential levels", dict(symbol="diamond-open", size=13,
+                                                                                  line=dict(width=2))))  # fmt: skip
+    for key, label, marker in floors:
+        have = [n for n in names if steps[n].get(key) is not None]
+        if have:
+            marker["line"]["color"] = marker["color"] = REFERENCE
+            xs = [steps[n][key] for n in have]
+            fig.add_trace(go.Scatter(y=have, x=xs, mode="markers", name=label, marker=marker))
+    fig.update_layout(
+        title=title, barmode="stack", xaxis_title="ms (kernels' increments on one replay's time line)",
+        yaxis_title="step", height=180 + 48 * len(names), width=980, legend_title="kernel class",
+        legend_traceorder="normal", margin=dict(t=80),
+    )  # fmt: skip
+    fig.update_xaxes(range=[0, max(total) * 1.5])
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
 def timing_spread_figure(rows: Sequence[Mapping], title: str = "tokens/s: median of the runs, bars from min to max"):
     """Bars of median tokens/s per method with min..max error bars (teach.cost.time_methods rows)."""
     if not rows:

@@ -4,6 +4,7 @@ one palette colour per method / rule / stage in every figure that draws them."""
 import itertools
 
 import pytest
+import torch
 
 from longspec_lab.teach import cost, palette, viz_results
 from longspec_lab.teach.setup import load_result
@@ -143,3 +144,28 @@ def test_declutter_labels_leaves_no_overlap():
     for a, b in itertools.combinations(boxes, 2):
         assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
     assert all(t.text is None for t in fig.data)
+
+
+def test_draft_levels_floor_is_what_the_benchmark_counts():
+    """Derived from the goal's floor, the sequential levels' floor equals the bytes bench.verify_cost counts level
+    by level (each level: the draft layer, the LM head, one layer of KV) on a small model, and the recorded 8B run's
+    draft step sits above it."""
+    import dataclasses
+
+    from longspec_lab.bench import verify_cost as vc
+    from longspec_lab.models.config import PRESETS
+
+    small = dataclasses.replace(PRESETS["llama3-8b"], vocab_size=96, hidden_size=64, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=16, intermediate_size=128)  # fmt: skip
+    target = vc.random_target(small, torch.device("cpu"), torch.float32, seed=1)
+    cache = target.new_cache(128)
+    _, nbytes = vc.draft_levels(target, cache, 50, torch.float32, torch.device("cpu"))
+    bw = 2.0  # TB/s
+    got = cost.draft_levels_floor_ms(nbytes["floor"] / (bw * 1e12) * 1e3, bw, head_bytes=96 * 64 * 4)
+    assert got == pytest.approx(nbytes["levels"] / (bw * 1e12) * 1e3, rel=1e-12)
+    p8d = load_result("profile_8b_draft_h100")
+    for st in (p8d["draft"][0]["draft"], p8d["draft"][0]["draft_compiled"]):
+        levels = cost.draft_levels_floor_ms(st["floor_ms"], p8d["copy_bandwidth_TBps"])
+        assert st["floor_ms"] < levels < st["ms"]  # 1.35x the goal's floor at 4k: the compiled step is above it
+    with pytest.raises(ValueError, match="levels >= 1"):
+        cost.draft_levels_floor_ms(1.0, 2.0, levels=0)

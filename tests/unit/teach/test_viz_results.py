@@ -508,3 +508,27 @@ def test_tuner_check_rows_and_figure_pair_each_recorded_shape_with_its_predictio
     assert list(fig.data[0].y) == [180.0, 150.0] and list(fig.data[2].y) == [190.0, None]
     with pytest.raises(ValueError, match="no chain or tree"):
         tuner_check_rows({"results": {"ar": {"tokens_per_s": 1.0, "tau": 1.0}}}, tuned)
+
+
+def test_class_time_figure_stacks_each_steps_classes_and_marks_its_floors():
+    """One bar per profiled step, its classes stacked (the stacks add up to the step's increments), the bar text its
+    timed ms and multiple of the floor, the floor marked on every step and the sequential-levels floor where recorded;
+    keys that are not steps (context, compile times) are skipped, and nothing to plot is an error."""
+    p8d = nb.load_result("profile_8b_draft_h100")["draft"][0]
+    steps = dict(p8d)
+    steps["draft_compiled"] = {**steps["draft_compiled"], "levels_floor_ms": 2.5}
+    fig = viz_results.class_time_figure(steps)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [t.name for t in bars] == list(viz_results.KERNEL_CLASSES)
+    names = ["draft", "draft_compiled"]
+    assert all(list(t.y) == names for t in bars)
+    for i, n in enumerate(names):
+        want = sum(c["increment_us"] for c in p8d[n]["classes"].values()) / 1e3
+        assert sum(t.x[i] for t in bars) == pytest.approx(want)
+        text = next(t for t in fig.data if t.type == "scatter" and t.mode == "text").text[i]
+        assert f"timed {p8d[n]['ms']:.2f} ms" in text and f"{p8d[n]['x_floor']:.2f}× floor" in text
+    floors = {t.name: (list(t.y), list(t.x)) for t in fig.data if t.type == "scatter" and t.mode == "markers"}
+    assert floors["floor (bytes / copy bandwidth)"] == (names, [p8d[n]["floor_ms"] for n in names])
+    assert floors["floor of the draft's sequential levels"] == (["draft_compiled"], [2.5])
+    with pytest.raises(ValueError, match="no profiled steps"):
+        viz_results.class_time_figure({"context": 4096})
