@@ -7,8 +7,10 @@ bf16 weights and a KV cache filled with random entries up to a context P, then t
   decode   one 1-token forward at position P
   verify   one forward over 4 pending tokens + a 68-node [4,16,16,16] tree... i.e. the pending
            tokens causal and the [4,16,16,16,16] tree (root = last pending token) under its mask
-for our target with each attention backend, eager and CUDA-graph captured, and the same two steps
-with stock `transformers` (DynamicCache, SDPA, a 4D mask for the tree) sharing the same weights.
+for our target with each attention backend, eager and CUDA-graph captured (and with --compile compiled and
+captured, the form the decoder runs), and the same two steps with stock `transformers` (DynamicCache, SDPA, a
+4D mask for the tree) sharing the same weights. Beside them: one tree step's drafting by an 8B-shaped one-layer
+GliDe draft (`draft_levels`: five levels, each with the LM head and the beam's selection) and the commit.
 The floor of each step is the bytes it must read (weights + KV cache) over the copy bandwidth
 measured in the same run. A projected end-to-end speedup for such a target,
 tau x t_decode / (t_draft + t_verify + t_commit), is reported and labelled as a projection.
@@ -316,7 +318,6 @@ def _draft_and_commit(target, cache, P, dtype, dev, compile_draft: bool = False)
     """Cost of one tree step's drafting (`draft_levels`: each level captured alone, and all levels as one CUDA
     graph, as in a step) and of the commit gather. With compile_draft the whole draft step is also compiled
     (`torch.compile`, fullgraph, static shapes: the form the decoder runs) and captured; its compile time apart."""
-
     import triton
 
     fns, nbytes = draft_levels(target, cache, P, dtype, dev)
