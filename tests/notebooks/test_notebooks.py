@@ -37,6 +37,8 @@ def test_notebook_is_stripped(path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, (
                 f"cell {cell.get('id')} has outputs; strip them before committing"
             )
+    ids = [cell.get("id") for cell in nb["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), "cell ids must be present and unique (nbformat renames copies)"
     first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     assert "setup(" in "".join(first_code["source"]), "the first code cell must call setup() (CPU/CI detection)"
 
