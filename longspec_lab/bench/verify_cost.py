@@ -605,9 +605,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip stock transformers")
     ap.add_argument(
         "--compile", default="",
-        help="comma-separated contexts at which the first backend's decode and verify are also compiled with "
-        "torch.compile and captured, the form the decoder runs (on an H100: 24-38 s a decode, about 55 s a verify, "
-        "233 s for the 128k verify; recorded apart as *_compile_s)",
+        help="comma-separated contexts at which the first backend's decode and verify, and the draft step, are also "
+        "compiled with torch.compile and captured, the form the decoder runs (on an H100: 24-48 s a decode, about "
+        "55 s a verify, 233 s for the 128k verify, 19-33 s the draft step; recorded apart as *_compile_s). A run "
+        "at 4k and 32k takes about 6 minutes on an H100; give 128k a call of its own",
     )  # fmt: skip
     ap.add_argument(
         "--tau",
