@@ -15,17 +15,10 @@ import torch  # noqa: E402
 for _mod in ("longspec_lab.kernels.norm_linear", "longspec_lab.kernels.stream_linear"):
     if _mod in sys.modules and not sys.modules[_mod]._INTERPRET:
         importlib.reload(sys.modules[_mod])
+from test_norm_linear import _case  # noqa: E402  (one case maker for both projection kernels: the same arguments)
+
 import longspec_lab.kernels.norm_linear as nl  # noqa: E402
 import longspec_lab.kernels.stream_linear as sl  # noqa: E402
-
-
-def _case(seed, M, K, N, has_norm, has_res, gated, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(M, K, generator=g)).to(dtype)
-    w = (torch.randn(2 * N if gated else N, K, generator=g) / K**0.5).to(dtype)
-    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype) if has_norm else None
-    r = torch.randn(M, N, generator=g).to(dtype) if has_res else None
-    return x, w, nw, 1e-5, r, gated
 
 
 @pytest.fixture
