@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -144,8 +143,8 @@ def profile_steps(target, context: int, bw: float, backend: str = "triton", comp
     import triton
 
     from longspec_lab.bench.profile import _profiled_kernels, step_timeline
-    from longspec_lab.bench.verify_cost import verify_block
-    from longspec_lab.decoding.graphs import capture, compile_stage
+    from longspec_lab.bench.verify_cost import compile_timed, verify_block
+    from longspec_lab.decoding.graphs import capture
 
     dev = torch.device("cuda")
     mask, offsets = verify_block(device=dev)
@@ -168,11 +167,7 @@ def profile_steps(target, context: int, bw: float, backend: str = "triton", comp
     forms = [("decode", dec, 1), ("verify", ver, T)]
     with torch.inference_mode():
         for kind, fn, rows in list(forms) if compile_steps else []:  # compiled under inference mode, as replayed
-            compiled = compile_stage(fn, "default")
-            t0 = time.perf_counter()
-            compiled()
-            torch.cuda.synchronize()
-            out[f"{kind}_compile_s"] = time.perf_counter() - t0
+            compiled, out[f"{kind}_compile_s"] = compile_timed(fn, dev)
             forms.append((f"{kind}_compiled", compiled, rows))
         for kind, fn, rows in forms:
             g = capture([fn])[0]
@@ -191,8 +186,8 @@ def profile_draft(target, context: int, bw: float, compile_step: bool = False) -
     import triton
 
     from longspec_lab.bench.profile import _profiled_kernels, step_timeline
-    from longspec_lab.bench.verify_cost import draft_levels, verify_block
-    from longspec_lab.decoding.graphs import capture, compile_stage
+    from longspec_lab.bench.verify_cost import compile_timed, draft_levels, verify_block
+    from longspec_lab.decoding.graphs import capture
 
     dev = torch.device("cuda")
     cache = target.new_cache(context + verify_block()[0].shape[0] + 8)
@@ -208,11 +203,7 @@ def profile_draft(target, context: int, bw: float, compile_step: bool = False) -
 
         forms = [("draft", step)]
         if compile_step:
-            compiled = compile_stage(step, "default")
-            t0 = time.perf_counter()
-            compiled()
-            torch.cuda.synchronize()
-            out["draft_compile_s"] = time.perf_counter() - t0
+            compiled, out["draft_compile_s"] = compile_timed(step, dev)
             forms.append(("draft_compiled", compiled))
         for kind, fn in forms:
             g = capture([fn])[0]

@@ -208,11 +208,9 @@ def measure(
     }
 
 
-def compile_and_time(fn, dev) -> tuple[float, float]:
-    """(compile seconds, ms a replay) of fn compiled as the decoder compiles a stage (`decoding.graphs.compile_stage`:
-    fullgraph, static shapes) and captured in a CUDA graph; the compilation (on the first call) is timed apart."""
-    import triton
-
+def compile_timed(fn, dev):
+    """(compiled fn, compile seconds): fn compiled as the decoder compiles a stage (`decoding.graphs.compile_stage`:
+    fullgraph, static shapes) and called once, which is when it compiles; the device synchronised."""
     from longspec_lab.decoding.graphs import compile_stage
 
     compiled = compile_stage(fn, "default")
@@ -220,7 +218,15 @@ def compile_and_time(fn, dev) -> tuple[float, float]:
     compiled()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0
+
+
+def compile_and_time(fn, dev) -> tuple[float, float]:
+    """(compile seconds, ms a replay) of fn compiled (`compile_timed`) and captured in a CUDA graph; the
+    compilation is timed apart."""
+    import triton
+
+    compiled, seconds = compile_timed(fn, dev)
     return seconds, triton.testing.do_bench(graphed(compiled), warmup=5, rep=40)
 
 
