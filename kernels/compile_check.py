@@ -31,15 +31,26 @@ SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376, 100: 232448}
 # Integer arguments that are multiples of 16 at every launch of the library (feature counts and row strides of
 # power-of-two models); a launch specialises them as such, and so does the compile here.
 ALIGNED = {"K", "N", "KP", "stride_xm", "stride_wn", "stride_ym", "stride_am", "stride_wpn", "stride_rpm", "stride_xom"}
+# The attention kernels' strides over batch, head and row of q, k, v and the output: multiples of the head dim
+# (64 or 128) for every view the library passes (contiguous caches, q/k/v sliced from a fused projection).
+ALIGNED |= {f"stride_{t}{d}" for t in "qkvo" for d in "bhtn"}
+# Integer arguments that are 1 at every launch (the unit stride of a tensor's last dimension). A launch compiles an
+# int equal to 1 as the constant 1 (Triton's specialize_impl), which decides whether a row's loads are contiguous,
+# hence vectorised and software-pipelined through shared memory. Compiled as a plain i32 instead, the tree kernel's
+# key loop ran unpipelined here (32 KiB of shared memory, where the launch's form takes 112 KiB).
+UNIT = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_lt"}
 
 
 def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tuple[dict, dict]:
     """Triton signature for fn: pointers maps argument -> element type ("bf16", "i64", ...), `floats`
     names fp32 scalars, `consts` gives the constexprs (USE_PDL True unless given: every variant is compiled with the
-    programmatic-dependent-launch gate a Hopper launch has); every other argument is an i32 scalar."""
+    programmatic-dependent-launch gate a Hopper launch has; the UNIT strides 1); every other argument is an i32
+    scalar."""
     consts = dict(consts or {})
     if "USE_PDL" in fn.arg_names:
         consts.setdefault("USE_PDL", True)  # as launched on a Hopper GPU (kernels/launch.py)
+    for name in UNIT & set(fn.arg_names):
+        consts.setdefault(name, 1)  # as a launch specialises it
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -292,6 +303,9 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
             rec.update(ok=shared <= limit, stages=sorted(kernel.asm), shared_bytes=shared)
             if shared > limit:  # compiles, but the launch fails with OutOfResources
                 rec["error"] = f"needs {shared} bytes of shared memory, over sm_{arch}'s {limit}"
+            ttgir = kernel.asm.get("ttgir", "")
+            # loads issued ahead through shared memory: cp.async copies and TMA copies (software pipelining)
+            rec["async_loads"] = ttgir.count("ttg.async_copy_global_to_local") + ttgir.count("async_tma_copy_global")
             ptx = kernel.asm.get("ptx", "")
             rec["pdl_gate"] = "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
             if not rec["pdl_gate"]:  # launched with launch_pdl, it would start early and race (kernels/launch.py)

@@ -121,3 +121,57 @@ def test_only_picks_variants_by_label_and_names_a_label_that_matches_none(tmp_pa
 
     n = sum("row top-k" in label for label, *_ in variants())
     assert n == 2 and f"{n} of {n} kernel variants compiled for sm_90" in r.stdout, r.stdout
+
+
+SPECIALISED = """
+import torch
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+
+from longspec_lab.kernels import compile_check as cc
+
+# what a Llama-3-8B verify launch passes: q and the output [1, 32, 72, 128], the caches [1, 8, 4168, 128], the
+# log-sum-exp [1, 32, 72]; Triton's own launch-time rule says how each stride is compiled
+q, kv, lse = torch.empty(1, 32, 72, 128), torch.empty(1, 8, 4168, 128), torch.empty(1, 32, 72)
+launch = {}
+for t, x in (("q", q), ("k", kv), ("v", kv), ("o", q)):
+    launch.update({f"stride_{t}{d}": s for d, s in zip("bhnd" if t in "kv" else "bhtd", x.stride())})
+launch.update(stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_lt=lse.stride(2))
+label = "tree split: lengths i32, plain loads, direct=False fused=True"
+(_, fn, sig, cx, _), = [v for v in cc.variants() if v[0] == label]
+for name, value in sorted(launch.items()):
+    kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+    if kind == "constexpr":
+        ours = "1" if sig[name] == "constexpr" and cx[(fn.arg_names.index(name),)] == 1 else sig[name]
+    else:
+        ours = "D" if name in cc.ALIGNED else ""
+        spec = spec or ""
+    print(name, kind, spec, ours, sep="|")
+r, = cc.compile_all(progress=None, only=label)
+print("compiled", r["ok"], r["shared_bytes"], r["async_loads"])
+"""
+
+
+def test_the_check_compiles_the_strides_as_a_launch_specialises_them(tmp_path):
+    """A launch compiles an int equal to 1 as the constant 1 and a multiple of 16 as such (Triton's specialize_impl).
+    The check compiled the attention kernels' strides as plain ints, so their K/V loads were not known to be
+    contiguous and the key loop was not software-pipelined: 32 KiB of shared memory against the launch's 112 KiB.
+    Every stride of a Llama-3-8B verify launch must now get the form Triton's own rule gives it, and the tree kernel's
+    key loop then issues its loads ahead (cp.async), three stages of 64 x 128 K and V tiles."""
+    r = subprocess.run([sys.executable, "-c", SPECIALISED], capture_output=True, text=True, env=_env(tmp_path),
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    rows = [line.split("|") for line in lines[:-1]]
+    assert len(rows) == 19, r.stdout
+    units = 0
+    for name, kind, launch, ours in rows:
+        units += kind == "constexpr"
+        if name[-1] in "bhtnd" and name[-2] in "qkvo" or kind == "constexpr":  # q, k, v, output; unit strides
+            assert ours == launch, f"{name}: the launch compiles it as {launch!r}, the check as {ours!r}"
+        else:  # the log-sum-exp's batch and head strides depend on the call (T = 1 at decode): assume nothing
+            assert ours == "", f"{name}: the check assumes {ours!r}, which not every launch gives"
+    assert units == 5, r.stdout  # the head-dim strides of q, k, v, the output, and the log-sum-exp's row stride
+    _, ok, shared, async_loads = lines[-1].split()
+    assert ok == "True" and int(async_loads) > 0, lines[-1]
+    assert int(shared) >= 3 * 2 * 64 * 128 * 2, lines[-1]  # STAGES x (K, V) x BLOCK_N x D x 2 bytes
