@@ -269,6 +269,17 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     return out
 
 
+def _aligned_attrs(sig: dict) -> dict:
+    """The divisibility a launch from PyTorch specialises: every pointer 16-byte aligned, and the ALIGNED integers
+    multiples of 16. It is what lets the compiler vectorise loads and pipeline them through shared memory (without
+    it the shared-memory check undercounts)."""
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, (n, t) in enumerate(sig.items())
+        if t.startswith("*") or (t == "i32" and n in ALIGNED)
+    }
+
+
 def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str | None = None) -> list[dict]:
     """Compile each variant for sm_<arch> (those whose label contains `only`, when given); returns one record per
     variant (label, ok, seconds, error)."""
@@ -290,22 +301,13 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
         t0 = time.perf_counter()
         rec = {"label": label, "arch": arch}
         try:
-            # as a launch from PyTorch specialises them: every pointer 16-byte aligned, which is what lets the
-            # compiler pipeline loads through shared memory (without it the shared-memory check below undercounts)
-            attrs = {
-                (i,): [["tt.divisibility", 16]]
-                for i, (n, t) in enumerate(sig.items())
-                if t.startswith("*") or (t == "i32" and n in ALIGNED)
-            }
-            src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+            src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=_aligned_attrs(sig))
             kernel = triton.compile(src, target=target, options={**opts, "launch_pdl": True})
             shared = int(kernel.metadata.shared)
             rec.update(ok=shared <= limit, stages=sorted(kernel.asm), shared_bytes=shared)
             if shared > limit:  # compiles, but the launch fails with OutOfResources
                 rec["error"] = f"needs {shared} bytes of shared memory, over sm_{arch}'s {limit}"
-            ttgir = kernel.asm.get("ttgir", "")
-            # loads issued ahead through shared memory: cp.async copies and TMA copies (software pipelining)
-            rec["async_loads"] = ttgir.count("ttg.async_copy_global_to_local") + ttgir.count("async_tma_copy_global")
+            rec["async_loads"] = warp_specialization_of(kernel.asm)["async_loads"]  # software pipelining
             ptx = kernel.asm.get("ptx", "")
             rec["pdl_gate"] = "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
             if not rec["pdl_gate"]:  # launched with launch_pdl, it would start early and race (kernels/launch.py)
@@ -321,6 +323,86 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
     return records
 
 
+# The tree kernel's Llama-3-8B verify launch (288 packed rows, head dim 128) in the row tiles, key tiles and warps a
+# warp-specialised form could take: FlashAttention-3's overlap of one tile's softmax with the next tile's matmuls
+# needs the loop split between load and compute warps, and Triton's `tl.range(warp_specialize=True)` is what asks
+# the compiler for that. (label of the base variant, BLOCK_M, BLOCK_N, warps)
+WS_CASES = [
+    (label, bm, bn, warps)
+    for label in ("tree split: lengths i32, TMA loads, direct=False fused=False",
+                  "tree split: lengths i32, plain loads, direct=False fused=True")
+    for bm, bn, warps in ((64, 64, 4), (128, 64, 8), (128, 128, 8))
+]  # fmt: skip
+
+
+def _ws_compile(label: str, block_m: int, block_n: int, warps: int, arch: int) -> dict:
+    """Compile one WS_CASES case with WARP_SPECIALIZE on (in this process: the compiler may abort it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ((fn, sig, cx, opts),) = [(f, s, c, o) for lab, f, s, c, o in variants() if lab == label]
+    cx = dict(cx)
+    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("WARP_SPECIALIZE", True)):
+        cx[(fn.arg_names.index(name),)] = value
+    sig = {**sig, "WARP_SPECIALIZE": "constexpr"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=_aligned_attrs(sig))
+    k = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={**opts, "num_warps": warps, "launch_pdl": True}
+    )
+    return {**warp_specialization_of(k.asm), "shared_bytes": int(k.metadata.shared)}
+
+
+def warp_specialization_of(asm: dict) -> dict:
+    """From a compiled kernel's `asm`: `asked`, a loop carries the request into the compiler (tt.warp_specialize in
+    the Triton IR); `specialised`, the GPU IR holds a ttg.warp_specialize op (the loop's partitions); `async_loads`,
+    the loads issued ahead through shared memory (cp.async and TMA copies)."""
+    ttgir = asm["ttgir"]
+    return {
+        "asked": "tt.warp_specialize" in asm["ttir"],
+        "specialised": "ttg.warp_specialize" in ttgir,
+        "async_loads": ttgir.count("ttg.async_copy_global_to_local") + ttgir.count("async_tma_copy_global"),
+    }
+
+
+def warp_specialize_probe(arch: int = 90, progress=print, timeout_s: float = 300) -> list[dict]:
+    """What the installed Triton makes of the tree kernel's key loop with warp specialization asked for, on sm_<arch>:
+    one record per WS_CASES case, `outcome` one of "specialised" (the loop is split into warp partitions),
+    "not specialised" (it compiles as the plain pipelined loop) or "compiler aborted" (the compiler killed the
+    process, as an assertion does; its last message in `error`). Each case compiles in a child process."""
+    import json
+    import subprocess
+
+    import triton
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    records = []
+    for label, bm, bn, warps in WS_CASES:
+        rec = {"base_variant": label, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "arch": arch,
+               "loads": "TMA" if "TMA" in label else "plain", "triton": triton.__version__}  # fmt: skip
+        cmd = [sys.executable, "-m", "longspec_lab.kernels.compile_check", "--ws-case", label, str(bm), str(bn),
+               str(warps), "--arch", str(arch)]  # fmt: skip
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rec.update(outcome="timed out", error=f"no answer in {timeout_s:.0f} s")
+        else:
+            last = [line for line in r.stdout.splitlines() if line.startswith("{")]
+            if r.returncode == 0 and last:
+                rec.update(json.loads(last[-1]))
+                rec["outcome"] = "specialised" if rec["specialised"] else "not specialised"
+            else:
+                why = [line for line in r.stderr.splitlines() if "ssert" in line or "rror" in line]
+                aborted = r.returncode < 0 or "LLVM ERROR" in r.stderr or "Assertion" in r.stderr
+                rec.update(outcome="compiler aborted" if aborted else "failed", returncode=r.returncode,
+                           error=(why or r.stderr.splitlines()[-1:] or [""])[0][:400])  # fmt: skip
+        records.append(rec)
+        if progress:
+            progress(f"{rec['outcome']:17s} {rec['loads']:5s} loads, {bm}-row x {bn}-key tiles, {warps} warps"
+                     + (f": {rec['error']}" if rec.get("error") else ""))  # fmt: skip
+    return records
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.kernels.compile_check",
@@ -330,7 +412,32 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default: %(default)s, Hopper)")
     ap.add_argument("--quick", action="store_true", help="the decoder's variants only")
     ap.add_argument("--only", metavar="TEXT", help="only the variants whose label contains TEXT, e.g. 'beam select'")
+    ap.add_argument("--warp-specialize", action="store_true",
+                    help="instead: compile the tree kernel's Llama-3-8B verify variants with automatic warp "
+                    "specialization asked for (the FlashAttention-3 overlap of softmax and matmuls), and say whether "
+                    "this Triton splits the loop, compiles it plain, or aborts")  # fmt: skip
+    ap.add_argument("--out", metavar="F", help="with --warp-specialize: also write the records as JSON to F (new)")
+    ap.add_argument("--ws-case", nargs=4, metavar=("LABEL", "BLOCK_M", "BLOCK_N", "WARPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.ws_case:  # one probe case, in the child process warp_specialize_probe starts
+        import json
+
+        label, bm, bn, warps = args.ws_case
+        print(json.dumps(_ws_compile(label, int(bm), int(bn), int(warps), args.arch)))
+        return 0
+    if args.warp_specialize:
+        if args.out and os.path.exists(args.out):
+            print(f"error: {args.out} exists; results are never overwritten: pass a new path", file=sys.stderr)
+            return 2
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            print("error: unset TRITON_INTERPRET (the interpreter's kernels do not compile)", file=sys.stderr)
+            return 2
+        records = warp_specialize_probe(args.arch)
+        if args.out:
+            from longspec_lab.provenance import stamp, write_new_json
+
+            write_new_json(args.out, stamp({"warp_specialize_probe": records}, command=" ".join(sys.argv)))
+        return 0
     try:
         records = compile_all(args.arch, args.quick, only=args.only)
     except RuntimeError as e:

@@ -208,11 +208,13 @@ def _attend_range(
     IEEE: tl.constexpr,
     USE_TMA: tl.constexpr,
     STAGES: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     # Keys [lo, hi) in BLOCK_N steps. The long unmasked prefix loop (CHECK False) is software-pipelined
     # STAGES deep; the tail (<= 1 step) and the tree block (a few steps, a gathered mask) run unpipelined,
-    # which keeps their buffers out of registers and shared memory.
-    for start in tl.range(lo, hi, BLOCK_N, num_stages=1 if CHECK else STAGES):
+    # which keeps their buffers out of registers and shared memory. WARP_SPECIALIZE asks the compiler to split the
+    # loop between load and compute warps (`compile_check --warp-specialize` shows what Triton makes of it).
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=1 if CHECK else STAGES, warp_specialize=WARP_SPECIALIZE):
         acc, m_i, l_i = _attend_tile(
             acc,
             m_i,
@@ -303,6 +305,7 @@ def _tree_attn_split_kernel(
     USE_TMA: tl.constexpr,
     STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
+    WARP_SPECIALIZE: tl.constexpr = False,  # the prefix loop's automatic warp specialization (a compiler probe)
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
         tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
@@ -382,6 +385,7 @@ def _tree_attn_split_kernel(
             IEEE,
             USE_TMA,
             STAGES,
+            WARP_SPECIALIZE,
         )
         acc, m_i, l_i = _attend_range(
             acc,
@@ -412,6 +416,7 @@ def _tree_attn_split_kernel(
             IEEE,
             USE_TMA,
             STAGES,
+            False,
         )
         if is_tree and (not PREFIX_ONLY):  # the tree keys [P, P + T): in the last prefix split, or alone
             acc, m_i, l_i = _attend_range(
@@ -443,6 +448,7 @@ def _tree_attn_split_kernel(
                 IEEE,
                 USE_TMA,
                 STAGES,
+                False,
             )
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -175,3 +175,92 @@ def test_the_check_compiles_the_strides_as_a_launch_specialises_them(tmp_path):
     _, ok, shared, async_loads = lines[-1].split()
     assert ok == "True" and int(async_loads) > 0, lines[-1]
     assert int(shared) >= 3 * 2 * 64 * 128 * 2, lines[-1]  # STAGES x (K, V) x BLOCK_N x D x 2 bytes
+
+
+LOOP = """
+import json
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from longspec_lab.kernels import compile_check as cc
+
+
+@triton.jit
+def online_softmax(Q, K, V, O, N, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                   WS: tl.constexpr):
+    rows, cols = tl.arange(0, BLOCK_M), tl.arange(0, D)
+    q = tl.load(Q + rows[:, None] * D + cols[None, :])
+    k_desc = tl.make_tensor_descriptor(K, shape=[N, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, shape=[N, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start in tl.range(0, N, BLOCK_N, num_stages=2, warp_specialize=WS):
+        s = tl.dot(q, tl.trans(k_desc.load([start, 0]))) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(tl.bfloat16), v_desc.load([start, 0]), acc * alpha[:, None])
+        m_i = m_new
+    tl.store(O + rows[:, None] * D + cols[None, :], (acc / l_i[:, None]).to(tl.bfloat16))
+
+
+sig = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", N="i32", qk_scale="fp32", BLOCK_M="constexpr",
+           BLOCK_N="constexpr", D="constexpr", WS="constexpr")
+for arch in (90, 100):
+    for ws in (False, True):
+        src = ASTSource(fn=online_softmax, signature=sig, constexprs={(6,): 128, (7,): 64, (8,): 128, (9,): ws},
+                        attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+        print(json.dumps({"arch": arch, "ws": ws, **cc.warp_specialization_of(k.asm)}))
+"""
+
+
+def test_the_warp_specialization_reading_sees_a_specialised_loop(tmp_path):
+    """warp_specialization_of reads what the compiler did with `tl.range(warp_specialize=True)`. The same online-
+    softmax loop (TMA loads, 128 x 64 tiles), compiled here for Blackwell (sm_100) and Hopper (sm_90): on sm_100 Triton
+    splits it into warp partitions and the reading says `specialised`; asked for nothing, no arch specialises it. So
+    the probe's `not specialised` for the tree kernel on sm_90 is the compiler's answer, not a reading that cannot
+    say yes."""
+    script = tmp_path / "loop.py"  # a file: @triton.jit reads the kernel's source
+    script.write_text(LOOP)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    got = {(d["arch"], d["ws"]): d for d in map(json.loads, r.stdout.strip().splitlines())}
+    assert set(got) == {(90, False), (90, True), (100, False), (100, True)}
+    for (arch, ws), d in got.items():
+        assert d["asked"] == ws, d
+        assert d["async_loads"] > 0, d  # the loop is pipelined either way
+        if not ws:
+            assert not d["specialised"], d
+    assert got[(100, True)]["specialised"], got
+
+
+def test_the_probe_asks_for_warp_specialization_on_every_case_and_says_what_came_of_it(tmp_path):
+    """`compile_check --warp-specialize` compiles each of the tree kernel's Llama-3-8B verify cases with the request
+    on, each in a child process, and records whether the request reached the compiler and what it made of it; the
+    JSON is new-file-only."""
+    out = tmp_path / "ws.json"
+    cmd = [sys.executable, "-m", "longspec_lab.kernels.compile_check", "--warp-specialize", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    from longspec_lab.kernels.compile_check import WS_CASES
+
+    records = json.loads(out.read_text())["warp_specialize_probe"]
+    assert len(records) == len(WS_CASES) == 6
+    for rec in records:
+        assert rec["outcome"] in ("specialised", "not specialised", "compiler aborted"), rec
+        if rec["outcome"] != "compiler aborted":
+            assert rec["asked"] and rec["outcome"] == ("specialised" if rec["specialised"] else "not specialised")
+            assert rec["async_loads"] > 0, rec  # compiled as launched: the key loop pipelined
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert again.returncode == 2 and "never overwritten" in again.stderr and "Traceback" not in again.stderr
