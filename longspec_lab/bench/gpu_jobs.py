@@ -9,6 +9,11 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   verify_compiled  the same with decode, verify and the draft step compiled at 4k and 32k (348 s on an H100)
   verify_compiled_128k  the same at 128k alone (its verify compiles for about 4 minutes; with the draft step
              compiled too it ran past 450 s on an H100, so it gets a call to itself)
+  verify_4k, verify_4k_lm_head_torch  the LM head's rule inside the 8B steps, an A/B in one call: verify_cost at
+             4k compiled, with the rule (an 8B head of at most 16 rows through norm_linear) and with
+             LONGSPEC_LM_HEAD=torch (cuBLAS)
+  topk_8b    python -m longspec_lab.kernels.row_topk --flat on the 8B draft's level (16 x 128,256 keys), per
+             first-pass width and selection
   profile_8b python -m longspec_lab.bench.profile_8b --compile --draft (every kernel of the 8B steps and of the
              draft step at 4k, the projections alone, the compiled decode, verify and draft)
   launch     python -m longspec_lab.kernels.launch              (a kernel boundary's cost with PDL and without,
@@ -110,6 +115,11 @@ def _ab_job(folder: Path, switch: str | None = None, value: str = "", **more: st
     return cmd, 300, {**env, **({switch: value} if switch else {}), **more}
 
 
+def _verify_4k(py: str, path: Path) -> list:
+    """verify_cost at a 4k context with decode, verify and the draft step compiled: one side of an 8B A/B."""
+    return [py, "-m", "longspec_lab.bench.verify_cost", "--contexts", "4096", "--compile", "4096", "--out", str(path)]
+
+
 def jobs(out: Path) -> dict:
     py = sys.executable
     return {
@@ -157,6 +167,38 @@ def jobs(out: Path) -> dict:
             590,
             {},
         ),
+        # the LM head's rule inside the compiled 8B steps, the A/B: the same 4k context with the rule (an 8B head of at
+        # most 16 rows through norm_linear) and with cuBLAS for every head (LONGSPEC_LM_HEAD=torch); about 150 s a side
+        "verify_4k": (_verify_4k(py, out / "verify_8b_4k_h200.json"), 300, {}),
+        "verify_4k_lm_head_torch": (
+            _verify_4k(py, out / "verify_8b_4k_lm_head_torch_h200.json"),
+            300,
+            {"LONGSPEC_LM_HEAD": "torch"},
+        ),
+        # the 8B draft's selection, 16 x 128,256 keys a level (45 us on an H100 with 1,024-key chunks, which leave
+        # 2,016 chunks' candidates for the second pass): every first-pass width, both selections
+        "topk_8b": (
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.row_topk",
+                "--flat",
+                "--rows",
+                "16",
+                "--vocab",
+                "128256",
+                "--k",
+                "16",
+                "--block-v",
+                "1024,2048,4096",
+                "--algo",
+                "max,bitonic",
+                "--out",
+                str(out / "row_topk_8b_h200.json"),
+            ],
+            180,
+            {},
+        ),  # fmt: skip
         "profile_8b": (
             [
                 py,
