@@ -19,6 +19,7 @@ Taught in: notebooks/04_hybrid_tree_attention_and_the_triton_kernel.ipynb
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -44,13 +45,17 @@ UNIT = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_lt"}
 def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tuple[dict, dict]:
     """Triton signature for fn: pointers maps argument -> element type ("bf16", "i64", ...), `floats`
     names fp32 scalars, `consts` gives the constexprs (USE_PDL True unless given: every variant is compiled with the
-    programmatic-dependent-launch gate a Hopper launch has; the UNIT strides 1); every other argument is an i32
-    scalar."""
+    programmatic-dependent-launch gate a Hopper launch has; the UNIT strides 1; a constexpr with a default, its
+    default); every other argument is an i32 scalar."""
     consts = dict(consts or {})
     if "USE_PDL" in fn.arg_names:
         consts.setdefault("USE_PDL", True)  # as launched on a Hopper GPU (kernels/launch.py)
     for name in UNIT & set(fn.arg_names):
         consts.setdefault(name, 1)  # as a launch specialises it
+    # an argument the launches leave at its default (the constexpr WARP_SPECIALIZE) is compiled at its default
+    for name, param in inspect.signature(getattr(fn, "fn", fn)).parameters.items():  # (interpreted or compiled)
+        if name not in consts and param.default is not inspect.Parameter.empty:
+            consts[name] = param.default
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -319,7 +324,12 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         records.append(rec)
         if progress:
-            progress(f"{'ok  ' if rec['ok'] else 'FAIL'} {rec['seconds']:5.1f} s  {label}")
+            what = (
+                f"{rec['shared_bytes'] / 1024:4.0f} KiB shared, {rec['async_loads']:2d} async loads"
+                if "shared_bytes" in rec
+                else ""
+            )
+            progress(f"{'ok  ' if rec['ok'] else 'FAIL'} {rec['seconds']:5.1f} s  {what:34s} {label}")
     return records
 
 

@@ -264,3 +264,15 @@ def test_the_probe_asks_for_warp_specialization_on_every_case_and_says_what_came
             assert rec["async_loads"] > 0, rec  # compiled as launched: the key loop pipelined
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert again.returncode == 2 and "never overwritten" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_constexpr_left_at_its_default_is_compiled_at_its_default():
+    """The launches never pass the tree kernel's WARP_SPECIALIZE, so it takes its default, False, as a constexpr. The
+    check once compiled it as a plain int argument, which asks for warp specialization on every variant (Triton 3.9's
+    Hopper pass then rejected the prefix-only variant that the launches compile fine)."""
+    from longspec_lab.kernels.compile_check import variants
+
+    tree = [(label, fn, sig, cx) for label, fn, sig, cx, _ in variants() if label.startswith("tree split")]
+    assert len(tree) == 7
+    for label, fn, sig, cx in tree:
+        assert sig["WARP_SPECIALIZE"] == "constexpr" and cx[(fn.arg_names.index("WARP_SPECIALIZE"),)] is False, label
