@@ -94,91 +94,6 @@ else:
 
 
 @triton.jit
-def _attend_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    K,
-    V,
-    k_desc,
-    v_desc,
-    start,
-    hi,
-    key0,
-    offs_t,
-    row_ok,
-    MASK,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_mq,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CHECK: tl.constexpr,
-    TREE: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    IEEE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    # One online-softmax step over keys [start, start + BLOCK_N) (those < hi if CHECK).
-    # acc [BLOCK_M, HEAD_DIM] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and denominator;
-    # q [BLOCK_M, HEAD_DIM]; K/V point at this (batch, kv head), k_desc/v_desc are its descriptors (USE_TMA);
-    # key0: slot of tree key 0 (TREE only); offs_t [BLOCK_M] token index of each row; MASK: this sequence's
-    # bit-packed mask, int32 [T, n_words] (bit j % 32 of word j // 32 of row t = row t may see tree key j).
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    n = start + offs_n  # [BLOCK_N] key slots
-    n_ok = n < hi
-    if USE_TMA:
-        k = k_desc.load([start, 0])  # [BLOCK_N, D]; rows past the sequence's last key read as 0
-    elif CHECK:
-        k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
-    if TREE:
-        j = n - key0  # tree key index
-        if CAUSAL:
-            ok = (j[None, :] <= offs_t[:, None]) & n_ok[None, :]
-        else:  # BLOCK_N // 32 word loads of [BLOCK_M] (a [BLOCK_M, BLOCK_N] byte gather spills registers)
-            ok = (offs_t[:, None] < 0) & (offs_n[None, :] < 0)  # all False [BLOCK_M, BLOCK_N]
-            for w in tl.static_range(BLOCK_N // 32):
-                widx = (start - key0) // 32 + w
-                word = tl.load(MASK + offs_t * stride_mq + widx, mask=row_ok, other=0)  # W % 4 == 0
-                bit = (word[:, None] >> (offs_n % 32)[None, :]) & 1
-                ok = ok | (((offs_n // 32) == w)[None, :] & (bit != 0))
-            ok = ok & n_ok[None, :]
-        s = tl.where(ok, s, float("-inf"))
-    elif CHECK:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, _max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay 0
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + _sum(p, 1)
-    acc = acc * alpha[:, None]
-    if USE_TMA:
-        v = v_desc.load([start, 0])
-        if CHECK:  # keys past hi may be stale slots: p is 0 there, and 0 * NaN must not reach acc
-            v = tl.where(n_ok[:, None], v, 0.0)
-    elif CHECK:
-        v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-    else:
-        v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in place (wgmma C operand)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attend_range(
     acc,
     m_i,
@@ -210,40 +125,64 @@ def _attend_range(
     STAGES: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    # Keys [lo, hi) in BLOCK_N steps. The long unmasked prefix loop (CHECK False) is software-pipelined
-    # STAGES deep; the tail (<= 1 step) and the tree block (a few steps, a gathered mask) run unpipelined,
-    # which keeps their buffers out of registers and shared memory. WARP_SPECIALIZE asks the compiler to split the
-    # loop between load and compute warps (`compile_check --warp-specialize` shows what Triton makes of it).
+    # Keys [lo, hi) in BLOCK_N steps, one online-softmax step each (keys < hi only, if CHECK). The long unmasked
+    # prefix loop (CHECK False) is software-pipelined STAGES deep; the tail (<= 1 step) and the tree block (a few
+    # steps, a gathered mask) run unpipelined, which keeps their buffers out of registers and shared memory.
+    # WARP_SPECIALIZE asks the compiler to split the loop between load and compute warps (`compile_check
+    # --warp-specialize` shows what Triton makes of it).
+    # acc [BLOCK_M, HEAD_DIM] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and denominator;
+    # q [BLOCK_M, HEAD_DIM]; K/V point at this (batch, kv head), k_desc/v_desc are its descriptors (USE_TMA);
+    # key0: slot of tree key 0 (TREE only); offs_t [BLOCK_M] token index of each row; MASK: this sequence's
+    # bit-packed mask, int32 [T, n_words] (bit j % 32 of word j // 32 of row t = row t may see tree key j).
     for start in tl.range(lo, hi, BLOCK_N, num_stages=1 if CHECK else STAGES, warp_specialize=WARP_SPECIALIZE):
-        acc, m_i, l_i = _attend_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            K,
-            V,
-            k_desc,
-            v_desc,
-            start,
-            hi,
-            key0,
-            offs_t,
-            row_ok,
-            MASK,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_mq,
-            qk_scale,
-            HEAD_DIM,
-            BLOCK_N,
-            CHECK,
-            TREE,
-            CAUSAL,
-            IEEE,
-            USE_TMA,
-        )
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        n = start + offs_n  # [BLOCK_N] key slots
+        n_ok = n < hi
+        if USE_TMA:
+            k = k_desc.load([start, 0])  # [BLOCK_N, D]; rows past the sequence's last key read as 0
+        elif CHECK:
+            k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
+        if TREE:
+            j = n - key0  # tree key index
+            if CAUSAL:
+                ok = (j[None, :] <= offs_t[:, None]) & n_ok[None, :]
+            else:  # BLOCK_N // 32 word loads of [BLOCK_M] (a [BLOCK_M, BLOCK_N] byte gather spills registers)
+                ok = (offs_t[:, None] < 0) & (offs_n[None, :] < 0)  # all False [BLOCK_M, BLOCK_N]
+                for w in tl.static_range(BLOCK_N // 32):
+                    widx = (start - key0) // 32 + w
+                    word = tl.load(MASK + offs_t * stride_mq + widx, mask=row_ok, other=0)  # W % 4 == 0
+                    bit = (word[:, None] >> (offs_n % 32)[None, :]) & 1
+                    ok = ok | (((offs_n // 32) == w)[None, :] & (bit != 0))
+                ok = ok & n_ok[None, :]
+            s = tl.where(ok, s, float("-inf"))
+        elif CHECK:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, _max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + _sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = v_desc.load([start, 0])
+            if CHECK:  # keys past hi may be stale slots: p is 0 there, and 0 * NaN must not reach acc
+                v = tl.where(n_ok[:, None], v, 0.0)
+        elif CHECK:
+            v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in place (wgmma C operand)
+        m_i = m_new
     return acc, m_i, l_i
 
 
