@@ -345,22 +345,62 @@ WS_CASES = [
 ]  # fmt: skip
 
 
-def _ws_compile(label: str, block_m: int, block_n: int, warps: int, arch: int) -> dict:
-    """Compile one WS_CASES case with WARP_SPECIALIZE on (in this process: the compiler may abort it)."""
+def _ws_compile(label: str, block_m: int, block_n: int, warps: int, arch: int, form: str) -> dict:
+    """Compile one WS_CASES case in one form (in this process: the compiler may abort it): "warp_specialize", the
+    key loop with WARP_SPECIALIZE on, or "rotated", the loop rotated by half a step (OVERLAP on)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     ((fn, sig, cx, opts),) = [(f, s, c, o) for lab, f, s, c, o in variants() if lab == label]
     cx = dict(cx)
-    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("WARP_SPECIALIZE", True)):
+    switch = {"warp_specialize": "WARP_SPECIALIZE", "rotated": "OVERLAP"}[form]
+    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), (switch, True)):
         cx[(fn.arg_names.index(name),)] = value
-    sig = {**sig, "WARP_SPECIALIZE": "constexpr"}
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=_aligned_attrs(sig))
     k = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={**opts, "num_warps": warps, "launch_pdl": True}
     )
+    if form == "rotated":
+        return {"rotated_softmax_under_next_qk": softmax_under_first_dot(k.asm["ttgir"]),
+                "rotated_shared_bytes": int(k.metadata.shared)}  # fmt: skip
     return {**warp_specialization_of(k.asm), "shared_bytes": int(k.metadata.shared)}
+
+
+def softmax_under_first_dot(ttgir: str) -> bool | None:
+    """In the software-pipelined loop of a compiled kernel's GPU IR (the scf.for marked tt.num_stages > 1): does an
+    exp2 (a softmax) come after the loop body's first wgmma (ttng.warp_group_dot) and before the wait that completes
+    it (a ttng.warp_group_dot_wait whose `pendings` no longer covers it)? True: the tensor cores still work on that
+    product while the softmax runs; False: the compiler waits for it first; None: no such loop, or no wgmma in it."""
+    import re
+
+    lines = ttgir.splitlines()
+    end = next((i for i, line in enumerate(lines) if re.search(r"\}.*tt\.num_stages = ([2-9]|\d\d)", line)), None)
+    if end is None:
+        return None
+    depth, start = 0, None
+    for i in range(end, -1, -1):  # back to the scf.for that this closing brace ends
+        depth += lines[i].count("}") - lines[i].count("{")
+        if depth == 0 and "scf.for" in lines[i]:
+            start = i
+            break
+    if start is None:
+        return None
+    body = lines[start + 1 : end]
+    dot = next((i for i, line in enumerate(body) if "ttng.warp_group_dot " in line), None)
+    if dot is None:
+        return None
+    later = 0  # wgmmas issued after it: a wait {pendings = k} leaves the k most recent in flight
+    for line in body[dot + 1 :]:
+        if "ttng.warp_group_dot_wait" in line:
+            pendings = re.search(r"pendings = (\d+)", line)
+            if pendings is None or int(pendings.group(1)) <= later:
+                return False
+        elif "ttng.warp_group_dot " in line:
+            later += 1
+        elif "math.exp2" in line:
+            return True
+    return True  # still in flight at the end of the body: it overlaps what the next iteration does first
 
 
 def warp_specialization_of(asm: dict) -> dict:
@@ -390,25 +430,29 @@ def warp_specialize_probe(arch: int = 90, progress=print, timeout_s: float = 300
     for label, bm, bn, warps in WS_CASES:
         rec = {"base_variant": label, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "arch": arch,
                "loads": "TMA" if "TMA" in label else "plain", "triton": triton.__version__}  # fmt: skip
-        cmd = [sys.executable, "-m", "longspec_lab.kernels.compile_check", "--ws-case", label, str(bm), str(bn),
-               str(warps), "--arch", str(arch)]  # fmt: skip
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            rec.update(outcome="timed out", error=f"no answer in {timeout_s:.0f} s")
-        else:
+        for form in ("rotated", "warp_specialize"):
+            cmd = [sys.executable, "-m", "longspec_lab.kernels.compile_check", "--ws-case", label, str(bm), str(bn),
+                   str(warps), form, "--arch", str(arch)]  # fmt: skip
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                rec.update(outcome="timed out", error=f"{form}: no answer in {timeout_s:.0f} s")
+                continue
             last = [line for line in r.stdout.splitlines() if line.startswith("{")]
             if r.returncode == 0 and last:
                 rec.update(json.loads(last[-1]))
-                rec["outcome"] = "specialised" if rec["specialised"] else "not specialised"
+                if form == "warp_specialize":
+                    rec["outcome"] = "specialised" if rec["specialised"] else "not specialised"
             else:
                 why = [line for line in r.stderr.splitlines() if "ssert" in line or "rror" in line]
                 aborted = r.returncode < 0 or "LLVM ERROR" in r.stderr or "Assertion" in r.stderr
                 rec.update(outcome="compiler aborted" if aborted else "failed", returncode=r.returncode,
-                           error=(why or r.stderr.splitlines()[-1:] or [""])[0][:400])  # fmt: skip
+                           error=f"{form}: " + (why or r.stderr.splitlines()[-1:] or [""])[0][:400])  # fmt: skip
         records.append(rec)
         if progress:
-            progress(f"{rec['outcome']:17s} {rec['loads']:5s} loads, {bm}-row x {bn}-key tiles, {warps} warps"
+            under = {True: "softmax under the next Q.K^T", False: "Q.K^T waited for at once", None: "no reading"}
+            progress(f"{rec.get('outcome', '?'):17s} {rec['loads']:5s} loads, {bm}-row x {bn}-key tiles, {warps} "
+                     f"warps; rotated loop: {under[rec.get('rotated_softmax_under_next_qk')]}"
                      + (f": {rec['error']}" if rec.get("error") else ""))  # fmt: skip
     return records
 
@@ -427,13 +471,15 @@ def main(argv=None) -> int:
                     "specialization asked for (the FlashAttention-3 overlap of softmax and matmuls), and say whether "
                     "this Triton splits the loop, compiles it plain, or aborts")  # fmt: skip
     ap.add_argument("--out", metavar="F", help="with --warp-specialize: also write the records as JSON to F (new)")
-    ap.add_argument("--ws-case", nargs=4, metavar=("LABEL", "BLOCK_M", "BLOCK_N", "WARPS"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--ws-case", nargs=5, metavar=("LABEL", "BLOCK_M", "BLOCK_N", "WARPS", "FORM"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
     if args.ws_case:  # one probe case, in the child process warp_specialize_probe starts
         import json
 
-        label, bm, bn, warps = args.ws_case
-        print(json.dumps(_ws_compile(label, int(bm), int(bn), int(warps), args.arch)))
+        label, bm, bn, warps, form = args.ws_case
+        print(json.dumps(_ws_compile(label, int(bm), int(bn), int(warps), args.arch, form)))
         return 0
     if args.warp_specialize:
         if args.out and os.path.exists(args.out):

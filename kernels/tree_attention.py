@@ -19,7 +19,11 @@ How the kernel is laid out (Hopper-class, H100/H200):
   through tensor descriptors (TMA on Hopper), zero-filled past the sequence's last key.
 - Online softmax in fp32 with exp2 (the scale folded into log2 units); the P.V product accumulates into
   the running output in place (`tl.dot(p, v, acc)`). Each split writes a normalised partial output and
-  its natural-log LSE to fp32 scratch.
+  its natural-log LSE to fp32 scratch. Two experimental forms of the prefix loop, off by default, ask the compiler
+  for FlashAttention-3's overlap of one tile's softmax with the tensor cores' next product: `WARP_SPECIALIZE`
+  (Triton's automatic warp specialization) and `OVERLAP` (LONGSPEC_TREE_OVERLAP=1: the loop rotated so the next
+  tile's Q.K^T is issued before this tile's softmax; the same computation, bit for bit). On Hopper, Triton 3.6 and
+  3.9 give neither: `python -m longspec_lab.kernels.compile_check --warp-specialize` reads what they compile.
 - The partials are merged by log-sum-exp: lse = log(sum_s e^lse_s), o = sum_s e^(lse_s - lse) o_s, the
   paper's prefix/tree merge generalised to many parts. A second, small launch merges them, in one of two
   forms (`merge_plan`): it reads all the splits of a few rows as one tile, so its cost does not grow with
@@ -94,6 +98,56 @@ else:
 
 
 @triton.jit
+def _load_keys(X, x_desc, start, n, n_ok, offs_d, stride_n, stride_d, CHECK: tl.constexpr, USE_TMA: tl.constexpr,
+               ZERO_PAST: tl.constexpr):  # fmt: skip
+    # [BLOCK_N, D] rows [start, start + BLOCK_N) of K or V (n: their slots, n_ok: those before the range's end).
+    # Through a descriptor (USE_TMA) rows past the sequence's last key read as 0; with CHECK, ZERO_PAST also zeroes
+    # the rows past the range's end, which may be stale slots (a V tile: p is 0 there, and 0 * NaN must not reach acc)
+    if USE_TMA:
+        x = x_desc.load([start, 0])
+        if CHECK and ZERO_PAST:
+            x = tl.where(n_ok[:, None], x, 0.0)
+    elif CHECK:
+        x = tl.load(X + n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=n_ok[:, None], other=0.0)
+    else:
+        x = tl.load(X + n[:, None] * stride_n + offs_d[None, :] * stride_d)
+    return x
+
+
+@triton.jit
+def _scores(q, k, qk_scale, IEEE: tl.constexpr):
+    # q [BLOCK_M, D] . k [BLOCK_N, D]^T, scaled: [BLOCK_M, BLOCK_N] in log2 units
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    return s
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s):
+    # The online softmax over one tile's scores s [BLOCK_M, BLOCK_N] (masked entries -inf): the new running max
+    # m [BLOCK_M], the denominator l, acc rescaled to it, and the tile's weights p [BLOCK_M, BLOCK_N] for P.V
+    m_new = tl.maximum(m_i, _max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay 0
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + _sum(p, 1)
+    acc = acc * alpha[:, None]
+    return acc, m_new, l_i, p
+
+
+@triton.jit
+def _accumulate(acc, p, v, IEEE: tl.constexpr):
+    # acc [BLOCK_M, D] += p [BLOCK_M, BLOCK_N] . v [BLOCK_N, D], in place (the wgmma's C operand)
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc
+
+
+@triton.jit
 def _attend_range(
     acc,
     m_i,
@@ -139,16 +193,8 @@ def _attend_range(
         offs_d = tl.arange(0, HEAD_DIM)
         n = start + offs_n  # [BLOCK_N] key slots
         n_ok = n < hi
-        if USE_TMA:
-            k = k_desc.load([start, 0])  # [BLOCK_N, D]; rows past the sequence's last key read as 0
-        elif CHECK:
-            k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
-        else:
-            k = tl.load(K + n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
+        k = _load_keys(K, k_desc, start, n, n_ok, offs_d, stride_kn, stride_kd, CHECK, USE_TMA, False)
+        s = _scores(q, k, qk_scale, IEEE)  # [BLOCK_M, BLOCK_N] log2 units
         if TREE:
             j = n - key0  # tree key index
             if CAUSAL:
@@ -164,25 +210,39 @@ def _attend_range(
             s = tl.where(ok, s, float("-inf"))
         elif CHECK:
             s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, _max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay 0
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + _sum(p, 1)
-        acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = v_desc.load([start, 0])
-            if CHECK:  # keys past hi may be stale slots: p is 0 there, and 0 * NaN must not reach acc
-                v = tl.where(n_ok[:, None], v, 0.0)
-        elif CHECK:
-            v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
-        else:
-            v = tl.load(V + n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in place (wgmma C operand)
-        m_i = m_new
+        acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)
+        v = _load_keys(V, v_desc, start, n, n_ok, offs_d, stride_vn, stride_vd, CHECK, USE_TMA, True)
+        acc = _accumulate(acc, p, v, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_prefix_overlapped(acc, m_i, l_i, q, K, V, k_desc, v_desc, lo, hi, stride_kn, stride_kd, stride_vn,
+                              stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                              USE_TMA: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    # The unmasked prefix keys [lo, hi) (hi - lo a multiple of BLOCK_N), as _attend_range takes them, with the loop
+    # rotated by half a step (OVERLAP): each iteration issues the next tile's Q.K^T before it runs the softmax of the
+    # tile in hand, so the tensor cores work on the one while the softmax of the other runs (FlashAttention-3's
+    # overlap within a warp group, arXiv 2407.08608). The same tiles, in the same order, as _attend_range.
+    if hi > lo:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        n = lo + offs_n
+        k = _load_keys(K, k_desc, lo, n, n < hi, offs_d, stride_kn, stride_kd, False, USE_TMA, False)
+        s = _scores(q, k, qk_scale, IEEE)  # the first tile's scores [BLOCK_M, BLOCK_N]
+        for start in tl.range(lo + BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
+            n = start + offs_n
+            k = _load_keys(K, k_desc, start, n, n < hi, offs_d, stride_kn, stride_kd, False, USE_TMA, False)
+            s_next = _scores(q, k, qk_scale, IEEE)  # issued now, waited for only at the next iteration's softmax
+            acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)  # the tile before: keys [start - BLOCK_N, start)
+            n = n - BLOCK_N
+            v = _load_keys(V, v_desc, start - BLOCK_N, n, n < hi, offs_d, stride_vn, stride_vd, False, USE_TMA, False)
+            acc = _accumulate(acc, p, v, IEEE)
+            s = s_next
+        acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)  # the last tile: keys [hi - BLOCK_N, hi)
+        n = hi - BLOCK_N + offs_n
+        v = _load_keys(V, v_desc, hi - BLOCK_N, n, n < hi, offs_d, stride_vn, stride_vd, False, USE_TMA, False)
+        acc = _accumulate(acc, p, v, IEEE)
     return acc, m_i, l_i
 
 
@@ -245,6 +305,8 @@ def _tree_attn_split_kernel(
     STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
     WARP_SPECIALIZE: tl.constexpr = False,  # the prefix loop's automatic warp specialization (a compiler probe)
+    OVERLAP: tl.constexpr = False,  # the prefix loop rotated: each tile's Q.K^T issued before the tile before it
+    # is softmaxed (_attend_prefix_overlapped; LONGSPEC_TREE_OVERLAP)
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
         tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
@@ -295,37 +357,42 @@ def _tree_attn_split_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # unmasked whole tiles, then the tail
-        acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            Kb,
-            Vb,
-            k_desc,
-            v_desc,
-            lo,
-            full,
-            0,
-            t,
-            row_ok,
-            MASK,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_mq,
-            qk_scale,
-            HEAD_DIM,
-            BLOCK_N,
-            False,
-            False,
-            CAUSAL,
-            IEEE,
-            USE_TMA,
-            STAGES,
-            WARP_SPECIALIZE,
-        )
+        if OVERLAP:
+            acc, m_i, l_i = _attend_prefix_overlapped(acc, m_i, l_i, q, Kb, Vb, k_desc, v_desc, lo, full, stride_kn,
+                                                      stride_kd, stride_vn, stride_vd, qk_scale, HEAD_DIM, BLOCK_N,
+                                                      IEEE, USE_TMA, STAGES)  # fmt: skip
+        else:
+            acc, m_i, l_i = _attend_range(
+                acc,
+                m_i,
+                l_i,
+                q,
+                Kb,
+                Vb,
+                k_desc,
+                v_desc,
+                lo,
+                full,
+                0,
+                t,
+                row_ok,
+                MASK,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_mq,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                False,
+                False,
+                CAUSAL,
+                IEEE,
+                USE_TMA,
+                STAGES,
+                WARP_SPECIALIZE,
+            )
         acc, m_i, l_i = _attend_range(
             acc,
             m_i,
@@ -564,7 +631,7 @@ _HOPPER_CONFIGS = [
     _cfg(128, 8, 3, True),
     _cfg(64, 8, 3, True),
 ]
-_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "PREFIX_ONLY", "TREE_SPLIT", "IEEE", "split_bucket"]
+_TUNE_KEY = ["ROWS", "HEAD_DIM", "BLOCK_M", "CAUSAL", "PREFIX_ONLY", "TREE_SPLIT", "IEEE", "OVERLAP", "split_bucket"]
 
 
 _SHORT_SPLIT = 256  # keys: at or below this split length, 128-key tiles are not tried
@@ -944,6 +1011,10 @@ USE_TMA_LOADS = os.environ.get("LONGSPEC_TMA", "1") != "0"
 # Several splits: a second launch merges the partials. LONGSPEC_FUSED_MERGE=1 lets the last split program to
 # finish merge them instead (one launch per call; tests and the benchmarks flip it).
 FUSED_MERGE = os.environ.get("LONGSPEC_FUSED_MERGE", "0") == "1"
+# LONGSPEC_TREE_OVERLAP=1: the prefix loop rotated by half a step (_attend_prefix_overlapped), each tile's Q.K^T issued
+# before the softmax of the tile before it. Off until timed on a GPU (`bench_tree_attention`'s triton_overlap);
+# tests and the benchmark flip it.
+OVERLAP = os.environ.get("LONGSPEC_TREE_OVERLAP", "0") == "1"
 _TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream): a batch x kv heads above this uses the merge launch
 _TICKETS: dict = {}
 
@@ -1076,6 +1147,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         IEEE=ieee,
         DIRECT=direct,
         FUSED_MERGE=fused,
+        OVERLAP=OVERLAP,
         WRITE_LSE=lse is not None,
         MERGE_S=merge_s,
         MERGE_R=merge_r,
@@ -1102,6 +1174,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         kernel=kern,
         tuned_now=kern is not None and len(getattr(kern, "cache", ())) > n_tuned,  # configs_timings are ours
         fused_merge=fused,
+        overlap=OVERLAP,
         tree_split=tree_split,
         merge_tile=(merge_s, merge_r),
         loop_merge=loop_merge and not direct,

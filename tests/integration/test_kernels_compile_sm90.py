@@ -243,6 +243,57 @@ def test_the_warp_specialization_reading_sees_a_specialised_loop(tmp_path):
     assert got[(100, True)]["specialised"], got
 
 
+CHAIN = """
+import json
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from longspec_lab.kernels import compile_check as cc
+
+
+@triton.jit
+def chain(A, B, X, O, N, ROTATE: tl.constexpr):
+    r = tl.arange(0, 64)
+    a = tl.load(A + r[:, None] * 64 + r[None, :])
+    acc = tl.zeros([64, 64], tl.float32)
+    x = tl.load(X + r)
+    for start in tl.range(0, N, 64, num_stages=3):
+        b = tl.load(B + (start + r)[:, None] * 64 + r[None, :])
+        if ROTATE:  # the product feeds the exp2 right after it
+            x = x + tl.sum(tl.exp2(tl.dot(a, b)), 1)
+        else:  # the product only accumulates, and the exp2 does not need it
+            acc = tl.dot(a, b, acc)
+            x = tl.exp2(x * 0.5)
+    tl.store(O + r[:, None] * 64 + r[None, :], acc + x[:, None])
+
+
+sig = dict(A="*bf16", B="*bf16", X="*fp32", O="*fp32", N="i32", ROTATE="constexpr")
+for rotate in (False, True):
+    src = ASTSource(fn=chain, signature=sig, constexprs={(5,): rotate},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print(json.dumps({"rotate": rotate, "under": cc.softmax_under_first_dot(k.asm["ttgir"])}))
+"""
+
+
+def test_the_overlap_reading_sees_a_product_kept_in_flight(tmp_path):
+    """softmax_under_first_dot reads from the GPU IR whether a loop's first wgmma is still running when an exp2 runs.
+    An accumulating product stays in flight (the compiler's wait lets one wgmma pend) under the exp2 that follows:
+    True; a product the next exp2 needs is waited for at once: False. So the probe's False for the tree kernel's
+    rotated loop is the compiler's schedule, not a reading that cannot say yes."""
+    script = tmp_path / "chain.py"
+    script.write_text(CHAIN)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    got = {d["rotate"]: d["under"] for d in map(json.loads, r.stdout.strip().splitlines())}
+    assert got == {False: True, True: False}, got
+
+
 def test_the_probe_asks_for_warp_specialization_on_every_case_and_says_what_came_of_it(tmp_path):
     """`compile_check --warp-specialize` compiles each of the tree kernel's Llama-3-8B verify cases with the request
     on, each in a child process, and records whether the request reached the compiler and what it made of it; the
@@ -262,6 +313,8 @@ def test_the_probe_asks_for_warp_specialization_on_every_case_and_says_what_came
         if rec["outcome"] != "compiler aborted":
             assert rec["asked"] and rec["outcome"] == ("specialised" if rec["specialised"] else "not specialised")
             assert rec["async_loads"] > 0, rec  # compiled as launched: the key loop pipelined
+        # the rotated loop (LONGSPEC_TREE_OVERLAP) compiled too, and read: a wgmma first in its pipelined loop
+        assert rec["rotated_softmax_under_next_qk"] in (True, False) and rec["rotated_shared_bytes"] > 0, rec
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert again.returncode == 2 and "never overwritten" in again.stderr and "Traceback" not in again.stderr
 

@@ -125,6 +125,30 @@ def test_kernel_matches_reference(case_id):
     )
 
 
+@pytest.mark.parametrize("case_id", range(len(CASES) + 1))
+def test_the_overlapped_prefix_loop_is_the_same_computation(case_id, monkeypatch):
+    """LONGSPEC_TREE_OVERLAP rotates the prefix loop by half a step (each tile's Q.K^T before the softmax of the tile
+    before it): the same tiles, in the same order, through the same online-softmax steps. So its outputs equal the
+    default loop's bit for bit, on every case of the suite and on a prefix of nine whole tiles in one split (eight
+    rotated iterations), and both equal the float64 reference."""
+    if case_id < len(CASES):
+        B, Hq, Hkv, T, D, plist, kind, num_splits = CASES[case_id]
+        q, k, v, mask = _inputs(case_id, B, Hq, Hkv, T, D, plist, kind)
+    else:
+        B, Hq, Hkv, T, D, plist, kind, num_splits = 1, 8, 2, 9, 64, [600], "tree", 1
+        q, k, v, mask = _inputs(case_id, B, Hq, Hkv, T, D, plist, kind)
+    prefix = torch.tensor(plist)
+    got = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(ta, "OVERLAP", overlap)
+        got[overlap] = ta.tree_attention(q, k, v, prefix, mask, return_lse=True, num_splits=num_splits)
+        assert ta.LAST_LAUNCH["overlap"] is overlap
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+    ro, rlse = ta.tree_attention_reference(q, k, v, prefix, mask, return_lse=True, out_dtype=torch.float64)
+    torch.testing.assert_close(got[True][0].double(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[True][1], rlse, atol=1e-4, rtol=1e-4)
+
+
 def test_many_splits_ragged_tail():
     """Prefix lengths not multiples of the tile, forced split counts, a sequence with fewer splits."""
     gen = torch.Generator().manual_seed(7)
@@ -393,15 +417,18 @@ def test_bench_plot_svg_fallback(tmp_path, monkeypatch):
     assert len(doc.getElementsByTagName("polyline")) == 4
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
 @pytest.mark.parametrize("D", [64, 128])
-def test_tile_paths_gqa_head_dims_ragged(G, D, monkeypatch):
+def test_tile_paths_gqa_head_dims_ragged(G, D, overlap, monkeypatch):
     """GQA 1/2/4/8 packed into the row tiles, head dims 64 and 128, ragged prefixes with a 0, through
-    tensor-descriptor (TMA) loads or plain loads, one split (output written directly) or several (merge).
-    Cache slots past each sequence's P + T are NaN: no path may read them into the result."""
+    tensor-descriptor (TMA) loads or plain loads, one split (output written directly) or several (merge), with the
+    default prefix loop and the overlapped one (LONGSPEC_TREE_OVERLAP). Cache slots past each sequence's P + T are
+    NaN: no path may read them into the result."""
     tma = (G + D // 64) % 2 == 0
     num_splits = 1 if G in (1, 4) else 3
     monkeypatch.setattr(ta, "USE_TMA_LOADS", tma)
+    monkeypatch.setattr(ta, "OVERLAP", overlap)
     gen = torch.Generator().manual_seed(100 * G + D)
     B, Hkv, T = 3, 2, 17 if G == 8 else 6 + G  # G = 8: 136 packed rows, two row tiles
     plist = [0, 37, 90]
