@@ -285,6 +285,31 @@ def _aligned_attrs(sig: dict) -> dict:
     }
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread, and the stack frame and local memory per thread (where registers spill: a kernel that
+    needs more than 255 registers a thread puts the rest there), of a compiled kernel, read by CUDA's cuobjdump from
+    its cubin (Triton ships the tool; {} when it is missing or cannot read the cubin). On a Hopper SM, 65,536
+    registers: a program of W warps using R registers a thread leaves room for 65536 // (32 * W * R) programs."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=60)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", r.stdout)
+    if m is None:
+        return {}
+    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2)), "local_bytes": int(m.group(3))}
+
+
 def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str | None = None) -> list[dict]:
     """Compile each variant for sm_<arch> (those whose label contains `only`, when given); returns one record per
     variant (label, ok, seconds, error)."""
@@ -313,6 +338,7 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
             if shared > limit:  # compiles, but the launch fails with OutOfResources
                 rec["error"] = f"needs {shared} bytes of shared memory, over sm_{arch}'s {limit}"
             rec["async_loads"] = warp_specialization_of(kernel.asm)["async_loads"]  # software pipelining
+            rec.update(resource_usage(kernel.asm.get("cubin", b"")))  # registers and spills, if cuobjdump is there
             ptx = kernel.asm.get("ptx", "")
             rec["pdl_gate"] = "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
             if not rec["pdl_gate"]:  # launched with launch_pdl, it would start early and race (kernels/launch.py)
@@ -326,10 +352,16 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
         if progress:
             what = (
                 f"{rec['shared_bytes'] / 1024:4.0f} KiB shared, {rec['async_loads']:2d} async loads"
+                + (f", {rec['registers']:3d} regs" if "registers" in rec else "")
+                + (
+                    f", {rec['stack_bytes'] + rec['local_bytes']} B spilled"
+                    if rec.get("stack_bytes", 0) + rec.get("local_bytes", 0)
+                    else ""
+                )
                 if "shared_bytes" in rec
                 else ""
             )
-            progress(f"{'ok  ' if rec['ok'] else 'FAIL'} {rec['seconds']:5.1f} s  {what:34s} {label}")
+            progress(f"{'ok  ' if rec['ok'] else 'FAIL'} {rec['seconds']:5.1f} s  {what:46s} {label}")
     return records
 
 

@@ -329,3 +329,44 @@ def test_a_constexpr_left_at_its_default_is_compiled_at_its_default():
     assert len(tree) == 7
     for label, fn, sig, cx in tree:
         assert sig["WARP_SPECIALIZE"] == "constexpr" and cx[(fn.arg_names.index("WARP_SPECIALIZE"),)] is False, label
+
+
+SPILL = """
+import json
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from longspec_lab.kernels import compile_check as cc
+
+
+@triton.jit
+def rows_and_columns(X, Y, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    x = tl.load(X + r[:, None] * BLOCK + r[None, :])  # [BLOCK, BLOCK] fp32 held by one warp
+    tl.store(Y + r[:, None] * BLOCK + r[None, :], tl.exp(x) * tl.sum(x, 1)[:, None] + tl.sum(x, 0)[None, :])
+
+
+for block in (32, 128):  # 32 floats a thread, then 512: far past the 255 registers a thread may have
+    src = ASTSource(fn=rows_and_columns, signature={"X": "*fp32", "Y": "*fp32", "BLOCK": "constexpr"},
+                    constexprs={(2,): block})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    print(json.dumps({"block": block, **cc.resource_usage(k.asm["cubin"])}))
+"""
+
+
+def test_resource_usage_reads_registers_and_sees_a_spill(tmp_path):
+    """compile_check's registers and spills come from cuobjdump's reading of each cubin. One warp holding a 32 x 32
+    fp32 tile fits in registers, nothing spilled; holding 128 x 128 (512 floats a thread) it cannot, and the reading
+    shows the spill (the stack frame), with the registers at their cap of 255 or under it."""
+    script = tmp_path / "spill.py"
+    script.write_text(SPILL)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    small, big = (json.loads(line) for line in r.stdout.strip().splitlines())
+    assert 0 < small["registers"] <= 255 and small["stack_bytes"] + small["local_bytes"] == 0, small
+    assert 0 < big["registers"] <= 255 and big["stack_bytes"] + big["local_bytes"] >= 4 * 128 * 128 // 32 - 255 * 4, big
