@@ -688,7 +688,43 @@ def cmd_demo(args) -> int:
             f"{label:<28}{res.tau:>7.2f}{res.tokens_per_s:>11.1f}{res.tokens_per_s / ar_tps:>8.2f}x"
             f"{res.target_calls:>14}{str(res.new_tokens == base):>12}"
         )
+    print("\n".join(_demo_reading(rows, str(target.device))))
     return 0
+
+
+def _step_cost(res) -> float:
+    """Seconds per decoding step (a target call after the prefill) of one generate() result."""
+    return (res.wall_seconds - res.stage_seconds.get("prefill", 0.0)) / max(res.target_calls - 1, 1)
+
+
+def _demo_reading(rows, device: str) -> list[str]:
+    """The demo table read from its own numbers: a method's speedup is its tau over the cost of one of its steps in
+    AR steps; and, for comparison, the recorded GPU run's figures for the same tree, when the file is there."""
+    ar = _step_cost(rows[0][1])
+    lines = ["", "speedup ~ tau / (one step's cost in AR steps), the prefill aside:"]
+    for method, res in rows[1:]:
+        cost = _step_cost(res) / ar
+        lines.append(f"  {method}: {res.tau:.2f} / {cost:.2f} = {res.tau / cost:.2f}x")
+    tree = rows[-1][1]
+    lines.append(
+        f"On {device} a tree step drafts {len(tree.tree_shape or [])} levels and verifies every node in one target\n"
+        "pass, and that pass costs the more, the more rows it has."
+    )
+    from longspec_lab.paths import RESULTS_DIR
+
+    record = RESULTS_DIR / "e2e_h200.json"
+    try:
+        gpu = json.loads(record.read_text())["results"]
+        name = "tree-" + "-".join(map(str, tree.tree_shape or []))
+        r = gpu[name]
+        step = r["tau"] / r["speedup_vs_ar"]  # AR steps one of its steps costs, from the recorded tokens/s
+        lines.append(
+            f"On an H200 (recorded: data/results/{record.name}) the same tree's step costs {step:.2f} AR steps\n"
+            f"for tau {r['tau']:.2f}: {r['speedup_vs_ar']:.2f}x. The README's results say why, stage by stage."
+        )
+    except (OSError, KeyError, ValueError, TypeError):
+        pass  # no record for this shape: the CPU reading stands alone
+    return lines
 
 
 # ----------------------------------------------------------------------------- bench / tune

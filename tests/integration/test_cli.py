@@ -187,3 +187,30 @@ def test_tune_on_a_recording_prints_its_shapes_predicted_against_measured(tmp_pa
         assert f"{row['tokens_per_s']:.1f}" in line and f"{row['tau']:.2f}" in line
         assert ("not predicted" in line) == (key in outside)
     assert [p["tokens"] for p in rep["prompts"]] == [200] and rep["prompts"][0]["name"]
+
+
+def test_the_demo_reads_its_table_as_tau_over_step_cost(monkeypatch, tmp_path):
+    """The demo's closing lines split each speedup into tau and the cost of one step in AR steps (the prefill aside),
+    from the results themselves; with a recorded GPU run for the same tree they add its figures, and without one they
+    say nothing about a GPU."""
+    from types import SimpleNamespace
+
+    import longspec_lab.paths as paths
+    from longspec_lab.cli import _demo_reading
+
+    def res(wall, prefill, calls, tau, shape=None):
+        return SimpleNamespace(wall_seconds=wall, stage_seconds={"prefill": prefill}, target_calls=calls, tau=tau,
+                               tree_shape=shape)  # fmt: skip
+
+    rows = [("ar", res(2.5, 0.5, 101, 1.0)), ("chain", res(1.5, 0.5, 21, 4.0)),
+            ("tree", res(1.0, 0.5, 6, 5.0, [4, 16, 16, 16, 16]))]  # fmt: skip
+    # AR: 2.0 s over 100 steps = 0.02 s a step; chain 1.0 s / 20 = 0.05 (2.5 AR steps); tree 0.5 s / 5 = 0.1 (5)
+    lines = _demo_reading(rows, "cpu")
+    assert "  chain: 4.00 / 2.50 = 1.60x" in lines and "  tree: 5.00 / 5.00 = 1.00x" in lines, lines
+    rec = json.loads((paths.RESULTS_DIR / "e2e_h200.json").read_text())["results"]
+    r = rec["tree-4-16-16-16-16"]
+    step = r["tau"] * rec["ar"]["tokens_per_s"] / r["tokens_per_s"]  # its step in AR steps, from the two rates
+    text = "\n".join(lines)
+    assert f"costs {step:.2f} AR steps" in text and f"{r['speedup_vs_ar']:.2f}x" in text, text
+    monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)  # no record: no GPU line
+    assert "H200" not in "\n".join(_demo_reading(rows, "cpu"))
