@@ -393,10 +393,12 @@ def _ws_compile(label: str, block_m: int, block_n: int, warps: int, arch: int, f
     k = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={**opts, "num_warps": warps, "launch_pdl": True}
     )
+    usage = resource_usage(k.asm.get("cubin", b""))  # registers a thread and spills, where cuobjdump reads them
     if form == "rotated":
+        rotated = {f"rotated_{name}": value for name, value in usage.items()}
         return {"rotated_softmax_under_next_qk": softmax_under_first_dot(k.asm["ttgir"]),
-                "rotated_shared_bytes": int(k.metadata.shared)}  # fmt: skip
-    return {**warp_specialization_of(k.asm), "shared_bytes": int(k.metadata.shared)}
+                "rotated_shared_bytes": int(k.metadata.shared), **rotated}  # fmt: skip
+    return {**warp_specialization_of(k.asm), "shared_bytes": int(k.metadata.shared), **usage}
 
 
 def softmax_under_first_dot(ttgir: str) -> bool | None:
