@@ -6,9 +6,17 @@ and still fail to compile on the GPU: on the H200 the tree kernel once met int64
 (a device tensor from the decoder) where its tensor descriptors take int32 shapes, and every
 TMA configuration failed. This module compiles each kernel ahead of time, through `triton.compile`
 with an explicit target (`GPUTarget("cuda", 90, 32)` by default), down to PTX and a cubin, for the
-argument types and constexpr choices the library launches it with. No GPU is touched.
+argument types and constexpr choices the library launches it with (the launch's own specialisations: aligned
+pointers and strides, unit strides as the constant 1, defaults). No GPU is touched. Each variant's line gives its
+shared memory, its loads issued ahead through shared memory (software pipelining) and its registers a thread and
+spills (read by cuobjdump from the cubin).
 
     python -m longspec_lab.kernels.compile_check [--arch 90] [--quick] [--only "beam select"]
+    python -m longspec_lab.kernels.compile_check --warp-specialize [--out F]
+
+The second form is a probe of FlashAttention-3's overlap of the softmax with the tensor cores' next product in the
+tree kernel's key loop: it compiles the Llama-3-8B verify variant with Triton's warp specialization asked for and
+with the loop rotated (`OVERLAP`), and reads from the GPU IR what the compiler made of each.
 
 It must run without TRITON_INTERPRET=1 (under the interpreter `@triton.jit` gives functions that
 cannot be compiled); the test runs it in a subprocess.
@@ -450,10 +458,11 @@ def warp_specialization_of(asm: dict) -> dict:
 
 
 def warp_specialize_probe(arch: int = 90, progress=print, timeout_s: float = 300) -> list[dict]:
-    """What the installed Triton makes of the tree kernel's key loop with warp specialization asked for, on sm_<arch>:
-    one record per WS_CASES case, `outcome` one of "specialised" (the loop is split into warp partitions),
-    "not specialised" (it compiles as the plain pipelined loop) or "compiler aborted" (the compiler killed the
-    process, as an assertion does; its last message in `error`). Each case compiles in a child process."""
+    """What the installed Triton makes of the tree kernel's key loop on sm_<arch>, one record per WS_CASES case,
+    each compiled twice in child processes. With warp specialization asked for: `outcome` "specialised" (the loop is
+    split into warp partitions), "not specialised" (it compiles as the plain pipelined loop) or "compiler aborted"
+    (the compiler killed the process, as an assertion does; its last message in `error`). With the loop rotated
+    (OVERLAP): `rotated_softmax_under_next_qk` (softmax_under_first_dot). Both forms' shared memory and registers."""
     import json
     import subprocess
 
@@ -501,9 +510,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the decoder's variants only")
     ap.add_argument("--only", metavar="TEXT", help="only the variants whose label contains TEXT, e.g. 'beam select'")
     ap.add_argument("--warp-specialize", action="store_true",
-                    help="instead: compile the tree kernel's Llama-3-8B verify variants with automatic warp "
-                    "specialization asked for (the FlashAttention-3 overlap of softmax and matmuls), and say whether "
-                    "this Triton splits the loop, compiles it plain, or aborts")  # fmt: skip
+                    help="instead: compile the tree kernel's Llama-3-8B verify variants twice, with automatic warp "
+                    "specialization asked for and with the key loop rotated (two routes to FlashAttention-3's overlap "
+                    "of softmax and matmuls), and say whether this Triton splits the loop and whether the rotated "
+                    "loop's softmax runs while the next product is in flight")  # fmt: skip
     ap.add_argument("--out", metavar="F", help="with --warp-specialize: also write the records as JSON to F (new)")
     ap.add_argument(
         "--ws-case", nargs=5, metavar=("LABEL", "BLOCK_M", "BLOCK_N", "WARPS", "FORM"), help=argparse.SUPPRESS
