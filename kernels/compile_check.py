@@ -525,6 +525,10 @@ def main(argv=None) -> int:
         label, bm, bn, warps, form = args.ws_case
         print(json.dumps(_ws_compile(label, int(bm), int(bn), int(warps), args.arch, form)))
         return 0
+    if args.out and not args.warp_specialize:
+        print("error: --out writes the --warp-specialize probe's records; add --warp-specialize, or drop --out (the "
+              "compile check prints its results)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.warp_specialize:
         if args.out and os.path.exists(args.out):
             print(f"error: {args.out} exists; results are never overwritten: pass a new path", file=sys.stderr)

@@ -319,6 +319,8 @@ def test_the_probe_asks_for_warp_specialization_and_reads_the_rotated_loop(tmp_p
     assert cc.main(["--warp-specialize", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "never overwritten" in err and "Traceback" not in err
+    assert cc.main(["--out", str(tmp_path / "other.json")]) == 2  # --out belongs to the probe
+    assert "add --warp-specialize" in capsys.readouterr().err and not (tmp_path / "other.json").exists()
 
 
 def test_a_constexpr_left_at_its_default_is_compiled_at_its_default():
