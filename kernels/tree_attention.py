@@ -222,8 +222,10 @@ def _attend_prefix_overlapped(acc, m_i, l_i, q, K, V, k_desc, v_desc, lo, hi, st
                               USE_TMA: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     # The unmasked prefix keys [lo, hi) (hi - lo a multiple of BLOCK_N), as _attend_range takes them, with the loop
     # rotated by half a step (OVERLAP): each iteration issues the next tile's Q.K^T before it runs the softmax of the
-    # tile in hand, so the tensor cores work on the one while the softmax of the other runs (FlashAttention-3's
-    # overlap within a warp group, arXiv 2407.08608). The same tiles, in the same order, as _attend_range.
+    # tile in hand, so that the tensor cores could work on the one while the softmax of the other runs
+    # (FlashAttention-3's overlap within a warp group, arXiv 2407.08608). The same tiles, in the same order, as
+    # _attend_range. Whether it overlaps is the compiler's choice: Triton 3.6 and 3.9 wait for that product at once
+    # on sm_90 (`compile_check --warp-specialize` reads it), so it stays off.
     if hi > lo:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -233,7 +235,7 @@ def _attend_prefix_overlapped(acc, m_i, l_i, q, K, V, k_desc, v_desc, lo, hi, st
         for start in tl.range(lo + BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
             n = start + offs_n
             k = _load_keys(K, k_desc, start, n, n < hi, offs_d, stride_kn, stride_kd, False, USE_TMA, False)
-            s_next = _scores(q, k, qk_scale, IEEE)  # issued now, waited for only at the next iteration's softmax
+            s_next = _scores(q, k, qk_scale, IEEE)  # issued before the softmax below, needed only by the next one
             acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)  # the tile before: keys [start - BLOCK_N, start)
             n = n - BLOCK_N
             v = _load_keys(V, v_desc, start - BLOCK_N, n, n < hi, offs_d, stride_vn, stride_vd, False, USE_TMA, False)
