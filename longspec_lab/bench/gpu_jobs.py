@@ -7,8 +7,9 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   kernel     python -m longspec_lab.kernels.bench_tree_attention (tree attention against SDPA, Flex, floors)
   verify     python -m longspec_lab.bench.verify_cost           (8B-shaped verify against decode cost)
   verify_compiled  the same with decode, verify and the draft step compiled at 4k and 32k (348 s on an H100)
-  verify_compiled_128k  the same at 128k alone (its verify compiles for about 4 minutes; with the draft step
-             compiled too it ran past 450 s on an H100, so it gets a call to itself)
+  verify_compiled_128k  the same at 128k alone, Triton backend only and no transformers (its verify compiles for
+             about 4 minutes; with the draft step compiled too and both backends and transformers it ran past 450 s
+             on an H100, so it gets a call to itself and times only what the record lacks)
   verify_4k, verify_4k_lm_head_torch  the LM head's rule inside the 8B steps, an A/B in one call: verify_cost at
              4k compiled, with the rule (an 8B head of at most 16 rows through norm_linear) and with
              LONGSPEC_LM_HEAD=torch (cuBLAS)
@@ -161,7 +162,10 @@ def jobs(out: Path) -> dict:
                 "131072",
                 "--compile",
                 "131072",
-                "--out",
+                "--backends",
+                "triton",
+                "--no-hf",  # the compiled draft is the missing figure: the SDPA and transformers sides of 128k are on
+                "--out",  # record (verify_8b_h100.json), and left out they leave the call's time to the compiles
                 str(out / "verify_8b_compiled_128k_h200.json"),
             ],
             590,
