@@ -318,6 +318,17 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2)), "local_bytes": int(m.group(3))}
 
 
+def _compile(fn, sig: dict, cx: dict, opts: dict, arch: int):
+    """fn compiled for sm_<arch> as a launch would compile it: the signature and constexprs of `_signature`, the
+    launch's alignment (`_aligned_attrs`), the options given and the PDL launch of a Hopper GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=_aligned_attrs(sig))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={**opts, "launch_pdl": True})
+
+
 def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str | None = None) -> list[dict]:
     """Compile each variant for sm_<arch> (those whose label contains `only`, when given); returns one record per
     variant (label, ok, seconds, error)."""
@@ -326,11 +337,6 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
             "compile_check cannot run under TRITON_INTERPRET=1 (the interpreter's kernels do not compile); "
             "unset it, or run `python -m longspec_lab.kernels.compile_check` in a fresh process"
         )
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", arch, 32)
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
     records = []
     for label, fn, sig, cx, opts in variants(quick):
@@ -339,8 +345,7 @@ def compile_all(arch: int = 90, quick: bool = False, progress=print, only: str |
         t0 = time.perf_counter()
         rec = {"label": label, "arch": arch}
         try:
-            src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=_aligned_attrs(sig))
-            kernel = triton.compile(src, target=target, options={**opts, "launch_pdl": True})
+            kernel = _compile(fn, sig, cx, opts, arch)
             shared = int(kernel.metadata.shared)
             rec.update(ok=shared <= limit, stages=sorted(kernel.asm), shared_bytes=shared)
             if shared > limit:  # compiles, but the launch fails with OutOfResources
@@ -388,19 +393,12 @@ WS_CASES = [
 def _ws_compile(label: str, block_m: int, block_n: int, warps: int, arch: int, form: str) -> dict:
     """Compile one WS_CASES case in one form (in this process: the compiler may abort it): "warp_specialize", the
     key loop with WARP_SPECIALIZE on, or "rotated", the loop rotated by half a step (OVERLAP on)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     ((fn, sig, cx, opts),) = [(f, s, c, o) for lab, f, s, c, o in variants() if lab == label]
     cx = dict(cx)
     switch = {"warp_specialize": "WARP_SPECIALIZE", "rotated": "OVERLAP"}[form]
     for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), (switch, True)):
         cx[(fn.arg_names.index(name),)] = value
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=_aligned_attrs(sig))
-    k = triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={**opts, "num_warps": warps, "launch_pdl": True}
-    )
+    k = _compile(fn, sig, cx, {**opts, "num_warps": warps}, arch)
     usage = resource_usage(k.asm.get("cubin", b""))  # registers a thread and spills, where cuobjdump reads them
     if form == "rotated":
         rotated = {f"rotated_{name}": value for name, value in usage.items()}
