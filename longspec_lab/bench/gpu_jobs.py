@@ -13,6 +13,7 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   verify_4k, verify_4k_lm_head_torch  the LM head's rule inside the 8B steps, an A/B in one call: verify_cost at
              4k compiled, with the rule (an 8B head of at most 16 rows through norm_linear) and with
              LONGSPEC_LM_HEAD=torch (cuBLAS)
+  verify_32k the 32k context of verify_compiled alone (about 175 s), so that it fits a call beside the 4k A/B
   topk_8b    python -m longspec_lab.kernels.row_topk --flat on the 8B draft's level (16 x 128,256 keys), per
              first-pass width and selection
   profile_8b python -m longspec_lab.bench.profile_8b --compile --draft (every kernel of the 8B steps and of the
@@ -174,6 +175,12 @@ def jobs(out: Path) -> dict:
         # the LM head's rule inside the compiled 8B steps, the A/B: the same 4k context with the rule (an 8B head of at
         # most 16 rows through norm_linear) and with cuBLAS for every head (LONGSPEC_LM_HEAD=torch); about 150 s a side
         "verify_4k": (_verify_4k(py, out / "verify_8b_4k_h200.json"), 300, {}),
+        "verify_32k": (  # the 32k half of verify_compiled on its own, to fit a call beside the 4k A/B
+            [py, "-m", "longspec_lab.bench.verify_cost", "--contexts", "32768", "--compile", "32768", "--out",
+             str(out / "verify_8b_32k_h200.json")],
+            300,
+            {},
+        ),  # fmt: skip
         "verify_4k_lm_head_torch": (
             _verify_4k(py, out / "verify_8b_4k_lm_head_torch_h200.json"),
             300,
