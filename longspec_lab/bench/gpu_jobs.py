@@ -176,8 +176,17 @@ def jobs(out: Path) -> dict:
         # most 16 rows through norm_linear) and with cuBLAS for every head (LONGSPEC_LM_HEAD=torch); about 150 s a side
         "verify_4k": (_verify_4k(py, out / "verify_8b_4k_h200.json"), 300, {}),
         "verify_32k": (  # the 32k half of verify_compiled on its own, to fit a call beside the 4k A/B
-            [py, "-m", "longspec_lab.bench.verify_cost", "--contexts", "32768", "--compile", "32768", "--out",
-             str(out / "verify_8b_32k_h200.json")],
+            [
+                py,
+                "-m",
+                "longspec_lab.bench.verify_cost",
+                "--contexts",
+                "32768",
+                "--compile",
+                "32768",
+                "--out",
+                str(out / "verify_8b_32k_h200.json"),
+            ],
             300,
             {},
         ),  # fmt: skip
