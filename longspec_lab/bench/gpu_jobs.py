@@ -12,7 +12,7 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
              on an H100, so it gets a call to itself and times only what the record lacks)
   verify_4k, verify_4k_lm_head_torch  the LM head's rule inside the 8B steps, an A/B in one call: verify_cost at
              4k compiled, with the rule (an 8B head of at most 16 rows through norm_linear) and with
-             LONGSPEC_LM_HEAD=torch (cuBLAS)
+             LONGSPEC_LM_HEAD=torch (cuBLAS; the Triton backend alone, no transformers: the A side has them)
   verify_32k the 32k context of verify_compiled alone (about 175 s), so that it fits a call beside the 4k A/B
   topk_8b    python -m longspec_lab.kernels.row_topk --flat on the 8B draft's level (16 x 128,256 keys), per
              first-pass width and selection
@@ -191,7 +191,7 @@ def jobs(out: Path) -> dict:
             {},
         ),  # fmt: skip
         "verify_4k_lm_head_torch": (
-            _verify_4k(py, out / "verify_8b_4k_lm_head_torch_h200.json"),
+            _verify_4k(py, out / "verify_8b_4k_lm_head_torch_h200.json") + ["--backends", "triton", "--no-hf"],
             300,
             {"LONGSPEC_LM_HEAD": "torch"},
         ),
