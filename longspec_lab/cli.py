@@ -720,7 +720,7 @@ def _demo_reading(rows, device: str) -> list[str]:
         step = r["tau"] / r["speedup_vs_ar"]  # AR steps one of its steps costs, from the recorded tokens/s
         lines.append(
             f"On an H200 (recorded: data/results/{record.name}) the same tree's step costs {step:.2f} AR steps\n"
-            f"for tau {r['tau']:.2f}: {r['speedup_vs_ar']:.2f}x. The README's results say why, stage by stage."
+            f"for tau {r['tau']:.2f}: {r['speedup_vs_ar']:.2f}x. docs/RESULTS.md says why, stage by stage."
         )
     except (OSError, KeyError, ValueError, TypeError):
         pass  # no record for this shape: the CPU reading stands alone
