@@ -9,7 +9,7 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   verify_compiled  the same with decode, verify and the draft step compiled at 4k and 32k (348 s on an H100)
   verify_compiled_128k  the same at 128k alone, Triton backend only and no transformers (its verify compiles for
              about 4 minutes; with the draft step compiled too and both backends and transformers it ran past 450 s
-             on an H100, so it gets a call to itself and times only what the record lacks)
+             on an H100, so it gets a call to itself and times only what the record lacks), with LONGSPEC_AUTOTUNE=0
   verify_4k, verify_4k_lm_head_torch  the LM head's rule inside the 8B steps, an A/B in one call: verify_cost at
              4k compiled, with the rule (an 8B head of at most 16 rows through norm_linear) and with
              LONGSPEC_LM_HEAD=torch (cuBLAS; the Triton backend alone, no transformers: the A side has them)
@@ -170,7 +170,9 @@ def jobs(out: Path) -> dict:
                 str(out / "verify_8b_compiled_128k_h200.json"),
             ],
             590,
-            {},
+            # the tree kernel's one fixed config: the config its autotuner picks at 64k and 128k anyway (64-key tiles,
+            # 4 warps, 3 stages, plain loads: tree_attention_h200.json), without the tuning runs inside the compile
+            {"LONGSPEC_AUTOTUNE": "0"},
         ),
         # the LM head's rule inside the compiled 8B steps, the A/B: the same 4k context with the rule (an 8B head of at
         # most 16 rows through norm_linear) and with cuBLAS for every head (LONGSPEC_LM_HEAD=torch); about 150 s a side
