@@ -191,7 +191,7 @@ def jobs(out: Path) -> dict:
             ],
             300,
             {},
-        ),  # fmt: skip
+        ),
         "verify_4k_lm_head_torch": (
             _verify_4k(py, out / "verify_8b_4k_lm_head_torch_h200.json") + ["--backends", "triton", "--no-hf"],
             300,
