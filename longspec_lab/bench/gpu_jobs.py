@@ -117,9 +117,10 @@ def _ab_job(folder: Path, switch: str | None = None, value: str = "", **more: st
     return cmd, 300, {**env, **({switch: value} if switch else {}), **more}
 
 
-def _verify_4k(py: str, path: Path) -> list:
-    """verify_cost at a 4k context with decode, verify and the draft step compiled: one side of an 8B A/B."""
-    return [py, "-m", "longspec_lab.bench.verify_cost", "--contexts", "4096", "--compile", "4096", "--out", str(path)]
+def _verify_compiled(py: str, path: Path, context: int, *more: str) -> list:
+    """verify_cost at one context with decode, verify and the draft step compiled (`more`: further flags)."""
+    c = str(context)
+    return [py, "-m", "longspec_lab.bench.verify_cost", "--contexts", c, "--compile", c, "--out", str(path), *more]
 
 
 def jobs(out: Path) -> dict:
@@ -155,20 +156,9 @@ def jobs(out: Path) -> dict:
             {},
         ),
         "verify_compiled_128k": (
-            [
-                py,
-                "-m",
-                "longspec_lab.bench.verify_cost",
-                "--contexts",
-                "131072",
-                "--compile",
-                "131072",
-                "--backends",
-                "triton",
-                "--no-hf",  # the compiled draft is the missing figure: the SDPA and transformers sides of 128k are on
-                "--out",  # record (verify_8b_h100.json), and left out they leave the call's time to the compiles
-                str(out / "verify_8b_compiled_128k_h200.json"),
-            ],
+            # the compiled draft is the missing figure: the SDPA and transformers sides of 128k are on record
+            # (verify_8b_h100.json), and left out they leave the call's time to the compiles
+            _verify_compiled(py, out / "verify_8b_compiled_128k_h200.json", 131072, "--backends", "triton", "--no-hf"),
             590,
             # the tree kernel's one fixed config: the config its autotuner picks at 64k and 128k anyway (64-key tiles,
             # 4 warps, 3 stages, plain loads: tree_attention_h200.json), without the tuning runs inside the compile
@@ -176,24 +166,11 @@ def jobs(out: Path) -> dict:
         ),
         # the LM head's rule inside the compiled 8B steps, the A/B: the same 4k context with the rule (an 8B head of at
         # most 16 rows through norm_linear) and with cuBLAS for every head (LONGSPEC_LM_HEAD=torch); about 150 s a side
-        "verify_4k": (_verify_4k(py, out / "verify_8b_4k_h200.json"), 300, {}),
-        "verify_32k": (  # the 32k half of verify_compiled on its own, to fit a call beside the 4k A/B
-            [
-                py,
-                "-m",
-                "longspec_lab.bench.verify_cost",
-                "--contexts",
-                "32768",
-                "--compile",
-                "32768",
-                "--out",
-                str(out / "verify_8b_32k_h200.json"),
-            ],
-            300,
-            {},
-        ),
+        "verify_4k": (_verify_compiled(py, out / "verify_8b_4k_h200.json", 4096), 300, {}),
+        # the 32k half of verify_compiled on its own, to fit a call beside the 4k A/B
+        "verify_32k": (_verify_compiled(py, out / "verify_8b_32k_h200.json", 32768), 300, {}),
         "verify_4k_lm_head_torch": (
-            _verify_4k(py, out / "verify_8b_4k_lm_head_torch_h200.json") + ["--backends", "triton", "--no-hf"],
+            _verify_compiled(py, out / "verify_8b_4k_lm_head_torch_h200.json", 4096, "--backends", "triton", "--no-hf"),
             300,
             {"LONGSPEC_LM_HEAD": "torch"},
         ),
