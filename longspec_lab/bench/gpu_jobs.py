@@ -84,6 +84,11 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_head_select  the A/B side with LONGSPEC_HEAD_SELECT=auto (every greedy beam level's LM head and selection
                    in one launch) into OUT_DIR/head_select; the tokens should equal e2e_base's (scores may differ in
                    their last bits, as with e2e_beam_select)
+  e2e_greedy_accept  the A/B side with LONGSPEC_GREEDY_ACCEPT=auto (every verification pass's argmax, greedy
+                   acceptance, path, emitted tokens and counts in one launch instead of six) into
+                   OUT_DIR/greedy_accept; tokens must be bit-identical to e2e_base's
+  greedy_accept    python -m longspec_lab.kernels.greedy_accept (that launch alone against the compiled definition,
+                   on the default tree, a narrow tree and a chain)
   e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
                    kernels: independent generated kernels launched as one) into OUT_DIR/combo_kernels; tokens must
                    be bit-identical to e2e_base's
@@ -278,6 +283,12 @@ def jobs(out: Path) -> dict:
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
+        "e2e_greedy_accept": _ab_job(out / "greedy_accept", "LONGSPEC_GREEDY_ACCEPT", "auto"),
+        "greedy_accept": (
+            [py, "-m", "longspec_lab.kernels.greedy_accept", "--out", str(out / "greedy_accept_h200.json")],
+            120,
+            {},
+        ),
         "head_select": (
             [
                 py,

@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 
+from longspec_lab.ops.accept import fused_greedy_accept
 from longspec_lab.ops.sampling import SamplingParams, probs_from_logits
 from longspec_lab.spec.commit import advance, commit_kv
 from longspec_lab.spec.draft import TreeBuffers, grow_beam_level_hidden, grow_beam_level_logits, grow_sampled_level
@@ -219,9 +220,13 @@ def verify_forward(st: DecodeState) -> torch.Tensor:
 
 
 def verify(st: DecodeState) -> None:
-    """The verification pass with greedy acceptance: path, n_acc, emitted = target argmax along the path."""
+    """The verification pass with greedy acceptance: path, n_acc, emitted = target argmax along the path.
+    With LONGSPEC_GREEDY_ACCEPT the acceptance after the pass is one launch (`ops.accept`), the same outputs."""
     buf = st.tree
-    preds = verify_forward(st).argmax(-1)  # [N] the target's next token after each node's path
+    logits = verify_forward(st)  # [N, V]
+    if fused_greedy_accept(logits, buf, _accept_buffers(st), st.D, st.R):
+        return
+    preds = logits.argmax(-1)  # [N] the target's next token after each node's path
     st.preds.copy_(preds)
     verified, accepted, path, n = greedy_accept(buf.tokens, buf.parents, buf.depths, buf.anc, buf.levels, preds)
     st.verified.copy_(verified)
@@ -231,6 +236,12 @@ def verify(st: DecodeState) -> None:
     st.emitted.copy_(preds.index_select(0, path))
     tried = path_children(buf.parents, buf.depths, path)  # the children of the path's nodes
     st.stats.add_(acceptance_stats(buf.parents, buf.depths, path, n, tried, st.D, st.R))
+
+
+def _accept_buffers(st: DecodeState) -> dict:
+    """The state's buffers that greedy acceptance writes (and `stats`, which it adds to)."""
+    names = ("preds", "verified", "accepted", "path", "n_acc", "emitted", "stats")
+    return {name: getattr(st, name) for name in names}
 
 
 def verify_logits(st: DecodeState) -> None:

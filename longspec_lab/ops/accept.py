@@ -1,0 +1,43 @@
+"""Greedy acceptance of a verification pass: the definition, or its tail in one Triton launch.
+
+Greedy verification (LongSpec, arXiv 2502.17421; `spec/verify.py: greedy_accept`) turns the target's logits at
+the N tree nodes into the accepted path: each node's argmax, which nodes match their parent's prediction, the
+deepest node whose whole path matches, its path and tokens, and the step's acceptance counts. Compiled, that is six
+small launches after the LM head. `kernels/greedy_accept.py` does all of it in one (one program per node's argmax,
+the last to arrive walking the tree in registers), bit for bit the same outputs: they are comparisons, not sums.
+
+`fused_greedy_accept(logits, buf, out, D, R)` runs the kernel into the decoder's buffers and returns True, or
+returns False where the switch LONGSPEC_GREEDY_ACCEPT leaves the pass to the definition (the caller then runs it):
+    "off"   the definition always (the default until the kernel is timed in the decoder on the GPU)
+    "auto"  the kernel on CUDA, for trees of at most 128 nodes (`kernels/greedy_accept.py: MAX_NODES`)
+    "on"    the kernel always where it fits, also on the CPU under TRITON_INTERPRET=1 (the tests)
+The switch is read at import into `GREEDY_ACCEPT`; assign it at run time to flip it.
+
+Taught in: notebooks/03_one_step_slowly.ipynb
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from longspec_lab.ops.switches import HAS_TRITON, checked
+
+CHOICES = ("off", "auto", "on")
+GREEDY_ACCEPT = os.environ.get("LONGSPEC_GREEDY_ACCEPT", "off")  # one of CHOICES (module docstring)
+
+
+def fused_greedy_accept(logits: torch.Tensor, buf, out: dict, D: int, R: int) -> bool:
+    """Greedy acceptance of logits [N, V] on the tree buffers `buf` (tokens, parents, depths, anc) in one launch,
+    into `out` (`kernels.greedy_accept.greedy_accept`'s buffers; stats added to): True, or False where
+    LONGSPEC_GREEDY_ACCEPT (module docstring) leaves it to the definition."""
+    choice = checked("LONGSPEC_GREEDY_ACCEPT", GREEDY_ACCEPT, CHOICES)
+    if choice == "off" or (choice == "auto" and not (logits.is_cuda and HAS_TRITON)):
+        return False
+    from longspec_lab.kernels.greedy_accept import fits, greedy_accept
+
+    if not fits(logits.shape[0], D):
+        return False
+    greedy_accept(logits, buf.tokens, buf.parents, buf.depths, buf.anc, out, D, R)
+    return True
