@@ -224,6 +224,22 @@ def prediction_rows(step: StepRecord, tokenizer=None) -> list[dict]:
     ]
 
 
+def walk_acceptance(step: StepRecord) -> dict:
+    """A traced step's greedy acceptance worked out again node by node from its recorded predictions
+    (`kernels/greedy_accept.py: greedy_accept_reference`, the walk the tests hold the one-launch GPU tail to),
+    beside what the decoder kept: the path, the tokens emitted, and whether the two agree."""
+    from longspec_lab.kernels.greedy_accept import greedy_accept_reference
+
+    tree, preds = step.tree, step.target_tokens.cpu()
+    widths = list(tree.shape.widths) or [1]
+    logits = torch.nn.functional.one_hot(preds, int(preds.max()) + 1).float()  # [N, V'] argmax = the predictions
+    walk = greedy_accept_reference(logits, tree.tokens, tree.parents, tree.depths, tree.mask, len(widths), max(widths))
+    n = int(walk["n_acc"])
+    path, emitted = walk["path"][:n].tolist(), walk["emitted"][:n].tolist()
+    kept = step.result.path.tolist()
+    return {"path": path, "emitted": emitted, "decoder_path": kept, "same_as_decoder": path == kept}
+
+
 # ----------------------------------------------------------------------------- one step, explained
 
 

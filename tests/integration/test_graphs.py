@@ -117,6 +117,20 @@ def test_twin_stages_with_the_rope_tables_kernel(tiny_pair, shape, monkeypatch):
     assert calls  # the kernel made the tables (eagerly, and when traced)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 2), (1, 1, 1)], ids=["tree342", "chain3"])
+def test_twin_stages_with_the_greedy_accept_kernel(tiny_pair, shape, monkeypatch):
+    """LONGSPEC_GREEDY_ACCEPT=on: the verify stage's acceptance is one registered op that writes the state's buffers
+    in place (the interpreter here); the stage must trace whole and leave every buffer as eager does."""
+    from longspec_lab.kernels import greedy_accept as kernel
+    from longspec_lab.ops import accept
+
+    monkeypatch.setattr(accept, "GREEDY_ACCEPT", "on")
+    calls, real = [], kernel.greedy_accept
+    monkeypatch.setattr(kernel, "greedy_accept", lambda *a: calls.append(1) or real(*a))
+    _twin_stages(*tiny_pair, shape)
+    assert calls  # the kernel accepted (eagerly, and when traced)
+
+
 def test_twin_stages_with_every_fused_projection(monkeypatch):
     """Head dim 32 and fused projections, LONGSPEC_QKV_ROPE=on and LONGSPEC_ROPE_TABLES=on: the target's layers
     and the draft's self-attention write their caches (the draft's ring) from the fused kernel, a registered op
@@ -158,8 +172,14 @@ def _twin_stages(target, draft, shape):
             torch._dynamo.reset()
 
 
-def test_inductor_compiled_step_matches_eager(tiny_pair):
-    """The verification stage through Inductor's generated CPU code: the same predictions and path."""
+@pytest.mark.parametrize("greedy_accept", ["off", "on"])
+def test_inductor_compiled_step_matches_eager(tiny_pair, greedy_accept, monkeypatch):
+    """The verification stage through Inductor's generated CPU code: the same predictions and path; also with the
+    acceptance as one op that writes the state's buffers in place (LONGSPEC_GREEDY_ACCEPT=on), which Inductor must
+    keep writing into those buffers."""
+    from longspec_lab.ops import accept
+
+    monkeypatch.setattr(accept, "GREEDY_ACCEPT", greedy_accept)
     target, draft = tiny_pair
     st = _mid_state(target, draft, TreeShape((2, 3)))
     with torch.inference_mode():
@@ -172,7 +192,7 @@ def test_inductor_compiled_step_matches_eager(tiny_pair):
         torch.compile(steps.verify, fullgraph=True, dynamic=False)(b)
         steps.commit(a)
         steps.commit(b)
-    for key in ("preds", "verified", "path", "n_acc", "emitted", "out", "P", "pend", "stats"):
+    for key in ("preds", "verified", "accepted", "path", "n_acc", "emitted", "out", "P", "pend", "stats"):
         assert torch.equal(_tensors(a)[key], _tensors(b)[key]), key
     torch._dynamo.reset()
 
