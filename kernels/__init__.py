@@ -18,6 +18,11 @@
   selects), so the logits are never written; registered as ``torch.ops.longspec.head_select``, with the PyTorch
   definition and a benchmark against the two launches it replaces (``LONGSPEC_HEAD_SELECT``,
   ``longspec_lab/ops/topk.py``).
+- ``greedy_accept``: a verification pass's greedy tail in one launch (every node's argmax, then the last program to
+  arrive walks the tree: verified and accepted nodes, the winner's path, the emitted tokens and the step's acceptance
+  counts), instead of six Inductor kernels; registered as ``torch.ops.longspec.greedy_accept``, writing the decoder's
+  buffers in place, with a node-by-node PyTorch reference and a benchmark (``LONGSPEC_GREEDY_ACCEPT``,
+  ``longspec_lab/ops/accept.py``).
 - ``norm_linear``: RMSNorm, a projection and its epilogue (SiLU product, residual) in one kernel, with its
   float64 definition and a benchmark against the PyTorch ops; registered as ``torch.ops.longspec.norm_linear``
   and used by the models for small weights on CUDA (``LONGSPEC_NORM_LINEAR``, ``longspec_lab/ops/linear.py``).
