@@ -90,6 +90,16 @@ def _beam_select_kernel(
     K_POW2: tl.constexpr,  # power of two >= K (bitonic)
     W_POW2: tl.constexpr,  # power of two >= W (bitonic)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
+    TOKENS=None,  # with INTO: [N] int64 the tree's tokens; the level's nodes lo .. lo + W - 1 are written
+    PARENTS=None,  # with INTO: [N] int64 the tree's parents (node ids)
+    TREE_SCORES=None,  # with INTO: [N] fp32 the tree's cumulative scores
+    ANC=None,  # with INTO: [N, N] uint8 the tree mask; the level's rows are its parents' rows plus the node itself
+    lo=0,  # with INTO: the level's first node
+    plo=0,  # with INTO: the parents' level's first node (row 0 of LOGITS is node plo)
+    N=1,  # with INTO: the tree's nodes (the mask's row length)
+    INTO: tl.constexpr = False,  # also write the level into the tree buffers (LONGSPEC_BEAM_WRITE)
+    W_TILE: tl.constexpr = 1,  # with INTO: a power of two >= W
+    N_TILE: tl.constexpr = 1,  # with INTO: a power of two >= N
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
         tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
@@ -128,6 +138,24 @@ def _beam_select_kernel(
         offs_c = tl.arange(0, CAND_PAD)
         cand = tl.load(CAND + offs_c, mask=offs_c < total * K, other=_MIN_KEY, cache_modifier=".cg")
         _store_topk(OUT, cand, _MIN_KEY, W, BITONIC, W_POW2)
+        if INTO:  # 5. the level itself, as spec/draft.py's _decode_keys and TreeBuffers.add_level make it
+            tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
+            offs_w = tl.arange(0, W_TILE)
+            w_ok = offs_w < W
+            best = tl.load(OUT + offs_w, mask=w_ok, other=0)  # [W_TILE] the level's keys, best first
+            flat = (n_rows * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits: the reversed flat index
+            node = lo + offs_w
+            parent = plo + flat // V
+            bits = (best >> 32).to(tl.int32)  # the high 32 bits: the score's order bits
+            level_score = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+            tl.store(TOKENS + node, flat % V, mask=w_ok)
+            tl.store(PARENTS + node, parent, mask=w_ok)
+            tl.store(TREE_SCORES + node, level_score, mask=w_ok)
+            cols = tl.arange(0, N_TILE)
+            both = w_ok[:, None] & (cols < N)[None, :]
+            up = tl.load(ANC + parent[:, None] * N + cols[None, :], mask=both, other=0)  # [W_TILE, N_TILE] the parents'
+            own = (up != 0) | (cols[None, :] == node[:, None])  # [W_TILE, N_TILE] each node's own mask row
+            tl.store(ANC + node[:, None] * N + cols[None, :], own.to(tl.uint8), mask=both)
         tl.atomic_xchg(TICKET, 0)
 
 
@@ -206,6 +234,45 @@ def _(logits, parent_scores, width, block_v, num_warps):
     return logits.new_empty(width, dtype=torch.int64)
 
 
+MAX_WRITE_TILE = 16384  # the level's rows of the mask the last program writes at once: W_TILE x N_TILE
+
+
+def write_fits(width: int, N: int) -> bool:
+    """Whether the last program can also write a level of `width` nodes into a tree of N nodes."""
+    pow2 = triton.next_power_of_2
+    return pow2(width) * pow2(N) <= MAX_WRITE_TILE
+
+
+@torch.library.custom_op("longspec::beam_select_into", mutates_args=("tokens", "parents", "scores", "anc"))
+def _beam_select_into_op(
+    logits: torch.Tensor, parent_scores: torch.Tensor, width: int, block_v: int, num_warps: int, tokens: torch.Tensor,
+    parents: torch.Tensor, scores: torch.Tensor, anc: torch.Tensor, lo: int, plo: int,
+) -> None:  # fmt: skip
+    """`torch.ops.longspec.beam_select_into`: the selection of `beam_select`, then the level written into the tree
+    buffers tokens, parents [N] int64, scores [N] fp32 and anc [N, N] bool at nodes lo .. lo + width - 1, whose
+    parents are nodes plo .. plo + n - 1 (checked by `beam_select_into`)."""
+    n, V = logits.shape
+    N = tokens.shape[0]
+    p = plan(n, V, width, block_v)
+    cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
+    out = torch.empty(width, dtype=torch.int64, device=logits.device)
+    bitonic = _algo() == "bitonic"
+    pow2 = triton.next_power_of_2
+    _beam_select_kernel[(n, p["n_chunks"])](
+        logits, parent_scores, cand, out, _tickets(logits.device), V, logits.stride(0), p["n_chunks"],
+        K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=lse_block(V, num_warps),
+        CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
+        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device),
+        TOKENS=tokens, PARENTS=parents, TREE_SCORES=scores, ANC=anc.view(torch.uint8), lo=lo, plo=plo, N=N,
+        INTO=True, W_TILE=pow2(width), N_TILE=pow2(N),
+    )  # fmt: skip
+
+
+@_beam_select_into_op.register_fake
+def _(logits, parent_scores, width, block_v, num_warps, tokens, parents, scores, anc, lo, plo):
+    return None
+
+
 def check_level(name: str, source: str, parent_scores, n: int, V: int, width) -> None:
     """The checks a beam level's kernel makes of its scores and width (`beam_select`, kernels/head_select.py): a
     ValueError naming `name`, the problem and the fix."""
@@ -224,6 +291,13 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
     float32 on CUDA (or on the CPU under TRITON_INTERPRET=1). block_v: the chunk width, a power of two (default:
     flat_topk's first-pass width, LONGSPEC_TOPK_FIRST_BLOCK); num_warps: every program's (default 8, or the
     switch LONGSPEC_BEAM_WARPS)."""
+    logits, parent_scores, p, num_warps = _checked(logits, parent_scores, width, block_v, num_warps)
+    return _beam_select_op(logits, parent_scores, width, p["block_v"], num_warps)
+
+
+def _checked(logits, parent_scores, width, block_v, num_warps):
+    """`beam_select`'s arguments checked (a ValueError naming the problem and the fix), as the kernel reads them:
+    (logits with unit column stride, contiguous parent_scores, the launch's `plan`, the warps)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in _DTYPES:
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"beam_select needs logits [n, V] in float16, bfloat16 or float32, got {got}")
@@ -252,8 +326,43 @@ def beam_select(logits, parent_scores, width: int, block_v: int | None = None, n
         )
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    parent_scores = parent_scores.contiguous()  # the kernel reads SCORES[row] at unit stride
-    return _beam_select_op(logits, parent_scores, width, p["block_v"], num_warps)
+    return logits, parent_scores.contiguous(), p, num_warps  # the kernel reads SCORES[row] at unit stride
+
+
+def beam_select_into(logits, parent_scores, width: int, tree: dict, lo: int, plo: int, block_v: int | None = None,
+                     num_warps: int | None = None) -> None:  # fmt: skip
+    """A beam level's selection (`beam_select`) and the level itself in one launch: the `width` best (parent, token)
+    pairs written into the tree buffers of `tree` (keys `tokens`, `parents` [N] int64, `scores` [N] float32, `anc`
+    [N, N] bool) at nodes lo .. lo + width - 1, as spec/draft.py's TreeBuffers.add_level writes them (node = lo + its
+    rank in the level, parent = plo + the pair's parent row, score, mask row = the parent's row plus the node)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("beam_select_into needs logits [n, V]; see beam_select")
+    n, V = logits.shape
+    if not isinstance(tree, dict) or sorted(tree) != ["anc", "parents", "scores", "tokens"]:
+        raise ValueError("beam_select_into needs tree = {'tokens', 'parents', 'scores', 'anc'} (the tree's buffers)")
+    N = tree["tokens"].shape[0] if isinstance(tree["tokens"], torch.Tensor) else 0
+    want = {"tokens": ((N,), torch.long), "parents": ((N,), torch.long), "scores": ((N,), torch.float32),
+            "anc": ((N, N), torch.bool)}  # fmt: skip
+    for name, (shape, dtype) in want.items():
+        t = tree[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"beam_select_into needs a contiguous {name} {list(shape)} {dtype}, got {got}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} on {t.device} and logits on {logits.device}: use one device")
+    if not (0 <= plo and plo + n <= lo and lo + width <= N):
+        raise ValueError(
+            f"beam_select_into needs the parents' nodes [{plo}, {plo + n}) before the level's [{lo}, {lo + width}), "
+            f"inside the tree's {N} nodes"
+        )
+    if not write_fits(width, N):
+        raise ValueError(
+            f"beam_select_into writes at most {MAX_WRITE_TILE} mask entries at once (width x nodes, "
+            f"each a power of two), got {width} x {N}; use beam_select and TreeBuffers.add_level"
+        )
+    logits, parent_scores, p, num_warps = _checked(logits, parent_scores, width, block_v, num_warps)
+    _beam_select_into_op(logits, parent_scores, width, p["block_v"], num_warps, tree["tokens"], tree["parents"],
+                         tree["scores"], tree["anc"], lo, plo)  # fmt: skip
 
 
 def add_level_args(ap, block_v: str, warps: str) -> None:

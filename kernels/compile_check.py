@@ -50,7 +50,7 @@ ALIGNED |= {f"stride_{t}{d}" for t in "qkvo" for d in "bhtn"}
 UNIT = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_lt"}
 
 
-def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tuple[dict, dict]:
+def _signature(fn, pointers: dict, floats=(), consts: dict | None = None, ints=()) -> tuple[dict, dict]:
     """Triton signature for fn: pointers maps argument -> element type ("bf16", "i64", ...), `floats`
     names fp32 scalars, `consts` gives the constexprs (USE_PDL True unless given: every variant is compiled with the
     programmatic-dependent-launch gate a Hopper launch has; the UNIT strides 1; a constexpr with a default, its
@@ -62,7 +62,8 @@ def _signature(fn, pointers: dict, floats=(), consts: dict | None = None) -> tup
         consts.setdefault(name, 1)  # as a launch specialises it
     # an argument the launches leave at its default (the constexpr WARP_SPECIALIZE) is compiled at its default
     for name, param in inspect.signature(getattr(fn, "fn", fn)).parameters.items():  # (interpreted or compiled)
-        if name not in consts and param.default is not inspect.Parameter.empty:
+        given = name in pointers or name in floats or name in ints  # a launch passes it (`ints`: i32 scalars)
+        if name not in consts and param.default is not inspect.Parameter.empty and not given:
             consts[name] = param.default
     sig = {}
     for name in fn.arg_names:
@@ -164,6 +165,17 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         sig, cx = _signature(bsel._beam_select_kernel, ptrs, (), consts)
         label = f"beam select: 16 x 4096 bf16 logits, width 16, {algo}, {p['block_v']}-token chunks, {warps} warps"
         out.append((label, bsel._beam_select_kernel, sig, cx, dict(num_warps=warps)))
+    # the same launch writing the level into the default tree's buffers too (LONGSPEC_BEAM_WRITE): 69 nodes
+    algo = "bitonic" if hasattr(tl, "topk") else "max"
+    p, bit, warps = bsel.plan(16, 4096, 16), algo == "bitonic", bsel._num_warps()
+    consts = dict(K=16, W=16, BLOCK_V=p["block_v"], BLOCK_L=bsel.lse_block(4096, warps), CAND_PAD=p["cand_pad"],
+                  BITONIC=bit, K_POW2=16 if bit else 1, W_POW2=16 if bit else 1)  # fmt: skip
+    consts.update(INTO=True, W_TILE=16, N_TILE=128)
+    ptrs = dict(LOGITS="bf16", SCORES="fp32", CAND="i64", OUT="i64", TICKET="i32", TOKENS="i64", PARENTS="i64",
+                TREE_SCORES="fp32", ANC="u8")  # fmt: skip
+    sig, cx = _signature(bsel._beam_select_kernel, ptrs, (), consts, ints=("lo", "plo", "N"))
+    label = f"beam select writing the level: 16 x 4096 bf16, width 16 into 69 nodes, {algo}, {warps} warps"
+    out.append((label, bsel._beam_select_kernel, sig, cx, dict(num_warps=warps)))
     from longspec_lab.kernels import head_select as hsel
 
     # the LM head and the selection in one launch (LONGSPEC_HEAD_SELECT): a default-tree level (16 x 256 -> 4096,

@@ -39,6 +39,13 @@ kernel on CUDA for the shapes it takes: at most 64 parents, a hidden size up to 
 (also on the CPU under TRITON_INTERPRET=1). None means the caller makes the logits
 (`spec/draft.py: beam_level_from_hidden`).
 
+`beam_level_into(logits, parent_scores, width, tree, lo, plo)` goes one step further on: the same launch as
+`beam_keys` also writes the level into the tree's buffers (its last program decodes the w keys into tokens, parents
+and scores, and each new node's mask row from its parent's), so the two small kernels of `TreeBuffers.add_level`
+after each level are gone. Its switch LONGSPEC_BEAM_WRITE: "off" (the default until timed on the GPU), "auto" (on
+CUDA wherever `beam_keys` takes the level and the mask rows fit the last program), "on" (also on the CPU under
+TRITON_INTERPRET=1). It returns False where the caller must write the level itself.
+
 How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "bitonic" (Triton's bitonic top-k network, the
 default where Triton has it) or "max" (k repeated maxima); both give the same values.
 
@@ -61,6 +68,7 @@ ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module
 BEAM_CHOICES = ("auto", "off", "on")
 BEAM_SELECT = os.environ.get("LONGSPEC_BEAM_SELECT", "auto")  # one of BEAM_CHOICES (module docstring)
 HEAD_SELECT = os.environ.get("LONGSPEC_HEAD_SELECT", "off")  # one of BEAM_CHOICES (module docstring)
+BEAM_WRITE = os.environ.get("LONGSPEC_BEAM_WRITE", "off")  # one of BEAM_CHOICES (module docstring)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
@@ -125,3 +133,26 @@ def head_beam_keys(h: torch.Tensor, head: torch.Tensor, parent_scores: torch.Ten
     if not plan(n, head.shape[0], K, width)["fits"]:
         return None
     return head_select(h, head, parent_scores, width)
+
+
+def beam_write_takes(logits: torch.Tensor, parent_scores: torch.Tensor, width: int, tree: dict) -> bool:
+    """Whether LONGSPEC_BEAM_WRITE (module docstring) and the shapes send a level to `beam_level_into`."""
+    choice = checked("LONGSPEC_BEAM_WRITE", BEAM_WRITE, BEAM_CHOICES)
+    if choice == "off" or (choice == "auto" and not (logits.is_cuda and HAS_TRITON)):
+        return False
+    if checked("LONGSPEC_BEAM_SELECT", BEAM_SELECT, BEAM_CHOICES) == "off" or parent_scores.dtype != torch.float32:
+        return False
+    if logits.dim() != 2 or tree["scores"].dtype != torch.float32:
+        return False
+    from longspec_lab.kernels.beam_select import plan, write_fits
+
+    n, V = logits.shape
+    return plan(n, V, width)["fits"] and write_fits(width, tree["tokens"].shape[0])
+
+
+def beam_level_into(logits, parent_scores, width: int, tree: dict, lo: int, plo: int) -> None:
+    """A beam level's selection and the level written into the tree buffers `tree` (tokens, parents, scores, anc) at
+    nodes lo .. lo + width - 1, whose parents are the nodes from plo on, in one launch (where `beam_write_takes`)."""
+    from longspec_lab.kernels.beam_select import beam_select_into
+
+    beam_select_into(logits, parent_scores, width, tree, lo, plo)

@@ -36,9 +36,10 @@ from typing import Callable
 
 import torch
 
+from longspec_lab.ops import topk
 from longspec_lab.ops.linear import lm_head
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
-from longspec_lab.ops.topk import beam_keys, flat_topk_values, head_beam_keys
+from longspec_lab.ops.topk import beam_keys, beam_level_into, beam_write_takes, flat_topk_values, head_beam_keys
 from longspec_lab.spec.tree import DraftTree, TreeBatch, TreeShape
 
 # ----------------------------------------------------------------------------- one beam level
@@ -212,20 +213,43 @@ def grow_beam_level(buf: TreeBuffers, l: int, logprobs: torch.Tensor) -> None:
 
 
 def grow_beam_level_logits(buf: TreeBuffers, l: int, logits: torch.Tensor) -> None:
-    """Level l of a beam tree from the draft's logits [n, V] (`beam_level_from_logits`): what the decoder runs."""
+    """Level l of a beam tree from the draft's logits [n, V] (`beam_level_from_logits`): what the decoder runs.
+    With LONGSPEC_BEAM_WRITE the selection's launch also writes the level (`ops.topk.beam_level_into`): the same
+    tokens, parents, scores and mask rows as `add_level` below, with no launch of its own."""
     lo, hi = buf.levels[l - 1]
-    w = buf.levels[l][1] - buf.levels[l][0]
-    rank, tok, sc = beam_level_from_logits(buf.scores[lo:hi], logits, w)
+    new_lo, new_hi = buf.levels[l]
+    # not level 1: the decoder's first draft stage starts the tree (`start`) just before, and compiled, a launch
+    # that writes buffers the same graph has just written makes Inductor copy them around it (bench.fusion_proxy:
+    # that stage's generated kernels 12 -> 18); later levels' stages begin from the buffers as they are
+    if l > 1 and _write_level(buf, logits, lo, hi, new_lo, new_hi - new_lo):
+        return
+    rank, tok, sc = beam_level_from_logits(buf.scores[lo:hi], logits, new_hi - new_lo)
     buf.add_level(l, lo + rank, tok, sc)
 
 
 def grow_beam_level_hidden(buf: TreeBuffers, l: int, h: torch.Tensor, head: torch.Tensor) -> None:
     """Level l of a beam tree from the draft's last hidden rows h [n, K] and its LM head [V, K]
-    (`beam_level_from_hidden`): what the greedy decoder runs."""
+    (`beam_level_from_hidden`): what the greedy decoder runs. Where the LM head is not folded into the selection
+    (LONGSPEC_HEAD_SELECT off, the default), the logits go to `grow_beam_level_logits`."""
     lo, hi = buf.levels[l - 1]
     w = buf.levels[l][1] - buf.levels[l][0]
-    rank, tok, sc = beam_level_from_hidden(buf.scores[lo:hi], h, head, w)
-    buf.add_level(l, lo + rank, tok, sc)
+    if topk.HEAD_SELECT != "off":  # the head and the selection in one launch where its kernel takes them
+        rank, tok, sc = beam_level_from_hidden(buf.scores[lo:hi], h, head, w)
+        buf.add_level(l, lo + rank, tok, sc)
+        return
+    grow_beam_level_logits(buf, l, lm_head(h.to(head.dtype), head))
+
+
+def _write_level(buf: TreeBuffers, logits: torch.Tensor, lo: int, hi: int, new_lo: int, w: int) -> bool:
+    """The level [new_lo, new_lo + w) selected and written by one launch (`ops.topk.beam_level_into`), or False."""
+    tree = {"tokens": buf.tokens, "parents": buf.parents, "scores": buf.scores, "anc": buf.anc}
+    scores = buf.scores[lo:hi]
+    if not beam_write_takes(logits, scores, w, tree):
+        return False
+    if _may_sync(logits) and bool(torch.isnan(logits).any() | torch.isnan(scores).any()):
+        raise ValueError("draft logits contain NaN; check the draft model (overflow in fp16?)")  # nothing written
+    beam_level_into(logits, scores, w, tree, new_lo, lo)
+    return True
 
 
 # ----------------------------------------------------------------------------- one sampled level
