@@ -131,6 +131,21 @@ def test_twin_stages_with_the_greedy_accept_kernel(tiny_pair, shape, monkeypatch
     assert calls  # the kernel accepted (eagerly, and when traced)
 
 
+def test_twin_stages_with_the_level_written_by_its_selection(tiny_pair, monkeypatch):
+    """LONGSPEC_BEAM_SELECT=on and LONGSPEC_BEAM_WRITE=on: levels after the first are selected and written into the
+    tree's buffers by one registered op (the interpreter here); each stage must trace whole and leave every buffer
+    as eager does."""
+    from longspec_lab.kernels import beam_select as kernel
+    from longspec_lab.ops import topk
+
+    monkeypatch.setattr(topk, "BEAM_SELECT", "on")
+    monkeypatch.setattr(topk, "BEAM_WRITE", "on")
+    calls, real = [], kernel.beam_select_into
+    monkeypatch.setattr(kernel, "beam_select_into", lambda *a: calls.append(1) or real(*a))
+    _twin_stages(*tiny_pair, (3, 4, 2))
+    assert calls
+
+
 def test_twin_stages_with_every_fused_projection(monkeypatch):
     """Head dim 32 and fused projections, LONGSPEC_QKV_ROPE=on and LONGSPEC_ROPE_TABLES=on: the target's layers
     and the draft's self-attention write their caches (the draft's ring) from the fused kernel, a registered op

@@ -323,3 +323,86 @@ def test_time_level_forms_times_only_the_forms_that_pick_the_float64_pairs(monke
     us = bs.time_level_forms({"right": lambda: right, "wrong": lambda: wrong}, exact, want, 1e-5)
     assert us == {"right": pytest.approx(2.0)}
     assert "wrong: selects other pairs than float64 -- not timed" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the level written by the same launch
+
+
+def _grown(widths, V, seed, write, monkeypatch, poison=False):
+    """A beam tree grown level by level from random logits, each level selected by the kernel, and written either
+    by TreeBuffers.add_level (write "off") or by the selection's own launch (LONGSPEC_BEAM_WRITE "on")."""
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    monkeypatch.setattr(ops_topk, "BEAM_WRITE", write)
+    g = torch.Generator().manual_seed(seed)
+    buf = draft.TreeBuffers(widths, "cpu")
+    buf.start(torch.tensor([3]))
+    if poison:  # stale rows, as a previous step's tree leaves them: every entry of a level must be rewritten
+        buf.anc[1:] = torch.rand(buf.N - 1, buf.N, generator=g) < 0.5
+        buf.tokens[1:], buf.parents[1:], buf.scores[1:] = 99, 99, 99.0
+    for level in range(1, buf.D + 1):
+        lo, hi = buf.levels[level - 1]
+        draft.grow_beam_level_logits(buf, level, torch.randn(hi - lo, V, generator=g) * 3)
+    return buf
+
+
+@pytest.mark.parametrize("widths, V", [((4, 16, 16, 16, 16), 600), ((1, 1, 1, 1), 50), ((2, 4, 8), 37),
+                                       ((3, 4, 6, 6, 3, 4, 3), 300), ((2, 6), 3)])  # fmt: skip
+def test_writing_the_level_in_the_launch_equals_add_level(widths, V, monkeypatch):
+    """LONGSPEC_BEAM_WRITE=on: the tokens, parents, scores and mask rows the last program writes are add_level's,
+    bit for bit (the same selection), including a level of every pair (V = 3, width 6) and stale buffers."""
+    for poison in (False, True):
+        off = _grown(widths, V, 5, "off", monkeypatch, poison)
+        on = _grown(widths, V, 5, "on", monkeypatch, poison)
+        for name in ("tokens", "parents", "scores", "anc"):
+            assert torch.equal(getattr(on, name), getattr(off, name)), (widths, poison, name)
+        assert torch.equal(on.anc, on.tree().mask)  # each row: the node and its ancestors, walked from the parents
+
+
+def test_the_write_switch_and_its_errors(monkeypatch):
+    buf = draft.TreeBuffers((2, 4), "cpu")
+    tree = {"tokens": buf.tokens, "parents": buf.parents, "scores": buf.scores, "anc": buf.anc}
+    logits, scores = _level(2, 40, seed=3)
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    for value, takes in (("off", False), ("auto", False), ("on", True)):  # auto: the kernel on CUDA only
+        monkeypatch.setattr(ops_topk, "BEAM_WRITE", value)
+        assert ops_topk.beam_write_takes(logits, scores, 4, tree) is takes
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "off")  # no selection launch: nothing to write from
+    assert not ops_topk.beam_write_takes(logits, scores, 4, tree)
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    big = draft.TreeBuffers((8, 64, 512), "cpu")  # 585 nodes: a level of 512 rows of 1,024 is past the tile
+    big_tree = {"tokens": big.tokens, "parents": big.parents, "scores": big.scores, "anc": big.anc}
+    assert not ops_topk.beam_write_takes(torch.randn(64, 40), torch.zeros(64), 512, big_tree)
+    monkeypatch.setattr(ops_topk, "BEAM_WRITE", "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_BEAM_WRITE='yes'"):
+        ops_topk.beam_write_takes(logits, scores, 4, tree)
+    with pytest.raises(ValueError, match="tree = "):
+        bs.beam_select_into(logits, scores, 4, {"tokens": buf.tokens}, 3, 1)
+    with pytest.raises(ValueError, match="contiguous scores"):
+        bs.beam_select_into(logits, scores, 4, {**tree, "scores": buf.scores.double()}, 3, 1)
+    with pytest.raises(ValueError, match="parents' nodes"):
+        bs.beam_select_into(logits, scores, 4, tree, 2, 1)  # the level would overlap its parents
+    with pytest.raises(ValueError, match="parents' nodes"):
+        bs.beam_select_into(logits, scores, 5, tree, 3, 1)  # past the tree's 7 nodes
+    before = {k: v.clone() for k, v in tree.items()}
+    with pytest.raises(ValueError, match="width"):
+        bs.beam_select_into(logits, scores, 0, tree, 3, 1)
+    assert all(torch.equal(before[k], tree[k]) for k in tree)  # a refused call writes nothing
+
+
+def test_a_greedy_decode_with_the_level_written_in_the_launch(embedded_pair, monkeypatch):
+    """The whole decoder with every level after the first written by its selection launch: plain greedy's tokens,
+    and the definition's accepted lengths and acceptance counts."""
+    from longspec_lab.decoding.eager import SpecDecoder
+
+    target, drafter, tok = embedded_pair
+    ids = tok.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
+    dec = SpecDecoder(target, drafter, backend="torch")
+    ar = dec.generate(ids, method="ar", max_new_tokens=20, stop_at_eos=False)
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    runs = {}
+    for value in ("off", "on"):
+        monkeypatch.setattr(ops_topk, "BEAM_WRITE", value)
+        runs[value] = dec.generate(ids, method="tree", tree_shape=[2, 4, 4], max_new_tokens=20, stop_at_eos=False)
+    assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
+    assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
+    assert runs["on"].rank_accepted == runs["off"].rank_accepted
