@@ -12,7 +12,8 @@
 - ``beam_select``: a beam level's whole selection in one launch (the log-softmax, the parents' scores, every
   chunk's top-k, and the top-w of those by the last program to arrive), instead of Inductor's keys kernel and
   ``row_topk``'s two passes; registered as ``torch.ops.longspec.beam_select``, with the PyTorch definition and a
-  benchmark against it compiled (``LONGSPEC_BEAM_SELECT``, ``longspec_lab/ops/topk.py``).
+  benchmark against it compiled (``LONGSPEC_BEAM_SELECT``, ``longspec_lab/ops/topk.py``); ``beam_select_into``
+  is the same launch writing the level into the tree's buffers as well (``LONGSPEC_BEAM_WRITE``).
 - ``head_select``: a beam level's LM head and its whole selection in one launch (every program a vocabulary chunk's
   logits for every parent, each row's partial log-sum-exp and its w largest logits; the last to arrive scores and
   selects), so the logits are never written; registered as ``torch.ops.longspec.head_select``, with the PyTorch

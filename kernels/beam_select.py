@@ -25,6 +25,11 @@ Here one program owns one chunk of BLOCK_V tokens of one parent row:
        it selects the w largest of all n * n_chunks * K candidates, writes them, and puts the ticket back to 0
        for the next launch or CUDA-graph replay (the pattern of kernels/masked_attention.py)
 
+With INTO (`beam_select_into`, the switch LONGSPEC_BEAM_WRITE) the last program goes on to write the level into
+the tree's buffers, as spec/draft.py's _decode_keys and TreeBuffers.add_level do: each key's token, its parent's node
+id and its score, and each new node's mask row (its parent's row plus itself). Compiled, add_level is two more
+launches a level (bench.fusion_proxy: a level's generated kernels 3 -> 1).
+
 So a level's selection is one launch and one scratch round trip, and the n x V keys are never written. The
 selections in steps 3 and 4 are `row_topk`'s (`_store_topk`: K repeated maxima, or the bitonic network with
 LONGSPEC_TOPK_ALGO=bitonic).

@@ -15,21 +15,23 @@ config.json, before any weights load. Expected mistakes print one line, `error: 
 exit with status 2; --debug shows the traceback instead. Exit status: 0 done, 1 an unexpected failure
 (a bug: the traceback is printed), 2 a mistake in the input, 130 interrupted.
 
-On CUDA, environment variables pick between the fused kernels and the readable PyTorch path, each
-defaulting to what the H200 measured faster (a kernel not yet timed stays off): LONGSPEC_NORM_LINEAR
-(auto/off/on), LONGSPEC_MASKED_ATTN (auto/sdpa/efficient/math/triton), LONGSPEC_ROW_TOPK (auto/torch/triton),
+On CUDA, environment variables pick between the fused kernels and the readable PyTorch path, each defaulting
+to what the H200 measured faster (a kernel not yet timed stays off): LONGSPEC_NORM_LINEAR (auto/off/on),
+LONGSPEC_MASKED_ATTN (auto/sdpa/efficient/math/triton), LONGSPEC_ROW_TOPK (auto/torch/triton),
 LONGSPEC_TOPK_FIRST_BLOCK (1024), LONGSPEC_TOPK_SECOND_BLOCK (4096), LONGSPEC_QKV_ROPE (auto/off/on),
 LONGSPEC_ROPE_TABLES (auto/off/on), LONGSPEC_FUSE_RESIDUAL (off/auto/on), LONGSPEC_TREE_SPLIT (auto/on/off),
 LONGSPEC_PDL (auto/off: programmatic dependent launch on Hopper), LONGSPEC_LM_HEAD (auto/torch),
 LONGSPEC_WEIGHT_FIRST (on/off/wide: norm_linear reads its weight before the PDL wait),
 LONGSPEC_TOPK_ALGO (auto/bitonic/max: how the beam's top-k passes select; auto: bitonic on a GPU),
-LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one launch), LONGSPEC_BEAM_WARPS (8/4/2/1:
-that launch's warps per program), LONGSPEC_HEAD_SELECT (off/auto/on: the draft's LM head and that selection in one
-launch; off: slower on the H200), LONGSPEC_STREAM_LINEAR (off/auto/on: up to 16 rows through a large weight in
-one split-K kernel; off: slower than cuBLAS on an H100), LONGSPEC_GREEDY_ACCEPT (off/auto/on: a verification
-pass's argmax and greedy acceptance in one launch), LONGSPEC_COMBO_KERNELS (on/off: independent generated
-kernels launched as one), LONGSPEC_AUTOTUNE (1/0), LONGSPEC_COMPILE_MODE (default). Every JSON a command writes
-records the ones set; the repository's docs/GPU_JOBS.md says what each one changes and what it measured.
+LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one launch),
+LONGSPEC_BEAM_WARPS (8/4/2/1: that launch's warps per program), LONGSPEC_BEAM_WRITE (off/auto/on: that launch
+also writes the level into the tree), LONGSPEC_HEAD_SELECT (off/auto/on: the draft's LM head and that
+selection in one launch; off: slower on the H200), LONGSPEC_STREAM_LINEAR (off/auto/on: up to 16 rows through
+a large weight in one split-K kernel; off: slower than cuBLAS on an H100),
+LONGSPEC_GREEDY_ACCEPT (off/auto/on: a verification pass's argmax and greedy acceptance in one launch),
+LONGSPEC_COMBO_KERNELS (on/off: independent generated kernels launched as one), LONGSPEC_AUTOTUNE (1/0),
+LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set; the repository's
+docs/GPU_JOBS.md says what each one changes and what it measured.
 
 Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb
 """
