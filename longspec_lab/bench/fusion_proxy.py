@@ -55,6 +55,8 @@ RECORD_VARIANTS = [
     ("default", {}),
     ("beam_select_off", {"LONGSPEC_BEAM_SELECT": "off"}),
     ("head_select_on", {"LONGSPEC_HEAD_SELECT": "on"}),  # the LM head and the selection in one launch
+    # the verify's greedy tail in one launch, and each level written by its selection launch
+    ("tails_on", {"LONGSPEC_GREEDY_ACCEPT": "on", "LONGSPEC_BEAM_WRITE": "on"}),
 ]
 RECORD_SHAPES = [("ar", "ar"), ("tree-4-16-16-16-16", "4,16,16,16,16")]
 
