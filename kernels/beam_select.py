@@ -213,12 +213,8 @@ def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
     )  # fmt: skip
 
 
-@torch.library.custom_op("longspec::beam_select", mutates_args=())
-def _beam_select_op(
-    logits: torch.Tensor, parent_scores: torch.Tensor, width: int, block_v: int, num_warps: int
-) -> torch.Tensor:
-    """`torch.ops.longspec.beam_select`: logits [n, V], parent_scores [n] fp32 (checked by `beam_select`) ->
-    [width] int64 keys, descending."""
+def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, **into) -> torch.Tensor:
+    """One launch of the selection kernel (checked inputs), with `into` the INTO form's arguments: [width] keys."""
     n, V = logits.shape
     p = plan(n, V, width, block_v)
     cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
@@ -229,9 +225,18 @@ def _beam_select_op(
         logits, parent_scores, cand, out, _tickets(logits.device), V, logits.stride(0), p["n_chunks"],
         K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=lse_block(V, num_warps),
         CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
-        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device),
+        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), **into,
     )  # fmt: skip
     return out
+
+
+@torch.library.custom_op("longspec::beam_select", mutates_args=())
+def _beam_select_op(
+    logits: torch.Tensor, parent_scores: torch.Tensor, width: int, block_v: int, num_warps: int
+) -> torch.Tensor:
+    """`torch.ops.longspec.beam_select`: logits [n, V], parent_scores [n] fp32 (checked by `beam_select`) ->
+    [width] int64 keys, descending."""
+    return _launch(logits, parent_scores, width, block_v, num_warps)
 
 
 @_beam_select_op.register_fake
@@ -256,21 +261,9 @@ def _beam_select_into_op(
     """`torch.ops.longspec.beam_select_into`: the selection of `beam_select`, then the level written into the tree
     buffers tokens, parents [N] int64, scores [N] fp32 and anc [N, N] bool at nodes lo .. lo + width - 1, whose
     parents are nodes plo .. plo + n - 1 (checked by `beam_select_into`)."""
-    n, V = logits.shape
-    N = tokens.shape[0]
-    p = plan(n, V, width, block_v)
-    cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
-    out = torch.empty(width, dtype=torch.int64, device=logits.device)
-    bitonic = _algo() == "bitonic"
-    pow2 = triton.next_power_of_2
-    _beam_select_kernel[(n, p["n_chunks"])](
-        logits, parent_scores, cand, out, _tickets(logits.device), V, logits.stride(0), p["n_chunks"],
-        K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=lse_block(V, num_warps),
-        CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
-        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device),
-        TOKENS=tokens, PARENTS=parents, TREE_SCORES=scores, ANC=anc.view(torch.uint8), lo=lo, plo=plo, N=N,
-        INTO=True, W_TILE=pow2(width), N_TILE=pow2(N),
-    )  # fmt: skip
+    N, pow2 = tokens.shape[0], triton.next_power_of_2
+    into = dict(TOKENS=tokens, PARENTS=parents, TREE_SCORES=scores, ANC=anc.view(torch.uint8), lo=lo, plo=plo, N=N)
+    _launch(logits, parent_scores, width, block_v, num_warps, **into, INTO=True, W_TILE=pow2(width), N_TILE=pow2(N))
 
 
 @_beam_select_into_op.register_fake
