@@ -283,6 +283,12 @@ class GraphDecoder(SpecDecoder):
                     result, tree, preds = steps.sample_accept(st, st.logits, verify, params, gen)
                 self._replay(after, events)
             start, produced = produced, int(st.out_len)  # the one host sync per burst
+            if produced <= start:  # every step emits at least one token: a stage wrote nothing, so this would spin
+                raise RuntimeError(
+                    f"{method} decoding emitted no token in {burst} step(s) (output length stuck at {produced}): a "
+                    "stage did not write its outputs on this device. Retry with the fused kernels off "
+                    "(LONGSPEC_GREEDY_ACCEPT=off LONGSPEC_BEAM_WRITE=off) or with SpecDecoder, and report it"
+                )
             if trace and shape is not None:
                 if not sampled:
                     tree, preds, result = steps.step_outcome(st)

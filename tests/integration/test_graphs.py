@@ -338,3 +338,19 @@ def test_step_graph_switch_is_checked(embedded_pair, monkeypatch):
     monkeypatch.setattr(graphs, "STEP_GRAPH", "yes")
     with pytest.raises(ValueError, match="LONGSPEC_STEP_GRAPH='yes' is not one of on, off"):
         GraphDecoder(*embedded_pair[:2])
+
+
+def test_a_stage_that_writes_nothing_raises_instead_of_spinning(tiny_pair, monkeypatch):
+    """Every step emits at least one token, so a burst that leaves the output where it was means a stage wrote
+    nothing (as a kernel that never reaches its last program would, on a GPU where a stale n = 0 wraps around
+    instead of failing): the decoder says so instead of looping forever, and decodes again once the stage is back."""
+    target, draft = tiny_pair
+    dec = GraphDecoder(target, draft, capacity=300)
+    ids = list(range(5, 25))
+    want = dec.generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=12, stop_at_eos=False).new_tokens
+    real = steps.advance
+    monkeypatch.setattr(steps, "advance", lambda *a: None)  # the commit's bookkeeping writes nothing
+    with pytest.raises(RuntimeError, match="emitted no token"):
+        dec.generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=12, stop_at_eos=False)
+    monkeypatch.setattr(steps, "advance", real)
+    assert dec.generate(ids, method="tree", tree_shape=[2, 2], max_new_tokens=12, stop_at_eos=False).new_tokens == want
