@@ -26,6 +26,10 @@ Here one program owns one node's row of logits:
        register tile), computes verified, accepted, the winner, the path, n and the emitted tokens, and adds the
        step's counts to the running statistics, then puts the ticket back to 0 for the next launch or replay.
 
+Measured alone on an H100 (2026-12-06, data/results/e2e_ab_tails_h100.log): 13.0 us for the default tree's 69 nodes,
+4.4 us for a chain of 5, against 2.1 us for the argmax alone compiled; the six kernels it replaces took 18.4 and 7.7
+us of kernel time in that run's verify. The last program's [128, 128] tiles are most of the tree's cost.
+
 Every output is an integer or a bool computed by comparisons, so the kernel gives the definition's outputs bit for
 bit (no rounding is involved). `greedy_accept_reference` is an independent definition in plain PyTorch with Python
 loops (a walk down the tree, node by node); the tests hold the kernel to it and to spec/verify.py's vectorised
