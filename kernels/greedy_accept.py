@@ -22,13 +22,16 @@ Here one program owns one node's row of logits:
        counts as the largest), written to preds
     2. an arrival ticket (acquire/release, as kernels/beam_select.py): the last program to arrive sees every
        row's argmax, and it alone
-    3. reads the tree (tokens, parents, depths and the [N, N] mask, at most MAX_NODES nodes: the mask is one
-       register tile), computes verified, accepted, the winner, the path, n and the emitted tokens, and adds the
-       step's counts to the running statistics, then puts the ticket back to 0 for the next launch or replay.
+    3. reads the tree (tokens, parents, depths, every row's argmax and the [N, N] mask, at most MAX_NODES nodes:
+       the mask is one register tile) in one round of independent loads, computes verified, accepted, the winner,
+       the path, n and the emitted tokens (each gather by a node id is a comparison over a tile, not another trip
+       to memory), and adds the step's counts to the running statistics, then puts the ticket back to 0 for the
+       next launch or replay.
 
-Measured alone on an H100 (2026-12-06, data/results/e2e_ab_tails_h100.log): 13.0 us for the default tree's 69 nodes,
-4.4 us for a chain of 5, against 2.1 us for the argmax alone compiled; the six kernels it replaces took 18.4 and 7.7
-us of kernel time in that run's verify. The last program's [128, 128] tiles are most of the tree's cost.
+Measured alone on an H100 (2026-12-06, data/results/e2e_ab_tails_h100.log), in its first form (4 warps, and three of
+its gathers as loads that waited on the one before): 13.0 us for the default tree's 69 nodes, 4.4 us for a chain of
+5, against 2.1 us for the argmax alone compiled; the six kernels it replaces took 18.4 and 7.7 us of kernel time in
+that run's verify. This form, 8 warps and one round of loads in the last program, is not timed yet.
 
 Every output is an integer or a bool computed by comparisons, so the kernel gives the definition's outputs bit for
 bit (no rounding is involved). `greedy_accept_reference` is an independent definition in plain PyTorch with Python
@@ -57,7 +60,7 @@ from longspec_lab.kernels.tree_attention import _tickets
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_NODES = 128  # the last program holds the [N, N] tree mask and the rank comparison in registers
 BLOCK_V = 2048  # logits a program reads per step of its argmax walk (2 blocks for the embedded model's vocabulary)
-NUM_WARPS = 4
+NUM_WARPS = 8  # the last program's [N, N] tiles: 64 entries a thread at 128 nodes
 
 
 @triton.jit
@@ -111,24 +114,29 @@ def _greedy_accept_kernel(
         # 3. acceptance over the whole tree, in registers
         idx = tl.arange(0, N_PAD)  # [N_PAD] node ids
         ok = idx < N
+        # every load at once, none depending on another: the gathers below are register math over these tiles
         tok = tl.load(TOKENS + idx, mask=ok, other=-1)
         par = tl.load(PARENTS + idx, mask=ok, other=-1)
         dep = tl.load(DEPTHS + idx, mask=ok, other=0)
-        at_parent = tl.load(PREDS + tl.maximum(par, 0), mask=ok, other=-1, cache_modifier=".cg")  # preds[parent]
-        verified = ((at_parent == tok) | (idx == 0)) & ok
+        pr = tl.load(PREDS + idx, mask=ok, other=-1, cache_modifier=".cg").to(tl.int32)  # [N_PAD] each row's argmax
         anc = tl.load(ANC + idx[:, None] * N + idx[None, :], mask=ok[:, None] & ok[None, :], other=0) != 0  # [N, N]
+        kk = tl.arange(0, K_PAD)
+        k_ok = kk < 2 * D + 2 * R
+        old = tl.load(STATS + kk, mask=k_ok, other=0)
+        at_parent = tl.sum(tl.where(par[:, None] == idx[None, :], pr[None, :], 0), 1)  # [N_PAD] preds[parent]
+        verified = ((at_parent == tok) | (idx == 0)) & ok
         broken = anc & (verified[None, :] == 0)  # an unverified node among a row's ancestors (or itself)
         accepted = (tl.max(broken.to(tl.int32), 1) == 0) & ok
         key = tl.where(accepted, dep * N + (N - 1 - idx), -1)  # deepest, then lowest index
         top = tl.max(key, 0)
         win = (N - 1) - top % N
         n_acc = top // N + 1
-        line = tl.load(ANC + win * N + idx, mask=ok, other=0) != 0  # [N_PAD] the winner and its ancestors
+        line = tl.max(tl.where(idx[:, None] == win, anc.to(tl.int8), 0), 0) != 0  # [N_PAD] the winner's mask row
         d = tl.arange(0, D_PAD)  # [D_PAD] depths
         at = line[None, :] & (dep[None, :] == d[:, None]) & ok[None, :]  # [D_PAD, N_PAD] one node per depth on it
         path = tl.where(tl.max(at.to(tl.int32), 1) > 0, tl.sum(tl.where(at, idx[None, :], 0), 1), win)
         d_ok = d <= D
-        emitted = tl.load(PREDS + path, mask=d_ok, other=0, cache_modifier=".cg")
+        emitted = tl.sum(tl.where(path[:, None] == idx[None, :], pr[None, :], 0), 1).to(tl.int64)  # preds[path]
         tl.store(VERIFIED + idx, verified.to(tl.uint8), mask=ok)
         tl.store(ACCEPTED + idx, accepted.to(tl.uint8), mask=ok)
         tl.store(PATH + d, path, mask=d_ok)
@@ -156,10 +164,7 @@ def _greedy_accept_kernel(
             ),
         )
         counts = tl.sum(hit.to(tl.int64), 1)  # [K_PAD]
-        kk = tl.arange(0, K_PAD)
         counts = tl.where(kk < D, tl.minimum(counts, 1), counts)
-        k_ok = kk < 2 * D + 2 * R
-        old = tl.load(STATS + kk, mask=k_ok, other=0)
         tl.store(STATS + kk, old + counts, mask=k_ok)
         tl.atomic_xchg(TICKET, 0)
 
