@@ -290,23 +290,12 @@ def test_beam_level_from_logits_both_ways(n, V, w, monkeypatch):
 
 
 @pytest.mark.parametrize("switch", ["BEAM_SELECT", "HEAD_SELECT"])
-def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(switch, embedded_pair, monkeypatch):
+def test_a_greedy_tree_decode_with_the_kernel_equals_plain_decoding(switch, decodes_the_same):
     """The whole decoder with every beam level selected by the kernel (LONGSPEC_BEAM_SELECT), or with its LM head
     and selection in one launch (LONGSPEC_HEAD_SELECT, kernels/head_select.py), on the embedded pair in float32 on
     the CPU: the tokens are plain greedy decoding's, and the trees and the acceptance are the definition's."""
-    from longspec_lab.decoding.eager import SpecDecoder
-
-    target, drafter, tok = embedded_pair
-    ids = tok.encode("def fib(n):\n    if n < 2:\n        return n\n")
-    dec = SpecDecoder(target, drafter, backend="torch")
-    ar = dec.generate(ids, method="ar", max_new_tokens=20, stop_at_eos=False)
-    runs = {}
-    for value in ("off", "on"):
-        monkeypatch.setattr(ops_topk, switch, value)
-        runs[value] = dec.generate(ids, method="tree", tree_shape=[2, 4, 4], max_new_tokens=20, stop_at_eos=False)
-    assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
-    assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
-    assert runs["on"].rank_accepted == runs["off"].rank_accepted
+    text = "def fib(n):\n    if n < 2:\n        return n\n"
+    decodes_the_same(ops_topk, switch, text, method="tree", tree_shape=[2, 4, 4])
 
 
 def test_time_level_forms_times_only_the_forms_that_pick_the_float64_pairs(monkeypatch, capsys):
@@ -389,20 +378,9 @@ def test_the_write_switch_and_its_errors(monkeypatch):
     assert all(torch.equal(before[k], tree[k]) for k in tree)  # a refused call writes nothing
 
 
-def test_a_greedy_decode_with_the_level_written_in_the_launch(embedded_pair, monkeypatch):
+def test_a_greedy_decode_with_the_level_written_in_the_launch(decodes_the_same, monkeypatch):
     """The whole decoder with every level after the first written by its selection launch: plain greedy's tokens,
     and the definition's accepted lengths and acceptance counts."""
-    from longspec_lab.decoding.eager import SpecDecoder
-
-    target, drafter, tok = embedded_pair
-    ids = tok.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
-    dec = SpecDecoder(target, drafter, backend="torch")
-    ar = dec.generate(ids, method="ar", max_new_tokens=20, stop_at_eos=False)
     monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
-    runs = {}
-    for value in ("off", "on"):
-        monkeypatch.setattr(ops_topk, "BEAM_WRITE", value)
-        runs[value] = dec.generate(ids, method="tree", tree_shape=[2, 4, 4], max_new_tokens=20, stop_at_eos=False)
-    assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
-    assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
-    assert runs["on"].rank_accepted == runs["off"].rank_accepted
+    text = "class Stack:\n    def __init__(self):\n        self.items = []\n"
+    decodes_the_same(ops_topk, "BEAM_WRITE", text, method="tree", tree_shape=[2, 4, 4])

@@ -219,20 +219,8 @@ def test_the_switch(monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [{"method": "tree", "tree_shape": [4, 16, 16]}, {"method": "chain", "gamma": 4},
                                     {"method": "tree", "tree_shape": [1, 2, 3, 2]}])  # fmt: skip
-def test_a_greedy_decode_with_the_kernel_equals_the_definitions(kwargs, embedded_pair, monkeypatch):
+def test_a_greedy_decode_with_the_kernel_equals_the_definitions(kwargs, decodes_the_same):
     """The whole decoder on the embedded pair (float32, CPU), every verification's acceptance by the kernel: the
     tokens are plain greedy decoding's, and the accepted lengths and acceptance counts are the definition's."""
-    from longspec_lab.decoding.eager import SpecDecoder
-
-    target, drafter, tok = embedded_pair
-    ids = tok.encode("import os\n\n\ndef walk(root):\n    for name in os.listdir(root):\n")
-    dec = SpecDecoder(target, drafter, backend="torch")
-    ar = dec.generate(ids, method="ar", max_new_tokens=24, stop_at_eos=False)
-    runs = {}
-    for value in ("off", "on"):
-        monkeypatch.setattr(accept, "GREEDY_ACCEPT", value)
-        runs[value] = dec.generate(ids, max_new_tokens=24, stop_at_eos=False, **kwargs)
-    assert runs["on"].new_tokens == ar.new_tokens == runs["off"].new_tokens
-    assert runs["on"].accepted_lengths == runs["off"].accepted_lengths
-    for counts in ("depth_tried", "depth_accepted", "rank_tried", "rank_accepted"):
-        assert getattr(runs["on"], counts) == getattr(runs["off"], counts), counts
+    text = "import os\n\n\ndef walk(root):\n    for name in os.listdir(root):\n"
+    decodes_the_same(accept, "GREEDY_ACCEPT", text, max_new_tokens=24, **kwargs)
