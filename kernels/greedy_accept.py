@@ -39,7 +39,7 @@ loops (a walk down the tree, node by node); the tests hold the kernel to it and 
 definition. `greedy_accept` checks its inputs and calls the registered op `torch.ops.longspec.greedy_accept`, which
 writes the decoder's buffers in place and which torch.compile(fullgraph=True) keeps as one opaque op. The switch
 that sends the decoder's verify stage here is LONGSPEC_GREEDY_ACCEPT (`ops/accept.py`). `main` times the kernel
-against the compiled definition on a verification's shapes:
+against the argmax alone, compiled (the first of the definition's launches), on a verification's shapes:
 
     python -m longspec_lab.kernels.greedy_accept --shapes "4,16,16,16,16;1,2,3,4,2,1,3;1,1,1,1,1,1,1"
 

@@ -91,8 +91,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    level into the tree's buffers: two launches a level fewer) into OUT_DIR/beam_write; tokens must
                    be bit-identical to e2e_base's
   e2e_tails        the A/B side with both of the above into OUT_DIR/tails
-  greedy_accept    python -m longspec_lab.kernels.greedy_accept (that launch alone against the compiled definition,
-                   on the default tree, a narrow tree and a chain)
+  greedy_accept    python -m longspec_lab.kernels.greedy_accept (that launch alone against the argmax alone,
+                   compiled, on the default tree, a narrow tree and a chain)
   e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
                    kernels: independent generated kernels launched as one) into OUT_DIR/combo_kernels; tokens must
                    be bit-identical to e2e_base's

@@ -36,7 +36,6 @@ from typing import Callable
 
 import torch
 
-from longspec_lab.ops import topk
 from longspec_lab.ops.linear import lm_head
 from longspec_lab.ops.sampling import SamplingParams, gumbel_topk, probs_from_logits
 from longspec_lab.ops.topk import beam_keys, beam_level_into, beam_write_takes, flat_topk_values, head_beam_keys
@@ -124,9 +123,16 @@ def beam_level_from_hidden(parent_scores: torch.Tensor, h: torch.Tensor, head: t
     (`ops.topk.head_beam_keys`), the head and the selection in one launch (scores as `beam_level_from_logits`'s
     kernel: equal but for their last bits)."""
     h = h.to(head.dtype)
+    level = _head_select_level(parent_scores, h, head, width)
+    return beam_level_from_logits(parent_scores, lm_head(h, head), width) if level is None else level
+
+
+def _head_select_level(parent_scores: torch.Tensor, h: torch.Tensor, head: torch.Tensor, width: int):
+    """(parent_rank, token, score) [w] from the LM head and the selection in one launch, or None where
+    LONGSPEC_HEAD_SELECT (`ops.topk.head_beam_keys`) leaves the level to the logits."""
     keys = head_beam_keys(h, head, parent_scores, width)
     if keys is None:
-        return beam_level_from_logits(parent_scores, lm_head(h, head), width)
+        return None
     if _may_sync(h) and bool(torch.isnan(h).any() | torch.isnan(parent_scores).any()):
         raise ValueError("draft hidden states contain NaN; check the draft model (overflow in fp16?)")
     return _decode_keys(keys, h.shape[0], head.shape[0])
@@ -232,12 +238,13 @@ def grow_beam_level_hidden(buf: TreeBuffers, l: int, h: torch.Tensor, head: torc
     (`beam_level_from_hidden`): what the greedy decoder runs. Where the LM head is not folded into the selection
     (LONGSPEC_HEAD_SELECT off, the default), the logits go to `grow_beam_level_logits`."""
     lo, hi = buf.levels[l - 1]
-    w = buf.levels[l][1] - buf.levels[l][0]
-    if topk.HEAD_SELECT != "off":  # the head and the selection in one launch where its kernel takes them
-        rank, tok, sc = beam_level_from_hidden(buf.scores[lo:hi], h, head, w)
-        buf.add_level(l, lo + rank, tok, sc)
+    h = h.to(head.dtype)
+    level = _head_select_level(buf.scores[lo:hi], h, head, buf.levels[l][1] - buf.levels[l][0])
+    if level is None:  # the logits, then the selection (and, with LONGSPEC_BEAM_WRITE, the level) in one launch
+        grow_beam_level_logits(buf, l, lm_head(h, head))
         return
-    grow_beam_level_logits(buf, l, lm_head(h.to(head.dtype), head))
+    rank, tok, sc = level
+    buf.add_level(l, lo + rank, tok, sc)
 
 
 def _write_level(buf: TreeBuffers, logits: torch.Tensor, lo: int, hi: int, new_lo: int, w: int) -> bool:
