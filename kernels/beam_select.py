@@ -56,9 +56,9 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.launch import launch_args
+from longspec_lab.kernels.launch import launch_args, tickets
 from longspec_lab.kernels.row_topk import _algo, _block_v, _flat_first_block, _store_topk
-from longspec_lab.kernels.tree_attention import _max, _sum, _tickets
+from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 _MIN_KEY = tl.constexpr(-(2**63))  # below every key: the padding of masked columns and of unused candidates
@@ -222,7 +222,7 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, **i
     bitonic = _algo() == "bitonic"
     pow2 = triton.next_power_of_2
     _beam_select_kernel[(n, p["n_chunks"])](
-        logits, parent_scores, cand, out, _tickets(logits.device), V, logits.stride(0), p["n_chunks"],
+        logits, parent_scores, cand, out, tickets(logits.device), V, logits.stride(0), p["n_chunks"],
         K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=lse_block(V, num_warps),
         CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
         W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), **into,

@@ -54,8 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.launch import launch_args
-from longspec_lab.kernels.tree_attention import _tickets
+from longspec_lab.kernels.launch import launch_args, tickets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_NODES = 128  # the last program holds the [N, N] tree mask and the rank comparison in registers
@@ -233,7 +232,7 @@ def _greedy_accept_op(
     pow2 = triton.next_power_of_2
     _greedy_accept_kernel[(N,)](
         logits, tokens, parents, depths, anc.view(torch.uint8), preds, verified.view(torch.uint8),
-        accepted.view(torch.uint8), path, n_acc, emitted, stats, _tickets(logits.device), N, V, logits.stride(0),
+        accepted.view(torch.uint8), path, n_acc, emitted, stats, tickets(logits.device), N, V, logits.stride(0),
         D=D, R=R, BLOCK_V=min(BLOCK_V, pow2(V)), N_PAD=pow2(N), D_PAD=pow2(D + 1), K_PAD=pow2(2 * D + 2 * R),
         num_warps=NUM_WARPS, **launch_args(logits.device),
     )  # fmt: skip

@@ -68,9 +68,9 @@ from longspec_lab.kernels.beam_select import (
     check_level,
     parse_level_args,
 )
-from longspec_lab.kernels.launch import launch_args
+from longspec_lab.kernels.launch import launch_args, tickets
 from longspec_lab.kernels.row_topk import _algo, _store_topk
-from longspec_lab.kernels.tree_attention import _max, _sum, _tickets
+from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 MAX_ROWS = 64  # parents per level: the logits tile holds every row ([N_PAD, BLOCK_V] float32 in registers)
@@ -240,7 +240,7 @@ def _head_select_op(
     out = torch.empty(width, dtype=torch.int64, device=h.device)
     consts = launch_constants(p, width, K, _algo() == "bitonic", h.dtype == torch.float32)
     _head_select_kernel[(p["n_chunks"],)](
-        h, head, parent_scores, part, cand, out, _tickets(h.device), n, V, K, h.stride(0), head.stride(0),
+        h, head, parent_scores, part, cand, out, tickets(h.device), n, V, K, h.stride(0), head.stride(0),
         p["n_chunks"], num_warps=num_warps, **consts, **launch_args(h.device),
     )  # fmt: skip
     return out

@@ -101,6 +101,45 @@ def device_can_pdl(device) -> bool:
     return _CAPABLE[index]
 
 
+TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream); a kernel needing more falls back to a merge launch
+_TICKETS: dict = {}  # (device, stream) -> int32 [TICKET_SLOTS], zero between launches
+
+
+def tickets(device) -> torch.Tensor:
+    """The arrival tickets of the kernels whose last program to arrive finishes the work (the fused merges, the
+    beam's selection, the greedy tail): int32 [TICKET_SLOTS], zero between launches (each launch puts its slots
+    back to 0), one buffer per (device, stream) so that streams never share a count. Allocated once and never
+    freed: a CUDA graph keeps the address.
+
+    A buffer made while its stream records a CUDA graph would be zeroed by a recorded memset, that is only when
+    that graph replays, and another graph recording on the same stream would find it uninitialised. So the first
+    call outside a capture also makes the buffer of the stream that `torch.cuda.graph` records on by default, and
+    `capture_calls` warms up before it records: the usual pattern (run once, then record) finds zeroed tickets."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        key = (str(device), 0)
+    else:
+        key = (str(device), torch.cuda.current_stream(device).cuda_stream)
+    if key not in _TICKETS:
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            _default_capture_tickets(device)
+        _TICKETS[key] = torch.zeros(TICKET_SLOTS, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
+def _default_capture_tickets(device: torch.device) -> None:
+    """Make (zeroed, now) the tickets of the stream `torch.cuda.graph` records on when given none."""
+    if torch.cuda.graph.default_capture_stream is None:
+        torch.cuda.graph.default_capture_stream = torch.cuda.Stream()  # what torch.cuda.graph would create
+    stream = torch.cuda.graph.default_capture_stream
+    if stream.device != device:  # that stream lives on the device current when it was made
+        return
+    key = (str(device), stream.cuda_stream)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(TICKET_SLOTS, dtype=torch.int32, device=device)
+        torch.cuda.current_stream(device).synchronize()  # zeroed before the capture stream uses it
+
+
 def launch_args(device, pdl: bool | None = None) -> dict:
     """Keyword arguments for a launch of one of this package's kernels on `device`: USE_PDL (the kernel's
     constexpr: wait, then let the next kernel start) and launch_pdl (Triton's launch attribute), equal.

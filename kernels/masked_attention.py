@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.launch import launch_args
-from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _max, _sum, _tickets
+from longspec_lab.kernels.launch import TICKET_SLOTS, launch_args, tickets
+from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 _LOG2E = 1.4426950408889634
@@ -233,15 +233,15 @@ def _launch(q, k, v, mask_u8, scale, config=None, tail_u8=None):
     per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n  # whole key tiles per split
     out = torch.empty_like(q)
     if splits > 1:
-        if B * Hkv * row_tiles > _TICKET_SLOTS:
+        if B * Hkv * row_tiles > TICKET_SLOTS:
             raise ValueError(f"masked_attention: {B * Hkv * row_tiles} row tiles exceed the tickets; use splits=1")
         o_part = torch.empty(B * Hkv * row_tiles * splits * block_m, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B * Hkv * row_tiles * splits * block_m, dtype=torch.float32, device=q.device)
-        tickets = _tickets(q.device)
+        arrivals = tickets(q.device)
     else:
-        o_part = lse_part = tickets = out  # never read
+        o_part = lse_part = arrivals = out  # never read
     _masked_attn_kernel[(row_tiles, B * Hkv, splits)](
-        q, k, v, mask_u8, mask_u8 if tail_u8 is None else tail_u8, out, o_part, lse_part, tickets,
+        q, k, v, mask_u8, mask_u8 if tail_u8 is None else tail_u8, out, o_part, lse_part, arrivals,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0, 0 if tail_u8 is None else tail_u8.stride(0),
         S - (0 if tail_u8 is None else tail_u8.shape[1]), T, S, Hkv, per_split, scale * _LOG2E,

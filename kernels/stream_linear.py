@@ -48,9 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.launch import launch_args
+from longspec_lab.kernels.launch import TICKET_SLOTS, launch_args, tickets
 from longspec_lab.kernels.norm_linear import check_inputs, norm_linear_reference
-from longspec_lab.kernels.tree_attention import _TICKET_SLOTS, _sm_count, _sum, _tickets  # tickets: shared, left 0
+from longspec_lab.kernels.tree_attention import _sm_count, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 16  # rows a launch takes: one matrix-unit row tile (a decode, a draft level of up to 16 nodes)
@@ -218,7 +218,7 @@ def plan(M: int, N: int, K: int, gated: bool, sms: int) -> tuple[int, int, int, 
     if not split:
         steps = max(1, (chunks * tiles) // (WAVES * sms))
         split = triton.cdiv(chunks, steps)
-    split = max(1, min(split, chunks, 1 if tiles > _TICKET_SLOTS else chunks))
+    split = max(1, min(split, chunks, 1 if tiles > TICKET_SLOTS else chunks))
     return block_n, block_k, split, triton.cdiv(chunks, split), warps
 
 
@@ -237,12 +237,12 @@ def _launch(x, weight, norm_weight, eps, residual, gated):
         part = torch.empty(split * (2 if gated else 1) * M * N, dtype=torch.float32, device=x.device)
         ss = torch.empty(tiles * split * M if norm_weight is not None else 1, dtype=torch.float32,
                          device=x.device)  # fmt: skip
-        tickets = _tickets(x.device)
+        arrivals = tickets(x.device)
     else:
-        part = ss = tickets = y  # unread
+        part = ss = arrivals = y  # unread
     _stream_linear_kernel[(tiles, split)](
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, y,
-        part, ss, tickets, M, N, K, k_steps, x.stride(0), weight.stride(0),
+        part, ss, arrivals, M, N, K, k_steps, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), y.stride(0), float(eps),
         HAS_NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, IEEE=x.dtype == torch.float32,
         ONE_SPLIT=split == 1, SPLIT=split, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,

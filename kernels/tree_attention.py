@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longspec_lab.kernels.launch import launch_args
+from longspec_lab.kernels.launch import TICKET_SLOTS, launch_args, tickets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernels below are defined
 _LOG2E = 1.4426950408889634
@@ -939,20 +939,6 @@ FUSED_MERGE = os.environ.get("LONGSPEC_FUSED_MERGE", "0") == "1"
 # before the softmax of the tile before it. Off until timed on a GPU (`bench_tree_attention`'s triton_overlap);
 # tests and the benchmark flip it.
 OVERLAP = os.environ.get("LONGSPEC_TREE_OVERLAP", "0") == "1"
-_TICKET_SLOTS = 1 << 16  # arrival tickets per (device, stream): a batch x kv heads above this uses the merge launch
-_TICKETS: dict = {}
-
-
-def _tickets(device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival tickets for the fused merge, one buffer per (device, stream), allocated once and
-    never freed (a captured CUDA graph keeps its address). Each launch leaves them at zero again."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros(_TICKET_SLOTS, dtype=torch.int32, device=device)
-    return _TICKETS[key]
-
-
 LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmark records it)
 
 # LONGSPEC_TREE_SPLIT: where the tree keys are attended. "auto" (the default): by programs of their own, one per row
@@ -1008,9 +994,9 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     # With one row tile it still lost once the merge read all splits at once: embedded model, bf16, graph-captured,
     # 1-row decode 8.0 against 7.7 us, the draft's 32-row cross-attention 16.5 against 9.6 us
     # (tree_attention_sweep_small_h200.json).
-    fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= _TICKET_SLOTS and not tree_split
+    fused = not direct and FUSED_MERGE and grid[0] == 1 and grid[2] <= TICKET_SLOTS and not tree_split
     loop_merge, merge_s, merge_r = merge_plan(n_parts, rows, D, grid[0], fused)
-    tickets = _tickets(q.device) if fused else q
+    arrivals = tickets(q.device) if fused else q
     if scratch is None:
         if direct:  # never written: the split kernel stores the output itself
             o_part = lse_part = o
@@ -1043,7 +1029,7 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
         lse_part,
         o,
         lse_arg,
-        tickets,
+        arrivals,
         *q.stride(),
         *k.stride(),
         *v.stride(),

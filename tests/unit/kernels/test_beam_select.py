@@ -21,7 +21,7 @@ for _name in ("longspec_lab.kernels.tree_attention", "longspec_lab.kernels.row_t
         importlib.reload(sys.modules[_name])  # imported earlier without the interpreter: redefine the kernels
 import longspec_lab.kernels.beam_select as bs  # noqa: E402
 import longspec_lab.kernels.row_topk as rt  # noqa: E402
-from longspec_lab.kernels.tree_attention import _tickets  # noqa: E402
+from longspec_lab.kernels.launch import tickets  # noqa: E402
 from longspec_lab.ops import topk as ops_topk  # noqa: E402
 from longspec_lab.spec import draft  # noqa: E402
 
@@ -150,9 +150,9 @@ def test_strided_inputs_are_read_as_their_values():
 def test_the_ticket_is_back_at_zero_and_a_second_launch_agrees():
     logits, scores = _level(4, 500, seed=9)
     first = bs.beam_select(logits, scores, 8, 64)
-    assert int(_tickets(logits.device)[0]) == 0
+    assert int(tickets(logits.device)[0]) == 0
     assert torch.equal(bs.beam_select(logits, scores, 8, 64), first)
-    assert int(_tickets(logits.device)[0]) == 0
+    assert int(tickets(logits.device)[0]) == 0
 
 
 def test_op_opcheck_and_fullgraph_trace():

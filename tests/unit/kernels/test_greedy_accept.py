@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import longspec_lab.kernels.greedy_accept as ga  # noqa: E402
-from longspec_lab.kernels.tree_attention import _tickets  # noqa: E402
+from longspec_lab.kernels.launch import tickets  # noqa: E402
 from longspec_lab.ops import accept  # noqa: E402
 from longspec_lab.spec import verify as sv  # noqa: E402
 from longspec_lab.spec.draft import TreeBuffers  # noqa: E402
@@ -134,7 +134,7 @@ def test_rows_of_minus_infinity_and_nan(monkeypatch):
 def test_the_ticket_is_back_at_zero_and_a_second_launch_adds_again():
     buf, logits = _tree((4, 16, 16, 16, 16), V=200, seed=8)
     out, before = _run(buf, logits)
-    assert int(_tickets(logits.device)[0]) == 0
+    assert int(tickets(logits.device)[0]) == 0
     once = out["stats"] - before
     ga.greedy_accept(logits, buf.tokens, buf.parents, buf.depths, buf.anc, out, buf.D, 16)
     assert torch.equal(out["stats"] - before, 2 * once)

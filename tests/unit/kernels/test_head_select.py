@@ -29,7 +29,7 @@ from test_beam_select import _decoded, _exact_pairs  # noqa: E402  (float64 pair
 import longspec_lab.kernels.beam_select as bs  # noqa: E402
 import longspec_lab.kernels.head_select as hs  # noqa: E402
 import longspec_lab.kernels.row_topk as rt  # noqa: E402
-from longspec_lab.kernels.tree_attention import _tickets  # noqa: E402
+from longspec_lab.kernels.launch import tickets  # noqa: E402
 from longspec_lab.ops import topk as ops_topk  # noqa: E402
 from longspec_lab.spec import draft  # noqa: E402
 
@@ -127,9 +127,9 @@ def test_strided_inputs_are_read_as_their_values():
 def test_the_ticket_is_back_at_zero_and_a_second_launch_agrees():
     h, head, scores = _level(4, 500, 32, seed=9)
     first = hs.head_select(h, head, scores, 8, 64)
-    assert int(_tickets(h.device)[0]) == 0
+    assert int(tickets(h.device)[0]) == 0
     assert torch.equal(hs.head_select(h, head, scores, 8, 64), first)
-    assert int(_tickets(h.device)[0]) == 0
+    assert int(tickets(h.device)[0]) == 0
 
 
 def test_op_opcheck_and_fullgraph_trace():

@@ -65,13 +65,13 @@ def test_kernel_matches_reference(T, Hq, Hkv, S, shared, dtype, tol):
 @pytest.mark.parametrize("T,S", [(1, 37), (5, 170), (40, 33)])
 def test_split_keys_merge_to_the_reference_and_leave_the_tickets_at_zero(T, S, splits):
     """Keys split over 1-8 programs (some empty when the keys run out), merged by the last one to arrive."""
-    from longspec_lab.kernels.tree_attention import _tickets
+    from longspec_lab.kernels.launch import tickets
 
     q, k, v, mask = _case(T, 4, 2, S, seed=10 * T + splits)
     mask[0] = False
     got = ma._launch(q, k, v, mask.view(torch.uint8), 16**-0.5, (16, 32, 4, 2, splits))
     torch.testing.assert_close(got.double(), ma.masked_attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
-    assert not _tickets(q.device).any()
+    assert not tickets(q.device).any()
 
 
 def test_head_dim_64_and_a_scale():

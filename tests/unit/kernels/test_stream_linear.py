@@ -69,7 +69,7 @@ def test_tickets_are_left_at_zero(plan_override):
     plan_override((16, 32, 4, 4))
     args = _case(2, 3, 128, 64, True, False, False)
     first = sl.stream_linear(*args)
-    tickets = sl._tickets(args[0].device)
+    tickets = sl.tickets(args[0].device)
     assert int(tickets.abs().sum()) == 0
     torch.testing.assert_close(sl.stream_linear(*args), first, atol=0, rtol=0)
 
