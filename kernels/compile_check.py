@@ -103,7 +103,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             DIRECT=direct, FUSED_MERGE=fused, WRITE_LSE=True, USE_TMA=tma, STAGES=3,
             MERGE_S=16, MERGE_R=ta.merge_tile(16, 4, 128)[1],
         )  # fmt: skip
-        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX=pdt, MASK="i32", COUNTER="i32")
+        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX=pdt, MASK="i32", TICKETS="i32")
         ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
         sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
         label = f"tree split: lengths {pdt}, {'TMA' if tma else 'plain'} loads, direct={direct} fused={fused}"
@@ -120,7 +120,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             TREE_SPLIT=own, IEEE=False, DIRECT=False, FUSED_MERGE=fused, WRITE_LSE=True, USE_TMA=not fused,
             STAGES=3, MERGE_S=16, MERGE_R=ta.merge_tile(16, 2, 64)[1],
         )  # fmt: skip
-        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX="i64", MASK="i32", COUNTER="i32")
+        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX="i64", MASK="i32", TICKETS="i32")
         ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
         sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
         out.append((f"tree split: {label}", split, sig, cx, dict(num_warps=4, num_stages=3)))

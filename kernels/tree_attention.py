@@ -259,7 +259,7 @@ def _tree_attn_split_kernel(
     LSE_PART,  # fp32 scratch [B*Hkv, n_splits, ROWS, D] and [B*Hkv, n_splits, ROWS] (unused if DIRECT)
     OUT,  # [B, Hq, T, D] output (written here only if DIRECT)
     LSE_OUT,  # fp32 [B, Hq, T] (written here only if DIRECT and WRITE_LSE, or by the merging program)
-    COUNTER,  # int32 [B*Hkv * row tiles] arrival tickets, zero between launches (read only if FUSED_MERGE)
+    TICKETS,  # int32 [B*Hkv * row tiles] arrival tickets, zero between launches (read only if FUSED_MERGE)
     stride_qb,
     stride_qh,
     stride_qt,
@@ -396,7 +396,7 @@ def _tree_attn_split_kernel(
                 # arrives last has seen every other partial (acquire/release on the ticket), so it merges them
                 # and puts the ticket back to 0 for the next launch (or CUDA-graph replay).
                 tl.debug_barrier()  # all of this program's partial stores are issued before the ticket moves
-                ticket = COUNTER + pid_bh * tl.num_programs(0) + pid_m
+                ticket = TICKETS + pid_bh * tl.num_programs(0) + pid_m
                 arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
                 if arrived == last:  # one row tile holds every row (pid_m == 0): merge them MERGE_R at a time
                     for r0 in range(0, ROWS, MERGE_R):

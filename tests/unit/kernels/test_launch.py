@@ -259,3 +259,49 @@ def test_weight_copies_read_past_the_span_and_differ():
         assert not torch.equal(ws[0], ws[1])
     assert all(torch.equal(a, b) for a, b in zip(copies(64, 32, 1 << 14), copies(64, 32, 1 << 14)))
     assert not torch.equal(copies(64, 32, 100)[0], copies(64, 32, 100, seed=2)[0])
+
+
+def _calls_tickets(value) -> bool:
+    """`tickets(...)`, or `tickets(...) if cond else unused` (a launch that reads them only when it merges)."""
+    if isinstance(value, ast.IfExp):
+        value = value.body
+    return isinstance(value, ast.Call) and ast.unparse(value.func) == "tickets"
+
+
+def test_every_ticketed_launch_takes_its_tickets_from_launch_tickets():
+    """The kernels whose last-arriving program finishes the work share one rule for their arrival tickets: a zeroed
+    buffer per (device, stream), made by `launch.tickets` (which also makes the default capture stream's outside
+    any capture: a buffer first made inside a capture is zeroed only when that graph replays). A launch site that
+    made its own buffer would escape the rule, so every launch that passes a ticket argument passes
+    `tickets(...)`, or a name bound to it."""
+    found = 0
+    for name, tree in _sources().items():
+        bound = {  # local names assigned from tickets(...)
+            t.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and _calls_tickets(node.value)
+            for t in node.targets if isinstance(t, ast.Name)
+        }  # fmt: skip
+        kernels = {fn.name: [a.arg for a in fn.args.args] for fn in _jit_functions(tree)}
+        ticketed = {k: next(i for i, p in enumerate(ps) if p.startswith("TICKET")) for k, ps in kernels.items()
+                    if any(p.startswith("TICKET") for p in ps)}  # fmt: skip
+        for kernel, call in _launches(tree):
+            if call.args and isinstance(call.args[0], ast.Starred) and ticketed:  # *args: the tuple built before
+                packed = next(
+                    node.value for node in ast.walk(tree)
+                    if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == ast.unparse(call.args[0].value)
+                )  # fmt: skip
+                arg = packed.elts[ticketed.get(kernel, min(ticketed.values()))]  # the kernel may be picked at run time
+            elif kernel in ticketed:
+                arg = call.args[ticketed[kernel]]
+            else:
+                continue
+            ok = _calls_tickets(arg) or (isinstance(arg, ast.Name) and arg.id in bound)
+            assert ok, f"{name}: {kernel}'s tickets are {ast.unparse(arg)}, not launch.tickets(device)"
+            found += 1
+    assert found >= 6  # tree attention, masked attention, stream linear, beam select, head select, greedy accept
+
+
+def test_tickets_are_one_zeroed_buffer_per_device_and_stream():
+    a, b = launch.tickets("cpu"), launch.tickets(torch.device("cpu"))
+    assert a is b and a.dtype == torch.int32 and a.numel() == launch.TICKET_SLOTS and not a.any()
