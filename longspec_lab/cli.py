@@ -24,7 +24,7 @@ LONGSPEC_PDL (auto/off: programmatic dependent launch on Hopper), LONGSPEC_LM_HE
 LONGSPEC_WEIGHT_FIRST (on/off/wide: norm_linear reads its weight before the PDL wait),
 LONGSPEC_TOPK_ALGO (auto/bitonic/max: how the beam's top-k passes select; auto: bitonic on a GPU),
 LONGSPEC_BEAM_SELECT (auto/off/on: a beam level's log-softmax and top-k in one launch),
-LONGSPEC_BEAM_WARPS (8/4/2/1: that launch's warps per program), LONGSPEC_BEAM_WRITE (off/auto/on: that launch
+LONGSPEC_BEAM_WARPS (8/4/2/1: that launch's warps per program), LONGSPEC_BEAM_WRITE (auto/off/on: that launch
 also writes the level into the tree), LONGSPEC_HEAD_SELECT (off/auto/on: the draft's LM head and that
 selection in one launch; off: slower on the H200), LONGSPEC_STREAM_LINEAR (off/auto/on: up to 16 rows through
 a large weight in one split-K kernel; off: slower than cuBLAS on an H100),

@@ -27,7 +27,8 @@ skips CPU nodes when it groups them): `combo_bound` stands in for them.
 
 `--record` counts plain decoding and the default tree under each variant of `RECORD_VARIANTS` (the defaults, and
 each switch that changes the counts: the selection in the compiled definition, the head and the selection in one
-launch), every one in a fresh process, and writes them with the environment:
+launch, each level written by add_level instead of its selection, the verify's greedy tail in one launch), every
+one in a fresh process, and writes them with the environment:
 notebook 07 sets them beside the H200's profile.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
@@ -42,6 +43,7 @@ import sys
 # the switches that make the CPU take the GPU's kernels (before the package reads them at import)
 GPU_SWITCHES = {
     "LONGSPEC_BEAM_SELECT": "on",
+    "LONGSPEC_BEAM_WRITE": "on",
     "LONGSPEC_NORM_LINEAR": "on",
     "LONGSPEC_QKV_ROPE": "on",
     "LONGSPEC_ROPE_TABLES": "on",
@@ -55,8 +57,8 @@ RECORD_VARIANTS = [
     ("default", {}),
     ("beam_select_off", {"LONGSPEC_BEAM_SELECT": "off"}),
     ("head_select_on", {"LONGSPEC_HEAD_SELECT": "on"}),  # the LM head and the selection in one launch
-    # the verify's greedy tail in one launch, and each level written by its selection launch
-    ("tails_on", {"LONGSPEC_GREEDY_ACCEPT": "on", "LONGSPEC_BEAM_WRITE": "on"}),
+    ("beam_write_off", {"LONGSPEC_BEAM_WRITE": "off"}),  # each level written by add_level, after its selection
+    ("greedy_accept_on", {"LONGSPEC_GREEDY_ACCEPT": "on"}),  # the verify's greedy tail in one launch
 ]
 RECORD_SHAPES = [("ar", "ar"), ("tree-4-16-16-16-16", "4,16,16,16,16")]
 

@@ -8,10 +8,17 @@ the last to arrive walking the tree in registers), bit for bit the same outputs:
 
 `fused_greedy_accept(logits, buf, out, D, R)` runs the kernel into the decoder's buffers and returns True, or
 returns False where the switch LONGSPEC_GREEDY_ACCEPT leaves the pass to the definition (the caller then runs it):
-    "off"   the definition always (the default until the kernel is timed in the decoder on the GPU)
+    "off"   the definition always (the default: the kernel is not yet timed in the decoder; see below)
     "auto"  the kernel on CUDA, for trees of at most 128 nodes (`kernels/greedy_accept.py: MAX_NODES`)
     "on"    the kernel always where it fits, also on the CPU under TRITON_INTERPRET=1 (the tests)
 The switch is read at import into `GREEDY_ACCEPT`; assign it at run time to flip it.
+
+On the GPU machine (torch 2.11, an H100, 2026-12-06; data/results/e2e_ab_beam_write_h100.log) the kernel decodes
+as the definition does in `SpecDecoder` and in `GraphDecoder` with the stages captured uncompiled (`compile=False`),
+but `torch.compile` of the verify stage with it had not finished after 170 s: Inductor's lowering was printing a
+deeply nested IR node (`ir.py` `ExternKernel.__str__`, its inputs printed recursively), where the stage compiles in
+about 25 s with the definition. With torch 2.13 on the CPU the same stage compiles through code generation in 7 s.
+So "auto" stays off the default until that compile is understood.
 
 Taught in: notebooks/03_one_step_slowly.ipynb
 """

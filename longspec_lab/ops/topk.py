@@ -42,9 +42,12 @@ kernel on CUDA for the shapes it takes: at most 64 parents, a hidden size up to 
 `beam_level_into(logits, parent_scores, width, tree, lo, plo)` goes one step further on: the same launch as
 `beam_keys` also writes the level into the tree's buffers (its last program decodes the w keys into tokens, parents
 and scores, and each new node's mask row from its parent's), so the two small kernels of `TreeBuffers.add_level`
-after each level are gone. Its switch LONGSPEC_BEAM_WRITE: "off" (the default until timed on the GPU), "auto" (on
-CUDA wherever `beam_keys` takes the level and the mask rows fit the last program), "on" (also on the CPU under
-TRITON_INTERPRET=1). It returns False where the caller must write the level itself.
+after each level are gone. Its switch LONGSPEC_BEAM_WRITE: "auto" (the default: on
+CUDA wherever `beam_keys` takes the level and the mask rows fit the last program), "off" (the level written by
+`add_level`), "on" (also on the CPU under TRITON_INTERPRET=1). Timed on an H100 in two calls (2026-12-06,
+data/results/e2e_ab_beam_write_h100.log), identical tokens: the default tree's level 44.8 -> 43.6 and 45.0 -> 43.1
+us, its tokens/s +1.7% and +2.7%, chain gamma 5 +2.0% and +3.2%. It returns False where the caller must write
+the level itself.
 
 How each kernel pass selects is a third switch, LONGSPEC_TOPK_ALGO: "bitonic" (Triton's bitonic top-k network, the
 default where Triton has it) or "max" (k repeated maxima); both give the same values.
@@ -68,7 +71,7 @@ ROW_TOPK = os.environ.get("LONGSPEC_ROW_TOPK", "auto")  # one of CHOICES (module
 BEAM_CHOICES = ("auto", "off", "on")
 BEAM_SELECT = os.environ.get("LONGSPEC_BEAM_SELECT", "auto")  # one of BEAM_CHOICES (module docstring)
 HEAD_SELECT = os.environ.get("LONGSPEC_HEAD_SELECT", "off")  # one of BEAM_CHOICES (module docstring)
-BEAM_WRITE = os.environ.get("LONGSPEC_BEAM_WRITE", "off")  # one of BEAM_CHOICES (module docstring)
+BEAM_WRITE = os.environ.get("LONGSPEC_BEAM_WRITE", "auto")  # one of BEAM_CHOICES (module docstring)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:

@@ -1363,27 +1363,30 @@ def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
     """One row per (method, stage) of `bench.fusion_proxy --record`'s counts beside an H200 profile of the same code
     with the one-launch selection and combo kernels off (`profile_ab_base_beam_h200.json`): the kernels the H200
     saw, the CPU count with the selection off (its `launches`: Inductor's kernels and ours), today's default (the
-    selection on), the bound with combo kernels too, the default with the LM head and the selection in one
-    launch (LONGSPEC_HEAD_SELECT=on), and the combo bound with the verify's greedy tail in one launch and each level
-    written by its selection (LONGSPEC_GREEDY_ACCEPT=on, LONGSPEC_BEAM_WRITE=on); a stage the profile or a variant
-    lacks shows None."""
+    selection on, each level from the second written by it), the bound with combo kernels too, the default with the
+    LM head and the selection in one launch (LONGSPEC_HEAD_SELECT=on), with each level written after its selection
+    (LONGSPEC_BEAM_WRITE=off), and the combo bound with the verify's greedy tail in one launch
+    (LONGSPEC_GREEDY_ACCEPT=on); a stage the profile or a variant lacks shows None."""
     variants = counts["variants"]
     off = variants.get("beam_select_off", {}).get("methods", {})
     head = variants.get("head_select_on", {}).get("methods", {})
-    tails = variants.get("tails_on", {}).get("methods", {})
+    written = variants.get("beam_write_off", {}).get("methods", {})
+    tail = variants.get("greedy_accept_on", {}).get("methods", {})
     rows = []
     for method, stages in variants["default"]["methods"].items():
         recorded = profile.get(method, {}).get("stages", {})
         for stage, c in stages.items():
             o = off.get(method, {}).get(stage)
             hs = head.get(method, {}).get(stage)
-            t = tails.get(method, {}).get(stage)
+            w = written.get(method, {}).get(stage)
+            t = tail.get(method, {}).get(stage)
             rows.append({
                 "method": method, "stage": stage,
                 "H200, both off": recorded.get(stage, {}).get("compiled_kernels"),
                 "CPU, selection off": o["launches"] if o else None,
                 "CPU, default": c["launches"], "combo bound": c["launches_combo"],
                 "CPU, head + selection in one": hs["launches"] if hs else None,
-                "combo bound, tails in one": t["launches_combo"] if t else None,
+                "CPU, level written after": w["launches"] if w else None,
+                "combo bound, greedy tail in one": t["launches_combo"] if t else None,
             })  # fmt: skip
     return rows
