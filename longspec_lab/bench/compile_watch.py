@@ -101,6 +101,42 @@ def watch(fn, after: float, gap: float = 5.0, on_fire=None) -> dict:
     return report
 
 
+def record_ir_printers(path: str, limit: int = 50) -> None:
+    """Wrap the `__str__` (and `__repr__` where it is the same function) of every class of Inductor's IR so that
+    each outermost call, one not made inside another IR node's printing, appends its caller's stack, folded, to
+    `path` as a JSON line at once (the first `limit` distinct callers). A compile stuck printing a huge IR node
+    holds the interpreter in C for minutes, so no watchdog thread gets to look; this names the caller on entry."""
+    from torch._inductor import ir
+
+    state, seen = threading.local(), set()
+
+    def wrap(cls):
+        orig = cls.__dict__["__str__"]
+
+        def __str__(self):
+            depth = getattr(state, "depth", 0)
+            if depth == 0 and len(seen) < limit:
+                frames = [f"{f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_stack()[:-1]]
+                key = tuple(frames[-8:])
+                if key not in seen:
+                    seen.add(key)
+                    with open(path, "a") as fh:
+                        fh.write(json.dumps({"type": cls.__name__, "frames": fold(frames)}) + "\n")
+            state.depth = depth + 1
+            try:
+                return orig(self)
+            finally:
+                state.depth = depth
+
+        if cls.__dict__.get("__repr__") is orig:
+            cls.__repr__ = __str__
+        cls.__str__ = __str__
+
+    for cls in list(vars(ir).values()):
+        if isinstance(cls, type) and issubclass(cls, ir.IRNode) and "__str__" in cls.__dict__:
+            wrap(cls)
+
+
 def _stage(name: str, shape: list[int], device: str):
     """The named stage function of one greedy step of the embedded pair, on `device`, after a prefill."""
     import torch
@@ -136,6 +172,12 @@ def main(argv=None) -> int:
     ap.add_argument("--after", type=float, default=60.0, help="seconds before the stack is sampled (default: 60)")
     ap.add_argument("--no-stop", action="store_true", help="after sampling, let the compile go on to its end")
     ap.add_argument("--out", required=True, help="JSON report to write (must not exist)")
+    ap.add_argument(
+        "--ir-printers",
+        default=None,
+        metavar="F",
+        help="also append to F (JSON lines) the caller of every outermost print of an Inductor IR node",
+    )
     a = ap.parse_args(argv)
     if os.path.exists(a.out):
         ap.exit(2, f"error: {a.out} exists; pick another path or remove it first\n")
@@ -161,6 +203,8 @@ def main(argv=None) -> int:
         fn = _stage(a.stage, shape, device)
     except ValueError as e:
         ap.exit(2, f"error: {e}\n")
+    if a.ir_printers:
+        record_ir_printers(a.ir_printers)
     compiled = compile_stage(fn)
     base = {
         "stage": a.stage,

@@ -86,8 +86,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    their last bits, as with e2e_beam_select)
   e2e_greedy_accept  the A/B side with LONGSPEC_GREEDY_ACCEPT=auto (every verification pass's argmax, greedy
                    acceptance, path, emitted tokens and counts in one launch instead of six) into
-                   OUT_DIR/greedy_accept; tokens must be bit-identical to e2e_base's (with torch 2.11 its compile
-                   had not finished in 170 s: ops/accept.py)
+                   OUT_DIR/greedy_accept; tokens must be bit-identical to e2e_base's (its compile stalled on
+                   torch 2.11 until compile_stage shortened Inductor's op descriptions: ops/accept.py)
   e2e_beam_write_off  the A/B side with LONGSPEC_BEAM_WRITE=off (each beam level written by add_level's two
                    kernels after its selection launch, the default before 2026-12-06) into OUT_DIR/beam_write_off;
                    tokens must be bit-identical to e2e_base's

@@ -26,6 +26,7 @@ Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -91,12 +92,44 @@ def default_capacity(target) -> int:
     return target.config.context_length + 2 * DEFAULT_TREE_SHAPE.num_nodes
 
 
+def brief_operator_str(target, args, kwargs) -> str:
+    """Inductor's description of an op call (`OperatorIssue.operator_str`), with each argument named, not printed:
+    an IR node by its type and buffer name, a list by its length, a number or string as itself.
+
+    torch 2.11 builds that description for every op it lowers by an implicit fallback (each of this package's ops,
+    on its first call in a process), for a log line, whether or not the line is shown (2.13 builds it only when it
+    is). Printed in full, an argument is its IR node with all of its inputs, recursively: the greedy tail's logits
+    come out of the verify's 50 launches, and on an H100 that print had not ended after 170 s, while the same stage
+    compiles in 23 s with this one (data/results/e2e_ab_beam_write_h100.log)."""
+
+    def name(a) -> str:
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return repr(a)
+        if isinstance(a, (list, tuple)):
+            return f"{type(a).__name__} of {len(a)}"
+        get_name = getattr(a, "get_name", None)
+        try:
+            buf = get_name() if callable(get_name) else None
+        except Exception:  # noqa: BLE001 - an IR node without a buffer yet
+            buf = None
+        return f"{type(a).__name__}({buf})" if buf else type(a).__name__
+
+    lines = [f"target: {target}"] + [f"args[{i}]: {name(a)}" for i, a in enumerate(args)]
+    lines += [f"kwargs[{k!r}]: {name(v)}" for k, v in (kwargs or {}).items()]
+    return "\n".join("  " + line for line in lines)
+
+
 def compile_stage(fn, mode: str = COMPILE_MODE):
     """`torch.compile(fn)` as the graph path compiles a stage: the whole graph (fullgraph), static shapes, `mode`.
     Where the package's kernels launch with PDL (a Hopper GPU, LONGSPEC_PDL=auto: kernels/launch.py), Inductor
     generates its kernels with PDL too, and with LONGSPEC_COMBO_KERNELS=on it groups independent kernels into
-    combo kernels: its config is patched while a call may compile (the first, and any recompilation), which leaves
-    the process's own Inductor settings alone."""
+    combo kernels. Inductor's description of an op call is the short one (`brief_operator_str`). All of this is
+    patched while a call may compile (the first, and any recompilation), which leaves the process's own Inductor
+    settings alone."""
+    from unittest import mock
+
+    from torch._inductor import exc as inductor_exc
+
     from longspec_lab.kernels.launch import inductor_options
 
     allow_many_graphs()
@@ -104,11 +137,12 @@ def compile_stage(fn, mode: str = COMPILE_MODE):
     options = inductor_options("cuda") if torch.cuda.is_available() else {}
     if checked("LONGSPEC_COMBO_KERNELS", COMBO_KERNELS, ("on", "off")) == "on":
         options = {**options, "combo_kernels": True}
-    if not options:
-        return compiled
+    issue = getattr(inductor_exc, "OperatorIssue", None)  # every torch this package supports has it; still, check
 
     def run(*args, **kwargs):
-        with torch._inductor.config.patch(options):
+        with torch._inductor.config.patch(options), contextlib.ExitStack() as patches:
+            if issue is not None and hasattr(issue, "operator_str"):
+                patches.enter_context(mock.patch.object(issue, "operator_str", staticmethod(brief_operator_str)))
             return compiled(*args, **kwargs)
 
     return run

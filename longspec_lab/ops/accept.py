@@ -14,11 +14,12 @@ returns False where the switch LONGSPEC_GREEDY_ACCEPT leaves the pass to the def
 The switch is read at import into `GREEDY_ACCEPT`; assign it at run time to flip it.
 
 On the GPU machine (torch 2.11, an H100, 2026-12-06; data/results/e2e_ab_beam_write_h100.log) the kernel decodes
-as the definition does in `SpecDecoder` and in `GraphDecoder` with the stages captured uncompiled (`compile=False`),
-but `torch.compile` of the verify stage with it had not finished after 170 s: Inductor's lowering was printing a
-deeply nested IR node (`ir.py` `ExternKernel.__str__`, its inputs printed recursively), where the stage compiles in
-about 25 s with the definition. With torch 2.13 on the CPU the same stage compiles through code generation in 7 s.
-So "auto" stays off the default until that compile is understood.
+as the definition does in `SpecDecoder` and in `GraphDecoder` with the stages captured uncompiled, but compiling
+the verify stage with it stalled for minutes: torch 2.11's Inductor describes each op it lowers by its implicit
+fallback, printing every argument in full, for a log line it builds whether or not it is shown, and this op's
+logits print the verify's whole IR, recursively (`bench.compile_watch --ir-printers` found the caller). With that
+description cut to one line (`decoding.graphs.compile_stage` does so since) the stage compiled in 22.9 s. "off"
+stays the default until the kernel is timed in the decoder.
 
 Taught in: notebooks/03_one_step_slowly.ipynb
 """

@@ -99,3 +99,36 @@ def test_an_existing_report_is_never_overwritten(tmp_path, capsys):
         cw.main(["--out", str(out)])
     assert e.value.code == 2 and "exists" in capsys.readouterr().err
     assert json.loads(out.read_text()) == {"kept": True}
+
+
+def test_ir_printers_name_the_caller_of_each_outermost_print(tmp_path):
+    """In a fresh process (the wrapping lasts as long as the process): a custom op's implicit fallback logs its
+    arguments at INFO, printing an IR node; the record names that caller (Inductor's operator_str) once, with the
+    nested prints inside it not recorded again."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "printers.jsonl"
+    code = f"""
+import logging, torch
+from torch._inductor import config
+from longspec_lab.bench.compile_watch import record_ir_printers
+record_ir_printers({str(path)!r})
+@torch.library.custom_op("longspec_test::plus_one_watch", mutates_args=())
+def f(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+@f.register_fake
+def _(x):
+    return torch.empty_like(x)
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("torch._inductor.graph").setLevel(logging.INFO)
+x = torch.arange(6.0)
+with config.patch(fx_graph_cache=False):
+    torch.compile(lambda: torch.ops.longspec_test.plus_one_watch(x * 2) * 3)()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    callers = [r for r in records if any("operator_str" in f for f in r["frames"])]
+    assert callers and callers[0]["type"] == "MutableBox"  # TensorBox prints as its base class does
+    assert any(f.endswith("in call_function") for f in callers[0]["frames"])  # the lowering that asked
+    assert len(records) == len({tuple(r["frames"][-8:]) for r in records})  # each caller once
