@@ -86,6 +86,8 @@ def count_stage(fn, order: bool = False) -> dict:
     import torch._inductor.config as inductor_config
     from torch._inductor import scheduler as sched
 
+    from longspec_lab.decoding.graphs import short_op_descriptions  # the decoder's compile, the same description
+
     found: dict = {}
 
     def generated(nodes) -> int:
@@ -119,7 +121,7 @@ def count_stage(fn, order: bool = False) -> dict:
     real = sched.Scheduler.codegen
     sched.Scheduler.codegen = codegen
     try:
-        with inductor_config.patch({"cpu_backend": "triton", "fx_graph_cache": False}):
+        with inductor_config.patch({"cpu_backend": "triton", "fx_graph_cache": False}), short_op_descriptions():
             compiled()
     except Exception as e:  # noqa: BLE001 - Inductor wraps the stop signal in its own error
         if "generated" not in found:

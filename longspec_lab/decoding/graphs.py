@@ -119,6 +119,22 @@ def brief_operator_str(target, args, kwargs) -> str:
     return "\n".join("  " + line for line in lines)
 
 
+@contextlib.contextmanager
+def short_op_descriptions():
+    """While inside, Inductor describes op calls with `brief_operator_str` (where its `OperatorIssue` has the
+    method, which every supported torch does)."""
+    from unittest import mock
+
+    from torch._inductor import exc as inductor_exc
+
+    issue = getattr(inductor_exc, "OperatorIssue", None)
+    if issue is None or not hasattr(issue, "operator_str"):
+        yield
+        return
+    with mock.patch.object(issue, "operator_str", staticmethod(brief_operator_str)):
+        yield
+
+
 def compile_stage(fn, mode: str = COMPILE_MODE):
     """`torch.compile(fn)` as the graph path compiles a stage: the whole graph (fullgraph), static shapes, `mode`.
     Where the package's kernels launch with PDL (a Hopper GPU, LONGSPEC_PDL=auto: kernels/launch.py), Inductor
@@ -126,10 +142,6 @@ def compile_stage(fn, mode: str = COMPILE_MODE):
     combo kernels. Inductor's description of an op call is the short one (`brief_operator_str`). All of this is
     patched while a call may compile (the first, and any recompilation), which leaves the process's own Inductor
     settings alone."""
-    from unittest import mock
-
-    from torch._inductor import exc as inductor_exc
-
     from longspec_lab.kernels.launch import inductor_options
 
     allow_many_graphs()
@@ -137,12 +149,9 @@ def compile_stage(fn, mode: str = COMPILE_MODE):
     options = inductor_options("cuda") if torch.cuda.is_available() else {}
     if checked("LONGSPEC_COMBO_KERNELS", COMBO_KERNELS, ("on", "off")) == "on":
         options = {**options, "combo_kernels": True}
-    issue = getattr(inductor_exc, "OperatorIssue", None)  # every torch this package supports has it; still, check
 
     def run(*args, **kwargs):
-        with torch._inductor.config.patch(options), contextlib.ExitStack() as patches:
-            if issue is not None and hasattr(issue, "operator_str"):
-                patches.enter_context(mock.patch.object(issue, "operator_str", staticmethod(brief_operator_str)))
+        with torch._inductor.config.patch(options), short_op_descriptions():
             return compiled(*args, **kwargs)
 
     return run
