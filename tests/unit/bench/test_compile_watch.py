@@ -114,12 +114,10 @@ import logging, torch
 from torch._inductor import config
 from longspec_lab.bench.compile_watch import record_ir_printers
 record_ir_printers({str(path)!r})
-@torch.library.custom_op("longspec_test::plus_one_watch", mutates_args=())
-def f(x: torch.Tensor) -> torch.Tensor:
-    return x + 1
-@f.register_fake
-def _(x):
-    return torch.empty_like(x)
+f = torch.library.custom_op(
+    "longspec_test::plus_one_watch", lambda x: x + 1, mutates_args=(), schema="(Tensor x) -> Tensor"
+)
+f.register_fake(lambda x: torch.empty_like(x))
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("torch._inductor.graph").setLevel(logging.INFO)
 x = torch.arange(6.0)
