@@ -1,6 +1,6 @@
 """The CPU count of a decoding step's GPU kernels (bench/fusion_proxy.py, each run in a fresh process as its command
-line runs it) against the H200's own profile, and what the one-launch beam selection (LONGSPEC_BEAM_SELECT) takes
-out of a tree level."""
+line runs it) against the H200's own profile, and what the one-launch beam selection (LONGSPEC_BEAM_SELECT) and its
+writing of the level (LONGSPEC_BEAM_WRITE) take out of a tree level."""
 
 import json
 import subprocess
@@ -42,13 +42,24 @@ def test_the_ar_step_counts_the_kernels_the_h200_launched():
     assert launches == sum(not name.startswith("triton_") for name, _ in kernels)
 
 
-def test_the_one_launch_selection_takes_two_kernels_out_of_every_later_level():
-    # on: the default, as on the GPU
-    off, on = _proxies(("--shape", "4,16,16", "--set", "LONGSPEC_BEAM_SELECT=off"), ("--shape", "4,16,16"))
+def test_the_one_launch_selection_takes_out_one_kernel_and_writing_the_level_two_more():
+    """From the second level on: the selection in the compiled definition (LONGSPEC_BEAM_SELECT=off) is as many
+    generated kernels as the H200 launched, plus flat_topk's two launches; the one-launch selection takes out the
+    keys kernel; and the selection writing the level (LONGSPEC_BEAM_WRITE, the default) takes out the two kernels
+    of add_level after it. Nothing changes in the verify or the commit."""
+    off, select, write = _proxies(
+        ("--shape", "4,16,16", "--set", "LONGSPEC_BEAM_SELECT=off"),
+        ("--shape", "4,16,16", "--set", "LONGSPEC_BEAM_WRITE=off"),
+        ("--shape", "4,16,16"),  # the defaults, as on the GPU
+    )
     for level in ("draft2", "draft3"):
         assert off[level]["generated"] == _generated_on_the_h200("tree-4-16-16-16-16", level)
-        assert on[level]["generated"] == off[level]["generated"] - 1  # the keys kernel
+        assert select[level]["generated"] == off[level]["generated"] - 1  # the keys kernel
+        assert write[level]["generated"] == select[level]["generated"] - 2  # add_level's tokens and mask rows
         assert off[level]["ours"].pop("longspec.flat_topk.default") == 1  # two launches
-        assert on[level]["ours"].pop("longspec.beam_select.default") == 1  # one
-        assert on[level]["ours"] == off[level]["ours"]
-    assert on["verify"] == off["verify"] and on["commit"] == off["commit"]
+        assert select[level]["ours"].pop("longspec.beam_select.default") == 1  # one
+        assert write[level]["ours"].pop("longspec.beam_select_into.default") == 1  # the same one, writing
+        assert select[level]["ours"] == off[level]["ours"] == write[level]["ours"]
+    assert write["draft1"] == select["draft1"]  # level 1 keeps add_level (module docstring of ops/topk.py)
+    for stage in ("verify", "commit"):
+        assert off[stage] == select[stage] == write[stage]
