@@ -119,6 +119,8 @@ def tickets(device) -> torch.Tensor:
     if device.type != "cuda":
         key = (str(device), 0)
     else:
+        if device.index is None:  # "cuda" and "cuda:0" are one device: one buffer a stream
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (str(device), torch.cuda.current_stream(device).cuda_stream)
     if key not in _TICKETS:
         if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
