@@ -105,6 +105,14 @@ def _decode_keys(best: torch.Tensor, n: int, V: int):
     return idx // V, idx % V, _from_order_key(best >> 32)
 
 
+def _refuse_nan(x: torch.Tensor, parent_scores: torch.Tensor, what: str) -> None:
+    """The check a one-launch selection's inputs get, where a check may read back (`_may_sync`): a ValueError if the
+    draft's `what` (its logits or hidden rows) or the parents' scores hold NaN, which the kernels would rank as a
+    value where the definition's log-probs check refuses them."""
+    if _may_sync(x) and bool(torch.isnan(x).any() | torch.isnan(parent_scores).any()):
+        raise ValueError(f"draft {what} contain NaN; check the draft model (overflow in fp16?)")
+
+
 def beam_level_from_logits(parent_scores: torch.Tensor, logits: torch.Tensor, width: int):
     """`beam_level(parent_scores, log_softmax(logits.float()), width)`: the definition, or, where the switch
     LONGSPEC_BEAM_SELECT takes the level (`ops.topk.beam_keys`), the same selection in one launch whose scores
@@ -112,8 +120,7 @@ def beam_level_from_logits(parent_scores: torch.Tensor, logits: torch.Tensor, wi
     keys = beam_keys(logits, parent_scores, width)
     if keys is None:
         return beam_level(parent_scores, torch.log_softmax(logits.float(), dim=-1), width)
-    if _may_sync(logits) and bool(torch.isnan(logits).any() | torch.isnan(parent_scores).any()):
-        raise ValueError("draft logits contain NaN; check the draft model (overflow in fp16?)")
+    _refuse_nan(logits, parent_scores, "logits")
     return _decode_keys(keys, *logits.shape)
 
 
@@ -133,8 +140,7 @@ def _head_select_level(parent_scores: torch.Tensor, h: torch.Tensor, head: torch
     keys = head_beam_keys(h, head, parent_scores, width)
     if keys is None:
         return None
-    if _may_sync(h) and bool(torch.isnan(h).any() | torch.isnan(parent_scores).any()):
-        raise ValueError("draft hidden states contain NaN; check the draft model (overflow in fp16?)")
+    _refuse_nan(h, parent_scores, "hidden states")
     return _decode_keys(keys, h.shape[0], head.shape[0])
 
 
@@ -253,8 +259,7 @@ def _write_level(buf: TreeBuffers, logits: torch.Tensor, lo: int, hi: int, new_l
     scores = buf.scores[lo:hi]
     if not beam_write_takes(logits, scores, w, tree):
         return False
-    if _may_sync(logits) and bool(torch.isnan(logits).any() | torch.isnan(scores).any()):
-        raise ValueError("draft logits contain NaN; check the draft model (overflow in fp16?)")  # nothing written
+    _refuse_nan(logits, scores, "logits")  # before the launch: nothing written
     beam_level_into(logits, scores, w, tree, new_lo, lo)
     return True
 
