@@ -23,15 +23,17 @@ Here one program owns one node's row of logits:
     2. an arrival ticket (acquire/release, as kernels/beam_select.py): the last program to arrive sees every
        row's argmax, and it alone
     3. reads the tree (tokens, parents, depths, every row's argmax and the [N, N] mask, at most MAX_NODES nodes:
-       the mask is one register tile) in one round of independent loads, computes verified, accepted, the winner,
-       the path, n and the emitted tokens (each gather by a node id is a comparison over a tile, not another trip
-       to memory), and adds the step's counts to the running statistics, then puts the ticket back to 0 for the
-       next launch or replay.
+       the mask is one register tile of bytes) and computes verified, accepted, the winner, the path, n and the
+       emitted tokens, and adds the step's counts to the running statistics, then puts the ticket back to 0 for
+       the next launch or replay. A gather by node id (the argmax at each parent, the winner's mask row) is a
+       load from L2; the counts are taken per path node ([D + 1, N] tiles), not per pair of nodes.
 
-Measured alone on an H100 (2026-12-06, data/results/e2e_ab_tails_h100.log), in its first form (4 warps, and three of
-its gathers as loads that waited on the one before): 13.0 us for the default tree's 69 nodes, 4.4 us for a chain of
-5, against 2.1 us for the argmax alone compiled; the six kernels it replaces took 18.4 and 7.7 us of kernel time in
-that run's verify. This form, 8 warps and one round of loads in the last program, is not timed yet.
+Measured alone on an H100 (data/results/greedy_accept_h100.json, 2026-12-06): the form before this one, whose last
+program gathered through [N, N] comparison tiles and counted sibling ranks over every pair of nodes (255 registers
+a thread at 128 nodes, 4 KiB of shared memory), took 35.4 us for the default tree's 69 nodes, 5.5 us for 17 and
+4.6 us for a chain of 5, against 2.1 us for the argmax alone compiled; in the decoder the default tree's verify
+went 174 -> 224 us with it (data/results/e2e_ab_greedy_accept_h100.json). This form compiles to 78 registers and no
+shared memory for sm_90 (`python -m longspec_lab.kernels.compile_check --only greedy`).
 
 Every output is an integer or a bool computed by comparisons, so the kernel gives the definition's outputs bit for
 bit (no rounding is involved). `greedy_accept_reference` is an independent definition in plain PyTorch with Python
@@ -113,57 +115,61 @@ def _greedy_accept_kernel(
         # 3. acceptance over the whole tree, in registers
         idx = tl.arange(0, N_PAD)  # [N_PAD] node ids
         ok = idx < N
-        # every load at once, none depending on another: the gathers below are register math over these tiles
+        # the loads that depend on nothing this program computes, issued together
         tok = tl.load(TOKENS + idx, mask=ok, other=-1)
         par = tl.load(PARENTS + idx, mask=ok, other=-1)
         dep = tl.load(DEPTHS + idx, mask=ok, other=0)
-        pr = tl.load(PREDS + idx, mask=ok, other=-1, cache_modifier=".cg").to(tl.int32)  # [N_PAD] each row's argmax
+        pr = tl.load(PREDS + idx, mask=ok, other=-1, cache_modifier=".cg")  # [N_PAD] each row's argmax
         anc = tl.load(ANC + idx[:, None] * N + idx[None, :], mask=ok[:, None] & ok[None, :], other=0) != 0  # [N, N]
         kk = tl.arange(0, K_PAD)
         k_ok = kk < 2 * D + 2 * R
         old = tl.load(STATS + kk, mask=k_ok, other=0)
-        at_parent = tl.sum(tl.where(par[:, None] == idx[None, :], pr[None, :], 0), 1)  # [N_PAD] preds[parent]
+        # a gather by node id is a load (the rows' argmaxes are in memory, visible after the ticket), not a
+        # comparison over an [N, N] tile: at 128 nodes such tiles held 64 int64 a thread and spilled
+        at_parent = tl.load(PREDS + par, mask=ok & (par >= 0), other=-1, cache_modifier=".cg")  # [N_PAD]
         verified = ((at_parent == tok) | (idx == 0)) & ok
         broken = anc & (verified[None, :] == 0)  # an unverified node among a row's ancestors (or itself)
-        accepted = (tl.max(broken.to(tl.int32), 1) == 0) & ok
+        accepted = (tl.max(broken.to(tl.int8), 1) == 0) & ok
         key = tl.where(accepted, dep * N + (N - 1 - idx), -1)  # deepest, then lowest index
         top = tl.max(key, 0)
         win = (N - 1) - top % N
         n_acc = top // N + 1
-        line = tl.max(tl.where(idx[:, None] == win, anc.to(tl.int8), 0), 0) != 0  # [N_PAD] the winner's mask row
+        line = tl.load(ANC + win * N + idx, mask=ok, other=0) != 0  # [N_PAD] the winner's mask row
         d = tl.arange(0, D_PAD)  # [D_PAD] depths
         at = line[None, :] & (dep[None, :] == d[:, None]) & ok[None, :]  # [D_PAD, N_PAD] one node per depth on it
-        path = tl.where(tl.max(at.to(tl.int32), 1) > 0, tl.sum(tl.where(at, idx[None, :], 0), 1), win)
+        path = tl.where(tl.max(at.to(tl.int8), 1) > 0, tl.sum(tl.where(at, idx[None, :], 0), 1), win)
         d_ok = d <= D
-        emitted = tl.sum(tl.where(path[:, None] == idx[None, :], pr[None, :], 0), 1).to(tl.int64)  # preds[path]
+        on = path[:, None] == idx[None, :]  # [D_PAD, N_PAD] the path's node at each depth
+        emitted = tl.sum(tl.where(on, pr[None, :], 0), 1)  # [D_PAD] preds[path]
         tl.store(VERIFIED + idx, verified.to(tl.uint8), mask=ok)
         tl.store(ACCEPTED + idx, accepted.to(tl.uint8), mask=ok)
         tl.store(PATH + d, path, mask=d_ok)
         tl.store(EMITTED + d, emitted, mask=d_ok)
         tl.store(N_ACC, n_acc.to(tl.int64))
-        # the step's counts: which nodes were offered (children of the path) and which lie on the emitted path
-        path_at_up = tl.sum(tl.where(d[:, None] == tl.maximum(dep - 1, 0)[None, :], path[:, None], 0), 0)  # [N_PAD]
-        path_at = tl.sum(tl.where(d[:, None] == dep[None, :], path[:, None], 0), 0)  # [N_PAD] path[depth(j)]
-        tried = (par >= 0) & (path_at_up == par) & ok
-        on_path = (dep >= 1) & (dep < n_acc) & (path_at == idx) & ok
-        same = (par[:, None] == par[None, :]) & (idx[:, None] < idx[None, :]) & ok[:, None]  # [i, j] earlier sibling
-        rank = tl.sum(same.to(tl.int32), 0)  # [N_PAD] a node's index among its parent's children
-        k = tl.arange(0, K_PAD)[:, None]  # [K_PAD, 1] the count each row makes
+        # the step's counts, per path node (depth d < n_acc) rather than per tree node: the nodes offered are the
+        # path nodes' children, and the nodes accepted are the path nodes below the root
+        real = d < n_acc  # [D_PAD]
+        kids = tl.sum(((par[None, :] == path[:, None]) & ok[None, :]).to(tl.int32), 1)  # [D_PAD] children
+        kids = tl.where(real, kids, 0)
+        up = tl.sum(tl.where(on, par[None, :], 0), 1)  # [D_PAD] the path node's parent
+        before = (par[None, :] == up[:, None]) & (idx[None, :] < path[:, None]) & ok[None, :]
+        rank = tl.sum(before.to(tl.int32), 1)  # [D_PAD] the path node's index among its parent's children
+        k = kk[:, None]  # [K_PAD, 1] the count each row makes, over the path's depths [1, D_PAD]
+        dd = d[None, :]
         hit = tl.where(
             k < D,
-            (dep[None, :] == k + 1) & tried[None, :],  # depth k + 1 offered
+            (dd == k) & (kids[None, :] > 0),  # depth k + 1 offered: the path node at depth k has children
             tl.where(
                 k < 2 * D,
-                (idx[None, :] == 0) & (k - D < n_acc - 1),  # depth k - D + 1 reached, counted once
+                (dd == 0) & (k - D < n_acc - 1),  # depth k - D + 1 reached, counted once
                 tl.where(
                     k < 2 * D + R,
-                    (rank[None, :] == k - 2 * D) & tried[None, :] & (idx[None, :] >= 1),  # rank offered
-                    (rank[None, :] == k - 2 * D - R) & on_path[None, :],  # rank accepted
+                    kids[None, :] > k - 2 * D,  # rank k - 2D offered: under each path node with more children
+                    (dd >= 1) & real[None, :] & (rank[None, :] == k - 2 * D - R),  # rank accepted
                 ),
             ),
         )
         counts = tl.sum(hit.to(tl.int64), 1)  # [K_PAD]
-        counts = tl.where(kk < D, tl.minimum(counts, 1), counts)
         tl.store(STATS + kk, old + counts, mask=k_ok)
         tl.atomic_xchg(TICKET, 0)
 

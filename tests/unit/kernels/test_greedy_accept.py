@@ -70,7 +70,7 @@ def _run(buf, logits):
 
 
 SHAPES = [(4, 16, 16, 16, 16), (1,), (1, 1, 1, 1, 1, 1, 1), (1, 3, 9), (2, 4, 8, 8, 8, 8), (3, 4, 6, 6, 3, 4, 3),
-          (32,), (1, 2, 3, 4, 2, 1, 3)]  # fmt: skip
+          (32,), (1, 2, 3, 4, 2, 1, 3), (2, 4, 8, 16, 32, 64)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
