@@ -344,7 +344,7 @@ def main(argv=None) -> int:
             "six launches: a floor for any form that starts from the logits) and against one launch (the smallest "
             "kernel's boundary, kernels/launch.py). Each run is first checked against the node-by-node reference. "
             "Prints medians (us) replayed from CUDA graphs. The decoder's A/B is `python -m "
-            "longspec_lab.bench.gpu_jobs --only e2e_base,e2e_greedy_accept`."
+            "longspec_lab.bench.gpu_jobs --only e2e_base,e2e_greedy_accept_off`."
         ),
     )
     ap.add_argument(

@@ -28,7 +28,7 @@ LONGSPEC_BEAM_WARPS (8/4/2/1: that launch's warps per program), LONGSPEC_BEAM_WR
 also writes the level into the tree), LONGSPEC_HEAD_SELECT (off/auto/on: the draft's LM head and that
 selection in one launch; off: slower on the H200), LONGSPEC_STREAM_LINEAR (off/auto/on: up to 16 rows through
 a large weight in one split-K kernel; off: slower than cuBLAS on an H100),
-LONGSPEC_GREEDY_ACCEPT (off/auto/on: a verification pass's argmax and greedy acceptance in one launch),
+LONGSPEC_GREEDY_ACCEPT (auto/off/on: a verification pass's argmax and greedy acceptance in one launch),
 LONGSPEC_COMBO_KERNELS (on/off: independent generated kernels launched as one), LONGSPEC_AUTOTUNE (1/0),
 LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set; the repository's
 docs/GPU_JOBS.md says what each one changes and what it measured.

@@ -27,9 +27,9 @@ skips CPU nodes when it groups them): `combo_bound` stands in for them.
 
 `--record` counts plain decoding and the default tree under each variant of `RECORD_VARIANTS` (the defaults, and
 each switch that changes the counts: the selection in the compiled definition, the head and the selection in one
-launch, each level written by add_level instead of its selection, the verify's greedy tail in one launch), every
-one in a fresh process, and writes them with the environment:
-notebook 07 sets them beside the H200's profile.
+launch, each level written by add_level instead of its selection, the verify's greedy tail as the compiled
+definition instead of one launch), every one in a fresh process, and writes them with the environment: notebook 07
+sets them beside the H200's profile.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
@@ -44,6 +44,7 @@ import sys
 GPU_SWITCHES = {
     "LONGSPEC_BEAM_SELECT": "on",
     "LONGSPEC_BEAM_WRITE": "on",
+    "LONGSPEC_GREEDY_ACCEPT": "on",
     "LONGSPEC_NORM_LINEAR": "on",
     "LONGSPEC_QKV_ROPE": "on",
     "LONGSPEC_ROPE_TABLES": "on",
@@ -58,7 +59,7 @@ RECORD_VARIANTS = [
     ("beam_select_off", {"LONGSPEC_BEAM_SELECT": "off"}),
     ("head_select_on", {"LONGSPEC_HEAD_SELECT": "on"}),  # the LM head and the selection in one launch
     ("beam_write_off", {"LONGSPEC_BEAM_WRITE": "off"}),  # each level written by add_level, after its selection
-    ("greedy_accept_on", {"LONGSPEC_GREEDY_ACCEPT": "on"}),  # the verify's greedy tail in one launch
+    ("greedy_accept_off", {"LONGSPEC_GREEDY_ACCEPT": "off"}),  # the verify's greedy tail as the compiled definition
 ]
 RECORD_SHAPES = [("ar", "ar"), ("tree-4-16-16-16-16", "4,16,16,16,16")]
 

@@ -84,10 +84,10 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_head_select  the A/B side with LONGSPEC_HEAD_SELECT=auto (every greedy beam level's LM head and selection
                    in one launch) into OUT_DIR/head_select; the tokens should equal e2e_base's (scores may differ in
                    their last bits, as with e2e_beam_select)
-  e2e_greedy_accept  the A/B side with LONGSPEC_GREEDY_ACCEPT=auto (every verification pass's argmax, greedy
-                   acceptance, path, emitted tokens and counts in one launch instead of six) into
-                   OUT_DIR/greedy_accept; tokens must be bit-identical to e2e_base's (its compile stalled on
-                   torch 2.11 until compile_stage shortened Inductor's op descriptions: ops/accept.py)
+  e2e_greedy_accept_off  the A/B side with LONGSPEC_GREEDY_ACCEPT=off (every verification pass's argmax, greedy
+                   acceptance, path, emitted tokens and counts as the compiled definition's six launches instead of
+                   one, the default before 2026-12-06) into OUT_DIR/greedy_accept_off; tokens must be
+                   bit-identical to e2e_base's
   e2e_beam_write_off  the A/B side with LONGSPEC_BEAM_WRITE=off (each beam level written by add_level's two
                    kernels after its selection launch, the default before 2026-12-06) into OUT_DIR/beam_write_off;
                    tokens must be bit-identical to e2e_base's
@@ -287,7 +287,7 @@ def jobs(out: Path) -> dict:
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
-        "e2e_greedy_accept": _ab_job(out / "greedy_accept", "LONGSPEC_GREEDY_ACCEPT", "auto"),
+        "e2e_greedy_accept_off": _ab_job(out / "greedy_accept_off", "LONGSPEC_GREEDY_ACCEPT", "off"),
         "e2e_beam_write_off": _ab_job(out / "beam_write_off", "LONGSPEC_BEAM_WRITE", "off"),
         "greedy_accept": (
             [py, "-m", "longspec_lab.kernels.greedy_accept", "--out", str(out / "greedy_accept_h200.json")],

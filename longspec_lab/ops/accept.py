@@ -8,18 +8,23 @@ the last to arrive walking the tree in registers), bit for bit the same outputs:
 
 `fused_greedy_accept(logits, buf, out, D, R)` runs the kernel into the decoder's buffers and returns True, or
 returns False where the switch LONGSPEC_GREEDY_ACCEPT leaves the pass to the definition (the caller then runs it):
-    "off"   the definition always (the default: the kernel is not yet timed in the decoder; see below)
-    "auto"  the kernel on CUDA, for trees of at most 128 nodes (`kernels/greedy_accept.py: MAX_NODES`)
+    "auto"  the kernel on CUDA, for trees of at most 128 nodes (`kernels/greedy_accept.py: MAX_NODES`); the
+            default since the decoder's A/B below
+    "off"   the definition always
     "on"    the kernel always where it fits, also on the CPU under TRITON_INTERPRET=1 (the tests)
 The switch is read at import into `GREEDY_ACCEPT`; assign it at run time to flip it.
 
-On the GPU machine (torch 2.11, an H100, 2026-12-06; data/results/e2e_ab_beam_write_h100.log) the kernel decodes
-as the definition does in `SpecDecoder` and in `GraphDecoder` with the stages captured uncompiled, but compiling
-the verify stage with it stalled for minutes: torch 2.11's Inductor describes each op it lowers by its implicit
-fallback, printing every argument in full, for a log line it builds whether or not it is shown, and this op's
-logits print the verify's whole IR, recursively (`bench.compile_watch --ir-printers` found the caller). With that
-description cut to one line (`decoding.graphs.compile_stage` does so since) the stage compiled in 22.9 s. "off"
-stays the default until the kernel is timed in the decoder.
+On the GPU machine (torch 2.11) compiling the verify stage with the kernel first stalled for minutes: torch 2.11's
+Inductor describes each op it lowers by its implicit fallback, printing every argument in full, for a log line it
+builds whether or not it is shown, and this op's logits print the verify's whole IR, recursively
+(`bench.compile_watch --ir-printers` found the caller). With that description cut to one line
+(`decoding.graphs.compile_stage` does so) the stage compiles in seconds.
+
+Timed in the decoder on an H100 (2026-12-06, one call, `h200_speed --only e2e`, the A side with the switch off;
+data/results/e2e_ab_greedy_accept2_h100.json and its base): every method's tokens the same, the verify 1-4.5 us
+shorter (chain gamma 5 148.1 -> 143.6 us, the default tree 178.6 -> 177.6, [1,2,4,4,4,4,4] 151.1 -> 148.6) and
+tokens/s +0.6% to +1.3%. The kernel's first form, whose last program worked over [N, N] tiles, had made the default
+tree's verify 50 us longer (e2e_ab_greedy_accept_h100.json); see kernels/greedy_accept.py.
 
 Taught in: notebooks/03_one_step_slowly.ipynb
 """
@@ -32,8 +37,8 @@ import torch
 
 from longspec_lab.ops.switches import HAS_TRITON, checked
 
-CHOICES = ("off", "auto", "on")
-GREEDY_ACCEPT = os.environ.get("LONGSPEC_GREEDY_ACCEPT", "off")  # one of CHOICES (module docstring)
+CHOICES = ("auto", "off", "on")
+GREEDY_ACCEPT = os.environ.get("LONGSPEC_GREEDY_ACCEPT", "auto")  # one of CHOICES (module docstring)
 
 
 def fused_greedy_accept(logits: torch.Tensor, buf, out: dict, D: int, R: int) -> bool:

@@ -1365,13 +1365,13 @@ def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
     saw, the CPU count with the selection off (its `launches`: Inductor's kernels and ours), today's default (the
     selection on, each level from the second written by it), the bound with combo kernels too, the default with the
     LM head and the selection in one launch (LONGSPEC_HEAD_SELECT=on), with each level written after its selection
-    (LONGSPEC_BEAM_WRITE=off), and the combo bound with the verify's greedy tail in one launch
-    (LONGSPEC_GREEDY_ACCEPT=on); a stage the profile or a variant lacks shows None."""
+    (LONGSPEC_BEAM_WRITE=off), and the combo bound with the verify's greedy tail as the compiled definition
+    (LONGSPEC_GREEDY_ACCEPT=off, the default before 2026-12-06); a stage the profile or a variant lacks shows None."""
     variants = counts["variants"]
     off = variants.get("beam_select_off", {}).get("methods", {})
     head = variants.get("head_select_on", {}).get("methods", {})
     written = variants.get("beam_write_off", {}).get("methods", {})
-    tail = variants.get("greedy_accept_on", {}).get("methods", {})
+    tail = variants.get("greedy_accept_off", {}).get("methods", {})
     rows = []
     for method, stages in variants["default"]["methods"].items():
         recorded = profile.get(method, {}).get("stages", {})
@@ -1387,6 +1387,6 @@ def kernel_count_rows(counts: Mapping, profile: Mapping) -> list[dict]:
                 "CPU, default": c["launches"], "combo bound": c["launches_combo"],
                 "CPU, head + selection in one": hs["launches"] if hs else None,
                 "CPU, level written after": w["launches"] if w else None,
-                "combo bound, greedy tail in one": t["launches_combo"] if t else None,
+                "combo bound, greedy tail written out": t["launches_combo"] if t else None,
             })  # fmt: skip
     return rows

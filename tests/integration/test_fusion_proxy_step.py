@@ -46,12 +46,21 @@ def test_the_one_launch_selection_takes_out_one_kernel_and_writing_the_level_two
     """From the second level on: the selection in the compiled definition (LONGSPEC_BEAM_SELECT=off) is as many
     generated kernels as the H200 launched, plus flat_topk's two launches; the one-launch selection takes out the
     keys kernel; and the selection writing the level (LONGSPEC_BEAM_WRITE, the default) takes out the two kernels
-    of add_level after it. Nothing changes in the verify or the commit."""
-    off, select, write = _proxies(
+    of add_level after it. Nothing changes in the verify or the commit. The greedy tail in one launch (the default)
+    takes the verify's argmax and the five kernels of acceptance after it out, for one launch of its own, and
+    changes nothing else."""
+    off, select, write, tail_off = _proxies(
         ("--shape", "4,16,16", "--set", "LONGSPEC_BEAM_SELECT=off"),
         ("--shape", "4,16,16", "--set", "LONGSPEC_BEAM_WRITE=off"),
         ("--shape", "4,16,16"),  # the defaults, as on the GPU
+        ("--shape", "4,16,16", "--set", "LONGSPEC_GREEDY_ACCEPT=off"),
     )
+    for stage in ("draft1", "draft2", "draft3", "commit"):
+        assert tail_off[stage] == write[stage]
+    tail_on = {**write["verify"], "ours": dict(write["verify"]["ours"])}
+    assert tail_on["ours"].pop("longspec.greedy_accept.default") == 1
+    assert tail_on["ours"] == tail_off["verify"]["ours"]
+    assert tail_off["verify"]["generated"] - tail_on["generated"] == 6
     for level in ("draft2", "draft3"):
         assert off[level]["generated"] == _generated_on_the_h200("tree-4-16-16-16-16", level)
         assert select[level]["generated"] == off[level]["generated"] - 1  # the keys kernel

@@ -471,7 +471,7 @@ def test_kernel_count_rows_set_the_cpu_counts_beside_the_record():
             "beam_select_off": {"methods": {"tree": {"draft2": {"launches": 13, "launches_combo": 12}}}},
             "head_select_on": {"methods": {"tree": {"draft2": {"launches": 10, "launches_combo": 9}}}},
             "beam_write_off": {"methods": {"tree": {"draft2": {"launches": 13, "launches_combo": 13}}}},
-            "greedy_accept_on": {"methods": {"tree": {"commit": {"launches": 9, "launches_combo": 3}}}},
+            "greedy_accept_off": {"methods": {"tree": {"commit": {"launches": 9, "launches_combo": 3}}}},
         }
     }  # fmt: skip
     profile = {"tree": {"stages": {"draft2": {"compiled_kernels": 13}}}}
@@ -479,10 +479,10 @@ def test_kernel_count_rows_set_the_cpu_counts_beside_the_record():
     assert rows == [
         {"method": "tree", "stage": "draft2", "H200, both off": 13, "CPU, selection off": 13, "CPU, default": 11,
          "combo bound": 10, "CPU, head + selection in one": 10, "CPU, level written after": 13,
-         "combo bound, greedy tail in one": None},
+         "combo bound, greedy tail written out": None},
         {"method": "tree", "stage": "commit", "H200, both off": None, "CPU, selection off": None, "CPU, default": 9,
          "combo bound": 3, "CPU, head + selection in one": None, "CPU, level written after": None,
-         "combo bound, greedy tail in one": 3},
+         "combo bound, greedy tail written out": 3},
     ]  # fmt: skip
     del counts["variants"]["head_select_on"]  # a record made before that variant: its column is None
     assert [r["CPU, head + selection in one"] for r in viz_results.kernel_count_rows(counts, profile)] == [None, None]
