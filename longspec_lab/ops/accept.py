@@ -20,11 +20,12 @@ builds whether or not it is shown, and this op's logits print the verify's whole
 (`bench.compile_watch --ir-printers` found the caller). With that description cut to one line
 (`decoding.graphs.compile_stage` does so) the stage compiles in seconds.
 
-Timed in the decoder on an H100 (2026-12-06, one call, `h200_speed --only e2e`, the A side with the switch off;
-data/results/e2e_ab_greedy_accept2_h100.json and its base): every method's tokens the same, the verify 1-4.5 us
-shorter (chain gamma 5 148.1 -> 143.6 us, the default tree 178.6 -> 177.6, [1,2,4,4,4,4,4] 151.1 -> 148.6) and
-tokens/s +0.6% to +1.3%. The kernel's first form, whose last program worked over [N, N] tiles, had made the default
-tree's verify 50 us longer (e2e_ab_greedy_accept_h100.json); see kernels/greedy_accept.py.
+Timed in the decoder on H100s (2026-12-06, two calls, `h200_speed --only e2e` with the switch off and on;
+data/results/e2e_ab_greedy_accept2_h100.json, e2e_ab_greedy_accept3_h100.json and their bases): every method's
+tokens the same; chain gamma 5 and the tree [1,2,4,4,4,4,4] 1.0-1.3% faster in both calls (2-4.5 us a verify), the
+69-node default tree level (+0.6% and -0.3%). The kernel's first form, whose last program worked over [N, N]
+tiles, had made the default tree's verify 50 us longer (e2e_ab_greedy_accept_h100.json); see
+kernels/greedy_accept.py.
 
 Taught in: notebooks/03_one_step_slowly.ipynb
 """
