@@ -193,13 +193,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
 
     # a verification pass's greedy tail (LONGSPEC_GREEDY_ACCEPT): the default tree's 69 nodes (D 5, R 16) and a
     # chain of 5 (D 5, R 1), over the embedded model's 4,096-token vocabulary in bf16
-    for N, D, R in [(69, 5, 16), (6, 5, 1)]:
+    for N, D, R, walk in [(69, 5, 16, False), (69, 5, 16, True), (6, 5, 1, False)]:
         pow2 = triton.next_power_of_2
-        consts = dict(D=D, R=R, BLOCK_V=gacc.BLOCK_V, N_PAD=pow2(N), D_PAD=pow2(D + 1), K_PAD=pow2(2 * D + 2 * R))
+        consts = dict(D=D, R=R, BLOCK_V=gacc.BLOCK_V, N_PAD=pow2(N), D_PAD=pow2(D + 1), K_PAD=pow2(2 * D + 2 * R),
+                      WALK=walk)  # fmt: skip
         ptrs = dict(LOGITS="bf16", TOKENS="i64", PARENTS="i64", DEPTHS="i64", ANC="u8", PREDS="i64", VERIFIED="u8",
                     ACCEPTED="u8", PATH="i64", N_ACC="i64", EMITTED="i64", STATS="i64", TICKET="i32")  # fmt: skip
         sig, cx = _signature(gacc._greedy_accept_kernel, ptrs, (), consts)
-        label = f"greedy accept: {N} nodes, depth {D}, widest level {R}, 4096 bf16 logits"
+        label = f"greedy accept: {N} nodes, depth {D}, widest level {R}, 4096 bf16 logits, {'walk' if walk else 'tile'}"
         out.append((label, gacc._greedy_accept_kernel, sig, cx, dict(num_warps=gacc.NUM_WARPS)))
     consts = dict(K=16, MIN=-(2**63), BLOCK_I=rt.RANK_BLOCK_I, BLOCK_J=rt.RANK_BLOCK_J)
     sig, cx = _signature(rt._rank_select_kernel, dict(X="i64", OUT="i64"), (), consts)

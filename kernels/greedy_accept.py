@@ -62,6 +62,28 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the ke
 MAX_NODES = 128  # the last program holds the [N, N] tree mask and the rank comparison in registers
 BLOCK_V = 2048  # logits a program reads per step of its argmax walk (2 blocks for the embedded model's vocabulary)
 NUM_WARPS = 8  # the last program's [N, N] tiles: 64 entries a thread at 128 nodes
+# how the last program finds the accepted nodes: "tile" (the [N, N] mask) or "walk" (depth by depth)
+TAIL_FORM = os.environ.get("LONGSPEC_GREEDY_TAIL", "tile")
+_FORMS = ("tile", "walk")
+
+
+def _tail_form() -> str:
+    """TAIL_FORM checked (from LONGSPEC_GREEDY_TAIL; the benchmark's --forms assigns it): the accepted nodes from
+    the tree mask's [N, N] tile ("tile"), or depth by depth, each depth gathering its parents' flags from memory
+    ("walk"). Both give the definition's outputs bit for bit; they differ in the last program's work."""
+    if TAIL_FORM not in _FORMS:
+        raise ValueError(
+            f"LONGSPEC_GREEDY_TAIL / greedy_accept.TAIL_FORM = {TAIL_FORM!r} is not one of {', '.join(_FORMS)}; "
+            "unset it (default tile) or pick one of those"
+        )
+    return TAIL_FORM
+
+
+def _num_warps() -> int:
+    """NUM_WARPS checked (the benchmark's --warps assigns it): 1, 2, 4, 8 or 16 warps a program."""
+    if isinstance(NUM_WARPS, bool) or NUM_WARPS not in (1, 2, 4, 8, 16):
+        raise ValueError(f"greedy_accept.NUM_WARPS = {NUM_WARPS!r} is not 1, 2, 4, 8 or 16")
+    return NUM_WARPS
 
 
 @triton.jit
@@ -89,6 +111,7 @@ def _greedy_accept_kernel(
     D_PAD: tl.constexpr,  # a power of two >= D + 1
     K_PAD: tl.constexpr,  # a power of two >= 2D + 2R
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
+    WALK: tl.constexpr = False,  # accepted by a walk over depths (TAIL_FORM "walk"), not from the [N, N] mask tile
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
         tl.extra.cuda.gdc_wait()  # the kernel before this one (the LM head) has finished and its writes are visible
@@ -120,7 +143,6 @@ def _greedy_accept_kernel(
         par = tl.load(PARENTS + idx, mask=ok, other=-1)
         dep = tl.load(DEPTHS + idx, mask=ok, other=0)
         pr = tl.load(PREDS + idx, mask=ok, other=-1, cache_modifier=".cg")  # [N_PAD] each row's argmax
-        anc = tl.load(ANC + idx[:, None] * N + idx[None, :], mask=ok[:, None] & ok[None, :], other=0) != 0  # [N, N]
         kk = tl.arange(0, K_PAD)
         k_ok = kk < 2 * D + 2 * R
         old = tl.load(STATS + kk, mask=k_ok, other=0)
@@ -128,8 +150,22 @@ def _greedy_accept_kernel(
         # comparison over an [N, N] tile: at 128 nodes such tiles held 64 int64 a thread and spilled
         at_parent = tl.load(PREDS + par, mask=ok & (par >= 0), other=-1, cache_modifier=".cg")  # [N_PAD]
         verified = ((at_parent == tok) | (idx == 0)) & ok
-        broken = anc & (verified[None, :] == 0)  # an unverified node among a row's ancestors (or itself)
-        accepted = (tl.max(broken.to(tl.int8), 1) == 0) & ok
+        if WALK:
+            # accepted depth by depth: a node is accepted when it is verified and its parent is accepted. Each
+            # depth's flags go to ACCEPTED, where the next depth gathers them by parent id (D short rounds, no tile)
+            accepted = (idx == 0) & ok
+            tl.store(ACCEPTED + idx, accepted.to(tl.uint8), mask=ok)
+            for d in range(1, D + 1):
+                tl.debug_barrier()  # the flags this program's threads stored for depth d - 1 are visible to all
+                at_d = ok & (dep == d)
+                up = tl.load(ACCEPTED + par, mask=at_d, other=0)  # [N_PAD] the parent's flag
+                accepted = accepted | (at_d & verified & (up != 0))
+                tl.store(ACCEPTED + idx, accepted.to(tl.uint8), mask=at_d)
+        else:
+            # every row of the tree mask at once: [N_PAD, N_PAD] bytes
+            anc = tl.load(ANC + idx[:, None] * N + idx[None, :], mask=ok[:, None] & ok[None, :], other=0) != 0
+            broken = anc & (verified[None, :] == 0)  # an unverified node among a row's ancestors (or itself)
+            accepted = (tl.max(broken.to(tl.int8), 1) == 0) & ok
         key = tl.where(accepted, dep * N + (N - 1 - idx), -1)  # deepest, then lowest index
         top = tl.max(key, 0)
         win = (N - 1) - top % N
@@ -240,7 +276,7 @@ def _greedy_accept_op(
         logits, tokens, parents, depths, anc.view(torch.uint8), preds, verified.view(torch.uint8),
         accepted.view(torch.uint8), path, n_acc, emitted, stats, tickets(logits.device), N, V, logits.stride(0),
         D=D, R=R, BLOCK_V=min(BLOCK_V, pow2(V)), N_PAD=pow2(N), D_PAD=pow2(D + 1), K_PAD=pow2(2 * D + 2 * R),
-        num_warps=NUM_WARPS, **launch_args(logits.device),
+        WALK=_tail_form() == "walk", num_warps=_num_warps(), **launch_args(logits.device),
     )  # fmt: skip
 
 
@@ -335,6 +371,8 @@ def main(argv=None) -> int:
     """Time the one-launch greedy tail against torch's argmax alone (compiled), and against one launch (CUDA)."""
     import argparse
 
+    global TAIL_FORM, NUM_WARPS  # --forms and --warps set them for each timed run, and put them back
+
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.kernels.greedy_accept",
         description=(
@@ -353,8 +391,23 @@ def main(argv=None) -> int:
         help="semicolon-separated tree shapes, level widths comma-separated (default %(default)s)",
     )
     ap.add_argument("--vocab", type=int, default=4096, help="tokens V (default: the embedded model's 4096)")
+    ap.add_argument(
+        "--forms", default=TAIL_FORM,
+        help="comma-separated forms of the last program's acceptance to time: tile (the [N, N] mask tile) and/or "
+        "walk (depth by depth) (default %(default)s)",
+    )  # fmt: skip
+    ap.add_argument("--warps", default=str(NUM_WARPS), help="comma-separated warps a program: 1, 2, 4, 8, 16")
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
+    forms = [f.strip() for f in a.forms.split(",") if f.strip()]
+    if not forms or any(f not in _FORMS for f in forms):
+        ap.error(f"--forms takes {' and/or '.join(_FORMS)}, comma-separated; got {a.forms!r}")
+    try:
+        warps = [int(w) for w in a.warps.split(",")]
+    except ValueError:
+        warps = []
+    if not warps or any(w not in (1, 2, 4, 8, 16) for w in warps):
+        ap.error(f"--warps takes 1, 2, 4, 8 or 16, comma-separated; got {a.warps!r}")
     try:
         shapes = [[int(w) for w in s.split(",")] for s in a.shapes.split(";")]
     except ValueError:
@@ -381,18 +434,27 @@ def main(argv=None) -> int:
         out = {"preds": L(N), "verified": B(N), "accepted": B(N), "path": L(D + 1), "n_acc": L(1),
                "emitted": L(D + 1), "stats": L(2 * D + 2 * R)}  # fmt: skip
         run = lambda: greedy_accept(logits, tokens, parents, depths, anc, out, D, R)  # noqa: E731
-        run()
         ref = greedy_accept_reference(logits, tokens, parents, depths, anc, D, R)
-        wrong = [k for k in ref if k != "stats" and not torch.equal(out[k].cpu(), ref[k])]
-        if wrong:
-            print(f"{widths}: the kernel's {', '.join(wrong)} differ from the reference -- not timed")
-            continue
-        us = {"kernel": do_bench_cudagraph(run, return_mode="median") * 1e3,
-              "argmax_compiled": do_bench_cudagraph(lambda: argmax(logits), return_mode="median") * 1e3}  # fmt: skip
+        us, wrong = {}, []
+        default = (TAIL_FORM, NUM_WARPS)
+        for form in forms:
+            for w in warps:
+                TAIL_FORM, NUM_WARPS = form, w
+                run()
+                bad = [k for k in ref if k != "stats" and not torch.equal(out[k].cpu(), ref[k])]
+                if bad:
+                    wrong.append(f"{form}/{w} warps: {', '.join(bad)}")
+                    continue
+                name = "kernel" if (form, w) == default else f"kernel_{form}_w{w}"
+                us[name] = do_bench_cudagraph(run, return_mode="median") * 1e3
+        TAIL_FORM, NUM_WARPS = default
+        for line in wrong:
+            print(f"{widths}: {line} differ from the reference -- not timed")
+        us["argmax_compiled"] = do_bench_cudagraph(lambda: argmax(logits), return_mode="median") * 1e3
         case = {"shape": widths, "nodes": N, "us": us, "vs_launch_floor": {k: v / launch_us for k, v in us.items()}}
         report["cases"].append(case)
-        print(f"{widths} ({N} nodes, V={a.vocab}): kernel {us['kernel']:.1f} us, the argmax alone compiled "
-              f"{us['argmax_compiled']:.1f} us, one launch {launch_us:.2f} us")  # fmt: skip
+        timed = ", ".join(f"{k} {v:.1f}" for k, v in us.items())
+        print(f"{widths} ({N} nodes, V={a.vocab}; us): {timed}; one launch {launch_us:.2f} us")
     if a.out:
         from longspec_lab.provenance import stamp, write_new_json
 

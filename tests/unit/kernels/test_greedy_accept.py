@@ -75,7 +75,11 @@ SHAPES = [(4, 16, 16, 16, 16), (1,), (1, 1, 1, 1, 1, 1, 1), (1, 3, 9), (2, 4, 8,
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("p_match", [0.3, 0.95])
-def test_kernel_equals_the_reference_and_the_definition(shape, p_match):
+@pytest.mark.parametrize("form", ga._FORMS)
+def test_kernel_equals_the_reference_and_the_definition(shape, p_match, form, monkeypatch):
+    """Both forms of the last program's acceptance (the mask tile, the walk by depth); random parents and tokens
+    drawn from a small vocabulary often give siblings the same token, so several nodes of a depth are accepted."""
+    monkeypatch.setattr(ga, "TAIL_FORM", form)
     for seed in range(3):
         buf, logits = _tree(shape, V=300, seed=seed + 17 * len(shape), p_match=p_match, sort_parents=seed == 0)
         out, before = _run(buf, logits)
@@ -118,6 +122,17 @@ def test_ties_take_the_first_index_in_every_dtype(dtype, monkeypatch):
     out, _ = _run(buf, logits)
     assert torch.equal(out["preds"], logits.argmax(-1))
     assert out["preds"][5] == 40
+
+
+def test_a_form_or_warp_count_that_does_not_exist_is_named(monkeypatch):
+    buf, logits = _tree((2, 4), V=50, seed=5)
+    monkeypatch.setattr(ga, "TAIL_FORM", "scan")
+    with pytest.raises(ValueError, match="TAIL_FORM = 'scan' is not one of tile, walk; unset it"):
+        _run(buf, logits)
+    monkeypatch.setattr(ga, "TAIL_FORM", "tile")
+    monkeypatch.setattr(ga, "NUM_WARPS", 3)
+    with pytest.raises(ValueError, match="NUM_WARPS = 3 is not 1, 2, 4, 8 or 16"):
+        _run(buf, logits)
 
 
 def test_rows_of_minus_infinity_and_nan(monkeypatch):
