@@ -215,9 +215,24 @@ def masked_attention_reference(q, k, v, mask, scale=None, dtype=torch.float64):
     return (p @ vv).masked_fill(~seen[:, None], 0.0)
 
 
+# the largest row tile (LONGSPEC_MASKED_TILE_ROWS): 16 since 2026-12-06. A 16-parent level's 32 stacked rows in two
+# tiles of 16 took 6.7 us alone on an H100 against 7.7 in one tile of 32 (data/results/masked_attention_rows_h100.json;
+# 1 and 4 parents already used 16); 64 was the cap before.
+TILE_ROWS = os.environ.get("LONGSPEC_MASKED_TILE_ROWS", "16")
+
+
+def _tile_rows() -> int:
+    """TILE_ROWS checked: 16, 32 or 64."""
+    if str(TILE_ROWS).strip() not in ("16", "32", "64"):
+        raise ValueError(f"LONGSPEC_MASKED_TILE_ROWS={TILE_ROWS!r} is not 16, 32 or 64; unset it (default 16)")
+    return int(TILE_ROWS)
+
+
 def launch_config(rows: int, keys: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS) for `rows` = G * T stacked query rows over `keys` keys."""
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, SPLITS) for `rows` = G * T stacked query rows over `keys` keys:
+    row tiles of at most TILE_ROWS rows (more programs, each with fewer rows, pay better than fewer larger ones on a
+    draft level's shapes), and about two 64-key tiles per split."""
+    block_m = min(_tile_rows(), max(16, triton.next_power_of_2(rows)))
     splits = min(8, triton.next_power_of_2(triton.cdiv(keys, 128)))  # about two key tiles per split
     return block_m, 64, 4, 2, splits
 

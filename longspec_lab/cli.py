@@ -29,6 +29,8 @@ also writes the level into the tree), LONGSPEC_HEAD_SELECT (off/auto/on: the dra
 selection in one launch; off: slower on the H200), LONGSPEC_STREAM_LINEAR (off/auto/on: up to 16 rows through
 a large weight in one split-K kernel; off: slower than cuBLAS on an H100),
 LONGSPEC_GREEDY_ACCEPT (auto/off/on: a verification pass's argmax and greedy acceptance in one launch),
+LONGSPEC_GREEDY_TAIL (walk/tile: how that launch finds the accepted nodes), LONGSPEC_MASKED_TILE_ROWS (16/32/64:
+the draft's window-attention kernel's largest row tile),
 LONGSPEC_COMBO_KERNELS (on/off: independent generated kernels launched as one), LONGSPEC_AUTOTUNE (1/0),
 LONGSPEC_COMPILE_MODE (default). Every JSON a command writes records the ones set; the repository's
 docs/GPU_JOBS.md says what each one changes and what it measured.

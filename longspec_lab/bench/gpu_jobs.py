@@ -91,9 +91,12 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_beam_write_off  the A/B side with LONGSPEC_BEAM_WRITE=off (each beam level written by add_level's two
                    kernels after its selection launch, the default before 2026-12-06) into OUT_DIR/beam_write_off;
                    tokens must be bit-identical to e2e_base's
-  e2e_greedy_tail_walk  the A/B side with LONGSPEC_GREEDY_TAIL=walk (the greedy tail's last program finds the
-                   accepted nodes depth by depth instead of from the [N, N] mask tile) into OUT_DIR/greedy_tail_walk;
-                   tokens must be bit-identical to e2e_base's
+  e2e_greedy_tail_tile  the A/B side with LONGSPEC_GREEDY_TAIL=tile (the greedy tail's last program finds the
+                   accepted nodes from the [N, N] mask tile, not depth by depth: the default before 2026-12-06) into
+                   OUT_DIR/greedy_tail_tile; tokens must be bit-identical to e2e_base's
+  e2e_masked_tile_rows_64  the A/B side with LONGSPEC_MASKED_TILE_ROWS=64 (the draft's window attention in row
+                   tiles of up to 64 stacked rows, the default before 2026-12-06, instead of 16) into
+                   OUT_DIR/masked_tile_rows_64; tokens must be bit-identical to e2e_base's
   greedy_accept    python -m longspec_lab.kernels.greedy_accept (that launch alone against the argmax alone,
                    compiled, on the default tree, a narrow tree and a chain)
   e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
@@ -292,9 +295,20 @@ def jobs(out: Path) -> dict:
         "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
         "e2e_greedy_accept_off": _ab_job(out / "greedy_accept_off", "LONGSPEC_GREEDY_ACCEPT", "off"),
         "e2e_beam_write_off": _ab_job(out / "beam_write_off", "LONGSPEC_BEAM_WRITE", "off"),
-        "e2e_greedy_tail_walk": _ab_job(out / "greedy_tail_walk", "LONGSPEC_GREEDY_TAIL", "walk"),
+        "e2e_greedy_tail_tile": _ab_job(out / "greedy_tail_tile", "LONGSPEC_GREEDY_TAIL", "tile"),
+        "e2e_masked_tile_rows_64": _ab_job(out / "masked_tile_rows_64", "LONGSPEC_MASKED_TILE_ROWS", "64"),
         "greedy_accept": (
-            [py, "-m", "longspec_lab.kernels.greedy_accept", "--out", str(out / "greedy_accept_h200.json")],
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.greedy_accept",
+                "--forms",
+                "walk,tile",
+                "--warps",
+                "4,8",
+                "--out",
+                str(out / "greedy_accept_h200.json"),
+            ],  # fmt: skip
             120,
             {},
         ),

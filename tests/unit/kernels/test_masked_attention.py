@@ -61,6 +61,21 @@ def test_kernel_matches_reference(T, Hq, Hkv, S, shared, dtype, tol):
     torch.testing.assert_close(got.double(), ma.masked_attention_reference(q, k, v, mask), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("tile_rows", ["16", "32", "64"])
+def test_every_row_tile_cap_gives_the_reference(tile_rows, monkeypatch):
+    """LONGSPEC_MASKED_TILE_ROWS: a 16-parent level's 32 stacked rows in two tiles of 16 or one of 32, 80 rows in
+    five, three or two tiles; the config follows the cap."""
+    monkeypatch.setattr(ma, "TILE_ROWS", tile_rows)
+    assert ma.launch_config(32, 586)[0] == min(32, int(tile_rows)) and ma.launch_config(2, 586)[0] == 16
+    for T in (16, 40):
+        q, k, v, mask = _case(T, 4, 2, 90, seed=T)
+        got = ma.masked_attention(q, k, v, mask)
+        torch.testing.assert_close(got.double(), ma.masked_attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(ma, "TILE_ROWS", "24")
+    with pytest.raises(ValueError, match="LONGSPEC_MASKED_TILE_ROWS='24' is not 16, 32 or 64"):
+        ma.launch_config(32, 586)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 4, 8])
 @pytest.mark.parametrize("T,S", [(1, 37), (5, 170), (40, 33)])
 def test_split_keys_merge_to_the_reference_and_leave_the_tickets_at_zero(T, S, splits):
