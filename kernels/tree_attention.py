@@ -606,6 +606,48 @@ _SLOTS_PER_SM = 2  # programs the planner counts as resident on one SM
 # 6 splits 60.6 us against 13 shorter ones 63.9 us; the embedded model's verify: 11 splits 10.3 us against
 # 33 splits 10.7 us (tree_attention_h200_vector_merge*.json, the sweep).
 _SPLIT_PLANS = {"one_tile": (64, 64), "row_tiles": (128, 16)}  # (key granularity, most splits)
+# LONGSPEC_ROW_TILE_SPLITS: the most splits of a pass with several row tiles (16 above unless set). With 32 the
+# embedded model's verify at a 2.7k prefix gets 22 splits of 128 keys instead of 11 of 256: 9.5 against 10.3 us
+# alone on the H200 at 0e06c7e, with BLOCK_N 32 (LONGSPEC_ROW_TILE_CONFIG=32:4:2) 8.8 us
+# (tree_attention_sweep_small_h200.json, before the tree's own programs). The decoder's A/B decides.
+ROW_TILE_SPLITS = os.environ.get("LONGSPEC_ROW_TILE_SPLITS", "")
+# LONGSPEC_ROW_TILE_CONFIG="BLOCK_N:warps:stages": one fixed split-kernel config (plain loads) for passes with
+# several row tiles, in place of the tuned or fixed one (verification passes; decode and draft levels keep theirs)
+ROW_TILE_CONFIG = os.environ.get("LONGSPEC_ROW_TILE_CONFIG", "")
+
+
+def _row_tile_splits() -> int:
+    """The most splits of a pass with several row tiles: LONGSPEC_ROW_TILE_SPLITS checked, else the table's."""
+    if not str(ROW_TILE_SPLITS).strip():
+        return _SPLIT_PLANS["row_tiles"][1]
+    try:
+        most = int(ROW_TILE_SPLITS)
+    except ValueError:
+        most = 0
+    if not 1 <= most <= 64:
+        raise ValueError(f"LONGSPEC_ROW_TILE_SPLITS={ROW_TILE_SPLITS!r} is not a count from 1 to 64; unset it (16)")
+    return most
+
+
+_ROW_TILE_KERNELS: dict = {}
+
+
+def _row_tile_kernel(spec: str):
+    """The split kernel fixed to LONGSPEC_ROW_TILE_CONFIG's "BLOCK_N:warps:stages" (plain loads), built once."""
+    if spec not in _ROW_TILE_KERNELS:
+        try:
+            bn, warps, stages = (int(x) for x in spec.split(":"))
+        except ValueError:
+            bn = warps = stages = 0
+        if bn not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or not 1 <= stages <= 5:
+            raise ValueError(
+                f"LONGSPEC_ROW_TILE_CONFIG={spec!r} is not BLOCK_N:warps:stages (BLOCK_N 16/32/64/128, warps "
+                "1/2/4/8, stages 1-5), e.g. 32:4:2; unset it to keep the split kernel's own config"
+            )
+        _ROW_TILE_KERNELS[spec] = _autotuned([_cfg(bn, warps, stages, False)])
+    return _ROW_TILE_KERNELS[spec]
+
+
 _ALLOCATOR_SET = False
 
 
@@ -650,7 +692,7 @@ def plan_splits(max_prefix: int, rows: int, batch_kv_heads: int, device, num_spl
     so P = 1k still fills the GPU and long prefixes get whole waves. `num_splits` forces a count (the result
     may be lower after rounding)."""
     bm = block_m or _pick_block_m(rows)
-    align, most = _SPLIT_PLANS["one_tile" if rows <= bm else "row_tiles"]
+    align, most = _SPLIT_PLANS["one_tile"] if rows <= bm else (_SPLIT_PLANS["row_tiles"][0], _row_tile_splits())
     align = 16 if _INTERPRET else int(os.environ.get("LONGSPEC_SPLIT_ALIGN", align))
     if max_prefix <= 0:
         return 1, align
@@ -1070,6 +1112,8 @@ def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_s
     else:
         use_tma = tma and USE_TMA_LOADS
         kern = _split_kernel if use_tma else _split_kernel_plain
+        if ROW_TILE_CONFIG and grid[0] > 1:  # several row tiles: the fixed config asked for (plain loads)
+            use_tma, kern = False, _row_tile_kernel(ROW_TILE_CONFIG)
         if use_tma:
             _ensure_allocator()
         n_tuned = len(getattr(kern, "cache", ()))

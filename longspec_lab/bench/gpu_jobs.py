@@ -97,6 +97,11 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_masked_tile_rows_64  the A/B side with LONGSPEC_MASKED_TILE_ROWS=64 (the draft's window attention in row
                    tiles of up to 64 stacked rows, the default before 2026-12-06, instead of 16) into
                    OUT_DIR/masked_tile_rows_64; tokens must be bit-identical to e2e_base's
+  e2e_row_tile_splits_32  the A/B side with LONGSPEC_ROW_TILE_SPLITS=32 (a verification pass with several row
+                   tiles split into up to 32 prefix chunks of 128 keys instead of 16: the default tree's verify at
+                   a 2.7k prefix 22 splits instead of 11) into OUT_DIR/row_tile_splits_32
+  e2e_row_tile_config_32  the same with LONGSPEC_ROW_TILE_CONFIG=32:4:2 (those passes' split kernel on 32-key
+                   tiles, 4 warps, 2 stages) into OUT_DIR/row_tile_config_32
   greedy_accept    python -m longspec_lab.kernels.greedy_accept (that launch alone against the argmax alone,
                    compiled, on the default tree, a narrow tree and a chain)
   e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
@@ -297,6 +302,10 @@ def jobs(out: Path) -> dict:
         "e2e_beam_write_off": _ab_job(out / "beam_write_off", "LONGSPEC_BEAM_WRITE", "off"),
         "e2e_greedy_tail_tile": _ab_job(out / "greedy_tail_tile", "LONGSPEC_GREEDY_TAIL", "tile"),
         "e2e_masked_tile_rows_64": _ab_job(out / "masked_tile_rows_64", "LONGSPEC_MASKED_TILE_ROWS", "64"),
+        "e2e_row_tile_splits_32": _ab_job(out / "row_tile_splits_32", "LONGSPEC_ROW_TILE_SPLITS", "32"),
+        "e2e_row_tile_config_32": _ab_job(
+            out / "row_tile_config_32", "LONGSPEC_ROW_TILE_SPLITS", "32", LONGSPEC_ROW_TILE_CONFIG="32:4:2"
+        ),
         "greedy_accept": (
             [
                 py,

@@ -520,3 +520,26 @@ def test_tree_split_switch_auto_and_bad_value(monkeypatch):
     monkeypatch.setattr(ta, "TREE_SPLIT", "sometimes")
     with pytest.raises(ValueError, match="LONGSPEC_TREE_SPLIT='sometimes'"):
         ta.tree_split_applies(138, 64, False)
+
+
+def test_row_tile_splits_bound_the_plan_of_several_row_tiles_only(monkeypatch):
+    """LONGSPEC_ROW_TILE_SPLITS caps a multi-row-tile pass's splits (the verification's); one-tile passes keep
+    their own table entry; a bad value or config is named with its fix."""
+    monkeypatch.setattr(ta, "_sm_count", lambda device: 132)  # an H100's programs, so the cap is what binds
+    rows, bm = 144, 64  # three row tiles of 64, as the default tree's verify
+    monkeypatch.setattr(ta, "ROW_TILE_SPLITS", "")
+    default, _ = ta.plan_splits(2700, rows, 2, "cpu", block_m=bm)
+    one_tile = ta.plan_splits(2700, 8, 2, "cpu", block_m=bm)  # 16 stacked rows: one row tile
+    for most in ("2", "5", "32"):
+        monkeypatch.setattr(ta, "ROW_TILE_SPLITS", most)
+        n, length = ta.plan_splits(2700, rows, 2, "cpu", block_m=bm)
+        assert n <= int(most) and n * length >= 2700 and (n - 1) * length < 2700
+        assert ta.plan_splits(2700, 8, 2, "cpu", block_m=bm) == one_tile
+    monkeypatch.setattr(ta, "ROW_TILE_SPLITS", "2")
+    assert ta.plan_splits(2700, rows, 2, "cpu", block_m=bm)[0] == 2 < default
+    monkeypatch.setattr(ta, "ROW_TILE_SPLITS", "0")
+    with pytest.raises(ValueError, match="LONGSPEC_ROW_TILE_SPLITS='0' is not a count from 1 to 64"):
+        ta.plan_splits(2700, rows, 2, "cpu", block_m=bm)
+    with pytest.raises(ValueError, match="LONGSPEC_ROW_TILE_CONFIG='32:4' is not BLOCK_N:warps:stages"):
+        ta._row_tile_kernel("32:4")
+    assert ta._row_tile_kernel("32:4:2").configs[0].kwargs["BLOCK_N"] == 32
