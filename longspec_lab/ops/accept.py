@@ -25,7 +25,9 @@ data/results/e2e_ab_greedy_accept2_h100.json, e2e_ab_greedy_accept3_h100.json an
 tokens the same; chain gamma 5 and the tree [1,2,4,4,4,4,4] 1.0-1.3% faster in both calls (2-4.5 us a verify), the
 69-node default tree level (+0.6% and -0.3%). The kernel's first form, whose last program worked over [N, N]
 tiles, had made the default tree's verify 50 us longer (e2e_ab_greedy_accept_h100.json); see
-kernels/greedy_accept.py.
+kernels/greedy_accept.py. Since its last program walks the tree depth by depth instead of reading the whole mask
+(LONGSPEC_GREEDY_TAIL, the same day) the default tree's verify is 8 us shorter as well: 178.9 -> 171.1 us
+(e2e_ab_greedy_tail_walk_h100.json against its base).
 
 Taught in: notebooks/03_one_step_slowly.ipynb
 """
