@@ -47,6 +47,9 @@ shape:
 
     python -m longspec_lab.kernels.beam_select --rows 1,4,16 --vocab 4096 --width 4,16,16
 
+With --phases it also times each form stopped early (`phase_probe`, the kernel's PHASES: after the log-sum-exp walk,
+after the chunk's top-k), so that the parts of a level's selection come out by difference.
+
 Taught in: notebooks/02_tree_shapes.ipynb
 """
 
@@ -61,7 +64,8 @@ from longspec_lab.kernels.row_topk import _algo, _block_v, _flat_first_block, _s
 from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
-_MIN_KEY = tl.constexpr(-(2**63))  # below every key: the padding of masked columns and of unused candidates
+_MIN_KEY_INT = -(2**63)
+_MIN_KEY = tl.constexpr(_MIN_KEY_INT)  # below every key: the padding of masked columns and of unused candidates
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_VOCAB = 16384  # each chunk program reads its whole row for the log-sum-exp; beyond this, the two-step path
 MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 or 8 warps
@@ -105,6 +109,7 @@ def _beam_select_kernel(
     INTO: tl.constexpr = False,  # also write the level into the tree buffers (LONGSPEC_BEAM_WRITE)
     W_TILE: tl.constexpr = 1,  # with INTO: a power of two >= W
     N_TILE: tl.constexpr = 1,  # with INTO: a power of two >= N
+    PHASES: tl.constexpr = 3,  # a timing probe stops early: 1 after the log-sum-exp, 2 after the chunk's top-k
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
         tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
@@ -125,43 +130,49 @@ def _beam_select_kernel(
         row_sum = row_sum * tl.exp(row_max - safe) + _sum(tl.exp(x - safe), 0)
         row_max = new_max
     log_sum = tl.log(row_sum)
-    # 2. this chunk's keys
-    offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] token ids
-    ok = offs < V
-    x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-    score = tl.load(SCORES + row) + ((x - row_max) - log_sum)  # parent + log_softmax, in float32
-    order = _order_bits(score).to(tl.int64)  # same order as the floats
-    rev = (n_rows * V - 1 - (row * V + offs)).to(tl.int64)  # lower flat index -> larger key
-    key = tl.where(ok, (order << 32) + rev, _MIN_KEY)
-    # 3. the chunk's K largest keys into the scratch
-    _store_topk(CAND + (row * n_chunks + chunk).to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
-    # 4. the last program to arrive selects the W largest of every chunk's keys
-    tl.debug_barrier()  # every store of this program is issued before its ticket moves
-    arrived = tl.atomic_add(TICKET, 1, sem="acq_rel", scope="gpu")
-    total = n_rows * n_chunks
-    if arrived == total - 1:
-        offs_c = tl.arange(0, CAND_PAD)
-        cand = tl.load(CAND + offs_c, mask=offs_c < total * K, other=_MIN_KEY, cache_modifier=".cg")
-        _store_topk(OUT, cand, _MIN_KEY, W, BITONIC, W_POW2)
-        if INTO:  # 5. the level itself, as spec/draft.py's _decode_keys and TreeBuffers.add_level make it
-            tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
-            offs_w = tl.arange(0, W_TILE)
-            w_ok = offs_w < W
-            best = tl.load(OUT + offs_w, mask=w_ok, other=0)  # [W_TILE] the level's keys, best first
-            flat = (n_rows * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits: the reversed flat index
-            node = lo + offs_w
-            parent = plo + flat // V
-            bits = (best >> 32).to(tl.int32)  # the high 32 bits: the score's order bits
-            level_score = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
-            tl.store(TOKENS + node, flat % V, mask=w_ok)
-            tl.store(PARENTS + node, parent, mask=w_ok)
-            tl.store(TREE_SCORES + node, level_score, mask=w_ok)
-            cols = tl.arange(0, N_TILE)
-            both = w_ok[:, None] & (cols < N)[None, :]
-            up = tl.load(ANC + parent[:, None] * N + cols[None, :], mask=both, other=0)  # [W_TILE, N_TILE] the parents'
-            own = (up != 0) | (cols[None, :] == node[:, None])  # [W_TILE, N_TILE] each node's own mask row
-            tl.store(ANC + node[:, None] * N + cols[None, :], own.to(tl.uint8), mask=both)
-        tl.atomic_xchg(TICKET, 0)
+    if PHASES == 1:  # the timing probe (`main --phases`): the log-sum-exp walk alone, its result kept
+        lse = (row_max + log_sum).to(tl.int32, bitcast=True).to(tl.int64)  # the float's bits
+        tl.store(CAND + (row * n_chunks + chunk).to(tl.int64) * K, lse)
+    else:
+        # 2. this chunk's keys
+        offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] token ids
+        ok = offs < V
+        x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+        score = tl.load(SCORES + row) + ((x - row_max) - log_sum)  # parent + log_softmax, in float32
+        order = _order_bits(score).to(tl.int64)  # same order as the floats
+        rev = (n_rows * V - 1 - (row * V + offs)).to(tl.int64)  # lower flat index -> larger key
+        key = tl.where(ok, (order << 32) + rev, _MIN_KEY)
+        # 3. the chunk's K largest keys into the scratch
+        _store_topk(CAND + (row * n_chunks + chunk).to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
+        if PHASES >= 3:  # (the probe's PHASES 2 stops after the chunk's top-k)
+            # 4. the last program to arrive selects the W largest of every chunk's keys
+            tl.debug_barrier()  # every store of this program is issued before its ticket moves
+            arrived = tl.atomic_add(TICKET, 1, sem="acq_rel", scope="gpu")
+            total = n_rows * n_chunks
+            if arrived == total - 1:
+                offs_c = tl.arange(0, CAND_PAD)
+                cand = tl.load(CAND + offs_c, mask=offs_c < total * K, other=_MIN_KEY, cache_modifier=".cg")
+                _store_topk(OUT, cand, _MIN_KEY, W, BITONIC, W_POW2)
+                if INTO:  # 5. the level itself, as spec/draft.py's _decode_keys and TreeBuffers.add_level make it
+                    tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
+                    offs_w = tl.arange(0, W_TILE)
+                    w_ok = offs_w < W
+                    best = tl.load(OUT + offs_w, mask=w_ok, other=0)  # [W_TILE] the level's keys, best first
+                    flat = (n_rows * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits: the reversed flat index
+                    node = lo + offs_w
+                    parent = plo + flat // V
+                    bits = (best >> 32).to(tl.int32)  # the high 32 bits: the score's order bits
+                    level_score = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+                    tl.store(TOKENS + node, flat % V, mask=w_ok)
+                    tl.store(PARENTS + node, parent, mask=w_ok)
+                    tl.store(TREE_SCORES + node, level_score, mask=w_ok)
+                    cols = tl.arange(0, N_TILE)
+                    both = w_ok[:, None] & (cols < N)[None, :]
+                    # [W_TILE, N_TILE] the parents' mask rows
+                    up = tl.load(ANC + parent[:, None] * N + cols[None, :], mask=both, other=0)
+                    own = (up != 0) | (cols[None, :] == node[:, None])  # [W_TILE, N_TILE] each node's own mask row
+                    tl.store(ANC + node[:, None] * N + cols[None, :], own.to(tl.uint8), mask=both)
+                tl.atomic_xchg(TICKET, 0)
 
 
 def beam_keys_reference(logits: torch.Tensor, parent_scores: torch.Tensor) -> torch.Tensor:
@@ -213,11 +224,13 @@ def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
     )  # fmt: skip
 
 
-def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, **into) -> torch.Tensor:
-    """One launch of the selection kernel (checked inputs), with `into` the INTO form's arguments: [width] keys."""
+def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, phases=3, cand=None, **into):
+    """One launch of the selection kernel (checked inputs), with `into` the INTO form's arguments: [width] keys.
+    `phases` < 3 and `cand`: the timing probe (`phase_probe`)."""
     n, V = logits.shape
     p = plan(n, V, width, block_v)
-    cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
+    if cand is None:
+        cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
     out = torch.empty(width, dtype=torch.int64, device=logits.device)
     bitonic = _algo() == "bitonic"
     pow2 = triton.next_power_of_2
@@ -225,9 +238,26 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, **i
         logits, parent_scores, cand, out, tickets(logits.device), V, logits.stride(0), p["n_chunks"],
         K=p["kept"], W=width, BLOCK_V=p["block_v"], BLOCK_L=lse_block(V, num_warps),
         CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
-        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), **into,
+        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), PHASES=phases,
+        **into,
     )  # fmt: skip
     return out
+
+
+PHASES = {1: "the log-sum-exp walk", 2: "the walk, the chunk's keys and its top-k", 3: "the whole selection"}
+
+
+def phase_probe(logits, parent_scores, width: int, phases: int, block_v=None, num_warps=None) -> torch.Tensor:
+    """A timing probe, not for decoding: one launch of the kernel that stops after `phases` (PHASES: 1, 2 or 3),
+    so that `main --phases` can time each part of the selection by difference. Returns the launch's scratch
+    [n * n_chunks * K] int64: with 1, each chunk's first slot holds its row's log-sum-exp (float32 bits); with 2 or
+    3, each chunk's K largest keys, descending. Checked as `beam_select`."""
+    if phases not in PHASES:
+        raise ValueError(f"phases must be one of {sorted(PHASES)} ({'; '.join(PHASES.values())}), got {phases!r}")
+    logits, parent_scores, p, num_warps = _checked(logits, parent_scores, width, block_v, num_warps)
+    cand = torch.full((p["candidates"],), _MIN_KEY_INT, dtype=torch.int64, device=logits.device)
+    _launch(logits, parent_scores, width, p["block_v"], num_warps, phases=phases, cand=cand)
+    return cand
 
 
 @torch.library.custom_op("longspec::beam_select", mutates_args=())
@@ -447,6 +477,11 @@ def main(argv=None) -> int:
     )
     add_level_args(ap, block_v="512", warps="8")
     ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
+    ap.add_argument(
+        "--phases", action="store_true",
+        help="also time each kernel form stopped after its log-sum-exp walk (_phase1) and after its chunk's top-k "
+        "(_phase2): the parts of a selection by difference (probes: their outputs are partial, not checked)",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     algos = a.algo.split(",")
     if any(x not in ("max", "bitonic") for x in algos):
@@ -473,6 +508,16 @@ def main(argv=None) -> int:
                 al, lambda: beam_select(logits, scores, w, b, nw)
             )
         case = {"rows": n, "width": w, "us": time_level_forms(forms, exact, want, 1e-5), "plan": plan(n, a.vocab, w)}
+        if a.phases:
+            from triton.testing import do_bench_cudagraph
+
+            for b, al, nw in [(b, al, nw) for b in blocks for al in algos for nw in warps]:
+                for ph in (1, 2):
+                    run = lambda b=b, al=al, nw=nw, ph=ph: _with_algo(  # noqa: E731
+                        al, lambda: phase_probe(logits, scores, w, ph, b, nw)
+                    )
+                    run()
+                    case["us"][f"kernel_{b}_{al}_{nw}w_phase{ph}"] = do_bench_cudagraph(run, return_mode="median") * 1e3
         add_case(report, case, "definition_compiled", "definition", launch_us, f"n={n} w={w} V={a.vocab}")
     if a.out:
         from longspec_lab.provenance import stamp, write_new_json

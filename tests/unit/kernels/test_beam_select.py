@@ -384,3 +384,31 @@ def test_a_greedy_decode_with_the_level_written_in_the_launch(decodes_the_same, 
     monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
     text = "class Stack:\n    def __init__(self):\n        self.items = []\n"
     decodes_the_same(ops_topk, "BEAM_WRITE", text, method="tree", tree_shape=[2, 4, 4])
+
+
+@pytest.mark.parametrize("algo", ["max", "bitonic"])
+def test_the_timing_probe_stops_after_each_phase_with_that_phase_done(algo, monkeypatch):
+    """`phase_probe` (main --phases): phase 1 leaves each row's log-sum-exp in its chunks' first slots, phase 2
+    each chunk's K largest keys of the definition (its pairs; the scores to the log-sum-exp's last bits), and
+    neither touches the ticket; phase 3 is the whole selection,
+    whose candidates hold the level's best key."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", algo)
+    logits, scores = _level(3, 300, seed=11)
+    w, block = 5, 64
+    p = bs.plan(3, 300, w, block)
+    n_chunks, K = p["n_chunks"], p["kept"]
+    lse = bs.phase_probe(logits, scores, w, 1, block).view(3, n_chunks, K)[:, :, 0]  # [n, n_chunks]
+    got = lse.to(torch.int32).view(torch.float32)
+    torch.testing.assert_close(got, torch.logsumexp(logits.double(), -1).float()[:, None].expand(3, n_chunks))
+    keys = bs.beam_keys_reference(logits, scores)  # [n, V]
+    cand = bs.phase_probe(logits, scores, w, 2, block).view(3, n_chunks, K)
+    for c in range(n_chunks):
+        want = torch.topk(keys[:, c * block : (c + 1) * block], min(K, keys[:, c * block :].shape[1]), dim=1).values
+        got = cand[:, c, : want.shape[1]]  # the same pairs (low 32 bits), scores to the last bits of the sum
+        assert torch.equal(got & 0xFFFFFFFF, want & 0xFFFFFFFF), c
+        assert ((got >> 32) - (want >> 32)).abs().max() <= 4, c
+    assert not tickets(logits.device).any()
+    full = bs.phase_probe(logits, scores, w, 3, block)
+    assert int(full.max()) == int(bs.beam_select(logits, scores, w, block)[0]) and not tickets(logits.device).any()
+    with pytest.raises(ValueError, match="phases must be one of \\[1, 2, 3\\]"):
+        bs.phase_probe(logits, scores, w, 4, block)
