@@ -606,13 +606,16 @@ _SLOTS_PER_SM = 2  # programs the planner counts as resident on one SM
 # 6 splits 60.6 us against 13 shorter ones 63.9 us; the embedded model's verify: 11 splits 10.3 us against
 # 33 splits 10.7 us (tree_attention_h200_vector_merge*.json, the sweep).
 _SPLIT_PLANS = {"one_tile": (64, 64), "row_tiles": (128, 16)}  # (key granularity, most splits)
-# LONGSPEC_ROW_TILE_SPLITS: the most splits of a pass with several row tiles (16 above unless set). With 32 the
-# embedded model's verify at a 2.7k prefix gets 22 splits of 128 keys instead of 11 of 256: 9.5 against 10.3 us
-# alone on the H200 at 0e06c7e, with BLOCK_N 32 (LONGSPEC_ROW_TILE_CONFIG=32:4:2) 8.8 us
-# (tree_attention_sweep_small_h200.json, before the tree's own programs). The decoder's A/B decides.
+# LONGSPEC_ROW_TILE_SPLITS: the most splits of a pass with several row tiles (a verification pass or a prefill; 16
+# above unless set). With 32 the embedded model's verify at a 2.7k prefix gets 22 splits of 128 keys instead of 11
+# of 256: 9.5 against 10.3 us alone on the H200 at 0e06c7e, with BLOCK_N 32 (LONGSPEC_ROW_TILE_CONFIG=32:4:2)
+# 8.8 us (tree_attention_sweep_small_h200.json, before the tree's own programs). In the decoder it did not pay (H200,
+# 2026-12-06: the default tree's verify 172.7 -> 173.8 us, and 198.4 us with the 32-key tiles;
+# e2e_ab_row_tile_h200.log): both stay unset.
 ROW_TILE_SPLITS = os.environ.get("LONGSPEC_ROW_TILE_SPLITS", "")
 # LONGSPEC_ROW_TILE_CONFIG="BLOCK_N:warps:stages": one fixed split-kernel config (plain loads) for passes with
-# several row tiles, in place of the tuned or fixed one (verification passes; decode and draft levels keep theirs)
+# several row tiles (verification passes and the prefill; decode and draft levels keep theirs), in place of the
+# tuned or fixed one
 ROW_TILE_CONFIG = os.environ.get("LONGSPEC_ROW_TILE_CONFIG", "")
 
 

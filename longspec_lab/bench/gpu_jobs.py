@@ -317,7 +317,7 @@ def jobs(out: Path) -> dict:
                 "4,8",
                 "--out",
                 str(out / "greedy_accept_h200.json"),
-            ],  # fmt: skip
+            ],
             120,
             {},
         ),
