@@ -182,6 +182,7 @@ def _report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, num_prompts)
             o["efficiency"] = o["speedup_vs_ar"] / o["tau"]
     return {
         "results": out,
+        "tree_vs_chain": tree_against_chains(out),
         "outputs_identical": bool(agree),
         "min_common_prefix_with_ar": min(same_prefix) if same_prefix else None,
         "backend": dec.backend,
@@ -192,6 +193,67 @@ def _report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, num_prompts)
         "max_new_tokens": max_new_tokens,
         "num_prompts": num_prompts,
     }
+
+
+def _depth(name: str) -> int | None:
+    """The draft levels of a results row named by `method_name`: chain-g7 -> 7, tree-4-16-16 -> 3; None for others
+    (ar, the transformers peers, a run on another attention backend)."""
+    parts = name.split("-")
+    if parts[0] == "chain" and len(parts) == 2 and parts[1][1:].isdigit():
+        return int(parts[1][1:])
+    if parts[0] == "tree" and len(parts) > 1 and all(p.isdigit() for p in parts[1:]):
+        return len(parts) - 1
+    return None
+
+
+def tree_against_chains(results: dict) -> dict:
+    """Each tree against the chain of its own depth and against the fastest chain, from one report's rows.
+
+    A step's time is tau / tokens_per_s (tokens per target pass over tokens per second). For a tree of d levels
+    and the chain of d levels (chain-g<d>, when the run has it):
+        tau_ratio    tree tau / chain tau: what the branches add to the tokens a pass keeps
+        step_ratio   tree step / chain step: what the branches cost (wider levels, beam selections, a wider verify)
+        at_chain_cost_tokens_per_s   tree tau / chain step: the tree's speed if its step cost no more than the chain's
+    and vs_best_chain (the tree's tokens/s over the fastest chain's), at_chain_cost_vs_best_chain (the same for the
+    speed at the chain's cost). The last is the ceiling of the goal "best tree >= 1.15x best chain" that making the
+    tree-only work free can reach: below 1.15, only more tokens per pass (tau) or cheaper levels for both can.
+    Returns {"best_chain": name or None, "trees": {tree name: {...}}}; a tree without its chain has only depth,
+    tau, step_us and vs_best_chain."""
+    rows = {n: r for n, r in results.items() if _depth(n) is not None and r.get("tau") and r.get("tokens_per_s")}
+    step_us = {n: r["tau"] / r["tokens_per_s"] * 1e6 for n, r in rows.items()}
+    chains = {_depth(n): n for n in rows if n.startswith("chain-")}
+    best = max(chains.values(), key=lambda n: rows[n]["tokens_per_s"], default=None)
+    best_tps = rows[best]["tokens_per_s"] if best else None
+    trees = {}
+    for n in (n for n in rows if n.startswith("tree-")):
+        d, r = _depth(n), rows[n]
+        t = {"depth": d, "tau": r["tau"], "step_us": step_us[n], "chain": chains.get(d)}
+        t["vs_best_chain"] = r["tokens_per_s"] / best_tps if best_tps else None
+        c = chains.get(d)
+        if c is not None:
+            at_cost = r["tau"] / step_us[c] * 1e6
+            t.update(
+                tau_ratio=r["tau"] / rows[c]["tau"], step_ratio=step_us[n] / step_us[c],
+                at_chain_cost_tokens_per_s=at_cost, at_chain_cost_vs_best_chain=at_cost / best_tps,
+            )  # fmt: skip
+        trees[n] = t
+    return {"best_chain": best, "trees": trees}
+
+
+def format_tree_against_chains(table: dict) -> list[str]:
+    """`tree_against_chains` as printable lines: one per tree."""
+    lines = [f"trees against chains (best chain: {table['best_chain']}):"]
+    for n, t in table["trees"].items():
+        line = f"  {n:28s} depth {t['depth']}  step {t['step_us']:.1f} us"
+        if t["vs_best_chain"] is not None:
+            line += f"  x{t['vs_best_chain']:.3f} the best chain"
+        if "tau_ratio" in t:
+            line += (
+                f"  vs {t['chain']}: tau x{t['tau_ratio']:.3f}, step x{t['step_ratio']:.3f};"
+                f" at its cost x{t['at_chain_cost_vs_best_chain']:.3f} the best chain"
+            )
+        lines.append(line)
+    return lines
 
 
 def write_plot(rep: dict, path) -> str:
@@ -306,6 +368,8 @@ def run_cli(args) -> int:
             f"{o['speedup_vs_ar']:>8.2f}{o.get('speedup_vs_hf', float('nan')):>8.2f}"
             f"{o.get('efficiency', float('nan')):>7.2f}"
         )
+    if rep["tree_vs_chain"]["trees"]:
+        print("\n".join(format_tree_against_chains(rep["tree_vs_chain"])))
     print(f"outputs identical across methods: {rep['outputs_identical']}")
     if args.plot:
         print(f"wrote the figure to {write_plot(rep, args.plot)}")

@@ -78,13 +78,15 @@ def main(argv=None) -> int:
     prompts = [tok.encode(p["text"]) for p in load_prompts(min_tokens=2000)[: a.prompts]]
     # longest first: transformers' static cache is sized by the first prompt and reused (no recompile)
     prompts.sort(key=len, reverse=True)
-    from longspec_lab.bench.e2e import run_bench
+    from longspec_lab.bench.e2e import format_tree_against_chains, run_bench
 
     def show(rep):
         for name, r in rep["results"].items():
             per = {k: round(v, 1) for k, v in r.get("stage_us_per_step", {}).items()}
             print(f"{name:28s} {r['tokens_per_s']:9.0f} tok/s  tau {r.get('tau', 1):.2f}  "
                   f"x{r['speedup_vs_ar']:.2f}  eff {r.get('efficiency', 1):.2f}", per, flush=True)  # fmt: skip
+        if rep.get("tree_vs_chain", {}).get("trees"):
+            print("\n".join(format_tree_against_chains(rep["tree_vs_chain"])), flush=True)
         print("outputs identical:", rep["outputs_identical"], "compile s:", rep["compile_seconds"], flush=True)
 
     default_rep = None
