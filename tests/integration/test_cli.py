@@ -133,7 +133,12 @@ def test_bench_plot_says_which_file_it_wrote(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote the figure to fig.html" in r.stdout and "wrote the report to r.json" in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "r.json"]
-    assert set(json.loads((tmp_path / "r.json").read_text())["results"]) == {"ar", "chain-g1", "tree-2-2"}
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert set(rep["results"]) == {"ar", "chain-g1", "tree-2-2"}
+    # the tree against the chains: no chain of its depth (2) here, so only the fastest chain's ratio
+    vs_chain = rep["tree_vs_chain"]
+    assert vs_chain["best_chain"] == "chain-g1" and vs_chain["trees"]["tree-2-2"]["chain"] is None
+    assert "trees against chains (best chain: chain-g1):" in r.stdout and "tree-2-2" in r.stdout
     r = _cli(*args, cwd=tmp_path)  # the report exists now: refused without --overwrite
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
 
