@@ -8,7 +8,9 @@ One run measures, on the same prompts and device:
   tree-<shape>      our tree speculative decoding
 and reports tokens/s (decode phase, prefill excluded for ours; whole `generate` minus a measured
 prefill for transformers), tau, speedups over our AR and over transformers, efficiency =
-speedup / tau, and a per-stage breakdown. Every timed run is preceded by a warm-up run.
+speedup / tau, and a per-stage breakdown. Every timed run is preceded by a warm-up run. Each tree is also set
+against the chain of its own depth and the fastest chain (`tree_against_chains`): what its branches add to tau,
+what they cost a step, and its speed were its step a chain's.
 
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 """
