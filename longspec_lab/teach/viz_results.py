@@ -845,6 +845,43 @@ def tuner_check_figure(rows: Sequence[Mapping], labels: Sequence[str], title: st
     return fig
 
 
+def tree_chain_figure(table: Mapping, goal: float = 1.15, title: str | None = None) -> go.Figure:
+    """Each tree against the chain of its own depth, from `bench.e2e.tree_against_chains`'s table (a report's
+    "tree_vs_chain"): x = step ratio (what the branches cost), y = tau ratio (what they add), a colour per depth.
+    A tree's speed over its chain's is y / x, so the lines y = x (as fast as its chain) and y = goal * x (goal times
+    its chain) split the plane; a point left of its line needs no cheaper step, one below it more tau."""
+    pts = [(n, t) for n, t in table.get("trees", {}).items() if t.get("tau_ratio") is not None]
+    if not pts:
+        raise ValueError(
+            "tree_chain_figure got no tree with a chain of its depth; time chains of the trees' depths "
+            "(bench --gammas, h200_speed --gammas) and pass the report's tree_vs_chain"
+        )
+    fig = go.Figure()
+    depths = sorted({t["depth"] for _, t in pts})
+    for k, d in enumerate(depths):
+        sel = [(n, t) for n, t in pts if t["depth"] == d]
+        fig.add_trace(go.Scatter(
+            x=[t["step_ratio"] for _, t in sel], y=[t["tau_ratio"] for _, t in sel], mode="markers+text",
+            name=f"depth {d} (against {sel[0][1]['chain']})", marker=dict(size=10, color=series_color(k)),
+            text=[n.removeprefix("tree-").replace("-", ",") for n, _ in sel], textposition="top center",
+            textfont=dict(size=9),
+            customdata=[[t["vs_best_chain"], t["at_chain_cost_vs_best_chain"]] for _, t in sel],
+            hovertemplate="%{text}<br>step x%{x:.3f}, tau x%{y:.3f} its chain<br>x%{customdata[0]:.3f} the best "
+            "chain; at its chain's cost x%{customdata[1]:.3f}<extra></extra>",
+        ))  # fmt: skip
+    xs = [t["step_ratio"] for _, t in pts]
+    lo, hi = min(1.0, min(xs)) * 0.98, max(xs) * 1.03
+    for ratio, name, dash in ((1.0, "as fast as its chain", "dot"), (goal, f"{goal:g}x its chain", "dash")):
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[ratio * lo, ratio * hi], mode="lines", name=name,
+                                 line=dict(color=REFERENCE, dash=dash)))  # fmt: skip
+    fig.update_layout(
+        title=title or f"What the branches buy and cost (fastest chain: {table.get('best_chain')})",
+        xaxis_title="step time / the chain's step time", yaxis_title="tau / the chain's tau",
+        height=480, width=900, legend_title="",
+    )  # fmt: skip
+    return fig
+
+
 def verify_decode_figure(
     rows: Sequence[Mapping],
     backends: Sequence[str] = ("triton", "sdpa", "hf"),

@@ -536,3 +536,37 @@ def test_class_time_figure_stacks_each_steps_classes_and_marks_its_floors():
     assert floors["floor of the draft's sequential levels"] == (["draft_compiled"], [2.5])
     with pytest.raises(ValueError, match="no profiled steps"):
         viz_results.class_time_figure({"context": 4096})
+
+
+# ----------------------------------------------------------------------------- trees against chains
+
+
+def test_tree_chain_figure_plots_each_tree_at_its_ratios_with_the_two_lines():
+    from longspec_lab.bench.e2e import tree_against_chains
+
+    results = nb.load_result("e2e_h100")["results"]
+    table = tree_against_chains(results)
+    fig = viz_results.tree_chain_figure(table, goal=1.15)
+    plotted = {}
+    for t in fig.data:
+        if t.mode == "markers+text":
+            for label, x, y in zip(t.text, t.x, t.y):
+                plotted["tree-" + label.replace(",", "-")] = (x, y)
+    # every tree with a chain of its depth, at (step ratio, tau ratio) computed from the raw tokens/s and tau
+    with_chain = {n: t for n, t in table["trees"].items() if t["chain"]}
+    assert set(plotted) == set(with_chain) and with_chain
+    for n, (x, y) in plotted.items():
+        c = results[with_chain[n]["chain"]]
+        step = lambda r: r["tau"] / r["tokens_per_s"]  # noqa: E731
+        assert x == pytest.approx(step(results[n]) / step(c))
+        assert y == pytest.approx(results[n]["tau"] / c["tau"])
+    # the lines y = x and y = 1.15 x
+    for name, ratio in (("as fast as its chain", 1.0), ("1.15x its chain", 1.15)):
+        line = _trace(fig, name)
+        assert np.allclose(np.asarray(line.y), ratio * np.asarray(line.x))
+
+
+def test_tree_chain_figure_needs_a_chain_of_a_trees_depth():
+    table = {"best_chain": "chain-g1", "trees": {"tree-2-2": {"depth": 2, "chain": None, "vs_best_chain": 0.9}}}
+    with pytest.raises(ValueError, match="chain of its depth"):
+        viz_results.tree_chain_figure(table)
