@@ -124,6 +124,17 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
         sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
         out.append((f"tree split: {label}", split, sig, cx, dict(num_warps=4, num_stages=3)))
+    if not quick:  # a 33-64-node tree's verify, one row tile of 128, its tree in programs of its own (TREE_SPLIT=wide)
+        consts = dict(
+            GROUP=2, HEAD_DIM=64, BLOCK_M=128, BLOCK_N=64, RAGGED=True, CAUSAL=False, PREFIX_ONLY=False,
+            TREE_SPLIT=True, IEEE=False, DIRECT=False, FUSED_MERGE=False, WRITE_LSE=True, USE_TMA=True,
+            STAGES=3, MERGE_S=16, MERGE_R=ta.merge_tile(12, 76, 64)[1],
+        )  # fmt: skip
+        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX="i64", MASK="i32", TICKETS="i32")
+        ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
+        sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
+        label = "tree split: one 128-row tile, the tree in programs of its own (LONGSPEC_TREE_SPLIT=wide)"
+        out.append((label, split, sig, cx, dict(num_warps=4, num_stages=3)))
     if not quick:  # the embedded verify's tree in programs of its own on LONGSPEC_ROW_TILE_CONFIG=32:4:2 (plain loads)
         consts = dict(
             GROUP=2, HEAD_DIM=64, BLOCK_M=64, BLOCK_N=32, RAGGED=True, CAUSAL=False, PREFIX_ONLY=False,

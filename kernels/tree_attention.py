@@ -991,17 +991,22 @@ LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmar
 # verification pass): the last prefix split then no longer runs its share of the prefix AND the whole tree one after
 # the other. With one row tile (decode, the draft's levels) the tree stays in the last split. "on": always (the
 # tests run it on the interpreter's single row tiles); "off": never, the tree in the last prefix split.
+# "wide": as auto, and also for one row tile of more than WIDE_TREE_ROWS packed rows. A tree of 33-64 nodes packs
+# 66-128 rows, which `_pick_block_m` puts in ONE tile of 128, so under auto its tree keys run in the last prefix
+# split. The H100 records of 2026-12-06 (e2e_h100.json, e2e_h100_wide_trees.json, e2e_h100_nine_trees.json) show a
+# verify of 145-151 us up to 32 nodes and 169-184 us from 35 nodes on: the step that "wide" is there to time.
 TREE_SPLIT = os.environ.get("LONGSPEC_TREE_SPLIT", "auto")
-_TREE_SPLIT_CHOICES = ("auto", "on", "off")
+_TREE_SPLIT_CHOICES = ("auto", "wide", "on", "off")
+WIDE_TREE_ROWS = 64  # "wide": a single row tile of more packed rows than this also gives the tree its own programs
 
 
 def tree_split_applies(rows: int, block_m: int, prefix_only: bool) -> bool:
     """Whether the tree keys get programs of their own (LONGSPEC_TREE_SPLIT, above) for `rows` packed query rows."""
     if TREE_SPLIT not in _TREE_SPLIT_CHOICES:
-        raise ValueError(f"LONGSPEC_TREE_SPLIT={TREE_SPLIT!r} is not one of auto, on, off; unset it or pick one")
+        raise ValueError(f"LONGSPEC_TREE_SPLIT={TREE_SPLIT!r} is not one of auto, wide, on, off; unset it or pick one")
     if prefix_only or TREE_SPLIT == "off":
         return False
-    return TREE_SPLIT == "on" or rows > block_m
+    return TREE_SPLIT == "on" or rows > block_m or (TREE_SPLIT == "wide" and rows > WIDE_TREE_ROWS)
 
 
 def _launch(q, k, v, plist, pref, packed, scale, return_lse, out, lse_out, num_splits, scratch, prefix_only=False):

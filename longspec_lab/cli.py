@@ -19,7 +19,7 @@ On CUDA, environment variables pick between the fused kernels and the readable P
 to what the H200 measured faster (a kernel not yet timed stays off): LONGSPEC_NORM_LINEAR (auto/off/on),
 LONGSPEC_MASKED_ATTN (auto/sdpa/efficient/math/triton), LONGSPEC_ROW_TOPK (auto/torch/triton),
 LONGSPEC_TOPK_FIRST_BLOCK (1024), LONGSPEC_TOPK_SECOND_BLOCK (4096), LONGSPEC_QKV_ROPE (auto/off/on),
-LONGSPEC_ROPE_TABLES (auto/off/on), LONGSPEC_FUSE_RESIDUAL (off/auto/on), LONGSPEC_TREE_SPLIT (auto/on/off),
+LONGSPEC_ROPE_TABLES (auto/off/on), LONGSPEC_FUSE_RESIDUAL (off/auto/on), LONGSPEC_TREE_SPLIT (auto/wide/on/off),
 LONGSPEC_PDL (auto/off: programmatic dependent launch on Hopper), LONGSPEC_LM_HEAD (auto/torch),
 LONGSPEC_WEIGHT_FIRST (on/off/wide: norm_linear reads its weight before the PDL wait),
 LONGSPEC_TOPK_ALGO (auto/bitonic/max: how the beam's top-k passes select; auto: bitonic on a GPU),

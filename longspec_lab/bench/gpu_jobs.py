@@ -107,6 +107,14 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   e2e_combo_kernels  the A/B side with LONGSPEC_COMBO_KERNELS=on (the stages compiled with Inductor's combo
                    kernels: independent generated kernels launched as one) into OUT_DIR/combo_kernels; tokens must
                    be bit-identical to e2e_base's
+  e2e_wide_base    the A side of the two below: AR, chain gamma 7 and 9 and four trees of 24-53 nodes
+                   (WIDE_TREE_SHAPES), the default switches, into OUT_DIR/wide_base (about 3 minutes)
+  e2e_wide_tree_split  the same with LONGSPEC_TREE_SPLIT=wide (a verification pass in one row tile of more than 64
+                   packed rows, a tree of 33-64 nodes, also gives its tree keys programs of their own) into
+                   OUT_DIR/wide_tree_split; the partials merge in another order, so a bf16 near-tie may flip a
+                   token (compare tau, and outputs_sha256 where they agree)
+  e2e_wide_block_m_64  the same with LONGSPEC_BLOCK_M=64 (every tree-attention pass in row tiles of 64, so those
+                   verifications take two tiles and the tree's own programs under auto) into OUT_DIR/wide_block_m_64
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -125,14 +133,18 @@ import sys
 import time
 from pathlib import Path
 
+# trees of 33-64 nodes (66-128 packed rows: one row tile of 128 in a verification pass), with a narrow tree of 24
+# beside them and the chains of their depths: the shapes of the LONGSPEC_TREE_SPLIT=wide A/B
+WIDE_TREE_SHAPES = "1,2,4,4,4,4,4;3,6,6,6,8,4,4;4,8,8,8,8,8,8;2,4,4,4,4,4,4,4,4"
 
-def _ab_job(folder: Path, switch: str | None = None, value: str = "", **more: str) -> tuple:
-    """One side of an A/B: AR, chain gamma 5 and the default tree, e2e and kernels per stage, no transformers
-    peers, with one switch set (none for the A side, `e2e_base`; `more`: further LONGSPEC_* switches of the same
-    side); 118 s on the H200 with a warm compile cache, about 150 s cold. Run the A side in the same call as the B
-    sides: runs on different days differ by 5-10%."""
+
+def _ab_job(folder: Path, switch: str | None = None, value: str = "", shapes="4,16,16,16,16", gammas="5", **more):
+    """One side of an A/B: AR, chain gamma 5 and the default tree (or `shapes` and `gammas`), e2e and kernels per
+    stage, no transformers peers, with one switch set (none for the A side, `e2e_base`; `more`: further LONGSPEC_*
+    switches of the same side); 118 s on the H200 with a warm compile cache, about 150 s cold. Run the A side in the
+    same call as the B sides: runs on different days differ by 5-10%."""
     cmd = [sys.executable, "-m", "longspec_lab.bench.h200_speed", "--out", str(folder), "--only", "e2e,profile",
-           "--gammas", "5", "--shapes", "4,16,16,16,16", "--no-hf"]  # fmt: skip
+           "--gammas", gammas, "--shapes", shapes, "--no-hf"]  # fmt: skip
     env = {"LONGSPEC_AUTOTUNE": "0", "LONGSPEC_COMPILE_MODE": "default"}
     return cmd, 300, {**env, **({switch: value} if switch else {}), **more}
 
@@ -305,6 +317,13 @@ def jobs(out: Path) -> dict:
         "e2e_row_tile_splits_32": _ab_job(out / "row_tile_splits_32", "LONGSPEC_ROW_TILE_SPLITS", "32"),
         "e2e_row_tile_config_32": _ab_job(
             out / "row_tile_config_32", "LONGSPEC_ROW_TILE_SPLITS", "32", LONGSPEC_ROW_TILE_CONFIG="32:4:2"
+        ),
+        "e2e_wide_base": _ab_job(out / "wide_base", shapes=WIDE_TREE_SHAPES, gammas="7,9"),
+        "e2e_wide_tree_split": _ab_job(
+            out / "wide_tree_split", "LONGSPEC_TREE_SPLIT", "wide", shapes=WIDE_TREE_SHAPES, gammas="7,9"
+        ),
+        "e2e_wide_block_m_64": _ab_job(
+            out / "wide_block_m_64", "LONGSPEC_BLOCK_M", "64", shapes=WIDE_TREE_SHAPES, gammas="7,9"
         ),
         "greedy_accept": (
             [

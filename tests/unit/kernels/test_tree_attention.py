@@ -512,13 +512,41 @@ def test_tree_in_programs_of_its_own_equals_the_reference(split, causal, loop, m
     torch.testing.assert_close(o2.double(), ro, atol=1e-4, rtol=1e-4)
 
 
+def test_wide_gives_one_big_row_tile_its_tree_programs_and_equals_the_reference(monkeypatch):
+    """LONGSPEC_TREE_SPLIT=wide on a 36-node tree (72 packed rows, one row tile): the tree keys get programs of their
+    own, and the output equals the float64 reference and the auto plan's (the tree in the last split)."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, D = 1, 4, 2, 36, 64
+    P = 150
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, P + T, D, generator=gen)
+    v = torch.randn(B, Hkv, P + T, D, generator=gen)
+    mask = random_tree_mask(T, gen)[None]
+    pref = torch.tensor([P])
+    outs = {}
+    for split in ("auto", "wide"):
+        monkeypatch.setattr(ta, "TREE_SPLIT", split)
+        outs[split] = ta.tree_attention(q, k, v, pref, mask, num_splits=2)
+        assert ta.LAST_LAUNCH["tree_split"] == (split == "wide")
+    ref = ta.tree_attention_reference(q, k, v, pref, mask, out_dtype=torch.float64)
+    for o in outs.values():
+        torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_tree_split_switch_auto_and_bad_value(monkeypatch):
-    """ "auto": programs of its own only when the packed rows need several row tiles; an unknown value is named."""
+    """ "auto": programs of its own only when the packed rows need several row tiles; "wide": also one tile of more than
+    64 rows; an unknown value is named."""
     monkeypatch.setattr(ta, "TREE_SPLIT", "auto")
     assert ta.tree_split_applies(138, 64, False) and not ta.tree_split_applies(2, 64, False)
     assert not ta.tree_split_applies(138, 64, True)  # prefix only: there is no tree
+    # a 38-node tree's verify: 76 packed rows, one tile of 128 -> the tree stays in the last split under auto
+    assert ta._pick_block_m(76) == 128 and not ta.tree_split_applies(76, 128, False)
+    monkeypatch.setattr(ta, "TREE_SPLIT", "wide")  # ... and gets programs of its own under wide
+    assert ta.tree_split_applies(76, 128, False) and ta.tree_split_applies(138, 64, False)
+    assert not ta.tree_split_applies(64, 64, False) and not ta.tree_split_applies(12, 64, False)  # chains, narrow
+    assert not ta.tree_split_applies(76, 128, True)
     monkeypatch.setattr(ta, "TREE_SPLIT", "sometimes")
-    with pytest.raises(ValueError, match="LONGSPEC_TREE_SPLIT='sometimes'"):
+    with pytest.raises(ValueError, match="LONGSPEC_TREE_SPLIT='sometimes' is not one of auto, wide, on, off"):
         ta.tree_split_applies(138, 64, False)
 
 
