@@ -9,8 +9,9 @@ Method (a model-guided exhaustive search, then measurement):
 2. Latency. Time whole decoding steps for a set of calibration shapes with the decoder in use
    (CUDA-graph fast path on the GPU, the eager loop on the CPU) and fit
        t_step = a + b * depth + c * nodes + d * (nodes drafted from, i.e. w_1 + ... + w_{D-1})
-   by least squares: the verify pass grows with the node count, each draft level costs a launch
-   sequence plus its width.
+                + e * (beam levels) + f * [nodes > one verify row tile's, 32 for the embedded model]
+   by non-negative least squares: the verify pass grows with the node count and steps up where its rows
+   outgrow one row tile of the tree kernel, each draft level costs a launch sequence plus its width.
 3. Search. Score every shape on a width grid (depth <= max_depth, nodes <= max_nodes) by
    expected accepted length / predicted step time, exhaustively.
 4. Validate. Run the top candidates and the default [4, 16, 16, 16, 16] for real and rank them by
@@ -151,17 +152,34 @@ def renewal_tau(accepts: list, n_tokens: int) -> torch.Tensor:
     return tokens.double() / steps.clamp_min(1).double()
 
 
-def features(shape) -> list[float]:
+# The verification pass packs G query rows a node (G query heads share a KV head), and the tree kernel takes up to 64
+# packed rows in one row tile of 64. Past that the plan changes (kernels/tree_attention.py: `_pick_block_m`,
+# `tree_split_applies`), and the H100 records of 2026-12-06 show a step of about 20 us in the verify from 33 nodes
+# on for the embedded model (G = 2; docs/RESULTS.md). The latency model's last feature marks the shapes past it.
+VERIFY_TILE_ROWS = 64
+# what each latency coefficient prices (`features_matrix`'s columns), in seconds
+LATENCY_FEATURES = ("step", "level", "verified node", "node drafted from", "beam level", "past one verify tile")
+
+
+def verify_tile_nodes(group_size: int) -> int:
+    """The most nodes (root included) whose verification fits one row tile of VERIFY_TILE_ROWS packed rows, for a
+    target with `group_size` query heads a KV head: 32 for the embedded model (G = 2)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer (query heads per KV head), got {group_size!r}")
+    return max(1, VERIFY_TILE_ROWS // group_size)
+
+
+def features(shape, tile_nodes: int = 32) -> list[float]:
     """The latency model's features of one shape (`features_matrix`, for a batch of one)."""
-    return features_matrix(torch.tensor([list(TreeShape.of(shape).widths)]))[0].tolist()
+    return features_matrix(torch.tensor([list(TreeShape.of(shape).widths)]), tile_nodes)[0].tolist()
 
 
-def fit_latency(step_times: dict) -> torch.Tensor:
+def fit_latency(step_times: dict, tile_nodes: int = 32) -> torch.Tensor:
     """Least-squares step-time coefficients, constrained to be >= 0 (no feature makes a step cheaper):
     the exact non-negative solution, by solving every subset of free coefficients and keeping the best
-    feasible one (5 features: 32 small solves). Unconstrained least squares on a few collinear shapes
+    feasible one (6 features: 64 small solves). Unconstrained least squares on a few collinear shapes
     can give a negative cost per node and predict near-zero step times for big trees."""
-    X = torch.tensor([features(json.loads(k)) for k in step_times], dtype=torch.float64)
+    X = torch.tensor([features(json.loads(k), tile_nodes) for k in step_times], dtype=torch.float64)
     y = torch.tensor(list(step_times.values()), dtype=torch.float64)
     n = X.shape[1]
     best, best_err = torch.zeros(n, dtype=torch.float64), float((y**2).sum())
@@ -196,7 +214,7 @@ def recorded_step_times(report: dict) -> dict:
     out = {k: row["seconds"] / (row["tokens"] / row["tau"]) for k, row in recorded_rows(report).items()}
     if len(out) < 4:
         raise ValueError(
-            f"the report has {len(out)} chain/tree rows with timings; the latency model has 4 coefficients, "
+            f"the report has {len(out)} chain/tree rows with timings; the latency model has 6 coefficients, "
             "so it needs a report with at least 4 (run `longspec-lab bench` with more --tree-shapes / --gammas)"
         )
     return out
@@ -292,16 +310,19 @@ def search_space(max_depth: int, max_nodes: int, probe, ranks: torch.Tensor, gri
     return W, torch.cat(accs) if accs else torch.zeros(0, dtype=torch.float64)
 
 
-def features_matrix(W: torch.Tensor) -> torch.Tensor:
-    """[S, 5] float64, the latency model's features of each row of W [S, L] (level widths, zero past the last
+def features_matrix(W: torch.Tensor, tile_nodes: int = 32) -> torch.Tensor:
+    """[S, 6] float64, the latency model's features of each row of W [S, L] (level widths, zero past the last
     level; `search_space`'s): [1, depth, nodes (root included), nodes drafted from (all but the last level's), beam
-    levels]. The last counts the levels wider than one node, whose selection runs over several rows (on the H200 a
-    beam level costs more than a chain level: the record's fit, `fit_latency`)."""
+    levels, past one verify tile]. Beam levels count the levels wider than one node, whose selection runs over
+    several rows (on the H200 a beam level costs more than a chain level: the record's fit, `fit_latency`). The
+    last is 1 for a shape of more than `tile_nodes` nodes, whose verification no longer fits one row tile of the
+    tree kernel (`verify_tile_nodes`)."""
     depth = (W > 0).sum(1)
     total = W.sum(1)
     last = W.gather(1, (depth - 1).clamp(min=0)[:, None])[:, 0]
     beams = (W > 1).sum(1)
-    return torch.stack([torch.ones_like(total), depth, 1 + total, total - last, beams], 1).double()
+    past = (1 + total > tile_nodes).to(total.dtype)
+    return torch.stack([torch.ones_like(total), depth, 1 + total, total - last, beams, past], 1).double()
 
 
 def shape_of(row: torch.Tensor) -> list:
@@ -420,6 +441,7 @@ def tune(
     from longspec_lab.decoding.eager import SpecDecoder
 
     probe = TreeShape.of(list(probe_shape))
+    tile_nodes = verify_tile_nodes(target.config.group_size)
     eager = SpecDecoder(target, draft)
     recorded = step_times is not None
     if fast is None:
@@ -447,11 +469,11 @@ def tune(
         timer_dec.generate(prompts[0], method="tree", tree_shape=s, max_new_tokens=8, stop_at_eos=False)
         steps[json.dumps(list(s))] = measure(timer_dec, prompts[:1], list(s), n_tokens)["step_seconds"]
         bar.update()
-    coef = fit_latency(steps)
+    coef = fit_latency(steps, tile_nodes)
     # 3. exhaustive model search: every shape's acceptance and predicted step time as tensors (`search_space`)
     W, acc = search_space(max_depth, max_nodes, probe.widths, ranks, bar=bar)
     n_searched = len(W)
-    t = features_matrix(W) @ coef
+    t = features_matrix(W, tile_nodes) @ coef
     score = acc / t.clamp_min(1e-9)
     order = score.argsort(descending=True)
     rank_acc = None
@@ -472,14 +494,14 @@ def tune(
         # 3c. hill climbing from the best few under the exact model: shapes the rank model ranked too low to keep
         def exact_score(ss):
             return exact_tau(probes, ss, n_tokens) / (
-                torch.tensor([features(x) for x in ss], dtype=torch.float64) @ coef
+                torch.tensor([features(x, tile_nodes) for x in ss], dtype=torch.float64) @ coef
             )
 
         known = {json.dumps(x): float(v) for x, v in zip(shapes, score)}
         found = local_search(exact_score, [], probe.widths, max_depth, max_nodes, top, known=known)
         extra = [json.loads(k) for k in found if k not in known]
         if extra:  # their tau back from the score the search computed: score = tau / predicted step time
-            t_extra = torch.tensor([features(x) for x in extra], dtype=torch.float64) @ coef
+            t_extra = torch.tensor([features(x, tile_nodes) for x in extra], dtype=torch.float64) @ coef
             acc = torch.cat([acc, torch.tensor([found[json.dumps(x)] for x in extra], dtype=torch.float64) * t_extra])
             rank_acc = torch.cat([rank_acc, expected_accept(ranks, extra)])
             shapes, t = shapes + extra, torch.cat([t, t_extra])
@@ -512,6 +534,7 @@ def tune(
             float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
         ],
         "latency_coef": coef.tolist(),
+        "latency_features": [*LATENCY_FEATURES[:-1], f"more than {tile_nodes} nodes"],
         "acceptance_model": "every position: nested beam, the decoder's walk replayed (exact in float32)"
         if every_position
         else "probe steps: sibling ranks in the wide beam (a bound, biased by where the probe's steps start)",
@@ -528,7 +551,7 @@ def tune(
             d_acc = float(expected_accept(ranks, [default])[0])
         else:  # deeper than the probe: nothing recorded says how it accepts
             d_acc = None
-        d_t = float(torch.tensor(features(default), dtype=torch.float64) @ coef)
+        d_t = float(torch.tensor(features(default, tile_nodes), dtype=torch.float64) @ coef)
         d_pred = None if d_acc is None else d_acc / d_t
         # the recording's own shapes under the same models: what a reader checks the predictions against
         inside = [json.loads(k) for k in steps if all(w <= p for w, p in zip(json.loads(k), probe.widths))]
@@ -537,7 +560,7 @@ def tune(
             r_acc, r_t = [], []
         else:
             r_acc = exact_tau(probes, inside, n_tokens) if every_position else expected_accept(ranks, inside)
-            r_t = torch.tensor([features(x) for x in inside], dtype=torch.float64) @ coef
+            r_t = torch.tensor([features(x, tile_nodes) for x in inside], dtype=torch.float64) @ coef
         recorded_predicted = {
             json.dumps(x): {
                 "expected_accept": float(a),

@@ -41,8 +41,8 @@ def test_probe_model_reproduces_real_acceptance(embedded_pair):
 
 
 def test_latency_fit_recovers_a_linear_model():
-    shapes = [[1], [4], [16], [1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16], [1, 1, 1, 1, 1, 1]]
-    true = torch.tensor([2e-3, 5e-4, 1e-5, 3e-6, 4e-5], dtype=torch.float64)
+    shapes = [[1], [4], [16], [1, 1, 1], [4, 4, 4, 4], [2, 4, 8, 16], [1, 1, 1, 1, 1, 1], [16, 32], [4, 8, 8, 16]]
+    true = torch.tensor([2e-3, 5e-4, 1e-5, 3e-6, 4e-5, 2e-5], dtype=torch.float64)
     from longspec_lab.bench.tune import features
 
     times = {json.dumps(s): float(torch.tensor(features(s), dtype=torch.float64) @ true) for s in shapes}
@@ -102,9 +102,9 @@ def test_latency_fit_is_scipys_non_negative_least_squares():
     from longspec_lab.bench.tune import features, recorded_step_times
 
     g = torch.Generator().manual_seed(0)
-    shapes = [[1] * 5, [1] * 6, [1] * 7, [4, 16, 16, 16, 16], [2, 4, 8, 8, 8, 8], [1, 2, 4, 4, 4, 4, 4]]
+    shapes = [[1] * 5, [1] * 6, [1] * 7, [4, 16, 16, 16, 16], [2, 4, 8, 8, 8, 8], [1, 2, 4, 4, 4, 4, 4], [2, 4, 8, 8]]
     X = torch.tensor([features(s) for s in shapes], dtype=torch.float64)
-    y = X @ torch.tensor([9e-4, 9e-5, -2e-5, 1e-5, 5e-5], dtype=torch.float64)
+    y = X @ torch.tensor([9e-4, 9e-5, -2e-5, 1e-5, 5e-5, 3e-5], dtype=torch.float64)
     y = y + 2e-5 * torch.randn(len(shapes), generator=g, dtype=torch.float64)
     got = fit_latency({json.dumps(s): float(t) for s, t in zip(shapes, y)})
     want, _ = nnls(X.numpy(), y.numpy())

@@ -5,6 +5,7 @@
 import itertools
 import random
 
+import pytest
 import torch
 
 from longspec_lab.bench import tune
@@ -163,7 +164,22 @@ def test_the_tensor_search_lists_the_same_shapes_with_the_same_scores():
         assert torch.equal(acc, tune.expected_accept(ranks, shapes))
         for i in range(0, len(shapes), max(1, len(shapes) // 25)):
             assert abs(acc[i].item() - _brute_expected_accept(ranks, shapes[i])) < 1e-12
-        # the features counted from each shape by hand: 1, depth, nodes with the root, nodes drafted from, beams
-        want = [[1, len(s), 1 + sum(s), sum(s[:-1]), sum(w > 1 for w in s)] for s in shapes]
-        assert torch.equal(tune.features_matrix(W), torch.tensor(want, dtype=torch.float64))
-        assert [tune.features(s) for s in shapes[:: max(1, len(shapes) // 25)]] == want[:: max(1, len(shapes) // 25)]
+        # the features counted from each shape by hand: 1, depth, nodes with the root, nodes drafted from, beams,
+        # past one verify tile (more than 32 nodes for the embedded model; 16 here as well, for a GQA group of 4)
+        for tile in (32, 16):
+            want = [[1, len(s), 1 + sum(s), sum(s[:-1]), sum(w > 1 for w in s), int(1 + sum(s) > tile)] for s in shapes]
+            assert torch.equal(tune.features_matrix(W, tile), torch.tensor(want, dtype=torch.float64))
+            every = max(1, len(shapes) // 25)
+            assert [tune.features(s, tile) for s in shapes[::every]] == want[::every]
+
+
+def test_verify_tile_nodes_follows_the_gqa_group():
+    """64 packed rows a row tile: 32 nodes for the embedded model's 2 query heads a KV head, 16 for 4, 64 for MHA."""
+    from longspec_lab.models.config import PRESETS
+
+    assert [tune.verify_tile_nodes(g) for g in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    assert tune.verify_tile_nodes(PRESETS["embedded"].group_size) == 32  # 4 query heads on 2 KV heads
+    assert tune.verify_tile_nodes(PRESETS["llama3-8b"].group_size) == 16  # 32 on 8
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="group_size must be a positive integer"):
+            tune.verify_tile_nodes(bad)
