@@ -196,6 +196,20 @@ def fit_latency(step_times: dict, tile_nodes: int = 32) -> torch.Tensor:
     return best
 
 
+def latency_loo(step_times: dict, tile_nodes: int = 32) -> dict:
+    """Leave-one-out check of the latency model: {shape json: predicted / measured - 1} for each shape's step time,
+    predicted by `fit_latency` fitted to all the other shapes. How well the model prices a shape it was not fitted
+    to, which is what the search asks of it. Empty for fewer than 3 shapes."""
+    if len(step_times) < 3:
+        return {}
+    out = {}
+    for k, measured in step_times.items():
+        coef = fit_latency({j: t for j, t in step_times.items() if j != k}, tile_nodes)
+        predicted = float(torch.tensor(features(json.loads(k), tile_nodes), dtype=torch.float64) @ coef)
+        out[k] = predicted / measured - 1.0
+    return out
+
+
 def recorded_rows(report: dict) -> dict:
     """{shape json: row} of a recorded end-to-end report's chain-gN and tree-w1-w2-... rows (`longspec-lab bench`,
     bench.h200_speed); ar, the transformers peers and other backends are left out."""
@@ -534,6 +548,7 @@ def tune(
             float((ranks[:, : l + 1] < float("inf")).all(-1).float().mean()) for l in range(probe.depth)
         ],
         "latency_coef": coef.tolist(),
+        "latency_leave_one_out": latency_loo(steps, tile_nodes),
         "latency_features": [*LATENCY_FEATURES[:-1], f"more than {tile_nodes} nodes"],
         "acceptance_model": "every position: nested beam, the decoder's walk replayed (exact in float32)"
         if every_position
@@ -626,6 +641,12 @@ def run_cli(args) -> int:
     rep["environment"] = environment(target.device)
     if step_times is not None:
         rep["latency_from"] = str(args.latency_from)
+        loo = rep["latency_leave_one_out"]
+        if loo:  # how well the step-time model prices a recorded shape it was not fitted to
+            worst = max(loo, key=lambda k: abs(loo[k]))
+            print(f"latency model, each recorded shape left out of the fit in turn: step time off by "
+                  f"{100 * sum(abs(v) for v in loo.values()) / len(loo):.1f}% on average, at most "
+                  f"{100 * loo[worst]:+.1f}% ({worst})")  # fmt: skip
         print(f"latency model fitted to {args.latency_from}; predicted, not run:")
         print(f"{'shape':<32}{'pred. tok/s':>12}{'E[accept]':>10}")
         for k, v in rep["model_top"].items():

@@ -183,3 +183,24 @@ def test_verify_tile_nodes_follows_the_gqa_group():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="group_size must be a positive integer"):
             tune.verify_tile_nodes(bad)
+
+
+def test_latency_loo_refits_without_each_shape():
+    """latency_loo: step times that follow the model exactly are predicted exactly with any one shape left out (when
+    the rest still pin the coefficients); a shape off the model is predicted by a fit to the others alone, which the
+    test repeats by hand."""
+    import json
+
+    shapes = [[1] * 5, [1] * 7, [1] * 9, [4, 16, 16, 16, 16], [1, 2, 4, 4, 4, 4, 4], [3, 4, 6, 6, 3, 4, 3]]
+    shapes += [[2, 4, 4, 4, 4, 4, 4, 4, 4], [4, 8, 8, 8, 8, 8, 8], [1, 2, 3, 4, 2, 1, 12], [3, 6, 6, 6, 8, 4, 4]]
+    true = torch.tensor([150e-6, 30e-6, 0.5e-6, 0.3e-6, 1.5e-6, 18e-6], dtype=torch.float64)
+    exact = {json.dumps(s): float(torch.tensor(tune.features(s), dtype=torch.float64) @ true) for s in shapes}
+    loo = tune.latency_loo(exact)
+    assert set(loo) == set(exact) and max(abs(v) for v in loo.values()) < 1e-9
+    odd = dict(exact)
+    key = json.dumps([3, 4, 6, 6, 3, 4, 3])
+    odd[key] *= 1.10  # one shape 10% slower than the model
+    coef = tune.fit_latency({k: t for k, t in odd.items() if k != key})
+    by_hand = float(torch.tensor(tune.features(json.loads(key)), dtype=torch.float64) @ coef) / odd[key] - 1
+    assert tune.latency_loo(odd)[key] == pytest.approx(by_hand) and by_hand < -0.05
+    assert tune.latency_loo(dict(list(exact.items())[:2])) == {}
