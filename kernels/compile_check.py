@@ -124,28 +124,23 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
         sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
         out.append((f"tree split: {label}", split, sig, cx, dict(num_warps=4, num_stages=3)))
-    if not quick:  # a 33-64-node tree's verify, one row tile of 128, its tree in programs of its own (TREE_SPLIT=wide)
+    # the embedded verify's tree in programs of its own in two more plans: one row tile of 128 (a 33-64-node tree
+    # under LONGSPEC_TREE_SPLIT=wide; TMA loads) and 32-key tiles, 2 stages (LONGSPEC_ROW_TILE_CONFIG=32:4:2; plain)
+    plans = (  # label, BLOCK_M, BLOCK_N, TMA, stages, splits (the tree's included), packed rows
+        ("one 128-row tile, the tree in programs of its own (LONGSPEC_TREE_SPLIT=wide)", 128, 64, True, 3, 12, 76),
+        ("the tree in programs of its own, 32-key tiles, 2 stages (LONGSPEC_ROW_TILE_CONFIG)",
+         64, 32, False, 2, 23, 144),
+    )  # fmt: skip
+    for label, block_m, block_n, tma, stages, n_splits, rows in () if quick else plans:
         consts = dict(
-            GROUP=2, HEAD_DIM=64, BLOCK_M=128, BLOCK_N=64, RAGGED=True, CAUSAL=False, PREFIX_ONLY=False,
-            TREE_SPLIT=True, IEEE=False, DIRECT=False, FUSED_MERGE=False, WRITE_LSE=True, USE_TMA=True,
-            STAGES=3, MERGE_S=16, MERGE_R=ta.merge_tile(12, 76, 64)[1],
+            GROUP=2, HEAD_DIM=64, BLOCK_M=block_m, BLOCK_N=block_n, RAGGED=True, CAUSAL=False, PREFIX_ONLY=False,
+            TREE_SPLIT=True, IEEE=False, DIRECT=False, FUSED_MERGE=False, WRITE_LSE=True, USE_TMA=tma,
+            STAGES=stages, MERGE_S=triton.next_power_of_2(n_splits), MERGE_R=ta.merge_tile(n_splits, rows, 64)[1],
         )  # fmt: skip
         ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX="i64", MASK="i32", TICKETS="i32")
         ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
         sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
-        label = "tree split: one 128-row tile, the tree in programs of its own (LONGSPEC_TREE_SPLIT=wide)"
-        out.append((label, split, sig, cx, dict(num_warps=4, num_stages=3)))
-    if not quick:  # the embedded verify's tree in programs of its own on LONGSPEC_ROW_TILE_CONFIG=32:4:2 (plain loads)
-        consts = dict(
-            GROUP=2, HEAD_DIM=64, BLOCK_M=64, BLOCK_N=32, RAGGED=True, CAUSAL=False, PREFIX_ONLY=False,
-            TREE_SPLIT=True, IEEE=False, DIRECT=False, FUSED_MERGE=False, WRITE_LSE=True, USE_TMA=False,
-            STAGES=2, MERGE_S=32, MERGE_R=ta.merge_tile(23, 144, 64)[1],
-        )  # fmt: skip
-        ptrs = dict(Q="bf16", K="bf16", V="bf16", OUT="bf16", PREFIX="i64", MASK="i32", TICKETS="i32")
-        ptrs.update(O_PART="fp32", LSE_PART="fp32", LSE_OUT="fp32")
-        sig, cx = _signature(split, ptrs, ("qk_scale",), consts)
-        label = "tree split: the tree in programs of its own, 32-key tiles, 2 stages (LONGSPEC_ROW_TILE_CONFIG)"
-        out.append((label, split, sig, cx, dict(num_warps=4, num_stages=2)))
+        out.append((f"tree split: {label}", split, sig, cx, dict(num_warps=4, num_stages=stages)))
     merge = ta._tree_attn_merge_kernel
     merge_s, merge_r = ta.merge_tile(16, 288, 128)
     ptrs = dict(O_PART="fp32", LSE_PART="fp32", PREFIX="i64", OUT="bf16", LSE_OUT="fp32")
