@@ -865,9 +865,9 @@ def tree_chain_figure(table: Mapping, goal: float = 1.15, title: str | None = No
             name=f"depth {d} (against {sel[0][1]['chain']})", marker=dict(size=10, color=series_color(k)),
             text=[n.removeprefix("tree-").replace("-", ",") for n, _ in sel], textposition="top center",
             textfont=dict(size=9),
-            customdata=[[t["vs_best_chain"], t["at_chain_cost_vs_best_chain"]] for _, t in sel],
-            hovertemplate="%{text}<br>step x%{x:.3f}, tau x%{y:.3f} its chain<br>x%{customdata[0]:.3f} the best "
-            "chain; at its chain's cost x%{customdata[1]:.3f}<extra></extra>",
+            customdata=[[n, t["vs_best_chain"], t["at_chain_cost_vs_best_chain"]] for n, t in sel],
+            hovertemplate="%{customdata[0]}<br>step x%{x:.3f}, tau x%{y:.3f} its chain<br>x%{customdata[1]:.3f} the "
+            "best chain; at its chain's cost x%{customdata[2]:.3f}<extra></extra>",
         ))  # fmt: skip
     xs = [t["step_ratio"] for _, t in pts]
     lo, hi = min(1.0, min(xs)) * 0.98, max(xs) * 1.03
@@ -879,7 +879,7 @@ def tree_chain_figure(table: Mapping, goal: float = 1.15, title: str | None = No
         xaxis_title="step time / the chain's step time", yaxis_title="tau / the chain's tau",
         height=480, width=900, legend_title="",
     )  # fmt: skip
-    return fig
+    return declutter_labels(fig)  # the narrow trees sit close together
 
 
 def verify_decode_figure(

@@ -549,9 +549,11 @@ def test_tree_chain_figure_plots_each_tree_at_its_ratios_with_the_two_lines():
     fig = viz_results.tree_chain_figure(table, goal=1.15)
     plotted = {}
     for t in fig.data:
-        if t.mode == "markers+text":
-            for label, x, y in zip(t.text, t.x, t.y):
-                plotted["tree-" + label.replace(",", "-")] = (x, y)
+        if t.customdata is not None:  # a depth's trees: each point's name in its customdata
+            for row, x, y in zip(t.customdata, t.x, t.y):
+                plotted[row[0]] = (x, y)
+    labels = {a.text for a in fig.layout.annotations}  # the shapes, placed clear of each other
+    assert {n.removeprefix("tree-").replace("-", ",") for n in plotted} <= labels
     # every tree with a chain of its depth, at (step ratio, tau ratio) computed from the raw tokens/s and tau
     with_chain = {n: t for n, t in table["trees"].items() if t["chain"]}
     assert set(plotted) == set(with_chain) and with_chain
