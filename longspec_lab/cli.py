@@ -756,6 +756,18 @@ def _check_plot(args) -> None:
 def cmd_bench(args) -> int:
     from longspec_lab.bench import e2e
 
+    if args.from_report is not None:  # a recorded run, printed (and plotted) again: nothing runs, no model loads
+        if args.out is not None:
+            raise UsageError(f"--from-report reads {args.from_report}; it writes no report, so drop --out")
+        _check_plot(args)
+        try:
+            rep = e2e.load_report(args.from_report)
+        except ValueError as e:
+            raise UsageError(str(e))
+        e2e.print_report(rep)
+        if args.plot:
+            print(f"wrote the figure to {e2e.write_plot(rep, args.plot)}")
+        return 0
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)
     _check_plot(args)
@@ -1074,6 +1086,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a tokens/s + tau figure: .html, or .png/.svg/.pdf (needs kaleido)",
     )
     b.add_argument("--out", default=None, metavar="FILE", help="write the JSON report here")
+    b.add_argument(
+        "--from-report",
+        default=None,
+        metavar="FILE",
+        help="print a recorded report instead of running (e.g. data/results/e2e_h100.json): its table, each tree "
+        "against the chain of its depth, and --plot; no model is loaded and no GPU is needed",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
     _add_common(b)
     b.set_defaults(func=cmd_bench)

@@ -363,19 +363,49 @@ def run_cli(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
         print(f"wrote the report to {args.out}")
+    print_report(rep)
+    if args.plot:
+        print(f"wrote the figure to {write_plot(rep, args.plot)}")
+    return 0
+
+
+def print_report(rep: dict) -> None:
+    """A report's table (tokens/s, tau, speed-ups, efficiency), each tree against the chains (computed here, so a
+    report recorded before `tree_against_chains` existed prints it too) and whether the outputs agreed."""
     print(f"{'method':<24}{'tok/s':>10}{'tau':>7}{'vs ar':>8}{'vs hf':>8}{'eff':>7}")
     for name, o in rep["results"].items():
         print(
             f"{name:<24}{o['tokens_per_s']:>10.1f}{o.get('tau', float('nan')):>7.2f}"
-            f"{o['speedup_vs_ar']:>8.2f}{o.get('speedup_vs_hf', float('nan')):>8.2f}"
+            f"{o.get('speedup_vs_ar', float('nan')):>8.2f}{o.get('speedup_vs_hf', float('nan')):>8.2f}"
             f"{o.get('efficiency', float('nan')):>7.2f}"
         )
-    if rep["tree_vs_chain"]["trees"]:
-        print("\n".join(format_tree_against_chains(rep["tree_vs_chain"])))
-    print(f"outputs identical across methods: {rep['outputs_identical']}")
-    if args.plot:
-        print(f"wrote the figure to {write_plot(rep, args.plot)}")
-    return 0
+    table = tree_against_chains(rep["results"])
+    if table["trees"]:
+        print("\n".join(format_tree_against_chains(table)))
+    if "outputs_identical" in rep:
+        print(f"outputs identical across methods: {rep['outputs_identical']}")
+
+
+def load_report(path) -> dict:
+    """A recorded end-to-end report (`longspec-lab bench --out`, bench.h200_speed's e2e JSON), checked: a ValueError
+    naming the file and the problem when it is missing, not JSON, or has no results with tokens/s."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(
+            f"{p}: no such report; pass a JSON file that `longspec-lab bench --out` wrote (data/results/e2e_*.json)"
+        )
+    try:
+        rep = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p} is not a JSON report ({e}); pass a file that `longspec-lab bench --out` wrote") from None
+    res = rep.get("results") if isinstance(rep, dict) else None
+    rows_ok = isinstance(res, dict) and res and all(isinstance(r, dict) and "tokens_per_s" in r for r in res.values())
+    if not rows_ok:
+        raise ValueError(
+            f"{p} has no end-to-end results (a 'results' object of methods with tokens_per_s); pass a report that "
+            "`longspec-lab bench --out` or bench.h200_speed wrote"
+        )
+    return rep
 
 
 if __name__ == "__main__":  # the old spelling, `python -m longspec_lab.bench.e2e`, runs the CLI's subcommand

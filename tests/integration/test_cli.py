@@ -143,6 +143,31 @@ def test_bench_plot_says_which_file_it_wrote(tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bench_from_report_prints_a_recorded_run_without_running(tmp_path, capsys):
+    """`bench --from-report` on a recorded H100 run: the table's tokens/s and each tree against its chains, as the
+    report's numbers give them (no model loaded); --plot writes the figure; bad input is one line, status 2."""
+    from longspec_lab.paths import RESULTS_DIR
+
+    record = RESULTS_DIR / "e2e_h100.json"
+    rep = json.loads(record.read_text())
+    assert main(["bench", "--from-report", str(record), "--plot", str(tmp_path / "f.html")]) == 0
+    out = capsys.readouterr().out
+    tps = rep["results"]["tree-1-2-4-4-4-4-4"]["tokens_per_s"]
+    assert re.search(rf"^tree-1-2-4-4-4-4-4\s+{tps:.1f}\s", out, re.M), out
+    best = max((n for n in rep["results"] if n.startswith("chain-")), key=lambda n: rep["results"][n]["tokens_per_s"])
+    assert f"trees against chains (best chain: {best}):" in out and "at its cost" in out
+    assert f"wrote the figure to {tmp_path / 'f.html'}" in out and (tmp_path / "f.html").is_file()
+    (tmp_path / "bad.json").write_text('{"results": {"ar": {"tau": 1}}}')
+    for args, said in (
+        (["--from-report", str(tmp_path / "missing.json")], "no such report"),
+        (["--from-report", str(tmp_path / "bad.json")], "has no end-to-end results"),
+        (["--from-report", str(record), "--out", str(tmp_path / "o.json")], "drop --out"),
+    ):
+        r = _cli("bench", *args)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_progress_line_leaves_the_output_alone(monkeypatch):
     """generate/demo count target passes with a forward hook; on a terminal the bar is live, and the
     model's output must come through unchanged (a hook that returns a value would replace it)."""
