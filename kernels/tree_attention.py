@@ -674,6 +674,7 @@ def _sm_count_cuda(index: int) -> int:
 
 
 _BLOCK_M_CHOICES = (64, 128)
+SMALL_TILE_ROWS = _BLOCK_M_CHOICES[0]  # packed rows that always take one tile of their own size (bench.tune reads it)
 
 
 def _pick_block_m(rows: int) -> int:
@@ -684,8 +685,8 @@ def _pick_block_m(rows: int) -> int:
         return int(forced)
     if _INTERPRET:
         return min(128, max(16, triton.next_power_of_2(rows)))
-    if rows <= 64:
-        return 64
+    if rows <= SMALL_TILE_ROWS:
+        return SMALL_TILE_ROWS
     return min(_BLOCK_M_CHOICES, key=lambda bm: (_cdiv(rows, bm) * bm, -bm))
 
 
@@ -997,7 +998,7 @@ LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmar
 # verify of 145-151 us up to 32 nodes and 169-184 us from 35 nodes on: the step that "wide" is there to time.
 TREE_SPLIT = os.environ.get("LONGSPEC_TREE_SPLIT", "auto")
 _TREE_SPLIT_CHOICES = ("auto", "wide", "on", "off")
-WIDE_TREE_ROWS = 64  # "wide": a single row tile of more packed rows than this also gives the tree its own programs
+WIDE_TREE_ROWS = SMALL_TILE_ROWS  # "wide": one row tile of more packed rows than this gives the tree its programs
 
 
 def tree_split_applies(rows: int, block_m: int, prefix_only: bool) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from longspec_lab.decoding.timing import method_name, sync
+from longspec_lab.decoding.timing import drafted_shape, method_name, sync
 from longspec_lab.provenance import environment
 
 DEFAULT_SHAPES = ([4, 16, 16, 16, 16], [4, 8, 8, 8], [2, 4, 8, 8, 8, 8], [8, 16, 32])
@@ -199,13 +199,9 @@ def _report(rows, hf_rows, agree, same_prefix, dec, max_new_tokens, num_prompts)
 
 def _depth(name: str) -> int | None:
     """The draft levels of a results row named by `method_name`: chain-g7 -> 7, tree-4-16-16 -> 3; None for others
-    (ar, the transformers peers, a run on another attention backend)."""
-    parts = name.split("-")
-    if parts[0] == "chain" and len(parts) == 2 and parts[1][1:].isdigit():
-        return int(parts[1][1:])
-    if parts[0] == "tree" and len(parts) > 1 and all(p.isdigit() for p in parts[1:]):
-        return len(parts) - 1
-    return None
+    (ar, the transformers peers, a run on another attention backend), as `drafted_shape` reads the name."""
+    shape = drafted_shape(name)
+    return None if shape is None else len(shape)
 
 
 def tree_against_chains(results: dict) -> dict:

@@ -152,29 +152,32 @@ def renewal_tau(accepts: list, n_tokens: int) -> torch.Tensor:
     return tokens.double() / steps.clamp_min(1).double()
 
 
-# The verification pass packs G query rows a node (G query heads share a KV head), and the tree kernel takes up to 64
-# packed rows in one row tile of 64. Past that the plan changes (kernels/tree_attention.py: `_pick_block_m`,
-# `tree_split_applies`), and the H100 records of 2026-12-06 show a step of about 20 us in the verify from 33 nodes
-# on for the embedded model (G = 2; docs/RESULTS.md). The latency model's last feature marks the shapes past it.
-VERIFY_TILE_ROWS = 64
+# The verification pass packs G query rows a node (G query heads share a KV head), and the tree kernel takes up to
+# SMALL_TILE_ROWS (64) packed rows in one row tile of 64. Past that the plan changes (kernels/tree_attention.py:
+# `_pick_block_m`, `tree_split_applies`), and the H100 records of 2026-12-06 show a step of about 20 us in the verify
+# from 33 nodes on for the embedded model (G = 2; docs/RESULTS.md). The latency model's last feature marks the shapes
+# past it; DEFAULT_TILE_NODES is the embedded model's bound, verify_tile_nodes(2).
+DEFAULT_TILE_NODES = 32
 # what each latency coefficient prices (`features_matrix`'s columns), in seconds
 LATENCY_FEATURES = ("step", "level", "verified node", "node drafted from", "beam level", "past one verify tile")
 
 
 def verify_tile_nodes(group_size: int) -> int:
-    """The most nodes (root included) whose verification fits one row tile of VERIFY_TILE_ROWS packed rows, for a
-    target with `group_size` query heads a KV head: 32 for the embedded model (G = 2)."""
+    """The most nodes (root included) whose verification fits one small row tile of the tree kernel
+    (SMALL_TILE_ROWS packed rows), for a target with `group_size` query heads a KV head: 32 for the embedded model."""
+    from longspec_lab.kernels.tree_attention import SMALL_TILE_ROWS
+
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer (query heads per KV head), got {group_size!r}")
-    return max(1, VERIFY_TILE_ROWS // group_size)
+    return max(1, SMALL_TILE_ROWS // group_size)
 
 
-def features(shape, tile_nodes: int = 32) -> list[float]:
+def features(shape, tile_nodes: int = DEFAULT_TILE_NODES) -> list[float]:
     """The latency model's features of one shape (`features_matrix`, for a batch of one)."""
     return features_matrix(torch.tensor([list(TreeShape.of(shape).widths)]), tile_nodes)[0].tolist()
 
 
-def fit_latency(step_times: dict, tile_nodes: int = 32) -> torch.Tensor:
+def fit_latency(step_times: dict, tile_nodes: int = DEFAULT_TILE_NODES) -> torch.Tensor:
     """Least-squares step-time coefficients, constrained to be >= 0 (no feature makes a step cheaper):
     the exact non-negative solution, by solving every subset of free coefficients and keeping the best
     feasible one (6 features: 64 small solves). Unconstrained least squares on a few collinear shapes
@@ -196,7 +199,7 @@ def fit_latency(step_times: dict, tile_nodes: int = 32) -> torch.Tensor:
     return best
 
 
-def latency_loo(step_times: dict, tile_nodes: int = 32) -> dict:
+def latency_loo(step_times: dict, tile_nodes: int = DEFAULT_TILE_NODES) -> dict:
     """Leave-one-out check of the latency model: {shape json: predicted / measured - 1} for each shape's step time,
     predicted by `fit_latency` fitted to all the other shapes. How well the model prices a shape it was not fitted
     to, which is what the search asks of it. Empty for fewer than 3 shapes."""
@@ -324,7 +327,7 @@ def search_space(max_depth: int, max_nodes: int, probe, ranks: torch.Tensor, gri
     return W, torch.cat(accs) if accs else torch.zeros(0, dtype=torch.float64)
 
 
-def features_matrix(W: torch.Tensor, tile_nodes: int = 32) -> torch.Tensor:
+def features_matrix(W: torch.Tensor, tile_nodes: int = DEFAULT_TILE_NODES) -> torch.Tensor:
     """[S, 6] float64, the latency model's features of each row of W [S, L] (level widths, zero past the last
     level; `search_space`'s): [1, depth, nodes (root included), nodes drafted from (all but the last level's), beam
     levels, past one verify tile]. Beam levels count the levels wider than one node, whose selection runs over

@@ -179,6 +179,7 @@ def test_verify_tile_nodes_follows_the_gqa_group():
 
     assert [tune.verify_tile_nodes(g) for g in (1, 2, 4, 8)] == [64, 32, 16, 8]
     assert tune.verify_tile_nodes(PRESETS["embedded"].group_size) == 32  # 4 query heads on 2 KV heads
+    assert tune.DEFAULT_TILE_NODES == 32  # the default of features / fit_latency / latency_loo: the embedded model's
     assert tune.verify_tile_nodes(PRESETS["llama3-8b"].group_size) == 16  # 32 on 8
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="group_size must be a positive integer"):
