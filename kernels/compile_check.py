@@ -234,13 +234,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
                    SLOTS="i64", A="bf16", WP="bf16", RP="bf16", XO="bf16", BIAS="bf16")  # fmt: skip
     # (rows, K, N, norm, residual, gated, bias): the embedded model's norm + qkv at one row, its gated MLP, the
     # 8B shape's down projection with the residual at a 72-row verify, the draft's biased q/k/v at a 16-node level,
-    # an 8B q/k/v with its norm. One K step compiles the weight-first form (ONE_K, LONGSPEC_WEIGHT_FIRST=on), whatever
-    # the switch says; the 8B shapes compile the K loop
+    # an 8B q/k/v with its norm, the embedded LM head at 72 rows. One K step compiles the weight-first form (ONE_K,
+    # LONGSPEC_WEIGHT_FIRST=on), whatever the switch says; the 8B shapes compile the K loop
     for M, K, N, norm, res, gated, bias in [
         (1, 256, 512, True, False, False, False), (1, 256, 768, True, False, True, False),
         (72, 14336, 4096, False, True, False, False), (16, 256, 512, True, False, False, True),
         (1, 4096, 6144, True, False, False, False),  # a norm over several K steps (LONGSPEC_NORM_LINEAR=on at 8B)
-    ][: 1 if quick else 5]:  # fmt: skip
+        (72, 256, 4096, True, False, False, False),  # the embedded LM head at a verify: 32 x 128 tiles (HEAD_TILES)
+    ][: 1 if quick else 6]:  # fmt: skip
         bm, bn, bk = nl.tiles(M, N, K)
         consts = dict(HAS_NORM=norm, HAS_RES=res, GATED=gated, ROPE=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_K=bk, PRE=False, BLOCK_KP=16, HAS_BIAS=bias, ONE_K=K <= bk)  # fmt: skip

@@ -286,6 +286,8 @@ def _rope_epilogue(
 # weights [N, K] of at most this many elements take the small-matrix tiles below; the same bound as
 # ops/linear.py's AUTO_MAX_WEIGHT, the largest weight LONGSPEC_NORM_LINEAR=auto sends to this kernel
 SMALL_WEIGHT = 1 << 20
+HEAD_COLS = 2048  # output columns from which a small projection takes the LM head's tiles (`tiles`)
+HEAD_TILES = os.environ.get("LONGSPEC_HEAD_TILES", "on")  # "off": an LM head tiled as any small weight (before)
 
 
 def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
@@ -298,8 +300,18 @@ def tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
     1-row q/k/v projection and 4.5 -> 2.7 us (q/k/v), 5.2 -> 3.3 us (gate/up) at 72 rows, against the
     earlier rule that follows (still the rule for large weights, where cuBLAS is used in "auto" anyway):
     the smallest row tile that holds M (16 up to 64), 64 columns for wide projections, 32 for narrow ones,
-    and K steps of up to 128."""
+    and K steps of up to 128.
+
+    A small LM head (N >= HEAD_COLS: the embedded model's 4,096 x 256) has tiles of its own (LONGSPEC_HEAD_TILES=on,
+    the default since 2026-12-06), from the same sweep on an H100 (`gpu_jobs --only norm_linear_lm_head`,
+    data/results/norm_linear_lm_head_tiles_h100.json): 16 x 32 up to 16 rows (1 row 2.0 -> 1.7 us, 16 rows 2.5 ->
+    1.9 against 16 x 16) and 32 x 128 past them (72 rows 4.2 -> 3.0 us against 16 x 32: three row tiles read the
+    weight, not five)."""
     if N * K <= SMALL_WEIGHT:
+        if HEAD_TILES not in ("on", "off"):
+            raise ValueError(f"LONGSPEC_HEAD_TILES={HEAD_TILES!r} is not one of on, off; unset it or pick one")
+        if N >= HEAD_COLS and HEAD_TILES == "on":  # an LM head: wider columns, and 32-row tiles past 16 rows
+            return (32, 128, 256) if M > 16 and K <= 256 else (16, 32, min(256, max(16, triton.next_power_of_2(K))))
         return 16, 32 if M > 16 and N >= 512 else 16, min(256, max(16, triton.next_power_of_2(K)))
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     block_n = 64 if N >= 2048 else 32

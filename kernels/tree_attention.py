@@ -677,15 +677,29 @@ _BLOCK_M_CHOICES = (64, 128)
 SMALL_TILE_ROWS = _BLOCK_M_CHOICES[0]  # packed rows that always take one tile of their own size (bench.tune reads it)
 
 
+# LONGSPEC_ROW_TILE_RULE: how a pass of SMALL_TILE_ROWS + 1 .. 2 * SMALL_TILE_ROWS packed rows (a verification of a
+# tree of 33-64 nodes) is tiled. "small" (the default since 2026-12-06): two row tiles of 64, so the pass has several
+# row tiles and its tree keys get programs of their own (LONGSPEC_TREE_SPLIT=auto). "padding" (before): the least
+# padding, one tile of 128, whose tree keys run in the last prefix split. H100, two calls on one machine
+# (e2e_ab_wide_{base,block_m_64,tree_split}_h100.json): the verify of 35 / 38 / 53 nodes took 170.2 / 171.4 /
+# 181.5 us in one tile of 128 and 155.0 / 154.7 / 164.1 in two of 64 (LONGSPEC_BLOCK_M=64), the trees 1-6% faster;
+# passes of up to 64 rows (AR, chains, narrow trees) and past 128 (the default tree) do not change.
+ROW_TILE_RULE = os.environ.get("LONGSPEC_ROW_TILE_RULE", "small")
+_ROW_TILE_RULES = ("small", "padding")
+
+
 def _pick_block_m(rows: int) -> int:
-    """Row tile for ROWS = G * T packed rows: the candidate with the least padding (ties: the larger tile,
-    which reads each K/V tile for more rows). LONGSPEC_BLOCK_M overrides it (benchmark sweeps)."""
+    """Row tile for ROWS = G * T packed rows: up to 2 * SMALL_TILE_ROWS rows, tiles of SMALL_TILE_ROWS (under
+    LONGSPEC_ROW_TILE_RULE=small); past that, the candidate with the least padding (ties: the larger tile, which reads
+    each K/V tile for more rows). LONGSPEC_BLOCK_M overrides it (benchmark sweeps)."""
     forced = os.environ.get("LONGSPEC_BLOCK_M")
     if forced:
         return int(forced)
+    if ROW_TILE_RULE not in _ROW_TILE_RULES:
+        raise ValueError(f"LONGSPEC_ROW_TILE_RULE={ROW_TILE_RULE!r} is not one of small, padding; unset it or pick one")
     if _INTERPRET:
         return min(128, max(16, triton.next_power_of_2(rows)))
-    if rows <= SMALL_TILE_ROWS:
+    if rows <= SMALL_TILE_ROWS or (ROW_TILE_RULE == "small" and rows <= 2 * SMALL_TILE_ROWS):
         return SMALL_TILE_ROWS
     return min(_BLOCK_M_CHOICES, key=lambda bm: (_cdiv(rows, bm) * bm, -bm))
 
@@ -992,10 +1006,11 @@ LAST_LAUNCH: dict = {}  # the latest launch's plan and tile choice (the benchmar
 # verification pass): the last prefix split then no longer runs its share of the prefix AND the whole tree one after
 # the other. With one row tile (decode, the draft's levels) the tree stays in the last split. "on": always (the
 # tests run it on the interpreter's single row tiles); "off": never, the tree in the last prefix split.
-# "wide": as auto, and also for one row tile of more than WIDE_TREE_ROWS packed rows. A tree of 33-64 nodes packs
-# 66-128 rows, which `_pick_block_m` puts in ONE tile of 128, so under auto its tree keys run in the last prefix
-# split. The H100 records of 2026-12-06 (e2e_h100.json, e2e_h100_wide_trees.json, e2e_h100_nine_trees.json) show a
-# verify of 145-151 us up to 32 nodes and 169-184 us from 35 nodes on: the step that "wide" is there to time.
+# "wide": as auto, and also for one row tile of more than WIDE_TREE_ROWS packed rows: under
+# LONGSPEC_ROW_TILE_RULE=padding a tree of 33-64 nodes packs 66-128 rows into ONE tile of 128, whose tree keys auto
+# leaves in the last prefix split. Timed on an H100 (2026-12-06, e2e_ab_wide_*_h100.json), "wide" and two tiles of
+# 64 both took the 35-53-node verifies from 170-182 us to 154-166; the row-tile rule (two tiles, `_pick_block_m`) is
+# the default since, and "wide" stays for a forced tile of 128 (LONGSPEC_BLOCK_M=128).
 TREE_SPLIT = os.environ.get("LONGSPEC_TREE_SPLIT", "auto")
 _TREE_SPLIT_CHOICES = ("auto", "wide", "on", "off")
 WIDE_TREE_ROWS = SMALL_TILE_ROWS  # "wide": one row tile of more packed rows than this gives the tree its programs

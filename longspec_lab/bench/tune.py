@@ -155,8 +155,9 @@ def renewal_tau(accepts: list, n_tokens: int) -> torch.Tensor:
 # The verification pass packs G query rows a node (G query heads share a KV head), and the tree kernel takes up to
 # SMALL_TILE_ROWS (64) packed rows in one row tile of 64. Past that the plan changes (kernels/tree_attention.py:
 # `_pick_block_m`, `tree_split_applies`), and the H100 records of 2026-12-06 show a step of about 20 us in the verify
-# from 33 nodes on for the embedded model (G = 2; docs/RESULTS.md). The latency model's last feature marks the shapes
-# past it; DEFAULT_TILE_NODES is the embedded model's bound, verify_tile_nodes(2).
+# from 33 nodes on for the embedded model (G = 2; docs/RESULTS.md), about 6 us since the rule of two row tiles of 64
+# (LONGSPEC_ROW_TILE_RULE=small). The latency model's last feature marks the shapes past it (its coefficient is
+# fitted, so it follows the records it is fitted on); DEFAULT_TILE_NODES is the embedded model's bound.
 DEFAULT_TILE_NODES = 32
 # what each latency coefficient prices (`features_matrix`'s columns), in seconds
 LATENCY_FEATURES = ("step", "level", "verified node", "node drafted from", "beam level", "past one verify tile")

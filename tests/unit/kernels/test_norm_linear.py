@@ -89,17 +89,36 @@ def test_bad_inputs_name_the_problem(mutate, words):
 
 
 @pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 512, 256), (1, 14336, 4096), (300, 64, 8),
-                                     (72, 256, 768), (16, 768, 256), (5, 6144, 4096)])  # fmt: skip
+                                     (72, 256, 768), (16, 768, 256), (5, 6144, 4096), (1, 4096, 256),
+                                     (16, 4096, 256), (72, 4096, 256)])  # fmt: skip
 def test_tiles_fit_the_matrix_unit_and_the_weight(M, N, K):
     """Power-of-two tiles the matrix unit takes (>= 16 rows), no wider than needed: small weights get 16-row
     tiles and K steps up to 256, large ones the row tile that holds M (up to 64) and K steps up to 128."""
     bm, bn, bk = nl.tiles(M, N, K)
     assert all(t >= 16 and t & (t - 1) == 0 for t in (bm, bn, bk))
     assert bk <= max(16, 1 << (K - 1).bit_length())  # the next power of two
-    if N * K <= nl.SMALL_WEIGHT:
+    if N * K <= nl.SMALL_WEIGHT and N >= nl.HEAD_COLS:  # a small LM head: its own tiles (LONGSPEC_HEAD_TILES)
+        assert (bm, bn) == ((32, 128) if M > 16 else (16, 32)) and bk <= 256
+    elif N * K <= nl.SMALL_WEIGHT:
         assert bm == 16 and bn in (16, 32) and bk <= 256
     else:
         assert bm <= 64 and (bm >= M or bm == 64) and bn in (32, 64) and bk <= 128
+
+
+def test_lm_head_tiles_compute_the_definition_and_the_switch_restores_the_old_rule(monkeypatch):
+    """A verification-sized LM head (24 rows x 4,096 columns) runs in 32 x 128 tiles and equals the float64
+    definition and the old 16 x 32 tiles' result (to float32 rounding: the interpreter's matmul may sum in another
+    order for another tile); LONGSPEC_HEAD_TILES=off gives the old tiles back, and a bad value is named."""
+    assert nl.tiles(24, 4096, 256) == (32, 128, 256) and nl.tiles(8, 4096, 256) == (16, 32, 256)
+    x, w, nw, eps, _, _ = _case(11, 24, 256, 4096, True, False, False)
+    got = nl.norm_linear(x, w, nw, eps)
+    torch.testing.assert_close(got.double(), nl.norm_linear_reference(x, w, nw, eps), atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(nl, "HEAD_TILES", "off")
+    assert nl.tiles(24, 4096, 256) == (16, 32, 256) and nl.tiles(1, 4096, 256) == (16, 16, 256)
+    torch.testing.assert_close(nl.norm_linear(x, w, nw, eps), got, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(nl, "HEAD_TILES", "maybe")
+    with pytest.raises(ValueError, match="LONGSPEC_HEAD_TILES='maybe' is not one of on, off"):
+        nl.tiles(24, 4096, 256)
 
 
 @pytest.mark.parametrize(("M", "N", "K"), [(1, 512, 256), (72, 64, 96)])

@@ -533,14 +533,33 @@ def test_wide_gives_one_big_row_tile_its_tree_programs_and_equals_the_reference(
         torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_row_tile_rule_tiles_33_to_64_node_trees_in_two_tiles_of_64(monkeypatch):
+    """LONGSPEC_ROW_TILE_RULE=small (the default): 65-128 packed rows (a 33-64-node tree's verify) take two row tiles
+    of 64, so auto gives the tree keys programs of their own; "padding" keeps the least padding (one tile of 128);
+    passes of up to 64 rows and past 128 are tiled as before; a bad value is named."""
+    monkeypatch.setattr(ta, "_INTERPRET", False)  # the GPU rule (the interpreter takes one tile of the rows)
+    monkeypatch.delenv("LONGSPEC_BLOCK_M", raising=False)
+    monkeypatch.setattr(ta, "TREE_SPLIT", "auto")
+    monkeypatch.setattr(ta, "ROW_TILE_RULE", "small")
+    assert [ta._pick_block_m(r) for r in (2, 64, 65, 76, 106, 128, 138, 210)] == [64, 64, 64, 64, 64, 64, 64, 128]
+    assert ta.tree_split_applies(76, ta._pick_block_m(76), False)
+    monkeypatch.setattr(ta, "ROW_TILE_RULE", "padding")
+    assert [ta._pick_block_m(r) for r in (2, 64, 65, 76, 106, 128, 138, 210)] == [64, 64, 128, 128, 128, 128, 64, 128]
+    assert not ta.tree_split_applies(76, ta._pick_block_m(76), False)
+    monkeypatch.setattr(ta, "ROW_TILE_RULE", "fewest")
+    with pytest.raises(ValueError, match="LONGSPEC_ROW_TILE_RULE='fewest' is not one of small, padding"):
+        ta._pick_block_m(76)
+
+
 def test_tree_split_switch_auto_and_bad_value(monkeypatch):
     """ "auto": programs of its own only when the packed rows need several row tiles; "wide": also one tile of more than
     64 rows; an unknown value is named."""
     monkeypatch.setattr(ta, "TREE_SPLIT", "auto")
     assert ta.tree_split_applies(138, 64, False) and not ta.tree_split_applies(2, 64, False)
     assert not ta.tree_split_applies(138, 64, True)  # prefix only: there is no tree
-    # a 38-node tree's verify: 76 packed rows, one tile of 128 -> the tree stays in the last split under auto
-    assert ta._pick_block_m(76) == 128 and not ta.tree_split_applies(76, 128, False)
+    # a 38-node tree's verify: 76 packed rows in one tile of 128 (LONGSPEC_ROW_TILE_RULE=padding) -> the tree stays
+    # in the last split under auto
+    assert not ta.tree_split_applies(76, 128, False)
     monkeypatch.setattr(ta, "TREE_SPLIT", "wide")  # ... and gets programs of its own under wide
     assert ta.tree_split_applies(76, 128, False) and ta.tree_split_applies(138, 64, False)
     assert not ta.tree_split_applies(64, 64, False) and not ta.tree_split_applies(12, 64, False)  # chains, narrow
