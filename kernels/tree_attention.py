@@ -683,7 +683,9 @@ SMALL_TILE_ROWS = _BLOCK_M_CHOICES[0]  # packed rows that always take one tile o
 # padding, one tile of 128, whose tree keys run in the last prefix split. H100, two calls on one machine
 # (e2e_ab_wide_{base,block_m_64,tree_split}_h100.json): the verify of 35 / 38 / 53 nodes took 170.2 / 171.4 /
 # 181.5 us in one tile of 128 and 155.0 / 154.7 / 164.1 in two of 64 (LONGSPEC_BLOCK_M=64), the trees 1-6% faster;
-# passes of up to 64 rows (AR, chains, narrow trees) and past 128 (the default tree) do not change.
+# passes of up to 64 rows (AR, chains, narrow trees) and past 128 (the default tree) do not change. The rule also
+# tiles a draft level of 33-64 parents (its cross-attention) as two tiles: untimed, as no default, recorded or probed
+# shape has such a level (the tuner's probe stops at 32 parents, 64 rows).
 ROW_TILE_RULE = os.environ.get("LONGSPEC_ROW_TILE_RULE", "small")
 _ROW_TILE_RULES = ("small", "padding")
 
