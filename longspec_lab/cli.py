@@ -764,9 +764,7 @@ def cmd_bench(args) -> int:
             rep = e2e.load_report(args.from_report)
         except ValueError as e:
             raise UsageError(str(e))
-        e2e.print_report(rep)
-        if args.plot:
-            print(f"wrote the figure to {e2e.write_plot(rep, args.plot)}")
+        e2e.print_report(rep, args.plot)
         return 0
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)

@@ -359,15 +359,14 @@ def run_cli(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
         print(f"wrote the report to {args.out}")
-    print_report(rep)
-    if args.plot:
-        print(f"wrote the figure to {write_plot(rep, args.plot)}")
+    print_report(rep, args.plot)
     return 0
 
 
-def print_report(rep: dict) -> None:
+def print_report(rep: dict, plot=None) -> None:
     """A report's table (tokens/s, tau, speed-ups, efficiency), each tree against the chains (computed here, so a
-    report recorded before `tree_against_chains` existed prints it too) and whether the outputs agreed."""
+    report recorded before `tree_against_chains` existed prints it too) and whether the outputs agreed; with `plot`,
+    also the figure (`write_plot`), and where it went."""
     print(f"{'method':<24}{'tok/s':>10}{'tau':>7}{'vs ar':>8}{'vs hf':>8}{'eff':>7}")
     for name, o in rep["results"].items():
         print(
@@ -380,6 +379,8 @@ def print_report(rep: dict) -> None:
         print("\n".join(format_tree_against_chains(table)))
     if "outputs_identical" in rep:
         print(f"outputs identical across methods: {rep['outputs_identical']}")
+    if plot:
+        print(f"wrote the figure to {write_plot(rep, plot)}")
 
 
 def load_report(path) -> dict:

@@ -232,8 +232,8 @@ def recorded_step_times(report: dict) -> dict:
     out = {k: row["seconds"] / (row["tokens"] / row["tau"]) for k, row in recorded_rows(report).items()}
     if len(out) < 4:
         raise ValueError(
-            f"the report has {len(out)} chain/tree rows with timings; the latency model has 6 coefficients, "
-            "so it needs a report with at least 4 (run `longspec-lab bench` with more --tree-shapes / --gammas)"
+            f"the report has {len(out)} chain/tree rows with timings; the latency model fits 6 coefficients and "
+            "needs at least 4 rows, more to pin them down (run `longspec-lab bench` with more --tree-shapes / --gammas)"
         )
     return out
 
