@@ -66,11 +66,19 @@ from longspec_lab.kernels.tree_attention import _max, _sum
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
 _MIN_KEY_INT = -(2**63)
 _MIN_KEY = tl.constexpr(_MIN_KEY_INT)  # below every key: the padding of masked columns and of unused candidates
+_MIN_KEY32 = tl.constexpr(-(2**31))  # the same for the int32 keys of 16-bit logits (`_half_key`)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_VOCAB = 16384  # each chunk program reads its whole row for the log-sum-exp; beyond this, the two-step path
 MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 or 8 warps
 BLOCK_L = 1024  # tokens per warp in one step of the log-sum-exp walk: 32 float32 registers a thread
 NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "8")  # every program's warps: 1, 2, 4 or 8 (`_num_warps`)
+# how a chunk program ranks its tokens (`_chunk_form`): "scores" (each program walks its row's log-sum-exp and ranks
+# int64 score keys, `_beam_select_kernel`), "logits" (each program ranks its chunk's logits, 32-bit keys for 16-bit
+# logits, and keeps its chunk's maximum and sum; the last program folds them, `_beam_select_logits_kernel`), or
+# "logits_rows" (as "logits", and the last program keeps each row's best before the best of all: bitonic only)
+CHUNK_KEYS = os.environ.get("LONGSPEC_BEAM_CHUNK_KEYS", "scores")
+CHUNK_FORMS = ("scores", "logits", "logits_rows")
+MAX_PARTIAL_TILE = 16384  # "logits": the last program's [candidates, chunks] tile of chunk partials (fp32, twice)
 
 
 @triton.jit
@@ -78,6 +86,29 @@ def _order_bits(f):
     """float32 -> int32 of the same order (negative floats' bits flipped), as spec/draft.py's _order_key."""
     bits = f.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _write_level(OUT, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W: tl.constexpr, W_TILE: tl.constexpr,
+                 N_TILE: tl.constexpr):  # fmt: skip
+    """The level's W keys in OUT (best first) written into the tree's buffers (`INTO`: the last program only)."""
+    tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
+    offs_w = tl.arange(0, W_TILE)
+    w_ok = offs_w < W
+    best = tl.load(OUT + offs_w, mask=w_ok, other=0)  # [W_TILE] the level's keys, best first
+    flat = (n_rows * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits: the reversed flat index
+    node = lo + offs_w
+    parent = plo + flat // V
+    bits = (best >> 32).to(tl.int32)  # the high 32 bits: the score's order bits
+    level_score = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+    tl.store(TOKENS + node, flat % V, mask=w_ok)
+    tl.store(PARENTS + node, parent, mask=w_ok)
+    tl.store(TREE_SCORES + node, level_score, mask=w_ok)
+    cols = tl.arange(0, N_TILE)
+    both = w_ok[:, None] & (cols < N)[None, :]
+    up = tl.load(ANC + parent[:, None] * N + cols[None, :], mask=both, other=0)  # [W_TILE, N_TILE] the parents' rows
+    own = (up != 0) | (cols[None, :] == node[:, None])  # [W_TILE, N_TILE] each node's own mask row
+    tl.store(ANC + node[:, None] * N + cols[None, :], own.to(tl.uint8), mask=both)
 
 
 @triton.jit
@@ -154,25 +185,139 @@ def _beam_select_kernel(
                 cand = tl.load(CAND + offs_c, mask=offs_c < total * K, other=_MIN_KEY, cache_modifier=".cg")
                 _store_topk(OUT, cand, _MIN_KEY, W, BITONIC, W_POW2)
                 if INTO:  # 5. the level itself, as spec/draft.py's _decode_keys and TreeBuffers.add_level make it
-                    tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
-                    offs_w = tl.arange(0, W_TILE)
-                    w_ok = offs_w < W
-                    best = tl.load(OUT + offs_w, mask=w_ok, other=0)  # [W_TILE] the level's keys, best first
-                    flat = (n_rows * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits: the reversed flat index
-                    node = lo + offs_w
-                    parent = plo + flat // V
-                    bits = (best >> 32).to(tl.int32)  # the high 32 bits: the score's order bits
-                    level_score = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
-                    tl.store(TOKENS + node, flat % V, mask=w_ok)
-                    tl.store(PARENTS + node, parent, mask=w_ok)
-                    tl.store(TREE_SCORES + node, level_score, mask=w_ok)
-                    cols = tl.arange(0, N_TILE)
-                    both = w_ok[:, None] & (cols < N)[None, :]
-                    # [W_TILE, N_TILE] the parents' mask rows
-                    up = tl.load(ANC + parent[:, None] * N + cols[None, :], mask=both, other=0)
-                    own = (up != 0) | (cols[None, :] == node[:, None])  # [W_TILE, N_TILE] each node's own mask row
-                    tl.store(ANC + node[:, None] * N + cols[None, :], own.to(tl.uint8), mask=both)
+                    _write_level(OUT, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
                 tl.atomic_xchg(TICKET, 0)
+
+
+@triton.jit
+def _half_key(raw, col):
+    """int32 key of a 16-bit float logit raw (bf16 or fp16 bits) at column col < 65,536: the float's order in the high
+    16 bits (negative floats' bits flipped), the reversed column in the low 16 (lower column first among ties)."""
+    bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+    order = tl.where(bits < 0, bits ^ 0x7FFF, bits)
+    return (order << 16) | (0xFFFF - col)
+
+
+@triton.jit
+def _half_value(key, IS_BF16: tl.constexpr):
+    """The float32 logit and the column that `_half_key` packed into key (int32)."""
+    order = key >> 16  # arithmetic: the signed order
+    bits = tl.where(order < 0, order ^ 0x7FFF, order).to(tl.int16)
+    if IS_BF16:
+        x = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    else:
+        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    return x, 0xFFFF - (key & 0xFFFF)
+
+
+@triton.jit
+def _beam_select_logits_kernel(
+    LOGITS,  # [n, V] the draft's logits at each parent (fp16, bf16 or fp32), unit column stride
+    SCORES,  # [n] fp32 the parents' cumulative log-probabilities
+    CAND,  # [n * n_chunks * K] scratch of logit keys (int32 for 16-bit logits, int64 for fp32): as _beam_select_kernel
+    PART,  # fp32 [2, n * n_chunks] scratch: each chunk's maximum logit, then its sum of exp(logit - maximum)
+    OUT,  # [W] int64 the level's W largest keys, descending
+    TICKET,  # int32 [1] arrival ticket, zero between launches
+    V,  # tokens per row
+    stride_l,  # row stride of LOGITS, in elements
+    n_chunks,  # chunks per row (grid axis 1)
+    K: tl.constexpr,  # keys each chunk keeps: min(W, V)
+    W: tl.constexpr,  # the level's width
+    BLOCK_V: tl.constexpr,  # tokens per chunk (a power of two >= K)
+    CAND_PAD: tl.constexpr,  # flat merge: a power of two >= n * n_chunks * K, the last program's candidate block
+    CHUNKS_POW2: tl.constexpr,  # a power of two >= n_chunks
+    ROWS_POW2: tl.constexpr,  # ROW_MERGE: a power of two >= n
+    RC_POW2: tl.constexpr,  # ROW_MERGE: a power of two >= n_chunks * K, a row's candidates
+    HALF: tl.constexpr,  # 16-bit logits: int32 keys (`_half_key`); else int64 keys of the float32 bits
+    IS_BF16: tl.constexpr,  # HALF: bf16 (else fp16)
+    ROW_MERGE: tl.constexpr,  # the last program keeps each row's K best before the W best of all (BITONIC only)
+    BITONIC: tl.constexpr,  # select with the bitonic network (row_topk's TOPK_ALGO)
+    K_POW2: tl.constexpr,  # power of two >= K (bitonic)
+    W_POW2: tl.constexpr,  # power of two >= W (bitonic)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
+    TOKENS=None,  # with INTO: as _beam_select_kernel
+    PARENTS=None,
+    TREE_SCORES=None,
+    ANC=None,
+    lo=0,
+    plo=0,
+    N=1,
+    INTO: tl.constexpr = False,
+    W_TILE: tl.constexpr = 1,
+    N_TILE: tl.constexpr = 1,
+):
+    if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
+        tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after this one may start, and waits in turn
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_rows = tl.num_programs(0)
+    prog = row * n_chunks + chunk
+    # 1. this chunk only: its maximum and sum of exp (the row's log-sum-exp waits for the last program), and its
+    #    K largest logits as keys. Within a row the parent's score and the log-sum-exp are one constant, so the
+    #    row's best logits are its best scores.
+    offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] token ids
+    ok = offs < V
+    raw = tl.load(LOGITS + row.to(tl.int64) * stride_l + offs, mask=ok, other=float("-inf"))
+    x = raw.to(tl.float32)
+    c_max = _max(x, 0)
+    c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)  # no finite logit in the chunk: its sum is 0
+    tl.store(PART + prog, c_max)
+    tl.store(PART + n_rows * n_chunks + prog, _sum(tl.exp(x - c_safe), 0))
+    if HALF:
+        key = tl.where(ok, _half_key(raw, offs), _MIN_KEY32)
+        _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY32, K, BITONIC, K_POW2)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        key = tl.where(ok, (order << 32) | (0x7FFFFFFF - offs).to(tl.int64), _MIN_KEY)
+        _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
+    # 2. the last program to arrive folds each row's chunk sums into its log-sum-exp, scores every kept logit as
+    #    _beam_select_kernel does (parent + (logit - maximum) - log(sum), float32) and selects the W largest keys
+    tl.debug_barrier()  # every store of this program is issued before its ticket moves
+    arrived = tl.atomic_add(TICKET, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_rows * n_chunks - 1:
+        offs_j = tl.arange(0, CHUNKS_POW2)
+        if ROW_MERGE:
+            rows = tl.arange(0, ROWS_POW2)  # [R]
+            r_ok = rows < n_rows
+            rc = tl.arange(0, RC_POW2)  # [RC] a row's candidates, chunk by chunk
+            both = r_ok[:, None] & (rc < n_chunks * K)[None, :]
+            ck = tl.load(CAND + rows[:, None] * (n_chunks * K) + rc[None, :], mask=both, cache_modifier=".cg")
+            ck = tl.where(both, ck, _MIN_KEY32 if HALF else _MIN_KEY)  # [R, RC]
+            ck = tl.topk(ck, K_POW2)  # [R, K_POW2] each row's best logits, by the keys' order
+            slot_row = tl.broadcast_to(rows[:, None], (ROWS_POW2, K_POW2))
+            slot_ok = tl.broadcast_to(r_ok[:, None], (ROWS_POW2, K_POW2)) & (ck != (_MIN_KEY32 if HALF else _MIN_KEY))
+            ck = tl.reshape(ck, [ROWS_POW2 * K_POW2])
+            slot_row = tl.reshape(slot_row, [ROWS_POW2 * K_POW2])
+            slot_ok = tl.reshape(slot_ok, [ROWS_POW2 * K_POW2])
+        else:
+            slots = tl.arange(0, CAND_PAD)
+            in_range = slots < n_rows * n_chunks * K
+            ck = tl.load(CAND + slots, mask=in_range, cache_modifier=".cg")
+            ck = tl.where(in_range, ck, _MIN_KEY32 if HALF else _MIN_KEY)  # [CAND_PAD]
+            slot_row = (slots // K) // n_chunks
+            slot_ok = in_range & (ck != (_MIN_KEY32 if HALF else _MIN_KEY))
+        pj = slot_row[:, None] * n_chunks + offs_j[None, :]  # [C, CHUNKS_POW2] the slot's row's chunk partials
+        p_ok = slot_ok[:, None] & (offs_j < n_chunks)[None, :]
+        pm = tl.load(PART + pj, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
+        ps = tl.load(PART + n_rows * n_chunks + pj, mask=p_ok, other=0.0, cache_modifier=".cg")
+        row_max = _max(pm, 1)  # [C]
+        safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+        log_sum = tl.log(tl.where(slot_ok, _sum(ps * tl.exp(pm - safe[:, None]), 1), 1.0))  # (padding: no log 0)
+        if HALF:
+            val, col = _half_value(ck, IS_BF16)
+        else:
+            o = (ck >> 32).to(tl.int32)
+            val = tl.where(o < 0, o ^ 0x7FFFFFFF, o).to(tl.float32, bitcast=True)
+            col = 0x7FFFFFFF - (ck & 0xFFFFFFFF)
+        score = tl.load(SCORES + slot_row, mask=slot_ok, other=0.0) + ((val - row_max) - log_sum)
+        rev = (n_rows * V - 1 - (slot_row * V + col)).to(tl.int64)
+        final = tl.where(slot_ok, (_order_bits(score).to(tl.int64) << 32) + rev, _MIN_KEY)
+        _store_topk(OUT, final, _MIN_KEY, W, BITONIC, W_POW2)
+        if INTO:  # 3. the level itself, as _beam_select_kernel
+            _write_level(OUT, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
+        tl.atomic_xchg(TICKET, 0)
 
 
 def beam_keys_reference(logits: torch.Tensor, parent_scores: torch.Tensor) -> torch.Tensor:
@@ -224,11 +369,32 @@ def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
     )  # fmt: skip
 
 
+def _chunk_form(n: int, V: int, width: int, block_v: int | None = None) -> str:
+    """The form CHUNK_KEYS (LONGSPEC_BEAM_CHUNK_KEYS) gives this level: the switch's, checked, or the one it falls
+    back to where its tiles would not fit ("logits_rows" -> "logits" without the bitonic network or for a width
+    of 1; "logits" -> "scores" past MAX_PARTIAL_TILE)."""
+    if CHUNK_KEYS not in CHUNK_FORMS:
+        raise ValueError(
+            f"LONGSPEC_BEAM_CHUNK_KEYS={CHUNK_KEYS!r} is not one of {', '.join(CHUNK_FORMS)}; unset it (scores) "
+            "or pick one"
+        )
+    if CHUNK_KEYS == "scores":
+        return "scores"
+    p, pow2 = plan(n, V, width, block_v), triton.next_power_of_2
+    if CHUNK_KEYS == "logits_rows" and _algo() == "bitonic" and pow2(p["kept"]) > 1:
+        if pow2(n) * pow2(p["n_chunks"] * p["kept"]) <= MAX_CANDIDATES:
+            return "logits_rows"
+    return "logits" if p["cand_pad"] * pow2(p["n_chunks"]) <= MAX_PARTIAL_TILE else "scores"
+
+
 def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, phases=3, cand=None, **into):
     """One launch of the selection kernel (checked inputs), with `into` the INTO form's arguments: [width] keys.
     `phases` < 3 and `cand`: the timing probe (`phase_probe`)."""
     n, V = logits.shape
     p = plan(n, V, width, block_v)
+    form = "scores" if phases < 3 else _chunk_form(n, V, width, block_v)
+    if form != "scores":
+        return _launch_logits(logits, parent_scores, width, p, num_warps, form == "logits_rows", **into)
     if cand is None:
         cand = torch.empty(p["candidates"], dtype=torch.int64, device=logits.device)
     out = torch.empty(width, dtype=torch.int64, device=logits.device)
@@ -240,6 +406,25 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, pha
         CAND_PAD=p["cand_pad"], BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
         W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), PHASES=phases,
         **into,
+    )  # fmt: skip
+    return out
+
+
+def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, row_merge: bool, **into):
+    """One launch of `_beam_select_logits_kernel` (CHUNK_KEYS "logits" or "logits_rows"): [width] keys."""
+    n, V = logits.shape
+    half = logits.dtype in (torch.float16, torch.bfloat16)
+    cand = torch.empty(p["candidates"], dtype=torch.int32 if half else torch.int64, device=logits.device)
+    part = torch.empty(2 * n * p["n_chunks"], dtype=torch.float32, device=logits.device)
+    out = torch.empty(width, dtype=torch.int64, device=logits.device)
+    bitonic = _algo() == "bitonic"
+    pow2 = triton.next_power_of_2
+    _beam_select_logits_kernel[(n, p["n_chunks"])](
+        logits, parent_scores, cand, part, out, tickets(logits.device), V, logits.stride(0), p["n_chunks"],
+        K=p["kept"], W=width, BLOCK_V=p["block_v"], CAND_PAD=p["cand_pad"], CHUNKS_POW2=pow2(p["n_chunks"]),
+        ROWS_POW2=pow2(n), RC_POW2=pow2(p["n_chunks"] * p["kept"]), HALF=half, IS_BF16=logits.dtype == torch.bfloat16,
+        ROW_MERGE=row_merge, BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
+        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), **into,
     )  # fmt: skip
     return out
 
@@ -478,6 +663,11 @@ def main(argv=None) -> int:
     add_level_args(ap, block_v="512", warps="8")
     ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
     ap.add_argument(
+        "--chunk-keys", default="scores",
+        help="comma-separated forms of the chunk programs (LONGSPEC_BEAM_CHUNK_KEYS): scores, logits, logits_rows "
+        "(default %(default)s); a form other than scores is named in the results by its suffix",
+    )  # fmt: skip
+    ap.add_argument(
         "--phases", action="store_true",
         help="also time each kernel form stopped after its log-sum-exp walk (_phase1) and after its chunk's top-k "
         "(_phase2): the parts of a selection by difference (probes: their outputs are partial, not checked)",
@@ -487,6 +677,9 @@ def main(argv=None) -> int:
     if any(x not in ("max", "bitonic") for x in algos):
         ap.error("--algo takes the choices max and bitonic")
     rows, widths, blocks, warps = parse_level_args(ap, a, "tests/unit/kernels/test_beam_select.py")
+    chunk_forms = a.chunk_keys.split(",")
+    if any(f not in CHUNK_FORMS for f in chunk_forms):
+        ap.error(f"--chunk-keys takes the choices {', '.join(CHUNK_FORMS)}")
     if "bitonic" in algos and not hasattr(tl, "topk"):
         print(f"skipping bitonic: Triton {triton.__version__} has no tl.topk")
         algos = [x for x in algos if x != "bitonic"] or ["max"]
@@ -503,9 +696,10 @@ def main(argv=None) -> int:
         exact = (scores.double()[:, None] + torch.log_softmax(logits.double(), -1)).flatten()
         want = torch.topk(exact, w).values  # [w] float64: pairs tied in bf16 may come in either order
         forms = {"definition_compiled": lambda: row_topk.flat_topk(keys_compiled(logits, scores), w)}
-        for b, al, nw in [(b, al, nw) for b in blocks for al in algos for nw in warps]:
-            forms[f"kernel_{b}_{al}_{nw}w"] = lambda b=b, al=al, nw=nw: _with_algo(
-                al, lambda: beam_select(logits, scores, w, b, nw)
+        for b, al, nw, ck in [(b, al, nw, ck) for b in blocks for al in algos for nw in warps for ck in chunk_forms]:
+            suffix = "" if ck == "scores" else "_" + ck
+            forms[f"kernel_{b}_{al}_{nw}w{suffix}"] = lambda b=b, al=al, nw=nw, ck=ck: _with_algo(
+                al, lambda: beam_select(logits, scores, w, b, nw), ck
             )
         case = {"rows": n, "width": w, "us": time_level_forms(forms, exact, want, 1e-5), "plan": plan(n, a.vocab, w)}
         if a.phases:
@@ -526,15 +720,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def _with_algo(algo: str, fn):
-    """fn() with row_topk's TOPK_ALGO set to algo (the switch both selections read), restored after."""
+def _with_algo(algo: str, fn, chunk_keys: str | None = None):
+    """fn() with row_topk's TOPK_ALGO set to algo (the switch both selections read), and CHUNK_KEYS to chunk_keys
+    where given, restored after."""
+    global CHUNK_KEYS
     from longspec_lab.kernels import row_topk
 
     old, row_topk.TOPK_ALGO = row_topk.TOPK_ALGO, algo
+    old_keys, CHUNK_KEYS = CHUNK_KEYS, chunk_keys or CHUNK_KEYS
     try:
         return fn()
     finally:
-        row_topk.TOPK_ALGO = old
+        row_topk.TOPK_ALGO, CHUNK_KEYS = old, old_keys
 
 
 if __name__ == "__main__":

@@ -193,6 +193,21 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     sig, cx = _signature(bsel._beam_select_kernel, ptrs, (), consts, ints=("lo", "plo", "N"))
     label = f"beam select writing the level: 16 x 4096 bf16, width 16 into 69 nodes, {algo}, {warps} warps"
     out.append((label, bsel._beam_select_kernel, sig, cx, dict(num_warps=warps)))
+    # the chunk programs' logit keys (LONGSPEC_BEAM_CHUNK_KEYS): the flat last program and the row merge, writing the
+    # default tree's level
+    for row_merge in (False, True):
+        if row_merge and not hasattr(tl, "topk"):
+            continue
+        consts = dict(K=16, W=16, BLOCK_V=p["block_v"], CAND_PAD=p["cand_pad"], CHUNKS_POW2=p["n_chunks"],
+                      ROWS_POW2=16, RC_POW2=p["n_chunks"] * 16, HALF=True, IS_BF16=True, ROW_MERGE=row_merge,
+                      BITONIC=bit, K_POW2=16 if bit else 1, W_POW2=16 if bit else 1, INTO=True, W_TILE=16,
+                      N_TILE=128)  # fmt: skip
+        ptrs = dict(LOGITS="bf16", SCORES="fp32", CAND="i32", PART="fp32", OUT="i64", TICKET="i32", TOKENS="i64",
+                    PARENTS="i64", TREE_SCORES="fp32", ANC="u8")  # fmt: skip
+        sig, cx = _signature(bsel._beam_select_logits_kernel, ptrs, (), consts, ints=("lo", "plo", "N"))
+        label = (f"beam select, logit keys{' and row merge' if row_merge else ''}: 16 x 4096 bf16, width 16 into "
+                 f"69 nodes, {algo}, {warps} warps")  # fmt: skip
+        out.append((label, bsel._beam_select_logits_kernel, sig, cx, dict(num_warps=warps)))
     from longspec_lab.kernels import head_select as hsel
 
     # the LM head and the selection in one launch (LONGSPEC_HEAD_SELECT): a default-tree level (16 x 256 -> 4096,

@@ -115,6 +115,14 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    token (compare tau, and outputs_sha256 where they agree)
   e2e_wide_block_m_64  the same with LONGSPEC_BLOCK_M=64 (every tree-attention pass in row tiles of 64, so those
                    verifications take two tiles and the tree's own programs under auto) into OUT_DIR/wide_block_m_64
+  beam_select_chunk_keys  python -m longspec_lab.kernels.beam_select with the three forms of its chunk programs
+                   (LONGSPEC_BEAM_CHUNK_KEYS: scores, logits, logits_rows) on a chain's, the default tree's and a
+                   narrow tree's level shapes, at chunks of 512 and 1,024 tokens, each checked against float64
+  e2e_beam_chunk_base  the A side of the two below: AR, chain gamma 5 and two trees (BEAM_CHUNK_SHAPES)
+  e2e_beam_chunk_logits  the same with LONGSPEC_BEAM_CHUNK_KEYS=logits (each chunk program ranks its own logits
+                   and keeps its chunk's maximum and sum) into OUT_DIR/beam_chunk_logits; the pairs are the same,
+                   scores may differ in their last bits (compare tau and tokens)
+  e2e_beam_chunk_logits_rows  the same with logits_rows (the last program keeps each row's best first)
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -136,6 +144,9 @@ from pathlib import Path
 # trees of 33-64 nodes (66-128 packed rows: one row tile of 128 in a verification pass), with a narrow tree of 24
 # beside them and the chains of their depths: the shapes of the LONGSPEC_TREE_SPLIT=wide A/B
 WIDE_TREE_SHAPES = "1,2,4,4,4,4,4;3,6,6,6,8,4,4;4,8,8,8,8,8,8;2,4,4,4,4,4,4,4,4"
+# the beam selection's chunk forms (LONGSPEC_BEAM_CHUNK_KEYS): the default tree (levels of 4 and 16 parents, width
+# 16) and the fastest narrow tree (levels of 4 x 4), with chain gamma 5 (a level of one key)
+BEAM_CHUNK_SHAPES = "4,16,16,16,16;1,2,4,4,4,4,4"
 
 
 def _ab_job(folder: Path, switch: str | None = None, value: str = "", shapes="4,16,16,16,16", gammas="5", **more):
@@ -308,6 +319,39 @@ def jobs(out: Path) -> dict:
         "e2e_beam_warps_4": _ab_job(out / "beam_warps_4", "LONGSPEC_BEAM_WARPS", "4"),
         "e2e_topk_max": _ab_job(out / "topk_max", "LONGSPEC_TOPK_ALGO", "max", LONGSPEC_TOPK_FIRST_BLOCK="512"),
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
+        "e2e_beam_chunk_base": _ab_job(out / "beam_chunk_base", shapes=BEAM_CHUNK_SHAPES),
+        "e2e_beam_chunk_logits": _ab_job(
+            out / "beam_chunk_logits", "LONGSPEC_BEAM_CHUNK_KEYS", "logits", shapes=BEAM_CHUNK_SHAPES
+        ),
+        "e2e_beam_chunk_logits_rows": _ab_job(
+            out / "beam_chunk_logits_rows",
+            "LONGSPEC_BEAM_CHUNK_KEYS",
+            "logits_rows",
+            shapes=BEAM_CHUNK_SHAPES,
+        ),
+        "beam_select_chunk_keys": (  # the three chunk forms alone on the levels of the default tree and a chain
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.beam_select",
+                "--rows",
+                "1,1,4,16,4",
+                "--width",
+                "1,4,16,16,4",
+                "--block-v",
+                "512,1024",
+                "--algo",
+                "bitonic",
+                "--warps",
+                "8",
+                "--chunk-keys",
+                "scores,logits,logits_rows",
+                "--out",
+                str(out / "beam_select_chunk_keys.json"),
+            ],
+            150,
+            {},
+        ),  # fmt: skip
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
         "e2e_greedy_accept_off": _ab_job(out / "greedy_accept_off", "LONGSPEC_GREEDY_ACCEPT", "off"),

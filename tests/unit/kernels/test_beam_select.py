@@ -412,3 +412,104 @@ def test_the_timing_probe_stops_after_each_phase_with_that_phase_done(algo, monk
     assert int(full.max()) == int(bs.beam_select(logits, scores, w, block)[0]) and not tickets(logits.device).any()
     with pytest.raises(ValueError, match="phases must be one of \\[1, 2, 3\\]"):
         bs.phase_probe(logits, scores, w, 4, block)
+
+
+# ------------------------------------------------- the chunk programs' logit keys (LONGSPEC_BEAM_CHUNK_KEYS)
+
+# each form's cases: every CASES entry in float32 and bfloat16 under the repeated maxima (the interpreter's fast
+# selection), and under the bitonic network where the interpreter runs it in seconds; fp16's own 16-bit keys on two
+LOGIT_RUNS = [
+    (form, *case, dtype, algo)
+    for form in ("logits", "logits_rows")
+    for case in CASES
+    for dtype in (torch.float32, torch.bfloat16)
+    for algo in ("max", "bitonic")
+    if not (algo == "bitonic" and case[0] * case[1] >= 16 * 4096) and not (form == "logits_rows" and algo == "max")
+] + [(form, 2, 4096, 16, None, torch.float16, "bitonic") for form in ("logits", "logits_rows")]
+LOGIT_RUNS += [("logits", 4, 1000, 6, 128, torch.float16, "max"), ("logits_rows", 16, 300, 16, 64, torch.bfloat16,
+                                                                     "bitonic")]  # fmt: skip
+
+
+@pytest.mark.parametrize("form, n, V, w, block_v, dtype, algo", LOGIT_RUNS)
+def test_logit_keys_pick_the_float64_pairs_and_the_definitions_keys(form, n, V, w, block_v, dtype, algo, monkeypatch):
+    """Each chunk program ranks its own logits (16-bit logits as 32-bit keys) and keeps its chunk's maximum and sum;
+    the last program folds them into each row's log-sum-exp (and with logits_rows keeps each row's best first): the
+    same pairs as float64 and as the definition, the scores within float32 rounding of the definition's."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", algo)
+    monkeypatch.setattr(bs, "CHUNK_KEYS", form)
+    assert bs._chunk_form(n, V, w, block_v) == (form if algo == "bitonic" and min(w, V) > 1 else "logits")
+    logits, scores = _level(n, V, seed=n * 7919 + V + w, dtype=dtype)
+    got = bs.beam_select(logits, scores, w, block_v)
+    assert got.dtype == torch.int64 and got.shape == (w,)
+    idx, score = _decoded(got, n, V)
+    want_idx, want_score, gap = _exact_pairs(logits, scores, w)
+    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
+    if gap > 1e-4:
+        assert torch.equal(idx, want_idx)
+    ref_idx, ref_score = _decoded(bs.beam_select_reference(logits, scores, w), n, V)
+    assert torch.equal(idx, ref_idx) or gap <= 1e-4
+    torch.testing.assert_close(score, ref_score, rtol=0, atol=2e-5)
+    assert not tickets(logits.device).any()
+
+
+@pytest.mark.parametrize("form", ["logits", "logits_rows"])
+def test_logit_keys_ties_masked_tokens_and_a_whole_masked_chunk(form, monkeypatch):
+    """Equal logits keep the lower flat index first (the low 16 bits of a 32-bit key are the reversed column); a
+    -inf token is never picked while a finite one is left, and a chunk of -inf only adds nothing to its row's sum."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", form)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        idx, score = _decoded(bs.beam_select(torch.zeros(2, 64, dtype=dtype), torch.zeros(2), 10, 16), 2, 64)
+        assert idx.tolist() == list(range(10))
+        torch.testing.assert_close(score, torch.full((10,), -torch.log(torch.tensor(64.0)).item()), rtol=0, atol=1e-6)
+    logits, scores = _level(2, 300, seed=21, dtype=torch.bfloat16)
+    logits[0, :128] = float("-inf")  # the row's first two chunks of 64
+    logits[1, 7] = float("-inf")
+    idx, score = _decoded(bs.beam_select(logits, scores, 9, 64), 2, 300)
+    want_idx, want_score, _ = _exact_pairs(logits, scores, 9)
+    assert torch.equal(idx, want_idx) and torch.isfinite(score).all()
+    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("form", ["logits", "logits_rows"])
+def test_logit_keys_write_the_level_as_add_level(form, monkeypatch):
+    """With the level written by the launch (LONGSPEC_BEAM_WRITE), the logit-key forms grow the tree add_level
+    grows from the definition's selection: the same tokens, parents and mask, the scores within float32 rounding."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "scores")
+    off = _grown((2, 4, 8), 37, 5, "off", monkeypatch, poison=True)
+    monkeypatch.setattr(bs, "CHUNK_KEYS", form)
+    on = _grown((2, 4, 8), 37, 5, "on", monkeypatch, poison=True)
+    for name in ("tokens", "parents", "anc"):
+        assert torch.equal(getattr(on, name), getattr(off, name)), name
+    torch.testing.assert_close(on.scores, off.scores, rtol=0, atol=2e-5)
+
+
+def test_the_chunk_keys_switch_falls_back_and_names_a_bad_value(monkeypatch):
+    """`_chunk_form`: logits_rows needs the bitonic network and a kept count above one (else logits), logits a
+    partial tile within MAX_PARTIAL_TILE (else scores); a bad value is named with its fix, before any launch."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "logits_rows")
+    assert bs._chunk_form(16, 4096, 16) == "logits_rows"
+    assert bs._chunk_form(1, 4096, 1) == "logits"  # a chain level: one key a chunk, nothing to merge per row
+    monkeypatch.setattr(rt, "TOPK_ALGO", "max")
+    assert bs._chunk_form(16, 4096, 16) == "logits"
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "logits")
+    assert bs._chunk_form(4, 16384, 64, 64) == "scores"  # 4 x 256 chunks x 64 kept: the partial tile is too large
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "scores")
+    assert bs._chunk_form(16, 4096, 16) == "scores"
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "rows")
+    logits, scores = _level(2, 40, seed=3)
+    with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_CHUNK_KEYS='rows' is not one of scores, logits, logits_rows"):
+        bs.beam_select(logits, scores, 4)
+    assert not tickets(logits.device).any()
+
+
+def test_a_greedy_tree_decode_with_logit_keys_equals_plain_decoding(decodes_the_same, monkeypatch):
+    """The whole decoder with every level selected (and written) by the logit-key form: plain greedy's tokens, and
+    the definition's accepted lengths and acceptance counts."""
+    monkeypatch.setattr(ops_topk, "BEAM_SELECT", "on")
+    monkeypatch.setattr(ops_topk, "BEAM_WRITE", "on")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "logits")
+    text = "def fib(n):\n    if n < 2:\n        return n\n"
+    decodes_the_same(ops_topk, "BEAM_SELECT", text, method="tree", tree_shape=[2, 4, 4])
