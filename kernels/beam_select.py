@@ -34,6 +34,20 @@ So a level's selection is one launch and one scratch round trip, and the n x V k
 selections in steps 3 and 4 are `row_topk`'s (`_store_topk`: K repeated maxima, or the bitonic network with
 LONGSPEC_TOPK_ALGO=bitonic).
 
+A second form (`_beam_select_logits_kernel`, the switch LONGSPEC_BEAM_CHUNK_KEYS) leaves the log-sum-exp to the
+last program. Within one row the parent's score and the log-sum-exp are one constant, so the row's best scores are
+its best logits:
+
+    1'. each chunk program reads only its chunk: it stores the chunk's maximum and sum of exp(logit - maximum), and
+        its K largest logits as keys (a 16-bit logit's bits and the reversed column in one int32, half the width
+        of a score key through the selection network; float32 logits keep int64 keys)
+    2'. the last program folds each row's chunk sums into its log-sum-exp, scores every kept logit as step 2 does,
+        and selects the W largest keys; with "logits_rows" it first keeps each row's K best (the bitonic network
+        over [n, chunks x K], then the W best of n x K, not of n x chunks x K)
+
+The pairs are the same as the first form's; the row's sum is folded in another order, so the scores can differ in
+their last bits, as above.
+
 The log-sum-exp is summed in another order than torch's, so a score can differ from the reference's in its last
 bits: pairs whose scores tie to within a few ulps may come out in the other order. The greedy output never
 depends on it (the draft only proposes; verification keeps the target's tokens), and the tests compare the
