@@ -690,10 +690,10 @@ def main(argv=None) -> int:
     algos = a.algo.split(",")
     if any(x not in ("max", "bitonic") for x in algos):
         ap.error("--algo takes the choices max and bitonic")
-    rows, widths, blocks, warps = parse_level_args(ap, a, "tests/unit/kernels/test_beam_select.py")
     chunk_forms = a.chunk_keys.split(",")
     if any(f not in CHUNK_FORMS for f in chunk_forms):
         ap.error(f"--chunk-keys takes the choices {', '.join(CHUNK_FORMS)}")
+    rows, widths, blocks, warps = parse_level_args(ap, a, "tests/unit/kernels/test_beam_select.py")
     if "bitonic" in algos and not hasattr(tl, "topk"):
         print(f"skipping bitonic: Triton {triton.__version__} has no tl.topk")
         algos = [x for x in algos if x != "bitonic"] or ["max"]

@@ -249,6 +249,13 @@ def test_main_without_cuda_or_with_an_existing_out(module, capsys, tmp_path):
         main([])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "needs a CUDA GPU" in err and f"test_{module}.py" in err
+    if module == "beam_select":  # its own option, checked before the GPU is looked for
+        with pytest.raises(SystemExit) as e:
+            main(["--chunk-keys", "scores,rows"])
+        assert (
+            e.value.code == 2
+            and "--chunk-keys takes the choices scores, logits, logits_rows" in capsys.readouterr().err
+        )
 
 
 # ----------------------------------------------------------------------------- the switch
