@@ -87,10 +87,13 @@ MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,
 BLOCK_L = 1024  # tokens per warp in one step of the log-sum-exp walk: 32 float32 registers a thread
 NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "8")  # every program's warps: 1, 2, 4 or 8 (`_num_warps`)
 # how a chunk program ranks its tokens (`_chunk_form`): "scores" (each program walks its row's log-sum-exp and ranks
-# int64 score keys, `_beam_select_kernel`), "logits" (each program ranks its chunk's logits, 32-bit keys for 16-bit
-# logits, and keeps its chunk's maximum and sum; the last program folds them, `_beam_select_logits_kernel`), or
-# "logits_rows" (as "logits", and the last program keeps each row's best before the best of all: bitonic only)
-CHUNK_KEYS = os.environ.get("LONGSPEC_BEAM_CHUNK_KEYS", "scores")
+# int64 score keys, `_beam_select_kernel`; the default before 2026-12-06), "logits" (each program ranks its chunk's
+# logits, 32-bit keys for 16-bit logits, and keeps its chunk's maximum and sum; the last program folds them,
+# `_beam_select_logits_kernel`), or "logits_rows" (the default: as "logits", and the last program keeps each row's
+# best before the best of all; bitonic only). H100, 2026-12-06, one call, the same tokens on every side
+# (data/results/e2e_ab_beam_chunk_*_h100.json): a 16-parent level's selection 11.2 -> 9.4 us of the step (12.2 with
+# "logits"), the default tree 15,729 -> 15,995 tokens/s; alone 8.0 -> 6.8 us (beam_select_chunk_keys_h100.json)
+CHUNK_KEYS = os.environ.get("LONGSPEC_BEAM_CHUNK_KEYS", "logits_rows")
 CHUNK_FORMS = ("scores", "logits", "logits_rows")
 MAX_PARTIAL_TILE = 16384  # "logits": the last program's [candidates, chunks] tile of chunk partials (fp32, twice)
 
@@ -389,7 +392,7 @@ def _chunk_form(n: int, V: int, width: int, block_v: int | None = None) -> str:
     of 1; "logits" -> "scores" past MAX_PARTIAL_TILE)."""
     if CHUNK_KEYS not in CHUNK_FORMS:
         raise ValueError(
-            f"LONGSPEC_BEAM_CHUNK_KEYS={CHUNK_KEYS!r} is not one of {', '.join(CHUNK_FORMS)}; unset it (scores) "
+            f"LONGSPEC_BEAM_CHUNK_KEYS={CHUNK_KEYS!r} is not one of {', '.join(CHUNK_FORMS)}; unset it (logits_rows) "
             "or pick one"
         )
     if CHUNK_KEYS == "scores":

@@ -28,6 +28,13 @@ from longspec_lab.spec import draft  # noqa: E402
 OP = torch.ops.longspec.beam_select.default
 
 
+@pytest.fixture(autouse=True)
+def _score_keys(monkeypatch):
+    """The tests of the first form run it whatever LONGSPEC_BEAM_CHUNK_KEYS says (the default is logits_rows since
+    2026-12-06); the logit-key forms' tests below set the switch themselves."""
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "scores")
+
+
 def _level(n, V, seed, dtype=torch.float32, spread=3.0):
     """Logits [n, V] and descending parent scores [n] <= 0, seeded."""
     g = torch.Generator().manual_seed(seed)
@@ -490,6 +497,16 @@ def test_logit_keys_write_the_level_as_add_level(form, monkeypatch):
     for name in ("tokens", "parents", "anc"):
         assert torch.equal(getattr(on, name), getattr(off, name)), name
     torch.testing.assert_close(on.scores, off.scores, rtol=0, atol=2e-5)
+
+
+def test_the_default_chunk_form_is_the_row_merge():
+    """The default (timed 2026-12-06, module docstring), read when the module is imported without the switch."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "LONGSPEC_BEAM_CHUNK_KEYS"}
+    code = "import longspec_lab.kernels.beam_select as bs; print(bs.CHUNK_KEYS)"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert got.strip() == "logits_rows"
 
 
 def test_the_chunk_keys_switch_falls_back_and_names_a_bad_value(monkeypatch):
