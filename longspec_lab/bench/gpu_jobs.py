@@ -118,7 +118,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   beam_select_chunk_keys  python -m longspec_lab.kernels.beam_select with the three forms of its chunk programs
                    (LONGSPEC_BEAM_CHUNK_KEYS: scores, logits, logits_rows) on a chain's, the default tree's and a
                    narrow tree's level shapes, at chunks of 512 and 1,024 tokens, each checked against float64
-  e2e_beam_chunk_base  the A side of the two below: AR, chain gamma 5 and two trees (BEAM_CHUNK_SHAPES)
+  e2e_beam_chunk_base  the A side of the two below: AR, chain gamma 5 and two trees (BEAM_CHUNK_SHAPES) with the
+                   form before, LONGSPEC_BEAM_CHUNK_KEYS=scores (logits_rows is the default since 2026-12-06)
   e2e_beam_chunk_logits  the same with LONGSPEC_BEAM_CHUNK_KEYS=logits (each chunk program ranks its own logits
                    and keeps its chunk's maximum and sum) into OUT_DIR/beam_chunk_logits; the pairs are the same,
                    scores may differ in their last bits (compare tau and tokens)
@@ -319,7 +320,9 @@ def jobs(out: Path) -> dict:
         "e2e_beam_warps_4": _ab_job(out / "beam_warps_4", "LONGSPEC_BEAM_WARPS", "4"),
         "e2e_topk_max": _ab_job(out / "topk_max", "LONGSPEC_TOPK_ALGO", "max", LONGSPEC_TOPK_FIRST_BLOCK="512"),
         "e2e_beam_select": _ab_job(out / "beam_select", "LONGSPEC_BEAM_SELECT", "auto"),
-        "e2e_beam_chunk_base": _ab_job(out / "beam_chunk_base", shapes=BEAM_CHUNK_SHAPES),
+        "e2e_beam_chunk_base": _ab_job(
+            out / "beam_chunk_base", "LONGSPEC_BEAM_CHUNK_KEYS", "scores", shapes=BEAM_CHUNK_SHAPES
+        ),
         "e2e_beam_chunk_logits": _ab_job(
             out / "beam_chunk_logits", "LONGSPEC_BEAM_CHUNK_KEYS", "logits", shapes=BEAM_CHUNK_SHAPES
         ),
