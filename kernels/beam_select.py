@@ -409,7 +409,7 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, pha
     `phases` < 3 and `cand`: the timing probe (`phase_probe`)."""
     n, V = logits.shape
     p = plan(n, V, width, block_v)
-    form = "scores" if phases < 3 else _chunk_form(n, V, width, block_v)
+    form = "scores" if cand is not None else _chunk_form(n, V, width, block_v)  # the probe times the first form
     if form != "scores":
         return _launch_logits(logits, parent_scores, width, p, num_warps, form == "logits_rows", **into)
     if cand is None:
@@ -451,7 +451,8 @@ PHASES = {1: "the log-sum-exp walk", 2: "the walk, the chunk's keys and its top-
 
 def phase_probe(logits, parent_scores, width: int, phases: int, block_v=None, num_warps=None) -> torch.Tensor:
     """A timing probe, not for decoding: one launch of the kernel that stops after `phases` (PHASES: 1, 2 or 3),
-    so that `main --phases` can time each part of the selection by difference. Returns the launch's scratch
+    so that `main --phases` can time each part of the selection by difference. It runs the first form (score keys,
+    LONGSPEC_BEAM_CHUNK_KEYS=scores), whatever the switch says. Returns the launch's scratch
     [n * n_chunks * K] int64: with 1, each chunk's first slot holds its row's log-sum-exp (float32 bits); with 2 or
     3, each chunk's K largest keys, descending. Checked as `beam_select`."""
     if phases not in PHASES:
@@ -677,12 +678,15 @@ def main(argv=None) -> int:
             "and to the floor of one launch (the smallest kernel's boundary, kernels/launch.py)."
         ),
     )
-    add_level_args(ap, block_v="512", warps="8")
-    ap.add_argument("--algo", default="max", help="comma-separated selections: max and/or bitonic")
+    add_level_args(ap, block_v="1024", warps="8")  # the decoder's chunk width and warps
+    ap.add_argument("--algo", default="bitonic", help="comma-separated selections: max and/or bitonic (default "
+                    "%(default)s, the decoder's on a GPU)")  # fmt: skip
     ap.add_argument(
-        "--chunk-keys", default="scores",
+        "--chunk-keys", default="scores,logits_rows",
         help="comma-separated forms of the chunk programs (LONGSPEC_BEAM_CHUNK_KEYS): scores, logits, logits_rows "
-        "(default %(default)s); a form other than scores is named in the results by its suffix",
+        "(default %(default)s: the form before and the decoder's); a form other than scores is named in the results "
+        "by its suffix, and a form that falls back to another on a shape (logits_rows needs the bitonic network and "
+        "a width above 1) is left out there",
     )  # fmt: skip
     ap.add_argument(
         "--phases", action="store_true",
@@ -715,6 +719,10 @@ def main(argv=None) -> int:
         forms = {"definition_compiled": lambda: row_topk.flat_topk(keys_compiled(logits, scores), w)}
         for b, al, nw, ck in [(b, al, nw, ck) for b in blocks for al in algos for nw in warps for ck in chunk_forms]:
             suffix = "" if ck == "scores" else "_" + ck
+            runs_as = _with_algo(al, lambda: _chunk_form(n, a.vocab, w, b), ck)  # noqa: B023 (called at once)
+            if runs_as != ck:
+                print(f"kernel_{b}_{al}_{nw}w{suffix}: runs as {runs_as} on this level -- left out")
+                continue
             forms[f"kernel_{b}_{al}_{nw}w{suffix}"] = lambda b=b, al=al, nw=nw, ck=ck: _with_algo(
                 al, lambda: beam_select(logits, scores, w, b, nw), ck
             )

@@ -537,3 +537,17 @@ def test_a_greedy_tree_decode_with_logit_keys_equals_plain_decoding(decodes_the_
     monkeypatch.setattr(bs, "CHUNK_KEYS", "logits")
     text = "def fib(n):\n    if n < 2:\n        return n\n"
     decodes_the_same(ops_topk, "BEAM_SELECT", text, method="tree", tree_shape=[2, 4, 4])
+
+
+def test_the_timing_probe_runs_the_first_form_whatever_the_switch(monkeypatch):
+    """`phase_probe` times the score-key form: with the switch at logits_rows its third phase still leaves the
+    first form's candidates in its scratch (the level's best key among them), and the ticket at zero."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "logits_rows")
+    logits, scores = _level(3, 300, seed=11)
+    full = bs.phase_probe(logits, scores, 5, 3, 64)
+    assert full.numel() == bs.plan(3, 300, 5, 64)["candidates"]
+    best = bs.beam_select_reference(logits, scores, 5)[0]
+    assert int(full.max()) & 0xFFFFFFFF == int(best) & 0xFFFFFFFF  # the same pair (scores to their last bits)
+    assert abs((int(full.max()) >> 32) - (int(best) >> 32)) <= 4
+    assert not tickets(logits.device).any()
