@@ -229,18 +229,18 @@ def _half_value(key, IS_BF16: tl.constexpr):
 
 @triton.jit
 def _beam_select_logits_kernel(
-    LOGITS,  # [n, V] the draft's logits at each parent (fp16, bf16 or fp32), unit column stride
-    SCORES,  # [n] fp32 the parents' cumulative log-probabilities
+    LOGITS,  # [n, V] logits, one row per parent (16-bit or fp32), columns contiguous
+    SCORES,  # [n] fp32 each parent's cumulative score
     CAND,  # [n * n_chunks * K] scratch of logit keys (int32 for 16-bit logits, int64 for fp32): as _beam_select_kernel
     PART,  # fp32 [2, n * n_chunks] scratch: each chunk's maximum logit, then its sum of exp(logit - maximum)
-    OUT,  # [W] int64 the level's W largest keys, descending
-    TICKET,  # int32 [1] arrival ticket, zero between launches
-    V,  # tokens per row
-    stride_l,  # row stride of LOGITS, in elements
-    n_chunks,  # chunks per row (grid axis 1)
-    K: tl.constexpr,  # keys each chunk keeps: min(W, V)
-    W: tl.constexpr,  # the level's width
-    BLOCK_V: tl.constexpr,  # tokens per chunk (a power of two >= K)
+    OUT,  # [W] int64 output: the level's keys, best first
+    TICKET,  # int32 [1] the last program's ticket (0 before and after a launch)
+    V,  # vocabulary size (the row length)
+    stride_l,  # elements between two rows of LOGITS
+    n_chunks,  # programs per row, grid axis 1
+    K: tl.constexpr,  # logits kept per chunk, min(W, V)
+    W: tl.constexpr,  # keys selected for the level
+    BLOCK_V: tl.constexpr,  # a chunk's tokens, a power of two >= K
     CAND_PAD: tl.constexpr,  # flat merge: a power of two >= n * n_chunks * K, the last program's candidate block
     CHUNKS_POW2: tl.constexpr,  # a power of two >= n_chunks
     ROWS_POW2: tl.constexpr,  # ROW_MERGE: a power of two >= n

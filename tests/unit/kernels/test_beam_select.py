@@ -86,15 +86,20 @@ RUNS = [
 def test_kernel_picks_the_float64_pairs_and_the_definitions_keys(n, V, w, block_v, dtype, algo, monkeypatch):
     monkeypatch.setattr(rt, "TOPK_ALGO", algo)
     logits, scores = _level(n, V, seed=n * 7919 + V + w, dtype=dtype)
-    got = bs.beam_select(logits, scores, w, block_v)
+    _check_level(bs.beam_select(logits, scores, w, block_v), logits, scores, w)
+
+
+def _check_level(got, logits, scores, w):
+    """A selection's [w] keys against float64 (the pairs, in order where the scores are apart, and their scores)
+    and against the definition's keys (the same pairs, the scores within float32 rounding)."""
+    n, V = logits.shape
     assert got.dtype == torch.int64 and got.shape == (w,)
     idx, score = _decoded(got, n, V)
     want_idx, want_score, gap = _exact_pairs(logits, scores, w)
     torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
     if gap > 1e-4:  # the order is only defined where the scores are apart (module docstring)
         assert torch.equal(idx, want_idx)
-    ref = bs.beam_select_reference(logits, scores, w)
-    ref_idx, ref_score = _decoded(ref, n, V)
+    ref_idx, ref_score = _decoded(bs.beam_select_reference(logits, scores, w), n, V)
     assert torch.equal(idx, ref_idx) or gap <= 1e-4
     torch.testing.assert_close(score, ref_score, rtol=0, atol=2e-5)
 
@@ -453,16 +458,7 @@ def test_logit_keys_pick_the_float64_pairs_and_the_definitions_keys(form, n, V, 
     monkeypatch.setattr(bs, "CHUNK_KEYS", form)
     assert bs._chunk_form(n, V, w, block_v) == (form if algo == "bitonic" and min(w, V) > 1 else "logits")
     logits, scores = _level(n, V, seed=n * 7919 + V + w, dtype=dtype)
-    got = bs.beam_select(logits, scores, w, block_v)
-    assert got.dtype == torch.int64 and got.shape == (w,)
-    idx, score = _decoded(got, n, V)
-    want_idx, want_score, gap = _exact_pairs(logits, scores, w)
-    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=2e-5)
-    if gap > 1e-4:
-        assert torch.equal(idx, want_idx)
-    ref_idx, ref_score = _decoded(bs.beam_select_reference(logits, scores, w), n, V)
-    assert torch.equal(idx, ref_idx) or gap <= 1e-4
-    torch.testing.assert_close(score, ref_score, rtol=0, atol=2e-5)
+    _check_level(bs.beam_select(logits, scores, w, block_v), logits, scores, w)
     assert not tickets(logits.device).any()
 
 
