@@ -354,7 +354,7 @@ def jobs(out: Path) -> dict:
             ],
             150,
             {},
-        ),  # fmt: skip
+        ),
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
         "e2e_greedy_accept_off": _ab_job(out / "greedy_accept_off", "LONGSPEC_GREEDY_ACCEPT", "off"),
