@@ -262,6 +262,7 @@ def _beam_select_logits_kernel(
     INTO: tl.constexpr = False,
     W_TILE: tl.constexpr = 1,
     N_TILE: tl.constexpr = 1,
+    PHASES: tl.constexpr = 3,  # a timing probe stops early: 1 after the chunk's maximum and sum, 2 after its top-k
 ):
     if USE_PDL:  # before any other memory access, in every program (kernels/launch.py)
         tl.extra.cuda.gdc_wait()  # the kernel before this one has finished and its writes are visible
@@ -281,16 +282,32 @@ def _beam_select_logits_kernel(
     c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)  # no finite logit in the chunk: its sum is 0
     tl.store(PART + prog, c_max)
     tl.store(PART + n_rows * n_chunks + prog, _sum(tl.exp(x - c_safe), 0))
-    if HALF:
-        key = tl.where(ok, _half_key(raw, offs), _MIN_KEY32)
-        _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY32, K, BITONIC, K_POW2)
-    else:
-        bits = x.to(tl.int32, bitcast=True)
-        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = tl.where(ok, (order << 32) | (0x7FFFFFFF - offs).to(tl.int64), _MIN_KEY)
-        _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
+    if PHASES >= 2:  # (the probe's PHASES 1 stops after the chunk's maximum and sum)
+        if HALF:
+            key = tl.where(ok, _half_key(raw, offs), _MIN_KEY32)
+            _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY32, K, BITONIC, K_POW2)
+        else:
+            bits = x.to(tl.int32, bitcast=True)
+            order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+            key = tl.where(ok, (order << 32) | (0x7FFFFFFF - offs).to(tl.int64), _MIN_KEY)
+            _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
     # 2. the last program to arrive folds each row's chunk sums into its log-sum-exp, scores every kept logit as
     #    _beam_select_kernel does (parent + (logit - maximum) - log(sum), float32) and selects the W largest keys
+    if PHASES >= 3:
+        _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K, W, CAND_PAD, CHUNKS_POW2,
+                             ROWS_POW2, RC_POW2, HALF, IS_BF16, ROW_MERGE, BITONIC, K_POW2, W_POW2, TOKENS, PARENTS,
+                             TREE_SCORES, ANC, lo, plo, N, INTO, W_TILE, N_TILE)  # fmt: skip
+
+
+@triton.jit
+def _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K: tl.constexpr, W: tl.constexpr,
+                         CAND_PAD: tl.constexpr, CHUNKS_POW2: tl.constexpr, ROWS_POW2: tl.constexpr,
+                         RC_POW2: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr, ROW_MERGE: tl.constexpr,
+                         BITONIC: tl.constexpr, K_POW2: tl.constexpr, W_POW2: tl.constexpr, TOKENS, PARENTS,
+                         TREE_SCORES, ANC, lo, plo, N, INTO: tl.constexpr, W_TILE: tl.constexpr,
+                         N_TILE: tl.constexpr):  # fmt: skip
+    """`_beam_select_logits_kernel`'s step 2: the arrival ticket, and in the last program to arrive the fold, the
+    scores and the selection (and with INTO the level written)."""
     tl.debug_barrier()  # every store of this program is issued before its ticket moves
     arrived = tl.atomic_add(TICKET, 1, sem="acq_rel", scope="gpu")
     if arrived == n_rows * n_chunks - 1:
@@ -427,12 +444,15 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, pha
     return out
 
 
-def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, row_merge: bool, **into):
-    """One launch of `_beam_select_logits_kernel` (CHUNK_KEYS "logits" or "logits_rows"): [width] keys."""
+def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, row_merge: bool, phases=3, cand=None,
+                   part=None, **into):  # fmt: skip
+    """One launch of `_beam_select_logits_kernel` (CHUNK_KEYS "logits" or "logits_rows"): [width] keys. `phases` < 3
+    with `cand` and `part`: the timing probe (`logits_phase_probe`)."""
     n, V = logits.shape
     half = logits.dtype in (torch.float16, torch.bfloat16)
-    cand = torch.empty(p["candidates"], dtype=torch.int32 if half else torch.int64, device=logits.device)
-    part = torch.empty(2 * n * p["n_chunks"], dtype=torch.float32, device=logits.device)
+    if cand is None:
+        cand = torch.empty(p["candidates"], dtype=torch.int32 if half else torch.int64, device=logits.device)
+        part = torch.empty(2 * n * p["n_chunks"], dtype=torch.float32, device=logits.device)
     out = torch.empty(width, dtype=torch.int64, device=logits.device)
     bitonic = _algo() == "bitonic"
     pow2 = triton.next_power_of_2
@@ -441,7 +461,8 @@ def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, r
         K=p["kept"], W=width, BLOCK_V=p["block_v"], CAND_PAD=p["cand_pad"], CHUNKS_POW2=pow2(p["n_chunks"]),
         ROWS_POW2=pow2(n), RC_POW2=pow2(p["n_chunks"] * p["kept"]), HALF=half, IS_BF16=logits.dtype == torch.bfloat16,
         ROW_MERGE=row_merge, BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
-        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), **into,
+        W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), PHASES=phases,
+        **into,
     )  # fmt: skip
     return out
 
@@ -461,6 +482,34 @@ def phase_probe(logits, parent_scores, width: int, phases: int, block_v=None, nu
     cand = torch.full((p["candidates"],), _MIN_KEY_INT, dtype=torch.int64, device=logits.device)
     _launch(logits, parent_scores, width, p["block_v"], num_warps, phases=phases, cand=cand)
     return cand
+
+
+LOGITS_PHASES = {
+    1: "the chunk's maximum and sum",
+    2: "those and the chunk's top-k of logit keys",
+    3: "the whole selection",
+}
+
+
+def logits_phase_probe(logits, parent_scores, width: int, phases: int, block_v=None, num_warps=None,
+                       row_merge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`phase_probe` for the logit-key form (LONGSPEC_BEAM_CHUNK_KEYS "logits_rows", or "logits" with row_merge
+    False): one launch that stops after `phases` (LOGITS_PHASES). Returns its scratch (cand, part): cand [n * n_chunks
+    * K] the chunks' K largest logit keys, descending (int32 for 16-bit logits, int64 for fp32; phases >= 2), and part
+    [2, n * n_chunks] fp32 each chunk's maximum logit and sum of exp(logit - maximum). Checked as `beam_select`."""
+    if phases not in LOGITS_PHASES:
+        raise ValueError(f"phases must be one of {sorted(LOGITS_PHASES)} ({'; '.join(LOGITS_PHASES.values())}), "
+                         f"got {phases!r}")  # fmt: skip
+    logits, parent_scores, p, num_warps = _checked(logits, parent_scores, width, block_v, num_warps)
+    half = logits.dtype in (torch.float16, torch.bfloat16)
+    n, device = logits.shape[0], logits.device
+    key_min, key_dtype = (-(2**31), torch.int32) if half else (_MIN_KEY_INT, torch.int64)
+    cand = torch.full((p["candidates"],), key_min, dtype=key_dtype, device=device)
+    part = torch.full((2, n * p["n_chunks"]), float("nan"), dtype=torch.float32, device=device)
+    if row_merge and not (_algo() == "bitonic" and triton.next_power_of_2(p["kept"]) > 1):
+        row_merge = False  # as _chunk_form: the row merge needs the bitonic network and more than one key a chunk
+    _launch_logits(logits, parent_scores, width, p, num_warps, row_merge, phases=phases, cand=cand, part=part)
+    return cand, part
 
 
 @torch.library.custom_op("longspec::beam_select", mutates_args=())
@@ -690,7 +739,8 @@ def main(argv=None) -> int:
     )  # fmt: skip
     ap.add_argument(
         "--phases", action="store_true",
-        help="also time each kernel form stopped after its log-sum-exp walk (_phase1) and after its chunk's top-k "
+        help="also time each kernel form stopped after its log-sum-exp walk (_phase1; the logit-key forms: after the "
+        "chunk's maximum and sum) and after its chunk's top-k "
         "(_phase2): the parts of a selection by difference (probes: their outputs are partial, not checked)",
     )  # fmt: skip
     a = ap.parse_args(argv)
@@ -730,13 +780,22 @@ def main(argv=None) -> int:
         if a.phases:
             from triton.testing import do_bench_cudagraph
 
-            for b, al, nw in [(b, al, nw) for b in blocks for al in algos for nw in warps]:
+            for b, al, nw, ck in [
+                (b, al, nw, ck) for b in blocks for al in algos for nw in warps for ck in chunk_forms
+            ]:
+                name = f"kernel_{b}_{al}_{nw}w" + ("" if ck == "scores" else "_" + ck)
+                if name not in forms:  # left out above (the form falls back on this level)
+                    continue
                 for ph in (1, 2):
-                    run = lambda b=b, al=al, nw=nw, ph=ph: _with_algo(  # noqa: E731
-                        al, lambda: phase_probe(logits, scores, w, ph, b, nw)
-                    )
+                    if ck == "scores":
+                        probe = lambda b=b, nw=nw, ph=ph: phase_probe(logits, scores, w, ph, b, nw)  # noqa: E731
+                    else:
+                        probe = lambda b=b, nw=nw, ph=ph, ck=ck: logits_phase_probe(  # noqa: E731
+                            logits, scores, w, ph, b, nw, row_merge=ck == "logits_rows"
+                        )
+                    run = lambda al=al, probe=probe: _with_algo(al, probe)  # noqa: E731
                     run()
-                    case["us"][f"kernel_{b}_{al}_{nw}w_phase{ph}"] = do_bench_cudagraph(run, return_mode="median") * 1e3
+                    case["us"][f"{name}_phase{ph}"] = do_bench_cudagraph(run, return_mode="median") * 1e3
         add_case(report, case, "definition_compiled", "definition", launch_us, f"n={n} w={w} V={a.vocab}")
     if a.out:
         from longspec_lab.provenance import stamp, write_new_json

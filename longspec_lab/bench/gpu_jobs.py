@@ -118,6 +118,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
   beam_select_chunk_keys  python -m longspec_lab.kernels.beam_select with the three forms of its chunk programs
                    (LONGSPEC_BEAM_CHUNK_KEYS: scores, logits, logits_rows) on a chain's, the default tree's and a
                    narrow tree's level shapes, at chunks of 512 and 1,024 tokens, each checked against float64
+  beam_select_phases  the same kernel stopped after each phase (--phases), the form before and the default, on the
+                   default tree's three level shapes: where each spends its time, by difference
   e2e_beam_chunk_base  the A side of the two below: AR, chain gamma 5 and two trees (BEAM_CHUNK_SHAPES) with the
                    form before, LONGSPEC_BEAM_CHUNK_KEYS=scores (logits_rows is the default since 2026-12-06)
   e2e_beam_chunk_logits  the same with LONGSPEC_BEAM_CHUNK_KEYS=logits (each chunk program ranks its own logits
@@ -355,6 +357,24 @@ def jobs(out: Path) -> dict:
             150,
             {},
         ),
+        "beam_select_phases": (  # where each form's selection spends its time: stopped after each phase, by difference
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.beam_select",
+                "--rows",
+                "1,4,16",
+                "--width",
+                "4,16,16",
+                "--phases",
+                "--chunk-keys",
+                "scores,logits_rows",
+                "--out",
+                str(out / "beam_select_phases.json"),
+            ],
+            150,
+            {},
+        ),  # fmt: skip
         "e2e_combo_kernels": _ab_job(out / "combo_kernels", "LONGSPEC_COMBO_KERNELS", "on"),
         "e2e_head_select": _ab_job(out / "head_select", "LONGSPEC_HEAD_SELECT", "auto"),
         "e2e_greedy_accept_off": _ab_job(out / "greedy_accept_off", "LONGSPEC_GREEDY_ACCEPT", "off"),

@@ -547,3 +547,43 @@ def test_the_timing_probe_runs_the_first_form_whatever_the_switch(monkeypatch):
     assert int(full.max()) & 0xFFFFFFFF == int(best) & 0xFFFFFFFF  # the same pair (scores to their last bits)
     assert abs((int(full.max()) >> 32) - (int(best) >> 32)) <= 4
     assert not tickets(logits.device).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_logit_keys_timing_probe_stops_after_each_phase_with_that_phase_done(dtype, monkeypatch):
+    """`logits_phase_probe` (main --phases on a logit-key form): phase 1 leaves each chunk's maximum and sum of
+    exp(logit - maximum) and no keys; phase 2 also each chunk's K largest logit keys (a 16-bit logit's order bits
+    and the reversed column, as torch builds them here); neither touches the ticket; phase 3 is the whole
+    selection, whose candidates hold the row's best logit."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    logits, scores = _level(3, 300, seed=13, dtype=dtype)
+    w, block = 5, 64
+    p = bs.plan(3, 300, w, block)
+    n_chunks, K = p["n_chunks"], p["kept"]
+    padded = torch.full((3, n_chunks * block), float("-inf"), dtype=torch.float64)
+    padded[:, :300] = logits.double()
+    chunks = padded.view(3, n_chunks, block)  # [n, chunks, block]
+    c_max = chunks.max(-1).values
+    c_sum = torch.exp(chunks - c_max[..., None]).sum(-1)
+    cand, part = bs.logits_phase_probe(logits, scores, w, 1, block)
+    torch.testing.assert_close(part[0].double(), c_max.flatten(), rtol=0, atol=0)
+    torch.testing.assert_close(part[1].double(), c_sum.flatten(), rtol=1e-5, atol=0)
+    assert (cand == cand.min()).all() and not tickets(logits.device).any()
+    cand, part = bs.logits_phase_probe(logits, scores, w, 2, block)
+    if dtype == torch.float32:
+        bits = logits.view(torch.int32).to(torch.int64)
+        key = (torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) << 32) | (0x7FFFFFFF - torch.arange(300))
+    else:
+        bits = logits.view(torch.int16).to(torch.int32)
+        key = (torch.where(bits < 0, bits ^ 0x7FFF, bits) << 16) | (0xFFFF - torch.arange(300, dtype=torch.int32))
+    for c in range(n_chunks):
+        want = torch.topk(key[:, c * block : (c + 1) * block], K, dim=1).values  # [n, K]
+        assert torch.equal(cand.view(3, n_chunks, K)[:, c], want), c
+    assert not tickets(logits.device).any()
+    full, _ = bs.logits_phase_probe(logits, scores, w, 3, block)
+    assert not tickets(logits.device).any()
+    best = int(bs.beam_select_reference(logits, scores, w)[0] & 0xFFFFFFFF)  # the reversed flat index of the best
+    row, col = divmod(3 * 300 - 1 - best, 300)
+    assert int(full.view(3, -1)[row].max()) == int(key[row, col])
+    with pytest.raises(ValueError, match="phases must be one of \\[1, 2, 3\\]"):
+        bs.logits_phase_probe(logits, scores, w, 0, block)
