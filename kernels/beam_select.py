@@ -403,10 +403,10 @@ def plan(n: int, V: int, width: int, block_v: int | None = None) -> dict:
     )  # fmt: skip
 
 
-def _chunk_form(n: int, V: int, width: int, block_v: int | None = None) -> str:
+def _chunk_form(n: int, V: int, width: int, block_v: int | None = None, p: dict | None = None) -> str:
     """The form CHUNK_KEYS (LONGSPEC_BEAM_CHUNK_KEYS) gives this level: the switch's, checked, or the one it falls
     back to where its tiles would not fit ("logits_rows" -> "logits" without the bitonic network or for a width
-    of 1; "logits" -> "scores" past MAX_PARTIAL_TILE)."""
+    of 1; "logits" -> "scores" past MAX_PARTIAL_TILE). p: the level's `plan`, where the caller has it."""
     if CHUNK_KEYS not in CHUNK_FORMS:
         raise ValueError(
             f"LONGSPEC_BEAM_CHUNK_KEYS={CHUNK_KEYS!r} is not one of {', '.join(CHUNK_FORMS)}; unset it (logits_rows) "
@@ -414,7 +414,7 @@ def _chunk_form(n: int, V: int, width: int, block_v: int | None = None) -> str:
         )
     if CHUNK_KEYS == "scores":
         return "scores"
-    p, pow2 = plan(n, V, width, block_v), triton.next_power_of_2
+    p, pow2 = p or plan(n, V, width, block_v), triton.next_power_of_2
     if CHUNK_KEYS == "logits_rows" and _algo() == "bitonic" and pow2(p["kept"]) > 1:
         if pow2(n) * pow2(p["n_chunks"] * p["kept"]) <= MAX_CANDIDATES:
             return "logits_rows"
@@ -426,7 +426,7 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, pha
     `phases` < 3 and `cand`: the timing probe (`phase_probe`)."""
     n, V = logits.shape
     p = plan(n, V, width, block_v)
-    form = "scores" if cand is not None else _chunk_form(n, V, width, block_v)  # the probe times the first form
+    form = "scores" if cand is not None else _chunk_form(n, V, width, block_v, p)  # the probe times the first form
     if form != "scores":
         return _launch_logits(logits, parent_scores, width, p, num_warps, form == "logits_rows", **into)
     if cand is None:
