@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 
 from longspec_lab.kernels.launch import launch_args, tickets
-from longspec_lab.kernels.row_topk import _algo, _block_v, _flat_first_block, _store_topk
+from longspec_lab.kernels.row_topk import _algo, _block_v, _flat_first_block, _store_topk, _vec_max
 from longspec_lab.kernels.tree_attention import _max, _sum
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel below is defined
@@ -106,13 +106,41 @@ def _order_bits(f):
 
 
 @triton.jit
-def _write_level(OUT, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W: tl.constexpr, W_TILE: tl.constexpr,
-                 N_TILE: tl.constexpr):  # fmt: skip
-    """The level's W keys in OUT (best first) written into the tree's buffers (`INTO`: the last program only)."""
-    tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
+def _select_level(OUT, final, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W: tl.constexpr,
+                  BITONIC: tl.constexpr, W_POW2: tl.constexpr, INTO: tl.constexpr, W_TILE: tl.constexpr,
+                  N_TILE: tl.constexpr):  # fmt: skip
+    """The last program's end: the W largest keys of the 1-D block `final` stored at OUT, best first, and with INTO
+    written into the tree's buffers. Where the keys are one register vector (the bitonic network's [W_POW2], or a
+    width of 1's maximum) they go to `_write_level` as they are; K repeated maxima store them one by one, so the
+    level reads them back from OUT (a barrier and a round trip through the cache)."""
+    if BITONIC and W_POW2 > 1:
+        best = tl.topk(final, W_POW2)  # [W_POW2] the level's keys, best first (W_TILE == W_POW2 with INTO)
+        offs = tl.arange(0, W_POW2)
+        tl.store(OUT + offs, best, mask=offs < W)
+        if INTO:
+            _write_level(best, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
+    elif W == 1:
+        top = _vec_max(final)  # the one key
+        tl.store(OUT, top)
+        if INTO:
+            best = tl.zeros([W_TILE], dtype=top.dtype) + top  # [1]
+            _write_level(best, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
+    else:
+        _store_topk(OUT, final, _MIN_KEY, W, BITONIC, W_POW2)
+        if INTO:
+            tl.debug_barrier()  # the keys this program's threads just stored are visible to all of them
+            offs_w = tl.arange(0, W_TILE)
+            best = tl.load(OUT + offs_w, mask=offs_w < W, other=0)  # [W_TILE]
+            _write_level(best, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
+
+
+@triton.jit
+def _write_level(best, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W: tl.constexpr,
+                 W_TILE: tl.constexpr, N_TILE: tl.constexpr):  # fmt: skip
+    """The level's W keys `best` ([W_TILE], best first, in registers) written into the tree's buffers (`INTO`: the
+    last program only)."""
     offs_w = tl.arange(0, W_TILE)
     w_ok = offs_w < W
-    best = tl.load(OUT + offs_w, mask=w_ok, other=0)  # [W_TILE] the level's keys, best first
     flat = (n_rows * V - 1) - (best & 0xFFFFFFFF)  # the low 32 bits: the reversed flat index
     node = lo + offs_w
     parent = plo + flat // V
@@ -200,9 +228,9 @@ def _beam_select_kernel(
             if arrived == total - 1:
                 offs_c = tl.arange(0, CAND_PAD)
                 cand = tl.load(CAND + offs_c, mask=offs_c < total * K, other=_MIN_KEY, cache_modifier=".cg")
-                _store_topk(OUT, cand, _MIN_KEY, W, BITONIC, W_POW2)
-                if INTO:  # 5. the level itself, as spec/draft.py's _decode_keys and TreeBuffers.add_level make it
-                    _write_level(OUT, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
+                # with INTO, 5. the level itself, as spec/draft.py's _decode_keys and TreeBuffers.add_level make it
+                _select_level(OUT, cand, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, BITONIC, W_POW2,
+                              INTO, W_TILE, N_TILE)  # fmt: skip
                 tl.atomic_xchg(TICKET, 0)
 
 
@@ -225,6 +253,19 @@ def _half_value(key, IS_BF16: tl.constexpr):
     else:
         x = bits.to(tl.float16, bitcast=True).to(tl.float32)
     return x, 0xFFFF - (key & 0xFFFF)
+
+
+@triton.jit
+def _logit_of_key(ck, HALF: tl.constexpr, IS_BF16: tl.constexpr):
+    """The float32 logit and the column of a chunk's key: `_half_key`'s int32, or the float32 bits' order over the
+    reversed column (int64)."""
+    if HALF:
+        val, col = _half_value(ck, IS_BF16)
+    else:
+        o = (ck >> 32).to(tl.int32)
+        val = tl.where(o < 0, o ^ 0x7FFFFFFF, o).to(tl.float32, bitcast=True)
+        col = 0x7FFFFFFF - (ck & 0xFFFFFFFF)
+    return val, col
 
 
 @triton.jit
@@ -313,18 +354,29 @@ def _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K
     if arrived == n_rows * n_chunks - 1:
         offs_j = tl.arange(0, CHUNKS_POW2)
         if ROW_MERGE:
+            # the candidates, the rows' chunk partials and their parents' scores in one round trip: the fold needs
+            # only the row, so it runs before the row's selection, and the kept keys are scored in place
             rows = tl.arange(0, ROWS_POW2)  # [R]
             r_ok = rows < n_rows
             rc = tl.arange(0, RC_POW2)  # [RC] a row's candidates, chunk by chunk
             both = r_ok[:, None] & (rc < n_chunks * K)[None, :]
             ck = tl.load(CAND + rows[:, None] * (n_chunks * K) + rc[None, :], mask=both, cache_modifier=".cg")
+            pj = rows[:, None] * n_chunks + offs_j[None, :]  # [R, CHUNKS_POW2] the row's chunk partials
+            p_ok = r_ok[:, None] & (offs_j < n_chunks)[None, :]
+            pm = tl.load(PART + pj, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
+            ps = tl.load(PART + n_rows * n_chunks + pj, mask=p_ok, other=0.0, cache_modifier=".cg")
+            parent = tl.load(SCORES + rows, mask=r_ok, other=0.0)  # [R]
+            row_max = _max(pm, 1)  # [R]
+            safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+            log_sum = tl.log(tl.where(r_ok, _sum(ps * tl.exp(pm - safe[:, None]), 1), 1.0))  # (padding: no log 0)
             ck = tl.where(both, ck, _MIN_KEY32 if HALF else _MIN_KEY)  # [R, RC]
             ck = tl.topk(ck, K_POW2)  # [R, K_POW2] each row's best logits, by the keys' order
-            slot_row = tl.broadcast_to(rows[:, None], (ROWS_POW2, K_POW2))
-            slot_ok = tl.broadcast_to(r_ok[:, None], (ROWS_POW2, K_POW2)) & (ck != (_MIN_KEY32 if HALF else _MIN_KEY))
-            ck = tl.reshape(ck, [ROWS_POW2 * K_POW2])
-            slot_row = tl.reshape(slot_row, [ROWS_POW2 * K_POW2])
-            slot_ok = tl.reshape(slot_ok, [ROWS_POW2 * K_POW2])
+            slot_ok = r_ok[:, None] & (ck != (_MIN_KEY32 if HALF else _MIN_KEY))
+            val, col = _logit_of_key(ck, HALF, IS_BF16)
+            score = parent[:, None] + ((val - row_max[:, None]) - log_sum[:, None])
+            rev = (n_rows * V - 1 - (rows[:, None] * V + col)).to(tl.int64)
+            final = tl.where(slot_ok, (_order_bits(score).to(tl.int64) << 32) + rev, _MIN_KEY)
+            final = tl.reshape(final, [ROWS_POW2 * K_POW2])
         else:
             slots = tl.arange(0, CAND_PAD)
             in_range = slots < n_rows * n_chunks * K
@@ -332,25 +384,20 @@ def _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K
             ck = tl.where(in_range, ck, _MIN_KEY32 if HALF else _MIN_KEY)  # [CAND_PAD]
             slot_row = (slots // K) // n_chunks
             slot_ok = in_range & (ck != (_MIN_KEY32 if HALF else _MIN_KEY))
-        pj = slot_row[:, None] * n_chunks + offs_j[None, :]  # [C, CHUNKS_POW2] the slot's row's chunk partials
-        p_ok = slot_ok[:, None] & (offs_j < n_chunks)[None, :]
-        pm = tl.load(PART + pj, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
-        ps = tl.load(PART + n_rows * n_chunks + pj, mask=p_ok, other=0.0, cache_modifier=".cg")
-        row_max = _max(pm, 1)  # [C]
-        safe = tl.where(row_max == float("-inf"), 0.0, row_max)
-        log_sum = tl.log(tl.where(slot_ok, _sum(ps * tl.exp(pm - safe[:, None]), 1), 1.0))  # (padding: no log 0)
-        if HALF:
-            val, col = _half_value(ck, IS_BF16)
-        else:
-            o = (ck >> 32).to(tl.int32)
-            val = tl.where(o < 0, o ^ 0x7FFFFFFF, o).to(tl.float32, bitcast=True)
-            col = 0x7FFFFFFF - (ck & 0xFFFFFFFF)
-        score = tl.load(SCORES + slot_row, mask=slot_ok, other=0.0) + ((val - row_max) - log_sum)
-        rev = (n_rows * V - 1 - (slot_row * V + col)).to(tl.int64)
-        final = tl.where(slot_ok, (_order_bits(score).to(tl.int64) << 32) + rev, _MIN_KEY)
-        _store_topk(OUT, final, _MIN_KEY, W, BITONIC, W_POW2)
-        if INTO:  # 3. the level itself, as _beam_select_kernel
-            _write_level(OUT, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, W_TILE, N_TILE)
+            pj = slot_row[:, None] * n_chunks + offs_j[None, :]  # [C, CHUNKS_POW2] the slot's row's chunk partials
+            p_ok = slot_ok[:, None] & (offs_j < n_chunks)[None, :]
+            pm = tl.load(PART + pj, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
+            ps = tl.load(PART + n_rows * n_chunks + pj, mask=p_ok, other=0.0, cache_modifier=".cg")
+            row_max = _max(pm, 1)  # [C]
+            safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+            log_sum = tl.log(tl.where(slot_ok, _sum(ps * tl.exp(pm - safe[:, None]), 1), 1.0))  # (padding: no log 0)
+            val, col = _logit_of_key(ck, HALF, IS_BF16)
+            score = tl.load(SCORES + slot_row, mask=slot_ok, other=0.0) + ((val - row_max) - log_sum)
+            rev = (n_rows * V - 1 - (slot_row * V + col)).to(tl.int64)
+            final = tl.where(slot_ok, (_order_bits(score).to(tl.int64) << 32) + rev, _MIN_KEY)
+        # with INTO, 3. the level itself, as _beam_select_kernel
+        _select_level(OUT, final, TOKENS, PARENTS, TREE_SCORES, ANC, lo, plo, N, n_rows, V, W, BITONIC, W_POW2, INTO,
+                      W_TILE, N_TILE)  # fmt: skip
         tl.atomic_xchg(TICKET, 0)
 
 

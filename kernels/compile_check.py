@@ -208,6 +208,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         label = (f"beam select, logit keys{' and row merge' if row_merge else ''}: 16 x 4096 bf16, width 16 into "
                  f"69 nodes, {algo}, {warps} warps")  # fmt: skip
         out.append((label, bsel._beam_select_logits_kernel, sig, cx, dict(num_warps=warps)))
+    # a chain's level (one row, width 1: the logit keys' flat last program, its one maximum written as the level)
+    p1 = bsel.plan(1, 4096, 1)
+    consts = dict(K=1, W=1, BLOCK_V=p1["block_v"], CAND_PAD=p1["cand_pad"], CHUNKS_POW2=p1["n_chunks"], ROWS_POW2=1,
+                  RC_POW2=p1["n_chunks"], HALF=True, IS_BF16=True, ROW_MERGE=False, BITONIC=bit, K_POW2=1, W_POW2=1,
+                  INTO=True, W_TILE=1, N_TILE=8)  # fmt: skip
+    sig, cx = _signature(bsel._beam_select_logits_kernel, ptrs, (), consts, ints=("lo", "plo", "N"))
+    label = f"beam select, logit keys: 1 x 4096 bf16, width 1 into a chain of 6 nodes, {algo}, {warps} warps"
+    out.append((label, bsel._beam_select_logits_kernel, sig, cx, dict(num_warps=warps)))
     from longspec_lab.kernels import head_select as hsel
 
     # the LM head and the selection in one launch (LONGSPEC_HEAD_SELECT): a default-tree level (16 x 256 -> 4096,

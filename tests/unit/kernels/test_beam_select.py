@@ -495,6 +495,21 @@ def test_logit_keys_write_the_level_as_add_level(form, monkeypatch):
     torch.testing.assert_close(on.scores, off.scores, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("form", ["scores", "logits_rows"])
+def test_the_bitonic_selection_writes_the_level_from_its_registers(form, monkeypatch):
+    """With the bitonic network the last program writes the level from the keys it has just selected, without
+    reading them back (`_select_level`), and a width of 1 from its one maximum: the tree add_level grows from the
+    same launch's keys, bit for bit, over stale buffers."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", form)
+    for widths in ((1, 1, 1), (2, 4, 3)):
+        off = _grown(widths, 37, 9, "off", monkeypatch, poison=True)
+        on = _grown(widths, 37, 9, "on", monkeypatch, poison=True)
+        for name in ("tokens", "parents", "scores", "anc"):
+            assert torch.equal(getattr(on, name), getattr(off, name)), (widths, name)
+        assert torch.equal(on.anc, on.tree().mask)
+
+
 def test_the_default_chunk_form_is_the_row_merge():
     """The default (timed 2026-12-06, module docstring), read when the module is imported without the switch."""
     import subprocess
