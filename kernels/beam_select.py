@@ -85,7 +85,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_VOCAB = 16384  # each chunk program reads its whole row for the log-sum-exp; beyond this, the two-step path
 MAX_CANDIDATES = 4096  # the last program holds every candidate in registers: 4,096 int64 over 4 or 8 warps
 BLOCK_L = 1024  # tokens per warp in one step of the log-sum-exp walk: 32 float32 registers a thread
-NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "8")  # every program's warps: 1, 2, 4 or 8 (`_num_warps`)
+NUM_WARPS = os.environ.get("LONGSPEC_BEAM_WARPS", "8")  # every program's warps: 1, 2, 4, 8 or auto (`_num_warps`)
+AUTO_NARROW = 4  # LONGSPEC_BEAM_WARPS=auto: levels of at most this many parents run 4 warps, wider ones 8
 # how a chunk program ranks its tokens (`_chunk_form`): "scores" (each program walks its row's log-sum-exp and ranks
 # int64 score keys, `_beam_select_kernel`; the default before 2026-12-06), "logits" (each program ranks its chunk's
 # logits, 32-bit keys for 16-bit logits, and keeps its chunk's maximum and sum; the last program folds them,
@@ -417,16 +418,20 @@ def beam_select_reference(logits: torch.Tensor, parent_scores: torch.Tensor, wid
     return torch.topk(beam_keys_reference(logits, parent_scores).flatten(), width).values
 
 
-def _num_warps() -> int:
+def _num_warps(n: int | None = None) -> int:
     """NUM_WARPS (from LONGSPEC_BEAM_WARPS, or assigned at run time) checked: the warps of every program, whose last
-    one holds up to MAX_CANDIDATES keys. 8 by default: on the H200 a default-tree level's selection (16 x 4,096,
-    w 16, 1,024-token chunks) took 7.9 us with 8 warps against 9.1 with 4 (data/results/beam_select_warps_h200.json;
-    4 was the fastest of 1, 2, 4 in beam_select_h200.json), and the default tree's level 44.9 us against 46.1 in the
-    decoder, with the same tokens (e2e_ab2_beam_warps_8_h200.json against the record of the same session)."""
+    one holds up to MAX_CANDIDATES keys; "auto" gives a level of n <= AUTO_NARROW parents 4 and a wider one 8. 8 by
+    default: on the H200 a default-tree level's selection (16 x 4,096, w 16, 1,024-token chunks) took 7.9 us with 8
+    warps against 9.1 with 4 (data/results/beam_select_warps_h200.json; 4 was the fastest of 1, 2, 4 in
+    beam_select_h200.json), and the default tree's level 44.9 us against 46.1 in the decoder, with the same tokens
+    (e2e_ab2_beam_warps_8_h200.json against the record of the same session). Alone on an H100 with the logit keys'
+    row merge, the narrow levels took 0.4-0.5 us less with 4 (data/results/beam_select_chunk_blocks_h100.json)."""
+    if isinstance(NUM_WARPS, str) and NUM_WARPS.strip() == "auto":
+        return 4 if n is not None and n <= AUTO_NARROW else 8
     warps = int(NUM_WARPS) if isinstance(NUM_WARPS, str) and NUM_WARPS.strip().isdigit() else NUM_WARPS
     if isinstance(warps, bool) or warps not in (1, 2, 4, 8):
         raise ValueError(
-            f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4 or 8; unset it (default 8) or pick one of those"
+            f"LONGSPEC_BEAM_WARPS={NUM_WARPS!r} is not 1, 2, 4, 8 or auto; unset it (default 8) or pick one of those"
         )
     return warps
 
@@ -633,7 +638,7 @@ def _checked(logits, parent_scores, width, block_v, num_warps):
     if block_v is not None and (isinstance(block_v, bool) or not isinstance(block_v, int) or block_v & (block_v - 1)
                                 or block_v < 1):  # fmt: skip
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v!r}; e.g. 512")
-    num_warps = _num_warps() if num_warps is None else num_warps
+    num_warps = _num_warps(logits.shape[0]) if num_warps is None else num_warps
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     if not (logits.is_cuda or _INTERPRET):

@@ -230,9 +230,16 @@ def test_warps_switch(monkeypatch):
         monkeypatch.setattr(bs, "NUM_WARPS", value)
         assert torch.equal(bs.beam_select(logits, scores, 6, 512) & 0xFFFFFFFF, want)
         assert seen[-1] == (warps, min(bs.BLOCK_L * warps, 4096))
+    monkeypatch.setattr(bs, "NUM_WARPS", "auto")  # 4 warps up to AUTO_NARROW parents, 8 past them
+    assert torch.equal(bs.beam_select(logits, scores, 6, 512) & 0xFFFFFFFF, want)
+    assert seen[-1][0] == 4
+    wide, wide_scores = _level(bs.AUTO_NARROW + 1, 300, seed=18)
+    want_wide = bs.beam_select_reference(wide, wide_scores, 6) & 0xFFFFFFFF
+    assert torch.equal(bs.beam_select(wide, wide_scores, 6, 64) & 0xFFFFFFFF, want_wide)
+    assert seen[-1][0] == 8
     for bad in ("3", "four", "", 16, True):
         monkeypatch.setattr(bs, "NUM_WARPS", bad)
-        with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_WARPS=.* is not 1, 2, 4 or 8"):
+        with pytest.raises(ValueError, match=r"LONGSPEC_BEAM_WARPS=.* is not 1, 2, 4, 8 or auto"):
             bs.beam_select(logits, scores, 6)
     got = bs.beam_select(logits, scores, 6, 512, num_warps=2)  # an argument overrides the switch
     assert torch.equal(got & 0xFFFFFFFF, want)
