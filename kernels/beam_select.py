@@ -43,7 +43,12 @@ its best logits:
         of a score key through the selection network; float32 logits keep int64 keys)
     2'. the last program folds each row's chunk sums into its log-sum-exp, scores every kept logit as step 2 does,
         and selects the W largest keys; with "logits_rows" it first keeps each row's K best (the bitonic network
-        over [n, chunks x K], then the W best of n x K, not of n x chunks x K)
+        over [n, chunks x K], then the W best of n x K, not of n x chunks x K). There the fold needs only the row,
+        so the rows' partials and parents' scores come in the same round trip as the candidates, and the kept keys
+        are scored where the row's selection leaves them
+
+Where the level's W keys end as one register vector (the bitonic network, or a width of 1's maximum), the last
+program writes the level from those registers (`_select_level`); only K repeated maxima read them back from OUT.
 
 The pairs are the same as the first form's; the row's sum is folded in another order, so the scores can differ in
 their last bits, as above.
