@@ -262,6 +262,37 @@ def _half_value(key, IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def _store_run(out, key, K: tl.constexpr, ASCENDING):
+    """The K largest of the 1-D block `key` at out[0:K] (K a power of two > 1): descending, or ascending where
+    ASCENDING (an odd chunk of the row merge, so that the row's chunks alternate, `_row_top_of_runs`)."""
+    top = tl.topk(key, K)  # [K] descending
+    offs = tl.arange(0, K)
+    tl.store(out + tl.where(ASCENDING, K - 1 - offs, offs), top)
+
+
+@triton.jit
+def _row_top_of_runs(x, ROWS: tl.constexpr, RUNS: tl.constexpr, K: tl.constexpr):
+    """Each row's K largest keys [ROWS, K], in no set order, from x [ROWS, RUNS * K] whose rows hold RUNS (1, 2 or 4)
+    sorted runs of K, even runs descending and odd runs ascending, as the chunk programs stored them.
+
+    The elementwise maximum of a descending and an ascending run of K holds the K largest of both, as a bitonic
+    sequence (the bitonic top-k step); one bitonic merge (log2 K rounds) sorts it where a next step needs sorted
+    runs. The final selection over every row's keys sorts them itself, so the rows' keys stay unsorted, and none of
+    the rounds tl.topk would spend sorting the runs again (1 + 2 + ... + log2 K) is run."""
+    if RUNS == 1:
+        top = x  # the row's one run: its K best
+    elif RUNS == 2:
+        r0, r1 = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, K]), [0, 2, 1]))  # [ROWS, K] runs 0 and 1
+        top = tl.maximum(r0, r1)
+    else:
+        # runs (0, 1) and (2, 3) paired: their two bitonic maxima, merged in opposite orders, are again a pair
+        m0, m1 = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, 2, K]), [0, 1, 3, 2]))  # [ROWS, 2, K] runs 0, 2; 1, 3
+        p0, p1 = tl.split(tl.permute(tl.maximum(m0, m1), [0, 2, 1]))  # [ROWS, K] best of runs 0-1, of runs 2-3
+        top = tl.maximum(tl.bitonic_merge(p0, descending=True), tl.bitonic_merge(p1, descending=False))
+    return top
+
+
+@triton.jit
 def _logit_of_key(ck, HALF: tl.constexpr, IS_BF16: tl.constexpr):
     """The float32 logit and the column of a chunk's key: `_half_key`'s int32, or the float32 bits' order over the
     reversed column (int64)."""
@@ -299,6 +330,7 @@ def _beam_select_logits_kernel(
     K_POW2: tl.constexpr,  # power of two >= K (bitonic)
     W_POW2: tl.constexpr,  # power of two >= W (bitonic)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (kernels/launch.py): wait, then let the next start
+    ALT_RUNS: tl.constexpr = False,  # ROW_MERGE, K = K_POW2, RC_POW2 / K in (1, 2, 4): odd chunks store ascending
     TOKENS=None,  # with INTO: as _beam_select_kernel
     PARENTS=None,
     TREE_SCORES=None,
@@ -332,18 +364,20 @@ def _beam_select_logits_kernel(
     if PHASES >= 2:  # (the probe's PHASES 1 stops after the chunk's maximum and sum)
         if HALF:
             key = tl.where(ok, _half_key(raw, offs), _MIN_KEY32)
-            _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY32, K, BITONIC, K_POW2)
         else:
             bits = x.to(tl.int32, bitcast=True)
             order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
             key = tl.where(ok, (order << 32) | (0x7FFFFFFF - offs).to(tl.int64), _MIN_KEY)
-            _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY, K, BITONIC, K_POW2)
+        if ALT_RUNS:  # the row's chunks alternate: descending, ascending, ... (`_row_top_of_runs`)
+            _store_run(CAND + prog.to(tl.int64) * K, key, K, chunk % 2 == 1)
+        else:
+            _store_topk(CAND + prog.to(tl.int64) * K, key, _MIN_KEY32 if HALF else _MIN_KEY, K, BITONIC, K_POW2)
     # 2. the last program to arrive folds each row's chunk sums into its log-sum-exp, scores every kept logit as
     #    _beam_select_kernel does (parent + (logit - maximum) - log(sum), float32) and selects the W largest keys
     if PHASES >= 3:
         _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K, W, CAND_PAD, CHUNKS_POW2,
                              ROWS_POW2, RC_POW2, HALF, IS_BF16, ROW_MERGE, BITONIC, K_POW2, W_POW2, TOKENS, PARENTS,
-                             TREE_SCORES, ANC, lo, plo, N, INTO, W_TILE, N_TILE)  # fmt: skip
+                             TREE_SCORES, ANC, lo, plo, N, INTO, W_TILE, N_TILE, ALT_RUNS)  # fmt: skip
 
 
 @triton.jit
@@ -352,7 +386,7 @@ def _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K
                          RC_POW2: tl.constexpr, HALF: tl.constexpr, IS_BF16: tl.constexpr, ROW_MERGE: tl.constexpr,
                          BITONIC: tl.constexpr, K_POW2: tl.constexpr, W_POW2: tl.constexpr, TOKENS, PARENTS,
                          TREE_SCORES, ANC, lo, plo, N, INTO: tl.constexpr, W_TILE: tl.constexpr,
-                         N_TILE: tl.constexpr):  # fmt: skip
+                         N_TILE: tl.constexpr, ALT_RUNS: tl.constexpr):  # fmt: skip
     """`_beam_select_logits_kernel`'s step 2: the arrival ticket, and in the last program to arrive the fold, the
     scores and the selection (and with INTO the level written)."""
     tl.debug_barrier()  # every store of this program is issued before its ticket moves
@@ -376,7 +410,10 @@ def _logits_last_program(SCORES, CAND, PART, OUT, TICKET, V, n_chunks, n_rows, K
             safe = tl.where(row_max == float("-inf"), 0.0, row_max)
             log_sum = tl.log(tl.where(r_ok, _sum(ps * tl.exp(pm - safe[:, None]), 1), 1.0))  # (padding: no log 0)
             ck = tl.where(both, ck, _MIN_KEY32 if HALF else _MIN_KEY)  # [R, RC]
-            ck = tl.topk(ck, K_POW2)  # [R, K_POW2] each row's best logits, by the keys' order
+            if ALT_RUNS:  # [R, K_POW2] each row's best logits (in no set order: the selection below sorts)
+                ck = _row_top_of_runs(ck, ROWS_POW2, RC_POW2 // K_POW2, K_POW2)
+            else:
+                ck = tl.topk(ck, K_POW2)
             slot_ok = r_ok[:, None] & (ck != (_MIN_KEY32 if HALF else _MIN_KEY))
             val, col = _logit_of_key(ck, HALF, IS_BF16)
             score = parent[:, None] + ((val - row_max[:, None]) - log_sum[:, None])
@@ -501,6 +538,14 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, pha
     return out
 
 
+def alternating_runs(p: dict) -> bool:
+    """Whether the row merge's chunks store alternating runs (`_row_top_of_runs`) for a level's `plan` p: each chunk
+    keeps a power of two above 1 and a row holds 1, 2 or 4 runs (the default tree's 16-parent level: 4 chunks of 16).
+    Elsewhere the last program runs tl.topk over each row."""
+    k, rc = p["kept"], triton.next_power_of_2(p["n_chunks"] * p["kept"])
+    return k > 1 and k & (k - 1) == 0 and rc // k in (1, 2, 4)
+
+
 def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, row_merge: bool, phases=3, cand=None,
                    part=None, **into):  # fmt: skip
     """One launch of `_beam_select_logits_kernel` (CHUNK_KEYS "logits" or "logits_rows"): [width] keys. `phases` < 3
@@ -519,7 +564,7 @@ def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, r
         ROWS_POW2=pow2(n), RC_POW2=pow2(p["n_chunks"] * p["kept"]), HALF=half, IS_BF16=logits.dtype == torch.bfloat16,
         ROW_MERGE=row_merge, BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
         W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), PHASES=phases,
-        **into,
+        ALT_RUNS=alternating_runs(p) if row_merge and bitonic else False, **into,
     )  # fmt: skip
     return out
 

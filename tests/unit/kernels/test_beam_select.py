@@ -15,6 +15,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 for _name in ("longspec_lab.kernels.tree_attention", "longspec_lab.kernels.row_topk"):
     if _name in sys.modules and not sys.modules[_name]._INTERPRET:
@@ -467,6 +468,29 @@ def test_logit_keys_pick_the_float64_pairs_and_the_definitions_keys(form, n, V, 
     logits, scores = _level(n, V, seed=n * 7919 + V + w, dtype=dtype)
     _check_level(bs.beam_select(logits, scores, w, block_v), logits, scores, w)
     assert not tickets(logits.device).any()
+
+
+@pytest.mark.parametrize("V, runs", [(64, 1), (128, 2), (192, 4), (256, 4)])
+def test_the_row_merge_from_alternating_runs(V, runs, monkeypatch):
+    """The row merge's chunks store their keys in alternating runs (odd chunks ascending), and the last program
+    takes each row's best from those runs without sorting them again (`_row_top_of_runs`): 1, 2 and 4 runs a row
+    (192 tokens: three chunks and a run of padding), three rows (a padding row), in all three dtypes, the pairs of
+    float64 and of the definition; phase 2 of the probe shows the runs as stored."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "bitonic")
+    monkeypatch.setattr(bs, "CHUNK_KEYS", "logits_rows")
+    w, block = 16, 64
+    p = bs.plan(3, V, w, block)
+    assert bs.alternating_runs(p) and triton.next_power_of_2(p["n_chunks"] * 16) // 16 == runs
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        logits, scores = _level(3, V, seed=V + 5, dtype=dtype)
+        _check_level(bs.beam_select(logits, scores, w, block), logits, scores, w)
+        cand, _ = bs.logits_phase_probe(logits, scores, w, 2, block, row_merge=True)
+        runs_got = cand.view(3, p["n_chunks"], 16)
+        for c in range(p["n_chunks"]):
+            want = torch.sort(runs_got[:, c], dim=1, descending=c % 2 == 0).values
+            assert torch.equal(runs_got[:, c], want), (dtype, c)
+    assert not bs.alternating_runs(bs.plan(3, 300, 5, 32))  # 5 keys a chunk: tl.topk over each row
+    assert not bs.alternating_runs(bs.plan(3, 512, 16, 64))  # 8 runs a row: tl.topk over each row
 
 
 @pytest.mark.parametrize("form", ["logits", "logits_rows"])
