@@ -45,7 +45,10 @@ its best logits:
         and selects the W largest keys; with "logits_rows" it first keeps each row's K best (the bitonic network
         over [n, chunks x K], then the W best of n x K, not of n x chunks x K). There the fold needs only the row,
         so the rows' partials and parents' scores come in the same round trip as the candidates, and the kept keys
-        are scored where the row's selection leaves them
+        are scored where the row's selection leaves them. The chunk programs store their K keys in alternating runs
+        (odd chunks ascending), so the row's K best come from the bitonic top-k step on sorted runs without the
+        sorting rounds tl.topk would spend on them again (`_row_top_of_runs`; for sm_90 the last program's PTX
+        went from 2,594 to 1,751 lines, its shuffles from 138 to 72 and its barriers from 14 to 10)
 
 Where the level's W keys end as one register vector (the bitonic network, or a width of 1's maximum), the last
 program writes the level from those registers (`_select_level`); only K repeated maxima read them back from OUT.
