@@ -126,6 +126,13 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    and keeps its chunk's maximum and sum) into OUT_DIR/beam_chunk_logits; the pairs are the same,
                    scores may differ in their last bits (compare tau and tokens)
   e2e_beam_chunk_logits_rows  the same with logits_rows (the last program keeps each row's best first)
+  beam_select_last  python -m longspec_lab.kernels.beam_select, the default form (logits_rows) at 4 and 8 warps
+                   on a chain's, the default tree's and a narrow tree's level shapes: run it from this tree and
+                   from an older commit's (docs/GPU_JOBS.md) to time the last program's changes of 2026-12-06
+  e2e_beam_base    the A side of the one below: AR, chain gamma 5 and two trees (BEAM_CHUNK_SHAPES), the default
+                   switches, into OUT_DIR/beam_base
+  e2e_beam_warps_auto  the same with LONGSPEC_BEAM_WARPS=auto (4 warps for levels of up to 4 parents, 8 past
+                   them) into OUT_DIR/beam_warps_auto; the same tokens
   e2e_base         the A side for the B sides above in the same call: the same three methods with the default
                    switches into OUT_DIR/base
   e2e_qkv_rope     the same with LONGSPEC_QKV_ROPE=on (norm, q/k/v, RoPE and the cache write in one kernel per
@@ -334,6 +341,16 @@ def jobs(out: Path) -> dict:
             "logits_rows",
             shapes=BEAM_CHUNK_SHAPES,
         ),
+        "e2e_beam_base": _ab_job(out / "beam_base", shapes=BEAM_CHUNK_SHAPES),
+        "e2e_beam_warps_auto": _ab_job(
+            out / "beam_warps_auto", "LONGSPEC_BEAM_WARPS", "auto", shapes=BEAM_CHUNK_SHAPES
+        ),
+        "beam_select_last": (  # the default form alone at 4 and 8 warps: this tree's last program against an older one
+            [py, "-m", "longspec_lab.kernels.beam_select", "--rows", "1,1,4,16,4", "--width", "1,4,16,16,4",
+             "--chunk-keys", "logits_rows", "--warps", "4,8", "--out", str(out / "beam_select_last.json")],
+            150,
+            {},
+        ),  # fmt: skip
         "beam_select_chunk_keys": (  # the three chunk forms alone on the levels of the default tree and a chain
             [
                 py,
