@@ -346,8 +346,21 @@ def jobs(out: Path) -> dict:
             out / "beam_warps_auto", "LONGSPEC_BEAM_WARPS", "auto", shapes=BEAM_CHUNK_SHAPES
         ),
         "beam_select_last": (  # the default form alone at 4 and 8 warps: this tree's last program against an older one
-            [py, "-m", "longspec_lab.kernels.beam_select", "--rows", "1,1,4,16,4", "--width", "1,4,16,16,4",
-             "--chunk-keys", "logits_rows", "--warps", "4,8", "--out", str(out / "beam_select_last.json")],
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.beam_select",
+                "--rows",
+                "1,1,4,16,4",
+                "--width",
+                "1,4,16,16,4",
+                "--chunk-keys",
+                "logits_rows",
+                "--warps",
+                "4,8",
+                "--out",
+                str(out / "beam_select_last.json"),
+            ],
             150,
             {},
         ),  # fmt: skip
