@@ -601,7 +601,8 @@ def logits_phase_probe(logits, parent_scores, width: int, phases: int, block_v=N
                        row_merge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`phase_probe` for the logit-key form (LONGSPEC_BEAM_CHUNK_KEYS "logits_rows", or "logits" with row_merge
     False): one launch that stops after `phases` (LOGITS_PHASES). Returns its scratch (cand, part): cand [n * n_chunks
-    * K] the chunks' K largest logit keys, descending (int32 for 16-bit logits, int64 for fp32; phases >= 2), and part
+    * K] the chunks' K largest logit keys, descending (ascending in a row merge's odd chunks where `alternating_runs`;
+    int32 for 16-bit logits, int64 for fp32; phases >= 2), and part
     [2, n * n_chunks] fp32 each chunk's maximum logit and sum of exp(logit - maximum). Checked as `beam_select`."""
     if phases not in LOGITS_PHASES:
         raise ValueError(f"phases must be one of {sorted(LOGITS_PHASES)} ({'; '.join(LOGITS_PHASES.values())}), "
