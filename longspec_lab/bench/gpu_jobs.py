@@ -170,6 +170,14 @@ def _ab_job(folder: Path, switch: str | None = None, value: str = "", shapes="4,
     return cmd, 300, {**env, **({switch: value} if switch else {}), **more}
 
 
+def _beam_levels_job(py: str, path: Path, *flags: str) -> tuple:
+    """`kernels.beam_select` alone on a chain's, the default tree's and a narrow tree's level shapes (`flags`: the
+    forms, chunks and warps to time), each run checked against float64, the medians into `path`."""
+    cmd = [py, "-m", "longspec_lab.kernels.beam_select", "--rows", "1,1,4,16,4", "--width", "1,4,16,16,4", *flags,
+           "--out", str(path)]  # fmt: skip
+    return cmd, 150, {}
+
+
 def _verify_compiled(py: str, path: Path, context: int, *more: str) -> list:
     """verify_cost at one context with decode, verify and the draft step compiled (`more`: further flags)."""
     c = str(context)
@@ -345,47 +353,22 @@ def jobs(out: Path) -> dict:
         "e2e_beam_warps_auto": _ab_job(
             out / "beam_warps_auto", "LONGSPEC_BEAM_WARPS", "auto", shapes=BEAM_CHUNK_SHAPES
         ),
-        "beam_select_last": (  # the default form alone at 4 and 8 warps: this tree's last program against an older one
-            [
-                py,
-                "-m",
-                "longspec_lab.kernels.beam_select",
-                "--rows",
-                "1,1,4,16,4",
-                "--width",
-                "1,4,16,16,4",
-                "--chunk-keys",
-                "logits_rows",
-                "--warps",
-                "4,8",
-                "--out",
-                str(out / "beam_select_last.json"),
-            ],
-            150,
-            {},
-        ),  # fmt: skip
-        "beam_select_chunk_keys": (  # the three chunk forms alone on the levels of the default tree and a chain
-            [
-                py,
-                "-m",
-                "longspec_lab.kernels.beam_select",
-                "--rows",
-                "1,1,4,16,4",
-                "--width",
-                "1,4,16,16,4",
-                "--block-v",
-                "512,1024",
-                "--algo",
-                "bitonic",
-                "--warps",
-                "8",
-                "--chunk-keys",
-                "scores,logits,logits_rows",
-                "--out",
-                str(out / "beam_select_chunk_keys.json"),
-            ],
-            150,
-            {},
+        # the default form alone at 4 and 8 warps: this tree's last program against an older one's
+        "beam_select_last": _beam_levels_job(
+            py, out / "beam_select_last.json", "--chunk-keys", "logits_rows", "--warps", "4,8"
+        ),
+        # the three chunk forms alone on the levels of the default tree and a chain
+        "beam_select_chunk_keys": _beam_levels_job(
+            py,
+            out / "beam_select_chunk_keys.json",
+            "--block-v",
+            "512,1024",
+            "--algo",
+            "bitonic",
+            "--warps",
+            "8",
+            "--chunk-keys",
+            "scores,logits,logits_rows",
         ),
         "beam_select_phases": (  # where each form's selection spends its time: stopped after each phase, by difference
             [
