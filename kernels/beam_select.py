@@ -49,7 +49,10 @@ its best logits:
         (odd chunks ascending), so the row's K best come from the bitonic top-k step on sorted runs without the
         sorting rounds tl.topk would spend on them again (`_row_top_of_runs`). With the round trips below, for sm_90
         the 16-parent last program's PTX went from 2,395 to 1,751 lines (shuffles 112 -> 72, barriers 19 -> 10,
-        global loads 13 -> 5) and the kernel from 64 to 40 registers a thread
+        global loads 13 -> 5) and the kernel from 64 to 40 registers a thread. Timed on an H100 against that form
+        (data/results/beam_select_last*_h100.json, one call): a 16 x 16 level 6.8 -> 5.2 us alone, 4 x 16
+        6.3 -> 4.8; in the decoder the default tree 16,012 -> 16,406 tokens/s with the same tokens
+        (e2e_ab_beam_last_*_h100.json)
 
 Where the level's W keys end as one register vector (the bitonic network, or a width of 1's maximum), the last
 program writes the level from those registers (`_select_level`); only K repeated maxima read them back from OUT.
@@ -471,7 +474,9 @@ def _num_warps(n: int | None = None) -> int:
     warps against 9.1 with 4 (data/results/beam_select_warps_h200.json; 4 was the fastest of 1, 2, 4 in
     beam_select_h200.json), and the default tree's level 44.9 us against 46.1 in the decoder, with the same tokens
     (e2e_ab2_beam_warps_8_h200.json against the record of the same session). Alone on an H100 with the logit keys'
-    row merge, the narrow levels took 0.4-0.5 us less with 4 (data/results/beam_select_chunk_blocks_h100.json)."""
+    row merge, the narrow levels took 0.4-0.5 us less with 4 (data/results/beam_select_chunk_blocks_h100.json);
+    "auto" in the decoder moved the trees within one call's spread and chain gamma 5 by +0.8%, so it is not the
+    default (data/results/e2e_ab_beam_last_warps_auto_h100.json)."""
     if isinstance(NUM_WARPS, str) and NUM_WARPS.strip() == "auto":
         return 4 if n is not None and n <= AUTO_NARROW else 8
     warps = int(NUM_WARPS) if isinstance(NUM_WARPS, str) and NUM_WARPS.strip().isdigit() else NUM_WARPS
