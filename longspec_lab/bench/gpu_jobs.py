@@ -139,12 +139,26 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    target layer) into OUT_DIR/qkv_rope
 Device time is the scarce thing: e2e takes about 8 minutes (mostly compilation), the others 2-4 each.
 
+An A/B against an older commit (a change with no switch): `--code DIR` runs the jobs with the package of DIR, an
+archive of that commit made here and carried to the device with the tree:
+
+    mkdir -p build/base && git archive COMMIT longspec_lab kernels pyproject.toml | tar -x -C build/base
+    git rev-parse COMMIT > build/base/COMMIT
+    python -m longspec_lab.bench.gpu_jobs --out OUT/new --only e2e_base,beam_select_last           # this tree
+    python -m longspec_lab.bench.gpu_jobs --out OUT/old --only e2e_base,beam_select_last --code build/base
+
+Each job then runs in DIR with DIR first on PYTHONPATH. DIR's `longspec_lab/kernels` and `data` are linked to its
+`kernels/` and to this tree's data where missing, and every JSON the job writes gets a `code_commit_note` naming DIR
+and its COMMIT, since the archive has no git of its own. The job table and its flags are this tree's: a flag the
+older commit lacks fails that job alone, in its log.
+
 Taught in: notebooks/07_timing_real_gpu_runs.ipynb
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -513,6 +527,45 @@ def jobs(out: Path) -> dict:
     }
 
 
+def prepare_code(code: str | os.PathLike) -> tuple[Path, str]:
+    """(the folder, its commit) for `--code`: DIR must hold an archive of the package (`longspec_lab/__init__.py`
+    and `kernels/`); links `longspec_lab/kernels` and `data` where missing, as a checkout has them. Raises
+    ValueError naming what is missing and how to make it."""
+    from longspec_lab.paths import DATA_DIR
+
+    root = Path(code).resolve()
+    make = "make it with: git archive COMMIT longspec_lab kernels pyproject.toml | tar -x -C DIR"
+    if not (root / "longspec_lab" / "__init__.py").is_file() or not (root / "kernels").is_dir():
+        raise ValueError(f"--code {code}: no longspec_lab/__init__.py and kernels/ there; {make}")
+    for link, target in ((root / "longspec_lab" / "kernels", root / "kernels"), (root / "data", DATA_DIR)):
+        if not link.exists():
+            if link.is_symlink():  # a dangling link from another machine's paths
+                link.unlink()
+            link.symlink_to(target, target_is_directory=True)
+    commit_file = root / "COMMIT"
+    commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown (no COMMIT file)"
+    return root, commit
+
+
+def _note_code(out: Path, since: float, root: Path, commit: str) -> int:
+    """Add `code_commit_note` to every JSON under `out` written since `since` (a job run with `--code`); returns how
+    many. A file that is not a JSON object is left as it is."""
+    note = f"run from {root}, an archive of commit {commit} (gpu_jobs --code); environment.git_commit is the checkout's"
+    done = 0
+    for path in sorted(out.rglob("*.json")):
+        if path.stat().st_mtime < since:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "code_commit_note" not in data:
+            data["code_commit_note"] = note
+            path.write_text(json.dumps(data, indent=1))
+            done += 1
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m longspec_lab.bench.gpu_jobs",
@@ -524,28 +577,48 @@ def main(argv=None) -> int:
         "--only", default="e2e,agreement,notebooks",
         help="comma-separated job names from " + ",".join(jobs(Path("."))) + " (default: %(default)s)",
     )  # fmt: skip
+    ap.add_argument(
+        "--code", metavar="DIR",
+        help="run the jobs with the package archived in DIR (an older commit's; see above), for an A/B against it",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # absolute: a job run with --code starts in DIR
+    code = None
+    if args.code:
+        try:
+            code = prepare_code(args.code)
+        except ValueError as e:
+            ap.error(str(e))
     table = jobs(out)
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in table]
     if unknown or not names:
         ap.error(f"--only names unknown jobs {unknown}; choose from {', '.join(table)}")
     out.mkdir(parents=True, exist_ok=True)
+    run_env, cwd = {**os.environ, "PYTHONUNBUFFERED": "1"}, None
+    if code:  # `python -m` puts its working folder first on sys.path: start in DIR, so DIR's package is the one run
+        cwd = code[0]
+        run_env["PYTHONPATH"] = os.pathsep.join([str(cwd), *filter(None, [os.environ.get("PYTHONPATH")])])
+        print(f"running with the package in {cwd} (commit {code[1]})", flush=True)
     for name in names:
         cmd, limit, env = table[name]
         t0 = time.time()
         with open(out / f"{name}.log", "w") as log:
+            if code:
+                print(f"# run from {cwd}, commit {code[1]}", file=log, flush=True)
             try:
                 rc = subprocess.run(
                     cmd,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     timeout=limit,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                    env={**run_env, **env},
+                    cwd=cwd,
                 ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
+        if code:
+            _note_code(out, t0 - 1, *code)
         print(f"[{name}] rc={rc} in {time.time() - t0:.0f}s", flush=True)
         print("".join(open(out / f"{name}.log").readlines()[-12:]), flush=True)
     return 0

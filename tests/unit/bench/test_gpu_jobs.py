@@ -3,8 +3,11 @@ device call to find)."""
 
 import argparse
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,50 @@ def test_every_switch_a_job_sets_is_read_by_the_package():
     assert {"LONGSPEC_WEIGHT_FIRST", "LONGSPEC_TOPK_ALGO", "LONGSPEC_TOPK_FIRST_BLOCK"} <= names
     for key in sorted(names):
         assert f'os.environ.get("{key}"' in src or f'os.environ.get(\\"{key}\\"' in src, f"{key}: no module reads it"
+
+
+def test_code_runs_the_jobs_with_an_archived_package_and_notes_its_commit(tmp_path, monkeypatch, capsys):
+    """`--code DIR` (an A/B against an older commit): the job imports DIR's package, not this checkout's, even though
+    `python -m` starts from its working folder; the checkout's links are made; each JSON the job writes names DIR's
+    commit, and one written before it is left alone."""
+    from longspec_lab.bench import gpu_jobs
+    from longspec_lab.paths import DATA_DIR
+
+    code = tmp_path / "base"
+    (code / "longspec_lab").mkdir(parents=True)
+    (code / "kernels").mkdir()
+    (code / "longspec_lab" / "__init__.py").write_text("")
+    (code / "kernels" / "__init__.py").write_text("")
+    (code / "longspec_lab" / "whoami.py").write_text(
+        "import json, os, sys\nimport longspec_lab, longspec_lab.kernels\n"
+        "json.dump({'package': longspec_lab.__file__, 'kernels': longspec_lab.kernels.__file__,"
+        " 'cwd': os.getcwd()}, open(sys.argv[1], 'w'))\n"
+    )
+    (code / "COMMIT").write_text("0123abc\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "older.json").write_text('{"kept": 1}')
+    monkeypatch.setattr(gpu_jobs, "jobs", lambda o: {"who": ([sys.executable, "-m", "longspec_lab.whoami",
+                                                                str(o / "who.json")], 60, {})})  # fmt: skip
+    past = time.time() - 60
+    os.utime(out / "older.json", (past, past))
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])  # the checkout, whose own package must not be run
+    assert gpu_jobs.main(["--out", str(out), "--only", "who", "--code", str(code)]) == 0
+    who = json.loads((out / "who.json").read_text())
+    assert Path(who["package"]).resolve() == (code / "longspec_lab" / "__init__.py").resolve()
+    assert Path(who["kernels"]).resolve() == (code / "kernels" / "__init__.py").resolve()
+    assert (code / "data").resolve() == DATA_DIR.resolve()
+    assert "0123abc" in who.get("code_commit_note", "") and str(code.resolve()) in who["code_commit_note"]
+    assert json.loads((out / "older.json").read_text()) == {"kept": 1}
+    assert "commit 0123abc" in (out / "who.log").read_text() and "commit 0123abc" in capsys.readouterr().out
+
+
+def test_code_without_an_archive_is_one_line_naming_the_fix(tmp_path, capsys):
+    from longspec_lab.bench import gpu_jobs
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        gpu_jobs.main(["--out", str(tmp_path / "out"), "--only", "e2e_base", "--code", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no longspec_lab/__init__.py" in err and "git archive COMMIT" in err
+    assert not (tmp_path / "out").exists()
