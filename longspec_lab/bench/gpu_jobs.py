@@ -539,9 +539,15 @@ def prepare_code(code: str | os.PathLike) -> tuple[Path, str]:
         raise ValueError(f"--code {code}: no longspec_lab/__init__.py and kernels/ there; {make}")
     for link, target in ((root / "longspec_lab" / "kernels", root / "kernels"), (root / "data", DATA_DIR)):
         if not link.exists():
-            if link.is_symlink():  # a dangling link from another machine's paths
-                link.unlink()
-            link.symlink_to(target, target_is_directory=True)
+            try:
+                if link.is_symlink():  # a dangling link from another machine's paths
+                    link.unlink()
+                link.symlink_to(target, target_is_directory=True)
+            except OSError as e:
+                raise ValueError(
+                    f"--code {code}: cannot link {link} to {target} ({e.strerror}); make {root} writable "
+                    f"or make the link yourself"
+                ) from None
     commit_file = root / "COMMIT"
     commit = commit_file.read_text().strip() if commit_file.is_file() else "unknown (no COMMIT file)"
     return root, commit

@@ -108,3 +108,21 @@ def test_code_without_an_archive_is_one_line_naming_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no longspec_lab/__init__.py" in err and "git archive COMMIT" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_code_whose_links_cannot_be_made_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    from longspec_lab.bench import gpu_jobs
+
+    code = tmp_path / "base"
+    (code / "longspec_lab").mkdir(parents=True)
+    (code / "kernels").mkdir()
+    (code / "longspec_lab" / "__init__.py").write_text("")
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "symlink_to", refuse)
+    with pytest.raises(SystemExit) as e:
+        gpu_jobs.main(["--out", str(tmp_path / "out"), "--only", "e2e_base", "--code", str(code)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot link" in err and "Permission denied" in err and "writable" in err
