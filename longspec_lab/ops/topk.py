@@ -30,7 +30,8 @@ data/results/e2e_ab_beam_select_h200.json against e2e_ab_base_beam_h200.json): t
 13,098 tokens/s, chain gamma 5 13,933 -> 14,285; a tree level's stage graph 66-71 -> 57-61 us. How that launch's
 chunk programs rank their tokens is the kernel's own switch, LONGSPEC_BEAM_CHUNK_KEYS (default "logits_rows": each
 chunk ranks its logits and the last program folds the rows' sums; a 16-parent level's selection 11.2 -> 9.4 us of
-an H100 step, data/results/e2e_ab_beam_chunk_*_h100.json).
+an H100 step, data/results/e2e_ab_beam_chunk_*_h100.json, and 9.4 -> 6.9 us since its last program merges the
+rows' sorted runs, data/results/e2e_ab_beam_last_*_h100.json).
 
 `head_beam_keys(h, head, parent_scores, w)` goes one step further back: the level's LM head and its whole selection
 in ONE launch (`kernels/head_select.py`: every program computes a vocabulary chunk's logits for every parent and
