@@ -589,17 +589,17 @@ def main(argv=None) -> int:
     )  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()  # absolute: a job run with --code starts in DIR
+    table = jobs(out)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        ap.error(f"--only names unknown jobs {unknown}; choose from {', '.join(table)}")
     code = None
     if args.code:
         try:
             code = prepare_code(args.code)
         except ValueError as e:
             ap.error(str(e))
-    table = jobs(out)
-    names = [n for n in args.only.split(",") if n]
-    unknown = [n for n in names if n not in table]
-    if unknown or not names:
-        ap.error(f"--only names unknown jobs {unknown}; choose from {', '.join(table)}")
     out.mkdir(parents=True, exist_ok=True)
     run_env, cwd = {**os.environ, "PYTHONUNBUFFERED": "1"}, None
     if code:  # `python -m` puts its working folder first on sys.path: start in DIR, so DIR's package is the one run
