@@ -127,8 +127,8 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    scores may differ in their last bits (compare tau and tokens)
   e2e_beam_chunk_logits_rows  the same with logits_rows (the last program keeps each row's best first)
   beam_select_last  python -m longspec_lab.kernels.beam_select, the default form (logits_rows) at 4 and 8 warps
-                   on a chain's, the default tree's and a narrow tree's level shapes: run it from this tree and
-                   from an older commit's (docs/GPU_JOBS.md) to time the last program's changes of 2026-12-06
+                   on a chain's, the default tree's and a narrow tree's level shapes: run it here and with
+                   --code DIR (an older commit's package, below) to time a change to the kernel against that commit
   e2e_beam_base    the A side of the one below: AR, chain gamma 5 and two trees (BEAM_CHUNK_SHAPES), the default
                    switches, into OUT_DIR/beam_base
   e2e_beam_warps_auto  the same with LONGSPEC_BEAM_WARPS=auto (4 warps for levels of up to 4 parents, 8 past
