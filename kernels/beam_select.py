@@ -547,12 +547,12 @@ def _launch(logits, parent_scores, width: int, block_v: int, num_warps: int, pha
     return out
 
 
-def alternating_runs(p: dict) -> bool:
-    """Whether the row merge's chunks store alternating runs (`_row_top_of_runs`) for a level's `plan` p: each chunk
-    keeps a power of two above 1 and a row holds 1, 2 or 4 runs (the default tree's 16-parent level: 4 chunks of 16).
-    Elsewhere the last program runs tl.topk over each row."""
+def alternating_runs(p: dict, row_merge: bool = True, bitonic: bool = True) -> bool:
+    """Whether the row merge's chunks store alternating runs (`_row_top_of_runs`) for a level's `plan` p: only with the
+    row merge and the bitonic network, where each chunk keeps a power of two above 1 and a row holds 1, 2 or 4 runs
+    (the default tree's 16-parent level: 4 chunks of 16). Elsewhere the last program runs tl.topk over each row."""
     k, rc = p["kept"], triton.next_power_of_2(p["n_chunks"] * p["kept"])
-    return k > 1 and k & (k - 1) == 0 and rc // k in (1, 2, 4)
+    return bool(row_merge and bitonic) and k > 1 and k & (k - 1) == 0 and rc // k in (1, 2, 4)
 
 
 def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, row_merge: bool, phases=3, cand=None,
@@ -573,7 +573,7 @@ def _launch_logits(logits, parent_scores, width: int, p: dict, num_warps: int, r
         ROWS_POW2=pow2(n), RC_POW2=pow2(p["n_chunks"] * p["kept"]), HALF=half, IS_BF16=logits.dtype == torch.bfloat16,
         ROW_MERGE=row_merge, BITONIC=bitonic, K_POW2=pow2(p["kept"]) if bitonic else 1,
         W_POW2=pow2(width) if bitonic else 1, num_warps=num_warps, **launch_args(logits.device), PHASES=phases,
-        ALT_RUNS=alternating_runs(p) if row_merge and bitonic else False, **into,
+        ALT_RUNS=alternating_runs(p, row_merge, bitonic), **into,
     )  # fmt: skip
     return out
 

@@ -201,7 +201,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         consts = dict(K=16, W=16, BLOCK_V=p["block_v"], CAND_PAD=p["cand_pad"], CHUNKS_POW2=p["n_chunks"],
                       ROWS_POW2=16, RC_POW2=p["n_chunks"] * 16, HALF=True, IS_BF16=True, ROW_MERGE=row_merge,
                       BITONIC=bit, K_POW2=16 if bit else 1, W_POW2=16 if bit else 1, INTO=True, W_TILE=16,
-                      N_TILE=128, ALT_RUNS=row_merge and bit and bsel.alternating_runs(p))  # fmt: skip
+                      N_TILE=128, ALT_RUNS=bsel.alternating_runs(p, row_merge, bit))  # fmt: skip
         ptrs = dict(LOGITS="bf16", SCORES="fp32", CAND="i32", PART="fp32", OUT="i64", TICKET="i32", TOKENS="i64",
                     PARENTS="i64", TREE_SCORES="fp32", ANC="u8")  # fmt: skip
         sig, cx = _signature(bsel._beam_select_logits_kernel, ptrs, (), consts, ints=("lo", "plo", "N"))
