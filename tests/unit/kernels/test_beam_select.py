@@ -491,6 +491,8 @@ def test_the_row_merge_from_alternating_runs(V, runs, monkeypatch):
             assert torch.equal(runs_got[:, c], want), (dtype, c)
     assert not bs.alternating_runs(bs.plan(3, 300, 5, 32))  # 5 keys a chunk: tl.topk over each row
     assert not bs.alternating_runs(bs.plan(3, 512, 16, 64))  # 8 runs a row: tl.topk over each row
+    p = bs.plan(3, 256, w, block)  # runs only with the row merge and the bitonic network
+    assert not bs.alternating_runs(p, row_merge=False) and not bs.alternating_runs(p, bitonic=False)
 
 
 @pytest.mark.parametrize("form", ["logits", "logits_rows"])
