@@ -7,7 +7,7 @@ the slowest program makes: its share of keys (split length / BLOCK_N steps), the
 and the merge of the split partials. This sweep times every plan choice that changes those counts:
 
   splits     the planner's choice, or a forced count (1 .. 64)
-  BLOCK_M    the row tile (64, the default for <= 64 packed rows, or 16, the smallest matrix tile)
+  BLOCK_M    the row tile (64, the default for <= 64 packed rows, 32, or 16, the smallest matrix tile)
   config     key tile, warps and pipeline depth (the decoder runs one fixed config, LONGSPEC_AUTOTUNE=0)
   merge      fused (the last split to finish merges) or a second merge launch
   merge tile fp32 partial-output elements one merging program reads at once (the planner's plan only;
@@ -210,11 +210,15 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting variants after this many seconds")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    ap.add_argument("--block-m", default="64,16", help="row tiles to try, comma-separated (16 or 64)")
+    ap.add_argument("--block-m", default="64,16", help="row tiles to try, comma-separated (16, 32, 64 or 128)")
     a = ap.parse_args(argv)
     names = [s for s in a.shapes.split(",") if s]
     shapes, configs, splits = dict(SHAPES), CONFIGS, SPLITS
-    block_ms = tuple(int(b) for b in a.block_m.split(",") if b)
+    block_ms = tuple(int(b) if b.strip().isdigit() else -1 for b in a.block_m.split(",") if b.strip())
+    if not block_ms or any(b not in (16, 32, 64, 128) for b in block_ms):
+        print(f"error: --block-m {a.block_m!r} must list row tiles of 16, 32, 64 or 128; e.g. --block-m 16,32,64",
+              file=sys.stderr)  # fmt: skip
+        return 2
     bad = [s for s in names if s not in shapes]
     if bad:
         print(f"error: unknown shape(s) {bad}; choose from {', '.join(SHAPES)}", file=sys.stderr)

@@ -696,6 +696,8 @@ def _pick_block_m(rows: int) -> int:
     each K/V tile for more rows). LONGSPEC_BLOCK_M overrides it (benchmark sweeps)."""
     forced = os.environ.get("LONGSPEC_BLOCK_M")
     if forced:
+        if forced not in ("16", "32", "64", "128"):
+            raise ValueError(f"LONGSPEC_BLOCK_M={forced!r} is not a row tile (16, 32, 64, 128); unset it or pick one")
         return int(forced)
     if ROW_TILE_RULE not in _ROW_TILE_RULES:
         raise ValueError(f"LONGSPEC_ROW_TILE_RULE={ROW_TILE_RULE!r} is not one of small, padding; unset it or pick one")

@@ -115,6 +115,13 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    token (compare tau, and outputs_sha256 where they agree)
   e2e_wide_block_m_64  the same with LONGSPEC_BLOCK_M=64 (every tree-attention pass in row tiles of 64, so those
                    verifications take two tiles and the tree's own programs under auto) into OUT_DIR/wide_block_m_64
+  sweep_block_m    python -m longspec_lab.kernels.sweep_tree_attention on the embedded decode, verify and draft
+                   cross-attention shapes with row tiles of 16, 32 and 64 (the decoder's rule knows 64 and 128 only:
+                   a decode's 2 packed rows and a verify's 146 are padded to tiles of 64), each plan checked against
+                   float64, about 150 s
+  e2e_block_m_16, e2e_block_m_32  the A/B sides with LONGSPEC_BLOCK_M=16 or 32 (every tree-attention pass in row
+                   tiles of that size: AR, the chain and the default tree; the draft's cross-attention too) into
+                   OUT_DIR/block_m_16 and OUT_DIR/block_m_32; run e2e_base in the same call
   beam_select_chunk_keys  python -m longspec_lab.kernels.beam_select with the three forms of its chunk programs
                    (LONGSPEC_BEAM_CHUNK_KEYS: scores, logits, logits_rows) on a chain's, the default tree's and a
                    narrow tree's level shapes, at chunks of 512 and 1,024 tokens, each checked against float64
@@ -419,6 +426,25 @@ def jobs(out: Path) -> dict:
         "e2e_wide_block_m_64": _ab_job(
             out / "wide_block_m_64", "LONGSPEC_BLOCK_M", "64", shapes=WIDE_TREE_SHAPES, gammas="7,9"
         ),
+        "sweep_block_m": (
+            [
+                py,
+                "-m",
+                "longspec_lab.kernels.sweep_tree_attention",
+                "--shapes",
+                "embedded-decode,embedded-verify,embedded-draft-cross",
+                "--block-m",
+                "16,32,64",
+                "--budget-s",
+                "150",
+                "--out",
+                str(out / "tree_attention_sweep_block_m.json"),
+            ],
+            200,
+            {"LONGSPEC_AUTOTUNE": "0"},
+        ),  # fmt: skip
+        "e2e_block_m_16": _ab_job(out / "block_m_16", "LONGSPEC_BLOCK_M", "16"),
+        "e2e_block_m_32": _ab_job(out / "block_m_32", "LONGSPEC_BLOCK_M", "32"),
         "greedy_accept": (
             [
                 py,

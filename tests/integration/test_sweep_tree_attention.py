@@ -30,8 +30,9 @@ def test_sweep_dry_run_checks_every_plan(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
-@pytest.mark.parametrize("arg", ["--shapes=nope"])
-def test_sweep_rejects_unknown_shape(arg):
+@pytest.mark.parametrize(("arg", "says"), [("--shapes=nope", "unknown shape"), ("--block-m=16,24", "16, 32, 64 or 128"),
+                                           ("--block-m=x", "16, 32, 64 or 128")])  # fmt: skip
+def test_sweep_rejects_bad_arguments(arg, says):
     r = subprocess.run([sys.executable, "-m", "longspec_lab.kernels.sweep_tree_attention", arg],
                        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and "unknown shape" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr

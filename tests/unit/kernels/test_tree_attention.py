@@ -551,6 +551,38 @@ def test_row_tile_rule_tiles_33_to_64_node_trees_in_two_tiles_of_64(monkeypatch)
         ta._pick_block_m(76)
 
 
+@pytest.mark.parametrize("block_m", ["16", "32"])
+def test_forced_small_row_tiles_give_the_reference(monkeypatch, block_m):
+    """LONGSPEC_BLOCK_M=16 or 32 (the row tiles the GPU rule never picks; `gpu_jobs --only e2e_block_m_16` times them):
+    a 20-node verify's 40 packed rows in 3 or 2 row tiles, with the tree's own programs, equal the float64 reference
+    and the rule's own tile."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, D, P = 1, 4, 2, 20, 64, 130
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k = torch.randn(B, Hkv, P + T, D, generator=gen)
+    v = torch.randn(B, Hkv, P + T, D, generator=gen)
+    mask = random_tree_mask(T, gen, n_pending=2)[None]
+    pref = torch.tensor([P])
+    monkeypatch.setattr(ta, "TREE_SPLIT", "auto")
+    monkeypatch.delenv("LONGSPEC_BLOCK_M", raising=False)
+    rule = ta.tree_attention(q, k, v, pref, mask, num_splits=2)
+    assert ta.LAST_LAUNCH["BLOCK_M"] == 64
+    monkeypatch.setenv("LONGSPEC_BLOCK_M", block_m)
+    o = ta.tree_attention(q, k, v, pref, mask, num_splits=2)
+    assert ta.LAST_LAUNCH["BLOCK_M"] == int(block_m) and ta.LAST_LAUNCH["tree_split"]  # several row tiles
+    ref = ta.tree_attention_reference(q, k, v, pref, mask, out_dtype=torch.float64)
+    torch.testing.assert_close(o.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o, rule, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_row_tile_must_be_one_the_kernel_takes(monkeypatch):
+    monkeypatch.setenv("LONGSPEC_BLOCK_M", "24")
+    with pytest.raises(ValueError, match=r"LONGSPEC_BLOCK_M='24' is not a row tile \(16, 32, 64, 128\); unset it"):
+        ta._pick_block_m(40)
+    monkeypatch.setenv("LONGSPEC_BLOCK_M", "32")
+    assert ta._pick_block_m(2) == 32
+
+
 def test_tree_split_switch_auto_and_bad_value(monkeypatch):
     """ "auto": programs of its own only when the packed rows need several row tiles; "wide": also one tile of more than
     64 rows; an unknown value is named."""
