@@ -130,6 +130,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         ("one 128-row tile, the tree in programs of its own (LONGSPEC_TREE_SPLIT=wide)", 128, 64, True, 3, 12, 76),
         ("the tree in programs of its own, 32-key tiles, 2 stages (LONGSPEC_ROW_TILE_CONFIG)",
          64, 32, False, 2, 23, 144),
+        ("row tiles of 32, the tree in programs of its own (LONGSPEC_BLOCK_M=32)", 32, 64, True, 3, 12, 144),
+        ("row tiles of 16, the tree in programs of its own (LONGSPEC_BLOCK_M=16)", 16, 64, True, 3, 12, 144),
     )  # fmt: skip
     for label, block_m, block_n, tma, stages, n_splits, rows in () if quick else plans:
         consts = dict(

@@ -215,8 +215,8 @@ def main(argv=None) -> int:
     names = [s for s in a.shapes.split(",") if s]
     shapes, configs, splits = dict(SHAPES), CONFIGS, SPLITS
     block_ms = tuple(int(b) if b.strip().isdigit() else -1 for b in a.block_m.split(",") if b.strip())
-    if not block_ms or any(b not in (16, 32, 64, 128) for b in block_ms):
-        print(f"error: --block-m {a.block_m!r} must list row tiles of 16, 32, 64 or 128; e.g. --block-m 16,32,64",
+    if not block_ms or any(b not in ta.FORCED_BLOCK_MS for b in block_ms):
+        print(f"error: --block-m {a.block_m!r} must list row tiles from {ta.FORCED_BLOCK_MS}; e.g. --block-m 16,32,64",
               file=sys.stderr)  # fmt: skip
         return 2
     bad = [s for s in names if s not in shapes]

@@ -674,6 +674,7 @@ def _sm_count_cuda(index: int) -> int:
 
 
 _BLOCK_M_CHOICES = (64, 128)
+FORCED_BLOCK_MS = (16, 32, 64, 128)  # the row tiles LONGSPEC_BLOCK_M may force (16: the matrix unit's smallest)
 SMALL_TILE_ROWS = _BLOCK_M_CHOICES[0]  # packed rows that always take one tile of their own size (bench.tune reads it)
 
 
@@ -696,8 +697,8 @@ def _pick_block_m(rows: int) -> int:
     each K/V tile for more rows). LONGSPEC_BLOCK_M overrides it (benchmark sweeps)."""
     forced = os.environ.get("LONGSPEC_BLOCK_M")
     if forced:
-        if forced not in ("16", "32", "64", "128"):
-            raise ValueError(f"LONGSPEC_BLOCK_M={forced!r} is not a row tile (16, 32, 64, 128); unset it or pick one")
+        if forced not in {str(bm) for bm in FORCED_BLOCK_MS}:
+            raise ValueError(f"LONGSPEC_BLOCK_M={forced!r} is not a row tile {FORCED_BLOCK_MS}; unset it or pick one")
         return int(forced)
     if ROW_TILE_RULE not in _ROW_TILE_RULES:
         raise ValueError(f"LONGSPEC_ROW_TILE_RULE={ROW_TILE_RULE!r} is not one of small, padding; unset it or pick one")

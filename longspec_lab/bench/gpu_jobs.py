@@ -442,7 +442,7 @@ def jobs(out: Path) -> dict:
             ],
             200,
             {"LONGSPEC_AUTOTUNE": "0"},
-        ),  # fmt: skip
+        ),
         "e2e_block_m_16": _ab_job(out / "block_m_16", "LONGSPEC_BLOCK_M", "16"),
         "e2e_block_m_32": _ab_job(out / "block_m_32", "LONGSPEC_BLOCK_M", "32"),
         "greedy_accept": (

@@ -330,7 +330,7 @@ def test_a_constexpr_left_at_its_default_is_compiled_at_its_default():
     from longspec_lab.kernels.compile_check import variants
 
     tree = [(label, fn, sig, cx) for label, fn, sig, cx, _ in variants() if label.startswith("tree split")]
-    assert len(tree) == 9  # with the verify's tree on 32-key tiles and in one 128-row tile (LONGSPEC_TREE_SPLIT=wide)
+    assert len(tree) == 11  # with the verify's tree on 32-key tiles, in one 128-row tile and in row tiles of 32 and 16
     for label, fn, sig, cx in tree:
         assert sig["WARP_SPECIALIZE"] == "constexpr" and cx[(fn.arg_names.index("WARP_SPECIALIZE"),)] is False, label
 
