@@ -117,7 +117,7 @@ others' results. Everything lands in OUT_DIR as JSON + log; copy them to data/re
                    verifications take two tiles and the tree's own programs under auto) into OUT_DIR/wide_block_m_64
   sweep_block_m    python -m longspec_lab.kernels.sweep_tree_attention on the embedded decode, verify and draft
                    cross-attention shapes with row tiles of 16, 32 and 64 (the decoder's rule knows 64 and 128 only:
-                   a decode's 2 packed rows and a verify's 146 are padded to tiles of 64), each plan checked against
+                   a decode's 2 packed rows and a verify's 144 are padded to tiles of 64), each plan checked against
                    float64, about 150 s
   e2e_block_m_16, e2e_block_m_32  the A/B sides with LONGSPEC_BLOCK_M=16 or 32 (every tree-attention pass in row
                    tiles of that size: AR, the chain and the default tree; the draft's cross-attention too) into
