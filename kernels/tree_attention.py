@@ -675,6 +675,8 @@ def _sm_count_cuda(index: int) -> int:
 
 _BLOCK_M_CHOICES = (64, 128)
 FORCED_BLOCK_MS = (16, 32, 64, 128)  # the row tiles LONGSPEC_BLOCK_M may force (16: the matrix unit's smallest)
+# Timed on an H100 on 2026-12-07 (e2e_ab_block_m_*_h100.json): forcing 32 or 16 made the default tree's verify
+# (144 packed rows) 170 -> 186 / 180 us, as every row tile reads the prefix's K and V again; AR and chains did not move.
 SMALL_TILE_ROWS = _BLOCK_M_CHOICES[0]  # packed rows that always take one tile of their own size (bench.tune reads it)
 
 
