@@ -97,7 +97,14 @@ RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 # 9.2 us at 16 rows (beam_select_h200.json), and in the decoder (2026-12-05, one call, the same tokens:
 # e2e_ab_topk_bitonic_h200.json against e2e_ab_base_defaults_h200.json) the default tree's draft from 246.0 to
 # 235.1 us a step, 13,382 -> 13,543 tokens/s.
+# Where "auto" runs the network is a rule by chunk width (2026-12-07, one H100, row_topk_8b_h100.json): chunks of up
+# to AUTO_BITONIC_MAX_BLOCK columns take the network, wider ones the repeated maxima. A Llama-3 vocabulary's level
+# (16 x 128,256 keys) is where it shows: its first pass leaves 32,256 candidates, which the second pass reads in
+# chunks of 4,096, and there the network's 50 rounds over 4,096 registers-worth of keys cost more than 16 maxima:
+# the whole selection took 70.1 us graph-replayed with the network in every pass against 34.6 us with maxima in
+# every pass. The embedded model's passes (chunks of 1,024 and fewer) keep the network.
 TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "auto")
+AUTO_BITONIC_MAX_BLOCK = 1024
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
 # combine function (as in tree_attention.py: tl.max is itself an @jit function of Triton's library and
@@ -209,7 +216,7 @@ def _one_pass(x: torch.Tensor, L: int, k: int, block: int) -> torch.Tensor:
     rows = x.shape[0]
     n_chunks = triton.cdiv(L, block)
     out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
-    bitonic = _algo() == "bitonic"
+    bitonic = _algo(block) == "bitonic"
     _row_topk_kernel[(rows, n_chunks)](
         x, out, L, x.stride(0), out.stride(0), MIN=_MIN[x.dtype], K=k, BLOCK_V=block, BITONIC=bitonic,
         K_POW2=triton.next_power_of_2(k) if bitonic else 1, num_warps=_num_warps(block), **launch_args(x.device),
@@ -321,12 +328,16 @@ def _(x, k, first_block_v, second_block_v):
     return x.new_empty(k)
 
 
-def _algo() -> str:
-    """TOPK_ALGO (from LONGSPEC_TOPK_ALGO, or assigned at run time), checked and resolved: "max" or "bitonic"."""
+def _algo(block: int | None = None) -> str:
+    """TOPK_ALGO (from LONGSPEC_TOPK_ALGO, or assigned at run time), checked and resolved: "max" or "bitonic".
+    block: the chunk width of the pass that asks; "auto" sends chunks wider than AUTO_BITONIC_MAX_BLOCK to "max"
+    (None: the one-launch selections, whose chunks the rule does not cover)."""
     if TOPK_ALGO not in ("auto", "max", "bitonic"):
         raise ValueError(f"LONGSPEC_TOPK_ALGO={TOPK_ALGO!r} is not one of auto, max, bitonic; unset it or pick one")
     if TOPK_ALGO == "auto":
-        return "bitonic" if hasattr(tl, "topk") and not _INTERPRET else "max"
+        if not hasattr(tl, "topk") or _INTERPRET:
+            return "max"
+        return "bitonic" if block is None or block <= AUTO_BITONIC_MAX_BLOCK else "max"
     if TOPK_ALGO == "bitonic" and not hasattr(tl, "topk"):
         raise RuntimeError(
             f"LONGSPEC_TOPK_ALGO=bitonic needs tl.topk, which Triton {triton.__version__} lacks; "
@@ -450,14 +461,15 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--algo",
         default="max",
-        help="comma-separated selections to time for each case: max (K repeated maxima, the default) and/or bitonic "
-        "(Triton's bitonic top-k network, LONGSPEC_TOPK_ALGO=bitonic); default %(default)s",
+        help="comma-separated selections to time for each case: max (K repeated maxima, the default), bitonic "
+        "(Triton's bitonic top-k network, LONGSPEC_TOPK_ALGO=bitonic) and/or auto (the decoder's default: the network "
+        "for chunks of up to AUTO_BITONIC_MAX_BLOCK columns, maxima past it); default %(default)s",
     )
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)
     algos = a.algo.split(",")
-    if not algos or any(x not in ("max", "bitonic") for x in algos):
-        ap.error(f"--algo must be comma-separated choices of max and bitonic, e.g. max,bitonic; got {a.algo!r}")
+    if not algos or any(x not in ("max", "bitonic", "auto") for x in algos):
+        ap.error(f"--algo must be comma-separated choices of max, bitonic and auto, e.g. max,bitonic; got {a.algo!r}")
     if a.rows < 1 or a.vocab < 1 or not 1 <= a.k <= a.vocab:
         ap.error(f"need rows >= 1, vocab >= 1 and 1 <= k <= vocab, got {a.rows}, {a.vocab}, {a.k}")
 

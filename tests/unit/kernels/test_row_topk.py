@@ -361,6 +361,33 @@ def test_topk_algo_auto_is_the_network_on_a_gpu_only(monkeypatch):
     assert rt._algo() == "max"
 
 
+def test_topk_algo_auto_picks_by_chunk_width(monkeypatch):
+    """On a GPU, "auto" gives chunks of up to AUTO_BITONIC_MAX_BLOCK columns the network and wider ones the maxima,
+    and every pass of flat_topk asks with its own width: a Llama-3-sized level's 4,096-wide second pass takes the
+    maxima (shrunk here: first chunks of 64, then one of 128, then one of 8, under a threshold of 64)."""
+    monkeypatch.setattr(rt, "TOPK_ALGO", "auto")
+    monkeypatch.setattr(rt, "_INTERPRET", False)
+    monkeypatch.setattr(rt.tl, "topk", getattr(rt.tl, "topk", None), raising=False)  # a Triton that has it
+    assert [rt._algo(b) for b in (None, 512, 1024, 2048, 4096)] == ["bitonic"] * 3 + ["max"] * 2
+    monkeypatch.setattr(rt, "AUTO_BITONIC_MAX_BLOCK", 64)
+    seen, real = [], rt._row_topk_kernel
+
+    class Spy:  # records each launch's chunk width and selection, then runs the maxima (fast in the interpreter)
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["BLOCK_V"], kw["BITONIC"]))
+                return real[grid](*args, **{**kw, "BITONIC": False, "K_POW2": 1})
+
+            return launch
+
+    monkeypatch.setattr(rt, "_row_topk_kernel", Spy())
+    monkeypatch.setattr(rt, "_check_input", lambda x, name: None)  # a CPU tensor, with _INTERPRET set False above
+    x = rt._distinct_keys(4, 600, "cpu", seed=43)
+    got = rt.flat_topk(x, 4, first_block_v=64, second_block_v=128)
+    assert seen == [(64, True), (128, False), (8, True)]
+    assert torch.equal(got, _flat_reference(x, 4))
+
+
 def test_topk_algo_from_the_environment():
     """The module reads LONGSPEC_TOPK_ALGO at import (a fresh interpreter, as for the first-block switch)."""
     code = (
@@ -434,9 +461,7 @@ def test_main_flat_without_cuda_or_with_an_existing_out(capsys, tmp_path):
     for bad in ("sort", "max,", ""):  # refused before anything runs, naming the choices
         with pytest.raises(SystemExit) as e:
             rt.main(["--flat", "--algo", bad])
-        assert (
-            e.value.code == 2 and "--algo must be comma-separated choices of max and bitonic" in capsys.readouterr().err
-        )
+        assert e.value.code == 2 and "--algo must be comma-separated choices of max, bitonic" in capsys.readouterr().err
 
 
 def test_rank_second_pass_past_its_bound_and_the_switch(monkeypatch, launches):
