@@ -97,14 +97,15 @@ RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 # 9.2 us at 16 rows (beam_select_h200.json), and in the decoder (2026-12-05, one call, the same tokens:
 # e2e_ab_topk_bitonic_h200.json against e2e_ab_base_defaults_h200.json) the default tree's draft from 246.0 to
 # 235.1 us a step, 13,382 -> 13,543 tokens/s.
-# Where "auto" runs the network is a rule by chunk width (2026-12-07, one H100, row_topk_8b_h100.json): chunks of up
-# to AUTO_BITONIC_MAX_BLOCK columns take the network, wider ones the repeated maxima. A Llama-3 vocabulary's level
-# (16 x 128,256 keys) is where it shows: its first pass leaves 32,256 candidates, which the second pass reads in
-# chunks of 4,096, and there the network's 50 rounds over 4,096 registers-worth of keys cost more than 16 maxima:
-# the whole selection took 70.1 us graph-replayed with the network in every pass against 34.6 us with maxima in
-# every pass. The embedded model's passes (chunks of 1,024 and fewer) keep the network.
+# Where "auto" runs the network is a rule by the size of the whole selection (2026-12-07, one H100,
+# row_topk_8b_h100.json, row_topk_8b_rule_h100.json): inputs of up to AUTO_BITONIC_MAX_KEYS keys (the embedded
+# model's 16 x 4,096, a few dozen programs a pass, each waiting on its own chain of rounds) take the network in every
+# pass; larger ones take the repeated maxima in every pass. A Llama-3 vocabulary's level, 16 x 128,256 keys, is
+# 2,016 programs of 1,024 keys and then chunks of 4,096: there the network's extra compare-exchanges are paid in
+# full. Graph-replayed, that selection took 70.5 us with the network in every pass, 58.4 us with the network only
+# on chunks of at most 1,024 keys, and 34.6 us with the maxima in every pass.
 TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "auto")
-AUTO_BITONIC_MAX_BLOCK = 1024
+AUTO_BITONIC_MAX_KEYS = 16 * 4096
 
 # The vector maximum. On the GPU: tl.max. Under the interpreter: tl.reduce with the standard library's
 # combine function (as in tree_attention.py: tl.max is itself an @jit function of Triton's library and
@@ -210,13 +211,12 @@ def _num_warps(block: int) -> int:
     return min(8, max(1, block // 512))  # 512 columns per warp: 16 int64 per thread at 4096
 
 
-def _one_pass(x: torch.Tensor, L: int, k: int, block: int) -> torch.Tensor:
+def _one_pass(x: torch.Tensor, L: int, k: int, block: int, bitonic: bool) -> torch.Tensor:
     """One launch: every chunk of `block` columns of every row keeps its k largest values, descending.
-    x [rows, >= L] with unit column stride -> [rows, n_chunks * k]."""
+    x [rows, >= L] with unit column stride -> [rows, n_chunks * k]. bitonic: the network, else the maxima."""
     rows = x.shape[0]
     n_chunks = triton.cdiv(L, block)
     out = torch.empty(rows, n_chunks * k, dtype=x.dtype, device=x.device)  # [rows, n_chunks * k]
-    bitonic = _algo(block) == "bitonic"
     _row_topk_kernel[(rows, n_chunks)](
         x, out, L, x.stride(0), out.stride(0), MIN=_MIN[x.dtype], K=k, BLOCK_V=block, BITONIC=bitonic,
         K_POW2=triton.next_power_of_2(k) if bitonic else 1, num_warps=_num_warps(block), **launch_args(x.device),
@@ -224,14 +224,17 @@ def _one_pass(x: torch.Tensor, L: int, k: int, block: int) -> torch.Tensor:
     return out
 
 
-def _launch(x: torch.Tensor, k: int, block_v: int) -> torch.Tensor:
-    """Pass after pass of the kernel until one chunk per row is left. x [rows, L] with unit column stride."""
+def _launch(x: torch.Tensor, k: int, block_v: int, bitonic: bool | None = None) -> torch.Tensor:
+    """Pass after pass of the kernel until one chunk per row is left. x [rows, L] with unit column stride.
+    bitonic: every pass's selection (default: `_algo` for x's size)."""
     rows, L = x.shape
     if rows == 0:
         return x.new_empty(0, k)
+    if bitonic is None:
+        bitonic = _algo(x.numel()) == "bitonic"
     while True:
         block = _block_v(L, k, block_v)
-        x = _one_pass(x, L, k, block)  # [rows, n_chunks * k]
+        x = _one_pass(x, L, k, block, bitonic)  # [rows, n_chunks * k]
         if L <= block:  # one chunk per row: x is [rows, k]
             return x
         L = x.shape[1]  # the candidates hold every row's top k: select again among them
@@ -302,7 +305,8 @@ def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int, second_block_v: i
     of x, descending."""
     rows, V = x.shape
     kept = min(k, V)  # the global top k lies among every row's top min(k, V)
-    first = _one_pass(x, V, kept, _block_v(V, kept, first_block_v))  # [rows, n_chunks * kept]
+    bitonic = _algo(rows * V) == "bitonic"  # one selection for every pass (TOPK_ALGO, AUTO_BITONIC_MAX_KEYS)
+    first = _one_pass(x, V, kept, _block_v(V, kept, first_block_v), bitonic)  # [rows, n_chunks * kept]
     if first.numel() == kept:  # one row of one chunk: kept == k (k <= rows * V = V), the answer already
         return first.view(k)
     L = first.numel()
@@ -320,7 +324,7 @@ def _flat_topk_op(x: torch.Tensor, k: int, first_block_v: int, second_block_v: i
             **launch_args(x.device),
         )
         return out
-    return _launch(first.view(1, -1), k, second_block_v).view(k)  # the candidates as one row -> [k]
+    return _launch(first.view(1, -1), k, second_block_v, bitonic).view(k)  # the candidates as one row -> [k]
 
 
 @_flat_topk_op.register_fake
@@ -328,16 +332,16 @@ def _(x, k, first_block_v, second_block_v):
     return x.new_empty(k)
 
 
-def _algo(block: int | None = None) -> str:
+def _algo(keys: int | None = None) -> str:
     """TOPK_ALGO (from LONGSPEC_TOPK_ALGO, or assigned at run time), checked and resolved: "max" or "bitonic".
-    block: the chunk width of the pass that asks; "auto" sends chunks wider than AUTO_BITONIC_MAX_BLOCK to "max"
-    (None: the one-launch selections, whose chunks the rule does not cover)."""
+    keys: how many keys the whole selection reads; "auto" sends more than AUTO_BITONIC_MAX_KEYS to "max" (None: the
+    one-launch selections, whose sizes the rule does not cover)."""
     if TOPK_ALGO not in ("auto", "max", "bitonic"):
         raise ValueError(f"LONGSPEC_TOPK_ALGO={TOPK_ALGO!r} is not one of auto, max, bitonic; unset it or pick one")
     if TOPK_ALGO == "auto":
         if not hasattr(tl, "topk") or _INTERPRET:
             return "max"
-        return "bitonic" if block is None or block <= AUTO_BITONIC_MAX_BLOCK else "max"
+        return "bitonic" if keys is None or keys <= AUTO_BITONIC_MAX_KEYS else "max"
     if TOPK_ALGO == "bitonic" and not hasattr(tl, "topk"):
         raise RuntimeError(
             f"LONGSPEC_TOPK_ALGO=bitonic needs tl.topk, which Triton {triton.__version__} lacks; "
@@ -463,7 +467,7 @@ def main(argv=None) -> int:
         default="max",
         help="comma-separated selections to time for each case: max (K repeated maxima, the default), bitonic "
         "(Triton's bitonic top-k network, LONGSPEC_TOPK_ALGO=bitonic) and/or auto (the decoder's default: the network "
-        "for chunks of up to AUTO_BITONIC_MAX_BLOCK columns, maxima past it); default %(default)s",
+        "for selections of up to AUTO_BITONIC_MAX_KEYS keys, the maxima past it); default %(default)s",
     )
     ap.add_argument("--out", help="also write the medians, with the environment, to this JSON file (must not exist)")
     a = ap.parse_args(argv)

@@ -328,7 +328,7 @@ def test_bitonic_keeps_a_power_of_two_and_stores_k(monkeypatch):
     got = {}
     for algo in ("max", "bitonic"):
         monkeypatch.setattr(rt, "TOPK_ALGO", algo)
-        got[algo] = rt._one_pass(x, 700, 6, 256)  # [3, 3 chunks * 6]: the raw first pass, chunk by chunk
+        got[algo] = rt._one_pass(x, 700, 6, 256, algo == "bitonic")  # [3, 3 chunks * 6]: the raw first pass
         assert torch.equal(rt.flat_topk(x, 6, first_block_v=256), _flat_reference(x, 6))
     assert got["bitonic"].shape == (3, 18) and torch.equal(got["bitonic"], got["max"])
     assert int(got["bitonic"][2, 12]) == int(x[2, 699])
@@ -361,15 +361,15 @@ def test_topk_algo_auto_is_the_network_on_a_gpu_only(monkeypatch):
     assert rt._algo() == "max"
 
 
-def test_topk_algo_auto_picks_by_chunk_width(monkeypatch):
-    """On a GPU, "auto" gives chunks of up to AUTO_BITONIC_MAX_BLOCK columns the network and wider ones the maxima,
-    and every pass of flat_topk asks with its own width: a Llama-3-sized level's 4,096-wide second pass takes the
-    maxima (shrunk here: first chunks of 64, then one of 128, then one of 8, under a threshold of 64)."""
+def test_topk_algo_auto_picks_by_the_selections_size(monkeypatch):
+    """On a GPU, "auto" gives a selection of up to AUTO_BITONIC_MAX_KEYS keys the network in every pass and a larger
+    one the maxima in every pass: a Llama-3-sized level (16 x 128,256 keys) takes the maxima, the embedded model's
+    (16 x 4,096) the network. Shrunk here: a threshold of 2,000 keys, and inputs of 4 x 400 and 4 x 600 keys."""
     monkeypatch.setattr(rt, "TOPK_ALGO", "auto")
     monkeypatch.setattr(rt, "_INTERPRET", False)
     monkeypatch.setattr(rt.tl, "topk", getattr(rt.tl, "topk", None), raising=False)  # a Triton that has it
-    assert [rt._algo(b) for b in (None, 512, 1024, 2048, 4096)] == ["bitonic"] * 3 + ["max"] * 2
-    monkeypatch.setattr(rt, "AUTO_BITONIC_MAX_BLOCK", 64)
+    assert [rt._algo(n) for n in (None, 16 * 4096, 16 * 4096 + 1, 16 * 128256)] == ["bitonic"] * 2 + ["max"] * 2
+    monkeypatch.setattr(rt, "AUTO_BITONIC_MAX_KEYS", 2000)
     seen, real = [], rt._row_topk_kernel
 
     class Spy:  # records each launch's chunk width and selection, then runs the maxima (fast in the interpreter)
@@ -382,10 +382,15 @@ def test_topk_algo_auto_picks_by_chunk_width(monkeypatch):
 
     monkeypatch.setattr(rt, "_row_topk_kernel", Spy())
     monkeypatch.setattr(rt, "_check_input", lambda x, name: None)  # a CPU tensor, with _INTERPRET set False above
-    x = rt._distinct_keys(4, 600, "cpu", seed=43)
-    got = rt.flat_topk(x, 4, first_block_v=64, second_block_v=128)
-    assert seen == [(64, True), (128, False), (8, True)]
-    assert torch.equal(got, _flat_reference(x, 4))
+    for V, bitonic in ((400, True), (600, False)):
+        seen.clear()
+        x = rt._distinct_keys(4, V, "cpu", seed=43)
+        got = rt.flat_topk(x, 4, first_block_v=64, second_block_v=128)
+        assert len(seen) >= 2 and {b for _, b in seen} == {bitonic}, (V, seen)  # chunks of 64, then wider
+        assert torch.equal(got, _flat_reference(x, 4))
+        seen.clear()
+        assert torch.equal(rt.row_topk(x, 4, block_v=128), torch.topk(x, 4, dim=1).values)
+        assert seen and {b for _, b in seen} == {bitonic}, (V, seen)
 
 
 def test_topk_algo_from_the_environment():
