@@ -97,14 +97,14 @@ RANK_MAX_L, RANK_BLOCK_I, RANK_BLOCK_J = 16384, 32, 256
 # 9.2 us at 16 rows (beam_select_h200.json), and in the decoder (2026-12-05, one call, the same tokens:
 # e2e_ab_topk_bitonic_h200.json against e2e_ab_base_defaults_h200.json) the default tree's draft from 246.0 to
 # 235.1 us a step, 13,382 -> 13,543 tokens/s.
-# Where "auto" runs the network is a rule by the size of the whole selection (2026-12-07, one H100,
-# row_topk_8b_h100.json, row_topk_8b_size_rule_h100.json, verify_8b_4k_topk_ab_h100.json): inputs of up to
-# AUTO_BITONIC_MAX_KEYS keys (the embedded model's 16 x 4,096, a few dozen programs a pass, each waiting on its own
-# chain of rounds) take the network in every pass; larger ones take the repeated maxima in every pass. A Llama-3 vocabulary's level, 16 x 128,256 keys, is
-# 2,016 programs of 1,024 keys and then chunks of 4,096: there the network's extra compare-exchanges are paid in
-# full. Graph-replayed, that selection took 70.5 us with the network in every pass, 58.4 us with the network only
-# on chunks of at most 1,024 keys (a first rule, dropped), and 34.6 us with the maxima in every pass; in the compiled
-# 8B draft step at 4k, 3.10 -> 3.01 ms in one call.
+# Where "auto" runs the network is a rule by the size of the whole selection (2026-12-07, one H100;
+# row_topk_8b_h100.json, row_topk_8b_size_rule_h100.json, verify_8b_4k_topk_ab_h100.json). Inputs of up to
+# AUTO_BITONIC_MAX_KEYS keys (the embedded model's 16 x 4,096: a few dozen programs a pass, each waiting on its own
+# chain of rounds) take the network in every pass; larger ones take the repeated maxima in every pass. A Llama-3
+# vocabulary's level, 16 x 128,256 keys, is 2,016 programs of 1,024 keys and then chunks of 4,096: there the
+# network's extra compare-exchanges are paid in full. Graph-replayed, that selection took 70.5 us with the network
+# in every pass, 58.4 us with the network only on chunks of at most 1,024 keys (a first rule, dropped), and 34.6 us
+# with the maxima in every pass; the compiled 8B draft step at 4k went from 3.10 to 3.01 ms in one call.
 TOPK_ALGO = os.environ.get("LONGSPEC_TOPK_ALGO", "auto")
 AUTO_BITONIC_MAX_KEYS = 16 * 4096
 
