@@ -229,9 +229,12 @@ class SpecDecoder:
             grow = functools.partial(steps.beam_rule, params=params)
         return grow, generator, seed
 
-    def _cut(self, emitted: list[int], room: int):
-        """Respect max_new_tokens exactly and stop after the first EOS."""
+    def _cut(self, emitted: list[int], room: int, stop_at_eos: bool = True):
+        """Respect max_new_tokens exactly and, with stop_at_eos, stop after the first EOS. Without it every accepted
+        token is kept, EOS or not: the cache already holds them, and AR would emit them too."""
         emitted = emitted[:room]
+        if not stop_at_eos:
+            return emitted, False
         eos = set(self.target.config.eos_ids)
         for i, tok in enumerate(emitted):
             if tok in eos:
@@ -309,8 +312,7 @@ class SpecDecoder:
                     steps.commit(st)
             res.target_calls += 1
             n, *emitted = torch.cat([st.n_acc, st.emitted]).tolist()  # the one host sync per step
-            new, hit_eos = self._cut(emitted[:n], max_new_tokens - len(out))
-            stopped = stop_at_eos and hit_eos
+            new, stopped = self._cut(emitted[:n], max_new_tokens - len(out), stop_at_eos)
             out.extend(new)
             res.accepted_lengths.append(len(new))
             if trace and method != "ar":

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.decoding.graphs import GraphDecoder
 from longspec_lab.paths import load_prompts
 
 SHAPES = [[1], [4, 16, 16, 16, 16], [2, 2, 2, 2, 2, 2, 2, 2], [32], [1, 3, 9]]
@@ -236,3 +237,28 @@ def test_window_rows_made_once_give_the_levels_each_computes(embedded_pair, prom
             steps.beam_rule(buf, level, h, st.draft)
         for a, b in zip(grown, (buf.tokens, buf.scores, buf.anc)):
             assert torch.equal(a, b)
+
+
+def test_tokens_after_an_eos_are_kept_without_stop_at_eos(embedded_pair, hf_embedded):
+    """stop_at_eos=False keeps every accepted token, an EOS in the middle of a step's path included: chain and tree
+    then equal transformers' greedy generate with no EOS, token for token (a short code prompt whose continuation
+    emits EOS early, then goes on)."""
+    target, draft, tok = embedded_pair
+    ids = tok.encode("def add(a, b):\n    return")
+    with torch.no_grad():
+        out = hf_embedded.generate(
+            torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    ref = out[0, len(ids) :].tolist()
+    eos = set(target.config.eos_ids)
+    assert any(t in eos for t in ref[:-8]), "the case needs an EOS well before the end"
+    dec = SpecDecoder(target, draft, backend="torch")
+    for kw in ({"method": "tree"}, {"method": "tree", "tree_shape": [2, 2, 2, 2, 2]}, {"method": "chain", "gamma": 5}):
+        res = dec.generate(ids, max_new_tokens=40, stop_at_eos=False, **kw)
+        assert res.new_tokens == ref, kw
+        assert sum(res.accepted_lengths) + 1 == 40 and not res.stopped_at_eos
+    fast = GraphDecoder(target, draft, capacity=700).generate(ids, max_new_tokens=40, stop_at_eos=False)
+    assert fast.new_tokens == ref  # the fast path's own loop, on the CPU without capture
+    stopped = dec.generate(ids, max_new_tokens=40)  # the default stops at the first EOS, which it includes
+    first = next(i for i, t in enumerate(ref) if t in eos)
+    assert stopped.new_tokens == ref[: first + 1] and stopped.stopped_at_eos
