@@ -336,28 +336,22 @@ def _check_backend(args, dev) -> None:
 
 
 def _check_json(path: Path) -> None:
+    from longspec_lab.models.files import read_json
+
     try:
-        json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, copy it again") from None
+        read_json(path, want=None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_safetensors(path: Path) -> None:
     """Header and size of a .safetensors file, without reading its tensors: a truncated copy names the file."""
-    size = path.stat().st_size
-    fix = "the checkpoint is corrupt or truncated; copy it again"
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise UsageError(f"{path} is not a readable safetensors file ({size} bytes); {fix}")
-        try:
-            header = json.loads(fh.read(n))
-            end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise UsageError(f"{path} has a damaged header; {fix}") from None
-    if 8 + n + end > size:
-        raise UsageError(f"{path} is truncated: {size} bytes, but its header describes {8 + n + end}; {fix}")
+    from longspec_lab.models.files import check_safetensors
+
+    try:
+        check_safetensors(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_model_dir(path, flag="--model"):
@@ -606,12 +600,12 @@ def cmd_generate(args) -> int:
         target, draft, backend=args.attention_backend, tokenizer=tok, batch_invariant=args.batch_invariant
     )
     with _Progress(target, args.method, args.quiet):
+        shape_kw = {"tree": {"tree_shape": args.tree_shape}, "chain": {"gamma": args.gamma}}.get(args.method, {})
         res = dec.generate(
             ids,
             method=args.method,
             max_new_tokens=args.max_new_tokens,
-            tree_shape=args.tree_shape,
-            gamma=args.gamma,
+            **shape_kw,
             verify=args.verify,
             temperature=args.temperature,
             top_k=args.top_k,

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 import time
+import warnings
 
 import torch
 
@@ -34,7 +36,7 @@ from longspec_lab.decoding.timing import StageTimer
 from longspec_lab.ops.attention import check_backend, default_backend
 from longspec_lab.ops.sampling import SamplingParams, make_generator, probs_from_logits, sample_categorical
 from longspec_lab.spec.trace import GenerationResult, StepRecord
-from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, TreeShape, check_tree_limits
+from longspec_lab.spec.tree import DEFAULT_TREE_SHAPE, MAX_TREE_DEPTH, TreeShape, check_tree_limits
 from longspec_lab.spec.verify import LOSSLESS_SAMPLING_RULES, VERIFY_RULES, split_stats
 
 METHODS = ("ar", "chain", "tree")
@@ -124,6 +126,62 @@ def resolve_sampling(method, verify, do_sample, temperature):
     return verify or {"ar": "target-sample", "chain": "chain", "tree": "rrs"}.get(method, "rrs")
 
 
+def _whole(value, name: str, what: str) -> int:
+    """value as an int >= 1 (Python, numpy or 0-d tensor integers; not bool), or a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1 ({what})") from None
+    if n < 1:
+        raise ValueError(f"{name}={n} must be an integer >= 1 ({what})")
+    return n
+
+
+def _check_models(target, draft) -> None:
+    """The decoder's two models: a Target, and None or a GliDe draft built for a target of this shape."""
+    from longspec_lab.models.glide import Glide, check_fits
+    from longspec_lab.models.target import Target
+
+    if not isinstance(target, Target):
+        hint = (
+            " (the arguments are the other way round: SpecDecoder(target, draft))" if isinstance(target, Glide) else ""
+        )
+        raise TypeError(
+            f"the target must be a longspec_lab Target (load_target or load_pair), got {type(target).__name__}{hint}"
+        )
+    if draft is None:
+        return
+    if not isinstance(draft, Glide):
+        raise TypeError(
+            f"the draft must be a GliDe draft (load_draft or load_pair) or None, got {type(draft).__name__}"
+        )
+    check_fits(draft.config, target.config)
+    if draft.target is not target:
+        warnings.warn(
+            "the draft was built on another Target object, whose embeddings, RoPE and LM head it keeps using; "
+            "load it for this one (load_draft(path, target)) unless the two hold the same weights",
+            stacklevel=3,
+        )
+
+
+def _warn_ignored(method, tree_shape, gamma, top_k, top_p, temperature, do_sample) -> None:
+    """A warning for each argument that this call leaves unused (the command line refuses them)."""
+    unused = []
+    if method != "tree" and tree_shape is not DEFAULT_TREE_SHAPE:
+        unused.append(
+            f"tree_shape (used by method='tree'; method={method!r}" + (" takes gamma)" if method == "chain" else ")")
+        )
+    if method != "chain" and gamma != 4:
+        unused.append(f"gamma (used by method='chain'; method={method!r})")
+    greedy = not do_sample and not temperature
+    if greedy and (top_k is not None or top_p is not None):
+        unused.append("top_k / top_p (they shape sampling: pass temperature > 0 or do_sample=True)")
+    for u in unused:
+        warnings.warn(f"{u} is ignored in this call", stacklevel=4)
+
+
 class SpecDecoder:
     """Decoding of one sequence with a target, and optionally a GliDe draft (the readable eager loop).
 
@@ -139,8 +197,11 @@ class SpecDecoder:
         max_cache_len: int | None = None,
         batch_invariant: bool | int = False,
     ):
+        _check_models(target, draft)
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.backend = check_backend(backend or default_backend(target.device), target.device)
+        if max_cache_len is not None:
+            max_cache_len = _whole(max_cache_len, "max_cache_len", "cache slots, or None to size it per call")
         self.max_cache_len = max_cache_len  # None: sized per call from the prompt and the tree
         # batch-invariant mode: every target pass is padded to the same number of rows (True: 128), so a
         # token's logits do not depend on how many rows its pass had, and ar, chain and tree give the same
@@ -159,8 +220,7 @@ class SpecDecoder:
             raise ValueError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
         if method != "ar" and self.draft is None:
             raise ValueError(f"method={method!r} needs a draft model; load one (e.g. load_draft) or use method='ar'")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        max_new_tokens = _whole(max_new_tokens, "max_new_tokens", "tokens to generate")
         context = cfg.context_length
         total = prompt.numel() + max_new_tokens
         if total > context:
@@ -200,9 +260,13 @@ class SpecDecoder:
         if method == "tree":
             shape = TreeShape.of(tree_shape)
         elif method == "chain":
-            if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-                raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (draft tokens per step)")
+            gamma = _whole(gamma, "gamma", "draft tokens per step")
+            if gamma > MAX_TREE_DEPTH:
+                raise ValueError(
+                    f"gamma={gamma} is above the cap of {MAX_TREE_DEPTH} draft tokens a step; use e.g. 4-8"
+                )
             shape = TreeShape.chain(gamma)
+        _warn_ignored(method, tree_shape, gamma, top_k, top_p, temperature, do_sample)
         verify = resolve_sampling(method, verify, do_sample, temperature)
         params = SamplingParams(temperature, top_k, top_p)
         check_verify(method, verify, params, shape or TreeShape.root_only())
@@ -273,6 +337,7 @@ class SpecDecoder:
         prompt, shape, verify, params, cache_len = self._check_call(
             prompt_ids, method, max_new_tokens, tree_shape, gamma, verify, temperature, top_k, top_p, do_sample
         )
+        max_new_tokens = operator.index(max_new_tokens)  # checked above: a numpy or 0-d integer becomes an int
         grow, gen, seed = self._sampler(verify, params, seed, generator)
         sampling = verify != "greedy"
         pick = (lambda lg: sample_categorical(probs_from_logits(lg, params), gen)[None]) if sampling else None

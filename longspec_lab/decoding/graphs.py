@@ -27,6 +27,7 @@ Taught in: notebooks/07_timing_real_gpu_runs.ipynb.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import time
 
@@ -287,6 +288,7 @@ class GraphDecoder(SpecDecoder):
         prompt, shape, verify, params, _ = self._check_call(
             prompt_ids, method, max_new_tokens, tree_shape, gamma, *args
         )
+        max_new_tokens = operator.index(max_new_tokens)  # checked above: a numpy or 0-d integer becomes an int
         if verify in ("rrs", "chain"):
             raise ValueError(
                 f"GraphDecoder does not run verify={verify!r}: its tree is drawn from a random generator inside "

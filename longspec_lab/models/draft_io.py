@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from longspec_lab.models.files import check_safetensors, read_json
 from longspec_lab.models.glide import DraftConfig, Glide, check_fits
 from longspec_lab.models.layers import fuse_projections
 from longspec_lab.models.loaders import pick_device, pick_dtype
@@ -42,14 +44,45 @@ class MissingCheckpointError(FileNotFoundError, ValueError):
     """A draft folder or one of its files is missing (both a FileNotFoundError and a ValueError)."""
 
 
-def save_draft(draft: Glide, out_dir) -> Path:
+DRAFT_FILES = ("draft.safetensors", "draft_config.json")
+
+
+def save_draft(draft: Glide, out_dir, overwrite: bool = False) -> Path:
+    """Write draft.safetensors and draft_config.json into the folder out_dir (made if missing). A folder that already
+    holds them is refused unless overwrite=True, and so is a model's folder (its config.json or weights: a draft
+    there would stop the model from loading). Each file is written under a temporary name and then renamed, so an
+    interrupted save leaves the old files, never half of a new one."""
+    if not isinstance(draft, Glide):
+        raise TypeError(
+            f"save_draft saves a GliDe draft (longspec_lab.models.glide.Glide), got {type(draft).__name__}; "
+            "a target saves with longspec_lab.models.loaders.save_hf"
+        )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give save_draft a folder for {' and '.join(DRAFT_FILES)}")
+    if out.is_dir():
+        there = [n for n in DRAFT_FILES if (out / n).exists()]
+        if there and not overwrite:
+            raise FileExistsError(f"{out} already holds {', '.join(there)}; pass overwrite=True or pick another folder")
+        model = [p.name for p in out.iterdir() if p.name == "config.json" or p.name.startswith("model")]
+        if model:
+            raise ValueError(
+                f"{out} holds a model checkpoint ({', '.join(sorted(model)[:3])}); a draft written there would stop "
+                "the model from loading. Save the draft in a folder of its own"
+            )
     out.mkdir(parents=True, exist_ok=True)
     # clone: the names of a fused module are views of one tensor, and safetensors stores no shared memory
     state = {k: v.detach().to("cpu").clone() for k, v in draft.state_dict().items()}
-    save_file(state, str(out / "draft.safetensors"), metadata={"format": "pt"})
     meta = dict(dataclasses.asdict(draft.config), model_type="longspec_lab-glide")
-    (out / "draft_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = [out / f".{n}.partial" for n in DRAFT_FILES]
+    try:
+        save_file(state, str(tmp[0]), metadata={"format": "pt"})
+        tmp[1].write_text(json.dumps(meta, indent=2) + "\n")
+        for t, n in zip(tmp, DRAFT_FILES):
+            os.replace(t, out / n)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
     return out
 
 
@@ -102,6 +135,8 @@ def load_draft(path, target, device=None, dtype=None, fuse: bool = True) -> Glid
     `fuse` (default) joins the self-attention's q/k/v and the MLP's gate/up into one matmul each."""
     path = Path(path)
     files = _draft_files(path)
+    for f in files:
+        check_safetensors(f)
     folder = path if path.is_dir() else path.parent
     names = {}  # checkpoint name -> file
     for f in files:
@@ -147,9 +182,12 @@ def load_draft(path, target, device=None, dtype=None, fuse: bool = True) -> Glid
     tcfg = target.config
     cfg_file = folder / "draft_config.json"
     if cfg_file.is_file():
-        raw = json.loads(cfg_file.read_text())
+        raw = read_json(cfg_file)
         fields = {f.name for f in dataclasses.fields(DraftConfig)}
-        dcfg = DraftConfig(**{k: v for k, v in raw.items() if k in fields})
+        try:
+            dcfg = DraftConfig(**{k: v for k, v in raw.items() if k in fields})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_file}: {e}; fix the file or write it again with save_draft") from None
     else:
         if "mlp.gate_proj.weight" not in shapes:
             raise ValueError(
@@ -170,6 +208,8 @@ def load_draft(path, target, device=None, dtype=None, fuse: bool = True) -> Glid
         )
         warnings.warn(f"{folder} has no draft_config.json; inferred {dcfg} from the tensor shapes and the target")
     check_fits(dcfg, tcfg)
+    if dcfg.window > tcfg.context_length:  # a window past the context sees every position, as the context itself
+        dcfg = dataclasses.replace(dcfg, window=tcfg.context_length)
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in Glide(dcfg, target).state_dict().items()}
     missing = sorted(set(want) - set(shapes))

@@ -22,14 +22,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from longspec_lab.models.config import GenerationSettings, ModelConfig
+from longspec_lab.models.files import CORRUPT_FIX, check_safetensors, read_json
 from longspec_lab.models.layers import rope_inv_freq
 from longspec_lab.models.target import Target
 
 
 def pick_device(device=None) -> torch.device:
-    if device in (None, "auto"):
+    """None / "auto": cuda when a GPU is visible, else cpu; otherwise "cpu", "cuda", "cuda:N" or a torch.device."""
+    if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is unknown; use 'cpu', 'cuda' or 'cuda:N' (or leave it unset)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: longspec_lab runs on 'cpu' or 'cuda' (a CUDA GPU) only")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "device='cuda' was asked for but this torch build sees no CUDA GPU; "
@@ -43,6 +50,8 @@ def pick_dtype(dtype=None, device=None) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.bfloat16 if pick_device(device).type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"dtype {dtype} is not a float type the models run in; use float32, bf16 or fp16")
         return dtype
     names = {
         "float32": torch.float32,
@@ -69,23 +78,45 @@ def read_config(path) -> ModelConfig:
         raise FileNotFoundError(
             f"{str(cfg_file)!r} is missing; a Hugging Face checkpoint folder needs config.json next to its weights"
         )
-    return ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+    raw = read_json(cfg_file)
+    try:
+        return ModelConfig.from_hf_dict(raw)
+    except (KeyError, TypeError) as e:  # a field missing, or of the wrong kind: name the file
+        what = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else f"has a field of the wrong type ({e})"
+        raise ValueError(
+            f"{cfg_file} {what}, which a {raw.get('model_type') or 'decoder'} config needs; the file is incomplete or "
+            "hand-edited: copy config.json again from the model's source"
+        ) from None
 
 
 def weight_files(path) -> list[Path]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map of tensor names to files; {CORRUPT_FIX}")
+        shards = sorted(set(map(str, weight_map.values())))
+        pickled = [s for s in shards if not s.endswith(".safetensors")]
+        if pickled:
+            raise ValueError(
+                f"{index} maps tensors to {pickled[:3]}, not *.safetensors files; longspec_lab loads safetensors "
+                "only, because unpickling can run arbitrary code. Convert once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"the shard index names {missing} but they are not in {path}; "
                 "copy every shard listed in model.safetensors.index.json"
             )
+        for s in shards:
+            check_safetensors(path / s)
         return [path / s for s in shards]
     files = sorted(path.glob("*.safetensors"))
     if files:
+        for f in files:
+            check_safetensors(f)
         return files
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         raise ValueError(
@@ -106,9 +137,17 @@ def read_generation(path) -> GenerationSettings | None:
         return None
     try:
         raw = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is not valid JSON ({e}); fix or delete the file") from None
-    return GenerationSettings.from_hf_dict(raw)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{f} holds a JSON {type(raw).__name__}, not an object of fields; fix or delete the file")
+    try:
+        return GenerationSettings.from_hf_dict(raw)
+    except (TypeError, ValueError) as e:  # e.g. eos_token_id "</s>": transformers' file holds token ids
+        raise ValueError(
+            f"{f} has a value of the wrong kind ({e}): eos_token_id must be a token id or a list of them, "
+            "temperature / top_p numbers and top_k an integer; fix or delete the file"
+        ) from None
 
 
 def check_head_dim(cfg: ModelConfig, device=None, attention_backend=None) -> str:
@@ -128,6 +167,11 @@ def check_head_dim(cfg: ModelConfig, device=None, attention_backend=None) -> str
 
 
 def _unexpected_hint(names: list[str], cfg: ModelConfig) -> str:
+    if any(n.startswith(("cross_attn.", "self_attn.")) or ".cross_attn." in n for n in names):
+        return (
+            "a GliDe draft's tensors (cross_attn.*): a draft.safetensors is in the model folder. Keep the draft in a "
+            "folder of its own and pass it as the draft"
+        )
     if any(n.endswith("o_proj.bias") for n in names) and not cfg.o_proj_bias:
         return f"o_proj biases while {cfg.architecture} here has none (attention_bias: true in config.json?)"
     if any(".q_norm." in n or ".k_norm." in n for n in names) and not cfg.qk_norm:

@@ -85,7 +85,9 @@ class TreeShape:
     @classmethod
     def chain(cls, gamma: int) -> "TreeShape":
         """A chain of `gamma` draft tokens (gamma = 0 gives the root-only shape)."""
-        return cls.root_only() if gamma == 0 else cls((1,) * gamma)
+        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Integral) or gamma < 0:
+            raise ValueError(f"a chain needs an integer gamma >= 0 (draft tokens), got {gamma!r}")
+        return cls.root_only() if gamma == 0 else cls((1,) * int(gamma))
 
     @classmethod
     def root_only(cls) -> "TreeShape":
