@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from longspec_lab.models.files import check_safetensors, read_json
+from longspec_lab.models.files import check_safetensors, read_json, save_safetensors
 from longspec_lab.models.glide import DraftConfig, Glide, check_fits
 from longspec_lab.models.layers import fuse_projections
 from longspec_lab.models.loaders import pick_device, pick_dtype
@@ -76,7 +75,7 @@ def save_draft(draft: Glide, out_dir, overwrite: bool = False) -> Path:
     meta = dict(dataclasses.asdict(draft.config), model_type="longspec_lab-glide")
     tmp = [out / f".{n}.partial" for n in DRAFT_FILES]
     try:
-        save_file(state, str(tmp[0]), metadata={"format": "pt"})
+        save_safetensors(state, tmp[0])
         tmp[1].write_text(json.dumps(meta, indent=2) + "\n")
         for t, n in zip(tmp, DRAFT_FILES):
             os.replace(t, out / n)

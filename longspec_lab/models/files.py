@@ -13,6 +13,7 @@ Taught in: notebooks/01_speculative_decoding_in_one_picture.ipynb (the embedded 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 CORRUPT_FIX = "the checkpoint is corrupt or truncated; copy it again"
@@ -51,3 +52,14 @@ def check_safetensors(path) -> None:
             raise ValueError(f"{path} has a damaged header; {CORRUPT_FIX}") from None
     if 8 + n + end > size:
         raise ValueError(f"{path} is truncated: {size} bytes, but its header describes {8 + n + end}; {CORRUPT_FIX}")
+
+
+def save_safetensors(state: dict, path) -> None:
+    """safetensors' save_file, then the file's mode set as for any file the user makes (safetensors creates 0600, which
+    other accounts cannot read)."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from longspec_lab.models.config import GenerationSettings, ModelConfig
-from longspec_lab.models.files import CORRUPT_FIX, check_safetensors, read_json
+from longspec_lab.models.files import CORRUPT_FIX, check_safetensors, read_json, save_safetensors
 from longspec_lab.models.layers import rope_inv_freq
 from longspec_lab.models.target import Target
 
@@ -278,7 +277,7 @@ def save_hf(model: Target, out_dir, dtype=torch.bfloat16, extra_config: dict | N
     state = {k: v.detach().to("cpu", dtype).clone() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, out / "model.safetensors")
     d = cfg.to_hf_dict(str(dtype).replace("torch.", ""))
     d.update(extra_config or {})
     (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")

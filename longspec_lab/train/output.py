@@ -15,14 +15,29 @@ Taught in: notebooks/05_the_glide_draft.ipynb
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# --overwrite replaces only folders made of checkpoint files, never a folder of other work
-CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".model", ".jinja", ".tiktoken"}
+# --overwrite replaces only folders made of the files a checkpoint holds (what train-target and train-draft write, and
+# a Hugging Face folder's weights, config and tokenizer files), never a folder holding anything else: a text corpus,
+# notes or a project keep their folder whatever the flags say
+CHECKPOINT_NAMES = {
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "draft.safetensors", "draft_config.json", "train_log.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.jinja",
+}  # fmt: skip
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether path is a file that a checkpoint folder holds (CHECKPOINT_NAMES, or a weight shard)."""
+    return path.is_file() and (path.name in CHECKPOINT_NAMES or bool(_SHARD.fullmatch(path.name)))
 
 
 def fresh_out_dir(stem: str, root=None) -> Path:
@@ -53,7 +68,7 @@ def check_out_dir(out, overwrite: bool = False, flag: str = "--out") -> Path:
                 f"(the old folder stays intact until the new checkpoint is complete), or choose a new folder"
             )
     if out.is_dir() and overwrite:
-        foreign = [p.name for p in out.iterdir() if p.is_dir() or p.suffix not in CHECKPOINT_SUFFIXES]
+        foreign = sorted(p.name for p in out.iterdir() if not is_checkpoint_file(p))
         if foreign or out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
             held = ", ".join(foreign[:4]) or "the working directory"
             raise ValueError(
@@ -101,6 +116,9 @@ def staged_dir(out, overwrite: bool = False):
     out = check_out_dir(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: the checkpoint gets the modes of a folder made by mkdir
     try:
         yield tmp
         check_out_dir(out, overwrite)  # again: something may have been written there meanwhile

@@ -4,6 +4,7 @@ hand, a field missing or of the wrong kind). A draft is saved without overwritin
 a too-wide draft window is bounded by the target's context."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -142,6 +143,10 @@ def test_save_draft_never_overwrites_unasked_and_keeps_out_of_a_model_folder(tmp
     save_draft(draft, out, overwrite=True)
     assert (out / "draft.safetensors").read_bytes() != before
     assert sorted(p.name for p in out.iterdir()) == ["draft.safetensors", "draft_config.json"]  # no partial files
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)  # readable as any file the user makes, not 0600
     model = _copy(good, tmp_path)
     with pytest.raises(ValueError, match="holds a model checkpoint.*a folder of its own"):
         save_draft(draft, model)

@@ -85,3 +85,43 @@ def test_check_finite_and_hparams():
             check_hparam("lr", value, 0, 10, low_open=True)
     with pytest.raises(ValueError, match="integer"):
         check_hparam("steps", 2.5, 1, integer=True)
+
+
+@pytest.mark.parametrize("own", ["essay1.txt", "notes.md", "results.json", "weights.safetensors", "README.md"])
+def test_overwrite_keeps_a_folder_holding_anything_a_checkpoint_does_not_write(tmp_path, own):
+    """A corpus of .txt files, notes or someone's JSON beside old checkpoint files: --overwrite is refused and the
+    folder is left as it was (the old rule took every .txt, .md and .json for a checkpoint's own)."""
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "draft.safetensors").write_bytes(b"old")
+    (out / own).write_text("mine")
+    before = _files(out)
+    with pytest.raises(ValueError, match=rf"does not look like a checkpoint folder \(it holds {own}\)"):
+        with staged_dir(out, overwrite=True) as tmp:
+            (tmp / "draft.safetensors").write_bytes(b"new")
+    assert _files(out) == before
+
+
+def test_overwrite_replaces_a_checkpoint_folder_of_any_layout(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "merges.txt", "train_log.json"]  # fmt: skip
+    for n in names:
+        (out / n).write_text("old")
+    with staged_dir(out, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new")
+    assert _files(out) == {"model.safetensors": b"new"}
+
+
+def test_a_checkpoint_folder_gets_the_mode_of_a_folder_made_by_mkdir(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with staged_dir(tmp_path / "ckpt") as tmp:
+            (tmp / "x.json").write_text("{}")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
