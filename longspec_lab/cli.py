@@ -416,7 +416,8 @@ def _prepare(args, need_draft: bool):
         else:
             raise UsageError(
                 f"this run needs a draft for --model {model}; pass --draft DIR (train one with "
-                f"`longspec-lab train-draft --model {model} --text YOUR_TEXT`), or use --method ar"
+                f"`longspec-lab train-draft --model {model} --text YOUR_TEXT`)"
+                + (", or use --method ar" if hasattr(args, "method") else "")
             )
     if draft is not None:
         check_draft_dir(draft, "--draft" if args.draft else "the embedded draft")
@@ -428,7 +429,15 @@ def _prepare(args, need_draft: bool):
 def _tokenizer(model_dir):
     from longspec_lab.models.tokenizer import load_tokenizer_for
 
-    return load_tokenizer_for(model_dir)
+    try:
+        return load_tokenizer_for(model_dir)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # tokenizers / transformers raise their own kinds for a damaged file
+        raise UsageError(
+            f"the tokenizer in {model_dir} cannot be read ({type(e).__name__}: {str(e)[:160]}); tokenizer.json or "
+            "tokenizer_config.json is damaged: copy the tokenizer files again from the model's source"
+        ) from None
 
 
 def _load(model_dir, draft_dir, dev, dtype):
@@ -468,6 +477,13 @@ def _check_out_file(path, flag, overwrite) -> Path:
         raise UsageError(f"{flag} {p} is a folder; give a file name")
     if p.exists() and not overwrite:
         raise UsageError(f"{flag} {p} already exists; pass --overwrite to replace it, or choose a new name")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(
+            f"{flag} {p}: {parent} is a file, so the folder for {p.name} cannot be made; choose another path"
+        )
     return p
 
 
@@ -763,6 +779,10 @@ def cmd_bench(args) -> int:
         return 0
     if args.out is not None:
         _check_out_file(args.out, "--out", args.overwrite)
+        if args.plot is not None and Path(args.plot).absolute() == Path(args.out).absolute():
+            raise UsageError(
+                f"--out and --plot are both {args.out}; the figure would replace the report: give two names"
+            )
     _check_plot(args)
     args.tree_shapes = args.tree_shapes or [list(s) for s in e2e.DEFAULT_SHAPES]
     if args.eager and args.compile:
@@ -773,6 +793,16 @@ def cmd_bench(args) -> int:
     ctx = cfg.context_length
     for s in args.tree_shapes:
         _check_fits(None, args.max_new_tokens, 1 + sum(s), ctx, f"--tree-shape {' '.join(map(str, s))}")
+    if getattr(args, "batch_invariant", False):  # before any method runs: generate checks the same up front
+        from longspec_lab.decoding.eager import BATCH_INVARIANT_ROWS
+
+        wide = [s for s in args.tree_shapes if 1 + sum(s) > BATCH_INVARIANT_ROWS]
+        if wide:
+            raise UsageError(
+                f"--batch-invariant pads every pass to {BATCH_INVARIANT_ROWS} rows but --tree-shape "
+                f"{' '.join(map(str, wide[0]))} has {1 + sum(wide[0])} nodes; use trees of at most "
+                f"{BATCH_INVARIANT_ROWS} nodes, e.g. 4 16 16 16 16"
+            )
     for g in args.gammas:
         _check_fits(None, args.max_new_tokens, 1 + g, ctx, f"--gammas {g}")
     return e2e.run_cli(args)
@@ -1322,6 +1352,12 @@ def main(argv=None) -> int:
     args.command_line = "longspec-lab " + shlex.join(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing to report
+        try:
+            sys.stdout = open(os.devnull, "w")  # so that the interpreter's final flush does not raise again
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             raise

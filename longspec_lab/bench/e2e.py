@@ -402,6 +402,14 @@ def load_report(path) -> dict:
             f"{p} has no end-to-end results (a 'results' object of methods with tokens_per_s); pass a report that "
             "`longspec-lab bench --out` or bench.h200_speed wrote"
         )
+    for name, r in res.items():  # every figure the table prints must be a number (a hand-edited file may hold others)
+        for key in ("tokens_per_s", "tau", "speedup_vs_ar", "speedup_vs_hf", "efficiency"):
+            v = r.get(key, 0.0) if key != "tokens_per_s" else r[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(
+                    f"{p}: results[{name!r}][{key!r}] is {v!r}, not a number; the report was edited or damaged: "
+                    "restore it, or record it again with `longspec-lab bench --out`"
+                )
     return rep
 
 

@@ -300,6 +300,52 @@ CASES = [
         ["binonly", "utf-8"],
         [],
     ),
+    # found by an audit on 2026-12-07: each was a traceback, a late failure or lost data
+    (
+        "draft-overwrite-a-text-folder",
+        ["train-draft", "--model", str(EMBEDDED_TARGET), "--text", "{corpus}", "--out", "{corpus}", "--overwrite"]
+        + SMALL_DRAFT_RUN,
+        2,
+        ["--out", "not look like a checkpoint folder", "essay1.txt"],
+        ["corpus"],
+    ),
+    ("bench-out-under-a-file", ["bench", "--out", "{short}/r.json"], 2, ["--out", "short.py is a file"], []),
+    (
+        "bench-out-is-the-plot",
+        ["bench", "--out", "{work}/r.html", "--plot", "{work}/r.html"],
+        2,
+        ["--plot", "r.html"],
+        [],
+    ),
+    ("bench-report-edited", ["bench", "--from-report", "{edited_report}"], 2, ["tokens_per_s", "not a number"], []),
+    (
+        "bench-batch-invariant-wide-tree",
+        ["bench", "--device", "cpu", "--batch-invariant", "--tree-shape", "64", "64"],
+        2,
+        ["--batch-invariant", "129 nodes"],
+        [],
+    ),
+    (
+        "model-config-a-list",
+        GEN + ["--model", "{listconfig}", "--method", "ar", "--prompt", "x"],
+        2,
+        ["config.json", "list"],
+        [],
+    ),
+    (
+        "model-config-without-vocab",
+        GEN + ["--model", "{novocab}", "--method", "ar", "--prompt", "x"],
+        2,
+        ["config.json", "lacks the field 'vocab_size'"],
+        [],
+    ),
+    (
+        "model-tokenizer-damaged",
+        GEN + ["--model", "{badtok}", "--method", "ar", "--prompt", "x", "--max-new-tokens", "2"],
+        2,
+        ["tokenizer", "badtok", "copy the tokenizer files again"],
+        [],
+    ),
     # lab, the top level
     ("lab-into-file", ["lab", "{short}", "--no-browser"], 2, ["short.py", "file"], []),
     ("lab-port-zero", ["lab", "--port", "0"], 2, ["--port"], []),
@@ -357,6 +403,21 @@ def _setup(work: Path) -> dict:
     f["binonly"] = work / "binonly"
     (work / "bad.jsonl").write_text('{"text": "def f(): pass"}\n{"text": oops}\n')
     f["bad_jsonl"] = work / "bad.jsonl"
+    (work / "corpus").mkdir()  # someone's text, with an old draft beside it
+    for i in range(3):
+        (work / "corpus" / f"essay{i + 1}.txt").write_text("".join(f"line {j} of essay {i}\n" for j in range(200)))
+    shutil.copy(EMBEDDED_DRAFT / "draft.safetensors", work / "corpus" / "draft.safetensors")
+    f["corpus"] = work / "corpus"
+    for name in ("listconfig", "novocab", "badtok"):
+        shutil.copytree(EMBEDDED_TARGET, work / name)
+        f[name] = work / name
+    (work / "listconfig" / "config.json").write_text("[1, 2]")
+    cfg = json.loads((EMBEDDED_TARGET / "config.json").read_text())
+    del cfg["vocab_size"]
+    (work / "novocab" / "config.json").write_text(json.dumps(cfg))
+    (work / "badtok" / "tokenizer.json").write_text("")
+    (work / "edited_report.json").write_text(json.dumps({"results": {"ar": {"tokens_per_s": None}}}))
+    f["edited_report"] = work / "edited_report.json"
     # a target whose weights are NaN, and token files for it: the loss is NaN from the first step
     from longspec_lab.models.config import PRESETS
     from longspec_lab.models.loaders import save_hf
@@ -430,7 +491,7 @@ def _run_many(argvs, cwd) -> list:
 def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("bad_input")
     files = _setup(work)
-    before = {name: _digest(files[name]) for name in ("ckpt_target", "ckpt_draft", "project")}
+    before = {name: _digest(files[name]) for name in ("ckpt_target", "ckpt_draft", "project", "corpus")}
     argv = {cid: [a.format(**files) for a in args] for cid, args, *_ in CASES}
     together = [cid for cid in argv if cid not in SEPARATE]
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -494,3 +555,14 @@ def test_config_is_json_but_nonsense(tmp_path):
     r = _run(GEN + ["--model", str(tmp_path / "m"), "--method", "ar", "--prompt", "x"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
     assert "error:" in r.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`longspec-lab bench --from-report R | head`, where the reader has gone before the table is written (here
+    `true`, which reads nothing): no error message, status 0, as for other command-line tools."""
+    from longspec_lab.paths import RESULTS_DIR
+
+    report = RESULTS_DIR / "e2e_h100.json"
+    cmd = f"set -o pipefail; {sys.executable} -m longspec_lab bench --from-report {report} | true"
+    r = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", (r.returncode, r.stderr)
