@@ -1339,8 +1339,24 @@ def _message(e: BaseException) -> str:
         return f"a safetensors file could not be read ({e}); the checkpoint is corrupt, copy it again"
     if isinstance(e, RuntimeError):
         return f"{e}; use a smaller --max-new-tokens / tree, or --device cpu"
-    msg = str(e).strip() or type(e).__name__
+    msg = _as_flags(str(e).strip() or type(e).__name__)
     return msg if ";" in msg else f"{msg}; run again with --debug for the details"
+
+
+# the library's argument names that are this command line's flags: its messages are shown in the flags' spelling
+_FLAG_NAMES = ("method", "verify", "gamma", "temperature", "top_k", "top_p", "tree_shape", "max_new_tokens", "seed")
+_PY_ARG = re.compile(r"\b(" + "|".join(_FLAG_NAMES) + r"|attention_backend)=('([^']*)'|[\w.+-]+)")
+
+
+def _as_flags(msg: str) -> str:
+    """A library message with its Python spellings (method='chain', top_k=5) written as flags (--method chain)."""
+
+    def flag(m):
+        name = "attention-backend" if m.group(1) == "attention_backend" else m.group(1).replace("_", "-")
+        value = m.group(3) if m.group(3) is not None else m.group(2)
+        return f"--{name} {value}"
+
+    return _PY_ARG.sub(flag, msg)
 
 
 def main(argv=None) -> int:

@@ -346,6 +346,13 @@ CASES = [
         ["tokenizer", "badtok", "copy the tokenizer files again"],
         [],
     ),
+    (
+        "verify-chain-in-flags",
+        GEN + ["--verify", "chain", "--temperature", "1", "--prompt", "x"],
+        2,
+        ["--method chain"],
+        [],
+    ),
     # lab, the top level
     ("lab-into-file", ["lab", "{short}", "--no-browser"], 2, ["short.py", "file"], []),
     ("lab-port-zero", ["lab", "--port", "0"], 2, ["--port"], []),
