@@ -770,6 +770,12 @@ def cmd_bench(args) -> int:
     if args.from_report is not None:  # a recorded run, printed (and plotted) again: nothing runs, no model loads
         if args.out is not None:
             raise UsageError(f"--from-report reads {args.from_report}; it writes no report, so drop --out")
+        unused = sorted(_given(args) - {"from_report", "plot", "overwrite", "quiet", "debug", "out"})
+        if unused:
+            flags = ", ".join("--" + {"tree_shapes": "tree_shape"}.get(d, d).replace("_", "-") for d in unused)
+            raise UsageError(
+                f"--from-report prints a recorded run and runs nothing, so {flags} would go unused; drop it"
+            )
         _check_plot(args)
         try:
             rep = e2e.load_report(args.from_report)
@@ -814,6 +820,8 @@ def cmd_tune(args) -> int:
 
     if args.max_nodes > MAX_TREE_NODES:
         raise UsageError(f"--max-nodes {args.max_nodes} is above the tree cap of {MAX_TREE_NODES}; use at most that")
+    if "shortlist" in _given(args) and not args.every_position:
+        raise UsageError("--shortlist sets how many shapes --every-position rescores; add --every-position or drop it")
     if args.max_depth > min(len(args.probe_shape), MAX_TREE_DEPTH):
         raise UsageError(
             f"--max-depth {args.max_depth} is deeper than --probe-shape ({len(args.probe_shape)} levels), which "
@@ -913,6 +921,8 @@ DRAFT_DEFAULTS = dict(steps=4000, batch_size=32, seq_len=1024, warmup=200, eval_
 
 def cmd_train_target(args) -> int:
     _smoke_conflicts(args, TARGET_SMOKE_FLAGS)
+    if args.smoke and "preset" in _given(args):
+        raise UsageError("--smoke trains the tiny preset itself; drop --preset, or drop --smoke for a full run")
     _check_train_out(args)
     if args.tokens is not None and not Path(args.tokens).is_dir():
         raise UsageError(f"--tokens {args.tokens} is not a folder; give the folder with train.u16 / heldout.u16")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -308,7 +309,14 @@ def run_cli(args) -> int:
     widest = max([1 + sum(s) for s in args.tree_shapes] + [1 + g for g in args.gammas])
     room = target.config.context_length - args.max_new_tokens - widest
     prompts = [tok.encode(p["text"]) for p in load_prompts(min_tokens=args.min_prompt_tokens)]
-    prompts = [p for p in prompts if len(p) <= room][: args.num_prompts]
+    fitting = [p for p in prompts if len(p) <= room]
+    prompts = fitting[: args.num_prompts]
+    if prompts and len(prompts) < args.num_prompts:
+        print(
+            f"note: {len(prompts)} held-out prompts fit these settings (--num-prompts {args.num_prompts} asked for "
+            "more); the report counts the ones that ran",
+            file=sys.stderr,
+        )
     if not prompts:
         raise ValueError(
             f"no held-out prompt of at least --min-prompt-tokens {args.min_prompt_tokens} tokens fits the model's "

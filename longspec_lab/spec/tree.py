@@ -55,7 +55,10 @@ def _parse_widths(x) -> tuple[int, ...]:
     if isinstance(x, TreeShape):
         return x.widths
     if isinstance(x, str):
-        parts = [p for p in re.split(r"[,\s]+", x.strip().strip("[]()")) if p]
+        body = x.strip().strip("[]()").strip()
+        if re.search(r",\s*,|^,", body):  # '4,,16': a width left out, not a separator to skip
+            raise ValueError(f"tree_shape {x!r} has an empty level (two commas); give every level's width, {_EXAMPLE}")
+        parts = [p for p in re.split(r"[,\s]+", body) if p]
     elif isinstance(x, (list, tuple)):
         parts = list(x)
     else:

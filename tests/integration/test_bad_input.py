@@ -346,6 +346,16 @@ CASES = [
         ["tokenizer", "badtok", "copy the tokenizer files again"],
         [],
     ),
+    ("tree-empty-level", GEN + ["--tree-shape", "4,,16"], 2, ["--tree-shape", "empty level"], []),
+    ("target-smoke-with-preset", ["train-target", "--smoke", "--preset", "llama3-8b"], 2, ["--smoke", "--preset"], []),
+    (
+        "report-with-unused-flags",
+        ["bench", "--from-report", "{edited_report}", "--tree-shape", "2", "--num-prompts", "3"],
+        2,
+        ["--from-report", "--num-prompts", "--tree-shape", "unused"],
+        [],
+    ),
+    ("tune-shortlist-alone", ["tune", "--shortlist", "5"], 2, ["--shortlist", "--every-position"], []),
     (
         "verify-chain-in-flags",
         GEN + ["--verify", "chain", "--temperature", "1", "--prompt", "x"],
