@@ -571,9 +571,11 @@ def _nodes(method, shape, gamma) -> int:
 def _check_fits(n_prompt, max_new: int, nodes: int, ctx: int, flag_nodes: str) -> None:
     """One step's tree, the prompt (when known) and the new tokens fit the model's context."""
     if nodes + max_new >= ctx:
+        room = ctx - nodes - 1
+        fix = f"use --max-new-tokens {room} or less, or a smaller tree" if room >= 1 else "use a smaller tree"
         raise UsageError(
             f"{flag_nodes} ({nodes} positions per step) and --max-new-tokens {max_new} do not fit the model's "
-            f"context of {ctx}; use --max-new-tokens {max(1, ctx - nodes - 1)} or less, or a smaller tree"
+            f"context of {ctx}; {fix}"
         )
     if n_prompt is None:
         return

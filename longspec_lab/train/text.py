@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -137,7 +138,7 @@ def tokenize_text(
     if bar is not None:
         bar.close()
     if skipped:
-        print(f"warning: skipped {len(skipped)} files that are not UTF-8 text, e.g. {skipped[0]}")
+        print(f"warning: skipped {len(skipped)} files that are not UTF-8 text, e.g. {skipped[0]}", file=sys.stderr)
     if n_docs == 0:
         raise ValueError(f"--text {source} holds no UTF-8 text; give text files or a JSONL of texts")
     n_held = max(min_tokens, min(heldout_tokens, n_tok // 10))

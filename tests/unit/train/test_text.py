@@ -24,7 +24,7 @@ def _reference(tok, docs, eos):
     return ids
 
 
-def test_folder_stream_equals_per_document_encoding(tmp_path, tok):
+def test_folder_stream_equals_per_document_encoding(tmp_path, tok, capsys):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     docs = {"a.py": "def f(x):\n    return x + 1\n" * 40, "sub/b.md": "# notes\n\nsome text, ü ß\n" * 30}
@@ -40,6 +40,8 @@ def test_folder_stream_equals_per_document_encoding(tmp_path, tok):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["documents"] == 2 and meta["tokens"] == len(want) and meta["skipped"] == [str(src / "blob.bin")]
     assert TokenDataset(token_file(out, "train"), 32).batch(2).shape == (2, 33)
+    said = capsys.readouterr()  # the skipped file is reported on stderr, so stdout stays the run's summary
+    assert "skipped 1 files" in said.err and "skipped" not in said.out
 
 
 def test_jsonl_and_long_documents(tmp_path, tok, monkeypatch):
