@@ -18,15 +18,9 @@ from longspec_lab.models.glide import DraftConfig, Glide
 from longspec_lab.models.loaders import load_target
 from longspec_lab.models.target import Target
 
-SMALL = dict(
-    vocab_size=80,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+# a one-layer Llama, as small as transformers builds it
+SMALL = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+SMALL.update(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
