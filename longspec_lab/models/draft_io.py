@@ -63,7 +63,12 @@ def save_draft(draft: Glide, out_dir, overwrite: bool = False) -> Path:
         there = [n for n in DRAFT_FILES if (out / n).exists()]
         if there and not overwrite:
             raise FileExistsError(f"{out} already holds {', '.join(there)}; pass overwrite=True or pick another folder")
-        model = [p.name for p in out.iterdir() if p.name == "config.json" or p.name.startswith("model")]
+        weights = (".safetensors", ".safetensors.index.json")
+        model = [
+            p.name
+            for p in out.iterdir()
+            if p.name == "config.json" or (p.name.startswith("model") and p.name.endswith(weights))
+        ]
         if model:
             raise ValueError(
                 f"{out} holds a model checkpoint ({', '.join(sorted(model)[:3])}); a draft written there would stop "
