@@ -126,6 +126,9 @@ def resolve_sampling(method, verify, do_sample, temperature):
     return verify or {"ar": "target-sample", "chain": "chain", "tree": "rrs"}.get(method, "rrs")
 
 
+DEFAULT_GAMMA = 4  # a chain's draft tokens per step when generate is not told
+
+
 def _whole(value, name: str, what: str) -> int:
     """value as an int >= 1 (Python, numpy or 0-d tensor integers; not bool), or a ValueError naming it."""
     try:
@@ -173,7 +176,7 @@ def _warn_ignored(method, tree_shape, gamma, top_k, top_p, temperature, do_sampl
         unused.append(
             f"tree_shape (used by method='tree'; method={method!r}" + (" takes gamma)" if method == "chain" else ")")
         )
-    if method != "chain" and gamma != 4:
+    if method != "chain" and gamma != DEFAULT_GAMMA:
         unused.append(f"gamma (used by method='chain'; method={method!r})")
     greedy = not do_sample and not temperature
     if greedy and (top_k is not None or top_p is not None):
@@ -316,7 +319,7 @@ class SpecDecoder:
         method: str = "tree",
         max_new_tokens: int = 64,
         tree_shape=DEFAULT_TREE_SHAPE,
-        gamma: int = 4,
+        gamma: int = DEFAULT_GAMMA,
         trace: bool = False,
         stop_at_eos: bool = True,
         verify: str | None = None,

@@ -34,7 +34,7 @@ import time
 import torch
 
 from longspec_lab.decoding import steps
-from longspec_lab.decoding.eager import SpecDecoder
+from longspec_lab.decoding.eager import DEFAULT_GAMMA, SpecDecoder
 from longspec_lab.ops.sampling import probs_from_logits, sample_categorical
 from longspec_lab.ops.switches import checked
 from longspec_lab.spec.trace import GenerationResult, StepRecord
@@ -271,7 +271,7 @@ class GraphDecoder(SpecDecoder):
         method: str = "tree",
         max_new_tokens: int = 64,
         tree_shape=DEFAULT_TREE_SHAPE,
-        gamma: int = 4,
+        gamma: int = DEFAULT_GAMMA,
         trace: bool = False,
         stop_at_eos: bool = True,
         **sampling,

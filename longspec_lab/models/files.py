@@ -19,18 +19,18 @@ from pathlib import Path
 CORRUPT_FIX = "the checkpoint is corrupt or truncated; copy it again"
 
 
-def read_json(path, want=dict):
+def read_json(path, want=dict, fix: str = CORRUPT_FIX):
     """The parsed content of the JSON file at path, which must be a `want` (dict by default): a ValueError naming the
-    file where it is not valid UTF-8 JSON or holds another kind of value."""
+    file, and `fix`, where it is not valid UTF-8 JSON or holds another kind of value."""
     path = Path(path)
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {CORRUPT_FIX}") from None
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
     if want is not None and not isinstance(value, want):
         raise ValueError(
-            f"{path} holds a JSON {type(value).__name__}, not an object; {CORRUPT_FIX} (a config file is one "
-            "{...} object of fields)"
+            f"{path} holds a JSON {type(value).__name__}, not an object; {fix} (a config file is one {{...}} object "
+            "of fields)"
         )
     return value
 
@@ -60,6 +60,11 @@ def save_safetensors(state: dict, path) -> None:
     from safetensors.torch import save_file
 
     save_file(state, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
+    os.chmod(path, user_mode(0o666))
+
+
+def user_mode(bits: int) -> int:
+    """bits (0o666 for a file, 0o777 for a folder) under the process's umask: the mode open() or mkdir() would give."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return bits & ~umask

@@ -134,12 +134,7 @@ def read_generation(path) -> GenerationSettings | None:
     f = Path(path) / "generation_config.json"
     if not f.is_file():
         return None
-    try:
-        raw = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f} is not valid JSON ({e}); fix or delete the file") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{f} holds a JSON {type(raw).__name__}, not an object of fields; fix or delete the file")
+    raw = read_json(f, fix="fix or delete the file")
     try:
         return GenerationSettings.from_hf_dict(raw)
     except (TypeError, ValueError) as e:  # e.g. eos_token_id "</s>": transformers' file holds token ids

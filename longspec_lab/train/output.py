@@ -15,7 +15,6 @@ Taught in: notebooks/05_the_glide_draft.ipynb
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -23,14 +22,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from longspec_lab.models.draft_io import DRAFT_FILES
+from longspec_lab.models.files import user_mode
+from longspec_lab.models.tokenizer import TOKENIZER_FILES
+
 # --overwrite replaces only folders made of the files a checkpoint holds (what train-target and train-draft write, and
 # a Hugging Face folder's weights, config and tokenizer files), never a folder holding anything else: a text corpus,
 # notes or a project keep their folder whatever the flags say
 CHECKPOINT_NAMES = {
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "draft.safetensors", "draft_config.json", "train_log.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-    "chat_template.jinja",
+    *DRAFT_FILES, *TOKENIZER_FILES, "config.json", "generation_config.json", "model.safetensors",
+    "model.safetensors.index.json", "train_log.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "chat_template.jinja",
 }  # fmt: skip
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
@@ -116,9 +118,7 @@ def staged_dir(out, overwrite: bool = False):
     out = check_out_dir(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: the checkpoint gets the modes of a folder made by mkdir
+    tmp.chmod(user_mode(0o777))  # mkdtemp makes 0700: the checkpoint gets the modes of a folder made by mkdir
     try:
         yield tmp
         check_out_dir(out, overwrite)  # again: something may have been written there meanwhile
